@@ -1,0 +1,27 @@
+# make demo   fresh machine: creates .venv, installs, fine-tunes the embedded default on CPU
+# make test   installs the same way, runs the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# torch first (the pinned CPU build on this disk), then everything else without build
+# isolation so deepspeed's source build uses that torch instead of downloading another.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=68" wheel
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/ft-ray train configs/tiny-cpu.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

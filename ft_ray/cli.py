@@ -1,0 +1,125 @@
+"""`ft-ray`: the command line. Each command is a few lines over the library.
+
+Exit codes: 0 done, 1 the job failed, 2 the input is wrong (config, data, paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ft_ray.config import ConfigError, JobConfig, load_config
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+class InputError(ValueError):
+    """Bad input found after the config loaded (data, paths)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ft-ray", description="Distributed fine-tuning on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune as a job file says (resumes a run of the same name)")
+    _config_args(train)
+    train.set_defaults(handler=cmd_train)
+
+    validate = commands.add_parser("validate", help="check a job file and peek at its data")
+    _config_args(validate)
+    validate.add_argument("--offline", action="store_true", help="check the config only; skip what needs data or network")
+    validate.set_defaults(handler=cmd_validate)
+
+    export = commands.add_parser("export", help="write a run's adapter or merged model to a folder")
+    export.add_argument("path", type=Path, help="run folder or checkpoint folder")
+    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    export.set_defaults(handler=cmd_export)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="job YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.learning_rate=3e-4 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ft_ray.data.pipeline import DataError
+    from ft_ray.train.trainer import run_training
+
+    config = load_config(args.config, args.overrides)
+    try:
+        summary = run_training(config)
+    except DataError as e:
+        raise InputError(str(e)) from None
+    _print_outcome(config, summary)
+    if config.train.compare_generations and (summary["adapter_path"] or summary["model_path"]):
+        _print_samples(config, summary)
+    return 0
+
+
+def _print_outcome(config: JobConfig, summary: dict) -> None:
+    print(f"[ft-ray] eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
+          f"({summary['eval_loss_reduction']:.0%} lower), {summary['steps']} steps, "
+          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.0f} s")
+    print(f"[ft-ray] summary: {summary['run_folder']}/summary.json")
+
+
+def _print_samples(config: JobConfig, summary: dict) -> None:
+    from ft_ray.samples import compare_generations
+    from ft_ray.storage import RunFolder
+
+    samples = compare_generations(config, summary["adapter_path"] or summary["model_path"],
+                                  config.train.compare_generations)
+    RunFolder.for_job(config).write_json("samples.json", samples)
+    for sample in samples:
+        print("[ft-ray] prompt:\n" + sample["prompt"].rstrip())
+        print("[ft-ray] base model says:\n" + sample["base"].strip())
+        print("[ft-ray] fine-tuned variant says:\n" + sample["variant"].strip())
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ft_ray.validate import validate_data
+
+    config = load_config(args.config, args.overrides)
+    print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
+          f"{config.distributed.num_workers} workers)")
+    if args.offline:
+        return 0
+    report = validate_data(config)
+    print(json.dumps(report["counts"]))
+    for line in report["lines"]:
+        print(line)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ft_ray.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.path, args.out, merge=args.merge)
+    except ExportError as e:
+        raise InputError(str(e)) from None
+    print(f"exported {'merged model' if args.merge else 'weights'} to {out}")
+    return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point: exit with `main`'s code."""
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The one schema of an ft-ray job, YAML loading, `--set` overrides and readable errors.
+
+Every knob of a job lives here. Models forbid unknown keys, so a typo fails at load time
+with the key, the file and the line, instead of being silently ignored by a worker.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run; `problems` holds one readable line per mistake."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field("builtin:tiny-llama", description="hub id, local HF folder, or builtin:tiny-llama")
+    max_seq_len: int = Field(256, gt=8, description="packed sequence length in tokens")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless you trust it")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class DataConfig(Section):
+    train: str = Field(..., description="JSONL file, folder or glob of training records")
+    eval: str | None = Field(None, description="held-out JSONL; default: split eval_fraction off train")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of train records held out when eval is unset")
+    format: Literal["auto", "text", "instruction", "chat", "completion"] = "auto"
+    pack: bool = Field(True, description="pack several records per sequence (attention stays within a record)")
+    shuffle_seed: int | None = Field(None, description="seed of the record shuffle; default train.seed")
+    max_rejected_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more records are bad")
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class DistributedConfig(Section):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    strategy: Literal["ddp"] = Field("ddp", description="how workers share the work")
+    cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs each training worker holds")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint before giving up")
+    timeout_s: int = Field(1800, gt=0, description="collective timeout; a dead peer becomes a failure, not a hang")
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float = Field(1, gt=0)
+    micro_batch_size: int = Field(4, gt=0, description="sequences per worker per forward pass")
+    gradient_accumulation: int = Field(1, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations")
+    checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in storage")
+    log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl lines")
+    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compare_generations: int = Field(0, ge=0, description=(
+        "held-out prompts answered by the base model and the variant after training, printed and "
+        "saved to samples.json; runs on the driver, so keep 0 for large models"))
+
+
+class StorageConfig(Section):
+    path: str = Field("./runs", description="local folder or s3://bucket/prefix holding runs")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
+    region: str | None = None
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "ft-ray"
+    entity: str | None = None
+    dir: str | None = Field(None, description="where offline runs are written; default the run folder")
+
+
+class TrackingConfig(Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class TuneConfig(Section):
+    """Sweep settings, read by `ft-ray tune`."""
+
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    export_top_k: int = Field(1, ge=0)
+
+
+class JobConfig(Section):
+    run_name: str = Field("ft-ray-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    method: Literal["full", "lora", "qlora"] = "lora"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "JobConfig":
+        if self.method == "qlora":
+            raise ValueError("method: qlora is not available yet; use lora or full")
+        if self.train.precision == "fp16" and not self.distributed.use_gpu:
+            raise ValueError("train.precision: fp16 needs a GPU (distributed.use_gpu: true); use fp32 or bf16 on CPU")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job file, apply `a.b=c` overrides and validate.
+
+    Raises:
+        ConfigError: with one line per problem, each naming the file, line and key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: a job file is a mapping of sections (model, data, train, ...)"])
+    for override in overrides or []:
+        apply_override(raw, override)
+    return resolve_paths(config_from_dict(raw, source=str(path), lines=lines))
+
+
+def config_from_dict(raw: dict, source: str = "<config>", lines: dict | None = None) -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, source, lines or {}) for err in e.errors()]) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `--set a.b.c=value`; the value is parsed as YAML (numbers, lists, bools)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {override}: expected key=value, e.g. train.learning_rate=3e-4"])
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"--set {override}: '{part}' is a value, not a section"])
+        node = child
+    node[parts[-1]] = parse_scalar(value)
+
+
+def parse_scalar(value: str) -> Any:
+    """YAML parsing plus the float forms YAML 1.1 misses (`3e-4`)."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def resolve_paths(config: JobConfig) -> JobConfig:
+    """Make local paths absolute (relative ones are read from the current directory), so
+    Ray tasks and workers, which run elsewhere, read the same files."""
+    config.data.train = _absolute(config.data.train)
+    if config.data.eval:
+        config.data.eval = _absolute(config.data.eval)
+    config.storage.path = _absolute(config.storage.path)
+    return config
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def dump_yaml(config: JobConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _describe(err: dict, source: str, lines: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    kind, ctx = err["type"], err.get("ctx") or {}
+    where = f"{source}:{lines[loc]}" if loc in lines else source
+    dotted = ".".join(loc)
+    if kind == "extra_forbidden":
+        hint = _did_you_mean(loc)
+        return f"{where}: unknown key '{dotted}'{hint}"
+    if kind == "missing":
+        return f"{where}: {dotted}: required key is missing"
+    messages = {
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
+        "literal_error": "must be one of {expected}, got {input!r}",
+        "string_pattern_mismatch": "must match {pattern} (letters, digits, . _ -), got {input!r}",
+    }
+    template = messages.get(kind)
+    shown = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+    message = template.format(**shown, input=err.get("input")) if template else err["msg"]
+    if kind == "value_error":
+        message = str(ctx.get("error", err["msg"]))
+        return f"{where}: {message}"
+    return f"{where}: {dotted}: {message}"
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type)]
+        sections = [a for a in candidates if issubclass(a, BaseModel)]
+        if not sections:
+            return ""
+        model = sections[0]
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    return lines
+

@@ -1,0 +1,90 @@
+"""Segments to token ids with loss labels, and packing of tokenized examples into
+fixed-length sequences.
+
+Packed sequences carry `position_ids` that restart at 0 for each example. With no
+attention mask, transformers reads the restarts as document boundaries and keeps
+attention inside each example (for sdpa, eager and flash attention alike), so packing
+changes throughput, not what the model sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ft_ray.data.formats import RecordError, Segments
+
+IGNORE_INDEX = -100
+
+
+def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+    """Token ids and labels for one example; prompt tokens get label -100.
+
+    The first token's label is always -100: in a packed sequence, it would otherwise be
+    predicted from the end of the previous, unrelated example.
+
+    Raises:
+        RecordError: no trainable token survives truncation to `max_len`.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, trainable in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if trainable else [IGNORE_INDEX] * len(ids))
+    input_ids, labels = input_ids[:max_len], labels[:max_len]
+    labels[0] = IGNORE_INDEX
+    if all(label == IGNORE_INDEX for label in labels):
+        raise RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pack_examples(examples: Iterable[dict], max_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
+    """Greedy first-fit packing of examples into sequences of exactly `max_len` tokens.
+
+    Open bins are kept while examples stream by; a bin is emitted when it is full or
+    when the input ends. Padding gets label -100 and positions of its own.
+    """
+    bins: list[list[dict]] = []
+    room: list[int] = []
+    for example in examples:
+        size = len(example["input_ids"])
+        for i, free in enumerate(room):
+            if size <= free:
+                bins[i].append(example)
+                room[i] -= size
+                break
+        else:
+            bins.append([example])
+            room.append(max_len - size)
+        full = [i for i, free in enumerate(room) if free < 8]
+        for i in reversed(full):
+            yield _concat(bins.pop(i), max_len, pad_id)
+            room.pop(i)
+    for members in bins:
+        yield _concat(members, max_len, pad_id)
+
+
+def _concat(members: list[dict], max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    input_ids = np.full(max_len, pad_id, dtype=np.int64)
+    labels = np.full(max_len, IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros(max_len, dtype=np.int64)
+    start = 0
+    for example in members:
+        n = len(example["input_ids"])
+        input_ids[start:start + n] = example["input_ids"]
+        labels[start:start + n] = example["labels"]
+        position_ids[start:start + n] = np.arange(n)
+        start += n
+    position_ids[start:] = np.arange(max_len - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "num_examples": np.int64(len(members)), "num_tokens": np.int64(start)}
+
+
+def pad_example(example: dict, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One example per sequence (packing off): right-padded to `max_len`."""
+    return _concat([example], max_len, pad_id)

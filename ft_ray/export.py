@@ -1,0 +1,96 @@
+"""Export a trained variant: the PEFT adapter, or merged / full weights in safetensors.
+
+Everything written here loads with transformers or PEFT alone, without ft-ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ft_ray.config import JobConfig, load_config
+
+
+class ExportError(ValueError):
+    """The given path holds no checkpoint ft-ray can export."""
+
+
+def load_trainable_weights(module: Any, folder: Path) -> None:
+    """Load what `save_pretrained` wrote into `module`: an adapter, or a full model."""
+    from safetensors.torch import load_file
+
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(module, load_file(str(adapter)))
+        return
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ExportError(f"{folder}: no safetensors weights")
+    state: dict = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ExportError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint folder to export from a run folder (best by eval loss, else newest)
+    or from a checkpoint folder itself."""
+    path = Path(path)
+    if (path / "model").is_dir():
+        return path
+    summary = path / "summary.json"
+    if summary.exists():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if best and (Path(best) / "model").is_dir():
+            return Path(best)
+    checkpoints = sorted(p for p in path.glob("checkpoint-*") if (p / "model").is_dir())
+    if not checkpoints:
+        raise ExportError(f"{path}: neither a checkpoint (no model/ folder) nor a run folder with checkpoints")
+    return checkpoints[-1]
+
+
+def run_config_of(checkpoint: Path) -> JobConfig:
+    config = checkpoint.parent / "config.yaml"
+    if not config.exists():
+        raise ExportError(f"{checkpoint}: no config.yaml in the run folder {checkpoint.parent}")
+    return load_config(config)
+
+
+def export_checkpoint(path: Path, out: Path, merge: bool = False) -> Path:
+    """Write the variant at `path` (run folder or checkpoint) to `out`.
+
+    LoRA checkpoints give a PEFT adapter folder, or with `merge` a full model with the
+    adapter folded into the base weights. Full fine-tunes give the full model either way.
+    The tokenizer is written next to the weights.
+    """
+    from ft_ray.models import load_tokenizer
+
+    checkpoint = find_checkpoint(Path(path))
+    weights = checkpoint / "model"
+    config = run_config_of(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (weights / "adapter_config.json").exists() and merge:
+        merge_adapter(weights, out)
+    else:
+        for item in weights.iterdir():
+            shutil.copy2(item, out / item.name)
+    load_tokenizer(config.model).save_pretrained(out)
+    return out
+
+
+def merge_adapter(adapter: Path, out: Path) -> None:
+    """Fold a LoRA adapter into its base model and save the result in safetensors."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,103 @@
+"""Base models and tokenizers (hub id, local folder, or a built-in tiny model) and the
+LoRA wrapping. Runs without Ray, so it can be tested and benchmarked on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ft_ray.config import LoraConfig, ModelConfig
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN = {"builtin:tiny-llama": ASSETS / "tiny-llama"}
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path.startswith("builtin:")
+
+
+def _builtin_folder(name: str) -> Path:
+    if name not in BUILTIN:
+        raise ValueError(f"model.name_or_path: unknown built-in model {name!r} (available: {', '.join(BUILTIN)})")
+    return BUILTIN[name]
+
+
+def load_tokenizer(model: ModelConfig) -> Any:
+    """The model's tokenizer; a missing pad token falls back to the eos token."""
+    from transformers import AutoTokenizer
+
+    source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source), revision=model.revision, trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
+    """The pre-trained model from a hub id, a local folder, or the package's built-in files."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
+    return AutoModelForCausalLM.from_pretrained(
+        str(source), revision=model.revision, trust_remote_code=model.trust_remote_code,
+        dtype=dtype or torch.float32, attn_implementation=model.attn_implementation)
+
+
+def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:
+    """Wrap `model` with trainable LoRA adapters; the base weights are frozen.
+
+    `base_model_path` is written into the adapter config, so the saved adapter names a
+    base that `PeftModel.from_pretrained` can load without ft-ray.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path)
+    wrapped = get_peft_model(model, peft_config)
+    wrapped.peft_config["default"].base_model_name_or_path = base_model_path
+    return wrapped
+
+
+def save_base_model(model: ModelConfig, folder: Path) -> Path:
+    """Write the base model and tokenizer as a plain HF folder (safetensors).
+
+    Used for built-in models: their adapters point at this copy, which outlives an
+    upgrade or removal of ft-ray.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.json").exists():
+        load_base_model(model).save_pretrained(folder, safe_serialization=True)
+        load_tokenizer(model).save_pretrained(folder)
+    return folder
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy continuation of `prompt`, decoded without special tokens."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

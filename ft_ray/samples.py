@@ -1,0 +1,71 @@
+"""Held-out prompts answered by the base model and by the variant, side by side.
+
+A quick look, not a metric (the evaluation module measures): it shows a person what the
+fine-tune changed. Runs in the calling process, so it is meant for small models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from ft_ray.config import JobConfig
+from ft_ray.data.formats import RecordError, detect_format, record_segments
+from ft_ray.data.pipeline import eval_bucket, list_files
+
+
+def held_out_records(config: JobConfig, limit: int) -> Iterator[dict]:
+    """The first `limit` usable eval records, read line by line (never the whole file)."""
+    data = config.data
+    source, key = (data.eval, "data.eval") if data.eval else (data.train, "data.train")
+    found = 0
+    for path in list_files(source, key):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if found >= limit:
+                    return
+                if not line.strip() or (not data.eval and eval_bucket(line.rstrip("\n")) >= data.eval_fraction):
+                    continue
+                try:
+                    record = json.loads(line)
+                    detect_format(record)
+                except (json.JSONDecodeError, RecordError):
+                    continue
+                found += 1
+                yield record
+
+
+def split_prompt(record: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:
+    """(prompt, reference): the masked text before the first trained segment, and that segment."""
+    segments = record_segments(record, fmt, tokenizer)
+    first_trained = next(i for i, (_, trainable) in enumerate(segments) if trainable)
+    prompt = "".join(text for text, _ in segments[:first_trained])
+    reference = segments[first_trained][0].replace(tokenizer.eos_token or "\0", "")
+    return prompt, reference
+
+
+def compare_generations(config: JobConfig, adapter_or_model: str, limit: int,
+                        max_new_tokens: int = 64) -> list[dict[str, str]]:
+    """Greedy answers of the base model and of the variant to `limit` held-out prompts."""
+    from ft_ray.models import generate, load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    pairs = [split_prompt(r, config.data.format, tokenizer) for r in held_out_records(config, limit)]
+    base = load_base_model(config.model)
+    answers = [{"prompt": p, "reference": ref, "base": generate(base, tokenizer, p, max_new_tokens)}
+               for p, ref in pairs]
+    variant = _load_variant(base, Path(adapter_or_model))
+    for answer in answers:
+        answer["variant"] = generate(variant, tokenizer, answer["prompt"], max_new_tokens)
+    return answers
+
+
+def _load_variant(base: Any, path: Path) -> Any:
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(path))
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path))

@@ -1,0 +1,131 @@
+"""The one place that turns `storage.path` into a filesystem and reads or writes run files.
+
+Local folders and `s3://bucket/prefix` (with an endpoint for S3-compatible stores) go
+through pyarrow's filesystems, the same ones Ray Train uses for checkpoints. Credentials
+come from the environment (AWS_*), never from the job file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from ft_ray.config import JobConfig, StorageConfig
+
+
+def filesystem(storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of `storage.path` and the path inside it."""
+    path = storage.path
+    if path.startswith("s3://"):
+        fs = pafs.S3FileSystem(endpoint_override=storage.endpoint_url, region=storage.region or "us-east-1",
+                               scheme="http" if (storage.endpoint_url or "").startswith("http://") else "https")
+        return fs, path[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(path).absolute())
+
+
+@dataclass
+class RunFolder:
+    """`<storage.path>/<run_name>/`: checkpoints (written by Ray Train), config, metrics, summary."""
+
+    fs: pafs.FileSystem
+    root: str
+    uri: str
+
+    @classmethod
+    def for_job(cls, config: JobConfig) -> "RunFolder":
+        fs, base = filesystem(config.storage)
+        scheme = "s3://" if config.storage.path.startswith("s3://") else ""
+        root = f"{base}/{config.run_name}"
+        return cls(fs=fs, root=root, uri=f"{scheme}{root}")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def local_path(self, *parts: str) -> Path:
+        """A local path inside the run folder (only for local storage)."""
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not a local folder")
+        return Path(self.path(*parts))
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(self.path(name)) as f:
+            f.write(text.encode("utf-8"))
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self.path(name)) as f:
+                return f.read().decode("utf-8")
+        except (FileNotFoundError, OSError):
+            return None
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    def checkpoints(self) -> list[str]:
+        """Names of the checkpoint folders, oldest first."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        names = [info.base_name for info in self.fs.get_file_info(selector)
+                 if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint-")]
+        return sorted(names)
+
+    def download(self, name: str, destination: Path) -> Path:
+        """Copy a file or folder of the run to a local path (a no-op copy for local runs)."""
+        destination.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path(name), str(destination), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return destination
+
+    def upload(self, local: Path, name: str) -> str:
+        pafs.copy_files(str(local), self.path(name), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+        return self.path(name)
+
+
+class MetricsLog:
+    """`metrics.jsonl`, one JSON object per line, written by rank 0 only.
+
+    Lines are kept in memory and the whole file is rewritten on `flush`, which works the
+    same on object stores that cannot append. On resume, lines past the restored step
+    are dropped, so a step never appears twice.
+    """
+
+    def __init__(self, run: RunFolder, resume_step: int | None, enabled: bool):
+        self.run, self.enabled = run, enabled
+        self.lines: list[str] = []
+        if enabled and resume_step is not None:
+            previous = run.read_text("metrics.jsonl") or ""
+            self.lines = [line for line in previous.splitlines()
+                          if line and json.loads(line).get("step", 0) <= resume_step]
+        if enabled:
+            self.flush()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record)
+        self.lines.append(line)
+        if self.run.is_local:  # appending keeps a long run's log cheap; object stores get it on flush
+            with open(self.run.local_path("metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.run.write_text("metrics.jsonl", "".join(line + "\n" for line in self.lines))
+
+
+def read_metrics(run: RunFolder) -> list[dict]:
+    text = run.read_text("metrics.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+

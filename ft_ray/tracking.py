@@ -1,0 +1,65 @@
+"""Where metrics go: `metrics.jsonl` in the run folder, the console, and W&B.
+
+Only rank 0 tracks. W&B is imported only when enabled; its API key comes from the
+environment (WANDB_API_KEY) or wandb's own login file, never from the job file.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ft_ray.config import JobConfig
+from ft_ray.storage import MetricsLog, RunFolder
+
+
+class Tracker:
+    """Rank 0's metrics sink: one `log` call writes to every enabled destination."""
+
+    def __init__(self, config: JobConfig, run: RunFolder, resume_step: int | None, enabled: bool,
+                 total_steps: int):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.metrics = MetricsLog(run, resume_step, enabled)
+        self.started = time.monotonic()
+        self.wandb_run = _start_wandb(config, run) if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.log(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        # Ray Train tees print() to its logger and to stdout (each line twice); the raw
+        # stream reaches the driver once.
+        print(self._progress_line(record), file=sys.__stdout__, flush=True)
+
+    def flush(self) -> None:
+        self.metrics.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.metrics.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+
+    def _progress_line(self, record: dict[str, Any]) -> str:
+        shown = [f"step {record['step']}/{self.total_steps}"]
+        for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"):
+            if key in record:
+                value = record[key]
+                shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+        shown.append(f"elapsed {time.monotonic() - self.started:.0f}s")
+        return "[ft-ray] " + "  ".join(shown)
+
+
+def _start_wandb(config: JobConfig, run: RunFolder) -> Any:
+    settings = config.tracking.wandb
+    if settings.mode == "disabled":
+        return None
+    import wandb
+
+    directory = settings.dir or (str(run.local_path()) if run.is_local else None)
+    return wandb.init(project=settings.project, entity=settings.entity, name=config.run_name,
+                      id=config.run_name, resume="allow", mode=settings.mode, dir=directory,
+                      config=config.model_dump(mode="json"))

@@ -1,0 +1,110 @@
+"""Engines: how one worker's model, optimizer and scheduler take a step, save and load.
+
+The training loop calls one small interface (`micro_step`, `step`, `save`, `load`,
+`export_weights`), so the loop is written once whatever the strategy. `DDPEngine` covers
+full and LoRA fine-tuning with PyTorch DDP (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ft_ray.config import JobConfig
+
+TRAINER_STATE = "optimizer.pt"
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """Learning-rate multiplier: linear warmup, then cosine decay to `min_ratio`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+class DDPEngine:
+    """One worker's share of a data-parallel run; gradients are averaged by DDP."""
+
+    def __init__(self, model: Any, config: JobConfig, total_steps: int):
+        import ray.train.torch
+
+        self.module = model
+        self.model = ray.train.torch.prepare_model(model)  # wraps in DDP when world size > 1
+        self.device = next(self.module.parameters()).device
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        train = config.train
+        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(min(train.warmup_steps, total_steps // 2), total_steps))
+        self.max_grad_norm = train.max_grad_norm
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the batch's target tokens; attention stays inside packed examples."""
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            return self.model(input_ids=batch["input_ids"], labels=batch["labels"],
+                              position_ids=batch["position_ids"], use_cache=False).loss
+
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
+        """Forward and backward of one micro batch; gradients are all-reduced only if `sync`."""
+        no_sync = getattr(self.model, "no_sync", None)
+        context = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
+        with context:
+            loss = self.forward_loss(batch)
+            (loss * scale).backward()
+        return loss.item()
+
+    def step(self) -> float:
+        """Clip, update and advance the schedule; returns the gradient norm before clipping."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """(sum of token losses, number of target tokens) of one batch."""
+        self.model.eval()
+        loss = self.forward_loss(batch)
+        self.model.train()
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        return loss.item() * targets, targets
+
+    def save(self, folder: Path) -> None:
+        """Weights (adapter or full model, safetensors) and optimizer/scheduler state.
+
+        Called on rank 0 only: with DDP every rank holds the same state.
+        """
+        self.module.save_pretrained(folder / "model", safe_serialization=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / TRAINER_STATE)
+
+    def load(self, folder: Path) -> None:
+        """Restore weights and optimizer/scheduler state saved by `save`."""
+        from ft_ray.export import load_trainable_weights
+
+        load_trainable_weights(self.module, folder / "model")
+        state = torch.load(folder / TRAINER_STATE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_engine(model: Any, config: JobConfig, total_steps: int) -> DDPEngine:
+    return DDPEngine(model, config, total_steps)

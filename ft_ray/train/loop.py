@@ -1,0 +1,204 @@
+"""The training loop each Ray Train worker runs.
+
+build → restore → for each batch: step, log, maybe eval, maybe checkpoint.
+
+Ray sees a report only on eval and checkpoint steps: `ray.train.report` blocks until the
+controller takes the result (about 2 s when called back to back), so per-step metrics go
+straight to `metrics.jsonl` / W&B from rank 0. Every rank reports on the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ft_ray.config import JobConfig
+from ft_ray.storage import RunFolder
+from ft_ray.tracking import Tracker
+from ft_ray.train.engines import build_engine
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class StepPlan:
+    """How long the run is, fixed by the driver from the dataset size."""
+
+    total_steps: int
+    batches_per_epoch: int
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a resume continues exactly here."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro batches of this epoch already consumed
+    train_tokens: int = 0
+    eval_loss_initial: float | None = None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    config = JobConfig.model_validate(loop_config["job"])
+    plan = StepPlan(**loop_config["plan"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(config.train.seed)
+    if not config.distributed.use_gpu:
+        torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))
+
+    engine = build_engine(build_model(config, loop_config["base_model_path"]), config, plan.total_steps)
+    state = restore(engine)
+    tracker = Tracker(config, RunFolder.for_job(config), state.step if state.step else None,
+                      enabled=rank == 0, total_steps=plan.total_steps)
+    eval_shard = ray.train.get_dataset_shard("eval")
+
+    if state.step == 0:
+        state.eval_loss_initial = evaluate(engine, eval_shard, config)
+        tracker.log({"step": 0, "eval_loss": state.eval_loss_initial})
+        ray.train.report({"step": 0, "eval_loss": state.eval_loss_initial})
+
+    accumulation = config.train.gradient_accumulation
+    window = Window()
+    micro = 0
+    train_batches = batches(ray.train.get_dataset_shard("train"), config, plan, state)
+    for batch in (train_batches if state.step < plan.total_steps else ()):
+        micro += 1
+        sync = micro % accumulation == 0
+        window.add(engine.micro_step(batch, 1.0 / accumulation, sync), int(batch["num_tokens"].sum()))
+        if not sync:
+            continue
+        grad_norm = engine.step()
+        state.step += 1
+        last = state.step == plan.total_steps
+        if state.step % config.train.log_every == 0 or last:
+            record = window.summarize(state.step, engine.lr, grad_norm)
+            state.train_tokens += record["tokens"]
+            record["train_tokens"] = state.train_tokens
+            tracker.log(record)
+        checkpoint_due = state.step % config.train.checkpoint_every == 0 or last
+        if state.step % config.train.eval_every == 0 or checkpoint_due:
+            eval_loss = evaluate(engine, eval_shard, config)
+            tracker.log({"step": state.step, "eval_loss": eval_loss})
+            tracker.flush()
+            report(engine, state, {"step": state.step, "eval_loss": eval_loss,
+                                   "train_tokens": state.train_tokens}, checkpoint_due, rank)
+        if last:
+            break
+    tracker.finish()
+
+
+def build_model(config: JobConfig, base_model_path: str) -> Any:
+    """The base model, wrapped with LoRA unless the method is a full fine-tune."""
+    from ft_ray.models import apply_lora, load_base_model
+
+    model = load_base_model(config.model)
+    if config.method == "lora":
+        model = apply_lora(model, config.lora, base_model_path)
+    model.config.use_cache = False
+    return model
+
+
+def batches(shard: Any, config: JobConfig, plan: StepPlan, state: TrainState) -> Iterator[dict]:
+    """Micro batches, epoch after epoch, starting at the saved data position.
+
+    The packed dataset has a fixed order (seeded shuffle at preparation), so skipping the
+    first `state.batch_in_epoch` batches resumes exactly where the checkpoint was taken.
+    """
+    while True:
+        seen = 0
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=config.train.micro_batch_size,
+                                                           dtypes=torch.long)):
+            seen += 1
+            if i < state.batch_in_epoch:
+                continue
+            state.batch_in_epoch = i + 1
+            yield batch
+        if seen == 0:
+            raise RuntimeError("this worker's training shard is empty: use fewer workers or more data")
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+class Window:
+    """Loss and token counts since the last log line, summed over all workers when read."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.micro_batches, self.tokens, self.started = 0.0, 0, 0, time.monotonic()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum += loss
+        self.micro_batches += 1
+        self.tokens += tokens
+
+    def summarize(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
+        loss_sum, micro_batches, tokens = all_reduce_sum([self.loss_sum, self.micro_batches, self.tokens])
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        self.reset()
+        return {"step": step, "loss": loss_sum / max(1, micro_batches), "lr": lr, "grad_norm": grad_norm,
+                "tokens": int(tokens), "tokens_per_s": tokens / elapsed}
+
+
+def evaluate(engine: Any, shard: Any, config: JobConfig) -> float:
+    """Mean loss per target token over the whole eval set (all workers' shards)."""
+    loss_sum, targets = 0.0, 0
+    for batch in shard.iter_torch_batches(batch_size=config.train.micro_batch_size, dtypes=torch.long):
+        batch_loss, batch_targets = engine.eval_loss_sum(batch)
+        loss_sum, targets = loss_sum + batch_loss, targets + batch_targets
+    loss_sum, targets = all_reduce_sum([loss_sum, targets])
+    return loss_sum / max(1, targets)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum small numbers over workers (a sync point: every rank must call it)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool, rank: int) -> None:
+    """Report metrics to Ray; on checkpoint steps rank 0 attaches the saved state."""
+    import ray.train
+
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            folder = Path(tmp)
+            engine.save(folder)
+            (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
+
+
+def restore(engine: Any) -> TrainState:
+    """Load the latest checkpoint of this run, if there is one (Ray finds it in storage)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as folder:
+        engine.load(Path(folder))
+        state = TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
+    print(f"[ft-ray] resumed from {checkpoint.path} at step {state.step}", file=sys.__stdout__, flush=True)
+    return state

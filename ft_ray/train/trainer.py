@@ -1,0 +1,158 @@
+"""The driver side of a run: connect to Ray, prepare data and the base model, run the
+Ray Train `TorchTrainer`, and write `summary.json`.
+
+Relaunching the same job (same `storage.path` and `run_name`) resumes: Ray Train finds
+the run's checkpoint history in storage and hands the latest checkpoint to the workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ft_ray.config import JobConfig, dump_yaml
+from ft_ray.data.pipeline import DataError, DataStats, build_datasets, write_rejected
+from ft_ray.storage import RunFolder, filesystem, read_metrics
+from ft_ray.train.loop import StepPlan, train_loop_per_worker
+
+
+def connect_ray(config: JobConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start local Ray.
+
+    Locally Ray gets two logical CPUs more than the training workers hold, so the data
+    pipeline always has room to run next to them (else a shuffle can wait forever).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    needed = math.ceil(config.distributed.num_workers * config.distributed.cpus_per_worker) + 2
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+             log_to_driver=True)
+
+
+def plan_steps(config: JobConfig, train_sequences: int) -> StepPlan:
+    """Optimizer steps of the run from the packed dataset size.
+
+    Raises:
+        DataError: fewer packed sequences than workers.
+    """
+    workers = config.distributed.num_workers
+    per_worker = train_sequences // workers  # Ray splits datasets equally across workers
+    if per_worker == 0:
+        raise DataError(f"only {train_sequences} packed training sequences for {workers} workers: "
+                        "add data or lower distributed.num_workers")
+    batches_per_epoch = math.ceil(per_worker / config.train.micro_batch_size)
+    steps = config.train.max_steps or max(1, int(config.train.epochs * batches_per_epoch
+                                                 // config.train.gradient_accumulation))
+    return StepPlan(total_steps=steps, batches_per_epoch=batches_per_epoch)
+
+
+def base_model_path(config: JobConfig, run: RunFolder) -> str:
+    """Where adapters say their base model is: a built-in model is written to the run folder
+    (or a local cache for object-store runs), so PEFT can load it without ft-ray."""
+    from ft_ray.models import is_builtin, save_base_model
+
+    if not is_builtin(config.model.name_or_path):
+        return config.model.name_or_path
+    name = config.model.name_or_path.split(":", 1)[1]
+    folder = run.local_path("base_model") if run.is_local else Path.home() / ".cache" / "ft-ray" / name
+    return str(save_base_model(config.model, folder))
+
+
+def run_training(config: JobConfig) -> dict[str, Any]:
+    """Fine-tune as the job says; returns the summary also written to `summary.json`."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ft_ray.models import load_tokenizer
+
+    started = time.monotonic()
+    connect_ray(config)
+    run = RunFolder.for_job(config)
+    run.write_text("config.yaml", dump_yaml(config))
+    base_path = base_model_path(config, run)
+    datasets, stats, rejected = build_datasets(config, load_tokenizer(config.model))
+    if stats.records_rejected:
+        write_rejected(rejected, run.path("rejected"))
+    plan = plan_steps(config, stats.train_sequences)
+    # Preparation showed its progress; bars for every eval pass during training are noise.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    fs, storage_path = filesystem(config.storage)
+    print(f"[ft-ray] data: {stats.train_examples} train / {stats.eval_examples} eval examples, "
+          f"{stats.records_rejected} rejected, {stats.train_sequences} packed sequences "
+          f"(packing efficiency {stats.packing_efficiency:.0%}); {plan.total_steps} steps on "
+          f"{config.distributed.num_workers} workers", flush=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": config.model_dump(mode="json"), "plan": asdict(plan),
+                           "base_model_path": base_path},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
+            resources_per_worker={"CPU": config.distributed.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=config.run_name, storage_path=storage_path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute="eval_loss",
+                checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures)),
+        torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    summary = summarize(config, run, result, stats, plan, time.monotonic() - started)
+    run.write_json("summary.json", summary)
+    return summary
+
+
+def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, plan: StepPlan,
+              wall_s: float) -> dict[str, Any]:
+    """The run's outcome from `metrics.jsonl` and Ray's result; exports the best weights."""
+    from ft_ray.export import export_checkpoint
+
+    metrics = read_metrics(run)
+    train_lines = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    best = _best_checkpoint(result)
+    weights_dir = "adapter" if config.method == "lora" else "model"
+    exported = None
+    if best and run.is_local:
+        exported = str(export_checkpoint(Path(best), run.local_path(weights_dir)))
+    speeds = [m["tokens_per_s"] for m in train_lines[1:]] or [m["tokens_per_s"] for m in train_lines]
+    initial, final = evals[0]["eval_loss"] if evals else None, evals[-1]["eval_loss"] if evals else None
+    return {
+        "run_name": config.run_name,
+        "run_folder": run.uri,
+        "method": config.method,
+        "steps": train_lines[-1]["step"] if train_lines else 0,
+        "planned_steps": plan.total_steps,
+        "train_tokens": train_lines[-1]["train_tokens"] if train_lines else 0,
+        "train_loss_final": train_lines[-1]["loss"] if train_lines else None,
+        "eval_loss_initial": initial,
+        "eval_loss_final": final,
+        "eval_loss_reduction": (1 - final / initial) if initial and final is not None else None,
+        "tokens_per_second": statistics.median(speeds) if speeds else None,
+        "best_checkpoint": best,
+        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "adapter_path": exported if config.method == "lora" else None,
+        "model_path": exported if config.method != "lora" else None,
+        "data": asdict(stats),
+        "wall_time_s": round(wall_s, 1),
+    }
+
+
+def _best_checkpoint(result: Any) -> str | None:
+    scored = [(m.get("eval_loss", math.inf), c.path) for c, m in (result.best_checkpoints or [])]
+    if scored:
+        return min(scored)[1]
+    return result.checkpoint.path if result.checkpoint else None

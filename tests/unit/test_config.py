@@ -1,0 +1,86 @@
+"""The job schema: defaults that work, overrides, and errors a person can act on."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ft_ray.cli import main
+from ft_ray.config import ConfigError, load_config
+from tests.conftest import REPO, write_job
+
+
+def test_shipped_demo_config_is_valid():
+    config = load_config(REPO / "configs" / "tiny-cpu.yaml")
+    assert config.method == "lora"
+    assert config.distributed.num_workers == 2
+    assert Path(config.data.train).is_absolute() and Path(config.data.train).exists()
+
+
+def test_set_overrides_coerce_types(tmp_path):
+    config = load_config(write_job(tmp_path), ["train.learning_rate=3e-4", "distributed.num_workers=3",
+                                               "lora.target_modules=[q_proj, v_proj]", "data.pack=false"])
+    assert config.train.learning_rate == pytest.approx(3e-4)
+    assert config.distributed.num_workers == 3
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.pack is False
+
+
+def test_bad_value_names_file_line_and_key(tmp_path):
+    path = write_job(tmp_path, train={"learning_rate": -1})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "learning_rate" in text)
+    assert problem == f"{path}:{line}: train.learning_rate: must be > 0"
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = write_job(tmp_path, lora={"rnak": 8})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems[0].endswith("unknown key 'lora.rnak' (did you mean 'rank'?)")
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    path = write_job(tmp_path, method="qlorra", train={"micro_batch_size": 0}, storage={"pth": "x"})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 3
+    assert "method: must be one of 'full', 'lora' or 'qlora', got 'qlorra'" in text
+    assert "train.micro_batch_size: must be > 0" in text
+    assert "unknown key 'storage.pth' (did you mean 'path'?)" in text
+
+
+def test_missing_data_train_is_named(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"run_name": "x"}))
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        load_config(path)
+
+
+def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path, capsys):
+    path = write_job(tmp_path, train={"learning_rate": 0}, lora={"rnak": 4})
+    assert main(["validate", str(path), "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("\n") == 2
+    assert "train.learning_rate: must be > 0" in err and "did you mean 'rank'" in err
+
+
+def test_bad_set_override_is_a_config_error(tmp_path, capsys):
+    assert main(["validate", str(write_job(tmp_path)), "--offline", "--set", "train.learning_rate"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+
+
+def test_invalid_yaml_reports_the_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  train: [unclosed\n")
+    assert main(["validate", str(path), "--offline"]) == 2
+    assert f"{path}:" in capsys.readouterr().err
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        load_config(write_job(tmp_path, train={"precision": "fp16"}))
