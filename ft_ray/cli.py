@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ft_ray.config import ConfigError, JobConfig, load_config
+from ft_ray.config import ConfigError, InputError, JobConfig, load_config
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -26,10 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-class InputError(ValueError):
-    """Bad input found after the config loaded (data, paths)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,14 +56,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ft_ray.data.pipeline import DataError
     from ft_ray.train.trainer import run_training
 
     config = load_config(args.config, args.overrides)
-    try:
-        summary = run_training(config)
-    except DataError as e:
-        raise InputError(str(e)) from None
+    summary = run_training(config)
     _print_outcome(config, summary)
     if config.train.compare_generations and (summary["adapter_path"] or summary["model_path"]):
         _print_samples(config, summary)
@@ -110,12 +102,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ft_ray.export import ExportError, export_checkpoint
+    from ft_ray.export import export_checkpoint
 
-    try:
-        out = export_checkpoint(args.path, args.out, merge=args.merge)
-    except ExportError as e:
-        raise InputError(str(e)) from None
+    out = export_checkpoint(args.path, args.out, merge=args.merge)
     print(f"exported {'merged model' if args.merge else 'weights'} to {out}")
     return 0
 

@@ -22,6 +22,10 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
+class InputError(ValueError):
+    """Input found wrong after the config loaded (data files, paths, checkpoints): exit 2."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ft_ray.config import JobConfig, load_config
+from ft_ray.config import InputError, JobConfig, load_config
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The given path holds no checkpoint ft-ray can export."""
 
 

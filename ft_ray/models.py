@@ -56,13 +56,11 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    model.name_or_path = base_model_path  # PEFT records the model's own name as the base
     peft_config = PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_path)
-    wrapped = get_peft_model(model, peft_config)
-    wrapped.peft_config["default"].base_model_name_or_path = base_model_path
-    return wrapped
+        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
 
 
 def save_base_model(model: ModelConfig, folder: Path) -> Path:

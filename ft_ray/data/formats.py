@@ -31,9 +31,9 @@ def detect_format(record: Any) -> str:
     keys = set(record)
     if "messages" in keys:
         return "chat"
-    if {"instruction", "output"} <= keys:
+    if "instruction" in keys:  # a missing output is then reported as such
         return "instruction"
-    if {"prompt", "completion"} <= keys:
+    if "prompt" in keys:
         return "completion"
     if "text" in keys:
         return "text"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ft_ray.config import JobConfig, ModelConfig
+from ft_ray.config import InputError, JobConfig, ModelConfig
 from ft_ray.data.formats import RecordError, detect_format, record_segments
 from ft_ray.data.tokenize import pack_examples, pad_example, tokenize_segments
 
@@ -25,7 +25,7 @@ TOKENIZE_BATCH = 256
 PACK_BATCH = 1024
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The corpus cannot feed a run (no files, too many bad records, nothing left to train on)."""
 
 
@@ -122,11 +122,12 @@ def read_tokenized(config: JobConfig, source: str, key: str, eval_fraction: floa
                    "eval_fraction": eval_fraction})
 
 
-def build_datasets(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], DataStats, Any]:
+def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
+                   rejected_fs: Any = None) -> tuple[dict[str, Any], DataStats]:
     """Train and eval datasets of packed sequences, materialized in the object store.
 
-    Returns:
-        (datasets by name, stats, rejected records as a Ray dataset).
+    Rejected records are written to `rejected_dir` (JSONL: file, reason, the raw line)
+    before the rejection threshold is checked, so a failed run still shows what was wrong.
 
     Raises:
         DataError: too many rejected records, or no train/eval example left.
@@ -137,16 +138,18 @@ def build_datasets(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], D
     data = config.data
     split_off = 0.0 if data.eval else data.eval_fraction
     tokenized = read_tokenized(config, data.train, "data.train", split_off).materialize()
-    good = tokenized.filter(lambda row: row["reason"] == "")
-    train = good.filter(lambda row: not row["is_eval"])
+    train = tokenized.filter(lambda row: row["reason"] == "" and not row["is_eval"])
     if data.eval:
-        evaluation = read_tokenized(config, data.eval, "data.eval", 1.0).materialize()
-        rejected = tokenized.union(evaluation).filter(lambda row: row["reason"] != "")
-        evaluation = evaluation.filter(lambda row: row["reason"] == "")
+        eval_tokenized = read_tokenized(config, data.eval, "data.eval", 1.0).materialize()
+        lines = tokenized.union(eval_tokenized)
     else:
-        evaluation = good.filter(lambda row: row["is_eval"])
-        rejected = tokenized.filter(lambda row: row["reason"] != "")
-    stats = _count(config, tokenized, train, evaluation, rejected)
+        eval_tokenized, lines = tokenized, tokenized
+    evaluation = eval_tokenized.filter(lambda row: row["reason"] == "" and row["is_eval"])
+    rejected = lines.filter(lambda row: row["reason"] != "")
+    stats = _count(lines, train, evaluation, rejected)
+    if stats.records_rejected and rejected_dir:
+        write_rejected(rejected, rejected_dir, rejected_fs)
+    check_counts(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     columns = ["input_ids", "labels"]
@@ -157,17 +160,22 @@ def build_datasets(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], D
     stats.train_sequences, stats.eval_sequences = train_packed.count(), eval_packed.count()
     stats.train_tokens = int(train_packed.sum("num_tokens") or 0)
     stats.packing_efficiency = round(stats.train_tokens / max(1, stats.train_sequences * config.model.max_seq_len), 4)
-    return {"train": train_packed, "eval": eval_packed}, stats, rejected
+    return {"train": train_packed, "eval": eval_packed}, stats
 
 
-def _count(config: JobConfig, tokenized, train, evaluation, rejected) -> DataStats:
-    stats = DataStats(records_read=tokenized.count(), train_examples=train.count(),
+def _count(lines, train, evaluation, rejected) -> DataStats:
+    stats = DataStats(records_read=lines.count(), train_examples=train.count(),
                       eval_examples=evaluation.count(), records_rejected=rejected.count())
     if stats.records_rejected:
         for row in rejected.groupby("reason").count().take_all():
             stats.rejected_by_reason[row["reason"]] = int(row["count()"])
-    for row in tokenized.filter(lambda r: r["reason"] == "").groupby("format").count().take_all():
+    for row in lines.filter(lambda r: r["reason"] == "").groupby("format").count().take_all():
         stats.formats[row["format"]] = int(row["count()"])
+    return stats
+
+
+def check_counts(config: JobConfig, stats: DataStats) -> None:
+    """Raises DataError when too many records were rejected or a split is empty."""
     fraction = stats.records_rejected / max(1, stats.records_read)
     if fraction > config.data.max_rejected_fraction:
         worst = max(stats.rejected_by_reason.items(), key=lambda kv: kv[1])
@@ -178,9 +186,8 @@ def _count(config: JobConfig, tokenized, train, evaluation, rejected) -> DataSta
         raise DataError(f"data.train: no usable training example in {config.data.train}")
     if stats.eval_examples == 0:
         raise DataError("no eval example: set data.eval to a file or raise data.eval_fraction")
-    return stats
 
 
-def write_rejected(rejected, folder: str) -> None:
+def write_rejected(rejected, folder: str, filesystem: Any = None) -> None:
     """Rejected records with their file and reason, as JSONL under `<run>/rejected/`."""
-    rejected.select_columns(["path", "reason", "text"]).write_json(folder)
+    rejected.select_columns(["path", "reason", "text"]).write_json(folder, filesystem=filesystem)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import JobConfig, dump_yaml
-from ft_ray.data.pipeline import DataError, DataStats, build_datasets, write_rejected
+from ft_ray.data.pipeline import DataError, DataStats, build_datasets
 from ft_ray.storage import RunFolder, filesystem, read_metrics
 from ft_ray.train.loop import StepPlan, train_loop_per_worker
 
@@ -81,9 +81,7 @@ def run_training(config: JobConfig) -> dict[str, Any]:
     run = RunFolder.for_job(config)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
-    datasets, stats, rejected = build_datasets(config, load_tokenizer(config.model))
-    if stats.records_rejected:
-        write_rejected(rejected, run.path("rejected"))
+    datasets, stats = build_datasets(config, load_tokenizer(config.model), run.path("rejected"), run.fs)
     plan = plan_steps(config, stats.train_sequences)
     # Preparation showed its progress; bars for every eval pass during training are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,123 @@
+"""Two Ray Train workers fine-tune the built-in model end to end on the session's local Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ft_ray.cli import main
+from ft_ray.config import load_config
+from ft_ray.train.trainer import run_training
+from tests.conftest import DEMO, write_job
+
+pytestmark = pytest.mark.integration
+
+SUMMARY_KEYS = {"run_name", "steps", "train_tokens", "train_loss_final", "eval_loss_initial", "eval_loss_final",
+                "tokens_per_second", "best_checkpoint", "adapter_path"}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    """One 2-worker LoRA run of 6 steps with two bad records in its corpus."""
+    tmp = tmp_path_factory.mktemp("trained")
+    corpus = tmp / "train.jsonl"
+    shutil.copy(DEMO / "train.jsonl", corpus)
+    with corpus.open("a") as f:
+        f.write('{"instruction": "no output"}\n{broken json\n')
+    config = load_config(write_job(tmp, data={"train": str(corpus)}, train={"max_steps": 6, "checkpoint_every": 3}))
+    summary = run_training(config)
+    return config, summary, Path(config.storage.path) / config.run_name
+
+
+def test_summary_has_the_outcome(trained):
+    config, summary, run = trained
+    assert SUMMARY_KEYS <= set(summary)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["steps"] == 6 and summary["run_name"] == "test-run"
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    assert summary["train_tokens"] > 0 and summary["tokens_per_second"] > 0
+    assert Path(summary["best_checkpoint"]).parent == run
+
+
+def test_metrics_hold_every_step_once(trained):
+    _, _, run = trained
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [m["step"] for m in lines if "loss" in m]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in lines if "eval_loss" in m] == [0, 2, 3, 4, 6]
+    assert all({"lr", "grad_norm", "tokens_per_s"} <= set(m) for m in lines if "loss" in m)
+
+
+def test_checkpoints_hold_adapter_optimizer_and_data_position(trained):
+    _, _, run = trained
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000006"]
+    checkpoint = run / "checkpoint-000006"
+    assert (checkpoint / "model" / "adapter_model.safetensors").exists()
+    assert (checkpoint / "optimizer.pt").exists()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["batch_in_epoch"] > 0
+
+
+def test_bad_records_are_set_aside_with_reasons(trained):
+    _, summary, run = trained
+    data = summary["data"]
+    assert data["records_read"] == 402 + 48 and data["records_rejected"] == 2
+    assert data["train_examples"] == 400 and data["eval_examples"] == 48
+    assert set(data["rejected_by_reason"]) == {"missing field 'output'", "not JSON: Expecting property name enclosed in double quotes"}
+    rejected = [json.loads(line) for f in (run / "rejected").glob("*.json*") for line in f.read_text().splitlines()]
+    assert sorted(r["reason"] for r in rejected) == sorted(data["rejected_by_reason"])
+    assert all(r["path"].endswith("train.jsonl") for r in rejected)
+
+
+LOAD_WITHOUT_FT_RAY = """
+import sys
+sys.modules["ft_ray"] = None  # any import of ft-ray fails: the output must stand alone
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+adapter, merged = sys.argv[1], sys.argv[2]
+base_path = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+ids = tokenizer("### Instruction:\\nReply in the Northwind house style.", return_tensors="pt").input_ids
+with torch.no_grad():
+    via_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter).eval()(ids).logits
+    via_merge = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+    plain_base = AutoModelForCausalLM.from_pretrained(base_path).eval()(ids).logits
+print(json.dumps({"max_diff": (via_peft - via_merge).abs().max().item(),
+                  "adapter_changes_output": (via_peft - plain_base).abs().max().item()}))
+"""
+
+
+def test_export_adapter_and_merged_model_load_without_ft_ray(trained, tmp_path):
+    _, summary, run = trained
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["export", str(run / "checkpoint-000006"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert not list((tmp_path / "merged").glob("adapter_*"))
+    out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_FT_RAY, str(tmp_path / "adapter"), str(tmp_path / "merged")],
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["max_diff"] < 1e-4
+    assert result["adapter_changes_output"] > 1e-3
+
+
+def test_export_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
+
+
+def test_too_many_bad_records_fail_before_training(ray_local, tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text("".join('{"text": ""}\n' if i % 2 else '{"text": "fine"}\n' for i in range(40)))
+    config = load_config(write_job(tmp_path, run_name="bad-data", data={"train": str(corpus), "eval": None}))
+    with pytest.raises(ValueError, match=r"20 of 40 records rejected \(50.0%\).*field 'text' is empty"):
+        run_training(config)
+    assert list((Path(config.storage.path) / "bad-data" / "rejected").glob("*.json*"))

@@ -1,0 +1,48 @@
+"""Base models: built-in, local folder (the same loader a hub id uses), LoRA wrapping."""
+
+import pytest
+import torch
+
+from ft_ray.config import LoraConfig, ModelConfig
+from ft_ray.models import apply_lora, count_parameters, load_base_model, load_tokenizer, save_base_model
+
+
+def test_builtin_model_and_tokenizer_load_offline():
+    tokenizer = load_tokenizer(ModelConfig())
+    model = load_base_model(ModelConfig())
+    assert model.config.model_type == "llama"
+    assert model.config.vocab_size >= len(tokenizer)
+    assert tokenizer.chat_template and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_local_folder_loads_the_same_weights(tmp_path):
+    folder = save_base_model(ModelConfig(), tmp_path / "base")
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    local = ModelConfig(name_or_path=str(folder))
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        expected = load_base_model(ModelConfig()).eval()(ids).logits
+        actual = load_base_model(local).eval()(ids).logits
+    torch.testing.assert_close(actual, expected)
+    assert load_tokenizer(local)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
+
+
+def test_unknown_builtin_lists_the_available_ones():
+    with pytest.raises(ValueError, match="available: builtin:tiny-llama"):
+        load_base_model(ModelConfig(name_or_path="builtin:huge"))
+
+
+def test_remote_code_is_off_by_default():
+    assert ModelConfig().trust_remote_code is False
+
+
+def test_lora_trains_only_adapter_weights():
+    model = apply_lora(load_base_model(ModelConfig()), LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]),
+                       base_model_path="/models/base")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {n.split(".")[-3] for n in trainable} == {"lora_A", "lora_B"}
+    assert sum("q_proj" in n for n in trainable) == sum("v_proj" in n for n in trainable) == 2 * 4  # 4 layers
+    counts = count_parameters(model)
+    assert counts["trainable"] < counts["total"] / 10
+    assert model.peft_config["default"].base_model_name_or_path == "/models/base"
