@@ -15,6 +15,10 @@ DEMO = REPO / "ft_ray" / "assets" / "demo"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # quicker reports in short test runs
+# A credential that must never appear in a run folder, a log or W&B (set before Ray starts,
+# so every worker has it in its environment, as a real key would be).
+SECRET_CANARY = "ftray-canary-secret-0123456789"
+os.environ["WANDB_API_KEY"] = SECRET_CANARY
 
 
 def tiny_job(tmp_path: Path, **sections) -> dict:

@@ -15,7 +15,8 @@ import yaml
 from ft_ray.cli import main
 from ft_ray.config import load_config
 from ft_ray.train.trainer import run_training
-from tests.conftest import DEMO, write_job
+from tests.conftest import DEMO, SECRET_CANARY, write_job
+from tests.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,8 @@ def trained(ray_local, tmp_path_factory):
     shutil.copy(DEMO / "train.jsonl", corpus)
     with corpus.open("a") as f:
         f.write('{"instruction": "no output"}\n{broken json\n')
-    config = load_config(write_job(tmp, data={"train": str(corpus)}, train={"max_steps": 6, "checkpoint_every": 3}))
+    config = load_config(write_job(tmp, data={"train": str(corpus)}, train={"max_steps": 6, "checkpoint_every": 3},
+                                   tracking={"wandb": {"mode": "offline", "project": "ft-ray-tests"}}))
     summary = run_training(config)
     return config, summary, Path(config.storage.path) / config.run_name
 
@@ -74,6 +76,19 @@ def test_bad_records_are_set_aside_with_reasons(trained):
     rejected = [json.loads(line) for f in (run / "rejected").glob("*.json*") for line in f.read_text().splitlines()]
     assert sorted(r["reason"] for r in rejected) == sorted(data["rejected_by_reason"])
     assert all(r["path"].endswith("train.jsonl") for r in rejected)
+
+
+def test_wandb_offline_run_has_config_and_metrics_and_no_secret(trained):
+    _, _, run = trained
+    [run_file] = run.glob("wandb/offline-run-*/run-*.wandb")
+    wandb_run = read_offline_run(run_file)
+    assert wandb_run["config"]["run_name"] == "test-run"
+    assert wandb_run["config"]["lora"]["rank"] == 4
+    logged = {(h["_step"], key) for h in wandb_run["history"] for key in h if not key.startswith("_")}
+    assert {(step, "loss") for step in range(1, 7)} <= logged
+    assert (6, "eval_loss") in logged
+    for path in [p for p in run.rglob("*") if p.is_file()]:
+        assert SECRET_CANARY.encode() not in path.read_bytes(), f"secret leaked into {path}"
 
 
 LOAD_WITHOUT_FT_RAY = """

@@ -1,0 +1,67 @@
+"""A run killed after a checkpoint continues from it when relaunched: same final step count,
+no step twice in metrics.jsonl. The driver runs as `ft-ray train` in its own process group
+(with its own local Ray), so the kill takes everything with it, as a lost machine would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS, CHECKPOINT_EVERY = 10, 4
+
+
+def ft_ray(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ft_ray", *args]
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"ft-ray exited ({process.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    job = write_job(tmp_path, run_name="resume", train={
+        "max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "eval_every": CHECKPOINT_EVERY})
+    run = tmp_path / "runs" / "resume"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(ft_ray("train", str(job)), stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+    try:
+        snapshot = run / "checkpoint_manager_snapshot.json"
+        wait_for(lambda: snapshot.exists() and "checkpoint-000004" in snapshot.read_text(), 300,
+                 "the first checkpoint", first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    killed_at = max((json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()), default=0)
+    assert killed_at < STEPS, "the run finished before it was killed; the test proves nothing"
+
+    second = subprocess.run(ft_ray("train", str(job)), capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert "resumed from" in output and f"at step {CHECKPOINT_EVERY}" in output
+
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in lines if "eval_loss" in m] == [0, 4, 8, 10]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
