@@ -56,10 +56,33 @@ class LoraConfig(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class DeepSpeedConfig(Section):
+    """ZeRO settings; the DeepSpeed JSON is generated from these and the train section."""
+
+    stage: Literal[0, 1, 2, 3] = Field(2, description="0 off, 1 optimizer, 2 +gradients, 3 +parameters sharded")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="optimizer state in CPU memory")
+    offload_params: Literal["none", "cpu"] = Field("none", description="parameters in CPU memory (stage 3)")
+    overlap_comm: bool = True
+    config_override: dict[str, Any] = Field(default_factory=dict, description=(
+        "raw DeepSpeed keys merged over the generated config, for experts"))
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes settings of the frozen base model (method: qlora)."""
+
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field("uint8", description=(
+        "storage dtype of packed 4-bit weights; ZeRO-3 needs a float one (e.g. bfloat16) to shard them"))
+
+
 class DistributedConfig(Section):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
-    strategy: Literal["ddp"] = Field("ddp", description="how workers share the work")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how workers share the work")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs each training worker holds")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint before giving up")
     timeout_s: int = Field(1800, gt=0, description="collective timeout; a dead peer becomes a failure, not a hang")
@@ -80,6 +103,9 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl lines")
     seed: int = 42
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
+    peak_tflops: float | None = Field(None, gt=0, description=(
+        "peak dense TFLOP/s of one worker's device for MFU; default: known GPUs (H100/H200 bf16: 989), else no MFU"))
     compare_generations: int = Field(0, ge=0, description=(
         "held-out prompts answered by the base model and the variant after training, printed and "
         "saved to samples.json; runs on the driver, so keep 0 for large models"))
@@ -119,6 +145,7 @@ class JobConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -127,11 +154,29 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "JobConfig":
-        if self.method == "qlora":
-            raise ValueError("method: qlora is not available yet; use lora or full")
-        if self.train.precision == "fp16" and not self.distributed.use_gpu:
-            raise ValueError("train.precision: fp16 needs a GPU (distributed.use_gpu: true); use fp32 or bf16 on CPU")
+        problems = impossible_combinations(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def impossible_combinations(job: JobConfig) -> list[str]:
+    """Settings that cannot work together, each with the key to change."""
+    problems = []
+    dist, ds = job.distributed, job.distributed.deepspeed
+    if job.train.precision == "fp16" and not dist.use_gpu:
+        problems.append("train.precision: fp16 needs a GPU (distributed.use_gpu: true); use fp32 or bf16 on CPU")
+    offloading = ds.offload_optimizer != "none" or ds.offload_params != "none"
+    if offloading and dist.strategy != "deepspeed":
+        problems.append("distributed.deepspeed.offload_*: CPU offload needs distributed.strategy: deepspeed")
+    if ds.offload_params != "none" and ds.stage != 3:
+        problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
+    if job.method == "qlora" and dist.strategy == "deepspeed" and ds.stage == 3 and job.quantization.quant_storage == "uint8":
+        problems.append("quantization.quant_storage: qlora with ZeRO-3 needs a float storage dtype (bnb_4bit_quant_storage), "
+                        "e.g. bfloat16, so the 4-bit weights can be sharded; or use stage 2")
+    if job.method == "qlora" and dist.strategy == "deepspeed" and ds.offload_params != "none":
+        problems.append("distributed.deepspeed.offload_params: 4-bit weights cannot be offloaded; use offload_optimizer")
+    return problems
 
 
 # ---------------------------------------------------------------- loading

@@ -42,16 +42,16 @@ def find_checkpoint(path: Path) -> Path:
     """The checkpoint folder to export from a run folder (best by eval loss, else newest)
     or from a checkpoint folder itself."""
     path = Path(path)
-    if (path / "model").is_dir():
+    if (path / "trainer_state.json").exists():
         return path
     summary = path / "summary.json"
     if summary.exists():
         best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and (Path(best) / "model").is_dir():
+        if best and (Path(best) / "trainer_state.json").exists():
             return Path(best)
-    checkpoints = sorted(p for p in path.glob("checkpoint-*") if (p / "model").is_dir())
+    checkpoints = sorted(p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").exists())
     if not checkpoints:
-        raise ExportError(f"{path}: neither a checkpoint (no model/ folder) nor a run folder with checkpoints")
+        raise ExportError(f"{path}: neither a checkpoint (no trainer_state.json) nor a run folder with checkpoints")
     return checkpoints[-1]
 
 

@@ -47,6 +47,29 @@ def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
         dtype=dtype or torch.float32, attn_implementation=model.attn_implementation)
 
 
+def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool) -> Any:
+    """The base model with its linear layers in bitsandbytes 4-bit (QLoRA), frozen and
+    prepared for adapter training (norms and embeddings kept in fp32)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = getattr(torch, quantization.compute_dtype)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage))
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(source), revision=model.revision, trust_remote_code=model.trust_remote_code,
+        quantization_config=bnb, dtype=compute_dtype, device_map={"": device},
+        attn_implementation=model.attn_implementation)
+    return prepare_model_for_kbit_training(
+        quantized, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen.
 

@@ -44,8 +44,10 @@ class Tracker:
                 self.wandb_run.finish()
 
     def _progress_line(self, record: dict[str, Any]) -> str:
+        if "resumed_from" in record:
+            return f"[ft-ray] resumed from {record['resumed_from']} at step {record['step']}"
         shown = [f"step {record['step']}/{self.total_steps}"]
-        for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"):
+        for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
             if key in record:
                 value = record[key]
                 shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")

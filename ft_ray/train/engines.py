@@ -1,8 +1,10 @@
 """Engines: how one worker's model, optimizer and scheduler take a step, save and load.
 
-The training loop calls one small interface (`micro_step`, `step`, `save`, `load`,
-`export_weights`), so the loop is written once whatever the strategy. `DDPEngine` covers
-full and LoRA fine-tuning with PyTorch DDP (NCCL on GPU, gloo on CPU).
+The training loop calls one small interface (`micro_step`, `step`, `eval_loss_sum`,
+`save`, `load`, `lr`), so the loop is written once whatever the strategy:
+`DDPEngine` (PyTorch DDP, NCCL on GPU, gloo on CPU) and `DeepSpeedEngine` (ZeRO 0-3,
+optional CPU offload). Both save the weights in the same HF/PEFT layout (`model/`), so
+export does not care which one trained them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
 class DDPEngine:
     """One worker's share of a data-parallel run; gradients are averaged by DDP."""
 
+    saves_on_every_rank = False  # every rank holds the same state: rank 0 writes it
+
     def __init__(self, model: Any, config: JobConfig, total_steps: int):
         import ray.train.torch
 
@@ -49,12 +53,10 @@ class DDPEngine:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean loss over the batch's target tokens; attention stays inside packed examples."""
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            return self.model(input_ids=batch["input_ids"], labels=batch["labels"],
-                              position_ids=batch["position_ids"], use_cache=False).loss
+            return causal_lm_loss(self.model, batch)
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
         """Forward and backward of one micro batch; gradients are all-reduced only if `sync`."""
@@ -78,20 +80,13 @@ class DDPEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    @torch.no_grad()
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        """(sum of token losses, number of target tokens) of one batch."""
-        self.model.eval()
-        loss = self.forward_loss(batch)
-        self.model.train()
-        targets = int((batch["labels"][:, 1:] != -100).sum())
-        return loss.item() * targets, targets
+        return eval_loss_sum(self.model, self.forward_loss, batch)
 
-    def save(self, folder: Path) -> None:
-        """Weights (adapter or full model, safetensors) and optimizer/scheduler state.
-
-        Called on rank 0 only: with DDP every rank holds the same state.
-        """
+    def save(self, folder: Path, rank: int) -> None:
+        """Weights (adapter or full model, safetensors) and optimizer/scheduler state."""
+        if rank != 0:
+            return
         self.module.save_pretrained(folder / "model", safe_serialization=True)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    folder / TRAINER_STATE)
@@ -106,5 +101,26 @@ class DDPEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_engine(model: Any, config: JobConfig, total_steps: int) -> DDPEngine:
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean loss over the batch's target tokens; attention stays inside packed examples
+    (no attention mask + restarting position ids, see `ft_ray.data.tokenize`)."""
+    return model(input_ids=batch["input_ids"], labels=batch["labels"],
+                 position_ids=batch["position_ids"], use_cache=False).loss
+
+
+@torch.no_grad()
+def eval_loss_sum(model: Any, forward_loss, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(sum of token losses, number of target tokens) of one batch."""
+    model.eval()
+    loss = forward_loss(batch)
+    model.train()
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    return loss.item() * targets, targets
+
+
+def build_engine(model: Any, config: JobConfig, total_steps: int) -> Any:
+    if config.distributed.strategy == "deepspeed":
+        from ft_ray.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, config, total_steps)
     return DDPEngine(model, config, total_steps)

@@ -10,7 +10,6 @@ straight to `metrics.jsonl` / W&B from rank 0. Every rank reports on the same st
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro batches of this epoch already consumed
     train_tokens: int = 0
     eval_loss_initial: float | None = None
+    world_size: int = 1  # of the run that wrote the checkpoint
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -56,10 +56,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not config.distributed.use_gpu:
         torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))
 
-    engine = build_engine(build_model(config, loop_config["base_model_path"]), config, plan.total_steps)
-    state = restore(engine)
-    tracker = Tracker(config, RunFolder.for_job(config), state.step if state.step else None,
+    model = build_model(config, loop_config["base_model_path"])
+    throughput = Throughput(config, model, ray.train.get_context().get_world_size())
+    engine = build_engine(model, config, plan.total_steps)
+    state, resumed_from = restore(engine)
+    tracker = Tracker(config, RunFolder.for_job(config), state.step if resumed_from else None,
                       enabled=rank == 0, total_steps=plan.total_steps)
+    if resumed_from:
+        tracker.log({"step": state.step, "resumed_from": resumed_from})
     eval_shard = ray.train.get_dataset_shard("eval")
 
     if state.step == 0:
@@ -68,7 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"step": 0, "eval_loss": state.eval_loss_initial})
 
     accumulation = config.train.gradient_accumulation
-    window = Window()
+    window = Window(throughput)
     micro = 0
     train_batches = batches(ray.train.get_dataset_shard("train"), config, plan, state)
     for batch in (train_batches if state.step < plan.total_steps else ()):
@@ -98,11 +102,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
-    """The base model, wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import apply_lora, load_base_model
+    """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
+    from ft_ray.models import apply_lora, load_base_model, load_quantized_model
 
-    model = load_base_model(config.model)
-    if config.method == "lora":
+    if config.method == "qlora":
+        model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing)
+    else:
+        model = load_base_model(config.model)
+        if config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
+    if config.method in ("lora", "qlora"):
         model = apply_lora(model, config.lora, base_model_path)
     model.config.use_cache = False
     return model
@@ -129,10 +139,29 @@ def batches(shard: Any, config: JobConfig, plan: StepPlan, state: TrainState) ->
         state.batch_in_epoch = 0
 
 
+class Throughput:
+    """Tokens/s per worker and MFU from the model's FLOPs per token and the device peak."""
+
+    def __init__(self, config: JobConfig, model: Any, world_size: int):
+        from ft_ray.train.flops import flops_per_token, peak_flops
+
+        self.world_size = world_size
+        self.flops_per_token = flops_per_token(model, config.method, config.model.max_seq_len)
+        self.peak = peak_flops(config.train.peak_tflops, config.distributed.use_gpu, config.train.precision)
+
+    def figures(self, tokens_per_s: float) -> dict[str, float]:
+        per_worker = tokens_per_s / self.world_size
+        figures = {"tokens_per_s_per_worker": per_worker}
+        if self.peak:
+            figures["mfu"] = per_worker * self.flops_per_token / self.peak
+        return figures
+
+
 class Window:
     """Loss and token counts since the last log line, summed over all workers when read."""
 
-    def __init__(self):
+    def __init__(self, throughput: Throughput):
+        self.throughput = throughput
         self.reset()
 
     def reset(self) -> None:
@@ -148,7 +177,8 @@ class Window:
         elapsed = max(1e-9, time.monotonic() - self.started)
         self.reset()
         return {"step": step, "loss": loss_sum / max(1, micro_batches), "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(tokens), "tokens_per_s": tokens / elapsed}
+                "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
+                **self.throughput.figures(tokens / elapsed)}
 
 
 def evaluate(engine: Any, shard: Any, config: JobConfig) -> float:
@@ -181,24 +211,47 @@ def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool,
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        folder = Path(tmp)
+        engine.save(folder, rank)  # a collective for sharded engines: every rank calls it
         if rank == 0:
-            folder = Path(tmp)
-            engine.save(folder)
+            state.world_size = ray.train.get_context().get_world_size()
             (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        attach = rank == 0 or engine.saves_on_every_rank  # Ray merges every rank's files into one folder
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if attach else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
 
 
-def restore(engine: Any) -> TrainState:
-    """Load the latest checkpoint of this run, if there is one (Ray finds it in storage)."""
+def check_world_size(engine: Any, state: TrainState, world_size: int, where: str) -> None:
+    """Sharded (ZeRO) state cannot be loaded by a different number of workers.
+
+    Raises:
+        RuntimeError: saying which worker count the checkpoint needs and how to go on.
+    """
+    if engine.saves_on_every_rank and getattr(engine, "zero_stage", 0) > 0 and state.world_size != world_size:
+        raise RuntimeError(
+            f"{where} holds ZeRO shards of {state.world_size} workers; this run has {world_size}. "
+            f"Resume with distributed.num_workers={state.world_size}, or start a new run_name from the "
+            f"exported weights (ft-ray export {where} --out DIR, then model.name_or_path: DIR).")
+
+
+def restore(engine: Any) -> tuple[TrainState, str | None]:
+    """Load the latest checkpoint of this run, if there is one (Ray finds it in storage).
+
+    Returns:
+        (the state to continue from, the checkpoint's path or None for a fresh start).
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainState()
+        return TrainState(), None
+    world_size = ray.train.get_context().get_world_size()
     with checkpoint.as_directory() as folder:
-        engine.load(Path(folder))
         state = TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
-    print(f"[ft-ray] resumed from {checkpoint.path} at step {state.step}", file=sys.__stdout__, flush=True)
-    return state
+        check_world_size(engine, state, world_size, checkpoint.path)
+        engine.load(Path(folder))
+    if state.world_size != world_size:
+        # Shards differ with the worker count: keep the share of the epoch already seen.
+        state.batch_in_epoch = state.batch_in_epoch * state.world_size // world_size
+        state.world_size = world_size
+    return state, checkpoint.path

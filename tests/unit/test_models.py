@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ft_ray.config import LoraConfig, ModelConfig
-from ft_ray.models import apply_lora, count_parameters, load_base_model, load_tokenizer, save_base_model
+from ft_ray.models import (apply_lora, count_parameters, load_base_model, load_quantized_model, load_tokenizer,
+                           save_base_model)
 
 
 def test_builtin_model_and_tokenizer_load_offline():
@@ -46,3 +47,25 @@ def test_lora_trains_only_adapter_weights():
     counts = count_parameters(model)
     assert counts["trainable"] < counts["total"] / 10
     assert model.peft_config["default"].base_model_name_or_path == "/models/base"
+
+
+def test_qlora_base_is_4bit_and_only_adapters_change():
+    import bitsandbytes as bnb
+
+    from ft_ray.config import QuantizationConfig
+
+    model = load_quantized_model(ModelConfig(), QuantizationConfig(compute_dtype="float32"), gradient_checkpointing=False)
+    model = apply_lora(model, LoraConfig(rank=4), base_model_path="/models/base")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(after[n], p) for n, p in adapters.items())

@@ -1,0 +1,140 @@
+"""DeepSpeed ZeRO (stages 0-3, optional CPU offload) behind the engine interface.
+
+The DeepSpeed JSON is generated from the job (`deepspeed_config`), so batch sizes,
+precision, optimizer and schedule can never disagree with the rest of the config;
+`distributed.deepspeed.config_override` is merged last for expert settings.
+
+Checkpoints: every rank writes its own ZeRO shard (a rank-0-only save hangs, as the save
+is a collective) and reports it; Ray Train gathers all ranks' files into one checkpoint
+folder. Weights for export are gathered parameter by parameter into the HF/PEFT layout
+(`model/`), so a ZeRO-3 run exports like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ft_ray.config import JobConfig
+from ft_ray.train.engines import causal_lm_loss, eval_loss_sum, warmup_cosine
+
+DS_FOLDER, DS_TAG = "deepspeed", "state"
+
+
+def deepspeed_config(config: JobConfig, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed JSON of a job: batch sizes, precision, ZeRO, optimizer.
+
+    The learning-rate schedule is not in it: DeepSpeed's WarmupCosineLR trains its first
+    step at lr 0, so both engines share `engines.warmup_cosine`, handed to DeepSpeed as a
+    client scheduler (saved and restored with its checkpoints all the same).
+    """
+    train, dist = config.train, config.distributed
+    ds = dist.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": True}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": dist.use_gpu}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.offload_params != "none":
+            zero["offload_param"] = {"device": ds.offload_params, "pin_memory": dist.use_gpu}
+    optimizer_params: dict[str, Any] = {"lr": train.learning_rate, "weight_decay": train.weight_decay,
+                                        "betas": [0.9, 0.999], "eps": 1e-8}
+    if not dist.use_gpu and ds.offload_optimizer == "none":
+        optimizer_params["torch_adam"] = True  # FusedAdam is CUDA-only
+    generated = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation * dist.num_workers,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    return merge(generated, ds.config_override)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` merged into a copy of `base`, nested dicts key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+class DeepSpeedEngine:
+    """One worker's DeepSpeed engine; gradient accumulation and clipping happen inside it."""
+
+    saves_on_every_rank = True
+
+    def __init__(self, model: Any, config: JobConfig, total_steps: int):
+        import deepspeed
+
+        self.module = model
+        self.zero_stage = config.distributed.deepspeed.stage
+        self.lora = config.method in ("lora", "qlora")
+        params = [p for p in model.parameters() if p.requires_grad]
+        warmup = min(config.train.warmup_steps, total_steps // 2)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=deepspeed_config(config, total_steps),
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+                optimizer, warmup_cosine(warmup, total_steps)),
+            dist_init_required=False)
+        self.device = self.engine.device
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss(self.engine, batch)
+
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
+        """Forward, backward and DeepSpeed's step (it updates only at accumulation boundaries,
+        and scales the loss by 1/accumulation itself, so `scale` is not applied)."""
+        loss = self.forward_loss(batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    def step(self) -> float:
+        """The update already happened in `micro_step`; returns its gradient norm."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        return eval_loss_sum(self.engine, self.forward_loss, batch)
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Every rank: its ZeRO shard (optimizer, scheduler, partitioned weights); rank 0 also
+        the gathered weights as an adapter or HF model in safetensors."""
+        self.engine.save_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG)
+        state = self.gathered_state_dict(rank)
+        if rank == 0:
+            self.module.save_pretrained(folder / "model", state_dict=state, safe_serialization=True)
+
+    def gathered_state_dict(self, rank: int) -> dict[str, torch.Tensor]:
+        """Full weights (adapter weights only for LoRA) on rank 0, one parameter at a time,
+        so no rank ever holds a whole ZeRO-3 model twice. A collective: all ranks call it."""
+        import deepspeed
+
+        state = {}
+        for name, param in self.module.named_parameters():
+            if self.lora and not param.requires_grad:
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=self.zero_stage == 3):
+                if rank == 0:
+                    state[name] = param.detach().to("cpu", copy=True)
+        return state  # PEFT's save_pretrained picks the adapter keys out of it
+
+    def load(self, folder: Path) -> None:
+        """Restore weights, optimizer and scheduler from every rank's shard."""
+        path, _ = self.engine.load_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{folder}: no DeepSpeed checkpoint to resume from")
