@@ -152,6 +152,11 @@ class JobConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig | None = None
 
+    @property
+    def trains_adapter(self) -> bool:
+        """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
+        return self.method in ("lora", "qlora")
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "JobConfig":
         problems = impossible_combinations(self)

@@ -77,7 +77,7 @@ class DeepSpeedEngine:
 
         self.module = model
         self.zero_stage = config.distributed.deepspeed.stage
-        self.lora = config.method in ("lora", "qlora")
+        self.lora = config.trains_adapter
         params = [p for p in model.parameters() if p.requires_grad]
         warmup = min(config.train.warmup_steps, total_steps // 2)
         self.engine, _, _, _ = deepspeed.initialize(

@@ -112,7 +112,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
-    if config.method in ("lora", "qlora"):
+    if config.trains_adapter:
         model = apply_lora(model, config.lora, base_model_path)
     model.config.use_cache = False
     return model

@@ -122,7 +122,7 @@ def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, 
     train_lines = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
     best = _best_checkpoint(result)
-    weights_dir = "adapter" if config.method == "lora" else "model"
+    weights_dir = "adapter" if config.trains_adapter else "model"
     exported = None
     if best and run.is_local:
         exported = str(export_checkpoint(Path(best), run.local_path(weights_dir)))
@@ -142,8 +142,8 @@ def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, 
         "tokens_per_second": statistics.median(speeds) if speeds else None,
         "best_checkpoint": best,
         "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "adapter_path": exported if config.method == "lora" else None,
-        "model_path": exported if config.method != "lora" else None,
+        "adapter_path": exported if config.trains_adapter else None,
+        "model_path": None if config.trains_adapter else exported,
         "data": asdict(stats),
         "wall_time_s": round(wall_s, 1),
     }

@@ -88,3 +88,22 @@ def test_qlora_trains_adapters_over_a_4bit_base(ray_local, tmp_path, strategy):
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype in (torch.float32, torch.bfloat16)
     assert any("mfu" not in m and "tokens_per_s_per_worker" in m for m in metrics(Path(summary["best_checkpoint"]).parent))
+
+
+def test_lora_with_zero3_and_cpu_offload_exports_an_adapter(ray_local, tmp_path):
+    config = load_config(write_job(
+        tmp_path, run_name="lora-zero3-offload", method="lora",
+        distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
+        train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "peak_tflops": 1.0}))
+    summary = run_training(config)
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    logged = [m for m in metrics(Path(summary["best_checkpoint"]).parent) if "loss" in m]
+    assert all(0 < m["mfu"] < 1 and m["tokens_per_s_per_worker"] > 0 for m in logged)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(summary["adapter_path"])
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init

@@ -1,0 +1,67 @@
+"""The DeepSpeed JSON is generated from the job, so the two cannot disagree."""
+
+import pytest
+
+from ft_ray.config import ConfigError, config_from_dict
+from ft_ray.train.deepspeed_engine import deepspeed_config
+
+
+def job(**sections):
+    raw = {"data": {"train": "x.jsonl"}, "method": "full", "distributed": {"strategy": "deepspeed"}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(raw)
+
+
+def test_batch_sizes_precision_optimizer_follow_the_job():
+    config = job(train={"micro_batch_size": 3, "gradient_accumulation": 5, "learning_rate": 1e-4,
+                        "precision": "bf16", "max_grad_norm": 0.5},
+                 distributed={"strategy": "deepspeed", "num_workers": 4, "deepspeed": {"stage": 3}})
+    ds = deepspeed_config(config, total_steps=100)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_cpu_offload_and_torch_adam_on_cpu():
+    offloaded = deepspeed_config(job(distributed={"strategy": "deepspeed", "deepspeed": {
+        "stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}}), 10)
+    assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offloaded["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeedCPUAdam does the offloaded step
+    plain_cpu = deepspeed_config(job(), 10)
+    assert plain_cpu["optimizer"]["params"]["torch_adam"] is True  # FusedAdam needs CUDA
+
+
+def test_config_override_is_merged_key_by_key():
+    config = job(distributed={"strategy": "deepspeed", "deepspeed": {"config_override": {
+        "zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}}})
+    ds = deepspeed_config(config, 10)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["stage"] == 2  # generated keys beside the override survive
+    assert ds["steps_per_print"] == 5
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"method": "qlora", "distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 3}}},
+     "quantization.quant_storage: qlora with ZeRO-3 needs a float storage dtype"),
+    ({"distributed": {"strategy": "ddp", "deepspeed": {"offload_optimizer": "cpu"}}},
+     "CPU offload needs distributed.strategy: deepspeed"),
+    ({"distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 2, "offload_params": "cpu"}}},
+     "offload_params: needs stage 3 \\(stage is 2\\)"),
+    ({"train": {"precision": "fp16"}}, "fp16 needs a GPU"),
+])
+def test_impossible_combinations_fail_at_validation(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        job(**sections)
+
+
+def test_qlora_zero3_with_float_storage_is_allowed():
+    config = job(method="qlora", quantization={"quant_storage": "bfloat16"},
+                 distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3}})
+    assert config.quantization.quant_storage == "bfloat16"
