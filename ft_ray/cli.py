@@ -91,7 +91,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
-          f"{config.distributed.num_workers} workers)")
+          f"workers {config.distributed.num_workers})")
     if args.offline:
         return 0
     report = validate_data(config)

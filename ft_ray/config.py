@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -79,10 +79,28 @@ class QuantizationConfig(Section):
 
 
 class DistributedConfig(Section):
-    num_workers: int = Field(2, gt=0)
+    num_workers: int | tuple[int, int] = Field(2, description=(
+        "training workers, or [min, max] for an elastic run that starts with what the cluster has "
+        "and grows or shrinks on restarts (DDP or ZeRO stage 0: sharded state is tied to the count)"))
     use_gpu: bool = False
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how workers share the work")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _positive_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"must be a count >= 1 or a range [min, max] with 1 <= min <= max, got {value}")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs each training worker holds")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint before giving up")
     timeout_s: int = Field(1800, gt=0, description="collective timeout; a dead peer becomes a failure, not a hang")
@@ -174,6 +192,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     offloading = ds.offload_optimizer != "none" or ds.offload_params != "none"
     if offloading and dist.strategy != "deepspeed":
         problems.append("distributed.deepspeed.offload_*: CPU offload needs distributed.strategy: deepspeed")
+    if dist.elastic and dist.strategy == "deepspeed" and ds.stage > 0:
+        problems.append(f"distributed.num_workers: an elastic range needs strategy ddp or ZeRO stage 0; ZeRO-{ds.stage} "
+                        "shards are tied to the worker count (set a fixed num_workers)")
     if ds.offload_params != "none" and ds.stage != 3:
         problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
     if job.method == "qlora" and dist.strategy == "deepspeed" and ds.stage == 3 and job.quantization.quant_storage == "uint8":

@@ -47,7 +47,6 @@ def deepspeed_config(config: JobConfig, total_steps: int) -> dict[str, Any]:
     generated = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation,
-        "train_batch_size": train.micro_batch_size * train.gradient_accumulation * dist.num_workers,
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
@@ -56,6 +55,8 @@ def deepspeed_config(config: JobConfig, total_steps: int) -> dict[str, Any]:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if not dist.elastic:  # with a worker range DeepSpeed derives it from the actual world size
+        generated["train_batch_size"] = train.micro_batch_size * train.gradient_accumulation * dist.max_workers
     return merge(generated, ds.config_override)
 
 

@@ -34,7 +34,7 @@ def connect_ray(config: JobConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    needed = math.ceil(config.distributed.num_workers * config.distributed.cpus_per_worker) + 2
+    needed = math.ceil(config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
              log_to_driver=True)
 
@@ -45,7 +45,7 @@ def plan_steps(config: JobConfig, train_sequences: int) -> StepPlan:
     Raises:
         DataError: fewer packed sequences than workers.
     """
-    workers = config.distributed.num_workers
+    workers = config.distributed.max_workers  # elastic: planned for the most workers (fewer see less data)
     per_worker = train_sequences // workers  # Ray splits datasets equally across workers
     if per_worker == 0:
         raise DataError(f"only {train_sequences} packed training sequences for {workers} workers: "
@@ -89,14 +89,15 @@ def run_training(config: JobConfig) -> dict[str, Any]:
     print(f"[ft-ray] data: {stats.train_examples} train / {stats.eval_examples} eval examples, "
           f"{stats.records_rejected} rejected, {stats.train_sequences} packed sequences "
           f"(packing efficiency {stats.packing_efficiency:.0%}); {plan.total_steps} steps on "
-          f"{config.distributed.num_workers} workers", flush=True)
+          f"{_workers(config)} workers", flush=True)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": config.model_dump(mode="json"), "plan": asdict(plan),
                            "base_model_path": base_path},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
+            num_workers=tuple(config.distributed.num_workers) if config.distributed.elastic
+            else config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
             resources_per_worker={"CPU": config.distributed.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=config.run_name, storage_path=storage_path, storage_filesystem=fs,
@@ -111,6 +112,11 @@ def run_training(config: JobConfig) -> dict[str, Any]:
     summary = summarize(config, run, result, stats, plan, time.monotonic() - started)
     run.write_json("summary.json", summary)
     return summary
+
+
+def _workers(config: JobConfig) -> str:
+    low_high = config.distributed.num_workers
+    return f"{low_high[0]}-{low_high[1]}" if config.distributed.elastic else str(low_high)
 
 
 def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, plan: StepPlan,

@@ -37,7 +37,8 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen) ->
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
-    job = write_job(tmp_path, run_name="resume", train={
+    # An elastic worker range: Ray Train starts with what the cluster has (2 workers here).
+    job = write_job(tmp_path, run_name="resume", distributed={"num_workers": [1, 2]}, train={
         "max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "eval_every": CHECKPOINT_EVERY})
     run = tmp_path / "runs" / "resume"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

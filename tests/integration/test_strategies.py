@@ -60,6 +60,13 @@ def test_zero_full_fine_tune_checkpoints_every_rank_and_resumes(ray_local, tmp_p
     assert all(t.numel() > 0 for t in weights.values())  # consolidated, not ZeRO-3 placeholders
 
 
+def test_zero1_full_fine_tune_trains_and_saves_both_shards(ray_local, tmp_path):
+    summary = run_training(zero_job(tmp_path, 1, "zero1", max_steps=2))
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    shards = list(Path(summary["best_checkpoint"]).glob("deepspeed/state/*optim_states.pt"))
+    assert len(shards) == 2
+
+
 def test_zero3_checkpoint_refuses_another_worker_count(ray_local, tmp_path):
     config = zero_job(tmp_path, 3, "zero3-resize", max_steps=2)
     run_training(config)

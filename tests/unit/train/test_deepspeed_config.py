@@ -65,3 +65,25 @@ def test_qlora_zero3_with_float_storage_is_allowed():
     config = job(method="qlora", quantization={"quant_storage": "bfloat16"},
                  distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3}})
     assert config.quantization.quant_storage == "bfloat16"
+
+
+def test_elastic_worker_range_for_ddp_and_not_for_sharded_zero():
+    elastic = job(method="lora", distributed={"strategy": "ddp", "num_workers": [2, 8]})
+    assert elastic.distributed.elastic and elastic.distributed.max_workers == 8
+    with pytest.raises(ConfigError, match="elastic range needs strategy ddp or ZeRO stage 0"):
+        job(distributed={"strategy": "deepspeed", "num_workers": [2, 8], "deepspeed": {"stage": 2}})
+    stage0 = job(distributed={"strategy": "deepspeed", "num_workers": [2, 8], "deepspeed": {"stage": 0}})
+    assert "train_batch_size" not in deepspeed_config(stage0, 10)
+    with pytest.raises(ConfigError, match=r"range \[min, max\] with 1 <= min <= max, got \(8, 2\)"):
+        job(distributed={"num_workers": [8, 2]})
+
+
+def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
+    from ft_ray.train.trainer import plan_steps
+
+    config = job(method="lora", distributed={"strategy": "ddp", "num_workers": [1, 4]},
+                 train={"micro_batch_size": 2, "gradient_accumulation": 2, "epochs": 3})
+    plan = plan_steps(config, train_sequences=40)  # 10 per worker -> 5 micro batches per epoch
+    assert plan.batches_per_epoch == 5 and plan.total_steps == 3 * 5 // 2
+    config.train.max_steps = 7
+    assert plan_steps(config, 40).total_steps == 7
