@@ -1,0 +1,38 @@
+"""The embedded default (`make demo`) end to end: exact output files, a golden initial eval
+loss, and the promised improvement (eval loss at least 30% lower)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ft_ray.cli import main
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The base model and the eval set are fixed, so the loss before training is too.
+GOLDEN_INITIAL_EVAL_LOSS = 5.1489
+
+
+def test_demo_config_fine_tunes_the_house_style(ray_local, tmp_path, capsys):
+    code = main(["train", str(REPO / "configs" / "tiny-cpu.yaml"), "--set", f"storage.path={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    run = tmp_path / "tiny-cpu"
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml", "metrics.jsonl", "summary.json", "samples.json", "adapter", "base_model",
+        "checkpoint-000100", "checkpoint_manager_snapshot.json"}
+    assert {p.name for p in (run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                             "tokenizer.json"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 100
+    assert summary["eval_loss_initial"] == pytest.approx(GOLDEN_INITIAL_EVAL_LOSS, abs=2e-3)
+    assert summary["eval_loss_final"] <= 0.7 * summary["eval_loss_initial"]
+    assert f"summary: {run}/summary.json" in out
+    assert "eval loss 5.1489 before" in out
+    [sample] = json.loads((run / "samples.json").read_text())
+    assert sample["variant"].startswith("Hi ") and "Northwind team" in sample["variant"]
+    assert "Northwind team" not in sample["base"]  # the base model does not know the house style
