@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="folder to write")
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     export.set_defaults(handler=cmd_export)
+    submit = commands.add_parser("submit", help="run a job file on a Ray cluster (Ray Jobs API)")
+    _config_args(submit)
+    submit.add_argument("--address", help="dashboard URL, e.g. http://head:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--tune", action="store_true", help="run `ft-ray tune` instead of `ft-ray train`")
+    submit.add_argument("--working-dir", type=Path, default=Path("."), help="folder uploaded with the job")
+    submit.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
+    submit.add_argument("--in-place", action="store_true",
+                        help="no upload: the working dir is at the same path on every node (shared mount, image)")
+    submit.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's outcome")
+    submit.set_defaults(handler=cmd_submit)
     return parser
 
 
@@ -98,6 +108,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(json.dumps(report["counts"]))
     for line in report["lines"]:
         print(line)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ft_ray.submit import submit
+
+    _, status = submit(args.config, args.address, args.overrides, tune=args.tune, working_dir=args.working_dir,
+                       pip=args.pip or None, wait=args.wait, in_place=args.in_place)
+    if args.wait:
+        print(f"job {status}")
+        return 0 if status.endswith("SUCCEEDED") else EXIT_FAILED
     return 0
 
 

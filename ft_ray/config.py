@@ -102,6 +102,8 @@ class DistributedConfig(Section):
     def elastic(self) -> bool:
         return not isinstance(self.num_workers, int)
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs each training worker holds")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="PACK fills nodes (fast collectives); SPREAD puts workers on different nodes")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint before giving up")
     timeout_s: int = Field(1800, gt=0, description="collective timeout; a dead peer becomes a failure, not a hang")
 

@@ -29,7 +29,9 @@ class Tracker:
             return
         self.metrics.log(record)
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            if numbers:
+                self.wandb_run.log(numbers, step=record["step"])
         # Ray Train tees print() to its logger and to stdout (each line twice); the raw
         # stream reaches the driver once.
         print(self._progress_line(record), file=sys.__stdout__, flush=True)

@@ -62,13 +62,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state, resumed_from = restore(engine)
     tracker = Tracker(config, RunFolder.for_job(config), state.step if resumed_from else None,
                       enabled=rank == 0, total_steps=plan.total_steps)
+    nodes = worker_nodes()  # which machines ran this run, logged for the record
     if resumed_from:
-        tracker.log({"step": state.step, "resumed_from": resumed_from})
+        tracker.log({"step": state.step, "resumed_from": resumed_from, "worker_nodes": nodes})
     eval_shard = ray.train.get_dataset_shard("eval")
 
     if state.step == 0:
         state.eval_loss_initial = evaluate(engine, eval_shard, config)
-        tracker.log({"step": 0, "eval_loss": state.eval_loss_initial})
+        tracker.log({"step": 0, "eval_loss": state.eval_loss_initial, "worker_nodes": nodes})
         ray.train.report({"step": 0, "eval_loss": state.eval_loss_initial})
 
     accumulation = config.train.gradient_accumulation
@@ -189,6 +190,19 @@ def evaluate(engine: Any, shard: Any, config: JobConfig) -> float:
         loss_sum, targets = loss_sum + batch_loss, targets + batch_targets
     loss_sum, targets = all_reduce_sum([loss_sum, targets])
     return loss_sum / max(1, targets)
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
