@@ -4,7 +4,6 @@ LoRA wrapping. Runs without Ray, so it can be tested and benchmarked on its own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +118,3 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) 
                              eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

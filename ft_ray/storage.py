@@ -70,28 +70,6 @@ class RunFolder:
         except (FileNotFoundError, OSError):
             return None
 
-    def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
-
-    def checkpoints(self) -> list[str]:
-        """Names of the checkpoint folders, oldest first."""
-        selector = pafs.FileSelector(self.root, allow_not_found=True)
-        names = [info.base_name for info in self.fs.get_file_info(selector)
-                 if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint-")]
-        return sorted(names)
-
-    def download(self, name: str, destination: Path) -> Path:
-        """Copy a file or folder of the run to a local path (a no-op copy for local runs)."""
-        destination.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self.path(name), str(destination), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        return destination
-
-    def upload(self, local: Path, name: str) -> str:
-        pafs.copy_files(str(local), self.path(name), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
-        return self.path(name)
-
 
 class MetricsLog:
     """`metrics.jsonl`, one JSON object per line, written by rank 0 only.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def training_texts() -> list[str]:
     return texts
 
 
-def pretrain(tokenizer) -> "torch.nn.Module":
+def pretrain(tokenizer) -> Any:
     """Causal-LM training from a seeded init on the generic records, packed, full weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

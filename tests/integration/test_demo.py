@@ -4,7 +4,6 @@ loss, and the promised improvement (eval loss at least 30% lower)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -4,8 +4,6 @@ bitsandbytes 4-bit, 2 Ray workers each."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from ft_ray.cli import main
 from ft_ray.config import load_config
