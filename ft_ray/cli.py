@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.set_defaults(handler=cmd_train)
 
+    prepare = commands.add_parser("prepare", help="tokenize and pack the job's data to Parquet in storage "
+                                                  "(later runs with the same data skip this)")
+    _config_args(prepare)
+    prepare.set_defaults(handler=cmd_prepare)
+
     validate = commands.add_parser("validate", help="check a job file and peek at its data")
     _config_args(validate)
     validate.add_argument("--offline", action="store_true", help="check the config only; skip what needs data or network")
@@ -94,6 +99,19 @@ def _print_samples(config: JobConfig, summary: dict) -> None:
         print("[ft-ray] prompt:\n" + sample["prompt"].rstrip())
         print("[ft-ray] base model says:\n" + sample["base"].strip())
         print("[ft-ray] fine-tuned variant says:\n" + sample["variant"].strip())
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ft_ray.data.pipeline import stats_table
+    from ft_ray.data.prepared import prepare
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.trainer import connect_ray
+
+    config = load_config(args.config, args.overrides)
+    connect_ray(config)
+    _, stats, where = prepare(config, load_tokenizer(config.model))
+    print(f"[ft-ray] prepared data at {where}:\n{stats_table(stats)}")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

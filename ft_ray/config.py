@@ -38,14 +38,46 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
+FormatName = Literal["auto", "text", "instruction", "chat", "completion"]
+
+
+class SourceConfig(Section):
+    path: str = Field(..., description="file, folder, glob or s3:// prefix (.jsonl[.gz], .json, .parquet, .txt)")
+    weight: float = Field(1.0, gt=0, description="2 = every example twice, 0.5 = a stable half of them")
+    format: FormatName | None = Field(None, description="default: data.format")
+    fields: dict[str, str] = Field(default_factory=dict, description="default: data.fields")
+
+
 class DataConfig(Section):
-    train: str = Field(..., description="JSONL file, folder or glob of training records")
-    eval: str | None = Field(None, description="held-out JSONL; default: split eval_fraction off train")
+    train: str | None = Field(None, description="training records: file, folder, glob or s3:// prefix")
+    sources: list[SourceConfig] = Field(default_factory=list, description="several weighted sources instead of train")
+    eval: str | None = Field(None, description="held-out records; default: split eval_fraction off train")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of train records held out when eval is unset")
-    format: Literal["auto", "text", "instruction", "chat", "completion"] = "auto"
+    format: FormatName = Field("auto", description="auto: chosen per source from its first records")
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="ft-ray's field name -> your column, e.g. {instruction: question}")
     pack: bool = Field(True, description="pack several records per sequence (attention stays within a record)")
     shuffle_seed: int | None = Field(None, description="seed of the record shuffle; default train.seed")
     max_rejected_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more records are bad")
+    max_record_tokens: int | None = Field(None, gt=0, description="longest record kept whole; default model.max_seq_len")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to longer records")
+    prepared: str | None = Field(None, description="tokenized+packed Parquet (ft-ray prepare); "
+                                                   "default <storage.path>/prepared/<fingerprint>")
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sources(self) -> "DataConfig":
+        if bool(self.train) == bool(self.sources):
+            raise ValueError("set either data.train (one source) or data.sources (a list of {path, weight})")
+        return self
+
+    def all_sources(self) -> list[SourceConfig]:
+        """The training sources, each with its own format and field mapping filled in."""
+        listed = self.sources or [SourceConfig(path=self.train)]
+        return [s.model_copy(update={"format": s.format or self.format, "fields": s.fields or self.fields})
+                for s in listed]
+
+    def eval_source(self) -> SourceConfig | None:
+        return SourceConfig(path=self.eval, format=self.format, fields=self.fields) if self.eval else None
 
 
 class LoraConfig(Section):
@@ -121,6 +153,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in storage")
     log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl lines")
+    trace_samples: bool = Field(False, description="write the packed-sequence ids each rank consumed per step "
+                                                   "to samples-rank<N>.jsonl (audits determinism and resume)")
     seed: int = 42
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
@@ -274,7 +308,12 @@ def parse_scalar(value: str) -> Any:
 def resolve_paths(config: JobConfig) -> JobConfig:
     """Make local paths absolute (relative ones are read from the current directory), so
     Ray tasks and workers, which run elsewhere, read the same files."""
-    config.data.train = _absolute(config.data.train)
+    if config.data.train:
+        config.data.train = _absolute(config.data.train)
+    for source in config.data.sources:
+        source.path = _absolute(source.path)
+    if config.data.prepared:
+        config.data.prepared = _absolute(config.data.prepared)
     if config.data.eval:
         config.data.eval = _absolute(config.data.eval)
     config.storage.path = _absolute(config.storage.path)

@@ -11,29 +11,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ft_ray.config import JobConfig
-from ft_ray.data.formats import RecordError, detect_format, record_segments
-from ft_ray.data.pipeline import eval_bucket, list_files
+from ft_ray.data.formats import RecordError, detect_format, map_fields, record_segments
+from ft_ray.data.pipeline import eval_bucket
+from ft_ray.data.sources import read_records
 
 
 def held_out_records(config: JobConfig, limit: int) -> Iterator[dict]:
-    """The first `limit` usable eval records, read line by line (never the whole file)."""
+    """The first `limit` usable eval records, read record by record (never the whole file)."""
     data = config.data
-    source, key = (data.eval, "data.eval") if data.eval else (data.train, "data.train")
+    source = data.eval_source() or data.all_sources()[0]
     found = 0
-    for path in list_files(source, key):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if found >= limit:
-                    return
-                if not line.strip() or (not data.eval and eval_bucket(line.rstrip("\n")) >= data.eval_fraction):
-                    continue
-                try:
-                    record = json.loads(line)
-                    detect_format(record)
-                except (json.JSONDecodeError, RecordError):
-                    continue
-                found += 1
-                yield record
+    for _, _, text, error in read_records(source.path, config.storage, "data.eval" if data.eval else "data.train"):
+        if found >= limit:
+            return
+        if error or (not data.eval and eval_bucket(text) >= data.eval_fraction):
+            continue
+        try:
+            record = map_fields(json.loads(text), source.fields)
+            detect_format(record)
+        except (json.JSONDecodeError, RecordError):
+            continue
+        found += 1
+        yield record
 
 
 def split_prompt(record: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:

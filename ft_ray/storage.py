@@ -8,6 +8,7 @@ come from the environment (AWS_*), never from the job file.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,16 @@ from ft_ray.config import JobConfig, StorageConfig
 
 def filesystem(storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """The filesystem of `storage.path` and the path inside it."""
-    path = storage.path
+    return filesystem_for(storage.path, storage)
+
+
+def filesystem_for(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of any local path or s3:// URI (data sources, prepared data) and the
+    path inside it; S3 uses the endpoint and region of the storage section."""
     if path.startswith("s3://"):
-        fs = pafs.S3FileSystem(endpoint_override=storage.endpoint_url, region=storage.region or "us-east-1",
-                               scheme="http" if (storage.endpoint_url or "").startswith("http://") else "https")
+        endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # the standard AWS variable
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=storage.region or "us-east-1",
+                               scheme="http" if (endpoint or "").startswith("http://") else "https")
         return fs, path[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(path).absolute())
 
@@ -79,11 +86,11 @@ class MetricsLog:
     are dropped, so a step never appears twice.
     """
 
-    def __init__(self, run: RunFolder, resume_step: int | None, enabled: bool):
-        self.run, self.enabled = run, enabled
+    def __init__(self, run: RunFolder, resume_step: int | None, enabled: bool, name: str = "metrics.jsonl"):
+        self.run, self.enabled, self.name = run, enabled, name
         self.lines: list[str] = []
         if enabled and resume_step is not None:
-            previous = run.read_text("metrics.jsonl") or ""
+            previous = run.read_text(name) or ""
             self.lines = [line for line in previous.splitlines()
                           if line and json.loads(line).get("step", 0) <= resume_step]
         if enabled:
@@ -95,12 +102,12 @@ class MetricsLog:
         line = json.dumps(record)
         self.lines.append(line)
         if self.run.is_local:  # appending keeps a long run's log cheap; object stores get it on flush
-            with open(self.run.local_path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            with open(self.run.local_path(self.name), "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
     def flush(self) -> None:
         if self.enabled:
-            self.run.write_text("metrics.jsonl", "".join(line + "\n" for line in self.lines))
+            self.run.write_text(self.name, "".join(line + "\n" for line in self.lines))
 
 
 def read_metrics(run: RunFolder) -> list[dict]:

@@ -19,6 +19,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # quicker rep
 # so every worker has it in its environment, as a real key would be).
 SECRET_CANARY = "ftray-canary-secret-0123456789"
 os.environ["WANDB_API_KEY"] = SECRET_CANARY
+# The local S3 server takes any key; set before Ray starts so its workers read S3 the same way.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "ftray-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "ftray-test-secret")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def tiny_job(tmp_path: Path, **sections) -> dict:
@@ -56,3 +60,42 @@ def ray_local():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto's server mode) in its own process on 127.0.0.1;
+    yields its endpoint URL. Tests make their own buckets."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the local S3 server (moto_server) did not start")
+            time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    server.wait(10)
+
+
+def make_bucket(endpoint: str, name: str):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return client

@@ -17,7 +17,16 @@ Segments = list[tuple[str, bool]]
 
 
 class RecordError(ValueError):
-    """One record that cannot be used; the message says why (it becomes a reject reason)."""
+    """One record that cannot be used: `kind` is the reason counted in the summary
+    (e.g. missing_field), the message the detail written next to the record."""
+
+    def __init__(self, message: str, kind: str = "bad_record"):
+        super().__init__(message)
+        self.kind = kind
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
 
 
 def detect_format(record: Any) -> str:
@@ -27,9 +36,9 @@ def detect_format(record: Any) -> str:
         RecordError: when the keys match no known format.
     """
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}", "not_object")
     keys = set(record)
-    if "messages" in keys:
+    if "messages" in keys or "conversations" in keys:
         return "chat"
     if "instruction" in keys:  # a missing output is then reported as such
         return "instruction"
@@ -38,7 +47,19 @@ def detect_format(record: Any) -> str:
     if "text" in keys:
         return "text"
     raise RecordError(f"cannot tell the format from keys {sorted(keys)}: expected text, "
-                      "instruction/output, prompt/completion or messages")
+                      "instruction/output, prompt/completion, messages or conversations "
+                      "(or map your columns with data.fields)", "unknown_format")
+
+
+def map_fields(record: Any, fields: dict[str, str]) -> Any:
+    """The record with its columns renamed to ft-ray's names (`fields`: ours -> theirs)."""
+    if not fields or not isinstance(record, dict):
+        return record
+    mapped = {k: v for k, v in record.items() if k not in fields.values()}
+    for ours, theirs in fields.items():
+        if theirs in record:
+            mapped[ours] = record[theirs]
+    return mapped
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -52,16 +73,16 @@ def _field(record: dict, name: str, required: bool = True) -> str:
     value = record.get(name)
     if value is None:
         if required:
-            raise RecordError(f"missing field '{name}'")
+            raise RecordError(f"missing field '{name}'", "missing_field")
         return ""
     if not isinstance(value, str):
-        raise RecordError(f"field '{name}' must be a string, got {type(value).__name__}")
+        raise RecordError(f"field '{name}' must be a string, got {type(value).__name__}", "wrong_type")
     return value
 
 
 def _non_empty(text: str, name: str) -> str:
     if not text.strip():
-        raise RecordError(f"field '{name}' is empty")
+        raise RecordError(f"field '{name}' is empty", "empty_field")
     return text
 
 
@@ -72,6 +93,9 @@ def text_segments(record: dict, tokenizer: Any = None) -> Segments:
 def instruction_segments(record: dict, tokenizer: Any = None) -> Segments:
     prompt = alpaca_prompt(_non_empty(_field(record, "instruction"), "instruction"),
                            _field(record, "input", required=False))
+    system = _field(record, "system", required=False)
+    if system.strip():
+        prompt = f"{system}\n\n{prompt}"
     output = _non_empty(_field(record, "output"), "output")
     return [(prompt, False), (output + _eos(tokenizer), True)]
 
@@ -101,30 +125,41 @@ def chat_segments(record: dict, tokenizer: Any) -> Segments:
         segments.append((_suffix(full, rendered), message["role"] == "assistant"))
         rendered = full
     if not any(trainable for _, trainable in segments):
-        raise RecordError("conversation has no assistant message to learn from")
+        raise RecordError("conversation has no assistant message to learn from", "no_assistant")
     return [(text, trainable) for text, trainable in segments if text]
 
 
 def _messages(record: dict) -> list[dict]:
-    messages = record.get("messages")
+    """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value), as role/content."""
+    key, role_key, text_key = (("messages", "role", "content") if "messages" in record
+                               else ("conversations", "from", "value"))
+    messages = record.get(key)
+    if messages is None:
+        raise RecordError("missing field 'messages' (or ShareGPT 'conversations')", "missing_field")
     if not isinstance(messages, list) or not messages:
-        raise RecordError("field 'messages' must be a non-empty list")
+        raise RecordError(f"field '{key}' must be a non-empty list", "wrong_type")
+    turns = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise RecordError(f"messages[{i}] must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
+            raise RecordError(f"{key}[{i}] must be an object with {role_key} and {text_key}", "wrong_type")
+        role, content = message.get(role_key), message.get(text_key)
+        role = role if key == "messages" else SHAREGPT_ROLES.get(role, role)
         if role not in CHAT_ROLES:
-            raise RecordError(f"messages[{i}].role: unknown role {role!r} (allowed: {', '.join(CHAT_ROLES)})")
-        if not isinstance(content, str) or not content.strip():
-            raise RecordError(f"messages[{i}].content must be a non-empty string")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+            allowed = ", ".join(CHAT_ROLES if key == "messages" else SHAREGPT_ROLES)
+            raise RecordError(f"{key}[{i}].{role_key}: unknown role {role!r} (allowed: {allowed})", "unknown_role")
+        if not isinstance(content, str):
+            raise RecordError(f"{key}[{i}].{text_key} must be a string", "wrong_type")
+        if not content.strip():
+            raise RecordError(f"{key}[{i}].{text_key} is empty", "empty_field")
+        turns.append({"role": role, "content": content})
+    return turns
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
     if not messages and not generation_prompt:
         return ""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise RecordError("chat records need a tokenizer with a chat template")
+        raise RecordError("chat records need a tokenizer with a chat template", "no_chat_template")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -154,6 +189,6 @@ def record_segments(record: Any, fmt: str, tokenizer: Any) -> Segments:
         RecordError: the record is malformed for the format.
     """
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}", "not_object")
     chosen = detect_format(record) if fmt == "auto" else fmt
     return SEGMENTERS[chosen](record, tokenizer)

@@ -1,32 +1,28 @@
-"""The Ray Data pipeline: read JSONL → parse and tokenize (per record, bad ones set aside)
-→ split train/eval → shuffle → pack → datasets the Train workers stream from.
+"""The Ray Data pipeline: read the sources → parse and tokenize (per record, bad ones set
+aside) → split train/eval → shuffle → pack → datasets the Train workers stream from.
 
 Nothing here pulls the corpus into the driver: records move between Ray tasks as blocks
-in the object store, and the driver only sees counts.
+in the object store (spilled to disk when large), and the driver only sees counts.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ft_ray.config import InputError, JobConfig, ModelConfig
-from ft_ray.data.formats import RecordError, detect_format, record_segments
+from ft_ray.config import JobConfig, ModelConfig, SourceConfig
+from ft_ray.data.formats import RecordError, map_fields, record_segments
+from ft_ray.data.sources import DataError, choose_format, corpus_datasource, list_files
 from ft_ray.data.tokenize import pack_examples, pad_example, tokenize_segments
 
 TOKENIZE_BATCH = 256
 PACK_BATCH = 1024
-
-
-class DataError(InputError):
-    """The corpus cannot feed a run (no files, too many bad records, nothing left to train on)."""
+__all__ = ["DataError", "DataStats", "build_datasets", "eval_bucket"]
 
 
 @dataclass
@@ -40,30 +36,26 @@ class DataStats:
     eval_sequences: int = 0
     train_tokens: int = 0
     packing_efficiency: float = 0.0
-    formats: dict[str, int] = field(default_factory=dict)
-
-
-def list_files(pattern: str, key: str = "data.train") -> list[str]:
-    """Files of a path, folder (its *.jsonl) or glob, sorted so the order is stable.
-
-    Raises:
-        DataError: nothing matches.
-    """
-    path = Path(pattern)
-    if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.jsonl"))
-    elif any(ch in pattern for ch in "*?["):
-        files = sorted(glob.glob(pattern, recursive=True))
-    else:
-        files = [pattern] if path.is_file() else []
-    if not files:
-        raise DataError(f"{key}: no JSONL files at {pattern!r}")
-    return files
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 def eval_bucket(line: str) -> float:
     """A stable number in [0, 1) per record text: the train/eval split needs no shuffle."""
     return int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest(), "big") / 2 ** 64
+
+
+def weighted_copies(weight: float, text: str) -> int:
+    """How often a record is trained on per epoch: the whole part of its source's weight,
+    plus one for a stable share of records given by the fraction (0.5 = the same half
+    every run)."""
+    whole = int(weight)
+    return whole + (1 if eval_bucket("weight:" + text) < weight - whole else 0)
+
+
+def sample_id(path: str, line: int, copy: int) -> int:
+    """A stable 64-bit id of one example: its file, its line or row, and which copy it is."""
+    digest = hashlib.blake2b(f"{path}\0{line}\0{copy}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,61 +65,104 @@ def _tokenizer(model_json: str) -> Any:
     return load_tokenizer(ModelConfig.model_validate_json(model_json))
 
 
-def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str,
-                       eval_fraction: float) -> dict[str, np.ndarray]:
-    """One output row per input line: ids and labels, or the reason the record was rejected.
+def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
+                 drop_over: int | None) -> dict[str, list[int]]:
+    """Ids and labels of one raw record.
+
+    Raises:
+        RecordError: with the reason (`kind`) the record is set aside.
+    """
+    if error:
+        kind, _, detail = error.partition(": ")
+        raise RecordError(detail, kind)
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"not JSON: {e.msg} at column {e.colno}", "not_json") from None
+    segments = record_segments(map_fields(record, fields), fmt, tokenizer)
+    return tokenize_segments(segments, tokenizer, max_len, drop_over)
+
+
+COLUMNS = ("input_ids", "labels", "reason", "detail", "is_eval", "path", "line", "text", "copy", "sample_id")
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> Any:
+    """Fixed column types: ids as variable-length lists in every block (numpy would make
+    a batch of equal-length records a fixed-shape tensor that later blocks cannot join)."""
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.schema([("input_ids", ids), ("labels", ids), ("reason", pa.string()), ("detail", pa.string()),
+                      ("is_eval", pa.bool_()), ("path", pa.string()), ("line", pa.int64()), ("text", pa.string()),
+                      ("copy", pa.int64()), ("sample_id", pa.int64())])
+
+
+def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str, eval_fraction: float,
+                       fields: dict[str, str] | None = None, weight: float = 1.0,
+                       drop_over: int | None = None) -> Any:
+    """Rows of ids and labels (one per copy of a weighted record), or one row with the
+    reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
+    leaves out.
 
     Errors are caught per record, so one bad line never takes its neighbours with it.
     """
     tokenizer = _tokenizer(model_json)
     max_len = ModelConfig.model_validate_json(model_json).max_seq_len
-    rows: dict[str, list] = {k: [] for k in ("input_ids", "labels", "reason", "format", "is_eval", "path", "text")}
-    for line, path in zip(batch["text"], batch["path"]):
-        input_ids, labels, reason, detected = [], [], "", ""
+    rows: dict[str, list] = {k: [] for k in COLUMNS}
+    count = len(batch["text"])
+    errors = batch["error"] if "error" in batch else [""] * count
+    lines = batch["line"] if "line" in batch else range(1, count + 1)
+    for text, error, path, line in zip(batch["text"], errors, batch["path"], lines):
+        example, reason, detail = {"input_ids": [], "labels": []}, "", ""
         try:
-            record = json.loads(line)
-            detected = detect_format(record) if fmt == "auto" else fmt
-            example = tokenize_segments(record_segments(record, detected, tokenizer), tokenizer, max_len)
-            input_ids, labels = example["input_ids"], example["labels"]
-        except json.JSONDecodeError as e:
-            reason = f"not JSON: {e.msg}"
+            example = parse_record(text, error, fmt, fields or {}, tokenizer, max_len, drop_over)
         except RecordError as e:
-            reason = str(e)
-        rows["input_ids"].append(np.asarray(input_ids, dtype=np.int32))
-        rows["labels"].append(np.asarray(labels, dtype=np.int32))
-        rows["reason"].append(reason)
-        rows["format"].append(detected)
-        rows["is_eval"].append(eval_bucket(line) < eval_fraction)
-        rows["path"].append(path)
-        rows["text"].append(line if reason else "")
-    return {k: np.asarray(v, dtype=object) if k in ("input_ids", "labels") else np.asarray(v)
-            for k, v in rows.items()}
+            reason, detail = e.kind, str(e)
+        is_eval = eval_bucket(text) < eval_fraction
+        copies = 1 if reason or is_eval else weighted_copies(weight, text)
+        for copy in range(copies) if copies else [-1]:
+            values = (example["input_ids"], example["labels"], reason, detail, is_eval, path, int(line), text if reason else "", copy,
+                      sample_id(path, int(line), copy))
+            for column, value in zip(COLUMNS, values):
+                rows[column].append(value)
+    import pyarrow as pa
+
+    return pa.table(rows, schema=_schema())
 
 
 def pack_batch(batch: dict[str, np.ndarray], *, max_len: int, pad_id: int, pack: bool) -> dict[str, np.ndarray]:
-    examples = [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+    examples = [{"input_ids": i, "labels": l, "sample_id": s}
+                for i, l, s in zip(batch["input_ids"], batch["labels"], batch["sample_id"])]
     sequences = (list(pack_examples(examples, max_len, pad_id)) if pack
                  else [pad_example(e, max_len, pad_id) for e in examples])
     return {k: np.stack([s[k] for s in sequences]) for k in sequences[0]}
 
 
-def read_tokenized(config: JobConfig, source: str, key: str, eval_fraction: float):
-    """Lines of the source files, parsed and tokenized by Ray tasks (one row per line)."""
+def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction: float,
+                stats: DataStats) -> Any:
+    """One source's records, parsed and tokenized by Ray tasks (rows as `parse_and_tokenize`)."""
     import ray.data
 
-    lines = ray.data.read_text(list_files(source, key), include_paths=True, drop_empty_lines=True)
-    return lines.map_batches(
+    fs, files = list_files(source.path, config.storage, key)
+    fmt, note = choose_format(source, config.storage, key)
+    stats.formats[key] = fmt
+    print(f"[ft-ray] data: {note}; {len(files)} file(s)", flush=True)
+    data = config.data
+    drop_over = (data.max_record_tokens or config.model.max_seq_len) if data.overlong == "drop" else None
+    return ray.data.read_datasource(corpus_datasource(fs, files)).map_batches(
         parse_and_tokenize, batch_size=TOKENIZE_BATCH,
-        fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": config.data.format,
-                   "eval_fraction": eval_fraction})
+        fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
+                   "fields": source.fields, "weight": source.weight, "drop_over": drop_over})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
                    rejected_fs: Any = None) -> tuple[dict[str, Any], DataStats]:
     """Train and eval datasets of packed sequences, materialized in the object store.
 
-    Rejected records are written to `rejected_dir` (JSONL: file, reason, the raw line)
-    before the rejection threshold is checked, so a failed run still shows what was wrong.
+    Rejected records are written to `rejected_dir` (JSONL: file, line, reason, detail, the
+    raw record) before the rejection threshold is checked, so a failed run still shows what
+    was wrong.
 
     Raises:
         DataError: too many rejected records, or no train/eval example left.
@@ -135,24 +170,27 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
-    data = config.data
+    data, stats = config.data, DataStats()
     split_off = 0.0 if data.eval else data.eval_fraction
-    tokenized = read_tokenized(config, data.train, "data.train", split_off).materialize()
-    train = tokenized.filter(lambda row: row["reason"] == "" and not row["is_eval"])
+    sources = data.all_sources()
+    parts = [read_source(config, source, f"data.sources[{i}]" if data.sources else "data.train", split_off, stats)
+             for i, source in enumerate(sources)]
+    tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    train = tokenized.filter(lambda row: row["reason"] == "" and not row["is_eval"] and row["copy"] >= 0)
     if data.eval:
-        eval_tokenized = read_tokenized(config, data.eval, "data.eval", 1.0).materialize()
+        eval_tokenized = read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize()
         lines = tokenized.union(eval_tokenized)
     else:
         eval_tokenized, lines = tokenized, tokenized
     evaluation = eval_tokenized.filter(lambda row: row["reason"] == "" and row["is_eval"])
     rejected = lines.filter(lambda row: row["reason"] != "")
-    stats = _count(lines, train, evaluation, rejected)
+    _count(stats, lines, train, evaluation, rejected)
     if stats.records_rejected and rejected_dir:
         write_rejected(rejected, rejected_dir, rejected_fs)
     check_counts(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
-    columns = ["input_ids", "labels"]
+    columns = ["input_ids", "labels", "sample_id"]
     train_packed = (train.select_columns(columns).random_shuffle(seed=seed)
                     .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
     eval_packed = (evaluation.select_columns(columns)
@@ -163,15 +201,13 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     return {"train": train_packed, "eval": eval_packed}, stats
 
 
-def _count(lines, train, evaluation, rejected) -> DataStats:
-    stats = DataStats(records_read=lines.count(), train_examples=train.count(),
-                      eval_examples=evaluation.count(), records_rejected=rejected.count())
+def _count(stats: DataStats, lines, train, evaluation, rejected) -> None:
+    stats.records_read = lines.filter(lambda row: row["copy"] < 1).count()  # a record's first (or no) copy
+    stats.train_examples, stats.eval_examples = train.count(), evaluation.count()
+    stats.records_rejected = rejected.count()
     if stats.records_rejected:
         for row in rejected.groupby("reason").count().take_all():
             stats.rejected_by_reason[row["reason"]] = int(row["count()"])
-    for row in lines.filter(lambda r: r["reason"] == "").groupby("format").count().take_all():
-        stats.formats[row["format"]] = int(row["count()"])
-    return stats
 
 
 def check_counts(config: JobConfig, stats: DataStats) -> None:
@@ -181,13 +217,26 @@ def check_counts(config: JobConfig, stats: DataStats) -> None:
         worst = max(stats.rejected_by_reason.items(), key=lambda kv: kv[1])
         raise DataError(f"{stats.records_rejected} of {stats.records_read} records rejected ({fraction:.1%}), "
                         f"more than data.max_rejected_fraction={config.data.max_rejected_fraction}; "
-                        f"most common reason: {worst[0]!r} ({worst[1]}x)")
+                        f"most common reason: {worst[0]} ({worst[1]}x); see the rejected/ folder")
     if stats.train_examples == 0:
-        raise DataError(f"data.train: no usable training example in {config.data.train}")
+        raise DataError("data: no usable training example in "
+                        + ", ".join(s.path for s in config.data.all_sources()))
     if stats.eval_examples == 0:
         raise DataError("no eval example: set data.eval to a file or raise data.eval_fraction")
 
 
 def write_rejected(rejected, folder: str, filesystem: Any = None) -> None:
-    """Rejected records with their file and reason, as JSONL under `<run>/rejected/`."""
-    rejected.select_columns(["path", "reason", "text"]).write_json(folder, filesystem=filesystem)
+    """Rejected records with their file, line and reason, as JSONL under `<run>/rejected/`."""
+    rejected.select_columns(["path", "line", "reason", "detail", "text"]).write_json(folder, filesystem=filesystem)
+
+
+def stats_table(stats: DataStats) -> str:
+    """The data preparation's outcome, one figure per line, for the console."""
+    rows = [("records read", stats.records_read), ("records rejected", stats.records_rejected)]
+    rows += [(f"  {reason}", n) for reason, n in sorted(stats.rejected_by_reason.items(), key=lambda kv: -kv[1])]
+    rows += [("train examples", stats.train_examples), ("eval examples", stats.eval_examples),
+             ("train tokens", stats.train_tokens), ("packed train sequences", stats.train_sequences),
+             ("packed eval sequences", stats.eval_sequences),
+             ("packing efficiency", f"{stats.packing_efficiency:.1%} non-padding tokens")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"[ft-ray]   {name:<{width}}  {value}" for name, value in rows)

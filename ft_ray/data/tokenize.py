@@ -9,6 +9,7 @@ changes throughput, not what the model sees.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -18,14 +19,17 @@ from ft_ray.data.formats import RecordError, Segments
 IGNORE_INDEX = -100
 
 
-def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int,
+                      drop_over: int | None = None) -> dict[str, list[int]]:
     """Token ids and labels for one example; prompt tokens get label -100.
 
-    The first token's label is always -100: in a packed sequence, it would otherwise be
-    predicted from the end of the previous, unrelated example.
+    An example longer than `max_len` is truncated, or rejected when it is longer than
+    `drop_over` (the `data.overlong: drop` policy). The first token's label is always -100:
+    in a packed sequence, it would otherwise be predicted from the end of the previous,
+    unrelated example.
 
     Raises:
-        RecordError: no trainable token survives truncation to `max_len`.
+        RecordError: longer than `drop_over`, or no trainable token survives truncation.
     """
     input_ids: list[int] = []
     labels: list[int] = []
@@ -36,10 +40,12 @@ def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int) -> dict[
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids.extend(ids)
         labels.extend(ids if trainable else [IGNORE_INDEX] * len(ids))
+    if drop_over is not None and len(input_ids) > drop_over:
+        raise RecordError(f"{len(input_ids)} tokens, more than data.max_record_tokens={drop_over}", "overlong")
     input_ids, labels = input_ids[:max_len], labels[:max_len]
     labels[0] = IGNORE_INDEX
     if all(label == IGNORE_INDEX for label in labels):
-        raise RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)")
+        raise RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)", "no_target_tokens")
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -82,7 +88,15 @@ def _concat(members: list[dict], max_len: int, pad_id: int) -> dict[str, np.ndar
         start += n
     position_ids[start:] = np.arange(max_len - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "num_examples": np.int64(len(members)), "num_tokens": np.int64(start)}
+            "num_examples": np.int64(len(members)), "num_tokens": np.int64(start),
+            "seq_id": sequence_id([m.get("sample_id", 0) for m in members])}
+
+
+def sequence_id(sample_ids: list[int]) -> np.int64:
+    """One id per packed sequence, from the ids of the examples in it (in order): two runs
+    that feed the same sequence ids fed the same samples."""
+    digest = hashlib.blake2b(np.asarray(sample_ids, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return np.int64(int.from_bytes(digest, "big", signed=True))
 
 
 def pad_example(example: dict, max_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.storage import RunFolder
+from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
 from ft_ray.train.engines import build_engine
 
@@ -75,15 +75,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation = config.train.gradient_accumulation
     window = Window(throughput)
     micro = 0
+    trace = MetricsLog(RunFolder.for_job(config), state.step if resumed_from else None,
+                       enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
+    step_ids: list[int] = []
     train_batches = batches(ray.train.get_dataset_shard("train"), config, plan, state)
     for batch in (train_batches if state.step < plan.total_steps else ()):
         micro += 1
         sync = micro % accumulation == 0
         window.add(engine.micro_step(batch, 1.0 / accumulation, sync), int(batch["num_tokens"].sum()))
+        step_ids += batch["seq_id"].tolist()
         if not sync:
             continue
         grad_norm = engine.step()
         state.step += 1
+        trace.log({"step": state.step, "seq_ids": step_ids})
+        step_ids = []
         last = state.step == plan.total_steps
         if state.step % config.train.log_every == 0 or last:
             record = window.summarize(state.step, engine.lr, grad_norm)
@@ -95,10 +101,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             eval_loss = evaluate(engine, eval_shard, config)
             tracker.log({"step": state.step, "eval_loss": eval_loss})
             tracker.flush()
+            trace.flush()
             report(engine, state, {"step": state.step, "eval_loss": eval_loss,
                                    "train_tokens": state.train_tokens}, checkpoint_due, rank)
         if last:
             break
+    trace.flush()
     tracker.finish()
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import JobConfig, dump_yaml
-from ft_ray.data.pipeline import DataError, DataStats, build_datasets
+from ft_ray.data.pipeline import DataError, DataStats, stats_table
+from ft_ray.data.prepared import datasets_for
 from ft_ray.storage import RunFolder, filesystem, read_metrics
 from ft_ray.train.loop import StepPlan, train_loop_per_worker
 
@@ -81,15 +82,13 @@ def run_training(config: JobConfig) -> dict[str, Any]:
     run = RunFolder.for_job(config)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
-    datasets, stats = build_datasets(config, load_tokenizer(config.model), run.path("rejected"), run.fs)
+    datasets, stats = datasets_for(config, load_tokenizer(config.model), run.path("rejected"), run.fs)
     plan = plan_steps(config, stats.train_sequences)
     # Preparation showed its progress; bars for every eval pass during training are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, storage_path = filesystem(config.storage)
-    print(f"[ft-ray] data: {stats.train_examples} train / {stats.eval_examples} eval examples, "
-          f"{stats.records_rejected} rejected, {stats.train_sequences} packed sequences "
-          f"(packing efficiency {stats.packing_efficiency:.0%}); {plan.total_steps} steps on "
-          f"{_workers(config)} workers", flush=True)
+    print(f"[ft-ray] data:\n{stats_table(stats)}\n[ft-ray] {plan.total_steps} steps on {_workers(config)} workers",
+          flush=True)
 
     trainer = TorchTrainer(
         train_loop_per_worker,

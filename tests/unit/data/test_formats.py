@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ft_ray.config import ModelConfig
-from ft_ray.data.formats import RecordError, alpaca_prompt, detect_format, record_segments
+from ft_ray.data.formats import RecordError, alpaca_prompt, detect_format, map_fields, record_segments
 from ft_ray.models import load_tokenizer
 from tests.conftest import ASSETS
 
@@ -61,19 +61,43 @@ def test_chat_renders_the_template_exactly_and_trains_assistant_turns_only(token
     assert all("<|assistant|>" not in text for text in trained)  # the header is prompt
 
 
-@pytest.mark.parametrize("record, reason", [
-    ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
-    ({"messages": []}, "non-empty list"),
-    ({"instruction": "do", "output": 3}, "field 'output' must be a string, got int"),
-    ({"instruction": "do", "output": "  "}, "field 'output' is empty"),
-    ({"prompt": "p"}, "missing field 'completion'"),
-    ({"instruction": "do it"}, "missing field 'output'"),
-    (["not", "an", "object"], "expected a JSON object, got list"),
+@pytest.mark.parametrize("record, reason, kind", [
+    ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'", "unknown_role"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations\\[0\\].from: unknown role 'bot'", "unknown_role"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message", "no_assistant"),
+    ({"messages": []}, "non-empty list", "wrong_type"),
+    ({"instruction": "do", "output": 3}, "field 'output' must be a string, got int", "wrong_type"),
+    ({"instruction": "do", "output": "  "}, "field 'output' is empty", "empty_field"),
+    ({"prompt": "p"}, "missing field 'completion'", "missing_field"),
+    ({"instruction": "do it"}, "missing field 'output'", "missing_field"),
+    (["not", "an", "object"], "expected a JSON object, got list", "not_object"),
+    ({"body": "x"}, "cannot tell the format", "unknown_format"),
 ])
-def test_bad_records_say_why(tokenizer, record, reason):
-    with pytest.raises(RecordError, match=reason):
+def test_bad_records_say_why(tokenizer, record, reason, kind):
+    with pytest.raises(RecordError, match=reason) as caught:
         record_segments(record, "auto", tokenizer)
+    assert caught.value.kind == kind
+
+
+def test_sharegpt_conversations_render_like_openai_messages(tokenizer):
+    messages = first("chat")["messages"]
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+    assert detect_format(sharegpt) == "chat"
+    assert record_segments(sharegpt, "auto", tokenizer) == record_segments({"messages": messages}, "chat", tokenizer)
+
+
+def test_instruction_system_field_leads_the_prompt(tokenizer):
+    record = {"system": "You are terse.", "instruction": "Name a colour.", "output": "Red."}
+    [(prompt, _), (output, _)] = record_segments(record, "instruction", tokenizer)
+    assert prompt == "You are terse.\n\n" + alpaca_prompt("Name a colour.") and output == "Red.<|end|>"
+
+
+def test_field_mapping_renames_columns_to_ours(tokenizer):
+    record = map_fields({"question": "Name a colour.", "answer": "Red.", "id": 7},
+                        {"instruction": "question", "output": "answer"})
+    assert record == {"id": 7, "instruction": "Name a colour.", "output": "Red."}
+    assert detect_format(record) == "instruction"
 
 
 def test_forced_format_with_missing_field(tokenizer):

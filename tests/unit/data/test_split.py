@@ -10,7 +10,7 @@ from tests.conftest import DEMO
 def split(lines, fraction):
     batch = {"text": np.asarray(lines), "path": np.asarray(["train.jsonl"] * len(lines))}
     return parse_and_tokenize(batch, model_json=ModelConfig().model_dump_json(), fmt="auto",
-                              eval_fraction=fraction)["is_eval"]
+                              eval_fraction=fraction).column("is_eval").to_numpy()
 
 
 def test_fraction_split_is_stable_and_close_to_the_fraction():

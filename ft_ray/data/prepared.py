@@ -1,0 +1,87 @@
+"""Tokenized and packed data kept in storage (`ft-ray prepare`), so repeated runs and
+sweeps over the same corpus skip parsing and tokenization.
+
+A prepared folder holds `train/` and `eval/` Parquet files, `rejected/`, and `stats.json`
+written last: a folder without `stats.json` is incomplete and never read. Its default
+place is `<storage.path>/prepared/<fingerprint>`, where the fingerprint covers everything
+that changes the packed sequences (sources and their files' sizes and times, format,
+split, packing, seed, tokenizer, sequence length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any
+
+from ft_ray.config import JobConfig
+from ft_ray.data.pipeline import DataStats, build_datasets
+from ft_ray.data.sources import list_files
+from ft_ray.storage import filesystem_for
+
+STATS_FILE = "stats.json"
+
+
+def fingerprint(config: JobConfig) -> str:
+    """A short hash of what the packed sequences depend on."""
+    data = config.data
+    files = []
+    for key, source in [("train", s) for s in data.all_sources()] + [("eval", data.eval_source())]:
+        if source is None:
+            continue
+        fs, paths = list_files(source.path, config.storage, f"data.{key}")
+        infos = fs.get_file_info([p.removeprefix("s3://") for p in paths])
+        files.append({"source": source.model_dump(), "files": [(i.path, i.size, str(i.mtime)) for i in infos]})
+    what = {"files": files,
+            "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),
+            "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
+            "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len"})}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def location(config: JobConfig) -> str:
+    """Where the job's prepared data lives (or would)."""
+    return config.data.prepared or f"{config.storage.path.rstrip('/')}/prepared/{fingerprint(config)}"
+
+
+def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | None:
+    """The prepared datasets and their stats, or None when there are none (complete) yet."""
+    import ray.data
+
+    where = location(config)
+    fs, root = filesystem_for(where, config.storage)
+    try:
+        with fs.open_input_stream(f"{root}/{STATS_FILE}") as f:
+            saved = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+    if saved.get("fingerprint") != fingerprint(config):
+        print(f"[ft-ray] warning: {where} was prepared from other data or settings than this job's; "
+              "using it because data.prepared names it", flush=True)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets = {split: ray.data.read_parquet(f"{root}/{split}", filesystem=fs).materialize()
+                for split in ("train", "eval")}
+    return datasets, DataStats(**saved["stats"]), where
+
+
+def prepare(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], DataStats, str]:
+    """Tokenize and pack the job's data into its prepared folder (stats.json last)."""
+    where = location(config)
+    fs, root = filesystem_for(where, config.storage)
+    datasets, stats = build_datasets(config, tokenizer, f"{root}/rejected", fs)
+    for split, dataset in datasets.items():
+        dataset.write_parquet(f"{root}/{split}", filesystem=fs)
+    with fs.open_output_stream(f"{root}/{STATS_FILE}") as f:
+        f.write(json.dumps({"fingerprint": fingerprint(config), "stats": asdict(stats)}, indent=2).encode())
+    return datasets, stats, where
+
+
+def datasets_for(config: JobConfig, tokenizer: Any, rejected_dir: str, rejected_fs: Any
+                 ) -> tuple[dict[str, Any], DataStats]:
+    """Prepared data when the job has some, else the corpus tokenized now."""
+    found = load_prepared(config)
+    if found:
+        print(f"[ft-ray] data: using prepared data at {found[2]}", flush=True)
+        return found[0], found[1]
+    return build_datasets(config, tokenizer, rejected_dir, rejected_fs)

@@ -1,0 +1,154 @@
+"""The Ray Data pipeline on real files: bad records set aside with file, line and reason,
+weighted sources, every file kind, S3 sources, a stable sample order, prepared data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ft_ray.config import config_from_dict, resolve_paths
+from ft_ray.data.pipeline import DataError, build_datasets
+from ft_ray.data.prepared import datasets_for, load_prepared, prepare
+from ft_ray.models import load_tokenizer
+from tests.conftest import DEMO, make_bucket, tiny_job
+
+pytestmark = pytest.mark.integration
+
+GOOD = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()]
+BAD = [  # (line as written, the reason it must be rejected for)
+    (b"{not json", "not_json"),
+    (b'{"instruction": "caf\xe9", "output": "x"}', "not_utf8"),
+    (b'{"instruction": "Say hi."}', "missing_field"),
+    (b'{"instruction": "Say hi.", "output": 5}', "wrong_type"),
+    (b'{"instruction": "Say hi.", "output": "   "}', "empty_field"),
+    (json.dumps({"instruction": "Say hi.", "output": "hello " * 300}).encode(), "overlong"),
+    (b'["a", "list"]', "not_object"),
+]
+CHAT_BAD = [
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
+     "unknown_role"),
+    (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}).encode(), "no_assistant"),
+]
+
+
+def chat(record: dict) -> dict:
+    return {"messages": [{"role": "user", "content": record["instruction"]},
+                         {"role": "assistant", "content": record["output"]}]}
+
+
+def write_lines(path: Path, good: list[dict], bad: list[tuple[bytes, str]], every: int = 5) -> dict[int, str]:
+    """Good records with bad ones mixed in; returns {line: reason} of the bad ones."""
+    lines, expected = [], {}
+    bad = list(bad)
+    for i, record in enumerate(good):
+        lines.append(json.dumps(record).encode())
+        if i % every == every - 1 and bad:
+            raw, reason = bad.pop(0)
+            lines.append(raw)
+            expected[len(lines)] = reason
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+def config_for(tmp_path: Path, **data):
+    job = tiny_job(tmp_path)
+    job["data"] = {"eval": str(DEMO / "eval.jsonl"), **data}
+    return resolve_paths(config_from_dict(job))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(config_from_dict(tiny_job(Path("."))).model)
+
+
+def test_every_bad_record_is_set_aside_with_file_line_and_reason(ray_local, tmp_path, tokenizer):
+    expected = {("instructions.jsonl", line): reason
+                for line, reason in write_lines(tmp_path / "instructions.jsonl", GOOD[:40], BAD).items()}
+    expected |= {("chats.jsonl", line): reason
+                 for line, reason in write_lines(tmp_path / "chats.jsonl", [chat(r) for r in GOOD[40:50]],
+                                                 CHAT_BAD, every=4).items()}
+    config = config_for(tmp_path, sources=[{"path": str(tmp_path / "instructions.jsonl")},
+                                           {"path": str(tmp_path / "chats.jsonl"), "weight": 2}],
+                        overlong="drop", max_record_tokens=120, max_rejected_fraction=0.2)
+    datasets, stats = build_datasets(config, tokenizer, str(tmp_path / "rejected"))
+
+    assert stats.formats == {"data.sources[0]": "instruction", "data.sources[1]": "chat", "data.eval": "instruction"}
+    assert stats.records_rejected == len(BAD) + len(CHAT_BAD) == 9
+    assert stats.rejected_by_reason == {reason: 1 for reason in expected.values()}
+    assert stats.records_read == 40 + 10 + 9 + 48  # good + rejected = every record of both sources and eval
+    assert stats.train_examples == 40 + 2 * 10  # the chat source counts twice (weight 2)
+    assert stats.eval_examples == 48
+    rows = [json.loads(line) for f in (tmp_path / "rejected").glob("*.json") for line in f.read_text().splitlines()]
+    assert {(Path(r["path"]).name, r["line"]): r["reason"] for r in rows} == expected
+    not_utf8 = next(r for r in rows if r["reason"] == "not_utf8")
+    assert "\\xe9" in not_utf8["text"] and "offset" in not_utf8["detail"]
+
+    config.data.max_rejected_fraction = 0.05
+    with pytest.raises(DataError, match=r"9 of 107 records rejected \(8.4%\), more than data.max_rejected_fraction"):
+        build_datasets(config, tokenizer, None)
+
+
+def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp_path, tokenizer):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with gzip.open(folder / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in GOOD[:20])
+    (folder / "b.json").write_text(json.dumps(GOOD[20:40]))
+    pq.write_table(pa.Table.from_pylist([{"question": r["instruction"], "answer": r["output"]} for r in GOOD[40:60]]),
+                   tmp_path / "qa.parquet")
+    (tmp_path / "notes.txt").write_text("\n\n".join(f"Note {i}: Northwind tents pitch fast." for i in range(10)))
+    config = config_for(tmp_path, sources=[
+        {"path": str(folder)},
+        {"path": str(tmp_path / "qa.parquet"), "fields": {"instruction": "question", "output": "answer"}},
+        {"path": str(tmp_path / "notes.txt"), "weight": 0.5}])
+    _, stats = build_datasets(config, tokenizer, None)
+    assert stats.records_rejected == 0 and stats.records_read == 40 + 20 + 10 + 48
+    assert stats.formats["data.sources[1]"] == "instruction" and stats.formats["data.sources[2]"] == "text"
+    assert 60 + 2 <= stats.train_examples <= 60 + 8  # a stable half of the 10 notes, give or take the hash
+
+
+def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_path, tokenizer, capsys):
+    config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
+    first, stats = build_datasets(config, tokenizer, None)
+    again, _ = build_datasets(config, tokenizer, None)
+    order = [r["seq_id"] for r in first["train"].select_columns(["seq_id"]).take_all()]
+    assert order == [r["seq_id"] for r in again["train"].select_columns(["seq_id"]).take_all()]
+    assert len(set(order)) == len(order) == stats.train_sequences
+    config.data.shuffle_seed = 7
+    reseeded, _ = build_datasets(config, tokenizer, None)
+    assert [r["seq_id"] for r in reseeded["train"].select_columns(["seq_id"]).take_all()] != order
+    config.data.shuffle_seed = None
+
+    assert load_prepared(config) is None
+    _, prepared_stats, where = prepare(config, tokenizer)
+    assert where.startswith(str(tmp_path / "runs" / "prepared"))
+    datasets, loaded_stats = datasets_for(config, tokenizer, str(tmp_path / "rejected"), None)
+    assert "using prepared data at " + where in capsys.readouterr().out
+    assert loaded_stats == prepared_stats == stats
+    assert [r["seq_id"] for r in datasets["train"].select_columns(["seq_id"]).take_all()] == order
+    config.model.max_seq_len = 96  # another packing: another fingerprint, nothing prepared for it
+    assert load_prepared(config) is None
+
+
+def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer):
+    client = make_bucket(s3_server, "corpus")
+    client.put_object(Bucket="corpus", Key="team/a.jsonl.gz",
+                      Body=gzip.compress("".join(json.dumps(r) + "\n" for r in GOOD[:30]).encode()))
+    client.put_object(Bucket="corpus", Key="team/b.jsonl", Body=b"{broken\n" + json.dumps(GOOD[30]).encode())
+    job = tiny_job(tmp_path, storage={"path": "s3://corpus/runs", "endpoint_url": s3_server})
+    job["data"] = {"train": "s3://corpus/team/", "eval_fraction": 0.2, "max_rejected_fraction": 0.1}
+    config = resolve_paths(config_from_dict(job))
+    _, stats, where = prepare(config, tokenizer)
+    assert where.startswith("s3://corpus/runs/prepared/")
+    assert stats.records_read == 32 and stats.rejected_by_reason == {"not_json": 1}
+    assert stats.train_examples + stats.eval_examples == 31
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="runs/prepared/")["Contents"]]
+    assert any(k.endswith("/stats.json") for k in keys) and any("/train/" in k for k in keys)
+    assert any("/rejected/" in k for k in keys)
+    datasets, loaded, _ = load_prepared(config)
+    assert loaded == stats and datasets["train"].count() == stats.train_sequences
