@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
-from ft_ray.data.formats import RecordError, map_fields, record_segments
+from ft_ray.data.formats import RecordError, Segments, map_fields, record_segments
 from ft_ray.data.sources import DataError, choose_format, corpus_datasource, list_files
-from ft_ray.data.tokenize import pack_examples, pad_example, tokenize_segments
+from ft_ray.data.tokenize import assemble, encode_batch, pack_examples, pad_example, tokenize_segments
 
 TOKENIZE_BATCH = 256
 PACK_BATCH = 1024
@@ -65,9 +66,8 @@ def _tokenizer(model_json: str) -> Any:
     return load_tokenizer(ModelConfig.model_validate_json(model_json))
 
 
-def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
-                 drop_over: int | None) -> dict[str, list[int]]:
-    """Ids and labels of one raw record.
+def record_to_segments(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any) -> Segments:
+    """The segments of one raw record.
 
     Raises:
         RecordError: with the reason (`kind`) the record is set aside.
@@ -79,8 +79,43 @@ def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokeni
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordError(f"not JSON: {e.msg} at column {e.colno}", "not_json") from None
-    segments = record_segments(map_fields(record, fields), fmt, tokenizer)
+    return record_segments(map_fields(record, fields), fmt, tokenizer)
+
+
+def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
+                 drop_over: int | None) -> dict[str, list[int]]:
+    """Ids and labels of one raw record (`parse_and_tokenize` does the same for a batch).
+
+    Raises:
+        RecordError: with the reason (`kind`) the record is set aside.
+    """
+    segments = record_to_segments(text, error, fmt, fields, tokenizer)
     return tokenize_segments(segments, tokenizer, max_len, drop_over)
+
+
+def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
+                   drop_over: int | None) -> list[dict[str, list[int]] | RecordError]:
+    """Per record: its ids and labels, or the RecordError that rejects it. All segments of
+    the batch go through the tokenizer in one call."""
+    parsed: list[Segments | RecordError] = []
+    for text, error in zip(texts, errors):
+        try:
+            parsed.append(record_to_segments(text, error, fmt, fields, tokenizer))
+        except RecordError as e:
+            parsed.append(e)
+    flat = [t for segments in parsed if not isinstance(segments, RecordError) for t, _ in segments]
+    ids = iter(encode_batch(tokenizer, flat))
+    results: list[dict[str, list[int]] | RecordError] = []
+    for segments in parsed:
+        if isinstance(segments, RecordError):
+            results.append(segments)
+            continue
+        segment_ids = [next(ids) for _ in segments]
+        try:
+            results.append(assemble(segment_ids, [t for _, t in segments], tokenizer, max_len, drop_over))
+        except RecordError as e:
+            results.append(e)
+    return results
 
 
 COLUMNS = ("input_ids", "labels", "reason", "detail", "is_eval", "path", "line", "text", "copy", "sample_id")
@@ -113,17 +148,16 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     count = len(batch["text"])
     errors = batch["error"] if "error" in batch else [""] * count
     lines = batch["line"] if "line" in batch else range(1, count + 1)
-    for text, error, path, line in zip(batch["text"], errors, batch["path"], lines):
-        example, reason, detail = {"input_ids": [], "labels": []}, "", ""
-        try:
-            example = parse_record(text, error, fmt, fields or {}, tokenizer, max_len, drop_over)
-        except RecordError as e:
-            reason, detail = e.kind, str(e)
+    examples = tokenize_batch(batch["text"], errors, fmt, fields or {}, tokenizer, max_len, drop_over)
+    for text, example, path, line in zip(batch["text"], examples, batch["path"], lines):
+        reason, detail = (example.kind, str(example)) if isinstance(example, RecordError) else ("", "")
+        if reason:
+            example = {"input_ids": [], "labels": []}
         is_eval = eval_bucket(text) < eval_fraction
         copies = 1 if reason or is_eval else weighted_copies(weight, text)
         for copy in range(copies) if copies else [-1]:
-            values = (example["input_ids"], example["labels"], reason, detail, is_eval, path, int(line), text if reason else "", copy,
-                      sample_id(path, int(line), copy))
+            values = (example["input_ids"], example["labels"], reason, detail, is_eval, path, int(line),
+                      text if reason else "", copy, sample_id(path, int(line), copy))
             for column, value in zip(COLUMNS, values):
                 rows[column].append(value)
     import pyarrow as pa
@@ -176,17 +210,15 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     parts = [read_source(config, source, f"data.sources[{i}]" if data.sources else "data.train", split_off, stats)
              for i, source in enumerate(sources)]
     tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
-    train = tokenized.filter(lambda row: row["reason"] == "" and not row["is_eval"] and row["copy"] >= 0)
     if data.eval:
         eval_tokenized = read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize()
         lines = tokenized.union(eval_tokenized)
     else:
         eval_tokenized, lines = tokenized, tokenized
-    evaluation = eval_tokenized.filter(lambda row: row["reason"] == "" and row["is_eval"])
-    rejected = lines.filter(lambda row: row["reason"] != "")
-    _count(stats, lines, train, evaluation, rejected)
+    train, evaluation = rows_of(tokenized, "train"), rows_of(eval_tokenized, "eval")
+    count_records(stats, lines)
     if stats.records_rejected and rejected_dir:
-        write_rejected(rejected, rejected_dir, rejected_fs)
+        write_rejected(rows_of(lines, "rejected"), rejected_dir, rejected_fs)
     check_counts(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
@@ -196,18 +228,60 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     eval_packed = (evaluation.select_columns(columns)
                    .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
     stats.train_sequences, stats.eval_sequences = train_packed.count(), eval_packed.count()
-    stats.train_tokens = int(train_packed.sum("num_tokens") or 0)
     stats.packing_efficiency = round(stats.train_tokens / max(1, stats.train_sequences * config.model.max_seq_len), 4)
     return {"train": train_packed, "eval": eval_packed}, stats
 
 
-def _count(stats: DataStats, lines, train, evaluation, rejected) -> None:
-    stats.records_read = lines.filter(lambda row: row["copy"] < 1).count()  # a record's first (or no) copy
-    stats.train_examples, stats.eval_examples = train.count(), evaluation.count()
-    stats.records_rejected = rejected.count()
-    if stats.records_rejected:
-        for row in rejected.groupby("reason").count().take_all():
-            stats.rejected_by_reason[row["reason"]] = int(row["count()"])
+def _select(batch: Any, which: str) -> Any:
+    import pyarrow.compute as pc
+
+    good = pc.equal(batch["reason"], "")
+    if which == "rejected":
+        return batch.filter(pc.invert(good))
+    if which == "eval":
+        return batch.filter(pc.and_(good, batch["is_eval"]))
+    return batch.filter(pc.and_(pc.and_(good, pc.invert(batch["is_eval"])), pc.greater_equal(batch["copy"], 0)))
+
+
+def rows_of(dataset: Any, which: str) -> Any:
+    """The train examples, eval examples or rejected records of a tokenized dataset
+    (vectorized per block: a Python predicate per row costs more than the tokenizer)."""
+    return dataset.map_batches(_select, batch_format="pyarrow", batch_size=None, fn_kwargs={"which": which})
+
+
+def _block_counts(batch: Any) -> dict[str, list]:
+    import pyarrow.compute as pc
+
+    reasons = Counter(r for r in batch["reason"].to_pylist() if r)
+    good = pc.equal(batch["reason"], "")
+    first_copy = pc.less(batch["copy"], 1)  # a record's first copy, or the one row of a left-out record
+    train = _select(batch, "train")
+    return {"read": [pc.sum(first_copy.cast("int64")).as_py() or 0], "reasons": [json.dumps(reasons)],
+            "train": [train.num_rows], "train_tokens": [pc.sum(pc.list_value_length(train["input_ids"])).as_py() or 0],
+            "eval": [pc.sum(pc.and_(good, batch["is_eval"]).cast("int64")).as_py() or 0]}
+
+
+def count_records(stats: DataStats, lines: Any) -> None:
+    """Records read, train/eval examples and rejects by reason, in one pass of small
+    per-block counts (Ray Data's count/groupby aggregations each shuffle: seconds apiece)."""
+    reasons: Counter = Counter()
+    for row in lines.map_batches(_block_counts, batch_format="pyarrow", batch_size=None).take_all():
+        stats.records_read += int(row["read"])
+        stats.train_examples += int(row["train"])
+        stats.train_tokens += int(row["train_tokens"])  # packing keeps every token
+        stats.eval_examples += int(row["eval"])
+        reasons.update(json.loads(row["reasons"]))
+    stats.rejected_by_reason = dict(reasons)
+    stats.records_rejected = sum(reasons.values())
+
+
+def sum_column(dataset: Any, column: str) -> int:
+    """The sum of an integer column, block by block (no shuffle)."""
+    import pyarrow.compute as pc
+
+    sums = dataset.map_batches(lambda b: {"sum": [pc.sum(b[column]).as_py() or 0]}, batch_format="pyarrow",
+                               batch_size=None).take_all()
+    return int(sum(row["sum"] for row in sums))
 
 
 def check_counts(config: JobConfig, stats: DataStats) -> None:

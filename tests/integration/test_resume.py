@@ -1,5 +1,6 @@
 """A run killed after a checkpoint continues from it when relaunched: same final step count,
-no step twice in metrics.jsonl. The driver runs as `ft-ray train` in its own process group
+no step twice in metrics.jsonl, the same samples in the same steps and the same final weights
+as a run never interrupted. The driver runs as `ft-ray train` in its own process group
 (with its own local Ray), so the kill takes everything with it, as a lost machine would."""
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from ft_ray.config import load_config
+from ft_ray.train.trainer import run_training
 from tests.conftest import write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,10 +53,17 @@ def settle(path, quiet_s: float = 8.0, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+def trace(run) -> dict[str, list]:
+    """The packed-sequence ids each rank trained on, step by step."""
+    return {f.name: [json.loads(line) for line in f.read_text().splitlines()]
+            for f in sorted(run.glob("samples-rank*.jsonl"))}
+
+
+def test_killed_run_resumes_from_its_checkpoint(ray_local, tmp_path):
     # An elastic worker range: Ray Train starts with what the cluster has (2 workers here).
-    job = write_job(tmp_path, run_name="resume", distributed={"num_workers": [1, 2]}, train={
-        "max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "eval_every": CHECKPOINT_EVERY})
+    train = {"max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "eval_every": CHECKPOINT_EVERY,
+             "trace_samples": True}
+    job = write_job(tmp_path, run_name="resume", distributed={"num_workers": [1, 2]}, train=train)
     run = tmp_path / "runs" / "resume"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")
@@ -83,3 +96,15 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == STEPS
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+
+    # The same job never interrupted (in this process's Ray) saw the same samples in the same
+    # steps, and ends with the same weights.
+    reference = run_training(load_config(write_job(tmp_path, "reference.yaml", run_name="reference",
+                                                   distributed={"num_workers": 2}, train=train)))
+    expected = trace(tmp_path / "runs" / "reference")
+    assert len(expected) == 2 and [m["step"] for m in expected["samples-rank0.jsonl"]] == list(range(1, STEPS + 1))
+    assert trace(run) == expected
+    resumed_weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    reference_weights = load_file(Path(reference["adapter_path"]) / "adapter_model.safetensors")
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-4, atol=1e-5)

@@ -70,9 +70,11 @@ def test_bad_records_are_set_aside_with_reasons(trained):
     data = summary["data"]
     assert data["records_read"] == 402 + 48 and data["records_rejected"] == 2
     assert data["train_examples"] == 400 and data["eval_examples"] == 48
-    assert set(data["rejected_by_reason"]) == {"missing field 'output'", "not JSON: Expecting property name enclosed in double quotes"}
+    assert data["rejected_by_reason"] == {"missing_field": 1, "not_json": 1}
     rejected = [json.loads(line) for f in (run / "rejected").glob("*.json*") for line in f.read_text().splitlines()]
-    assert sorted(r["reason"] for r in rejected) == sorted(data["rejected_by_reason"])
+    assert sorted((r["line"], r["reason"], r["detail"]) for r in rejected) == [
+        (401, "missing_field", "missing field 'output'"),
+        (402, "not_json", "not JSON: Expecting property name enclosed in double quotes at column 2")]
     assert all(r["path"].endswith("train.jsonl") for r in rejected)
 
 
@@ -131,6 +133,6 @@ def test_too_many_bad_records_fail_before_training(ray_local, tmp_path):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text("".join('{"text": ""}\n' if i % 2 else '{"text": "fine"}\n' for i in range(40)))
     config = load_config(write_job(tmp_path, run_name="bad-data", data={"train": str(corpus), "eval": None}))
-    with pytest.raises(ValueError, match=r"20 of 40 records rejected \(50.0%\).*field 'text' is empty"):
+    with pytest.raises(ValueError, match=r"20 of 40 records rejected \(50.0%\).*most common reason: empty_field \(20x\)"):
         run_training(config)
     assert list((Path(config.storage.path) / "bad-data" / "rejected").glob("*.json*"))

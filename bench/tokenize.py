@@ -1,0 +1,107 @@
+"""Read → tokenize → pack throughput of ft-ray's Ray Data pipeline against a plain
+single-process loop with the same fast tokenizer on the same files, in one run.
+
+    python -m bench.tokenize [--records 40000] [--max-seq-len 1024] [--repeat 3]
+
+Prints tokens/s per core for both and their ratio (target: the pipeline at >= 0.8x the
+raw tokenizer per core), and the packing efficiency (target >= 0.97); the last line is
+one JSON object with the figures (medians of --repeat runs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # run as a script: this file must not shadow the standard library's `tokenize`
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per tokenizer, in both arms
+
+
+def baseline(files: list[Path], tokenizer, batch_size: int) -> int:
+    """The usual hand-written loop: read lines, parse JSON, tokenize prompt and answer in batches."""
+    from ft_ray.data.formats import alpaca_prompt
+
+    tokens = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        for start in range(0, len(lines), batch_size):
+            texts = []
+            for line in lines[start:start + batch_size]:
+                record = json.loads(line)
+                texts += [alpaca_prompt(record["instruction"], record["input"]), record["output"] + tokenizer.eos_token]
+            tokens += sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return tokens
+
+
+def pipeline(folder: Path, storage: Path, max_seq_len: int):
+    from ft_ray.config import config_from_dict, resolve_paths
+    from ft_ray.data.pipeline import build_datasets, sum_column
+    from ft_ray.models import load_tokenizer
+
+    config = resolve_paths(config_from_dict({
+        "model": {"max_seq_len": max_seq_len}, "data": {"train": str(folder), "eval_fraction": 0.01},
+        "storage": {"path": str(storage)}}))
+    datasets, stats = build_datasets(config, load_tokenizer(config.model), None)
+    tokens = stats.train_tokens + sum_column(datasets["eval"], "num_tokens")
+    return tokens, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=40000)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import ray
+
+    from bench.corpus import write_corpus
+    from ft_ray.config import ModelConfig
+    from ft_ray.data.pipeline import TOKENIZE_BATCH
+    from ft_ray.models import load_tokenizer
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tokenizer = load_tokenizer(ModelConfig())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "corpus"
+        write_corpus(folder, records=args.records)
+        files = sorted(folder.glob("*.jsonl"))
+        size_mb = sum(f.stat().st_size for f in files) / 2 ** 20
+        write_corpus(Path(tmp) / "warmup", records=500, seed=1)
+        pipeline(Path(tmp) / "warmup", Path(tmp) / "runs", args.max_seq_len)  # Ray workers start and import once
+        base_rates, pipe_rates, efficiency = [], [], []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            tokens = baseline(files, tokenizer, TOKENIZE_BATCH)
+            base_rates.append(tokens / (time.perf_counter() - started))
+            started = time.perf_counter()
+            pipe_tokens, stats = pipeline(folder, Path(tmp) / "runs", args.max_seq_len)
+            pipe_rates.append(pipe_tokens / (time.perf_counter() - started) / args.cpus)
+            efficiency.append(stats.packing_efficiency)
+            print(f"baseline {base_rates[-1]:,.0f} tokens/s (1 core); pipeline {pipe_rates[-1]:,.0f} tokens/s per core "
+                  f"({args.cpus} cores, {pipe_tokens:,} tokens); packing efficiency {efficiency[-1]:.4f}", flush=True)
+    ray.shutdown()
+    base, pipe = statistics.median(base_rates), statistics.median(pipe_rates)
+    print(json.dumps({"benchmark": "tokenize", "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                      "records": args.records, "corpus_mb": round(size_mb, 1), "cpus": args.cpus,
+                      "baseline_tokens_per_s_per_core": round(base), "pipeline_tokens_per_s_per_core": round(pipe),
+                      "ratio": round(pipe / base, 3), "packing_efficiency": statistics.median(efficiency),
+                      "repeats": args.repeat}))
+
+
+if __name__ == "__main__":
+    main()
