@@ -256,9 +256,26 @@ def shuffle(dataset: Any, seed: int, partitions: int) -> Any:
 
     DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     keyed = dataset.map_batches(_with_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
-    return (keyed.repartition(max(1, partitions), keys=["shuffle_key"])
-            .map_batches(lambda b: b.sort_by("shuffle_key").drop_columns(["shuffle_key"]),
-                         batch_format="pyarrow", batch_size=None))
+    partitioned = (keyed.repartition(max(1, partitions), keys=["shuffle_key"])
+                   .map_batches(lambda b: b.sort_by("shuffle_key"), batch_format="pyarrow", batch_size=None)
+                   .materialize())
+    return _blocks_in_key_order(partitioned).drop_columns(["shuffle_key"])
+
+
+def _blocks_in_key_order(dataset: Any) -> Any:
+    """The dataset's blocks ordered by their first key. The hash shuffle's partitions come
+    out in the order they finish (which varies run to run); what each holds does not."""
+    import ray
+    import ray.data
+
+    @ray.remote(num_cpus=0.1)
+    def first_key(block: Any) -> int:
+        return block["shuffle_key"][0].as_py() if block.num_rows else 2 ** 63
+
+    refs = dataset.to_arrow_refs()
+    firsts = ray.get([first_key.remote(ref) for ref in refs])
+    order = sorted(range(len(refs)), key=lambda i: firsts[i])
+    return ray.data.from_arrow_refs([refs[i] for i in order])
 
 
 def _select(batch: Any, which: str) -> Any:

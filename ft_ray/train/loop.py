@@ -24,6 +24,7 @@ from ft_ray.tracking import Tracker
 from ft_ray.train.engines import build_engine
 
 STATE_FILE = "trainer_state.json"
+TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
 
 
 @dataclass
@@ -78,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trace = MetricsLog(RunFolder.for_job(config), state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
     step_ids: list[int] = []
-    train_batches = batches(ray.train.get_dataset_shard("train"), config, plan, state)
+    train_batches = batches(train_pieces(config, rank), config, plan, state)
     for batch in (train_batches if state.step < plan.total_steps else ()):
         micro += 1
         sync = micro % accumulation == 0
@@ -127,21 +128,37 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     return model
 
 
-def batches(shard: Any, config: JobConfig, plan: StepPlan, state: TrainState) -> Iterator[dict]:
+def train_pieces(config: JobConfig, rank: int) -> list[Any]:
+    """This rank's share of the training data: the driver split it into one fixed piece per
+    possible worker (`trainer.TRAIN_PIECE`); with fewer workers (an elastic range), rank r
+    takes pieces r, r + world_size, ...
+
+    Fixed pieces make the samples of each rank, in order, the same in every run; Ray's
+    dynamic split hands blocks to whichever worker asks first, so it does not.
+    """
+    import ray.train
+
+    world_size = ray.train.get_context().get_world_size()
+    return [ray.train.get_dataset_shard(TRAIN_PIECE.format(i))
+            for i in range(rank, config.distributed.max_workers, world_size)]
+
+
+def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainState) -> Iterator[dict]:
     """Micro batches, epoch after epoch, starting at the saved data position.
 
-    The packed dataset has a fixed order (seeded shuffle at preparation), so skipping the
-    first `state.batch_in_epoch` batches resumes exactly where the checkpoint was taken.
+    The packed dataset has a fixed order (seeded shuffle at preparation) and fixed pieces
+    per rank, so skipping the first `state.batch_in_epoch` batches resumes exactly where the
+    checkpoint was taken.
     """
     while True:
         seen = 0
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=config.train.micro_batch_size,
-                                                           dtypes=torch.long)):
-            seen += 1
-            if i < state.batch_in_epoch:
-                continue
-            state.batch_in_epoch = i + 1
-            yield batch
+        for piece in pieces:
+            for batch in piece.iter_torch_batches(batch_size=config.train.micro_batch_size, dtypes=torch.long):
+                seen += 1
+                if seen <= state.batch_in_epoch:
+                    continue
+                state.batch_in_epoch = seen
+                yield batch
         if seen == 0:
             raise RuntimeError("this worker's training shard is empty: use fewer workers or more data")
         state.epoch += 1

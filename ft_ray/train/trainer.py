@@ -19,7 +19,7 @@ from ft_ray.config import JobConfig, dump_yaml
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for
 from ft_ray.storage import RunFolder, filesystem, read_metrics
-from ft_ray.train.loop import StepPlan, train_loop_per_worker
+from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 
 
 def connect_ray(config: JobConfig) -> None:
@@ -106,12 +106,20 @@ def run_training(config: JobConfig) -> dict[str, Any]:
                 checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures)),
         torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
-        datasets=datasets,
+        datasets=worker_datasets(config, datasets),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
     )
     result = trainer.fit()
     summary = summarize(config, run, result, stats, plan, time.monotonic() - started)
     run.write_json("summary.json", summary)
     return summary
+
+
+def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The eval set (split by Ray among the workers) and the training set cut here into one
+    fixed piece per possible worker, so each rank's samples are the same in every run."""
+    pieces = datasets["train"].split(config.distributed.max_workers, equal=True)
+    return {"eval": datasets["eval"], **{TRAIN_PIECE.format(i): piece for i, piece in enumerate(pieces)}}
 
 
 def _workers(config: JobConfig) -> str:
