@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,6 +40,24 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen) ->
             raise AssertionError(f"ft-ray exited ({process.returncode}) before {what}")
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_machine(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its local Ray: GCS, raylet, Train
+    workers) at once, as a lost machine would. Killing the driver alone let orphaned workers
+    train on for minutes on a loaded machine."""
+    processes = [psutil.Process(driver.pid)]
+    try:
+        processes += processes[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+    driver.wait()
 
 
 def settle(path, quiet_s: float = 8.0, timeout: float = 60.0) -> None:
@@ -74,8 +92,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, tmp_path):
         wait_for(lambda: snapshot.exists() and "checkpoint-000004" in snapshot.read_text(), 300,
                  "the first checkpoint", first)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        kill_machine(first)
     # Ray's own processes die a moment after the driver (they fate-share with it); a controller still
     # alive in that moment can register one more checkpoint. Wait until the snapshot stops changing.
     settle(snapshot)
