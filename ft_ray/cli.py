@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune as a job file says (resumes a run of the same name)")
     _config_args(train)
+    train.add_argument("--force-new", action="store_true",
+                       help="the run folder holds another job's checkpoints: move it aside and start over")
     train.set_defaults(handler=cmd_train)
 
     prepare = commands.add_parser("prepare", help="tokenize and pack the job's data to Parquet in storage "
@@ -74,9 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ft_ray.train.trainer import run_training
 
     config = load_config(args.config, args.overrides)
-    summary = run_training(config)
+    summary = run_training(config, force_new=args.force_new)
     _print_outcome(config, summary)
-    if config.train.compare_generations and (summary["adapter_path"] or summary["model_path"]):
+    weights = summary["adapter_path"] or summary["model_path"]
+    if config.train.compare_generations and weights and "://" not in weights:  # generations need local weights
         _print_samples(config, summary)
     return 0
 

@@ -169,6 +169,8 @@ class StorageConfig(Section):
     path: str = Field("./runs", description="local folder or s3://bucket/prefix holding runs")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
     region: str | None = None
+    max_attempts: int = Field(10, gt=0, description=(
+        "tries of each object-store request (exponential backoff, about 30 s in all at 10) before it fails"))
 
 
 class WandbConfig(Section):
@@ -326,6 +328,35 @@ def _absolute(path: str) -> str:
 
 def dump_yaml(config: JobConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys a relaunch may change and still resume the same run: where and how it runs, not what it learns.
+RESUMABLE_KEYS = ("distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
+                  "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
+                  "storage.", "tracking.", "tune", "train.keep_checkpoints", "train.log_every",
+                  "train.compare_generations", "train.peak_tflops", "data.prepared")
+
+
+def resume_changes(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between the config a run started with and a relaunch's,
+    except those a resume may change (`RESUMABLE_KEYS`), as "key: old -> new" lines."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key.startswith(RESUMABLE_KEYS) or flat_old.get(key) == flat_new.get(key):
+            continue
+        changes.append(f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}")
+    return changes
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # ---------------------------------------------------------------- errors

@@ -62,18 +62,19 @@ def run_config_of(checkpoint: Path) -> JobConfig:
     return load_config(config)
 
 
-def export_checkpoint(path: Path, out: Path, merge: bool = False) -> Path:
+def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobConfig | None = None) -> Path:
     """Write the variant at `path` (run folder or checkpoint) to `out`.
 
     LoRA checkpoints give a PEFT adapter folder, or with `merge` a full model with the
     adapter folded into the base weights. Full fine-tunes give the full model either way.
-    The tokenizer is written next to the weights.
+    The tokenizer is written next to the weights. `config` is the run's job (default: the
+    `config.yaml` of the run folder holding the checkpoint).
     """
     from ft_ray.models import load_tokenizer
 
     checkpoint = find_checkpoint(Path(path))
     weights = checkpoint / "model"
-    config = run_config_of(checkpoint)
+    config = config or run_config_of(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (weights / "adapter_config.json").exists() and merge:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,18 @@ def filesystem_for(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, 
     path inside it; S3 uses the endpoint and region of the storage section."""
     if path.startswith("s3://"):
         endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # the standard AWS variable
+        # Transient errors (a store restarting, throttling, a dropped connection) are retried with
+        # backoff inside every request, Ray Train's checkpoint uploads included.
         fs = pafs.S3FileSystem(endpoint_override=endpoint, region=storage.region or "us-east-1",
-                               scheme="http" if (endpoint or "").startswith("http://") else "https")
+                               scheme="http" if (endpoint or "").startswith("http://") else "https",
+                               connect_timeout=10, request_timeout=60,
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts))
         return fs, path[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(path).absolute())
+
+
+class StorageError(OSError):
+    """The store failed a request after its retries; the message names the URI."""
 
 
 @dataclass
@@ -62,20 +71,54 @@ class RunFolder:
             raise ValueError(f"{self.uri} is not a local folder")
         return Path(self.path(*parts))
 
+    def uri_of(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
     def write_text(self, name: str, text: str) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        with self.fs.open_output_stream(self.path(name)) as f:
-            f.write(text.encode("utf-8"))
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(text.encode("utf-8"))
+        except OSError as e:
+            raise StorageError(f"cannot write {self.uri_of(name)}: {e}") from e
 
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     def read_text(self, name: str) -> str | None:
+        """The file's text, or None when it does not exist."""
         try:
             with self.fs.open_input_stream(self.path(name)) as f:
                 return f.read().decode("utf-8")
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return None
+        except OSError as e:
+            if "NoSuchKey" in str(e) or "not found" in str(e).lower():
+                return None
+            raise StorageError(f"cannot read {self.uri_of(name)}: {e}") from e
+
+    def upload(self, local_folder: Path, name: str) -> str:
+        """Copy a local folder into the run folder; returns its URI."""
+        if self.is_local and Path(self.path(name)) == Path(local_folder).resolve():
+            return self.uri_of(name)
+        try:
+            pafs.copy_files(str(local_folder), self.path(name), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        except OSError as e:
+            raise StorageError(f"cannot upload {local_folder} to {self.uri_of(name)}: {e}") from e
+        return self.uri_of(name)
+
+    def move_aside(self) -> str:
+        """Rename the run folder to `<run>.replaced-<UTC time>` (a copy and a delete on object
+        stores), so a new run of the same name starts empty and nothing old is lost."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = f"{self.root}.replaced-{stamp}"
+        if self.is_local:
+            os.rename(self.root, target)
+        else:
+            pafs.copy_files(self.root, target, source_filesystem=self.fs, destination_filesystem=self.fs)
+            self.fs.delete_dir(self.root)
+        return self.uri[: len(self.uri) - len(self.root)] + target
 
 
 class MetricsLog:

@@ -21,6 +21,8 @@ import torch
 from ft_ray.config import JobConfig
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
+from ft_ray.train.checkpoints import (MANIFEST, digest_problem, file_digests, list_checkpoints, manifest_json,
+                                      manifest_problem, next_checkpoint_name, no_complete_checkpoint)
 from ft_ray.train.engines import build_engine
 
 STATE_FILE = "trainer_state.json"
@@ -60,12 +62,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(config, loop_config["base_model_path"])
     throughput = Throughput(config, model, ray.train.get_context().get_world_size())
     engine = build_engine(model, config, plan.total_steps)
-    state, resumed_from = restore(engine)
-    tracker = Tracker(config, RunFolder.for_job(config), state.step if resumed_from else None,
+    run = RunFolder.for_job(config)
+    state, resumed_from, skipped = restore(engine, run)
+    tracker = Tracker(config, run, state.step if resumed_from else None,
                       enabled=rank == 0, total_steps=plan.total_steps)
     nodes = worker_nodes()  # which machines ran this run, logged for the record
     if resumed_from:
-        tracker.log({"step": state.step, "resumed_from": resumed_from, "worker_nodes": nodes})
+        tracker.log({"step": state.step, "resumed_from": resumed_from, "worker_nodes": nodes,
+                     "skipped_checkpoints": [f"{name}: {why}" for name, why in skipped]})
     eval_shard = ray.train.get_dataset_shard("eval")
 
     if state.step == 0:
@@ -76,7 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation = config.train.gradient_accumulation
     window = Window(throughput)
     micro = 0
-    trace = MetricsLog(RunFolder.for_job(config), state.step if resumed_from else None,
+    trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
     step_ids: list[int] = []
     train_batches = batches(train_pieces(config, rank), config, plan, state)
@@ -104,7 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.flush()
             trace.flush()
             report(engine, state, {"step": state.step, "eval_loss": eval_loss,
-                                   "train_tokens": state.train_tokens}, checkpoint_due, rank)
+                                   "train_tokens": state.train_tokens}, checkpoint_due, rank, run)
         if last:
             break
     trace.flush()
@@ -242,22 +246,52 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool, rank: int) -> None:
-    """Report metrics to Ray; on checkpoint steps rank 0 attaches the saved state."""
+def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool, rank: int,
+           run: RunFolder) -> None:
+    """Report metrics to Ray; on checkpoint steps attach the saved state, and when every rank
+    has uploaded its files, rank 0 writes the checkpoint's manifest, last."""
     import ray.train
 
     if not with_checkpoint:
         ray.train.report(metrics)
         return
+    name = broadcast(next_checkpoint_name(list_checkpoints(run.fs, run.root), state.step) if rank == 0 else None)
+    world_size = ray.train.get_context().get_world_size()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         engine.save(folder, rank)  # a collective for sharded engines: every rank calls it
         if rank == 0:
-            state.world_size = ray.train.get_context().get_world_size()
+            state.world_size = world_size
             (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
         attach = rank == 0 or engine.saves_on_every_rank  # Ray merges every rank's files into one folder
+        files = gather_dicts(file_digests(folder) if attach else {})
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if attach else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)  # uploads before it returns
+    all_reduce_sum([0.0])  # a barrier: every rank's upload is done
+    if rank == 0:
+        run.write_text(f"{name}/{MANIFEST}", manifest_json(files, state.step, world_size))
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_dicts(part: dict) -> dict:
+    """Every rank's dict merged (a collective); the same on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(part)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {key: value for p in parts for key, value in p.items()}
 
 
 def check_world_size(engine: Any, state: TrainState, world_size: int, where: str) -> None:
@@ -273,24 +307,43 @@ def check_world_size(engine: Any, state: TrainState, world_size: int, where: str
             f"exported weights (ft-ray export {where} --out DIR, then model.name_or_path: DIR).")
 
 
-def restore(engine: Any) -> tuple[TrainState, str | None]:
-    """Load the latest checkpoint of this run, if there is one (Ray finds it in storage).
+def restore(engine: Any, run: RunFolder) -> tuple[TrainState, str | None, list[tuple[str, str]]]:
+    """Load the newest complete checkpoint of this run, if there is one.
+
+    Every rank reads the same storage and so picks the same checkpoint. Incomplete ones
+    (no manifest, a file missing, truncated or changed) are skipped with a warning.
 
     Returns:
-        (the state to continue from, the checkpoint's path or None for a fresh start).
+        (the state to continue from, the checkpoint's URI or None for a fresh start,
+        the skipped checkpoints with the reason of each).
+
+    Raises:
+        CheckpointError: checkpoints exist but none is complete.
     """
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return TrainState(), None
     world_size = ray.train.get_context().get_world_size()
-    with checkpoint.as_directory() as folder:
-        state = TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
-        check_world_size(engine, state, world_size, checkpoint.path)
-        engine.load(Path(folder))
+    candidates = list_checkpoints(run.fs, run.root)
+    skipped: list[tuple[str, str]] = []
+    for candidate in candidates:
+        path = run.path(candidate.name)
+        problem = manifest_problem(run.fs, path)
+        if problem is None:
+            with ray.train.Checkpoint(path, run.fs).as_directory() as folder:
+                problem = digest_problem(Path(folder))
+                if problem is None:
+                    state = TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
+                    check_world_size(engine, state, world_size, run.uri_of(candidate.name))
+                    engine.load(Path(folder))
+                    break
+        print(f"[ft-ray] warning: skipping checkpoint {run.uri_of(candidate.name)}: {problem}", flush=True)
+        skipped.append((candidate.name, problem))
+    else:
+        if skipped:
+            raise no_complete_checkpoint(run.uri, skipped)
+        return TrainState(), None, []
     if state.world_size != world_size:
         # Shards differ with the worker count: keep the share of the epoch already seen.
         state.batch_in_epoch = state.batch_in_epoch * state.world_size // world_size
         state.world_size = world_size
-    return state, checkpoint.path
+    return state, run.uri_of(candidate.name), skipped

@@ -10,15 +10,20 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ft_ray.config import JobConfig, dump_yaml
+import yaml
+
+from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for
 from ft_ray.storage import RunFolder, filesystem, read_metrics
+from ft_ray.train.checkpoints import (complete_checkpoints, list_checkpoints, manifest_problem,
+                                      no_complete_checkpoint)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 
 
@@ -69,8 +74,12 @@ def base_model_path(config: JobConfig, run: RunFolder) -> str:
     return str(save_base_model(config.model, folder))
 
 
-def run_training(config: JobConfig) -> dict[str, Any]:
-    """Fine-tune as the job says; returns the summary also written to `summary.json`."""
+def run_training(config: JobConfig, force_new: bool = False) -> dict[str, Any]:
+    """Fine-tune as the job says; returns the summary also written to `summary.json`.
+
+    A run folder of the same name with checkpoints is resumed, if the job is the same one
+    (`check_same_job`); `force_new` moves such a folder aside and starts over.
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -80,6 +89,7 @@ def run_training(config: JobConfig) -> dict[str, Any]:
     started = time.monotonic()
     connect_ray(config)
     run = RunFolder.for_job(config)
+    check_same_job(config, run, force_new)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
     datasets, stats = datasets_for(config, load_tokenizer(config.model), run.path("rejected"), run.fs)
@@ -115,6 +125,34 @@ def run_training(config: JobConfig) -> dict[str, Any]:
     return summary
 
 
+def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
+    """A relaunch resumes only the job it started as.
+
+    Raises:
+        InputError: the run folder holds checkpoints of a job with other settings (those a
+            resume may change aside, see `config.RESUMABLE_KEYS`), or only incomplete ones.
+    """
+    candidates = list_checkpoints(run.fs, run.root)
+    if not candidates:
+        return
+    if force_new:
+        print(f"[ft-ray] --force-new: moved the old run folder to {run.move_aside()}", flush=True)
+        return
+    old = yaml.safe_load(run.read_text("config.yaml") or "{}") or {}
+    changes = resume_changes(old, config.model_dump(mode="json"))
+    if changes:
+        raise InputError(
+            f"{run.uri} holds checkpoints of a run with other settings: " + "; ".join(changes[:8])
+            + ". Revert them to resume it, choose another run_name, or start this one over with --force-new "
+            "(the old folder is moved aside, not deleted).")
+    complete, skipped = complete_checkpoints(run.fs, run.root)
+    if not complete:
+        raise no_complete_checkpoint(run.uri, skipped)
+    for name, why in skipped:
+        print(f"[ft-ray] warning: checkpoint {run.uri_of(name)} is incomplete ({why}); "
+              f"resuming from {run.uri_of(complete[0].name)}", flush=True)
+
+
 def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
     """The eval set (split by Ray among the workers) and the training set cut here into one
     fixed piece per possible worker, so each rank's samples are the same in every run."""
@@ -130,16 +168,11 @@ def _workers(config: JobConfig) -> str:
 def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, plan: StepPlan,
               wall_s: float) -> dict[str, Any]:
     """The run's outcome from `metrics.jsonl` and Ray's result; exports the best weights."""
-    from ft_ray.export import export_checkpoint
-
     metrics = read_metrics(run)
     train_lines = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
-    best = _best_checkpoint(result)
-    weights_dir = "adapter" if config.trains_adapter else "model"
-    exported = None
-    if best and run.is_local:
-        exported = str(export_checkpoint(Path(best), run.local_path(weights_dir)))
+    best = _best_checkpoint(result, run)
+    exported = export_best(config, run, best) if best else None
     speeds = [m["tokens_per_s"] for m in train_lines[1:]] or [m["tokens_per_s"] for m in train_lines]
     initial, final = evals[0]["eval_loss"] if evals else None, evals[-1]["eval_loss"] if evals else None
     return {
@@ -154,8 +187,8 @@ def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, 
         "eval_loss_final": final,
         "eval_loss_reduction": (1 - final / initial) if initial and final is not None else None,
         "tokens_per_second": statistics.median(speeds) if speeds else None,
-        "best_checkpoint": best,
-        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": run.uri_of(Path(best).name) if best else None,
+        "latest_checkpoint": run.uri_of(Path(result.checkpoint.path).name) if result.checkpoint else None,
         "adapter_path": exported if config.trains_adapter else None,
         "model_path": None if config.trains_adapter else exported,
         "data": asdict(stats),
@@ -163,8 +196,26 @@ def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, 
     }
 
 
-def _best_checkpoint(result: Any) -> str | None:
+def _best_checkpoint(result: Any, run: RunFolder) -> str | None:
+    """The path (inside the run's filesystem) of the complete checkpoint with the lowest eval loss."""
     scored = [(m.get("eval_loss", math.inf), c.path) for c, m in (result.best_checkpoints or [])]
-    if scored:
-        return min(scored)[1]
-    return result.checkpoint.path if result.checkpoint else None
+    if result.checkpoint:
+        scored.append((math.inf, result.checkpoint.path))
+    complete = [(loss, path) for loss, path in scored if manifest_problem(run.fs, path) is None]
+    return min(complete)[1] if complete else None
+
+
+def export_best(config: JobConfig, run: RunFolder, checkpoint_path: str) -> str:
+    """The adapter (LoRA) or model (full) of a checkpoint written to `<run>/adapter|model`;
+    returns where (a local path, or a URI for object stores)."""
+    import ray.train
+
+    from ft_ray.export import export_checkpoint
+
+    weights_dir = "adapter" if config.trains_adapter else "model"
+    if run.is_local:
+        return str(export_checkpoint(Path(checkpoint_path), run.local_path(weights_dir), config=config))
+    with ray.train.Checkpoint(checkpoint_path, run.fs).as_directory() as folder, \
+            tempfile.TemporaryDirectory() as out:
+        export_checkpoint(Path(folder), Path(out), config=config)
+        return run.upload(Path(out), weights_dir)
