@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ft_ray.config import ConfigError, InputError, JobConfig, load_config
+from ft_ray.storage import StorageError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -331,7 +331,7 @@ def dump_yaml(config: JobConfig) -> str:
 
 
 # Keys a relaunch may change and still resume the same run: where and how it runs, not what it learns.
-RESUMABLE_KEYS = ("distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
+RESUMABLE_KEYS = ("run_name", "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "train.keep_checkpoints", "train.log_every",
                   "train.compare_generations", "train.peak_tflops", "data.prepared")

@@ -21,7 +21,7 @@ import yaml
 from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for
-from ft_ray.storage import RunFolder, filesystem, read_metrics
+from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.train.checkpoints import (complete_checkpoints, list_checkpoints, manifest_problem,
                                       no_complete_checkpoint)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
@@ -132,7 +132,10 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
         InputError: the run folder holds checkpoints of a job with other settings (those a
             resume may change aside, see `config.RESUMABLE_KEYS`), or only incomplete ones.
     """
-    candidates = list_checkpoints(run.fs, run.root)
+    try:
+        candidates = list_checkpoints(run.fs, run.root)
+    except OSError as e:
+        raise StorageError(f"cannot list {run.uri}: {e}") from e
     if not candidates:
         return
     if force_new:

@@ -15,12 +15,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_job
 
 pytestmark = [pytest.mark.slow]
 
@@ -32,7 +36,7 @@ def cluster(*args: str, env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=180)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def local_cluster():
     temp = f"/tmp/ftr-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "FT_RAY_LOCAL_TEMP": temp, "FT_RAY_LOCAL_PORT": "6391",
@@ -83,3 +87,75 @@ def test_submit_to_a_local_multi_node_cluster(local_cluster, tmp_path):
     assert theirs.returncode == 0, theirs.stdout[-4000:] + theirs.stderr[-4000:]
     assert "succeeded" in theirs.stdout.lower()
     assert (tmp_path / "runs" / "via-ray-job-submit" / "summary.json").exists()
+
+
+def node_job(tmp_path: Path, name: str) -> Path:
+    train = {"max_steps": 8, "checkpoint_every": 4, "eval_every": 4, "trace_samples": True}
+    return write_job(tmp_path, f"{name}.yaml", run_name=name, train=train,
+                     distributed={"num_workers": 2, "placement_strategy": "SPREAD"})
+
+
+def submit(env: dict, job: Path, *extra: str) -> subprocess.CompletedProcess:
+    # The job's folder is its working dir, used in place.
+    return subprocess.run([sys.executable, "-m", "ft_ray", "submit", str(job), "--address",
+                           f"http://127.0.0.1:{DASHBOARD_PORT}", "--in-place", "--working-dir", str(job.parent), *extra],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def job_status(env: dict, submission: str) -> str:
+    out = subprocess.run(["ray", "job", "status", submission, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
+                         env=env, capture_output=True, text=True, timeout=60).stdout
+    return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "RUNNING")
+
+
+def lose_node(node_id: str) -> int:
+    """SIGKILL every process of one Ray node (raylet, agents, and the workers under them) at once."""
+    daemons = [p for p in psutil.process_iter(["cmdline"]) if node_id in " ".join(p.info["cmdline"] or [])]
+    processes = daemons + [c for d in daemons for c in d.children(recursive=True)]
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(daemons)
+
+
+def trace_and_weights(run: Path) -> tuple[dict, dict]:
+    trace = {f.name: f.read_text() for f in sorted(run.glob("samples-rank*.jsonl"))}
+    return trace, load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_lost_worker_node_costs_a_restart_not_the_run(local_cluster, tmp_path):
+    env, _ = local_cluster
+    reference = submit(env, node_job(tmp_path, "node-reference"), "--wait")
+    assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
+
+    submitted = submit(env, node_job(tmp_path, "node-lost"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    submission = submitted.stdout.split("submitted ", 1)[1].split()[0]
+    run = tmp_path / "runs" / "node-lost"
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-000004" / "manifest.json").exists() or \
+            not any('"step": 5' in line for line in (run / "metrics.jsonl").read_text().splitlines()):
+        assert time.monotonic() < deadline and job_status(env, submission) == "RUNNING", "no checkpoint 4"
+        time.sleep(0.5)
+    nodes = ran_on_two_nodes(run)
+    assert lose_node(nodes[1]) >= 1, f"no process of node {nodes[1]} found"
+
+    while (status := job_status(env, submission)) == "RUNNING":
+        assert time.monotonic() < deadline + 600, "the job did not end after the node was lost"
+        time.sleep(3)
+    logs = subprocess.run(["ray", "job", "logs", submission, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
+                          env=env, capture_output=True, text=True, timeout=60).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    [resume] = [m for m in metrics if "resumed_from" in m]
+    # Lost after step 5: the newest complete checkpoint is 4 (8 if the kill came late).
+    assert resume["resumed_from"] in (str(run / "checkpoint-000004"), str(run / "checkpoint-000008"))
+    assert nodes[1] not in resume["worker_nodes"], "a worker restarted on the lost node"
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 9))
+    expected_trace, expected_weights = trace_and_weights(tmp_path / "runs" / "node-reference")
+    trace, weights = trace_and_weights(run)
+    assert trace == expected_trace
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
