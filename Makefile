@@ -1,10 +1,11 @@
 # make demo   fresh machine: creates .venv, installs, fine-tunes the embedded default on CPU
+# make demo-sweep   then: a 4-trial LoRA sweep of the same model (Ray Tune, ASHA, W&B offline)
 # make test   installs the same way, runs the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-sweep test clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/ft-ray train configs/tiny-cpu.yaml
+
+demo-sweep: install
+	$(BIN)/ft-ray tune configs/sweep-tiny.yaml
+	$(BIN)/ft-ray report runs/tiny-sweep
 
 test: install
 	$(BIN)/python -m pytest

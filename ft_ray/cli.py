@@ -42,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="the run folder holds another job's checkpoints: move it aside and start over")
     train.set_defaults(handler=cmd_train)
 
+    tune = commands.add_parser("tune", help="search job settings with Ray Tune (tune: section); exports the winners")
+    _config_args(tune)
+    tune.add_argument("--resume", action="store_true", help="finish an interrupted sweep of the same name")
+    tune.set_defaults(handler=cmd_tune)
+
+    report = commands.add_parser("report", help="HTML page and PNGs of a sweep or a run (loss curves, metric vs settings)")
+    report.add_argument("path", help="sweep or run folder (local or s3://)")
+    report.add_argument("--out", type=Path, help="folder to write (default: <path>/report, or ./report-<name> for s3://)")
+    report.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths (default AWS_ENDPOINT_URL)")
+    report.set_defaults(handler=cmd_report)
+
     prepare = commands.add_parser("prepare", help="tokenize and pack the job's data to Parquet in storage "
                                                   "(later runs with the same data skip this)")
     _config_args(prepare)
@@ -108,6 +119,27 @@ def _print_samples(config: JobConfig, summary: dict) -> None:
         print("[ft-ray] fine-tuned variant says:\n" + sample["variant"].strip())
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ft_ray.tune import run_sweep
+
+    config = load_config(args.config, args.overrides)
+    summary = run_sweep(config, resume=args.resume)
+    stopped = sum(t["stopped_early"] for t in summary["trials"])
+    print(f"[ft-ray] {len(summary['trials'])} trials ({stopped} stopped early); sweep.json: {summary['sweep']}/sweep.json")
+    for winner in summary["winners"]:
+        print(f"[ft-ray] #{winner['rank']} {winner['trial']} {summary['metric']} "
+              f"{winner['metrics'].get(summary['metric'])}: {winner['uri']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ft_ray.report import write_report
+
+    page = write_report(args.path, args.out, args.endpoint_url)
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ft_ray.data.pipeline import stats_table
     from ft_ray.data.prepared import prepare
@@ -125,6 +157,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ft_ray.validate import validate_data
 
     config = load_config(args.config, args.overrides)
+    if config.tune:
+        from ft_ray.tune import check_search_space
+
+        check_search_space(config)
     print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
           f"workers {config.distributed.num_workers})")
     if args.offline:

@@ -178,21 +178,47 @@ class WandbConfig(Section):
     project: str = "ft-ray"
     entity: str | None = None
     dir: str | None = Field(None, description="where offline runs are written; default the run folder")
+    group: str | None = Field(None, description="W&B group (a sweep sets it to the sweep name)")
 
 
 class TrackingConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
+class SchedulerConfig(Section):
+    type: Literal["asha", "fifo"] = Field("asha", description="asha stops trials behind the others early; fifo runs all")
+    grace_period_steps: int = Field(50, gt=0, description="optimizer steps every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(3, gt=1, description="ASHA keeps the best 1/reduction_factor at each rung")
+
+
 class TuneConfig(Section):
     """Sweep settings, read by `ft-ray tune`."""
 
-    metric: str = "eval_loss"
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description=(
+        "sweep name: the folder <storage.path>/<name>/ and the W&B group; default run_name"))
+    metric: str = Field("eval_loss", description="what ranks trials (reported at every eval)")
     mode: Literal["min", "max"] = "min"
-    num_samples: int = Field(4, gt=0)
-    max_concurrent_trials: int | None = Field(None, gt=0)
-    search_space: dict[str, Any] = Field(default_factory=dict)
-    export_top_k: int = Field(1, ge=0)
+    num_samples: int = Field(4, gt=0, description="trials (with search_alg grid: repeats of the whole grid)")
+    max_concurrent_trials: int | Literal["auto"] = Field("auto", description=(
+        "auto: as many as the cluster's CPUs (or GPUs) hold at distributed.num_workers each"))
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "dotted job key -> {choice: [..]} | {grid: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}"))
+    export_top_k: int = Field(1, ge=0, description="best trials exported to <sweep>/winners/")
+    trial_cpus: float = Field(0.05, gt=0, description=(
+        "CPUs held by each trial's driver (a fraction: its training workers hold their own)"))
+
+    @field_validator("max_concurrent_trials")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 or auto")
+        return value
+
+
+class ExportConfig(Section):
+    merge: bool = Field(False, description="also write the base model with the LoRA adapter folded in (sweep winners)")
 
 
 class JobConfig(Section):
@@ -207,6 +233,7 @@ class JobConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig | None = None
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @property
     def trains_adapter(self) -> bool:
@@ -333,7 +360,7 @@ def dump_yaml(config: JobConfig) -> str:
 # Keys a relaunch may change and still resume the same run: where and how it runs, not what it learns.
 RESUMABLE_KEYS = ("run_name", "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
-                  "storage.", "tracking.", "tune", "train.keep_checkpoints", "train.log_every",
+                  "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
                   "train.compare_generations", "train.peak_tflops", "data.prepared")
 
 

@@ -6,6 +6,7 @@ environment (WANDB_API_KEY) or wandb's own login file, never from the job file.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
@@ -66,4 +67,44 @@ def _start_wandb(config: JobConfig, run: RunFolder) -> Any:
     directory = settings.dir or (str(run.local_path()) if run.is_local else None)
     return wandb.init(project=settings.project, entity=settings.entity, name=config.run_name,
                       id=config.run_name, resume="allow", mode=settings.mode, dir=directory,
+                      group=settings.group, job_type="trial" if settings.group else "train",
                       config=config.model_dump(mode="json"))
+
+
+class TrialRuns:
+    """W&B for a sweep, kept by the sweep's driver: one run per trial (group = the sweep,
+    job type `trial`, the trial's whole job as config) fed from the trial's `metrics.jsonl`
+    each time the trial reports, and finished when the trial ends, however it ends.
+
+    The driver outlives every trial; a trial ASHA stops dies at once, W&B buffers with it,
+    so its workers do not log to W&B themselves.
+    """
+
+    def __init__(self, settings: Any, directory: str | None):
+        self.settings, self.directory = settings, directory
+        self.runs: dict[str, Any] = {}  # trial run name -> its W&B run
+        self.logged: dict[str, int] = {}  # trial run name -> metrics lines already logged
+
+    def update(self, config: JobConfig, run: RunFolder, final: bool = False) -> None:
+        """Log the trial's metrics lines past the last one logged; finish the run if `final`."""
+        if self.settings.mode == "disabled":
+            return
+        import wandb
+
+        name = config.run_name
+        if name not in self.runs:
+            self.runs[name] = wandb.init(
+                project=self.settings.project, entity=self.settings.entity, name=name, id=name,
+                group=self.settings.group, job_type="trial", mode=self.settings.mode, dir=self.directory,
+                config=config.model_dump(mode="json"), resume="allow", reinit="create_new")
+            self.logged[name] = 0
+        wandb_run = self.runs[name]
+        lines = [json.loads(line) for line in (run.read_text("metrics.jsonl") or "").splitlines() if line.strip()]
+        for record in lines[self.logged[name]:]:
+            numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            if numbers:
+                wandb_run.log(numbers, step=record["step"])
+        self.logged[name] = max(self.logged[name], len(lines))
+        if final:
+            wandb_run.finish()
+            del self.runs[name]

@@ -53,11 +53,13 @@ def write_job(tmp_path: Path, name: str = "job.yaml", **sections) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session: 2 training workers plus room for the data pipeline."""
+    """One local Ray for the session: 2 training workers plus room for the data pipeline.
+    The dashboard's state API lets Ray Train release the workers of sweep trials that ASHA
+    stops (their controllers die with them)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()
 

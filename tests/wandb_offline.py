@@ -38,11 +38,12 @@ def _payloads(data: bytes) -> Iterator[bytes]:
 
 
 def read_offline_run(run_file: Path) -> dict:
-    """{"config": {...}, "history": [{key: value}, ...], "raw": bytes} of one offline run."""
+    """{"config": {...}, "history": [{key: value}, ...], "group": str, "job_type": str, "raw": bytes}
+    of one offline run."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     raw = Path(run_file).read_bytes()
-    config, history = {}, []
+    config, history, group, job_type = {}, [], "", ""
     for payload in _payloads(raw):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -53,4 +54,5 @@ def read_offline_run(run_file: Path) -> dict:
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-    return {"config": config, "history": history, "raw": raw}
+            group, job_type = record.run.run_group or group, record.run.job_type or job_type
+    return {"config": config, "history": history, "group": group, "job_type": job_type, "raw": raw}

@@ -45,6 +45,16 @@ def location(config: JobConfig) -> str:
     return config.data.prepared or f"{config.storage.path.rstrip('/')}/prepared/{fingerprint(config)}"
 
 
+def prepared_stats(config: JobConfig) -> DataStats | None:
+    """The stats of the job's complete prepared folder, or None (without reading the data)."""
+    fs, root = filesystem_for(location(config), config.storage)
+    try:
+        with fs.open_input_stream(f"{root}/{STATS_FILE}") as f:
+            return DataStats(**json.loads(f.read())["stats"])
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | None:
     """The prepared datasets and their stats, or None when there are none (complete) yet."""
     import ray.data

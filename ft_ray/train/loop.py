@@ -111,6 +111,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    "train_tokens": state.train_tokens}, checkpoint_due, rank, run)
         if last:
             break
+    if resumed_from and state.step >= plan.total_steps:
+        # A finished run relaunched (a sweep restored after its driver died): tell Ray (and
+        # Tune) where it ended, once, from every rank.
+        ray.train.report({"step": state.step, "eval_loss": evaluate(engine, eval_shard, config),
+                          "train_tokens": state.train_tokens})
     trace.flush()
     tracker.finish()
 

@@ -27,22 +27,25 @@ from ft_ray.train.checkpoints import (complete_checkpoints, list_checkpoints, ma
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 
 
-def connect_ray(config: JobConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start local Ray.
+def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = False) -> bool:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start local Ray;
+    returns True when it started local Ray.
 
-    Locally Ray gets two logical CPUs more than the training workers hold, so the data
-    pipeline always has room to run next to them (else a shuffle can wait forever).
+    Locally Ray gets two logical CPUs more than the training workers of `parallel_runs`
+    runs hold, so the data pipeline always has room to run next to them (else a shuffle can
+    wait forever).
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-        return
-    needed = math.ceil(config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+        return False
+    needed = math.ceil(parallel_runs * config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=dashboard,
              log_to_driver=True)
+    return True
 
 
 def plan_steps(config: JobConfig, train_sequences: int) -> StepPlan:
@@ -74,11 +77,12 @@ def base_model_path(config: JobConfig, run: RunFolder) -> str:
     return str(save_base_model(config.model, folder))
 
 
-def run_training(config: JobConfig, force_new: bool = False) -> dict[str, Any]:
+def run_training(config: JobConfig, force_new: bool = False, callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune as the job says; returns the summary also written to `summary.json`.
 
     A run folder of the same name with checkpoints is resumed, if the job is the same one
-    (`check_same_job`); `force_new` moves such a folder aside and starts over.
+    (`check_same_job`); `force_new` moves such a folder aside and starts over. `callbacks`
+    go to Ray Train's RunConfig (a sweep passes Tune's report callback).
     """
     import ray.data
     import ray.train
@@ -114,7 +118,8 @@ def run_training(config: JobConfig, force_new: bool = False) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute="eval_loss",
                 checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures),
+            callbacks=callbacks),
         torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
         datasets=worker_datasets(config, datasets),
         dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),

@@ -103,9 +103,10 @@ def submit(env: dict, job: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def job_status(env: dict, submission: str) -> str:
-    out = subprocess.run(["ray", "job", "status", submission, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
-                         env=env, capture_output=True, text=True, timeout=60).stdout
-    return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "RUNNING")
+    done = subprocess.run(["ray", "job", "status", submission, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    out = (done.stdout + done.stderr).lower()  # e.g. "Job 'raysubmit_...' succeeded"
+    return next((s.upper() for s in ("succeeded", "failed", "stopped") if f"' {s}" in out), "RUNNING")
 
 
 def lose_node(node_id: str) -> int:

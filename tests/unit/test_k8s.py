@@ -143,7 +143,17 @@ def test_cross_checks_configmap_image_gpus_and_secrets():
             groups = resource["spec"]["rayClusterSpec"]["workerGroupSpecs"]
             gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                        * g["maxReplicas"] for g in groups)
-            assert gpus == recipe.distributed.max_workers, f"{path.name}: {gpus} GPUs for {recipe.distributed.num_workers} workers"
+            # A sweep runs max_concurrent_trials trials of num_workers workers at once.
+            at_once = recipe.tune.max_concurrent_trials if "ft-ray tune" in resource["spec"]["entrypoint"] else 1
+            assert gpus == recipe.distributed.max_workers * at_once, \
+                f"{path.name}: {gpus} GPUs for {at_once} x {recipe.distributed.num_workers} workers"
             env = str(resource)
             assert "runtimeEnvYAML" not in resource["spec"] or "API_KEY" not in resource["spec"]["runtimeEnvYAML"]
             assert "WANDB_API_KEY" not in env and "AWS_SECRET" not in env
+
+
+def test_rayjobs_for_training_and_for_sweeps_are_in_the_kustomization():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    jobs = [r for name in kustomization["resources"] for r in documents(K8S / name) if r["kind"] == "RayJob"]
+    assert sorted(r["spec"]["entrypoint"].split()[1] for r in jobs) == ["train", "tune"]
+    assert all(r["spec"]["backoffLimit"] >= 1 and r["spec"]["shutdownAfterJobFinishes"] for r in jobs)

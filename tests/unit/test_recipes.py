@@ -12,7 +12,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 def test_the_recipes_the_issue_names_exist():
     assert {"tiny-cpu.yaml", "qlora-llama3-8b.yaml", "zero3-full-llama3-8b.yaml",
-            "lora-zero2-multinode.yaml"} <= {p.name for p in CONFIGS}
+            "lora-zero2-multinode.yaml", "sweep-tiny.yaml", "sweep-lora-llama3-8b.yaml"} <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

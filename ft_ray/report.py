@@ -1,0 +1,138 @@
+"""`ft-ray report`: a page people look at. For a sweep: loss curves of every trial, the metric
+against each searched setting, the winners and all trials in tables. For a run: its curves
+and summary. Reads local folders and s3:// alike; writes `index.html` and PNGs to a folder.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from ft_ray.config import InputError, StorageConfig
+from ft_ray.storage import RunFolder, filesystem_for
+
+
+def open_folder(path: str, storage: StorageConfig) -> RunFolder:
+    fs, root = filesystem_for(path, storage)
+    return RunFolder(fs=fs, root=root, uri=path.rstrip("/") if "://" in path else root)
+
+
+def write_report(path: str, out: Path | None = None, endpoint_url: str | None = None) -> Path:
+    """Write the report of a sweep or run folder; returns the page's path. `endpoint_url`:
+    an S3-compatible store's (default AWS_ENDPOINT_URL, else AWS).
+
+    Raises:
+        InputError: the folder holds neither `sweep.json` nor `metrics.jsonl`.
+    """
+    folder = open_folder(str(path), StorageConfig(endpoint_url=endpoint_url))
+    if out is None:
+        out = Path(folder.root) / "report" if folder.is_local else Path(f"report-{Path(folder.root).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = folder.read_text("sweep.json")
+    if sweep:
+        body = sweep_report(folder, json.loads(sweep), out)
+    elif folder.read_text("metrics.jsonl") is not None:
+        body = run_report(folder, out)
+    else:
+        raise InputError(f"{folder.uri}: neither a sweep (sweep.json) nor a run folder (metrics.jsonl)")
+    page = out / "index.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>ft-ray report: {html.escape(folder.uri)}"
+                    f"</title><style>{STYLE}</style></head><body>{body}</body></html>\n", encoding="utf-8")
+    return page
+
+
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
+         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}img{max-width:100%}")
+
+
+def metrics_of(folder: RunFolder) -> list[dict]:
+    return [json.loads(line) for line in (folder.read_text("metrics.jsonl") or "").splitlines() if line.strip()]
+
+
+def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
+    trials = summary["trials"]
+    curves = {t["trial"]: metrics_of(RunFolder(fs=sweep.fs, root=sweep.path("trials", t["trial"]),
+                                                uri=t["run_folder"])) for t in trials}
+    plot_curves(curves, out / "loss_curves.png")
+    keys = sorted({k for t in trials for k in t["config"]})
+    metric = summary["metric"]
+    plot_metric_vs_settings(trials, keys, metric, {w["trial"] for w in summary["winners"]}, out / "metric_vs_settings.png")
+    winners = table(["rank", "trial", metric, "variant"],
+                    [[w["rank"], w["trial"], w["metrics"].get(metric), w["uri"]] for w in summary["winners"]])
+    rows = table(["trial", "status", "step", metric, *keys],
+                 [[t["trial"], t["status"] + (" (stopped early)" if t["stopped_early"] else ""), t["step"],
+                   t["metrics"].get(metric), *[t["config"].get(k) for k in keys]] for t in trials])
+    stopped = sum(t["stopped_early"] for t in trials)
+    return (f"<h1>Sweep {html.escape(sweep.uri)}</h1><p>{len(trials)} trials, {stopped} stopped early; "
+            f"ranked by {html.escape(metric)} ({summary['mode']}).</p><h2>Winners</h2>{winners}"
+            f"<h2>Loss curves</h2><img src='loss_curves.png'><h2>{html.escape(metric)} against the searched settings</h2>"
+            f"<img src='metric_vs_settings.png'><h2>All trials</h2>{rows}")
+
+
+def run_report(run: RunFolder, out: Path) -> str:
+    plot_curves({Path(run.root).name: metrics_of(run)}, out / "loss_curves.png")
+    summary = json.loads(run.read_text("summary.json") or "{}")
+    shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    return (f"<h1>Run {html.escape(run.uri)}</h1><img src='loss_curves.png'>"
+            + table(["key", "value"], [[k, v] for k, v in shown.items()]))
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Training loss (line) and eval loss (dashed, markers) against the step, one colour per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (name, metrics) in enumerate(sorted(curves.items())):
+        colour = f"C{i % 10}"
+        train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+        evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+        if train:
+            ax.plot(*zip(*train), color=colour, linewidth=1, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals), color=colour, linestyle="--", marker="o", label=f"{name} eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_metric_vs_settings(trials: list[dict], keys: list[str], metric: str, winners: set[str], path: Path) -> None:
+    """One panel per searched setting: each trial's final metric against its value (log axis
+    for values spanning more than 10x); winners drawn as stars."""
+    plt = _pyplot()
+    keys = keys or ["(none)"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(t["config"].get(key), t["metrics"].get(metric), t["trial"] in winners) for t in trials
+                  if isinstance(t["config"].get(key), (int, float)) and t["metrics"].get(metric) is not None]
+        for x, y, won in points:
+            ax.scatter([x], [y], marker="*" if won else "o", s=140 if won else 40, color="C3" if won else "C0")
+        values = [x for x, _, _ in points if x > 0]
+        if values and max(values) / min(values) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,337 @@
+"""Sweeps: a Ray Tune search over job keys, each trial a full Ray Train run, ASHA to stop
+the trials that fall behind, and the best trials exported to `<storage>/<sweep>/winners/`.
+
+Layout of a sweep folder (`<storage.path>/<tune.name>/`):
+    prepared/            the data, tokenized and packed once for every trial
+    trials/<trial run>/  each trial's run folder (checkpoints, metrics.jsonl, summary.json)
+    tune/                Tune's experiment state (`ft-ray tune CONFIG --resume` restores it)
+    winners/<rank>-<trial run>/  the exported variant, `winner.json` written last
+    sweep.json           every trial: settings, final metrics, status, stopped early or not
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from pydantic import ValidationError
+from ray.tune import Callback
+
+from ft_ray.config import ConfigError, InputError, JobConfig, TuneConfig, dump_yaml
+from ft_ray.storage import RunFolder, filesystem
+from ft_ray.tracking import TrialRuns
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+# ---------------------------------------------------------------- the search space
+
+
+def check_search_space(config: JobConfig) -> None:
+    """Every key names a setting of the job and every value it can take is valid for it.
+
+    Raises:
+        ConfigError: one line per problem, naming `tune.search_space.<key>`, before any trial runs.
+    """
+    tune = config.tune or TuneConfig()
+    problems = []
+    if not tune.search_space:
+        problems.append("tune.search_space: empty; name at least one key to search, e.g. "
+                        "train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}")
+    base = config.model_dump(mode="json")
+    for key, spec in tune.search_space.items():
+        where = f"tune.search_space.{key}"
+        problem = _spec_problem(spec, tune.search_alg)
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        for value in _edge_values(spec):
+            problem = _value_problem(base, key, value)
+            if problem:
+                problems.append(f"{where}: {problem}")
+                break
+    if problems:
+        raise ConfigError(problems)
+
+
+def _spec_problem(spec: dict, search_alg: str) -> str | None:
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    if len(spec) != 1 or len(kinds) != 1:
+        return f"give exactly one of {', '.join(DISTRIBUTIONS)}, got {sorted(spec)}"
+    kind, values = kinds[0], spec[kinds[0]]
+    if not isinstance(values, list) or not values:
+        return f"{kind}: a non-empty list of values"
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+            return f"{kind}: [low, high] with low < high, got {values}"
+        if kind == "loguniform" and values[0] <= 0:
+            return f"loguniform: low must be > 0, got {values[0]}"
+        if search_alg == "grid":
+            return f"{kind} cannot be searched with search_alg grid; use grid or choice lists"
+    if kind == "grid" and search_alg == "optuna":
+        return "grid cannot be used with search_alg optuna; use choice"
+    return None
+
+
+def _edge_values(spec: dict) -> list[Any]:
+    kind, values = next(iter(spec.items()))
+    if kind == "randint":
+        return [values[0], values[1] - 1]
+    return list(values)
+
+
+def _value_problem(base: dict, key: str, value: Any) -> str | None:
+    try:
+        JobConfig.model_validate(with_overrides(base, {key: value}))
+    except KeyError:
+        return "not a key of the job schema (see ft_ray/config.py)"
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden" and loc == key:
+            return "not a key of the job schema (see ft_ray/config.py)"
+        return f"value {value!r}: {loc}: {first['msg']}"
+    return None
+
+
+def with_overrides(base: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of a job dict with dotted keys set; a section on the way that does not exist
+    raises KeyError (a leaf that does not exist is left for the schema to reject)."""
+    job = copy.deepcopy(base)
+    for key, value in overrides.items():
+        node, parts = job, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(key)
+            node = node[part]
+        node[parts[-1]] = value
+    return job
+
+
+def param_space(tune: TuneConfig) -> dict[str, Any]:
+    """The Tune search space of the dotted keys."""
+    from ray import tune as ray_tune
+
+    space = {}
+    for key, spec in tune.search_space.items():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid" or (kind == "choice" and tune.search_alg == "grid"):
+            space[key] = ray_tune.grid_search(values)
+        elif kind == "choice":
+            space[key] = ray_tune.choice(values)
+        elif kind == "uniform":
+            space[key] = ray_tune.uniform(*values)
+        elif kind == "loguniform":
+            space[key] = ray_tune.loguniform(*values)
+        else:
+            space[key] = ray_tune.randint(*values)
+    return space
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def trial_job(base: dict, overrides: dict[str, Any], sweep: str, trial_id: str, prepared: str,
+              for_workers: bool = True) -> JobConfig:
+    """The job one trial runs: the sweep's job with the trial's values, its own run folder
+    under `<sweep>/trials/`, the sweep's prepared data. W&B is the driver's (`TrialRuns`):
+    `for_workers` turns it off in the job the workers get."""
+    job = with_overrides(base, overrides)
+    job["run_name"] = f"{sweep}-{trial_id}"
+    job["storage"]["path"] = f"{job['storage']['path'].rstrip('/')}/{sweep}/trials"
+    job["data"]["prepared"] = prepared
+    job["tracking"]["wandb"]["group"] = sweep
+    if for_workers:
+        job["tracking"]["wandb"]["mode"] = "disabled"
+    job["tune"] = None
+    return JobConfig.model_validate(job)
+
+
+class WandbTrials(Callback):
+    """Tune callback in the sweep's driver: each trial's W&B run follows its metrics.jsonl
+    on every report and is finished when the trial ends (finished, stopped or failed)."""
+
+    def __init__(self, base: dict, sweep: str, prepared: str, directory: str | None):
+        self.base, self.sweep, self.prepared = base, sweep, prepared
+        self.directory = directory
+        self.runs: TrialRuns | None = None
+
+    def _update(self, trial: Any, final: bool) -> None:
+        config = trial_job(self.base, trial.config, self.sweep, trial.trial_id, self.prepared, for_workers=False)
+        if self.runs is None:
+            self.runs = TrialRuns(config.tracking.wandb, self.directory)
+        try:
+            self.runs.update(config, RunFolder.for_job(config), final)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop a sweep
+            print(f"[ft-ray] warning: W&B logging of {config.run_name} failed: {e}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._update(trial, final=False)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, final=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, final=True)
+
+
+def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) -> None:
+    """Tune's trainable: one full Ray Train run whose eval reports reach Tune (and ASHA).
+    Restored trials find their run folder and resume from its newest complete checkpoint."""
+    from ray import tune as ray_tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ft_ray.train.trainer import run_training
+
+    config = trial_job(base, overrides, sweep, ray_tune.get_context().get_trial_id(), prepared)
+    run_training(config, callbacks=[TuneReportCallback()])
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def sweep_name(config: JobConfig) -> str:
+    return (config.tune and config.tune.name) or config.run_name
+
+
+def sweep_folder(config: JobConfig) -> RunFolder:
+    fs, base = filesystem(config.storage)
+    scheme = "s3://" if config.storage.path.startswith("s3://") else ""
+    root = f"{base}/{sweep_name(config)}"
+    return RunFolder(fs=fs, root=root, uri=f"{scheme}{root}")
+
+
+def concurrency(config: JobConfig, started_local: bool) -> int:
+    """How many trials run at once: the config's number, or what the cluster holds."""
+    import ray
+
+    tune = config.tune or TuneConfig()
+    if tune.max_concurrent_trials != "auto":
+        return int(tune.max_concurrent_trials)
+    dist = config.distributed
+    if dist.use_gpu:
+        fits = ray.cluster_resources().get("GPU", 0) // dist.max_workers
+    else:
+        cpus = (os.cpu_count() or 1) if started_local else ray.cluster_resources().get("CPU", 0) - 2
+        fits = cpus // (dist.max_workers * dist.cpus_per_worker + tune.trial_cpus)
+    return int(max(1, min(fits, tune.num_samples * _grid_size(tune))))
+
+
+def _grid_size(tune: TuneConfig) -> int:
+    size = 1
+    for spec in tune.search_space.values():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid" or (kind == "choice" and tune.search_alg == "grid"):
+            size *= len(values)
+    return size
+
+
+def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or with `resume`, finish) the sweep; returns what `sweep.json` holds."""
+    from ray import tune as ray_tune
+
+    from ft_ray.data.prepared import prepare, prepared_stats
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.trainer import connect_ray, plan_steps
+
+    check_search_space(config)
+    tune = config.tune or TuneConfig()
+    sweep = sweep_folder(config)
+    # The dashboard's state API lets Ray Train release the workers of trials ASHA stops
+    # (their controllers die with them); without it, their CPUs stay reserved.
+    started_local = connect_ray(config, parallel_runs=_local_parallel(config), dashboard=True)
+    workers_at_once = concurrency(config, started_local)
+    resume = _resume_or_start(sweep, resume)
+    sweep.write_text("config.yaml", dump_yaml(config))
+    prepared_at = config.data.prepared or f"{sweep.uri}/prepared"
+    with_prepared = config.model_copy(update={"data": config.data.model_copy(update={"prepared": prepared_at})})
+    stats = prepared_stats(with_prepared) or prepare(with_prepared, load_tokenizer(config.model))[1]
+    max_steps = plan_steps(config, stats.train_sequences).total_steps
+    print(f"[ft-ray] sweep {sweep.uri}: {tune.num_samples} sample(s) x {_grid_size(tune)} grid point(s), "
+          f"{workers_at_once} at once, {max_steps} steps each at most", flush=True)
+
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, base=config.model_dump(mode="json"), sweep=sweep_name(config),
+                                 prepared=prepared_at),
+        {"cpu": tune.trial_cpus})
+    if resume:
+        tuner = ray_tune.Tuner.restore(sweep.path("tune"), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=sweep.fs)
+    else:
+        tuner = ray_tune.Tuner(
+            trainable, param_space=param_space(tune),
+            tune_config=ray_tune.TuneConfig(
+                metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
+                max_concurrent_trials=workers_at_once, search_alg=_search_alg(tune),
+                scheduler=_scheduler(tune, max_steps)),
+            run_config=ray_tune.RunConfig(name="tune", storage_path=sweep.root, storage_filesystem=sweep.fs,
+                                          callbacks=_callbacks(config, sweep, prepared_at)))
+    results = tuner.fit()
+
+    from ft_ray.winners import summarize_sweep
+
+    return summarize_sweep(config, sweep, results)
+
+
+def _callbacks(config: JobConfig, sweep: RunFolder, prepared: str) -> list:
+    if config.tracking.wandb.mode == "disabled":
+        return []
+    directory = config.tracking.wandb.dir or (sweep.root if sweep.is_local else None)
+    return [WandbTrials(config.model_dump(mode="json"), sweep_name(config), prepared, directory)]
+
+
+def _resume_or_start(sweep: RunFolder, resume: bool) -> bool:
+    """Whether to restore the sweep's Tune state: asked for (`--resume`), or found unfinished
+    (a relaunch after the driver died, a RayJob retry), as `ft-ray train` resumes a run.
+
+    Raises:
+        InputError: `--resume` with nothing to resume, or the sweep already finished.
+    """
+    from ray import tune as ray_tune
+
+    if sweep.read_text("sweep.json") is not None:
+        raise InputError(f"{sweep.uri} holds a finished sweep (sweep.json); choose another tune.name")
+    found = ray_tune.Tuner.can_restore(sweep.path("tune"), storage_filesystem=sweep.fs)
+    if resume and not found:
+        raise InputError(f"--resume: no sweep state at {sweep.uri_of('tune')} to resume")
+    if found and not resume:
+        print(f"[ft-ray] resuming the unfinished sweep at {sweep.uri}", flush=True)
+    return found
+
+
+def _local_parallel(config: JobConfig) -> int:
+    tune = config.tune or TuneConfig()
+    if tune.max_concurrent_trials == "auto":
+        return 1
+    return int(tune.max_concurrent_trials)
+
+
+def _search_alg(tune: TuneConfig) -> Any:
+    if tune.search_alg != "optuna":
+        return None  # Tune's default: grid points and random samples
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:  # pragma: no cover - optuna is a dependency
+        raise ConfigError([f"tune.search_alg: optuna is not installed ({e}); pip install optuna"]) from None
+    return OptunaSearch()
+
+
+def _scheduler(tune: TuneConfig, max_steps: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tune.scheduler.type == "fifo":
+        return FIFOScheduler()
+    # Steps, not reports: trials report at each eval (train.eval_every). A trial that reaches
+    # max_t is left to finish by itself (stop_last_trials=False): stopping it there would kill
+    # its run while it writes its summary and exports.
+    return ASHAScheduler(time_attr="step", max_t=max(max_steps, tune.scheduler.grace_period_steps + 1),
+                         grace_period=tune.scheduler.grace_period_steps,
+                         reduction_factor=tune.scheduler.reduction_factor, stop_last_trials=False)
+
+
+def trial_run_folder(config: JobConfig, trial_id: str) -> RunFolder:
+    sweep = sweep_folder(config)
+    root = sweep.path("trials", f"{sweep_name(config)}-{trial_id}")
+    return RunFolder(fs=sweep.fs, root=root, uri=sweep.uri_of("trials", f"{sweep_name(config)}-{trial_id}"))
+
