@@ -105,8 +105,14 @@ def submit(env: dict, job: Path, *extra: str) -> subprocess.CompletedProcess:
 def job_status(env: dict, submission: str) -> str:
     done = subprocess.run(["ray", "job", "status", submission, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
                           env=env, capture_output=True, text=True, timeout=60)
-    out = (done.stdout + done.stderr).lower()  # e.g. "Job 'raysubmit_...' succeeded"
-    return next((s.upper() for s in ("succeeded", "failed", "stopped") if f"' {s}" in out), "RUNNING")
+    # Ray's CLI logs "Job 'ID' succeeded" / "... failed" / "... was stopped", else
+    # "Status for job 'ID': RUNNING" (or PENDING), through its logger.
+    out = (done.stdout + done.stderr).lower()
+    for word, status in (("' succeeded", "SUCCEEDED"), ("' failed", "FAILED"), ("' was stopped", "STOPPED"),
+                         ("': running", "RUNNING"), ("': pending", "RUNNING")):
+        if f"{submission.lower()}{word}" in out:
+            return status
+    raise AssertionError(f"no status for {submission}: {out[-1000:]}")
 
 
 def lose_node(node_id: str) -> int:
@@ -133,7 +139,7 @@ def test_a_lost_worker_node_costs_a_restart_not_the_run(local_cluster, tmp_path)
 
     submitted = submit(env, node_job(tmp_path, "node-lost"))
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    submission = submitted.stdout.split("submitted ", 1)[1].split()[0]
+    submission = submitted.stdout.split("submitted ", 1)[1].split()[0].rstrip(":")  # "submitted ID: entrypoint"
     run = tmp_path / "runs" / "node-lost"
     deadline = time.monotonic() + 300
     while not (run / "checkpoint-000004" / "manifest.json").exists() or \
