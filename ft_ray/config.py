@@ -357,8 +357,10 @@ def dump_yaml(config: JobConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-# Keys a relaunch may change and still resume the same run: where and how it runs, not what it learns.
-RESUMABLE_KEYS = ("run_name", "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
+# Keys a relaunch may change and still resume the same run: where and how it runs, and how long
+# (extending max_steps/epochs continues the run; the schedule stretches to the new length).
+RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
+                  "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
                   "train.compare_generations", "train.peak_tflops", "data.prepared")
