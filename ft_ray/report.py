@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import InputError, StorageConfig
-from ft_ray.storage import RunFolder, filesystem_for
+from ft_ray.storage import RunFolder, filesystem_for, read_metrics
 
 
 def open_folder(path: str, storage: StorageConfig) -> RunFolder:
@@ -47,13 +47,9 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em}table{border-col
          "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}img{max-width:100%}")
 
 
-def metrics_of(folder: RunFolder) -> list[dict]:
-    return [json.loads(line) for line in (folder.read_text("metrics.jsonl") or "").splitlines() if line.strip()]
-
-
 def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
     trials = summary["trials"]
-    curves = {t["trial"]: metrics_of(RunFolder(fs=sweep.fs, root=sweep.path("trials", t["trial"]),
+    curves = {t["trial"]: read_metrics(RunFolder(fs=sweep.fs, root=sweep.path("trials", t["trial"]),
                                                 uri=t["run_folder"])) for t in trials}
     plot_curves(curves, out / "loss_curves.png")
     keys = sorted({k for t in trials for k in t["config"]})
@@ -72,7 +68,7 @@ def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
 
 
 def run_report(run: RunFolder, out: Path) -> str:
-    plot_curves({Path(run.root).name: metrics_of(run)}, out / "loss_curves.png")
+    plot_curves({Path(run.root).name: read_metrics(run)}, out / "loss_curves.png")
     summary = json.loads(run.read_text("summary.json") or "{}")
     shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     return (f"<h1>Run {html.escape(run.uri)}</h1><img src='loss_curves.png'>"

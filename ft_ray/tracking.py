@@ -6,13 +6,12 @@ environment (WANDB_API_KEY) or wandb's own login file, never from the job file.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any
 
 from ft_ray.config import JobConfig
-from ft_ray.storage import MetricsLog, RunFolder
+from ft_ray.storage import MetricsLog, RunFolder, read_metrics
 
 
 class Tracker:
@@ -99,7 +98,7 @@ class TrialRuns:
                 config=config.model_dump(mode="json"), resume="allow", reinit="create_new")
             self.logged[name] = 0
         wandb_run = self.runs[name]
-        lines = [json.loads(line) for line in (run.read_text("metrics.jsonl") or "").splitlines() if line.strip()]
+        lines = read_metrics(run)
         for record in lines[self.logged[name]:]:
             numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             if numbers:

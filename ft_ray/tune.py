@@ -328,10 +328,3 @@ def _scheduler(tune: TuneConfig, max_steps: int) -> Any:
     return ASHAScheduler(time_attr="step", max_t=max(max_steps, tune.scheduler.grace_period_steps + 1),
                          grace_period=tune.scheduler.grace_period_steps,
                          reduction_factor=tune.scheduler.reduction_factor, stop_last_trials=False)
-
-
-def trial_run_folder(config: JobConfig, trial_id: str) -> RunFolder:
-    sweep = sweep_folder(config)
-    root = sweep.path("trials", f"{sweep_name(config)}-{trial_id}")
-    return RunFolder(fs=sweep.fs, root=root, uri=sweep.uri_of("trials", f"{sweep_name(config)}-{trial_id}"))
-

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import JobConfig, TuneConfig
-from ft_ray.storage import RunFolder
+from ft_ray.storage import RunFolder, read_metrics
 from ft_ray.train.checkpoints import complete_checkpoints
 
 
@@ -106,11 +106,7 @@ def best_checkpoint(trial: RunFolder, complete: list) -> str:
     """The complete checkpoint with the lowest eval loss in the trial's metrics (else the newest)."""
     if not complete:
         raise RuntimeError(f"{trial.uri}: no complete checkpoint to export")
-    evals = {}
-    for line in (trial.read_text("metrics.jsonl") or "").splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if "eval_loss" in record:
-            evals[record["step"]] = record["eval_loss"]
+    evals = {record["step"]: record["eval_loss"] for record in read_metrics(trial) if "eval_loss" in record}
     return min(complete, key=lambda c: (evals.get(c.step, math.inf), -c.step)).name
 
 
