@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths (default AWS_ENDPOINT_URL)")
     report.set_defaults(handler=cmd_report)
 
+    evaluate = commands.add_parser("eval", help="does fine-tuning pay? the variant vs the base model and vs few-shot "
+                                                "prompting of it, on held-out data (writes eval.json)")
+    _config_args(evaluate)
+    what = evaluate.add_mutually_exclusive_group()
+    what.add_argument("--run", help="run folder, checkpoint, sweep winner or adapter/model folder, local or s3:// "
+                                    "(default: the job's run folder)")
+    what.add_argument("--sweep", help="sweep folder: evaluate every exported winner")
+    evaluate.set_defaults(handler=cmd_eval)
+
     prepare = commands.add_parser("prepare", help="tokenize and pack the job's data to Parquet in storage "
                                                   "(later runs with the same data skip this)")
     _config_args(prepare)
@@ -96,6 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     weights = summary["adapter_path"] or summary["model_path"]
     if config.train.compare_generations and weights and "://" not in weights:  # generations need local weights
         _print_samples(config, summary)
+    if config.eval.after_training:
+        from ft_ray.evaluation.evaluate import evaluate, resolve_target
+
+        evaluate(config, resolve_target(summary["run_folder"], config))
     return 0
 
 
@@ -129,6 +142,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for winner in summary["winners"]:
         print(f"[ft-ray] #{winner['rank']} {winner['trial']} {summary['metric']} "
               f"{winner['metrics'].get(summary['metric'])}: {winner['uri']}")
+    if config.eval.after_training and summary["winners"]:
+        from ft_ray.evaluation.evaluate import evaluate_sweep
+
+        evaluate_sweep(config, summary["sweep"])
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ft_ray.evaluation.evaluate import evaluate, evaluate_sweep, resolve_target
+    from ft_ray.storage import RunFolder
+
+    config = load_config(args.config, args.overrides)
+    if args.sweep:
+        evaluate_sweep(config, args.sweep)
+    else:
+        evaluate(config, resolve_target(args.run or RunFolder.for_job(config).uri, config))
     return 0
 
 

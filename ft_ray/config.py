@@ -7,6 +7,7 @@ with the key, the file and the line, instead of being silently ignored by a work
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +222,47 @@ class ExportConfig(Section):
     merge: bool = Field(False, description="also write the base model with the LoRA adapter folded in (sweep winners)")
 
 
+class EvalConfig(Section):
+    """Does fine-tuning pay? The variant against the base model and against few-shot prompting
+    of it, on the held-out examples (`ft-ray eval`)."""
+
+    after_training: bool = Field(False, description="evaluate when `ft-ray train` / `ft-ray tune` finishes "
+                                                    "(the run, or every exported winner)")
+    few_shot: int = Field(3, gt=0, description="training examples put before the prompt in the few-shot arm "
+                                               "(fewer when they do not fit model.max_seq_len)")
+    metric: Literal["loss", "exact_match", "chrf", "format"] = Field("loss", description=(
+        "what the verdict compares: loss on the target tokens (all examples), or exact match, chrF or "
+        "format adherence of the generations"))
+    num_generations: int = Field(16, ge=0, description="held-out examples (the first ones) each arm answers greedily")
+    max_new_tokens: int = Field(128, gt=0, description="longest generated answer")
+    format_regex: str | None = Field(None, description="an answer is in format when the regex matches all of it "
+                                                       "(re.fullmatch on the stripped answer)")
+    max_examples: int | None = Field(None, gt=0, description="score at most this many held-out examples (default all)")
+    bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples for the 95% interval")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="examples per forward pass in a model actor")
+    num_actors: int = Field(2, gt=0, description="model actors scoring in parallel, one model copy each "
+                                                 "(one GPU each with distributed.use_gpu)")
+
+    @field_validator("format_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from e
+        return value
+
+    @model_validator(mode="after")
+    def _metric_needs(self) -> "EvalConfig":
+        if self.metric == "format" and not self.format_regex:
+            raise ValueError("metric format needs eval.format_regex")
+        if self.metric != "loss" and self.num_generations == 0:
+            raise ValueError(f"metric {self.metric} is measured on generations: set eval.num_generations > 0")
+        return self
+
+
 class JobConfig(Section):
     run_name: str = Field("ft-ray-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     method: Literal["full", "lora", "qlora"] = "lora"
@@ -234,6 +276,7 @@ class JobConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
     def trains_adapter(self) -> bool:
@@ -363,7 +406,7 @@ RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_eve
                   "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
-                  "train.compare_generations", "train.peak_tflops", "data.prepared")
+                  "train.compare_generations", "train.peak_tflops", "data.prepared", "eval.")
 
 
 def resume_changes(old: dict, new: dict) -> list[str]:
@@ -414,7 +457,7 @@ def _describe(err: dict, source: str, lines: dict) -> str:
     message = template.format(**shown, input=err.get("input")) if template else err["msg"]
     if kind == "value_error":
         message = str(ctx.get("error", err["msg"]))
-        return f"{where}: {message}"
+        return f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}"
     return f"{where}: {dotted}: {message}"
 
 

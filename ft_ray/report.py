@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import InputError, StorageConfig
-from ft_ray.storage import RunFolder, filesystem_for, read_metrics
-
-
-def open_folder(path: str, storage: StorageConfig) -> RunFolder:
-    fs, root = filesystem_for(path, storage)
-    return RunFolder(fs=fs, root=root, uri=path.rstrip("/") if "://" in path else root)
+from ft_ray.storage import RunFolder, read_metrics
 
 
 def write_report(path: str, out: Path | None = None, endpoint_url: str | None = None) -> Path:
@@ -26,7 +21,7 @@ def write_report(path: str, out: Path | None = None, endpoint_url: str | None = 
     Raises:
         InputError: the folder holds neither `sweep.json` nor `metrics.jsonl`.
     """
-    folder = open_folder(str(path), StorageConfig(endpoint_url=endpoint_url))
+    folder = RunFolder.at(str(path), StorageConfig(endpoint_url=endpoint_url))
     if out is None:
         out = Path(folder.root) / "report" if folder.is_local else Path(f"report-{Path(folder.root).name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -49,8 +44,7 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em}table{border-col
 
 def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
     trials = summary["trials"]
-    curves = {t["trial"]: read_metrics(RunFolder(fs=sweep.fs, root=sweep.path("trials", t["trial"]),
-                                                uri=t["run_folder"])) for t in trials}
+    curves = {t["trial"]: read_metrics(sweep.child("trials", t["trial"])) for t in trials}
     plot_curves(curves, out / "loss_curves.png")
     keys = sorted({k for t in trials for k in t["config"]})
     metric = summary["metric"]
@@ -61,8 +55,10 @@ def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
                  [[t["trial"], t["status"] + (" (stopped early)" if t["stopped_early"] else ""), t["step"],
                    t["metrics"].get(metric), *[t["config"].get(k) for k in keys]] for t in trials])
     stopped = sum(t["stopped_early"] for t in trials)
+    evaluated = {w["trial"]: w["eval"] for w in summary["winners"] if w.get("eval")}
     return (f"<h1>Sweep {html.escape(sweep.uri)}</h1><p>{len(trials)} trials, {stopped} stopped early; "
             f"ranked by {html.escape(metric)} ({summary['mode']}).</p><h2>Winners</h2>{winners}"
+            + arms_section(evaluated, out) +
             f"<h2>Loss curves</h2><img src='loss_curves.png'><h2>{html.escape(metric)} against the searched settings</h2>"
             f"<img src='metric_vs_settings.png'><h2>All trials</h2>{rows}")
 
@@ -70,9 +66,46 @@ def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
 def run_report(run: RunFolder, out: Path) -> str:
     plot_curves({Path(run.root).name: read_metrics(run)}, out / "loss_curves.png")
     summary = json.loads(run.read_text("summary.json") or "{}")
+    evaluation = json.loads(run.read_text("eval.json") or "null")
     shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    return (f"<h1>Run {html.escape(run.uri)}</h1><img src='loss_curves.png'>"
+    return (f"<h1>Run {html.escape(run.uri)}</h1>"
+            + arms_section({Path(run.root).name: evaluation} if evaluation else {}, out)
+            + "<h2>Loss curves</h2><img src='loss_curves.png'>"
             + table(["key", "value"], [[k, v] for k, v in shown.items()]))
+
+
+ARM_LABELS = {"base": "base model", "few_shot": "base + few-shot prompt", "variant": "fine-tuned variant"}
+ARM_FIGURES = ("loss", "exact_match", "chrf", "format")
+
+
+def arms_section(evaluations: dict[str, dict], out: Path) -> str:
+    """The three arms side by side for each evaluated variant (`eval.json` or a winner's
+    eval): a table, the verdicts, and a chart of the loss per arm."""
+    if not evaluations:
+        return ""
+    rows = [[name, ARM_LABELS[arm], *[e["arms"][arm].get(k) for k in ARM_FIGURES]]
+            for name, e in evaluations.items() for arm in ARM_LABELS]
+    verdicts = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(e['verdict']['sentence'])}</li>"
+                       for name, e in evaluations.items())
+    plot_arms(evaluations, out / "arms.png")
+    return (f"<h2>Does fine-tuning pay?</h2><ul>{verdicts}</ul>"
+            + table(["variant", "arm", *ARM_FIGURES], rows) + "<img src='arms.png'>")
+
+
+def plot_arms(evaluations: dict[str, dict], path: Path) -> None:
+    """Loss on the held-out targets per arm, grouped by variant."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(evaluations)), 4))
+    width = 0.8 / len(ARM_LABELS)
+    for i, (arm, label) in enumerate(ARM_LABELS.items()):
+        ax.bar([x + i * width for x in range(len(evaluations))],
+               [e["arms"][arm]["loss"] for e in evaluations.values()], width, label=label, color=f"C{i}")
+    ax.set_xticks([x + width for x in range(len(evaluations))], list(evaluations), fontsize="small")
+    ax.set_ylabel("held-out target loss (lower is better)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:

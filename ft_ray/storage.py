@@ -52,11 +52,22 @@ class RunFolder:
     uri: str
 
     @classmethod
-    def for_job(cls, config: JobConfig) -> "RunFolder":
+    def for_job(cls, config: JobConfig, name: str | None = None) -> "RunFolder":
+        """`<storage.path>/<name or run_name>`."""
         fs, base = filesystem(config.storage)
         scheme = "s3://" if config.storage.path.startswith("s3://") else ""
-        root = f"{base}/{config.run_name}"
+        root = f"{base}/{name or config.run_name}"
         return cls(fs=fs, root=root, uri=f"{scheme}{root}")
+
+    @classmethod
+    def at(cls, path: str, storage: StorageConfig) -> "RunFolder":
+        """The folder at a local path or s3:// URI (S3 settings from `storage`)."""
+        fs, root = filesystem_for(path, storage)
+        return cls(fs=fs, root=root, uri=path.rstrip("/") if "://" in path else root)
+
+    def child(self, *parts: str) -> "RunFolder":
+        """A folder inside this one, on the same filesystem."""
+        return RunFolder(fs=self.fs, root=self.path(*parts), uri=self.uri_of(*parts))
 
     @property
     def is_local(self) -> bool:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from ray.tune import Callback
 
 from ft_ray.config import ConfigError, InputError, JobConfig, TuneConfig, dump_yaml
-from ft_ray.storage import RunFolder, filesystem
+from ft_ray.storage import RunFolder
 from ft_ray.tracking import TrialRuns
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -196,10 +196,7 @@ def sweep_name(config: JobConfig) -> str:
 
 
 def sweep_folder(config: JobConfig) -> RunFolder:
-    fs, base = filesystem(config.storage)
-    scheme = "s3://" if config.storage.path.startswith("s3://") else ""
-    root = f"{base}/{sweep_name(config)}"
-    return RunFolder(fs=fs, root=root, uri=f"{scheme}{root}")
+    return RunFolder.for_job(config, sweep_name(config))
 
 
 def concurrency(config: JobConfig, started_local: bool) -> int:

@@ -28,7 +28,7 @@ def trial_records(config: JobConfig, sweep: RunFolder, results: Any) -> list[dic
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-2]
         run_name = f"{sweep_name(config)}-{trial_id}"
-        run = RunFolder(fs=sweep.fs, root=sweep.path("trials", run_name), uri=sweep.uri_of("trials", run_name))
+        run = sweep.child("trials", run_name)
         summary = json.loads(run.read_text("summary.json") or "null")
         status = "error" if result.error else "finished" if summary else "stopped"
         records.append({
@@ -62,13 +62,12 @@ def summarize_sweep(config: JobConfig, sweep: RunFolder, results: Any) -> dict[s
     for record in ranked(records, tune):
         if len(winners) == tune.export_top_k:
             break
-        trial_root = sweep.path("trials", record["trial"])
-        complete = complete_checkpoints(sweep.fs, trial_root)[0]
+        trial = sweep.child("trials", record["trial"])
+        complete = complete_checkpoints(sweep.fs, trial.root)[0]
         if not complete:  # stopped before its first checkpoint: nothing to export
             print(f"[ft-ray] {record['trial']} has no complete checkpoint; not a winner", flush=True)
             continue
-        winners.append(export_winner(config, sweep, record, len(winners) + 1, best_checkpoint(
-            RunFolder(fs=sweep.fs, root=trial_root, uri=record["run_folder"]), complete)))
+        winners.append(export_winner(config, sweep, record, len(winners) + 1, best_checkpoint(trial, complete)))
     summary = {"sweep": sweep.uri, "metric": tune.metric, "mode": tune.mode, "trials": records,
                "winners": [{"rank": w["rank"], "trial": w["trial"], "uri": w["uri"], "metrics": w["metrics"]}
                            for w in winners]}
@@ -84,7 +83,7 @@ def export_winner(config: JobConfig, sweep: RunFolder, record: dict, rank: int, 
     from ft_ray.export import export_checkpoint, merge_adapter
     from ft_ray.train.checkpoints import file_digests
 
-    trial = RunFolder(fs=sweep.fs, root=sweep.path("trials", record["trial"]), uri=record["run_folder"])
+    trial = sweep.child("trials", record["trial"])
     job = JobConfig.model_validate(_yaml(trial.read_text("config.yaml")))
     name = f"winners/{rank}-{record['trial']}"
     with ray.train.Checkpoint(trial.path(checkpoint), sweep.fs).as_directory() as folder, \

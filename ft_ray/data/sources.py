@@ -185,8 +185,9 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
                     f"records of {files[0]})")
 
 
-def corpus_datasource(fs: pafs.FileSystem, files: list[str]) -> Any:
-    """A Ray Data datasource that streams `files` as rows of (path, line, text, error)."""
+def corpus_datasource(fs: pafs.FileSystem, files: list[str], rows_per_block: int = 4096) -> Any:
+    """A Ray Data datasource that streams `files` as rows of (path, line, text, error), in
+    blocks of up to `rows_per_block` rows (a block is what one task or actor call takes)."""
     import pyarrow as pa
     from ray.data.datasource import FileBasedDatasource
 
@@ -203,7 +204,7 @@ def corpus_datasource(fs: pafs.FileSystem, files: list[str]) -> Any:
             for line, text, error in file_records(f, path):
                 for column, value in zip(rows, (scheme + path, line, text, error)):
                     rows[column].append(value)
-                if len(rows["line"]) >= 4096:
+                if len(rows["line"]) >= rows_per_block:
                     yield pa.table(rows)
                     rows = {k: [] for k in rows}
             if rows["line"]:

@@ -1,0 +1,367 @@
+"""`ft-ray eval`: does fine-tuning pay? The variant against the base model and against
+few-shot prompting of it, on the same held-out examples, with a verdict.
+
+The held-out records stream through Ray Data into `ArmScorer` actors (one model copy each,
+a GPU each when the job uses GPUs); the driver only keeps one row of figures per example
+(losses, token counts, scores), which the paired bootstrap needs.
+
+    <run or winner folder>/eval.json   every figure, the verdict, a few answers side by side
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ft_ray.config import InputError, JobConfig, SourceConfig
+from ft_ray.data.formats import RecordError
+from ft_ray.data.pipeline import eval_bucket, record_to_segments
+from ft_ray.data.sources import choose_format, corpus_datasource, list_files, read_records
+from ft_ray.evaluation import metrics
+from ft_ray.evaluation.scoring import ARMS, ArmScorer, record_key, shot_text
+from ft_ray.storage import RunFolder
+
+FEW_DATA = 100  # fewer training examples than this rarely make fine-tuning worth it
+SAMPLES_KEPT = 5  # answers shown side by side in eval.json
+
+
+@dataclass
+class Target:
+    """What is evaluated (weights: a local folder or a URI) and where eval.json goes."""
+
+    weights: str
+    folder: RunFolder
+    train_examples: int | None
+
+
+# ---------------------------------------------------------------- what to evaluate
+
+
+def resolve_target(path: str, config: JobConfig) -> Target:
+    """A run folder (its exported adapter or model), a sweep winner folder, a local
+    checkpoint folder (exported first) or an adapter / model folder.
+
+    Raises:
+        InputError: none of those is at `path`.
+    """
+    folder = RunFolder.at(path, config.storage)
+    summary = _json(folder, "summary.json")
+    if summary:
+        weights = summary.get("adapter_path") or summary.get("model_path")
+        if not weights:
+            raise InputError(f"{folder.uri}: the run exported no weights (summary.json has no adapter_path/model_path)")
+        return Target(weights, folder, summary.get("data", {}).get("train_examples"))
+    winner = _json(folder, "winner.json")
+    if winner:
+        trial = RunFolder.at(winner["source_checkpoint"].rsplit("/", 1)[0], config.storage)
+        trial_summary = _json(trial, "summary.json") or {}
+        return Target(folder.uri_of("weights"), folder, trial_summary.get("data", {}).get("train_examples"))
+    if Path(folder.root).name.startswith("checkpoint-"):
+        return _exported_checkpoint(folder, config)
+    if folder.read_text("adapter_config.json") is not None or folder.read_text("config.json") is not None:
+        return Target(folder.uri, folder, None)
+    raise InputError(f"{folder.uri}: not a run folder (summary.json), a sweep winner (winner.json), a checkpoint "
+                     "or an adapter / model folder")
+
+
+def _exported_checkpoint(checkpoint: RunFolder, config: JobConfig) -> Target:
+    from ft_ray.export import export_checkpoint
+
+    if not checkpoint.is_local:
+        raise InputError(f"{checkpoint.uri}: evaluate the run folder (or `ft-ray export` the checkpoint first)")
+    out = Path(tempfile.mkdtemp(prefix="ft-ray-eval-"))
+    export_checkpoint(Path(checkpoint.root), out / "weights", config=config)
+    run = RunFolder.at(str(Path(checkpoint.root).parent), config.storage)
+    summary = _json(run, "summary.json") or {}
+    return Target(str(out / "weights"), run, summary.get("data", {}).get("train_examples"))
+
+
+def _json(folder: RunFolder, name: str) -> dict | None:
+    import json
+
+    text = folder.read_text(name)
+    return json.loads(text) if text else None
+
+
+# ---------------------------------------------------------------- the data
+
+
+def held_out_sources(config: JobConfig) -> list[tuple[SourceConfig, str, float | None]]:
+    """(source, config key, split): `data.eval` whole, or the eval split of every training
+    source (records whose `eval_bucket` is below `data.eval_fraction`)."""
+    data = config.data
+    if data.eval:
+        return [(data.eval_source(), "data.eval", None)]
+    if data.eval_fraction == 0:
+        raise InputError("data: no held-out examples to evaluate on; set data.eval or data.eval_fraction > 0")
+    keys = [f"data.sources[{i}]" for i in range(len(data.sources))] if data.sources else ["data.train"]
+    return [(source, key, data.eval_fraction) for source, key in zip(data.all_sources(), keys)]
+
+
+def _keep_held_out(batch: dict[str, np.ndarray], split: float) -> dict[str, np.ndarray]:
+    keep = np.array([eval_bucket(str(t)) < split for t in batch["text"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def held_out_dataset(config: JobConfig, source: SourceConfig, key: str, split: float | None) -> Any:
+    """The raw held-out records of one source as a Ray Data dataset of small blocks, so the
+    scoring spreads over every actor."""
+    import ray.data
+
+    fs, files = list_files(source.path, config.storage, key)
+    dataset = ray.data.read_datasource(corpus_datasource(fs, files, rows_per_block=config.eval.batch_size * 4))
+    return dataset if split is None else dataset.map_batches(_keep_held_out, fn_kwargs={"split": split},
+                                                             batch_format="numpy")
+
+
+def first_held_out(config: JobConfig, source: SourceConfig, key: str, split: float | None,
+                   limit: int) -> Iterator[str]:
+    """Keys (file:line) of the first `limit` readable held-out records, read one by one."""
+    if limit == 0:
+        return
+    found = 0
+    for path, line, text, error in read_records(source.path, config.storage, key):
+        if error or (split is not None and eval_bucket(text) >= split):
+            continue
+        yield record_key(path, line)
+        found += 1
+        if found == limit:
+            return
+
+
+def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str]:
+    """The first `count` usable training records (never held-out ones), as prompt texts."""
+    data = config.data
+    split = None if data.eval else data.eval_fraction
+    shots: list[str] = []
+    for i, source in enumerate(data.all_sources()):
+        key = f"data.sources[{i}]" if data.sources else "data.train"
+        fmt, _ = choose_format(source, config.storage, key)
+        for _, _, text, error in read_records(source.path, config.storage, key):
+            if len(shots) == count:
+                return shots
+            if split is not None and eval_bucket(text) < split:
+                continue
+            try:
+                segments = record_to_segments(text, error, fmt, source.fields, tokenizer)
+            except RecordError:
+                continue
+            shots.append(shot_text(segments, tokenizer.eos_token or ""))
+    return shots
+
+
+def count_train_records(config: JobConfig) -> int:
+    """Training records (without the held-out split), counted by Ray Data."""
+    import ray.data
+
+    split = None if config.data.eval else config.data.eval_fraction
+    total = 0
+    for i, source in enumerate(config.data.all_sources()):
+        fs, files = list_files(source.path, config.storage, f"data.sources[{i}]" if config.data.sources else "data.train")
+        dataset = ray.data.read_datasource(corpus_datasource(fs, files))
+        total += dataset.count() if split is None else int(
+            dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)
+    return total
+
+
+def _count_trained(batch: dict[str, np.ndarray], split: float) -> dict[str, np.ndarray]:
+    return {"n": np.array([sum(eval_bucket(str(t)) >= split for t in batch["text"])])}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
+    """Score the three arms on the held-out examples, decide, write `eval.json`; returns it."""
+    import ray
+    import ray.data
+
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.trainer import connect_ray
+
+    started = time.monotonic()
+    connect_ray(config)
+    settings = config.eval
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    tokenizer = load_tokenizer(config.model)
+    shots = few_shot_examples(config, tokenizer, settings.few_shot)
+    actors = actor_count(config)
+    columns: dict[str, list] = {}
+    for source, key, split in held_out_sources(config):
+        fmt, note = choose_format(source, config.storage, key)
+        dataset = held_out_dataset(config, source, key, split)
+        if settings.max_examples:
+            dataset = dataset.limit(settings.max_examples)
+        gen_keys = list(first_held_out(config, source, key, split, settings.num_generations))
+        scored = dataset.map_batches(
+            ArmScorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
+            fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "shots": shots,
+                                   "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys})
+        print(f"[ft-ray] eval: {note}; {actors} model actor(s)", flush=True)
+        for batch in scored.iter_batches(batch_size=4096, batch_format="numpy"):
+            for name, values in batch.items():
+                columns.setdefault(name, []).extend(values.tolist())
+    train_examples = target.train_examples if target.train_examples is not None else count_train_records(config)
+    result = summarize(config, {k: np.array(v) for k, v in columns.items()}, len(shots), train_examples)
+    result.update({"variant": target.weights, "base_model": config.model.name_or_path, "actors": actors,
+                   "wall_time_s": round(time.monotonic() - started, 1)})
+    target.folder.write_json("eval.json", result)
+    print_result(result, target.folder.uri_of("eval.json"))
+    return result
+
+
+def actor_count(config: JobConfig) -> int:
+    """`eval.num_actors`, as many as the cluster can hold (leaving a CPU for reading)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    room = resources.get("GPU", 0) if config.distributed.use_gpu else resources.get("CPU", 1) - 1
+    return max(1, min(config.eval.num_actors, int(room)))
+
+
+def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: int,
+              train_examples: int) -> dict[str, Any]:
+    """eval.json from one row of figures per example: per-arm figures and the verdicts."""
+    settings = config.eval
+    if not len(cols.get("key", [])):
+        raise InputError("eval: the held-out data has no records")
+    ok = cols["reason"] == ""
+    skipped = {str(r): int(c) for r, c in zip(*np.unique(cols["reason"][~ok], return_counts=True))}
+    if not ok.any():
+        raise InputError(f"eval: no held-out record could be scored ({skipped})")
+    generated = ok & cols["generated"].astype(bool)
+    arms = {arm: arm_figures(cols, arm, ok, generated, settings.format_regex is not None) for arm in ARMS}
+    arms["few_shot"]["shots_configured"] = settings.few_shot
+    arms["few_shot"]["shots_mean"] = round(float(cols["shots"][ok].mean()), 3)
+    arms["few_shot"]["shots_min"] = int(cols["shots"][ok].min())
+    k = settings.few_shot
+    warnings = []
+    if shots_available < k:
+        warnings.append(f"only {shots_available} usable training examples for {k}-shot prompts")
+    if arms["few_shot"]["shots_mean"] < min(k, shots_available):
+        warnings.append(f"{k}-shot prompts: {arms['few_shot']['shots_mean']:.2g} examples fitted on average within "
+                        f"model.max_seq_len={config.model.max_seq_len} (fewest {arms['few_shot']['shots_min']})")
+    if train_examples < FEW_DATA:
+        warnings.append(f"the training set has {train_examples} examples (< {FEW_DATA}): fine-tuning rarely pays with "
+                        "so few; prefer few-shot prompting unless the verdict is clear")
+    choose = generated if settings.metric != "loss" else ok
+    if not choose.any():
+        raise InputError(f"eval.metric {settings.metric}: no held-out example was generated (eval.num_generations)")
+    fitted = arms["few_shot"]["shots_mean"]
+    prompting = (f"{k}-shot prompting" if fitted == k
+                 else f"few-shot prompting ({fitted:.2g} of {k} examples fitted on average)")
+    decide = {other: decide_against(cols, settings, choose, other, prompting if other == "few_shot"
+                                    else "the base model") for other in ("few_shot", "base")}
+    return {"metric": settings.metric, "examples": int(ok.sum()), "generated": int(generated.sum()),
+            "skipped": skipped, "train_examples": train_examples, "arms": arms,
+            "verdict": decide["few_shot"], "vs_base": decide["base"], "warnings": warnings,
+            "samples": samples(cols, generated), "actors_used": sorted(set(cols["actor"].tolist())),
+            "settings": settings.model_dump(mode="json")}
+
+
+def arm_figures(cols: dict[str, np.ndarray], arm: str, ok: np.ndarray, generated: np.ndarray,
+                with_format: bool) -> dict[str, Any]:
+    tokens = cols[f"{arm}_tokens"][ok]
+    loss = float(cols[f"{arm}_loss_sum"][ok].sum() / max(1, tokens.sum()))
+    seconds = float(cols[f"{arm}_gen_s"][generated].sum())
+    figures = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": int(tokens.sum()),
+               "prompt_tokens_mean": round(float(cols[f"{arm}_prompt_tokens"][ok].mean()), 2)}
+    if generated.any():
+        figures.update({
+            "exact_match": float(cols[f"{arm}_exact"][generated].mean()),
+            "chrf": float(cols[f"{arm}_chrf"][generated].mean()),
+            "format": float(cols[f"{arm}_format"][generated].mean()) if with_format else None,
+            "generation_tokens_per_s": round(float(cols[f"{arm}_gen_tokens"][generated].sum()) / seconds, 1)
+            if seconds else None})
+    return figures
+
+
+def metric_values(cols: dict[str, np.ndarray], arm: str, metric: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example values and weights of the metric (loss: mean per token, weighted by tokens)."""
+    if metric == "loss":
+        tokens = cols[f"{arm}_tokens"][rows].astype(np.float64)
+        return cols[f"{arm}_loss_sum"][rows] / np.maximum(tokens, 1), tokens
+    column = {"exact_match": "exact", "chrf": "chrf", "format": "format"}[metric]
+    values = cols[f"{arm}_{column}"][rows].astype(np.float64)
+    return values, np.ones_like(values)
+
+
+def decide_against(cols: dict[str, np.ndarray], settings: Any, rows: np.ndarray, other: str,
+                   other_name: str) -> dict[str, Any]:
+    """The variant against another arm on `eval.metric`, with the paired bootstrap interval."""
+    ours, weights = metric_values(cols, "variant", settings.metric, rows)
+    theirs, _ = metric_values(cols, other, settings.metric, rows)
+    lower = settings.metric in metrics.LOWER_IS_BETTER
+    difference, low, high = metrics.paired_bootstrap(ours, theirs, weights, settings.bootstrap_samples,
+                                                     settings.seed, lower_is_better=lower)
+    return metrics.verdict(settings.metric, metrics.weighted_mean(ours, weights), metrics.weighted_mean(theirs, weights),
+                           difference, low, high, other_name)
+
+
+def samples(cols: dict[str, np.ndarray], generated: np.ndarray) -> list[dict[str, str]]:
+    rows = np.flatnonzero(generated)[:SAMPLES_KEPT]
+    return [{"key": str(cols["key"][i]), "prompt": str(cols["prompt"][i]), "reference": str(cols["reference"][i]),
+             **{arm: str(cols[f"{arm}_answer"][i]) for arm in ARMS}} for i in rows]
+
+
+def print_result(result: dict[str, Any], where: str) -> None:
+    arms = result["arms"]
+    k = result["settings"]["few_shot"]
+    print(f"[ft-ray] eval on {result['examples']} held-out examples ({result['generated']} answered by each arm):")
+    print(f"  {'arm':<16}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}{'prompt tok':>12}{'tok/s':>8}")
+    for arm, label in (("base", "base"), ("few_shot", f"base {k}-shot"), ("variant", "variant")):
+        f = arms[arm]
+        cells = [_cell(f.get(name), spec) for name, spec in
+                 (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"))]
+        print(f"  {label:<16}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
+              f"{f['prompt_tokens_mean']:>12.1f}{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
+    for sample in result["samples"][:1]:
+        print("[ft-ray] a held-out prompt:\n" + _indent(sample["prompt"]))
+        for arm, label in (("reference", "reference"), ("base", "base model"), ("few_shot", f"base {k}-shot"),
+                           ("variant", "variant")):
+            print(f"[ft-ray] {label} answers:\n" + _indent(sample[arm]))
+    for warning in result["warnings"]:
+        print(f"[ft-ray] warning: {warning}")
+    print(f"[ft-ray] vs base: {result['vs_base']['sentence']}")
+    print(f"[ft-ray] verdict: {result['verdict']['sentence']}")
+    print(f"[ft-ray] eval.json: {where}", flush=True)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def evaluate_sweep(config: JobConfig, path: str) -> list[dict[str, Any]]:
+    """Evaluate every exported winner of a sweep; winner.json and sweep.json carry the verdicts."""
+    sweep = RunFolder.at(path, config.storage)
+    summary = _json(sweep, "sweep.json")
+    if summary is None:
+        raise InputError(f"{sweep.uri}: no sweep.json (not a finished sweep)")
+    results = []
+    for entry in summary["winners"]:
+        name = entry["uri"].rstrip("/").rsplit("/", 1)[-1]
+        folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
+        result = evaluate(config, resolve_target(folder.uri, config))
+        brief = {"verdict": result["verdict"], "vs_base": result["vs_base"],
+                 "arms": {arm: {k: v for k, v in f.items() if k in ("loss", "exact_match", "chrf", "format")}
+                          for arm, f in result["arms"].items()}}
+        winner = _json(folder, "winner.json") or {}
+        folder.write_json("winner.json", {**winner, "eval": brief})
+        entry["eval"] = brief
+        results.append(result)
+    sweep.write_json("sweep.json", summary)
+    return results

@@ -1,0 +1,97 @@
+"""What an evaluation measures, as plain functions (no model, no Ray): answer scores, the
+paired bootstrap interval and the verdict sentence. Unit-tested on hand-made cases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+LOWER_IS_BETTER = {"loss"}
+METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence"}
+
+
+def normalize(text: str) -> str:
+    """Whitespace runs as one space, no leading or trailing space."""
+    return " ".join(text.split())
+
+
+def exact_match(answer: str, reference: str) -> float:
+    """1.0 when the answer is the reference, up to whitespace."""
+    return float(normalize(answer) == normalize(reference))
+
+
+def chrf(answer: str, reference: str) -> float:
+    """Character n-gram F-score (chrF, sacrebleu) in [0, 1]: how much of the reference's
+    wording the answer has, tolerant of small differences."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(answer, [reference]).score / 100.0
+
+
+def in_format(answer: str, pattern: str) -> float:
+    """1.0 when the regex matches the whole (stripped) answer."""
+    return float(re.fullmatch(pattern, answer.strip()) is not None)
+
+
+def cut_at_next_example(answer: str, prompt: str) -> str:
+    """The answer up to where the model starts another example of its own (the first line of
+    the prompt appears again): few-shot prompting teaches a base model to go on that way."""
+    header = next((line.strip() for line in prompt.splitlines() if line.strip()), "")
+    if header and header in answer:
+        answer = answer[: answer.index(header)]
+    return answer.strip()
+
+
+def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
+    total = float(weights.sum())
+    return float((values * weights).sum() / total) if total else math.nan
+
+
+def paired_bootstrap(ours: Sequence[float], theirs: Sequence[float], weights: Sequence[float] | None = None,
+                     samples: int = 1000, seed: int = 0, lower_is_better: bool = False,
+                     chunk: int = 100) -> tuple[float, float, float]:
+    """(difference, low, high): how much better `ours` is than `theirs` (positive = ours
+    better) on the same examples, and the 95% percentile interval of that difference over
+    `samples` resamples of the examples (the same resample for both, hence paired).
+
+    With `weights` the statistic is the weighted mean (loss per target token: values are
+    per-example mean losses, weights their token counts). The same seed gives the same
+    interval.
+    """
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    if not (len(a) == len(b) == len(w)) or len(a) == 0:
+        raise ValueError(f"paired_bootstrap needs equally long, non-empty inputs (got {len(a)}, {len(b)}, {len(w)})")
+    sign = -1.0 if lower_is_better else 1.0
+    difference = sign * (weighted_mean(a, w) - weighted_mean(b, w))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, samples, chunk):  # chunks keep the index matrix small for large eval sets
+        idx = rng.integers(0, len(a), size=(min(chunk, samples - start), len(a)))
+        ws = w[idx]
+        totals = np.where(ws.sum(axis=1) > 0, ws.sum(axis=1), 1.0)
+        diffs.append(sign * (((a[idx] - b[idx]) * ws).sum(axis=1) / totals))
+    low, high = np.percentile(np.concatenate(diffs), [2.5, 97.5])
+    return difference, float(low), float(high)
+
+
+def verdict(metric: str, variant: float, other: float, difference: float, low: float, high: float,
+            other_name: str) -> dict[str, Any]:
+    """The decision in one sentence: does the variant beat `other_name` (e.g. "3-shot
+    prompting") beyond noise? `difference` and the interval are the variant's advantage."""
+    word = METRIC_WORDS[metric]
+    figures = (f"{word} {variant:.3g} vs {other:.3g}, 95% CI of the difference [{low:.3g}, {high:.3g}]")
+    if low > 0:
+        outcome, sentence = "variant_better", f"the variant beats {other_name}: {figures}"
+    elif high < 0:
+        outcome, sentence = "other_better", f"{other_name} beats the variant: {figures}: fine-tuning does not pay here"
+    else:
+        outcome, sentence = "within_noise", (f"{other_name} is within noise of the variant: {figures}: "
+                                             "fine-tuning does not pay here")
+    return {"metric": metric, "against": other_name, "variant": variant, "other": other,
+            "difference": difference, "ci95": [low, high], "outcome": outcome,
+            "fine_tuning_pays": outcome == "variant_better", "sentence": sentence}

@@ -1,0 +1,228 @@
+"""The three arms on a batch of held-out records: the base model with the plain prompt, the
+base model with few-shot examples before the prompt, and the fine-tuned variant.
+
+`ArmScorer` is what a Ray Data actor holds (one model copy per actor), but nothing here
+needs Ray: it takes a batch of raw records and returns one row of figures per record.
+Target tokens are masked exactly as in training (`record_to_segments` + `assemble`), so
+the three arms' losses are on the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ft_ray.config import JobConfig
+from ft_ray.data.formats import RecordError
+from ft_ray.data.pipeline import record_to_segments
+from ft_ray.data.tokenize import IGNORE_INDEX, assemble, encode_batch
+from ft_ray.evaluation import metrics
+
+ARMS = ("base", "few_shot", "variant")
+SHOT_SEPARATOR = "\n\n"
+
+
+def shot_text(segments: list[tuple[str, bool]], eos: str) -> str:
+    """A training example as it appears in a few-shot prompt: prompt and answer, no eos."""
+    text = "".join(t for t, _ in segments)
+    return (text.replace(eos, "") if eos else text).strip() + SHOT_SEPARATOR
+
+
+def record_key(path: str, line: int) -> str:
+    return f"{path}:{int(line)}"
+
+
+def load_arms(job: JobConfig, variant: Path) -> tuple[Any, Any, bool]:
+    """(base model, variant model, shared): for an adapter the variant is the base model with
+    the adapter attached (shared: the base arms run with the adapter disabled); a full
+    model folder is loaded on its own. QLoRA adapters run on the 4-bit base they trained on."""
+    import torch
+
+    from ft_ray.models import load_base_model, load_quantized_model
+
+    if (variant / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = (load_quantized_model(job.model, job.quantization, False) if job.method == "qlora"
+                else load_base_model(job.model))
+        return base, PeftModel.from_pretrained(base, str(variant)).eval(), True
+    from transformers import AutoModelForCausalLM
+
+    if not (variant / "config.json").exists():
+        raise FileNotFoundError(f"{variant}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
+    full = AutoModelForCausalLM.from_pretrained(str(variant), dtype=torch.float32,
+                                                attn_implementation=job.model.attn_implementation)
+    return load_base_model(job.model).eval(), full.eval(), False
+
+
+class ArmScorer:
+    """Scores batches of raw held-out records on the three arms (a Ray Data actor's state)."""
+
+    def __init__(self, job_json: str, variant: str, shots: list[str], fmt: str, fields: dict[str, str],
+                 generate_keys: list[str]):
+        import torch
+
+        from ft_ray.models import load_tokenizer
+
+        self.job = JobConfig.model_validate_json(job_json)
+        self.settings = self.job.eval
+        self.fmt, self.fields = fmt, fields
+        self.generate_keys = set(generate_keys)
+        self.tokenizer = load_tokenizer(self.job.model)
+        torch.manual_seed(self.settings.seed)
+        self.base, self.variant, self.shared = load_arms(self.job, Path(local_variant(variant, self.job)))
+        self.device = next(self.variant.parameters()).device
+        self.shot_ids = encode_batch(self.tokenizer, shots)
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+
+    @contextlib.contextmanager
+    def model(self, arm: str) -> Iterator[Any]:
+        if arm == "variant":
+            yield self.variant
+        elif self.shared:
+            with self.variant.disable_adapter():
+                yield self.variant
+        else:
+            yield self.base
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows: dict[str, list] = {}
+        examples = [self.prepare(str(text), str(error)) for text, error in zip(batch["text"], batch["error"])]
+        good = [e for e in examples if "reason" not in e]
+        for arm in ARMS:
+            sums = self.loss_sums(arm, [e[arm] for e in good]) if good else []
+            for example, (loss_sum, tokens) in zip(good, sums):
+                example[f"{arm}_loss_sum"], example[f"{arm}_tokens"] = loss_sum, tokens
+        for example, path, line in zip(examples, batch["path"], batch["line"]):
+            example["key"] = record_key(str(path), int(line))
+            if "reason" not in example and example["key"] in self.generate_keys and example["prompt"]:
+                self.generate_all(example)
+            for column, value in self.row(example).items():
+                rows.setdefault(column, []).append(value)
+        return rows
+
+    def prepare(self, text: str, error: str) -> dict[str, Any]:
+        """Ids and labels of one record for each arm, or the reason it cannot be scored."""
+        try:
+            segments = record_to_segments(text, error, self.fmt, self.fields, self.tokenizer)
+            seg_ids = encode_batch(self.tokenizer, [t for t, _ in segments])
+            trainable = [t for _, t in segments]
+            max_len = self.job.model.max_seq_len
+            plain = assemble(seg_ids, trainable, self.tokenizer, max_len)
+            shots = self.shots_that_fit(len(plain["input_ids"]), sum(map(len, seg_ids)) + 1)
+            prefix = [i for ids in self.shot_ids[:shots] for i in ids]
+            few = assemble([prefix, *seg_ids], [False, *trainable], self.tokenizer, max_len) if shots else plain
+        except RecordError as e:
+            return {"reason": e.kind}
+        first = trainable.index(True)
+        prompt_ids = [i for ids in seg_ids[:first] for i in ids]
+        eos = self.tokenizer.eos_token or ""
+        return {"base": plain, "variant": plain, "few_shot": few, "shots": shots,
+                "prompt": "".join(t for t, _ in segments[:first]),
+                "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip(),
+                "prompt_ids": prompt_ids, "prefix": prefix}
+
+    def shots_that_fit(self, plain_length: int, full_length: int) -> int:
+        """How many shots fit before the example within model.max_seq_len (0 when the example
+        itself had to be truncated)."""
+        room = self.job.model.max_seq_len - full_length
+        if plain_length < full_length:
+            return 0
+        shots, used = 0, 0
+        for ids in self.shot_ids:
+            if used + len(ids) > room:
+                break
+            shots, used = shots + 1, used + len(ids)
+        return shots
+
+    def loss_sums(self, arm: str, examples: list[dict]) -> list[tuple[float, int]]:
+        """(sum of target-token losses, target tokens) per example, in padded batches."""
+        import torch
+
+        out = []
+        size = self.settings.batch_size
+        with self.model(arm) as model, torch.no_grad():
+            for start in range(0, len(examples), size):
+                chunk = examples[start:start + size]
+                width = max(len(e["input_ids"]) for e in chunk)
+                pad = self.tokenizer.pad_token_id
+                ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in chunk])
+                labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
+                mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
+                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               use_cache=False).logits.float()
+                targets = labels[:, 1:].to(self.device)
+                losses = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+                counts = (targets != IGNORE_INDEX).sum(dim=1)
+                out.extend(zip(losses.sum(dim=1).tolist(), counts.tolist()))
+        return out
+
+    def generate_all(self, example: dict) -> None:
+        """Greedy answers of the three arms to the example's prompt, scored."""
+        for arm in ARMS:
+            prompt_ids = (example["prefix"] if arm == "few_shot" else []) + example["prompt_ids"]
+            answer, new_tokens, seconds = self.generate(arm, prompt_ids)
+            answer = metrics.cut_at_next_example(answer, example["prompt"])
+            example[f"{arm}_answer"] = answer
+            example[f"{arm}_gen_tokens"], example[f"{arm}_gen_s"] = new_tokens, seconds
+            example[f"{arm}_exact"] = metrics.exact_match(answer, example["reference"])
+            example[f"{arm}_chrf"] = metrics.chrf(answer, example["reference"])
+            regex = self.settings.format_regex
+            example[f"{arm}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
+
+    def generate(self, arm: str, prompt_ids: list[int]) -> tuple[str, int, float]:
+        """(answer, new tokens, seconds) of a greedy continuation."""
+        import torch
+
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        ids = torch.tensor([bos + prompt_ids], device=self.device)
+        started = time.perf_counter()
+        with self.model(arm) as model, torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=self.settings.max_new_tokens, do_sample=False,
+                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        seconds = time.perf_counter() - started
+        new = out[0, ids.shape[1]:]
+        return self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds
+
+    def row(self, example: dict) -> dict[str, Any]:
+        """The figures of one record (fixed columns, so every batch has the same schema)."""
+        generated = "variant_answer" in example
+        row: dict[str, Any] = {"key": example["key"], "reason": example.get("reason", ""),
+                               "shots": example.get("shots", 0), "generated": generated, "actor": self.actor,
+                               "prompt": example["prompt"] if generated else "",
+                               "reference": example["reference"] if generated else ""}
+        nan = float("nan")
+        for arm in ARMS:
+            row[f"{arm}_loss_sum"] = example.get(f"{arm}_loss_sum", nan)
+            row[f"{arm}_tokens"] = example.get(f"{arm}_tokens", 0)
+            # what a request sends: bos, the few-shot examples, the prompt
+            row[f"{arm}_prompt_tokens"] = (1 + len(example["prompt_ids"]) + (len(example["prefix"]) if arm == "few_shot"
+                                                                             else 0)) if "prompt_ids" in example else 0
+            for name, empty in (("answer", ""), ("gen_tokens", 0), ("gen_s", 0.0), ("exact", nan), ("chrf", nan),
+                                ("format", nan)):
+                row[f"{arm}_{name}"] = example.get(f"{arm}_{name}", empty)
+        return row
+
+
+def local_variant(variant: str, job: JobConfig) -> str:
+    """The variant's weights as a local folder: an s3:// URI is downloaded once per actor."""
+    if "://" not in variant:
+        return variant
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from ft_ray.storage import filesystem_for
+
+    fs, path = filesystem_for(variant, job.storage)
+    local = tempfile.mkdtemp(prefix="ft-ray-variant-")
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local

@@ -1,0 +1,45 @@
+"""`ft-ray eval` through Ray Data on the local Ray: an eval set of many blocks is sharded over
+two model actors, and eval.json says what a user needs to decide."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ft_ray.cli import main
+from ft_ray.config import ModelConfig
+from ft_ray.models import save_base_model
+from tests.conftest import DEMO, write_job
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_an_eval_set_of_many_blocks_is_scored_by_two_actors(ray_local, tmp_path, capsys):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(DEMO.joinpath("train.jsonl").read_text().splitlines(keepends=True)[:50]))
+    held_out.write_text(DEMO.joinpath("eval.jsonl").read_text() * 4 + "{broken\n")  # 192 good records, 1 bad
+    # the "variant" is a copy of the base model: it must come out level with the base arm
+    variant = save_base_model(ModelConfig(), tmp_path / "variant")
+    job = write_job(tmp_path, data={"train": str(train), "eval": str(held_out)}, model={"max_seq_len": 512},
+                    eval={"batch_size": 4, "num_actors": 2, "num_generations": 3, "max_new_tokens": 16})
+    assert main(["eval", str(job), "--run", str(variant)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((variant / "eval.json").read_text())
+    assert result["examples"] == 192 and result["skipped"] == {"not_json": 1} and result["generated"] == 3
+    assert len(result["actors_used"]) == 2  # 4 records per batch, 16 per block: both actors got blocks
+    assert result["train_examples"] == 50
+    assert any("50 examples (< 100)" in w for w in result["warnings"])
+    assert result["vs_base"]["outcome"] == "within_noise" and result["vs_base"]["difference"] == pytest.approx(0, abs=1e-6)
+    assert result["arms"]["variant"]["loss"] == pytest.approx(result["arms"]["base"]["loss"], rel=1e-5)
+    few_shot = result["arms"]["few_shot"]
+    assert few_shot["shots_mean"] == 3 and few_shot["prompt_tokens_mean"] > 3 * result["arms"]["base"]["prompt_tokens_mean"]
+    assert [s["key"].rsplit(":", 1)[1] for s in result["samples"]] == ["1", "2", "3"]  # the first held-out records
+    assert result["verdict"]["sentence"] in out and "warning: the training set has 50 examples" in out
+
+
+def test_eval_without_weights_says_what_it_expected(ray_local, tmp_path, capsys):
+    job = write_job(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(job), "--run", str(tmp_path / "empty")]) == 2
+    assert "not a run folder (summary.json), a sweep winner (winner.json)" in capsys.readouterr().err

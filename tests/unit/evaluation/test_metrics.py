@@ -1,0 +1,72 @@
+"""Answer scores, the paired bootstrap and the verdict on hand-made cases with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ft_ray.evaluation import metrics
+
+
+def test_exact_match_ignores_whitespace_only():
+    assert metrics.exact_match("Hi Ben,\n thanks  ", "Hi Ben, thanks") == 1.0
+    assert metrics.exact_match("Hi Ben, thanks!", "Hi Ben, thanks") == 0.0
+    assert metrics.exact_match("", "x") == 0.0
+
+
+def test_chrf_is_one_for_the_reference_zero_for_nothing_in_common_and_between_otherwise():
+    reference = "Good news: we will send a new rain jacket at no cost."
+    assert metrics.chrf(reference, reference) == pytest.approx(1.0)
+    assert metrics.chrf("zzz qqq", reference) == 0.0
+    close, far = metrics.chrf("Good news: we send a new jacket at no cost.", reference), metrics.chrf("news", reference)
+    assert 0.6 < close < 1.0
+    assert 0.0 < far < close
+
+
+def test_format_adherence_needs_the_whole_answer_to_match():
+    pattern = r"(?s)Hi \w+,.*Warmly, the Northwind team"
+    assert metrics.in_format("  Hi Ben, ok.\nWarmly, the Northwind team\n", pattern) == 1.0
+    assert metrics.in_format("Hi Ben, ok.\nWarmly, the Northwind team. PS", pattern) == 0.0
+    assert metrics.in_format("Hello Ben", pattern) == 0.0
+
+
+def test_an_answer_is_cut_where_the_model_starts_another_example():
+    prompt = "### Instruction:\nReply.\n\n### Response:\n"
+    assert metrics.cut_at_next_example("Hi Ben.\n\n### Instruction:\nReply again", prompt) == "Hi Ben."
+    assert metrics.cut_at_next_example("  Hi Ben.  ", prompt) == "Hi Ben."
+
+
+def test_the_bootstrap_interval_is_the_same_for_the_same_seed_and_brackets_the_difference():
+    rng = np.random.default_rng(1)
+    ours = rng.normal(1.0, 0.3, 200)
+    theirs = ours + rng.normal(0.5, 0.3, 200)  # theirs is worse by ~0.5 (lower is better)
+    first = metrics.paired_bootstrap(ours, theirs, samples=500, seed=7, lower_is_better=True)
+    assert first == metrics.paired_bootstrap(ours, theirs, samples=500, seed=7, lower_is_better=True)
+    assert first != metrics.paired_bootstrap(ours, theirs, samples=500, seed=8, lower_is_better=True)
+    difference, low, high = first
+    assert difference == pytest.approx(float(np.mean(theirs - ours)))
+    assert 0.4 < low < difference < high < 0.6
+
+
+def test_the_bootstrap_statistic_is_the_weighted_mean():
+    # two examples: mean losses 1 and 3 over 3 and 1 tokens -> loss per token 1.5
+    difference, low, high = metrics.paired_bootstrap([1.0, 3.0], [2.0, 2.0], weights=[3, 1], samples=200)
+    assert difference == pytest.approx(1.5 - 2.0)
+    identical = metrics.paired_bootstrap([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], samples=200)
+    assert identical == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="equally long"):
+        metrics.paired_bootstrap([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("low, high, outcome, words", [
+    (0.5, 0.8, "variant_better", "the variant beats 3-shot prompting: loss 1.21 vs 1.87"),
+    (-0.1, 0.3, "within_noise", "3-shot prompting is within noise of the variant"),
+    (-0.8, -0.5, "other_better", "3-shot prompting beats the variant"),
+])
+def test_the_verdict_follows_the_interval(low, high, outcome, words):
+    result = metrics.verdict("loss", 1.21, 1.87, 0.66, low, high, "3-shot prompting")
+    assert result["outcome"] == outcome
+    assert words in result["sentence"]
+    assert result["fine_tuning_pays"] == (outcome == "variant_better")
+    assert ("fine-tuning does not pay here" in result["sentence"]) == (outcome != "variant_better")
+    assert f"95% CI of the difference [{low:.3g}, {high:.3g}]" in result["sentence"]

@@ -1,0 +1,85 @@
+"""The three arms on raw records, with the built-in model (no Ray): prompt token counts,
+how many shots fit, target-token losses and scored answers, checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ft_ray.config import config_from_dict
+from ft_ray.data.formats import record_segments
+from ft_ray.evaluation import metrics
+from ft_ray.evaluation.scoring import ArmScorer, record_key, shot_text
+from ft_ray.models import ASSETS, load_base_model, load_tokenizer
+
+RECORD = {"instruction": "Reply in the house style.", "input": "From Ben: my tent is torn.",
+          "output": "Hi Ben, thanks for writing.\nWarmly, the Northwind team"}
+SHOTS = [{"instruction": "Reply in the house style.", "input": f"From {name}: where is my order?",
+          "output": f"Hi {name}, thanks for writing.\nWarmly, the Northwind team"} for name in ("Ana", "Dev", "Kim")]
+
+
+def scorer(max_seq_len: int, regex: str | None = None) -> ArmScorer:
+    job = config_from_dict({"model": {"max_seq_len": max_seq_len}, "data": {"train": "unused.jsonl"},
+                            "eval": {"few_shot": 3, "max_new_tokens": 12, "format_regex": regex}})
+    tokenizer = load_tokenizer(job.model)
+    shots = [shot_text(record_segments(s, "instruction", tokenizer), tokenizer.eos_token) for s in SHOTS]
+    # the variant is the base model itself: the variant and base arms must agree exactly
+    return ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), shots, "instruction", {},
+                     generate_keys=[record_key("eval.jsonl", 1)])
+
+
+def score(s: ArmScorer, *texts: str) -> list[dict]:
+    batch = {"text": np.array(texts, dtype=object), "error": np.array([""] * len(texts), dtype=object),
+             "path": np.array(["eval.jsonl"] * len(texts), dtype=object), "line": np.arange(1, len(texts) + 1)}
+    rows = s(batch)
+    return [{k: v[i] for k, v in rows.items()} for i in range(len(texts))]
+
+
+def test_prompt_tokens_and_fitted_shots_are_counted_by_hand():
+    tokenizer = load_tokenizer(config_from_dict({"data": {"train": "x"}}).model)
+    segments = record_segments(RECORD, "instruction", tokenizer)
+    prompt_len = len(tokenizer(segments[0][0], add_special_tokens=False).input_ids)
+    example_len = 1 + sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t, _ in segments)
+    shot_lens = [len(tokenizer(shot_text(record_segments(s, "instruction", tokenizer), tokenizer.eos_token),
+                               add_special_tokens=False).input_ids) for s in SHOTS]
+    # room for exactly two of the three shots
+    max_len = example_len + shot_lens[0] + shot_lens[1] + shot_lens[2] // 2
+    [row] = score(scorer(max_len), json.dumps(RECORD))
+    assert row["shots"] == 2
+    assert row["base_prompt_tokens"] == row["variant_prompt_tokens"] == 1 + prompt_len
+    assert row["few_shot_prompt_tokens"] == 1 + prompt_len + shot_lens[0] + shot_lens[1]
+    [tight] = score(scorer(example_len), json.dumps(RECORD))
+    assert tight["shots"] == 0 and tight["few_shot_prompt_tokens"] == 1 + prompt_len
+
+
+def test_losses_are_on_the_target_tokens_and_equal_for_equal_weights():
+    s = scorer(256)
+    good, bad = score(s, json.dumps(RECORD), "{not json")
+    assert good["base_loss_sum"] == pytest.approx(good["variant_loss_sum"], rel=1e-5)
+    assert good["base_tokens"] == good["variant_tokens"] == good["few_shot_tokens"] > 0
+    # the same figure as the model's own loss on the training-style labels
+    example = s.prepare(json.dumps(RECORD), "")["base"]
+    with torch.no_grad():
+        mean = load_base_model(s.job.model).eval()(input_ids=torch.tensor([example["input_ids"]]),
+                                                   labels=torch.tensor([example["labels"]])).loss.item()
+    assert good["base_loss_sum"] / good["base_tokens"] == pytest.approx(mean, rel=1e-4)
+    assert bad["reason"] == "not_json" and math.isnan(bad["base_loss_sum"]) and not bad["generated"]
+
+
+def test_generated_answers_are_scored_against_the_reference():
+    s = scorer(256, regex=r"(?s)Hi \w+,.*")
+    first, second = score(s, json.dumps(RECORD), json.dumps(RECORD))
+    assert first["generated"] and not second["generated"]  # only the keys the driver chose
+    assert first["reference"] == RECORD["output"]
+    for arm in ("base", "few_shot", "variant"):
+        answer = first[f"{arm}_answer"]
+        assert first[f"{arm}_exact"] == metrics.exact_match(answer, RECORD["output"])
+        assert first[f"{arm}_chrf"] == pytest.approx(metrics.chrf(answer, RECORD["output"]))
+        assert first[f"{arm}_format"] == metrics.in_format(answer, r"(?s)Hi \w+,.*")
+        assert 0 < first[f"{arm}_gen_tokens"] <= 12 and first[f"{arm}_gen_s"] > 0
+    assert first["base_answer"] == first["variant_answer"]  # greedy, same weights
+    assert math.isnan(second["base_chrf"])

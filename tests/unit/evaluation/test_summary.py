@@ -1,0 +1,64 @@
+"""eval.json from per-example figures: arm figures, skipped records, warnings, verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ft_ray.config import InputError, config_from_dict
+from ft_ray.evaluation.evaluate import summarize
+from ft_ray.evaluation.scoring import ARMS
+
+
+def columns(n: int, losses: dict[str, float], shots: int = 3) -> dict[str, np.ndarray]:
+    cols = {"key": np.array([f"f:{i}" for i in range(n)]), "reason": np.array([""] * n, dtype=object),
+            "shots": np.full(n, shots), "generated": np.arange(n) < 2, "actor": np.array(["a"] * n),
+            "prompt": np.array(["p"] * n), "reference": np.array(["r"] * n)}
+    rng = np.random.default_rng(0)
+    for arm in ARMS:
+        tokens = np.full(n, 10)
+        cols |= {f"{arm}_tokens": tokens, f"{arm}_loss_sum": (losses[arm] + rng.normal(0, 0.01, n)) * tokens,
+                 f"{arm}_prompt_tokens": np.full(n, 30 if arm == "few_shot" else 10),
+                 f"{arm}_answer": np.array(["r"] * n), f"{arm}_gen_tokens": np.full(n, 5),
+                 f"{arm}_gen_s": np.full(n, 0.5), f"{arm}_exact": np.ones(n), f"{arm}_chrf": np.ones(n),
+                 f"{arm}_format": np.full(n, np.nan)}
+    return cols
+
+
+def config(**eval_settings):
+    return config_from_dict({"data": {"train": "t.jsonl"}, "eval": eval_settings})
+
+
+def test_a_better_variant_wins_and_every_figure_is_there():
+    cols = columns(40, {"base": 3.0, "few_shot": 2.0, "variant": 1.0})
+    cols["reason"][0] = "not_json"
+    result = summarize(config(), cols, 3, train_examples=500)
+    assert result["examples"] == 39 and result["skipped"] == {"not_json": 1} and result["generated"] == 1
+    few = result["arms"]["few_shot"]
+    assert few["loss"] == pytest.approx(2.0, abs=0.01) and few["perplexity"] == pytest.approx(np.exp(few["loss"]))
+    assert few["prompt_tokens_mean"] == 30 and few["shots_mean"] == 3 and few["generation_tokens_per_s"] == 10
+    assert result["arms"]["variant"]["format"] is None  # no eval.format_regex
+    assert result["verdict"]["outcome"] == "variant_better"
+    assert result["verdict"]["sentence"].startswith("the variant beats 3-shot prompting: loss 1")
+    assert result["vs_base"]["outcome"] == "variant_better"
+    assert result["warnings"] == []
+
+
+def test_few_training_examples_and_shots_that_did_not_fit_are_warned_about():
+    cols = columns(30, {"base": 2.0, "few_shot": 1.0, "variant": 1.0}, shots=1)
+    result = summarize(config(), cols, 3, train_examples=40)
+    assert any("40 examples (< 100)" in w for w in result["warnings"])
+    assert any("1 examples fitted on average" in w for w in result["warnings"])
+    assert result["verdict"]["outcome"] == "within_noise"
+    assert "few-shot prompting (1 of 3 examples fitted on average) is within noise" in result["verdict"]["sentence"]
+
+
+def test_a_generation_metric_decides_on_the_generated_examples_only():
+    cols = columns(30, {"base": 2.0, "few_shot": 1.0, "variant": 1.0})
+    cols["few_shot_exact"][:] = 0.0
+    result = summarize(config(metric="exact_match"), cols, 3, train_examples=500)
+    assert result["verdict"]["metric"] == "exact_match"
+    assert result["verdict"]["variant"] == 1.0 and result["verdict"]["other"] == 0.0
+    with pytest.raises(InputError, match="could be scored"):
+        cols["reason"][:] = "not_json"
+        summarize(config(), cols, 3, train_examples=500)
