@@ -142,10 +142,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for winner in summary["winners"]:
         print(f"[ft-ray] #{winner['rank']} {winner['trial']} {summary['metric']} "
               f"{winner['metrics'].get(summary['metric'])}: {winner['uri']}")
-    if config.eval.after_training and summary["winners"]:
-        from ft_ray.evaluation.evaluate import evaluate_sweep
-
-        evaluate_sweep(config, summary["sweep"])
+    for winner in summary["winners"]:
+        if winner.get("eval"):
+            print(f"[ft-ray] #{winner['rank']}: {winner['eval']['verdict']['sentence']}")
     return 0
 
 
@@ -155,7 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.sweep:
-        evaluate_sweep(config, args.sweep)
+        for winner in evaluate_sweep(config, args.sweep)["winners"]:
+            print(f"[ft-ray] #{winner['rank']} {winner['trial']}: {winner['eval']['verdict']['sentence']}")
     else:
         evaluate(config, resolve_target(args.run or RunFolder.for_job(config).uri, config))
     return 0

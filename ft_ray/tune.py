@@ -268,7 +268,12 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
 
     from ft_ray.winners import summarize_sweep
 
-    return summarize_sweep(config, sweep, results)
+    summary = summarize_sweep(config, sweep, results)
+    if config.eval.after_training and summary["winners"]:
+        from ft_ray.evaluation.evaluate import evaluate_sweep
+
+        summary = evaluate_sweep(config, sweep.uri)
+    return summary
 
 
 def _callbacks(config: JobConfig, sweep: RunFolder, prepared: str) -> list:

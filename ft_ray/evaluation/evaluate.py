@@ -345,13 +345,13 @@ def _cell(value: Any, spec: str) -> str:
 # ---------------------------------------------------------------- sweeps
 
 
-def evaluate_sweep(config: JobConfig, path: str) -> list[dict[str, Any]]:
-    """Evaluate every exported winner of a sweep; winner.json and sweep.json carry the verdicts."""
+def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
+    """Evaluate every exported winner of a sweep; winner.json and sweep.json carry the
+    verdicts. Returns sweep.json as updated."""
     sweep = RunFolder.at(path, config.storage)
     summary = _json(sweep, "sweep.json")
     if summary is None:
         raise InputError(f"{sweep.uri}: no sweep.json (not a finished sweep)")
-    results = []
     for entry in summary["winners"]:
         name = entry["uri"].rstrip("/").rsplit("/", 1)[-1]
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
@@ -362,6 +362,5 @@ def evaluate_sweep(config: JobConfig, path: str) -> list[dict[str, Any]]:
         winner = _json(folder, "winner.json") or {}
         folder.write_json("winner.json", {**winner, "eval": brief})
         entry["eval"] = brief
-        results.append(result)
     sweep.write_json("sweep.json", summary)
-    return results
+    return summary

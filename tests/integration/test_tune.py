@@ -47,7 +47,9 @@ def sweep(ray_local, s3_server, tmp_path_factory):
     # alike, so the second is never below the first's cut at the rung.
     space = {"train.learning_rate": {"grid": [GOOD, GOOD, USELESS, USELESS]}, "lora.alpha": {"grid": [8]}}
     job = sweep_job(tmp, "lr-sweep", {"path": "s3://sweeps/runs", "endpoint_url": s3_server}, space, export_top_k=2)
-    summary = run_sweep(load_config(job))
+    # every winner is then evaluated: its weights come from the store to the model actors
+    summary = run_sweep(load_config(job, ["eval.after_training=true", "eval.num_generations=2",
+                                          "eval.max_new_tokens=16", "eval.max_examples=24"]))
     return summary, client, tmp
 
 
@@ -83,6 +85,25 @@ def test_winners_are_complete_and_verifiable_in_the_store(sweep):
         for name, entry in manifest["files"].items():
             data = s3_bytes(client, f"{winner['uri']}/{name}")
             assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), name
+
+
+def test_every_winner_carries_its_verdict(sweep, tmp_path):
+    summary, client, _ = sweep
+    stored = json.loads(s3_bytes(client, "s3://sweeps/runs/lr-sweep/sweep.json"))
+    assert stored["winners"] == summary["winners"]
+    for winner in summary["winners"]:
+        evaluation = json.loads(s3_bytes(client, f"{winner['uri']}/eval.json"))
+        assert evaluation["examples"] == 24 and evaluation["generated"] == 2
+        assert evaluation["variant"] == f"{winner['uri']}/weights"
+        manifest = json.loads(s3_bytes(client, f"{winner['uri']}/winner.json"))
+        assert manifest["eval"] == winner["eval"]
+        assert winner["eval"]["verdict"] == evaluation["verdict"]
+        assert set(winner["eval"]["arms"]) == {"base", "few_shot", "variant"}
+        # 8 steps at a learning rate that learns: the variant is ahead of the base model
+        assert winner["eval"]["arms"]["variant"]["loss"] < winner["eval"]["arms"]["base"]["loss"]
+    text = write_report("s3://sweeps/runs/lr-sweep", tmp_path / "report", client.meta.endpoint_url).read_text()
+    assert "Does fine-tuning pay?" in text and summary["winners"][0]["eval"]["verdict"]["sentence"] in text
+    assert (tmp_path / "report" / "arms.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_every_trial_has_a_wandb_run_in_the_sweep_group_without_secrets(sweep):
