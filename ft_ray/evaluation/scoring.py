@@ -41,24 +41,31 @@ def record_key(path: str, line: int) -> str:
 def load_arms(job: JobConfig, variant: Path) -> tuple[Any, Any, bool]:
     """(base model, variant model, shared): for an adapter the variant is the base model with
     the adapter attached (shared: the base arms run with the adapter disabled); a full
-    model folder is loaded on its own. QLoRA adapters run on the 4-bit base they trained on."""
+    model folder is loaded on its own. QLoRA adapters run on the 4-bit base they trained on.
+    On a GPU actor the models go to the GPU, in bf16 when the job trains in bf16."""
     import torch
 
     from ft_ray.models import load_base_model, load_quantized_model
+
+    gpu = job.distributed.use_gpu and torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu and job.train.precision == "bf16" else torch.float32
+
+    def placed(model: Any) -> Any:
+        return (model.to("cuda") if gpu else model).eval()
 
     if (variant / "adapter_config.json").exists():
         from peft import PeftModel
 
         base = (load_quantized_model(job.model, job.quantization, False) if job.method == "qlora"
-                else load_base_model(job.model))
+                else placed(load_base_model(job.model, dtype)))
         return base, PeftModel.from_pretrained(base, str(variant)).eval(), True
     from transformers import AutoModelForCausalLM
 
     if not (variant / "config.json").exists():
         raise FileNotFoundError(f"{variant}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
-    full = AutoModelForCausalLM.from_pretrained(str(variant), dtype=torch.float32,
+    full = AutoModelForCausalLM.from_pretrained(str(variant), dtype=dtype,
                                                 attn_implementation=job.model.attn_implementation)
-    return load_base_model(job.model).eval(), full.eval(), False
+    return placed(load_base_model(job.model, dtype)), placed(full), False
 
 
 class ArmScorer:

@@ -5,10 +5,13 @@ with the base model and few-shot prompting of it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ft_ray.cli import main
+from ft_ray.config import load_config
+from ft_ray.evaluation.evaluate import resolve_target
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,3 +48,10 @@ def test_demo_config_fine_tunes_the_house_style(ray_local, tmp_path, capsys):
     assert sample["variant"].startswith("Hi ") and "Northwind team" in sample["variant"]
     assert "Northwind team" not in sample["base"]  # the base model does not know the house style
     assert f"verdict: {evaluation['verdict']['sentence']}" in out
+
+    # `ft-ray eval --run` takes the run folder (its exported adapter) or a checkpoint (exported first)
+    config = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"storage.path={tmp_path}"])
+    assert resolve_target(str(run), config).weights == str(run / "adapter")
+    from_checkpoint = resolve_target(str(run / "checkpoint-000100"), config)
+    assert from_checkpoint.folder.root == str(run) and from_checkpoint.train_examples == summary["data"]["train_examples"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(from_checkpoint.weights).iterdir()}

@@ -83,3 +83,21 @@ def test_generated_answers_are_scored_against_the_reference():
         assert 0 < first[f"{arm}_gen_tokens"] <= 12 and first[f"{arm}_gen_s"] > 0
     assert first["base_answer"] == first["variant_answer"]  # greedy, same weights
     assert math.isnan(second["base_chrf"])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_run_on_the_base_they_trained_on(method, tmp_path):
+    from ft_ray.models import apply_lora, load_quantized_model
+
+    job = config_from_dict({"method": method, "data": {"train": "unused.jsonl"},
+                            "quantization": {"compute_dtype": "float32"}, "lora": {"rank": 4}})
+    base = (load_quantized_model(job.model, job.quantization, False) if method == "qlora"
+            else load_base_model(job.model))
+    apply_lora(base, job.lora, "builtin:tiny-llama").save_pretrained(tmp_path / "adapter")
+    s = ArmScorer(job.model_dump_json(), str(tmp_path / "adapter"), [], "instruction", {}, generate_keys=[])
+    assert s.shared  # one model: the base arms run with the adapter switched off
+    assert ("Linear4bit" in {type(m).__name__ for m in s.variant.modules()}) == (method == "qlora")
+    [row] = score(s, json.dumps(RECORD))
+    # a fresh adapter changes nothing yet (LoRA's B starts at zero)
+    assert row["variant_loss_sum"] == pytest.approx(row["base_loss_sum"], rel=1e-5)
+    assert row["base_tokens"] > 0 and math.isfinite(row["base_loss_sum"]) and row["shots"] == 0
