@@ -36,7 +36,9 @@ class ModelConfig(Section):
     max_seq_len: int = Field(256, gt=8, description="packed sequence length in tokens")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless you trust it")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
+        "sdpa: packed training batches attend within each example's span (no work across examples); "
+        "flash_attention_2: its varlen kernel (needs flash-attn)"))
 
 
 FormatName = Literal["auto", "text", "instruction", "chat", "completion"]
@@ -161,6 +163,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
     peak_tflops: float | None = Field(None, gt=0, description=(
         "peak dense TFLOP/s of one worker's device for MFU; default: known GPUs (H100/H200 bf16: 989), else no MFU"))
+    fused_kernels: Literal["auto", "liger", "none"] = Field("auto", description=(
+        "liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy (no logits tensor) on CUDA; "
+        "auto: when installed and on a GPU; plain torch on CPU"))
+    compile: bool = Field(False, description="torch.compile the model's forward (the first steps wait for it)")
+    fused_optimizer: bool = Field(True, description="fused AdamW: one kernel for every parameter's update")
+    prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of each worker")
     compare_generations: int = Field(0, ge=0, description=(
         "held-out prompts answered by the base model and the variant after training, printed and "
         "saved to samples.json; runs on the driver, so keep 0 for large models"))
@@ -406,7 +414,8 @@ RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_eve
                   "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
-                  "train.compare_generations", "train.peak_tflops", "data.prepared", "eval.")
+                  "train.compare_generations", "train.peak_tflops", "data.prepared", "eval.",
+                  "train.fused_kernels", "train.compile", "train.fused_optimizer", "train.prefetch_batches")
 
 
 def resume_changes(old: dict, new: dict) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,13 @@ class DDPEngine:
     saves_on_every_rank = False  # every rank holds the same state: rank 0 writes it
 
     def __init__(self, model: Any, config: JobConfig, total_steps: int):
-        import ray.train.torch
-
         self.module = model
-        self.model = ray.train.torch.prepare_model(model)  # wraps in DDP when world size > 1
+        self.model = data_parallel(model, config.distributed.use_gpu)
         self.device = next(self.module.parameters()).device
         params = [p for p in self.module.parameters() if p.requires_grad]
         train = config.train
-        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                           fused=train.fused_optimizer or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(min(train.warmup_steps, total_steps // 2), total_steps))
         self.max_grad_norm = train.max_grad_norm
@@ -99,6 +99,22 @@ class DDPEngine:
         state = torch.load(folder / TRAINER_STATE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def data_parallel(model: Any, use_gpu: bool) -> Any:
+    """The model on this worker's device, wrapped in DDP when several workers train (Ray
+    Train's `prepare_model`). Outside a Ray Train worker (benchmarks, a single process) the
+    model is only moved to the GPU, so the same engine runs without Ray."""
+    if "ray" not in sys.modules:  # not a Ray worker; importing Ray would only cost memory
+        return model.to("cuda") if use_gpu and torch.cuda.is_available() else model
+    import ray.train.torch
+
+    try:
+        return ray.train.torch.prepare_model(model)
+    except RuntimeError as e:
+        if "outside of a Ray Train" not in str(e):
+            raise
+        return model.to("cuda") if use_gpu and torch.cuda.is_available() else model
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

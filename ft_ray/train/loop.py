@@ -131,10 +131,35 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
+    use_fused_kernels(model, config)
+    if config.data.pack and config.model.attn_implementation == "sdpa":
+        from ft_ray.train.attention import register
+
+        model.set_attn_implementation(register())  # per-example attention spans in packed batches
     if config.trains_adapter:
         model = apply_lora(model, config.lora, base_model_path)
     model.config.use_cache = False
+    if config.train.compile:
+        model.compile()  # in place: the module (and save_pretrained) stay as they are
     return model
+
+
+def use_fused_kernels(model: Any, config: JobConfig) -> bool:
+    """Swap in liger-kernel's fused layers (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)
+    on CUDA; returns whether it did. `fused_kernels: liger` insists (an error if it cannot)."""
+    choice = config.train.fused_kernels
+    if choice == "none" or not (config.distributed.use_gpu and torch.cuda.is_available()):
+        if choice == "liger":
+            raise RuntimeError("train.fused_kernels: liger needs a CUDA GPU (distributed.use_gpu: true); use auto")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice == "liger":
+            raise RuntimeError("train.fused_kernels: liger needs the liger-kernel package (pip install ft-ray[gpu])")
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
 
 
 def train_pieces(config: JobConfig, rank: int) -> list[Any]:
@@ -162,7 +187,8 @@ def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainSt
     while True:
         seen = 0
         for piece in pieces:
-            for batch in piece.iter_torch_batches(batch_size=config.train.micro_batch_size, dtypes=torch.long):
+            for batch in piece.iter_torch_batches(batch_size=config.train.micro_batch_size, dtypes=torch.long,
+                                                  prefetch_batches=config.train.prefetch_batches):
                 seen += 1
                 if seen <= state.batch_in_epoch:
                     continue

@@ -1,0 +1,254 @@
+"""ft-ray's training step against the usual recipe, Hugging Face Trainer + PEFT with padded
+batches, on the same model shape, data, sequence budget and device, in one run.
+
+    python -m bench.train --mode lora [--records 2000] [--repeat 3] [--device cpu|cuda]
+
+Both arms train one epoch over the same tokenized examples (same loss masks) with the same
+micro batch size (sequences per step) and `--max-seq-len`: the baseline pads each batch to
+its longest example, ft-ray packs examples into full sequences (attention kept inside each
+example by restarting position ids) and uses its own engine (fused AdamW by default, liger
+kernels on CUDA). Tokens/s counts real tokens only (no padding), the same count in both arms.
+Each arm runs in a fresh subprocess, so its peak memory is its own (peak RSS on CPU, peak
+allocated GPU memory on CUDA). On CPU the model is the built-in tiny Llama; on CUDA a
+Llama-3.2-1B-shaped model (random init, no download) in bf16 at sequence length 2048.
+
+The last line printed is one JSON object: mode, device, ft_ray_tokens_per_s,
+baseline_tokens_per_s, ratio, ft_ray_peak_mem_mb, baseline_peak_mem_mb, mfu (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+
+
+def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_batch: int) -> Any:
+    from ft_ray.config import config_from_dict
+
+    gpu = device == "cuda"
+    return config_from_dict({
+        "method": mode, "model": {"name_or_path": model_path, "max_seq_len": max_seq_len},
+        "data": {"train": "unused.jsonl"},
+        "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "quantization": {"compute_dtype": "bfloat16" if gpu else "float32"},
+        "distributed": {"num_workers": 1, "use_gpu": gpu},
+        "train": {"learning_rate": 1e-4, "micro_batch_size": micro_batch, "warmup_steps": 0,
+                  "precision": "bf16" if gpu else "fp32"}})
+
+
+def make_model(device: str, folder: Path) -> str:
+    """The model both arms load: the built-in tiny Llama on CPU, a random 1B Llama on CUDA."""
+    if device == "cpu":
+        return "builtin:tiny-llama"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    config = LlamaConfig(vocab_size=max(len(tokenizer), 32000), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True, **LLAMA_1B)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def examples(corpus: Path, tokenizer: Any, max_seq_len: int) -> list[dict]:
+    """Token ids and loss masks of every record, exactly as ft-ray's pipeline makes them."""
+    from ft_ray.data.pipeline import tokenize_batch
+
+    lines = [line for f in sorted(corpus.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    out = tokenize_batch(lines, [""] * len(lines), "instruction", {}, tokenizer, max_seq_len, None)
+    return [e for e in out if isinstance(e, dict)]
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ft_ray_arm(config: Any, data: list[dict]) -> dict[str, Any]:
+    """ft-ray's own step: packed sequences, its model build and engine, outside Ray."""
+    import numpy as np
+    import torch
+
+    from ft_ray.data.tokenize import pack_examples
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.engines import build_engine
+    from ft_ray.train.flops import flops_per_token, peak_flops
+    from ft_ray.train.loop import build_model
+
+    tokenizer = load_tokenizer(config.model)
+    sequences = list(pack_examples(data, config.model.max_seq_len, tokenizer.pad_token_id))
+    size = config.train.micro_batch_size
+    steps = len(sequences) // size
+    model = build_model(config, config.model.name_or_path)
+    engine = build_engine(model, config, steps)
+    device = engine.device
+    started = time.perf_counter()
+    tokens = 0
+    for step in range(steps):
+        chunk = sequences[step * size:(step + 1) * size]
+        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).to(device)
+                 for k in ("input_ids", "labels", "position_ids")}
+        engine.micro_step(batch, 1.0, True)
+        engine.step()
+        tokens += sum(int(s["num_tokens"]) for s in chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = peak_flops(None, config.distributed.use_gpu, config.train.precision)
+    rate = tokens / seconds
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate, "steps": steps,
+            "sequences": len(sequences), "peak_mem_mb": peak_memory_mb(device.type),
+            "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
+
+
+def baseline_arm(config: Any, data: list[dict]) -> dict[str, Any]:
+    """The usual recipe: HF Trainer, PEFT LoRA (QLoRA: 4-bit base), padded batches."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+
+    from ft_ray.models import ASSETS, load_tokenizer
+
+    gpu = config.distributed.use_gpu
+    path = str(ASSETS / "tiny-llama") if config.model.name_or_path.startswith("builtin:") else config.model.name_or_path
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if config.method == "qlora":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cuda:0" if gpu else "cpu"},
+                                                     quantization_config=BitsAndBytesConfig(
+                                                         load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if config.method != "full":
+        model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    tokenizer = load_tokenizer(config.model)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
+                                 num_train_epochs=1, learning_rate=config.train.learning_rate,
+                                 lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+                                 report_to=[], use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0,
+                                 remove_unused_columns=False, disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=[dict(e) for e in data],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        started = time.perf_counter()
+        trainer.train()
+        if gpu:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    tokens = sum(len(e["input_ids"]) for e in data)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "steps": -(-len(data) // config.train.micro_batch_size), "optimizer": args.optim,
+            "peak_mem_mb": peak_memory_mb("cuda" if gpu else "cpu")}
+
+
+def run_arm(args: argparse.Namespace) -> None:
+    """One arm in this (fresh) process; prints its figures as JSON."""
+    from ft_ray.models import load_tokenizer
+
+    config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch)
+    data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
+    figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data)
+    print(json.dumps(figures))
+
+
+def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.train", "--arm", arm, "--mode", args.mode, "--device", args.device,
+               "--model", model, "--corpus", str(corpus), "--max-seq-len", str(args.max_seq_len),
+               "--micro-batch", str(args.micro_batch)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} arm failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["full", "lora", "qlora"], default="lora")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    parser.add_argument("--records", type=int, default=None, help="default: 600 on CPU, 4000 on CUDA")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="default: 1024 on CPU, 2048 on CUDA")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step; default 4 on CPU, 8 on CUDA")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--arm", choices=["ft-ray", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.max_seq_len = args.max_seq_len or (2048 if gpu else 1024)
+    args.micro_batch = args.micro_batch or (8 if gpu else 4)
+    if args.arm:
+        return run_arm(args)
+
+    from bench.corpus import write_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        write_corpus(corpus, records=args.records or (4000 if gpu else 600), files=1)
+        model = make_model(args.device, Path(tmp) / "model")
+        runs: dict[str, list[dict]] = {"ft-ray": [], "baseline": []}
+        for _ in range(args.repeat):
+            for arm in ("baseline", "ft-ray"):
+                runs[arm].append(arm_in_subprocess(arm, args, model, corpus))
+            base, ours = runs["baseline"][-1], runs["ft-ray"][-1]
+            print(f"{args.mode} on {args.device}: ft-ray {ours['tokens_per_s']:,.0f} tokens/s "
+                  f"({ours['steps']} steps of packed sequences, peak {ours['peak_mem_mb']:,.0f} MiB); "
+                  f"HF Trainer + PEFT {base['tokens_per_s']:,.0f} tokens/s ({base['steps']} padded steps, "
+                  f"peak {base['peak_mem_mb']:,.0f} MiB); ratio {ours['tokens_per_s'] / base['tokens_per_s']:.2f}",
+                  flush=True)
+
+    def median(arm: str, key: str) -> float | None:
+        values = [r[key] for r in runs[arm] if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    ours, base = median("ft-ray", "tokens_per_s"), median("baseline", "tokens_per_s")
+    print(json.dumps({
+        "mode": args.mode, "device": _device_name(args.device), "ft_ray_tokens_per_s": round(ours, 1),
+        "baseline_tokens_per_s": round(base, 1), "ratio": round(ours / base, 3),
+        "ft_ray_peak_mem_mb": round(median("ft-ray", "peak_mem_mb"), 1),
+        "baseline_peak_mem_mb": round(median("baseline", "peak_mem_mb"), 1),
+        "mfu": median("ft-ray", "mfu"), "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch,
+        "repeats": args.repeat, "baseline_optimizer": runs["baseline"][0].get("optimizer")}))
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    main()
