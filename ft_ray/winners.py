@@ -16,7 +16,7 @@ from typing import Any
 
 from ft_ray.config import JobConfig, TuneConfig
 from ft_ray.storage import RunFolder, read_metrics
-from ft_ray.train.checkpoints import complete_checkpoints
+from ft_ray.train.checkpoints import best_of, complete_checkpoints
 
 
 def trial_records(config: JobConfig, sweep: RunFolder, results: Any) -> list[dict[str, Any]]:
@@ -103,10 +103,11 @@ def export_winner(config: JobConfig, sweep: RunFolder, record: dict, rank: int, 
 
 def best_checkpoint(trial: RunFolder, complete: list) -> str:
     """The complete checkpoint with the lowest eval loss in the trial's metrics (else the newest)."""
-    if not complete:
-        raise RuntimeError(f"{trial.uri}: no complete checkpoint to export")
     evals = {record["step"]: record["eval_loss"] for record in read_metrics(trial) if "eval_loss" in record}
-    return min(complete, key=lambda c: (evals.get(c.step, math.inf), -c.step)).name
+    chosen = best_of(complete, evals)
+    if chosen is None:
+        raise RuntimeError(f"{trial.uri}: no complete checkpoint to export")
+    return chosen.name
 
 
 def _yaml(text: str | None) -> dict:

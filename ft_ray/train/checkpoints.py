@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +134,13 @@ def complete_checkpoints(fs: pafs.FileSystem, run_root: str) -> tuple[list[Candi
         else:
             skipped.append((candidate.name, problem))
     return complete, skipped
+
+
+def best_of(complete: list[Candidate], eval_loss_by_step: dict[int, float]) -> Candidate | None:
+    """The complete checkpoint with the lowest eval loss at its step (ties and checkpoints
+    without an eval: the newest). Chosen from storage, not from Ray's list: after a restart
+    Ray may not know a checkpoint the run resumed from (seen when a node died between the
+    last checkpoint and the end of the run)."""
+    if not complete:
+        return None
+    return min(complete, key=lambda c: (eval_loss_by_step.get(c.step, math.inf), -c.step, -c.attempt))

@@ -22,7 +22,7 @@ from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
-from ft_ray.train.checkpoints import (complete_checkpoints, list_checkpoints, manifest_problem,
+from ft_ray.train.checkpoints import (best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 
@@ -179,7 +179,9 @@ def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, 
     metrics = read_metrics(run)
     train_lines = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
-    best = _best_checkpoint(result, run)
+    complete = complete_checkpoints(run.fs, run.root)[0]
+    chosen = best_of(complete, {m["step"]: m["eval_loss"] for m in evals})
+    best = run.path(chosen.name) if chosen else None
     exported = export_best(config, run, best) if best else None
     speeds = [m["tokens_per_s"] for m in train_lines[1:]] or [m["tokens_per_s"] for m in train_lines]
     initial, final = evals[0]["eval_loss"] if evals else None, evals[-1]["eval_loss"] if evals else None
@@ -196,21 +198,12 @@ def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, 
         "eval_loss_reduction": (1 - final / initial) if initial and final is not None else None,
         "tokens_per_second": statistics.median(speeds) if speeds else None,
         "best_checkpoint": run.uri_of(Path(best).name) if best else None,
-        "latest_checkpoint": run.uri_of(Path(result.checkpoint.path).name) if result.checkpoint else None,
+        "latest_checkpoint": run.uri_of(complete[0].name) if complete else None,
         "adapter_path": exported if config.trains_adapter else None,
         "model_path": None if config.trains_adapter else exported,
         "data": asdict(stats),
         "wall_time_s": round(wall_s, 1),
     }
-
-
-def _best_checkpoint(result: Any, run: RunFolder) -> str | None:
-    """The path (inside the run's filesystem) of the complete checkpoint with the lowest eval loss."""
-    scored = [(m.get("eval_loss", math.inf), c.path) for c, m in (result.best_checkpoints or [])]
-    if result.checkpoint:
-        scored.append((math.inf, result.checkpoint.path))
-    complete = [(loss, path) for loss, path in scored if manifest_problem(run.fs, path) is None]
-    return min(complete)[1] if complete else None
 
 
 def export_best(config: JobConfig, run: RunFolder, checkpoint_path: str) -> str:

@@ -79,3 +79,13 @@ def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
            "lora": {"rank": 16}, "storage": {"path": "/b"}}
     assert resume_changes(old, new) == ["lora.rank: 8 -> 16", "train.learning_rate: 0.0002 -> 0.0003"]
     assert resume_changes(old, old) == []
+
+
+def test_the_best_checkpoint_is_chosen_from_storage_by_eval_loss():
+    from ft_ray.train.checkpoints import Candidate, best_of
+
+    complete = [Candidate.parse(n) for n in ("checkpoint-000008-1", "checkpoint-000008", "checkpoint-000004")]
+    assert best_of(complete, {4: 2.0, 8: 1.5}).name == "checkpoint-000008-1"  # the newer attempt at step 8
+    assert best_of(complete, {4: 1.0, 8: 1.5}).name == "checkpoint-000004"
+    assert best_of(complete, {}).name == "checkpoint-000008-1"  # no evals: the newest
+    assert best_of([], {4: 1.0}) is None
