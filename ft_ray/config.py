@@ -79,6 +79,11 @@ class DataConfig(Section):
         return [s.model_copy(update={"format": s.format or self.format, "fields": s.fields or self.fields})
                 for s in listed]
 
+    def keyed_sources(self) -> list[tuple[str, SourceConfig]]:
+        """`all_sources` with the config key each comes from (for messages)."""
+        keys = [f"data.sources[{i}]" for i in range(len(self.sources))] if self.sources else ["data.train"]
+        return list(zip(keys, self.all_sources()))
+
     def eval_source(self) -> SourceConfig | None:
         return SourceConfig(path=self.eval, format=self.format, fields=self.fields) if self.eval else None
 

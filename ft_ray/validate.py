@@ -58,8 +58,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     lines: list[str] = []
     formats: Counter = Counter()
     problems = 0
-    for i, source in enumerate(data.all_sources()):
-        key = f"data.sources[{i}]" if data.sources else "data.train"
+    for key, source in data.keyed_sources():
         kept, split = count_records(source, config, key, split_off)
         train, held_out = train + kept, held_out + split
         fmt, note = choose_format(source, config.storage, key)

@@ -206,9 +206,7 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
     data, stats = config.data, DataStats()
     split_off = 0.0 if data.eval else data.eval_fraction
-    sources = data.all_sources()
-    parts = [read_source(config, source, f"data.sources[{i}]" if data.sources else "data.train", split_off, stats)
-             for i, source in enumerate(sources)]
+    parts = [read_source(config, source, key, split_off, stats) for key, source in data.keyed_sources()]
     tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     if data.eval:
         eval_tokenized = read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize()

@@ -100,8 +100,7 @@ def held_out_sources(config: JobConfig) -> list[tuple[SourceConfig, str, float |
         return [(data.eval_source(), "data.eval", None)]
     if data.eval_fraction == 0:
         raise InputError("data: no held-out examples to evaluate on; set data.eval or data.eval_fraction > 0")
-    keys = [f"data.sources[{i}]" for i in range(len(data.sources))] if data.sources else ["data.train"]
-    return [(source, key, data.eval_fraction) for source, key in zip(data.all_sources(), keys)]
+    return [(source, key, data.eval_fraction) for key, source in data.keyed_sources()]
 
 
 def _keep_held_out(batch: dict[str, np.ndarray], split: float) -> dict[str, np.ndarray]:
@@ -140,8 +139,7 @@ def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str
     data = config.data
     split = None if data.eval else data.eval_fraction
     shots: list[str] = []
-    for i, source in enumerate(data.all_sources()):
-        key = f"data.sources[{i}]" if data.sources else "data.train"
+    for key, source in data.keyed_sources():
         fmt, _ = choose_format(source, config.storage, key)
         for _, _, text, error in read_records(source.path, config.storage, key):
             if len(shots) == count:
@@ -162,8 +160,8 @@ def count_train_records(config: JobConfig) -> int:
 
     split = None if config.data.eval else config.data.eval_fraction
     total = 0
-    for i, source in enumerate(config.data.all_sources()):
-        fs, files = list_files(source.path, config.storage, f"data.sources[{i}]" if config.data.sources else "data.train")
+    for key, source in config.data.keyed_sources():
+        fs, files = list_files(source.path, config.storage, key)
         dataset = ray.data.read_datasource(corpus_datasource(fs, files))
         total += dataset.count() if split is None else int(
             dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)
