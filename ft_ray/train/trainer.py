@@ -124,8 +124,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
         datasets=worker_datasets(config, datasets),
         dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
     )
-    result = trainer.fit()
-    summary = summarize(config, run, result, stats, plan, time.monotonic() - started)
+    trainer.fit()
+    summary = summarize(config, run, stats, plan, time.monotonic() - started)
     run.write_json("summary.json", summary)
     return summary
 
@@ -173,9 +173,11 @@ def _workers(config: JobConfig) -> str:
     return f"{low_high[0]}-{low_high[1]}" if config.distributed.elastic else str(low_high)
 
 
-def summarize(config: JobConfig, run: RunFolder, result: Any, stats: DataStats, plan: StepPlan,
+def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPlan,
               wall_s: float) -> dict[str, Any]:
-    """The run's outcome from `metrics.jsonl` and Ray's result; exports the best weights."""
+    """The run's outcome from `metrics.jsonl` and the complete checkpoints in storage;
+    exports the best weights. (Ray's result is not used: it can miss a checkpoint a
+    restarted run resumed from.)"""
     metrics = read_metrics(run)
     train_lines = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
