@@ -8,7 +8,8 @@ micro batch size (sequences per step) and `--max-seq-len`: the baseline pads eac
 its longest example, ft-ray packs examples into full sequences (attention kept inside each
 example by restarting position ids) and uses its own engine (fused AdamW by default, liger
 kernels on CUDA). Tokens/s counts real tokens only (no padding), the same count in both arms.
-Each arm runs in a fresh subprocess, so its peak memory is its own (peak RSS on CPU, peak
+Both arms time the steps after the first `--warmup-steps` (CUDA/cuBLAS set-up, Triton
+compiles of fused kernels). Each arm runs in a fresh subprocess, so its peak memory is its own (peak RSS on CPU, peak
 allocated GPU memory on CUDA). On CPU the model is the built-in tiny Llama; on CUDA a
 Llama-3.2-1B-shaped model (random init, no download) in bf16 at sequence length 2048.
 
@@ -35,7 +36,8 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers":
             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
 
 
-def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_batch: int) -> Any:
+def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_batch: int,
+               fused_kernels: str = "auto") -> Any:
     from ft_ray.config import config_from_dict
 
     gpu = device == "cuda"
@@ -46,13 +48,15 @@ def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_
         "quantization": {"compute_dtype": "bfloat16" if gpu else "float32"},
         "distributed": {"num_workers": 1, "use_gpu": gpu},
         "train": {"learning_rate": 1e-4, "micro_batch_size": micro_batch, "warmup_steps": 0,
-                  "precision": "bf16" if gpu else "fp32"}})
+                  "precision": "bf16" if gpu else "fp32", "fused_kernels": fused_kernels}})
 
 
 def make_model(device: str, folder: Path) -> str:
     """The model both arms load: the built-in tiny Llama on CPU, a random 1B Llama on CUDA."""
     if device == "cpu":
         return "builtin:tiny-llama"
+    if (folder / "config.json").exists():
+        return str(folder)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,7 +68,9 @@ def make_model(device: str, folder: Path) -> str:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=True, **LLAMA_1B)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    with torch.device("cuda"):  # random init of 1B weights takes seconds there, a minute on the CPU
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -88,7 +94,14 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ft_ray_arm(config: Any, data: list[dict]) -> dict[str, Any]:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
     """ft-ray's own step: packed sequences, its model build and engine, outside Ray."""
     import numpy as np
     import torch
@@ -106,26 +119,33 @@ def ft_ray_arm(config: Any, data: list[dict]) -> dict[str, Any]:
     model = build_model(config, config.model.name_or_path)
     engine = build_engine(model, config, steps)
     device = engine.device
-    started = time.perf_counter()
-    tokens = 0
+    tokens, started = 0, time.perf_counter()
     for step in range(steps):
+        if step == warmup:
+            _sync(device.type)
+            tokens, started = 0, time.perf_counter()
         chunk = sequences[step * size:(step + 1) * size]
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).to(device)
+        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).to(device, non_blocking=True)
                  for k in ("input_ids", "labels", "position_ids")}
         engine.micro_step(batch, 1.0, True)
         engine.step()
         tokens += sum(int(s["num_tokens"]) for s in chunk)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device.type)
     seconds = time.perf_counter() - started
     peak = peak_flops(None, config.distributed.use_gpu, config.train.precision)
     rate = tokens / seconds
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate, "steps": steps,
             "sequences": len(sequences), "peak_mem_mb": peak_memory_mb(device.type),
+            "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
             "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
 
 
-def baseline_arm(config: Any, data: list[dict]) -> dict[str, Any]:
+def use_fused_kernels_applied(model: Any) -> bool:
+    """Whether liger-kernel's layers are in the model (its RMSNorm replaced the model's)."""
+    return any(type(m).__module__.startswith("liger_kernel") or "Liger" in type(m).__name__ for m in model.modules())
+
+
+def baseline_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
     """The usual recipe: HF Trainer, PEFT LoRA (QLoRA: 4-bit base), padded batches."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -149,42 +169,59 @@ def baseline_arm(config: Any, data: list[dict]) -> dict[str, Any]:
         model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     tokenizer = load_tokenizer(config.model)
+    device = "cuda" if gpu else "cpu"
+    timing = {"steps": 0, "tokens": 0, "started": time.perf_counter()}
+
+    class TimedTrainer(Trainer):
+        """Counts the real tokens of each step; the clock starts after `warmup` steps."""
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if timing["steps"] == warmup:
+                _sync(device)
+                timing.update(tokens=0, started=time.perf_counter())
+            timing["steps"] += 1
+            timing["tokens"] += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, *args, **kwargs)
+
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
                                  num_train_epochs=1, learning_rate=config.train.learning_rate,
                                  lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
                                  report_to=[], use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0,
                                  remove_unused_columns=False, disable_tqdm=True, seed=0)
-        trainer = Trainer(model=model, args=args, train_dataset=[dict(e) for e in data],
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-        started = time.perf_counter()
+        trainer = TimedTrainer(model=model, args=args, train_dataset=[dict(e) for e in data],
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer.train()
-        if gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-    tokens = sum(len(e["input_ids"]) for e in data)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "steps": -(-len(data) // config.train.micro_batch_size), "optimizer": args.optim,
-            "peak_mem_mb": peak_memory_mb("cuda" if gpu else "cpu")}
+        _sync(device)
+        seconds = time.perf_counter() - timing["started"]
+    return {"tokens": timing["tokens"], "seconds": seconds, "tokens_per_s": timing["tokens"] / seconds,
+            "steps": timing["steps"], "optimizer": args.optim, "attention": model.config._attn_implementation,
+            "peak_mem_mb": peak_memory_mb(device)}
 
 
 def run_arm(args: argparse.Namespace) -> None:
     """One arm in this (fresh) process; prints its figures as JSON."""
     from ft_ray.models import load_tokenizer
 
-    config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch)
+    config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels)
     data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
-    figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data)
+    figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data, args.warmup_steps)
     print(json.dumps(figures))
 
 
-def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Path) -> dict[str, Any]:
+def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Path,
+                      fused_kernels: str = "auto") -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.train", "--arm", arm, "--mode", args.mode, "--device", args.device,
                "--model", model, "--corpus", str(corpus), "--max-seq-len", str(args.max_seq_len),
-               "--micro-batch", str(args.micro_batch)]
+               "--micro-batch", str(args.micro_batch), "--warmup-steps", str(args.warmup_steps),
+               "--fused-kernels", fused_kernels]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
+        if arm == "ft-ray" and fused_kernels == "auto" and args.device == "cuda":
+            # say why, then measure ft-ray without the fused kernels rather than nothing
+            print(f"ft-ray arm failed with fused kernels; again without them:\n{done.stderr[-3000:]}", flush=True)
+            return {**arm_in_subprocess(arm, args, model, corpus, "none"), "fused_kernels_failed": True}
         raise RuntimeError(f"{arm} arm failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -197,9 +234,12 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: 1024 on CPU, 2048 on CUDA")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step; default 4 on CPU, 8 on CUDA")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps of each arm left out of the timing")
+    parser.add_argument("--model-dir", help="CUDA: where the random 1B model is written (or reused, if there)")
     parser.add_argument("--arm", choices=["ft-ray", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--fused-kernels", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
         import torch
@@ -216,7 +256,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         write_corpus(corpus, records=args.records or (4000 if gpu else 600), files=1)
-        model = make_model(args.device, Path(tmp) / "model")
+        model = make_model(args.device, Path(args.model_dir or Path(tmp) / "model"))
         runs: dict[str, list[dict]] = {"ft-ray": [], "baseline": []}
         for _ in range(args.repeat):
             for arm in ("baseline", "ft-ray"):
@@ -239,7 +279,9 @@ def main() -> None:
         "ft_ray_peak_mem_mb": round(median("ft-ray", "peak_mem_mb"), 1),
         "baseline_peak_mem_mb": round(median("baseline", "peak_mem_mb"), 1),
         "mfu": median("ft-ray", "mfu"), "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch,
-        "repeats": args.repeat, "baseline_optimizer": runs["baseline"][0].get("optimizer")}))
+        "repeats": args.repeat, "warmup_steps": args.warmup_steps,
+        "baseline_optimizer": runs["baseline"][0].get("optimizer"), "attention": runs["ft-ray"][0].get("attention"),
+        "liger": runs["ft-ray"][0].get("liger"), "baseline_attention": runs["baseline"][0].get("attention")}))
 
 
 def _device_name(device: str) -> str:

@@ -6,11 +6,15 @@ it still computes every query against every key (cost grows with the sequence le
 squared). `packed_sdpa` runs causal SDPA on each example's own span instead (cost grows
 with the sum of the examples' lengths squared) -- the varlen idea of flash attention,
 with kernels every device has. Same result, fewer FLOPs; used for training batches, which
-have no padding mask.
+have no padding mask. On CUDA in bf16/fp16 the whole batch goes to flash attention's varlen
+kernel in one call (`torch.nn.attention.varlen`, where this torch has it) instead of one
+SDPA call per example.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -42,6 +46,11 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
     if position_ids is None:
         position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
     spans = _cached_spans(position_ids)
+    varlen = _varlen_attn()
+    if varlen and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
+        out = varlen(query, key, value, spans, scaling)
+        if out is not None:
+            return out, None
     rows = []
     for b in range(query.shape[0]):
         pieces = [torch.nn.functional.scaled_dot_product_attention(
@@ -50,6 +59,46 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
             for s, e in spans[b if len(spans) > 1 else 0]]
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def cumulative_lengths(spans: list[list[tuple[int, int]]], length: int) -> tuple[list[int], int]:
+    """Flash varlen's view of a [B, L] batch flattened to B*L tokens: the offsets where each
+    example starts (and the end), and the longest example."""
+    offsets = [b * length + s for b, row in enumerate(spans) for s, _ in row] + [len(spans) * length]
+    return offsets, max(e - s for row in spans for s, e in row)
+
+
+@functools.cache
+def _varlen_attn() -> Any:
+    """A function (query, key, value, spans, scale) -> [B, L, H, D] over flash attention's
+    varlen kernel, or None where this torch has none. Its arguments changed between torch
+    releases (causality as `is_causal` or `window_size`, GQA as `enable_gqa` or not at all)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list,
+               scale: float | None) -> torch.Tensor | None:
+        batch, heads, length, dim = query.shape
+        if scale is not None and "scale" not in params and abs(scale - dim ** -0.5) > 1e-9:
+            return None  # this torch's varlen kernel takes only the default scale
+        if key.shape[1] != heads and not gqa:
+            key = key.repeat_interleave(heads // key.shape[1], dim=1)
+            value = value.repeat_interleave(heads // value.shape[1], dim=1)
+        offsets, longest = cumulative_lengths(spans if len(spans) == batch else spans * batch, length)
+        cu = torch.tensor(offsets, dtype=torch.int32).to(query.device, non_blocking=True)
+        flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
+        extra = dict(options, enable_gqa=key.shape[1] != heads) if gqa else dict(options)
+        if scale is not None and "scale" in params:
+            extra["scale"] = scale
+        out = varlen_attn(*flat, cu, cu, longest, longest, **extra)
+        return out.view(batch, length, heads, dim)
+
+    return attend
 
 
 _last: tuple[Any, Any] = (None, None)

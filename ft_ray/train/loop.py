@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,7 +128,10 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing)
     else:
-        model = load_base_model(config.model)
+        # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
+        # memory and a cast of every weight in every autocast forward; trained weights stay fp32
+        dtype = _COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
+        model = load_base_model(config.model, dtype=dtype)
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
@@ -144,6 +148,9 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     return model
 
 
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def use_fused_kernels(model: Any, config: JobConfig) -> bool:
     """Swap in liger-kernel's fused layers (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)
     on CUDA; returns whether it did. `fused_kernels: liger` insists (an error if it cannot)."""
@@ -158,7 +165,13 @@ def use_fused_kernels(model: Any, config: JobConfig) -> bool:
         if choice == "liger":
             raise RuntimeError("train.fused_kernels: liger needs the liger-kernel package (pip install ft-ray[gpu])")
         return False
-    _apply_liger_kernel_to_instance(model=model)
+    try:
+        _apply_liger_kernel_to_instance(model=model)
+    except Exception as e:  # a model type or transformers release this liger does not know
+        if choice == "liger":
+            raise RuntimeError(f"train.fused_kernels: liger could not patch this model: {e}") from e
+        warnings.warn(f"train.fused_kernels auto: liger-kernel not used ({e}); plain torch layers")
+        return False
     return True
 
 

@@ -8,13 +8,41 @@ import torch
 
 from ft_ray.config import ModelConfig, config_from_dict
 from ft_ray.models import load_base_model
-from ft_ray.train.attention import example_spans, register
+from ft_ray.train.attention import _varlen_attn, cumulative_lengths, example_spans, packed_sdpa, register
 from ft_ray.train.loop import build_model, use_fused_kernels
 
 
 def test_spans_start_where_positions_restart():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert example_spans(positions) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+
+
+def test_flash_varlen_offsets_flatten_the_batch():
+    spans = [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert cumulative_lengths(spans, 6) == ([0, 3, 5, 6, 12], 6)
+    assert cumulative_lengths([[(0, 2), (2, 6)]], 6) == ([0, 2, 6], 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _varlen_attn() is None, reason="flash varlen needs CUDA")
+def test_flash_varlen_matches_per_example_sdpa_on_cuda():
+    torch.manual_seed(0)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths])
+                             for lengths in ([400, 300, 324], [1024])]).cuda()
+    query = torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    key, value = (torch.randn(2, 2, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    flash, _ = packed_sdpa(None, query, key, value, None, scaling=64 ** -0.5, position_ids=positions)
+    flash.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (query, key, value)]
+    for t in (query, key, value):
+        t.grad = None
+    spans = [[(0, 400), (400, 700), (700, 1024)], [(0, 1024)]]
+    reference = torch.cat([torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True, enable_gqa=True)
+        for s, e in row], dim=2) for b, row in enumerate(spans)]).transpose(1, 2)
+    reference.float().square().sum().backward()
+    torch.testing.assert_close(flash, reference, rtol=2e-2, atol=2e-2)
+    for t, grad in zip((query, key, value), grads):
+        torch.testing.assert_close(grad, t.grad, rtol=5e-2, atol=5e-2)
 
 
 def test_packed_attention_matches_masked_sdpa_in_outputs_and_gradients():

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU rows of bench/RESULTS.md in one call on a CUDA machine without network:
+# the flash-varlen check, then bench.train for lora, qlora and full (1B Llama shape, seq 2048, bf16).
+#   ../shared/tools/offline-bundle.sh .gpu-bundle     # here: ray, deepspeed, bitsandbytes, liger, pydantic
+#   OUT=/some/folder bash bench/gpu.sh [REPEAT] [RECORDS]   # there: logs and JSON lines under $OUT
+set -uo pipefail
+out=${OUT:?set OUT to a folder for the logs}
+repeat=${1:-1}
+records=${2:-3000}
+if [[ -f .gpu-bundle/site.tar.xz ]]; then
+  mkdir -p /tmp/site && tar -xJf .gpu-bundle/site.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 - <<'PY' 2>&1 | tee "$out/env.txt"
+import importlib, torch
+print(torch.cuda.get_device_name(), "torch", torch.__version__)
+for name in ("transformers", "peft", "bitsandbytes", "liger_kernel", "triton", "accelerate"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as e:
+        print(name, "MISSING", e)
+PY
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/train/test_attention.py 2>&1 | tail -15 | tee "$out/attention_tests.txt"
+for mode in lora qlora full; do
+  timeout "${MODE_TIMEOUT:-150}" python3 -m bench.train --mode "$mode" --repeat "$repeat" --records "$records" \
+    --model-dir /tmp/llama-1b 2>&1 | tail -40 | tee "$out/$mode.txt"
+done
