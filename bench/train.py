@@ -141,8 +141,14 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
 
 
 def use_fused_kernels_applied(model: Any) -> bool:
-    """Whether liger-kernel's layers are in the model (its RMSNorm replaced the model's)."""
-    return any(type(m).__module__.startswith("liger_kernel") or "Liger" in type(m).__name__ for m in model.modules())
+    """Whether liger-kernel's layers are in the model: it binds its own forward to each
+    patched module (RMSNorm, MLP) and to the model (fused linear + cross-entropy)."""
+    def liger(module: Any) -> bool:
+        forward = getattr(module.forward, "__func__", module.forward)
+        return getattr(forward, "__module__", "").startswith("liger_kernel") or type(module).__module__.startswith(
+            "liger_kernel")
+
+    return any(liger(m) for m in model.modules())
 
 
 def baseline_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:

@@ -46,19 +46,35 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
     if position_ids is None:
         position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
     spans = _cached_spans(position_ids)
+    query, key, value = in_compute_dtype(query, key, value)
     varlen = _varlen_attn()
     if varlen and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
         out = varlen(query, key, value, spans, scaling)
         if out is not None:
             return out, None
+    # split (not slices) into rows and examples: the backward of a split is one cat, while each
+    # slice's backward writes a zero tensor the size of the whole batch (O(examples x batch) memory traffic)
     rows = []
-    for b in range(query.shape[0]):
-        pieces = [torch.nn.functional.scaled_dot_product_attention(
-            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True,
-            dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-            for s, e in spans[b if len(spans) > 1 else 0]]
+    gqa = query.shape[1] != key.shape[1]
+    for b, (q_row, k_row, v_row) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
+        lengths = [e - s for s, e in spans[b if len(spans) > 1 else 0]]
+        pieces = [torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                                   scale=scaling, enable_gqa=gqa)
+                  for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
+                                     v_row.split(lengths, dim=2))]
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def in_compute_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's 16-bit dtype when autocast is on (what it does for SDPA).
+    QLoRA's fp32 embeddings (PEFT's k-bit preparation keeps them so) make fp32 queries even
+    under bf16 autocast, which would miss the 16-bit flash varlen kernel."""
+    device = tensors[0].device.type
+    if tensors[0].dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def cumulative_lengths(spans: list[list[tuple[int, int]]], length: int) -> tuple[list[int], int]:

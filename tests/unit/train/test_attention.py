@@ -8,7 +8,8 @@ import torch
 
 from ft_ray.config import ModelConfig, config_from_dict
 from ft_ray.models import load_base_model
-from ft_ray.train.attention import _varlen_attn, cumulative_lengths, example_spans, packed_sdpa, register
+from ft_ray.train.attention import (_varlen_attn, cumulative_lengths, example_spans, in_compute_dtype, packed_sdpa,
+                                     register)
 from ft_ray.train.loop import build_model, use_fused_kernels
 
 
@@ -21,6 +22,14 @@ def test_flash_varlen_offsets_flatten_the_batch():
     spans = [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
     assert cumulative_lengths(spans, 6) == ([0, 3, 5, 6, 12], 6)
     assert cumulative_lengths([[(0, 2), (2, 6)]], 6) == ([0, 2, 6], 4)
+
+
+def test_fp32_queries_under_autocast_go_to_the_kernel_in_the_autocast_dtype():
+    """QLoRA keeps embeddings in fp32, so its queries arrive in fp32 even under bf16 autocast."""
+    tensors = [torch.randn(1, 4, 8, 16) for _ in "qkv"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in in_compute_dtype(*tensors)} == {torch.bfloat16}
+    assert {t.dtype for t in in_compute_dtype(*tensors)} == {torch.float32}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _varlen_attn() is None, reason="flash varlen needs CUDA")
