@@ -221,7 +221,7 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     columns = ["input_ids", "labels", "sample_id"]
-    train_packed = (shuffle(train.select_columns(columns), seed, tokenized.num_blocks())
+    train_packed = (shuffle(train.select_columns(columns), seed, tokenized.num_blocks(), stats.train_tokens)
                     .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
     eval_packed = (evaluation.select_columns(columns)
                    .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
@@ -242,9 +242,15 @@ def _with_shuffle_key(batch: Any, seed: int) -> Any:
     return batch.append_column("shuffle_key", pa.array(key.view(np.int64)))
 
 
-def shuffle(dataset: Any, seed: int, partitions: int) -> Any:
+SMALL_SHUFFLE_TOKENS = 4_000_000  # ids + labels of this many tokens: about 32 MB in one sort task
+
+
+def shuffle(dataset: Any, seed: int, partitions: int, tokens: int | None = None) -> Any:
     """The rows in a seeded random order, the same every run: hash-partitioned on a random
-    key by Ray Data's hash shuffle, then sorted on that key inside each partition.
+    key by Ray Data's hash shuffle, then sorted on that key inside each partition. A small
+    training set (`tokens` up to `SMALL_SHUFFLE_TOKENS`) is sorted on its key by one task
+    instead: the hash shuffle's aggregator actors take seconds to start, longer than the
+    sort of a few thousand rows.
 
     Ray's `random_shuffle` was measured to hold the shuffled data in the driver (its map
     outputs are small objects, returned inline to the driver that owns them): driver memory
@@ -252,12 +258,19 @@ def shuffle(dataset: Any, seed: int, partitions: int) -> Any:
     """
     from ray.data.context import DataContext, ShuffleStrategy
 
-    DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     keyed = dataset.map_batches(_with_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
+    if tokens is not None and tokens <= SMALL_SHUFFLE_TOKENS:
+        return (keyed.repartition(1).map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
+                .drop_columns(["shuffle_key"]))
+    DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     partitioned = (keyed.repartition(max(1, partitions), keys=["shuffle_key"])
-                   .map_batches(lambda b: b.sort_by("shuffle_key"), batch_format="pyarrow", batch_size=None)
+                   .map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
                    .materialize())
     return _blocks_in_key_order(partitioned).drop_columns(["shuffle_key"])
+
+
+def _sorted_by_key(batch: Any) -> Any:
+    return batch.sort_by("shuffle_key")
 
 
 def _blocks_in_key_order(dataset: Any) -> Any:

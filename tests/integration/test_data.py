@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ft_ray.config import config_from_dict, resolve_paths
+from ft_ray.data import pipeline
 from ft_ray.data.pipeline import DataError, build_datasets
 from ft_ray.data.prepared import datasets_for, load_prepared, prepare
 from ft_ray.models import load_tokenizer
@@ -112,16 +113,24 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
     assert 60 + 2 <= stats.train_examples <= 60 + 8  # a stable half of the 10 notes, give or take the hash
 
 
+def training_order(datasets: dict) -> list[int]:
+    return [r["seq_id"] for r in datasets["train"].select_columns(["seq_id"]).take_all()]
+
+
+def same_order_twice(config, tokenizer) -> tuple[list[int], object]:
+    """The packed training order of two builds of the same job: they must agree."""
+    first, stats = build_datasets(config, tokenizer, None)
+    order = training_order(first)
+    assert order == training_order(build_datasets(config, tokenizer, None)[0])
+    assert len(set(order)) == len(order) == stats.train_sequences
+    return order, stats
+
+
 def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_path, tokenizer, capsys):
     config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
-    first, stats = build_datasets(config, tokenizer, None)
-    again, _ = build_datasets(config, tokenizer, None)
-    order = [r["seq_id"] for r in first["train"].select_columns(["seq_id"]).take_all()]
-    assert order == [r["seq_id"] for r in again["train"].select_columns(["seq_id"]).take_all()]
-    assert len(set(order)) == len(order) == stats.train_sequences
+    order, stats = same_order_twice(config, tokenizer)
     config.data.shuffle_seed = 7
-    reseeded, _ = build_datasets(config, tokenizer, None)
-    assert [r["seq_id"] for r in reseeded["train"].select_columns(["seq_id"]).take_all()] != order
+    assert training_order(build_datasets(config, tokenizer, None)[0]) != order
     config.data.shuffle_seed = None
 
     assert load_prepared(config) is None
@@ -130,9 +139,18 @@ def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_pa
     datasets, loaded_stats = datasets_for(config, tokenizer, str(tmp_path / "rejected"), None)
     assert "using prepared data at " + where in capsys.readouterr().out
     assert loaded_stats == prepared_stats == stats
-    assert [r["seq_id"] for r in datasets["train"].select_columns(["seq_id"]).take_all()] == order
+    assert training_order(datasets) == order
     config.model.max_seq_len = 96  # another packing: another fingerprint, nothing prepared for it
     assert load_prepared(config) is None
+
+
+def test_large_sets_take_the_hash_shuffle_and_keep_their_order_run_to_run(ray_local, tmp_path, tokenizer,
+                                                                           monkeypatch):
+    config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
+    small = training_order(build_datasets(config, tokenizer, None)[0])
+    monkeypatch.setattr(pipeline, "SMALL_SHUFFLE_TOKENS", 0)  # as if the corpus were large
+    order, _ = same_order_twice(config, tokenizer)
+    assert order != small and sorted(order) == sorted(small)
 
 
 def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer):
