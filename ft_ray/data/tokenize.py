@@ -43,7 +43,7 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def assemble(segment_ids: list[list[int]], trainable: list[bool], tokenizer: Any, max_len: int,
-             drop_over: int | None = None) -> dict[str, list[int]]:
+             drop_over: int | None = None, bos: Any = "ask") -> dict[str, list[int]]:
     """One example from its tokenized segments (tokenized in a batch with others, which is
     what makes the pipeline fast: one tokenizer call per block of records).
 
@@ -52,13 +52,18 @@ def assemble(segment_ids: list[list[int]], trainable: list[bool], tokenizer: Any
     in a packed sequence, it would otherwise be predicted from the end of the previous,
     unrelated example.
 
+    `bos`: the tokenizer's bos token id (or None), when the caller looked it up once for a
+    batch (transformers' attribute lookup costs more than the rest of this function).
+
     Raises:
         RecordError: longer than `drop_over`, or no trainable token survives truncation.
     """
     input_ids: list[int] = []
     labels: list[int] = []
-    if getattr(tokenizer, "bos_token_id", None) is not None:
-        input_ids.append(tokenizer.bos_token_id)
+    if bos == "ask":
+        bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        input_ids.append(bos)
         labels.append(IGNORE_INDEX)
     for ids, is_trained in zip(segment_ids, trainable):
         input_ids.extend(ids)
@@ -67,7 +72,7 @@ def assemble(segment_ids: list[list[int]], trainable: list[bool], tokenizer: Any
         raise RecordError(f"{len(input_ids)} tokens, more than data.max_record_tokens={drop_over}", "overlong")
     input_ids, labels = input_ids[:max_len], labels[:max_len]
     labels[0] = IGNORE_INDEX
-    if all(label == IGNORE_INDEX for label in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         raise RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)", "no_target_tokens")
     return {"input_ids": input_ids, "labels": labels}
 
