@@ -11,6 +11,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,7 +237,7 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     columns = ["input_ids", "labels", "sample_id"]
-    train_packed = (shuffle(train.select_columns(columns), seed, tokenized.num_blocks(), stats.train_tokens)
+    train_packed = (shuffle(train.select_columns(columns), seed, stats.train_tokens)
                     .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
     eval_packed = (evaluation.select_columns(columns)
                    .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
@@ -258,9 +259,10 @@ def _with_shuffle_key(batch: Any, seed: int) -> Any:
 
 
 SMALL_SHUFFLE_TOKENS = 32_000_000  # ids + labels of this many tokens: about 256 MB in one sort task
+SHUFFLE_PARTITION_TOKENS = 32_000_000  # tokens per hash-shuffle partition above that
 
 
-def shuffle(dataset: Any, seed: int, partitions: int, tokens: int | None = None) -> Any:
+def shuffle(dataset: Any, seed: int, tokens: int) -> Any:
     """The rows in a seeded random order, the same every run: hash-partitioned on a random
     key by Ray Data's hash shuffle, then sorted on that key inside each partition. A training
     set of up to `SMALL_SHUFFLE_TOKENS` tokens (about 100k instruction examples) is sorted on
@@ -275,11 +277,15 @@ def shuffle(dataset: Any, seed: int, partitions: int, tokens: int | None = None)
     from ray.data.context import DataContext, ShuffleStrategy
 
     keyed = dataset.map_batches(_with_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
-    if tokens is not None and tokens <= SMALL_SHUFFLE_TOKENS:
+    if tokens <= SMALL_SHUFFLE_TOKENS:
         return (keyed.repartition(1).map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
                 .drop_columns(["shuffle_key"]))
     DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
-    partitioned = (keyed.repartition(max(1, partitions), keys=["shuffle_key"])
+    # partitions from the data's size alone: the order must not depend on how many blocks the
+    # read made (Ray sizes those by the cluster's CPUs), or a resume on another cluster would
+    # see other samples
+    partitions = max(2, math.ceil(tokens / SHUFFLE_PARTITION_TOKENS))
+    partitioned = (keyed.repartition(partitions, keys=["shuffle_key"])
                    .map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
                    .materialize())
     return _blocks_in_key_order(partitioned).drop_columns(["shuffle_key"])

@@ -153,6 +153,20 @@ def test_large_sets_take_the_hash_shuffle_and_keep_their_order_run_to_run(ray_lo
     assert order != small and sorted(order) == sorted(small)
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_shuffled_order_does_not_depend_on_the_blocks_the_read_made(ray_local, monkeypatch, large):
+    """Ray sizes read blocks by the cluster's CPUs: a resume on another cluster must still
+    see the same order."""
+    import ray.data
+
+    if large:
+        monkeypatch.setattr(pipeline, "SMALL_SHUFFLE_TOKENS", 0)
+    rows = [{"sample_id": i * 7919 % 1000, "input_ids": [i], "labels": [i]} for i in range(300)]
+    orders = [[r["sample_id"] for r in pipeline.shuffle(ray.data.from_items(rows).repartition(blocks), 3, 300)
+               .take_all()] for blocks in (1, 5, 12)]
+    assert orders[0] == orders[1] == orders[2] and sorted(orders[0]) == sorted(r["sample_id"] for r in rows)
+
+
 def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer):
     client = make_bucket(s3_server, "corpus")
     client.put_object(Bucket="corpus", Key="team/a.jsonl.gz",
