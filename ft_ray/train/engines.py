@@ -20,6 +20,7 @@ import torch
 from ft_ray.config import JobConfig
 
 TRAINER_STATE = "optimizer.pt"
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
@@ -50,7 +51,7 @@ class DDPEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(min(train.warmup_steps, total_steps // 2), total_steps))
         self.max_grad_norm = train.max_grad_norm
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
+        self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype

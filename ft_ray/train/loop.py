@@ -24,7 +24,7 @@ from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoints import (MANIFEST, digest_problem, file_digests, list_checkpoints, manifest_json,
                                       manifest_problem, next_checkpoint_name, no_complete_checkpoint)
-from ft_ray.train.engines import build_engine
+from ft_ray.train.engines import COMPUTE_DTYPES, build_engine
 
 STATE_FILE = "trainer_state.json"
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
@@ -130,7 +130,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     else:
         # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
         # memory and a cast of every weight in every autocast forward; trained weights stay fp32
-        dtype = _COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
+        dtype = COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
         model = load_base_model(config.model, dtype=dtype)
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -146,9 +146,6 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     if config.train.compile:
         model.compile()  # in place: the module (and save_pretrained) stay as they are
     return model
-
-
-_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def use_fused_kernels(model: Any, config: JobConfig) -> bool:
