@@ -20,8 +20,8 @@ import numpy as np
 
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.data.formats import RecordError, Segments, map_fields, record_segments
-from ft_ray.data.sources import DataError, choose_format, corpus_datasource, list_files
-from ft_ray.data.tokenize import assemble, encode_batch, pack_examples, pad_example, tokenize_segments
+from ft_ray.data.sources import DataError, choose_format, list_files, read_corpus
+from ft_ray.data.tokenize import assemble, encode_batch, pack_arrays, tokenize_segments
 
 TOKENIZE_BATCH = 256
 PACK_BATCH = 1024
@@ -143,16 +143,33 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
     leaves out.
 
+    The batch (a whole read block: the read and this step run in one task) goes through the
+    tokenizer `TOKENIZE_BATCH` records at a time: measured on this corpus, 4096 records per
+    call ran at 0.65x the speed of 256 (the ids of a large call fall out of the CPU caches).
     Errors are caught per record, so one bad line never takes its neighbours with it.
     """
+    import pyarrow as pa
+
     tokenizer = _tokenizer(model_json)
     max_len = ModelConfig.model_validate_json(model_json).max_seq_len
-    rows: dict[str, list] = {k: [] for k in COLUMNS}
     count = len(batch["text"])
     errors = batch["error"] if "error" in batch else [""] * count
     lines = batch["line"] if "line" in batch else range(1, count + 1)
-    examples = tokenize_batch(batch["text"], errors, fmt, fields or {}, tokenizer, max_len, drop_over)
-    for text, example, path, line in zip(batch["text"], examples, batch["path"], lines):
+    tables = []
+    for start in range(0, count, TOKENIZE_BATCH):
+        part = slice(start, start + TOKENIZE_BATCH)
+        rows = _tokenized_rows(batch["text"][part], errors[part], batch["path"][part], lines[part], tokenizer,
+                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over)
+        tables.append(pa.table(rows, schema=_schema()))
+    return pa.concat_tables(tables) if tables else _schema().empty_table()
+
+
+def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: Any, max_len: int, fmt: str,
+                    fields: dict[str, str], eval_fraction: float, weight: float,
+                    drop_over: int | None) -> dict[str, Any]:
+    rows: dict[str, list] = {k: [] for k in COLUMNS}
+    examples = tokenize_batch(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
+    for text, example, path, line in zip(texts, examples, paths, lines):
         reason, detail = (example.kind, str(example)) if isinstance(example, RecordError) else ("", "")
         if reason:
             example = {"input_ids": [], "labels": []}
@@ -165,9 +182,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
                 rows[column].append(value)
     for column in ("input_ids", "labels"):
         rows[column] = _int32_lists(rows[column])
-    import pyarrow as pa
-
-    return pa.table(rows, schema=_schema())
+    return rows
 
 
 def _int32_lists(values: list[list[int]]) -> Any:
@@ -181,27 +196,24 @@ def _int32_lists(values: list[list[int]]) -> Any:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
-def pack_batch(batch: dict[str, np.ndarray], *, max_len: int, pad_id: int, pack: bool) -> dict[str, np.ndarray]:
-    examples = [{"input_ids": i, "labels": l, "sample_id": s}
-                for i, l, s in zip(batch["input_ids"], batch["labels"], batch["sample_id"])]
-    sequences = (list(pack_examples(examples, max_len, pad_id)) if pack
-                 else [pad_example(e, max_len, pad_id) for e in examples])
-    return {k: np.stack([s[k] for s in sequences]) for k in sequences[0]}
+def pack_batch(batch: Any, *, max_len: int, pad_id: int, pack: bool) -> dict[str, np.ndarray]:
+    """Packed (or padded) sequences of a batch of tokenized rows (an Arrow table)."""
+    ids, labels = batch["input_ids"].combine_chunks(), batch["labels"].combine_chunks()
+    return pack_arrays(ids.flatten().to_numpy(), labels.flatten().to_numpy(), ids.offsets.to_numpy(),
+                       batch["sample_id"].to_numpy(), max_len, pad_id, pack)
 
 
 def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction: float,
                 stats: DataStats) -> Any:
     """One source's records, parsed and tokenized by Ray tasks (rows as `parse_and_tokenize`)."""
-    import ray.data
-
     fs, files = list_files(source.path, config.storage, key)
     fmt, note = choose_format(source, config.storage, key)
     stats.formats[key] = fmt
     print(f"[ft-ray] data: {note}; {len(files)} file(s)", flush=True)
     data = config.data
     drop_over = (data.max_record_tokens or config.model.max_seq_len) if data.overlong == "drop" else None
-    return ray.data.read_datasource(corpus_datasource(fs, files)).map_batches(
-        parse_and_tokenize, batch_size=TOKENIZE_BATCH,
+    return read_corpus(fs, files).map_batches(
+        parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": drop_over})
 
@@ -238,9 +250,9 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     columns = ["input_ids", "labels", "sample_id"]
     train_packed = (shuffle(train.select_columns(columns), seed, stats.train_tokens)
-                    .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
+                    .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args).materialize())
     eval_packed = (evaluation.select_columns(columns)
-                   .map_batches(pack_batch, batch_size=PACK_BATCH, fn_kwargs=pack_args).materialize())
+                   .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args).materialize())
     stats.train_sequences, stats.eval_sequences = train_packed.count(), eval_packed.count()
     stats.packing_efficiency = round(stats.train_tokens / max(1, stats.train_sequences * config.model.max_seq_len), 4)
     return {"train": train_packed, "eval": eval_packed}, stats

@@ -22,7 +22,7 @@ import numpy as np
 from ft_ray.config import InputError, JobConfig, SourceConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.pipeline import eval_bucket, record_to_segments
-from ft_ray.data.sources import choose_format, corpus_datasource, list_files, read_records
+from ft_ray.data.sources import choose_format, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.scoring import ARMS, ArmScorer, record_key, shot_text
 from ft_ray.storage import RunFolder
@@ -111,10 +111,8 @@ def _keep_held_out(batch: dict[str, np.ndarray], split: float) -> dict[str, np.n
 def held_out_dataset(config: JobConfig, source: SourceConfig, key: str, split: float | None) -> Any:
     """The raw held-out records of one source as a Ray Data dataset of small blocks, so the
     scoring spreads over every actor."""
-    import ray.data
-
     fs, files = list_files(source.path, config.storage, key)
-    dataset = ray.data.read_datasource(corpus_datasource(fs, files, rows_per_block=config.eval.batch_size * 4))
+    dataset = read_corpus(fs, files, rows_per_block=config.eval.batch_size * 4, spread=True)
     return dataset if split is None else dataset.map_batches(_keep_held_out, fn_kwargs={"split": split},
                                                              batch_format="numpy")
 
@@ -156,13 +154,11 @@ def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str
 
 def count_train_records(config: JobConfig) -> int:
     """Training records (without the held-out split), counted by Ray Data."""
-    import ray.data
-
     split = None if config.data.eval else config.data.eval_fraction
     total = 0
     for key, source in config.data.keyed_sources():
         fs, files = list_files(source.path, config.storage, key)
-        dataset = ray.data.read_datasource(corpus_datasource(fs, files))
+        dataset = read_corpus(fs, files)
         total += dataset.count() if split is None else int(
             dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)
     return total

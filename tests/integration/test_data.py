@@ -167,6 +167,51 @@ def test_shuffled_order_does_not_depend_on_the_blocks_the_read_made(ray_local, m
     assert orders[0] == orders[1] == orders[2] and sorted(orders[0]) == sorted(r["sample_id"] for r in rows)
 
 
+def ranged_corpus(folder: Path) -> list[int]:
+    """A JSONL file whose ranges end mid-line, on a newline, inside CRLF pairs and in blank
+    runs, with a line longer than a range and no newline at the end; and a small file.
+    Returns the line numbers of the large file's records."""
+    lines = [json.dumps(r).encode() for r in GOOD[:12]]
+    lines[3] = json.dumps({"instruction": "long " * 100, "output": "x"}).encode()
+    lines[5] += b"\r"
+    lines[7:7] = [b"", b"", b'{"instruction": "caf\xe9", "output": "x"}']
+    (folder / "big.jsonl").write_bytes(b"\n".join(lines))
+    (folder / "small.jsonl").write_bytes(lines[0] + b"\n")
+    return [1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15]
+
+
+def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_path, monkeypatch):
+    from ft_ray.config import StorageConfig
+    from ft_ray.data import sources
+
+    big_lines = ranged_corpus(tmp_path)
+    whole = list(sources.read_records(str(tmp_path), StorageConfig(), "data.train"))
+    assert [line for path, line, _, _ in whole if path.endswith("big.jsonl")] == big_lines
+    fs, files = sources.list_files(str(tmp_path), StorageConfig())
+    for span in [*range(1, 120), 333, 640, 5000]:
+        monkeypatch.setattr(sources, "RANGE_MIN_BYTES", span)
+        monkeypatch.setattr(sources, "RANGE_MAX_BYTES", span)
+        units = sources.read_units(fs, files, cpus=2, in_ray=False)
+        assert len(units) == sum(max(1, -(-(tmp_path / f).stat().st_size // span)) for f in ("big.jsonl", "small.jsonl"))
+        rows = [row for unit in units for block in sources._read_unit(fs, unit, 3) for row in block.to_pylist()]
+        assert [(r["path"], r["line"], r["text"], r["error"]) for r in rows] == whole, span
+
+
+def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, monkeypatch):
+    """The same records through Ray Data, one read task per range."""
+    from ft_ray.config import StorageConfig
+    from ft_ray.data import sources
+
+    ranged_corpus(tmp_path)
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 256)
+    monkeypatch.setattr(sources, "RANGE_MAX_BYTES", 256)
+    fs, files = sources.list_files(str(tmp_path), StorageConfig())
+    dataset = sources.read_corpus(fs, files).materialize()
+    assert dataset.num_blocks() == len(sources.read_units(fs, files, cpus=2)) > 5
+    got = [(r["path"], r["line"], r["text"], r["error"]) for r in dataset.take_all()]
+    assert got == list(sources.read_records(str(tmp_path), StorageConfig(), "data.train"))
+
+
 def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer):
     client = make_bucket(s3_server, "corpus")
     client.put_object(Bucket="corpus", Key="team/a.jsonl.gz",
