@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -241,7 +241,7 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
         lines = tokenized.union(eval_tokenized)
     else:
         eval_tokenized, lines = tokenized, tokenized
-    train, evaluation = rows_of(tokenized, "train"), rows_of(eval_tokenized, "eval")
+    evaluation = rows_of(eval_tokenized, "eval")
     count_records(stats, lines)
     if stats.records_rejected and rejected_dir:
         write_rejected(rows_of(lines, "rejected"), rejected_dir, rejected_fs)
@@ -249,7 +249,8 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     columns = ["input_ids", "labels", "sample_id"]
-    train_packed = (shuffle(train.select_columns(columns), seed, stats.train_tokens)
+    train_rows = functools.partial(_kept, which="train", columns=columns)
+    train_packed = (shuffle(tokenized, seed, stats.train_tokens, train_rows)
                     .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args).materialize())
     eval_packed = (evaluation.select_columns(columns)
                    .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args).materialize())
@@ -272,15 +273,21 @@ def _with_shuffle_key(batch: Any, seed: int) -> Any:
 
 SMALL_SHUFFLE_TOKENS = 32_000_000  # ids + labels of this many tokens: about 256 MB in one sort task
 SHUFFLE_PARTITION_TOKENS = 32_000_000  # tokens per hash-shuffle partition above that
+SORTED_BLOCK_ROWS = 8 * PACK_BATCH
 
 
-def shuffle(dataset: Any, seed: int, tokens: int) -> Any:
+def shuffle(dataset: Any, seed: int, tokens: int, keep: Any = None) -> Any:
     """The rows in a seeded random order, the same every run: hash-partitioned on a random
     key by Ray Data's hash shuffle, then sorted on that key inside each partition. A training
     set of up to `SMALL_SHUFFLE_TOKENS` tokens (about 100k instruction examples) is sorted on
-    its key by one task instead: the hash shuffle's aggregator actors take seconds to start
-    and its partitions cost a round of tasks (measured on 2 cores: 9.2 s for 12.8M tokens
-    and 2.5 s for 43k, against one sort's 1-2 s and 0.3 s).
+    its key by one plain Ray task instead, which returns it in blocks of `SORTED_BLOCK_ROWS`
+    rows (a multiple of the packing batch, so the batches, and the sequences packed from
+    them, are the same whatever the cluster) for the packing tasks to share: the hash
+    shuffle's aggregator actors take seconds to start (measured on 2 cores: 9.2 s for 12.8M
+    tokens and 2.5 s for 43k, against one sort's 1-2 s and 0.3 s), and Ray Data's
+    `repartition(1)` then packed everything in that one task.
+
+    `keep`: the rows and columns of a block to shuffle (run in the shuffle's own tasks).
 
     Ray's `random_shuffle` was measured to hold the shuffled data in the driver (its map
     outputs are small objects, returned inline to the driver that owns them): driver memory
@@ -288,10 +295,15 @@ def shuffle(dataset: Any, seed: int, tokens: int) -> Any:
     """
     from ray.data.context import DataContext, ShuffleStrategy
 
-    keyed = dataset.map_batches(_with_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
+    import ray
+    import ray.data
+
     if tokens <= SMALL_SHUFFLE_TOKENS:
-        return (keyed.repartition(1).map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
-                .drop_columns(["shuffle_key"]))
+        sort = ray.remote(num_returns="streaming")(_sorted_blocks)
+        return ray.data.from_arrow_refs(list(sort.remote(seed, keep, *dataset.to_arrow_refs())))
+    if keep is not None:
+        dataset = dataset.map_batches(keep, batch_format="pyarrow", batch_size=None)
+    keyed = dataset.map_batches(_with_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
     DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     # partitions from the data's size alone: the order must not depend on how many blocks the
     # read made (Ray sizes those by the cluster's CPUs), or a resume on another cluster would
@@ -301,6 +313,18 @@ def shuffle(dataset: Any, seed: int, tokens: int) -> Any:
                    .map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
                    .materialize())
     return _blocks_in_key_order(partitioned).drop_columns(["shuffle_key"])
+
+
+def _sorted_blocks(seed: int, keep: Any, *blocks: Any) -> Iterator[Any]:
+    """The rows of `blocks` in their seeded order, `SORTED_BLOCK_ROWS` at a time (each taken
+    apart: a slice of one sorted table would be serialized with the whole table's buffers)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = pa.concat_tables([keep(b) for b in blocks] if keep else blocks)
+    order = pc.sort_indices(_with_shuffle_key(rows, seed), [("shuffle_key", "ascending")])
+    for start in range(0, max(1, rows.num_rows), SORTED_BLOCK_ROWS):
+        yield rows.take(order[start:start + SORTED_BLOCK_ROWS])
 
 
 def _sorted_by_key(batch: Any) -> Any:
@@ -334,6 +358,10 @@ def _select(batch: Any, which: str) -> Any:
     return batch.filter(pc.and_(pc.and_(good, pc.invert(batch["is_eval"])), pc.greater_equal(batch["copy"], 0)))
 
 
+def _kept(batch: Any, which: str, columns: list[str]) -> Any:
+    return _select(batch, which).select(columns)
+
+
 def rows_of(dataset: Any, which: str) -> Any:
     """The train examples, eval examples or rejected records of a tokenized dataset
     (vectorized per block: a Python predicate per row costs more than the tokenizer)."""
@@ -353,26 +381,37 @@ def _block_counts(batch: Any) -> dict[str, list]:
 
 
 def count_records(stats: DataStats, lines: Any) -> None:
-    """Records read, train/eval examples and rejects by reason, in one pass of small
-    per-block counts (Ray Data's count/groupby aggregations each shuffle: seconds apiece)."""
+    """Records read, train/eval examples and rejects by reason, from small per-block counts
+    (Ray Data's count/groupby aggregations each shuffle: seconds apiece)."""
     reasons: Counter = Counter()
-    for row in lines.map_batches(_block_counts, batch_format="pyarrow", batch_size=None).take_all():
-        stats.records_read += int(row["read"])
-        stats.train_examples += int(row["train"])
-        stats.train_tokens += int(row["train_tokens"])  # packing keeps every token
-        stats.eval_examples += int(row["eval"])
-        reasons.update(json.loads(row["reasons"]))
+    for row in per_block(lines, _block_counts):
+        stats.records_read += int(row["read"][0])
+        stats.train_examples += int(row["train"][0])
+        stats.train_tokens += int(row["train_tokens"][0])  # packing keeps every token
+        stats.eval_examples += int(row["eval"][0])
+        reasons.update(json.loads(row["reasons"][0]))
     stats.rejected_by_reason = dict(reasons)
     stats.records_rejected = sum(reasons.values())
 
 
+def per_block(dataset: Any, fn: Any) -> list:
+    """`fn` of each block of a materialized dataset, by plain Ray tasks (a Ray Data run of
+    a small map costs about half a second in scheduling alone)."""
+    import ray
+
+    task = ray.remote(fn)  # a whole CPU: a fraction starts worker processes of its own
+    return ray.get([task.remote(block) for block in dataset.to_arrow_refs()])
+
+
 def sum_column(dataset: Any, column: str) -> int:
     """The sum of an integer column, block by block (no shuffle)."""
+    return int(sum(per_block(dataset.select_columns([column]), _column_sum)))
+
+
+def _column_sum(block: Any) -> int:
     import pyarrow.compute as pc
 
-    sums = dataset.map_batches(lambda b: {"sum": [pc.sum(b[column]).as_py() or 0]}, batch_format="pyarrow",
-                               batch_size=None).take_all()
-    return int(sum(row["sum"] for row in sums))
+    return pc.sum(block.column(0)).as_py() or 0
 
 
 def check_counts(config: JobConfig, stats: DataStats) -> None:
