@@ -212,6 +212,23 @@ def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, monkeypatch)
     assert got == list(sources.read_records(str(tmp_path), StorageConfig(), "data.train"))
 
 
+def test_packed_order_does_not_depend_on_how_the_files_were_split_for_reading(ray_local, tmp_path, tokenizer,
+                                                                              monkeypatch):
+    """The same packed sequences whether the corpus was read by one task or by twenty (and
+    packed by several tasks: small packing batches)."""
+    from ft_ray.data import sources
+
+    monkeypatch.setattr(pipeline, "PACK_BATCH", 16)
+    monkeypatch.setattr(pipeline, "SORTED_BLOCK_ROWS", 48)
+    config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
+    whole = training_order(build_datasets(config, tokenizer, None)[0])
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 4096)
+    monkeypatch.setattr(sources, "RANGE_MAX_BYTES", 4096)
+    fs, files = sources.list_files(str(DEMO / "train.jsonl"), config.storage)
+    assert len(sources.read_units(fs, files, cpus=4)) > 10
+    assert training_order(build_datasets(config, tokenizer, None)[0]) == whole and len(whole) > 20
+
+
 def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer):
     client = make_bucket(s3_server, "corpus")
     client.put_object(Bucket="corpus", Key="team/a.jsonl.gz",
