@@ -193,8 +193,11 @@ def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_pa
         monkeypatch.setattr(sources, "RANGE_MAX_BYTES", span)
         units = sources.read_units(fs, files, cpus=2, in_ray=False)
         assert len(units) == sum(max(1, -(-(tmp_path / f).stat().st_size // span)) for f in ("big.jsonl", "small.jsonl"))
-        rows = [row for unit in units for block in sources._read_unit(fs, unit, 3) for row in block.to_pylist()]
+        rows = [row for unit in units for block in sources._read_units(fs, [unit], 3) for row in block.to_pylist()]
         assert [(r["path"], r["line"], r["text"], r["error"]) for r in rows] == whole, span
+        groups = sources.task_groups(units, cpus=2)  # what one read task reads: a span or more
+        assert [u for group in groups for u in group] == units
+        assert all(sum(u.bytes for u in group) >= span for group in groups[:-1])
 
 
 def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, monkeypatch):
@@ -207,7 +210,8 @@ def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, monkeypatch)
     monkeypatch.setattr(sources, "RANGE_MAX_BYTES", 256)
     fs, files = sources.list_files(str(tmp_path), StorageConfig())
     dataset = sources.read_corpus(fs, files).materialize()
-    assert dataset.num_blocks() == len(sources.read_units(fs, files, cpus=2)) > 5
+    units = sources.read_units(fs, files, cpus=4)
+    assert dataset.num_blocks() == len(sources.task_groups(units, cpus=4)) > 5
     got = [(r["path"], r["line"], r["text"], r["error"]) for r in dataset.take_all()]
     assert got == list(sources.read_records(str(tmp_path), StorageConfig(), "data.train"))
 
