@@ -21,7 +21,7 @@ import numpy as np
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.data.formats import RecordError, Segments, map_fields, record_segments
 from ft_ray.data.sources import DataError, choose_format, list_files, read_corpus
-from ft_ray.data.tokenize import assemble, encode_batch, pack_arrays, tokenize_segments
+from ft_ray.data.tokenize import assemble, bos_id, encode_batch, pack_arrays, tokenize_segments
 
 TOKENIZE_BATCH = 256
 PACK_BATCH = 1024
@@ -107,7 +107,7 @@ def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
             parsed.append(e)
     flat = [t for segments in parsed if not isinstance(segments, RecordError) for t, _ in segments]
     ids = iter(encode_batch(tokenizer, flat))
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = bos_id(tokenizer)
     results: list[dict[str, list[int]] | RecordError] = []
     for segments in parsed:
         if isinstance(segments, RecordError):
@@ -115,7 +115,7 @@ def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
             continue
         segment_ids = [next(ids) for _ in segments]
         try:
-            results.append(assemble(segment_ids, [t for _, t in segments], tokenizer, max_len, drop_over, bos))
+            results.append(assemble(segment_ids, [t for _, t in segments], bos, max_len, drop_over))
         except RecordError as e:
             results.append(e)
     return results

@@ -28,7 +28,13 @@ def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int,
         RecordError: longer than `drop_over`, or no trainable token survives truncation.
     """
     ids = encode_batch(tokenizer, [text for text, _ in segments])
-    return assemble(ids, [trainable for _, trainable in segments], tokenizer, max_len, drop_over)
+    return assemble(ids, [trainable for _, trainable in segments], bos_id(tokenizer), max_len, drop_over)
+
+
+def bos_id(tokenizer: Any) -> int | None:
+    """The tokenizer's bos token id, or None. Callers look it up once per batch: transformers'
+    attribute lookup costs more than assembling an example."""
+    return getattr(tokenizer, "bos_token_id", None)
 
 
 def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -43,26 +49,21 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def assemble(segment_ids: list[list[int]], trainable: list[bool], tokenizer: Any, max_len: int,
-             drop_over: int | None = None, bos: Any = "ask") -> dict[str, list[int]]:
+def assemble(segment_ids: list[list[int]], trainable: list[bool], bos: int | None, max_len: int,
+             drop_over: int | None = None) -> dict[str, list[int]]:
     """One example from its tokenized segments (tokenized in a batch with others, which is
     what makes the pipeline fast: one tokenizer call per block of records).
 
     An example longer than `max_len` is truncated, or rejected when it is longer than
     `drop_over` (the `data.overlong: drop` policy). The first token's label is always -100:
     in a packed sequence, it would otherwise be predicted from the end of the previous,
-    unrelated example.
-
-    `bos`: the tokenizer's bos token id (or None), when the caller looked it up once for a
-    batch (transformers' attribute lookup costs more than the rest of this function).
+    unrelated example. `bos` (the tokenizer's `bos_id`, or None) leads every example.
 
     Raises:
         RecordError: longer than `drop_over`, or no trainable token survives truncation.
     """
     input_ids: list[int] = []
     labels: list[int] = []
-    if bos == "ask":
-        bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None:
         input_ids.append(bos)
         labels.append(IGNORE_INDEX)

@@ -21,7 +21,7 @@ import numpy as np
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.pipeline import record_to_segments
-from ft_ray.data.tokenize import IGNORE_INDEX, assemble, encode_batch
+from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
 from ft_ray.evaluation import metrics
 
 ARMS = ("base", "few_shot", "variant")
@@ -121,10 +121,10 @@ class ArmScorer:
             seg_ids = encode_batch(self.tokenizer, [t for t, _ in segments])
             trainable = [t for _, t in segments]
             max_len = self.job.model.max_seq_len
-            plain = assemble(seg_ids, trainable, self.tokenizer, max_len)
+            plain = assemble(seg_ids, trainable, bos_id(self.tokenizer), max_len)
             shots = self.shots_that_fit(len(plain["input_ids"]), sum(map(len, seg_ids)) + 1)
             prefix = [i for ids in self.shot_ids[:shots] for i in ids]
-            few = assemble([prefix, *seg_ids], [False, *trainable], self.tokenizer, max_len) if shots else plain
+            few = assemble([prefix, *seg_ids], [False, *trainable], bos_id(self.tokenizer), max_len) if shots else plain
         except RecordError as e:
             return {"reason": e.kind}
         first = trainable.index(True)
