@@ -99,8 +99,10 @@ def main() -> None:
         write_corpus(folder, records=args.records)
         files = sorted(folder.glob("*.jsonl"))
         size_mb = sum(f.stat().st_size for f in files) / 2 ** 20
-        write_corpus(Path(tmp) / "warmup", records=500, seed=1)
-        pipeline(Path(tmp) / "warmup", Path(tmp) / "runs", args.max_seq_len)  # Ray workers start and import once
+        # Ray workers start and import once: enough records for a read task per CPU (read tasks
+        # take at least 4 MB each, a smaller warm-up would start one worker)
+        write_corpus(Path(tmp) / "warmup", records=6000 * args.cpus, seed=1)
+        pipeline(Path(tmp) / "warmup", Path(tmp) / "runs", args.max_seq_len)
         base_rates, same_rates, pipe_rates, efficiency = [], [], [], []
         for _ in range(args.repeat):
             started = time.perf_counter()
