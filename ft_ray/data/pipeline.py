@@ -321,6 +321,7 @@ def _sorted_blocks(seed: int, keep: Any, *blocks: Any) -> Iterator[Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    blocks = [b for b in blocks if b.num_rows]  # a block of no rows may have no columns either
     rows = pa.concat_tables([keep(b) for b in blocks] if keep else blocks)
     order = pc.sort_indices(_with_shuffle_key(rows, seed), [("shuffle_key", "ascending")])
     for start in range(0, max(1, rows.num_rows), SORTED_BLOCK_ROWS):
@@ -371,6 +372,9 @@ def rows_of(dataset: Any, which: str) -> Any:
 def _block_counts(batch: Any) -> dict[str, list]:
     import pyarrow.compute as pc
 
+    if not batch.num_rows:  # a read task with no record (a byte range inside one long line) leaves no columns
+        return {"read": [0], "reasons": ["{}"], "train": [0], "train_tokens": [0], "eval": [0]}
+
     reasons = Counter(r for r in batch["reason"].to_pylist() if r)
     good = pc.equal(batch["reason"], "")
     first_copy = pc.less(batch["copy"], 1)  # a record's first copy, or the one row of a left-out record
@@ -411,7 +415,7 @@ def sum_column(dataset: Any, column: str) -> int:
 def _column_sum(block: Any) -> int:
     import pyarrow.compute as pc
 
-    return pc.sum(block.column(0)).as_py() or 0
+    return (pc.sum(block.column(0)).as_py() or 0) if block.num_rows else 0
 
 
 def check_counts(config: JobConfig, stats: DataStats) -> None:

@@ -2,7 +2,7 @@
 JSONL (optionally .gz), JSON arrays, Parquet or plain text, read as one stream of raw
 records, each with its file and line (JSONL, text) or 1-based row (JSON array, Parquet).
 
-The same reader runs inside Ray Data read tasks (`CorpusDatasource`) and in plain Python
+The same reader runs inside Ray Data read tasks (`read_corpus`) and in plain Python
 (`ft-ray validate`, the format peek), so both see the records the same way.
 """
 
@@ -172,10 +172,14 @@ def _json_items(data: bytes) -> Iterator[tuple[int, str, str]]:
 
 def open_file(fs: pafs.FileSystem, path: str) -> Any:
     """A stream of a data file; Parquet needs random access, the rest is read sequentially."""
-    inner = path[len("s3://"):] if path.startswith("s3://") else path
     if file_kind(path) == "parquet":
-        return fs.open_input_file(inner)
-    return fs.open_input_stream(inner, compression="detect")
+        return fs.open_input_file(fs_path(path))
+    return fs.open_input_stream(fs_path(path), compression="detect")
+
+
+def fs_path(path: str) -> str:
+    """A listed file's path as its filesystem takes it (no s3:// scheme)."""
+    return path[len("s3://"):] if path.startswith("s3://") else path
 
 
 def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tuple[str, str]:
@@ -231,12 +235,11 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
     many tasks. A range's first line number comes from newline counts of the ranges
     before it, counted by Ray tasks (the driver never reads the corpus) or, without
     `in_ray`, here."""
-    scheme = "s3://" if files[0].startswith("s3://") else ""
-    sizes = [info.size or 0 for info in fs.get_file_info([f[len(scheme):] for f in files])]
+    sizes = [info.size or 0 for info in fs.get_file_info([fs_path(f) for f in files])]
     span = read_span(sum(sizes), cpus)
     units, ranges = [], []
     for path, size in zip(files, sizes):
-        if not (file_kind(path) == "jsonl" and path.lower().endswith(tuple(KINDS)) and size > span):
+        if file_kind(path) != "jsonl" or path.lower().endswith(COMPRESSIONS) or size <= span:
             units.append(Unit(path, size))
             continue
         bounds = list(range(0, size, span)) + [size]
@@ -246,9 +249,9 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
         import ray
 
         count = ray.remote(num_cpus=1)(_count_newlines)  # fractions start new worker processes
-        counts = ray.get([count.remote(fs, path[len(scheme):], start, end) for _, path, start, end in ranges])
+        counts = ray.get([count.remote(fs, fs_path(path), start, end) for _, path, start, end in ranges])
     else:
-        counts = [_count_newlines(fs, path[len(scheme):], start, end) for _, path, start, end in ranges]
+        counts = [_count_newlines(fs, fs_path(path), start, end) for _, path, start, end in ranges]
     if ranges:
         before: dict[str, int] = {}
         for (at, path, _, _), newlines in zip(ranges, counts):
@@ -331,7 +334,7 @@ def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int) -> 
     rows: dict[str, list] = {"path": [], "line": [], "text": [], "error": []}
     for unit in units:
         if unit.end is not None:
-            stream = fs.open_input_file(unit.path[len("s3://"):] if unit.path.startswith("s3://") else unit.path)
+            stream = fs.open_input_file(fs_path(unit.path))
             stream.seek(max(0, unit.start - 1))
         else:
             stream = open_file(fs, unit.path)

@@ -200,8 +200,9 @@ def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_pa
         assert all(sum(u.bytes for u in group) >= span for group in groups[:-1])
 
 
-def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, monkeypatch):
-    """The same records through Ray Data, one read task per range."""
+def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, tokenizer, monkeypatch):
+    """The same records through Ray Data, one read task per range (some ranges, inside the
+    long line, hold no record), and through the whole pipeline on both shuffle paths."""
     from ft_ray.config import StorageConfig
     from ft_ray.data import sources
 
@@ -214,6 +215,12 @@ def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, monkeypatch)
     assert dataset.num_blocks() == len(sources.task_groups(units, cpus=4)) > 5
     got = [(r["path"], r["line"], r["text"], r["error"]) for r in dataset.take_all()]
     assert got == list(sources.read_records(str(tmp_path), StorageConfig(), "data.train"))
+    config = config_for(tmp_path, train=str(tmp_path), max_rejected_fraction=0.2)
+    _, stats = build_datasets(config, tokenizer, None)
+    assert stats.records_read == len(got) + stats.eval_examples  # the eval set is the demo's
+    assert stats.rejected_by_reason == {"not_utf8": 1, "no_target_tokens": 1}  # the long prompt fills max_seq_len
+    monkeypatch.setattr(pipeline, "SMALL_SHUFFLE_TOKENS", 0)  # the hash shuffle's path
+    assert build_datasets(config, tokenizer, None)[1] == stats
 
 
 def test_packed_order_does_not_depend_on_how_the_files_were_split_for_reading(ray_local, tmp_path, tokenizer,
@@ -233,7 +240,11 @@ def test_packed_order_does_not_depend_on_how_the_files_were_split_for_reading(ra
     assert training_order(build_datasets(config, tokenizer, None)[0]) == whole and len(whole) > 20
 
 
-def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer):
+def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, tokenizer, monkeypatch):
+    from ft_ray.data import sources
+
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 64)  # b.jsonl is read in two byte ranges
+    monkeypatch.setattr(sources, "RANGE_MAX_BYTES", 64)
     client = make_bucket(s3_server, "corpus")
     client.put_object(Bucket="corpus", Key="team/a.jsonl.gz",
                       Body=gzip.compress("".join(json.dumps(r) + "\n" for r in GOOD[:30]).encode()))
@@ -250,3 +261,7 @@ def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, toke
     assert any("/rejected/" in k for k in keys)
     datasets, loaded, _ = load_prepared(config)
     assert loaded == stats and datasets["train"].count() == stats.train_sequences
+    fs, files = sources.list_files("s3://corpus/team/", config.storage)
+    assert len(sources.read_units(fs, files, cpus=4)) > 2  # the .gz file whole, b.jsonl in ranges
+    assert [(r["path"], r["line"]) for r in sources.read_corpus(fs, files).take_all()][-2:] == [
+        ("s3://corpus/team/b.jsonl", 1), ("s3://corpus/team/b.jsonl", 2)]
