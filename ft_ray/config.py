@@ -296,6 +296,11 @@ class JobConfig(Section):
         """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
         return self.method in ("lora", "qlora")
 
+    @property
+    def drop_over(self) -> int | None:
+        """Records longer than this many tokens are rejected (`data.overlong: drop`), or None."""
+        return (self.data.max_record_tokens or self.model.max_seq_len) if self.data.overlong == "drop" else None
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "JobConfig":
         problems = impossible_combinations(self)

@@ -34,7 +34,7 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
     problems: list[str] = []
     lengths: list[int] = []
     seen = 0
-    drop_over = (config.data.max_record_tokens or config.model.max_seq_len) if config.data.overlong == "drop" else None
+    drop_over = config.drop_over
     for path, line, text, error in read_records(source.path, config.storage, key):
         if seen >= PEEK_RECORDS:
             break

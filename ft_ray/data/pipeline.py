@@ -210,12 +210,10 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
     fmt, note = choose_format(source, config.storage, key)
     stats.formats[key] = fmt
     print(f"[ft-ray] data: {note}; {len(files)} file(s)", flush=True)
-    data = config.data
-    drop_over = (data.max_record_tokens or config.model.max_seq_len) if data.overlong == "drop" else None
     return read_corpus(fs, files).map_batches(
         parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
-                   "fields": source.fields, "weight": source.weight, "drop_over": drop_over})
+                   "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
