@@ -8,11 +8,11 @@ The same reader runs inside Ray Data read tasks (`read_corpus`) and in plain Pyt
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import json
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
@@ -209,7 +209,7 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
                     f"records of {files[0]})")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Unit:
     """What one read task reads: a whole file, or the lines of an uncompressed JSONL file
     that start in [start, end) (`lines_before`: how many lines the file has before them)."""
@@ -237,26 +237,25 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
     `in_ray`, here."""
     sizes = [info.size or 0 for info in fs.get_file_info([fs_path(f) for f in files])]
     span = read_span(sum(sizes), cpus)
-    units, ranges = [], []
+    units = []
     for path, size in zip(files, sizes):
         if file_kind(path) != "jsonl" or path.lower().endswith(COMPRESSIONS) or size <= span:
             units.append(Unit(path, size))
             continue
         bounds = list(range(0, size, span)) + [size]
-        ranges += [(len(units) + i, path, start, end) for i, (start, end) in enumerate(zip(bounds, bounds[1:]))]
         units += [Unit(path, size, start, end) for start, end in zip(bounds, bounds[1:])]
-    if ranges and in_ray:
+    ranged = [i for i, unit in enumerate(units) if unit.end is not None]
+    if ranged and in_ray:
         import ray
 
         count = ray.remote(num_cpus=1)(_count_newlines)  # fractions start new worker processes
-        counts = ray.get([count.remote(fs, fs_path(path), start, end) for _, path, start, end in ranges])
+        counts = ray.get([count.remote(fs, units[i]) for i in ranged])
     else:
-        counts = [_count_newlines(fs, fs_path(path), start, end) for _, path, start, end in ranges]
-    if ranges:
-        before: dict[str, int] = {}
-        for (at, path, _, _), newlines in zip(ranges, counts):
-            units[at] = Unit(path, units[at].size, units[at].start, units[at].end, before.get(path, 0))
-            before[path] = before.get(path, 0) + newlines
+        counts = [_count_newlines(fs, units[i]) for i in ranged]
+    before: dict[str, int] = {}
+    for i, newlines in zip(ranged, counts):
+        units[i] = dataclasses.replace(units[i], lines_before=before.get(units[i].path, 0))
+        before[units[i].path] = units[i].lines_before + newlines
     return units
 
 
@@ -270,16 +269,20 @@ def task_groups(units: list[Unit], cpus: int) -> list[list[Unit]]:
     by a few tasks (measured on 2 CPUs: a task costs about 0.2 s of scheduling)."""
     span = read_span(sum(u.bytes for u in units), cpus)
     groups: list[list[Unit]] = [[]]
+    filled = 0  # bytes in the last group
     for unit in units:
-        if sum(u.bytes for u in groups[-1]) >= span:
+        if filled >= span:
             groups.append([])
+            filled = 0
         groups[-1].append(unit)
+        filled += unit.bytes
     return groups
 
 
-def _count_newlines(fs: pafs.FileSystem, path: str, start: int, end: int) -> int:
-    with fs.open_input_file(path) as f:
-        return sum(f.read_at(min(READ_CHUNK, end - at), at).count(b"\n") for at in range(start, end, READ_CHUNK))
+def _count_newlines(fs: pafs.FileSystem, unit: Unit) -> int:
+    with fs.open_input_file(fs_path(unit.path)) as f:
+        return sum(f.read_at(min(READ_CHUNK, unit.end - at), at).count(b"\n")
+                   for at in range(unit.start, unit.end, READ_CHUNK))
 
 
 def read_corpus(fs: pafs.FileSystem, files: list[str], rows_per_block: int = 4096, spread: bool = False) -> Any:

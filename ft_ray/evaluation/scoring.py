@@ -82,6 +82,7 @@ class ArmScorer:
         self.fmt, self.fields = fmt, fields
         self.generate_keys = set(generate_keys)
         self.tokenizer = load_tokenizer(self.job.model)
+        self.bos = bos_id(self.tokenizer)
         torch.manual_seed(self.settings.seed)
         self.base, self.variant, self.shared = load_arms(self.job, Path(local_variant(variant, self.job)))
         self.device = next(self.variant.parameters()).device
@@ -121,10 +122,10 @@ class ArmScorer:
             seg_ids = encode_batch(self.tokenizer, [t for t, _ in segments])
             trainable = [t for _, t in segments]
             max_len = self.job.model.max_seq_len
-            plain = assemble(seg_ids, trainable, bos_id(self.tokenizer), max_len)
+            plain = assemble(seg_ids, trainable, self.bos, max_len)
             shots = self.shots_that_fit(len(plain["input_ids"]), sum(map(len, seg_ids)) + 1)
             prefix = [i for ids in self.shot_ids[:shots] for i in ids]
-            few = assemble([prefix, *seg_ids], [False, *trainable], bos_id(self.tokenizer), max_len) if shots else plain
+            few = assemble([prefix, *seg_ids], [False, *trainable], self.bos, max_len) if shots else plain
         except RecordError as e:
             return {"reason": e.kind}
         first = trainable.index(True)
@@ -188,7 +189,7 @@ class ArmScorer:
         """(answer, new tokens, seconds) of a greedy continuation."""
         import torch
 
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        bos = [self.bos] if self.bos is not None else []
         ids = torch.tensor([bos + prompt_ids], device=self.device)
         started = time.perf_counter()
         with self.model(arm) as model, torch.no_grad():
