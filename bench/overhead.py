@@ -71,7 +71,7 @@ def plain_step_times(config: Any) -> list[float]:
     started = time.perf_counter()
     for step in range(steps):
         chunk = [sequences[(step * size + i) % len(sequences)] for i in range(size)]
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])) for k in ("input_ids", "labels", "position_ids")}
+        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long() for k in ("input_ids", "labels", "position_ids")}
         engine.micro_step(batch, 1.0, True)
         engine.step()
         now = time.perf_counter()

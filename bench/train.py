@@ -125,7 +125,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
             _sync(device.type)
             tokens, started = 0, time.perf_counter()
         chunk = sequences[step * size:(step + 1) * size]
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).to(device, non_blocking=True)
+        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(device, non_blocking=True)
                  for k in ("input_ids", "labels", "position_ids")}
         engine.micro_step(batch, 1.0, True)
         engine.step()

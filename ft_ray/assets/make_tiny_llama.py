@@ -81,7 +81,7 @@ def pretrain(tokenizer) -> Any:
     examples = [tokenize_segments([(text, True) for text, _ in record_segments(r, "instruction", tokenizer)],
                                   tokenizer, PRETRAIN["seq_len"]) for r in pretraining_records()]
     packed = list(pack_examples(examples, PRETRAIN["seq_len"], tokenizer.pad_token_id))
-    columns = {k: torch.tensor(np.stack([p[k] for p in packed])) for k in ("input_ids", "labels", "position_ids")}
+    columns = {k: torch.tensor(np.stack([p[k] for p in packed])).long() for k in ("input_ids", "labels", "position_ids")}
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, PRETRAIN["lr"], total_steps=PRETRAIN["steps"])
     generator = torch.Generator().manual_seed(0)

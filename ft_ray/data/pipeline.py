@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -230,60 +230,131 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
+    start_at_full_width()
     data, stats = config.data, DataStats()
     split_off = 0.0 if data.eval else data.eval_fraction
     parts = [read_source(config, source, key, split_off, stats) for key, source in data.keyed_sources()]
     tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
-    if data.eval:
-        eval_tokenized = read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize()
-        lines = tokenized.union(eval_tokenized)
-    else:
-        eval_tokenized, lines = tokenized, tokenized
-    evaluation = rows_of(eval_tokenized, "eval")
-    count_records(stats, lines)
+    held_out = read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize() if data.eval else None
+    blocks = tokenized.to_arrow_refs() + (held_out.to_arrow_refs() if held_out else [])
+    eval_rows = count_records(stats, blocks)
     if stats.records_rejected and rejected_dir:
+        lines = tokenized.union(held_out) if held_out else tokenized
         write_rejected(rows_of(lines, "rejected"), rejected_dir, rejected_fs)
     check_counts(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
-    columns = ["input_ids", "labels", "sample_id"]
-    train_rows = functools.partial(_kept, which="train", columns=columns)
-    train_packed = (shuffle(tokenized, seed, stats.train_tokens, train_rows)
-                    .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args).materialize())
-    eval_packed = (evaluation.select_columns(columns)
-                   .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args).materialize())
+    eval_packed = pack_rows(blocks, eval_rows, pack_args)
+    if stats.train_tokens <= SMALL_SHUFFLE_TOKENS:
+        train_packed = pack_rows(blocks, train_order(blocks, seed), pack_args)
+    else:
+        train_rows = functools.partial(_kept, which="train", columns=list(PACKED_FROM))
+        train_packed = (shuffle(tokenized, seed, stats.train_tokens, train_rows)
+                        .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args)
+                        .materialize())
     stats.train_sequences, stats.eval_sequences = train_packed.count(), eval_packed.count()
     stats.packing_efficiency = round(stats.train_tokens / max(1, stats.train_sequences * config.model.max_seq_len), 4)
     return {"train": train_packed, "eval": eval_packed}, stats
 
 
-def _with_shuffle_key(batch: Any, seed: int) -> Any:
-    """A seeded pseudo-random key per row, mixed from its sample id (splitmix64)."""
-    import pyarrow as pa
+def start_at_full_width() -> None:
+    """Ray Data (2.60) learns the cluster's CPUs from its autoscaling coordinator actor,
+    whose first answer comes after the executor's first look, and the executor keeps that
+    look for a second: every execution ran ONE task through its first second (measured on
+    2 CPUs: the second read task started 1.05 s after the first). Looking every 50 ms, the
+    second task starts within 0.1 s. A private setting: left alone if Ray renames it."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:
+        return
+    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > 0.05:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0.05
 
+
+PACKED_FROM = ("input_ids", "labels", "sample_id")  # the columns packing reads
+
+
+def train_order(blocks: list, seed: int) -> np.ndarray:
+    """(block, row) of every train example of `blocks`, in the seeded order: each block's
+    train rows and their shuffle keys come from a plain Ray task, and the driver sorts the
+    keys (16 bytes per example: this path is for sets of up to `SMALL_SHUFFLE_TOKENS`)."""
+    import ray
+
+    plans = ray.get([ray.remote(_train_keys).remote(block, seed) for block in blocks])
+    where = np.concatenate([np.stack([np.full(len(rows), i), rows]) for i, (rows, _) in enumerate(plans)]
+                           + [np.zeros((2, 0), dtype=np.int64)], axis=1)
+    keys = np.concatenate([keys for _, keys in plans] + [np.zeros(0, dtype=np.int64)])
+    return where[:, np.argsort(keys, kind="stable")]
+
+
+def _train_keys(block: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a block's train examples and their shuffle keys."""
+    if not block.num_rows:  # a read task with no record leaves no columns
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(_selected(block, "train").to_numpy(zero_copy_only=False))
+    return rows, shuffle_keys(block["sample_id"].to_numpy()[rows], seed)
+
+
+def pack_rows(blocks: list, where: np.ndarray, pack_args: dict[str, Any]) -> Any:
+    """Packed sequences of the rows `where` ((block, row) pairs, in that order) as a
+    materialized dataset: plain Ray tasks of `PACK_TASK_ROWS` rows each, which take
+    their rows from the tokenized blocks (shared memory on a node) and pack them
+    `PACK_BATCH` at a time. A block count that is a multiple of the packing batch keeps
+    the sequences the same whatever the cluster. (A Ray Data run here cost about 1 s for
+    0.3 s of packing: a second of its start before it runs more than one task.)"""
+    import ray
+    import ray.data
+
+    task = ray.remote(_packed_block)
+    packed = []
+    for start in range(0, max(1, where.shape[1]), PACK_TASK_ROWS):
+        part = where[:, start:start + PACK_TASK_ROWS]
+        used, local = np.unique(part[0], return_inverse=True)
+        packed.append(task.remote(local, part[1], pack_args, *[blocks[i] for i in used]))
+    return ray.data.from_arrow_refs(packed)
+
+
+def _packed_block(local: np.ndarray, rows: np.ndarray, pack_args: dict[str, Any], *blocks: Any) -> Any:
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    order = np.argsort(local, kind="stable")  # the rows block by block, then back in their order
+    starts = np.searchsorted(local[order], np.arange(len(blocks) + 1))
+    parts = [block.select(list(PACKED_FROM)).take(rows[order[a:b]])
+             for block, a, b in zip(blocks, starts, starts[1:])]
+    table = pa.concat_tables(parts).take(np.argsort(order, kind="stable")) if parts else None
+    batches = [pack_batch(table.slice(at, PACK_BATCH), **pack_args) for at in range(0, len(rows), PACK_BATCH)]
+    if not batches:
+        batches = [pack_arrays(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
+                               np.zeros(0, np.int64), **pack_args)]
+    return BlockAccessor.batch_to_block({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+
+
+def shuffle_keys(sample_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random key per sample id (splitmix64), as int64."""
     with np.errstate(over="ignore"):
-        key = batch["sample_id"].to_numpy().astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2 ** 64)
+        key = sample_ids.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2 ** 64)
         key = (key ^ (key >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         key = (key ^ (key >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         key ^= key >> np.uint64(31)
-    return batch.append_column("shuffle_key", pa.array(key.view(np.int64)))
+    return key.view(np.int64)
 
 
-SMALL_SHUFFLE_TOKENS = 32_000_000  # ids + labels of this many tokens: about 256 MB in one sort task
+def _with_shuffle_key(batch: Any, seed: int) -> Any:
+    import pyarrow as pa
+
+    return batch.append_column("shuffle_key", pa.array(shuffle_keys(batch["sample_id"].to_numpy(), seed)))
+
+
+SMALL_SHUFFLE_TOKENS = 32_000_000  # up to this many train tokens (about 100k examples), the driver sorts
 SHUFFLE_PARTITION_TOKENS = 32_000_000  # tokens per hash-shuffle partition above that
-SORTED_BLOCK_ROWS = 8 * PACK_BATCH
+PACK_TASK_ROWS = 8 * PACK_BATCH  # measured on 2 CPUs, 40k examples: 1, 2, 4, 8 batches per task 2.4, 1.5, 1.3, 1.2 s
 
 
 def shuffle(dataset: Any, seed: int, tokens: int, keep: Any = None) -> Any:
-    """The rows in a seeded random order, the same every run: hash-partitioned on a random
-    key by Ray Data's hash shuffle, then sorted on that key inside each partition. A training
-    set of up to `SMALL_SHUFFLE_TOKENS` tokens (about 100k instruction examples) is sorted on
-    its key by one plain Ray task instead, which returns it in blocks of `SORTED_BLOCK_ROWS`
-    rows (a multiple of the packing batch, so the batches, and the sequences packed from
-    them, are the same whatever the cluster) for the packing tasks to share: the hash
-    shuffle's aggregator actors take seconds to start (measured on 2 cores: 9.2 s for 12.8M
-    tokens and 2.5 s for 43k, against one sort's 1-2 s and 0.3 s), and Ray Data's
-    `repartition(1)` then packed everything in that one task.
+    """The rows in a seeded random order, the same every run, for sets of more than
+    `SMALL_SHUFFLE_TOKENS` tokens (smaller ones: `train_order`): hash-partitioned on a
+    random key by Ray Data's hash shuffle, then sorted on that key inside each partition.
 
     `keep`: the rows and columns of a block to shuffle (run in the shuffle's own tasks).
 
@@ -293,12 +364,6 @@ def shuffle(dataset: Any, seed: int, tokens: int, keep: Any = None) -> Any:
     """
     from ray.data.context import DataContext, ShuffleStrategy
 
-    import ray
-    import ray.data
-
-    if tokens <= SMALL_SHUFFLE_TOKENS:
-        sort = ray.remote(num_returns="streaming")(_sorted_blocks)
-        return ray.data.from_arrow_refs(list(sort.remote(seed, keep, *dataset.to_arrow_refs())))
     if keep is not None:
         dataset = dataset.map_batches(keep, batch_format="pyarrow", batch_size=None)
     keyed = dataset.map_batches(_with_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
@@ -311,19 +376,6 @@ def shuffle(dataset: Any, seed: int, tokens: int, keep: Any = None) -> Any:
                    .map_batches(_sorted_by_key, batch_format="pyarrow", batch_size=None)
                    .materialize())
     return _blocks_in_key_order(partitioned).drop_columns(["shuffle_key"])
-
-
-def _sorted_blocks(seed: int, keep: Any, *blocks: Any) -> Iterator[Any]:
-    """The rows of `blocks` in their seeded order, `SORTED_BLOCK_ROWS` at a time (each taken
-    apart: a slice of one sorted table would be serialized with the whole table's buffers)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    blocks = [b for b in blocks if b.num_rows]  # a block of no rows may have no columns either
-    rows = pa.concat_tables([keep(b) for b in blocks] if keep else blocks)
-    order = pc.sort_indices(_with_shuffle_key(rows, seed), [("shuffle_key", "ascending")])
-    for start in range(0, max(1, rows.num_rows), SORTED_BLOCK_ROWS):
-        yield rows.take(order[start:start + SORTED_BLOCK_ROWS])
 
 
 def _sorted_by_key(batch: Any) -> Any:
@@ -346,15 +398,20 @@ def _blocks_in_key_order(dataset: Any) -> Any:
     return ray.data.from_arrow_refs([refs[i] for i in order])
 
 
-def _select(batch: Any, which: str) -> Any:
+def _selected(batch: Any, which: str) -> Any:
+    """The mask of a block's train examples, eval examples or rejected records."""
     import pyarrow.compute as pc
 
     good = pc.equal(batch["reason"], "")
     if which == "rejected":
-        return batch.filter(pc.invert(good))
+        return pc.invert(good)
     if which == "eval":
-        return batch.filter(pc.and_(good, batch["is_eval"]))
-    return batch.filter(pc.and_(pc.and_(good, pc.invert(batch["is_eval"])), pc.greater_equal(batch["copy"], 0)))
+        return pc.and_(good, batch["is_eval"])
+    return pc.and_(pc.and_(good, pc.invert(batch["is_eval"])), pc.greater_equal(batch["copy"], 0))
+
+
+def _select(batch: Any, which: str) -> Any:
+    return batch.filter(_selected(batch, which))
 
 
 def _kept(batch: Any, which: str, columns: list[str]) -> Any:
@@ -367,47 +424,53 @@ def rows_of(dataset: Any, which: str) -> Any:
     return dataset.map_batches(_select, batch_format="pyarrow", batch_size=None, fn_kwargs={"which": which})
 
 
-def _block_counts(batch: Any) -> dict[str, list]:
+def _block_counts(batch: Any) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     if not batch.num_rows:  # a read task with no record (a byte range inside one long line) leaves no columns
-        return {"read": [0], "reasons": ["{}"], "train": [0], "train_tokens": [0], "eval": [0]}
+        return {"read": 0, "reasons": {}, "train": 0, "train_tokens": 0, "eval_rows": np.zeros(0, dtype=np.int64)}
 
-    reasons = Counter(r for r in batch["reason"].to_pylist() if r)
-    good = pc.equal(batch["reason"], "")
     first_copy = pc.less(batch["copy"], 1)  # a record's first copy, or the one row of a left-out record
     train = _select(batch, "train")
-    return {"read": [pc.sum(first_copy.cast("int64")).as_py() or 0], "reasons": [json.dumps(reasons)],
-            "train": [train.num_rows], "train_tokens": [pc.sum(pc.list_value_length(train["input_ids"])).as_py() or 0],
-            "eval": [pc.sum(pc.and_(good, batch["is_eval"]).cast("int64")).as_py() or 0]}
+    return {"read": pc.sum(first_copy.cast("int64")).as_py() or 0,
+            "reasons": Counter(r for r in batch["reason"].to_pylist() if r), "train": train.num_rows,
+            "train_tokens": pc.sum(pc.list_value_length(train["input_ids"])).as_py() or 0,
+            "eval_rows": np.flatnonzero(_selected(batch, "eval").to_numpy(zero_copy_only=False))}
 
 
-def count_records(stats: DataStats, lines: Any) -> None:
+def count_records(stats: DataStats, blocks: list) -> np.ndarray:
     """Records read, train/eval examples and rejects by reason, from small per-block counts
-    (Ray Data's count/groupby aggregations each shuffle: seconds apiece)."""
+    by plain Ray tasks (Ray Data's count/groupby aggregations each shuffle: seconds apiece).
+
+    Returns:
+        (block, row) of every eval example, in block order.
+    """
     reasons: Counter = Counter()
-    for row in per_block(lines, _block_counts):
-        stats.records_read += int(row["read"][0])
-        stats.train_examples += int(row["train"][0])
-        stats.train_tokens += int(row["train_tokens"][0])  # packing keeps every token
-        stats.eval_examples += int(row["eval"][0])
-        reasons.update(json.loads(row["reasons"][0]))
+    where = [np.zeros((2, 0), dtype=np.int64)]
+    for i, counts in enumerate(per_block(blocks, _block_counts)):
+        stats.records_read += int(counts["read"])
+        stats.train_examples += int(counts["train"])
+        stats.train_tokens += int(counts["train_tokens"])  # packing keeps every token
+        stats.eval_examples += len(counts["eval_rows"])
+        reasons.update(counts["reasons"])
+        where.append(np.stack([np.full(len(counts["eval_rows"]), i), counts["eval_rows"]]))
     stats.rejected_by_reason = dict(reasons)
     stats.records_rejected = sum(reasons.values())
+    return np.concatenate(where, axis=1)
 
 
-def per_block(dataset: Any, fn: Any) -> list:
-    """`fn` of each block of a materialized dataset, by plain Ray tasks (a Ray Data run of
-    a small map costs about half a second in scheduling alone)."""
+def per_block(blocks: list, fn: Any) -> list:
+    """`fn` of each block (Arrow table refs, as `Dataset.to_arrow_refs` gives them), by plain
+    Ray tasks (a Ray Data run of a small map costs about half a second in scheduling alone)."""
     import ray
 
     task = ray.remote(fn)  # a whole CPU: a fraction starts worker processes of its own
-    return ray.get([task.remote(block) for block in dataset.to_arrow_refs()])
+    return ray.get([task.remote(block) for block in blocks])
 
 
 def sum_column(dataset: Any, column: str) -> int:
     """The sum of an integer column, block by block (no shuffle)."""
-    return int(sum(per_block(dataset.select_columns([column]), _column_sum)))
+    return int(sum(per_block(dataset.select_columns([column]).to_arrow_refs(), _column_sum)))
 
 
 def _column_sum(block: Any) -> int:

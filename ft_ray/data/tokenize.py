@@ -114,7 +114,8 @@ def pack_arrays(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sample
     sequences come out as 2-D arrays built by one scatter, not a copy per example. The
     examples inside a sequence keep their arrival order, and sequences come out in the order
     they were opened, so a seeded shuffle before packing still fixes the order. Padding gets
-    label -100 and positions of its own.
+    label -100 and positions of its own. Ids, labels and positions are int32 (half the
+    bytes in the object store and in prepared data; the training loop reads them as int64).
     """
     offsets = np.asarray(offsets, dtype=np.int64) - offsets[0]
     lengths = np.diff(offsets)
@@ -128,14 +129,14 @@ def pack_arrays(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sample
     start = np.empty_like(lengths)
     start[by_bin] = before - before[first]  # where each example starts in its sequence
     into = np.repeat(bins * max_len + start - offsets[:-1], lengths) + np.arange(offsets[-1])
-    out_ids = np.full(count * max_len, pad_id, dtype=np.int64)
-    out_labels = np.full(count * max_len, IGNORE_INDEX, dtype=np.int64)
-    positions = np.zeros(count * max_len, dtype=np.int64)
+    out_ids = np.full(count * max_len, pad_id, dtype=np.int32)
+    out_labels = np.full(count * max_len, IGNORE_INDEX, dtype=np.int32)
+    positions = np.zeros(count * max_len, dtype=np.int32)
     out_ids[into], out_labels[into] = ids, labels
     positions[into] = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     used = np.bincount(bins, weights=lengths, minlength=count).astype(np.int64)
-    column = np.arange(max_len)[None, :]
-    positions = np.where(column >= used[:, None], column - used[:, None], positions.reshape(count, max_len))
+    column, filled = np.arange(max_len, dtype=np.int32)[None, :], used.astype(np.int32)[:, None]
+    positions = np.where(column >= filled, column - filled, positions.reshape(count, max_len))
     members = np.split(np.asarray(sample_ids, dtype=np.int64)[by_bin], np.flatnonzero(np.diff(bins[by_bin])) + 1)
     return {"input_ids": out_ids.reshape(count, max_len), "labels": out_labels.reshape(count, max_len),
             "position_ids": positions, "num_examples": np.bincount(bins, minlength=count).astype(np.int64),
