@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import math
 from collections import Counter
@@ -21,7 +20,7 @@ import numpy as np
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.data.formats import RecordError, Segments, map_fields, record_segments
 from ft_ray.data.sources import DataError, choose_format, list_files, read_corpus
-from ft_ray.data.tokenize import assemble, bos_id, encode_batch, pack_arrays, tokenize_segments
+from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, encode_batch, pack_arrays, tokenize_segments
 
 TOKENIZE_BATCH = 256
 PACK_BATCH = 1024
@@ -95,30 +94,32 @@ def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokeni
     return tokenize_segments(segments, tokenizer, max_len, drop_over)
 
 
-def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
-                   drop_over: int | None) -> list[dict[str, list[int]] | RecordError]:
-    """Per record: its ids and labels, or the RecordError that rejects it. All segments of
-    the batch go through the tokenizer in one call."""
+def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
+                   drop_over: int | None) -> Assembled:
+    """The examples of a batch of raw records as flat arrays, and per record the
+    RecordError that rejects it (its example is then empty). All segments of the batch go
+    through the tokenizer in one call."""
     parsed: list[Segments | RecordError] = []
     for text, error in zip(texts, errors):
         try:
             parsed.append(record_to_segments(text, error, fmt, fields, tokenizer))
         except RecordError as e:
             parsed.append(e)
-    flat = [t for segments in parsed if not isinstance(segments, RecordError) for t, _ in segments]
-    ids = iter(encode_batch(tokenizer, flat))
-    bos = bos_id(tokenizer)
-    results: list[dict[str, list[int]] | RecordError] = []
-    for segments in parsed:
-        if isinstance(segments, RecordError):
-            results.append(segments)
-            continue
-        segment_ids = [next(ids) for _ in segments]
-        try:
-            results.append(assemble(segment_ids, [t for _, t in segments], bos, max_len, drop_over))
-        except RecordError as e:
-            results.append(e)
-    return results
+    segments = [s for p in parsed if not isinstance(p, RecordError) for s in p]
+    batch = assemble_batch(encode_batch(tokenizer, [text for text, _ in segments]),
+                           [0 if isinstance(p, RecordError) else len(p) for p in parsed],
+                           [trainable for _, trainable in segments], bos_id(tokenizer), max_len, drop_over)
+    batch.errors = [p if isinstance(p, RecordError) else e for p, e in zip(parsed, batch.errors)]
+    return batch
+
+
+def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
+                   drop_over: int | None) -> list[dict[str, list[int]] | RecordError]:
+    """Per record: its ids and labels, or the RecordError that rejects it (`encode_records`
+    as one dict of lists per record)."""
+    batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
+    return [error if error is not None else {"input_ids": batch.ids[a:b].tolist(), "labels": batch.labels[a:b].tolist()}
+            for error, a, b in zip(batch.errors, batch.offsets, batch.offsets[1:])]
 
 
 COLUMNS = ("input_ids", "labels", "reason", "detail", "is_eval", "path", "line", "text", "copy", "sample_id")
@@ -167,33 +168,35 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
 def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: Any, max_len: int, fmt: str,
                     fields: dict[str, str], eval_fraction: float, weight: float,
                     drop_over: int | None) -> dict[str, Any]:
-    rows: dict[str, list] = {k: [] for k in COLUMNS}
-    examples = tokenize_batch(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
-    for text, example, path, line in zip(texts, examples, paths, lines):
-        reason, detail = (example.kind, str(example)) if isinstance(example, RecordError) else ("", "")
-        if reason:
-            example = {"input_ids": [], "labels": []}
+    batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
+    rows: dict[str, list] = {k: [] for k in COLUMNS[2:]}
+    example = []  # the example of each row
+    for i, (text, error, path, line) in enumerate(zip(texts, batch.errors, paths, lines)):
+        reason, detail = (error.kind, str(error)) if error is not None else ("", "")
         is_eval = eval_bucket(text) < eval_fraction
         copies = 1 if reason or is_eval else weighted_copies(weight, text)
         for copy in range(copies) if copies else [-1]:
-            values = (example["input_ids"], example["labels"], reason, detail, is_eval, path, int(line),
-                      text if reason else "", copy, sample_id(path, int(line), copy))
-            for column, value in zip(COLUMNS, values):
+            example.append(i)
+            values = (reason, detail, is_eval, path, int(line), text if reason else "", copy,
+                      sample_id(path, int(line), copy))
+            for column, value in zip(COLUMNS[2:], values):
                 rows[column].append(value)
-    for column in ("input_ids", "labels"):
-        rows[column] = _int32_lists(rows[column])
+    rows["input_ids"] = _int32_lists(batch.ids, batch.offsets, example)
+    rows["labels"] = _int32_lists(batch.labels, batch.offsets, example)
     return rows
 
 
-def _int32_lists(values: list[list[int]]) -> Any:
-    """An Arrow list<int32> column built from one flat numpy array and its offsets (Arrow's
-    conversion of a list of Python lists costs a third of the tokenizer's time)."""
+def _int32_lists(flat: np.ndarray, offsets: np.ndarray, rows: list[int]) -> Any:
+    """An Arrow list<int32> column of the examples `rows` (a copied example twice) of flat
+    arrays (Arrow's conversion of a list of Python lists costs a third of the tokenizer's time)."""
     import pyarrow as pa
 
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, values), dtype=np.int32, count=len(values)), out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = np.diff(offsets)[rows]
+    out = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    take = np.repeat(offsets[:-1][rows] - out[:-1], lengths) + np.arange(out[-1])
+    return pa.ListArray.from_arrays(pa.array(out), pa.array(flat[take], type=pa.int32()))
 
 
 def pack_batch(batch: Any, *, max_len: int, pad_id: int, pack: bool) -> dict[str, np.ndarray]:

@@ -10,7 +10,9 @@ changes throughput, not what the model sees.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
+import itertools
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -51,32 +53,76 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def assemble(segment_ids: list[list[int]], trainable: list[bool], bos: int | None, max_len: int,
              drop_over: int | None = None) -> dict[str, list[int]]:
-    """One example from its tokenized segments (tokenized in a batch with others, which is
-    what makes the pipeline fast: one tokenizer call per block of records).
+    """One example from its tokenized segments: `assemble_batch` for one record.
+
+    Raises:
+        RecordError: longer than `drop_over`, or no trainable token survives truncation.
+    """
+    batch = assemble_batch(segment_ids, [len(segment_ids)], trainable, bos, max_len, drop_over)
+    if batch.errors[0] is not None:
+        raise batch.errors[0]
+    return {"input_ids": batch.ids.tolist(), "labels": batch.labels.tolist()}
+
+
+@dataclasses.dataclass
+class Assembled:
+    """Examples as flat arrays: example i is `ids[offsets[i]:offsets[i + 1]]` (empty when
+    `errors[i]` says why it was rejected)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    errors: list[RecordError | None]
+
+
+def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trainable: list[bool], bos: int | None,
+                   max_len: int, drop_over: int | None = None) -> Assembled:
+    """Examples from their tokenized segments (tokenized in one call for a batch of
+    records, which is what makes the pipeline fast), in a few array operations for the
+    whole batch. Record i has the next `segment_counts[i]` segments; `trainable` says per
+    segment whether it is learned from.
 
     An example longer than `max_len` is truncated, or rejected when it is longer than
     `drop_over` (the `data.overlong: drop` policy). The first token's label is always -100:
     in a packed sequence, it would otherwise be predicted from the end of the previous,
     unrelated example. `bos` (the tokenizer's `bos_id`, or None) leads every example.
-
-    Raises:
-        RecordError: longer than `drop_over`, or no trainable token survives truncation.
+    A record is rejected (its `errors` entry) when it is longer than `drop_over` or no
+    trainable token survives truncation.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    if bos is not None:
-        input_ids.append(bos)
-        labels.append(IGNORE_INDEX)
-    for ids, is_trained in zip(segment_ids, trainable):
-        input_ids.extend(ids)
-        labels.extend(ids if is_trained else [IGNORE_INDEX] * len(ids))
-    if drop_over is not None and len(input_ids) > drop_over:
-        raise RecordError(f"{len(input_ids)} tokens, more than data.max_record_tokens={drop_over}", "overlong")
-    input_ids, labels = input_ids[:max_len], labels[:max_len]
-    labels[0] = IGNORE_INDEX
-    if labels.count(IGNORE_INDEX) == len(labels):
-        raise RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)", "no_target_tokens")
-    return {"input_ids": input_ids, "labels": labels}
+    records = len(segment_counts)
+    lead = 0 if bos is None else 1
+    seg_len = np.fromiter(map(len, segment_ids), dtype=np.int64, count=len(segment_ids))
+    flat = np.fromiter(itertools.chain.from_iterable(segment_ids), dtype=np.int32, count=int(seg_len.sum()))
+    record = np.repeat(np.repeat(np.arange(records), segment_counts), seg_len)  # each token's record
+    trained = np.repeat(np.asarray(trainable, dtype=bool), seg_len)
+    full = np.bincount(record, minlength=records) + lead  # tokens per example before truncation
+    starts = np.zeros(records + 1, dtype=np.int64)
+    np.cumsum(full - lead, out=starts[1:])
+    at = np.arange(len(flat)) - starts[record] + lead  # each token's place in its example
+    kept = at < max_len
+    targets = np.bincount(record[kept & trained & (at > 0)], minlength=records)
+    errors: list[RecordError | None] = [None] * records
+    for i in np.flatnonzero((full > drop_over) if drop_over is not None else np.zeros(records, bool)):
+        errors[i] = RecordError(f"{full[i]} tokens, more than data.max_record_tokens={drop_over}", "overlong")
+    for i in np.flatnonzero(targets == 0):
+        if errors[i] is None:
+            errors[i] = RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)",
+                                    "no_target_tokens")
+    good = np.array([e is None for e in errors], dtype=bool)
+    lengths = np.where(good, np.minimum(full, max_len), 0)
+    offsets = np.zeros(records + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    labels = np.empty_like(ids)
+    kept &= good[record]
+    into = offsets[record[kept]] + at[kept]
+    ids[into] = flat[kept]
+    labels[into] = np.where(trained[kept], flat[kept], IGNORE_INDEX)
+    firsts = offsets[:-1][good]
+    if lead:
+        ids[firsts] = bos
+    labels[firsts] = IGNORE_INDEX
+    return Assembled(ids, labels, offsets, errors)
 
 
 def pack_examples(examples: Iterable[dict], max_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
