@@ -247,14 +247,15 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     check_counts(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
-    eval_packed = pack_rows(blocks, eval_rows, pack_args)
+    eval_refs = pack_tasks(blocks, eval_rows, pack_args)  # runs while the train order is made
     if stats.train_tokens <= SMALL_SHUFFLE_TOKENS:
-        train_packed = pack_rows(blocks, train_order(blocks, seed), pack_args)
+        train_packed = ray.data.from_arrow_refs(pack_tasks(blocks, train_order(blocks, seed), pack_args))
     else:
         train_rows = functools.partial(_kept, which="train", columns=list(PACKED_FROM))
         train_packed = (shuffle(tokenized, seed, stats.train_tokens, train_rows)
                         .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args)
                         .materialize())
+    eval_packed = ray.data.from_arrow_refs(eval_refs)
     stats.train_sequences, stats.eval_sequences = train_packed.count(), eval_packed.count()
     stats.packing_efficiency = round(stats.train_tokens / max(1, stats.train_sequences * config.model.max_seq_len), 4)
     return {"train": train_packed, "eval": eval_packed}, stats
@@ -298,34 +299,38 @@ def _train_keys(block: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, shuffle_keys(block["sample_id"].to_numpy()[rows], seed)
 
 
-def pack_rows(blocks: list, where: np.ndarray, pack_args: dict[str, Any]) -> Any:
-    """Packed sequences of the rows `where` ((block, row) pairs, in that order) as a
-    materialized dataset: plain Ray tasks of `PACK_TASK_ROWS` rows each, which take
-    their rows from the tokenized blocks (shared memory on a node) and pack them
-    `PACK_BATCH` at a time. A block count that is a multiple of the packing batch keeps
-    the sequences the same whatever the cluster. (A Ray Data run here cost about 1 s for
-    0.3 s of packing: a second of its start before it runs more than one task.)"""
+def pack_tasks(blocks: list, where: np.ndarray, pack_args: dict[str, Any]) -> list:
+    """Refs to the packed sequences of the rows `where` ((block, row) pairs, in that order),
+    in blocks made by plain Ray tasks, which take their rows from the tokenized blocks
+    (shared memory on a node) and pack them `PACK_BATCH` at a time: the packing batches,
+    and so the sequences, follow from the order alone, whatever the tasks. The tasks come
+    in rounds of one per CPU, each of at most `MAX_PACK_TASK_BATCHES` batches (measured on
+    2 CPUs, 40k examples: tasks of 1, 2, 4, 8 batches took 2.4, 1.5, 1.3, 1.2 s in all: a
+    task costs about 0.1 s of its own; 5 tasks of 8 left a CPU idle through the last). A
+    Ray Data run here cost about 1 s for 0.3 s of packing."""
     import ray
-    import ray.data
 
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    batches = max(1, math.ceil(where.shape[1] / PACK_BATCH))
+    tasks = cpus * math.ceil(batches / (cpus * MAX_PACK_TASK_BATCHES))
+    rows_per_task = PACK_BATCH * math.ceil(batches / tasks)
     task = ray.remote(_packed_block)
     packed = []
-    for start in range(0, max(1, where.shape[1]), PACK_TASK_ROWS):
-        part = where[:, start:start + PACK_TASK_ROWS]
+    for start in range(0, max(1, where.shape[1]), rows_per_task):
+        part = where[:, start:start + rows_per_task]
         used, local = np.unique(part[0], return_inverse=True)
         packed.append(task.remote(local, part[1], pack_args, *[blocks[i] for i in used]))
-    return ray.data.from_arrow_refs(packed)
+    return packed
 
 
 def _packed_block(local: np.ndarray, rows: np.ndarray, pack_args: dict[str, Any], *blocks: Any) -> Any:
     import pyarrow as pa
     from ray.data.block import BlockAccessor
 
-    order = np.argsort(local, kind="stable")  # the rows block by block, then back in their order
-    starts = np.searchsorted(local[order], np.arange(len(blocks) + 1))
-    parts = [block.select(list(PACKED_FROM)).take(rows[order[a:b]])
-             for block, a, b in zip(blocks, starts, starts[1:])]
-    table = pa.concat_tables(parts).take(np.argsort(order, kind="stable")) if parts else None
+    sizes = np.array([0] + [block.num_rows for block in blocks], dtype=np.int64)
+    table = pa.concat_tables([block.select(list(PACKED_FROM)) for block in blocks]) if blocks else None
+    if table is not None:  # one take across the blocks, in the rows' order
+        table = table.take(np.cumsum(sizes)[local] + rows)
     batches = [pack_batch(table.slice(at, PACK_BATCH), **pack_args) for at in range(0, len(rows), PACK_BATCH)]
     if not batches:
         batches = [pack_arrays(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
@@ -351,7 +356,7 @@ def _with_shuffle_key(batch: Any, seed: int) -> Any:
 
 SMALL_SHUFFLE_TOKENS = 32_000_000  # up to this many train tokens (about 100k examples), the driver sorts
 SHUFFLE_PARTITION_TOKENS = 32_000_000  # tokens per hash-shuffle partition above that
-PACK_TASK_ROWS = 8 * PACK_BATCH  # measured on 2 CPUs, 40k examples: 1, 2, 4, 8 batches per task 2.4, 1.5, 1.3, 1.2 s
+MAX_PACK_TASK_BATCHES = 32
 
 
 def shuffle(dataset: Any, seed: int, tokens: int, keep: Any = None) -> Any:

@@ -245,7 +245,7 @@ def test_packed_order_does_not_depend_on_how_the_files_were_split_for_reading(ra
     from ft_ray.data import sources
 
     monkeypatch.setattr(pipeline, "PACK_BATCH", 16)
-    monkeypatch.setattr(pipeline, "PACK_TASK_ROWS", 48)
+    monkeypatch.setattr(pipeline, "MAX_PACK_TASK_BATCHES", 3)
     config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
     whole = training_order(build_datasets(config, tokenizer, None)[0])
     monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 4096)
