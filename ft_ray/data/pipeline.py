@@ -266,7 +266,7 @@ def start_at_full_width() -> None:
     whose first answer comes after the executor's first look, and the executor keeps that
     look for a second: every execution ran ONE task through its first second (measured on
     2 CPUs: the second read task started 1.05 s after the first). Looking every 50 ms, the
-    second task starts within 0.1 s. A private setting: left alone if Ray renames it."""
+    second task starts within 0.15 s. A private setting: left alone if Ray renames it."""
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
     except ImportError:
