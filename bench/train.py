@@ -119,7 +119,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
     model = build_model(config, config.model.name_or_path)
     engine = build_engine(model, config, steps)
     device = engine.device
-    tokens, started = 0, time.perf_counter()
+    tokens, started, losses = 0, time.perf_counter(), []
     for step in range(steps):
         if step == warmup:
             _sync(device.type)
@@ -127,7 +127,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
         chunk = sequences[step * size:(step + 1) * size]
         batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(device, non_blocking=True)
                  for k in ("input_ids", "labels", "position_ids")}
-        engine.micro_step(batch, 1.0, True)
+        losses.append(engine.micro_step(batch, 1.0, True))
         engine.step()
         tokens += sum(int(s["num_tokens"]) for s in chunk)
     _sync(device.type)
@@ -136,6 +136,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
     rate = tokens / seconds
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate, "steps": steps,
             "sequences": len(sequences), "peak_mem_mb": peak_memory_mb(device.type),
+            "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
             "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
             "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
 

@@ -170,7 +170,11 @@ class TrainConfig(Section):
         "peak dense TFLOP/s of one worker's device for MFU; default: known GPUs (H100/H200 bf16: 989), else no MFU"))
     fused_kernels: Literal["auto", "liger", "none"] = Field("auto", description=(
         "liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy (no logits tensor) on CUDA; "
-        "auto: when installed and on a GPU; plain torch on CPU"))
+        "auto: when installed and on a GPU; plain torch on CPU. Not none: LoRA layers also add their "
+        "scaled update inside the adapter's GEMM (every device; not under ZeRO-3)"))
+    fp32_residual: bool = Field(False, description=(
+        "bf16/fp16: keep the hidden states between blocks in fp32 (what autocast does with fp32 weights); "
+        "false: in the compute dtype, like a 16-bit model and Megatron-LM's default: less activation memory"))
     compile: bool = Field(False, description="torch.compile the model's forward (the first steps wait for it)")
     fused_optimizer: bool = Field(True, description="fused AdamW: one kernel for every parameter's update")
     prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of each worker")
@@ -425,7 +429,7 @@ RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_eve
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
                   "train.compare_generations", "train.peak_tflops", "data.prepared", "eval.",
-                  "train.fused_kernels", "train.compile", "train.fused_optimizer", "train.prefetch_batches")
+                  "train.fused_kernels", "train.fp32_residual", "train.compile", "train.fused_optimizer", "train.prefetch_batches")
 
 
 def resume_changes(old: dict, new: dict) -> list[str]:

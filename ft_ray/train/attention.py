@@ -105,8 +105,7 @@ def _varlen_attn() -> Any:
         if key.shape[1] != heads and not gqa:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
-        offsets, longest = cumulative_lengths(spans if len(spans) == batch else spans * batch, length)
-        cu = torch.tensor(offsets, dtype=torch.int32).to(query.device, non_blocking=True)
+        cu, longest = _offsets_on_device(spans, batch, length, query.device)
         flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
         extra = dict(options, enable_gqa=key.shape[1] != heads) if gqa else dict(options)
         if scale is not None and "scale" in params:
@@ -118,6 +117,17 @@ def _varlen_attn() -> Any:
 
 
 _last: tuple[Any, Any] = (None, None)
+_last_offsets: tuple[Any, ...] = (None,)
+
+
+def _offsets_on_device(spans: list, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """`cumulative_lengths` as an int32 tensor on `device`, copied once per forward (not per layer)."""
+    global _last_offsets
+    if _last_offsets[0] is not spans or _last_offsets[1:3] != (batch, length) or _last_offsets[3] != device:
+        offsets, longest = cumulative_lengths(spans if len(spans) == batch else spans * batch, length)
+        cu = torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+        _last_offsets = (spans, batch, length, device, cu, longest)
+    return _last_offsets[4], _last_offsets[5]
 
 
 def _cached_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:

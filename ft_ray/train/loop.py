@@ -25,6 +25,7 @@ from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoints import (MANIFEST, digest_problem, file_digests, list_checkpoints, manifest_json,
                                       manifest_problem, next_checkpoint_name, no_complete_checkpoint)
 from ft_ray.train.engines import COMPUTE_DTYPES, build_engine
+from ft_ray.train.fast_paths import fuse_lora_layers, residual_in_compute_dtype
 
 STATE_FILE = "trainer_state.json"
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
@@ -125,23 +126,28 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
     from ft_ray.models import apply_lora, load_base_model, load_quantized_model
 
+    compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing)
     else:
         # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
         # memory and a cast of every weight in every autocast forward; trained weights stay fp32
-        dtype = COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
-        model = load_base_model(config.model, dtype=dtype)
+        model = load_base_model(config.model, dtype=compute_dtype if config.trains_adapter else None)
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
     use_fused_kernels(model, config)
+    if compute_dtype and not config.train.fp32_residual:
+        residual_in_compute_dtype(model, compute_dtype)
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 
         model.set_attn_implementation(register())  # per-example attention spans in packed batches
     if config.trains_adapter:
         model = apply_lora(model, config.lora, base_model_path)
+        zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
+        if config.train.fused_kernels != "none" and not zero3:
+            fuse_lora_layers(model)
     model.config.use_cache = False
     if config.train.compile:
         model.compile()  # in place: the module (and save_pretrained) stay as they are

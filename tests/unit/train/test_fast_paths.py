@@ -1,0 +1,130 @@
+"""The fused LoRA forward computes what PEFT's does (outputs and gradients), and the residual
+stream in the compute dtype saves activation memory without changing the loss much."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from ft_ray.config import ModelConfig, config_from_dict
+from ft_ray.models import load_base_model
+from ft_ray.train.fast_paths import fused_forward
+from ft_ray.train.loop import build_model
+
+
+def job(method: str = "lora", **train):
+    return config_from_dict({"method": method, "data": {"train": "t.jsonl"}, "train": train,
+                             "lora": {"rank": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}})
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 700, (2, 64))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in ([40, 24], [64])])
+    return {"input_ids": ids, "labels": ids, "position_ids": positions}
+
+
+def loss_and_grads(model, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same dropout masks in both runs
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        loss = model(**batch(), use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method,precision", [("lora", "fp32"), ("lora", "bf16"), ("qlora", "fp32")])
+def test_fused_lora_matches_peft_in_loss_and_gradients(method, precision):
+    config = job(method, precision=precision)
+    if method == "qlora":
+        config = config.model_copy(update={"quantization": config.quantization.model_copy(
+            update={"compute_dtype": "float32"})})
+    model = build_model(config, "builtin:tiny-llama")
+    layers = lora_layers(model)
+    assert layers and all(getattr(m.forward, "__func__", None) is fused_forward for m in layers)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # PEFT starts B at zero: make the update and every gradient non-trivial
+            p.data.normal_(std=0.05)
+    model.train()
+    fused = loss_and_grads(model, precision == "bf16")
+    for m in layers:
+        del m.forward  # back to PEFT's own forward
+    peft = loss_and_grads(model, precision == "bf16")
+    assert fused[1].keys() == peft[1].keys() and len(fused[1]) == 2 * len(layers)
+    assert all(grad.abs().sum() > 0 for grad in fused[1].values())
+    if precision == "fp32":
+        assert fused[0] == pytest.approx(peft[0], rel=1e-5)
+        for name, grad in fused[1].items():
+            torch.testing.assert_close(grad, peft[1][name], rtol=1e-4, atol=1e-6)
+        return
+    # bf16 rounds in different places (PEFT: B's output, its scaled copy and the sum; fused: the
+    # sum, once): both must be as close to the fp32 computation of the same weights
+    exact = loss_and_grads(model.float(), False)
+
+    def error(result) -> float:
+        return sum(float((g - exact[1][n]).square().sum()) for n, g in result[1].items()) ** 0.5
+
+    assert abs(fused[0] - exact[0]) <= abs(peft[0] - exact[0]) + 2e-3 * exact[0]
+    assert error(fused) <= 1.2 * error(peft)
+
+
+def test_disabled_adapters_and_other_setups_keep_peft_forward():
+    model = build_model(job(), "builtin:tiny-llama")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    model.eval()
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        plain = load_base_model(ModelConfig())(input_ids=ids).logits  # the base model, never wrapped
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(base, plain, rtol=1e-5, atol=1e-5)
+    unfused = build_model(job(fused_kernels="none"), "builtin:tiny-llama")
+    assert all("forward" not in vars(m) for m in lora_layers(unfused))
+    zero3 = config_from_dict({"data": {"train": "t.jsonl"}, "distributed": {"strategy": "deepspeed",
+                                                                          "deepspeed": {"stage": 3}}})
+    assert all("forward" not in vars(m) for m in lora_layers(build_model(zero3, "builtin:tiny-llama")))
+
+
+def hidden_dtypes_and_saved_bytes(model) -> tuple[set, int, float]:
+    dtypes: set = set()
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, args: dtypes.add(args[0].dtype))
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 3:  # activations ([batch, tokens, ...], [batch, heads, tokens, dim]), not weight copies
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch(), use_cache=False).loss
+    loss.backward()
+    return dtypes, sum(saved), loss.item()
+
+
+def test_residual_stream_in_the_compute_dtype_saves_activation_memory():
+    torch.manual_seed(0)
+    fp32_dtypes, fp32_bytes, fp32_loss = hidden_dtypes_and_saved_bytes(
+        build_model(job("full", precision="bf16", fp32_residual=True), "builtin:tiny-llama"))
+    torch.manual_seed(0)
+    dtypes, saved_bytes, loss = hidden_dtypes_and_saved_bytes(
+        build_model(job("full", precision="bf16"), "builtin:tiny-llama"))
+    assert fp32_dtypes == {torch.float32} and dtypes == {torch.bfloat16}
+    print(f"saved activations: {saved_bytes / fp32_bytes:.2f} of the fp32 residual's")
+    assert saved_bytes < 0.93 * fp32_bytes  # 0.89 with the tiny model's plain RMSNorm; liger's saves more
+    assert loss == pytest.approx(fp32_loss, rel=2e-2)
+    model = build_model(job("full", precision="bf16"), "builtin:tiny-llama")
+    with torch.no_grad():  # outside autocast (generation, export checks) the model stays fp32 throughout
+        assert model(input_ids=batch()["input_ids"]).logits.dtype == torch.float32
