@@ -21,7 +21,7 @@ for name in ("transformers", "peft", "bitsandbytes", "liger_kernel", "triton", "
     except Exception as e:
         print(name, "MISSING", e)
 PY
-[[ -n ${SKIP_TESTS:-} ]] || timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/train/test_attention.py tests/unit/train/test_fast_paths.py 2>&1 | tail -15 | tee "$out/attention_tests.txt"
+[[ -n ${SKIP_TESTS:-} ]] || timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/train/test_attention.py tests/unit/train/test_fast_paths.py 2>&1 | tail -40 | tee "$out/attention_tests.txt"
 for mode in ${MODES:-lora qlora full}; do
   timeout "${MODE_TIMEOUT:-150}" python3 -m bench.train --mode "$mode" --repeat "$repeat" --records "$records" \
     --model-dir /tmp/llama-1b 2>&1 | tail -40 | tee "$out/$mode.txt"

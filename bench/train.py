@@ -37,7 +37,7 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers":
 
 
 def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_batch: int,
-               fused_kernels: str = "auto") -> Any:
+               fused_kernels: str = "auto", train: list[str] = ()) -> Any:
     from ft_ray.config import config_from_dict
 
     gpu = device == "cuda"
@@ -48,7 +48,16 @@ def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_
         "quantization": {"compute_dtype": "bfloat16" if gpu else "float32"},
         "distributed": {"num_workers": 1, "use_gpu": gpu},
         "train": {"learning_rate": 1e-4, "micro_batch_size": micro_batch, "warmup_steps": 0,
-                  "precision": "bf16" if gpu else "fp32", "fused_kernels": fused_kernels}})
+                  "precision": "bf16" if gpu else "fp32", "fused_kernels": fused_kernels,
+                  **dict(_setting(item) for item in train)}})
+
+
+def _setting(item: str) -> tuple[str, Any]:
+    """`--train key=value` (ft-ray's arm only): the value read as YAML (true, 0.5, none)."""
+    import yaml
+
+    key, _, value = item.partition("=")
+    return key, yaml.safe_load(value)
 
 
 def make_model(device: str, folder: Path) -> str:
@@ -119,7 +128,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
     model = build_model(config, config.model.name_or_path)
     engine = build_engine(model, config, steps)
     device = engine.device
-    tokens, started, losses = 0, time.perf_counter(), []
+    tokens, started, losses, phases = 0, time.perf_counter(), [], {}
     for step in range(steps):
         if step == warmup:
             _sync(device.type)
@@ -127,18 +136,41 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
         chunk = sequences[step * size:(step + 1) * size]
         batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(device, non_blocking=True)
                  for k in ("input_ids", "labels", "position_ids")}
-        losses.append(engine.micro_step(batch, 1.0, True))
-        engine.step()
+        if device.type == "cuda" and step == warmup:
+            losses.append(memory_phases(engine, batch, phases))
+        else:
+            losses.append(engine.micro_step(batch, 1.0, True))
+            engine.step()
         tokens += sum(int(s["num_tokens"]) for s in chunk)
     _sync(device.type)
     seconds = time.perf_counter() - started
     peak = peak_flops(None, config.distributed.use_gpu, config.train.precision)
     rate = tokens / seconds
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate, "steps": steps,
-            "sequences": len(sequences), "peak_mem_mb": peak_memory_mb(device.type),
+            "sequences": len(sequences), "peak_mem_mb": max([peak_memory_mb(device.type), *phases.values()]),
+            "memory_phases_mb": phases,
             "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
             "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
             "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
+
+
+def memory_phases(engine: Any, batch: dict, phases: dict) -> float:
+    """One CUDA step taken in its parts, noting the peak allocated memory (MiB) of each: where
+    the peak of a run comes from (activations at the end of forward, gradients, optimizer)."""
+    import torch
+
+    mib = 2 ** 20
+    phases["before_step"] = torch.cuda.max_memory_allocated() / mib  # the earlier steps' peak
+    torch.cuda.reset_peak_memory_stats()
+    loss = engine.forward_loss(batch)
+    phases["forward"], phases["after_forward"] = torch.cuda.max_memory_allocated() / mib, torch.cuda.memory_allocated() / mib
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    phases["backward"] = torch.cuda.max_memory_allocated() / mib
+    torch.cuda.reset_peak_memory_stats()
+    engine.step()
+    phases["optimizer"] = torch.cuda.max_memory_allocated() / mib
+    return loss.item()
 
 
 def use_fused_kernels_applied(model: Any) -> bool:
@@ -210,7 +242,8 @@ def run_arm(args: argparse.Namespace) -> None:
     """One arm in this (fresh) process; prints its figures as JSON."""
     from ft_ray.models import load_tokenizer
 
-    config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels)
+    config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels,
+                        args.train)
     data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
     figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data, args.warmup_steps)
     print(json.dumps(figures))
@@ -221,7 +254,7 @@ def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Pa
     command = [sys.executable, "-m", "bench.train", "--arm", arm, "--mode", args.mode, "--device", args.device,
                "--model", model, "--corpus", str(corpus), "--max-seq-len", str(args.max_seq_len),
                "--micro-batch", str(args.micro_batch), "--warmup-steps", str(args.warmup_steps),
-               "--fused-kernels", fused_kernels]
+               "--fused-kernels", fused_kernels, *[f"--train={item}" for item in args.train]]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
@@ -243,6 +276,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of each arm left out of the timing")
     parser.add_argument("--model-dir", help="CUDA: where the random 1B model is written (or reused, if there)")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train setting of ft-ray's arm, e.g. recompute_swiglu=false (repeatable)")
     parser.add_argument("--arm", choices=["ft-ray", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -272,8 +307,11 @@ def main() -> None:
             print(f"{args.mode} on {args.device}: ft-ray {ours['tokens_per_s']:,.0f} tokens/s "
                   f"({ours['steps']} steps of packed sequences, peak {ours['peak_mem_mb']:,.0f} MiB); "
                   f"HF Trainer + PEFT {base['tokens_per_s']:,.0f} tokens/s ({base['steps']} padded steps, "
-                  f"peak {base['peak_mem_mb']:,.0f} MiB); ratio {ours['tokens_per_s'] / base['tokens_per_s']:.2f}",
-                  flush=True)
+                  f"peak {base['peak_mem_mb']:,.0f} MiB); ratio {ours['tokens_per_s'] / base['tokens_per_s']:.2f}; "
+                  f"ft-ray loss first/last {ours.get('loss_first_last')}", flush=True)
+            if ours.get("memory_phases_mb"):
+                print("ft-ray peak MiB by phase of one step:",
+                      {k: round(v) for k, v in ours["memory_phases_mb"].items()}, flush=True)
 
     def median(arm: str, key: str) -> float | None:
         values = [r[key] for r in runs[arm] if r.get(key) is not None]
@@ -286,7 +324,7 @@ def main() -> None:
         "ft_ray_peak_mem_mb": round(median("ft-ray", "peak_mem_mb"), 1),
         "baseline_peak_mem_mb": round(median("baseline", "peak_mem_mb"), 1),
         "mfu": median("ft-ray", "mfu"), "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch,
-        "repeats": args.repeat, "warmup_steps": args.warmup_steps,
+        "repeats": args.repeat, "warmup_steps": args.warmup_steps, "ft_ray_train_settings": args.train,
         "baseline_optimizer": runs["baseline"][0].get("optimizer"), "attention": runs["ft-ray"][0].get("attention"),
         "liger": runs["ft-ray"][0].get("liger"), "baseline_attention": runs["baseline"][0].get("attention")}))
 

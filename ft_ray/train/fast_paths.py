@@ -1,5 +1,5 @@
-"""Less memory traffic per step: LoRA layers' forward in one GEMM epilogue, and the
-residual stream in the compute dtype.
+"""Less memory traffic and activation memory per step: LoRA layers' forward in one GEMM
+epilogue, the residual stream in the compute dtype, the MLP's SwiGLU product recomputed.
 
 PEFT's `lora.Linear` computes `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`: under
 bf16 autocast it copies the input to fp32 (the adapter weights' dtype) and autocast copies it
@@ -27,17 +27,17 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant:
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    result = self.base_layer(x)
+    rows = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(rows)  # 2-D: a tensor of its own, not a view (in-place on a view costs a copy in backward)
     dtype = result.dtype
     a_weight, b_weight = self.lora_A[name].weight, self.lora_B[name].weight
-    down = torch.nn.functional.linear(self.lora_dropout[name](x).to(dtype), a_weight.to(dtype)).to(dtype)
-    flat = result.reshape(-1, result.shape[-1])
-    update = (down.reshape(-1, down.shape[-1]), b_weight.to(dtype).t())
-    if type(self.base_layer) is torch.nn.Linear and result.is_contiguous():
-        # in place: nn.Linear's backward does not need its output
-        return flat.addmm_(*update, alpha=self.scaling[name]).view(result.shape)
-    # quantized base layers (bitsandbytes' subclass nn.Linear): a new tensor, as PEFT clones their output
-    return torch.addmm(flat, *update, alpha=self.scaling[name]).view(result.shape)
+    down = torch.nn.functional.linear(self.lora_dropout[name](rows).to(dtype), a_weight.to(dtype)).to(dtype)
+    update = (down, b_weight.to(dtype).t())
+    if type(self.base_layer) is torch.nn.Linear:  # its backward does not need its output: add in place
+        result = result.addmm_(*update, alpha=self.scaling[name])
+    else:  # quantized base layers (bitsandbytes' subclass nn.Linear): a new tensor, as PEFT clones their output
+        result = torch.addmm(result, *update, alpha=self.scaling[name])
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def fuse_lora_layers(model: Any) -> int:
@@ -92,3 +92,63 @@ def residual_in_compute_dtype(model: Any, dtype: torch.dtype) -> bool:
     embeddings.register_forward_hook(to_compute)
     norm.register_forward_pre_hook(to_norm_dtype)
     return True
+
+
+class _RecomputedProductDown(torch.autograd.Function):
+    """down_proj(product(gate, up)) that keeps gate and up for backward but not the product
+    (as large as each of them): backward recomputes it, one elementwise pass."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, product: Any) -> torch.Tensor:
+        with torch.no_grad():
+            inner = product(gate, up)
+        ctx.product = product
+        ctx.save_for_backward(gate, up, weight)
+        return torch.nn.functional.linear(inner, weight.to(inner.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            inner = ctx.product(gate_, up_)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = rows.t() @ inner.detach().reshape(-1, inner.shape[-1]).to(rows.dtype)
+        grad_inner = grad @ weight.to(grad.dtype)
+        # last: liger's backward writes the gradients over gate and up
+        grad_gate, grad_up = torch.autograd.grad(inner, (gate_, up_), grad_inner.to(inner.dtype))
+        return grad_gate, grad_up, grad_weight.to(weight.dtype), None
+
+
+def recompute_swiglu_product(model: Any) -> int:
+    """Every gated MLP (gate_proj, up_proj, down_proj without bias, act_fn) of `model` stops
+    saving act(gate) * up for down_proj's weight gradient; it is recomputed in backward
+    (liger-kernel's fused SwiGLU where liger patched the MLP, else act_fn(gate) * up).
+    For trained down_proj weights (full fine-tunes): a frozen one never saves it. Returns how many."""
+    count = 0
+    for module in model.modules():
+        down = getattr(module, "down_proj", None)
+        if not (type(down) is torch.nn.Linear and down.bias is None and all(
+                isinstance(getattr(module, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj", "act_fn"))):
+            continue
+        product = _liger_product(module) or (lambda gate, up, act=module.act_fn: act(gate) * up)
+        module.forward = types.MethodType(_gated_mlp_forward(product), module)
+        count += 1
+    return count
+
+
+def _liger_product(module: Any) -> Any:
+    """liger's fused SiLU(gate) * up where liger patched this MLP's forward, else None."""
+    forward = getattr(module.forward, "__func__", module.forward)
+    if not getattr(forward, "__module__", "").startswith("liger_kernel"):
+        return None
+    from liger_kernel.transformers.functional import liger_swiglu
+
+    return liger_swiglu
+
+
+def _gated_mlp_forward(product: Any) -> Any:
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return _RecomputedProductDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, product)
+
+    return forward

@@ -25,7 +25,7 @@ from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoints import (MANIFEST, digest_problem, file_digests, list_checkpoints, manifest_json,
                                       manifest_problem, next_checkpoint_name, no_complete_checkpoint)
 from ft_ray.train.engines import COMPUTE_DTYPES, build_engine
-from ft_ray.train.fast_paths import fuse_lora_layers, residual_in_compute_dtype
+from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
 
 STATE_FILE = "trainer_state.json"
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
@@ -139,13 +139,15 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     use_fused_kernels(model, config)
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
+    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
+    if config.method == "full" and config.train.recompute_swiglu and not zero3:
+        recompute_swiglu_product(model)  # ZeRO-3 gathers down_proj's weight only inside down_proj's forward
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 
         model.set_attn_implementation(register())  # per-example attention spans in packed batches
     if config.trains_adapter:
         model = apply_lora(model, config.lora, base_model_path)
-        zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
         if config.train.fused_kernels != "none" and not zero3:
             fuse_lora_layers(model)
     model.config.use_cache = False

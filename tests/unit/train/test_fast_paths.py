@@ -34,8 +34,9 @@ def loss_and_grads(model, autocast: bool):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(2)  # the same dropout masks in both runs
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    device = next(model.parameters()).device  # QLoRA loads on the GPU where there is one
     with context:
-        loss = model(**batch(), use_cache=False).loss
+        loss = model(**{k: v.to(device) for k, v in batch().items()}, use_cache=False).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -128,3 +129,49 @@ def test_residual_stream_in_the_compute_dtype_saves_activation_memory():
     model = build_model(job("full", precision="bf16"), "builtin:tiny-llama")
     with torch.no_grad():  # outside autocast (generation, export checks) the model stays fp32 throughout
         assert model(input_ids=batch()["input_ids"]).logits.dtype == torch.float32
+
+
+def full_loss_and_grads(device: str, **train):
+    config = job("full", **train)
+    if device == "cuda":
+        config = config.model_copy(update={"distributed": config.distributed.model_copy(update={"use_gpu": True})})
+    model = build_model(config, "builtin:tiny-llama").to(device)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 3:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if train.get("precision") == "bf16" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        loss = model(**{k: v.to(device) for k, v in batch().items()}, use_cache=False).loss
+    loss.backward()
+    return model, loss.item(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+
+def test_recomputed_swiglu_product_gives_the_same_gradients_and_saves_less():
+    model, loss, grads, saved = full_loss_and_grads("cpu")
+    mlps = [m for m in model.modules() if hasattr(m, "down_proj")]
+    assert mlps and all("forward" in vars(m) for m in mlps)
+    _, reference_loss, reference_grads, reference_saved = full_loss_and_grads("cpu", recompute_swiglu=False)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6)
+    print(f"saved activations: {saved / reference_saved:.2f} of the plain MLP's")
+    assert saved < 0.9 * reference_saved
+    lora = build_model(job("lora"), "builtin:tiny-llama")  # frozen down_proj weights never save the product
+    assert not any("forward" in vars(m) for m in lora.modules() if hasattr(m, "down_proj"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger-kernel's SwiGLU needs CUDA")
+def test_recomputed_liger_swiglu_on_cuda_matches_liger():
+    _, loss, grads, saved = full_loss_and_grads("cuda", precision="bf16")
+    _, reference_loss, reference_grads, reference_saved = full_loss_and_grads("cuda", precision="bf16",
+                                                                              recompute_swiglu=False)
+    assert loss == pytest.approx(reference_loss, rel=1e-2)
+    error = sum(float((g.float() - reference_grads[n].float()).square().sum()) for n, g in grads.items()) ** 0.5
+    norm = sum(float(g.float().square().sum()) for g in reference_grads.values()) ** 0.5
+    assert error < 2e-2 * norm
+    assert saved < reference_saved
