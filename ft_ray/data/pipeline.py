@@ -282,13 +282,15 @@ def train_order(blocks: list, seed: int) -> np.ndarray:
     """(block, row) of every train example of `blocks`, in the seeded order: each block's
     train rows and their shuffle keys come from a plain Ray task, and the driver sorts the
     keys (16 bytes per example: this path is for sets of up to `SMALL_SHUFFLE_TOKENS`)."""
-    import ray
-
-    plans = ray.get([ray.remote(_train_keys).remote(block, seed) for block in blocks])
-    where = np.concatenate([np.stack([np.full(len(rows), i), rows]) for i, (rows, _) in enumerate(plans)]
-                           + [np.zeros((2, 0), dtype=np.int64)], axis=1)
+    plans = per_block(blocks, _train_keys, seed)
     keys = np.concatenate([keys for _, keys in plans] + [np.zeros(0, dtype=np.int64)])
-    return where[:, np.argsort(keys, kind="stable")]
+    return block_rows([rows for rows, _ in plans])[:, np.argsort(keys, kind="stable")]
+
+
+def block_rows(rows_by_block: list[np.ndarray]) -> np.ndarray:
+    """(block, row) pairs, shape (2, n), of each block's row numbers, in block order."""
+    return np.concatenate([np.stack([np.full(len(rows), i), rows]) for i, rows in enumerate(rows_by_block)]
+                          + [np.zeros((2, 0), dtype=np.int64)], axis=1)
 
 
 def _train_keys(block: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,12 +313,12 @@ def pack_tasks(blocks: list, where: np.ndarray, pack_args: dict[str, Any]) -> li
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    batches = max(1, math.ceil(where.shape[1] / PACK_BATCH))
+    batches = math.ceil(where.shape[1] / PACK_BATCH)  # at least one: check_counts stops a run with no example
     tasks = cpus * math.ceil(batches / (cpus * MAX_PACK_TASK_BATCHES))
     rows_per_task = PACK_BATCH * math.ceil(batches / tasks)
     task = ray.remote(_packed_block)
     packed = []
-    for start in range(0, max(1, where.shape[1]), rows_per_task):
+    for start in range(0, where.shape[1], rows_per_task):
         part = where[:, start:start + rows_per_task]
         used, local = np.unique(part[0], return_inverse=True)
         packed.append(task.remote(local, part[1], pack_args, *[blocks[i] for i in used]))
@@ -328,13 +330,9 @@ def _packed_block(local: np.ndarray, rows: np.ndarray, pack_args: dict[str, Any]
     from ray.data.block import BlockAccessor
 
     sizes = np.array([0] + [block.num_rows for block in blocks], dtype=np.int64)
-    table = pa.concat_tables([block.select(list(PACKED_FROM)) for block in blocks]) if blocks else None
-    if table is not None:  # one take across the blocks, in the rows' order
-        table = table.take(np.cumsum(sizes)[local] + rows)
+    table = pa.concat_tables([block.select(list(PACKED_FROM)) for block in blocks])
+    table = table.take(np.cumsum(sizes)[local] + rows)  # one take across the blocks, in the rows' order
     batches = [pack_batch(table.slice(at, PACK_BATCH), **pack_args) for at in range(0, len(rows), PACK_BATCH)]
-    if not batches:
-        batches = [pack_arrays(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
-                               np.zeros(0, np.int64), **pack_args)]
     return BlockAccessor.batch_to_block({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
 
 
@@ -454,26 +452,27 @@ def count_records(stats: DataStats, blocks: list) -> np.ndarray:
         (block, row) of every eval example, in block order.
     """
     reasons: Counter = Counter()
-    where = [np.zeros((2, 0), dtype=np.int64)]
-    for i, counts in enumerate(per_block(blocks, _block_counts)):
+    eval_rows = []
+    for counts in per_block(blocks, _block_counts):
         stats.records_read += int(counts["read"])
         stats.train_examples += int(counts["train"])
         stats.train_tokens += int(counts["train_tokens"])  # packing keeps every token
         stats.eval_examples += len(counts["eval_rows"])
         reasons.update(counts["reasons"])
-        where.append(np.stack([np.full(len(counts["eval_rows"]), i), counts["eval_rows"]]))
+        eval_rows.append(counts["eval_rows"])
     stats.rejected_by_reason = dict(reasons)
     stats.records_rejected = sum(reasons.values())
-    return np.concatenate(where, axis=1)
+    return block_rows(eval_rows)
 
 
-def per_block(blocks: list, fn: Any) -> list:
-    """`fn` of each block (Arrow table refs, as `Dataset.to_arrow_refs` gives them), by plain
-    Ray tasks (a Ray Data run of a small map costs about half a second in scheduling alone)."""
+def per_block(blocks: list, fn: Any, *args: Any) -> list:
+    """`fn(block, *args)` of each block (Arrow table refs, as `Dataset.to_arrow_refs` gives
+    them), by plain Ray tasks (a Ray Data run of a small map costs about half a second in
+    scheduling alone)."""
     import ray
 
     task = ray.remote(fn)  # a whole CPU: a fraction starts worker processes of its own
-    return ray.get([task.remote(block) for block in blocks])
+    return ray.get([task.remote(block, *args) for block in blocks])
 
 
 def sum_column(dataset: Any, column: str) -> int:
