@@ -184,6 +184,11 @@ def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) 
 
     from ft_ray.train.trainer import run_training
 
+    import ray.data
+
+    # the sweep prepared the data once, with its progress shown; each trial's read of it would
+    # add bars of its own between the trials' lines
+    ray.data.DataContext.get_current().enable_progress_bars = False
     config = trial_job(base, overrides, sweep, ray_tune.get_context().get_trial_id(), prepared)
     run_training(config, callbacks=[TuneReportCallback()])
 
