@@ -3,6 +3,9 @@
 # the flash-varlen check, then bench.train for lora, qlora and full (1B Llama shape, seq 2048, bf16).
 #   ../shared/tools/offline-bundle.sh .gpu-bundle     # here: ray, deepspeed, bitsandbytes, liger, pydantic
 #   OUT=/some/folder bash bench/gpu.sh [REPEAT] [RECORDS]   # there: logs and JSON lines under $OUT
+# Env: MODES (default "lora qlora full"), PASSES (timed epochs per arm process, median taken:
+# medians without reloading the 1B model), MODE_TIMEOUT (s per mode), SKIP_TESTS.
+# Medians in one 15-minute lease: PASSES=3 MODE_TIMEOUT=170 bash bench/gpu.sh 1 800
 set -uo pipefail
 out=${OUT:?set OUT to a folder for the logs}
 repeat=${1:-1}
@@ -24,5 +27,6 @@ PY
 [[ -n ${SKIP_TESTS:-} ]] || timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/train/test_attention.py tests/unit/train/test_fast_paths.py 2>&1 | tail -40 | tee "$out/attention_tests.txt"
 for mode in ${MODES:-lora qlora full}; do
   timeout "${MODE_TIMEOUT:-150}" python3 -m bench.train --mode "$mode" --repeat "$repeat" --records "$records" \
+    --passes "${PASSES:-1}" \
     --model-dir /tmp/llama-1b 2>&1 | tail -40 | tee "$out/$mode.txt"
 done

@@ -1,15 +1,17 @@
 """ft-ray's training step against the usual recipe, Hugging Face Trainer + PEFT with padded
 batches, on the same model shape, data, sequence budget and device, in one run.
 
-    python -m bench.train --mode lora [--records 2000] [--repeat 3] [--device cpu|cuda]
+    python -m bench.train --mode lora [--records 2000] [--repeat 3] [--passes 3] [--device cpu|cuda]
 
-Both arms train one epoch over the same tokenized examples (same loss masks) with the same
+Both arms train `--passes` epochs (default 1) over the same tokenized examples (same loss masks) with the same
 micro batch size (sequences per step) and `--max-seq-len`: the baseline pads each batch to
 its longest example, ft-ray packs examples into full sequences (attention kept inside each
 example by restarting position ids) and uses its own engine (fused AdamW by default, liger
 kernels on CUDA). Tokens/s counts real tokens only (no padding), the same count in both arms.
 Both arms time the steps after the first `--warmup-steps` (CUDA/cuBLAS set-up, Triton
-compiles of fused kernels). Each arm runs in a fresh subprocess, so its peak memory is its own (peak RSS on CPU, peak
+compiles of fused kernels), and each later pass whole; an arm's figure is the median of its
+passes (repeats without reloading the model: what a GPU's short lease allows), the printed
+figures the medians over `--repeat` runs of both arms. Each arm runs in a fresh subprocess, so its peak memory is its own (peak RSS on CPU, peak
 allocated GPU memory on CUDA). On CPU the model is the built-in tiny Llama; on CUDA a
 Llama-3.2-1B-shaped model (random init, no download) in bf16 at sequence length 2048.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -110,7 +113,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
+def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
     """ft-ray's own step: packed sequences, its model build and engine, outside Ray."""
     import numpy as np
     import torch
@@ -126,32 +129,58 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
     size = config.train.micro_batch_size
     steps = len(sequences) // size
     model = build_model(config, config.model.name_or_path)
-    engine = build_engine(model, config, steps)
+    engine = build_engine(model, config, steps * passes)
     device = engine.device
-    tokens, started, losses, phases = 0, time.perf_counter(), [], {}
-    for step in range(steps):
-        if step == warmup:
-            _sync(device.type)
-            tokens, started = 0, time.perf_counter()
+    clock, losses, phases = PassClock(device.type, steps, warmup), [], {}
+    for done in range(steps * passes):
+        step = done % steps
+        clock.before_step(done)
         chunk = sequences[step * size:(step + 1) * size]
         batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(device, non_blocking=True)
                  for k in ("input_ids", "labels", "position_ids")}
-        if device.type == "cuda" and step == warmup:
+        if device.type == "cuda" and done == warmup:
             losses.append(memory_phases(engine, batch, phases))
         else:
             losses.append(engine.micro_step(batch, 1.0, True))
             engine.step()
-        tokens += sum(int(s["num_tokens"]) for s in chunk)
-    _sync(device.type)
-    seconds = time.perf_counter() - started
+        clock.add(sum(int(s["num_tokens"]) for s in chunk))
+    clock.close()
     peak = peak_flops(None, config.distributed.use_gpu, config.train.precision)
-    rate = tokens / seconds
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate, "steps": steps,
+    rate = statistics.median(clock.rates)
+    return {"tokens_per_s": rate, "pass_tokens_per_s": [round(r) for r in clock.rates], "steps": steps,
             "sequences": len(sequences), "peak_mem_mb": max([peak_memory_mb(device.type), *phases.values()]),
             "memory_phases_mb": phases,
             "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
             "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
             "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
+
+
+class PassClock:
+    """Tokens/s of each pass over the data (one epoch of `per_pass` steps); the first pass
+    is timed from its `warmup`-th step on (set-up, first kernel compiles), the others whole."""
+
+    def __init__(self, device: str, per_pass: int, warmup: int):
+        self.device, self.per_pass, self.warmup = device, per_pass, warmup
+        self.rates: list[float] = []
+        self.tokens, self.started = 0, None
+
+    def before_step(self, done: int) -> None:
+        """Call before step `done` (counted over all passes) starts."""
+        if done and done % self.per_pass == 0:
+            self.close()
+        if done == self.warmup or (done >= self.per_pass and done % self.per_pass == 0):
+            _sync(self.device)
+            self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        if self.started is not None:
+            self.tokens += tokens
+
+    def close(self) -> None:
+        if self.started is not None:
+            _sync(self.device)
+            self.rates.append(self.tokens / (time.perf_counter() - self.started))
+            self.started = None
 
 
 def memory_phases(engine: Any, batch: dict, phases: dict) -> float:
@@ -184,7 +213,7 @@ def use_fused_kernels_applied(model: Any) -> bool:
     return any(liger(m) for m in model.modules())
 
 
-def baseline_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
+def baseline_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
     """The usual recipe: HF Trainer, PEFT LoRA (QLoRA: 4-bit base), padded batches."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -209,32 +238,30 @@ def baseline_arm(config: Any, data: list[dict], warmup: int) -> dict[str, Any]:
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     tokenizer = load_tokenizer(config.model)
     device = "cuda" if gpu else "cpu"
-    timing = {"steps": 0, "tokens": 0, "started": time.perf_counter()}
+    steps = {"done": 0}
+    clock = PassClock(device, math.ceil(len(data) / config.train.micro_batch_size), warmup)
 
     class TimedTrainer(Trainer):
-        """Counts the real tokens of each step; the clock starts after `warmup` steps."""
+        """Counts the real tokens of each step, per pass over the data (epoch)."""
 
         def training_step(self, model, inputs, *args, **kwargs):
-            if timing["steps"] == warmup:
-                _sync(device)
-                timing.update(tokens=0, started=time.perf_counter())
-            timing["steps"] += 1
-            timing["tokens"] += int(inputs["attention_mask"].sum())
+            clock.before_step(steps["done"])
+            steps["done"] += 1
+            clock.add(int(inputs["attention_mask"].sum()))
             return super().training_step(model, inputs, *args, **kwargs)
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
-                                 num_train_epochs=1, learning_rate=config.train.learning_rate,
+                                 num_train_epochs=passes, learning_rate=config.train.learning_rate,
                                  lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
                                  report_to=[], use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0,
                                  remove_unused_columns=False, disable_tqdm=True, seed=0)
         trainer = TimedTrainer(model=model, args=args, train_dataset=[dict(e) for e in data],
                                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer.train()
-        _sync(device)
-        seconds = time.perf_counter() - timing["started"]
-    return {"tokens": timing["tokens"], "seconds": seconds, "tokens_per_s": timing["tokens"] / seconds,
-            "steps": timing["steps"], "optimizer": args.optim, "attention": model.config._attn_implementation,
+        clock.close()
+    return {"tokens_per_s": statistics.median(clock.rates), "pass_tokens_per_s": [round(r) for r in clock.rates],
+            "steps": clock.per_pass, "optimizer": args.optim, "attention": model.config._attn_implementation,
             "peak_mem_mb": peak_memory_mb(device)}
 
 
@@ -245,7 +272,7 @@ def run_arm(args: argparse.Namespace) -> None:
     config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels,
                         args.train)
     data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
-    figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data, args.warmup_steps)
+    figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data, args.warmup_steps, args.passes)
     print(json.dumps(figures))
 
 
@@ -253,7 +280,7 @@ def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Pa
                       fused_kernels: str = "auto") -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.train", "--arm", arm, "--mode", args.mode, "--device", args.device,
                "--model", model, "--corpus", str(corpus), "--max-seq-len", str(args.max_seq_len),
-               "--micro-batch", str(args.micro_batch), "--warmup-steps", str(args.warmup_steps),
+               "--micro-batch", str(args.micro_batch), "--warmup-steps", str(args.warmup_steps), "--passes", str(args.passes),
                "--fused-kernels", fused_kernels, *[f"--train={item}" for item in args.train]]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -274,6 +301,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: 1024 on CPU, 2048 on CUDA")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step; default 4 on CPU, 8 on CUDA")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=1, help=(
+        "timed passes over the data in each arm's process (one model load): its figure is their median"))
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of each arm left out of the timing")
     parser.add_argument("--model-dir", help="CUDA: where the random 1B model is written (or reused, if there)")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
@@ -309,6 +338,9 @@ def main() -> None:
                   f"HF Trainer + PEFT {base['tokens_per_s']:,.0f} tokens/s ({base['steps']} padded steps, "
                   f"peak {base['peak_mem_mb']:,.0f} MiB); ratio {ours['tokens_per_s'] / base['tokens_per_s']:.2f}; "
                   f"ft-ray loss first/last {ours.get('loss_first_last')}", flush=True)
+            if args.passes > 1:
+                print(f"  per pass, tokens/s: ft-ray {ours['pass_tokens_per_s']}, baseline {base['pass_tokens_per_s']}",
+                      flush=True)
             if ours.get("memory_phases_mb"):
                 print("ft-ray peak MiB by phase of one step:",
                       {k: round(v) for k, v in ours["memory_phases_mb"].items()}, flush=True)
@@ -324,7 +356,7 @@ def main() -> None:
         "ft_ray_peak_mem_mb": round(median("ft-ray", "peak_mem_mb"), 1),
         "baseline_peak_mem_mb": round(median("baseline", "peak_mem_mb"), 1),
         "mfu": median("ft-ray", "mfu"), "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch,
-        "repeats": args.repeat, "warmup_steps": args.warmup_steps, "ft_ray_train_settings": args.train,
+        "repeats": args.repeat, "passes": args.passes, "warmup_steps": args.warmup_steps, "ft_ray_train_settings": args.train,
         "baseline_optimizer": runs["baseline"][0].get("optimizer"), "attention": runs["ft-ray"][0].get("attention"),
         "liger": runs["ft-ray"][0].get("liger"), "baseline_attention": runs["baseline"][0].get("attention")}))
 
