@@ -437,10 +437,11 @@ def _block_counts(batch: Any) -> dict[str, Any]:
         return {"read": 0, "reasons": {}, "train": 0, "train_tokens": 0, "eval_rows": np.zeros(0, dtype=np.int64)}
 
     first_copy = pc.less(batch["copy"], 1)  # a record's first copy, or the one row of a left-out record
-    train = _select(batch, "train")
+    train = _selected(batch, "train")  # a mask: filtering the block would copy every example's ids and labels
     return {"read": pc.sum(first_copy.cast("int64")).as_py() or 0,
-            "reasons": Counter(r for r in batch["reason"].to_pylist() if r), "train": train.num_rows,
-            "train_tokens": pc.sum(pc.list_value_length(train["input_ids"])).as_py() or 0,
+            "reasons": Counter(r for r in batch["reason"].to_pylist() if r),
+            "train": pc.sum(train.cast("int64")).as_py() or 0,
+            "train_tokens": pc.sum(pc.filter(pc.list_value_length(batch["input_ids"]), train)).as_py() or 0,
             "eval_rows": np.flatnonzero(_selected(batch, "eval").to_numpy(zero_copy_only=False))}
 
 
