@@ -116,26 +116,25 @@ def _varlen_attn() -> Any:
     return attend
 
 
-_last: tuple[Any, Any] = (None, None)
-_last_offsets: tuple[Any, ...] = (None,)
-
-
-def _offsets_on_device(spans: list, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """`cumulative_lengths` as an int32 tensor on `device`, copied once per forward (not per layer)."""
-    global _last_offsets
-    if _last_offsets[0] is not spans or _last_offsets[1:3] != (batch, length) or _last_offsets[3] != device:
-        offsets, longest = cumulative_lengths(spans if len(spans) == batch else spans * batch, length)
-        cu = torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
-        _last_offsets = (spans, batch, length, device, cu, longest)
-    return _last_offsets[4], _last_offsets[5]
+_last: tuple[Any, Any, dict] = (None, None, {})  # this forward's position ids, spans, spans' device offsets
 
 
 def _cached_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Every layer sees the same position ids: find the spans once per forward."""
     global _last
     if _last[0] is not position_ids:
-        _last = (position_ids, example_spans(position_ids))
+        _last = (position_ids, example_spans(position_ids), {})
     return _last[1]
+
+
+def _offsets_on_device(spans: list, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """`cumulative_lengths` as an int32 tensor on `device`: copied once per forward (kept with
+    the forward's spans), not once per layer."""
+    memo = _last[2] if spans is _last[1] else {}
+    if (batch, length, device) not in memo:
+        offsets, longest = cumulative_lengths(spans if len(spans) == batch else spans * batch, length)
+        memo[batch, length, device] = (torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True), longest)
+    return memo[batch, length, device]
 
 
 def register() -> str:

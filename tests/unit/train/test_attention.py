@@ -86,10 +86,11 @@ def test_fused_kernels_are_for_gpus():
 
 
 def test_flash_offsets_are_copied_to_the_device_once_per_forward():
-    from ft_ray.train.attention import _offsets_on_device
+    from ft_ray.train.attention import _cached_spans, _offsets_on_device
 
-    spans = [[(0, 3), (3, 6)]]
+    spans = _cached_spans(torch.tensor([[0, 1, 2, 0, 1, 2]]))
     cu, longest = _offsets_on_device(spans, 2, 6, torch.device("cpu"))
     assert cu.tolist() == [0, 3, 6, 9, 12] and longest == 3 and cu.dtype == torch.int32
     assert _offsets_on_device(spans, 2, 6, torch.device("cpu"))[0] is cu  # the next layer of the same forward
-    assert _offsets_on_device([[(0, 6)]], 1, 6, torch.device("cpu"))[0].tolist() == [0, 6]
+    next_forward = _cached_spans(torch.tensor([[0, 1, 2, 3, 4, 5]]))
+    assert _offsets_on_device(next_forward, 1, 6, torch.device("cpu"))[0].tolist() == [0, 6]
