@@ -203,14 +203,10 @@ def memory_phases(engine: Any, batch: dict, phases: dict) -> float:
 
 
 def use_fused_kernels_applied(model: Any) -> bool:
-    """Whether liger-kernel's layers are in the model: it binds its own forward to each
-    patched module (RMSNorm, MLP) and to the model (fused linear + cross-entropy)."""
-    def liger(module: Any) -> bool:
-        forward = getattr(module.forward, "__func__", module.forward)
-        return getattr(forward, "__module__", "").startswith("liger_kernel") or type(module).__module__.startswith(
-            "liger_kernel")
+    """Whether liger-kernel's layers are in the model."""
+    from ft_ray.train.fast_paths import liger_patched
 
-    return any(liger(m) for m in model.modules())
+    return any(liger_patched(m) for m in model.modules())
 
 
 def baseline_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:

@@ -137,10 +137,17 @@ def recompute_swiglu_product(model: Any) -> int:
     return count
 
 
-def _liger_product(module: Any) -> Any:
-    """liger's fused SiLU(gate) * up where liger patched this MLP's forward, else None."""
+def liger_patched(module: Any) -> bool:
+    """Whether liger-kernel replaced this module (its class) or bound its own forward to it
+    (how it patches RMSNorm, MLP and the model's loss)."""
     forward = getattr(module.forward, "__func__", module.forward)
-    if not getattr(forward, "__module__", "").startswith("liger_kernel"):
+    return getattr(forward, "__module__", "").startswith("liger_kernel") or type(module).__module__.startswith(
+        "liger_kernel")
+
+
+def _liger_product(module: Any) -> Any:
+    """liger's fused SiLU(gate) * up where liger patched this MLP, else None."""
+    if not liger_patched(module):
         return None
     from liger_kernel.transformers.functional import liger_swiglu
 
