@@ -179,12 +179,11 @@ class WandbTrials(Callback):
 def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) -> None:
     """Tune's trainable: one full Ray Train run whose eval reports reach Tune (and ASHA).
     Restored trials find their run folder and resume from its newest complete checkpoint."""
+    import ray.data
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ft_ray.train.trainer import run_training
-
-    import ray.data
 
     # the sweep prepared the data once, with its progress shown; each trial's read of it would
     # add bars of its own between the trials' lines
