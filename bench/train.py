@@ -347,7 +347,7 @@ def main() -> None:
 
     ours, base = median("ft-ray", "tokens_per_s"), median("baseline", "tokens_per_s")
     print(json.dumps({
-        "mode": args.mode, "device": _device_name(args.device), "ft_ray_tokens_per_s": round(ours, 1),
+        "mode": args.mode, "device": device_name(args.device), "ft_ray_tokens_per_s": round(ours, 1),
         "baseline_tokens_per_s": round(base, 1), "ratio": round(ours / base, 3),
         "ft_ray_peak_mem_mb": round(median("ft-ray", "peak_mem_mb"), 1),
         "baseline_peak_mem_mb": round(median("baseline", "peak_mem_mb"), 1),
@@ -357,7 +357,7 @@ def main() -> None:
         "liger": runs["ft-ray"][0].get("liger"), "baseline_attention": runs["baseline"][0].get("attention")}))
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device == "cuda":
         import torch
 
