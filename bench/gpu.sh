@@ -4,7 +4,8 @@
 #   ../shared/tools/offline-bundle.sh .gpu-bundle     # here: ray, deepspeed, bitsandbytes, liger, pydantic
 #   OUT=/some/folder bash bench/gpu.sh [REPEAT] [RECORDS]   # there: logs and JSON lines under $OUT
 # Env: MODES (default "lora qlora full"), PASSES (timed epochs per arm process, median taken:
-# medians without reloading the 1B model), MODE_TIMEOUT (s per mode), SKIP_TESTS.
+# medians without reloading the 1B model), MODE_TIMEOUT (s per mode), SKIP_TESTS,
+# OVERHEAD=1 (then bench.overhead --device cuda: Ray Train vs a plain process, about 280 s).
 # Medians in one 15-minute lease: PASSES=3 MODE_TIMEOUT=170 bash bench/gpu.sh 1 800
 set -uo pipefail
 out=${OUT:?set OUT to a folder for the logs}
@@ -30,3 +31,8 @@ for mode in ${MODES:-lora qlora full}; do
     --passes "${PASSES:-1}" \
     --model-dir /tmp/llama-1b 2>&1 | tail -40 | tee "$out/$mode.txt"
 done
+if [[ -n ${OVERHEAD:-} ]]; then
+  timeout "${OVERHEAD_TIMEOUT:-300}" python3 -m bench.overhead --device cuda --steps 30 --repeat 3 \
+    --model-dir /tmp/llama-1b > "$out/overhead.log" 2>&1
+  grep -a "step time\|overhead\"" "$out/overhead.log" | grep -v RayTrainWorker | tee "$out/overhead.txt"
+fi
