@@ -64,9 +64,28 @@ def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpo
         str(source), revision=model.revision, trust_remote_code=model.trust_remote_code,
         quantization_config=bnb, dtype=compute_dtype, device_map={"": device},
         attn_implementation=model.attn_implementation)
+    keep_4bit_weights_unpacked(quantized)
     return prepare_model_for_kbit_training(
         quantized, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_4bit_weights_unpacked(model: Any) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights; returns the layers changed.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` in eval mode under no_grad (evaluation, scoring)
+    rewrites its weight in place into a CPU-only packed layout. That conversion fails for
+    input sizes that are not a multiple of the quantization block (bitsandbytes 0.50: "shape
+    '[128, 5]' is invalid for input of size 704" for 352 inputs, block 64), and it changes the
+    weights that training and checkpointing then see. Without it the layer takes the same
+    path as on any other CPU; nothing changes on GPUs.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:

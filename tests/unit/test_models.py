@@ -69,3 +69,24 @@ def test_qlora_base_is_4bit_and_only_adapters_change():
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in frozen.items())
     assert any(not torch.equal(after[n], p) for n, p in adapters.items())
+
+
+def test_4bit_layers_keep_their_weights_through_evaluation_on_any_cpu():
+    """bitsandbytes repacks 4-bit weights in place for eval on AVX512-BF16 CPUs, and fails for
+    the tiny model's 352-wide MLP; ft-ray's loader turns that off on every CPU."""
+    import bitsandbytes as bnb
+
+    from ft_ray.config import QuantizationConfig
+    from ft_ray.models import keep_4bit_weights_unpacked
+
+    model = load_quantized_model(ModelConfig(), QuantizationConfig(compute_dtype="float32"), gradient_checkpointing=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = {id(m): m.weight.data.clone() for m in layers}
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 40, 50, 60]])).logits
+    assert torch.isfinite(logits).all()
+    assert all(torch.equal(m.weight.data, before[id(m)]) for m in layers)
+    layers[0].support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU
+    assert keep_4bit_weights_unpacked(model) == 1 and not layers[0].support_avx512bf16_for_cpu
