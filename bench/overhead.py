@@ -71,10 +71,9 @@ def ray_step_times(config: Any) -> list[tuple[float, int]]:
 def plain_step_times(config: Any) -> list[tuple[float, int]]:
     """The same engine, model and packed batches in this process, no Ray: epoch after epoch,
     each ending in the same partial batch as the Ray run's."""
-    import numpy as np
     import torch
 
-    from ft_ray.data.pipeline import tokenize_batch
+    from bench.train import examples, stack_batch
     from ft_ray.data.tokenize import pack_examples
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
@@ -82,12 +81,8 @@ def plain_step_times(config: Any) -> list[tuple[float, int]]:
 
     torch.set_num_threads(int(config.distributed.cpus_per_worker))
     tokenizer = load_tokenizer(config.model)
-    source = Path(config.data.train)
-    lines = [line for f in ([source] if source.is_file() else sorted(source.glob("*.jsonl")))
-             for line in f.read_text().splitlines()]
-    examples = [e for e in tokenize_batch(lines, [""] * len(lines), "auto", {}, tokenizer, config.model.max_seq_len, None)
-                if isinstance(e, dict)]
-    sequences = list(pack_examples(examples, config.model.max_seq_len, tokenizer.pad_token_id))
+    data = examples(Path(config.data.train), tokenizer, config.model.max_seq_len, "auto")
+    sequences = list(pack_examples(data, config.model.max_seq_len, tokenizer.pad_token_id))
     size, steps = config.train.micro_batch_size, config.train.max_steps
     engine = build_engine(build_model(config, config.model.name_or_path), config, steps)
     epoch = [sequences[start:start + size] for start in range(0, len(sequences), size)]
@@ -95,8 +90,7 @@ def plain_step_times(config: Any) -> list[tuple[float, int]]:
     started = time.perf_counter()
     for step in range(steps):
         chunk = epoch[step % len(epoch)]
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(engine.device, non_blocking=True)
-                 for k in ("input_ids", "labels", "position_ids")}
+        batch = stack_batch(chunk, engine.device)
         engine.micro_step(batch, 1.0, True)  # returns the loss as a float: the step ends on the device too
         engine.step()
         now = time.perf_counter()

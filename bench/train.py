@@ -87,13 +87,24 @@ def make_model(device: str, folder: Path) -> str:
     return str(folder)
 
 
-def examples(corpus: Path, tokenizer: Any, max_seq_len: int) -> list[dict]:
-    """Token ids and loss masks of every record, exactly as ft-ray's pipeline makes them."""
+def examples(corpus: Path, tokenizer: Any, max_seq_len: int, fmt: str = "instruction") -> list[dict]:
+    """Token ids and loss masks of every record (a JSONL file, or a folder of them), exactly as
+    ft-ray's pipeline makes them."""
     from ft_ray.data.pipeline import tokenize_batch
 
-    lines = [line for f in sorted(corpus.glob("*.jsonl")) for line in f.read_text().splitlines()]
-    out = tokenize_batch(lines, [""] * len(lines), "instruction", {}, tokenizer, max_seq_len, None)
+    files = [corpus] if corpus.is_file() else sorted(corpus.glob("*.jsonl"))
+    lines = [line for f in files for line in f.read_text().splitlines()]
+    out = tokenize_batch(lines, [""] * len(lines), fmt, {}, tokenizer, max_seq_len, None)
     return [e for e in out if isinstance(e, dict)]
+
+
+def stack_batch(chunk: list[dict], device: Any) -> dict:
+    """Packed sequences as the engine's batch of long tensors on `device`."""
+    import numpy as np
+    import torch
+
+    return {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(device, non_blocking=True)
+            for k in ("input_ids", "labels", "position_ids")}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -115,9 +126,6 @@ def _sync(device: str) -> None:
 
 def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
     """ft-ray's own step: packed sequences, its model build and engine, outside Ray."""
-    import numpy as np
-    import torch
-
     from ft_ray.data.tokenize import pack_examples
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
@@ -136,8 +144,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
         step = done % steps
         clock.before_step(done)
         chunk = sequences[step * size:(step + 1) * size]
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in chunk])).long().to(device, non_blocking=True)
-                 for k in ("input_ids", "labels", "position_ids")}
+        batch = stack_batch(chunk, device)
         if device.type == "cuda" and done == warmup:
             losses.append(memory_phases(engine, batch, phases))
         else:
