@@ -1,11 +1,12 @@
 # make demo   fresh machine: creates .venv, installs, fine-tunes the embedded default on CPU
 # make demo-sweep   then: a 4-trial LoRA sweep of the same model (Ray Tune, ASHA, W&B offline)
-# make test   installs the same way, runs the whole test suite
+# make test   installs the same way, runs the whole test suite (CI runs it; about 20 min on 2 cores)
+# make test-fast   unit tests and the quick integration tests (no `slow` mark), a few minutes
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-sweep test clean
+.PHONY: install demo demo-sweep test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +28,9 @@ demo-sweep: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -26,6 +26,11 @@ node_ports() {
 }
 
 up() {
+  # `ray start` with token auth needs a token: make one (~/.ray/auth_token) on a machine that has
+  # none yet; clients on this machine (ft-ray submit, ray job) read the same file.
+  if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+    ray get-auth-token --generate >/dev/null
+  fi
   # shellcheck disable=SC2046
   ray start --head --port="$PORT" --temp-dir="$TEMP_DIR" $(node_ports 0) --num-cpus=0 --include-dashboard=true \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \

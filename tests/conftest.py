@@ -101,3 +101,16 @@ def make_bucket(endpoint: str, name: str):
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return client
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_local, tmp_path_factory) -> Path:
+    """The fault tests' job (tests/faults.py) run once without faults; returns its run folder.
+    Shared by the recovery tests and the lost-node test, which compare their runs with it."""
+    from ft_ray.config import load_config
+    from ft_ray.train.trainer import run_training
+    from tests.faults import TRAIN
+
+    tmp = tmp_path_factory.mktemp("reference")
+    run_training(load_config(write_job(tmp, run_name="reference", train=TRAIN)))
+    return tmp / "runs" / "reference"

@@ -6,8 +6,8 @@ The working dir is used in place (`local://`): raylets sharing one machine would
 an uploaded one into the same folder, deleting it under the running driver (Ray's
 working_dir plugin always overwrites). What an upload sends is tested in test_submit.py.
 
-Runs before the integration tests (alphabetical), so it never shares the machine's CPUs
-with the session's local Ray."""
+Runs before the integration tests (alphabetical). The session's local Ray starts here too, idle
+but for the uninterrupted reference run the lost-node run is compared with."""
 
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from tests.conftest import REPO, write_job
+from tests.faults import TRAIN, assert_same_training, outcome_in
 
 pytestmark = [pytest.mark.slow]
 
@@ -58,7 +57,8 @@ def local_cluster():
 def job_args(tmp_path: Path, name: str) -> list[str]:
     sets = {"run_name": name, "storage.path": str(tmp_path / "runs"), "train.max_steps": 2,
             "train.eval_every": 2, "train.checkpoint_every": 2, "train.compare_generations": 0,
-            "distributed.placement_strategy": "SPREAD"}
+            "distributed.placement_strategy": "SPREAD",
+            "eval.after_training": False}  # the three-arm eval is tested in integration/test_demo.py
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -90,8 +90,8 @@ def test_submit_to_a_local_multi_node_cluster(local_cluster, tmp_path):
 
 
 def node_job(tmp_path: Path, name: str) -> Path:
-    train = {"max_steps": 8, "checkpoint_every": 4, "eval_every": 4, "trace_samples": True}
-    return write_job(tmp_path, f"{name}.yaml", run_name=name, train=train,
+    """The fault tests' job (tests/faults.py), its two workers on two nodes."""
+    return write_job(tmp_path, f"{name}.yaml", run_name=name, train=TRAIN,
                      distributed={"num_workers": 2, "placement_strategy": "SPREAD"})
 
 
@@ -127,16 +127,10 @@ def lose_node(node_id: str) -> int:
     return len(daemons)
 
 
-def trace_and_weights(run: Path) -> tuple[dict, dict]:
-    trace = {f.name: f.read_text() for f in sorted(run.glob("samples-rank*.jsonl"))}
-    return trace, load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def test_a_lost_worker_node_costs_a_restart_not_the_run(local_cluster, tmp_path):
+def test_a_lost_worker_node_costs_a_restart_not_the_run(local_cluster, reference_run, tmp_path):
+    # Compared with the same job run without faults on the session's local Ray (`reference_run`):
+    # where the workers ran does not change what they compute.
     env, _ = local_cluster
-    reference = submit(env, node_job(tmp_path, "node-reference"), "--wait")
-    assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
-
     submitted = submit(env, node_job(tmp_path, "node-lost"))
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     submission = submitted.stdout.split("submitted ", 1)[1].split()[0].rstrip(":")  # "submitted ID: entrypoint"
@@ -160,9 +154,4 @@ def test_a_lost_worker_node_costs_a_restart_not_the_run(local_cluster, tmp_path)
     # Lost after step 5: the newest complete checkpoint is 4 (8 if the kill came late).
     assert resume["resumed_from"] in (str(run / "checkpoint-000004"), str(run / "checkpoint-000008"))
     assert nodes[1] not in resume["worker_nodes"], "a worker restarted on the lost node"
-    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 9))
-    expected_trace, expected_weights = trace_and_weights(tmp_path / "runs" / "node-reference")
-    trace, weights = trace_and_weights(run)
-    assert trace == expected_trace
-    for name, tensor in expected_weights.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+    assert_same_training(outcome_in(run), reference_run)

@@ -1,0 +1,103 @@
+"""What the fault tests share: the faulted job's schedule, the outcome of a run as the tests
+compare it, and ways to wait for an event or take processes away.
+
+The reference (one uninterrupted run of that job) is the session fixture `reference_run` in
+conftest.py: test_recovery.py and e2e/test_cluster.py compare their faulted runs with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+STEPS, EVERY = 12, 4
+TRAIN = {"max_steps": STEPS, "checkpoint_every": EVERY, "eval_every": EVERY, "trace_samples": True,
+         "keep_checkpoints": 3}
+
+
+@dataclass
+class Outcome:
+    metrics: list[dict]
+    trace: dict[str, list]  # samples-rank<N>.jsonl: the packed-sequence ids of each step
+    weights: dict[str, torch.Tensor]
+
+
+def outcome_in(run: Path) -> Outcome:
+    return Outcome(metrics=jsonl((run / "metrics.jsonl").read_text()),
+                   trace={f.name: jsonl(f.read_text()) for f in sorted(run.glob("samples-rank*.jsonl"))},
+                   weights=load_file(run / "adapter" / "adapter_model.safetensors"))
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_same_training(outcome: Outcome, reference: Path) -> None:
+    """Every step once, the same samples on each rank in each step, the same final weights."""
+    expected = outcome_in(reference)
+    assert [m["step"] for m in outcome.metrics if "loss" in m] == list(range(1, STEPS + 1))
+    assert len(expected.trace) == 2 and outcome.trace == expected.trace
+    for name, tensor in expected.weights.items():
+        torch.testing.assert_close(outcome.weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"ft-ray exited ({process.returncode}) before {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def in_background(action) -> tuple[threading.Thread, list]:
+    """Run `action` next to a training run in this process; its result or error lands in the list."""
+    done: list = []
+
+    def target():
+        try:
+            done.append(action())
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            done.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL a process started with `start_new_session=True` and every process of its session
+    (its local Ray: GCS, raylet, Train workers) at once, as a lost machine would; returns when
+    none is left, so nothing of it can write to the run folder any more."""
+    while True:
+        doomed = [p for p in psutil.process_iter() if _session_of(p.pid) == process.pid]
+        if not doomed:
+            break
+        for victim in doomed:
+            try:
+                victim.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(doomed, timeout=30)
+    process.wait()
+
+
+def _session_of(pid: int) -> int | None:
+    """The process's session id; None once it is gone or a zombie (dead, not yet reaped)."""
+    try:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return None
+        return os.getsid(pid)
+    except (OSError, psutil.Error):
+        return None
