@@ -27,6 +27,22 @@ class InputError(ValueError):
     """Input found wrong after the config loaded (data files, paths, checkpoints): exit 2."""
 
 
+FOLDER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a run, trial or winner folder: never "..", "/" or empty
+
+
+def check_folder_name(name: object, what: str) -> str:
+    """A folder name read from a file ft-ray did not just write (a sweep's sweep.json), checked
+    like a run name so it cannot point outside the folder it belongs in.
+
+    Raises:
+        InputError: naming `what` and the bad value.
+    """
+    if not isinstance(name, str) or not re.match(FOLDER_NAME, name):
+        raise InputError(f"{what}: {name!r} is not a folder name (letters, digits, '.', '_', '-'; "
+                         "not starting with '.')")
+    return name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -285,7 +301,7 @@ class EvalConfig(Section):
 
 
 class JobConfig(Section):
-    run_name: str = Field("ft-ray-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    run_name: str = Field("ft-ray-run", pattern=FOLDER_NAME)
     method: Literal["full", "lora", "qlora"] = "lora"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig

@@ -69,10 +69,18 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
     adapter folded into the base weights. Full fine-tunes give the full model either way.
     The tokenizer is written next to the weights. `config` is the run's job (default: the
     `config.yaml` of the run folder holding the checkpoint).
+
+    Raises:
+        ExportError: no checkpoint at `path`, or its files differ from its manifest (missing,
+            cut short, changed: named), so it is not trusted.
     """
     from ft_ray.models import load_tokenizer
+    from ft_ray.train.checkpoints import digest_problem
 
     checkpoint = find_checkpoint(Path(path))
+    problem = digest_problem(checkpoint)
+    if problem:
+        raise ExportError(f"{checkpoint}: {problem}; not exported (the checkpoint is incomplete or was changed)")
     weights = checkpoint / "model"
     config = config or run_config_of(checkpoint)
     out = Path(out)

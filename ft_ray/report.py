@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ft_ray.config import InputError, StorageConfig
+from ft_ray.config import InputError, StorageConfig, check_folder_name
 from ft_ray.storage import RunFolder, read_metrics
 
 
@@ -44,7 +44,8 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em}table{border-col
 
 def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
     trials = summary["trials"]
-    curves = {t["trial"]: read_metrics(sweep.child("trials", t["trial"])) for t in trials}
+    where = f"{sweep.uri_of('sweep.json')}: trial"
+    curves = {t["trial"]: read_metrics(sweep.child("trials", check_folder_name(t["trial"], where))) for t in trials}
     plot_curves(curves, out / "loss_curves.png")
     keys = sorted({k for t in trials for k in t["config"]})
     metric = summary["metric"]
@@ -57,7 +58,7 @@ def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
     stopped = sum(t["stopped_early"] for t in trials)
     evaluated = {w["trial"]: w["eval"] for w in summary["winners"] if w.get("eval")}
     return (f"<h1>Sweep {html.escape(sweep.uri)}</h1><p>{len(trials)} trials, {stopped} stopped early; "
-            f"ranked by {html.escape(metric)} ({summary['mode']}).</p><h2>Winners</h2>{winners}"
+            f"ranked by {html.escape(metric)} ({html.escape(str(summary['mode']))}).</p><h2>Winners</h2>{winners}"
             + arms_section(evaluated, out) +
             f"<h2>Loss curves</h2><img src='loss_curves.png'><h2>{html.escape(metric)} against the searched settings</h2>"
             f"<img src='metric_vs_settings.png'><h2>All trials</h2>{rows}")

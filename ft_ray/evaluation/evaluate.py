@@ -19,13 +19,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ft_ray.config import InputError, JobConfig, SourceConfig
+from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
 from ft_ray.data.formats import RecordError
 from ft_ray.data.pipeline import eval_bucket, record_to_segments
 from ft_ray.data.sources import choose_format, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.scoring import ARMS, ArmScorer, record_key, shot_text
 from ft_ray.storage import RunFolder
+from ft_ray.train.checkpoints import stored_files_problem
 
 FEW_DATA = 100  # fewer training examples than this rarely make fine-tuning worth it
 SAMPLES_KEPT = 5  # answers shown side by side in eval.json
@@ -59,6 +60,10 @@ def resolve_target(path: str, config: JobConfig) -> Target:
         return Target(weights, folder, summary.get("data", {}).get("train_examples"))
     winner = _json(folder, "winner.json")
     if winner:
+        problem = stored_files_problem(folder.fs, folder.root, winner.get("files") or {}) if winner.get("files") \
+            else "winner.json lists no files"
+        if problem:
+            raise InputError(f"{folder.uri}: {problem}; not evaluated (the winner's files are incomplete or changed)")
         trial = RunFolder.at(winner["source_checkpoint"].rsplit("/", 1)[0], config.storage)
         trial_summary = _json(trial, "summary.json") or {}
         return Target(folder.uri_of("weights"), folder, trial_summary.get("data", {}).get("train_examples"))
@@ -346,8 +351,9 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
     summary = _json(sweep, "sweep.json")
     if summary is None:
         raise InputError(f"{sweep.uri}: no sweep.json (not a finished sweep)")
-    for entry in summary["winners"]:
-        name = entry["uri"].rstrip("/").rsplit("/", 1)[-1]
+    for i, entry in enumerate(summary["winners"]):
+        name = check_folder_name(str(entry.get("uri", "")).rstrip("/").rsplit("/", 1)[-1],
+                                 f"{sweep.uri_of('sweep.json')}: winners[{i}].uri")
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
         result = evaluate(config, resolve_target(folder.uri, config))
         brief = {"verdict": result["verdict"], "vs_base": result["vs_base"],

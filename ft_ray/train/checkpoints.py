@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.fs as pafs
 
@@ -32,12 +33,17 @@ def file_digests(folder: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every file under `folder`."""
     digests = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        sha = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
-        digests[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+            digests[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(f)}
     return digests
+
+
+def sha256_of(stream) -> str:
+    """The hex sha256 of what a binary stream holds, read 1 MiB at a time."""
+    sha = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        sha.update(chunk)
+    return sha.hexdigest()
 
 
 def manifest_json(files: dict[str, dict], step: int, world_size: int) -> str:
@@ -78,19 +84,57 @@ def next_checkpoint_name(existing: list[Candidate], step: int) -> str:
     return f"checkpoint-{step:06d}-{max(taken) + 1}"
 
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FOLDER = "model/"  # every engine writes the weights there (rank 0)
+
+
+def manifest_files(manifest: object) -> dict[str, dict]:
+    """The `files` of a parsed manifest, checked as data: a non-empty object of
+    {relative path: {size: int >= 0, sha256: 64 hex digits}} that lists the trainer state
+    and the weights. Anything else means the checkpoint cannot be trusted.
+
+    Raises:
+        ValueError: what is malformed.
+    """
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ValueError("it has no file list")
+    for name, entry in files.items():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if type(size) is not int or size < 0 or not isinstance(sha, str) or not SHA256.match(sha):
+            raise ValueError(f"its entry for {name!r} is not {{size: bytes, sha256: 64 hex digits}}")
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"it lists a path outside the checkpoint: {name!r}")
+    if STATE_FILE not in files or not any(name.startswith(WEIGHTS_FOLDER) for name in files):
+        raise ValueError(f"it does not list {STATE_FILE} and the weights ({WEIGHTS_FOLDER}...)")
+    return files
+
+
+def read_manifest(read: Callable[[], bytes]) -> tuple[dict[str, dict] | None, str | None]:
+    """(the manifest's checked file list, None), or (None, why the checkpoint is incomplete)."""
+    try:
+        return manifest_files(json.loads(read().decode("utf-8"))), None
+    except FileNotFoundError:
+        return None, f"no {MANIFEST} (the upload did not finish)"
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"malformed {MANIFEST}: {e}"
+
+
 def manifest_problem(fs: pafs.FileSystem, folder: str) -> str | None:
     """What is wrong with a checkpoint folder in storage by its listing (sizes), or None.
     The sha256 of each file is checked after download (`digest_problem`)."""
-    try:
+    def read() -> bytes:
         with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return f"no {MANIFEST} (the upload did not finish)"
-    except (OSError, ValueError) as e:
-        return f"unreadable {MANIFEST}: {e}"
+            return f.read()
+
+    files, problem = read_manifest(read)
+    if problem:
+        return problem
     infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
     sizes = {info.path[len(folder) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
-    return files_problem(manifest.get("files", {}), sizes)
+    return files_problem(files, sizes)
 
 
 def files_problem(expected: dict[str, dict], sizes: dict[str, int]) -> str | None:
@@ -104,15 +148,26 @@ def files_problem(expected: dict[str, dict], sizes: dict[str, int]) -> str | Non
 
 
 def digest_problem(folder: Path) -> str | None:
-    """After download: a file whose sha256 differs from the manifest's, or None."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    actual = file_digests(folder)
-    problem = files_problem(manifest["files"], {name: d["size"] for name, d in actual.items()})
+    """After download (or in a local folder): a malformed manifest, or a listed file missing
+    or whose size or sha256 differs from the manifest's; None when all match."""
+    files, problem = read_manifest((folder / MANIFEST).read_bytes)
+    return problem or stored_files_problem(pafs.LocalFileSystem(), str(folder.resolve()), files)
+
+
+def stored_files_problem(fs: pafs.FileSystem, folder: str, files: dict[str, dict]) -> str | None:
+    """A listed file of a folder in storage (local or object store) that is missing, or whose
+    size or sha256 differs from `files` (a manifest's or winner.json's); None when all match.
+    Reads every listed file once."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    sizes = {info.path[len(folder) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
+    problem = files_problem(files, sizes)
     if problem:
         return problem
-    for name, entry in sorted(manifest["files"].items()):
-        if actual[name]["sha256"] != entry["sha256"]:
-            return f"{name} has sha256 {actual[name]['sha256'][:12]}..., the manifest says {entry['sha256'][:12]}..."
+    for name, entry in sorted(files.items()):
+        with fs.open_input_stream(f"{folder}/{name}") as f:
+            actual = sha256_of(f)
+        if actual != entry["sha256"]:
+            return f"{name} has sha256 {actual[:12]}..., the manifest says {entry['sha256'][:12]}..."
     return None
 
 

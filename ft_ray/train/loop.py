@@ -22,12 +22,11 @@ import torch
 from ft_ray.config import JobConfig
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
-from ft_ray.train.checkpoints import (MANIFEST, digest_problem, file_digests, list_checkpoints, manifest_json,
-                                      manifest_problem, next_checkpoint_name, no_complete_checkpoint)
+from ft_ray.train.checkpoints import (MANIFEST, STATE_FILE, digest_problem, file_digests, list_checkpoints,
+                                      manifest_json, manifest_problem, next_checkpoint_name)
 from ft_ray.train.engines import COMPUTE_DTYPES, build_engine
 from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
 
-STATE_FILE = "trainer_state.json"
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
 
 
@@ -360,14 +359,14 @@ def restore(engine: Any, run: RunFolder) -> tuple[TrainState, str | None, list[t
     """Load the newest complete checkpoint of this run, if there is one.
 
     Every rank reads the same storage and so picks the same checkpoint. Incomplete ones
-    (no manifest, a file missing, truncated or changed) are skipped with a warning.
+    (no manifest, a file missing, truncated or changed) are skipped with a warning. When
+    none is complete the run starts from step 0: the driver refused a relaunch onto only
+    incomplete checkpoints (`check_same_job`), so these are this run's own, cut short by
+    the failure that restarted its workers (e.g. the store went away during the first upload).
 
     Returns:
         (the state to continue from, the checkpoint's URI or None for a fresh start,
         the skipped checkpoints with the reason of each).
-
-    Raises:
-        CheckpointError: checkpoints exist but none is complete.
     """
     import ray.train
 
@@ -389,7 +388,8 @@ def restore(engine: Any, run: RunFolder) -> tuple[TrainState, str | None, list[t
         skipped.append((candidate.name, problem))
     else:
         if skipped:
-            raise no_complete_checkpoint(run.uri, skipped)
+            print(f"[ft-ray] warning: no complete checkpoint in {run.uri} (this run's own were cut short): "
+                  "starting from step 0", flush=True)
         return TrainState(), None, []
     if state.world_size != world_size:
         # Shards differ with the worker count: keep the share of the epoch already seen.

@@ -1,7 +1,7 @@
 """Nothing lost when a part fails: each case ends with the planned step count, every step
 once in metrics.jsonl, the same samples in the same steps and the same final weights
-(rtol 1e-4, atol 1e-5) as one uninterrupted run of the same job (`reference`), or with the
-exact error expected. tests/RELIABILITY.md tabulates the cases; the lost-node case is in
+(rtol 1e-4, atol 1e-5) as one uninterrupted run of the same job (the session's
+`reference_run`), or with the exact error expected. tests/RELIABILITY.md tabulates the cases; the lost-node case is in
 tests/e2e/test_cluster.py (it needs a multi-node cluster)."""
 
 from __future__ import annotations
@@ -12,118 +12,36 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import load, load_file
+from safetensors.torch import load
 
 from ft_ray.cli import main
 from ft_ray.config import InputError, load_config
 from ft_ray.train.checkpoints import MANIFEST, complete_checkpoints
 from ft_ray.train.trainer import run_training
 from tests.conftest import REPO, make_bucket, write_job
+from tests.faults import (STEPS, TRAIN, Outcome, assert_same_training, in_background, jsonl, kill_session,
+                          outcome_in, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS, EVERY = 12, 4
-TRAIN = {"max_steps": STEPS, "checkpoint_every": EVERY, "eval_every": EVERY, "trace_samples": True,
-         "keep_checkpoints": 3}
-
-
-@dataclass
-class Outcome:
-    metrics: list[dict]
-    trace: dict[str, list]  # samples-rank<N>.jsonl: the packed-sequence ids of each step
-    weights: dict[str, torch.Tensor]
-
-
-def outcome_in(run: Path) -> Outcome:
-    return Outcome(metrics=jsonl((run / "metrics.jsonl").read_text()),
-                   trace={f.name: jsonl(f.read_text()) for f in sorted(run.glob("samples-rank*.jsonl"))},
-                   weights=load_file(run / "adapter" / "adapter_model.safetensors"))
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
 
 @pytest.fixture(scope="module")
-def reference(ray_local, tmp_path_factory) -> Path:
-    """The job run once without faults; returns its run folder."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run_training(load_config(write_job(tmp, run_name="reference", train=TRAIN)))
-    return tmp / "runs" / "reference"
+def reference(reference_run) -> Path:
+    return reference_run
 
 
 def assert_recovered(outcome: Outcome, reference: Path) -> dict:
     """The checks every case shares; returns the resume line of metrics.jsonl."""
-    expected = outcome_in(reference)
-    assert [m["step"] for m in outcome.metrics if "loss" in m] == list(range(1, STEPS + 1))
+    assert_same_training(outcome, reference)
     assert [m["step"] for m in outcome.metrics if "eval_loss" in m] == [0, 4, 8, 12]
-    assert len(expected.trace) == 2 and outcome.trace == expected.trace
-    for name, tensor in expected.weights.items():
-        torch.testing.assert_close(outcome.weights[name], tensor, rtol=1e-4, atol=1e-5)
     resumes = [m for m in outcome.metrics if "resumed_from" in m]
     assert len(resumes) == 1, resumes
     return resumes[0]
-
-
-def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"ft-ray exited ({process.returncode}) before {what}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def in_background(action) -> tuple[threading.Thread, list]:
-    """Run `action` next to a training run in this process; its result or error lands in the list."""
-    done: list = []
-
-    def target():
-        try:
-            done.append(action())
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            done.append(e)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, done
-
-
-def kill_tree(root: psutil.Process) -> None:
-    """SIGKILL a process and every process under it at once, as a lost machine would."""
-    processes = [root]
-    try:
-        processes += root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        pass
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=30)
-
-
-def settle(run: Path, quiet_s: float = 8.0, timeout: float = 60.0) -> None:
-    """Wait until the run's checkpoints stop changing."""
-    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
-    while time.monotonic() < deadline:
-        now = sorted(str(p) for p in run.rglob(MANIFEST))
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since > quiet_s:
-            return
-        time.sleep(0.5)
 
 
 def test_driver_killed_and_relaunched_resumes(reference, tmp_path):
@@ -138,11 +56,7 @@ def test_driver_killed_and_relaunched_resumes(reference, tmp_path):
         try:
             wait_for(lambda: (run / "checkpoint-000004" / MANIFEST).exists(), 300, "the first checkpoint", first)
         finally:
-            kill_tree(psutil.Process(first.pid))
-            first.wait()
-    # Ray's own processes die a moment after the driver; a worker still alive can complete one
-    # more checkpoint. Wait until they stop changing, then see what the run left.
-    settle(run)
+            kill_session(first)  # returns when no process of it is left to write
     killed_at = max(m["step"] for m in jsonl((run / "metrics.jsonl").read_text()))
     assert killed_at < STEPS, "the run finished before it was killed; the test proves nothing"
     newest = complete_checkpoints(*_local(run))[0][0].name
@@ -240,11 +154,7 @@ def test_object_store_down_during_a_checkpoint_upload(reference, s3_server, tmp_
         trace={f"samples-rank{r}.jsonl": jsonl(s3_text(f"runs/outage/samples-rank{r}.jsonl")) for r in (0, 1)},
         weights=load(client.get_object(Bucket="outage", Key="runs/outage/adapter/adapter_model.safetensors")
                      ["Body"].read()))
-    expected = outcome_in(reference)
-    assert [m["step"] for m in outcome.metrics if "loss" in m] == list(range(1, STEPS + 1))
-    assert outcome.trace == expected.trace
-    for name, tensor in expected.weights.items():
-        torch.testing.assert_close(outcome.weights[name], tensor, rtol=1e-4, atol=1e-5)
+    assert_same_training(outcome, reference)
     manifest = json.loads(s3_text("runs/outage/checkpoint-000012/manifest.json"))
     assert "model/adapter_model.safetensors" in manifest["files"]
 
@@ -255,15 +165,23 @@ def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(referenc
     (run / "checkpoint-000012" / "optimizer.pt").unlink()  # a shard lost
     adapter = run / "checkpoint-000008" / "model" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:1000])  # a file cut short
+    (run / "checkpoint-000008-1").mkdir()  # a manifest that vouches for nothing (no files)
+    (run / "checkpoint-000008-1" / MANIFEST).write_text('{"files": {}}')
+    partial_line = len((run / "metrics.jsonl").read_text().splitlines()) + 1
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "lo')  # the driver killed while writing a line
     run_training(load_config(write_job(tmp_path, run_name="damaged", train=TRAIN)))
     resume = assert_recovered(outcome_in(run), reference)
     assert resume["resumed_from"] == str(run / "checkpoint-000004")
     assert resume["skipped_checkpoints"] == [
         "checkpoint-000012: optimizer.pt is missing",
+        "checkpoint-000008-1: malformed manifest.json: it has no file list",
         f"checkpoint-000008: model/adapter_model.safetensors has 1000 bytes, the manifest says {_size(reference)}"]
-    assert f"skipping checkpoint {run}/checkpoint-000012: optimizer.pt is missing" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert f"skipping checkpoint {run}/checkpoint-000012: optimizer.pt is missing" in out
+    assert f"{run}/metrics.jsonl:{partial_line}: dropped a partial line" in out
     # The steps trained again went to new folders; the damaged ones are left as they were.
-    assert (run / "checkpoint-000008-1" / MANIFEST).exists() and (run / "checkpoint-000012-1" / MANIFEST).exists()
+    assert (run / "checkpoint-000008-2" / MANIFEST).exists() and (run / "checkpoint-000012-1" / MANIFEST).exists()
 
 
 def _size(reference: Path) -> int:

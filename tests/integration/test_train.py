@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ft_ray.cli import main
-from ft_ray.config import load_config
+from ft_ray.config import InputError, load_config
 from ft_ray.train.trainer import run_training
 from tests.conftest import DEMO, SECRET_CANARY, write_job
 from tests.wandb_offline import read_offline_run
@@ -136,3 +136,23 @@ def test_too_many_bad_records_fail_before_training(ray_local, tmp_path):
     with pytest.raises(ValueError, match=r"20 of 40 records rejected \(50.0%\).*most common reason: empty_field \(20x\)"):
         run_training(config)
     assert list((Path(config.storage.path) / "bad-data" / "rejected").glob("*.json*"))
+
+
+def test_a_damaged_checkpoint_is_neither_exported_nor_evaluated(trained, tmp_path, capsys):
+    from ft_ray.evaluation.evaluate import resolve_target
+
+    config, _, run = trained
+    shutil.copytree(run, tmp_path / "run")
+    changed, cut = tmp_path / "run" / "checkpoint-000006", tmp_path / "run" / "checkpoint-000003"
+    weights = changed / "model" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    weights.write_bytes(bytes(data))
+    (cut / "manifest.json").unlink()  # an upload cut before its manifest
+    assert main(["export", str(changed), "--out", str(tmp_path / "out")]) == 2
+    assert "model/adapter_model.safetensors has sha256" in capsys.readouterr().err
+    assert main(["export", str(cut), "--out", str(tmp_path / "out")]) == 2
+    assert "no manifest.json (the upload did not finish); not exported" in capsys.readouterr().err
+    with pytest.raises(InputError, match="adapter_model.safetensors has sha256"):
+        resolve_target(str(changed), config)  # `ft-ray eval --run CHECKPOINT`
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

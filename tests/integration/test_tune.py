@@ -13,14 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ft_ray.config import ConfigError, load_config
 from ft_ray.report import write_report
 from ft_ray.tune import check_search_space, run_sweep
 from tests.conftest import SECRET_CANARY, make_bucket, write_job
-from tests.integration.test_recovery import kill_tree, wait_for
+from tests.faults import kill_session, wait_for
 from tests.wandb_offline import read_offline_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -161,8 +160,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_p
                      and len(list(trials.glob("*/checkpoint-000004/manifest.json"))) == 2, 600,
                      "one trial finished and the other past its first checkpoint", first)
         finally:
-            kill_tree(psutil.Process(first.pid))
-            first.wait()
+            kill_session(first)
     [finished] = [p.parent for p in trials.glob("*/summary.json")]
     finished_metrics = (finished / "metrics.jsonl").read_text()
 
@@ -179,3 +177,19 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_p
     assert resumed and resumed[0]["step"] >= 4, "the unfinished trial started over instead of resuming"
     assert [json.loads(line)["step"] for line in (other / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line] == list(range(1, 9))
+
+
+def test_a_changed_winner_is_not_evaluated(sweep):
+    # Last in this file: it damages the second winner in the store.
+    from ft_ray.config import InputError
+    from ft_ray.evaluation.evaluate import resolve_target
+
+    summary, client, tmp = sweep
+    winner = summary["winners"][1]["uri"]
+    bucket, key = f"{winner}/weights/adapter_model.safetensors"[len("s3://"):].split("/", 1)
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    config = load_config(tmp / "lr-sweep.yaml")
+    with pytest.raises(InputError, match=r"weights/adapter_model.safetensors has sha256 .*not evaluated"):
+        resolve_target(winner, config)

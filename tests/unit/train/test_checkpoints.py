@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
 from ft_ray.config import resume_changes
 from ft_ray.train.checkpoints import (MANIFEST, complete_checkpoints, digest_problem, file_digests,
@@ -89,3 +90,29 @@ def test_the_best_checkpoint_is_chosen_from_storage_by_eval_loss():
     assert best_of(complete, {4: 1.0, 8: 1.5}).name == "checkpoint-000004"
     assert best_of(complete, {}).name == "checkpoint-000008-1"  # no evals: the newest
     assert best_of([], {4: 1.0}) is None
+
+
+@pytest.mark.parametrize("manifest", ["[]", "{}", '{"files": {}}', '{"files": []}', "null", "not json",
+                                      '{"files": {"trainer_state.json": {"size": "7", "sha256": "%s"}}}' % ("a" * 64),
+                                      '{"files": {"trainer_state.json": {"size": true, "sha256": "%s"}}}' % ("a" * 64),
+                                      '{"files": {"trainer_state.json": {"size": 7, "sha256": "xyz"}}}',
+                                      '{"files": {"trainer_state.json": 7}}'])
+def test_a_malformed_manifest_means_an_incomplete_checkpoint(tmp_path, manifest):
+    folder = checkpoint(tmp_path, "checkpoint-000004")
+    (folder / MANIFEST).write_text(manifest)
+    assert manifest_problem(FS, str(folder)).startswith(f"malformed {MANIFEST}: ")
+    assert digest_problem(folder).startswith(f"malformed {MANIFEST}: ")
+    complete, skipped = complete_checkpoints(FS, str(tmp_path))
+    assert complete == [] and skipped[0][0] == "checkpoint-000004"
+
+
+def test_a_manifest_must_list_the_state_and_the_weights(tmp_path):
+    folder = checkpoint(tmp_path, "checkpoint-000004")
+    digests = file_digests(folder)
+    for left_out in ("trainer_state.json", "model/adapter_model.safetensors"):
+        listed = {name: d for name, d in digests.items() if name != left_out and name != MANIFEST}
+        (folder / MANIFEST).write_text(manifest_json(listed, step=4, world_size=2))
+        assert "does not list trainer_state.json and the weights" in manifest_problem(FS, str(folder))
+    escaping = {**digests, "../other/model.safetensors": digests["trainer_state.json"]}
+    (folder / MANIFEST).write_text(manifest_json(escaping, step=4, world_size=2))
+    assert "outside the checkpoint" in manifest_problem(FS, str(folder))

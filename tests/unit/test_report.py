@@ -1,0 +1,49 @@
+"""The HTML report treats what it reads from storage as text: every value it did not write itself
+is escaped, and a trial name from sweep.json cannot point outside the sweep's trials folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ft_ray.config import InputError
+from ft_ray.report import write_report
+
+EVIL = "<script>alert(1)</script>"
+
+
+def sweep_folder(tmp_path, trial: str):
+    (tmp_path / "trials" / "t1").mkdir(parents=True)
+    (tmp_path / "trials" / "t1" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 1, "eval_loss": 1.5}\n')
+    arms = {arm: {"loss": 1.0, "exact_match": 0.0, "chrf": 1.0, "format": 0.0} for arm in ("base", "few_shot", "variant")}
+    summary = {"metric": "eval_loss", "mode": f"min{EVIL}",
+               "trials": [{"trial": trial, "status": f"finished{EVIL}", "stopped_early": False, "step": 1,
+                           "metrics": {"eval_loss": 1.5}, "config": {"lora.rank": EVIL}}],
+               "winners": [{"rank": 1, "trial": trial, "uri": f"s3://x/{EVIL}", "metrics": {"eval_loss": 1.5},
+                            "eval": {"arms": arms, "verdict": {"sentence": f"the variant {EVIL} wins"}}}]}
+    (tmp_path / "sweep.json").write_text(json.dumps(summary))
+    return tmp_path
+
+
+def test_values_read_from_storage_are_escaped(tmp_path):
+    page = write_report(str(sweep_folder(tmp_path / "sweep", "t1")), tmp_path / "out").read_text()
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_trial_name_that_leaves_the_sweep_folder_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"sweep.json: trial: '\.\./\.\./etc' is not a folder name"):
+        write_report(str(sweep_folder(tmp_path / "sweep", "../../etc")), tmp_path / "out")
+
+
+def test_a_winner_folder_named_by_sweep_json_is_checked_before_anything_is_written(tmp_path):
+    from ft_ray.config import load_config
+    from ft_ray.evaluation.evaluate import evaluate_sweep
+    from tests.conftest import write_job
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"winners": [{"rank": 1, "trial": "t1", "uri": f"{sweep}/winners/.."}]}))
+    with pytest.raises(InputError, match=r"winners\[0\]\.uri: '\.\.' is not a folder name"):
+        evaluate_sweep(load_config(write_job(tmp_path)), str(sweep))
+    assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json"]
