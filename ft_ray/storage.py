@@ -144,9 +144,8 @@ class MetricsLog:
         self.run, self.enabled, self.name = run, enabled, name
         self.lines: list[str] = []
         if enabled and resume_step is not None:
-            previous = run.read_text(name) or ""
-            self.lines = [line for line in previous.splitlines()
-                          if line and json.loads(line).get("step", 0) <= resume_step]
+            records = parse_jsonl(run.read_text(name) or "", run.uri_of(name))
+            self.lines = [json.dumps(record) for record in records if record.get("step", 0) <= resume_step]
         if enabled:
             self.flush()
 
@@ -165,6 +164,25 @@ class MetricsLog:
 
 
 def read_metrics(run: RunFolder) -> list[dict]:
-    text = run.read_text("metrics.jsonl") or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return parse_jsonl(run.read_text("metrics.jsonl") or "", run.uri_of("metrics.jsonl"))
+
+
+def parse_jsonl(text: str, where: str) -> list[dict]:
+    """The JSON objects of a log ft-ray wrote itself, one per line. A line that does not parse
+    (cut short when a process was killed while writing it) is dropped with a warning: the
+    steps it held are trained again on resume."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            print(f"[ft-ray] warning: {where}:{number}: dropped a partial line ({len(line)} characters), "
+                  "left by a process killed while writing it", flush=True)
+    return records
 

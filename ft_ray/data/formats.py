@@ -160,7 +160,11 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> st
         return ""
     if getattr(tokenizer, "chat_template", None) is None:
         raise RecordError("chat records need a tokenizer with a chat template", "no_chat_template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what a template's own checks raise
+        raise RecordError(f"the chat template refused it: {type(e).__name__}: {str(e)[:300]}",
+                          "template_error") from None
 
 
 def _suffix(text: str, prefix: str) -> str:

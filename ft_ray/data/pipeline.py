@@ -80,7 +80,18 @@ def record_to_segments(text: str, error: str, fmt: str, fields: dict[str, str], 
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordError(f"not JSON: {e.msg} at column {e.colno}", "not_json") from None
-    return record_segments(map_fields(record, fields), fmt, tokenizer)
+    except RecursionError:
+        raise RecordError("nested too deeply to parse", "too_deep") from None
+    try:
+        segments = record_segments(map_fields(record, fields), fmt, tokenizer)
+    except RecursionError:
+        raise RecordError("nested too deeply to read", "too_deep") from None
+    for segment, _ in segments:
+        try:
+            segment.encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" parses as JSON, but no tokenizer takes it
+            raise RecordError(f"invalid Unicode: {e.reason} at character {e.start}", "bad_unicode") from None
+    return segments
 
 
 def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
@@ -105,12 +116,28 @@ def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
             parsed.append(record_to_segments(text, error, fmt, fields, tokenizer))
         except RecordError as e:
             parsed.append(e)
+        except Exception as e:  # noqa: BLE001 - one record's failure, whatever it is, rejects that record
+            parsed.append(RecordError(f"{type(e).__name__}: {str(e)[:300]}", "unreadable"))
+    try:
+        segment_ids = encode_batch(tokenizer, [text for p in parsed if not isinstance(p, RecordError) for text, _ in p])
+    except Exception:  # noqa: BLE001 - find the record the tokenizer fails on, reject it, keep the rest
+        parsed = [p if isinstance(p, RecordError) else _tokenizable(p, tokenizer) for p in parsed]
+        segment_ids = encode_batch(tokenizer, [text for p in parsed if not isinstance(p, RecordError) for text, _ in p])
     segments = [s for p in parsed if not isinstance(p, RecordError) for s in p]
-    batch = assemble_batch(encode_batch(tokenizer, [text for text, _ in segments]),
+    batch = assemble_batch(segment_ids,
                            [0 if isinstance(p, RecordError) else len(p) for p in parsed],
                            [trainable for _, trainable in segments], bos_id(tokenizer), max_len, drop_over)
     batch.errors = [p if isinstance(p, RecordError) else e for p, e in zip(parsed, batch.errors)]
     return batch
+
+
+def _tokenizable(segments: Segments, tokenizer: Any) -> Segments | RecordError:
+    """The segments, or the RecordError of a record the tokenizer fails on by itself."""
+    try:
+        encode_batch(tokenizer, [text for text, _ in segments])
+        return segments
+    except Exception as e:  # noqa: BLE001
+        return RecordError(f"the tokenizer failed: {type(e).__name__}: {str(e)[:300]}", "tokenizer_error")
 
 
 def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
@@ -172,7 +199,7 @@ def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: 
     rows: dict[str, list] = {k: [] for k in COLUMNS[2:]}
     example = []  # the example of each row
     for i, (text, error, path, line) in enumerate(zip(texts, batch.errors, paths, lines)):
-        reason, detail = (error.kind, str(error)) if error is not None else ("", "")
+        reason, detail = (error.kind, _printable(str(error))) if error is not None else ("", "")
         is_eval = eval_bucket(text) < eval_fraction
         copies = 1 if reason or is_eval else weighted_copies(weight, text)
         for copy in range(copies) if copies else [-1]:
@@ -184,6 +211,11 @@ def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: 
     rows["input_ids"] = _int32_lists(batch.ids, batch.offsets, example)
     rows["labels"] = _int32_lists(batch.labels, batch.offsets, example)
     return rows
+
+
+def _printable(text: str) -> str:
+    """Text that Arrow can store: a lone surrogate quoted from a record becomes `\\ud800`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _int32_lists(flat: np.ndarray, offsets: np.ndarray, rows: list[int]) -> Any:
@@ -503,8 +535,12 @@ def check_counts(config: JobConfig, stats: DataStats) -> None:
 
 
 def write_rejected(rejected, folder: str, filesystem: Any = None) -> None:
-    """Rejected records with their file, line and reason, as JSONL under `<run>/rejected/`."""
-    rejected.select_columns(["path", "line", "reason", "detail", "text"]).write_json(folder, filesystem=filesystem)
+    """Rejected records with their file, line and reason, as JSONL under `<run>/rejected/`
+    (replacing what a relaunch of the run, or a killed earlier attempt, wrote there)."""
+    from ray.data import SaveMode
+
+    rejected.select_columns(["path", "line", "reason", "detail", "text"]).write_json(
+        folder, filesystem=filesystem, mode=SaveMode.OVERWRITE)
 
 
 def stats_table(stats: DataStats) -> str:

@@ -45,14 +45,27 @@ def location(config: JobConfig) -> str:
     return config.data.prepared or f"{config.storage.path.rstrip('/')}/prepared/{fingerprint(config)}"
 
 
-def prepared_stats(config: JobConfig) -> DataStats | None:
-    """The stats of the job's complete prepared folder, or None (without reading the data)."""
-    fs, root = filesystem_for(location(config), config.storage)
+def read_stats(where: str, config: JobConfig) -> dict[str, Any] | None:
+    """The `stats.json` of a prepared folder, or None when the folder is incomplete: no
+    stats.json yet, or one cut short by a kill while it was written (prepared again)."""
+    fs, root = filesystem_for(where, config.storage)
     try:
         with fs.open_input_stream(f"{root}/{STATS_FILE}") as f:
-            return DataStats(**json.loads(f.read())["stats"])
+            saved = json.loads(f.read())
+        DataStats(**saved["stats"])
+        return saved
     except (FileNotFoundError, OSError):
         return None
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"[ft-ray] warning: {where}/{STATS_FILE} is unreadable ({type(e).__name__}: {e}); "
+              "preparing the data again", flush=True)
+        return None
+
+
+def prepared_stats(config: JobConfig) -> DataStats | None:
+    """The stats of the job's complete prepared folder, or None (without reading the data)."""
+    saved = read_stats(location(config), config)
+    return DataStats(**saved["stats"]) if saved else None
 
 
 def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | None:
@@ -60,12 +73,10 @@ def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | 
     import ray.data
 
     where = location(config)
-    fs, root = filesystem_for(where, config.storage)
-    try:
-        with fs.open_input_stream(f"{root}/{STATS_FILE}") as f:
-            saved = json.loads(f.read())
-    except (FileNotFoundError, OSError):
+    saved = read_stats(where, config)
+    if saved is None:
         return None
+    fs, root = filesystem_for(where, config.storage)
     if saved.get("fingerprint") != fingerprint(config):
         print(f"[ft-ray] warning: {where} was prepared from other data or settings than this job's; "
               "using it because data.prepared names it", flush=True)
@@ -77,11 +88,14 @@ def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | 
 
 def prepare(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], DataStats, str]:
     """Tokenize and pack the job's data into its prepared folder (stats.json last)."""
+    from ray.data import SaveMode
+
     where = location(config)
     fs, root = filesystem_for(where, config.storage)
     datasets, stats = build_datasets(config, tokenizer, f"{root}/rejected", fs)
     for split, dataset in datasets.items():
-        dataset.write_parquet(f"{root}/{split}", filesystem=fs)
+        # overwrite: an earlier prepare killed before stats.json may have left files here
+        dataset.write_parquet(f"{root}/{split}", filesystem=fs, mode=SaveMode.OVERWRITE)
     with fs.open_output_stream(f"{root}/{STATS_FILE}") as f:
         f.write(json.dumps({"fingerprint": fingerprint(config), "stats": asdict(stats)}, indent=2).encode())
     return datasets, stats, where

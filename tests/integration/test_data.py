@@ -146,6 +146,16 @@ def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_pa
     assert "using prepared data at " + where in capsys.readouterr().out
     assert loaded_stats == prepared_stats == stats
     assert training_order(datasets) == order
+
+    # A prepare killed while writing stats.json: the folder counts as incomplete and is prepared
+    # again over what the killed one left (no example twice).
+    stats_file = Path(where) / "stats.json"
+    stats_file.write_text(stats_file.read_text()[:40])
+    assert load_prepared(config) is None
+    assert "stats.json is unreadable (JSONDecodeError" in capsys.readouterr().out
+    prepare(config, tokenizer)
+    again, again_stats, _ = load_prepared(config)
+    assert again_stats == stats and training_order(again) == order
     config.model.max_seq_len = 96  # another packing: another fingerprint, nothing prepared for it
     assert load_prepared(config) is None
 
