@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--in-place", action="store_true",
                         help="no upload: the working dir is at the same path on every node (shared mount, image)")
     submit.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's outcome")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the entrypoint and what would be uploaded (files, size, excludes); submit nothing")
     submit.set_defaults(handler=cmd_submit)
     return parser
 
@@ -205,7 +207,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ft_ray.submit import submit
 
     _, status = submit(args.config, args.address, args.overrides, tune=args.tune, working_dir=args.working_dir,
-                       pip=args.pip or None, wait=args.wait, in_place=args.in_place)
+                       pip=args.pip or None, wait=args.wait, in_place=args.in_place, dry_run=args.dry_run)
     if args.wait:
         print(f"job {status}")
         return 0 if status.endswith("SUCCEEDED") else EXIT_FAILED

@@ -16,6 +16,10 @@ from ft_ray.config import InputError, load_config
 
 EXCLUDES = [".venv", "venv", ".git", "runs", "wandb", ".pytest_cache", "__pycache__", "*.egg-info",
             ".gpu-bundle", "*.safetensors", "*.bin", "*.pt"]
+# Credential files never leave the machine, wherever they sit in the working dir (also in .gitignore).
+SECRET_EXCLUDES = ["k8s/secrets.yaml", "secrets.yaml", ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx",
+                   ".aws", ".ssh", "id_rsa*", "id_ed25519*", ".netrc", ".git-credentials", ".pypirc",
+                   "application_default_credentials.json", "service-account*.json", ".config/gcloud"]
 # The built-in model's weights are data the job needs (excluded above only as a pattern).
 KEEP = "!ft_ray/assets/tiny-llama/model.safetensors"
 
@@ -43,19 +47,51 @@ def build_submission(config_path: Path, overrides: list[str], tune: bool, workin
         command += ["--set", override]
     runtime_env: dict[str, Any] = (
         {"working_dir": f"local://{working_dir.resolve()}"} if in_place
-        else {"working_dir": str(working_dir), "excludes": EXCLUDES + [KEEP]})
+        else {"working_dir": str(working_dir), "excludes": EXCLUDES + SECRET_EXCLUDES + [KEEP]})
     if pip:
         runtime_env["pip"] = pip
     return {"entrypoint": shlex.join(command), "runtime_env": runtime_env}
 
 
+def uploaded_files(working_dir: Path, excludes: list[str]) -> list[Path]:
+    """The files Ray would upload from `working_dir` with `excludes` (and the .gitignore files
+    it honours), walked by Ray's own upload code so the listing is exactly what it sends."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes  # no public equivalent
+
+    root = working_dir.resolve()
+    found: list[Path] = []
+    _dir_travel(root, [_get_excludes(root, excludes)], lambda p: found.append(p) if p.is_file() else None,
+                include_gitignore=True)
+    return sorted(p.relative_to(root) for p in found)
+
+
+def describe(submission: dict[str, Any], working_dir: Path) -> list[str]:
+    """What a submission would run and send, for `ft-ray submit --dry-run`."""
+    env = submission["runtime_env"]
+    lines = [f"entrypoint: {submission['entrypoint']}"]
+    if env["working_dir"].startswith("local://"):
+        lines.append(f"working dir: {env['working_dir']} (in place: nothing is uploaded)")
+    else:
+        files = uploaded_files(working_dir, env["excludes"])
+        size = sum((working_dir / f).stat().st_size for f in files)
+        lines += [f"working dir: {working_dir.resolve()}: {len(files)} files, {size / 2**20:.1f} MiB would be uploaded",
+                  "excluded: " + " ".join(env["excludes"]) + " (and what .gitignore files exclude)"]
+    if env.get("pip"):
+        lines.append("pip: " + " ".join(env["pip"]))
+    return lines
+
+
 def submit(config_path: Path, address: str | None, overrides: list[str], tune: bool = False,
            working_dir: Path = Path("."), pip: list[str] | None = None, wait: bool = False,
-           in_place: bool = False) -> tuple[str, str]:
-    """Submit the job; returns (submission id, final status or "SUBMITTED")."""
+           in_place: bool = False, dry_run: bool = False) -> tuple[str, str]:
+    """Submit the job; returns (submission id, final status or "SUBMITTED"). `dry_run` prints
+    what would be run and uploaded and submits nothing (returns ("", "DRY_RUN"))."""
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(config_path, overrides, tune, working_dir, pip, in_place)
+    if dry_run:
+        print("\n".join(["dry run: nothing submitted", *describe(submission, working_dir)]))
+        return "", "DRY_RUN"
     if "://" not in load_config(config_path, overrides).storage.path:
         print("note: storage.path is a local folder: on a multi-node cluster it must be storage every node "
               "mounts (or s3://), and a relative path lands in the job's working dir copy")

@@ -38,3 +38,35 @@ def test_config_outside_the_working_dir_is_refused(tmp_path):
 def test_in_place_working_dir_is_not_uploaded():
     submission = build_submission(REPO / "configs" / "tiny-cpu.yaml", [], tune=False, working_dir=REPO, in_place=True)
     assert submission["runtime_env"] == {"working_dir": f"local://{REPO}"}
+
+
+SECRETS = ["k8s/secrets.yaml", ".env", ".env.production", "deploy/server.pem", "tls.key", ".aws/credentials",
+           "application_default_credentials.json"]
+
+
+def test_credential_files_are_never_uploaded_and_dry_run_says_what_would_be(tmp_path, capsys):
+    from ft_ray.cli import main
+    from ft_ray.submit import uploaded_files
+
+    job = write_job(tmp_path)
+    (tmp_path / "notes.txt").write_text("kept")
+    for secret in SECRETS:
+        (tmp_path / secret).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / secret).write_text("AKIA-not-to-be-sent")
+    submission = build_submission(job, [], tune=False, working_dir=tmp_path)
+    sent = {str(p) for p in uploaded_files(tmp_path, submission["runtime_env"]["excludes"])}
+    assert sent == {"job.yaml", "notes.txt"}
+
+    assert main(["submit", str(job), "--working-dir", str(tmp_path), "--dry-run", "--address", "http://127.0.0.1:9"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing submitted" in out and "entrypoint: ft-ray train job.yaml" in out
+    size = sum((tmp_path / name).stat().st_size for name in sent)
+    assert f"2 files, {size / 2**20:.1f} MiB would be uploaded" in out
+    assert "*.pem" in out and "k8s/secrets.yaml" in out
+
+
+def test_gitignore_keeps_credential_files_out_of_the_repository():
+    from ft_ray.submit import SECRET_EXCLUDES
+
+    ignored = set((REPO / ".gitignore").read_text().split())
+    assert {pattern.rstrip("/") for pattern in ignored} >= set(SECRET_EXCLUDES)
