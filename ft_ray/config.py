@@ -80,6 +80,10 @@ class DataConfig(Section):
     max_rejected_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more records are bad")
     max_record_tokens: int | None = Field(None, gt=0, description="longest record kept whole; default model.max_seq_len")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to longer records")
+    max_record_bytes: int = Field(8 << 20, gt=0, description=(
+        "a record (line, JSON array item) longer than this is rejected as too_large without being held in memory"))
+    max_decompressed_ratio: float = Field(100.0, gt=1, description=(
+        "a compressed file that grows past this many times its size is cut there (a gzip bomb)"))
     prepared: str | None = Field(None, description="tokenized+packed Parquet (ft-ray prepare); "
                                                    "default <storage.path>/prepared/<fingerprint>")
 

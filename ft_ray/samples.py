@@ -29,7 +29,7 @@ def held_out_records(config: JobConfig, limit: int) -> Iterator[dict]:
         try:
             record = map_fields(json.loads(text), source.fields)
             detect_format(record)
-        except (json.JSONDecodeError, RecordError):
+        except (json.JSONDecodeError, RecordError, RecursionError):  # the pipeline rejects those
             continue
         found += 1
         yield record

@@ -12,7 +12,7 @@ from typing import Any
 from ft_ray.config import JobConfig, SourceConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.pipeline import eval_bucket, parse_record
-from ft_ray.data.sources import choose_format, read_records
+from ft_ray.data.sources import ReadLimits, choose_format, read_records
 
 PEEK_RECORDS = 100
 MIN_TRAIN_EXAMPLES = 100
@@ -21,7 +21,7 @@ MIN_TRAIN_EXAMPLES = 100
 def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0) -> tuple[int, int]:
     """(records kept for training, records split off for eval) of a source, streaming."""
     train = held_out = 0
-    for _, _, text, _ in read_records(source.path, config.storage, key):
+    for _, _, text, _ in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
         if eval_fraction and eval_bucket(text) < eval_fraction:
             held_out += 1
         else:
@@ -35,7 +35,7 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
     lengths: list[int] = []
     seen = 0
     drop_over = config.drop_over
-    for path, line, text, error in read_records(source.path, config.storage, key):
+    for path, line, text, error in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
         if seen >= PEEK_RECORDS:
             break
         seen += 1

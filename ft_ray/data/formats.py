@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 FORMATS = ("text", "instruction", "chat", "completion")
+# Every field a format reads (before data.fields maps them): Parquet reads only these columns.
+RECORD_FIELDS = ("text", "instruction", "input", "output", "system", "prompt", "completion", "messages",
+                 "conversations")
 CHAT_ROLES = ("system", "user", "assistant")
 
 Segments = list[tuple[str, bool]]

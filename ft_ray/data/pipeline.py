@@ -19,7 +19,7 @@ import numpy as np
 
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.data.formats import RecordError, Segments, map_fields, record_segments
-from ft_ray.data.sources import DataError, choose_format, list_files, read_corpus
+from ft_ray.data.sources import DataError, ReadLimits, choose_format, list_files, read_corpus
 from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, encode_batch, pack_arrays, tokenize_segments
 
 TOKENIZE_BATCH = 256
@@ -245,7 +245,7 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
     fmt, note = choose_format(source, config.storage, key)
     stats.formats[key] = fmt
     print(f"[ft-ray] data: {note}; {len(files)} file(s)", flush=True)
-    return read_corpus(fs, files).map_batches(
+    return read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
         parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over})

@@ -12,13 +12,14 @@ import dataclasses
 import fnmatch
 import functools
 import json
+import re
 from collections import Counter
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
-from ft_ray.config import InputError, SourceConfig, StorageConfig
-from ft_ray.data.formats import RecordError, detect_format, map_fields
+from ft_ray.config import DataConfig, InputError, SourceConfig, StorageConfig
+from ft_ray.data.formats import RECORD_FIELDS, RecordError, detect_format, map_fields
 from ft_ray.storage import filesystem_for
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text",
@@ -26,6 +27,8 @@ KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "pa
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 READ_CHUNK = 1 << 20
 PEEK_RECORDS = 20
+MAX_RECORD_BYTES = 8 << 20  # data.max_record_bytes' default
+MAX_DECOMPRESSED_RATIO = 100.0  # data.max_decompressed_ratio's
 
 
 class DataError(InputError):
@@ -70,63 +73,151 @@ def list_files(pattern: str, storage: StorageConfig, key: str = "data.train") ->
     return fs, [scheme + f for f in files] if scheme else files
 
 
-def file_records(stream: Any, path: str, unit: "Unit | None" = None) -> Iterator[tuple[int, str, str]]:
+@dataclasses.dataclass(frozen=True)
+class ReadLimits:
+    """What reading one source may cost: no record is held past `max_record_bytes`, no
+    compressed file decompresses past `max_decompressed_ratio` times its size, and Parquet
+    files give only `columns` (None: all), the ones a record format can use."""
+
+    max_record_bytes: int = MAX_RECORD_BYTES
+    max_decompressed_ratio: float = MAX_DECOMPRESSED_RATIO
+    columns: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, data: DataConfig, source: SourceConfig | None = None) -> "ReadLimits":
+        fields = (source.fields if source else None) or data.fields
+        return cls(data.max_record_bytes, data.max_decompressed_ratio,
+                   frozenset(fields.get(name, name) for name in RECORD_FIELDS))
+
+
+class DecompressionLimit(Exception):
+    """A compressed file grew past `data.max_decompressed_ratio` times its size."""
+
+
+class BoundedStream:
+    """A decompressing stream that stops past `ratio` times the compressed size (a gzip bomb
+    would otherwise fill memory and disk in a read task)."""
+
+    def __init__(self, stream: Any, compressed_size: int, ratio: float):
+        self._stream, self._limit, self._read = stream, max(int(compressed_size * ratio), 1 << 20), 0
+        self._compressed, self._ratio = compressed_size, ratio
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n) if n >= 0 else self._stream.read()
+        self._read += len(data)
+        if self._read > self._limit:
+            raise DecompressionLimit(
+                f"decompressed past {self._read} bytes from {self._compressed}, over data.max_decompressed_ratio "
+                f"({self._ratio:g}); the rest of the file is not read (raise the setting if the file is genuine)")
+        return data
+
+    def __enter__(self) -> "BoundedStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stream.close()
+
+
+def file_records(stream: Any, path: str, unit: "Unit | None" = None,
+                 limits: ReadLimits = ReadLimits()) -> Iterator[tuple[int, str, str]]:
     """(line or row, record as JSON text, error) for each record of an open file, or of a
     byte range of an uncompressed JSONL file (`unit`; the stream opened at `unit.start - 1`).
 
-    An error (not UTF-8, a JSON file that does not parse) is reported per record with the
-    raw text, so the pipeline can set it aside without losing its neighbours.
+    An error (not UTF-8, not JSON, a record longer than `limits.max_record_bytes`, a
+    compressed file past its ratio) is reported per record with the raw text (none for a
+    record too long to keep), so the pipeline can set it aside without losing its neighbours;
+    a file given up on (past its ratio, a JSON array broken mid-way) ends with one such record.
     """
-    kind = file_kind(path)
+    last = 0
+    try:
+        for last, text, error in _kind_records(stream, path, unit, limits):
+            yield last, text, error
+    except DecompressionLimit as e:
+        yield last + 1, "", f"too_large: {e}"
+
+
+def _kind_records(stream: Any, path: str, unit: "Unit | None", limits: ReadLimits) -> Iterator[tuple[int, str, str]]:
+    kind, max_bytes = file_kind(path), limits.max_record_bytes
     if kind == "jsonl":
         ranged = unit is not None and unit.end is not None
-        lines = (_lines(stream, unit.lines_before, unit.start > 0, unit.end - unit.start + (unit.start > 0))
-                 if ranged else _lines(stream))
-        for number, raw in lines:
-            if raw.strip():
+        lines = (_lines(stream, unit.lines_before, unit.start > 0, unit.end - unit.start + (unit.start > 0), max_bytes)
+                 if ranged else _lines(stream, max_bytes=max_bytes))
+        for number, raw, size in lines:
+            if raw is None:
+                yield number, "", too_large(size, max_bytes)
+            elif raw.strip():
                 yield (number, *_decode(raw))
     elif kind == "text":
-        yield from _paragraphs(stream)
+        yield from _paragraphs(stream, max_bytes)
     elif kind == "json":
-        yield from _json_items(stream.read())
+        yield from _json_items(stream, max_bytes)
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
+        parquet = pq.ParquetFile(stream)
+        names = parquet.schema_arrow.names
+        columns = names if limits.columns is None else [n for n in names if n in limits.columns]
         row = 0
-        for batch in pq.ParquetFile(stream).iter_batches(batch_size=1024):
+        for batch in parquet.iter_batches(batch_size=1024, columns=columns):
             for record in batch.to_pylist():
                 row += 1
-                yield row, json.dumps(record, ensure_ascii=False, default=str), ""
+                text = json.dumps(record, ensure_ascii=False, default=str)
+                yield (row, "", too_large(len(text), max_bytes)) if len(text) > max_bytes else (row, text, "")
 
 
-def _lines(stream: Any, number: int = 0, skip_partial: bool = False,
-           limit: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines of a binary stream read in chunks (pyarrow streams have no readline).
+def _lines(stream: Any, number: int = 0, skip_partial: bool = False, limit: int | None = None,
+           max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
+    """(number, bytes, length) of each line of a binary stream read in chunks (pyarrow
+    streams have no readline). A line longer than `max_bytes` comes as (number, None,
+    length): read past to its newline without being kept, so a 2 GB line costs one chunk of
+    memory and linear time.
 
     For a byte range of a file (`Unit`): `number` is the count of lines before the range;
     with `skip_partial` the stream starts one byte before the range and what runs up to
-    the first newline belongs to the range before; lines starting `limit` bytes or more
-    into the stream belong to the range after.
+    the first newline belongs to the range before (skipped the same way, never kept); lines
+    starting `limit` bytes or more into the stream belong to the range after.
     """
-    rest, offset = b"", 0  # offset: where `rest` starts in the stream
-    while True:
-        chunk = stream.read(READ_CHUNK)
-        if not chunk:
-            break
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
-        for part in parts:
-            start, offset = offset, offset + len(part) + 1
-            if skip_partial:
-                skip_partial = False
-                number += 1 if part else 0  # a newline inside the range ended the previous range's line
-                continue
-            if limit is not None and start >= limit:
+    pieces: list[bytes] | None = None if skip_partial else []  # the open line's bytes; None: not kept
+    size = offset = 0  # the open line's length so far, and where it starts in the stream
+
+    def add(piece: bytes) -> None:
+        nonlocal pieces, size
+        size += len(piece)
+        if pieces is not None and size > max_bytes:
+            pieces = None  # too long to keep: only its length is counted from here on
+        elif pieces is not None:
+            pieces.append(piece)
+
+    def close() -> tuple[int, bytes | None, int] | None:
+        """End the open line; what to yield for it, or None for the previous range's line."""
+        nonlocal pieces, size, offset, number, skip_partial
+        line, length = (b"".join(pieces) if pieces is not None else None), size
+        offset, pieces, size = offset + length + 1, [], 0
+        if skip_partial:
+            skip_partial = False
+            number += 1 if length else 0  # a newline inside the range ended the previous range's line
+            return None
+        number += 1
+        return number, (line.rstrip(b"\r") if line is not None else None), length
+
+    def past_limit() -> bool:  # the open line starts in the range after this one
+        return limit is not None and not skip_partial and offset >= limit
+
+    while not past_limit() and (chunk := stream.read(READ_CHUNK)):
+        *complete, last = chunk.split(b"\n")
+        for piece in complete:
+            add(piece)
+            if past_limit():
                 return
-            number += 1
-            yield number, part.rstrip(b"\r")
-    if rest and not skip_partial and (limit is None or offset < limit):
-        yield number + 1, rest.rstrip(b"\r")
+            if (line := close()) is not None:
+                yield line
+        add(last)
+    if size and not skip_partial and not past_limit():
+        yield close()
+
+
+def too_large(size: int, max_bytes: int) -> str:
+    return f"too_large: {size} bytes, over data.max_record_bytes ({max_bytes}); not read"
 
 
 def _decode(raw: bytes) -> tuple[str, str]:
@@ -136,11 +227,14 @@ def _decode(raw: bytes) -> tuple[str, str]:
         return raw.decode("utf-8", errors="backslashreplace"), f"not_utf8: invalid byte at offset {e.start}"
 
 
-def _paragraphs(stream: Any) -> Iterator[tuple[int, str, str]]:
+def _paragraphs(stream: Any, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, str]]:
     """Plain text: one record per paragraph (blocks separated by blank lines)."""
     block: list[str] = []
     start = 0
-    for number, raw in _lines(stream):
+    for number, raw, size in _lines(stream, max_bytes=max_bytes):
+        if raw is None:
+            yield number, "", too_large(size, max_bytes)
+            continue
         text, error = _decode(raw)
         if error:
             yield number, text, error
@@ -155,26 +249,148 @@ def _paragraphs(stream: Any) -> Iterator[tuple[int, str, str]]:
         yield start, json.dumps({"text": "\n".join(block)}, ensure_ascii=False), ""
 
 
-def _json_items(data: bytes) -> Iterator[tuple[int, str, str]]:
-    """A JSON file: an array of records (row = index + 1), or one record."""
-    text, error = _decode(data)
-    if error:
-        yield 1, text[:2000], error
-        return
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield e.lineno, text[:2000], f"not_json: {e.msg} (line {e.lineno}, column {e.colno}); the file is skipped"
-        return
-    for row, item in enumerate(parsed if isinstance(parsed, list) else [parsed], start=1):
-        yield row, json.dumps(item, ensure_ascii=False), ""
+def _json_items(stream: Any, max_bytes: int) -> Iterator[tuple[int, str, str]]:
+    """A JSON file: an array of records streamed one by one (row = index + 1), or one record."""
+    return JsonItems(stream, max_bytes).items()
 
 
-def open_file(fs: pafs.FileSystem, path: str) -> Any:
-    """A stream of a data file; Parquet needs random access, the rest is read sequentially."""
+class JsonItems:
+    """The items of a JSON array read a chunk at a time. An item longer than `max_bytes`, or
+    nested too deeply to parse, is skipped by scanning for its end without keeping it; a
+    syntax error ends the file with one rejected record (what follows cannot be told apart
+    from the broken item)."""
+
+    SPECIAL = re.compile(r'["\[\]{},]')  # what moves an item's end outside strings
+    IN_STRING = re.compile(r'["\\]')  # what moves it inside one
+
+    def __init__(self, stream: Any, max_bytes: int):
+        self.stream, self.max_bytes = stream, max_bytes
+        self.buffer, self.at, self.pending = "", 0, b""  # pending: a character cut by the chunk's end
+
+    def more(self, keep: bool = True) -> bool:
+        """Read a chunk after what is left from `at` (or instead of it, `keep=False`); False at the end."""
+        chunk = self.stream.read(READ_CHUNK)
+        data = self.pending + chunk
+        cut = _partial_utf8(data) if chunk else 0
+        self.pending = data[len(data) - cut:] if cut else b""
+        text = data[:len(data) - cut].decode("utf-8", errors="surrogateescape")
+        self.buffer, self.at = (self.buffer[self.at:] if keep else "") + text, 0
+        return bool(chunk)
+
+    def next_char(self, wanted: str) -> str:
+        """Skip blanks; the next character if it is one of `wanted`, else ""."""
+        while True:
+            while self.at < len(self.buffer) and self.buffer[self.at] in " \t\r\n\ufeff":
+                self.at += 1
+            if self.at < len(self.buffer) or not self.more():
+                return self.buffer[self.at] if self.at < len(self.buffer) and self.buffer[self.at] in wanted else ""
+
+    def items(self) -> Iterator[tuple[int, str, str]]:
+        self.more()
+        in_array = self.next_char("[") == "["
+        self.at += in_array
+        row = 0
+        while not (in_array and self.next_char("]") == "]"):
+            row += 1
+            try:
+                end, problem = self.decode()
+            except json.JSONDecodeError as e:
+                yield row, self.buffer[self.at:self.at + 2000], f"not_json: {e.msg} (item {row}); the rest of the file is skipped"
+                return
+            if problem:
+                yield row, "", problem
+            elif _has_escaped_bytes(self.buffer, self.at, end):
+                raw = self.buffer[self.at:end].encode("utf-8", "surrogateescape")
+                yield row, raw.decode("utf-8", "backslashreplace"), "not_utf8: invalid bytes in the item"
+            else:  # the item's own text: valid UTF-8 (an escaped "\ud800" stays escaped for the parser to judge)
+                yield row, self.buffer[self.at:end], ""
+            self.at = end
+            separator = self.next_char(",]") if in_array else "]"
+            if separator == "]":
+                return
+            if not separator:
+                yield row + 1, self.buffer[self.at:self.at + 2000], \
+                    f"not_json: expected ',' or ']' after item {row}; the rest of the file is skipped"
+                return
+            self.at += 1
+
+    def decode(self) -> tuple[int, str]:
+        """(where the item at `at` ends, "") or (its end, why it was rejected, unread or too long).
+
+        Raises:
+            json.JSONDecodeError: the item is not JSON.
+        """
+        while True:
+            try:
+                _, end = json.JSONDecoder().raw_decode(self.buffer, self.at)
+                if end - self.at > self.max_bytes:  # it fitted in the chunks read: rejected all the same
+                    return end, too_large(end - self.at, self.max_bytes)
+                return end, ""
+            except json.JSONDecodeError:
+                if len(self.buffer) - self.at > self.max_bytes:
+                    return self.skip_item("too_large")
+                if not self.more():
+                    raise
+            except RecursionError:
+                return self.skip_item("too_deep")
+
+    def skip_item(self, reason: str) -> tuple[int, str]:
+        """Scan to the end of the item at `at` by its brackets and strings, keeping at most a
+        chunk; returns (its end in the buffer, the rejection)."""
+        depth, in_string, escaped, skipped = 0, False, False, 0
+        while True:
+            if self.at >= len(self.buffer):
+                skipped += len(self.buffer)
+                if not self.more(keep=False):
+                    return self.at, f"{reason}: an item of {skipped} characters or more; not read"
+                self.at, escaped = int(escaped), False  # an escaped character opened the new chunk
+            match = (self.IN_STRING if in_string else self.SPECIAL).search(self.buffer, self.at)
+            if match is None:
+                self.at = len(self.buffer)
+                continue
+            char, self.at = match.group(), match.end()
+            done = None  # where the item ends, once known
+            if in_string and char == "\\":
+                escaped, self.at = self.at >= len(self.buffer), self.at + 1
+            elif char == '"':
+                in_string = not in_string
+                done = self.at if depth == 0 and not in_string else None
+            elif char in "[{":
+                depth += 1
+            elif char in "]}" and depth > 0:
+                depth -= 1
+                done = self.at if depth == 0 else None
+            elif depth == 0:  # a ',' or the array's ']' after a scalar
+                done = match.start()
+            if done is not None:
+                return done, f"{reason}: an item of {skipped + done} characters or more; not read"
+
+
+def _partial_utf8(data: bytes) -> int:
+    """How many bytes at the end of `data` start a UTF-8 character that is cut off."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+            return back if need > back else 0
+    return 0
+
+
+def _has_escaped_bytes(buffer: str, start: int, end: int) -> bool:
+    """Whether an item holds bytes that were not UTF-8 (kept as surrogates U+DC80-U+DCFF)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in buffer[start:end])
+
+
+def open_file(fs: pafs.FileSystem, path: str, limits: ReadLimits = ReadLimits()) -> Any:
+    """A stream of a data file; Parquet needs random access, the rest is read sequentially,
+    a compressed file through a `BoundedStream`."""
     if file_kind(path) == "parquet":
         return fs.open_input_file(fs_path(path))
-    return fs.open_input_stream(fs_path(path), compression="detect")
+    if not path.lower().endswith(COMPRESSIONS):
+        return fs.open_input_stream(fs_path(path))
+    size = fs.get_file_info(fs_path(path)).size or 0
+    return BoundedStream(fs.open_input_stream(fs_path(path), compression="detect"), size,
+                         limits.max_decompressed_ratio)
 
 
 def fs_path(path: str) -> str:
@@ -199,7 +415,7 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
             try:
                 if not error:
                     seen[detect_format(map_fields(json.loads(text), source.fields))] += 1
-            except (json.JSONDecodeError, RecordError):
+            except (json.JSONDecodeError, RecordError, RecursionError):  # a bad record is not a format vote
                 continue
     if not seen:
         raise DataError(f"{key}: format auto: none of the first records of {files[0]} looks like text, "
@@ -288,7 +504,8 @@ def _count_newlines(fs: pafs.FileSystem, unit: Unit) -> int:
                    for at in range(unit.start, unit.end, READ_CHUNK))
 
 
-def read_corpus(fs: pafs.FileSystem, files: list[str], rows_per_block: int = 4096, spread: bool = False) -> Any:
+def read_corpus(fs: pafs.FileSystem, files: list[str], rows_per_block: int = 4096, spread: bool = False,
+                limits: ReadLimits = ReadLimits()) -> Any:
     """A Ray Data dataset of the records of `files` as rows of (path, line, text, error), in
     blocks of up to `rows_per_block` rows.
 
@@ -303,7 +520,7 @@ def read_corpus(fs: pafs.FileSystem, files: list[str], rows_per_block: int = 409
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     groups = task_groups(read_units(fs, files, cpus), cpus)
-    datasource = _datasource_class()(fs, groups, rows_per_block)
+    datasource = _datasource_class()(fs, groups, rows_per_block, limits)
     return ray.data.read_datasource(datasource, override_num_blocks=-1 if spread else len(groups))
 
 
@@ -314,8 +531,8 @@ def _datasource_class() -> type:
     from ray.data.datasource import Datasource, ReadTask
 
     class ReadCorpus(Datasource):
-        def __init__(self, fs: pafs.FileSystem, groups: list[list[Unit]], rows_per_block: int):
-            self._fs, self._groups, self._rows_per_block = fs, groups, rows_per_block
+        def __init__(self, fs: pafs.FileSystem, groups: list[list[Unit]], rows_per_block: int, limits: ReadLimits):
+            self._fs, self._groups, self._rows_per_block, self._limits = fs, groups, rows_per_block, limits
 
         def get_name(self) -> str:
             return "Corpus"
@@ -324,8 +541,8 @@ def _datasource_class() -> type:
             return sum(u.bytes for group in self._groups for u in group)
 
         def get_read_tasks(self, parallelism: int, **_: Any) -> list:
-            fs, rows_per_block = self._fs, self._rows_per_block
-            return [ReadTask(functools.partial(_read_units, fs, group, rows_per_block),
+            fs, rows_per_block, limits = self._fs, self._rows_per_block, self._limits
+            return [ReadTask(functools.partial(_read_units, fs, group, rows_per_block, limits),
                              BlockMetadata(num_rows=None, size_bytes=sum(u.bytes for u in group), exec_stats=None,
                                            input_files=tuple(dict.fromkeys(u.path for u in group))))
                     for group in self._groups]
@@ -333,7 +550,7 @@ def _datasource_class() -> type:
     return ReadCorpus
 
 
-def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int) -> Iterator[Any]:
+def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int, limits: ReadLimits) -> Iterator[Any]:
     """The records of `units` as Arrow tables of up to `rows_per_block` rows."""
     import pyarrow as pa
 
@@ -343,9 +560,9 @@ def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int) -> 
             stream = fs.open_input_file(fs_path(unit.path))
             stream.seek(max(0, unit.start - 1))
         else:
-            stream = open_file(fs, unit.path)
+            stream = open_file(fs, unit.path, limits)
         with stream:
-            for line, text, error in file_records(stream, unit.path, unit):
+            for line, text, error in file_records(stream, unit.path, unit, limits):
                 for column, value in zip(rows, (unit.path, line, text, error)):
                     rows[column].append(value)
                 if len(rows["line"]) >= rows_per_block:
@@ -355,10 +572,11 @@ def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int) -> 
         yield pa.table(rows)
 
 
-def read_records(pattern: str, storage: StorageConfig, key: str) -> Iterator[tuple[str, int, str, str]]:
+def read_records(pattern: str, storage: StorageConfig, key: str,
+                 limits: ReadLimits = ReadLimits()) -> Iterator[tuple[str, int, str, str]]:
     """(file, line or row, record text, error) of every record, in plain Python (no Ray)."""
     fs, files = list_files(pattern, storage, key)
     for path in files:
-        with open_file(fs, path) as stream:
-            for line, text, error in file_records(stream, path):
+        with open_file(fs, path, limits) as stream:
+            for line, text, error in file_records(stream, path, limits=limits):
                 yield path, line, text, error

@@ -22,7 +22,7 @@ import numpy as np
 from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
 from ft_ray.data.formats import RecordError
 from ft_ray.data.pipeline import eval_bucket, record_to_segments
-from ft_ray.data.sources import choose_format, list_files, read_corpus, read_records
+from ft_ray.data.sources import ReadLimits, choose_format, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.scoring import ARMS, ArmScorer, record_key, shot_text
 from ft_ray.storage import RunFolder
@@ -117,7 +117,8 @@ def held_out_dataset(config: JobConfig, source: SourceConfig, key: str, split: f
     """The raw held-out records of one source as a Ray Data dataset of small blocks, so the
     scoring spreads over every actor."""
     fs, files = list_files(source.path, config.storage, key)
-    dataset = read_corpus(fs, files, rows_per_block=config.eval.batch_size * 4, spread=True)
+    dataset = read_corpus(fs, files, rows_per_block=config.eval.batch_size * 4, spread=True,
+                          limits=ReadLimits.of(config.data, source))
     return dataset if split is None else dataset.map_batches(_keep_held_out, fn_kwargs={"split": split},
                                                              batch_format="numpy")
 
@@ -128,7 +129,7 @@ def first_held_out(config: JobConfig, source: SourceConfig, key: str, split: flo
     if limit == 0:
         return
     found = 0
-    for path, line, text, error in read_records(source.path, config.storage, key):
+    for path, line, text, error in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
         if error or (split is not None and eval_bucket(text) >= split):
             continue
         yield record_key(path, line)
@@ -144,7 +145,7 @@ def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str
     shots: list[str] = []
     for key, source in data.keyed_sources():
         fmt, _ = choose_format(source, config.storage, key)
-        for _, _, text, error in read_records(source.path, config.storage, key):
+        for _, _, text, error in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
             if len(shots) == count:
                 return shots
             if split is not None and eval_bucket(text) < split:
@@ -163,7 +164,7 @@ def count_train_records(config: JobConfig) -> int:
     total = 0
     for key, source in config.data.keyed_sources():
         fs, files = list_files(source.path, config.storage, key)
-        dataset = read_corpus(fs, files)
+        dataset = read_corpus(fs, files, limits=ReadLimits.of(config.data, source))
         total += dataset.count() if split is None else int(
             dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)
     return total

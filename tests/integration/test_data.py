@@ -206,7 +206,7 @@ def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_pa
         monkeypatch.setattr(sources, "RANGE_MAX_BYTES", span)
         units = sources.read_units(fs, files, cpus=2, in_ray=False)
         assert len(units) == sum(max(1, -(-(tmp_path / f).stat().st_size // span)) for f in ("big.jsonl", "small.jsonl"))
-        rows = [row for unit in units for block in sources._read_units(fs, [unit], 3) for row in block.to_pylist()]
+        rows = [row for unit in units for block in sources._read_units(fs, [unit], 3, sources.ReadLimits()) for row in block.to_pylist()]
         assert [(r["path"], r["line"], r["text"], r["error"]) for r in rows] == whole, span
         groups = sources.task_groups(units, cpus=2)  # what one read task reads: about a span
         assert [u for group in groups for u in group] == units

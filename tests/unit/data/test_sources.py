@@ -45,10 +45,52 @@ def test_gzip_json_array_parquet_and_text(tmp_path):
     assert list_files(str(tmp_path / "*.json*"), STORAGE)[1] == [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.json")]
 
 
-def test_a_broken_json_file_is_one_rejected_record_with_its_line(tmp_path):
+def test_a_json_array_broken_mid_way_keeps_the_items_before_and_rejects_the_rest(tmp_path):
     (tmp_path / "broken.json").write_text('[\n{"text": "a"},\n{"text": \n')
-    [(line, _, error)] = records(tmp_path / "broken.json")
-    assert line == 4 and error.startswith("not_json: Expecting value (line 4")
+    [(first, text, ok), (second, _, error)] = records(tmp_path / "broken.json")
+    assert (first, json.loads(text), ok) == (1, {"text": "a"}, "")
+    assert second == 2 and error == "not_json: Expecting value (item 2); the rest of the file is skipped"
+
+
+def test_json_arrays_stream_item_by_item_within_max_record_bytes(tmp_path):
+    from ft_ray.data.sources import READ_CHUNK, ReadLimits
+
+    items = [GOOD, {"text": "é" * (READ_CHUNK // 2 + 7)}, {"text": "z" * 300_000}, GOOD]  # items across chunks
+    (tmp_path / "a.json").write_text("\ufeff" + json.dumps(items, ensure_ascii=False))
+    got = [(line, text, error) for _, line, text, error in
+           read_records(str(tmp_path / "a.json"), STORAGE, "data.train", ReadLimits(max_record_bytes=1 << 21))]
+    assert [(line, json.loads(text)) for line, text, _ in got] == list(enumerate(items, start=1))
+    small = [(line, error[:9]) for _, line, _, error in
+             read_records(str(tmp_path / "a.json"), STORAGE, "data.train", ReadLimits(max_record_bytes=200_000))]
+    assert small == [(1, ""), (2, "too_large"), (3, "too_large"), (4, "")]  # skipped to their ends, unkept
+    deep = "[" + json.dumps(GOOD) + ", " + "[" * 100_000 + "]" * 100_000 + ", " + json.dumps(GOOD) + "]"
+    (tmp_path / "deep.json").write_text(deep)
+    assert [(line, error[:8]) for _, line, _, error in read_records(str(tmp_path / "deep.json"), STORAGE, "x")] == [
+        (1, ""), (2, "too_deep"), (3, "")]
+
+
+def test_a_gzip_bomb_is_cut_at_max_decompressed_ratio(tmp_path):
+    from ft_ray.data.sources import ReadLimits
+
+    with gzip.open(tmp_path / "bomb.jsonl.gz", "wb") as f:
+        f.write((json.dumps(GOOD) + "\n").encode() * 1000)
+        f.write(b" " * (64 << 20))  # 64 MiB of blanks: about 64 KiB compressed
+    got = [(line, error) for _, line, _, error in
+           read_records(str(tmp_path / "bomb.jsonl.gz"), STORAGE, "data.train", ReadLimits(max_decompressed_ratio=20))]
+    assert [error for _, error in got[:1000]] == [""] * 1000
+    [(line, error)] = got[1000:]
+    assert line == 1001 and error.startswith("too_large: decompressed past ") and "data.max_decompressed_ratio (20)" in error
+
+
+def test_parquet_reads_only_the_columns_a_format_can_use(tmp_path):
+    from ft_ray.config import DataConfig
+    from ft_ray.data.sources import ReadLimits
+
+    table = pa.Table.from_pylist([{"question": "q", "answer": "a", "blob": "x" * 1000}] * 3)
+    pq.write_table(table, tmp_path / "c.parquet")
+    limits = ReadLimits.of(DataConfig(train="c.parquet", fields={"instruction": "question", "output": "answer"}))
+    got = [json.loads(text) for _, _, text, _ in read_records(str(tmp_path / "c.parquet"), STORAGE, "data.train", limits)]
+    assert got == [{"question": "q", "answer": "a"}] * 3
 
 
 def test_nothing_to_read_names_the_key_and_what_was_looked_for(tmp_path):
@@ -67,3 +109,57 @@ def test_auto_format_is_chosen_from_the_first_records_and_said(tmp_path):
     mapped = SourceConfig(path=str(path), format="auto", fields={"text": "missing"})
     assert choose_format(mapped, STORAGE, "data.train")[0] == "chat"
     assert choose_format(SourceConfig(path=str(path), format="text"), STORAGE, "k") == ("text", "k: format text (from the config)")
+
+
+def test_a_line_over_max_record_bytes_is_too_large_and_never_held_in_memory(tmp_path):
+    import time
+    import tracemalloc
+
+    from ft_ray.data.sources import ReadLimits
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "wb") as f:  # 64 MiB on one line between two good records
+        f.write(json.dumps(GOOD).encode() + b'\n{"text": "')
+        for _ in range(64):
+            f.write(b"x" * (1 << 20))
+        f.write(b'"}\n' + json.dumps(GOOD).encode() + b"\n")
+    tracemalloc.start()
+    started = time.perf_counter()
+    got = [(line, text, error) for _, line, text, error in
+           read_records(str(path), STORAGE, "data.train", ReadLimits(max_record_bytes=1 << 20))]
+    elapsed, peak = time.perf_counter() - started, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got[0] == (1, json.dumps(GOOD), "") and got[2] == (3, json.dumps(GOOD), "")
+    assert got[1] == (2, "", f"too_large: {64 * (1 << 20) + 12} bytes, over data.max_record_bytes (1048576); not read")
+    assert peak < 8 << 20, f"peak {peak / 2**20:.0f} MiB: the line was buffered"
+    assert elapsed < 10, elapsed  # linear: a chunk at a time (the old reader re-joined the line per chunk)
+
+
+def test_byte_ranges_starting_inside_a_long_line_skip_it_without_keeping_it(tmp_path):
+    import pyarrow.fs as pafs
+
+    from ft_ray.data.sources import ReadLimits, Unit, file_records
+
+    path = tmp_path / "ranges.jsonl"
+    lines = [json.dumps(GOOD).encode(), b'{"text": "' + b"y" * 300_000 + b'"}'] * 3
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    fs, size = pafs.LocalFileSystem(), path.stat().st_size
+    limits = ReadLimits(max_record_bytes=100_000)
+    whole = [(n, error[:9]) for n, _, error in file_records(open(path, "rb"), str(path), limits=limits)]
+    assert whole == [(1, ""), (2, "too_large"), (3, ""), (4, "too_large"), (5, ""), (6, "too_large")]
+    bounds = list(range(0, size, 70_001)) + [size]  # most ranges start inside a long line
+    counted, before = [], 0  # lines of the file before each range (read_units counts them the same way)
+    for start, end in zip(bounds, bounds[1:]):
+        with fs.open_input_file(str(path)) as stream:
+            stream.seek(max(0, start - 1))
+            unit = Unit(str(path), size, start, end, before)
+            counted += [(n, error[:9]) for n, _, error in file_records(stream, str(path), unit, limits)]
+        before += path.read_bytes()[start:end].count(b"\n")
+    assert counted == whole
+
+
+def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
+    (tmp_path / "a.json").write_bytes(b'[{"text": "ok"}, {"text": "caf\xe9"}, {"text": "ok"}]')
+    got = [(line, text, error) for _, line, text, error in read_records(str(tmp_path / "a.json"), STORAGE, "x")]
+    assert [(line, error) for line, _, error in got] == [(1, ""), (2, "not_utf8: invalid bytes in the item"), (3, "")]
+    assert got[1][1] == '{"text": "caf\\xe9"}'
