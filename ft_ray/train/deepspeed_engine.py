@@ -134,8 +134,29 @@ class DeepSpeedEngine:
         return state  # PEFT's save_pretrained picks the adapter keys out of it
 
     def load(self, folder: Path) -> None:
-        """Restore weights, optimizer and scheduler from every rank's shard."""
+        """Restore weights, optimizer and scheduler from every rank's shard, unpickled with
+        torch's weights-only loader (DeepSpeed's own would run any pickle)."""
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
         path, _ = self.engine.load_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"{folder}: no DeepSpeed checkpoint to resume from")
+
+
+def weights_only_checkpoint_engine() -> Any:
+    """DeepSpeed's torch checkpoint engine loading with `weights_only=True`: tensors, plain
+    containers and the few DeepSpeed classes its ZeRO 0-3 files hold (with and without CPU
+    offload, fp32 and bf16; found by loading such files), nothing else."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()

@@ -103,6 +103,37 @@ def test_training_worker_killed_restarts_the_group(reference, tmp_path):
     assert summary["steps"] == STEPS
 
 
+def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference, tmp_path):
+    # SIGSTOP: the process is alive and holds its resources but never answers; the other
+    # rank's collective gives up after distributed.timeout_s and Ray Train restarts the group.
+    run = tmp_path / "runs" / "worker-hung"
+    stopped: list[psutil.Process] = []
+
+    def stop_a_worker() -> int:
+        wait_for(lambda: (run / "checkpoint-000004" / MANIFEST).exists(), 300, "the first checkpoint")
+        wait_for(lambda: '{"step": 6,' in (run / "metrics.jsonl").read_text(), 120, "step 6")
+        [victim, *_] = training_workers()
+        victim.suspend()
+        stopped.append(victim)
+        return victim.pid
+
+    thread, done = in_background(stop_a_worker)
+    try:
+        summary = run_training(load_config(write_job(tmp_path, run_name="worker-hung", train=TRAIN,
+                                                     distributed={"timeout_s": 15})))
+    finally:
+        for process in stopped:  # never leave a stopped process behind, whatever happened
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+    thread.join(60)
+    assert done and isinstance(done[0], int), f"no worker was stopped: {done}"
+    resume = assert_recovered(outcome_in(run), reference)
+    assert resume["resumed_from"] == str(run / "checkpoint-000004") and resume["step"] == 4
+    assert summary["steps"] == STEPS
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 """The DeepSpeed JSON is generated from the job, so the two cannot disagree."""
 
 import pytest
+import torch
 
 from ft_ray.config import ConfigError, config_from_dict
 from ft_ray.train.deepspeed_engine import deepspeed_config
@@ -87,3 +88,26 @@ def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
     assert plan.batches_per_epoch == 5 and plan.total_steps == 3 * 5 // 2
     config.train.max_steps = 7
     assert plan_steps(config, 40).total_steps == 7
+
+
+class _Payload:
+    """What a tampered checkpoint could hold: unpickling it would run a command."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch ft-ray-pwned",))
+
+
+def test_deepspeed_states_are_unpickled_weights_only(tmp_path, monkeypatch):
+    import pickle
+
+    from ft_ray.train.deepspeed_engine import weights_only_checkpoint_engine
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"optimizer_state_dict": {"state": {}}, "ds_version": "0.19"}, tmp_path / "fine.pt")
+    assert weights_only_checkpoint_engine().load(str(tmp_path / "fine.pt"))["ds_version"] == "0.19"
+    torch.save({"optimizer_state_dict": _Payload()}, tmp_path / "tampered.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        weights_only_checkpoint_engine().load(str(tmp_path / "tampered.pt"))
+    assert not (tmp_path / "ft-ray-pwned").exists()
