@@ -150,7 +150,7 @@ def _kind_records(stream: Any, path: str, unit: "Unit | None", limits: ReadLimit
     elif kind == "text":
         yield from _paragraphs(stream, max_bytes)
     elif kind == "json":
-        yield from _json_items(stream, max_bytes)
+        yield from JsonItems(stream, max_bytes).items()
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -228,30 +228,33 @@ def _decode(raw: bytes) -> tuple[str, str]:
 
 
 def _paragraphs(stream: Any, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, str]]:
-    """Plain text: one record per paragraph (blocks separated by blank lines)."""
-    block: list[str] = []
-    start = 0
-    for number, raw, size in _lines(stream, max_bytes=max_bytes):
-        if raw is None:
-            yield number, "", too_large(size, max_bytes)
-            continue
-        text, error = _decode(raw)
+    """Plain text: one record per paragraph (blocks separated by blank lines); a paragraph
+    longer than `max_bytes` is too_large, its lines read past and not kept."""
+    block: list[str] | None = []  # None: the paragraph grew past max_bytes
+    start = size = 0
+    for number, raw, length in _lines(stream, max_bytes=max_bytes):
+        text, error = _decode(raw) if raw is not None else ("", "")
         if error:
             yield number, text, error
             continue
-        if text.strip():
-            start = start or number
-            block.append(text)
-        elif block:
-            yield start, json.dumps({"text": "\n".join(block)}, ensure_ascii=False), ""
-            block, start = [], 0
-    if block:
-        yield start, json.dumps({"text": "\n".join(block)}, ensure_ascii=False), ""
+        if raw is None or text.strip():
+            start, size = start or number, size + length + 1
+            if block is not None and size <= max_bytes:
+                block.append(text)
+            else:
+                block = None
+            continue
+        if start:
+            yield _paragraph(start, block, size, max_bytes)
+            block, start, size = [], 0, 0
+    if start:
+        yield _paragraph(start, block, size, max_bytes)
 
 
-def _json_items(stream: Any, max_bytes: int) -> Iterator[tuple[int, str, str]]:
-    """A JSON file: an array of records streamed one by one (row = index + 1), or one record."""
-    return JsonItems(stream, max_bytes).items()
+def _paragraph(start: int, block: list[str] | None, size: int, max_bytes: int) -> tuple[int, str, str]:
+    if block is None:
+        return start, "", too_large(size, max_bytes)
+    return start, json.dumps({"text": "\n".join(block)}, ensure_ascii=False), ""
 
 
 class JsonItems:

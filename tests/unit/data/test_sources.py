@@ -163,3 +163,13 @@ def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
     got = [(line, text, error) for _, line, text, error in read_records(str(tmp_path / "a.json"), STORAGE, "x")]
     assert [(line, error) for line, _, error in got] == [(1, ""), (2, "not_utf8: invalid bytes in the item"), (3, "")]
     assert got[1][1] == '{"text": "caf\\xe9"}'
+
+
+def test_a_paragraph_over_max_record_bytes_is_too_large(tmp_path):
+    from ft_ray.data.sources import ReadLimits
+
+    (tmp_path / "a.txt").write_text("short one\n\n" + "a long line\n" * 20_000 + "\nlast one\n")
+    got = [(line, text, error[:9]) for _, line, text, error in
+           read_records(str(tmp_path / "a.txt"), STORAGE, "x", ReadLimits(max_record_bytes=100_000))]
+    assert got == [(1, json.dumps({"text": "short one"}), ""), (3, "", "too_large"),
+                   (20_004, json.dumps({"text": "last one"}), "")]
