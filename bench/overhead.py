@@ -77,7 +77,7 @@ def plain_step_times(config: Any) -> list[tuple[float, int]]:
     from ft_ray.data.tokenize import pack_examples
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
-    from ft_ray.train.loop import build_model
+    from ft_ray.train.modeling import build_model
 
     torch.set_num_threads(int(config.distributed.cpus_per_worker))
     tokenizer = load_tokenizer(config.model)

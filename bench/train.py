@@ -130,7 +130,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
     from ft_ray.train.flops import flops_per_token, peak_flops
-    from ft_ray.train.loop import build_model
+    from ft_ray.train.modeling import build_model
 
     tokenizer = load_tokenizer(config.model)
     sequences = list(pack_examples(data, config.model.max_seq_len, tokenizer.pad_token_id))

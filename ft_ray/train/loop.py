@@ -9,12 +9,8 @@ straight to `metrics.jsonl` / W&B from rank 0. Every rank reports on the same st
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -22,10 +18,10 @@ import torch
 from ft_ray.config import JobConfig
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
-from ft_ray.train.checkpoints import (MANIFEST, STATE_FILE, digest_problem, file_digests, list_checkpoints,
-                                      manifest_json, manifest_problem, next_checkpoint_name)
-from ft_ray.train.engines import COMPUTE_DTYPES, build_engine
-from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
+from ft_ray.train.checkpoint_io import TrainState, report, restore
+from ft_ray.train.collectives import all_reduce_sum, worker_nodes
+from ft_ray.train.engines import build_engine
+from ft_ray.train.modeling import build_model
 
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
 
@@ -36,18 +32,6 @@ class StepPlan:
 
     total_steps: int
     batches_per_epoch: int
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint so a resume continues exactly here."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro batches of this epoch already consumed
-    train_tokens: int = 0
-    eval_loss_initial: float | None = None
-    world_size: int = 1  # of the run that wrote the checkpoint
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -119,64 +103,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           "train_tokens": state.train_tokens})
     trace.flush()
     tracker.finish()
-
-
-def build_model(config: JobConfig, base_model_path: str) -> Any:
-    """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import apply_lora, load_base_model, load_quantized_model
-
-    compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
-    if config.method == "qlora":
-        model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing)
-    else:
-        # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
-        # memory and a cast of every weight in every autocast forward; trained weights stay fp32
-        model = load_base_model(config.model, dtype=compute_dtype if config.trains_adapter else None)
-        if config.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
-    use_fused_kernels(model, config)
-    if compute_dtype and not config.train.fp32_residual:
-        residual_in_compute_dtype(model, compute_dtype)
-    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
-    if config.method == "full" and config.train.recompute_swiglu and not zero3:
-        recompute_swiglu_product(model)  # ZeRO-3 gathers down_proj's weight only inside down_proj's forward
-    if config.data.pack and config.model.attn_implementation == "sdpa":
-        from ft_ray.train.attention import register
-
-        model.set_attn_implementation(register())  # per-example attention spans in packed batches
-    if config.trains_adapter:
-        model = apply_lora(model, config.lora, base_model_path)
-        if config.train.fused_kernels != "none" and not zero3:
-            fuse_lora_layers(model)
-    model.config.use_cache = False
-    if config.train.compile:
-        model.compile()  # in place: the module (and save_pretrained) stay as they are
-    return model
-
-
-def use_fused_kernels(model: Any, config: JobConfig) -> bool:
-    """Swap in liger-kernel's fused layers (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)
-    on CUDA; returns whether it did. `fused_kernels: liger` insists (an error if it cannot)."""
-    choice = config.train.fused_kernels
-    if choice == "none" or not (config.distributed.use_gpu and torch.cuda.is_available()):
-        if choice == "liger":
-            raise RuntimeError("train.fused_kernels: liger needs a CUDA GPU (distributed.use_gpu: true); use auto")
-        return False
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        if choice == "liger":
-            raise RuntimeError("train.fused_kernels: liger needs the liger-kernel package (pip install ft-ray[gpu])")
-        return False
-    try:
-        _apply_liger_kernel_to_instance(model=model)
-    except Exception as e:  # a model type or transformers release this liger does not know
-        if choice == "liger":
-            raise RuntimeError(f"train.fused_kernels: liger could not patch this model: {e}") from e
-        warnings.warn(f"train.fused_kernels auto: liger-kernel not used ({e}); plain torch layers")
-        return False
-    return True
 
 
 def train_pieces(config: JobConfig, rank: int) -> list[Any]:
@@ -269,130 +195,3 @@ def evaluate(engine: Any, shard: Any, config: JobConfig) -> float:
     return loss_sum / max(1, targets)
 
 
-def worker_nodes() -> list[str]:
-    """The Ray node id of every rank, in rank order (a collective)."""
-    import ray
-    import torch.distributed as dist
-
-    node = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [node]
-    nodes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return nodes
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum small numbers over workers (a sync point: every rank must call it)."""
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        tensor = tensor.to(device)
-        dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
-
-
-def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool, rank: int,
-           run: RunFolder) -> None:
-    """Report metrics to Ray; on checkpoint steps attach the saved state, and when every rank
-    has uploaded its files, rank 0 writes the checkpoint's manifest, last."""
-    import ray.train
-
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    name = broadcast(next_checkpoint_name(list_checkpoints(run.fs, run.root), state.step) if rank == 0 else None)
-    world_size = ray.train.get_context().get_world_size()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        engine.save(folder, rank)  # a collective for sharded engines: every rank calls it
-        if rank == 0:
-            state.world_size = world_size
-            (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
-        attach = rank == 0 or engine.saves_on_every_rank  # Ray merges every rank's files into one folder
-        files = gather_dicts(file_digests(folder) if attach else {})
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if attach else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)  # uploads before it returns
-    all_reduce_sum([0.0])  # a barrier: every rank's upload is done
-    if rank == 0:
-        run.write_text(f"{name}/{MANIFEST}", manifest_json(files, state.step, world_size))
-
-
-def broadcast(value: Any) -> Any:
-    """Rank 0's value on every rank (a collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_dicts(part: dict) -> dict:
-    """Every rank's dict merged (a collective); the same on every rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return dict(part)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return {key: value for p in parts for key, value in p.items()}
-
-
-def check_world_size(engine: Any, state: TrainState, world_size: int, where: str) -> None:
-    """Sharded (ZeRO) state cannot be loaded by a different number of workers.
-
-    Raises:
-        RuntimeError: saying which worker count the checkpoint needs and how to go on.
-    """
-    if engine.saves_on_every_rank and getattr(engine, "zero_stage", 0) > 0 and state.world_size != world_size:
-        raise RuntimeError(
-            f"{where} holds ZeRO shards of {state.world_size} workers; this run has {world_size}. "
-            f"Resume with distributed.num_workers={state.world_size}, or start a new run_name from the "
-            f"exported weights (ft-ray export {where} --out DIR, then model.name_or_path: DIR).")
-
-
-def restore(engine: Any, run: RunFolder) -> tuple[TrainState, str | None, list[tuple[str, str]]]:
-    """Load the newest complete checkpoint of this run, if there is one.
-
-    Every rank reads the same storage and so picks the same checkpoint. Incomplete ones
-    (no manifest, a file missing, truncated or changed) are skipped with a warning. When
-    none is complete the run starts from step 0: the driver refused a relaunch onto only
-    incomplete checkpoints (`check_same_job`), so these are this run's own, cut short by
-    the failure that restarted its workers (e.g. the store went away during the first upload).
-
-    Returns:
-        (the state to continue from, the checkpoint's URI or None for a fresh start,
-        the skipped checkpoints with the reason of each).
-    """
-    import ray.train
-
-    world_size = ray.train.get_context().get_world_size()
-    candidates = list_checkpoints(run.fs, run.root)
-    skipped: list[tuple[str, str]] = []
-    for candidate in candidates:
-        path = run.path(candidate.name)
-        problem = manifest_problem(run.fs, path)
-        if problem is None:
-            with ray.train.Checkpoint(path, run.fs).as_directory() as folder:
-                problem = digest_problem(Path(folder))
-                if problem is None:
-                    state = TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
-                    check_world_size(engine, state, world_size, run.uri_of(candidate.name))
-                    engine.load(Path(folder))
-                    break
-        print(f"[ft-ray] warning: skipping checkpoint {run.uri_of(candidate.name)}: {problem}", flush=True)
-        skipped.append((candidate.name, problem))
-    else:
-        if skipped:
-            print(f"[ft-ray] warning: no complete checkpoint in {run.uri} (this run's own were cut short): "
-                  "starting from step 0", flush=True)
-        return TrainState(), None, []
-    if state.world_size != world_size:
-        # Shards differ with the worker count: keep the share of the epoch already seen.
-        state.batch_in_epoch = state.batch_in_epoch * state.world_size // world_size
-        state.world_size = world_size
-    return state, run.uri_of(candidate.name), skipped

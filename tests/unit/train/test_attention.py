@@ -10,7 +10,7 @@ from ft_ray.config import ModelConfig, config_from_dict
 from ft_ray.models import load_base_model
 from ft_ray.train.attention import (_varlen_attn, cumulative_lengths, example_spans, in_compute_dtype, packed_sdpa,
                                      register)
-from ft_ray.train.loop import build_model, use_fused_kernels
+from ft_ray.train.modeling import build_model, use_fused_kernels
 
 
 def test_spans_start_where_positions_restart():

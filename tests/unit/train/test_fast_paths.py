@@ -11,7 +11,7 @@ import torch
 from ft_ray.config import ModelConfig, config_from_dict
 from ft_ray.models import load_base_model
 from ft_ray.train.fast_paths import fused_forward
-from ft_ray.train.loop import build_model
+from ft_ray.train.modeling import build_model
 
 
 def job(method: str = "lora", **train):

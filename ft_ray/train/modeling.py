@@ -1,0 +1,71 @@
+"""The model a worker trains: the base model (4-bit for QLoRA) with the project's fast paths
+and per-example attention, wrapped with LoRA unless the method is a full fine-tune."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ft_ray.config import JobConfig
+from ft_ray.train.engines import COMPUTE_DTYPES
+from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
+
+
+def build_model(config: JobConfig, base_model_path: str) -> Any:
+    """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
+    from ft_ray.models import apply_lora, load_base_model, load_quantized_model
+
+    compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
+    if config.method == "qlora":
+        model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing)
+    else:
+        # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
+        # memory and a cast of every weight in every autocast forward; trained weights stay fp32
+        model = load_base_model(config.model, dtype=compute_dtype if config.trains_adapter else None)
+        if config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
+    use_fused_kernels(model, config)
+    if compute_dtype and not config.train.fp32_residual:
+        residual_in_compute_dtype(model, compute_dtype)
+    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
+    if config.method == "full" and config.train.recompute_swiglu and not zero3:
+        recompute_swiglu_product(model)  # ZeRO-3 gathers down_proj's weight only inside down_proj's forward
+    if config.data.pack and config.model.attn_implementation == "sdpa":
+        from ft_ray.train.attention import register
+
+        model.set_attn_implementation(register())  # per-example attention spans in packed batches
+    if config.trains_adapter:
+        model = apply_lora(model, config.lora, base_model_path)
+        if config.train.fused_kernels != "none" and not zero3:
+            fuse_lora_layers(model)
+    model.config.use_cache = False
+    if config.train.compile:
+        model.compile()  # in place: the module (and save_pretrained) stay as they are
+    return model
+
+
+def use_fused_kernels(model: Any, config: JobConfig) -> bool:
+    """Swap in liger-kernel's fused layers (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)
+    on CUDA; returns whether it did. `fused_kernels: liger` insists (an error if it cannot)."""
+    choice = config.train.fused_kernels
+    if choice == "none" or not (config.distributed.use_gpu and torch.cuda.is_available()):
+        if choice == "liger":
+            raise RuntimeError("train.fused_kernels: liger needs a CUDA GPU (distributed.use_gpu: true); use auto")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice == "liger":
+            raise RuntimeError("train.fused_kernels: liger needs the liger-kernel package (pip install ft-ray[gpu])")
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=model)
+    except Exception as e:  # a model type or transformers release this liger does not know
+        if choice == "liger":
+            raise RuntimeError(f"train.fused_kernels: liger could not patch this model: {e}") from e
+        warnings.warn(f"train.fused_kernels auto: liger-kernel not used ({e}); plain torch layers")
+        return False
+    return True
