@@ -51,7 +51,7 @@ def same_work_one_process(files: list[Path], tokenizer, batch_size: int, max_seq
     without Ray: separates what the work costs from what distributing it costs."""
     import numpy as np
 
-    from ft_ray.data.pipeline import encode_records
+    from ft_ray.data.records import encode_records
     from ft_ray.data.tokenize import pack_arrays
 
     tokens = 0

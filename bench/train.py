@@ -90,7 +90,7 @@ def make_model(device: str, folder: Path) -> str:
 def examples(corpus: Path, tokenizer: Any, max_seq_len: int, fmt: str = "instruction") -> list[dict]:
     """Token ids and loss masks of every record (a JSONL file, or a folder of them), exactly as
     ft-ray's pipeline makes them."""
-    from ft_ray.data.pipeline import tokenize_batch
+    from ft_ray.data.records import tokenize_batch
 
     files = [corpus] if corpus.is_file() else sorted(corpus.glob("*.jsonl"))
     lines = [line for f in files for line in f.read_text().splitlines()]

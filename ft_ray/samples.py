@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import RecordError, detect_format, map_fields, record_segments
-from ft_ray.data.pipeline import eval_bucket
+from ft_ray.data.records import eval_bucket
 from ft_ray.data.sources import read_records
 
 

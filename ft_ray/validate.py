@@ -11,7 +11,7 @@ from typing import Any
 
 from ft_ray.config import JobConfig, SourceConfig
 from ft_ray.data.formats import RecordError
-from ft_ray.data.pipeline import eval_bucket, parse_record
+from ft_ray.data.records import eval_bucket, parse_record
 from ft_ray.data.sources import ReadLimits, choose_format, read_records
 
 PEEK_RECORDS = 100

@@ -20,7 +20,7 @@ import numpy as np
 
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import RecordError
-from ft_ray.data.pipeline import record_to_segments
+from ft_ray.data.records import record_to_segments
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
 from ft_ray.evaluation import metrics
 

@@ -11,7 +11,7 @@ import pytest
 
 from ft_ray.config import ModelConfig
 from ft_ray.data.formats import RecordError
-from ft_ray.data.pipeline import tokenize_batch
+from ft_ray.data.records import tokenize_batch
 from ft_ray.models import load_tokenizer
 
 GOOD = json.dumps({"instruction": "Say hi.", "output": "Hi there."})

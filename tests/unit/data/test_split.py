@@ -3,7 +3,8 @@
 import numpy as np
 
 from ft_ray.config import ModelConfig
-from ft_ray.data.pipeline import eval_bucket, parse_and_tokenize
+from ft_ray.data.pipeline import parse_and_tokenize
+from ft_ray.data.records import eval_bucket
 from tests.conftest import DEMO
 
 
