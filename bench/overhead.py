@@ -77,6 +77,7 @@ def plain_step_times(config: Any) -> list[tuple[float, int]]:
     from ft_ray.data.tokenize import pack_examples
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
+    from ft_ray.train.objectives import build_objective
     from ft_ray.train.modeling import build_model
 
     torch.set_num_threads(int(config.distributed.cpus_per_worker))
@@ -84,7 +85,7 @@ def plain_step_times(config: Any) -> list[tuple[float, int]]:
     data = examples(Path(config.data.train), tokenizer, config.model.max_seq_len, "auto")
     sequences = list(pack_examples(data, config.model.max_seq_len, tokenizer.pad_token_id))
     size, steps = config.train.micro_batch_size, config.train.max_steps
-    engine = build_engine(build_model(config, config.model.name_or_path), config, steps)
+    engine = build_engine(build_model(config, config.model.name_or_path), config, steps, build_objective(config))
     epoch = [sequences[start:start + size] for start in range(0, len(sequences), size)]
     times = []
     started = time.perf_counter()

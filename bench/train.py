@@ -129,6 +129,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
     from ft_ray.data.tokenize import pack_examples
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
+    from ft_ray.train.objectives import build_objective
     from ft_ray.train.flops import flops_per_token, peak_flops
     from ft_ray.train.modeling import build_model
 
@@ -137,7 +138,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
     size = config.train.micro_batch_size
     steps = len(sequences) // size
     model = build_model(config, config.model.name_or_path)
-    engine = build_engine(model, config, steps * passes)
+    engine = build_engine(model, config, steps * passes, build_objective(config))
     device = engine.device
     clock, losses, phases = PassClock(device.type, steps, warmup), [], {}
     for done in range(steps * passes):

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engines import causal_lm_loss, eval_loss_sum, warmup_cosine
+from ft_ray.train.engine_api import eval_loss_sum, warmup_cosine
+from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
 
@@ -28,7 +29,7 @@ def deepspeed_config(config: JobConfig, total_steps: int) -> dict[str, Any]:
     """The DeepSpeed JSON of a job: batch sizes, precision, ZeRO, optimizer.
 
     The learning-rate schedule is not in it: DeepSpeed's WarmupCosineLR trains its first
-    step at lr 0, so both engines share `engines.warmup_cosine`, handed to DeepSpeed as a
+    step at lr 0, so both engines share `engine_api.warmup_cosine`, handed to DeepSpeed as a
     client scheduler (saved and restored with its checkpoints all the same).
     """
     train, dist = config.train, config.distributed
@@ -73,10 +74,10 @@ class DeepSpeedEngine:
 
     saves_on_every_rank = True
 
-    def __init__(self, model: Any, config: JobConfig, total_steps: int):
+    def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
         import deepspeed
 
-        self.module = model
+        self.module, self.objective = model, objective
         self.zero_stage = config.distributed.deepspeed.stage
         self.lora = config.trains_adapter
         params = [p for p in model.parameters() if p.requires_grad]
@@ -89,7 +90,7 @@ class DeepSpeedEngine:
         self.device = self.engine.device
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return causal_lm_loss(self.engine, batch)
+        return self.objective.loss(self.engine, batch)[0]
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
         """Forward, backward and DeepSpeed's step (it updates only at accumulation boundaries,
@@ -109,7 +110,7 @@ class DeepSpeedEngine:
         return self.engine.get_lr()[0]
 
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        return eval_loss_sum(self.engine, self.forward_loss, batch)
+        return eval_loss_sum(self.engine, self.forward_loss, self.objective, batch)
 
     def save(self, folder: Path, rank: int) -> None:
         """Every rank: its ZeRO shard (optimizer, scheduler, partitioned weights); rank 0 also

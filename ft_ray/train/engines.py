@@ -1,16 +1,11 @@
-"""Engines: how one worker's model, optimizer and scheduler take a step, save and load.
-
-The training loop calls one small interface (`micro_step`, `step`, `eval_loss_sum`,
-`save`, `load`, `lr`), so the loop is written once whatever the strategy:
-`DDPEngine` (PyTorch DDP, NCCL on GPU, gloo on CPU) and `DeepSpeedEngine` (ZeRO 0-3,
-optional CPU offload). Both save the weights in the same HF/PEFT layout (`model/`), so
-export does not care which one trained them.
+"""The DDP engine (PyTorch DDP: NCCL on GPU, gloo on CPU), and `build_engine`, which picks
+it or the DeepSpeed one (`deepspeed_engine`, ZeRO 0-3) for the job. The interface both
+implement is written down in `engine_api.Engine`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,21 +13,10 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
+from ft_ray.train.engine_api import COMPUTE_DTYPES, Engine, eval_loss_sum, warmup_cosine
+from ft_ray.train.objectives import Objective
 
 TRAINER_STATE = "optimizer.pt"
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """Learning-rate multiplier: linear warmup, then cosine decay to `min_ratio`."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
 
 
 class DDPEngine:
@@ -40,8 +24,8 @@ class DDPEngine:
 
     saves_on_every_rank = False  # every rank holds the same state: rank 0 writes it
 
-    def __init__(self, model: Any, config: JobConfig, total_steps: int):
-        self.module = model
+    def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
+        self.module, self.objective = model, objective
         self.model = data_parallel(model, config.distributed.use_gpu)
         self.device = next(self.module.parameters()).device
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -57,7 +41,7 @@ class DDPEngine:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            return causal_lm_loss(self.model, batch)
+            return self.objective.loss(self.model, batch)[0]
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
         """Forward and backward of one micro batch; gradients are all-reduced only if `sync`."""
@@ -82,7 +66,7 @@ class DDPEngine:
         return self.scheduler.get_last_lr()[0]
 
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        return eval_loss_sum(self.model, self.forward_loss, batch)
+        return eval_loss_sum(self.model, self.forward_loss, self.objective, batch)
 
     def save(self, folder: Path, rank: int) -> None:
         """Weights (adapter or full model, safetensors) and optimizer/scheduler state."""
@@ -118,26 +102,10 @@ def data_parallel(model: Any, use_gpu: bool) -> Any:
         return model.to("cuda") if use_gpu and torch.cuda.is_available() else model
 
 
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean loss over the batch's target tokens; attention stays inside packed examples
-    (no attention mask + restarting position ids, see `ft_ray.data.tokenize`)."""
-    return model(input_ids=batch["input_ids"], labels=batch["labels"],
-                 position_ids=batch["position_ids"], use_cache=False).loss
-
-
-@torch.no_grad()
-def eval_loss_sum(model: Any, forward_loss, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(sum of token losses, number of target tokens) of one batch."""
-    model.eval()
-    loss = forward_loss(batch)
-    model.train()
-    targets = int((batch["labels"][:, 1:] != -100).sum())
-    return loss.item() * targets, targets
-
-
-def build_engine(model: Any, config: JobConfig, total_steps: int) -> Any:
+def build_engine(model: Any, config: JobConfig, total_steps: int, objective: Objective) -> Engine:
+    """The job's engine: DeepSpeed's for `distributed.strategy: deepspeed`, else DDP."""
     if config.distributed.strategy == "deepspeed":
         from ft_ray.train.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, config, total_steps)
-    return DDPEngine(model, config, total_steps)
+        return DeepSpeedEngine(model, config, total_steps, objective)
+    return DDPEngine(model, config, total_steps, objective)

@@ -21,6 +21,7 @@ from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoint_io import TrainState, report, restore
 from ft_ray.train.collectives import all_reduce_sum, worker_nodes
 from ft_ray.train.engines import build_engine
+from ft_ray.train.objectives import build_objective
 from ft_ray.train.modeling import build_model
 
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
@@ -46,7 +47,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(config, loop_config["base_model_path"])
     throughput = Throughput(config, model, ray.train.get_context().get_world_size())
-    engine = build_engine(model, config, plan.total_steps)
+    engine = build_engine(model, config, plan.total_steps, build_objective(config))
     run = RunFolder.for_job(config)
     state, resumed_from, skipped = restore(engine, run)
     tracker = Tracker(config, run, state.step if resumed_from else None,

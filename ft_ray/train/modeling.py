@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engines import COMPUTE_DTYPES
+from ft_ray.train.engine_api import COMPUTE_DTYPES
 from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
 
 
