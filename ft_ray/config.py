@@ -114,6 +114,14 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_dora: bool = Field(False, description="DoRA: a learned magnitude per output beside the LoRA direction "
+                                              "(slower step: the fused LoRA path does not apply)")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank")
+    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = Field("default", description=(
+        "initialisation of A and B (PEFT's init_lora_weights); pissa/olora start from the base weights' "
+        "principal directions (and change the frozen base accordingly)"))
+    modules_to_save: list[str] = Field(default_factory=list, description=(
+        "modules trained in full next to the adapters and saved with them, e.g. [lm_head, embed_tokens]"))
 
 
 class DeepSpeedConfig(Section):

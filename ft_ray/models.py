@@ -100,7 +100,9 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:
     model.name_or_path = base_model_path  # PEFT records the model's own name as the base
     peft_config = PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        target_modules=lora.target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
+        modules_to_save=lora.modules_to_save or None)
     return get_peft_model(model, peft_config)
 
 

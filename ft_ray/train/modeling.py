@@ -39,8 +39,11 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         model.set_attn_implementation(register())  # per-example attention spans in packed batches
     if config.trains_adapter:
         model = apply_lora(model, config.lora, base_model_path)
-        if config.train.fused_kernels != "none" and not zero3:
-            fuse_lora_layers(model)
+        if config.lora.use_dora and config.train.fused_kernels != "none":
+            print("[ft-ray] note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
+                  "output; PEFT's forward is used)", flush=True)
+        elif config.train.fused_kernels != "none" and not zero3:
+            fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
     model.config.use_cache = False
     if config.train.compile:
         model.compile()  # in place: the module (and save_pretrained) stay as they are

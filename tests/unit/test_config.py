@@ -84,3 +84,19 @@ def test_invalid_yaml_reports_the_line(tmp_path, capsys):
 def test_fp16_on_cpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         load_config(write_job(tmp_path, train={"precision": "fp16"}))
+
+
+def test_lora_variants_are_settings_a_sweep_can_search(tmp_path):
+    from ft_ray.config import ConfigError, load_config
+    from ft_ray.tune import check_search_space
+    from tests.conftest import write_job
+
+    job = write_job(tmp_path, lora={"init": "pissa", "use_rslora": True, "modules_to_save": ["lm_head"]},
+                    tune={"metric": "eval_loss", "mode": "min",
+                          "search_space": {"lora.use_dora": {"choice": [True, False]},
+                                           "lora.init": {"choice": ["default", "olora"]}}})
+    config = load_config(job)
+    assert (config.lora.init, config.lora.use_rslora, config.lora.modules_to_save) == ("pissa", True, ["lm_head"])
+    check_search_space(config)  # no error: both are keys of the schema with valid values
+    with pytest.raises(ConfigError, match="lora.init"):
+        load_config(write_job(tmp_path, "bad.yaml", lora={"init": "svd"}))
