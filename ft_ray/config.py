@@ -55,6 +55,11 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
         "sdpa: packed training batches attend within each example's span (no work across examples); "
         "flash_attention_2: its varlen kernel (needs flash-attn)"))
+    add_tokens: list[str] = Field(default_factory=list, description=(
+        "tokens added to the tokenizer (e.g. a chat format's markers): the embeddings grow, and with "
+        "lora/qlora embed_tokens and lm_head train in full and are saved with the adapter"))
+    chat_template: str | None = Field(None, description=(
+        "a Jinja chat template, inline or the path of a file, for a base model without one (or to replace it)"))
 
 
 FormatName = Literal["auto", "text", "instruction", "chat", "completion"]

@@ -85,21 +85,28 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
     config = config or run_config_of(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(config.model)
     if (weights / "adapter_config.json").exists() and merge:
-        merge_adapter(weights, out)
+        merge_adapter(weights, out, len(tokenizer))
     else:
         for item in weights.iterdir():
             shutil.copy2(item, out / item.name)
-    load_tokenizer(config.model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
-def merge_adapter(adapter: Path, out: Path) -> None:
-    """Fold a LoRA adapter into its base model and save the result in safetensors."""
+def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None) -> None:
+    """Fold a LoRA adapter into its base model and save the result in safetensors. The base
+    grows to `vocab_size` (default: the tokenizer saved with the adapter) when the run added
+    tokens, as a user loading the adapter with plain PEFT would do first."""
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path)
+    if vocab_size is None and (adapter / "tokenizer_config.json").exists():
+        vocab_size = len(AutoTokenizer.from_pretrained(str(adapter)))
+    if vocab_size and base.get_input_embeddings().num_embeddings < vocab_size:
+        base.resize_token_embeddings(vocab_size)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)

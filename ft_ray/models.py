@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ft_ray.config import LoraConfig, ModelConfig
+from ft_ray.config import InputError, LoraConfig, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {"builtin:tiny-llama": ASSETS / "tiny-llama"}
@@ -32,7 +32,41 @@ def load_tokenizer(model: ModelConfig) -> Any:
         str(source), revision=model.revision, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.add_tokens:
+        tokenizer.add_tokens(model.add_tokens, special_tokens=True)
+    if model.chat_template:
+        tokenizer.chat_template = chat_template_text(model.chat_template)
     return tokenizer
+
+
+def chat_template_text(template: str) -> str:
+    """`model.chat_template`: the text of a template file, or the template itself.
+
+    Raises:
+        InputError: neither an existing file nor Jinja text.
+    """
+    if "{%" in template or "{{" in template:
+        return template
+    path = Path(template).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise InputError(f"model.chat_template: {template!r} is neither a file nor a Jinja template")
+
+
+def fit_vocabulary(model: Any, config: ModelConfig) -> Any:
+    """Grow the model's embeddings (and output layer) to a tokenizer with `model.add_tokens`;
+    the new rows start at the mean of the old ones (transformers' mean resizing)."""
+    if config.add_tokens:
+        size = len(load_tokenizer(config))
+        if model.get_input_embeddings().num_embeddings < size:
+            model.resize_token_embeddings(size)
+    return model
+
+
+def trained_in_full(config: ModelConfig) -> list[str]:
+    """Modules an adapter run must train whole and save with the adapter: the embeddings and
+    the output layer when tokens are added (their new rows have nothing to start from)."""
+    return ["embed_tokens", "lm_head"] if config.add_tokens else []
 
 
 def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
@@ -41,9 +75,9 @@ def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
-    return AutoModelForCausalLM.from_pretrained(
+    return fit_vocabulary(AutoModelForCausalLM.from_pretrained(
         str(source), revision=model.revision, trust_remote_code=model.trust_remote_code,
-        dtype=dtype or torch.float32, attn_implementation=model.attn_implementation)
+        dtype=dtype or torch.float32, attn_implementation=model.attn_implementation), model)
 
 
 def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool) -> Any:
@@ -65,6 +99,7 @@ def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpo
         quantization_config=bnb, dtype=compute_dtype, device_map={"": device},
         attn_implementation=model.attn_implementation)
     keep_4bit_weights_unpacked(quantized)
+    fit_vocabulary(quantized, model)  # embeddings are not quantized
     return prepare_model_for_kbit_training(
         quantized, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -88,8 +123,9 @@ def keep_4bit_weights_unpacked(model: Any) -> int:
     return changed
 
 
-def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:
-    """Wrap `model` with trainable LoRA adapters; the base weights are frozen.
+def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = ()) -> Any:
+    """Wrap `model` with trainable LoRA adapters; the base weights are frozen but for
+    `lora.modules_to_save` and `also_in_full` (see `trained_in_full`).
 
     `base_model_path` is written into the adapter config, so the saved adapter names a
     base that `PeftModel.from_pretrained` can load without ft-ray.
@@ -102,7 +138,7 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str) -> Any:
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
         use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
-        modules_to_save=lora.modules_to_save or None)
+        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None)
     return get_peft_model(model, peft_config)
 
 
@@ -114,8 +150,9 @@ def save_base_model(model: ModelConfig, folder: Path) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").exists():
-        load_base_model(model).save_pretrained(folder, safe_serialization=True)
-        load_tokenizer(model).save_pretrained(folder)
+        original = model.model_copy(update={"add_tokens": [], "chat_template": None})  # the base as shipped
+        load_base_model(original).save_pretrained(folder, safe_serialization=True)
+        load_tokenizer(original).save_pretrained(folder)
     return folder
 
 

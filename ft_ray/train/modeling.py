@@ -15,7 +15,7 @@ from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, 
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import apply_lora, load_base_model, load_quantized_model
+    from ft_ray.models import apply_lora, load_base_model, load_quantized_model, trained_in_full
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     if config.method == "qlora":
@@ -38,7 +38,13 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
 
         model.set_attn_implementation(register())  # per-example attention spans in packed batches
     if config.trains_adapter:
-        model = apply_lora(model, config.lora, base_model_path)
+        in_full = trained_in_full(config.model)
+        if in_full:
+            size = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if any(n.split(".")[-2] == m for m in in_full))
+            print(f"[ft-ray] note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
+                  f"the adapter (+{size / 2**20:.1f} MiB)", flush=True)
+        model = apply_lora(model, config.lora, base_model_path, in_full)
         if config.lora.use_dora and config.train.fused_kernels != "none":
             print("[ft-ray] note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
                   "output; PEFT's forward is used)", flush=True)
