@@ -1,8 +1,8 @@
 """Nothing lost when a part fails: each case ends with the planned step count, every step
 once in metrics.jsonl, the same samples in the same steps and the same final weights
 (rtol 1e-4, atol 1e-5) as one uninterrupted run of the same job (the session's
-`reference_run`), or with the exact error expected. tests/RELIABILITY.md tabulates the cases; the lost-node case is in
-tests/e2e/test_cluster.py (it needs a multi-node cluster)."""
+`reference_run`), or with the exact error expected. tests/RELIABILITY.md tabulates the cases;
+the lost-node case is in tests/e2e/test_cluster.py (it needs a multi-node cluster)."""
 
 from __future__ import annotations
 
@@ -30,21 +30,16 @@ from tests.faults import (STEPS, TRAIN, Outcome, assert_same_training, in_backgr
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def reference(reference_run) -> Path:
-    return reference_run
-
-
-def assert_recovered(outcome: Outcome, reference: Path) -> dict:
+def assert_recovered(outcome: Outcome, reference_run: Path) -> dict:
     """The checks every case shares; returns the resume line of metrics.jsonl."""
-    assert_same_training(outcome, reference)
+    assert_same_training(outcome, reference_run)
     assert [m["step"] for m in outcome.metrics if "eval_loss" in m] == [0, 4, 8, 12]
     resumes = [m for m in outcome.metrics if "resumed_from" in m]
     assert len(resumes) == 1, resumes
     return resumes[0]
 
 
-def test_driver_killed_and_relaunched_resumes(reference, tmp_path):
+def test_driver_killed_and_relaunched_resumes(reference_run, tmp_path):
     # The driver runs as `ft-ray train` with its own local Ray, in its own process group; the kill
     # takes all of it (GCS, raylet, Train workers), as a lost head machine would.
     job = write_job(tmp_path, run_name="driver-killed", distributed={"num_workers": [1, 2]}, train=TRAIN)
@@ -65,7 +60,7 @@ def test_driver_killed_and_relaunched_resumes(reference, tmp_path):
                             env=env, timeout=600)
     (tmp_path / "second.log").write_text(second.stdout + second.stderr)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resume = assert_recovered(outcome_in(run), reference)
+    resume = assert_recovered(outcome_in(run), reference_run)
     assert resume["resumed_from"] == str(run / newest)
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
 
@@ -84,7 +79,7 @@ def training_workers() -> list[psutil.Process]:
     return found
 
 
-def test_training_worker_killed_restarts_the_group(reference, tmp_path):
+def test_training_worker_killed_restarts_the_group(reference_run, tmp_path):
     run = tmp_path / "runs" / "worker-killed"
 
     def kill_a_worker() -> int:
@@ -98,12 +93,12 @@ def test_training_worker_killed_restarts_the_group(reference, tmp_path):
     summary = run_training(load_config(write_job(tmp_path, run_name="worker-killed", train=TRAIN)))
     thread.join(60)
     assert done and isinstance(done[0], int), f"no worker was killed: {done}"
-    resume = assert_recovered(outcome_in(run), reference)
+    resume = assert_recovered(outcome_in(run), reference_run)
     assert resume["resumed_from"] == str(run / "checkpoint-000004") and resume["step"] == 4
     assert summary["steps"] == STEPS
 
 
-def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference, tmp_path):
+def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference_run, tmp_path):
     # SIGSTOP: the process is alive and holds its resources but never answers; the other
     # rank's collective gives up after distributed.timeout_s and Ray Train restarts the group.
     run = tmp_path / "runs" / "worker-hung"
@@ -129,7 +124,7 @@ def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference, tmp_path)
                 pass
     thread.join(60)
     assert done and isinstance(done[0], int), f"no worker was stopped: {done}"
-    resume = assert_recovered(outcome_in(run), reference)
+    resume = assert_recovered(outcome_in(run), reference_run)
     assert resume["resumed_from"] == str(run / "checkpoint-000004") and resume["step"] == 4
     assert summary["steps"] == STEPS
 
@@ -147,7 +142,7 @@ def start_proxy(port: int, target: int) -> subprocess.Popen:
     return proxy
 
 
-def test_object_store_down_during_a_checkpoint_upload(reference, s3_server, tmp_path):
+def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, tmp_path):
     client = make_bucket(s3_server, "outage")
     port = free_port()
     proxies = [start_proxy(port, int(s3_server.rsplit(":", 1)[1]))]
@@ -185,14 +180,14 @@ def test_object_store_down_during_a_checkpoint_upload(reference, s3_server, tmp_
         trace={f"samples-rank{r}.jsonl": jsonl(s3_text(f"runs/outage/samples-rank{r}.jsonl")) for r in (0, 1)},
         weights=load(client.get_object(Bucket="outage", Key="runs/outage/adapter/adapter_model.safetensors")
                      ["Body"].read()))
-    assert_same_training(outcome, reference)
+    assert_same_training(outcome, reference_run)
     manifest = json.loads(s3_text("runs/outage/checkpoint-000012/manifest.json"))
     assert "model/adapter_model.safetensors" in manifest["files"]
 
 
-def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(reference, tmp_path, capfd):
+def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(reference_run, tmp_path, capfd):
     run = tmp_path / "runs" / "damaged"
-    shutil.copytree(reference, run)
+    shutil.copytree(reference_run, run)
     (run / "checkpoint-000012" / "optimizer.pt").unlink()  # a shard lost
     adapter = run / "checkpoint-000008" / "model" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:1000])  # a file cut short
@@ -202,12 +197,12 @@ def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(referenc
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 13, "lo')  # the driver killed while writing a line
     run_training(load_config(write_job(tmp_path, run_name="damaged", train=TRAIN)))
-    resume = assert_recovered(outcome_in(run), reference)
+    resume = assert_recovered(outcome_in(run), reference_run)
     assert resume["resumed_from"] == str(run / "checkpoint-000004")
     assert resume["skipped_checkpoints"] == [
         "checkpoint-000012: optimizer.pt is missing",
         "checkpoint-000008-1: malformed manifest.json: it has no file list",
-        f"checkpoint-000008: model/adapter_model.safetensors has 1000 bytes, the manifest says {_size(reference)}"]
+        f"checkpoint-000008: model/adapter_model.safetensors has 1000 bytes, the manifest says {_size(reference_run)}"]
     out = capfd.readouterr().out
     assert f"skipping checkpoint {run}/checkpoint-000012: optimizer.pt is missing" in out
     assert f"{run}/metrics.jsonl:{partial_line}: dropped a partial line" in out
@@ -215,13 +210,13 @@ def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(referenc
     assert (run / "checkpoint-000008-2" / MANIFEST).exists() and (run / "checkpoint-000012-1" / MANIFEST).exists()
 
 
-def _size(reference: Path) -> int:
-    return (reference / "checkpoint-000008" / "model" / "adapter_model.safetensors").stat().st_size
+def _size(reference_run: Path) -> int:
+    return (reference_run / "checkpoint-000008" / "model" / "adapter_model.safetensors").stat().st_size
 
 
-def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference, tmp_path):
+def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference_run, tmp_path):
     run = tmp_path / "runs" / "changed"
-    shutil.copytree(reference, run)
+    shutil.copytree(reference_run, run)
     changed = load_config(write_job(tmp_path, run_name="changed", train={**TRAIN, "learning_rate": 1e-3}))
     with pytest.raises(InputError, match=r"train.learning_rate: 0.002 -> 0.001.*--force-new"):
         run_training(changed)
@@ -243,9 +238,9 @@ def test_unreachable_store_fails_the_run_naming_the_uri(ray_local, tmp_path, cap
     assert "error: cannot list s3://no-store/runs/nowhere" in err, err
 
 
-def test_a_run_with_only_incomplete_checkpoints_is_not_restarted_silently(reference, tmp_path):
+def test_a_run_with_only_incomplete_checkpoints_is_not_restarted_silently(reference_run, tmp_path):
     run = tmp_path / "runs" / "all-damaged"
-    shutil.copytree(reference, run)
+    shutil.copytree(reference_run, run)
     for manifest in run.glob(f"checkpoint-*/{MANIFEST}"):
         manifest.unlink()
     with pytest.raises(InputError, match="has checkpoints but none is complete.*--force-new"):
