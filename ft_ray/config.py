@@ -372,6 +372,11 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     return problems
 
 
+def sweep_name(config: JobConfig) -> str:
+    """The sweep's folder under storage.path and its W&B group: tune.name, else run_name."""
+    return (config.tune and config.tune.name) or config.run_name
+
+
 # ---------------------------------------------------------------- loading
 
 

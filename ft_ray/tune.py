@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.tune import Callback
 
-from ft_ray.config import ConfigError, InputError, JobConfig, TuneConfig, dump_yaml
+from ft_ray.config import ConfigError, InputError, JobConfig, TuneConfig, dump_yaml, sweep_name
 from ft_ray.storage import RunFolder
 from ft_ray.tracking import TrialRuns
 
@@ -193,10 +193,6 @@ def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) 
 
 
 # ---------------------------------------------------------------- the sweep
-
-
-def sweep_name(config: JobConfig) -> str:
-    return (config.tune and config.tune.name) or config.run_name
 
 
 def sweep_folder(config: JobConfig) -> RunFolder:

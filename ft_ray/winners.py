@@ -14,15 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ft_ray.config import JobConfig, TuneConfig
+from ft_ray.config import JobConfig, TuneConfig, sweep_name
 from ft_ray.storage import RunFolder, read_metrics
 from ft_ray.train.checkpoints import best_of, complete_checkpoints
 
 
 def trial_records(config: JobConfig, sweep: RunFolder, results: Any) -> list[dict[str, Any]]:
     """One record per trial: its values, last reported metrics, status, stopped early or not."""
-    from ft_ray.tune import sweep_name
-
     records = []
     for result in results:
         metrics = result.metrics or {}
@@ -123,8 +121,6 @@ def log_sweep_to_wandb(config: JobConfig, summary: dict) -> None:
     if settings.mode == "disabled":
         return
     import wandb
-
-    from ft_ray.tune import sweep_name
 
     name = sweep_name(config)
     keys = sorted({k for t in summary["trials"] for k in t["config"]})

@@ -130,11 +130,13 @@ def manifest_problem(fs: pafs.FileSystem, folder: str) -> str | None:
             return f.read()
 
     files, problem = read_manifest(read)
-    if problem:
-        return problem
-    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-    sizes = {info.path[len(folder) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
-    return files_problem(files, sizes)
+    return problem or files_problem(files, stored_sizes(fs, folder))
+
+
+def stored_sizes(fs: pafs.FileSystem, folder: str) -> dict[str, int]:
+    """{relative path: size} of every file under a folder in storage (none when it is missing)."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return {info.path[len(folder) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
 
 
 def files_problem(expected: dict[str, dict], sizes: dict[str, int]) -> str | None:
@@ -158,9 +160,7 @@ def stored_files_problem(fs: pafs.FileSystem, folder: str, files: dict[str, dict
     """A listed file of a folder in storage (local or object store) that is missing, or whose
     size or sha256 differs from `files` (a manifest's or winner.json's); None when all match.
     Reads every listed file once."""
-    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
-    sizes = {info.path[len(folder) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
-    problem = files_problem(files, sizes)
+    problem = files_problem(files, stored_sizes(fs, folder))
     if problem:
         return problem
     for name, entry in sorted(files.items()):
