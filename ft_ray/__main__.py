@@ -1,7 +1,5 @@
 """`python -m ft_ray` runs the `ft-ray` command line."""
 
-import sys
+from ft_ray.cli import main_exit
 
-from ft_ray.cli import main
-
-sys.exit(main())
+main_exit()

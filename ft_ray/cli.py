@@ -1,6 +1,11 @@
 """`ft-ray`: the command line. Each command is a few lines over the library.
 
-Exit codes: 0 done, 1 the job failed, 2 the input is wrong (config, data, paths).
+Exit codes: 0 done, 1 the job failed, 2 the input is wrong (config, data, paths),
+130 interrupted.
+
+`train`, `tune`, `eval` and `prepare` print ft-ray's own lines only and send Ray's output to
+a log file in the run folder (`console.quiet_session`); `--verbose` or `FT_RAY_VERBOSE=1`
+shows everything. A failure prints its root cause and the log's path.
 """
 
 from __future__ import annotations
@@ -8,28 +13,56 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from ft_ray.config import ConfigError, InputError, JobConfig, load_config
+from ft_ray.console import LOG, log_file_for, quiet_session, report_failure, verbose_requested
 from ft_ray.storage import StorageError
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, capture: bool = False) -> int:
+    """Run a command. `capture` (the console script) quiets Ray into a log file and turns an
+    unexpected exception into its root cause and exit code 1; a library caller (tests)
+    gets the plain streams and the exception itself."""
     args = _parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    args.quiet = capture and not verbose_requested(getattr(args, "verbose", False))
+    args.log_file = None
+    with ExitStack() as session:
+        args.session = session
+        try:
+            return args.handler(args)
+        except ConfigError as e:
+            for problem in e.problems:
+                LOG.error(problem)
+            return EXIT_BAD_INPUT
+        except InputError as e:
+            LOG.error(str(e))
+            return EXIT_BAD_INPUT
+        except StorageError as e:
+            LOG.error(str(e))
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            LOG.error("interrupted" + (f"; the log: {args.log_file}" if args.log_file else ""))
+            return EXIT_INTERRUPTED
+        except Exception as e:
+            if not capture:
+                raise
+            if args.log_file is None:  # --verbose: the whole traceback here, then its root cause
+                traceback.print_exc()
+            report_failure(e, args.log_file)
+            return EXIT_FAILED
+
+
+def _quiet(args: argparse.Namespace, folder: Any) -> None:
+    """From here on, Ray's output goes to the log of `folder` (unless verbose or a library call)."""
+    if args.quiet:
+        log_file, copy_to = log_file_for(folder, args.command)
+        args.log_file = args.session.enter_context(quiet_session(log_file, copy_to))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,13 +129,20 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="job YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.learning_rate=3e-4 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own output (logs, Ray Data bars, workers) here instead of in the log "
+                             "file (also FT_RAY_VERBOSE=1)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ft_ray.train.trainer import run_training
+    from ft_ray.storage import RunFolder
+    from ft_ray.train.trainer import check_same_job, run_training
 
     config = load_config(args.config, args.overrides)
-    summary = run_training(config, force_new=args.force_new)
+    run = RunFolder.for_job(config)
+    check_same_job(config, run, args.force_new)  # before the log opens in the run folder (--force-new moves it)
+    _quiet(args, run)
+    summary = run_training(config)
     _print_outcome(config, summary)
     weights = summary["adapter_path"] or summary["model_path"]
     if config.train.compare_generations and weights and "://" not in weights:  # generations need local weights
@@ -115,10 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(config: JobConfig, summary: dict) -> None:
-    print(f"[ft-ray] eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
-          f"({summary['eval_loss_reduction']:.0%} lower), {summary['steps']} steps, "
-          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.0f} s")
-    print(f"[ft-ray] summary: {summary['run_folder']}/summary.json")
+    LOG.info(f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
+             f"({summary['eval_loss_reduction']:.0%} lower), {summary['steps']} steps, "
+             f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.0f} s")
+    LOG.info(f"summary: {summary['run_folder']}/summary.json")
 
 
 def _print_samples(config: JobConfig, summary: dict) -> None:
@@ -129,24 +169,26 @@ def _print_samples(config: JobConfig, summary: dict) -> None:
                                   config.train.compare_generations)
     RunFolder.for_job(config).write_json("samples.json", samples)
     for sample in samples:
-        print("[ft-ray] prompt:\n" + sample["prompt"].rstrip())
-        print("[ft-ray] base model says:\n" + sample["base"].strip())
-        print("[ft-ray] fine-tuned variant says:\n" + sample["variant"].strip())
+        LOG.info("prompt:\n" + sample["prompt"].rstrip())
+        LOG.info("base model says:\n" + sample["base"].strip())
+        LOG.info("fine-tuned variant says:\n" + sample["variant"].strip())
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ft_ray.tune import run_sweep
+    from ft_ray.tune import run_sweep, sweep_folder
 
     config = load_config(args.config, args.overrides)
+    _quiet(args, sweep_folder(config))
     summary = run_sweep(config, resume=args.resume)
     stopped = sum(t["stopped_early"] for t in summary["trials"])
-    print(f"[ft-ray] {len(summary['trials'])} trials ({stopped} stopped early); sweep.json: {summary['sweep']}/sweep.json")
+    LOG.info(f"{len(summary['trials'])} trials ({stopped} stopped early); sweep.json: {summary['sweep']}/sweep.json")
     for winner in summary["winners"]:
-        print(f"[ft-ray] #{winner['rank']} {winner['trial']} {summary['metric']} "
-              f"{winner['metrics'].get(summary['metric'])}: {winner['uri']}")
+        value = winner["metrics"].get(summary["metric"])
+        LOG.info(f"#{winner['rank']} {winner['trial']} {summary['metric']} "
+                 f"{f'{value:.4g}' if isinstance(value, float) else value}: {winner['uri']}")
     for winner in summary["winners"]:
         if winner.get("eval"):
-            print(f"[ft-ray] #{winner['rank']}: {winner['eval']['verdict']['sentence']}")
+            LOG.info(f"#{winner['rank']}: {winner['eval']['verdict']['sentence']}")
     return 0
 
 
@@ -155,9 +197,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ft_ray.storage import RunFolder
 
     config = load_config(args.config, args.overrides)
+    _quiet(args, RunFolder.for_job(config))
     if args.sweep:
         for winner in evaluate_sweep(config, args.sweep)["winners"]:
-            print(f"[ft-ray] #{winner['rank']} {winner['trial']}: {winner['eval']['verdict']['sentence']}")
+            LOG.info(f"#{winner['rank']} {winner['trial']}: {winner['eval']['verdict']['sentence']}")
     else:
         evaluate(config, resolve_target(args.run or RunFolder.for_job(config).uri, config))
     return 0
@@ -175,12 +218,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ft_ray.data.pipeline import stats_table
     from ft_ray.data.prepared import prepare
     from ft_ray.models import load_tokenizer
+    from ft_ray.storage import RunFolder
     from ft_ray.train.trainer import connect_ray
 
     config = load_config(args.config, args.overrides)
+    _quiet(args, RunFolder.for_job(config))
     connect_ray(config)
     _, stats, where = prepare(config, load_tokenizer(config.model))
-    print(f"[ft-ray] prepared data at {where}:\n{stats_table(stats)}")
+    LOG.info(f"prepared data at {where}:\n{stats_table(stats)}")
     return 0
 
 
@@ -224,4 +269,4 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main_exit() -> None:
     """Console-script entry point: exit with `main`'s code."""
-    sys.exit(main())
+    sys.exit(main(capture=True))

@@ -257,6 +257,9 @@ class TuneConfig(Section):
     max_concurrent_trials: int | Literal["auto"] = Field("auto", description=(
         "auto: as many as the cluster's CPUs (or GPUs) hold at distributed.num_workers each"))
     search_alg: Literal["random", "grid", "optuna"] = "random"
+    seed: int | None = Field(0, description=(
+        "seed of the search: the same sweep file samples the same trials (random, grid and optuna); "
+        "null draws new ones each time"))
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "dotted job key -> {choice: [..]} | {grid: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}"))

@@ -46,12 +46,15 @@ def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
     trials = summary["trials"]
     where = f"{sweep.uri_of('sweep.json')}: trial"
     curves = {t["trial"]: read_metrics(sweep.child("trials", check_folder_name(t["trial"], where))) for t in trials}
-    plot_curves(curves, out / "loss_curves.png")
+    base = base_eval_loss(curves)
+    plot_curves(curves, out / "loss_curves.png", base)
     keys = sorted({k for t in trials for k in t["config"]})
     metric = summary["metric"]
-    plot_metric_vs_settings(trials, keys, metric, {w["trial"] for w in summary["winners"]}, out / "metric_vs_settings.png")
+    plot_metric_vs_settings(trials, keys, metric, {w["trial"] for w in summary["winners"]}, out / "metric_vs_settings.png",
+                            base if metric == "eval_loss" else None)
     winners = table(["rank", "trial", metric, "variant"],
-                    [[w["rank"], w["trial"], w["metrics"].get(metric), w["uri"]] for w in summary["winners"]])
+                    [[w["rank"], w["trial"], w["metrics"].get(metric), relative(w["uri"], sweep.uri)]
+                     for w in summary["winners"]])
     rows = table(["trial", "status", "step", metric, *keys],
                  [[t["trial"], t["status"] + (" (stopped early)" if t["stopped_early"] else ""), t["step"],
                    t["metrics"].get(metric), *[t["config"].get(k) for k in keys]] for t in trials])
@@ -64,8 +67,22 @@ def sweep_report(sweep: RunFolder, summary: dict, out: Path) -> str:
             f"<img src='metric_vs_settings.png'><h2>All trials</h2>{rows}")
 
 
+def base_eval_loss(curves: dict[str, list[dict]]) -> float | None:
+    """The base model's eval loss: every run's eval at step 0 (before any training)."""
+    at_zero = [m["eval_loss"] for metrics in curves.values() for m in metrics
+               if m.get("step") == 0 and isinstance(m.get("eval_loss"), (int, float))]
+    return at_zero[0] if at_zero else None
+
+
+def relative(uri: str, root: str) -> str:
+    """`uri` under `root` as a path relative to it (`winners/1-...`), else as it is."""
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+
 def run_report(run: RunFolder, out: Path) -> str:
-    plot_curves({Path(run.root).name: read_metrics(run)}, out / "loss_curves.png")
+    curves = {Path(run.root).name: read_metrics(run)}
+    plot_curves(curves, out / "loss_curves.png", base_eval_loss(curves))
     summary = json.loads(run.read_text("summary.json") or "{}")
     evaluation = json.loads(run.read_text("eval.json") or "null")
     shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
@@ -127,10 +144,13 @@ def _pyplot():
     return plt
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
-    """Training loss (line) and eval loss (dashed, markers) against the step, one colour per run."""
+def plot_curves(curves: dict[str, list[dict]], path: Path, base: float | None = None) -> None:
+    """Training loss (line) and eval loss (dashed, markers) against the step, one colour per
+    run; the base model's eval loss as a grey reference line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle=":", linewidth=1.5, label=f"base model eval loss {base:.3g}")
     for i, (name, metrics) in enumerate(sorted(curves.items())):
         colour = f"C{i % 10}"
         train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
@@ -147,9 +167,13 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_metric_vs_settings(trials: list[dict], keys: list[str], metric: str, winners: set[str], path: Path) -> None:
+def plot_metric_vs_settings(trials: list[dict], keys: list[str], metric: str, winners: set[str], path: Path,
+                            base: float | None = None) -> None:
     """One panel per searched setting: each trial's final metric against its value (log axis
-    for values spanning more than 10x); winners drawn as stars."""
+    for values spanning more than 10x, labelled at powers of ten only); winners drawn as
+    stars; the base model's eval loss as a grey reference line."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     plt = _pyplot()
     keys = keys or ["(none)"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
@@ -158,9 +182,16 @@ def plot_metric_vs_settings(trials: list[dict], keys: list[str], metric: str, wi
                   if isinstance(t["config"].get(key), (int, float)) and t["metrics"].get(metric) is not None]
         for x, y, won in points:
             ax.scatter([x], [y], marker="*" if won else "o", s=140 if won else 40, color="C3" if won else "C0")
+        if base is not None:
+            ax.axhline(base, color="grey", linestyle=":", linewidth=1.5, label="base model")
+            ax.legend(fontsize="small")
         values = [x for x, _, _ in points if x > 0]
         if values and max(values) / min(values) > 10:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.0e}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # matplotlib's minor labels were what overlapped
+        ax.tick_params(axis="x", labelsize="small", labelrotation=30)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ft_ray.config import JobConfig, StorageConfig
+from ft_ray.console import LOG
 
 
 def filesystem(storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
@@ -182,7 +183,7 @@ def parse_jsonl(text: str, where: str) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
         else:
-            print(f"[ft-ray] warning: {where}:{number}: dropped a partial line ({len(line)} characters), "
-                  "left by a process killed while writing it", flush=True)
+            LOG.warning(f"{where}:{number}: dropped a partial line ({len(line)} characters), "
+                        "left by a process killed while writing it")
     return records
 

@@ -1,4 +1,5 @@
-"""Where metrics go: `metrics.jsonl` in the run folder, the console, and W&B.
+"""Where metrics go: `metrics.jsonl` in the run folder, the console (or the driver's
+progress display), and W&B.
 
 Only rank 0 tracks. W&B is imported only when enabled; its API key comes from the
 environment (WANDB_API_KEY) or wandb's own login file, never from the job file.
@@ -18,8 +19,9 @@ class Tracker:
     """Rank 0's metrics sink: one `log` call writes to every enabled destination."""
 
     def __init__(self, config: JobConfig, run: RunFolder, resume_step: int | None, enabled: bool,
-                 total_steps: int):
-        self.enabled, self.total_steps = enabled, total_steps
+                 total_steps: int, board: Any = None):
+        self.enabled, self.total_steps, self.board = enabled, total_steps, board
+        self.last_put = None
         self.metrics = MetricsLog(run, resume_step, enabled)
         self.started = time.monotonic()
         self.wandb_run = _start_wandb(config, run) if enabled else None
@@ -32,14 +34,23 @@ class Tracker:
             numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             if numbers:
                 self.wandb_run.log(numbers, step=record["step"])
+        if self.board is not None:  # the driver's progress display (progress.watching)
+            self.last_put = self.board.put.remote("eval" if "eval_loss" in record else "train", record)
         # Ray Train tees print() to its logger and to stdout (each line twice); the raw
-        # stream reaches the driver once.
+        # stream reaches the driver once (its terminal, or in a quiet session its log).
         print(self._progress_line(record), file=sys.__stdout__, flush=True)
 
     def flush(self) -> None:
         self.metrics.flush()
 
     def finish(self) -> None:
+        if self.last_put is not None:  # delivered before the worker exits (calls in flight die with it)
+            import ray
+
+            try:
+                ray.get(self.last_put, timeout=10)
+            except Exception:  # noqa: BLE001 - a display that misses the last line is no reason to fail
+                pass
         if self.enabled:
             self.metrics.flush()
             if self.wandb_run is not None:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from ray.tune import Callback
 
 from ft_ray.config import ConfigError, InputError, JobConfig, TuneConfig, dump_yaml, sweep_name
+from ft_ray.console import LOG, TERMINAL, quiet
 from ft_ray.storage import RunFolder
 from ft_ray.tracking import TrialRuns
 
@@ -164,7 +165,7 @@ class WandbTrials(Callback):
         try:
             self.runs.update(config, RunFolder.for_job(config), final)
         except Exception as e:  # noqa: BLE001 - tracking must never stop a sweep
-            print(f"[ft-ray] warning: W&B logging of {config.run_name} failed: {e}", flush=True)
+            LOG.warning(f"W&B logging of {config.run_name} failed: {e}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._update(trial, final=False)
@@ -174,6 +175,77 @@ class WandbTrials(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, final=True)
+
+
+class TrialLines(Callback):
+    """The sweep on the terminal: a line when a trial starts (its values) and when it ends
+    (ASHA's stop or its final metric), and in a terminal a live table of the running trials.
+    Tune's own status table goes to the log with the rest of Ray's output."""
+
+    def __init__(self, metric: str, max_steps: int, live: bool):
+        self.metric, self.max_steps = metric, max_steps
+        self.running: dict[str, tuple[str, dict]] = {}  # trial id -> (its values, last result)
+        self.live = None
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(console=Console(file=TERMINAL.stream(), force_terminal=True, highlight=False),
+                             auto_refresh=False)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running[trial.trial_id] = (trial_values(trial.config), {})
+        LOG.info(f"trial {trial.trial_id} started: {trial_values(trial.config)}")
+        self._draw()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id in self.running:
+            self.running[trial.trial_id] = (self.running[trial.trial_id][0], result)
+            self._draw()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        step, value = result.get("step"), result.get(self.metric)
+        shown = f"{self.metric} {value:.4g}" if isinstance(value, (int, float)) else f"no {self.metric}"
+        how = (f"stopped by the scheduler at step {step}" if isinstance(step, int) and step < self.max_steps
+               else f"finished at step {step}")
+        self._end(trial, f"trial {trial.trial_id} {how}: {shown}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, f"trial {trial.trial_id} failed (its error is in the log and sweep.json)")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.live is not None and self.live.is_started:
+            self.live.stop()
+            TERMINAL.rich = None
+
+    def _end(self, trial: Any, line: str) -> None:
+        self.running.pop(trial.trial_id, None)
+        LOG.info(line)
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.live is None:
+            return
+        from rich.table import Table
+
+        if not self.live.is_started:
+            self.live.start()
+            TERMINAL.rich = self.live.console  # ft-ray's lines print above the table
+        table = Table(title="[ft-ray] running trials", title_justify="left")
+        for column in ("trial", "values", "step", self.metric):
+            table.add_column(column)
+        for trial_id, (values, result) in sorted(self.running.items()):
+            value = result.get(self.metric)
+            table.add_row(trial_id, values, f"{result.get('step', 0)}/{self.max_steps}",
+                          f"{value:.4g}" if isinstance(value, (int, float)) else "")
+        self.live.update(table, refresh=True)
+
+
+def trial_values(overrides: dict[str, Any]) -> str:
+    """`learning_rate=0.0012 rank=8`: a trial's searched values, by the last part of each key."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float)
+                    else f"{key.rsplit('.', 1)[-1]}={value}" for key, value in sorted(overrides.items()))
 
 
 def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) -> None:
@@ -245,8 +317,8 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     with_prepared = config.model_copy(update={"data": config.data.model_copy(update={"prepared": prepared_at})})
     stats = prepared_stats(with_prepared) or prepare(with_prepared, load_tokenizer(config.model))[1]
     max_steps = plan_steps(config, stats.train_sequences).total_steps
-    print(f"[ft-ray] sweep {sweep.uri}: {tune.num_samples} sample(s) x {_grid_size(tune)} grid point(s), "
-          f"{workers_at_once} at once, {max_steps} steps each at most", flush=True)
+    LOG.info(f"sweep {sweep.uri}: {tune.num_samples} sample(s) x {_grid_size(tune)} grid point(s), "
+             f"{workers_at_once} at once, {max_steps} steps each at most")
 
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, base=config.model_dump(mode="json"), sweep=sweep_name(config),
@@ -260,10 +332,10 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
             trainable, param_space=param_space(tune),
             tune_config=ray_tune.TuneConfig(
                 metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
-                max_concurrent_trials=workers_at_once, search_alg=_search_alg(tune),
+                max_concurrent_trials=workers_at_once, search_alg=_search_alg(tune, workers_at_once),
                 scheduler=_scheduler(tune, max_steps)),
             run_config=ray_tune.RunConfig(name="tune", storage_path=sweep.root, storage_filesystem=sweep.fs,
-                                          callbacks=_callbacks(config, sweep, prepared_at)))
+                                          callbacks=_callbacks(config, sweep, prepared_at, max_steps)))
     results = tuner.fit()
 
     from ft_ray.winners import summarize_sweep
@@ -276,11 +348,13 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _callbacks(config: JobConfig, sweep: RunFolder, prepared: str) -> list:
-    if config.tracking.wandb.mode == "disabled":
-        return []
-    directory = config.tracking.wandb.dir or (sweep.root if sweep.is_local else None)
-    return [WandbTrials(config.model_dump(mode="json"), sweep_name(config), prepared, directory)]
+def _callbacks(config: JobConfig, sweep: RunFolder, prepared: str, max_steps: int) -> list:
+    tune = config.tune or TuneConfig()
+    callbacks: list = [TrialLines(tune.metric, max_steps, live=quiet() and TERMINAL.is_tty())]
+    if config.tracking.wandb.mode != "disabled":
+        directory = config.tracking.wandb.dir or (sweep.root if sweep.is_local else None)
+        callbacks.append(WandbTrials(config.model_dump(mode="json"), sweep_name(config), prepared, directory))
+    return callbacks
 
 
 def _resume_or_start(sweep: RunFolder, resume: bool) -> bool:
@@ -298,7 +372,7 @@ def _resume_or_start(sweep: RunFolder, resume: bool) -> bool:
     if resume and not found:
         raise InputError(f"--resume: no sweep state at {sweep.uri_of('tune')} to resume")
     if found and not resume:
-        print(f"[ft-ray] resuming the unfinished sweep at {sweep.uri}", flush=True)
+        LOG.info(f"resuming the unfinished sweep at {sweep.uri}")
     return found
 
 
@@ -309,14 +383,18 @@ def _local_parallel(config: JobConfig) -> int:
     return int(tune.max_concurrent_trials)
 
 
-def _search_alg(tune: TuneConfig) -> Any:
+def _search_alg(tune: TuneConfig, at_once: int) -> Any:
     if tune.search_alg != "optuna":
-        return None  # Tune's default: grid points and random samples
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Tune's default (grid points, random samples), seeded; a generator passed in must hold
+        # the concurrency limit itself (Tune ignores max_concurrent_trials for it)
+        return BasicVariantGenerator(random_state=tune.seed, max_concurrent=at_once)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as e:  # pragma: no cover - optuna is a dependency
         raise ConfigError([f"tune.search_alg: optuna is not installed ({e}); pip install optuna"]) from None
-    return OptunaSearch()
+    return OptunaSearch(seed=tune.seed)
 
 
 def _scheduler(tune: TuneConfig, max_steps: int) -> Any:

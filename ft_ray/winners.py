@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import JobConfig, TuneConfig, sweep_name
+from ft_ray.console import LOG
 from ft_ray.storage import RunFolder, read_metrics
 from ft_ray.train.checkpoints import best_of, complete_checkpoints
 
@@ -63,7 +64,7 @@ def summarize_sweep(config: JobConfig, sweep: RunFolder, results: Any) -> dict[s
         trial = sweep.child("trials", record["trial"])
         complete = complete_checkpoints(sweep.fs, trial.root)[0]
         if not complete:  # stopped before its first checkpoint: nothing to export
-            print(f"[ft-ray] {record['trial']} has no complete checkpoint; not a winner", flush=True)
+            LOG.info(f"{record['trial']} has no complete checkpoint; not a winner")
             continue
         winners.append(export_winner(config, sweep, record, len(winners) + 1, best_checkpoint(trial, complete)))
     summary = {"sweep": sweep.uri, "metric": tune.metric, "mode": tune.mode, "trials": records,
@@ -95,7 +96,8 @@ def export_winner(config: JobConfig, sweep: RunFolder, record: dict, rank: int, 
               "searched": record["config"], "metrics": record["metrics"], "step": record["step"],
               "source_checkpoint": trial.uri_of(checkpoint), "files": files}
     sweep.write_json(f"{name}/winner.json", winner)  # last: its presence means the folder is complete
-    print(f"[ft-ray] winner {rank}: {record['trial']} {record['metrics']} -> {uri}", flush=True)
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items())
+    LOG.info(f"winner {rank}: {record['trial']} ({shown}) -> {uri}")
     return winner
 
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ft_ray import progress
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
+from ft_ray.console import LOG
 from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, weighted_copies
 from ft_ray.data.sources import DataError, ReadLimits, choose_format, list_files, read_corpus
 from ft_ray.data.tokenize import pack_arrays
@@ -63,7 +65,7 @@ def _schema() -> Any:
 
 def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str, eval_fraction: float,
                        fields: dict[str, str] | None = None, weight: float = 1.0,
-                       drop_over: int | None = None) -> Any:
+                       drop_over: int | None = None, progress: Any = None) -> Any:
     """Rows of ids and labels (one per copy of a weighted record), or one row with the
     reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
     leaves out.
@@ -72,6 +74,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     tokenizer `TOKENIZE_BATCH` records at a time: measured on this corpus, 4096 records per
     call ran at 0.65x the speed of 256 (the ids of a large call fall out of the CPU caches).
     Errors are caught per record, so one bad line never takes its neighbours with it.
+    `progress` (the driver's `progress.board()`) is told how many records were read.
     """
     import pyarrow as pa
 
@@ -86,6 +89,8 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
         rows = _tokenized_rows(batch["text"][part], errors[part], batch["path"][part], lines[part], tokenizer,
                                max_len, fmt, fields or {}, eval_fraction, weight, drop_over)
         tables.append(pa.table(rows, schema=_schema()))
+    if progress is not None:
+        progress.add.remote("records", count)
     return pa.concat_tables(tables) if tables else _schema().empty_table()
 
 
@@ -136,11 +141,12 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
     fs, files = list_files(source.path, config.storage, key)
     fmt, note = choose_format(source, config.storage, key)
     stats.formats[key] = fmt
-    print(f"[ft-ray] data: {note}; {len(files)} file(s)", flush=True)
+    LOG.info(f"data: {note}; {len(files)} file(s)")
     return read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
         parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
-                   "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over})
+                   "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
+                   "progress": progress.board()})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
@@ -154,15 +160,21 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     Raises:
         DataError: too many rejected records, or no train/eval example left.
     """
+    import ray
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
     start_at_full_width()
     data, stats = config.data, DataStats()
     split_off = 0.0 if data.eval else data.eval_fraction
-    parts = [read_source(config, source, key, split_off, stats) for key, source in data.keyed_sources()]
-    tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
-    held_out = read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize() if data.eval else None
+    sources = list(data.keyed_sources()) + ([("data.eval", data.eval_source())] if data.eval else [])
+    LOG.info(f"data: reading + tokenizing {len(sources)} source(s) on {ray.cluster_resources().get('CPU', 0):.0f} "
+             f"CPUs, {'packing' if data.pack else 'padding'} to {config.model.max_seq_len} tokens")
+    with progress.watching("read + tokenize", None, "records", lambda counts, _: (counts.get("records", 0), "")):
+        parts = [read_source(config, source, key, split_off, stats) for key, source in data.keyed_sources()]
+        tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+        held_out = (read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize()
+                    if data.eval else None)
     blocks = tokenized.to_arrow_refs() + (held_out.to_arrow_refs() if held_out else [])
     eval_rows = count_records(stats, blocks)
     if stats.records_rejected and rejected_dir:

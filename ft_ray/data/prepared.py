@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ft_ray.config import JobConfig
+from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataStats, build_datasets
 from ft_ray.data.sources import list_files
 from ft_ray.storage import filesystem_for
@@ -58,8 +59,8 @@ def read_stats(where: str, config: JobConfig) -> dict[str, Any] | None:
     except (FileNotFoundError, OSError):
         return None
     except (ValueError, KeyError, TypeError) as e:
-        print(f"[ft-ray] warning: {where}/{STATS_FILE} is unreadable ({type(e).__name__}: {e}); "
-              "preparing the data again", flush=True)
+        LOG.warning(f"{where}/{STATS_FILE} is unreadable ({type(e).__name__}: {e}); "
+                    "preparing the data again")
         return None
 
 
@@ -79,8 +80,8 @@ def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | 
         return None
     fs, root = filesystem_for(where, config.storage)
     if saved.get("fingerprint") != fingerprint(config):
-        print(f"[ft-ray] warning: {where} was prepared from other data or settings than this job's; "
-              "using it because data.prepared names it", flush=True)
+        LOG.warning(f"{where} was prepared from other data or settings than this job's; "
+                    "using it because data.prepared names it")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     datasets = {split: ray.data.read_parquet(f"{root}/{split}", filesystem=fs).materialize()
                 for split in ("train", "eval")}
@@ -107,6 +108,6 @@ def datasets_for(config: JobConfig, tokenizer: Any, rejected_dir: str, rejected_
     """Prepared data when the job has some, else the corpus tokenized now."""
     found = load_prepared(config)
     if found:
-        print(f"[ft-ray] data: using prepared data at {found[2]}", flush=True)
+        LOG.info(f"data: using prepared data at {found[2]}")
         return found[0], found[1]
     return build_datasets(config, tokenizer, rejected_dir, rejected_fs)

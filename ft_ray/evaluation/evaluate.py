@@ -19,7 +19,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
+from ft_ray.console import LOG, quiet
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, record_to_segments
 from ft_ray.data.sources import ReadLimits, choose_format, list_files, read_corpus, read_records
@@ -204,10 +206,17 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
             num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
             fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "shots": shots,
                                    "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys})
-        print(f"[ft-ray] eval: {note}; {actors} model actor(s)", flush=True)
-        for batch in scored.iter_batches(batch_size=4096, batch_format="numpy"):
+        total = dataset.count()
+        LOG.info(f"eval: {note}; {len(ARMS)} arms (base, base {settings.few_shot}-shot, variant) on {total} "
+                 f"examples, {len(gen_keys)} answered by each, on {actors} model actor(s)")
+        display = progress.Display("eval", total, "examples") if quiet() else None
+        for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
             for name, values in batch.items():
                 columns.setdefault(name, []).extend(values.tolist())
+            if display:
+                display.update(len(columns.get("key", [])))
+        if display:
+            display.close()
     train_examples = target.train_examples if target.train_examples is not None else count_train_records(config)
     result = summarize(config, {k: np.array(v) for k, v in columns.items()}, len(shots), train_examples)
     result.update({"variant": target.weights, "base_model": config.model.name_or_path, "actors": actors,
@@ -314,24 +323,25 @@ def samples(cols: dict[str, np.ndarray], generated: np.ndarray) -> list[dict[str
 def print_result(result: dict[str, Any], where: str) -> None:
     arms = result["arms"]
     k = result["settings"]["few_shot"]
-    print(f"[ft-ray] eval on {result['examples']} held-out examples ({result['generated']} answered by each arm):")
-    print(f"  {'arm':<16}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}{'prompt tok':>12}{'tok/s':>8}")
+    rows = [f"{'arm':<16}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}{'prompt tok':>12}{'tok/s':>8}"]
     for arm, label in (("base", "base"), ("few_shot", f"base {k}-shot"), ("variant", "variant")):
         f = arms[arm]
         cells = [_cell(f.get(name), spec) for name, spec in
                  (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"))]
-        print(f"  {label:<16}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
-              f"{f['prompt_tokens_mean']:>12.1f}{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
+        rows.append(f"{label:<16}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
+                    f"{f['prompt_tokens_mean']:>12.1f}{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
+    LOG.info(f"eval on {result['examples']} held-out examples ({result['generated']} answered by each arm):\n"
+             + "\n".join(f"[ft-ray]   {row}" for row in rows))
     for sample in result["samples"][:1]:
-        print("[ft-ray] a held-out prompt:\n" + _indent(sample["prompt"]))
+        LOG.info("a held-out prompt:\n" + _indent(sample["prompt"]))
         for arm, label in (("reference", "reference"), ("base", "base model"), ("few_shot", f"base {k}-shot"),
                            ("variant", "variant")):
-            print(f"[ft-ray] {label} answers:\n" + _indent(sample[arm]))
+            LOG.info(f"{label} answers:\n" + _indent(sample[arm]))
     for warning in result["warnings"]:
-        print(f"[ft-ray] warning: {warning}")
-    print(f"[ft-ray] vs base: {result['vs_base']['sentence']}")
-    print(f"[ft-ray] verdict: {result['verdict']['sentence']}")
-    print(f"[ft-ray] eval.json: {where}", flush=True)
+        LOG.warning(f"{warning}")
+    LOG.info(f"vs base: {result['vs_base']['sentence']}")
+    LOG.info(f"verdict: {result['verdict']['sentence']}")
+    LOG.info(f"eval.json: {where}")
 
 
 def _indent(text: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ft_ray.console import LOG
 from ft_ray.storage import RunFolder
 from ft_ray.train.checkpoints import (MANIFEST, STATE_FILE, digest_problem, file_digests, list_checkpoints,
                                       manifest_json, manifest_problem, next_checkpoint_name)
@@ -96,12 +97,12 @@ def restore(engine: Any, run: RunFolder) -> tuple[TrainState, str | None, list[t
                     check_world_size(engine, state, world_size, run.uri_of(candidate.name))
                     engine.load(Path(folder))
                     break
-        print(f"[ft-ray] warning: skipping checkpoint {run.uri_of(candidate.name)}: {problem}", flush=True)
+        LOG.warning(f"skipping checkpoint {run.uri_of(candidate.name)}: {problem}")
         skipped.append((candidate.name, problem))
     else:
         if skipped:
-            print(f"[ft-ray] warning: no complete checkpoint in {run.uri} (this run's own were cut short): "
-                  "starting from step 0", flush=True)
+            LOG.warning(f"no complete checkpoint in {run.uri} (this run's own were cut short): "
+                        "starting from step 0")
         return TrainState(), None, []
     if state.world_size != world_size:
         # Shards differ with the worker count: keep the share of the epoch already seen.

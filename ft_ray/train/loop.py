@@ -51,7 +51,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = RunFolder.for_job(config)
     state, resumed_from, skipped = restore(engine, run)
     tracker = Tracker(config, run, state.step if resumed_from else None,
-                      enabled=rank == 0, total_steps=plan.total_steps)
+                      enabled=rank == 0, total_steps=plan.total_steps, board=loop_config.get("progress"))
     nodes = worker_nodes()  # which machines ran this run, logged for the record
     if resumed_from:
         tracker.log({"step": state.step, "resumed_from": resumed_from, "worker_nodes": nodes,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
+from ft_ray.console import LOG
 from ft_ray.train.engine_api import COMPUTE_DTYPES
 from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
 
@@ -42,12 +43,12 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if in_full:
             size = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if any(n.split(".")[-2] == m for m in in_full))
-            print(f"[ft-ray] note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
-                  f"the adapter (+{size / 2**20:.1f} MiB)", flush=True)
+            LOG.info(f"note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
+                     f"the adapter (+{size / 2**20:.1f} MiB)")
         model = apply_lora(model, config.lora, base_model_path, in_full)
         if config.lora.use_dora and config.train.fused_kernels != "none":
-            print("[ft-ray] note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
-                  "output; PEFT's forward is used)", flush=True)
+            LOG.info("note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
+                     "output; PEFT's forward is used)")
         elif config.train.fused_kernels != "none" and not zero3:
             fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
     model.config.use_cache = False

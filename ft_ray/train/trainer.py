@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
+from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
@@ -101,33 +103,52 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     # Preparation showed its progress; bars for every eval pass during training are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, storage_path = filesystem(config.storage)
-    print(f"[ft-ray] data:\n{stats_table(stats)}\n[ft-ray] {plan.total_steps} steps on {_workers(config)} workers",
-          flush=True)
+    LOG.info(f"data:\n{stats_table(stats)}")
+    LOG.info(f"train: {plan.total_steps} steps on {_workers(config)} worker(s), {config.method}, "
+             f"{_strategy(config)}, {config.train.micro_batch_size * config.train.gradient_accumulation} "
+             f"sequences of {config.model.max_seq_len} tokens per worker per step")
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": config.model_dump(mode="json"), "plan": asdict(plan),
-                           "base_model_path": base_path},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tuple(config.distributed.num_workers) if config.distributed.elastic
-            else config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
-            resources_per_worker={"CPU": config.distributed.cpus_per_worker},
-            placement_strategy=config.distributed.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=config.run_name, storage_path=storage_path, storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute="eval_loss",
-                checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures),
-            callbacks=callbacks),
-        torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
-        datasets=worker_datasets(config, datasets),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
-    )
-    trainer.fit()
+    with progress.watching("train", plan.total_steps, "steps", _train_figures) as board:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": config.model_dump(mode="json"), "plan": asdict(plan),
+                               "base_model_path": base_path, "progress": board},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=tuple(config.distributed.num_workers) if config.distributed.elastic
+                else config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
+                resources_per_worker={"CPU": config.distributed.cpus_per_worker},
+                placement_strategy=config.distributed.placement_strategy),
+            run_config=ray.train.RunConfig(
+                name=config.run_name, storage_path=storage_path, storage_filesystem=fs,
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute="eval_loss",
+                    checkpoint_score_order="min"),
+                failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures),
+                callbacks=callbacks),
+            torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
+            datasets=worker_datasets(config, datasets),
+            dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
+        )
+        trainer.fit()
     summary = summarize(config, run, stats, plan, time.monotonic() - started)
     run.write_json("summary.json", summary)
     return summary
+
+
+def _strategy(config: JobConfig) -> str:
+    dist = config.distributed
+    return f"DeepSpeed ZeRO-{dist.deepspeed.stage}" if dist.strategy == "deepspeed" else "DDP"
+
+
+def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int, str]:
+    """Step done, and the latest loss, eval loss (with its step) and tokens/s."""
+    record, evaluated = latest.get("train", {}), latest.get("eval", {})
+    shown = [f"loss {record['loss']:.3g}"] if "loss" in record else []
+    if "eval_loss" in evaluated:
+        shown.append(f"eval loss {evaluated['eval_loss']:.3g} (step {evaluated['step']})")
+    if "tokens_per_s" in record:
+        shown.append(f"{record['tokens_per_s']:.0f} tokens/s")
+    return int(record.get("step", 0)), "  ".join(shown)
 
 
 def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
@@ -144,7 +165,7 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
     if not candidates:
         return
     if force_new:
-        print(f"[ft-ray] --force-new: moved the old run folder to {run.move_aside()}", flush=True)
+        LOG.info(f"--force-new: moved the old run folder to {run.move_aside()}")
         return
     old = yaml.safe_load(run.read_text("config.yaml") or "{}") or {}
     changes = resume_changes(old, config.model_dump(mode="json"))
@@ -157,8 +178,8 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
     if not complete:
         raise no_complete_checkpoint(run.uri, skipped)
     for name, why in skipped:
-        print(f"[ft-ray] warning: checkpoint {run.uri_of(name)} is incomplete ({why}); "
-              f"resuming from {run.uri_of(complete[0].name)}", flush=True)
+        LOG.warning(f"checkpoint {run.uri_of(name)} is incomplete ({why}); "
+                    f"resuming from {run.uri_of(complete[0].name)}")
 
 
 def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:

@@ -1,17 +1,22 @@
-"""The embedded default (`make demo`) end to end: exact output files, a golden initial eval
-loss, the promised improvement (eval loss at least 30% lower), and the closing comparison
-with the base model and few-shot prompting of it."""
+"""The embedded default (`make demo`) end to end, as a user runs it with its output piped to
+a file: exact output files, a golden initial eval loss, the promised improvement (eval loss
+at least 30% lower), the closing comparison with the base model and few-shot prompting of
+it, and a readable transcript (ft-ray's lines only; Ray's in the run's log)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ft_ray.cli import main
 from ft_ray.config import load_config
 from ft_ray.evaluation.evaluate import resolve_target
+from ft_ray.report import write_report
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -20,14 +25,35 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GOLDEN_INITIAL_EVAL_LOSS = 5.1489
 
 
-def test_demo_config_fine_tunes_the_house_style(ray_local, tmp_path, capsys):
-    code = main(["train", str(REPO / "configs" / "tiny-cpu.yaml"), "--set", f"storage.path={tmp_path}"])
-    out = capsys.readouterr().out
-    assert code == 0
-    run = tmp_path / "tiny-cpu"
+def piped(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """`ft-ray ARGS > out.txt 2>&1` as a user (or CI, or `ray job logs`) would run it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FT_RAY_VERBOSE")}
+    with open(tmp_path / "out.txt", "w") as out:
+        code = subprocess.run([sys.executable, "-m", "ft_ray", *args], stdout=out, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPO, timeout=900).returncode
+    return code, (tmp_path / "out.txt").read_text()
+
+
+def assert_plain(out: str) -> None:
+    assert not re.search(r"\x1b|\r", out), "escape codes or carriage returns in piped output"
+    assert not any("Dataset" in line or "(pid=" in line or "RayTrainWorker" in line for line in out.splitlines()), out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    """`ft-ray train configs/tiny-cpu.yaml` (make demo), piped to a file: (its run folder, its output)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
+    code, out = piped(tmp_path, "train", str(REPO / "configs" / "tiny-cpu.yaml"), "--set", f"storage.path={tmp_path}")
+    assert code == 0, out
+    return tmp_path / "tiny-cpu", out
+
+
+def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
+    run, out = demo
+    tmp_path = run.parent
     assert {p.name for p in run.iterdir()} >= {
         "config.yaml", "metrics.jsonl", "summary.json", "eval.json", "adapter", "base_model",
-        "checkpoint-000100", "checkpoint_manager_snapshot.json"}
+        "checkpoint-000100", "checkpoint_manager_snapshot.json", "logs"}
     assert {p.name for p in (run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                              "tokenizer.json"}
     summary = json.loads((run / "summary.json").read_text())
@@ -49,9 +75,40 @@ def test_demo_config_fine_tunes_the_house_style(ray_local, tmp_path, capsys):
     assert "Northwind team" not in sample["base"]  # the base model does not know the house style
     assert f"verdict: {evaluation['verdict']['sentence']}" in out
 
+    # the transcript: ft-ray's own lines, short, plain; Ray's output in the run's log
+    lines = out.splitlines()
+    assert len(lines) <= 60, out
+    assert_plain(out)
+    assert "[ft-ray]   packed train sequences  200" in lines  # the data table
+    assert re.search(r"^\[ft-ray\] train: 100/100 steps  loss [\d.]+  eval loss [\d.]+ \(step 100\)", out, re.M)
+    [log] = (run / "logs").glob("train-*.log")
+    assert lines[0].startswith(f"[ft-ray] log: {log}")
+    ray_lines = log.read_text()
+    assert "RayTrainWorker" in ray_lines and "Dataset" in ray_lines  # Ray's own output is kept, there
+
     # `ft-ray eval --run` takes the run folder (its exported adapter) or a checkpoint (exported first)
     config = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"storage.path={tmp_path}"])
     assert resolve_target(str(run), config).weights == str(run / "adapter")
     from_checkpoint = resolve_target(str(run / "checkpoint-000100"), config)
     assert from_checkpoint.folder.root == str(run) and from_checkpoint.train_examples == summary["data"]["train_examples"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(from_checkpoint.weights).iterdir()}
+
+
+def test_the_demo_sweep_beats_the_untuned_demo(demo, tmp_path):
+    """`make demo-sweep`: the seeded search samples a learning rate too low to learn (stopped at
+    ASHA's first rung) and better settings than the demo's; its winner beats the demo run."""
+    untuned = json.loads((demo[0] / "summary.json").read_text())["eval_loss_final"]
+    code, out = piped(tmp_path, "tune", str(REPO / "configs" / "sweep-tiny.yaml"), "--set", f"storage.path={tmp_path}",
+                      "--set", "tracking.wandb.mode=disabled")  # W&B of sweeps: integration/test_tune.py
+    assert code == 0, out
+    assert_plain(out)
+    summary = json.loads((tmp_path / "tiny-sweep" / "sweep.json").read_text())
+    assert summary["winners"][0]["metrics"]["eval_loss"] < untuned, (summary, untuned)
+    assert any(t["stopped_early"] for t in summary["trials"])
+    for trial in summary["trials"]:  # one line when it starts (its values), one when it ends
+        name = trial["trial"].removeprefix("tiny-sweep-")
+        assert re.search(rf"^\[ft-ray\] trial {name} started: alpha=\d+ rank=\d+ learning_rate=[\d.e-]+$", out, re.M)
+        end = f"stopped by the scheduler at step {trial['step']}" if trial["stopped_early"] else "finished at step 100"
+        assert f"[ft-ray] trial {name} {end}: eval_loss {trial['metrics']['eval_loss']:.4g}" in out
+    page = write_report(str(tmp_path / "tiny-sweep")).read_text()
+    assert f"winners/1-{summary['winners'][0]['trial']}" in page

@@ -1,0 +1,135 @@
+"""What the terminal gets: ft-ray's lines only (Ray's output in the log), plain progress lines
+in a pipe, a live bar in a terminal, and the root cause of a failure."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import sys
+
+import pytest
+
+from ft_ray import console, progress
+from ft_ray.console import LOG, quiet_session, root_cause
+
+ESCAPE = re.compile(r"\x1b|\r")
+
+
+def test_a_quiet_session_sends_everything_but_ft_rays_lines_to_the_log(tmp_path, capfd):
+    log = tmp_path / "run" / "logs" / "train.log"
+    with quiet_session(log):
+        os.write(1, b"2026-11-30 INFO worker.py -- Ray noise on fd 1\n")
+        os.write(2, b"(pid=1) Dataset train_0 execution finished\n")
+        print("a library's print", file=sys.__stdout__, flush=True)  # pytest swaps sys.stdout; fd 1 is the point
+        LOG.info("step 10/100")
+        LOG.warning("a warning of ours")
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [f"[ft-ray] log: {log} (Ray, workers, libraries; --verbose shows it here)",
+                                "[ft-ray] step 10/100", "[ft-ray] warning: a warning of ours"]
+    assert err == ""
+    text = log.read_text()
+    for line in ("Ray noise on fd 1", "Dataset train_0 execution finished", "a library's print",
+                 "ft_ray INFO step 10/100", "ft_ray WARNING a warning of ours"):
+        assert line in text
+    print("after")  # the streams are the process's own again
+    assert capfd.readouterr().out == "after\n"
+
+
+def test_progress_in_a_pipe_is_plain_lines_at_a_steady_rate(monkeypatch, capsys):
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    display = progress.Display("train", 100, "steps", live=False)
+    for step in range(1, 101):
+        clock[0] += 0.5  # 50 s in all: a line per 10% (at least 2 s apart)
+        display.update(step, f"loss {1 / step:.3g}")
+    display.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert 9 <= len(lines) <= 11 and not any(ESCAPE.search(line) for line in lines)
+    assert lines[0].startswith("[ft-ray] train: 10/100 steps  loss 0.1  5 s  ETA 45 s")
+    assert lines[-1].startswith("[ft-ray] train: 100/100 steps  loss 0.01  50 s")
+
+    burst = progress.Display("eval", 48, "examples", live=False)  # all done at once: one line, not six
+    for done in range(8, 49, 8):
+        burst.update(done)
+    burst.close()
+    assert capsys.readouterr().out.splitlines() == ["[ft-ray] eval: 48/48 examples  0 s"]
+
+    slow = progress.Display("read + tokenize", None, "records", live=False)  # no total: every 30 s
+    for _ in range(4):
+        clock[0] += 20
+        slow.update(slow.done + 100)
+    slow.close()
+    assert capsys.readouterr().out.splitlines() == ["[ft-ray] read + tokenize: 200 records  5 records/s  40 s",
+                                                    "[ft-ray] read + tokenize: 400 records  5 records/s  80 s"]
+
+
+def test_progress_in_a_terminal_is_a_live_bar(monkeypatch):
+    leader, follower = pty.openpty()
+    terminal = os.fdopen(follower, "w", buffering=1)
+    monkeypatch.setattr(console.TERMINAL, "out", terminal)
+    display = progress.Display("train", 20, "steps")
+    assert display.live
+    for step in range(1, 21):
+        display.update(step, "loss 0.5")
+    LOG.info("a line printed while the bar runs")
+    display.close()
+    terminal.flush()
+    shown = os.read(leader, 65536).decode()
+    terminal.close()
+    os.close(leader)
+    assert "\x1b[" in shown and "20/20" in shown and "loss 0.5" in shown
+    assert "[ft-ray] a line printed while the bar runs" in shown
+
+
+def remote_error() -> Exception:
+    """A worker's exception as Ray hands it to the driver: the remote traceback as text."""
+    return RuntimeError("Traceback (most recent call last):\n"
+                        '  File "/repo/ft_ray/train/loop.py", line 48, in train_loop_per_worker\n'
+                        "    model = build_model(config)\n"
+                        '  File "/venv/safetensors/torch.py", line 315, in load_file\n'
+                        "safetensors_rust.SafetensorError: Error while deserializing header: HeaderTooLarge")
+
+
+class WorkerGroupError(Exception):
+    def __init__(self, worker_failures):
+        super().__init__("Training failed due to worker errors")
+        self.worker_failures = worker_failures
+
+
+def test_the_root_cause_is_the_first_exception_with_where_it_was_raised():
+    def load():
+        raise KeyError("lm_head.weight")
+
+    try:
+        try:
+            load()
+        except KeyError as e:
+            raise ValueError("could not build the model") from e
+    except ValueError as e:
+        cause, where = root_cause(e)
+    assert cause == "KeyError: 'lm_head.weight'"
+    assert where == f"{__file__}:{load.__code__.co_firstlineno + 1}"
+
+    cause, where = root_cause(WorkerGroupError({1: ValueError("rank 1"), 0: remote_error()}))
+    assert cause == "safetensors_rust.SafetensorError: Error while deserializing header: HeaderTooLarge"
+    assert where == "/venv/safetensors/torch.py:315"
+
+
+def test_a_failure_names_its_root_cause_and_the_log(tmp_path, capfd):
+    log = tmp_path / "train.log"
+    with quiet_session(log):
+        try:
+            raise OSError("no space left on device")
+        except OSError as e:
+            console.report_failure(e, log)
+    out, err = capfd.readouterr()
+    assert err.splitlines()[0].startswith("[ft-ray] error: OSError: no space left on device (at ")
+    assert err.splitlines()[1] == f"[ft-ray] error: the full log: {log}"
+    assert "Traceback (most recent call last)" in log.read_text()
+
+
+@pytest.mark.parametrize("value, verbose", [("", False), ("0", False), ("1", True), ("yes", True)])
+def test_ft_ray_verbose_shows_everything(monkeypatch, value, verbose):
+    monkeypatch.setenv(console.VERBOSE_ENV, value)
+    assert console.verbose_requested() is verbose
