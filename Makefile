@@ -1,5 +1,5 @@
 # make demo   fresh machine: creates .venv, installs, fine-tunes the embedded default on CPU
-# make demo-sweep   then: a 4-trial LoRA sweep of the same model (Ray Tune, ASHA, W&B offline)
+# make demo-sweep   then: a 3-trial LoRA sweep of the same job (Ray Tune, ASHA, W&B offline, seeded)
 # make test   installs the same way, runs the whole test suite (CI runs it; about 20 min on 2 cores)
 # make test-fast   unit tests and the quick integration tests (no `slow` mark), a few minutes
 VENV ?= .venv

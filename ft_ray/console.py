@@ -100,11 +100,12 @@ def quiet() -> bool:
 
 
 @contextmanager
-def quiet_session(log_file: Path, copy_to: Any = None) -> Iterator[Path]:
+def quiet_session(log_file: Path, copy_to: Any = None, restore: bool = True) -> Iterator[Path]:
     """Send the process's fd 1 and 2 (Ray, libraries, forwarded worker output) to `log_file`;
     ft-ray's logger keeps writing to the terminal. Names the log in one line at the start.
     Ends Ray's connection (its last output lands in the log) and gives `copy_to` (a
-    RunFolder) the log under `logs/`. For a command line's whole life, not a library call."""
+    RunFolder) the log under `logs/`. `restore=False` leaves fd 1 and 2 on the log for the
+    rest of the process (a command line about to exit: Ray's exit handlers still print)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -132,13 +133,14 @@ def quiet_session(log_file: Path, copy_to: Any = None) -> Iterator[Path]:
         sys.stderr.flush()
         LOG.removeHandler(file_handler)
         file_handler.close()
-        os.dup2(saved_out, 1)
-        os.dup2(saved_err, 2)
+        if restore:
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            for stream in (TERMINAL.out, TERMINAL.err):
+                stream.close()
+            TERMINAL.out = TERMINAL.err = None
         os.close(saved_out)
         os.close(saved_err)
-        for stream in (TERMINAL.out, TERMINAL.err):
-            stream.close()
-        TERMINAL.out = TERMINAL.err = None
         if copy_to is not None:
             try:
                 copy_to.write_text(f"logs/{log_file.name}", log_file.read_text(encoding="utf-8", errors="replace"))
@@ -162,25 +164,35 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 def root_cause(error: BaseException) -> tuple[str, str | None]:
     """The first exception of a chain (through Ray's wrappers and `raise ... from`), as
-    `Type: message`, and where it was raised (`file:line`), when known."""
-    seen: set[int] = set()
-    current = error
-    while id(current) not in seen:
-        seen.add(id(current))
-        inner = _inner(current)
-        if inner is None:
+    `Type: message`, and where it was raised: `file:line` of the deepest frame, plus the
+    deepest ft-ray frame when that is another (`.../modeling_utils.py:4579, from
+    .../ft_ray/train/modeling.py:27`), or None when no frame is known.
+
+    An exception from a Ray worker arrives without its traceback; Ray puts the worker's
+    traceback in the text of its wrapper, where the frames are read from."""
+    chain, seen = [error], {id(error)}
+    while (inner := _inner(chain[-1])) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        chain.append(inner)
+    first = chain[-1]
+    message = str(first).strip()
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in message:  # a traceback as text
+        cause = lines[-1]
+    else:
+        cause = f"{type(first).__name__}: {message}" if message else type(first).__name__
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(first.__traceback__)] if first.__traceback__ else []
+    for wrapper in reversed(chain):  # else the innermost traceback text in the chain
+        if frames:
             break
-        current = inner
-    message = str(current).strip()
-    # Ray's task errors carry the remote traceback as text; its last line is the cause
-    lines = [line for line in message.splitlines() if line.strip()]
-    if len(lines) > 1 and "Traceback" in message:
-        frames = _FRAME.findall(message)
-        where = f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
-        return lines[-1].strip(), where
-    frames = traceback.extract_tb(current.__traceback__) if current.__traceback__ else []
-    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
-    return f"{type(current).__name__}: {message}" if message else type(current).__name__, where
+        frames = [(name, int(line)) for name, line in _FRAME.findall(str(wrapper))]
+    if not frames:
+        return cause, None
+    where = f"{frames[-1][0]}:{frames[-1][1]}"
+    ours = [frame for frame in frames if f"{os.sep}ft_ray{os.sep}" in frame[0]]
+    if ours and ours[-1] != frames[-1]:
+        where += f", from {ours[-1][0]}:{ours[-1][1]}"
+    return cause, where
 
 
 def _inner(error: BaseException) -> BaseException | None:

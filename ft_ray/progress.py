@@ -43,11 +43,13 @@ class Display:
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             TERMINAL.rich = Console(file=TERMINAL.stream(), force_terminal=True, highlight=False)
-            columns = [SpinnerColumn(), TextColumn("[ft-ray] {task.description}")]
+            columns = [SpinnerColumn(), TextColumn("[ft-ray] {task.description}", markup=False)]
             columns += ([BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()] if total
                         else [TextColumn("{task.completed:.0f} " + unit), _rate_column(unit), TimeElapsedColumn()])
-            columns.append(TextColumn("{task.fields[figures]}"))
-            self._progress = Progress(*columns, console=TERMINAL.rich, transient=False)
+            columns.append(TextColumn("{task.fields[figures]}", markup=False))
+            # not rich's stdout/stderr redirection: what Ray prints must go on to the log
+            self._progress = Progress(*columns, console=TERMINAL.rich, transient=False, redirect_stdout=False,
+                                      redirect_stderr=False)
             self._progress.start()
             self._task = self._progress.add_task(label, total=total, figures="")
 

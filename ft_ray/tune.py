@@ -191,7 +191,7 @@ class TrialLines(Callback):
             from rich.live import Live
 
             self.live = Live(console=Console(file=TERMINAL.stream(), force_terminal=True, highlight=False),
-                             auto_refresh=False)
+                             auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running[trial.trial_id] = (trial_values(trial.config), {})

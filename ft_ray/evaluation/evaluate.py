@@ -334,8 +334,7 @@ def print_result(result: dict[str, Any], where: str) -> None:
              + "\n".join(f"[ft-ray]   {row}" for row in rows))
     for sample in result["samples"][:1]:
         LOG.info("a held-out prompt:\n" + _indent(sample["prompt"]))
-        for arm, label in (("reference", "reference"), ("base", "base model"), ("few_shot", f"base {k}-shot"),
-                           ("variant", "variant")):
+        for arm, label in (("base", "base model"), ("few_shot", f"base {k}-shot"), ("variant", "variant")):
             LOG.info(f"{label} answers:\n" + _indent(sample[arm]))
     for warning in result["warnings"]:
         LOG.warning(f"{warning}")

@@ -28,7 +28,8 @@ def test_a_worker_failure_prints_its_root_cause_and_the_log(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     [log] = (tmp_path / "runs" / "test-run" / "logs").glob("train-*.log")
     errors = done.stderr.splitlines()
-    assert re.fullmatch(r"\[ft-ray\] error: .*(Safetensor|HeaderTooLarge|header).* \(at .+\.py:\d+\)", errors[-2]), errors
+    assert re.fullmatch(r"\[ft-ray\] error: SafetensorError: .*header.* \(at .+\.py:\d+, "
+                        r"from .+/ft_ray/train/modeling\.py:\d+\)", errors[-2]), errors
     assert errors[-1] == f"[ft-ray] error: the full log: {log}"
     assert "Traceback (most recent call last)" in log.read_text()
     assert "Traceback" not in done.stdout + done.stderr  # the terminal gets the cause, not 100 lines of stack

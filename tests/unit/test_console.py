@@ -72,14 +72,16 @@ def test_progress_in_a_terminal_is_a_live_bar(monkeypatch):
     assert display.live
     for step in range(1, 21):
         display.update(step, "loss 0.5")
+    print("a print of Ray's")
     LOG.info("a line printed while the bar runs")
     display.close()
     terminal.flush()
     shown = os.read(leader, 65536).decode()
     terminal.close()
     os.close(leader)
-    assert "\x1b[" in shown and "20/20" in shown and "loss 0.5" in shown
+    assert "\x1b[" in shown and "[ft-ray] train" in shown and "20/20" in shown and "loss 0.5" in shown
     assert "[ft-ray] a line printed while the bar runs" in shown
+    assert "a print of Ray's" not in shown  # the process's own stdout is not taken over by the display
 
 
 def remote_error() -> Exception:
@@ -113,7 +115,13 @@ def test_the_root_cause_is_the_first_exception_with_where_it_was_raised():
 
     cause, where = root_cause(WorkerGroupError({1: ValueError("rank 1"), 0: remote_error()}))
     assert cause == "safetensors_rust.SafetensorError: Error while deserializing header: HeaderTooLarge"
-    assert where == "/venv/safetensors/torch.py:315"
+    assert where == "/venv/safetensors/torch.py:315, from /repo/ft_ray/train/loop.py:48"
+
+    # Ray Train: the worker's exception without its traceback, the traceback in the wrapper's text
+    wrapper = WorkerGroupError({0: ValueError("header too large")})
+    wrapper.args = (f"Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n{remote_error()}",)
+    assert root_cause(wrapper) == ("ValueError: header too large",
+                                   "/venv/safetensors/torch.py:315, from /repo/ft_ray/train/loop.py:48")
 
 
 def test_a_failure_names_its_root_cause_and_the_log(tmp_path, capfd):
