@@ -135,12 +135,6 @@ def board() -> Any:
     return _BOARD
 
 
-def reset() -> None:
-    """Forget the board (its actor ends with the driver's Ray session)."""
-    global _BOARD
-    _BOARD = None
-
-
 @contextmanager
 def watching(label: str, total: int | None, unit: str,
              render: Callable[[dict[str, int], dict[str, dict]], tuple[int, str]]) -> Iterator[Any]:

@@ -59,7 +59,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=True)
+        from ft_ray.train.trainer import dashboard_options, free_port
+
+        # its state API asks this cluster, not the Ray a subprocess test started last (trainer.connect_ray)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=True,
+                 **dashboard_options(free_port()))
     yield ray
     ray.shutdown()
 

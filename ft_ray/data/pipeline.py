@@ -18,8 +18,8 @@ import numpy as np
 from ft_ray import progress
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.console import LOG
-from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, weighted_copies
-from ft_ray.data.sources import DataError, ReadLimits, choose_format, list_files, read_corpus
+from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, source_name, weighted_copies
+from ft_ray.data.sources import DataError, ReadLimits, choose_format, common_folder, list_files, read_corpus
 from ft_ray.data.tokenize import pack_arrays
 
 TOKENIZE_BATCH = 256
@@ -65,7 +65,7 @@ def _schema() -> Any:
 
 def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str, eval_fraction: float,
                        fields: dict[str, str] | None = None, weight: float = 1.0,
-                       drop_over: int | None = None, progress: Any = None) -> Any:
+                       drop_over: int | None = None, progress: Any = None, source: tuple[str, str] = ("", "")) -> Any:
     """Rows of ids and labels (one per copy of a weighted record), or one row with the
     reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
     leaves out.
@@ -75,6 +75,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     call ran at 0.65x the speed of 256 (the ids of a large call fall out of the CPU caches).
     Errors are caught per record, so one bad line never takes its neighbours with it.
     `progress` (the driver's `progress.board()`) is told how many records were read.
+    `source` (its key, its files' common folder) names the files in the sample ids.
     """
     import pyarrow as pa
 
@@ -87,7 +88,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     for start in range(0, count, TOKENIZE_BATCH):
         part = slice(start, start + TOKENIZE_BATCH)
         rows = _tokenized_rows(batch["text"][part], errors[part], batch["path"][part], lines[part], tokenizer,
-                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over)
+                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over, source)
         tables.append(pa.table(rows, schema=_schema()))
     if progress is not None:
         progress.add.remote("records", count)
@@ -96,7 +97,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
 
 def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: Any, max_len: int, fmt: str,
                     fields: dict[str, str], eval_fraction: float, weight: float,
-                    drop_over: int | None) -> dict[str, Any]:
+                    drop_over: int | None, source: tuple[str, str]) -> dict[str, Any]:
     batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
     rows: dict[str, list] = {k: [] for k in COLUMNS[2:]}
     example = []  # the example of each row
@@ -107,7 +108,7 @@ def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: 
         for copy in range(copies) if copies else [-1]:
             example.append(i)
             values = (reason, detail, is_eval, path, int(line), text if reason else "", copy,
-                      sample_id(path, int(line), copy))
+                      sample_id(source_name(path, source[1], source[0]), int(line), copy))
             for column, value in zip(COLUMNS[2:], values):
                 rows[column].append(value)
     rows["input_ids"] = _int32_lists(batch.ids, batch.offsets, example)
@@ -146,7 +147,7 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
         parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
-                   "progress": progress.board()})
+                   "progress": progress.board(), "source": (key, common_folder(files))})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,

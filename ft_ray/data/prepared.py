@@ -22,6 +22,7 @@ from ft_ray.data.sources import list_files
 from ft_ray.storage import filesystem_for
 
 STATS_FILE = "stats.json"
+PREPARED_VERSION = 2  # 2: sample ids name files relative to their source's folder (records.source_name)
 
 
 def fingerprint(config: JobConfig) -> str:
@@ -34,7 +35,7 @@ def fingerprint(config: JobConfig) -> str:
         fs, paths = list_files(source.path, config.storage, f"data.{key}")
         infos = fs.get_file_info([p.removeprefix("s3://") for p in paths])
         files.append({"source": source.model_dump(), "files": [(i.path, i.size, str(i.mtime)) for i in infos]})
-    what = {"files": files,
+    what = {"version": PREPARED_VERSION, "files": files,
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),
             "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",

@@ -28,9 +28,17 @@ def weighted_copies(weight: float, text: str) -> int:
 
 
 def sample_id(path: str, line: int, copy: int) -> int:
-    """A stable 64-bit id of one example: its file, its line or row, and which copy it is."""
+    """A stable 64-bit id of one example: its file (`source_name`), its line or row, and which
+    copy it is."""
     digest = hashlib.blake2b(f"{path}\0{line}\0{copy}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def source_name(path: str, root: str, key: str) -> str:
+    """A data file's name as the ids know it: the job's source key and the path below the
+    source's folder (`data.train:train.jsonl`), so a job orders its examples the same way
+    wherever its data folder is (another checkout, another mount point)."""
+    return f"{key}:{path[len(root):].lstrip('/')}" if root and path.startswith(root + "/") else f"{key}:{path}"
 
 
 def record_to_segments(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any) -> Segments:

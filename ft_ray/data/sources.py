@@ -73,6 +73,16 @@ def list_files(pattern: str, storage: StorageConfig, key: str = "data.train") ->
     return fs, [scheme + f for f in files] if scheme else files
 
 
+def common_folder(files: list[str]) -> str:
+    """The deepest folder holding every one of `files` (`s3://bucket/data` for s3:// keys)."""
+    common: list[str] = []
+    for level in zip(*(f.split("/")[:-1] for f in files)):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/".join(common)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadLimits:
     """What reading one source may cost: no record is held past `max_record_bytes`, no

@@ -36,6 +36,12 @@ def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = Fal
     Locally Ray gets two logical CPUs more than the training workers of `parallel_runs`
     runs hold, so the data pipeline always has room to run next to them (else a shuffle can
     wait forever).
+
+    A local dashboard (sweeps) gets a free port, named in RAY_API_SERVER_ADDRESS for the
+    cluster's processes: Ray's state API otherwise asks the Ray started last on the
+    machine, which need not be this one (another sweep, a test session), Ray Train then never
+    learns that the controller of a trial ASHA stopped is gone, never frees its workers'
+    CPUs, and the next trial waits for them forever (measured: a sweep hung at its third trial).
     """
     import ray
 
@@ -46,8 +52,23 @@ def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = Fal
         return False
     needed = math.ceil(parallel_runs * config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=dashboard,
-             log_to_driver=True)
+             log_to_driver=True, **(dashboard_options(free_port()) if dashboard else {}))
     return True
+
+
+def dashboard_options(port: int) -> dict[str, Any]:
+    """`ray.init` options of a local dashboard on `port` that this cluster's own processes
+    (and no child process of the driver) use for Ray's state API."""
+    return {"dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def plan_steps(config: JobConfig, train_sequences: int) -> StepPlan:

@@ -141,3 +141,41 @@ def test_a_failure_names_its_root_cause_and_the_log(tmp_path, capfd):
 def test_ft_ray_verbose_shows_everything(monkeypatch, value, verbose):
     monkeypatch.setenv(console.VERBOSE_ENV, value)
     assert console.verbose_requested() is verbose
+
+
+class Trial:
+    def __init__(self, trial_id: str, config: dict, last_result: dict | None = None):
+        self.trial_id, self.config, self.last_result = trial_id, config, last_result or {}
+
+
+def test_a_sweep_shows_a_line_per_trial_start_and_end_and_a_live_table(monkeypatch, capsys):
+    from ft_ray.tune import TrialLines
+
+    slow = Trial("a_00001", {"train.learning_rate": 3.76e-4, "lora.rank": 32}, {"step": 20, "eval_loss": 2.2912})
+    good = Trial("a_00000", {"train.learning_rate": 3.13e-3, "lora.rank": 16}, {"step": 100, "eval_loss": 0.49524})
+    lines = TrialLines("eval_loss", 100, live=False)
+    for trial in (good, slow):
+        lines.on_trial_start(0, [], trial)
+    lines.on_trial_complete(0, [], slow)
+    lines.on_trial_complete(0, [], good)
+    lines.on_experiment_end([])
+    assert capsys.readouterr().out.splitlines() == [
+        "[ft-ray] trial a_00000 started: rank=16 learning_rate=0.00313",
+        "[ft-ray] trial a_00001 started: rank=32 learning_rate=0.000376",
+        "[ft-ray] trial a_00001 stopped by the scheduler at step 20: eval_loss 2.291",
+        "[ft-ray] trial a_00000 finished at step 100: eval_loss 0.4952"]
+
+    leader, follower = pty.openpty()
+    terminal = os.fdopen(follower, "w", buffering=1)
+    monkeypatch.setattr(console.TERMINAL, "out", terminal)
+    table = TrialLines("eval_loss", 100, live=True)
+    table.on_trial_start(0, [], good)
+    table.on_trial_result(0, [], good, {"step": 40, "eval_loss": 0.65})
+    table.on_trial_complete(0, [], good)
+    table.on_experiment_end([])
+    terminal.flush()
+    shown = os.read(leader, 65536).decode()
+    terminal.close()
+    os.close(leader)
+    assert "running trials" in shown and "40/100" in shown and "0.65" in shown
+    assert "[ft-ray] trial a_00000 finished at step 100: eval_loss 0.4952" in shown

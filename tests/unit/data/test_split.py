@@ -25,3 +25,19 @@ def test_fraction_split_is_stable_and_close_to_the_fraction():
 def test_bucket_is_uniform_enough():
     buckets = [eval_bucket(f"record {i}") for i in range(2000)]
     assert 0.45 < np.mean(buckets) < 0.55 and min(buckets) >= 0 and max(buckets) < 1
+
+
+def test_sample_ids_do_not_depend_on_where_the_data_folder_is():
+    lines = np.asarray((DEMO / "train.jsonl").read_text().splitlines()[:50])
+
+    def ids(folder, key="data.train"):
+        batch = {"text": lines, "path": np.asarray([f"{folder}/train.jsonl"] * len(lines)),
+                 "line": np.arange(1, len(lines) + 1)}
+        return parse_and_tokenize(batch, model_json=ModelConfig().model_dump_json(), fmt="auto", eval_fraction=0.0,
+                                  source=(key, folder)).column("sample_id").to_pylist()
+
+    here = ids("/work/main/ft_ray/assets/demo")
+    assert ids("/tmp/another-checkout/ft_ray/assets/demo") == here  # so the training order is the same too
+    assert ids("s3://bucket/demo") == here
+    assert len(set(here)) == len(here)
+    assert set(ids("/work/main/ft_ray/assets/demo", key="data.sources[1]")).isdisjoint(here)
