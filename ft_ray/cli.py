@@ -62,7 +62,7 @@ def _quiet(args: argparse.Namespace, folder: Any) -> None:
     """From here on, Ray's output goes to the log of `folder` (unless verbose or a library call)."""
     if args.quiet:
         log_file, copy_to = log_file_for(folder, args.command)
-        args.log_file = args.session.enter_context(quiet_session(log_file, copy_to, restore=False))
+        args.log_file = args.session.enter_context(quiet_session(log_file, copy_to, process_ends=True))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -100,12 +100,12 @@ def quiet() -> bool:
 
 
 @contextmanager
-def quiet_session(log_file: Path, copy_to: Any = None, restore: bool = True) -> Iterator[Path]:
+def quiet_session(log_file: Path, copy_to: Any = None, process_ends: bool = False) -> Iterator[Path]:
     """Send the process's fd 1 and 2 (Ray, libraries, forwarded worker output) to `log_file`;
     ft-ray's logger keeps writing to the terminal. Names the log in one line at the start.
-    Ends Ray's connection (its last output lands in the log) and gives `copy_to` (a
-    RunFolder) the log under `logs/`. `restore=False` leaves fd 1 and 2 on the log for the
-    rest of the process (a command line about to exit: Ray's exit handlers still print)."""
+    Gives `copy_to` (a RunFolder) the log under `logs/` at the end. `process_ends` (a
+    command line about to exit): Ray is shut down inside the session and fd 1 and 2 stay on
+    the log, so Ray's last output (its log monitor, its exit handlers) lands there too."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -124,7 +124,7 @@ def quiet_session(log_file: Path, copy_to: Any = None, restore: bool = True) -> 
     try:
         yield log_file
     finally:
-        if "ray" in sys.modules:  # Ray's last words (its log monitor's lines, shutdown) go to the log too
+        if process_ends and "ray" in sys.modules:
             import ray
 
             if ray.is_initialized():
@@ -133,7 +133,7 @@ def quiet_session(log_file: Path, copy_to: Any = None, restore: bool = True) -> 
         sys.stderr.flush()
         LOG.removeHandler(file_handler)
         file_handler.close()
-        if restore:
+        if not process_ends:
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             for stream in (TERMINAL.out, TERMINAL.err):

