@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 from ray.tune import Callback
@@ -179,19 +179,19 @@ class WandbTrials(Callback):
 
 class TrialLines(Callback):
     """The sweep on the terminal: a line when a trial starts (its values) and when it ends
-    (ASHA's stop or its final metric), and in a terminal a live table of the running trials.
-    Tune's own status table goes to the log with the rest of Ray's output."""
+    (stopped by the scheduler, or finished, with its last metric), and in a terminal a live
+    table of the running trials. Tune's own status table goes to the log with the rest of
+    Ray's output. `finished(trial)`: whether the trial's run wrote its summary (as sweep.json
+    tells finished from stopped trials)."""
 
-    def __init__(self, metric: str, max_steps: int, live: bool):
-        self.metric, self.max_steps = metric, max_steps
+    def __init__(self, metric: str, max_steps: int, live: bool, finished: Callable[[Any], bool]):
+        self.metric, self.max_steps, self.finished, self.wants_live = metric, max_steps, finished, live
         self.running: dict[str, tuple[str, dict]] = {}  # trial id -> (its values, last result)
-        self.live = None
-        if live:
-            from rich.console import Console
-            from rich.live import Live
+        self.live: Any = None  # the table, made on first draw
 
-            self.live = Live(console=Console(file=TERMINAL.stream(), force_terminal=True, highlight=False),
-                             auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+    def __getstate__(self) -> dict:
+        """Tune pickles the run config with its callbacks: without the live table (a terminal)."""
+        return {**self.__dict__, "live": None}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running[trial.trial_id] = (trial_values(trial.config), {})
@@ -207,16 +207,16 @@ class TrialLines(Callback):
         result = trial.last_result or {}
         step, value = result.get("step"), result.get(self.metric)
         shown = f"{self.metric} {value:.4g}" if isinstance(value, (int, float)) else f"no {self.metric}"
-        how = (f"stopped by the scheduler at step {step}" if isinstance(step, int) and step < self.max_steps
-               else f"finished at step {step}")
+        how = f"finished at step {step}" if self.finished(trial) else f"stopped by the scheduler at step {step}"
         self._end(trial, f"trial {trial.trial_id} {how}: {shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, f"trial {trial.trial_id} failed (its error is in the log and sweep.json)")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.live is not None and self.live.is_started:
+        if self.live is not None:
             self.live.stop()
+            self.live = None
             TERMINAL.rich = None
 
     def _end(self, trial: Any, line: str) -> None:
@@ -225,14 +225,19 @@ class TrialLines(Callback):
         self._draw()
 
     def _draw(self) -> None:
-        if self.live is None:
+        if not self.wants_live:
             return
+        from rich.console import Console
+        from rich.live import Live
         from rich.table import Table
+        from rich.text import Text
 
-        if not self.live.is_started:
+        if self.live is None:
+            self.live = Live(console=Console(file=TERMINAL.stream(), force_terminal=True, highlight=False),
+                             auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False)
             self.live.start()
             TERMINAL.rich = self.live.console  # ft-ray's lines print above the table
-        table = Table(title="[ft-ray] running trials", title_justify="left")
+        table = Table(title=Text("[ft-ray] running trials"), title_justify="left")
         for column in ("trial", "values", "step", self.metric):
             table.add_column(column)
         for trial_id, (values, result) in sorted(self.running.items()):
@@ -350,10 +355,16 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
 
 def _callbacks(config: JobConfig, sweep: RunFolder, prepared: str, max_steps: int) -> list:
     tune = config.tune or TuneConfig()
-    callbacks: list = [TrialLines(tune.metric, max_steps, live=quiet() and TERMINAL.is_tty())]
+    base, name = config.model_dump(mode="json"), sweep_name(config)
+
+    def finished(trial: Any) -> bool:
+        job = trial_job(base, trial.config, name, trial.trial_id, prepared, for_workers=False)
+        return RunFolder.for_job(job).read_text("summary.json") is not None
+
+    callbacks: list = [TrialLines(tune.metric, max_steps, quiet() and TERMINAL.is_tty(), finished)]
     if config.tracking.wandb.mode != "disabled":
         directory = config.tracking.wandb.dir or (sweep.root if sweep.is_local else None)
-        callbacks.append(WandbTrials(config.model_dump(mode="json"), sweep_name(config), prepared, directory))
+        callbacks.append(WandbTrials(base, name, prepared, directory))
     return callbacks
 
 

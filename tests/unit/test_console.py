@@ -9,6 +9,7 @@ import re
 import sys
 
 import pytest
+from ray import cloudpickle
 
 from ft_ray import console, progress
 from ft_ray.console import LOG, quiet_session, root_cause
@@ -155,7 +156,7 @@ def test_a_sweep_shows_a_line_per_trial_start_and_end_and_a_live_table(monkeypat
 
     slow = Trial("a_00001", {"train.learning_rate": 3.76e-4, "lora.rank": 32}, {"step": 20, "eval_loss": 2.2912})
     good = Trial("a_00000", {"train.learning_rate": 3.13e-3, "lora.rank": 16}, {"step": 100, "eval_loss": 0.49524})
-    lines = TrialLines("eval_loss", 100, live=False)
+    lines = TrialLines("eval_loss", 100, live=False, finished=lambda trial: trial is good)
     for trial in (good, slow):
         lines.on_trial_start(0, [], trial)
     lines.on_trial_complete(0, [], slow)
@@ -170,8 +171,9 @@ def test_a_sweep_shows_a_line_per_trial_start_and_end_and_a_live_table(monkeypat
     leader, follower = pty.openpty()
     terminal = os.fdopen(follower, "w", buffering=1)
     monkeypatch.setattr(console.TERMINAL, "out", terminal)
-    table = TrialLines("eval_loss", 100, live=True)
+    table = TrialLines("eval_loss", 100, live=True, finished=lambda trial: True)
     table.on_trial_start(0, [], good)
+    cloudpickle.dumps(table)  # Tune saves its run config, callbacks included, while the table is live
     table.on_trial_result(0, [], good, {"step": 40, "eval_loss": 0.65})
     table.on_trial_complete(0, [], good)
     table.on_experiment_end([])
@@ -179,5 +181,5 @@ def test_a_sweep_shows_a_line_per_trial_start_and_end_and_a_live_table(monkeypat
     shown = os.read(leader, 65536).decode()
     terminal.close()
     os.close(leader)
-    assert "running trials" in shown and "40/100" in shown and "0.65" in shown
+    assert "[ft-ray] running trials" in shown and "40/100" in shown and "0.65" in shown
     assert "[ft-ray] trial a_00000 finished at step 100: eval_loss 0.4952" in shown
