@@ -47,3 +47,14 @@ def test_a_winner_folder_named_by_sweep_json_is_checked_before_anything_is_writt
     with pytest.raises(InputError, match=r"winners\[0\]\.uri: '\.\.' is not a folder name"):
         evaluate_sweep(load_config(write_job(tmp_path)), str(sweep))
     assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json"]
+
+
+def test_the_reference_line_is_the_base_models_eval_loss_and_winners_are_shown_in_the_sweep():
+    from ft_ray.report import base_eval_loss, relative
+
+    curves = {"t1": [{"step": 0, "eval_loss": 5.15}, {"step": 10, "loss": 2.0}, {"step": 10, "eval_loss": 2.1}],
+              "t2": [{"step": 0, "eval_loss": 5.15}, {"step": 10, "eval_loss": 0.9}]}
+    assert base_eval_loss(curves) == 5.15  # every run's eval before its first step
+    assert base_eval_loss({"t1": [{"step": 10, "eval_loss": 2.1}]}) is None  # resumed past step 0: no line
+    assert relative("s3://b/runs/sweep/winners/1-t1", "s3://b/runs/sweep") == "winners/1-t1"
+    assert relative("s3://b/elsewhere/w", "s3://b/runs/sweep") == "s3://b/elsewhere/w"
