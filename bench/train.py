@@ -149,7 +149,7 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
         if device.type == "cuda" and done == warmup:
             losses.append(memory_phases(engine, batch, phases))
         else:
-            losses.append(engine.micro_step(batch, 1.0, True))
+            losses.append(engine.micro_step(batch, 1.0, True)[0])
             engine.step()
         clock.add(sum(int(s["num_tokens"]) for s in chunk))
     clock.close()
@@ -199,7 +199,7 @@ def memory_phases(engine: Any, batch: dict, phases: dict) -> float:
     mib = 2 ** 20
     phases["before_step"] = torch.cuda.max_memory_allocated() / mib  # the earlier steps' peak
     torch.cuda.reset_peak_memory_stats()
-    loss = engine.forward_loss(batch)
+    loss = engine.forward_loss(batch)[0]
     phases["forward"], phases["after_forward"] = torch.cuda.max_memory_allocated() / mib, torch.cuda.memory_allocated() / mib
     torch.cuda.reset_peak_memory_stats()
     loss.backward()

@@ -62,7 +62,7 @@ class ModelConfig(Section):
         "a Jinja chat template, inline or the path of a file, for a base model without one (or to replace it)"))
 
 
-FormatName = Literal["auto", "text", "instruction", "chat", "completion"]
+FormatName = Literal["auto", "text", "instruction", "chat", "completion", "preference", "kto"]
 
 
 class SourceConfig(Section):
@@ -287,9 +287,10 @@ class EvalConfig(Section):
                                                     "(the run, or every exported winner)")
     few_shot: int = Field(3, gt=0, description="training examples put before the prompt in the few-shot arm "
                                                "(fewer when they do not fit model.max_seq_len)")
-    metric: Literal["loss", "exact_match", "chrf", "format"] = Field("loss", description=(
-        "what the verdict compares: loss on the target tokens (all examples), or exact match, chrF or "
-        "format adherence of the generations"))
+    metric: Literal["loss", "exact_match", "chrf", "format", "preference"] = Field("loss", description=(
+        "what the verdict compares: loss on the target tokens (all examples), exact match, chrF or "
+        "format adherence of the generations, or (preference pairs) how often the chosen answer is "
+        "likelier per token than the rejected one"))
     num_generations: int = Field(16, ge=0, description="held-out examples (the first ones) each arm answers greedily")
     max_new_tokens: int = Field(128, gt=0, description="longest generated answer")
     format_regex: str | None = Field(None, description="an answer is in format when the regex matches all of it "
@@ -315,14 +316,32 @@ class EvalConfig(Section):
     def _metric_needs(self) -> "EvalConfig":
         if self.metric == "format" and not self.format_regex:
             raise ValueError("metric format needs eval.format_regex")
-        if self.metric != "loss" and self.num_generations == 0:
+        if self.metric not in ("loss", "preference") and self.num_generations == 0:
             raise ValueError(f"metric {self.metric} is measured on generations: set eval.num_generations > 0")
         return self
+
+
+class PreferenceConfig(Section):
+    """Settings of the preference objectives (objective: dpo | orpo | kto)."""
+
+    beta: float = Field(0.1, gt=0, description=(
+        "dpo/kto: how far the variant may move from the reference model (higher: less); "
+        "orpo: the weight of the odds-ratio term beside the chosen answers' next-token loss"))
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled good")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled bad")
+
+
+OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion"), "dpo": ("preference",),
+                     "orpo": ("preference",), "kto": ("kto",)}  # the data formats each objective trains on
 
 
 class JobConfig(Section):
     run_name: str = Field("ft-ray-run", pattern=FOLDER_NAME)
     method: Literal["full", "lora", "qlora"] = "lora"
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field("sft", description=(
+        "sft: next-token loss on the answers; dpo/orpo: pairs of a chosen and a rejected answer "
+        "(format preference); kto: answers labelled good or bad (format kto)"))
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -372,6 +391,14 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                         "e.g. bfloat16, so the 4-bit weights can be sharded; or use stage 2")
     if job.method == "qlora" and dist.strategy == "deepspeed" and ds.offload_params != "none":
         problems.append("distributed.deepspeed.offload_params: 4-bit weights cannot be offloaded; use offload_optimizer")
+    if job.eval.metric == "preference" and job.objective not in ("dpo", "orpo"):
+        problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo or orpo), "
+                        f"not objective {job.objective}")
+    allowed = OBJECTIVE_FORMATS[job.objective]
+    for source in job.data.all_sources() + ([job.data.eval_source()] if job.data.eval else []):
+        if source.format not in ("auto", *allowed):
+            problems.append(f"data.format: objective {job.objective} trains on format {' or '.join(allowed)}, "
+                            f"not {source.format} (source {source.path})")
     return problems
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from ft_ray.config import JobConfig, SourceConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, parse_record
-from ft_ray.data.sources import ReadLimits, choose_format, read_records
+from ft_ray.data.sources import DataError, ReadLimits, check_format, choose_format, read_records
 
 PEEK_RECORDS = 100
 MIN_TRAIN_EXAMPLES = 100
@@ -62,6 +62,11 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         kept, split = count_records(source, config, key, split_off)
         train, held_out = train + kept, held_out + split
         fmt, note = choose_format(source, config.storage, key)
+        try:
+            check_format(config, fmt, key)
+        except DataError as e:
+            lines.append(f"problem: {e}")
+            problems += 1
         sample = peek(source, fmt, config, key, tokenizer)
         formats[fmt] += sample["seen"]
         problems += len(sample["problems"])

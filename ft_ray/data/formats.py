@@ -4,19 +4,28 @@ learned from.
 Every format turns a record into *segments*: `(text, trainable)` pairs in reading order.
 Prompt text (instructions, user turns, prompts) is context only; the model is trained on
 the response text. Tokenization (`ft_ray.data.tokenize`) turns segments into ids and labels.
+
+Preference formats turn a record into *units*: one or two sequences, each with a role.
+`preference` (a prompt with a better and a worse answer, for DPO and ORPO) gives the prompt +
+chosen answer (role CHOSEN) and the prompt + rejected answer (role REJECTED); `kto` (one
+answer marked good or bad) gives the prompt + answer, CHOSEN when good, REJECTED when bad.
+The trainable segment of each is the answer alone.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-FORMATS = ("text", "instruction", "chat", "completion")
+FORMATS = ("text", "instruction", "chat", "completion", "preference", "kto")
+PREFERENCE_FORMATS = ("preference", "kto")
 # Every field a format reads (before data.fields maps them): Parquet reads only these columns.
 RECORD_FIELDS = ("text", "instruction", "input", "output", "system", "prompt", "completion", "messages",
-                 "conversations")
+                 "conversations", "chosen", "rejected", "label")
 CHAT_ROLES = ("system", "user", "assistant")
 
 Segments = list[tuple[str, bool]]
+SFT, CHOSEN, REJECTED = 0, 1, 2  # a unit's role: plain example; chosen (good) answer; rejected (bad) answer
+Units = list[tuple[Segments, int]]
 
 
 class RecordError(ValueError):
@@ -41,6 +50,10 @@ def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}", "not_object")
     keys = set(record)
+    if "chosen" in keys or "rejected" in keys:
+        return "preference"
+    if "label" in keys:
+        return "kto"
     if "messages" in keys or "conversations" in keys:
         return "chat"
     if "instruction" in keys:  # a missing output is then reported as such
@@ -50,7 +63,8 @@ def detect_format(record: Any) -> str:
     if "text" in keys:
         return "text"
     raise RecordError(f"cannot tell the format from keys {sorted(keys)}: expected text, "
-                      "instruction/output, prompt/completion, messages or conversations "
+                      "instruction/output, prompt/completion, messages or conversations, chosen/rejected (preference) "
+                      "or label (kto) "
                       "(or map your columns with data.fields)", "unknown_format")
 
 
@@ -94,11 +108,7 @@ def text_segments(record: dict, tokenizer: Any = None) -> Segments:
 
 
 def instruction_segments(record: dict, tokenizer: Any = None) -> Segments:
-    prompt = alpaca_prompt(_non_empty(_field(record, "instruction"), "instruction"),
-                           _field(record, "input", required=False))
-    system = _field(record, "system", required=False)
-    if system.strip():
-        prompt = f"{system}\n\n{prompt}"
+    prompt = _alpaca_prompt_of(record)
     output = _non_empty(_field(record, "output"), "output")
     return [(prompt, False), (output + _eos(tokenizer), True)]
 
@@ -189,8 +199,9 @@ SEGMENTERS: dict[str, Callable[[dict, Any], Segments]] = {
 }
 
 
-def record_segments(record: Any, fmt: str, tokenizer: Any) -> Segments:
-    """Segments of one record in format `fmt` ("auto" detects it per record).
+def record_units(record: Any, fmt: str, tokenizer: Any) -> Units:
+    """The units of one record in format `fmt` ("auto" detects it per record): one SFT unit
+    for the supervised formats, (chosen, rejected) for `preference`, one judged answer for `kto`.
 
     Raises:
         RecordError: the record is malformed for the format.
@@ -198,4 +209,158 @@ def record_segments(record: Any, fmt: str, tokenizer: Any) -> Segments:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}", "not_object")
     chosen = detect_format(record) if fmt == "auto" else fmt
-    return SEGMENTERS[chosen](record, tokenizer)
+    if chosen == "preference":
+        return preference_units(record, tokenizer)
+    if chosen == "kto":
+        return [kto_unit(record, tokenizer)]
+    return [(SEGMENTERS[chosen](record, tokenizer), SFT)]
+
+
+def record_segments(record: Any, fmt: str, tokenizer: Any) -> Segments:
+    """Segments of one record in format `fmt`: for a preference pair, the prompt and its chosen
+    answer (what prompting arms and generation metrics use as the reference).
+
+    Raises:
+        RecordError: the record is malformed for the format.
+    """
+    return record_units(record, fmt, tokenizer)[0][0]
+
+
+# ---------------------------------------------------------------- preference formats
+
+
+def preference_units(record: dict, tokenizer: Any) -> Units:
+    """(prompt + chosen, CHOSEN), (prompt + rejected, REJECTED) of one pair, in any of the
+    shapes: TRL's `{prompt, chosen, rejected}` (strings, or message lists), ShareGPT's
+    `{conversations, chosen: {from, value}, rejected: {...}}`, Alpaca's `{instruction, input,
+    chosen, rejected}`, and whole transcripts `{chosen, rejected}` that share a prompt prefix
+    (Anthropic HH)."""
+    for name in ("chosen", "rejected"):
+        if record.get(name) is None:
+            raise RecordError(f"missing field '{name}' (a preference pair needs chosen and rejected)",
+                              "missing_field")
+    chosen, rejected = record["chosen"], record["rejected"]
+    if "conversations" in record or "messages" in record:
+        prompt = _messages(record)
+        answers = [_answer_message(value, name, "conversations" in record) for value, name in
+                   ((chosen, "chosen"), (rejected, "rejected"))]
+        units = [_chat_answer(prompt, answer, tokenizer) for answer in answers]
+    elif "instruction" in record:
+        prompt = _alpaca_prompt_of(record)
+        units = [[(prompt, False), (_answer_text(value, name) + _eos(tokenizer), True)]
+                 for value, name in ((chosen, "chosen"), (rejected, "rejected"))]
+    elif "prompt" in record:
+        units = [_prompt_answer(record["prompt"], value, name, tokenizer)
+                 for value, name in ((chosen, "chosen"), (rejected, "rejected"))]
+    else:
+        units = _shared_prefix_units(chosen, rejected, tokenizer)
+    if units[0][-1][0] == units[1][-1][0]:
+        raise RecordError("chosen and rejected are the same answer", "identical_pair")
+    return [(units[0], CHOSEN), (units[1], REJECTED)]
+
+
+def kto_unit(record: dict, tokenizer: Any) -> tuple[Segments, int]:
+    """(prompt + answer, CHOSEN or REJECTED) of one judged answer: `{prompt, completion,
+    label}` (strings or message lists) or a chat `{messages, label}` whose last assistant
+    turn is the judged answer (earlier turns are context only)."""
+    label = record.get("label")
+    if label is None:
+        raise RecordError("missing field 'label' (true: a good answer, false: a bad one)", "missing_field")
+    if not isinstance(label, bool):
+        raise RecordError(f"field 'label' must be true or false, got {label!r}", "wrong_type")
+    role = CHOSEN if label else REJECTED
+    if "messages" in record or "conversations" in record:
+        messages = _messages(record)
+        if messages[-1]["role"] != "assistant":
+            raise RecordError("the last message must be the assistant's answer that 'label' judges", "no_assistant")
+        return _chat_answer(messages[:-1], messages[-1], tokenizer), role
+    if record.get("completion") is None:
+        raise RecordError("missing field 'completion' (the judged answer)", "missing_field")
+    return _prompt_answer(record.get("prompt"), record["completion"], "completion", tokenizer), role
+
+
+def _alpaca_prompt_of(record: dict) -> str:
+    prompt = alpaca_prompt(_non_empty(_field(record, "instruction"), "instruction"),
+                           _field(record, "input", required=False))
+    system = _field(record, "system", required=False)
+    return f"{system}\n\n{prompt}" if system.strip() else prompt
+
+
+def _answer_text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"field '{name}' must be a string, got {type(value).__name__}", "wrong_type")
+    return _non_empty(value, name)
+
+
+def _answer_message(value: Any, name: str, sharegpt: bool) -> dict:
+    """A chat answer given as one message ({from, value} or {role, content}), a one-message
+    list, or a plain string."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        return {"role": "assistant", "content": _non_empty(value, name)}
+    if not isinstance(value, dict):
+        raise RecordError(f"field '{name}' must be a message or a string, got {type(value).__name__}", "wrong_type")
+    turn = _messages({"conversations" if sharegpt and "from" in value else "messages": [value]})[0]
+    if turn["role"] != "assistant":
+        raise RecordError(f"field '{name}': the answer must be an assistant message, got {turn['role']}",
+                          "unknown_role")
+    return turn
+
+
+def _prompt_answer(prompt: Any, answer: Any, name: str, tokenizer: Any) -> Segments:
+    """A prompt and one answer: both strings (plain text), or message lists (chat template)."""
+    if isinstance(prompt, list) or isinstance(answer, list):
+        messages = _messages({"messages": prompt}) if isinstance(prompt, list) else (
+            [{"role": "user", "content": _answer_text(prompt, "prompt")}])
+        return _chat_answer(messages, _answer_message(answer, name, sharegpt=False), tokenizer)
+    if prompt is None:
+        raise RecordError("missing field 'prompt'", "missing_field")
+    return [(_answer_text(prompt, "prompt"), False), (_answer_text(answer, name) + _eos(tokenizer), True)]
+
+
+def _chat_answer(prompt: list[dict], answer: dict, tokenizer: Any) -> Segments:
+    """The rendered prompt turns and generation header (context), then the answer turn."""
+    if not prompt:
+        raise RecordError("a chat preference record needs at least one prompt turn", "no_shared_prompt")
+    header = _render(tokenizer, prompt, generation_prompt=True)
+    full = _render(tokenizer, [*prompt, answer], generation_prompt=False)
+    return [(header, False), (_suffix(full, header), True)]
+
+
+def _shared_prefix_units(chosen: Any, rejected: Any, tokenizer: Any) -> list[Segments]:
+    """Whole transcripts (Anthropic HH): the prompt is what chosen and rejected share,
+    backed up to a word boundary (message lists: the shared leading messages)."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        chosen_turns, rejected_turns = _messages({"messages": chosen}), _messages({"messages": rejected})
+        shared = 0
+        while (shared < min(len(chosen_turns), len(rejected_turns)) - 1
+               and chosen_turns[shared] == rejected_turns[shared]):
+            shared += 1
+        if shared == 0:
+            raise RecordError("chosen and rejected share no prompt turns", "no_shared_prompt")
+        return [_chat_answer(turns[:shared], _one_answer(turns, shared), tokenizer)
+                for turns in (chosen_turns, rejected_turns)]
+    chosen, rejected = _answer_text(chosen, "chosen"), _answer_text(rejected, "rejected")
+    shared = 0
+    limit = min(len(chosen), len(rejected))
+    while shared < limit and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == len(chosen) == len(rejected):
+        raise RecordError("chosen and rejected are the same answer", "identical_pair")
+    while shared and not chosen[shared - 1].isspace():
+        shared -= 1  # not inside a word: both answers start at a word boundary
+    if not chosen[:shared].strip():
+        raise RecordError("chosen and rejected share no prompt (whole transcripts must start the same)",
+                          "no_shared_prompt")
+    eos = _eos(tokenizer)
+    return [[(chosen[:shared], False), (_non_empty(text[shared:], name) + eos, True)]
+            for text, name in ((chosen, "chosen"), (rejected, "rejected"))]
+
+
+def _one_answer(turns: list[dict], shared: int) -> dict:
+    rest = turns[shared:]
+    if len(rest) != 1 or rest[0]["role"] != "assistant":
+        raise RecordError("after the shared turns, chosen and rejected must each end in one assistant answer",
+                          "no_shared_prompt")
+    return rest[0]

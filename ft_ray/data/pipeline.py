@@ -19,7 +19,7 @@ from ft_ray import progress
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.console import LOG
 from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, source_name, weighted_copies
-from ft_ray.data.sources import DataError, ReadLimits, choose_format, common_folder, list_files, read_corpus
+from ft_ray.data.sources import DataError, ReadLimits, check_format, choose_format, common_folder, list_files, read_corpus
 from ft_ray.data.tokenize import pack_arrays
 
 TOKENIZE_BATCH = 256
@@ -51,21 +51,23 @@ def _tokenizer(model_json: str) -> Any:
 COLUMNS = ("input_ids", "labels", "reason", "detail", "is_eval", "path", "line", "text", "copy", "sample_id")
 
 
-@functools.lru_cache(maxsize=1)
-def _schema() -> Any:
+@functools.lru_cache(maxsize=2)
+def _schema(roles: bool = False) -> Any:
     """Fixed column types: ids as variable-length lists in every block (numpy would make
-    a batch of equal-length records a fixed-shape tensor that later blocks cannot join)."""
+    a batch of equal-length records a fixed-shape tensor that later blocks cannot join).
+    Preference data has a `roles` list beside the ids."""
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
     return pa.schema([("input_ids", ids), ("labels", ids), ("reason", pa.string()), ("detail", pa.string()),
                       ("is_eval", pa.bool_()), ("path", pa.string()), ("line", pa.int64()), ("text", pa.string()),
-                      ("copy", pa.int64()), ("sample_id", pa.int64())])
+                      ("copy", pa.int64()), ("sample_id", pa.int64())] + ([("roles", ids)] if roles else []))
 
 
 def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str, eval_fraction: float,
                        fields: dict[str, str] | None = None, weight: float = 1.0,
-                       drop_over: int | None = None, progress: Any = None, source: tuple[str, str] = ("", "")) -> Any:
+                       drop_over: int | None = None, progress: Any = None, source: tuple[str, str] = ("", ""),
+                       roles: bool = False) -> Any:
     """Rows of ids and labels (one per copy of a weighted record), or one row with the
     reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
     leaves out.
@@ -76,6 +78,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     Errors are caught per record, so one bad line never takes its neighbours with it.
     `progress` (the driver's `progress.board()`) is told how many records were read.
     `source` (its key, its files' common folder) names the files in the sample ids.
+    `roles`: a preference objective's run, whose rows carry each token's role.
     """
     import pyarrow as pa
 
@@ -88,16 +91,16 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     for start in range(0, count, TOKENIZE_BATCH):
         part = slice(start, start + TOKENIZE_BATCH)
         rows = _tokenized_rows(batch["text"][part], errors[part], batch["path"][part], lines[part], tokenizer,
-                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over, source)
-        tables.append(pa.table(rows, schema=_schema()))
+                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over, source, roles)
+        tables.append(pa.table(rows, schema=_schema(roles)))
     if progress is not None:
         progress.add.remote("records", count)
-    return pa.concat_tables(tables) if tables else _schema().empty_table()
+    return pa.concat_tables(tables) if tables else _schema(roles).empty_table()
 
 
 def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: Any, max_len: int, fmt: str,
                     fields: dict[str, str], eval_fraction: float, weight: float,
-                    drop_over: int | None, source: tuple[str, str]) -> dict[str, Any]:
+                    drop_over: int | None, source: tuple[str, str], roles: bool) -> dict[str, Any]:
     batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
     rows: dict[str, list] = {k: [] for k in COLUMNS[2:]}
     example = []  # the example of each row
@@ -113,6 +116,9 @@ def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: 
                 rows[column].append(value)
     rows["input_ids"] = _int32_lists(batch.ids, batch.offsets, example)
     rows["labels"] = _int32_lists(batch.labels, batch.offsets, example)
+    if roles:
+        token_roles = batch.roles if batch.roles is not None else np.zeros_like(batch.ids)
+        rows["roles"] = _int32_lists(token_roles, batch.offsets, example)
     return rows
 
 
@@ -132,8 +138,9 @@ def _int32_lists(flat: np.ndarray, offsets: np.ndarray, rows: list[int]) -> Any:
 def pack_batch(batch: Any, *, max_len: int, pad_id: int, pack: bool) -> dict[str, np.ndarray]:
     """Packed (or padded) sequences of a batch of tokenized rows (an Arrow table)."""
     ids, labels = batch["input_ids"].combine_chunks(), batch["labels"].combine_chunks()
+    roles = batch["roles"].combine_chunks().flatten().to_numpy() if "roles" in batch.column_names else None
     return pack_arrays(ids.flatten().to_numpy(), labels.flatten().to_numpy(), ids.offsets.to_numpy(),
-                       batch["sample_id"].to_numpy(), max_len, pad_id, pack)
+                       batch["sample_id"].to_numpy(), max_len, pad_id, pack, roles)
 
 
 def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction: float,
@@ -141,13 +148,15 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
     """One source's records, parsed and tokenized by Ray tasks (rows as `parse_and_tokenize`)."""
     fs, files = list_files(source.path, config.storage, key)
     fmt, note = choose_format(source, config.storage, key)
+    check_format(config, fmt, key)
     stats.formats[key] = fmt
     LOG.info(f"data: {note}; {len(files)} file(s)")
     return read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
         parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
-                   "progress": progress.board(), "source": (key, common_folder(files))})
+                   "progress": progress.board(), "source": (key, common_folder(files)),
+                   "roles": config.objective != "sft"})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
@@ -212,7 +221,7 @@ def start_at_full_width() -> None:
         ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0.05
 
 
-PACKED_FROM = ("input_ids", "labels", "sample_id")  # the columns packing reads
+PACKED_FROM = ("input_ids", "labels", "sample_id", "roles")  # the columns packing reads (roles: when there)
 
 
 def train_order(blocks: list, seed: int) -> np.ndarray:
@@ -267,7 +276,7 @@ def _packed_block(local: np.ndarray, rows: np.ndarray, pack_args: dict[str, Any]
     from ray.data.block import BlockAccessor
 
     sizes = np.array([0] + [block.num_rows for block in blocks], dtype=np.int64)
-    table = pa.concat_tables([block.select(list(PACKED_FROM)) for block in blocks])
+    table = pa.concat_tables([block.select(_present(block, PACKED_FROM)) for block in blocks])
     table = table.take(np.cumsum(sizes)[local] + rows)  # one take across the blocks, in the rows' order
     batches = [pack_batch(table.slice(at, PACK_BATCH), **pack_args) for at in range(0, len(rows), PACK_BATCH)]
     return BlockAccessor.batch_to_block({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
@@ -358,7 +367,11 @@ def _select(batch: Any, which: str) -> Any:
 
 
 def _kept(batch: Any, which: str, columns: list[str]) -> Any:
-    return _select(batch, which).select(columns)
+    return _select(batch, which).select(_present(batch, columns))
+
+
+def _present(block: Any, columns: Any) -> list[str]:
+    return [c for c in columns if c in block.column_names]
 
 
 def rows_of(dataset: Any, which: str) -> Any:

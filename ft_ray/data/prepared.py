@@ -38,6 +38,7 @@ def fingerprint(config: JobConfig) -> str:
     what = {"version": PREPARED_VERSION, "files": files,
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),
             "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
+            "roles": config.objective != "sft",  # preference data carries each token's role
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",
                                                       "chat_template"})}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -10,8 +10,10 @@ import hashlib
 import json
 from typing import Any
 
-from ft_ray.data.formats import RecordError, Segments, map_fields, record_segments
-from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, encode_batch, tokenize_segments
+import numpy as np
+
+from ft_ray.data.formats import SFT, RecordError, Segments, Units, map_fields, record_units
+from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, encode_batch
 
 
 def eval_bucket(line: str) -> float:
@@ -42,7 +44,16 @@ def source_name(path: str, root: str, key: str) -> str:
 
 
 def record_to_segments(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any) -> Segments:
-    """The segments of one raw record.
+    """The segments of one raw record (of a preference pair: the prompt and its chosen answer).
+
+    Raises:
+        RecordError: with the reason (`kind`) the record is set aside.
+    """
+    return record_to_units(text, error, fmt, fields, tokenizer)[0][0]
+
+
+def record_to_units(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any) -> Units:
+    """The units of one raw record (`formats.record_units`).
 
     Raises:
         RecordError: with the reason (`kind`) the record is set aside.
@@ -57,15 +68,16 @@ def record_to_segments(text: str, error: str, fmt: str, fields: dict[str, str], 
     except RecursionError:
         raise RecordError("nested too deeply to parse", "too_deep") from None
     try:
-        segments = record_segments(map_fields(record, fields), fmt, tokenizer)
+        units = record_units(map_fields(record, fields), fmt, tokenizer)
     except RecursionError:
         raise RecordError("nested too deeply to read", "too_deep") from None
-    for segment, _ in segments:
-        try:
-            segment.encode("utf-8")
-        except UnicodeEncodeError as e:  # "\ud800" parses as JSON, but no tokenizer takes it
-            raise RecordError(f"invalid Unicode: {e.reason} at character {e.start}", "bad_unicode") from None
-    return segments
+    for segments, _ in units:
+        for segment, _ in segments:
+            try:
+                segment.encode("utf-8")
+            except UnicodeEncodeError as e:  # "\ud800" parses as JSON, but no tokenizer takes it
+                raise RecordError(f"invalid Unicode: {e.reason} at character {e.start}", "bad_unicode") from None
+    return units
 
 
 def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
@@ -75,41 +87,89 @@ def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokeni
     Raises:
         RecordError: with the reason (`kind`) the record is set aside.
     """
-    segments = record_to_segments(text, error, fmt, fields, tokenizer)
-    return tokenize_segments(segments, tokenizer, max_len, drop_over)
+    batch = encode_records([text], [error], fmt, fields, tokenizer, max_len, drop_over)
+    if batch.errors[0] is not None:
+        raise batch.errors[0]
+    return {"input_ids": batch.ids.tolist(), "labels": batch.labels.tolist(),
+            **({"roles": batch.roles.tolist()} if batch.roles is not None else {})}
 
 
 def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
                    drop_over: int | None) -> Assembled:
     """The examples of a batch of raw records as flat arrays, and per record the
     RecordError that rejects it (its example is then empty). All segments of the batch go
-    through the tokenizer in one call."""
-    parsed: list[Segments | RecordError] = []
+    through the tokenizer in one call.
+
+    A preference record's example is its units one after the other (a pair: prompt + chosen,
+    then prompt + rejected, each with its own leading token and each cut at half of
+    `max_len`, so the pair fits one packed row); `roles` then gives each token's unit role."""
+    parsed: list[Units | RecordError] = []
     for text, error in zip(texts, errors):
         try:
-            parsed.append(record_to_segments(text, error, fmt, fields, tokenizer))
+            parsed.append(record_to_units(text, error, fmt, fields, tokenizer))
         except RecordError as e:
             parsed.append(e)
         except Exception as e:  # noqa: BLE001 - one record's failure, whatever it is, rejects that record
             parsed.append(RecordError(f"{type(e).__name__}: {str(e)[:300]}", "unreadable"))
     try:
-        segment_ids = encode_batch(tokenizer, [text for p in parsed if not isinstance(p, RecordError) for text, _ in p])
+        segment_ids = encode_batch(tokenizer, _texts(parsed))
     except Exception:  # noqa: BLE001 - find the record the tokenizer fails on, reject it, keep the rest
         parsed = [p if isinstance(p, RecordError) else _tokenizable(p, tokenizer) for p in parsed]
-        segment_ids = encode_batch(tokenizer, [text for p in parsed if not isinstance(p, RecordError) for text, _ in p])
-    segments = [s for p in parsed if not isinstance(p, RecordError) for s in p]
-    batch = assemble_batch(segment_ids,
-                           [0 if isinstance(p, RecordError) else len(p) for p in parsed],
-                           [trainable for _, trainable in segments], bos_id(tokenizer), max_len, drop_over)
-    batch.errors = [p if isinstance(p, RecordError) else e for p, e in zip(parsed, batch.errors)]
-    return batch
+        segment_ids = encode_batch(tokenizer, _texts(parsed))
+    # every record has at least one unit (a rejected record one empty unit), so a batch of
+    # supervised records is assembled as before: one example per record
+    units = [unit for p in parsed for unit in _units_of(p)]
+    counts = np.repeat([len(_units_of(p)) for p in parsed], [len(_units_of(p)) for p in parsed])
+    paired = bool(len(counts)) and counts.max() > 1  # a pair's two sequences share one row: half each
+    limits = max_len // counts if paired else max_len
+    drops = drop_over // counts if paired and drop_over is not None else drop_over
+    parts = assemble_batch(segment_ids, [len(segments) for segments, _ in units],
+                           [trainable for segments, _ in units for _, trainable in segments],
+                           bos_id(tokenizer), limits, drops)
+    roles = np.array([role for _, role in units], dtype=np.int32)
+    if not roles.any():  # supervised records only: one unit each, as assembled
+        parts.errors = [p if isinstance(p, RecordError) else e for p, e in zip(parsed, parts.errors)]
+        return parts
+    return _join_units(parsed, parts, roles)
 
 
-def _tokenizable(segments: Segments, tokenizer: Any) -> Segments | RecordError:
-    """The segments, or the RecordError of a record the tokenizer fails on by itself."""
+def _units_of(parsed: Units | RecordError) -> Units:
+    return [([], SFT)] if isinstance(parsed, RecordError) else parsed
+
+
+def _texts(parsed: list) -> list[str]:
+    return [text for p in parsed for segments, _ in _units_of(p) for text, _ in segments]
+
+
+def _join_units(parsed: list, parts: Assembled, roles: np.ndarray) -> Assembled:
+    """Records' examples from their assembled units (`parts`): a record is rejected whole
+    when any of its units is, or when a pair's two sequences came out the same."""
+    unit_of_record = np.repeat(np.arange(len(parsed)), [len(_units_of(p)) for p in parsed])
+    unit_lengths = np.diff(parts.offsets)
+    errors: list[RecordError | None] = []
+    for i, p in enumerate(parsed):
+        units = np.flatnonzero(unit_of_record == i)
+        error = p if isinstance(p, RecordError) else next((parts.errors[u] for u in units if parts.errors[u]), None)
+        if error is None and len(units) == 2:
+            first, second = (parts.ids[parts.offsets[u]:parts.offsets[u + 1]] for u in units)
+            if np.array_equal(first, second):
+                error = RecordError("chosen and rejected are the same within the tokens a pair has "
+                                    "(half of model.max_seq_len)", "identical_pair")
+        errors.append(error)
+    good = np.array([e is None for e in errors], dtype=bool)
+    keep = np.repeat(good[unit_of_record], unit_lengths)
+    lengths = np.bincount(unit_of_record, weights=unit_lengths * good[unit_of_record],
+                          minlength=len(parsed)).astype(np.int64)
+    offsets = np.zeros(len(parsed) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Assembled(parts.ids[keep], parts.labels[keep], offsets, errors, np.repeat(roles, unit_lengths)[keep])
+
+
+def _tokenizable(units: Units, tokenizer: Any) -> Units | RecordError:
+    """The units, or the RecordError of a record the tokenizer fails on by itself."""
     try:
-        encode_batch(tokenizer, [text for text, _ in segments])
-        return segments
+        encode_batch(tokenizer, [text for segments, _ in units for text, _ in segments])
+        return units
     except Exception as e:  # noqa: BLE001
         return RecordError(f"the tokenizer failed: {type(e).__name__}: {str(e)[:300]}", "tokenizer_error")
 
@@ -119,7 +179,8 @@ def tokenize_batch(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
     """Per record: its ids and labels, or the RecordError that rejects it (`encode_records`
     as one dict of lists per record)."""
     batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
-    return [error if error is not None else {"input_ids": batch.ids[a:b].tolist(), "labels": batch.labels[a:b].tolist()}
+    return [error if error is not None else {"input_ids": batch.ids[a:b].tolist(), "labels": batch.labels[a:b].tolist(),
+                                             **({"roles": batch.roles[a:b].tolist()} if batch.roles is not None else {})}
             for error, a, b in zip(batch.errors, batch.offsets, batch.offsets[1:])]
 
 

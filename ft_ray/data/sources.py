@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
-from ft_ray.config import DataConfig, InputError, SourceConfig, StorageConfig
+from ft_ray.config import OBJECTIVE_FORMATS, DataConfig, InputError, JobConfig, SourceConfig, StorageConfig
 from ft_ray.data.formats import RECORD_FIELDS, RecordError, detect_format, map_fields
 from ft_ray.storage import filesystem_for
 
@@ -432,10 +432,20 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
                 continue
     if not seen:
         raise DataError(f"{key}: format auto: none of the first records of {files[0]} looks like text, "
-                        "instruction, chat or completion; set data.format and data.fields")
+                        "instruction, chat, completion, preference or kto; set data.format and data.fields")
     chosen, count = seen.most_common(1)[0]
     return chosen, (f"{key}: format auto -> {chosen} ({count} of the first {sum(seen.values())} "
                     f"records of {files[0]})")
+
+
+def check_format(config: JobConfig, fmt: str, key: str) -> None:
+    """Raises DataError when a source's records are not what the job's objective trains on."""
+    allowed = OBJECTIVE_FORMATS[config.objective]
+    if fmt not in allowed:
+        objectives = " or ".join(o for o, formats in OBJECTIVE_FORMATS.items() if fmt in formats)
+        raise DataError(f"{key}: records of format {fmt} train with objective {objectives}, not "
+                        f"{config.objective} (which needs format {' or '.join(allowed)}); set objective "
+                        "in the job file")
 
 
 @dataclasses.dataclass(frozen=True)

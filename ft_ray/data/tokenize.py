@@ -67,16 +67,18 @@ def assemble(segment_ids: list[list[int]], trainable: list[bool], bos: int | Non
 @dataclasses.dataclass
 class Assembled:
     """Examples as flat arrays: example i is `ids[offsets[i]:offsets[i + 1]]` (empty when
-    `errors[i]` says why it was rejected)."""
+    `errors[i]` says why it was rejected); `roles`, for preference data, each token's unit
+    role (`formats.CHOSEN`, `formats.REJECTED`)."""
 
     ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
     errors: list[RecordError | None]
+    roles: np.ndarray | None = None
 
 
 def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trainable: list[bool], bos: int | None,
-                   max_len: int, drop_over: int | None = None) -> Assembled:
+                   max_len: int | np.ndarray, drop_over: int | np.ndarray | None = None) -> Assembled:
     """Examples from their tokenized segments (tokenized in one call for a batch of
     records, which is what makes the pipeline fast), in a few array operations for the
     whole batch. Record i has the next `segment_counts[i]` segments; `trainable` says per
@@ -87,7 +89,7 @@ def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trai
     in a packed sequence, it would otherwise be predicted from the end of the previous,
     unrelated example. `bos` (the tokenizer's `bos_id`, or None) leads every example.
     A record is rejected (its `errors` entry) when it is longer than `drop_over` or no
-    trainable token survives truncation.
+    trainable token survives truncation. `max_len` and `drop_over` may be one per record.
     """
     records = len(segment_counts)
     lead = 0 if bos is None else 1
@@ -99,17 +101,22 @@ def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trai
     starts = np.zeros(records + 1, dtype=np.int64)
     np.cumsum(full - lead, out=starts[1:])
     at = np.arange(len(flat)) - starts[record] + lead  # each token's place in its example
-    kept = at < max_len
+    limit = np.broadcast_to(np.asarray(max_len, dtype=np.int64), (records,))
+    kept = at < limit[record]
     targets = np.bincount(record[kept & trained & (at > 0)], minlength=records)
     errors: list[RecordError | None] = [None] * records
-    for i in np.flatnonzero((full > drop_over) if drop_over is not None else np.zeros(records, bool)):
-        errors[i] = RecordError(f"{full[i]} tokens, more than data.max_record_tokens={drop_over}", "overlong")
+    drop = None if drop_over is None else np.broadcast_to(np.asarray(drop_over, dtype=np.int64), (records,))
+    for i in np.flatnonzero((full > drop) if drop is not None else np.zeros(records, bool)):
+        errors[i] = RecordError(f"{full[i]} tokens, more than data.max_record_tokens={drop[i]}", "overlong")
     for i in np.flatnonzero(targets == 0):
         if errors[i] is None:
-            errors[i] = RecordError(f"no trainable tokens within max_seq_len={max_len} (prompt too long)",
+            errors[i] = RecordError(f"no trainable tokens within {limit[i]} tokens (prompt too long; "
+                                    "a preference pair has half of model.max_seq_len for each answer)"
+                                    if np.ndim(max_len) else
+                                    f"no trainable tokens within max_seq_len={limit[i]} (prompt too long)",
                                     "no_target_tokens")
     good = np.array([e is None for e in errors], dtype=bool)
-    lengths = np.where(good, np.minimum(full, max_len), 0)
+    lengths = np.where(good, np.minimum(full, limit), 0)
     offsets = np.zeros(records + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.empty(int(offsets[-1]), dtype=np.int32)
@@ -150,7 +157,7 @@ def _rows(sequences: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
 
 
 def pack_arrays(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray, max_len: int,
-                pad_id: int, pack: bool = True) -> dict[str, np.ndarray]:
+                pad_id: int, pack: bool = True, roles: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Best-fit-decreasing packing of a batch of examples into sequences of exactly `max_len`
     tokens: longest examples first, each into the open sequence it fills best. On mixed
     lengths this leaves under 3% padding where first-fit in arrival order leaves 4-5%.
@@ -162,6 +169,10 @@ def pack_arrays(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sample
     they were opened, so a seeded shuffle before packing still fixes the order. Padding gets
     label -100 and positions of its own. Ids, labels and positions are int32 (half the
     bytes in the object store and in prepared data; the training loop reads them as int64).
+
+    `roles` (preference data: each token's unit role) come out as a `roles` column, padding 0;
+    positions restart where the role changes inside an example, so a pair's rejected
+    sequence attends to its own copy of the prompt, not to the chosen one.
     """
     offsets = np.asarray(offsets, dtype=np.int64) - offsets[0]
     lengths = np.diff(offsets)
@@ -179,14 +190,31 @@ def pack_arrays(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sample
     out_labels = np.full(count * max_len, IGNORE_INDEX, dtype=np.int32)
     positions = np.zeros(count * max_len, dtype=np.int32)
     out_ids[into], out_labels[into] = ids, labels
-    positions[into] = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    positions[into] = _positions(offsets, lengths, roles)
     used = np.bincount(bins, weights=lengths, minlength=count).astype(np.int64)
     column, filled = np.arange(max_len, dtype=np.int32)[None, :], used.astype(np.int32)[:, None]
     positions = np.where(column >= filled, column - filled, positions.reshape(count, max_len))
     members = np.split(np.asarray(sample_ids, dtype=np.int64)[by_bin], np.flatnonzero(np.diff(bins[by_bin])) + 1)
-    return {"input_ids": out_ids.reshape(count, max_len), "labels": out_labels.reshape(count, max_len),
-            "position_ids": positions, "num_examples": np.bincount(bins, minlength=count).astype(np.int64),
-            "num_tokens": used, "seq_id": np.array([sequence_id(m) for m in members] if count else [], dtype=np.int64)}
+    packed = {"input_ids": out_ids.reshape(count, max_len), "labels": out_labels.reshape(count, max_len),
+              "position_ids": positions, "num_examples": np.bincount(bins, minlength=count).astype(np.int64),
+              "num_tokens": used, "seq_id": np.array([sequence_id(m) for m in members] if count else [], dtype=np.int64)}
+    if roles is not None:
+        out_roles = np.zeros(count * max_len, dtype=np.int32)
+        out_roles[into] = roles
+        packed["roles"] = out_roles.reshape(count, max_len)
+    return packed
+
+
+def _positions(offsets: np.ndarray, lengths: np.ndarray, roles: np.ndarray | None) -> np.ndarray:
+    """Each token's position in its sequence: counted from its example's start, or from where
+    its role began inside the example."""
+    tokens = np.arange(offsets[-1])
+    if roles is None:
+        return tokens - np.repeat(offsets[:-1], lengths)
+    restart = np.zeros(len(tokens), dtype=bool)
+    restart[offsets[:-1][lengths > 0]] = True
+    restart[1:] |= roles[1:] != roles[:-1]
+    return tokens - np.maximum.accumulate(np.where(restart, tokens, 0))
 
 
 def _best_fit(lengths: list[int], max_len: int) -> list[int]:

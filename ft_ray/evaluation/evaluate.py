@@ -260,9 +260,15 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: i
     if train_examples < FEW_DATA:
         warnings.append(f"the training set has {train_examples} examples (< {FEW_DATA}): fine-tuning rarely pays with "
                         "so few; prefer few-shot prompting unless the verdict is clear")
-    choose = generated if settings.metric != "loss" else ok
+    pairs = ok & (cols["variant_rejected_tokens"] > 0) if "variant_rejected_tokens" in cols else ok & False
+    if pairs.any():
+        for arm in ARMS:
+            arms[arm]["preference_accuracy"] = float(preference_wins(cols, arm, pairs).mean())
+    choose = {"loss": ok, "preference": pairs}.get(settings.metric, generated)
     if not choose.any():
-        raise InputError(f"eval.metric {settings.metric}: no held-out example was generated (eval.num_generations)")
+        raise InputError(f"eval.metric {settings.metric}: no held-out example was "
+                         + ("a chosen/rejected pair" if settings.metric == "preference" else
+                            "generated (eval.num_generations)"))
     fitted = arms["few_shot"]["shots_mean"]
     prompting = (f"{k}-shot prompting" if fitted == k
                  else f"few-shot prompting ({fitted:.2g} of {k} examples fitted on average)")
@@ -297,9 +303,20 @@ def metric_values(cols: dict[str, np.ndarray], arm: str, metric: str, rows: np.n
     if metric == "loss":
         tokens = cols[f"{arm}_tokens"][rows].astype(np.float64)
         return cols[f"{arm}_loss_sum"][rows] / np.maximum(tokens, 1), tokens
+    if metric == "preference":
+        wins = preference_wins(cols, arm, rows)
+        return wins, np.ones_like(wins)
     column = {"exact_match": "exact", "chrf": "chrf", "format": "format"}[metric]
     values = cols[f"{arm}_{column}"][rows].astype(np.float64)
     return values, np.ones_like(values)
+
+
+def preference_wins(cols: dict[str, np.ndarray], arm: str, rows: np.ndarray) -> np.ndarray:
+    """Per pair, 1.0 when the arm gives the chosen answer a higher length-normalised
+    likelihood (lower loss per token) than the rejected one, else 0.0."""
+    chosen = cols[f"{arm}_loss_sum"][rows] / np.maximum(cols[f"{arm}_tokens"][rows], 1)
+    rejected = cols[f"{arm}_rejected_loss_sum"][rows] / np.maximum(cols[f"{arm}_rejected_tokens"][rows], 1)
+    return (chosen < rejected).astype(np.float64)
 
 
 def decide_against(cols: dict[str, np.ndarray], settings: Any, rows: np.ndarray, other: str,
@@ -323,13 +340,16 @@ def samples(cols: dict[str, np.ndarray], generated: np.ndarray) -> list[dict[str
 def print_result(result: dict[str, Any], where: str) -> None:
     arms = result["arms"]
     k = result["settings"]["few_shot"]
-    rows = [f"{'arm':<16}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}{'prompt tok':>12}{'tok/s':>8}"]
+    pairs = arms["variant"].get("preference_accuracy") is not None
+    rows = [f"{'arm':<16}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}" + (f"{'pref':>7}" if pairs else "")
+            + f"{'prompt tok':>12}{'tok/s':>8}"]
     for arm, label in (("base", "base"), ("few_shot", f"base {k}-shot"), ("variant", "variant")):
         f = arms[arm]
         cells = [_cell(f.get(name), spec) for name, spec in
-                 (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"))]
+                 (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"), ("preference_accuracy", ".2f"))]
         rows.append(f"{label:<16}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
-                    f"{f['prompt_tokens_mean']:>12.1f}{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
+                    + (f"{cells[3]:>7}" if pairs else "")
+                    + f"{f['prompt_tokens_mean']:>12.1f}{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
     LOG.info(f"eval on {result['examples']} held-out examples ({result['generated']} answered by each arm):\n"
              + "\n".join(f"[ft-ray]   {row}" for row in rows))
     for sample in result["samples"][:1]:
@@ -367,7 +387,8 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
         result = evaluate(config, resolve_target(folder.uri, config))
         brief = {"verdict": result["verdict"], "vs_base": result["vs_base"],
-                 "arms": {arm: {k: v for k, v in f.items() if k in ("loss", "exact_match", "chrf", "format")}
+                 "arms": {arm: {k: v for k, v in f.items()
+                                if k in ("loss", "exact_match", "chrf", "format", "preference_accuracy")}
                           for arm, f in result["arms"].items()}}
         winner = _json(folder, "winner.json") or {}
         folder.write_json("winner.json", {**winner, "eval": brief})

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 LOWER_IS_BETTER = {"loss"}
-METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence"}
+METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence",
+                "preference": "preference accuracy"}
 
 
 def normalize(text: str) -> str:

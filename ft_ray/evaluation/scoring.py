@@ -4,7 +4,9 @@ base model with few-shot examples before the prompt, and the fine-tuned variant.
 `ArmScorer` is what a Ray Data actor holds (one model copy per actor), but nothing here
 needs Ray: it takes a batch of raw records and returns one row of figures per record.
 Target tokens are masked exactly as in training (`record_to_segments` + `assemble`), so
-the three arms' losses are on the same tokens.
+the three arms' losses are on the same tokens. A preference pair is scored on its chosen
+answer (the reference of the generation metrics) and, for the preference accuracy, on its
+rejected answer too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import RecordError
-from ft_ray.data.records import record_to_segments
+from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
 from ft_ray.evaluation import metrics
 
@@ -103,10 +105,14 @@ class ArmScorer:
         rows: dict[str, list] = {}
         examples = [self.prepare(str(text), str(error)) for text, error in zip(batch["text"], batch["error"])]
         good = [e for e in examples if "reason" not in e]
+        pairs = [e for e in good if "rejected" in e]
         for arm in ARMS:
             sums = self.loss_sums(arm, [e[arm] for e in good]) if good else []
             for example, (loss_sum, tokens) in zip(good, sums):
                 example[f"{arm}_loss_sum"], example[f"{arm}_tokens"] = loss_sum, tokens
+            sums = self.loss_sums(arm, [e["rejected"][arm] for e in pairs]) if pairs else []
+            for example, (loss_sum, tokens) in zip(pairs, sums):
+                example[f"{arm}_rejected_loss_sum"], example[f"{arm}_rejected_tokens"] = loss_sum, tokens
         for example, path, line in zip(examples, batch["path"], batch["line"]):
             example["key"] = record_key(str(path), int(line))
             if "reason" not in example and example["key"] in self.generate_keys and example["prompt"]:
@@ -116,25 +122,39 @@ class ArmScorer:
         return rows
 
     def prepare(self, text: str, error: str) -> dict[str, Any]:
-        """Ids and labels of one record for each arm, or the reason it cannot be scored."""
+        """Ids and labels of one record for each arm, or the reason it cannot be scored (a
+        preference pair: of its chosen answer, and under `rejected` of its rejected one, with
+        the same few-shot examples)."""
         try:
-            segments = record_to_segments(text, error, self.fmt, self.fields, self.tokenizer)
+            units = record_to_units(text, error, self.fmt, self.fields, self.tokenizer)
+            segments = units[0][0]
             seg_ids = encode_batch(self.tokenizer, [t for t, _ in segments])
             trainable = [t for _, t in segments]
-            max_len = self.job.model.max_seq_len
-            plain = assemble(seg_ids, trainable, self.bos, max_len)
-            shots = self.shots_that_fit(len(plain["input_ids"]), sum(map(len, seg_ids)) + 1)
+            example = self.arm_inputs(seg_ids, trainable, prefix=None)
+            shots = self.shots_that_fit(len(example["base"]["input_ids"]), sum(map(len, seg_ids)) + 1)
             prefix = [i for ids in self.shot_ids[:shots] for i in ids]
-            few = assemble([prefix, *seg_ids], [False, *trainable], self.bos, max_len) if shots else plain
+            example = self.arm_inputs(seg_ids, trainable, prefix, example["base"])
+            if len(units) == 2:
+                rejected = units[1][0]
+                example["rejected"] = self.arm_inputs(encode_batch(self.tokenizer, [t for t, _ in rejected]),
+                                                      [t for _, t in rejected], prefix)
         except RecordError as e:
             return {"reason": e.kind}
         first = trainable.index(True)
         prompt_ids = [i for ids in seg_ids[:first] for i in ids]
         eos = self.tokenizer.eos_token or ""
-        return {"base": plain, "variant": plain, "few_shot": few, "shots": shots,
-                "prompt": "".join(t for t, _ in segments[:first]),
+        return {**example, "shots": shots, "prompt": "".join(t for t, _ in segments[:first]),
                 "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip(),
                 "prompt_ids": prompt_ids, "prefix": prefix}
+
+    def arm_inputs(self, seg_ids: list[list[int]], trainable: list[bool], prefix: list[int] | None,
+                   plain: dict | None = None) -> dict[str, Any]:
+        """Each arm's ids and labels of one sequence: plain (given, or assembled here), and
+        after the few-shot `prefix`."""
+        max_len = self.job.model.max_seq_len
+        plain = plain or assemble(seg_ids, trainable, self.bos, max_len)
+        few = assemble([prefix, *seg_ids], [False, *trainable], self.bos, max_len) if prefix else plain
+        return {"base": plain, "variant": plain, "few_shot": few}
 
     def shots_that_fit(self, plain_length: int, full_length: int) -> int:
         """How many shots fit before the example within model.max_seq_len (0 when the example
@@ -211,6 +231,8 @@ class ArmScorer:
         for arm in ARMS:
             row[f"{arm}_loss_sum"] = example.get(f"{arm}_loss_sum", nan)
             row[f"{arm}_tokens"] = example.get(f"{arm}_tokens", 0)
+            row[f"{arm}_rejected_loss_sum"] = example.get(f"{arm}_rejected_loss_sum", nan)
+            row[f"{arm}_rejected_tokens"] = example.get(f"{arm}_rejected_tokens", 0)
             # what a request sends: bos, the few-shot examples, the prompt
             row[f"{arm}_prompt_tokens"] = (1 + len(example["prompt_ids"]) + (len(example["prefix"]) if arm == "few_shot"
                                                                              else 0)) if "prompt_ids" in example else 0

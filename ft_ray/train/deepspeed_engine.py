@@ -89,16 +89,16 @@ class DeepSpeedEngine:
             dist_init_required=False)
         self.device = self.engine.device
 
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.objective.loss(self.engine, batch)[0]
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective.loss(self.engine, batch)
 
-    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and DeepSpeed's step (it updates only at accumulation boundaries,
         and scales the loss by 1/accumulation itself, so `scale` is not applied)."""
-        loss = self.forward_loss(batch)
+        loss, metrics = self.forward_loss(batch)
         self.engine.backward(loss)
         self.engine.step()
-        return loss.item()
+        return loss.item(), metrics
 
     def step(self) -> float:
         """The update already happened in `micro_step`; returns its gradient norm."""
@@ -109,7 +109,7 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
         return eval_loss_sum(self.engine, self.forward_loss, self.objective, batch)
 
     def save(self, folder: Path, rank: int) -> None:

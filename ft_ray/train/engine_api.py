@@ -1,7 +1,8 @@
 """The engine interface the training loop calls, and what both engines share.
 
 An engine owns one worker's model, optimizer and schedule: `micro_step` (forward and
-backward of one micro batch, gradients synchronised only when told), `step` (the update;
+backward of one micro batch, gradients synchronised only when told; returns the loss and
+the objective's metric sums), `step` (the update;
 gradient accumulation is decided by the loop, which calls it every `gradient_accumulation`
 micro steps), `lr`, `eval_loss_sum`, `save` and `load` (the weights in the HF/PEFT layout
 under `model/`, so export does not care which engine trained them). The loss always comes
@@ -27,14 +28,14 @@ class Engine(Protocol):
     device: torch.device
     saves_on_every_rank: bool  # True: every rank writes its own shard of a checkpoint
 
-    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float: ...
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]: ...
 
     def step(self) -> float: ...
 
     @property
     def lr(self) -> float: ...
 
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]: ...
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]: ...
 
     def save(self, folder: Path, rank: int) -> None: ...
 
@@ -55,10 +56,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -
 
 @torch.no_grad()
 def eval_loss_sum(model: Any, forward_loss: Callable, objective: Objective,
-                  batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(the batch's loss summed over what it is averaged over, that count) of one batch."""
+                  batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
+    """(the batch's loss summed over what it is averaged over, that count, the objective's
+    metric sums) of one batch."""
     model.eval()
-    loss = forward_loss(batch)
+    loss, metrics = forward_loss(batch)
     model.train()
     weight = objective.weight(batch)
-    return loss.item() * weight, weight
+    return loss.item() * weight, weight, metrics

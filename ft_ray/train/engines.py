@@ -37,20 +37,20 @@ class DDPEngine:
         self.max_grad_norm = train.max_grad_norm
         self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
 
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            return self.objective.loss(self.model, batch)[0]
+            return self.objective.loss(self.model, batch)
 
-    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> float:
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
         """Forward and backward of one micro batch; gradients are all-reduced only if `sync`."""
         no_sync = getattr(self.model, "no_sync", None)
         context = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
         with context:
-            loss = self.forward_loss(batch)
+            loss, metrics = self.forward_loss(batch)
             (loss * scale).backward()
-        return loss.item()
+        return loss.item(), metrics
 
     def step(self) -> float:
         """Clip, update and advance the schedule; returns the gradient norm before clipping."""
@@ -65,7 +65,7 @@ class DDPEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
         return eval_loss_sum(self.model, self.forward_loss, self.objective, batch)
 
     def save(self, folder: Path, rank: int) -> None:

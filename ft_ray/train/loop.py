@@ -21,7 +21,7 @@ from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoint_io import TrainState, report, restore
 from ft_ray.train.collectives import all_reduce_sum, worker_nodes
 from ft_ray.train.engines import build_engine
-from ft_ray.train.objectives import build_objective
+from ft_ray.train.objectives import Objective, build_objective
 from ft_ray.train.modeling import build_model
 
 TRAIN_PIECE = "train_{}"  # the driver's fixed split of the training data, one piece per possible worker
@@ -47,7 +47,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(config, loop_config["base_model_path"])
     throughput = Throughput(config, model, ray.train.get_context().get_world_size())
-    engine = build_engine(model, config, plan.total_steps, build_objective(config))
+    objective = build_objective(config, model)
+    engine = build_engine(model, config, plan.total_steps, objective)
     run = RunFolder.for_job(config)
     state, resumed_from, skipped = restore(engine, run)
     tracker = Tracker(config, run, state.step if resumed_from else None,
@@ -56,15 +57,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resumed_from:
         tracker.log({"step": state.step, "resumed_from": resumed_from, "worker_nodes": nodes,
                      "skipped_checkpoints": [f"{name}: {why}" for name, why in skipped]})
-    eval_shard = ray.train.get_dataset_shard("eval")
+    eval_set = ray.train.get_dataset_shard("eval")
 
     if state.step == 0:
-        state.eval_loss_initial = evaluate(engine, eval_shard, config)
-        tracker.log({"step": 0, "eval_loss": state.eval_loss_initial, "worker_nodes": nodes})
-        ray.train.report({"step": 0, "eval_loss": state.eval_loss_initial})
+        evaluated = evaluate(engine, eval_set, config, objective)
+        state.eval_loss_initial = evaluated["eval_loss"]
+        tracker.log({"step": 0, **evaluated, "worker_nodes": nodes})
+        ray.train.report({"step": 0, **evaluated})
 
     accumulation = config.train.gradient_accumulation
-    window = Window(throughput)
+    window = Window(throughput, objective)
     micro = 0
     trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
@@ -73,7 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for batch in (train_batches if state.step < plan.total_steps else ()):
         micro += 1
         sync = micro % accumulation == 0
-        window.add(engine.micro_step(batch, 1.0 / accumulation, sync), int(batch["num_tokens"].sum()))
+        window.add(*engine.micro_step(batch, 1.0 / accumulation, sync), batch)
         step_ids += batch["seq_id"].tolist()
         if not sync:
             continue
@@ -89,18 +91,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.log(record)
         checkpoint_due = state.step % config.train.checkpoint_every == 0 or last
         if state.step % config.train.eval_every == 0 or checkpoint_due:
-            eval_loss = evaluate(engine, eval_shard, config)
-            tracker.log({"step": state.step, "eval_loss": eval_loss})
+            evaluated = evaluate(engine, eval_set, config, objective)
+            tracker.log({"step": state.step, **evaluated})
             tracker.flush()
             trace.flush()
-            report(engine, state, {"step": state.step, "eval_loss": eval_loss,
-                                   "train_tokens": state.train_tokens}, checkpoint_due, rank, run)
+            report(engine, state, {"step": state.step, **evaluated, "train_tokens": state.train_tokens},
+                   checkpoint_due, rank, run)
         if last:
             break
     if resumed_from and state.step >= plan.total_steps:
         # A finished run relaunched (a sweep restored after its driver died): tell Ray (and
         # Tune) where it ended, once, from every rank.
-        ray.train.report({"step": state.step, "eval_loss": evaluate(engine, eval_shard, config),
+        ray.train.report({"step": state.step, **evaluate(engine, eval_set, config, objective),
                           "train_tokens": state.train_tokens})
     trace.flush()
     tracker.finish()
@@ -108,8 +110,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def train_pieces(config: JobConfig, rank: int) -> list[Any]:
     """This rank's share of the training data: the driver split it into one fixed piece per
-    possible worker (`trainer.TRAIN_PIECE`); with fewer workers (an elastic range), rank r
-    takes pieces r, r + world_size, ...
+    possible worker (`TRAIN_PIECE`); with fewer workers (an elastic range), rank r takes
+    pieces r, r + world_size, ...
 
     Fixed pieces make the samples of each rank, in order, the same in every run; Ray's
     dynamic split hands blocks to whichever worker asks first, so it does not.
@@ -163,36 +165,58 @@ class Throughput:
 
 
 class Window:
-    """Loss and token counts since the last log line, summed over all workers when read."""
+    """Loss, the objective's metrics and token counts since the last log line, summed over
+    all workers when read."""
 
-    def __init__(self, throughput: Throughput):
-        self.throughput = throughput
+    def __init__(self, throughput: Throughput, objective: Objective):
+        self.throughput, self.names, self.objective = throughput, objective.metrics, objective
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum, self.micro_batches, self.tokens, self.started = 0.0, 0, 0, time.monotonic()
+        self.metric_sums, self.weight = [0.0] * len(self.names), 0
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, metrics: dict[str, float], batch: dict[str, torch.Tensor]) -> None:
         self.loss_sum += loss
         self.micro_batches += 1
-        self.tokens += tokens
+        self.tokens += int(batch["num_tokens"].sum())
+        if self.names:
+            self.metric_sums = [total + metrics[name] for total, name in zip(self.metric_sums, self.names)]
+            self.weight += self.objective.weight(batch)
 
     def summarize(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
-        loss_sum, micro_batches, tokens = all_reduce_sum([self.loss_sum, self.micro_batches, self.tokens])
+        loss_sum, micro_batches, tokens, weight, *sums = all_reduce_sum(
+            [self.loss_sum, self.micro_batches, self.tokens, self.weight, *self.metric_sums])
         elapsed = max(1e-9, time.monotonic() - self.started)
         self.reset()
         return {"step": step, "loss": loss_sum / max(1, micro_batches), "lr": lr, "grad_norm": grad_norm,
+                **{name: total / max(1, weight) for name, total in zip(self.names, sums)},
                 "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
                 **self.throughput.figures(tokens / elapsed)}
 
 
-def evaluate(engine: Any, shard: Any, config: JobConfig) -> float:
-    """Mean loss per target token over the whole eval set (all workers' shards)."""
-    loss_sum, targets = 0.0, 0
-    for batch in shard.iter_torch_batches(batch_size=config.train.micro_batch_size, dtypes=torch.long):
-        batch_loss, batch_targets = engine.eval_loss_sum(batch)
-        loss_sum, targets = loss_sum + batch_loss, targets + batch_targets
-    loss_sum, targets = all_reduce_sum([loss_sum, targets])
-    return loss_sum / max(1, targets)
+def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective) -> dict[str, float]:
+    """The mean loss over the whole eval set (per target token, or per pair for preference
+    objectives) as `eval_loss`, and the objective's metrics as `eval_<name>`.
+
+    Every worker reads the whole (small) eval set and scores every world_size-th batch: Ray's
+    split of a dataset among workers drops rows to make the shares equal (7 packed eval rows
+    on 2 workers: 6 were scored)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    loss_sum, weight, sums = 0.0, 0, [0.0] * len(objective.metrics)
+    for index, rows in enumerate(eval_set.iter_batches(batch_size=config.train.micro_batch_size,
+                                                       batch_format="numpy")):
+        if index % world_size != rank:
+            continue
+        batch = {k: torch.as_tensor(v, dtype=torch.long, device=engine.device) for k, v in rows.items()}
+        batch_loss, batch_weight, metrics = engine.eval_loss_sum(batch)
+        loss_sum, weight = loss_sum + batch_loss, weight + batch_weight
+        sums = [total + metrics[name] for total, name in zip(sums, objective.metrics)]
+    loss_sum, weight, *sums = all_reduce_sum([loss_sum, weight, *sums])
+    return {"eval_loss": loss_sum / max(1, weight),
+            **{f"eval_{name}": total / max(1, weight) for name, total in zip(objective.metrics, sums)}}
 
 

@@ -1,9 +1,11 @@
 """What a run learns from a batch: the objective. Engines call it and never compute a loss
-themselves, so a new objective (DPO, ORPO, KTO) is one class here plus its data columns.
+themselves: next-token loss (SFT) here, the preference objectives (DPO, ORPO, KTO) in
+`ft_ray.train.preference`.
 
 An objective says which batch columns it reads, turns the model's outputs into the loss to
-back-propagate (and the metrics to log beside it), and counts what a batch's mean loss is
-averaged over, so evaluation can weigh batches of different sizes.
+back-propagate (and the metrics to log beside it, as sums over what the loss is averaged
+over), and counts what a batch's mean loss is averaged over, so evaluation and the logged
+windows can weigh batches of different sizes.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from ft_ray.data.tokenize import IGNORE_INDEX
 class Objective(Protocol):
     name: str
     columns: tuple[str, ...]  # the batch columns `loss` reads
+    metrics: tuple[str, ...]  # the names of the metrics `loss` returns, in a fixed order
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(the batch's mean loss, to back-propagate; metrics of the batch, as plain numbers)."""
+        """(the batch's mean loss, to back-propagate; each metric summed over the batch's `weight`)."""
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         """What the mean loss of `batch` is averaged over (target tokens, pairs...)."""
@@ -33,6 +36,7 @@ class NextTokenLoss:
 
     name = "sft"
     columns = ("input_ids", "labels", "position_ids")
+    metrics = ()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         outputs = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
@@ -43,6 +47,11 @@ class NextTokenLoss:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def build_objective(config: Any) -> Objective:
-    """The job's objective (next-token loss: the only one so far)."""
-    return NextTokenLoss()
+def build_objective(config: Any, model: Any = None) -> Objective:
+    """The job's objective; a preference objective gets its reference model (the trained
+    `model` with its adapter switched off, or a frozen copy of the base for a full fine-tune)."""
+    if config.objective == "sft":
+        return NextTokenLoss()
+    from ft_ray.train.preference import build_preference_objective
+
+    return build_preference_objective(config, model)

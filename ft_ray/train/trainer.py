@@ -148,7 +148,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
                 callbacks=callbacks),
             torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
             datasets=worker_datasets(config, datasets),
-            dataset_config=ray.train.DataConfig(datasets_to_split=["eval"]),
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # split here (worker_datasets)
         )
         trainer.fit()
     summary = summarize(config, run, stats, plan, time.monotonic() - started)
@@ -204,8 +204,9 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
 
 
 def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
-    """The eval set (split by Ray among the workers) and the training set cut here into one
-    fixed piece per possible worker, so each rank's samples are the same in every run."""
+    """The training set cut here into one fixed, equal piece per possible worker, so each
+    rank's samples are the same in every run, and the whole eval set for every worker
+    (`loop.evaluate` shares it out)."""
     pieces = datasets["train"].split(config.distributed.max_workers, equal=True)
     return {"eval": datasets["eval"], **{TRAIN_PIECE.format(i): piece for i, piece in enumerate(pieces)}}
 
@@ -240,6 +241,7 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
         "eval_loss_initial": initial,
         "eval_loss_final": final,
         "eval_loss_reduction": (1 - final / initial) if initial and final is not None else None,
+        **preference_outcome(config, evals),
         "tokens_per_second": statistics.median(speeds) if speeds else None,
         "best_checkpoint": run.uri_of(Path(best).name) if best else None,
         "latest_checkpoint": run.uri_of(complete[0].name) if complete else None,
@@ -248,6 +250,15 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
         "data": asdict(stats),
         "wall_time_s": round(wall_s, 1),
     }
+
+
+def preference_outcome(config: JobConfig, evals: list[dict]) -> dict[str, Any]:
+    """A preference run's objective and held-out reward accuracy before and after training."""
+    if config.objective == "sft":
+        return {}
+    accuracy = [m["eval_reward_accuracy"] for m in evals if "eval_reward_accuracy" in m]
+    return {"objective": config.objective, "eval_reward_accuracy_initial": accuracy[0] if accuracy else None,
+            "eval_reward_accuracy_final": accuracy[-1] if accuracy else None}
 
 
 def export_best(config: JobConfig, run: RunFolder, checkpoint_path: str) -> str:

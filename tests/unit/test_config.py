@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ft_ray.cli import main
-from ft_ray.config import ConfigError, load_config
+from ft_ray.config import ConfigError, config_from_dict, load_config
 from tests.conftest import REPO, write_job
 
 
@@ -100,3 +100,17 @@ def test_lora_variants_are_settings_a_sweep_can_search(tmp_path):
     check_search_space(config)  # no error: both are keys of the schema with valid values
     with pytest.raises(ConfigError, match="lora.init"):
         load_config(write_job(tmp_path, "bad.yaml", lora={"init": "svd"}))
+
+
+def test_an_objective_names_the_formats_it_trains_on(tmp_path):
+    from ft_ray.data.sources import DataError, check_format
+
+    with pytest.raises(ConfigError, match="objective dpo trains on format preference, not instruction"):
+        config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl", "format": "instruction"}})
+    config = config_from_dict({"objective": "kto", "preference": {"beta": 0.2}, "data": {"train": "x.jsonl"}})
+    assert config.preference.beta == 0.2 and config.preference.desirable_weight == 1.0
+    check_format(config, "kto", "data.train")
+    with pytest.raises(DataError, match="records of format preference train with objective dpo or orpo, not kto"):
+        check_format(config, "preference", "data.train")
+    with pytest.raises(DataError, match="format instruction train with objective sft, not kto"):
+        check_format(config, "instruction", "data.train")

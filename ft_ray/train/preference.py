@@ -1,0 +1,241 @@
+"""Preference objectives: DPO, ORPO and KTO on packed batches.
+
+A packed row holds whole units (`ft_ray.data.formats`): a pair is its prompt + chosen answer
+then its prompt + rejected answer, each a span of its own (positions restart at 0), with
+every token's role in the batch's `roles` column. So the log-probability of each answer is
+a sum over its span's target tokens, and the k-th chosen span of a batch (in row-major
+order) pairs with the k-th rejected one. No pair is padded to the longest of its batch.
+
+The reference model is the trained model with its adapter switched off (LoRA, QLoRA: no
+second copy) or a frozen copy of the base model (full fine-tunes), run without gradients on
+the same batch. ORPO needs none.
+
+Formulas as TRL documents them (DPOTrainer's sigmoid loss, ORPOTrainer's odds-ratio loss);
+KTO's reference point z0 is estimated from the batch's own answers (the mean of their
+policy/reference log-ratios, detached, at least 0), where TRL pairs each prompt with
+another answer of the batch and runs one more forward pass for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ft_ray.data.formats import CHOSEN, REJECTED
+from ft_ray.data.tokenize import IGNORE_INDEX
+
+PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
+                "logps_rejected")
+
+
+@dataclass
+class Answers:
+    """Per answer span of a batch, in row-major order: summed log-prob of its target tokens,
+    how many there are, and its role."""
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    roles: torch.Tensor
+
+    def of(self, role: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = self.roles == role
+        return self.logps[keep], self.tokens[keep]
+
+
+def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+
+
+def answer_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> Answers:
+    """Each answer span's summed log-prob of its target tokens (logits [B, L, V] of the
+    batch's `input_ids`; spans start where `position_ids` is 0)."""
+    labels, positions, roles = batch["labels"], batch["position_ids"], batch["roles"]
+    rows, length = labels.shape
+    targets = labels[:, 1:]
+    token_logps = -F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    span = torch.cumsum((positions == 0).long(), dim=1) - 1  # each token's span, counted within its row
+    flat = (span + torch.arange(rows, device=span.device).unsqueeze(1) * length)
+    counted = (targets != IGNORE_INDEX)
+    logps = torch.zeros(rows * length, device=logits.device, dtype=token_logps.dtype)
+    logps = logps.index_add(0, flat[:, 1:].reshape(-1), token_logps * counted.reshape(-1))
+    tokens = torch.zeros(rows * length, device=logits.device, dtype=torch.long)
+    tokens = tokens.index_add(0, flat[:, 1:].reshape(-1), counted.reshape(-1).long())
+    span_roles = torch.zeros(rows * length, device=logits.device, dtype=roles.dtype)
+    starts = positions == 0
+    span_roles[flat[starts]] = roles[starts]
+    return Answers(logps, tokens, span_roles)
+
+
+def count_role(batch: dict[str, torch.Tensor], role: int) -> int:
+    """How many answer spans of `role` a batch holds."""
+    return int(((batch["position_ids"] == 0) & (batch["roles"] == role)).sum())
+
+
+class PreferenceObjective:
+    """What DPO, ORPO and KTO share: the policy forward, the reference log-probs, the metrics."""
+
+    name = "preference"
+    columns = ("input_ids", "labels", "position_ids", "roles")
+    metrics: tuple[str, ...] = PAIR_METRICS
+
+    def __init__(self, beta: float, reference: Callable[[Any, dict], torch.Tensor] | None):
+        self.beta, self.reference = beta, reference
+
+    def reference_answers(self, model: Any, batch: dict[str, torch.Tensor]) -> Answers:
+        with torch.no_grad():
+            return answer_logps(self.reference(model, batch), batch)
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_role(batch, CHOSEN)  # pairs
+
+    def pair_metrics(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                     rejected_logps: torch.Tensor) -> dict[str, float]:
+        c, r = chosen_rewards.detach(), rejected_rewards.detach()
+        return {"rewards_chosen": c.sum().item(), "rewards_rejected": r.sum().item(),
+                "reward_accuracy": (c > r).float().sum().item(), "reward_margin": (c - r).sum().item(),
+                "logps_chosen": chosen_logps.detach().sum().item(),
+                "logps_rejected": rejected_logps.detach().sum().item()}
+
+
+class DPOLoss(PreferenceObjective):
+    """Direct Preference Optimization: -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair, with
+    p/r the policy/reference log-probs of the chosen (c) and rejected (r) answers."""
+
+    name = "dpo"
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = answer_logps(logits_of(model, batch), batch)
+        reference = self.reference_answers(model, batch)
+        (pc, _), (pr, _) = policy.of(CHOSEN), policy.of(REJECTED)
+        (rc, _), (rr, _) = reference.of(CHOSEN), reference.of(REJECTED)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, self.beta)
+        return _mean(losses), self.pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen rewards, rejected rewards) from summed log-probs."""
+    logits = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return -F.logsigmoid(beta * logits), beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+
+
+class ORPOLoss(PreferenceObjective):
+    """Odds Ratio Preference Optimization: the chosen answers' next-token loss minus
+    beta * log sigmoid(log odds ratio of the chosen over the rejected answer), with the odds
+    from length-normalised log-probs. No reference model."""
+
+    name = "orpo"
+    metrics = PAIR_METRICS + ("nll_loss", "log_odds_ratio")
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = answer_logps(logits_of(model, batch), batch)
+        (pc, nc), (pr, nr) = policy.of(CHOSEN), policy.of(REJECTED)
+        chosen_mean, rejected_mean = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
+        nll = -pc.sum() / nc.sum().clamp(min=1)  # mean next-token loss over the chosen answers' tokens
+        ratio, log_odds = orpo_odds_ratio(chosen_mean, rejected_mean, self.beta)
+        pairs = len(pc)
+        metrics = self.pair_metrics(self.beta * chosen_mean, self.beta * rejected_mean, pc, pr)
+        metrics.update(nll_loss=nll.item() * pairs, log_odds_ratio=log_odds.detach().sum().item())
+        return nll - _mean(ratio), metrics
+
+
+def orpo_odds_ratio(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(beta * log sigmoid(log odds ratio), the log odds ratio) per pair, from mean log-probs per token."""
+    log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-torch.exp(chosen_mean))
+                                                - torch.log1p(-torch.exp(rejected_mean)))
+    return beta * F.logsigmoid(log_odds), log_odds
+
+
+class KTOLoss(PreferenceObjective):
+    """Kahneman-Tversky Optimization on answers labelled good (CHOSEN) or bad (REJECTED):
+    1 - sigmoid(beta * (r - z0)) for good answers, 1 - sigmoid(beta * (z0 - r)) for bad ones,
+    r the policy/reference log-ratio of the answer, z0 the batch's reference point."""
+
+    name = "kto"
+    metrics = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "kl")
+
+    def __init__(self, beta: float, reference: Callable, desirable_weight: float, undesirable_weight: float):
+        super().__init__(beta, reference)
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_role(batch, CHOSEN) + count_role(batch, REJECTED)  # judged answers
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = answer_logps(logits_of(model, batch), batch)
+        reference = self.reference_answers(model, batch)
+        judged = policy.roles > 0
+        ratios = (policy.logps - reference.logps)[judged]
+        good = policy.roles[judged] == CHOSEN
+        losses, z0 = kto_loss(ratios, good, self.beta, self.desirable_weight, self.undesirable_weight)
+        rewards = self.beta * ratios.detach()
+        return _mean(losses), {
+            "rewards_chosen": rewards[good].sum().item(), "rewards_rejected": rewards[~good].sum().item(),
+            "reward_accuracy": ((rewards > 0) == good).float().sum().item(), "kl": z0.item() * len(ratios)}
+
+
+def kto_loss(ratios: torch.Tensor, good: torch.Tensor, beta: float, desirable_weight: float,
+             undesirable_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted loss per answer, the reference point z0) from policy/reference log-ratios."""
+    z0 = ratios.detach().mean().clamp(min=0) if len(ratios) else ratios.new_zeros(())
+    losses = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (ratios - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratios))))
+    return losses, z0
+
+
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    return values.mean() if values.numel() else values.sum()
+
+
+def adapter_off_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference logits of a LoRA/QLoRA run: the same model with its adapter switched off."""
+    with unwrapped(model).disable_adapter():
+        return logits_of(unwrapped(model), batch)
+
+
+def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
+    """The reference logits of a full fine-tune: a frozen copy of the base model, built like
+    the trained one (dtype, per-example attention), on the worker's device."""
+    from ft_ray.models import load_base_model
+
+    copy = load_base_model(config.model).to(device)
+    if config.data.pack and config.model.attn_implementation == "sdpa":
+        from ft_ray.train.attention import register
+
+        copy.set_attn_implementation(register())
+    copy.eval().requires_grad_(False)
+
+    def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits_of(copy, batch)
+
+    return forward
+
+
+def unwrapped(model: Any) -> Any:
+    """The model inside a DDP or DeepSpeed wrapper."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
+    """The job's preference objective with its reference model (none for ORPO)."""
+    preference = config.preference
+    reference: Callable | None = None
+    if config.objective in ("dpo", "kto"):
+        if config.trains_adapter:
+            reference = adapter_off_reference
+        else:
+            device = next(model.parameters()).device if model is not None else torch.device("cpu")
+            reference = frozen_copy_reference(config, device)
+    if config.objective == "dpo":
+        return DPOLoss(preference.beta, reference)
+    if config.objective == "orpo":
+        return ORPOLoss(preference.beta, None)
+    return KTOLoss(preference.beta, reference, preference.desirable_weight, preference.undesirable_weight)
+

@@ -1,0 +1,79 @@
+"""The preference losses against hand-computed values (and TRL's documented formulas), and
+the answer log-probs of a packed row against each sequence scored on its own."""
+
+import math
+
+import numpy as np
+import torch
+
+from ft_ray.config import ModelConfig
+from ft_ray.data.formats import CHOSEN, REJECTED
+from ft_ray.data.records import encode_records
+from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
+from ft_ray.models import load_base_model, load_tokenizer
+from ft_ray.train.attention import register
+from ft_ray.train.preference import answer_logps, dpo_loss, kto_loss, orpo_odds_ratio
+from tests.conftest import DEMO
+
+
+def test_dpo_loss_by_hand_and_by_trls_formula():
+    chosen, rejected = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    ref_chosen, ref_rejected = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5)
+    # pair 1: log-ratios +1 (chosen) and -1 (rejected): -log sigmoid(0.5 * 2) = log(1 + e^-1)
+    # pair 2: log-ratios -1 and +1: -log sigmoid(-1) = log(1 + e)
+    torch.testing.assert_close(losses, torch.tensor([math.log1p(math.exp(-1)), math.log1p(math.e)]))
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.5, -0.5]))
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-0.5, 0.5]))
+    # TRL (DPOTrainer, loss_type sigmoid, label_smoothing 0): logits = (pi_c - pi_r) - (ref_c - ref_r)
+    trl = -torch.nn.functional.logsigmoid(0.5 * ((chosen - rejected) - (ref_chosen - ref_rejected)))
+    torch.testing.assert_close(losses, trl)
+
+
+def test_orpo_odds_ratio_by_hand():
+    chosen_mean, rejected_mean = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    ratio, log_odds = orpo_odds_ratio(chosen_mean, rejected_mean, beta=0.2)
+    # odds(0.5) = 1, odds(0.25) = 1/3: log odds ratio = log 3; beta * log sigmoid(log 3) = 0.2 * log(3/4)
+    torch.testing.assert_close(log_odds, torch.tensor([math.log(3)]))
+    torch.testing.assert_close(ratio, torch.tensor([0.2 * math.log(0.75)]))
+
+
+def test_kto_loss_by_hand():
+    ratios, good = torch.tensor([1.0, -1.0, 2.0]), torch.tensor([True, False, False])
+    losses, z0 = kto_loss(ratios, good, beta=1.0, desirable_weight=1.0, undesirable_weight=2.0)
+    assert abs(z0.item() - 2 / 3) < 1e-6  # the batch's mean log-ratio (at least 0)
+    sig = torch.sigmoid
+    expected = torch.stack([1 - sig(torch.tensor(1 - 2 / 3)), 2 * (1 - sig(torch.tensor(2 / 3 + 1))),
+                            2 * (1 - sig(torch.tensor(2 / 3 - 2)))])
+    torch.testing.assert_close(losses, expected)
+    _, z0 = kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([True, False]), 1.0, 1.0, 1.0)
+    assert z0.item() == 0.0
+
+
+def test_answer_logps_of_a_packed_row_equal_each_sequence_scored_alone():
+    tokenizer = load_tokenizer(ModelConfig())
+    model = load_base_model(ModelConfig()).eval()
+    model.set_attn_implementation(register())
+    lines = (DEMO / "preference-train.jsonl").read_text().splitlines()[:3]
+    batch = encode_records(lines, [""] * 3, "auto", {}, tokenizer, 512, None)
+    packed = pack_arrays(batch.ids, batch.labels, batch.offsets, np.arange(3), 1024, tokenizer.pad_token_id,
+                         roles=batch.roles)
+    assert len(packed["input_ids"]) == 1  # all three pairs in one row
+    tensors = {k: torch.as_tensor(v, dtype=torch.long) for k, v in packed.items()}
+    with torch.no_grad():
+        answers = answer_logps(model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits,
+                               tensors)
+        alone = []
+        role_starts = np.flatnonzero(np.diff(batch.roles, prepend=0) != 0)
+        for start, end in zip(role_starts, [*role_starts[1:], len(batch.ids)]):
+            ids = torch.as_tensor(batch.ids[start:end], dtype=torch.long)[None]
+            labels = torch.as_tensor(batch.labels[start:end], dtype=torch.long)
+            logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            kept = labels[1:] != IGNORE_INDEX
+            alone.append(logps[kept].gather(1, labels[1:][kept][:, None]).sum())
+    chosen, chosen_tokens = answers.of(CHOSEN)
+    rejected, _ = answers.of(REJECTED)
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1).reshape(-1), torch.stack(alone),
+                               rtol=1e-4, atol=1e-3)
+    assert chosen_tokens.tolist() == [int((batch.labels[s:e] != IGNORE_INDEX).sum()) for s, e in
+                                      zip(role_starts[::2], role_starts[1::2])]
