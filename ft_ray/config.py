@@ -327,6 +327,9 @@ class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0, description=(
         "dpo/kto: how far the variant may move from the reference model (higher: less); "
         "orpo: the weight of the odds-ratio term beside the chosen answers' next-token loss"))
+    chosen_nll_weight: float = Field(0.0, ge=0, description=(
+        "dpo: add this times the chosen answers' next-token loss (RPO, TRL's rpo_alpha; 1.0 in its paper): "
+        "keeps the chosen answers likely, not only likelier than the rejected ones"))
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled good")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled bad")
 

@@ -119,7 +119,8 @@ def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
     # every record has at least one unit (a rejected record one empty unit), so a batch of
     # supervised records is assembled as before: one example per record
     units = [unit for p in parsed for unit in _units_of(p)]
-    counts = np.repeat([len(_units_of(p)) for p in parsed], [len(_units_of(p)) for p in parsed])
+    sizes = [len(_units_of(p)) for p in parsed]
+    counts = np.repeat(sizes, sizes)  # per unit: how many units its record has
     paired = bool(len(counts)) and counts.max() > 1  # a pair's two sequences share one row: half each
     limits = max_len // counts if paired else max_len
     drops = drop_over // counts if paired and drop_over is not None else drop_over

@@ -103,17 +103,34 @@ class PreferenceObjective:
 
 class DPOLoss(PreferenceObjective):
     """Direct Preference Optimization: -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair, with
-    p/r the policy/reference log-probs of the chosen (c) and rejected (r) answers."""
+    p/r the policy/reference log-probs of the chosen (c) and rejected (r) answers; with a
+    `chosen_nll_weight`, plus that times the chosen answers' next-token loss (RPO)."""
 
     name = "dpo"
+
+    def __init__(self, beta: float, reference: Callable, chosen_nll_weight: float = 0.0):
+        super().__init__(beta, reference)
+        self.chosen_nll_weight = chosen_nll_weight
+        if chosen_nll_weight:
+            self.metrics = PAIR_METRICS + ("nll_loss",)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         policy = answer_logps(logits_of(model, batch), batch)
         reference = self.reference_answers(model, batch)
-        (pc, _), (pr, _) = policy.of(CHOSEN), policy.of(REJECTED)
+        (pc, nc), (pr, _) = policy.of(CHOSEN), policy.of(REJECTED)
         (rc, _), (rr, _) = reference.of(CHOSEN), reference.of(REJECTED)
         losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, self.beta)
-        return _mean(losses), self.pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+        metrics = self.pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+        if not self.chosen_nll_weight:
+            return _mean(losses), metrics
+        nll = chosen_nll(pc, nc)
+        metrics["nll_loss"] = nll.item() * len(pc)
+        return _mean(losses) + self.chosen_nll_weight * nll, metrics
+
+
+def chosen_nll(chosen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss over all the chosen answers' target tokens."""
+    return -chosen.sum() / tokens.sum().clamp(min=1)
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -135,7 +152,7 @@ class ORPOLoss(PreferenceObjective):
         policy = answer_logps(logits_of(model, batch), batch)
         (pc, nc), (pr, nr) = policy.of(CHOSEN), policy.of(REJECTED)
         chosen_mean, rejected_mean = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
-        nll = -pc.sum() / nc.sum().clamp(min=1)  # mean next-token loss over the chosen answers' tokens
+        nll = chosen_nll(pc, nc)
         ratio, log_odds = orpo_odds_ratio(chosen_mean, rejected_mean, self.beta)
         pairs = len(pc)
         metrics = self.pair_metrics(self.beta * chosen_mean, self.beta * rejected_mean, pc, pr)
@@ -234,7 +251,7 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
             device = next(model.parameters()).device if model is not None else torch.device("cpu")
             reference = frozen_copy_reference(config, device)
     if config.objective == "dpo":
-        return DPOLoss(preference.beta, reference)
+        return DPOLoss(preference.beta, reference, preference.chosen_nll_weight)
     if config.objective == "orpo":
         return ORPOLoss(preference.beta, None)
     return KTOLoss(preference.beta, reference, preference.desirable_weight, preference.undesirable_weight)

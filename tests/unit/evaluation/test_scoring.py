@@ -101,3 +101,19 @@ def test_adapters_run_on_the_base_they_trained_on(method, tmp_path):
     # a fresh adapter changes nothing yet (LoRA's B starts at zero)
     assert row["variant_loss_sum"] == pytest.approx(row["base_loss_sum"], rel=1e-5)
     assert row["base_tokens"] > 0 and math.isfinite(row["base_loss_sum"]) and row["shots"] == 0
+
+
+def test_a_pair_is_scored_on_its_chosen_and_on_its_rejected_answer():
+    rejected = "Dear Ben, we are sorry. Regards, Support"
+    pair = {"instruction": RECORD["instruction"], "input": RECORD["input"], "chosen": RECORD["output"],
+            "rejected": rejected}
+    job = config_from_dict({"model": {"max_seq_len": 256}, "data": {"train": "unused.jsonl"}})
+    pairs = ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), [], "auto", {}, generate_keys=[])
+    [row] = score(pairs, json.dumps(pair))
+    chosen, other = score(scorer(256), json.dumps(RECORD), json.dumps({**RECORD, "output": rejected}))
+    for arm in ("base", "variant"):
+        assert row[f"{arm}_loss_sum"] == pytest.approx(chosen[f"{arm}_loss_sum"], rel=1e-5)
+        assert row[f"{arm}_rejected_loss_sum"] == pytest.approx(other[f"{arm}_loss_sum"], rel=1e-5)
+        assert row[f"{arm}_rejected_tokens"] == other[f"{arm}_tokens"] > 0
+    [plain] = score(scorer(256), json.dumps(RECORD))
+    assert math.isnan(plain["base_rejected_loss_sum"]) and plain["base_rejected_tokens"] == 0

@@ -62,3 +62,19 @@ def test_a_generation_metric_decides_on_the_generated_examples_only():
     with pytest.raises(InputError, match="could be scored"):
         cols["reason"][:] = "not_json"
         summarize(config(), cols, 3, train_examples=500)
+
+
+def test_the_preference_metric_counts_pairs_whose_chosen_answer_is_likelier_per_token():
+    cols = columns(40, {"base": 2.0, "few_shot": 2.0, "variant": 1.0})
+    for arm, rejected_loss in (("base", 1.5), ("few_shot", 1.5), ("variant", 3.0)):
+        cols[f"{arm}_rejected_tokens"] = np.full(40, 20)  # per token, not per answer: 20 tokens, not 10
+        cols[f"{arm}_rejected_loss_sum"] = np.full(40, rejected_loss * 20)
+    cols["variant_rejected_loss_sum"][:4] = 0.5 * 20  # 4 pairs where the variant still prefers the rejected answer
+    job = config_from_dict({"objective": "dpo", "data": {"train": "t.jsonl"}, "eval": {"metric": "preference"}})
+    result = summarize(job, cols, 3, train_examples=500)
+    assert result["arms"]["variant"]["preference_accuracy"] == pytest.approx(0.9)
+    assert result["arms"]["base"]["preference_accuracy"] == 0.0
+    assert result["verdict"]["metric"] == "preference" and result["verdict"]["outcome"] == "variant_better"
+    assert result["verdict"]["sentence"].startswith("the variant beats 3-shot prompting: preference accuracy 0.9 vs 0")
+    with pytest.raises(Exception, match="eval.metric: preference is measured on chosen/rejected pairs"):
+        config(metric="preference")

@@ -4,6 +4,7 @@ the answer log-probs of a packed row against each sequence scored on its own."""
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from ft_ray.config import ModelConfig
@@ -50,16 +51,21 @@ def test_kto_loss_by_hand():
     assert z0.item() == 0.0
 
 
-def test_answer_logps_of_a_packed_row_equal_each_sequence_scored_alone():
+def packed_demo_pairs(pairs: int):
+    """(the tiny model with per-example attention, the demo's first pairs encoded, packed in one row as tensors)."""
     tokenizer = load_tokenizer(ModelConfig())
     model = load_base_model(ModelConfig()).eval()
     model.set_attn_implementation(register())
-    lines = (DEMO / "preference-train.jsonl").read_text().splitlines()[:3]
-    batch = encode_records(lines, [""] * 3, "auto", {}, tokenizer, 512, None)
-    packed = pack_arrays(batch.ids, batch.labels, batch.offsets, np.arange(3), 1024, tokenizer.pad_token_id,
+    lines = (DEMO / "preference-train.jsonl").read_text().splitlines()[:pairs]
+    batch = encode_records(lines, [""] * pairs, "auto", {}, tokenizer, 512, None)
+    packed = pack_arrays(batch.ids, batch.labels, batch.offsets, np.arange(pairs), 1024, tokenizer.pad_token_id,
                          roles=batch.roles)
-    assert len(packed["input_ids"]) == 1  # all three pairs in one row
-    tensors = {k: torch.as_tensor(v, dtype=torch.long) for k, v in packed.items()}
+    assert len(packed["input_ids"]) == 1  # all the pairs in one row
+    return model, batch, {k: torch.as_tensor(v, dtype=torch.long) for k, v in packed.items()}
+
+
+def test_answer_logps_of_a_packed_row_equal_each_sequence_scored_alone():
+    model, batch, tensors = packed_demo_pairs(3)
     with torch.no_grad():
         answers = answer_logps(model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits,
                                tensors)
@@ -77,3 +83,19 @@ def test_answer_logps_of_a_packed_row_equal_each_sequence_scored_alone():
                                rtol=1e-4, atol=1e-3)
     assert chosen_tokens.tolist() == [int((batch.labels[s:e] != IGNORE_INDEX).sum()) for s, e in
                                       zip(role_starts[::2], role_starts[1::2])]
+
+
+def test_dpo_with_a_chosen_nll_weight_adds_the_chosen_answers_next_token_loss():
+    from ft_ray.train.objectives import NextTokenLoss
+    from ft_ray.train.preference import DPOLoss, logits_of
+
+    model, _, tensors = packed_demo_pairs(2)
+    same_model = lambda m, b: logits_of(m, b)  # noqa: E731 - the policy is its own reference: every reward is 0
+    with torch.no_grad():
+        plain, metrics = DPOLoss(0.1, same_model).loss(model, tensors)
+        rpo, rpo_metrics = DPOLoss(0.1, same_model, chosen_nll_weight=0.5).loss(model, tensors)
+        chosen_only = dict(tensors, labels=torch.where(tensors["roles"] == CHOSEN, tensors["labels"], IGNORE_INDEX))
+        nll, _ = NextTokenLoss().loss(model, chosen_only)
+    assert plain.item() == pytest.approx(math.log(2), abs=1e-6) and metrics["reward_accuracy"] == 0
+    assert rpo.item() == pytest.approx(math.log(2) + 0.5 * nll.item(), rel=1e-4)
+    assert rpo_metrics["nll_loss"] / 2 == pytest.approx(nll.item(), rel=1e-4)  # summed over the 2 pairs
