@@ -327,6 +327,10 @@ class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0, description=(
         "dpo/kto: how far the variant may move from the reference model (higher: less); "
         "orpo: the weight of the odds-ratio term beside the chosen answers' next-token loss"))
+    reference: Literal["precomputed", "inline"] = Field("precomputed", description=(
+        "dpo/kto: precomputed: the base model's log-probs of every answer, once, before training (with the "
+        "prepared data when there is some): the workers hold no reference model; inline: each step, from the "
+        "model with its adapter off (lora/qlora) or a frozen copy of the base (full)"))
     chosen_nll_weight: float = Field(0.0, ge=0, description=(
         "dpo: add this times the chosen answers' next-token loss (RPO, TRL's rpo_alpha; 1.0 in its paper): "
         "keeps the chosen answers likely, not only likelier than the rejected ones"))
@@ -361,6 +365,11 @@ class JobConfig(Section):
     def trains_adapter(self) -> bool:
         """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
         return self.method in ("lora", "qlora")
+
+    @property
+    def precomputes_reference(self) -> bool:
+        """DPO/KTO with `preference.reference: precomputed`: reference log-probs come with the data."""
+        return self.objective in ("dpo", "kto") and self.preference.reference == "precomputed"
 
     @property
     def drop_over(self) -> int | None:

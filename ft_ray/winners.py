@@ -22,6 +22,7 @@ from ft_ray.train.checkpoints import best_of, complete_checkpoints
 
 def trial_records(config: JobConfig, sweep: RunFolder, results: Any) -> list[dict[str, Any]]:
     """One record per trial: its values, last reported metrics, status, stopped early or not."""
+    kept = ("eval_loss", "train_tokens", (config.tune or TuneConfig()).metric)  # the ranking metric may be another
     records = []
     for result in results:
         metrics = result.metrics or {}
@@ -36,7 +37,7 @@ def trial_records(config: JobConfig, sweep: RunFolder, results: Any) -> list[dic
             "config": {k: v for k, v in (result.config or {}).items()},
             "step": metrics.get("step"),
             "planned_steps": summary["planned_steps"] if summary else None,
-            "metrics": {k: metrics[k] for k in ("eval_loss", "train_tokens") if k in metrics},
+            "metrics": {k: metrics[k] for k in kept if k in metrics},
             "status": status,
             "stopped_early": status == "stopped",
             "error": str(result.error).splitlines()[0][:500] if result.error else None,

@@ -39,9 +39,18 @@ def fingerprint(config: JobConfig) -> str:
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),
             "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
             "roles": config.objective != "sft",  # preference data carries each token's role
+            "reference": reference_settings(config),
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",
                                                       "chat_template"})}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reference_settings(config: JobConfig) -> dict[str, Any] | None:
+    """What precomputed reference log-probs depend on beyond the base model: how it is loaded."""
+    if not config.precomputes_reference:
+        return None
+    return {"method": config.method, "precision": config.train.precision,
+            "quantization": config.quantization.model_dump() if config.method == "qlora" else None}
 
 
 def location(config: JobConfig) -> str:
@@ -97,6 +106,10 @@ def prepare(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], DataStat
     where = location(config)
     fs, root = filesystem_for(where, config.storage)
     datasets, stats = build_datasets(config, tokenizer, f"{root}/rejected", fs)
+    if config.precomputes_reference:
+        from ft_ray.train.preference import with_reference
+
+        datasets = with_reference(config, datasets)
     for split, dataset in datasets.items():
         # overwrite: an earlier prepare killed before stats.json may have left files here
         dataset.write_parquet(f"{root}/{split}", filesystem=fs, mode=SaveMode.OVERWRITE)

@@ -133,17 +133,23 @@ def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainSt
     while True:
         seen = 0
         for piece in pieces:
-            for batch in piece.iter_torch_batches(batch_size=config.train.micro_batch_size, dtypes=torch.long,
+            for batch in piece.iter_torch_batches(batch_size=config.train.micro_batch_size,
                                                   prefetch_batches=config.train.prefetch_batches):
                 seen += 1
                 if seen <= state.batch_in_epoch:
                     continue
                 state.batch_in_epoch = seen
-                yield batch
+                yield model_inputs(batch)
         if seen == 0:
             raise RuntimeError("this worker's training shard is empty: use fewer workers or more data")
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch as the model and the objective take it: integer columns (ids, labels,
+    positions: int32 in storage) as int64, float columns (precomputed reference log-probs) as is."""
+    return {k: v if v.is_floating_point() else v.long() for k, v in batch.items()}
 
 
 class Throughput:
@@ -211,7 +217,7 @@ def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective
                                                        batch_format="numpy")):
         if index % world_size != rank:
             continue
-        batch = {k: torch.as_tensor(v, dtype=torch.long, device=engine.device) for k, v in rows.items()}
+        batch = model_inputs({k: torch.as_tensor(v, device=engine.device) for k, v in rows.items()})
         batch_loss, batch_weight, metrics = engine.eval_loss_sum(batch)
         loss_sum, weight = loss_sum + batch_loss, weight + batch_weight
         sums = [total + metrics[name] for total, name in zip(sums, objective.metrics)]

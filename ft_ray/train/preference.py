@@ -6,9 +6,12 @@ every token's role in the batch's `roles` column. So the log-probability of each
 a sum over its span's target tokens, and the k-th chosen span of a batch (in row-major
 order) pairs with the k-th rejected one. No pair is padded to the longest of its batch.
 
-The reference model is the trained model with its adapter switched off (LoRA, QLoRA: no
-second copy) or a frozen copy of the base model (full fine-tunes), run without gradients on
-the same batch. ORPO needs none.
+The reference log-probs are precomputed by default (`preference.reference: precomputed`):
+one Ray Data pass with model actors before training adds each token's reference log-prob
+to the packed rows (`REF_COLUMN`), so the training workers hold no reference model and run
+no reference forward. Inline, the reference is the trained model with its adapter switched
+off (LoRA, QLoRA: no second copy) or a frozen copy of the base model (full fine-tunes), run
+without gradients on the same batch. ORPO needs none.
 
 Formulas as TRL documents them (DPOTrainer's sigmoid loss, ORPOTrainer's odds-ratio loss);
 KTO's reference point z0 is estimated from the batch's own answers (the mean of their
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
 
+REF_COLUMN = "ref_logps"  # per token of a packed row: its log-prob under the reference model (0 where no target)
 PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
                 "logps_rejected")
 
@@ -49,24 +53,36 @@ def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, L]: each token's log-prob given the tokens before it (logits [B, L, V]), 0 where
+    its label is not a target (prompt, padding, the first token of a row)."""
+    targets = labels[:, 1:]
+    logps = -F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return F.pad(logps * (targets != IGNORE_INDEX), (1, 0))
+
+
 def answer_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> Answers:
     """Each answer span's summed log-prob of its target tokens (logits [B, L, V] of the
     batch's `input_ids`; spans start where `position_ids` is 0)."""
+    return answer_sums(token_logps(logits, batch["labels"]), batch)
+
+
+def answer_sums(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> Answers:
+    """Per answer span, the sum of `values` ([B, L], one per token) over its target tokens."""
     labels, positions, roles = batch["labels"], batch["position_ids"], batch["roles"]
     rows, length = labels.shape
-    targets = labels[:, 1:]
-    token_logps = -F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     span = torch.cumsum((positions == 0).long(), dim=1) - 1  # each token's span, counted within its row
-    flat = (span + torch.arange(rows, device=span.device).unsqueeze(1) * length)
-    counted = (targets != IGNORE_INDEX)
-    logps = torch.zeros(rows * length, device=logits.device, dtype=token_logps.dtype)
-    logps = logps.index_add(0, flat[:, 1:].reshape(-1), token_logps * counted.reshape(-1))
-    tokens = torch.zeros(rows * length, device=logits.device, dtype=torch.long)
-    tokens = tokens.index_add(0, flat[:, 1:].reshape(-1), counted.reshape(-1).long())
-    span_roles = torch.zeros(rows * length, device=logits.device, dtype=roles.dtype)
+    flat = (span + torch.arange(rows, device=span.device).unsqueeze(1) * length).reshape(-1)
+    counted = (labels != IGNORE_INDEX)
+    counted[:, 0] = False  # a row's first token is predicted from nothing
+    logps = torch.zeros(rows * length, device=values.device, dtype=torch.float32)
+    logps = logps.index_add(0, flat, (values.float() * counted).reshape(-1))
+    tokens = torch.zeros(rows * length, device=values.device, dtype=torch.long)
+    tokens = tokens.index_add(0, flat, counted.reshape(-1).long())
+    span_roles = torch.zeros(rows * length, device=values.device, dtype=roles.dtype)
     starts = positions == 0
-    span_roles[flat[starts]] = roles[starts]
+    span_roles[flat.view(rows, length)[starts]] = roles[starts]
     return Answers(logps, tokens, span_roles)
 
 
@@ -86,6 +102,9 @@ class PreferenceObjective:
         self.beta, self.reference = beta, reference
 
     def reference_answers(self, model: Any, batch: dict[str, torch.Tensor]) -> Answers:
+        """The reference's answer log-probs: precomputed in the batch, or a forward without gradients."""
+        if REF_COLUMN in batch:
+            return answer_sums(batch[REF_COLUMN], batch)
         with torch.no_grad():
             return answer_logps(self.reference(model, batch), batch)
 
@@ -215,17 +234,27 @@ def adapter_off_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.T
         return logits_of(unwrapped(model), batch)
 
 
-def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
-    """The reference logits of a full fine-tune: a frozen copy of the base model, built like
-    the trained one (dtype, per-example attention), on the worker's device."""
-    from ft_ray.models import load_base_model
+def reference_model(config: Any, device: torch.device) -> Any:
+    """A frozen copy of the base model as the run trains on it (4-bit for QLoRA, the frozen
+    base's dtype for LoRA, per-example attention), on `device`."""
+    from ft_ray.models import load_base_model, load_quantized_model
+    from ft_ray.train.engine_api import COMPUTE_DTYPES
 
-    copy = load_base_model(config.model).to(device)
+    if config.method == "qlora":
+        model = load_quantized_model(config.model, config.quantization, False)
+    else:
+        dtype = COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
+        model = load_base_model(config.model, dtype=dtype).to(device)
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 
-        copy.set_attn_implementation(register())
-    copy.eval().requires_grad_(False)
+        model.set_attn_implementation(register())
+    return model.eval().requires_grad_(False)
+
+
+def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
+    """The reference logits of a full fine-tune with `preference.reference: inline`."""
+    copy = reference_model(config, device)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return logits_of(copy, batch)
@@ -241,10 +270,11 @@ def unwrapped(model: Any) -> Any:
 
 
 def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
-    """The job's preference objective with its reference model (none for ORPO)."""
+    """The job's preference objective with its inline reference model (none for ORPO, or
+    when the reference log-probs come precomputed with the data)."""
     preference = config.preference
     reference: Callable | None = None
-    if config.objective in ("dpo", "kto"):
+    if config.objective in ("dpo", "kto") and not config.precomputes_reference:
         if config.trains_adapter:
             reference = adapter_off_reference
         else:
@@ -256,3 +286,54 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
         return ORPOLoss(preference.beta, None)
     return KTOLoss(preference.beta, reference, preference.desirable_weight, preference.undesirable_weight)
 
+
+
+# ---------------------------------------------------------------- the precomputed reference
+
+
+class ReferenceScorer:
+    """A Ray Data actor's state: the reference model, adding `REF_COLUMN` to packed rows."""
+
+    def __init__(self, job_json: str):
+        from ft_ray.config import JobConfig
+        from ft_ray.train.engine_api import COMPUTE_DTYPES
+
+        self.job = JobConfig.model_validate_json(job_json)
+        gpu = self.job.distributed.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if gpu else "cpu")
+        if not gpu:
+            torch.set_num_threads(max(1, int(self.job.distributed.cpus_per_worker)))
+        self.model = reference_model(self.job, self.device)
+        self.autocast = COMPUTE_DTYPES.get(self.job.train.precision)
+
+    def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
+        import contextlib
+
+        batch = {k: torch.as_tensor(rows[k], dtype=torch.long, device=self.device)
+                 for k in ("input_ids", "labels", "position_ids")}
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            values = token_logps(logits_of(self.model, batch), batch["labels"])
+        return {**rows, REF_COLUMN: values.float().cpu().numpy()}
+
+
+def with_reference(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The packed datasets with each token's reference log-prob, computed by model actors
+    (as many as training workers, a GPU each on GPU jobs), order kept."""
+    import ray
+    import ray.data
+
+    from ft_ray.console import LOG
+
+    gpu = config.distributed.use_gpu
+    room = ray.cluster_resources().get("GPU" if gpu else "CPU", 1)
+    actors = max(1, min(config.distributed.max_workers, int(room)))
+    LOG.info(f"reference: log-probs of the base model for every answer, on {actors} model actor(s)")
+    scored = {}
+    for split, dataset in datasets.items():
+        scored[split] = dataset.map_batches(
+            ReferenceScorer, batch_size=config.train.micro_batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0 if gpu else config.distributed.cpus_per_worker,
+            num_gpus=1 if gpu else 0, fn_constructor_kwargs={"job_json": config.model_dump_json()}).materialize()
+    return scored

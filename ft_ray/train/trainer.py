@@ -27,6 +27,7 @@ from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.train.checkpoints import (best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
+from ft_ray.train.preference import REF_COLUMN, with_reference
 
 
 def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = False) -> bool:
@@ -120,6 +121,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
     datasets, stats = datasets_for(config, load_tokenizer(config.model), run.path("rejected"), run.fs)
+    if config.precomputes_reference and REF_COLUMN not in datasets["train"].columns():
+        datasets = with_reference(config, datasets)
     plan = plan_steps(config, stats.train_sequences)
     # Preparation showed its progress; bars for every eval pass during training are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,6 +1,7 @@
 """Preference tuning on the real spine: DPO, ORPO and KTO with 2 Ray workers on the demo's
 preference pairs (chosen: the house style; rejected: a generic voice), and DPO as a ZeRO-3
-full fine-tune with a frozen reference copy."""
+full fine-tune. Every reference kind runs: precomputed (DPO LoRA), the adapter switched off
+(KTO) and a frozen copy (ZeRO-3)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from ft_ray.config import load_config
+from ft_ray.train.checkpoints import MANIFEST
 from ft_ray.train.trainer import run_training
 from tests.conftest import DEMO, write_job
+from tests.faults import TRAIN, assert_same_training, in_background, outcome_in, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,11 +35,37 @@ def metrics(config) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_dpo_lora_learns_the_house_style_preference(ray_local, tmp_path):
-    config = preference_job(tmp_path, "dpo", lora={"rank": 16, "alpha": 32})
-    summary = run_training(config)
-    # the reference is the model with its adapter off: at step 0 both agree, every pair's
-    # reward is 0 and the loss is log 2
+def dpo_job(tmp_path: Path, run_name: str):
+    """DPO LoRA with the fault tests' schedule (12 steps, a checkpoint and an eval every 4, traced samples)."""
+    job = preference_job(tmp_path, "dpo", lora={"rank": 16, "alpha": 32}, train=TRAIN)
+    job.run_name = run_name
+    return job
+
+
+@pytest.fixture(scope="module")
+def dpo_run(ray_local, tmp_path_factory):
+    """(config, summary) of one uninterrupted DPO LoRA run on data prepared first (`ft-ray
+    prepare`: the pairs tokenized and packed, with the reference log-probs), shared below."""
+    from ft_ray.data.prepared import prepare
+    from ft_ray.models import load_tokenizer
+
+    config = dpo_job(tmp_path_factory.mktemp("dpo"), "dpo")
+    prepare(config, load_tokenizer(config.model))
+    return config, run_training(config)
+
+
+def test_dpo_lora_learns_the_house_style_preference(dpo_run):
+    import pyarrow.parquet as pq
+
+    from ft_ray.data.prepared import location
+    from ft_ray.train.preference import REF_COLUMN
+
+    config, summary = dpo_run
+    assert config.precomputes_reference
+    for split in ("train", "eval"):  # stored with the prepared data, so training ran no reference pass
+        assert {"roles", REF_COLUMN} <= set(pq.read_schema(next(Path(location(config), split).glob("*.parquet"))).names)
+    # the reference log-probs came with the data: at step 0 the model (its
+    # adapter starts at zero) agrees with them, every pair's reward is 0 and the loss is log 2
     assert summary["objective"] == "dpo"
     assert summary["eval_loss_initial"] == pytest.approx(math.log(2), abs=1e-4)
     assert summary["eval_reward_accuracy_initial"] == 0.0
@@ -44,13 +73,35 @@ def test_dpo_lora_learns_the_house_style_preference(ray_local, tmp_path):
     assert summary["data"]["formats"] == {"data.train": "preference", "data.eval": "preference"}
     lines = metrics(config)
     steps = [m for m in lines if "loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, 11))
+    assert [m["step"] for m in steps] == list(range(1, 13))
     for key in ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
                 "logps_rejected"):
         assert all(key in m for m in steps) and f"eval_{key}" in lines[0]
     last_eval = [m for m in lines if "eval_loss" in m][-1]
     assert last_eval["eval_reward_margin"] > 0 and last_eval["eval_rewards_chosen"] > last_eval["eval_rewards_rejected"]
     assert Path(summary["adapter_path"], "adapter_model.safetensors").exists()
+
+
+def test_a_killed_dpo_worker_resumes_with_the_same_pairs_and_final_weights(dpo_run, tmp_path):
+    import psutil
+
+    run = tmp_path / "runs" / "dpo-killed"
+
+    def kill_a_worker() -> int:
+        wait_for(lambda: (run / "checkpoint-000004" / MANIFEST).exists(), 300, "the first checkpoint")
+        wait_for(lambda: '{"step": 6,' in (run / "metrics.jsonl").read_text(), 120, "step 6")
+        victim = next(p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+        victim.kill()
+        return victim.pid
+
+    thread, done = in_background(kill_a_worker)
+    summary = run_training(dpo_job(tmp_path, "dpo-killed"))
+    thread.join(60)
+    assert done and isinstance(done[0], int), f"no worker was killed: {done}"
+    outcome = outcome_in(run)
+    assert [m["step"] for m in outcome.metrics if "resumed_from" in m] == [4]
+    assert_same_training(outcome, Path(dpo_run[0].storage.path) / "dpo")  # same pairs per step, same weights
+    assert summary["eval_reward_accuracy_final"] == dpo_run[1]["eval_reward_accuracy_final"]
 
 
 def test_orpo_and_kto_train_and_improve_their_eval_metric(ray_local, tmp_path):
@@ -72,14 +123,14 @@ def test_orpo_and_kto_train_and_improve_their_eval_metric(ray_local, tmp_path):
                                       "completion": pair["chosen" if good else "rejected"], "label": good}) + "\n")
     kto = run_training(preference_job(
         tmp_path, "kto", data={"train": str(tmp_path / "kto-train.jsonl"), "eval": str(tmp_path / "kto-eval.jsonl")},
-        train={"max_steps": 6}))
+        train={"max_steps": 6}, preference={"reference": "inline"}))  # the adapter switched off
     assert kto["data"]["formats"] == {"data.train": "kto", "data.eval": "kto"}
     assert kto["eval_reward_accuracy_initial"] == 0.5  # rewards all 0: only the bad answers count as right
     assert kto["eval_reward_accuracy_final"] > 0.8 and kto["eval_loss_final"] < kto["eval_loss_initial"]
 
 
 def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_path):
-    config = preference_job(tmp_path, "dpo", method="full",
+    config = preference_job(tmp_path, "dpo", method="full", preference={"reference": "inline"},
                             distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3}},
                             train={"learning_rate": 1e-4, "max_steps": 4, "eval_every": 4, "checkpoint_every": 4})
     summary = run_training(config)

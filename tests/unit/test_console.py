@@ -67,6 +67,20 @@ def test_progress_in_a_pipe_is_plain_lines_at_a_steady_rate(monkeypatch, capsys)
                                                     "[ft-ray] read + tokenize: 400 records  5 records/s  80 s"]
 
 
+def read_all(fd: int) -> str:
+    """Everything written to a pty so far: one read returns at most what one chunk of the
+    line discipline holds (a loaded CI machine once saw only the first frame of the bar)."""
+    import select
+
+    chunks = []
+    while select.select([fd], [], [], 0.5)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def test_progress_in_a_terminal_is_a_live_bar(monkeypatch):
     leader, follower = pty.openpty()
     terminal = os.fdopen(follower, "w", buffering=1)
@@ -79,7 +93,7 @@ def test_progress_in_a_terminal_is_a_live_bar(monkeypatch):
     LOG.info("a line printed while the bar runs")
     display.close()
     terminal.flush()
-    shown = os.read(leader, 65536).decode()
+    shown = read_all(leader)
     terminal.close()
     os.close(leader)
     assert "\x1b[" in shown and "[ft-ray] train" in shown and "20/20" in shown and "loss 0.5" in shown
@@ -178,7 +192,7 @@ def test_a_sweep_shows_a_line_per_trial_start_and_end_and_a_live_table(monkeypat
     table.on_trial_complete(0, [], good)
     table.on_experiment_end([])
     terminal.flush()
-    shown = os.read(leader, 65536).decode()
+    shown = read_all(leader)
     terminal.close()
     os.close(leader)
     assert "[ft-ray] running trials" in shown and "40/100" in shown and "0.65" in shown

@@ -99,3 +99,19 @@ def test_dpo_with_a_chosen_nll_weight_adds_the_chosen_answers_next_token_loss():
     assert plain.item() == pytest.approx(math.log(2), abs=1e-6) and metrics["reward_accuracy"] == 0
     assert rpo.item() == pytest.approx(math.log(2) + 0.5 * nll.item(), rel=1e-4)
     assert rpo_metrics["nll_loss"] / 2 == pytest.approx(nll.item(), rel=1e-4)  # summed over the 2 pairs
+
+
+def test_precomputed_reference_log_probs_equal_the_inline_ones():
+    from ft_ray.config import config_from_dict
+    from ft_ray.train.preference import REF_COLUMN, DPOLoss, ReferenceScorer, logits_of
+
+    model, _, tensors = packed_demo_pairs(3)
+    job = config_from_dict({"objective": "dpo", "model": {"max_seq_len": 1024}, "data": {"train": "x.jsonl"}})
+    assert job.precomputes_reference  # the default
+    rows = ReferenceScorer(job.model_dump_json())({k: v.numpy() for k, v in tensors.items()})
+    assert rows[REF_COLUMN].dtype == np.float32 and rows[REF_COLUMN].shape == tuple(tensors["input_ids"].shape)
+    precomputed = DPOLoss(0.1, None).reference_answers(None, {**tensors, REF_COLUMN: torch.as_tensor(rows[REF_COLUMN])})
+    with torch.no_grad():
+        inline = answer_logps(logits_of(model, tensors), tensors)
+    torch.testing.assert_close(precomputed.logps, inline.logps, rtol=1e-5, atol=1e-4)
+    assert precomputed.tokens.tolist() == inline.tokens.tolist() and (precomputed.logps < 0).sum() == 6
