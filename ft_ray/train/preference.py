@@ -253,13 +253,38 @@ def reference_model(config: Any, device: torch.device) -> Any:
 
 
 def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
-    """The reference logits of a full fine-tune with `preference.reference: inline`."""
+    """The reference logits of a full fine-tune with `preference.reference: inline`: a frozen
+    copy of the base, sharded across the workers like the trained model under ZeRO-3."""
     copy = reference_model(config, device)
+    dist = config.distributed
+    if dist.strategy == "deepspeed" and dist.deepspeed.stage == 3:
+        copy = sharded_for_inference(copy, config)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return logits_of(copy, batch)
 
     return forward
+
+
+def sharded_for_inference(model: Any, config: Any) -> Any:
+    """`model` under a DeepSpeed ZeRO-3 engine without an optimizer: each worker keeps its shard
+    of the weights, gathered layer by layer in the forward (what TRL does for its reference)."""
+    import deepspeed
+
+    from ft_ray.train.deepspeed_engine import deepspeed_config
+
+    settings = deepspeed_config(config, total_steps=1)
+    settings.pop("optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=settings, dist_init_required=False)
+    engine.eval()
+    held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+    total = sum(p.ds_numel for p in engine.module.parameters())
+    if engine.global_rank == 0:
+        from ft_ray.console import LOG
+
+        LOG.info(f"reference: a frozen copy of the base model sharded by ZeRO-3, {held / 1e6:.3g}M of its "
+                 f"{total / 1e6:.3g}M parameters on each worker")
+    return engine
 
 
 def unwrapped(model: Any) -> Any:

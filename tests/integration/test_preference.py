@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ def test_orpo_and_kto_train_and_improve_their_eval_metric(ray_local, tmp_path):
     assert kto["eval_reward_accuracy_final"] > 0.8 and kto["eval_loss_final"] < kto["eval_loss_initial"]
 
 
-def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_path):
+def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_path, capfd):
     config = preference_job(tmp_path, "dpo", method="full", preference={"reference": "inline"},
                             distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3}},
                             train={"learning_rate": 1e-4, "max_steps": 4, "eval_every": 4, "checkpoint_every": 4})
@@ -138,3 +139,6 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
     assert summary["eval_loss_initial"] == pytest.approx(math.log(2), abs=1e-4)  # the copy equals the start
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
     assert Path(summary["model_path"], "model.safetensors").exists()
+    # the copy is sharded like the trained model: each of the 2 workers holds half of it
+    held, total = re.search(r"sharded by ZeRO-3, ([\d.]+)M of its ([\d.]+)M parameters", capfd.readouterr().out).groups()
+    assert float(held) == pytest.approx(float(total) / 2, rel=0.05)
