@@ -1,6 +1,7 @@
 """A 3-node Ray cluster on this machine (cluster/local.sh: head + 2 worker nodes, token auth),
-the tiny job submitted with `ft-ray submit` and with `ray job submit`; the training workers
-must land on both worker nodes, and `down` must leave no process of the cluster behind.
+the tiny DPO job submitted with `ft-ray submit` (its reference log-probs computed by actors on
+the cluster) and the tiny SFT job with `ray job submit`; the training workers must land on both
+worker nodes, and `down` must leave no process of the cluster behind.
 
 The working dir is used in place (`local://`): raylets sharing one machine would each unpack
 an uploaded one into the same folder, deleting it under the running driver (Ray's
@@ -70,13 +71,14 @@ def ran_on_two_nodes(run: Path) -> list[str]:
 def test_submit_to_a_local_multi_node_cluster(local_cluster, tmp_path):
     env, _ = local_cluster
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
-    ours = subprocess.run([sys.executable, "-m", "ft_ray", "submit", "configs/tiny-cpu.yaml", "--address", address,
+    ours = subprocess.run([sys.executable, "-m", "ft_ray", "submit", "configs/tiny-dpo.yaml", "--address", address,
                            "--in-place", "--wait", *job_args(tmp_path, "via-ft-ray-submit")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert ours.returncode == 0, ours.stdout[-4000:] + ours.stderr[-4000:]
     assert "submitted raysubmit_" in ours.stdout and "ray job logs --follow" in ours.stdout
     run = tmp_path / "runs" / "via-ft-ray-submit"
-    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["objective"] == "dpo"
     nodes = ran_on_two_nodes(run)
     assert len(nodes) == 2 and len(set(nodes)) == 2, f"both training workers on one node: {nodes}"
 

@@ -10,9 +10,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from ft_ray.config import load_config
+from ft_ray.data.records import encode_records
+from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.train.checkpoints import MANIFEST
 from ft_ray.train.trainer import run_training
 from tests.conftest import DEMO, write_job
@@ -83,6 +87,40 @@ def test_dpo_lora_learns_the_house_style_preference(dpo_run):
     assert Path(summary["adapter_path"], "adapter_model.safetensors").exists()
 
 
+def pair_margins(model, tokenizer, lines: list[str]) -> np.ndarray:
+    """Each pair's chosen minus rejected answer log-prob, every sequence scored on its own."""
+    batch = encode_records(lines, [""] * len(lines), "auto", {}, tokenizer, 512, None)
+    sums = []
+    starts = np.flatnonzero(np.diff(batch.roles, prepend=0) != 0)
+    with torch.no_grad():
+        for start, end in zip(starts, [*starts[1:], len(batch.ids)]):
+            ids, labels = (torch.as_tensor(a[start:end], dtype=torch.long) for a in (batch.ids, batch.labels))
+            logps = model(input_ids=ids[None]).logits[0, :-1].log_softmax(-1)
+            kept = labels[1:] != IGNORE_INDEX
+            sums.append(logps[kept].gather(1, labels[1:][kept][:, None]).sum().item())
+    return np.array(sums[0::2]) - np.array(sums[1::2])
+
+
+def test_the_merged_dpo_model_prefers_the_chosen_answers_without_ft_ray(dpo_run, tmp_path):
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft_ray.cli import main
+
+    _, summary = dpo_run
+    assert main(["export", summary["best_checkpoint"], "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    # the base the adapter names, as a user of plain PEFT finds it
+    base = AutoModelForCausalLM.from_pretrained(
+        PeftConfig.from_pretrained(summary["adapter_path"]).base_model_name_or_path).eval()
+    pairs = Path(PAIRS["eval"]).read_text().splitlines()[:16]
+    # the implicit DPO reward of each held-out pair: how much more the merged model prefers the
+    # chosen answer than the base model does
+    rewards = pair_margins(merged, tokenizer, pairs) - pair_margins(base, tokenizer, pairs)
+    assert (rewards > 0).mean() >= 0.9, rewards
+
+
 def test_a_killed_dpo_worker_resumes_with_the_same_pairs_and_final_weights(dpo_run, tmp_path):
     import psutil
 
@@ -105,8 +143,9 @@ def test_a_killed_dpo_worker_resumes_with_the_same_pairs_and_final_weights(dpo_r
     assert summary["eval_reward_accuracy_final"] == dpo_run[1]["eval_reward_accuracy_final"]
 
 
-def test_orpo_and_kto_train_and_improve_their_eval_metric(ray_local, tmp_path):
-    config = preference_job(tmp_path, "orpo", train={"max_steps": 6})
+def test_orpo_on_zero2_and_kto_on_qlora_train_and_improve_their_eval_metric(ray_local, tmp_path):
+    config = preference_job(tmp_path, "orpo", train={"max_steps": 6},
+                            distributed={"strategy": "deepspeed", "deepspeed": {"stage": 2}})
     orpo = run_training(config)
     assert orpo["eval_loss_final"] < orpo["eval_loss_initial"]  # no reference: its loss starts at the NLL
     evals = [m for m in metrics(config) if "eval_loss" in m]
@@ -122,9 +161,10 @@ def test_orpo_and_kto_train_and_improve_their_eval_metric(ray_local, tmp_path):
                 good = i % 2 == 0
                 out.write(json.dumps({"prompt": f"{pair['instruction']}\n\n{pair['input']}",
                                       "completion": pair["chosen" if good else "rejected"], "label": good}) + "\n")
-    kto = run_training(preference_job(
+    kto = run_training(preference_job(  # the reference: the 4-bit base with the adapter switched off
         tmp_path, "kto", data={"train": str(tmp_path / "kto-train.jsonl"), "eval": str(tmp_path / "kto-eval.jsonl")},
-        train={"max_steps": 6}, preference={"reference": "inline"}))  # the adapter switched off
+        train={"max_steps": 6}, preference={"reference": "inline"}, method="qlora",
+        quantization={"compute_dtype": "float32"}))
     assert kto["data"]["formats"] == {"data.train": "kto", "data.eval": "kto"}
     assert kto["eval_reward_accuracy_initial"] == 0.5  # rewards all 0: only the bad answers count as right
     assert kto["eval_reward_accuracy_final"] > 0.8 and kto["eval_loss_final"] < kto["eval_loss_initial"]
@@ -142,3 +182,33 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
     # the copy is sharded like the trained model: each of the 2 workers holds half of it
     held, total = re.search(r"sharded by ZeRO-3, ([\d.]+)M of its ([\d.]+)M parameters", capfd.readouterr().out).groups()
     assert float(held) == pytest.approx(float(total) / 2, rel=0.05)
+
+
+def test_a_dpo_sweep_over_beta_and_learning_rate_ranks_by_reward_accuracy_and_exports_the_winner(ray_local, tmp_path):
+    import hashlib
+
+    from ft_ray.tune import run_sweep
+
+    # a rate that learns and one that cannot, each with a beta drawn from two
+    space = {"train.learning_rate": {"grid": [1e-3, 1e-9]}, "preference.beta": {"choice": [0.1, 0.5]}}
+    config = preference_job(tmp_path, "dpo", train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 6},
+                            lora={"rank": 16, "alpha": 32}, distributed={"num_workers": 1},
+                            tune={"metric": "eval_reward_accuracy", "mode": "max", "num_samples": 1,
+                                  "max_concurrent_trials": 2, "export_top_k": 1, "search_space": space,
+                                  "scheduler": {"type": "asha", "grace_period_steps": 2, "reduction_factor": 2}})
+    config.run_name = "dpo-sweep"
+    config.eval.after_training = False  # the winners' three-arm eval is tested with the SFT sweep
+    summary = run_sweep(config)
+    trials = summary["trials"]
+    assert len(trials) == 2 and all(t["config"]["preference.beta"] in (0.1, 0.5) for t in trials), trials
+    [winner] = summary["winners"]
+    best = max((t for t in trials if t["status"] == "finished"), key=lambda t: t["metrics"]["eval_reward_accuracy"])
+    assert winner["trial"] == best["trial"] and best["config"]["train.learning_rate"] == 1e-3
+    assert winner["metrics"]["eval_reward_accuracy"] >= 0.9
+    folder = Path(config.storage.path, "dpo-sweep", "winners", f"1-{winner['trial']}")
+    manifest = json.loads((folder / "winner.json").read_text())
+    assert manifest["config"]["objective"] == "dpo"
+    assert manifest["config"]["preference"]["beta"] == best["config"]["preference.beta"]
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), name

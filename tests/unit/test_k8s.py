@@ -113,6 +113,12 @@ def images(resource: dict) -> set[str]:
     return {c["image"] for pod in pod_templates(resource) for c in pod["spec"]["containers"]}
 
 
+def gpus_of(job: dict) -> int:
+    """The GPUs a RayJob's cluster has at most."""
+    return sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["maxReplicas"]
+               for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+
+
 def dockerfile_tag() -> str:
     for line in (REPO / "cluster" / "Dockerfile").read_text().splitlines():
         if line.startswith("# image:"):
@@ -140,9 +146,7 @@ def test_cross_checks_configmap_image_gpus_and_secrets():
             config_file = resource["spec"]["entrypoint"].split()[-1]
             assert config_file.startswith("/configs/") and Path(config_file).name in mounted
             recipe = load_config(REPO / "configs" / Path(config_file).name)
-            groups = resource["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-            gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-                       * g["maxReplicas"] for g in groups)
+            gpus = gpus_of(resource)
             # A sweep runs max_concurrent_trials trials of num_workers workers at once.
             at_once = recipe.tune.max_concurrent_trials if "ft-ray tune" in resource["spec"]["entrypoint"] else 1
             assert gpus == recipe.distributed.max_workers * at_once, \
@@ -157,3 +161,10 @@ def test_rayjobs_for_training_and_for_sweeps_are_in_the_kustomization():
     jobs = [r for name in kustomization["resources"] for r in documents(K8S / name) if r["kind"] == "RayJob"]
     assert sorted(r["spec"]["entrypoint"].split()[1] for r in jobs) == ["train", "tune"]
     assert all(r["spec"]["backoffLimit"] >= 1 and r["spec"]["shutdownAfterJobFinishes"] for r in jobs)
+
+
+def test_the_train_rayjob_runs_the_dpo_recipe_on_the_same_gpus():
+    [job] = [r for r in documents(K8S / "rayjob-train.yaml") if r["kind"] == "RayJob"]
+    assert "/configs/dpo-qlora-llama3-8b.yaml" in (K8S / "rayjob-train.yaml").read_text()  # the comment says how
+    dpo = load_config(REPO / "configs" / "dpo-qlora-llama3-8b.yaml")
+    assert dpo.objective == "dpo" and gpus_of(job) == dpo.distributed.max_workers
