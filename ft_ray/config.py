@@ -84,7 +84,13 @@ class DataConfig(Section):
     shuffle_seed: int | None = Field(None, description="seed of the record shuffle; default train.seed")
     max_rejected_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more records are bad")
     max_record_tokens: int | None = Field(None, gt=0, description="longest record kept whole; default model.max_seq_len")
-    overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to longer records")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description=(
+        "what happens to longer records: truncate (text: cut into windows of model.max_seq_len that all "
+        "train; other formats: cut at the end, counted in the summary) or drop"))
+    text_unit: Literal["line", "paragraph", "document"] = Field("line", description=(
+        "what one record of a plain-text file (.txt) is: a line, a block between blank lines, or the whole file"))
+    text_stride: int = Field(0, ge=0, description=(
+        "tokens each window of a long text record repeats from the window before, as context (not trained again)"))
     max_record_bytes: int = Field(8 << 20, gt=0, description=(
         "a record (line, JSON array item) longer than this is rejected as too_large without being held in memory"))
     max_decompressed_ratio: float = Field(100.0, gt=1, description=(
@@ -403,6 +409,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                         "e.g. bfloat16, so the 4-bit weights can be sharded; or use stage 2")
     if job.method == "qlora" and dist.strategy == "deepspeed" and ds.offload_params != "none":
         problems.append("distributed.deepspeed.offload_params: 4-bit weights cannot be offloaded; use offload_optimizer")
+    if job.data.text_stride >= job.model.max_seq_len // 2:
+        problems.append(f"data.text_stride: {job.data.text_stride} tokens of overlap leave a window of "
+                        f"model.max_seq_len={job.model.max_seq_len} too little new text; use less than half of it")
     if job.eval.metric == "preference" and job.objective not in ("dpo", "orpo"):
         problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo or orpo), "
                         f"not objective {job.objective}")

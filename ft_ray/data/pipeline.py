@@ -19,7 +19,8 @@ from ft_ray import progress
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.console import LOG
 from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, source_name, weighted_copies
-from ft_ray.data.sources import DataError, ReadLimits, check_format, choose_format, common_folder, list_files, read_corpus
+from ft_ray.data.sources import (DataError, ReadLimits, check_format, choose_format, common_folder, file_kind, list_files,
+                                 read_corpus)
 from ft_ray.data.tokenize import pack_arrays
 
 TOKENIZE_BATCH = 256
@@ -39,6 +40,10 @@ class DataStats:
     train_tokens: int = 0
     packing_efficiency: float = 0.0
     formats: dict[str, str] = field(default_factory=dict)
+    records_truncated: int = 0  # records longer than model.max_seq_len, cut at the end
+    tokens_dropped: int = 0  # the tokens those cuts dropped
+    tokens_dropped_fraction: float = 0.0  # of all the tokens of the records read
+    records_windowed: int = 0  # long texts cut into windows that all train
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,7 +53,10 @@ def _tokenizer(model_json: str) -> Any:
     return load_tokenizer(ModelConfig.model_validate_json(model_json))
 
 
-COLUMNS = ("input_ids", "labels", "reason", "detail", "is_eval", "path", "line", "text", "copy", "sample_id")
+# per row: a record's example (or one window of a long text), and where it comes from; `dropped`:
+# the tokens truncation cut off the record
+COLUMNS = ("input_ids", "labels", "reason", "detail", "is_eval", "path", "line", "text", "copy", "window", "dropped",
+           "sample_id")
 
 
 @functools.lru_cache(maxsize=2)
@@ -61,13 +69,14 @@ def _schema(roles: bool = False) -> Any:
     ids = pa.list_(pa.int32())
     return pa.schema([("input_ids", ids), ("labels", ids), ("reason", pa.string()), ("detail", pa.string()),
                       ("is_eval", pa.bool_()), ("path", pa.string()), ("line", pa.int64()), ("text", pa.string()),
-                      ("copy", pa.int64()), ("sample_id", pa.int64())] + ([("roles", ids)] if roles else []))
+                      ("copy", pa.int64()), ("window", pa.int32()), ("dropped", pa.int64()), ("sample_id", pa.int64())]
+                     + ([("roles", ids)] if roles else []))
 
 
 def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str, eval_fraction: float,
                        fields: dict[str, str] | None = None, weight: float = 1.0,
                        drop_over: int | None = None, progress: Any = None, source: tuple[str, str] = ("", ""),
-                       roles: bool = False) -> Any:
+                       roles: bool = False, text_stride: int | None = None) -> Any:
     """Rows of ids and labels (one per copy of a weighted record), or one row with the
     reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
     leaves out.
@@ -79,6 +88,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     `progress` (the driver's `progress.board()`) is told how many records were read.
     `source` (its key, its files' common folder) names the files in the sample ids.
     `roles`: a preference objective's run, whose rows carry each token's role.
+    `text_stride`: long `text` records are cut into windows with this overlap (None: truncated).
     """
     import pyarrow as pa
 
@@ -91,7 +101,8 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     for start in range(0, count, TOKENIZE_BATCH):
         part = slice(start, start + TOKENIZE_BATCH)
         rows = _tokenized_rows(batch["text"][part], errors[part], batch["path"][part], lines[part], tokenizer,
-                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over, source, roles)
+                               max_len, fmt, fields or {}, eval_fraction, weight, drop_over, source, roles,
+                               text_stride)
         tables.append(pa.table(rows, schema=_schema(roles)))
     if progress is not None:
         progress.add.remote("records", count)
@@ -100,20 +111,23 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
 
 def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: Any, max_len: int, fmt: str,
                     fields: dict[str, str], eval_fraction: float, weight: float,
-                    drop_over: int | None, source: tuple[str, str], roles: bool) -> dict[str, Any]:
-    batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over)
+                    drop_over: int | None, source: tuple[str, str], roles: bool,
+                    text_stride: int | None) -> dict[str, Any]:
+    batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over, text_stride)
     rows: dict[str, list] = {k: [] for k in COLUMNS[2:]}
     example = []  # the example of each row
-    for i, (text, error, path, line) in enumerate(zip(texts, batch.errors, paths, lines)):
+    examples = np.split(np.arange(len(batch.offsets) - 1), np.flatnonzero(np.diff(batch.records())) + 1)
+    for windows, text, error, path, line, dropped in zip(examples, texts, batch.errors, paths, lines, batch.dropped):
         reason, detail = (error.kind, printable(str(error))) if error is not None else ("", "")
         is_eval = eval_bucket(text) < eval_fraction
         copies = 1 if reason or is_eval else weighted_copies(weight, text)
         for copy in range(copies) if copies else [-1]:
-            example.append(i)
-            values = (reason, detail, is_eval, path, int(line), text if reason else "", copy,
-                      sample_id(source_name(path, source[1], source[0]), int(line), copy))
-            for column, value in zip(COLUMNS[2:], values):
-                rows[column].append(value)
+            for window, i in enumerate(windows):
+                example.append(i)
+                values = (reason, detail, is_eval, path, int(line), text if reason else "", copy, window,
+                          int(dropped), sample_id(source_name(path, source[1], source[0]), int(line), copy, window))
+                for column, value in zip(COLUMNS[2:], values):
+                    rows[column].append(value)
     rows["input_ids"] = _int32_lists(batch.ids, batch.offsets, example)
     rows["labels"] = _int32_lists(batch.labels, batch.offsets, example)
     if roles:
@@ -150,13 +164,15 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
     fmt, note = choose_format(source, config.storage, key)
     check_format(config, fmt, key)
     stats.formats[key] = fmt
-    LOG.info(f"data: {note}; {len(files)} file(s)")
+    texts = sum(file_kind(f) == "text" for f in files)
+    unit = f", {texts} of plain text read by {config.data.text_unit} (data.text_unit)" if texts else ""
+    LOG.info(f"data: {note}; {len(files)} file(s){unit}")
     return read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
         parse_and_tokenize, batch_size=None,
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
                    "progress": progress.board(), "source": (key, common_folder(files)),
-                   "roles": config.objective != "sft"})
+                   "roles": config.objective != "sft", "text_stride": config.data.text_stride})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
@@ -191,6 +207,7 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
         lines = tokenized.union(held_out) if held_out else tokenized
         write_rejected(rows_of(lines, "rejected"), rejected_dir, rejected_fs)
     check_counts(config, stats)
+    warn_if_truncated(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     eval_refs = pack_tasks(blocks, eval_rows, pack_args)  # runs while the train order is made
@@ -384,15 +401,24 @@ def _block_counts(batch: Any) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     if not batch.num_rows:  # a read task with no record (a byte range inside one long line) leaves no columns
-        return {"read": 0, "reasons": {}, "train": 0, "train_tokens": 0, "eval_rows": np.zeros(0, dtype=np.int64)}
+        return {"read": 0, "reasons": {}, "train": 0, "train_tokens": 0, "eval_rows": np.zeros(0, dtype=np.int64),
+                "truncated": 0, "dropped": 0, "tokens": 0, "windowed": 0}
+
+    def total(values: Any, where: Any) -> int:
+        return pc.sum(pc.filter(values, where)).as_py() or 0
 
     first_copy = pc.less(batch["copy"], 1)  # a record's first copy, or the one row of a left-out record
+    first = pc.and_(first_copy, pc.equal(batch["window"], 0))  # one row per record read
     train = _selected(batch, "train")  # a mask: filtering the block would copy every example's ids and labels
-    return {"read": pc.sum(first_copy.cast("int64")).as_py() or 0,
+    lengths = pc.list_value_length(batch["input_ids"])
+    return {"read": pc.sum(first.cast("int64")).as_py() or 0,
             "reasons": Counter(r for r in batch["reason"].to_pylist() if r),
             "train": pc.sum(train.cast("int64")).as_py() or 0,
-            "train_tokens": pc.sum(pc.filter(pc.list_value_length(batch["input_ids"]), train)).as_py() or 0,
-            "eval_rows": np.flatnonzero(_selected(batch, "eval").to_numpy(zero_copy_only=False))}
+            "train_tokens": total(lengths, train),
+            "eval_rows": np.flatnonzero(_selected(batch, "eval").to_numpy(zero_copy_only=False)),
+            "truncated": total(pc.greater(batch["dropped"], 0).cast("int64"), first),
+            "dropped": total(batch["dropped"], first), "tokens": total(lengths, first_copy),
+            "windowed": total(pc.equal(batch["window"], 1).cast("int64"), first_copy)}
 
 
 def count_records(stats: DataStats, blocks: list) -> np.ndarray:
@@ -404,15 +430,21 @@ def count_records(stats: DataStats, blocks: list) -> np.ndarray:
     """
     reasons: Counter = Counter()
     eval_rows = []
+    tokens = 0  # of the records read, as kept
     for counts in per_block(blocks, _block_counts):
         stats.records_read += int(counts["read"])
         stats.train_examples += int(counts["train"])
         stats.train_tokens += int(counts["train_tokens"])  # packing keeps every token
         stats.eval_examples += len(counts["eval_rows"])
+        stats.records_truncated += int(counts["truncated"])
+        stats.tokens_dropped += int(counts["dropped"])
+        stats.records_windowed += int(counts["windowed"])
+        tokens += int(counts["tokens"])
         reasons.update(counts["reasons"])
         eval_rows.append(counts["eval_rows"])
     stats.rejected_by_reason = dict(reasons)
     stats.records_rejected = sum(reasons.values())
+    stats.tokens_dropped_fraction = round(stats.tokens_dropped / max(1, tokens + stats.tokens_dropped), 4)
     return block_rows(eval_rows)
 
 
@@ -452,6 +484,18 @@ def check_counts(config: JobConfig, stats: DataStats) -> None:
         raise DataError("no eval example: set data.eval to a file or raise data.eval_fraction")
 
 
+TRUNCATION_WARNING = 0.01  # of the tokens read
+
+
+def warn_if_truncated(config: JobConfig, stats: DataStats) -> None:
+    """A warning when truncation dropped more than `TRUNCATION_WARNING` of the tokens read."""
+    if stats.tokens_dropped_fraction > TRUNCATION_WARNING:
+        LOG.warning(f"data: {stats.records_truncated} records are longer than model.max_seq_len="
+                    f"{config.model.max_seq_len} and were cut at the end: {stats.tokens_dropped} tokens "
+                    f"({stats.tokens_dropped_fraction:.1%} of those read) are never trained on; raise "
+                    "model.max_seq_len, or set data.overlong: drop to leave such records out")
+
+
 def write_rejected(rejected, folder: str, filesystem: Any = None) -> None:
     """Rejected records with their file, line and reason, as JSONL under `<run>/rejected/`
     (replacing what a relaunch of the run, or a killed earlier attempt, wrote there)."""
@@ -465,6 +509,9 @@ def stats_table(stats: DataStats) -> str:
     """The data preparation's outcome, one figure per line, for the console."""
     rows = [("records read", stats.records_read), ("records rejected", stats.records_rejected)]
     rows += [(f"  {reason}", n) for reason, n in sorted(stats.rejected_by_reason.items(), key=lambda kv: -kv[1])]
+    rows += [("records truncated", f"{stats.records_truncated} ({stats.tokens_dropped} tokens dropped, "
+                                   f"{stats.tokens_dropped_fraction:.1%})")]
+    rows += [("long texts in windows", stats.records_windowed)] if stats.records_windowed else []
     rows += [("train examples", stats.train_examples), ("eval examples", stats.eval_examples),
              ("train tokens", stats.train_tokens), ("packed train sequences", stats.train_sequences),
              ("packed eval sequences", stats.eval_sequences),

@@ -22,7 +22,7 @@ from ft_ray.data.sources import list_files
 from ft_ray.storage import filesystem_for
 
 STATS_FILE = "stats.json"
-PREPARED_VERSION = 2  # 2: sample ids name files relative to their source's folder (records.source_name)
+PREPARED_VERSION = 3  # 2: sample ids name files relative to their source's folder (records.source_name); 3: long texts in windows
 
 
 def fingerprint(config: JobConfig) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ft_ray.data.formats import SFT, RecordError, Segments, Units, map_fields, record_units
-from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, encode_batch
+from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, cut_into_windows, encode_batch
 
 
 def eval_bucket(line: str) -> float:
@@ -29,10 +29,12 @@ def weighted_copies(weight: float, text: str) -> int:
     return whole + (1 if eval_bucket("weight:" + text) < weight - whole else 0)
 
 
-def sample_id(path: str, line: int, copy: int) -> int:
-    """A stable 64-bit id of one example: its file (`source_name`), its line or row, and which
-    copy it is."""
-    digest = hashlib.blake2b(f"{path}\0{line}\0{copy}".encode("utf-8"), digest_size=8).digest()
+def sample_id(path: str, line: int, copy: int, window: int = 0) -> int:
+    """A stable 64-bit id of one example: its file (`source_name`), its line or row, which
+    copy it is and, for a long text cut into windows, which window (the first keeps the
+    record's id)."""
+    key = f"{path}\0{line}\0{copy}" + (f"\0{window}" if window else "")
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -95,10 +97,13 @@ def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokeni
 
 
 def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
-                   drop_over: int | None) -> Assembled:
+                   drop_over: int | None, text_stride: int | None = None) -> Assembled:
     """The examples of a batch of raw records as flat arrays, and per record the
     RecordError that rejects it (its example is then empty). All segments of the batch go
-    through the tokenizer in one call.
+    through the tokenizer in one call. Records longer than `max_len` are truncated (the
+    tokens cut off counted in `dropped`) or, with `text_stride` set, records of the `text`
+    format are cut into windows that all train (`tokenize.cut_into_windows`, that many
+    tokens of overlap) and one record may give several examples.
 
     A preference record's example is its units one after the other (a pair: prompt + chosen,
     then prompt + rejected, each with its own leading token and each cut at half of
@@ -122,16 +127,20 @@ def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
     sizes = [len(_units_of(p)) for p in parsed]
     counts = np.repeat(sizes, sizes)  # per unit: how many units its record has
     paired = bool(len(counts)) and counts.max() > 1  # a pair's two sequences share one row: half each
-    limits = max_len // counts if paired else max_len
+    windowed = text_stride is not None and fmt == "text" and drop_over is None
+    limits = max_len // counts if paired else (UNCUT if windowed else max_len)
     drops = drop_over // counts if paired and drop_over is not None else drop_over
+    bos = bos_id(tokenizer)
     parts = assemble_batch(segment_ids, [len(segments) for segments, _ in units],
-                           [trainable for segments, _ in units for _, trainable in segments],
-                           bos_id(tokenizer), limits, drops)
+                           [trainable for segments, _ in units for _, trainable in segments], bos, limits, drops)
     roles = np.array([role for _, role in units], dtype=np.int32)
     if not roles.any():  # supervised records only: one unit each, as assembled
         parts.errors = [p if isinstance(p, RecordError) else e for p, e in zip(parsed, parts.errors)]
-        return parts
+        return cut_into_windows(parts, max_len, text_stride, bos) if windowed else parts
     return _join_units(parsed, parts, roles)
+
+
+UNCUT = 2 ** 40  # a length limit no record reaches
 
 
 def _units_of(parsed: Units | RecordError) -> Units:
@@ -163,7 +172,9 @@ def _join_units(parsed: list, parts: Assembled, roles: np.ndarray) -> Assembled:
                           minlength=len(parsed)).astype(np.int64)
     offsets = np.zeros(len(parsed) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return Assembled(parts.ids[keep], parts.labels[keep], offsets, errors, np.repeat(roles, unit_lengths)[keep])
+    dropped = np.bincount(unit_of_record, weights=parts.dropped * good[unit_of_record], minlength=len(parsed))
+    return Assembled(parts.ids[keep], parts.labels[keep], offsets, errors, np.repeat(roles, unit_lengths)[keep],
+                     dropped.astype(np.int64))
 
 
 def _tokenizable(units: Units, tokenizer: Any) -> Units | RecordError:

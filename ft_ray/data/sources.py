@@ -87,17 +87,25 @@ def common_folder(files: list[str]) -> str:
 class ReadLimits:
     """What reading one source may cost: no record is held past `max_record_bytes`, no
     compressed file decompresses past `max_decompressed_ratio` times its size, and Parquet
-    files give only `columns` (None: all), the ones a record format can use."""
+    files give only `columns` (None: all), the ones a record format can use. `text_unit`:
+    what one record of a plain-text file is (`data.text_unit`)."""
 
     max_record_bytes: int = MAX_RECORD_BYTES
     max_decompressed_ratio: float = MAX_DECOMPRESSED_RATIO
     columns: frozenset[str] | None = None
+    text_unit: str = "line"
 
     @classmethod
     def of(cls, data: DataConfig, source: SourceConfig | None = None) -> "ReadLimits":
         fields = (source.fields if source else None) or data.fields
         return cls(data.max_record_bytes, data.max_decompressed_ratio,
-                   frozenset(fields.get(name, name) for name in RECORD_FIELDS))
+                   frozenset(fields.get(name, name) for name in RECORD_FIELDS), data.text_unit)
+
+    def one_line_each(self, path: str) -> bool:
+        """Whether each record of the file is one line (JSONL, or text read by line): such a
+        file can be read in byte ranges."""
+        kind = file_kind(path)
+        return kind == "jsonl" or (kind == "text" and self.text_unit == "line")
 
 
 class DecompressionLimit(Exception):
@@ -148,7 +156,7 @@ def file_records(stream: Any, path: str, unit: "Unit | None" = None,
 
 def _kind_records(stream: Any, path: str, unit: "Unit | None", limits: ReadLimits) -> Iterator[tuple[int, str, str]]:
     kind, max_bytes = file_kind(path), limits.max_record_bytes
-    if kind == "jsonl":
+    if limits.one_line_each(path):
         ranged = unit is not None and unit.end is not None
         lines = (_lines(stream, unit.lines_before, unit.start > 0, unit.end - unit.start + (unit.start > 0), max_bytes)
                  if ranged else _lines(stream, max_bytes=max_bytes))
@@ -156,9 +164,11 @@ def _kind_records(stream: Any, path: str, unit: "Unit | None", limits: ReadLimit
             if raw is None:
                 yield number, "", too_large(size, max_bytes)
             elif raw.strip():
-                yield (number, *_decode(raw))
+                text, error = _decode(raw)
+                yield number, (json.dumps({"text": text}, ensure_ascii=False) if kind == "text" and not error
+                               else text), error
     elif kind == "text":
-        yield from _paragraphs(stream, max_bytes)
+        yield from _paragraphs(stream, max_bytes, whole=limits.text_unit == "document")
     elif kind == "json":
         yield from JsonItems(stream, max_bytes).items()
     elif kind == "parquet":
@@ -237,9 +247,10 @@ def _decode(raw: bytes) -> tuple[str, str]:
         return raw.decode("utf-8", errors="backslashreplace"), f"not_utf8: invalid byte at offset {e.start}"
 
 
-def _paragraphs(stream: Any, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, str]]:
-    """Plain text: one record per paragraph (blocks separated by blank lines); a paragraph
-    longer than `max_bytes` is too_large, its lines read past and not kept."""
+def _paragraphs(stream: Any, max_bytes: int = MAX_RECORD_BYTES, whole: bool = False) -> Iterator[tuple[int, str, str]]:
+    """Plain text: one record per paragraph (blocks separated by blank lines), or with
+    `whole` the file; a record longer than `max_bytes` is too_large, its lines read past
+    and not kept."""
     block: list[str] | None = []  # None: the paragraph grew past max_bytes
     start = size = 0
     for number, raw, length in _lines(stream, max_bytes=max_bytes):
@@ -247,7 +258,7 @@ def _paragraphs(stream: Any, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tupl
         if error:
             yield number, text, error
             continue
-        if raw is None or text.strip():
+        if raw is None or text.strip() or (whole and start):
             start, size = start or number, size + length + 1
             if block is not None and size <= max_bytes:
                 block.append(text)
@@ -264,7 +275,7 @@ def _paragraphs(stream: Any, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tupl
 def _paragraph(start: int, block: list[str] | None, size: int, max_bytes: int) -> tuple[int, str, str]:
     if block is None:
         return start, "", too_large(size, max_bytes)
-    return start, json.dumps({"text": "\n".join(block)}, ensure_ascii=False), ""
+    return start, json.dumps({"text": "\n".join(block).rstrip()}, ensure_ascii=False), ""
 
 
 class JsonItems:
@@ -468,17 +479,18 @@ RANGE_MIN_BYTES = 4 << 20
 RANGE_MAX_BYTES = 64 << 20
 
 
-def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = True) -> list[Unit]:
-    """The files as read tasks: large uncompressed JSONL files in byte ranges, enough for
-    about two tasks per CPU (4-64 MB each), so one large file is read and tokenized by
-    many tasks. A range's first line number comes from newline counts of the ranges
-    before it, counted by Ray tasks (the driver never reads the corpus) or, without
-    `in_ray`, here."""
+def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = True,
+               limits: ReadLimits = ReadLimits()) -> list[Unit]:
+    """The files as read tasks: large uncompressed files of one record per line (JSONL,
+    text read by line) in byte ranges, enough for about two tasks per CPU (4-64 MB each),
+    so one large file is read and tokenized by many tasks. A range's first line number
+    comes from newline counts of the ranges before it, counted by Ray tasks (the driver
+    never reads the corpus) or, without `in_ray`, here."""
     sizes = [info.size or 0 for info in fs.get_file_info([fs_path(f) for f in files])]
     span = read_span(sum(sizes), cpus)
     units = []
     for path, size in zip(files, sizes):
-        if file_kind(path) != "jsonl" or path.lower().endswith(COMPRESSIONS) or size <= span:
+        if not limits.one_line_each(path) or path.lower().endswith(COMPRESSIONS) or size <= span:
             units.append(Unit(path, size))
             continue
         bounds = list(range(0, size, span)) + [size]
@@ -542,7 +554,7 @@ def read_corpus(fs: pafs.FileSystem, files: list[str], rows_per_block: int = 409
     import ray.data
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    groups = task_groups(read_units(fs, files, cpus), cpus)
+    groups = task_groups(read_units(fs, files, cpus, limits=limits), cpus)
     datasource = _datasource_class()(fs, groups, rows_per_block, limits)
     return ray.data.read_datasource(datasource, override_num_blocks=-1 if spread else len(groups))
 

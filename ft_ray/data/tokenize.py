@@ -66,15 +66,22 @@ def assemble(segment_ids: list[list[int]], trainable: list[bool], bos: int | Non
 
 @dataclasses.dataclass
 class Assembled:
-    """Examples as flat arrays: example i is `ids[offsets[i]:offsets[i + 1]]` (empty when
-    `errors[i]` says why it was rejected); `roles`, for preference data, each token's unit
-    role (`formats.CHOSEN`, `formats.REJECTED`)."""
+    """Examples as flat arrays: example i is `ids[offsets[i]:offsets[i + 1]]`, of record
+    `record[i]` (None: example i is record i's only one); empty when the record's `errors`
+    entry says why it was rejected. `dropped`: per record, the tokens truncation cut off.
+    `roles`, for preference data, each token's unit role (`formats.CHOSEN`, `formats.REJECTED`)."""
 
     ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
     errors: list[RecordError | None]
     roles: np.ndarray | None = None
+    dropped: np.ndarray | None = None
+    record: np.ndarray | None = None
+
+    def records(self) -> np.ndarray:
+        """The record of each example."""
+        return np.arange(len(self.errors)) if self.record is None else self.record
 
 
 def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trainable: list[bool], bos: int | None,
@@ -117,6 +124,7 @@ def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trai
                                     "no_target_tokens")
     good = np.array([e is None for e in errors], dtype=bool)
     lengths = np.where(good, np.minimum(full, limit), 0)
+    dropped = np.where(good, full - lengths, 0)
     offsets = np.zeros(records + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.empty(int(offsets[-1]), dtype=np.int32)
@@ -129,7 +137,44 @@ def assemble_batch(segment_ids: list[list[int]], segment_counts: list[int], trai
     if lead:
         ids[firsts] = bos
     labels[firsts] = IGNORE_INDEX
-    return Assembled(ids, labels, offsets, errors)
+    return Assembled(ids, labels, offsets, errors, dropped=dropped)
+
+
+def cut_into_windows(parts: Assembled, max_len: int, stride: int, bos: int | None) -> Assembled:
+    """Every example longer than `max_len` as consecutive windows of at most `max_len`
+    tokens, so that every token of it is trained once (plain text: continued pre-training
+    on long documents). Each window starts with `bos` when there is one; the first
+    `stride` tokens of each later window repeat the end of the one before as context, with
+    label -100 (without a bos, at least one token: a window's first token is never
+    predicted). Shorter examples, and rejected records (empty), stay one example each."""
+    if np.diff(parts.offsets).max(initial=0) <= max_len:
+        return parts
+    lead = 0 if bos is None else 1
+    room = max_len - lead  # the record's own tokens per window
+    overlap = stride if lead else max(stride, 1)
+    step = room - overlap
+    if step <= 0:
+        raise ValueError(f"a window of {max_len} tokens with {overlap} of overlap has no room for new text")
+    ids, labels, lengths, records = [], [], [], []
+    for record, (a, b) in enumerate(zip(parts.offsets[:-1], parts.offsets[1:])):
+        body = slice(a + lead, b)  # without the example's own bos
+        size = b - a - lead
+        starts = [0] if size + lead <= max_len else range(0, size - overlap, step)
+        for k, start in enumerate(starts):
+            end = min(start + room, size)
+            window_ids, window_labels = parts.ids[body][start:end], parts.labels[body][start:end].copy()
+            if k:
+                window_labels[:overlap] = IGNORE_INDEX  # trained in the window before
+            if lead and b > a:
+                window_ids, window_labels = np.r_[bos, window_ids], np.r_[IGNORE_INDEX, window_labels]
+            ids.append(window_ids)
+            labels.append(window_labels)
+            lengths.append(len(window_ids))
+            records.append(record)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Assembled(np.concatenate(ids).astype(np.int32), np.concatenate(labels).astype(np.int32), offsets,
+                     parts.errors, dropped=parts.dropped, record=np.asarray(records, dtype=np.int64))
 
 
 def pack_examples(examples: Iterable[dict], max_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:

@@ -114,6 +114,45 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
     assert 60 + 2 <= stats.train_examples <= 60 + 8  # a stable half of the 10 notes, give or take the hash
 
 
+def trained_tokens(dataset) -> int:
+    return sum(int((np.asarray(r["labels"]) != -100).sum()) for r in dataset.select_columns(["labels"]).take_all())
+
+
+def test_long_text_lines_train_every_token_and_truncated_records_are_counted(ray_local, tmp_path, tokenizer,
+                                                                             monkeypatch, capfd):
+    from ft_ray.data import sources
+    from ft_ray.data.records import eval_bucket
+
+    # one article per line, most far longer than max_seq_len (128), read in byte ranges
+    outputs = [r["output"].replace("\n", " ") for r in GOOD]
+    articles = [" ".join(outputs[i:i + 3 + (i * 7) % 40]) for i in range(0, len(outputs) - 40, 3)]
+    (tmp_path / "wiki.txt").write_text("\n".join(articles) + "\n")
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 64 << 10)
+    monkeypatch.setattr(sources, "RANGE_MAX_BYTES", 64 << 10)
+    config = config_for(tmp_path, train=str(tmp_path / "wiki.txt"), eval=None, eval_fraction=0.05)
+    datasets, stats = build_datasets(config, tokenizer, None)
+    assert "1 of plain text read by line (data.text_unit)" in capfd.readouterr().out
+    lengths = [len(tokenizer(a + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for a in articles]
+    held_out = [eval_bucket(json.dumps({"text": a}, ensure_ascii=False)) < 0.05 for a in articles]
+    assert stats.records_read == len(articles) and stats.records_windowed > len(articles) / 2
+    assert (stats.records_truncated, stats.tokens_dropped) == (0, 0)
+    trained = trained_tokens(datasets["train"])
+    assert trained == sum(n for n, out in zip(lengths, held_out) if not out)  # every token once, eval aside
+    assert trained + trained_tokens(datasets["eval"]) == sum(lengths) and trained >= 0.9 * sum(lengths)
+
+    # instructions are not cut into windows: truncated, and counted
+    long = [(a, n) for a, n in zip(articles, lengths) if n > 200][:30]
+    write_lines(tmp_path / "long.jsonl", GOOD[:200] + [{"instruction": "Tell me more.", "output": a} for a, _ in long], [])
+    _, stats = build_datasets(config_for(tmp_path, train=str(tmp_path / "long.jsonl")), tokenizer, None)
+    assert stats.records_truncated == len(long) and stats.records_windowed == 0
+    assert stats.tokens_dropped >= sum(n - 127 for _, n in long)  # at least the answer's tokens past 127 (bos)
+    assert stats.tokens_dropped_fraction > 0.01
+    out = capfd.readouterr().out
+    assert f"{stats.records_truncated} records are longer than model.max_seq_len=128 and were cut" in out
+    assert f"records truncated       {stats.records_truncated} ({stats.tokens_dropped} tokens dropped" in \
+        pipeline.stats_table(stats)
+
+
 def training_order(datasets: dict) -> list[int]:
     return [r["seq_id"] for r in datasets["train"].select_columns(["seq_id"]).take_all()]
 

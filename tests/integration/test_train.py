@@ -44,6 +44,7 @@ def test_summary_has_the_outcome(trained):
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
     assert summary["train_tokens"] > 0 and summary["tokens_per_second"] > 0
     assert Path(summary["best_checkpoint"]).parent == run
+    assert (summary["data"]["records_truncated"], summary["data"]["tokens_dropped"]) == (0, 0)  # the demo fits
 
 
 def test_metrics_hold_every_step_once(trained):

@@ -37,8 +37,8 @@ def test_gzip_json_array_parquet_and_text(tmp_path):
     assert [(line, json.loads(text)) for line, text, _ in records(tmp_path / "b.json")] == [(1, GOOD), (2, {"text": "x"})]
     assert [(line, json.loads(text)) for line, text, _ in records(tmp_path / "c.parquet")] == [
         (row, {"question": "q", "answer": "a"}) for row in (1, 2, 3)]
-    assert [(line, json.loads(text)) for line, text, _ in records(tmp_path / "d.txt")] == [
-        (1, {"text": "first paragraph\nstill first"}), (5, {"text": "second"})]
+    assert [(line, json.loads(text)) for line, text, _ in records(tmp_path / "d.txt")] == [  # data.text_unit: line
+        (1, {"text": "first paragraph"}), (2, {"text": "still first"}), (5, {"text": "second"})]
     # A folder lists every known kind, sorted; a glob only what it matches.
     assert [p.rsplit("/", 1)[1] for p in list_files(str(tmp_path), STORAGE)[1]] == [
         "a.jsonl.gz", "b.json", "c.parquet", "d.txt"]
@@ -165,11 +165,23 @@ def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
     assert got[1][1] == '{"text": "caf\\xe9"}'
 
 
+def test_text_files_by_paragraph_or_as_one_document(tmp_path):
+    from ft_ray.data.sources import ReadLimits
+
+    (tmp_path / "d.txt").write_text("first paragraph\nstill first\n\n\nsecond\n\n")
+    by = {unit: [(line, json.loads(text)["text"]) for _, line, text, _ in
+                 read_records(str(tmp_path / "d.txt"), STORAGE, "x", ReadLimits(text_unit=unit))]
+          for unit in ("paragraph", "document")}
+    assert by["paragraph"] == [(1, "first paragraph\nstill first"), (5, "second")]
+    assert by["document"] == [(1, "first paragraph\nstill first\n\n\nsecond")]
+
+
 def test_a_paragraph_over_max_record_bytes_is_too_large(tmp_path):
     from ft_ray.data.sources import ReadLimits
 
     (tmp_path / "a.txt").write_text("short one\n\n" + "a long line\n" * 20_000 + "\nlast one\n")
     got = [(line, text, error[:9]) for _, line, text, error in
-           read_records(str(tmp_path / "a.txt"), STORAGE, "x", ReadLimits(max_record_bytes=100_000))]
+           read_records(str(tmp_path / "a.txt"), STORAGE, "x", ReadLimits(max_record_bytes=100_000,
+                                                                           text_unit="paragraph"))]
     assert got == [(1, json.dumps({"text": "short one"}), ""), (3, "", "too_large"),
                    (20_004, json.dumps({"text": "last one"}), "")]
