@@ -14,14 +14,15 @@ The trainable segment of each is the answer alone.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 FORMATS = ("text", "instruction", "chat", "completion", "preference", "kto")
 PREFERENCE_FORMATS = ("preference", "kto")
 # Every field a format reads (before data.fields maps them): Parquet reads only these columns.
 RECORD_FIELDS = ("text", "instruction", "input", "output", "system", "prompt", "completion", "messages",
-                 "conversations", "chosen", "rejected", "label")
-CHAT_ROLES = ("system", "user", "assistant")
+                 "conversations", "chosen", "rejected", "label", "tools")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 Segments = list[tuple[str, bool]]
 SFT, CHOSEN, REJECTED = 0, 1, 2  # a unit's role: plain example; chosen (good) answer; rejected (bad) answer
@@ -38,7 +39,8 @@ class RecordError(ValueError):
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
 def detect_format(record: Any) -> str:
@@ -66,6 +68,17 @@ def detect_format(record: Any) -> str:
                       "instruction/output, prompt/completion, messages or conversations, chosen/rejected (preference) "
                       "or label (kto) "
                       "(or map your columns with data.fields)", "unknown_format")
+
+
+TOOL_TURNS = ("tool", "function_call", "observation")
+
+
+def uses_tools(record: dict) -> bool:
+    """Whether a chat record carries function schemas, calls or results (said when `auto` picks chat)."""
+    turns = record.get("messages") or record.get("conversations") or []
+    return bool(record.get("tools")) or any(
+        isinstance(t, dict) and (t.get("tool_calls") or t.get("role", t.get("from")) in TOOL_TURNS)
+        for t in (turns if isinstance(turns, list) else []))
 
 
 def map_fields(record: Any, fields: dict[str, str]) -> Any:
@@ -120,21 +133,26 @@ def completion_segments(record: dict, tokenizer: Any = None) -> Segments:
 
 
 def chat_segments(record: dict, tokenizer: Any) -> Segments:
-    """Render messages with the tokenizer's chat template; assistant replies are trainable.
+    """Render messages with the tokenizer's chat template; assistant replies are trainable,
+    their function calls included; tool results never are.
 
     Each turn's text is the difference between rendering the conversation up to and
     including that turn and rendering it up to the turn before, so the result is exactly
     the template's output. The assistant header (the generation prompt) stays masked.
+    The record's `tools` (function schemas: a list, or a JSON string of one) are given to
+    the template (`apply_chat_template(..., tools=...)`).
     """
-    messages = _messages(record)
+    messages, tools = _messages(record), _tools(record)
+    if tools or any("tool_calls" in m for m in messages):
+        _check_tool_support(tokenizer, tools)
     segments: Segments = []
     rendered = ""
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            header = _render(tokenizer, messages[:i], generation_prompt=True)
+            header = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
             segments.append((_suffix(header, rendered), False))
             rendered = header
-        full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        full = _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
         segments.append((_suffix(full, rendered), message["role"] == "assistant"))
         rendered = full
     if not any(trainable for _, trainable in segments):
@@ -155,26 +173,87 @@ def _messages(record: dict) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise RecordError(f"{key}[{i}] must be an object with {role_key} and {text_key}", "wrong_type")
-        role, content = message.get(role_key), message.get(text_key)
-        role = role if key == "messages" else SHAREGPT_ROLES.get(role, role)
+        given, content = message.get(role_key), message.get(text_key)
+        role = given if key == "messages" else SHAREGPT_ROLES.get(given, given)
         if role not in CHAT_ROLES:
             allowed = ", ".join(CHAT_ROLES if key == "messages" else SHAREGPT_ROLES)
             raise RecordError(f"{key}[{i}].{role_key}: unknown role {role!r} (allowed: {allowed})", "unknown_role")
+        where = f"{key}[{i}]"
+        if given == "function_call":  # ShareGPT: the call as JSON text {"name", "arguments"} (or a list of them)
+            turns.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(_json_of(content, where), where)})
+            continue
+        calls = message.get("tool_calls") if key == "messages" and role == "assistant" else None
+        if calls is not None:  # OpenAI: the content may be empty or null beside the calls
+            turns.append({"role": role, "content": content or "", "tool_calls": _tool_calls(calls, f"{where}.tool_calls")})
+            continue
         if not isinstance(content, str):
-            raise RecordError(f"{key}[{i}].{text_key} must be a string", "wrong_type")
-        if not content.strip():
-            raise RecordError(f"{key}[{i}].{text_key} is empty", "empty_field")
-        turns.append({"role": role, "content": content})
+            raise RecordError(f"{where}.{text_key} must be a string", "wrong_type")
+        if not content.strip() and role != "tool":  # a tool may well return nothing
+            raise RecordError(f"{where}.{text_key} is empty", "empty_field")
+        turn = {"role": role, "content": content}
+        turn.update({k: message[k] for k in ("name", "tool_call_id") if role == "tool" and isinstance(message.get(k), str)})
+        turns.append(turn)
     return turns
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    if not messages and not generation_prompt:
+def _json_of(value: Any, where: str) -> Any:
+    """A JSON text's value (a value that is not text is taken as it is)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: not JSON: {e.msg} at column {e.colno}", "bad_tool_call") from None
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """Function calls as chat templates take them: [{"type": "function", "function": {"name",
+    "arguments" (an object)}}], from OpenAI's shape (arguments as JSON text) or bare
+    {"name", "arguments"} objects (ShareGPT)."""
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        raise RecordError(f"{where}: no function call", "bad_tool_call")
+    out = []
+    for n, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RecordError(f"{where}[{n}]: a function call needs a name (and arguments)", "bad_tool_call")
+        arguments = _json_of(function.get("arguments", {}), f"{where}[{n}].arguments")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _tools(record: dict) -> list[dict] | None:
+    """A record's function schemas, as templates take them ({"type": "function", "function": ...}),
+    or None."""
+    tools = _json_of(record.get("tools"), "tools") if record.get("tools") not in (None, "", []) else None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("field 'tools' must be a list of function schemas (or JSON text of one)", "wrong_type")
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def _check_tool_support(tokenizer: Any, tools: list[dict] | None) -> None:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    missing = [what for what, needed in (("tools", tools), ("tool_calls", True)) if needed and what not in template]
+    if missing:
+        raise RecordError(f"the tokenizer's chat template does not render {' or '.join(missing)}, so the record's "
+                          "function calls would be lost; set model.chat_template to a template with tool "
+                          "support (e.g. the instruct model's own)", "no_tool_template")
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    if not messages and not generation_prompt and not tools:
         return ""
     if getattr(tokenizer, "chat_template", None) is None:
         raise RecordError("chat records need a tokenizer with a chat template", "no_chat_template")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what a template's own checks raise
         raise RecordError(f"the chat template refused it: {type(e).__name__}: {str(e)[:300]}",
                           "template_error") from None

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pyarrow.fs as pafs
 
 from ft_ray.config import OBJECTIVE_FORMATS, DataConfig, InputError, JobConfig, SourceConfig, StorageConfig
-from ft_ray.data.formats import RECORD_FIELDS, RecordError, detect_format, map_fields
+from ft_ray.data.formats import RECORD_FIELDS, RecordError, detect_format, map_fields, uses_tools
 from ft_ray.storage import filesystem_for
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text",
@@ -432,21 +432,25 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
         return source.format, f"{key}: format {source.format} (from the config)"
     fs, files = list_files(source.path, storage, key)
     seen: Counter = Counter()
+    tools = 0  # chat records with function calls
     with open_file(fs, files[0]) as stream:
         for checked, (_, text, error) in enumerate(file_records(stream, files[0])):
             if checked >= PEEK_RECORDS:
                 break
             try:
                 if not error:
-                    seen[detect_format(map_fields(json.loads(text), source.fields))] += 1
+                    record = map_fields(json.loads(text), source.fields)
+                    seen[detect_format(record)] += 1
+                    tools += uses_tools(record)
             except (json.JSONDecodeError, RecordError, RecursionError):  # a bad record is not a format vote
                 continue
     if not seen:
         raise DataError(f"{key}: format auto: none of the first records of {files[0]} looks like text, "
                         "instruction, chat, completion, preference or kto; set data.format and data.fields")
     chosen, count = seen.most_common(1)[0]
+    with_tools = f", {tools} with tool calls or schemas" if chosen == "chat" and tools else ""
     return chosen, (f"{key}: format auto -> {chosen} ({count} of the first {sum(seen.values())} "
-                    f"records of {files[0]})")
+                    f"records of {files[0]}{with_tools})")
 
 
 def check_format(config: JobConfig, fmt: str, key: str) -> None:
