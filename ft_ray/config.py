@@ -66,16 +66,41 @@ FormatName = Literal["auto", "text", "instruction", "chat", "completion", "prefe
 
 
 class SourceConfig(Section):
-    path: str = Field(..., description="file, folder, glob or s3:// prefix (.jsonl[.gz], .json, .parquet, .txt)")
+    path: str | None = Field(None, description=(
+        "file, folder, glob or s3:// prefix (.jsonl[.gz], .json, .parquet, .txt), or a folder written by "
+        "datasets' save_to_disk"))
+    hf: str | None = Field(None, description=(
+        "instead of path, a Hugging Face dataset: a hub id (needs the network or the local cache) or a local "
+        "dataset repository folder"))
+    split: str | None = Field(None, description="the split of an hf dataset or a saved DatasetDict folder (default: train)")
+    revision: str | None = Field(None, description="hf: branch, tag or commit (default: main)")
+    subset: str | None = Field(None, description="hf: the dataset's configuration (load_dataset's name)")
     weight: float = Field(1.0, gt=0, description="2 = every example twice, 0.5 = a stable half of them")
     format: FormatName | None = Field(None, description="default: data.format")
     fields: dict[str, str] = Field(default_factory=dict, description="default: data.fields")
+
+    @model_validator(mode="after")
+    def _path_or_hf(self) -> "SourceConfig":
+        if bool(self.path) == bool(self.hf):
+            raise ValueError("a source has either a path or an hf dataset")
+        if self.path and (self.revision or self.subset):
+            raise ValueError("revision and subset are settings of an hf source")
+        return self
+
+    @property
+    def where(self) -> str:
+        """The source as messages name it."""
+        if self.path:
+            return self.path + (f" [{self.split}]" if self.split else "")
+        return f"hf:{self.hf}" + (f"/{self.subset}" if self.subset else "") + (
+            f"@{self.revision}" if self.revision else "") + f" [{self.split or 'train'}]"
 
 
 class DataConfig(Section):
     train: str | None = Field(None, description="training records: file, folder, glob or s3:// prefix")
     sources: list[SourceConfig] = Field(default_factory=list, description="several weighted sources instead of train")
-    eval: str | None = Field(None, description="held-out records; default: split eval_fraction off train")
+    eval: str | SourceConfig | None = Field(None, description=(
+        "held-out records (a path, or a source such as {hf: ID, split: test}); default: split eval_fraction off train"))
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of train records held out when eval is unset")
     format: FormatName = Field("auto", description="auto: chosen per source from its first records")
     fields: dict[str, str] = Field(default_factory=dict,
@@ -116,6 +141,9 @@ class DataConfig(Section):
         return list(zip(keys, self.all_sources()))
 
     def eval_source(self) -> SourceConfig | None:
+        if isinstance(self.eval, SourceConfig):
+            return self.eval.model_copy(update={"format": self.eval.format or self.format,
+                                                "fields": self.eval.fields or self.fields})
         return SourceConfig(path=self.eval, format=self.format, fields=self.fields) if self.eval else None
 
 
@@ -419,7 +447,7 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     for source in job.data.all_sources() + ([job.data.eval_source()] if job.data.eval else []):
         if source.format not in ("auto", *allowed):
             problems.append(f"data.format: objective {job.objective} trains on format {' or '.join(allowed)}, "
-                            f"not {source.format} (source {source.path})")
+                            f"not {source.format} (source {source.where})")
     return problems
 
 
@@ -497,11 +525,14 @@ def resolve_paths(config: JobConfig) -> JobConfig:
     Ray tasks and workers, which run elsewhere, read the same files."""
     if config.data.train:
         config.data.train = _absolute(config.data.train)
-    for source in config.data.sources:
-        source.path = _absolute(source.path)
+    for source in config.data.sources + ([config.data.eval] if isinstance(config.data.eval, SourceConfig) else []):
+        if source.path:
+            source.path = _absolute(source.path)
+        elif source.hf.startswith((".", "/", "~")) or Path(source.hf).expanduser().is_dir():
+            source.hf = _absolute(source.hf)  # a local dataset repository folder
     if config.data.prepared:
         config.data.prepared = _absolute(config.data.prepared)
-    if config.data.eval:
+    if isinstance(config.data.eval, str):
         config.data.eval = _absolute(config.data.eval)
     config.storage.path = _absolute(config.storage.path)
     return config

@@ -21,7 +21,7 @@ def held_out_records(config: JobConfig, limit: int) -> Iterator[dict]:
     data = config.data
     source = data.eval_source() or data.all_sources()[0]
     found = 0
-    for _, _, text, error in read_records(source.path, config.storage, "data.eval" if data.eval else "data.train"):
+    for _, _, text, error in read_records(source, config.storage, "data.eval" if data.eval else "data.train"):
         if found >= limit:
             return
         if error or (not data.eval and eval_bucket(text) >= data.eval_fraction):

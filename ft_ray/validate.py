@@ -21,7 +21,7 @@ MIN_TRAIN_EXAMPLES = 100
 def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0) -> tuple[int, int]:
     """(records kept for training, records split off for eval) of a source, streaming."""
     train = held_out = 0
-    for _, _, text, _ in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
+    for _, _, text, _ in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
         if eval_fraction and eval_bucket(text) < eval_fraction:
             held_out += 1
         else:
@@ -35,7 +35,7 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
     lengths: list[int] = []
     seen = 0
     drop_over = config.drop_over
-    for path, line, text, error in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
+    for path, line, text, error in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
         if seen >= PEEK_RECORDS:
             break
         seen += 1

@@ -160,7 +160,7 @@ def pack_batch(batch: Any, *, max_len: int, pad_id: int, pack: bool) -> dict[str
 def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction: float,
                 stats: DataStats) -> Any:
     """One source's records, parsed and tokenized by Ray tasks (rows as `parse_and_tokenize`)."""
-    fs, files = list_files(source.path, config.storage, key)
+    fs, files = list_files(source, config.storage, key)
     fmt, note = choose_format(source, config.storage, key)
     check_format(config, fmt, key)
     stats.formats[key] = fmt
@@ -479,7 +479,7 @@ def check_counts(config: JobConfig, stats: DataStats) -> None:
                         f"most common reason: {worst[0]} ({worst[1]}x); see the rejected/ folder")
     if stats.train_examples == 0:
         raise DataError("data: no usable training example in "
-                        + ", ".join(s.path for s in config.data.all_sources()))
+                        + ", ".join(s.where for s in config.data.all_sources()))
     if stats.eval_examples == 0:
         raise DataError("no eval example: set data.eval to a file or raise data.eval_fraction")
 

@@ -18,7 +18,7 @@ from typing import Any
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataStats, build_datasets
-from ft_ray.data.sources import list_files
+from ft_ray.data.sources import fs_path, list_files
 from ft_ray.storage import filesystem_for
 
 STATS_FILE = "stats.json"
@@ -32,8 +32,8 @@ def fingerprint(config: JobConfig) -> str:
     for key, source in [("train", s) for s in data.all_sources()] + [("eval", data.eval_source())]:
         if source is None:
             continue
-        fs, paths = list_files(source.path, config.storage, f"data.{key}")
-        infos = fs.get_file_info([p.removeprefix("s3://") for p in paths])
+        fs, paths = list_files(source, config.storage, f"data.{key}")
+        infos = fs.get_file_info([fs_path(p) for p in paths])  # a hub dataset's paths carry its commit
         files.append({"source": source.model_dump(), "files": [(i.path, i.size, str(i.mtime)) for i in infos]})
     what = {"version": PREPARED_VERSION, "files": files,
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),

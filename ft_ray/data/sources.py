@@ -14,6 +14,7 @@ import functools
 import json
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
@@ -23,7 +24,7 @@ from ft_ray.data.formats import RECORD_FIELDS, RecordError, detect_format, map_f
 from ft_ray.storage import filesystem_for
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text",
-         ".md": "text"}
+         ".md": "text", ".arrow": "arrow"}
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 READ_CHUNK = 1 << 20
 PEEK_RECORDS = 20
@@ -44,12 +45,19 @@ def file_kind(path: str) -> str | None:
     return next((kind for ext, kind in KINDS.items() if name.endswith(ext)), None)
 
 
-def list_files(pattern: str, storage: StorageConfig, key: str = "data.train") -> tuple[pafs.FileSystem, list[str]]:
-    """The data files of a file, folder (recursively), glob or s3:// prefix, sorted.
+def list_files(source: SourceConfig | str, storage: StorageConfig,
+               key: str = "data.train") -> tuple[pafs.FileSystem, list[str]]:
+    """The data files of a source: a file, folder (recursively), glob or s3:// prefix,
+    sorted; the Arrow files of a folder written by `save_to_disk` (of its `split` for a
+    DatasetDict); or the files of a Hugging Face dataset's split (`hf_files`).
 
     Raises:
-        DataError: nothing with a known extension matches.
+        DataError: nothing with a known extension matches, or no such split.
     """
+    source = SourceConfig(path=source) if isinstance(source, str) else source
+    if source.hf:
+        return hf_files(source, key)
+    pattern = source.path
     fs, path = filesystem_for(pattern, storage)
     scheme = "s3://" if pattern.startswith("s3://") else ""
     try:
@@ -60,6 +68,9 @@ def list_files(pattern: str, storage: StorageConfig, key: str = "data.train") ->
         else:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.Directory:
+                saved = saved_dataset_files(fs, path, source.split, key)
+                if saved is not None:
+                    return fs, [scheme + f for f in saved]
                 found = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                          if i.type == pafs.FileType.File]
             else:
@@ -71,6 +82,73 @@ def list_files(pattern: str, storage: StorageConfig, key: str = "data.train") ->
         raise DataError(f"{key}: no data files at {pattern!r} "
                         f"(looked for {', '.join(KINDS)}, optionally compressed: {', '.join(COMPRESSIONS)})")
     return fs, [scheme + f for f in files] if scheme else files
+
+
+def saved_dataset_files(fs: pafs.FileSystem, folder: str, split: str | None, key: str) -> list[str] | None:
+    """The Arrow files of a folder written by `datasets`' `save_to_disk`, in order (of
+    `split`, default train, for a DatasetDict), or None for any other folder."""
+    def read_json(name: str) -> dict | None:
+        try:
+            with fs.open_input_stream(f"{folder}/{name}") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    splits = read_json("dataset_dict.json")
+    if splits is not None:
+        chosen = split or "train"
+        if chosen not in splits.get("splits", []):
+            raise DataError(f"{key}: the saved DatasetDict at {folder} has no split {chosen!r} "
+                            f"(it has {', '.join(splits.get('splits', []))}); set split in the source")
+        return saved_dataset_files(fs, f"{folder}/{chosen}", None, key)
+    state = read_json("state.json")
+    if state is None:
+        return None
+    return [f"{folder}/{entry['filename']}" for entry in state.get("_data_files", [])]
+
+
+def hf_files(source: SourceConfig, key: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The data files of a Hugging Face dataset's split, as `datasets` resolves them
+    (`load_dataset_builder`: only metadata, no data is downloaded): a hub dataset's files
+    at the commit its revision points to (`hf://datasets/ID@COMMIT/...`, read in streams
+    through `huggingface_hub`'s filesystem); a local dataset repository folder's files; in
+    offline mode (`HF_HUB_OFFLINE=1`), the Arrow files of the dataset in the local cache."""
+    split = source.split or "train"
+    try:
+        urls, cached = _hf_split_files(source.hf, source.subset, source.revision, split)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - no network, no such dataset, no such revision: said as it is
+        raise DataError(f"{key}: cannot resolve the Hugging Face dataset {source.where}: "
+                        f"{type(e).__name__}: {str(e)[:500]}") from None
+    if urls and urls[0].startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), urls
+    unknown = [u for u in urls if not file_kind(u)]
+    if unknown:
+        raise DataError(f"{key}: {source.where}: files of a kind ft-ray does not read: {unknown[:3]} "
+                        f"(it reads {', '.join(KINDS)})")
+    return pafs.LocalFileSystem(), urls
+
+
+@functools.lru_cache(maxsize=16)
+def _hf_split_files(name: str, subset: str | None, revision: str | None, split: str) -> tuple[list[str], bool]:
+    """(the split's files, whether they come from the offline cache)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(name, subset, revision=revision)
+    files = builder.config.data_files
+    if files is None:  # offline: the dataset as prepared in the local cache
+        available = list(builder.info.splits or {})
+        if split not in available:
+            raise DataError(f"{name} has no split {split!r} in the local cache (it has {', '.join(available)})")
+        cached = sorted(str(p) for p in Path(builder.cache_dir).glob(f"{builder.dataset_name}-{split}*.arrow"))
+        return cached, True
+    if split not in files:
+        raise DataError(f"{name} has no split {split!r} (it has {', '.join(str(s) for s in files)}); "
+                        "set split in the source")
+    return [str(f) for f in files[split]], False
 
 
 def common_folder(files: list[str]) -> str:
@@ -100,6 +178,10 @@ class ReadLimits:
         fields = (source.fields if source else None) or data.fields
         return cls(data.max_record_bytes, data.max_decompressed_ratio,
                    frozenset(fields.get(name, name) for name in RECORD_FIELDS), data.text_unit)
+
+    def wanted(self, names: list[str]) -> list[str]:
+        """The columns of a table to read: those a record format can use."""
+        return names if self.columns is None else [n for n in names if n in self.columns]
 
     def one_line_each(self, path: str) -> bool:
         """Whether each record of the file is one line (JSONL, or text read by line): such a
@@ -175,14 +257,30 @@ def _kind_records(stream: Any, path: str, unit: "Unit | None", limits: ReadLimit
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(stream)
-        names = parquet.schema_arrow.names
-        columns = names if limits.columns is None else [n for n in names if n in limits.columns]
-        row = 0
-        for batch in parquet.iter_batches(batch_size=1024, columns=columns):
-            for record in batch.to_pylist():
-                row += 1
-                text = json.dumps(record, ensure_ascii=False, default=str)
-                yield (row, "", too_large(len(text), max_bytes)) if len(text) > max_bytes else (row, text, "")
+        yield from _table_rows(parquet.iter_batches(batch_size=1024, columns=limits.wanted(parquet.schema_arrow.names)),
+                               max_bytes)
+    elif kind == "arrow":  # datasets' Arrow files: the IPC stream format (or the file format)
+        import pyarrow as pa
+
+        try:
+            reader = pa.ipc.open_stream(stream)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            stream.seek(0)
+            reader = pa.ipc.open_file(stream)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        wanted = limits.wanted(reader.schema.names)
+        yield from _table_rows((batch.select(wanted) for batch in batches), max_bytes)
+
+
+def _table_rows(batches: Iterator[Any], max_bytes: int) -> Iterator[tuple[int, str, str]]:
+    """(row, record as JSON text, error) of each row of Arrow record batches (rows counted from 1)."""
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            row += 1
+            text = json.dumps(record, ensure_ascii=False, default=str)
+            yield (row, "", too_large(len(text), max_bytes)) if len(text) > max_bytes else (row, text, "")
 
 
 def _lines(stream: Any, number: int = 0, skip_partial: bool = False, limit: int | None = None,
@@ -408,7 +506,7 @@ def _has_escaped_bytes(buffer: str, start: int, end: int) -> bool:
 def open_file(fs: pafs.FileSystem, path: str, limits: ReadLimits = ReadLimits()) -> Any:
     """A stream of a data file; Parquet needs random access, the rest is read sequentially,
     a compressed file through a `BoundedStream`."""
-    if file_kind(path) == "parquet":
+    if file_kind(path) in ("parquet", "arrow"):
         return fs.open_input_file(fs_path(path))
     if not path.lower().endswith(COMPRESSIONS):
         return fs.open_input_stream(fs_path(path))
@@ -418,8 +516,8 @@ def open_file(fs: pafs.FileSystem, path: str, limits: ReadLimits = ReadLimits())
 
 
 def fs_path(path: str) -> str:
-    """A listed file's path as its filesystem takes it (no s3:// scheme)."""
-    return path[len("s3://"):] if path.startswith("s3://") else path
+    """A listed file's path as its filesystem takes it (no s3:// or hf:// scheme)."""
+    return path.split("://", 1)[1] if path.startswith(("s3://", "hf://")) else path
 
 
 def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tuple[str, str]:
@@ -430,7 +528,7 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
     """
     if source.format and source.format != "auto":
         return source.format, f"{key}: format {source.format} (from the config)"
-    fs, files = list_files(source.path, storage, key)
+    fs, files = list_files(source, storage, key)
     seen: Counter = Counter()
     tools = 0  # chat records with function calls
     with open_file(fs, files[0]) as stream:
@@ -611,10 +709,10 @@ def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int, lim
         yield pa.table(rows)
 
 
-def read_records(pattern: str, storage: StorageConfig, key: str,
+def read_records(source: SourceConfig | str, storage: StorageConfig, key: str,
                  limits: ReadLimits = ReadLimits()) -> Iterator[tuple[str, int, str, str]]:
     """(file, line or row, record text, error) of every record, in plain Python (no Ray)."""
-    fs, files = list_files(pattern, storage, key)
+    fs, files = list_files(source, storage, key)
     for path in files:
         with open_file(fs, path, limits) as stream:
             for line, text, error in file_records(stream, path, limits=limits):

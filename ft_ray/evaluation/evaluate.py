@@ -118,7 +118,7 @@ def _keep_held_out(batch: dict[str, np.ndarray], split: float) -> dict[str, np.n
 def held_out_dataset(config: JobConfig, source: SourceConfig, key: str, split: float | None) -> Any:
     """The raw held-out records of one source as a Ray Data dataset of small blocks, so the
     scoring spreads over every actor."""
-    fs, files = list_files(source.path, config.storage, key)
+    fs, files = list_files(source, config.storage, key)
     dataset = read_corpus(fs, files, rows_per_block=config.eval.batch_size * 4, spread=True,
                           limits=ReadLimits.of(config.data, source))
     return dataset if split is None else dataset.map_batches(_keep_held_out, fn_kwargs={"split": split},
@@ -131,7 +131,7 @@ def first_held_out(config: JobConfig, source: SourceConfig, key: str, split: flo
     if limit == 0:
         return
     found = 0
-    for path, line, text, error in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
+    for path, line, text, error in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
         if error or (split is not None and eval_bucket(text) >= split):
             continue
         yield record_key(path, line)
@@ -147,7 +147,7 @@ def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str
     shots: list[str] = []
     for key, source in data.keyed_sources():
         fmt, _ = choose_format(source, config.storage, key)
-        for _, _, text, error in read_records(source.path, config.storage, key, ReadLimits.of(config.data, source)):
+        for _, _, text, error in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
             if len(shots) == count:
                 return shots
             if split is not None and eval_bucket(text) < split:
@@ -165,7 +165,7 @@ def count_train_records(config: JobConfig) -> int:
     split = None if config.data.eval else config.data.eval_fraction
     total = 0
     for key, source in config.data.keyed_sources():
-        fs, files = list_files(source.path, config.storage, key)
+        fs, files = list_files(source, config.storage, key)
         dataset = read_corpus(fs, files, limits=ReadLimits.of(config.data, source))
         total += dataset.count() if split is None else int(
             dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)

@@ -329,3 +329,38 @@ def test_s3_sources_and_prepared_data_in_s3(ray_local, s3_server, tmp_path, toke
     assert len(sources.read_units(fs, files, cpus=4)) > 2  # the .gz file whole, b.jsonl in ranges
     assert [(r["path"], r["line"]) for r in sources.read_corpus(fs, files).take_all()][-2:] == [
         ("s3://corpus/team/b.jsonl", 1), ("s3://corpus/team/b.jsonl", 2)]
+
+
+def test_hugging_face_datasets_train_as_sources(ray_local, tmp_path, tokenizer, capfd):
+    """A `save_to_disk` folder (instructions, one row bad), a saved DatasetDict (chats with tool
+    calls; its test split held out) and a local dataset repository read through the hub code
+    path (completions), mixed by weight, prepared, trained with `format: auto`."""
+    import datasets
+
+    from ft_ray.train.trainer import run_training
+    from tests.unit.data.test_hf_sources import dataset_repository
+    from tests.unit.data.test_tool_calls import OPENAI
+
+    instructions = GOOD[:120]
+    instructions[7] = {"instruction": "Say hi.", "output": "   "}
+    datasets.Dataset.from_list(instructions).save_to_disk(str(tmp_path / "saved"))
+    chats = [chat(r) for r in GOOD[120:200]] + [OPENAI] * 10
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(chats), "test": datasets.Dataset.from_list(
+        [chat(r) for r in GOOD[200:240]])}).save_to_disk(str(tmp_path / "dict"))
+    repo = dataset_repository(tmp_path / "completions", {"train": [
+        {"prompt": r["instruction"], "completion": r["output"]} for r in GOOD[240:320]]})
+    job = tiny_job(tmp_path, run_name="hf-sources", train={"max_steps": 4, "eval_every": 4, "checkpoint_every": 4})
+    job["data"] = {"sources": [{"path": str(tmp_path / "saved")}, {"path": str(tmp_path / "dict"), "weight": 0.5},
+                               {"hf": str(repo)}],
+                   "eval": {"path": str(tmp_path / "dict"), "split": "test"}, "max_rejected_fraction": 0.05}
+    config = resolve_paths(config_from_dict(job))
+    _, stats, where = prepare(config, tokenizer)
+    assert stats.formats == {"data.sources[0]": "instruction", "data.sources[1]": "chat",
+                             "data.sources[2]": "completion", "data.eval": "chat"}
+    assert "format auto -> chat" in capfd.readouterr().out
+    assert stats.records_read == 120 + 90 + 80 + 40 and stats.rejected_by_reason == {"empty_field": 1}
+    assert 119 + 25 + 80 <= stats.train_examples <= 119 + 65 + 80 and stats.eval_examples == 40  # about half the chats
+    summary = run_training(config)  # on the prepared data
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    [rejected] = [json.loads(line) for f in Path(where, "rejected").glob("*.json*") for line in f.read_text().splitlines()]
+    assert rejected["path"].endswith("saved/data-00000-of-00001.arrow") and rejected["line"] == 8  # its row
