@@ -189,10 +189,13 @@ def test_a_dpo_sweep_over_beta_and_learning_rate_ranks_by_reward_accuracy_and_ex
 
     from ft_ray.tune import run_sweep
 
-    # a rate that learns and one that cannot, each with a beta drawn from two
+    # a rate that learns and one that cannot, each with a beta drawn from two; 16 held-out pairs
     space = {"train.learning_rate": {"grid": [1e-3, 1e-9]}, "preference.beta": {"choice": [0.1, 0.5]}}
-    config = preference_job(tmp_path, "dpo", train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 6},
+    (tmp_path / "eval.jsonl").write_text("\n".join(Path(PAIRS["eval"]).read_text().splitlines()[:16]) + "\n")
+    config = preference_job(tmp_path, "dpo", data={**PAIRS, "eval": str(tmp_path / "eval.jsonl")},
+                            train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 6},
                             lora={"rank": 16, "alpha": 32}, distributed={"num_workers": 1},
+                            preference={"reference": "inline"},  # no reference pass per trial (12 s)
                             tune={"metric": "eval_reward_accuracy", "mode": "max", "num_samples": 1,
                                   "max_concurrent_trials": 2, "export_top_k": 1, "search_space": space,
                                   "scheduler": {"type": "asha", "grace_period_steps": 2, "reduction_factor": 2}})
