@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--offline", action="store_true", help="check the config only; skip what needs data or network")
     validate.set_defaults(handler=cmd_validate)
 
+    plan = commands.add_parser("plan", help="will the job fit? per-worker GPU memory, part by part, from the "
+                                            "model's config.json (no weights loaded, no GPU needed)")
+    _config_args(plan)
+    plan.add_argument("--gpu-memory", type=float, metavar="GB",
+                      help="the GPU's memory in GB (e.g. 24, 80): does the job fit it, and what would")
+    plan.add_argument("--json", action="store_true", help="one JSON object: peak_mib, every part, fits, suggestions")
+    plan.set_defaults(handler=cmd_plan)
+
     export = commands.add_parser("export", help="write a run's adapter or merged model to a folder")
     export.add_argument("path", type=Path, help="run folder or checkpoint folder")
     export.add_argument("--out", type=Path, required=True, help="folder to write")
@@ -239,6 +247,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_search_space(config)
     print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
           f"workers {config.distributed.num_workers})")
+    print(plan_line(config))
     if args.offline:
         return 0
     report = validate_data(config)
@@ -246,6 +255,45 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for line in report["lines"]:
         print(line)
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The job's per-worker memory plan; exit 2 when it does not fit `--gpu-memory`."""
+    from ft_ray.plan import ACTIVATION_MARGIN, as_json, describe, model_shape, suggestions, worst_case
+
+    config = load_config(args.config, args.overrides)
+    shape, origin = model_shape(config)
+    job, plan = worst_case(config, shape)
+    gpu_mib = args.gpu_memory * 1e9 / 2 ** 20 if args.gpu_memory else None
+    fixes = suggestions(job, shape, gpu_mib) if gpu_mib and not plan.fits(gpu_mib) else []
+    if args.json:
+        print(json.dumps(as_json(job, plan, gpu_mib, fixes)))
+    else:
+        if job is not config:
+            print("sweep: the trial with the most memory over the search space's edges")
+        print(describe(job, plan))
+        print(f"(model shape from {origin}; activations: what each layer keeps for backward x {ACTIVATION_MARGIN}, "
+              f"measured on an H100)")
+        if gpu_mib:
+            verdict = "fits" if plan.fits(gpu_mib) else "does NOT fit"
+            print(f"{verdict} a {args.gpu_memory:g} GB GPU ({gpu_mib / 1024:.1f} GiB)")
+            for settings, fixed in fixes:
+                print(f"  would fit with --set {' --set '.join(settings.split(', '))}: peak {fixed.peak_mib / 1024:.1f} GiB")
+            if not plan.fits(gpu_mib) and not fixes:
+                print("  no change tried (micro batch, gradient checkpointing, ZeRO, CPU offload, QLoRA) makes it fit")
+    return 0 if gpu_mib is None or plan.fits(gpu_mib) else EXIT_BAD_INPUT
+
+
+def plan_line(config: Any) -> str:
+    """`ft-ray plan` in one line, from what is on this machine (no network)."""
+    from ft_ray.config import InputError
+    from ft_ray.plan import model_shape, one_line, worst_case
+
+    try:
+        shape, _ = model_shape(config, network=False)
+    except InputError as e:
+        return f"plan: not made ({e})"
+    return one_line(worst_case(config, shape)[1]) + " (ft-ray plan for every part)"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -1,0 +1,340 @@
+"""`ft-ray plan`: will a job fit its GPUs, before anything is launched.
+
+From the model's `config.json` alone (no weights loaded, no GPU needed), the memory one
+training worker holds at its peak, part by part: the weights in the dtype each method keeps
+them in, the trained parameters' gradients and AdamW states (sharded by the ZeRO stage,
+offloaded), the activations of a micro batch for the project's own settings, the logits and
+loss, and a stated allowance for the CUDA context and the allocator. When a job does not fit,
+the cheapest changes that would make it fit, each with its new peak.
+
+The activation count lists what a decoder layer saves for backward (per token: the norms'
+inputs and outputs, q/k/v and the attention output, the MLP's gate and up and their
+product) and multiplies it by `ACTIVATION_MARGIN` for what the list leaves out. The model is
+the one of dense decoder-only transformers (Llama, Mistral, Qwen and their like).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ft_ray.config import InputError, JobConfig
+
+MIB = 2 ** 20
+# Saved tensors the per-layer list leaves out (views autograd makes contiguous, kernels' own
+# buffers) and the allocator's rounding: measured 71.2 kB per token per layer against 59.5 kB
+# listed for the 1B Llama shape's full fine-tune on an H100 (bench/RESULTS.md, session 9).
+ACTIVATION_MARGIN = 1.2
+CUDA_CONTEXT_MIB = 600  # the CUDA context, cuBLAS workspaces and NCCL buffers: outside torch's allocator
+ALLOCATOR_SLACK = 0.05  # cached blocks the allocator holds beyond what tensors use
+QLORA_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # NF4 + absmax (double quant or not)
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What memory depends on in a dense decoder's config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config: Any) -> "Shape":
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if not isinstance(getattr(config, k, None), int)]
+        if missing or getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+            raise InputError(f"ft-ray plan knows dense decoder-only models (Llama, Mistral, Qwen...); this config "
+                             f"({type(config).__name__}) {'lacks ' + ', '.join(missing) if missing else 'is a mixture of experts'}")
+        heads = config.num_attention_heads
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads,
+                   getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
+                   bool(getattr(config, "tie_word_embeddings", False)))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder layer."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        norms = (2 * self.layers + 1) * self.hidden
+        return (self.layers * self.layer_linear_params + norms + self.embedding_params
+                + (0 if self.tied else self.embedding_params))
+
+
+# config.json shapes of well-known hub models, for when neither a folder nor the local cache
+# has the file (hidden, intermediate, layers, heads, kv heads, head dim, vocab, tied embeddings)
+KNOWN_SHAPES = {
+    "meta-llama/Meta-Llama-3-8B": Shape(4096, 14336, 32, 32, 8, 128, 128256, False),
+    "meta-llama/Meta-Llama-3-70B": Shape(8192, 28672, 80, 64, 8, 128, 128256, False),
+    "meta-llama/Llama-3.2-1B": Shape(2048, 8192, 16, 32, 8, 64, 128256, True),
+    "meta-llama/Llama-3.2-3B": Shape(3072, 8192, 28, 24, 8, 128, 128256, True),
+    "mistralai/Mistral-7B-v0.1": Shape(4096, 14336, 32, 32, 8, 128, 32000, False),
+    "Qwen/Qwen2.5-7B": Shape(3584, 18944, 28, 28, 4, 128, 152064, False),
+}
+KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
+                     "meta-llama/Llama-3.1-8B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
+                     "meta-llama/Llama-3.1-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
+                     "meta-llama/Meta-Llama-3-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"]})
+
+
+def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
+    """The model's shape and where it came from: its config.json (built-in, a folder, or a
+    hub id in the local cache), ft-ray's table of well-known models, or (with `network`) the hub."""
+    from transformers import AutoConfig
+
+    from ft_ray.models import _builtin_folder, is_builtin
+
+    name = config.model.name_or_path
+    source = str(_builtin_folder(name)) if is_builtin(name) else name
+    options = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
+    try:
+        return Shape.of(AutoConfig.from_pretrained(source, local_files_only=True, **options)), "config.json"
+    except OSError:
+        if name in KNOWN_SHAPES:
+            return KNOWN_SHAPES[name], "ft-ray's table of well-known models (no config.json here)"
+        if not network:
+            raise InputError(f"model.name_or_path: no config.json of {name} here (folder or local cache)") from None
+    try:
+        return Shape.of(AutoConfig.from_pretrained(source, **options)), "config.json from the hub"
+    except Exception as e:  # noqa: BLE001 - no such folder, no network and not cached: said as it is
+        raise InputError(f"model.name_or_path: cannot read the config.json of {name}: {type(e).__name__}: "
+                         f"{str(e)[:300]}") from None
+
+
+@dataclasses.dataclass
+class Plan:
+    """One worker's peak memory, part by part (MiB)."""
+
+    parts: dict[str, float]
+    workers: int
+    tokens_per_micro_batch: int
+
+    @property
+    def allocated_mib(self) -> float:
+        """What tensors hold at the peak (torch.cuda.max_memory_allocated measures this)."""
+        return sum(v for k, v in self.parts.items() if k not in ("allocator_slack", "cuda_context"))
+
+    @property
+    def peak_mib(self) -> float:
+        return sum(self.parts.values())
+
+    def fits(self, gpu_mib: float) -> bool:
+        return self.peak_mib <= gpu_mib
+
+
+def plan_memory(config: JobConfig, shape: Shape) -> Plan:
+    """One training worker's peak GPU memory for `config` on a model of `shape`."""
+    train, dist, ds = config.train, config.distributed, config.distributed.deepspeed
+    workers = dist.max_workers
+    deepspeed = dist.strategy == "deepspeed"
+    stage = ds.stage if deepspeed else 0
+    shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on
+    compute = 4 if train.precision == "fp32" else 2
+    layer_linear = shape.layers * shape.layer_linear_params
+    rest = shape.params - layer_linear  # embeddings, norms, an untied output layer
+    parts: dict[str, float] = {}
+
+    if config.method == "full":
+        trained = shape.params
+        if deepspeed and compute == 2:  # DeepSpeed keeps 16-bit weights and fp32 master copies
+            parts["weights"] = 2 * trained / shard(3)
+            parts["master_weights"] = 0 if ds.offload_optimizer == "cpu" else 4 * trained / shard(1)
+            parts["gradients"] = 2 * trained / shard(2)
+        else:
+            parts["weights"] = 4 * trained / shard(3)
+            if compute == 2:  # autocast's 16-bit copies of the matmul weights (the output layer's too), held for backward
+                parts["weight_copies"] = 2 * (layer_linear + shape.embedding_params)
+            parts["gradients"] = 4 * trained / shard(2)
+        if ds.offload_params == "cpu":
+            parts["weights"] = 0
+    else:
+        adapter = sum(config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
+                      if _targeted(name, config.lora.target_modules)) * shape.layers
+        saved_in_full = sum(shape.embedding_params for m in config.lora.modules_to_save
+                            if m in ("lm_head", "embed_tokens"))
+        trained = adapter + saved_in_full
+        if config.method == "qlora":
+            parts["base_weights"] = layer_linear * QLORA_BYTES[config.quantization.double_quant] + 4 * rest
+        else:
+            parts["base_weights"] = compute * shape.params
+        parts["lora_weights"] = 4 * trained
+        parts["gradients"] = 4 * trained / shard(2)
+    parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else 8 * trained / shard(1)
+
+    tokens = train.micro_batch_size * config.model.max_seq_len
+    parts["activations"] = activation_bytes(config, shape, compute) * tokens
+    parts["logits_and_loss"] = logits_bytes(config, shape, tokens, compute)
+    parts = {k: v / MIB for k, v in parts.items()}
+    parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
+    parts["cuda_context"] = CUDA_CONTEXT_MIB if dist.use_gpu else 0
+    return Plan(parts, workers, tokens)
+
+
+def _targeted(module: str, targets: Any) -> bool:
+    return targets == "all-linear" or module in targets
+
+
+def fused(config: JobConfig) -> bool:
+    """Whether the job runs liger-kernel's fused kernels (on GPUs, where the gpu extra installs them)."""
+    return config.distributed.use_gpu and config.train.fused_kernels != "none"
+
+
+def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
+    """Bytes one token's activations hold through backward, over all layers."""
+    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    residual = 4 if config.train.fp32_residual else compute
+    attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
+    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
+    recompute = config.method == "full" and config.train.recompute_swiglu and fused(config) and not zero3
+    mlp = 2 * h * residual + (2 * i + (0 if recompute else i) + (0 if fused(config) else i)) * compute
+    lora = 0
+    if config.method != "full":
+        lora = sum(config.lora.rank for name in LORA_MODULES if _targeted(name, config.lora.target_modules)) * compute
+    layer = (attention + mlp + lora) * ACTIVATION_MARGIN
+    if config.train.gradient_checkpointing:  # each layer's input kept; one layer recomputed at a time
+        return shape.layers * h * residual + layer
+    return shape.layers * layer
+
+
+def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> float:
+    """The output layer's logits and the loss: chunked by the fused linear + cross-entropy
+    (liger: chunks of about tokens / ceil(vocab / hidden)), else the whole logits tensor in the
+    compute dtype, its fp32 upcast and its gradient."""
+    if fused(config):
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
+        return chunk * shape.vocab * 4 * 2 + tokens * shape.hidden * 4  # a chunk's logits and grad; grad of the input
+    return tokens * shape.vocab * (compute + 4 + 4)
+
+
+def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[str, Plan]]:
+    """Changes that make the job fit `gpu_mib`, cheapest first, each with its plan (tried one
+    after another, each on top of the ones before)."""
+    steps: list[list[str]] = []
+    batch = config.train.micro_batch_size
+    while batch > 1:
+        batch //= 2
+        steps.append([f"train.micro_batch_size={batch}",
+                      f"train.gradient_accumulation={config.train.gradient_accumulation * config.train.micro_batch_size // batch}"])
+    steps.append(["train.gradient_checkpointing=true"])
+    dist = config.distributed
+    stage = dist.deepspeed.stage if dist.strategy == "deepspeed" else 0
+    if dist.max_workers > 1:  # shard across the workers, never less than now
+        steps += [["distributed.strategy=deepspeed", f"distributed.deepspeed.stage={s}"] for s in (2, 3) if s > stage]
+    steps.append(["distributed.strategy=deepspeed", "distributed.deepspeed.offload_optimizer=cpu"])
+    if config.method != "qlora":
+        steps.append(["method=qlora"])
+    found, current, tried = [], config, []
+    for change in steps:
+        try:
+            candidate = with_settings(current, change)
+        except Exception:  # noqa: BLE001 - a combination the config refuses is no suggestion
+            continue
+        if candidate.model_dump() == current.model_dump():
+            continue  # already so
+        tried += [setting for setting in change if _changes(current, setting)]
+        plan = plan_memory(candidate, shape)
+        if plan.fits(gpu_mib):
+            found.append((", ".join(_dedupe(tried)), plan))
+            if len(found) >= 3:
+                break
+        current = candidate
+    return found
+
+
+def with_settings(config: JobConfig, settings: list[str]) -> JobConfig:
+    """A copy of the job with `key=value` settings applied (validated as a job file is)."""
+    from ft_ray.config import apply_override, config_from_dict
+
+    raw = config.model_dump(mode="json")
+    for setting in settings:
+        apply_override(raw, setting)
+    return config_from_dict(raw)
+
+
+def _changes(config: JobConfig, setting: str) -> bool:
+    try:
+        return with_settings(config, [setting]).model_dump() != config.model_dump()
+    except Exception:  # noqa: BLE001 - valid only with the others of its step: a change
+        return True
+
+
+def _dedupe(settings: list[str]) -> list[str]:
+    latest: dict[str, str] = {}
+    for setting in settings:
+        latest[setting.split("=", 1)[0]] = setting
+    return list(latest.values())
+
+
+PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (autocast)",
+              "master_weights": "fp32 master weights", "base_weights": "frozen base weights",
+              "lora_weights": "trained weights (adapters)", "gradients": "gradients",
+              "optimizer_states": "AdamW states", "activations": "activations",
+              "logits_and_loss": "logits and loss", "allocator_slack": "allocator slack (5%)",
+              "cuda_context": "CUDA context (allowance)"}
+
+
+def describe(config: JobConfig, plan: Plan) -> str:
+    """The plan as a table, one part per line."""
+    dist = config.distributed
+    how = (f"{config.method}, {dist.strategy}" + (f" ZeRO-{dist.deepspeed.stage}" if dist.strategy == "deepspeed" else "")
+           + f", {plan.workers} worker(s), {config.train.precision}, micro batch {config.train.micro_batch_size} x "
+           f"{config.model.max_seq_len} tokens" + (", gradient checkpointing" if config.train.gradient_checkpointing else ""))
+    rows = [(PART_NAMES[k], v) for k, v in plan.parts.items() if v] + [("peak", plan.peak_mib)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"plan for {config.run_name} ({how}), per worker:"]
+    lines += [f"  {name:<{width}}  {value:>10,.0f} MiB" for name, value in rows]
+    return "\n".join(lines)
+
+
+def one_line(plan: Plan, gpu_mib: float | None = None) -> str:
+    fit = "" if gpu_mib is None else (" (fits" if plan.fits(gpu_mib) else " (does not fit") + f" {gpu_mib / 1024:.0f} GiB)"
+    return (f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker{fit}; activations "
+            f"{plan.parts['activations'] / 1024:.1f} GiB for {plan.tokens_per_micro_batch} tokens per micro batch")
+
+
+def worst_case(config: JobConfig, shape: Shape) -> tuple[JobConfig, Plan]:
+    """The job (a sweep: its trial with the most memory, over the edges of every searched
+    range) and its plan."""
+    import itertools
+
+    from ft_ray.tune import _edge_values, with_overrides
+
+    space = config.tune.search_space if config.tune else {}
+    if not space:
+        return config, plan_memory(config, shape)
+    base = config.model_dump(mode="json")
+    keys = list(space)
+    worst: tuple[JobConfig, Plan] | None = None
+    for values in itertools.islice(itertools.product(*(_edge_values(space[k]) for k in keys)), 256):
+        trial = JobConfig.model_validate(with_overrides(base, dict(zip(keys, values))))
+        plan = plan_memory(trial, shape)
+        if worst is None or plan.peak_mib > worst[1].peak_mib:
+            worst = trial, plan
+    return worst
+
+
+def as_json(config: JobConfig, plan: Plan, gpu_mib: float | None, fixes: list[tuple[str, Plan]]) -> dict[str, Any]:
+    return {"run_name": config.run_name, "peak_mib": round(plan.peak_mib), "allocated_mib": round(plan.allocated_mib),
+            "parts_mib": {k: round(v, 1) for k, v in plan.parts.items()}, "workers": plan.workers,
+            "tokens_per_micro_batch": plan.tokens_per_micro_batch, "gpu_mib": gpu_mib,
+            "fits": None if gpu_mib is None else plan.fits(gpu_mib),
+            "suggestions": [{"settings": s, "peak_mib": round(p.peak_mib)} for s, p in fixes]}

@@ -1,0 +1,119 @@
+"""`ft-ray plan`: each part of a worker's memory by hand for the tiny model, ZeRO sharding and
+offload, the suggestions, a sweep's worst case, and the peaks measured on an H100."""
+
+import json
+
+import pytest
+
+from ft_ray.cli import main
+from ft_ray.config import config_from_dict
+from ft_ray.plan import ACTIVATION_MARGIN, MIB, Shape, model_shape, plan_memory, suggestions, worst_case
+
+H100_80GB = 80e9 / MIB
+
+
+def job(**sections) -> object:
+    raw = {"model": {"name_or_path": "builtin:tiny-llama", "max_seq_len": 256}, "data": {"train": "unused.jsonl"},
+           "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj"]}, "distributed": {"num_workers": 2},
+           "train": {"micro_batch_size": 4}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(raw)
+
+
+def test_every_part_of_a_lora_worker_by_hand_for_the_tiny_model():
+    config = job()
+    shape, origin = model_shape(config)
+    assert shape == Shape(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, head_dim=32, vocab=768,
+                          tied=False) and origin == "config.json"
+    # q 128x128, k and v 128x64, o 128x128, gate and up 128x352, down 352x128; 9 norms; embeddings and lm_head
+    params = 4 * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 352) + 9 * 128 + 2 * 768 * 128
+    adapters = 4 * 8 * ((128 + 128) + (128 + 64))  # rank 8 on q_proj and v_proj of 4 layers
+    tokens = 4 * 256
+    # per token and layer, fp32 on CPU: norms' inputs and outputs (4 x 128), q, k, v and the
+    # attention output (128 + 2 x 64 + 128), lse (4 heads); gate, up, their product and the
+    # unfused SwiGLU's act(gate) (4 x 352); the two adapters' rank-8 outputs
+    layer = (4 * 128 + 128 + 2 * 64 + 128 + 4 * 352 + 2 * 8) * 4 + 4 * 4
+    expected = {"base_weights": 4 * params, "lora_weights": 4 * adapters, "gradients": 4 * adapters,
+                "optimizer_states": 8 * adapters, "activations": 4 * layer * ACTIVATION_MARGIN * tokens,
+                "logits_and_loss": tokens * 768 * (4 + 4 + 4)}  # fp32 logits, their upcast and gradient
+    plan = plan_memory(config, shape)
+    for part, value in expected.items():
+        assert plan.parts[part] == pytest.approx(value / MIB), part
+    assert plan.parts["cuda_context"] == 0  # a CPU job
+    assert plan.allocated_mib == pytest.approx(sum(expected.values()) / MIB)
+    assert plan.peak_mib == pytest.approx(plan.allocated_mib * 1.05)
+    checkpointed = plan_memory(job(train={"gradient_checkpointing": True}), shape)
+    assert checkpointed.parts["activations"] == pytest.approx((4 * 128 * 4 + layer * ACTIVATION_MARGIN) * tokens / MIB)
+
+
+def test_zero_stages_shard_and_offload_what_they_say():
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
+    n = shape.params
+    full = {"method": "full", "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "deepspeed"},
+            "train": {"precision": "bf16"}}
+    stage = {s: plan_memory(job(**{**full, "distributed": {**full["distributed"], "deepspeed": {"stage": s}}}), shape)
+             for s in (0, 1, 2, 3)}
+    assert stage[0].parts["optimizer_states"] == pytest.approx(8 * n / MIB)
+    assert stage[1].parts["optimizer_states"] == pytest.approx(8 * n / 4 / MIB)  # stage 1: optimizer sharded
+    assert stage[1].parts["master_weights"] == pytest.approx(4 * n / 4 / MIB)
+    assert stage[1].parts["gradients"] == pytest.approx(2 * n / MIB)
+    assert stage[2].parts["gradients"] == pytest.approx(2 * n / 4 / MIB)  # stage 2: + gradients
+    assert stage[2].parts["weights"] == pytest.approx(2 * n / MIB)
+    assert stage[3].parts["weights"] == pytest.approx(2 * n / 4 / MIB)  # stage 3: + parameters
+    offloaded = plan_memory(job(**{**full, "distributed": {**full["distributed"], "deepspeed": {
+        "stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}}}), shape)
+    assert offloaded.parts["optimizer_states"] == offloaded.parts["master_weights"] == offloaded.parts["weights"] == 0
+
+
+# Peak GPU memory (torch.cuda.max_memory_allocated) of ft-ray's step in bench/RESULTS.md,
+# "GPU, session 9" (2026-11-26, one H100 80GB, `bash bench/gpu.sh`): a 1B Llama shape
+# (bench/train.py LLAMA_1B, vocab 32000, tied embeddings), bf16, 8 sequences of 2048 tokens per
+# step, LoRA rank 16 on all linear layers, fused kernels (liger) on, no gradient checkpointing.
+MEASURED_1B_MIB = {"full": 36_034, "lora": 28_771, "qlora": 27_708}
+
+
+@pytest.mark.parametrize("method", MEASURED_1B_MIB)
+def test_within_15_percent_of_the_peaks_measured_on_an_h100(method):
+    shape = Shape(2048, 8192, 16, 32, 8, 64, 32000, True)
+    config = job(method=method, model={"max_seq_len": 2048},
+                 lora={"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+                 quantization={"compute_dtype": "bfloat16"}, distributed={"num_workers": 1, "use_gpu": True},
+                 train={"micro_batch_size": 8, "precision": "bf16"})
+    planned = plan_memory(config, shape).allocated_mib
+    assert planned == pytest.approx(MEASURED_1B_MIB[method], rel=0.15), f"{planned:.0f} MiB planned"
+
+
+def test_what_would_fit_comes_cheapest_first():
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    config = job(method="full", model={"max_seq_len": 2048},
+                 distributed={"num_workers": 4, "use_gpu": True}, train={"micro_batch_size": 4, "precision": "bf16"})
+    assert not plan_memory(config, shape).fits(H100_80GB)
+    fixes = suggestions(config, shape, H100_80GB)
+    assert fixes and all(plan.fits(H100_80GB) for _, plan in fixes)
+    first = fixes[0][0]
+    assert first.startswith("train.micro_batch_size=1, train.gradient_accumulation=4, "
+                            "train.gradient_checkpointing=true"), first  # the batch first, then checkpointing
+    assert [p.peak_mib for _, p in fixes] == sorted((p.peak_mib for _, p in fixes), reverse=True)
+
+
+def test_a_sweep_is_planned_at_its_largest_trial():
+    config = job(tune={"search_space": {"lora.rank": {"choice": [4, 64]}, "train.learning_rate": {
+        "loguniform": [1e-5, 1e-3]}}})
+    shape, _ = model_shape(config)
+    trial, plan = worst_case(config, shape)
+    assert trial.lora.rank == 64 and plan.peak_mib == plan_memory(job(lora={"rank": 64}), shape).peak_mib
+
+
+def test_the_command_says_whether_it_fits_and_exits_2_when_not(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job().model_dump(mode="json")))
+    assert main(["plan", str(path), "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "frozen base weights" in out and "fits a 24 GB GPU" in out
+    assert main(["plan", str(path), "--gpu-memory", "0.01", "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] is False and report["peak_mib"] > 0.01e9 / MIB
+    assert set(report["parts_mib"]) >= {"activations", "logits_and_loss", "base_weights"}
