@@ -247,13 +247,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_search_space(config)
     print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
           f"workers {config.distributed.num_workers})")
+    if not args.offline:
+        report = validate_data(config)
+        print(json.dumps(report["counts"]))
+        for line in report["lines"]:
+            print(line)
     print(plan_line(config))
-    if args.offline:
-        return 0
-    report = validate_data(config)
-    print(json.dumps(report["counts"]))
-    for line in report["lines"]:
-        print(line)
     return 0
 
 

@@ -15,6 +15,7 @@ def test_reports_detected_format_and_counts(tmp_path, capsys):
     assert counts["formats"] == {"instruction": 100}
     assert any(line.startswith("data.train: format auto -> instruction (20 of the first 20 records") for line in out)
     assert not any(line.startswith("warning:") for line in out)
+    assert out[-1].startswith("plan: peak ") and "per worker" in out[-1]  # the one-line ft-ray plan
 
 
 def test_warns_below_100_training_examples_and_lists_bad_lines(tmp_path, capsys):
