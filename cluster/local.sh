@@ -2,6 +2,8 @@
 # A Ray cluster on one machine: a head (no CPUs for work) and N worker nodes, each its own
 # raylet, with token authentication on. For development and the e2e tests.
 #   cluster/local.sh up [--workers N] [--cpus-per-node C]   start, print the submit line
+#        [--fake-gpus-per-node G --gpu-type TYPE]             advertise G GPUs of TYPE per worker node
+#                                                             (none exist: for ft-ray's fit checks)
 #   cluster/local.sh status                                   nodes and resources
 #   cluster/local.sh down                                     stop every Ray process it started
 # The nodes share this machine's disk: submit with `ft-ray submit --in-place` (or a
@@ -15,9 +17,11 @@ TEMP_DIR="${FT_RAY_LOCAL_TEMP:-/tmp/ft-ray-local}"  # every process of this clus
 AGENT_PORT_BASE="${FT_RAY_LOCAL_AGENT_PORT_BASE:-52400}"
 WORKERS=2
 CPUS=3
+GPUS=0
+GPU_TYPE=""
 export RAY_AUTH_MODE=token
 
-usage() { sed -n "2,9p" "$0"; exit 2; }
+usage() { sed -n "2,11p" "$0"; exit 2; }
 
 # Several nodes on one machine: each needs its own agent ports (the defaults would collide).
 node_ports() {
@@ -36,9 +40,11 @@ up() {
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --object-store-memory=500000000 --disable-usage-stats >/dev/null
   for i in $(seq 1 "$WORKERS"); do
+    local resources="\"ft_ray_worker_node_$i\": 1"
+    [ -n "$GPU_TYPE" ] && resources="$resources, \"accelerator_type:$GPU_TYPE\": 1"
     # shellcheck disable=SC2046
-    ray start --address="127.0.0.1:$PORT" --temp-dir="$TEMP_DIR" $(node_ports "$i") --num-cpus="$CPUS" --resources="{\"ft_ray_worker_node_$i\": 1}" \
-      --object-store-memory=500000000 --disable-usage-stats >/dev/null
+    ray start --address="127.0.0.1:$PORT" --temp-dir="$TEMP_DIR" $(node_ports "$i") --num-cpus="$CPUS" \
+      --num-gpus="$GPUS" --resources="{$resources}" --object-store-memory=500000000 --disable-usage-stats >/dev/null
   done
   # The job agent registers a little after `ray start` returns; wait until jobs can be listed.
   for _ in $(seq 1 60); do
@@ -66,6 +72,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS="$2"; shift 2 ;;
     --cpus-per-node) CPUS="$2"; shift 2 ;;
+    --fake-gpus-per-node) GPUS="$2"; shift 2 ;;
+    --gpu-type) GPU_TYPE="$2"; shift 2 ;;
     *) usage ;;
   esac
 done

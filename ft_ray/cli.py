@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="search job settings with Ray Tune (tune: section); exports the winners")
     _config_args(tune)
     tune.add_argument("--resume", action="store_true", help="finish an interrupted sweep of the same name")
+    tune.add_argument("--force", action="store_true",
+                      help="run even when the largest trial's memory plan does not fit the cluster's GPUs (RAY_ADDRESS)")
     tune.set_defaults(handler=cmd_tune)
 
     report = commands.add_parser("report", help="HTML page and PNGs of a sweep or a run (loss curves, metric vs settings)")
@@ -111,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", type=float, metavar="GB",
                       help="the GPU's memory in GB (e.g. 24, 80): does the job fit it, and what would")
     plan.add_argument("--json", action="store_true", help="one JSON object: peak_mib, every part, fits, suggestions")
+    plan.add_argument("--gpu-type", default="H100", help="the GPU the time is estimated for (default H100)")
+    plan.add_argument("--train-tokens", type=int, help="training tokens per epoch (default: counted from the data)")
+    plan.add_argument("--price-per-gpu-hour", type=float, metavar="USD", help="also say what the run costs")
     plan.set_defaults(handler=cmd_plan)
 
     export = commands.add_parser("export", help="write a run's adapter or merged model to a folder")
@@ -129,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's outcome")
     submit.add_argument("--dry-run", action="store_true",
                         help="print the entrypoint and what would be uploaded (files, size, excludes); submit nothing")
+    submit.add_argument("--force", action="store_true",
+                        help="submit even when the job's memory plan does not fit the cluster's GPUs")
     submit.set_defaults(handler=cmd_submit)
     return parser
 
@@ -186,6 +193,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ft_ray.tune import run_sweep, sweep_folder
 
     config = load_config(args.config, args.overrides)
+    if not args.force:
+        from ft_ray.submit import check_fit
+
+        check_fit(config, None, args.config)  # the cluster RAY_ADDRESS names
     _quiet(args, sweep_folder(config))
     summary = run_sweep(config, resume=args.resume)
     stopped = sum(t["stopped_early"] for t in summary["trials"])
@@ -258,15 +269,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The job's per-worker memory plan; exit 2 when it does not fit `--gpu-memory`."""
-    from ft_ray.plan import ACTIVATION_MARGIN, as_json, describe, model_shape, suggestions, worst_case
+    from ft_ray.config import InputError
+    from ft_ray.plan import (ACTIVATION_MARGIN, as_json, describe, describe_time, model_shape, plan_time, suggestions,
+                             train_tokens, worst_case)
 
     config = load_config(args.config, args.overrides)
     shape, origin = model_shape(config)
     job, plan = worst_case(config, shape)
     gpu_mib = args.gpu_memory * 1e9 / 2 ** 20 if args.gpu_memory else None
     fixes = suggestions(job, shape, gpu_mib) if gpu_mib and not plan.fits(gpu_mib) else []
+    time, time_line = None, "time: estimated for GPU jobs (distributed.use_gpu: true)"
+    if job.distributed.use_gpu:
+        try:
+            tokens, source = ((args.train_tokens, "--train-tokens") if args.train_tokens else train_tokens(job))
+            time = plan_time(job, shape, tokens, args.gpu_type)
+            time_line = describe_time(job, time, source, args.price_per_gpu_hour)
+        except InputError as e:
+            time_line = f"time: not estimated ({e}; give --train-tokens)"
     if args.json:
-        print(json.dumps(as_json(job, plan, gpu_mib, fixes)))
+        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time}))
     else:
         if job is not config:
             print("sweep: the trial with the most memory over the search space's edges")
@@ -280,6 +301,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 print(f"  would fit with --set {' --set '.join(settings.split(', '))}: peak {fixed.peak_mib / 1024:.1f} GiB")
             if not plan.fits(gpu_mib) and not fixes:
                 print("  no change tried (micro batch, gradient checkpointing, ZeRO, CPU offload, QLoRA) makes it fit")
+        print(time_line)
     return 0 if gpu_mib is None or plan.fits(gpu_mib) else EXIT_BAD_INPUT
 
 
@@ -299,7 +321,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ft_ray.submit import submit
 
     _, status = submit(args.config, args.address, args.overrides, tune=args.tune, working_dir=args.working_dir,
-                       pip=args.pip or None, wait=args.wait, in_place=args.in_place, dry_run=args.dry_run)
+                       pip=args.pip or None, wait=args.wait, in_place=args.in_place, dry_run=args.dry_run,
+                       force=args.force)
     if args.wait:
         print(f"job {status}")
         return 0 if status.endswith("SUCCEEDED") else EXIT_FAILED

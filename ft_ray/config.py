@@ -201,6 +201,18 @@ class DistributedConfig(Section):
             raise ValueError(f"must be a count >= 1 or a range [min, max] with 1 <= min <= max, got {value}")
         return value
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpu_share(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < value <= 1:
+            raise ValueError(f"must be in (0, 1] (one device per worker) or auto, got {value}")
+        return value
+
+    @property
+    def gpu_share(self) -> float:
+        """The GPUs each worker asks Ray for: `gpus_per_worker`, 1 while still auto."""
+        return 1.0 if self.gpus_per_worker == "auto" else float(self.gpus_per_worker)
+
     @property
     def max_workers(self) -> int:
         return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
@@ -209,6 +221,9 @@ class DistributedConfig(Section):
     def elastic(self) -> bool:
         return not isinstance(self.num_workers, int)
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs each training worker holds")
+    gpus_per_worker: float | Literal["auto"] = Field(1.0, description=(
+        "GPUs each training worker holds (use_gpu): 1, a fraction for several one-worker sweep trials per "
+        "GPU, or auto: in a sweep, the share of the cluster's smallest GPU that ft-ray plan says a trial needs"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="PACK fills nodes (fast collectives); SPREAD puts workers on different nodes")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint before giving up")
@@ -440,6 +455,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if job.data.text_stride >= job.model.max_seq_len // 2:
         problems.append(f"data.text_stride: {job.data.text_stride} tokens of overlap leave a window of "
                         f"model.max_seq_len={job.model.max_seq_len} too little new text; use less than half of it")
+    if dist.gpu_share < 1 and dist.max_workers > 1:
+        problems.append(f"distributed.gpus_per_worker: {dist.gpus_per_worker} shares GPUs, which only one-worker jobs "
+                        "(sweep trials) can do: the workers of one job cannot talk over NCCL on one device")
     if job.eval.metric == "preference" and job.objective not in ("dpo", "orpo"):
         problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo or orpo), "
                         f"not objective {job.objective}")
@@ -549,7 +567,7 @@ def dump_yaml(config: JobConfig) -> str:
 # Keys a relaunch may change and still resume the same run: where and how it runs, and how long
 # (extending max_steps/epochs continues the run; the schedule stretches to the new length).
 RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
-                  "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker",
+                  "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker", "distributed.gpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
                   "train.compare_generations", "train.peak_tflops", "data.prepared", "eval.",

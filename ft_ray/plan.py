@@ -338,3 +338,107 @@ def as_json(config: JobConfig, plan: Plan, gpu_mib: float | None, fixes: list[tu
             "tokens_per_micro_batch": plan.tokens_per_micro_batch, "gpu_mib": gpu_mib,
             "fits": None if gpu_mib is None else plan.fits(gpu_mib),
             "suggestions": [{"settings": s, "peak_mib": round(p.peak_mib)} for s, p in fixes]}
+
+
+# MFU ft-ray measured per method (bench/RESULTS.md, "GPU, session 9": one H100, the 1B Llama
+# shape, bf16, 8 x 2048 tokens per step, fused kernels): the time estimate assumes them.
+MEASURED_MFU = {"full": 0.462, "lora": 0.369, "qlora": 0.345}
+
+
+def train_tokens(config: JobConfig) -> tuple[int, str]:
+    """The job's training tokens per epoch and how they were found: the prepared data's
+    stats, else counted as `ft-ray validate` counts (every record, the first ones' lengths)."""
+    from ft_ray.data.prepared import prepared_stats
+    from ft_ray.validate import validate_data
+
+    stats = prepared_stats(config)
+    if stats is not None:
+        return stats.train_tokens, "the prepared data"
+    counts = validate_data(config)["counts"]
+    return counts["train_tokens_estimate"], (f"{counts['train_records']:,} records x the mean length of "
+                                             "the first ones (ft-ray validate)")
+
+
+def plan_time(config: JobConfig, shape: Shape, tokens: int, gpu: str) -> dict[str, Any]:
+    """Steps, hours and GPU-hours of the job at the MFU measured for its method on `gpu`'s peak."""
+    from ft_ray.train.flops import KNOWN_PEAK_TFLOPS, training_flops
+
+    train, workers = config.train, config.distributed.max_workers
+    per_step = train.micro_batch_size * config.model.max_seq_len * train.gradient_accumulation * workers
+    steps = train.max_steps or math.ceil(tokens * train.epochs / per_step)
+    adapter = 0 if config.method == "full" else sum(
+        config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
+        if _targeted(name, config.lora.target_modules)) * shape.layers
+    base = shape.params - shape.embedding_params
+    flops = training_flops(base, adapter, shape.layers, shape.hidden, config.method, config.model.max_seq_len)
+    peak = next((t for key, t in KNOWN_PEAK_TFLOPS.items() if key.lower() == gpu.lower()), None)
+    if peak is None:
+        raise InputError(f"--gpu-type {gpu}: known are {', '.join(KNOWN_PEAK_TFLOPS)}")
+    per_worker = MEASURED_MFU[config.method] * peak * 1e12 / flops
+    hours = steps * per_step / (per_worker * workers) / 3600
+    return {"steps": steps, "tokens_per_step": per_step, "tokens_per_s_per_worker": round(per_worker),
+            "hours": round(hours, 2), "gpu_hours": round(hours * workers, 2), "gpu": gpu,
+            "mfu_assumed": MEASURED_MFU[config.method]}
+
+
+def describe_time(config: JobConfig, time: dict[str, Any], source: str, price: float | None) -> str:
+    cost = f"; ${time['gpu_hours'] * price:,.0f} at ${price:g} per GPU-hour" if price else ""
+    hours = time["hours"]
+    took = f"{hours:.1f} h" if hours >= 1 else f"{max(1, round(hours * 60))} min"
+    return (f"time: about {took} on {config.distributed.max_workers} x {time['gpu']} "
+            f"({time['gpu_hours']:.1f} GPU-hours{cost}): {time['steps']:,} steps of {time['tokens_per_step']:,} "
+            f"tokens, {time['tokens_per_s_per_worker']:,} tokens/s per GPU at the {time['mfu_assumed']:.1%} MFU "
+            f"measured for {config.method} on an H100 (bench/RESULTS.md); tokens from {source}")
+
+
+# GPU memory by Ray's accelerator_type resource name (GB as sold; the smaller card where a name
+# covers two). Ray reports the type, not the memory.
+GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "A10G": 24,
+                 "L4": 24, "T4": 16, "V100": 16}
+
+
+def cluster_gpus(nodes: list[dict]) -> list[tuple[str, float]]:
+    """(accelerator type, memory MiB) of every GPU of a cluster, from its nodes' total
+    resources (`{"GPU": 8, "accelerator_type:H100": 1, ...}`); an unknown type has no memory."""
+    gpus = []
+    for resources in nodes:
+        kind = next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), "unknown")
+        memory = GPU_MEMORY_GB.get(kind, 0) * 1e9 / MIB
+        gpus += [(kind, memory)] * int(resources.get("GPU", 0))
+    return gpus
+
+
+def cluster_nodes(address: str) -> list[dict]:
+    """The total resources of each alive node of the Ray cluster at `address` (the state API)."""
+    from ray.util.state import list_nodes
+
+    return [node.resources_total for node in list_nodes(address=address, filters=[("state", "=", "ALIVE")],
+                                                         raise_on_missing_output=False)]
+
+
+def cluster_fit(config: JobConfig, address: str) -> tuple[bool, str]:
+    """Whether the job (a sweep: its largest trial) fits the GPUs of the cluster at `address`,
+    and a line saying so. A CPU job, or a cluster whose GPUs are of an unknown type, fits."""
+    if not config.distributed.use_gpu:
+        return True, "plan: a CPU job"
+    shape, _ = model_shape(config, network=False)
+    _, plan = worst_case(config, shape)
+    gpus = cluster_gpus(cluster_nodes(address))
+    known = [memory for _, memory in gpus if memory]
+    if not gpus:
+        return False, f"plan: the cluster at {address} has no GPU; the job asks for {config.distributed.max_workers}"
+    if not known:
+        return True, f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's GPU type is unknown to ft-ray"
+    smallest = min(known)
+    kinds = ", ".join(sorted({k for k, _ in gpus}))
+    line = (f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's smallest GPU ({kinds}) has "
+            f"{smallest / 1024:.1f} GiB")
+    return plan.fits(smallest), line
+
+
+def gpu_share(peak_mib: float, gpu_mib: float) -> tuple[float, str]:
+    """The fraction of a GPU a one-worker trial asks for: 1/k when k such trials fit the GPU."""
+    together = int(gpu_mib // peak_mib) if peak_mib > 0 else 1
+    if together <= 1:
+        return 1.0, f"a trial's peak {peak_mib / 1024:.1f} GiB leaves no room for another on {gpu_mib / 1024:.1f} GiB"
+    return 1 / together, f"{together} trials of peak {peak_mib / 1024:.1f} GiB share each {gpu_mib / 1024:.1f} GiB GPU"

@@ -83,12 +83,18 @@ def describe(submission: dict[str, Any], working_dir: Path) -> list[str]:
 
 def submit(config_path: Path, address: str | None, overrides: list[str], tune: bool = False,
            working_dir: Path = Path("."), pip: list[str] | None = None, wait: bool = False,
-           in_place: bool = False, dry_run: bool = False) -> tuple[str, str]:
+           in_place: bool = False, dry_run: bool = False, force: bool = False) -> tuple[str, str]:
     """Submit the job; returns (submission id, final status or "SUBMITTED"). `dry_run` prints
-    what would be run and uploaded and submits nothing (returns ("", "DRY_RUN"))."""
+    what would be run and uploaded and submits nothing (returns ("", "DRY_RUN")).
+
+    Raises:
+        InputError: the job's plan does not fit the cluster's GPUs (unless `force`).
+    """
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(config_path, overrides, tune, working_dir, pip, in_place)
+    if not force:
+        check_fit(load_config(config_path, overrides), address, config_path)
     if dry_run:
         print("\n".join(["dry run: nothing submitted", *describe(submission, working_dir)]))
         return "", "DRY_RUN"
@@ -105,6 +111,30 @@ def submit(config_path: Path, address: str | None, overrides: list[str], tune: b
         return job_id, "SUBMITTED"
     _follow(client, job_id)
     return job_id, str(client.get_job_status(job_id))
+
+
+def check_fit(config: Any, address: str | None, config_path: Path) -> None:
+    """Raises InputError when the job's memory plan does not fit the cluster's smallest GPU
+    (`ft-ray plan`); says so and goes on when the cluster cannot be asked."""
+    import os
+
+    from ft_ray.plan import cluster_fit
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not config.distributed.use_gpu or not address:
+        return
+    try:
+        fits, line = cluster_fit(config, address)
+    except InputError as e:
+        print(f"note: not checked against the cluster's GPUs: {e}")
+        return
+    except Exception as e:  # noqa: BLE001 - an unreachable or older cluster: the submission says more
+        print(f"note: not checked against the cluster's GPUs ({type(e).__name__}: {str(e)[:200]})")
+        return
+    print(line)
+    if not fits:
+        raise InputError(f"the job does not fit the cluster's GPUs: {line.removeprefix('plan: ')}; "
+                         f"`ft-ray plan {config_path} --gpu-memory GB` says what would, --force submits anyway")
 
 
 def _submit_when_ready(client: Any, submission: dict, wait_s: float = 60) -> str:

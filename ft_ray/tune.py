@@ -12,6 +12,7 @@ Layout of a sweep folder (`<storage.path>/<tune.name>/`):
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Callable
 
@@ -276,20 +277,44 @@ def sweep_folder(config: JobConfig) -> RunFolder:
     return RunFolder.for_job(config, sweep_name(config))
 
 
-def concurrency(config: JobConfig, started_local: bool) -> int:
-    """How many trials run at once: the config's number, or what the cluster holds."""
+def concurrency(config: JobConfig, started_local: bool, resources: dict | None = None) -> int:
+    """How many trials run at once: the config's number, or what the cluster (its total
+    `resources`, default Ray's) holds."""
     import ray
 
+    resources = resources or ray.cluster_resources()
     tune = config.tune or TuneConfig()
     if tune.max_concurrent_trials != "auto":
         return int(tune.max_concurrent_trials)
     dist = config.distributed
-    if dist.use_gpu:
-        fits = ray.cluster_resources().get("GPU", 0) // dist.max_workers
+    if dist.use_gpu:  # a fraction of a GPU per worker: that many more trials
+        fits = math.floor(resources.get("GPU", 0) / (dist.max_workers * dist.gpu_share) + 1e-9)
     else:
-        cpus = (os.cpu_count() or 1) if started_local else ray.cluster_resources().get("CPU", 0) - 2
+        cpus = (os.cpu_count() or 1) if started_local else resources.get("CPU", 0) - 2
         fits = cpus // (dist.max_workers * dist.cpus_per_worker + tune.trial_cpus)
     return int(max(1, min(fits, tune.num_samples * _grid_size(tune))))
+
+
+def with_gpu_share(config: JobConfig, nodes: list[dict]) -> JobConfig:
+    """The sweep's job with `distributed.gpus_per_worker: auto` settled for the cluster whose
+    nodes have these total resources: one-worker trials get 1/k of a GPU when `ft-ray plan`
+    puts k of the largest trial on the cluster's smallest GPU (several QLoRA trials per GPU);
+    anything else gets whole GPUs."""
+    from ft_ray.plan import cluster_gpus, gpu_share, model_shape, worst_case
+
+    dist = config.distributed
+    if not dist.use_gpu or dist.gpus_per_worker != "auto":
+        return config
+    share, why = 1.0, "trials of several workers take whole GPUs"
+    if dist.max_workers == 1:
+        memories = [m for _, m in cluster_gpus(nodes) if m]
+        try:
+            peak = worst_case(config, model_shape(config, network=False)[0])[1].peak_mib
+            share, why = gpu_share(peak, min(memories)) if memories else (1.0, "no GPU of a type ft-ray knows")
+        except InputError as e:
+            why = str(e)
+    LOG.info(f"distributed.gpus_per_worker auto: {share:g} ({why})")
+    return config.model_copy(update={"distributed": dist.model_copy(update={"gpus_per_worker": share})})
 
 
 def _grid_size(tune: TuneConfig) -> int:
@@ -303,6 +328,7 @@ def _grid_size(tune: TuneConfig) -> int:
 
 def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or with `resume`, finish) the sweep; returns what `sweep.json` holds."""
+    import ray
     from ray import tune as ray_tune
 
     from ft_ray.data.prepared import prepare, prepared_stats
@@ -315,6 +341,7 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     # The dashboard's state API lets Ray Train release the workers of trials ASHA stops
     # (their controllers die with them); without it, their CPUs stay reserved.
     started_local = connect_ray(config, parallel_runs=_local_parallel(config), dashboard=True)
+    config = with_gpu_share(config, [node["Resources"] for node in ray.nodes() if node["Alive"]])
     workers_at_once = concurrency(config, started_local)
     resume = _resume_or_start(sweep, resume)
     sweep.write_text("config.yaml", dump_yaml(config))

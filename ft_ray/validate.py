@@ -55,6 +55,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     data = config.data
     split_off = 0.0 if data.eval else data.eval_fraction
     train = held_out = 0
+    tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
     lines: list[str] = []
     formats: Counter = Counter()
     problems = 0
@@ -71,6 +72,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         formats[fmt] += sample["seen"]
         problems += len(sample["problems"])
         lengths = sample["lengths"] or [0]
+        tokens += kept * source.weight * sum(lengths) / len(lengths)
         lines += [note, f"{key}: tokens per example (first {sample['seen']}): mean {sum(lengths) / len(lengths):.0f}, "
                         f"max {max(lengths)} (max_seq_len {config.model.max_seq_len})"]
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
@@ -80,5 +82,5 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         lines.append(f"warning: only {train} training examples; with fewer than {MIN_TRAIN_EXAMPLES} "
                      "fine-tuning rarely beats few-shot prompting: collect more before spending GPUs")
     counts = {"train_records": train, "eval_records": held_out, "formats": dict(formats),
-              "problems_in_first_records": problems}
+              "problems_in_first_records": problems, "train_tokens_estimate": round(tokens)}
     return {"counts": counts, "lines": lines}

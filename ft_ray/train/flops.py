@@ -20,7 +20,13 @@ def flops_per_token(model: Any, method: str, seq_len: int) -> float:
     adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     embedding = model.get_input_embeddings().weight.numel()
     base = sum(_numel(p) for n, p in model.named_parameters() if "lora_" not in n) - embedding
-    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    return training_flops(base, adapter, config.num_hidden_layers, config.hidden_size, method, seq_len)
+
+
+def training_flops(base: int, adapter: int, layers: int, hidden: int, method: str, seq_len: int) -> float:
+    """Training FLOPs per token from the counts: `base` matmul weights (the input embedding
+    left out), `adapter` LoRA weights."""
+    attention = 12 * layers * hidden * seq_len
     if method == "full":
         return 6 * base + attention
     return 4 * base + attention + 6 * adapter

@@ -140,7 +140,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
             scaling_config=ray.train.ScalingConfig(
                 num_workers=tuple(config.distributed.num_workers) if config.distributed.elastic
                 else config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
-                resources_per_worker={"CPU": config.distributed.cpus_per_worker},
+                resources_per_worker={"CPU": config.distributed.cpus_per_worker,
+                                      **({"GPU": config.distributed.gpu_share} if config.distributed.use_gpu else {})},
                 placement_strategy=config.distributed.placement_strategy),
             run_config=ray.train.RunConfig(
                 name=config.run_name, storage_path=storage_path, storage_filesystem=fs,

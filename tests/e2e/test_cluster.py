@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,7 +44,9 @@ def local_cluster():
            "FT_RAY_LOCAL_DASHBOARD_PORT": DASHBOARD_PORT, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    up = cluster("up", "--workers", "2", "--cpus-per-node", "3", env=env)
+    # each worker node advertises an A10G (24 GB) that does not exist: what ft-ray's fit check reads
+    up = cluster("up", "--workers", "2", "--cpus-per-node", "3", "--fake-gpus-per-node", "1", "--gpu-type", "A10G",
+                 env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     assert f"http://127.0.0.1:{DASHBOARD_PORT}" in up.stdout and "ray job submit" in up.stdout
     try:
@@ -89,6 +92,27 @@ def test_submit_to_a_local_multi_node_cluster(local_cluster, tmp_path):
     assert theirs.returncode == 0, theirs.stdout[-4000:] + theirs.stderr[-4000:]
     assert "succeeded" in theirs.stdout.lower()
     assert (tmp_path / "runs" / "via-ray-job-submit" / "summary.json").exists()
+
+
+def test_submit_refuses_a_job_that_cannot_fit_the_clusters_gpus(local_cluster, tmp_path):
+    env, _ = local_cluster
+
+    def submit_gpu_job(micro_batch: int, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ft_ray", "submit", "configs/tiny-cpu.yaml", "--address",
+                               f"http://127.0.0.1:{DASHBOARD_PORT}", "--in-place", "--set", "distributed.use_gpu=true",
+                               "--set", f"train.micro_batch_size={micro_batch}", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    refused = submit_gpu_job(16384)  # 4M tokens per micro batch: far past a 24 GB card
+    out = refused.stdout + refused.stderr
+    assert refused.returncode == 2, out
+    assert "does not fit the cluster's GPUs" in out and "smallest GPU (A10G) has 22.4 GiB" in out
+    assert "--force" in out and "submitted" not in refused.stdout
+    fits = submit_gpu_job(4, "--dry-run")
+    assert fits.returncode == 0 and re.search(r"plan: peak 0\.\d GiB per worker", fits.stdout), fits.stdout + fits.stderr
+    assert "dry run: nothing submitted" in fits.stdout
+    forced = submit_gpu_job(16384, "--dry-run", "--force")
+    assert forced.returncode == 0 and "plan:" not in forced.stdout
 
 
 def node_job(tmp_path: Path, name: str) -> Path:

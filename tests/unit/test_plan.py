@@ -117,3 +117,55 @@ def test_the_command_says_whether_it_fits_and_exits_2_when_not(tmp_path, capsys)
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] is False and report["peak_mib"] > 0.01e9 / MIB
     assert set(report["parts_mib"]) >= {"activations", "logits_and_loss", "base_weights"}
+
+
+def test_time_and_cost_from_the_measured_mfu_add_up(tmp_path, capsys):
+    import yaml
+
+    from ft_ray.plan import MEASURED_MFU, plan_time
+
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B, QLoRA rank 16 on every linear
+    config = job(method="qlora", model={"max_seq_len": 2048}, lora={"rank": 16, "target_modules": "all-linear"},
+                 distributed={"num_workers": 4, "use_gpu": True},
+                 train={"micro_batch_size": 4, "gradient_accumulation": 8, "precision": "bf16"})
+    time = plan_time(config, shape, 50_000_000, "H100")
+    assert time["tokens_per_step"] == 4 * 2048 * 8 * 4 and time["steps"] == 191  # ceil(50M / 262,144)
+    adapter = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    flops = 4 * (shape.params - shape.embedding_params) + 12 * 32 * 4096 * 2048 + 6 * adapter
+    per_gpu = MEASURED_MFU["qlora"] * 989e12 / flops
+    assert time["tokens_per_s_per_worker"] == round(per_gpu)
+    assert time["hours"] == pytest.approx(191 * 262_144 / (4 * per_gpu) / 3600, abs=0.01)
+    assert time["gpu_hours"] == pytest.approx(4 * time["hours"], abs=0.02)
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job(distributed={"use_gpu": True}).model_dump(mode="json")))
+    assert main(["plan", str(path), "--train-tokens", "1000000000", "--price-per-gpu-hour", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("time: about ") and "GPU-hours; $" in line and "tokens from --train-tokens" in line
+
+
+def test_small_trials_share_a_gpu_and_jobs_of_several_workers_do_not():
+    from ft_ray.config import ConfigError
+    from ft_ray.plan import gpu_share
+
+    assert gpu_share(7_000, 22_888)[0] == pytest.approx(1 / 3)  # 3 trials of 6.8 GiB on a 24 GB card
+    assert gpu_share(30_000, 22_888)[0] == 1.0
+    assert job(distributed={"num_workers": 1, "use_gpu": True, "gpus_per_worker": 0.25}).distributed.gpu_share == 0.25
+    with pytest.raises((ConfigError, ValueError), match="only one-worker jobs"):
+        job(distributed={"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5})
+
+
+def test_a_sweep_of_small_trials_takes_a_share_of_each_gpu_and_runs_that_many_more():
+    from ft_ray.plan import gpu_share
+    from ft_ray.tune import concurrency, with_gpu_share
+
+    nodes = [{"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}] * 2  # Ray's total resources of 2 nodes
+    sweep = job(distributed={"num_workers": 1, "use_gpu": True, "gpus_per_worker": "auto"},
+                tune={"num_samples": 100, "search_space": {"lora.rank": {"choice": [4, 16]}}})
+    shared = with_gpu_share(sweep, nodes)
+    share = gpu_share(worst_case(sweep, model_shape(sweep)[0])[1].peak_mib, 24e9 / MIB)[0]
+    assert share < 1 and shared.distributed.gpus_per_worker == pytest.approx(share)
+    assert concurrency(shared, False, {"CPU": 16, "GPU": 2}) == round(2 / share)  # every share of both GPUs
+    two_workers = job(distributed={"num_workers": 2, "use_gpu": True, "gpus_per_worker": "auto"},
+                      tune={"search_space": {"lora.rank": {"choice": [4]}}})
+    assert with_gpu_share(two_workers, nodes).distributed.gpus_per_worker == 1.0
