@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from contextlib import ExitStack
@@ -269,7 +270,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The job's per-worker memory plan; exit 2 when it does not fit `--gpu-memory`."""
-    from ft_ray.config import InputError
     from ft_ray.plan import (ACTIVATION_MARGIN, as_json, describe, describe_time, model_shape, plan_time, suggestions,
                              train_tokens, worst_case)
 
@@ -277,6 +277,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shape, origin = model_shape(config)
     job, plan = worst_case(config, shape)
     gpu_mib = args.gpu_memory * 1e9 / 2 ** 20 if args.gpu_memory else None
+    gpu_name = f"a {args.gpu_memory:g} GB GPU" if args.gpu_memory else ""
+    if gpu_mib is None and job.distributed.use_gpu and os.environ.get("RAY_ADDRESS"):
+        from ft_ray.plan import smallest_gpu
+
+        kinds, gpu_mib = smallest_gpu(os.environ["RAY_ADDRESS"])  # the cluster's smallest known GPU
+        gpu_name = f"the cluster's smallest GPU ({kinds})"
     fixes = suggestions(job, shape, gpu_mib) if gpu_mib and not plan.fits(gpu_mib) else []
     time, time_line = None, "time: estimated for GPU jobs (distributed.use_gpu: true)"
     if job.distributed.use_gpu:
@@ -296,7 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"measured on an H100)")
         if gpu_mib:
             verdict = "fits" if plan.fits(gpu_mib) else "does NOT fit"
-            print(f"{verdict} a {args.gpu_memory:g} GB GPU ({gpu_mib / 1024:.1f} GiB)")
+            print(f"{verdict} {gpu_name} ({gpu_mib / 1024:.1f} GiB)")
             for settings, fixed in fixes:
                 print(f"  would fit with --set {' --set '.join(settings.split(', '))}: peak {fixed.peak_mib / 1024:.1f} GiB")
             if not plan.fits(gpu_mib) and not fixes:
@@ -307,7 +313,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def plan_line(config: Any) -> str:
     """`ft-ray plan` in one line, from what is on this machine (no network)."""
-    from ft_ray.config import InputError
     from ft_ray.plan import model_shape, one_line, worst_case
 
     try:

@@ -166,15 +166,14 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         if ds.offload_params == "cpu":
             parts["weights"] = 0
     else:
-        adapter = sum(config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
-                      if _targeted(name, config.lora.target_modules)) * shape.layers
         saved_in_full = sum(shape.embedding_params for m in config.lora.modules_to_save
                             if m in ("lm_head", "embed_tokens"))
-        trained = adapter + saved_in_full
+        trained = adapter_params(config, shape) + saved_in_full
         if config.method == "qlora":
-            parts["base_weights"] = layer_linear * QLORA_BYTES[config.quantization.double_quant] + 4 * rest
+            base = layer_linear * QLORA_BYTES[config.quantization.double_quant] + 4 * rest
         else:
-            parts["base_weights"] = compute * shape.params
+            base = compute * shape.params
+        parts["base_weights"] = base / shard(3)  # ZeRO-3 partitions the frozen base too
         parts["lora_weights"] = 4 * trained
         parts["gradients"] = 4 * trained / shard(2)
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else 8 * trained / shard(1)
@@ -186,6 +185,14 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_MIB if dist.use_gpu else 0
     return Plan(parts, workers, tokens)
+
+
+def adapter_params(config: JobConfig, shape: Shape) -> int:
+    """LoRA's A and B weights over every targeted linear layer (0 for a full fine-tune)."""
+    if config.method == "full":
+        return 0
+    return sum(config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
+               if _targeted(name, config.lora.target_modules)) * shape.layers
 
 
 def _targeted(module: str, targets: Any) -> bool:
@@ -366,11 +373,9 @@ def plan_time(config: JobConfig, shape: Shape, tokens: int, gpu: str) -> dict[st
     train, workers = config.train, config.distributed.max_workers
     per_step = train.micro_batch_size * config.model.max_seq_len * train.gradient_accumulation * workers
     steps = train.max_steps or math.ceil(tokens * train.epochs / per_step)
-    adapter = 0 if config.method == "full" else sum(
-        config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
-        if _targeted(name, config.lora.target_modules)) * shape.layers
     base = shape.params - shape.embedding_params
-    flops = training_flops(base, adapter, shape.layers, shape.hidden, config.method, config.model.max_seq_len)
+    flops = training_flops(base, adapter_params(config, shape), shape.layers, shape.hidden, config.method,
+                           config.model.max_seq_len)
     peak = next((t for key, t in KNOWN_PEAK_TFLOPS.items() if key.lower() == gpu.lower()), None)
     if peak is None:
         raise InputError(f"--gpu-type {gpu}: known are {', '.join(KNOWN_PEAK_TFLOPS)}")
@@ -416,6 +421,13 @@ def cluster_nodes(address: str) -> list[dict]:
                                                          raise_on_missing_output=False)]
 
 
+def smallest_gpu(address: str) -> tuple[str, float | None]:
+    """(the GPU types, the smallest known GPU's memory in MiB or None) of the cluster at `address`."""
+    gpus = cluster_gpus(cluster_nodes(address))
+    known = [memory for _, memory in gpus if memory]
+    return ", ".join(sorted({k for k, _ in gpus})) or "none", (min(known) if known else None)
+
+
 def cluster_fit(config: JobConfig, address: str) -> tuple[bool, str]:
     """Whether the job (a sweep: its largest trial) fits the GPUs of the cluster at `address`,
     and a line saying so. A CPU job, or a cluster whose GPUs are of an unknown type, fits."""
@@ -423,14 +435,11 @@ def cluster_fit(config: JobConfig, address: str) -> tuple[bool, str]:
         return True, "plan: a CPU job"
     shape, _ = model_shape(config, network=False)
     _, plan = worst_case(config, shape)
-    gpus = cluster_gpus(cluster_nodes(address))
-    known = [memory for _, memory in gpus if memory]
-    if not gpus:
+    kinds, smallest = smallest_gpu(address)
+    if kinds == "none":
         return False, f"plan: the cluster at {address} has no GPU; the job asks for {config.distributed.max_workers}"
-    if not known:
+    if smallest is None:
         return True, f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's GPU type is unknown to ft-ray"
-    smallest = min(known)
-    kinds = ", ".join(sorted({k for k, _ in gpus}))
     line = (f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's smallest GPU ({kinds}) has "
             f"{smallest / 1024:.1f} GiB")
     return plan.fits(smallest), line
