@@ -193,4 +193,3 @@ def test_a_changed_winner_is_not_evaluated(sweep):
     config = load_config(tmp / "lr-sweep.yaml")
     with pytest.raises(InputError, match=r"weights/adapter_model.safetensors has sha256 .*not evaluated"):
         resolve_target(winner, config)
-
