@@ -113,13 +113,18 @@ def test_submit_refuses_a_job_that_cannot_fit_the_clusters_gpus(local_cluster, t
     assert "dry run: nothing submitted" in fits.stdout
     forced = submit_gpu_job(16384, "--dry-run", "--force")
     assert forced.returncode == 0 and "plan:" not in forced.stdout
-    # ft-ray plan against the cluster RAY_ADDRESS names
-    planned = subprocess.run([sys.executable, "-m", "ft_ray", "plan", "configs/tiny-cpu.yaml", "--set",
-                              "distributed.use_gpu=true", "--set", "train.micro_batch_size=16384"], cwd=REPO,
-                             env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}, capture_output=True,
-                             text=True, timeout=300)
+    # ft-ray plan, and ft-ray tune, against the cluster RAY_ADDRESS names
+    on_cluster = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+    too_large = ["--set", "distributed.use_gpu=true", "--set", "train.micro_batch_size=16384"]
+    planned = subprocess.run([sys.executable, "-m", "ft_ray", "plan", "configs/tiny-cpu.yaml", *too_large], cwd=REPO,
+                             env=on_cluster, capture_output=True, text=True, timeout=300)
     assert planned.returncode == 2 and "does NOT fit the cluster's smallest GPU (A10G) (22.4 GiB)" in planned.stdout
     assert "would fit with --set train.micro_batch_size=" in planned.stdout
+    swept = subprocess.run([sys.executable, "-m", "ft_ray", "tune", "configs/sweep-tiny.yaml", *too_large,
+                            "--set", f"storage.path={tmp_path / 'runs'}"], cwd=REPO, env=on_cluster,
+                           capture_output=True, text=True, timeout=300)
+    assert swept.returncode == 2 and "does not fit the cluster's GPUs" in swept.stdout + swept.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
 def node_job(tmp_path: Path, name: str) -> Path:
