@@ -334,8 +334,15 @@ class EvalConfig(Section):
 
     after_training: bool = Field(False, description="evaluate when `ft-ray train` / `ft-ray tune` finishes "
                                                     "(the run, or every exported winner)")
-    few_shot: int = Field(3, gt=0, description="training examples put before the prompt in the few-shot arm "
-                                               "(fewer when they do not fit model.max_seq_len)")
+    few_shot: int = Field(3, gt=0, description="training examples put before the prompt in the few-shot and "
+                                               "retrieval arms (fewer when they do not fit eval.max_prompt_tokens)")
+    retrieval_pool: int = Field(10_000, gt=0, description=(
+        "training examples the retrieval arm searches (BM25 over their prompts; the first ones read)"))
+    max_prompt_tokens: int | None = Field(None, gt=0, description=(
+        "the prompting arms' context: default the base model's (max_position_embeddings), not model.max_seq_len"))
+    price_per_million_tokens: float | None = Field(None, gt=0, description=(
+        "price of a token sent or generated, for the cost of 1,000 requests per arm; default: cost relative to "
+        "the variant's"))
     metric: Literal["loss", "exact_match", "chrf", "format", "preference"] = Field("loss", description=(
         "what the verdict compares: loss on the target tokens (all examples), exact match, chrF or "
         "format adherence of the generations, or (preference pairs) how often the chosen answer is "

@@ -92,17 +92,19 @@ def run_report(run: RunFolder, out: Path) -> str:
             + table(["key", "value"], [[k, v] for k, v in shown.items()]))
 
 
-ARM_LABELS = {"base": "base model", "few_shot": "base + few-shot prompt", "variant": "fine-tuned variant"}
+ARM_LABELS = {"base": "base model", "few_shot": "base + few-shot prompt", "retrieval": "base + retrieved examples",
+              "variant": "fine-tuned variant"}
 ARM_FIGURES = ("loss", "exact_match", "chrf", "format")
 
 
 def arms_section(evaluations: dict[str, dict], out: Path) -> str:
-    """The three arms side by side for each evaluated variant (`eval.json` or a winner's
-    eval): a table, the verdicts, and a chart of the loss per arm."""
+    """The arms side by side for each evaluated variant (`eval.json` or a winner's eval): a
+    table, the verdicts, and a chart of the loss per arm (an eval.json from before the
+    retrieval arm shows the arms it has)."""
     if not evaluations:
         return ""
     rows = [[name, ARM_LABELS[arm], *[e["arms"][arm].get(k) for k in ARM_FIGURES]]
-            for name, e in evaluations.items() for arm in ARM_LABELS]
+            for name, e in evaluations.items() for arm in ARM_LABELS if arm in e["arms"]]
     verdicts = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(e['verdict']['sentence'])}</li>"
                        for name, e in evaluations.items())
     plot_arms(evaluations, out / "arms.png")
@@ -117,7 +119,8 @@ def plot_arms(evaluations: dict[str, dict], path: Path) -> None:
     width = 0.8 / len(ARM_LABELS)
     for i, (arm, label) in enumerate(ARM_LABELS.items()):
         ax.bar([x + i * width for x in range(len(evaluations))],
-               [e["arms"][arm]["loss"] for e in evaluations.values()], width, label=label, color=f"C{i}")
+               [e["arms"].get(arm, {}).get("loss", float("nan")) for e in evaluations.values()], width, label=label,
+               color=f"C{i}")
     ax.set_xticks([x + width for x in range(len(evaluations))], list(evaluations), fontsize="small")
     ax.set_ylabel("held-out target loss (lower is better)")
     ax.legend(fontsize="small")

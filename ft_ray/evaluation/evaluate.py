@@ -1,5 +1,6 @@
 """`ft-ray eval`: does fine-tuning pay? The variant against the base model and against
-few-shot prompting of it, on the same held-out examples, with a verdict.
+prompting it (the first training examples before each prompt, or the most similar ones:
+retrieval), on the same held-out examples, with a verdict and the cost per request.
 
 The held-out records stream through Ray Data into `ArmScorer` actors (one model copy each,
 a GPU each when the job uses GPUs); the driver only keeps one row of figures per example
@@ -26,7 +27,8 @@ from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, record_to_segments
 from ft_ray.data.sources import ReadLimits, choose_format, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
-from ft_ray.evaluation.scoring import ARMS, ArmScorer, record_key, shot_text
+from ft_ray.evaluation.arms import ARMS, PROMPTING
+from ft_ray.evaluation.scoring import ArmScorer, record_key, shot_text
 from ft_ray.storage import RunFolder
 from ft_ray.train.checkpoints import stored_files_problem
 
@@ -160,6 +162,47 @@ def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str
     return shots
 
 
+def retrieval_pool(config: JobConfig) -> dict[str, list[str]]:
+    """The retrieval arm's examples: the first `eval.retrieval_pool` usable training records
+    (never held-out ones), each as its prompt (what is searched) and its shot text (what goes
+    before a prompt), read and parsed by Ray Data tasks."""
+    data = config.data
+    split = None if data.eval else data.eval_fraction
+    pool: dict[str, list[str]] = {"prompts": [], "shots": []}
+    for key, source in data.keyed_sources():
+        room = config.eval.retrieval_pool - len(pool["prompts"])
+        if room <= 0:
+            break
+        fmt, _ = choose_format(source, config.storage, key)
+        fs, files = list_files(source, config.storage, key)
+        rows = read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
+            _pool_rows, batch_format="numpy", fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt,
+                                                         "fields": source.fields, "split": split})
+        for row in rows.limit(room).take_all():
+            pool["prompts"].append(str(row["prompt"]))
+            pool["shots"].append(str(row["shot"]))
+    return pool
+
+
+def _pool_rows(batch: dict[str, np.ndarray], model_json: str, fmt: str, fields: dict[str, str],
+               split: float | None) -> dict[str, np.ndarray]:
+    from ft_ray.data.pipeline import _tokenizer
+
+    tokenizer = _tokenizer(model_json)
+    prompts, shots = [], []
+    for text, error in zip(batch["text"], batch["error"]):
+        if split is not None and eval_bucket(str(text)) < split:
+            continue
+        try:
+            segments = record_to_segments(str(text), str(error), fmt, fields, tokenizer)
+        except RecordError:
+            continue
+        first = next(i for i, (_, trained) in enumerate(segments) if trained)
+        prompts.append("".join(t for t, _ in segments[:first]))
+        shots.append(shot_text(segments, tokenizer.eos_token or ""))
+    return {"prompt": np.array(prompts, dtype=object), "shot": np.array(shots, dtype=object)}
+
+
 def count_train_records(config: JobConfig) -> int:
     """Training records (without the held-out split), counted by Ray Data."""
     split = None if config.data.eval else config.data.eval_fraction
@@ -193,6 +236,7 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     tokenizer = load_tokenizer(config.model)
     shots = few_shot_examples(config, tokenizer, settings.few_shot)
+    pool = retrieval_pool(config)
     actors = actor_count(config)
     columns: dict[str, list] = {}
     for source, key, split in held_out_sources(config):
@@ -205,10 +249,11 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
             ArmScorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
             fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "shots": shots,
-                                   "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys})
+                                   "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys, "pool": pool})
         total = dataset.count()
-        LOG.info(f"eval: {note}; {len(ARMS)} arms (base, base {settings.few_shot}-shot, variant) on {total} "
-                 f"examples, {len(gen_keys)} answered by each, on {actors} model actor(s)")
+        LOG.info(f"eval: {note}; {len(ARMS)} arms ({', '.join(arm.label(settings.few_shot) for arm in ARMS)}; "
+                 f"retrieval from {len(pool['prompts'])} training examples) on {total} examples, {len(gen_keys)} "
+                 f"answered by each, on {actors} model actor(s)")
         display = progress.Display("eval", total, "examples") if quiet() else None
         for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
             for name, values in batch.items():
@@ -218,7 +263,8 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
         if display:
             display.close()
     train_examples = target.train_examples if target.train_examples is not None else count_train_records(config)
-    result = summarize(config, {k: np.array(v) for k, v in columns.items()}, len(shots), train_examples)
+    result = summarize(config, {k: np.array(v) for k, v in columns.items()},
+                       {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples)
     result.update({"variant": target.weights, "base_model": config.model.name_or_path, "actors": actors,
                    "wall_time_s": round(time.monotonic() - started, 1)})
     target.folder.write_json("eval.json", result)
@@ -235,9 +281,10 @@ def actor_count(config: JobConfig) -> int:
     return max(1, min(config.eval.num_actors, int(room)))
 
 
-def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: int,
+def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: dict[str, int],
               train_examples: int) -> dict[str, Any]:
-    """eval.json from one row of figures per example: per-arm figures and the verdicts."""
+    """eval.json from one row of figures per example: per-arm figures, cost per request, and
+    the variant against every other arm; the verdict is against the strongest prompting arm."""
     settings = config.eval
     if not len(cols.get("key", [])):
         raise InputError("eval: the held-out data has no records")
@@ -246,39 +293,63 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: i
     if not ok.any():
         raise InputError(f"eval: no held-out record could be scored ({skipped})")
     generated = ok & cols["generated"].astype(bool)
-    arms = {arm: arm_figures(cols, arm, ok, generated, settings.format_regex is not None) for arm in ARMS}
-    arms["few_shot"]["shots_configured"] = settings.few_shot
-    arms["few_shot"]["shots_mean"] = round(float(cols["shots"][ok].mean()), 3)
-    arms["few_shot"]["shots_min"] = int(cols["shots"][ok].min())
+    arms = {arm.name: arm_figures(cols, arm.name, ok, generated, settings.format_regex is not None) for arm in ARMS}
+    cost_per_request(arms, settings.price_per_million_tokens)
     k = settings.few_shot
     warnings = []
-    if shots_available < k:
-        warnings.append(f"only {shots_available} usable training examples for {k}-shot prompts")
-    if arms["few_shot"]["shots_mean"] < min(k, shots_available):
-        warnings.append(f"{k}-shot prompts: {arms['few_shot']['shots_mean']:.2g} examples fitted on average within "
-                        f"model.max_seq_len={config.model.max_seq_len} (fewest {arms['few_shot']['shots_min']})")
+    for arm in PROMPTING:
+        figures = arms[arm.name]
+        shots = cols[f"{arm.name}_shots"][ok]
+        figures.update({"shots_configured": k, "shots_mean": round(float(shots.mean()), 3),
+                        "shots_min": int(shots.min()), "context_tokens": int(cols["context"][ok].max())})
+        if shots_available[arm.name] < k:
+            warnings.append(f"only {shots_available[arm.name]} usable training examples for {arm.label(k)} prompts")
+        if figures["shots_mean"] < min(k, shots_available[arm.name]):
+            warnings.append(f"{arm.label(k)} prompts: {figures['shots_mean']:.2g} examples fitted on average within "
+                            f"{figures['context_tokens']} tokens (eval.max_prompt_tokens; fewest {figures['shots_min']})")
     if train_examples < FEW_DATA:
         warnings.append(f"the training set has {train_examples} examples (< {FEW_DATA}): fine-tuning rarely pays with "
                         "so few; prefer few-shot prompting unless the verdict is clear")
     pairs = ok & (cols["variant_rejected_tokens"] > 0) if "variant_rejected_tokens" in cols else ok & False
     if pairs.any():
         for arm in ARMS:
-            arms[arm]["preference_accuracy"] = float(preference_wins(cols, arm, pairs).mean())
+            arms[arm.name]["preference_accuracy"] = float(preference_wins(cols, arm.name, pairs).mean())
     choose = {"loss": ok, "preference": pairs}.get(settings.metric, generated)
     if not choose.any():
         raise InputError(f"eval.metric {settings.metric}: no held-out example was "
                          + ("a chosen/rejected pair" if settings.metric == "preference" else
                             "generated (eval.num_generations)"))
-    fitted = arms["few_shot"]["shots_mean"]
-    prompting = (f"{k}-shot prompting" if fitted == k
-                 else f"few-shot prompting ({fitted:.2g} of {k} examples fitted on average)")
-    decide = {other: decide_against(cols, settings, choose, other, prompting if other == "few_shot"
-                                    else "the base model") for other in ("few_shot", "base")}
+    comparisons = {arm.name: decide_against(cols, settings, choose, arm.name, arm.prompting_name(
+        k, arms[arm.name]["shots_mean"]) if arm.prompting else "the base model") for arm in ARMS if arm.name != "variant"}
+    strongest = strongest_prompting(comparisons, settings.metric)
+    ratio = arms["variant"]["tokens_per_request"] / max(arms[strongest]["tokens_per_request"], 1e-9)
+    verdict = {**comparisons[strongest], "strongest_prompting_arm": strongest,
+               "tokens_per_request_ratio": round(ratio, 3),
+               "sentence": f"{comparisons[strongest]['sentence']}; the variant sends {ratio:.2g}x the tokens per request"}
     return {"metric": settings.metric, "examples": int(ok.sum()), "generated": int(generated.sum()),
             "skipped": skipped, "train_examples": train_examples, "arms": arms,
-            "verdict": decide["few_shot"], "vs_base": decide["base"], "warnings": warnings,
+            "verdict": verdict, "vs_base": comparisons["base"], "comparisons": comparisons, "warnings": warnings,
             "samples": samples(cols, generated), "actors_used": sorted(set(cols["actor"].tolist())),
             "settings": settings.model_dump(mode="json")}
+
+
+def strongest_prompting(comparisons: dict[str, dict], metric: str) -> str:
+    """The prompting arm with the best value of the metric (the verdict is against it)."""
+    lower = metric in metrics.LOWER_IS_BETTER
+    return min((arm.name for arm in PROMPTING), key=lambda name: comparisons[name]["other"] * (1 if lower else -1))
+
+
+def cost_per_request(arms: dict[str, dict], price_per_million: float | None) -> None:
+    """Each arm's tokens per request (prompt and generated) and the cost of 1,000 requests at
+    the price, or (no price) relative to the variant's."""
+    for figures in arms.values():
+        figures["tokens_per_request"] = round(figures["prompt_tokens_mean"] + (figures.get("generated_tokens_mean") or 0), 2)
+    for figures in arms.values():
+        if price_per_million:
+            figures["cost_per_1000_requests"] = round(1000 * figures["tokens_per_request"] * price_per_million / 1e6, 6)
+        else:
+            figures["cost_relative_to_variant"] = round(
+                figures["tokens_per_request"] / max(arms["variant"]["tokens_per_request"], 1e-9), 3)
 
 
 def arm_figures(cols: dict[str, np.ndarray], arm: str, ok: np.ndarray, generated: np.ndarray,
@@ -289,12 +360,13 @@ def arm_figures(cols: dict[str, np.ndarray], arm: str, ok: np.ndarray, generated
     figures = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": int(tokens.sum()),
                "prompt_tokens_mean": round(float(cols[f"{arm}_prompt_tokens"][ok].mean()), 2)}
     if generated.any():
+        new_tokens = cols[f"{arm}_gen_tokens"][generated]
         figures.update({
             "exact_match": float(cols[f"{arm}_exact"][generated].mean()),
             "chrf": float(cols[f"{arm}_chrf"][generated].mean()),
             "format": float(cols[f"{arm}_format"][generated].mean()) if with_format else None,
-            "generation_tokens_per_s": round(float(cols[f"{arm}_gen_tokens"][generated].sum()) / seconds, 1)
-            if seconds else None})
+            "generated_tokens_mean": round(float(new_tokens.mean()), 2),
+            "generation_tokens_per_s": round(float(new_tokens.sum()) / seconds, 1) if seconds else None})
     return figures
 
 
@@ -334,28 +406,33 @@ def decide_against(cols: dict[str, np.ndarray], settings: Any, rows: np.ndarray,
 def samples(cols: dict[str, np.ndarray], generated: np.ndarray) -> list[dict[str, str]]:
     rows = np.flatnonzero(generated)[:SAMPLES_KEPT]
     return [{"key": str(cols["key"][i]), "prompt": str(cols["prompt"][i]), "reference": str(cols["reference"][i]),
-             **{arm: str(cols[f"{arm}_answer"][i]) for arm in ARMS}} for i in rows]
+             **{arm.name: str(cols[f"{arm.name}_answer"][i]) for arm in ARMS}} for i in rows]
 
 
 def print_result(result: dict[str, Any], where: str) -> None:
     arms = result["arms"]
     k = result["settings"]["few_shot"]
     pairs = arms["variant"].get("preference_accuracy") is not None
-    rows = [f"{'arm':<16}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}" + (f"{'pref':>7}" if pairs else "")
-            + f"{'prompt tok':>12}{'tok/s':>8}"]
-    for arm, label in (("base", "base"), ("few_shot", f"base {k}-shot"), ("variant", "variant")):
-        f = arms[arm]
+    cost = "cost/1k" if "cost_per_1000_requests" in arms["variant"] else "cost x"
+    rows = [f"{'arm':<18}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}" + (f"{'pref':>7}" if pairs else "")
+            + f"{'tok/request':>13}{cost:>9}{'tok/s':>8}"]
+    for arm in ARMS:
+        f = arms.get(arm.name)
+        if f is None:  # an eval.json written before this arm existed
+            continue
         cells = [_cell(f.get(name), spec) for name, spec in
                  (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"), ("preference_accuracy", ".2f"))]
-        rows.append(f"{label:<16}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
+        price = f.get("cost_per_1000_requests", f.get("cost_relative_to_variant"))
+        rows.append(f"{arm.label(k):<18}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
                     + (f"{cells[3]:>7}" if pairs else "")
-                    + f"{f['prompt_tokens_mean']:>12.1f}{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
+                    + f"{f['tokens_per_request']:>13.1f}{_cell(price, '.3g'):>9}"
+                    + f"{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
     LOG.info(f"eval on {result['examples']} held-out examples ({result['generated']} answered by each arm):\n"
              + "\n".join(f"[ft-ray]   {row}" for row in rows))
     for sample in result["samples"][:1]:
         LOG.info("a held-out prompt:\n" + _indent(sample["prompt"]))
-        for arm, label in (("base", "base model"), ("few_shot", f"base {k}-shot"), ("variant", "variant")):
-            LOG.info(f"{label} answers:\n" + _indent(sample[arm]))
+        for arm in ARMS:
+            LOG.info(f"{arm.label(k)} answers:\n" + _indent(sample.get(arm.name, "")))
     for warning in result["warnings"]:
         LOG.warning(f"{warning}")
     LOG.info(f"vs base: {result['vs_base']['sentence']}")
@@ -386,7 +463,7 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
                                  f"{sweep.uri_of('sweep.json')}: winners[{i}].uri")
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
         result = evaluate(config, resolve_target(folder.uri, config))
-        brief = {"verdict": result["verdict"], "vs_base": result["vs_base"],
+        brief = {"verdict": result["verdict"], "vs_base": result["vs_base"], "comparisons": result["comparisons"],
                  "arms": {arm: {k: v for k, v in f.items()
                                 if k in ("loss", "exact_match", "chrf", "format", "preference_accuracy")}
                           for arm, f in result["arms"].items()}}

@@ -1,12 +1,15 @@
-"""The three arms on a batch of held-out records: the base model with the plain prompt, the
-base model with few-shot examples before the prompt, and the fine-tuned variant.
+"""The arms (`arms.ARMS`) on a batch of held-out records: the base model with the plain
+prompt, the base model with the first training examples before the prompt (few-shot), the
+base model with the most similar training examples before it (retrieval), and the
+fine-tuned variant.
 
 `ArmScorer` is what a Ray Data actor holds (one model copy per actor), but nothing here
 needs Ray: it takes a batch of raw records and returns one row of figures per record.
 Target tokens are masked exactly as in training (`record_to_segments` + `assemble`), so
-the three arms' losses are on the same tokens. A preference pair is scored on its chosen
-answer (the reference of the generation metrics) and, for the preference accuracy, on its
-rejected answer too.
+every arm's loss is on the same tokens. The prompting arms' examples fit the base model's
+context (`eval.max_prompt_tokens`), not the training sequence length. A preference pair is
+scored on its chosen answer (the reference of the generation metrics) and, for the
+preference accuracy, on its rejected answer too.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
 from ft_ray.evaluation import metrics
+from ft_ray.evaluation.arms import ARMS, PROMPTING, Arm, Retriever
 
-ARMS = ("base", "few_shot", "variant")
 SHOT_SEPARATOR = "\n\n"
 
 
@@ -74,7 +77,9 @@ class ArmScorer:
     """Scores batches of raw held-out records on the three arms (a Ray Data actor's state)."""
 
     def __init__(self, job_json: str, variant: str, shots: list[str], fmt: str, fields: dict[str, str],
-                 generate_keys: list[str]):
+                 generate_keys: list[str], pool: dict[str, list[str]] | None = None):
+        """`shots`: the few-shot arm's examples; `pool`: the retrieval arm's, {"prompts": [...],
+        "shots": [...]} (searched by prompt, placed as shot texts)."""
         import torch
 
         from ft_ray.models import load_tokenizer
@@ -89,11 +94,14 @@ class ArmScorer:
         self.base, self.variant, self.shared = load_arms(self.job, Path(local_variant(variant, self.job)))
         self.device = next(self.variant.parameters()).device
         self.shot_ids = encode_batch(self.tokenizer, shots)
+        pool = pool or {"prompts": [], "shots": []}
+        self.retriever, self.pool_shots, self.pool_ids = Retriever(pool["prompts"]), pool["shots"], {}
+        self.context = prompt_context(self.job, self.base)
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     @contextlib.contextmanager
-    def model(self, arm: str) -> Iterator[Any]:
-        if arm == "variant":
+    def model(self, arm: Arm) -> Iterator[Any]:
+        if arm.model == "variant":
             yield self.variant
         elif self.shared:
             with self.variant.disable_adapter():
@@ -107,12 +115,12 @@ class ArmScorer:
         good = [e for e in examples if "reason" not in e]
         pairs = [e for e in good if "rejected" in e]
         for arm in ARMS:
-            sums = self.loss_sums(arm, [e[arm] for e in good]) if good else []
+            sums = self.loss_sums(arm, [e[arm.name] for e in good]) if good else []
             for example, (loss_sum, tokens) in zip(good, sums):
-                example[f"{arm}_loss_sum"], example[f"{arm}_tokens"] = loss_sum, tokens
-            sums = self.loss_sums(arm, [e["rejected"][arm] for e in pairs]) if pairs else []
+                example[f"{arm.name}_loss_sum"], example[f"{arm.name}_tokens"] = loss_sum, tokens
+            sums = self.loss_sums(arm, [e["rejected"][arm.name] for e in pairs]) if pairs else []
             for example, (loss_sum, tokens) in zip(pairs, sums):
-                example[f"{arm}_rejected_loss_sum"], example[f"{arm}_rejected_tokens"] = loss_sum, tokens
+                example[f"{arm.name}_rejected_loss_sum"], example[f"{arm.name}_rejected_tokens"] = loss_sum, tokens
         for example, path, line in zip(examples, batch["path"], batch["line"]):
             example["key"] = record_key(str(path), int(line))
             if "reason" not in example and example["key"] in self.generate_keys and example["prompt"]:
@@ -124,52 +132,72 @@ class ArmScorer:
     def prepare(self, text: str, error: str) -> dict[str, Any]:
         """Ids and labels of one record for each arm, or the reason it cannot be scored (a
         preference pair: of its chosen answer, and under `rejected` of its rejected one, with
-        the same few-shot examples)."""
+        the same examples before it)."""
         try:
             units = record_to_units(text, error, self.fmt, self.fields, self.tokenizer)
             segments = units[0][0]
             seg_ids = encode_batch(self.tokenizer, [t for t, _ in segments])
             trainable = [t for _, t in segments]
-            example = self.arm_inputs(seg_ids, trainable, prefix=None)
-            shots = self.shots_that_fit(len(example["base"]["input_ids"]), sum(map(len, seg_ids)) + 1)
-            prefix = [i for ids in self.shot_ids[:shots] for i in ids]
-            example = self.arm_inputs(seg_ids, trainable, prefix, example["base"])
+            first = trainable.index(True)
+            prompt = "".join(t for t, _ in segments[:first])
+            plain = assemble(seg_ids, trainable, self.bos, self.job.model.max_seq_len)
+            prefixes = self.prefixes(prompt, len(plain["input_ids"]), sum(map(len, seg_ids)) + 1)
+            example = self.arm_inputs(seg_ids, trainable, prefixes, plain)
             if len(units) == 2:
                 rejected = units[1][0]
                 example["rejected"] = self.arm_inputs(encode_batch(self.tokenizer, [t for t, _ in rejected]),
-                                                      [t for _, t in rejected], prefix)
+                                                      [t for _, t in rejected], prefixes)
         except RecordError as e:
             return {"reason": e.kind}
-        first = trainable.index(True)
         prompt_ids = [i for ids in seg_ids[:first] for i in ids]
         eos = self.tokenizer.eos_token or ""
-        return {**example, "shots": shots, "prompt": "".join(t for t, _ in segments[:first]),
-                "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip(),
-                "prompt_ids": prompt_ids, "prefix": prefix}
+        return {**example, "prompt": prompt, "prefixes": prefixes, "prompt_ids": prompt_ids,
+                "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip()}
 
-    def arm_inputs(self, seg_ids: list[list[int]], trainable: list[bool], prefix: list[int] | None,
+    def prefixes(self, prompt: str, plain_length: int, full_length: int) -> dict[str, list[list[int]]]:
+        """Per prompting arm, the examples (token ids) that go before this record's prompt."""
+        out = {}
+        for arm in PROMPTING:
+            if arm.shots == "fixed":
+                candidates = self.shot_ids
+            else:
+                [nearest] = self.retriever.nearest([prompt], self.settings.few_shot)
+                candidates = [self.pool_shot_ids(i) for i in nearest]
+            out[arm.name] = candidates[:self.shots_that_fit(candidates, plain_length, full_length)]
+        return out
+
+    def pool_shot_ids(self, index: int) -> list[int]:
+        if index not in self.pool_ids:
+            self.pool_ids[index] = encode_batch(self.tokenizer, [self.pool_shots[index]])[0]
+        return self.pool_ids[index]
+
+    def arm_inputs(self, seg_ids: list[list[int]], trainable: list[bool], prefixes: dict[str, list[list[int]]],
                    plain: dict | None = None) -> dict[str, Any]:
-        """Each arm's ids and labels of one sequence: plain (given, or assembled here), and
-        after the few-shot `prefix`."""
-        max_len = self.job.model.max_seq_len
-        plain = plain or assemble(seg_ids, trainable, self.bos, max_len)
-        few = assemble([prefix, *seg_ids], [False, *trainable], self.bos, max_len) if prefix else plain
-        return {"base": plain, "variant": plain, "few_shot": few}
+        """Each arm's ids and labels of one sequence: plain (given, or assembled here), or
+        after its examples (within the prompting context)."""
+        plain = plain or assemble(seg_ids, trainable, self.bos, self.job.model.max_seq_len)
+        inputs = {}
+        for arm in ARMS:
+            shots = prefixes.get(arm.name)
+            inputs[arm.name] = (assemble([[i for ids in shots for i in ids], *seg_ids], [False, *trainable], self.bos,
+                                         self.context) if shots else plain)
+        return inputs
 
-    def shots_that_fit(self, plain_length: int, full_length: int) -> int:
-        """How many shots fit before the example within model.max_seq_len (0 when the example
-        itself had to be truncated)."""
-        room = self.job.model.max_seq_len - full_length
+    def shots_that_fit(self, candidates: list[list[int]], plain_length: int, full_length: int) -> int:
+        """How many of the candidate examples fit before the example within the prompting
+        context (0 when the example itself had to be truncated to model.max_seq_len: the
+        arms' losses must be on the same tokens)."""
+        room = self.context - full_length
         if plain_length < full_length:
             return 0
         shots, used = 0, 0
-        for ids in self.shot_ids:
+        for ids in candidates:
             if used + len(ids) > room:
                 break
             shots, used = shots + 1, used + len(ids)
         return shots
 
-    def loss_sums(self, arm: str, examples: list[dict]) -> list[tuple[float, int]]:
+    def loss_sums(self, arm: Arm, examples: list[dict]) -> list[tuple[float, int]]:
         """(sum of target-token losses, target tokens) per example, in padded batches."""
         import torch
 
@@ -193,19 +221,20 @@ class ArmScorer:
         return out
 
     def generate_all(self, example: dict) -> None:
-        """Greedy answers of the three arms to the example's prompt, scored."""
+        """Greedy answers of every arm to the example's prompt, scored."""
         for arm in ARMS:
-            prompt_ids = (example["prefix"] if arm == "few_shot" else []) + example["prompt_ids"]
-            answer, new_tokens, seconds = self.generate(arm, prompt_ids)
+            shots = example["prefixes"].get(arm.name, [])
+            answer, new_tokens, seconds = self.generate(arm, [i for ids in shots for i in ids] + example["prompt_ids"])
             answer = metrics.cut_at_next_example(answer, example["prompt"])
-            example[f"{arm}_answer"] = answer
-            example[f"{arm}_gen_tokens"], example[f"{arm}_gen_s"] = new_tokens, seconds
-            example[f"{arm}_exact"] = metrics.exact_match(answer, example["reference"])
-            example[f"{arm}_chrf"] = metrics.chrf(answer, example["reference"])
+            name = arm.name
+            example[f"{name}_answer"] = answer
+            example[f"{name}_gen_tokens"], example[f"{name}_gen_s"] = new_tokens, seconds
+            example[f"{name}_exact"] = metrics.exact_match(answer, example["reference"])
+            example[f"{name}_chrf"] = metrics.chrf(answer, example["reference"])
             regex = self.settings.format_regex
-            example[f"{arm}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
+            example[f"{name}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
 
-    def generate(self, arm: str, prompt_ids: list[int]) -> tuple[str, int, float]:
+    def generate(self, arm: Arm, prompt_ids: list[int]) -> tuple[str, int, float]:
         """(answer, new tokens, seconds) of a greedy continuation."""
         import torch
 
@@ -224,22 +253,33 @@ class ArmScorer:
         """The figures of one record (fixed columns, so every batch has the same schema)."""
         generated = "variant_answer" in example
         row: dict[str, Any] = {"key": example["key"], "reason": example.get("reason", ""),
-                               "shots": example.get("shots", 0), "generated": generated, "actor": self.actor,
+                               "generated": generated, "actor": self.actor, "context": self.context,
                                "prompt": example["prompt"] if generated else "",
                                "reference": example["reference"] if generated else ""}
         nan = float("nan")
         for arm in ARMS:
-            row[f"{arm}_loss_sum"] = example.get(f"{arm}_loss_sum", nan)
-            row[f"{arm}_tokens"] = example.get(f"{arm}_tokens", 0)
-            row[f"{arm}_rejected_loss_sum"] = example.get(f"{arm}_rejected_loss_sum", nan)
-            row[f"{arm}_rejected_tokens"] = example.get(f"{arm}_rejected_tokens", 0)
-            # what a request sends: bos, the few-shot examples, the prompt
-            row[f"{arm}_prompt_tokens"] = (1 + len(example["prompt_ids"]) + (len(example["prefix"]) if arm == "few_shot"
-                                                                             else 0)) if "prompt_ids" in example else 0
-            for name, empty in (("answer", ""), ("gen_tokens", 0), ("gen_s", 0.0), ("exact", nan), ("chrf", nan),
-                                ("format", nan)):
-                row[f"{arm}_{name}"] = example.get(f"{arm}_{name}", empty)
+            name, shots = arm.name, example.get("prefixes", {}).get(arm.name, [])
+            row[f"{name}_loss_sum"] = example.get(f"{name}_loss_sum", nan)
+            row[f"{name}_tokens"] = example.get(f"{name}_tokens", 0)
+            row[f"{name}_rejected_loss_sum"] = example.get(f"{name}_rejected_loss_sum", nan)
+            row[f"{name}_rejected_tokens"] = example.get(f"{name}_rejected_tokens", 0)
+            row[f"{name}_shots"] = len(shots)
+            # what a request sends: bos, the arm's examples, the prompt
+            row[f"{name}_prompt_tokens"] = (1 + len(example["prompt_ids"]) + sum(map(len, shots))
+                                            if "prompt_ids" in example else 0)
+            for column, empty in (("answer", ""), ("gen_tokens", 0), ("gen_s", 0.0), ("exact", nan), ("chrf", nan),
+                                  ("format", nan)):
+                row[f"{name}_{column}"] = example.get(f"{name}_{column}", empty)
         return row
+
+
+def prompt_context(job: JobConfig, model: Any) -> int:
+    """Tokens a prompting arm's request may hold: `eval.max_prompt_tokens`, else the base
+    model's context window (`max_position_embeddings`), at least the training length."""
+    if job.eval.max_prompt_tokens:
+        return job.eval.max_prompt_tokens
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return max(job.model.max_seq_len, int(window or 0))
 
 
 def local_variant(variant: str, job: JobConfig) -> str:

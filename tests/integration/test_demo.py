@@ -68,6 +68,10 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     assert arms["base"]["loss"] == pytest.approx(GOLDEN_INITIAL_EVAL_LOSS, abs=2e-3)  # same targets as training's eval
     assert evaluation["verdict"]["outcome"] == "variant_better" and evaluation["vs_base"]["outcome"] == "variant_better"
     assert arms["variant"]["loss"] < arms["few_shot"]["loss"] and arms["variant"]["loss"] < arms["base"]["loss"]
+    # the prompting arms get the base model's context: 3 examples fit before every prompt
+    assert arms["few_shot"]["shots_mean"] == arms["retrieval"]["shots_mean"] == 3
+    assert evaluation["verdict"]["strongest_prompting_arm"] in ("few_shot", "retrieval")
+    assert arms["variant"]["tokens_per_request"] < arms["retrieval"]["tokens_per_request"]
     assert arms["variant"]["format"] >= 0.75 and arms["base"]["format"] == 0.0  # the house style is learned
     assert arms["variant"]["chrf"] > arms["base"]["chrf"]
     sample = evaluation["samples"][0]

@@ -32,8 +32,11 @@ def test_an_eval_set_of_many_blocks_is_scored_by_two_actors(ray_local, tmp_path,
     assert any("50 examples (< 100)" in w for w in result["warnings"])
     assert result["vs_base"]["outcome"] == "within_noise" and result["vs_base"]["difference"] == pytest.approx(0, abs=1e-6)
     assert result["arms"]["variant"]["loss"] == pytest.approx(result["arms"]["base"]["loss"], rel=1e-5)
-    few_shot = result["arms"]["few_shot"]
-    assert few_shot["shots_mean"] == 3 and few_shot["prompt_tokens_mean"] > 3 * result["arms"]["base"]["prompt_tokens_mean"]
+    for arm in ("few_shot", "retrieval"):  # 3 examples before each prompt, from 50 training records for retrieval
+        prompting = result["arms"][arm]
+        assert prompting["shots_mean"] == 3 and prompting["prompt_tokens_mean"] > 3 * result["arms"]["base"]["prompt_tokens_mean"]
+    assert result["verdict"]["strongest_prompting_arm"] in ("few_shot", "retrieval") and "retrieval" in result["comparisons"]
+    assert "retrieval from 50 training examples" in out
     assert [s["key"].rsplit(":", 1)[1] for s in result["samples"]] == ["1", "2", "3"]  # the first held-out records
     assert result["verdict"]["sentence"] in out and "warning: the training set has 50 examples" in out
 

@@ -97,7 +97,8 @@ def test_every_winner_carries_its_verdict(sweep, tmp_path):
         manifest = json.loads(s3_bytes(client, f"{winner['uri']}/winner.json"))
         assert manifest["eval"] == winner["eval"]
         assert winner["eval"]["verdict"] == evaluation["verdict"]
-        assert set(winner["eval"]["arms"]) == {"base", "few_shot", "variant"}
+        assert set(winner["eval"]["arms"]) == {"base", "few_shot", "retrieval", "variant"}
+        assert set(winner["eval"]["comparisons"]) == {"base", "few_shot", "retrieval"}
         # 8 steps at a learning rate that learns: the variant is ahead of the base model
         assert winner["eval"]["arms"]["variant"]["loss"] < winner["eval"]["arms"]["base"]["loss"]
     text = write_report("s3://sweeps/runs/lr-sweep", tmp_path / "report", client.meta.endpoint_url).read_text()

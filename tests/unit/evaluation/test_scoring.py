@@ -1,5 +1,6 @@
-"""The three arms on raw records, with the built-in model (no Ray): prompt token counts,
-how many shots fit, target-token losses and scored answers, checked by hand."""
+"""The arms on raw records, with the built-in model (no Ray): prompt token counts, how many
+shots fit, which examples retrieval puts before a prompt, target-token losses and scored
+answers, checked by hand."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ SHOTS = [{"instruction": "Reply in the house style.", "input": f"From {name}: wh
           "output": f"Hi {name}, thanks for writing.\nWarmly, the Northwind team"} for name in ("Ana", "Dev", "Kim")]
 
 
-def scorer(max_seq_len: int, regex: str | None = None) -> ArmScorer:
+def scorer(max_seq_len: int, regex: str | None = None, context: int | None = None) -> ArmScorer:
     job = config_from_dict({"model": {"max_seq_len": max_seq_len}, "data": {"train": "unused.jsonl"},
-                            "eval": {"few_shot": 3, "max_new_tokens": 12, "format_regex": regex}})
+                            "eval": {"few_shot": 3, "max_new_tokens": 12, "format_regex": regex,
+                                     "max_prompt_tokens": context}})
     tokenizer = load_tokenizer(job.model)
     shots = [shot_text(record_segments(s, "instruction", tokenizer), tokenizer.eos_token) for s in SHOTS]
     # the variant is the base model itself: the variant and base arms must agree exactly
@@ -46,14 +48,17 @@ def test_prompt_tokens_and_fitted_shots_are_counted_by_hand():
     example_len = 1 + sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t, _ in segments)
     shot_lens = [len(tokenizer(shot_text(record_segments(s, "instruction", tokenizer), tokenizer.eos_token),
                                add_special_tokens=False).input_ids) for s in SHOTS]
-    # room for exactly two of the three shots
-    max_len = example_len + shot_lens[0] + shot_lens[1] + shot_lens[2] // 2
-    [row] = score(scorer(max_len), json.dumps(RECORD))
-    assert row["shots"] == 2
+    # the prompting context has room for exactly two of the three shots
+    context = example_len + shot_lens[0] + shot_lens[1] + shot_lens[2] // 2
+    [row] = score(scorer(example_len, context=context), json.dumps(RECORD))
+    assert row["few_shot_shots"] == 2 and row["context"] == context
     assert row["base_prompt_tokens"] == row["variant_prompt_tokens"] == 1 + prompt_len
     assert row["few_shot_prompt_tokens"] == 1 + prompt_len + shot_lens[0] + shot_lens[1]
-    [tight] = score(scorer(example_len), json.dumps(RECORD))
-    assert tight["shots"] == 0 and tight["few_shot_prompt_tokens"] == 1 + prompt_len
+    [tight] = score(scorer(example_len, context=example_len), json.dumps(RECORD))
+    assert tight["few_shot_shots"] == 0 and tight["few_shot_prompt_tokens"] == 1 + prompt_len
+    # the default context is the base model's window, not the training length
+    [fair] = score(scorer(example_len), json.dumps(RECORD))
+    assert fair["context"] == 1024 and fair["few_shot_shots"] == 3
 
 
 def test_losses_are_on_the_target_tokens_and_equal_for_equal_weights():
@@ -75,7 +80,7 @@ def test_generated_answers_are_scored_against_the_reference():
     first, second = score(s, json.dumps(RECORD), json.dumps(RECORD))
     assert first["generated"] and not second["generated"]  # only the keys the driver chose
     assert first["reference"] == RECORD["output"]
-    for arm in ("base", "few_shot", "variant"):
+    for arm in ("base", "few_shot", "retrieval", "variant"):
         answer = first[f"{arm}_answer"]
         assert first[f"{arm}_exact"] == metrics.exact_match(answer, RECORD["output"])
         assert first[f"{arm}_chrf"] == pytest.approx(metrics.chrf(answer, RECORD["output"]))
@@ -100,7 +105,7 @@ def test_adapters_run_on_the_base_they_trained_on(method, tmp_path):
     [row] = score(s, json.dumps(RECORD))
     # a fresh adapter changes nothing yet (LoRA's B starts at zero)
     assert row["variant_loss_sum"] == pytest.approx(row["base_loss_sum"], rel=1e-5)
-    assert row["base_tokens"] > 0 and math.isfinite(row["base_loss_sum"]) and row["shots"] == 0
+    assert row["base_tokens"] > 0 and math.isfinite(row["base_loss_sum"]) and row["few_shot_shots"] == 0
 
 
 def test_a_pair_is_scored_on_its_chosen_and_on_its_rejected_answer():
@@ -117,3 +122,21 @@ def test_a_pair_is_scored_on_its_chosen_and_on_its_rejected_answer():
         assert row[f"{arm}_rejected_tokens"] == other[f"{arm}_tokens"] > 0
     [plain] = score(scorer(256), json.dumps(RECORD))
     assert math.isnan(plain["base_rejected_loss_sum"]) and plain["base_rejected_tokens"] == 0
+
+
+def test_retrieval_puts_the_most_similar_training_examples_before_the_prompt():
+    job = config_from_dict({"model": {"max_seq_len": 256}, "data": {"train": "unused.jsonl"}, "eval": {"few_shot": 2}})
+    tokenizer = load_tokenizer(job.model)
+    pool = [{"instruction": "Reply in the house style.", "input": text, "output": f"Hi {name}, on it.\nWarmly"}
+            for name, text in (("Ana", "From Ana: my tent pole snapped."), ("Dev", "From Dev: where is my order?"),
+                               ("Kim", "From Kim: the tent fabric is torn."), ("Lee", "From Lee: a refund please."))]
+    segments = [record_segments(r, "instruction", tokenizer) for r in pool]
+    s = ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), [], "instruction", {}, generate_keys=[],
+                  pool={"prompts": [seg[0][0] for seg in segments],
+                        "shots": [shot_text(seg, tokenizer.eos_token) for seg in segments]})
+    example = s.prepare(json.dumps(RECORD), "")  # "From Ben: my tent is torn."
+    nearest = [tokenizer.decode(ids) for ids in example["prefixes"]["retrieval"]]
+    assert "From Kim:" in nearest[0] and "From Ana:" in nearest[1]  # the torn tent, then the tent
+    [row] = score(s, json.dumps(RECORD))
+    assert row["retrieval_shots"] == 2 and row["few_shot_shots"] == 0  # no fixed shots were given
+    assert row["retrieval_prompt_tokens"] == row["base_prompt_tokens"] + sum(map(len, example["prefixes"]["retrieval"]))
