@@ -1,22 +1,31 @@
-"""ft-ray's training step against the usual recipe, Hugging Face Trainer + PEFT with padded
-batches, on the same model shape, data, sequence budget and device, in one run.
+"""ft-ray's training step against its peers on the same model shape, data, sequence budget
+and device, in one run:
 
-    python -m bench.train --mode lora [--records 2000] [--repeat 3] [--passes 3] [--device cpu|cuda]
+    python -m bench.train --mode lora [--baselines hf,trl,unsloth] [--records 2000] [--repeat 3] [--passes 3]
+                          [--device cpu|cuda]
 
-Both arms train `--passes` epochs (default 1) over the same tokenized examples (same loss masks) with the same
-micro batch size (sequences per step) and `--max-seq-len`: the baseline pads each batch to
-its longest example, ft-ray packs examples into full sequences (attention kept inside each
-example by restarting position ids) and uses its own engine (fused AdamW by default, liger
-kernels on CUDA). Tokens/s counts real tokens only (no padding), the same count in both arms.
-Both arms time the steps after the first `--warmup-steps` (CUDA/cuBLAS set-up, Triton
-compiles of fused kernels), and each later pass whole; an arm's figure is the median of its
-passes (repeats without reloading the model: what a GPU's short lease allows), the printed
-figures the medians over `--repeat` runs of both arms. Each arm runs in a fresh subprocess, so its peak memory is its own (peak RSS on CPU, peak
-allocated GPU memory on CUDA). On CPU the model is the built-in tiny Llama; on CUDA a
-Llama-3.2-1B-shaped model (random init, no download) in bf16 at sequence length 2048.
+The peers (`--baselines`, default all three; one that cannot run here is reported "not
+available" with the reason, never dropped): `hf`, Hugging Face Trainer + PEFT with padded
+batches (the usual recipe, the floor); `trl`, TRL's SFTTrainer at its best documented
+settings (packed with best-fit decreasing, padding-free, liger kernels on CUDA, fused AdamW;
+TRL's default gradient checkpointing and bf16 set as ft-ray's arm has them); `unsloth`
+(CUDA), its FastLanguageModel under the same SFTTrainer. Every arm trains the same token ids
+with the same loss masks, LoRA rank and targets (or full), micro batch size (sequences per
+step) and `--max-seq-len`; ft-ray packs examples into full sequences (attention kept inside
+each example by restarting position ids) and uses its own engine (fused AdamW by default,
+liger kernels on CUDA). Tokens/s counts real tokens only (no padding), the same count in
+every arm. Every arm times the steps after the first `--warmup-steps` (CUDA/cuBLAS set-up,
+Triton compiles of fused kernels), and each later pass whole; an arm's figure is the median
+of its passes (repeats without reloading the model: what a GPU's short lease allows), the
+printed figures the medians over `--repeat` runs. Each arm runs in a fresh subprocess, so
+its peak memory is its own (peak RSS on CPU, peak allocated GPU memory on CUDA). On CPU the
+model is the built-in tiny Llama; on CUDA a Llama-3.2-1B-shaped model (random init, no
+download) in bf16 at sequence length 2048.
 
-The last line printed is one JSON object: mode, device, ft_ray_tokens_per_s,
-baseline_tokens_per_s, ratio, ft_ray_peak_mem_mb, baseline_peak_mem_mb, mfu (medians).
+The last line printed is one JSON object: mode, device, ft_ray_tokens_per_s, ratios (ft-ray's
+tokens/s over each peer's), arms (each peer's tokens/s, peak memory, first/last loss, steps,
+settings, or why it is not available), mfu (medians); baseline_tokens_per_s, ratio and
+baseline_peak_mem_mb are the hf arm's, as earlier results name them.
 """
 
 from __future__ import annotations
@@ -160,6 +169,8 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
             "memory_phases_mb": phases,
             "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
             "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
+            "optimizer": "fused AdamW" if config.train.fused_optimizer else "AdamW",
+            "settings": "packed sequences, per-example attention spans",
             "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
 
 
@@ -217,12 +228,12 @@ def use_fused_kernels_applied(model: Any) -> bool:
     return any(liger_patched(m) for m in model.modules())
 
 
-def baseline_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
-    """The usual recipe: HF Trainer, PEFT LoRA (QLoRA: 4-bit base), padded batches."""
+def hf_model(config: Any) -> tuple[Any, Any, str]:
+    """(model, tokenizer, device) as the Trainer-based arms load them: PEFT LoRA on all linear
+    layers (QLoRA: on a 4-bit NF4 base), bf16 on CUDA."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from ft_ray.models import ASSETS, load_tokenizer
 
@@ -240,33 +251,112 @@ def baseline_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) ->
     if config.method != "full":
         model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    tokenizer = load_tokenizer(config.model)
-    device = "cuda" if gpu else "cpu"
-    steps = {"done": 0}
-    clock = PassClock(device, math.ceil(len(data) / config.train.micro_batch_size), warmup)
+    return model, load_tokenizer(config.model), "cuda" if gpu else "cpu"
 
-    class TimedTrainer(Trainer):
-        """Counts the real tokens of each step, per pass over the data (epoch)."""
+
+def timed(trainer_class: type, clock: "PassClock", tokens_of: Any, losses: list) -> type:
+    """`trainer_class` counting the real tokens of each step per pass (epoch), keeping the
+    loss of the first and the last step (a sync only there)."""
+
+    class Timed(trainer_class):
+        done = 0
 
         def training_step(self, model, inputs, *args, **kwargs):
-            clock.before_step(steps["done"])
-            steps["done"] += 1
-            clock.add(int(inputs["attention_mask"].sum()))
-            return super().training_step(model, inputs, *args, **kwargs)
+            clock.before_step(Timed.done)
+            Timed.done += 1
+            clock.add(tokens_of(inputs))
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            if Timed.done == 1 or Timed.done == self.state.max_steps:
+                losses.append(round(float(loss), 3))
+            return loss
 
+    return Timed
+
+
+def hf_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
+    """The usual recipe: HF Trainer, PEFT LoRA (QLoRA: 4-bit base), padded batches."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model, tokenizer, device = hf_model(config)
+    clock, losses = PassClock(device, math.ceil(len(data) / config.train.micro_batch_size), warmup), []
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
                                  num_train_epochs=passes, learning_rate=config.train.learning_rate,
                                  lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
-                                 report_to=[], use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0,
+                                 report_to=[], use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
                                  remove_unused_columns=False, disable_tqdm=True, seed=0)
-        trainer = TimedTrainer(model=model, args=args, train_dataset=[dict(e) for e in data],
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        trainer = timed(Trainer, clock, lambda inputs: int(inputs["attention_mask"].sum()), losses)(
+            model=model, args=args, train_dataset=[dict(e) for e in data],
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer.train()
         clock.close()
     return {"tokens_per_s": statistics.median(clock.rates), "pass_tokens_per_s": [round(r) for r in clock.rates],
             "steps": clock.per_pass, "optimizer": args.optim, "attention": model.config._attn_implementation,
-            "peak_mem_mb": peak_memory_mb(device)}
+            "peak_mem_mb": peak_memory_mb(device), "loss_first_last": losses, "settings": "padded batches"}
+
+
+def trl_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
+    """TRL's SFTTrainer at its best documented settings on the PEFT model the hf arm trains."""
+    model, tokenizer, device = hf_model(config)
+    return sft_trainer_run(config, data, warmup, passes, model, tokenizer, device)
+
+
+def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, model: Any, tokenizer: Any,
+                    device: str) -> dict[str, Any]:
+    """TRL's SFTTrainer: packed with best-fit decreasing and no padding (position ids restart
+    per example), the same labels (the same loss masks), liger kernels on CUDA, fused AdamW.
+    TRL's defaults of gradient checkpointing and bf16 are set as ft-ray's arm has them (off;
+    bf16 only on CUDA)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    gpu = device == "cuda"
+    try:
+        import liger_kernel  # noqa: F401
+        liger = gpu
+    except ImportError:
+        liger = False
+    clock, losses = PassClock(device, 1, warmup), []
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
+                         num_train_epochs=passes, learning_rate=config.train.learning_rate,
+                         lr_scheduler_type="constant", logging_strategy="no", save_strategy="no", report_to=[],
+                         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False, dataloader_num_workers=0,
+                         disable_tqdm=True, seed=0, packing=True, packing_strategy="bfd", padding_free=True,
+                         max_length=config.model.max_seq_len, use_liger_kernel=liger, optim="adamw_torch_fused")
+        train = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data])
+        trainer = timed(SFTTrainer, clock, lambda inputs: int(inputs["input_ids"].numel()), losses)(
+            model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        clock.per_pass = math.ceil(len(trainer.train_dataset) / config.train.micro_batch_size)  # packed sequences
+        trainer.train()
+        clock.close()
+    return {"tokens_per_s": statistics.median(clock.rates), "pass_tokens_per_s": [round(r) for r in clock.rates],
+            "steps": clock.per_pass, "optimizer": args.optim, "attention": model.config._attn_implementation,
+            "peak_mem_mb": peak_memory_mb(device), "loss_first_last": losses, "liger": liger,
+            "settings": "packing bfd, padding_free, gradient_checkpointing off, " + ("bf16" if gpu else "fp32")}
+
+
+def unsloth_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
+    """Unsloth's FastLanguageModel (its kernels and LoRA) under TRL's SFTTrainer, with the
+    settings its documentation recommends (CUDA only). Not yet run: no GPU image here has it."""
+    if not config.distributed.use_gpu:
+        raise ImportError("unsloth needs a CUDA GPU")
+    import torch
+    import unsloth  # noqa: F401 - first: it patches transformers and TRL on import
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=config.model.name_or_path, max_seq_length=config.model.max_seq_len, dtype=torch.bfloat16,
+        load_in_4bit=config.method == "qlora", full_finetuning=config.method == "full")
+    if config.method != "full":
+        model = FastLanguageModel.get_peft_model(
+            model, r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=0.0, bias="none",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            use_gradient_checkpointing=False)
+    return sft_trainer_run(config, data, warmup, passes, model, tokenizer, "cuda")
+
+
+ARMS = {"ft-ray": ft_ray_arm, "hf": hf_arm, "trl": trl_arm, "unsloth": unsloth_arm}
 
 
 def run_arm(args: argparse.Namespace) -> None:
@@ -276,7 +366,10 @@ def run_arm(args: argparse.Namespace) -> None:
     config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels,
                         args.train)
     data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
-    figures = (ft_ray_arm if args.arm == "ft-ray" else baseline_arm)(config, data, args.warmup_steps, args.passes)
+    try:
+        figures = ARMS[args.arm](config, data, args.warmup_steps, args.passes)
+    except ImportError as e:  # an arm whose library is not installed here: said, never dropped silently
+        figures = {"not_available": f"{type(e).__name__}: {e}"}
     print(json.dumps(figures))
 
 
@@ -311,7 +404,10 @@ def main() -> None:
     parser.add_argument("--model-dir", help="CUDA: where the random 1B model is written (or reused, if there)")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                         help="a train setting of ft-ray's arm, e.g. recompute_swiglu=false (repeatable)")
-    parser.add_argument("--arm", choices=["ft-ray", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--baselines", default="hf,trl,unsloth", help=(
+        "peers measured against ft-ray, comma-separated: hf (Trainer + PEFT, padded), trl (SFTTrainer, packed, "
+        "padding-free), unsloth (CUDA); one that cannot run here is reported as not available"))
+    parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--fused-kernels", default="auto", help=argparse.SUPPRESS)
@@ -332,19 +428,21 @@ def main() -> None:
         corpus = Path(tmp) / "corpus"
         write_corpus(corpus, records=args.records or (4000 if gpu else 600), files=1)
         model = make_model(args.device, Path(args.model_dir or Path(tmp) / "model"))
-        runs: dict[str, list[dict]] = {"ft-ray": [], "baseline": []}
+        peers = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        unknown = [b for b in peers if b not in ARMS or b == "ft-ray"]
+        if unknown:
+            raise SystemExit(f"--baselines: unknown {unknown}; known: hf, trl, unsloth")
+        runs: dict[str, list[dict]] = {arm: [] for arm in ["ft-ray", *peers]}
         for _ in range(args.repeat):
-            for arm in ("baseline", "ft-ray"):
+            for arm in [*peers, "ft-ray"]:
+                if runs[arm] and "not_available" in runs[arm][-1]:
+                    continue  # it will not import the next time either
                 runs[arm].append(arm_in_subprocess(arm, args, model, corpus))
-            base, ours = runs["baseline"][-1], runs["ft-ray"][-1]
-            print(f"{args.mode} on {args.device}: ft-ray {ours['tokens_per_s']:,.0f} tokens/s "
-                  f"({ours['steps']} steps of packed sequences, peak {ours['peak_mem_mb']:,.0f} MiB); "
-                  f"HF Trainer + PEFT {base['tokens_per_s']:,.0f} tokens/s ({base['steps']} padded steps, "
-                  f"peak {base['peak_mem_mb']:,.0f} MiB); ratio {ours['tokens_per_s'] / base['tokens_per_s']:.2f}; "
-                  f"ft-ray loss first/last {ours.get('loss_first_last')}", flush=True)
+            print(" | ".join(describe_arm(arm, results[-1]) for arm, results in runs.items()), flush=True)
+            ours = runs["ft-ray"][-1]
             if args.passes > 1:
-                print(f"  per pass, tokens/s: ft-ray {ours['pass_tokens_per_s']}, baseline {base['pass_tokens_per_s']}",
-                      flush=True)
+                print("  per pass, tokens/s: " + ", ".join(f"{arm} {r[-1].get('pass_tokens_per_s')}"
+                                                          for arm, r in runs.items()), flush=True)
             if ours.get("memory_phases_mb"):
                 print("ft-ray peak MiB by phase of one step:",
                       {k: round(v) for k, v in ours["memory_phases_mb"].items()}, flush=True)
@@ -353,16 +451,30 @@ def main() -> None:
         values = [r[key] for r in runs[arm] if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    ours, base = median("ft-ray", "tokens_per_s"), median("baseline", "tokens_per_s")
+    ours = median("ft-ray", "tokens_per_s")
+    arms = {arm: ({"not_available": results[0]["not_available"]} if "not_available" in results[0] else {
+        "tokens_per_s": round(median(arm, "tokens_per_s"), 1), "peak_mem_mb": round(median(arm, "peak_mem_mb"), 1),
+        "loss_first_last": results[0].get("loss_first_last"), "steps": results[0].get("steps"),
+        "attention": results[0].get("attention"), "optimizer": results[0].get("optimizer"),
+        "settings": results[0].get("settings")}) for arm, results in runs.items()}
+    ratios = {arm: round(ours / figures["tokens_per_s"], 3) for arm, figures in arms.items()
+              if arm != "ft-ray" and "tokens_per_s" in figures}
+    hf = arms.get("hf", {})
     print(json.dumps({
         "mode": args.mode, "device": device_name(args.device), "ft_ray_tokens_per_s": round(ours, 1),
-        "baseline_tokens_per_s": round(base, 1), "ratio": round(ours / base, 3),
-        "ft_ray_peak_mem_mb": round(median("ft-ray", "peak_mem_mb"), 1),
-        "baseline_peak_mem_mb": round(median("baseline", "peak_mem_mb"), 1),
+        "ratios": ratios, "arms": arms, "baseline_tokens_per_s": hf.get("tokens_per_s"), "ratio": ratios.get("hf"),
+        "ft_ray_peak_mem_mb": arms["ft-ray"]["peak_mem_mb"], "baseline_peak_mem_mb": hf.get("peak_mem_mb"),
         "mfu": median("ft-ray", "mfu"), "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch,
-        "repeats": args.repeat, "passes": args.passes, "warmup_steps": args.warmup_steps, "ft_ray_train_settings": args.train,
-        "baseline_optimizer": runs["baseline"][0].get("optimizer"), "attention": runs["ft-ray"][0].get("attention"),
-        "liger": runs["ft-ray"][0].get("liger"), "baseline_attention": runs["baseline"][0].get("attention")}))
+        "repeats": args.repeat, "passes": args.passes, "warmup_steps": args.warmup_steps,
+        "ft_ray_train_settings": args.train, "liger": runs["ft-ray"][0].get("liger")}))
+
+
+def describe_arm(arm: str, figures: dict) -> str:
+    """One arm's figures of one run, for the progress lines."""
+    if "not_available" in figures:
+        return f"{arm}: not available ({figures['not_available']})"
+    return (f"{arm} {figures['tokens_per_s']:,.0f} tokens/s ({figures['steps']} steps, peak "
+            f"{figures['peak_mem_mb']:,.0f} MiB, loss {figures.get('loss_first_last')})")
 
 
 def device_name(device: str) -> str:
