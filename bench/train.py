@@ -228,6 +228,12 @@ def use_fused_kernels_applied(model: Any) -> bool:
     return any(liger_patched(m) for m in model.modules())
 
 
+# ft-ray's schedule (engine_api.warmup_cosine with no warmup: cosine decay to 0.1 of the rate over
+# the run) for the Trainer-based arms, so the first and last losses of every arm compare
+SAME_SCHEDULE = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+                 "warmup_steps": 0}
+
+
 def hf_model(config: Any) -> tuple[Any, Any, str]:
     """(model, tokenizer, device) as the Trainer-based arms load them: PEFT LoRA on all linear
     layers (QLoRA: on a 4-bit NF4 base), bf16 on CUDA."""
@@ -282,7 +288,7 @@ def hf_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
                                  num_train_epochs=passes, learning_rate=config.train.learning_rate,
-                                 lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+                                 **SAME_SCHEDULE, logging_strategy="no", save_strategy="no",
                                  report_to=[], use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
                                  remove_unused_columns=False, disable_tqdm=True, seed=0)
         trainer = timed(Trainer, clock, lambda inputs: int(inputs["attention_mask"].sum()), losses)(
@@ -320,7 +326,7 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
                          num_train_epochs=passes, learning_rate=config.train.learning_rate,
-                         lr_scheduler_type="constant", logging_strategy="no", save_strategy="no", report_to=[],
+                         **SAME_SCHEDULE, logging_strategy="no", save_strategy="no", report_to=[],
                          use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False, dataloader_num_workers=0,
                          disable_tqdm=True, seed=0, packing=True, packing_strategy="bfd", padding_free=True,
                          max_length=config.model.max_seq_len, use_liger_kernel=liger, optim="adamw_torch_fused")
