@@ -266,6 +266,7 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
     result = summarize(config, {k: np.array(v) for k, v in columns.items()},
                        {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples)
     result.update({"variant": target.weights, "base_model": config.model.name_or_path, "actors": actors,
+                   "retrieval_pool": len(pool["prompts"]),  # the training examples retrieval searched
                    "wall_time_s": round(time.monotonic() - started, 1)})
     target.folder.write_json("eval.json", result)
     print_result(result, target.folder.uri_of("eval.json"))

@@ -36,7 +36,7 @@ def test_an_eval_set_of_many_blocks_is_scored_by_two_actors(ray_local, tmp_path,
         prompting = result["arms"][arm]
         assert prompting["shots_mean"] == 3 and prompting["prompt_tokens_mean"] > 3 * result["arms"]["base"]["prompt_tokens_mean"]
     assert result["verdict"]["strongest_prompting_arm"] in ("few_shot", "retrieval") and "retrieval" in result["comparisons"]
-    assert "retrieval from 50 training examples" in out
+    assert "retrieval from 50 training examples" in out and result["retrieval_pool"] == 50
     assert [s["key"].rsplit(":", 1)[1] for s in result["samples"]] == ["1", "2", "3"]  # the first held-out records
     assert result["verdict"]["sentence"] in out and "warning: the training set has 50 examples" in out
 
