@@ -421,28 +421,34 @@ def cluster_nodes(address: str) -> list[dict]:
                                                          raise_on_missing_output=False)]
 
 
+def cluster_fit(config: JobConfig, address: str) -> tuple[bool, str]:
+    """Whether the job (a sweep: its largest trial) fits the GPUs of the cluster at `address`,
+    and a line saying so (`fit_line`)."""
+    if not config.distributed.use_gpu:
+        return True, "plan: a CPU job"
+    shape, _ = model_shape(config, network=False)
+    return fit_line(worst_case(config, shape)[1], cluster_gpus(cluster_nodes(address)))
+
+
+def fit_line(plan: Plan, gpus: list[tuple[str, float]]) -> tuple[bool, str]:
+    """Whether a worker's plan fits the smallest of these GPUs ((type, MiB) as `cluster_gpus`
+    gives them), and a line saying so. With no GPU up (an autoscaling cluster starts its GPU
+    nodes for the job) or none of a type ft-ray knows, nothing is checked: it fits."""
+    peak = f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker"
+    if not gpus:
+        return True, f"{peak}; no GPU node is up on the cluster now (autoscaling?): not checked"
+    known = [memory for _, memory in gpus if memory]
+    if not known:
+        return True, f"{peak}; the cluster's GPU type ({gpus[0][0]}) is unknown to ft-ray: not checked"
+    kinds = ", ".join(sorted({kind for kind, _ in gpus}))
+    return plan.fits(min(known)), f"{peak}; the cluster's smallest GPU ({kinds}) has {min(known) / 1024:.1f} GiB"
+
+
 def smallest_gpu(address: str) -> tuple[str, float | None]:
     """(the GPU types, the smallest known GPU's memory in MiB or None) of the cluster at `address`."""
     gpus = cluster_gpus(cluster_nodes(address))
     known = [memory for _, memory in gpus if memory]
     return ", ".join(sorted({k for k, _ in gpus})) or "none", (min(known) if known else None)
-
-
-def cluster_fit(config: JobConfig, address: str) -> tuple[bool, str]:
-    """Whether the job (a sweep: its largest trial) fits the GPUs of the cluster at `address`,
-    and a line saying so. A CPU job, or a cluster whose GPUs are of an unknown type, fits."""
-    if not config.distributed.use_gpu:
-        return True, "plan: a CPU job"
-    shape, _ = model_shape(config, network=False)
-    _, plan = worst_case(config, shape)
-    kinds, smallest = smallest_gpu(address)
-    if kinds == "none":
-        return False, f"plan: the cluster at {address} has no GPU; the job asks for {config.distributed.max_workers}"
-    if smallest is None:
-        return True, f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's GPU type is unknown to ft-ray"
-    line = (f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's smallest GPU ({kinds}) has "
-            f"{smallest / 1024:.1f} GiB")
-    return plan.fits(smallest), line
 
 
 def gpu_share(peak_mib: float, gpu_mib: float) -> tuple[float, str]:

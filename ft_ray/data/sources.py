@@ -115,7 +115,7 @@ def hf_files(source: SourceConfig, key: str) -> tuple[pafs.FileSystem, list[str]
     offline mode (`HF_HUB_OFFLINE=1`), the Arrow files of the dataset in the local cache."""
     split = source.split or "train"
     try:
-        urls, cached = _hf_split_files(source.hf, source.subset, source.revision, split)
+        urls = _hf_split_files(source.hf, source.subset, source.revision, split)
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
     except Exception as e:  # noqa: BLE001 - no network, no such dataset, no such revision: said as it is
@@ -133,8 +133,8 @@ def hf_files(source: SourceConfig, key: str) -> tuple[pafs.FileSystem, list[str]
 
 
 @functools.lru_cache(maxsize=16)
-def _hf_split_files(name: str, subset: str | None, revision: str | None, split: str) -> tuple[list[str], bool]:
-    """(the split's files, whether they come from the offline cache)."""
+def _hf_split_files(name: str, subset: str | None, revision: str | None, split: str) -> list[str]:
+    """The split's files: as the dataset names them, or in offline mode the cached Arrow files."""
     import datasets
 
     builder = datasets.load_dataset_builder(name, subset, revision=revision)
@@ -143,12 +143,11 @@ def _hf_split_files(name: str, subset: str | None, revision: str | None, split: 
         available = list(builder.info.splits or {})
         if split not in available:
             raise DataError(f"{name} has no split {split!r} in the local cache (it has {', '.join(available)})")
-        cached = sorted(str(p) for p in Path(builder.cache_dir).glob(f"{builder.dataset_name}-{split}*.arrow"))
-        return cached, True
+        return sorted(str(p) for p in Path(builder.cache_dir).glob(f"{builder.dataset_name}-{split}*.arrow"))
     if split not in files:
         raise DataError(f"{name} has no split {split!r} (it has {', '.join(str(s) for s in files)}); "
                         "set split in the source")
-    return [str(f) for f in files[split]], False
+    return [str(f) for f in files[split]]
 
 
 def common_folder(files: list[str]) -> str:

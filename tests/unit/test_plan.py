@@ -169,3 +169,16 @@ def test_a_sweep_of_small_trials_takes_a_share_of_each_gpu_and_runs_that_many_mo
     two_workers = job(distributed={"num_workers": 2, "use_gpu": True, "gpus_per_worker": "auto"},
                       tune={"search_space": {"lora.rank": {"choice": [4]}}})
     assert with_gpu_share(two_workers, nodes).distributed.gpus_per_worker == 1.0
+
+
+def test_a_cluster_without_gpus_up_or_of_unknown_type_is_not_held_against_the_job():
+    from ft_ray.plan import fit_line
+
+    plan = plan_memory(job(distributed={"use_gpu": True}), model_shape(job())[0])
+    assert fit_line(plan, [("A10G", 22_888.0), ("H100", 76_294.0)]) == (
+        True, f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker; the cluster's smallest GPU (A10G, H100) has 22.4 GiB")
+    assert not fit_line(plan, [("T4", plan.peak_mib - 1)])[0]
+    fits, line = fit_line(plan, [])  # an autoscaling cluster whose GPU nodes start with the job
+    assert fits and "no GPU node is up on the cluster now" in line
+    fits, line = fit_line(plan, [("B300", 0.0)])
+    assert fits and "(B300) is unknown to ft-ray" in line
