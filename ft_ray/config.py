@@ -6,6 +6,7 @@ with the key, the file and the line, instead of being silently ignored by a work
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -474,6 +475,28 @@ def impossible_combinations(job: JobConfig) -> list[str]:
             problems.append(f"data.format: objective {job.objective} trains on format {' or '.join(allowed)}, "
                             f"not {source.format} (source {source.where})")
     return problems
+
+
+def with_overrides(base: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of a job dict with dotted keys set; a section on the way that does not exist
+    raises KeyError (a leaf that does not exist is left for the schema to reject)."""
+    job = copy.deepcopy(base)
+    for key, value in overrides.items():
+        node, parts = job, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(key)
+            node = node[part]
+        node[parts[-1]] = value
+    return job
+
+
+def edge_values(spec: dict) -> list[Any]:
+    """The values at the edges of a search-space entry ({grid|choice: [..]} all of them; a range its ends)."""
+    kind, values = next(iter(spec.items()))
+    if kind == "randint":
+        return [values[0], values[1] - 1]
+    return list(values)
 
 
 def sweep_name(config: JobConfig) -> str:

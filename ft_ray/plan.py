@@ -19,7 +19,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ft_ray.config import InputError, JobConfig
+from ft_ray.config import InputError, JobConfig, edge_values, with_overrides
 
 MIB = 2 ** 20
 # Saved tensors the per-layer list leaves out (views autograd makes contiguous, kernels' own
@@ -323,15 +323,13 @@ def worst_case(config: JobConfig, shape: Shape) -> tuple[JobConfig, Plan]:
     range) and its plan."""
     import itertools
 
-    from ft_ray.tune import _edge_values, with_overrides
-
     space = config.tune.search_space if config.tune else {}
     if not space:
         return config, plan_memory(config, shape)
     base = config.model_dump(mode="json")
     keys = list(space)
     worst: tuple[JobConfig, Plan] | None = None
-    for values in itertools.islice(itertools.product(*(_edge_values(space[k]) for k in keys)), 256):
+    for values in itertools.islice(itertools.product(*(edge_values(space[k]) for k in keys)), 256):
         trial = JobConfig.model_validate(with_overrides(base, dict(zip(keys, values))))
         plan = plan_memory(trial, shape)
         if worst is None or plan.peak_mib > worst[1].peak_mib:

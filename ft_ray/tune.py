@@ -11,7 +11,6 @@ Layout of a sweep folder (`<storage.path>/<tune.name>/`):
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from typing import Any, Callable
@@ -19,7 +18,8 @@ from typing import Any, Callable
 from pydantic import ValidationError
 from ray.tune import Callback
 
-from ft_ray.config import ConfigError, InputError, JobConfig, TuneConfig, dump_yaml, sweep_name
+from ft_ray.config import (ConfigError, InputError, JobConfig, TuneConfig, dump_yaml, edge_values, sweep_name,
+                           with_overrides)
 from ft_ray.console import LOG, TERMINAL, quiet
 from ft_ray.storage import RunFolder
 from ft_ray.tracking import TrialRuns
@@ -48,7 +48,7 @@ def check_search_space(config: JobConfig) -> None:
         if problem:
             problems.append(f"{where}: {problem}")
             continue
-        for value in _edge_values(spec):
+        for value in edge_values(spec):
             problem = _value_problem(base, key, value)
             if problem:
                 problems.append(f"{where}: {problem}")
@@ -76,13 +76,6 @@ def _spec_problem(spec: dict, search_alg: str) -> str | None:
     return None
 
 
-def _edge_values(spec: dict) -> list[Any]:
-    kind, values = next(iter(spec.items()))
-    if kind == "randint":
-        return [values[0], values[1] - 1]
-    return list(values)
-
-
 def _value_problem(base: dict, key: str, value: Any) -> str | None:
     try:
         JobConfig.model_validate(with_overrides(base, {key: value}))
@@ -95,20 +88,6 @@ def _value_problem(base: dict, key: str, value: Any) -> str | None:
             return "not a key of the job schema (see ft_ray/config.py)"
         return f"value {value!r}: {loc}: {first['msg']}"
     return None
-
-
-def with_overrides(base: dict, overrides: dict[str, Any]) -> dict:
-    """A copy of a job dict with dotted keys set; a section on the way that does not exist
-    raises KeyError (a leaf that does not exist is left for the schema to reject)."""
-    job = copy.deepcopy(base)
-    for key, value in overrides.items():
-        node, parts = job, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise KeyError(key)
-            node = node[part]
-        node[parts[-1]] = value
-    return job
 
 
 def param_space(tune: TuneConfig) -> dict[str, Any]:
