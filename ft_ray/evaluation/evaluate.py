@@ -142,35 +142,16 @@ def first_held_out(config: JobConfig, source: SourceConfig, key: str, split: flo
             return
 
 
-def few_shot_examples(config: JobConfig, tokenizer: Any, count: int) -> list[str]:
-    """The first `count` usable training records (never held-out ones), as prompt texts."""
-    data = config.data
-    split = None if data.eval else data.eval_fraction
-    shots: list[str] = []
-    for key, source in data.keyed_sources():
-        fmt, _ = choose_format(source, config.storage, key)
-        for _, _, text, error in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
-            if len(shots) == count:
-                return shots
-            if split is not None and eval_bucket(text) < split:
-                continue
-            try:
-                segments = record_to_segments(text, error, fmt, source.fields, tokenizer)
-            except RecordError:
-                continue
-            shots.append(shot_text(segments, tokenizer.eos_token or ""))
-    return shots
-
-
-def retrieval_pool(config: JobConfig) -> dict[str, list[str]]:
-    """The retrieval arm's examples: the first `eval.retrieval_pool` usable training records
-    (never held-out ones), each as its prompt (what is searched) and its shot text (what goes
-    before a prompt), read and parsed by Ray Data tasks."""
+def training_examples(config: JobConfig, count: int) -> dict[str, list[str]]:
+    """The first `count` usable training records (never held-out ones), each as its prompt
+    (what retrieval searches) and its shot text (what goes before a prompt), read and parsed
+    by Ray Data tasks in file order: the few-shot arm's examples are the first, the retrieval
+    arm searches the first `eval.retrieval_pool`."""
     data = config.data
     split = None if data.eval else data.eval_fraction
     pool: dict[str, list[str]] = {"prompts": [], "shots": []}
     for key, source in data.keyed_sources():
-        room = config.eval.retrieval_pool - len(pool["prompts"])
+        room = count - len(pool["prompts"])
         if room <= 0:
             break
         fmt, _ = choose_format(source, config.storage, key)
@@ -227,16 +208,15 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from ft_ray.models import load_tokenizer
     from ft_ray.train.trainer import connect_ray
 
     started = time.monotonic()
     connect_ray(config)
     settings = config.eval
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    tokenizer = load_tokenizer(config.model)
-    shots = few_shot_examples(config, tokenizer, settings.few_shot)
-    pool = retrieval_pool(config)
+    examples = training_examples(config, max(settings.few_shot, settings.retrieval_pool))
+    shots = examples["shots"][:settings.few_shot]
+    pool = {part: texts[:settings.retrieval_pool] for part, texts in examples.items()}
     actors = actor_count(config)
     columns: dict[str, list] = {}
     for source, key, split in held_out_sources(config):
