@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,12 +100,46 @@ def s3_server():
     server.wait(10)
 
 
+def piped(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """`ft-ray ARGS > out.txt 2>&1` as a user (or CI, or `ray job logs`) would run it, with its
+    own local Ray: (exit code, output)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FT_RAY_VERBOSE")}
+    with open(tmp_path / "out.txt", "w") as out:
+        code = subprocess.run([sys.executable, "-m", "ft_ray", *args], stdout=out, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPO, timeout=900).returncode
+    return code, (tmp_path / "out.txt").read_text()
+
+
 def make_bucket(endpoint: str, name: str):
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return client
+
+
+@pytest.fixture(scope="session")
+def demo_sweep(s3_server, tmp_path_factory) -> dict:
+    """`make demo-sweep` (`ft-ray tune configs/sweep-tiny.yaml`) piped to a file, storing in the
+    local S3 server, every trial in W&B offline, the winners evaluated; run once, read by the
+    demo tests (its winner against the demo run) and the sweep tests (trials, winners, W&B,
+    report). Returns its summary, output, store client and folders."""
+    tmp = tmp_path_factory.mktemp("demo-sweep")
+    client = make_bucket(s3_server, "demo-sweeps")
+    code, out = piped(tmp, "tune", str(REPO / "configs" / "sweep-tiny.yaml"),
+                      "--set", "storage.path=s3://demo-sweeps/runs", "--set", f"storage.endpoint_url={s3_server}",
+                      "--set", f"tracking.wandb.dir={tmp / 'wandb'}",
+                      # every winner is evaluated: its weights come from the store to the model actors
+                      "--set", "eval.after_training=true", "--set", "eval.num_generations=2",
+                      "--set", "eval.max_new_tokens=16", "--set", "eval.max_examples=24")
+    assert code == 0, out
+    uri = "s3://demo-sweeps/runs/tiny-sweep"
+    summary = json.loads(client.get_object(Bucket="demo-sweeps", Key="runs/tiny-sweep/sweep.json")["Body"].read())
+    return {"summary": summary, "out": out, "client": client, "uri": uri, "tmp": tmp,
+            "overrides": ["storage.path=s3://demo-sweeps/runs", f"storage.endpoint_url={s3_server}"]}
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,7 @@ it, and a readable transcript (ft-ray's lines only; Ray's in the run's log)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +14,12 @@ import pytest
 from ft_ray.config import load_config
 from ft_ray.evaluation.evaluate import resolve_target
 from ft_ray.report import write_report
-from tests.conftest import REPO
+from tests.conftest import REPO, piped
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The base model and the eval set are fixed, so the loss before training is too.
 GOLDEN_INITIAL_EVAL_LOSS = 5.1489
-
-
-def piped(tmp_path: Path, *args: str) -> tuple[int, str]:
-    """`ft-ray ARGS > out.txt 2>&1` as a user (or CI, or `ray job logs`) would run it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FT_RAY_VERBOSE")}
-    with open(tmp_path / "out.txt", "w") as out:
-        code = subprocess.run([sys.executable, "-m", "ft_ray", *args], stdout=out, stderr=subprocess.STDOUT,
-                              env=env, cwd=REPO, timeout=900).returncode
-    return code, (tmp_path / "out.txt").read_text()
 
 
 def assert_plain(out: str) -> None:
@@ -98,15 +86,13 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(from_checkpoint.weights).iterdir()}
 
 
-def test_the_demo_sweep_beats_the_untuned_demo(demo, tmp_path):
-    """`make demo-sweep`: the seeded search samples a learning rate too low to learn (stopped at
-    ASHA's first rung) and better settings than the demo's; its winner beats the demo run."""
+def test_the_demo_sweep_beats_the_untuned_demo(demo, demo_sweep, tmp_path):
+    """`make demo-sweep` (conftest.demo_sweep; its W&B runs, store and winners: test_tune.py):
+    the seeded search samples a learning rate too low to learn (stopped at ASHA's first rung)
+    and better settings than the demo's; its winner beats the demo run."""
     untuned = json.loads((demo[0] / "summary.json").read_text())["eval_loss_final"]
-    code, out = piped(tmp_path, "tune", str(REPO / "configs" / "sweep-tiny.yaml"), "--set", f"storage.path={tmp_path}",
-                      "--set", "tracking.wandb.mode=disabled")  # W&B of sweeps: integration/test_tune.py
-    assert code == 0, out
+    summary, out = demo_sweep["summary"], demo_sweep["out"]
     assert_plain(out)
-    summary = json.loads((tmp_path / "tiny-sweep" / "sweep.json").read_text())
     assert summary["winners"][0]["metrics"]["eval_loss"] < untuned, (summary, untuned)
     assert any(t["stopped_early"] for t in summary["trials"])
     for trial in summary["trials"]:  # one line when it starts (its values), one when it ends
@@ -114,6 +100,6 @@ def test_the_demo_sweep_beats_the_untuned_demo(demo, tmp_path):
         assert re.search(rf"^\[ft-ray\] trial {name} started: alpha=\d+ rank=\d+ learning_rate=[\d.e-]+$", out, re.M)
         end = f"stopped by the scheduler at step {trial['step']}" if trial["stopped_early"] else "finished at step 100"
         assert f"[ft-ray] trial {name} {end}: eval_loss {trial['metrics']['eval_loss']:.4g}" in out
-    page = write_report(str(tmp_path / "tiny-sweep")).read_text()
+    page = write_report(demo_sweep["uri"], tmp_path / "report", demo_sweep["client"].meta.endpoint_url).read_text()
     assert f"<td>winners/1-{summary['winners'][0]['trial']}</td>" in page  # relative to the sweep folder
-    assert str(tmp_path / "tiny-sweep" / "winners") not in page
+    assert f"{demo_sweep['uri']}/winners" not in page

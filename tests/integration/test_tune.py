@@ -1,8 +1,9 @@
-"""Sweeps: 4 trials (2 at once) of the tiny job under ASHA, on the local S3 server; a learning
-rate that cannot learn anything in a few steps is stopped early; the two best trials are
-exported with a winner.json whose sha256 sums match the files; every trial has its W&B
-offline run (grouped by sweep, with its config and metrics, no secret); the report is drawn.
-A sweep whose driver is killed finishes with --resume without re-running finished trials."""
+"""Sweeps: the demo sweep (3 trials of the demo job under ASHA, run once for the session by
+conftest.demo_sweep) in the local S3 server; a trial that lags at ASHA's first rung is stopped
+early; the two best trials are exported with a winner.json whose sha256 sums match the files
+and evaluated; every trial has its W&B offline run (grouped by sweep, with its config and
+metrics, no secret); the report is drawn. A DPO sweep whose driver is killed finishes with
+--resume without re-running finished trials and exports the trial with the best reward accuracy."""
 
 from __future__ import annotations
 
@@ -17,39 +18,31 @@ import pytest
 
 from ft_ray.config import ConfigError, load_config
 from ft_ray.report import write_report
-from ft_ray.tune import check_search_space, run_sweep
-from tests.conftest import SECRET_CANARY, make_bucket, write_job
+from ft_ray.tune import check_search_space
+from tests.conftest import DEMO, REPO, SECRET_CANARY, write_job
 from tests.faults import kill_session, wait_for
 from tests.wandb_offline import read_offline_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-GOOD, USELESS = 3e-3, 1e-9
 TRAIN = {"max_steps": 8, "eval_every": 2, "checkpoint_every": 4, "warmup_steps": 1, "log_every": 1}
 
 
-def sweep_job(tmp_path: Path, name: str, storage: dict, space: dict, **tune) -> Path:
-    return write_job(tmp_path, f"{name}.yaml", run_name=name, train=TRAIN, storage=storage,
+def sweep_job(tmp_path: Path, name: str, storage: dict, space: dict, train: dict | None = None,
+              sections: dict | None = None, **tune) -> Path:
+    return write_job(tmp_path, f"{name}.yaml", run_name=name, train={**TRAIN, **(train or {})}, storage=storage,
                      distributed={"num_workers": 1},
                      tracking={"wandb": {"mode": "offline", "project": "ft-ray-tests", "dir": str(tmp_path / "wandb")}},
                      tune={"metric": "eval_loss", "mode": "min", "num_samples": 1, "max_concurrent_trials": 2,
                            "scheduler": {"type": "asha", "grace_period_steps": 2, "reduction_factor": 2},
-                           "search_space": space, **tune})
+                           "search_space": space, **tune}, **(sections or {}))
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, s3_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sweep")
-    client = make_bucket(s3_server, "sweeps")
-    # Grid order puts the useful rates first: by the time the useless ones reach ASHA's first
-    # rung (step 2), two results are recorded there to compare with. The two useful trials are
-    # alike, so the second is never below the first's cut at the rung.
-    space = {"train.learning_rate": {"grid": [GOOD, GOOD, USELESS, USELESS]}, "lora.alpha": {"grid": [8]}}
-    job = sweep_job(tmp, "lr-sweep", {"path": "s3://sweeps/runs", "endpoint_url": s3_server}, space, export_top_k=2)
-    # every winner is then evaluated: its weights come from the store to the model actors
-    summary = run_sweep(load_config(job, ["eval.after_training=true", "eval.num_generations=2",
-                                          "eval.max_new_tokens=16", "eval.max_examples=24"]))
-    return summary, client, tmp
+def sweep(demo_sweep):
+    """The demo sweep (conftest.demo_sweep): 3 trials of 100 steps under ASHA, in the local S3
+    server, W&B offline, the 2 winners exported and evaluated."""
+    return demo_sweep["summary"], demo_sweep["client"], demo_sweep
 
 
 def s3_bytes(client, uri: str) -> bytes:
@@ -57,29 +50,33 @@ def s3_bytes(client, uri: str) -> bytes:
     return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def test_sweep_runs_every_trial_and_stops_the_useless_ones_early(sweep):
-    summary, client, _ = sweep
+def test_sweep_runs_every_trial_and_stops_the_laggards_early(sweep):
+    summary, client, run = sweep
     trials = summary["trials"]
-    assert len(trials) == 4 and all(t["status"] in ("finished", "stopped") for t in trials), trials
-    useless = [t for t in trials if t["config"]["train.learning_rate"] == USELESS]
-    assert any(t["stopped_early"] and t["step"] < TRAIN["max_steps"] for t in useless), trials
-    assert all(t["status"] == "finished" and t["step"] == 8 for t in trials
-               if t["config"]["train.learning_rate"] != USELESS)
-    stored = json.loads(s3_bytes(client, "s3://sweeps/runs/lr-sweep/sweep.json"))
-    assert stored["trials"] == trials
+    assert len(trials) == 3 and all(t["status"] in ("finished", "stopped") for t in trials), trials
+    stopped = [t for t in trials if t["stopped_early"]]
+    assert stopped and all(t["status"] == "stopped" and t["step"] < 100 for t in stopped), trials
+    assert all(t["status"] == "finished" and t["step"] == 100 for t in trials if not t["stopped_early"]), trials
+    for trial in trials:  # sweep.json says what each trial's own metrics say
+        lines = s3_bytes(client, f"{run['uri']}/trials/{trial['trial']}/metrics.jsonl").decode().splitlines()
+        evals = [json.loads(line) for line in lines if '"eval_loss"' in line]
+        assert (evals[-1]["step"], evals[-1]["eval_loss"]) == (trial["step"], trial["metrics"]["eval_loss"]), trial
 
 
 def test_winners_are_complete_and_verifiable_in_the_store(sweep):
-    summary, client, _ = sweep
+    summary, client, run = sweep
     assert [w["rank"] for w in summary["winners"]] == [1, 2]
     best = min((t for t in summary["trials"] if t["status"] == "finished"), key=lambda t: t["metrics"]["eval_loss"])
     assert summary["winners"][0]["metrics"]["eval_loss"] == best["metrics"]["eval_loss"]
     for winner in summary["winners"]:
-        assert winner["uri"] == f"s3://sweeps/runs/lr-sweep/winners/{winner['rank']}-{winner['trial']}"
+        assert winner["uri"] == f"{run['uri']}/winners/{winner['rank']}-{winner['trial']}"
         manifest = json.loads(s3_bytes(client, f"{winner['uri']}/winner.json"))
         assert manifest["metrics"]["eval_loss"] == winner["metrics"]["eval_loss"]
-        assert manifest["source_checkpoint"].startswith(f"s3://sweeps/runs/lr-sweep/trials/{winner['trial']}/checkpoint-")
-        assert manifest["config"]["train"]["learning_rate"] != USELESS
+        assert manifest["source_checkpoint"].startswith(f"{run['uri']}/trials/{winner['trial']}/checkpoint-")
+        [trial] = [t for t in summary["trials"] if t["trial"] == winner["trial"]]
+        for key, value in trial["config"].items():  # the winner's config holds its trial's searched values
+            section, name = key.split(".")
+            assert manifest["config"][section][name] == value, key
         assert "weights/adapter_model.safetensors" in manifest["files"]
         for name, entry in manifest["files"].items():
             data = s3_bytes(client, f"{winner['uri']}/{name}")
@@ -87,9 +84,7 @@ def test_winners_are_complete_and_verifiable_in_the_store(sweep):
 
 
 def test_every_winner_carries_its_verdict(sweep, tmp_path):
-    summary, client, _ = sweep
-    stored = json.loads(s3_bytes(client, "s3://sweeps/runs/lr-sweep/sweep.json"))
-    assert stored["winners"] == summary["winners"]
+    summary, client, run = sweep
     for winner in summary["winners"]:
         evaluation = json.loads(s3_bytes(client, f"{winner['uri']}/eval.json"))
         assert evaluation["examples"] == 24 and evaluation["generated"] == 2
@@ -99,34 +94,35 @@ def test_every_winner_carries_its_verdict(sweep, tmp_path):
         assert winner["eval"]["verdict"] == evaluation["verdict"]
         assert set(winner["eval"]["arms"]) == {"base", "few_shot", "retrieval", "variant"}
         assert set(winner["eval"]["comparisons"]) == {"base", "few_shot", "retrieval"}
-        # 8 steps at a learning rate that learns: the variant is ahead of the base model
+        # 100 steps at the best settings: the variant is ahead of the base model
         assert winner["eval"]["arms"]["variant"]["loss"] < winner["eval"]["arms"]["base"]["loss"]
-    text = write_report("s3://sweeps/runs/lr-sweep", tmp_path / "report", client.meta.endpoint_url).read_text()
+    assert f"verdict: {summary['winners'][0]['eval']['verdict']['sentence']}" in run["out"]
+    text = write_report(run["uri"], tmp_path / "report", client.meta.endpoint_url).read_text()
     assert "Does fine-tuning pay?" in text and summary["winners"][0]["eval"]["verdict"]["sentence"] in text
     assert (tmp_path / "report" / "arms.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_every_trial_has_a_wandb_run_in_the_sweep_group_without_secrets(sweep):
-    summary, _, tmp = sweep
-    runs = [read_offline_run(f) for f in (tmp / "wandb").glob("wandb/offline-run-*/run-*.wandb")]
+    summary, _, run = sweep
+    runs = [read_offline_run(f) for f in (run["tmp"] / "wandb").glob("wandb/offline-run-*/run-*.wandb")]
     trial_runs = {r["config"]["run_name"]: r for r in runs if r["job_type"] == "trial"}
     assert sorted(trial_runs) == sorted(t["trial"] for t in summary["trials"])
     for trial in summary["trials"]:
-        run = trial_runs[trial["trial"]]
-        assert run["group"] == "lr-sweep"
+        wandb_run = trial_runs[trial["trial"]]
+        assert wandb_run["group"] == "tiny-sweep"
         for key, value in trial["config"].items():  # the searched values, in the trial's own config
             section, name = key.split(".")
-            assert run["config"][section][name] == value, key
-        assert any("eval_loss" in h for h in run["history"]) and any("loss" in h for h in run["history"])
-    assert [r["group"] for r in runs if r["job_type"] == "sweep"] == ["lr-sweep"]
-    for path in (tmp / "wandb").rglob("*"):
+            assert wandb_run["config"][section][name] == value, key
+        assert any("eval_loss" in h for h in wandb_run["history"]) and any("loss" in h for h in wandb_run["history"])
+    assert [r["group"] for r in runs if r["job_type"] == "sweep"] == ["tiny-sweep"]
+    for path in (run["tmp"] / "wandb").rglob("*"):
         if path.is_file():
             assert SECRET_CANARY.encode() not in path.read_bytes(), path
 
 
 def test_report_draws_the_sweep(sweep, tmp_path):
-    summary, client, _ = sweep
-    page = write_report("s3://sweeps/runs/lr-sweep", tmp_path / "report", client.meta.endpoint_url)
+    summary, client, run = sweep
+    page = write_report(run["uri"], tmp_path / "report", client.meta.endpoint_url)
     text = page.read_text()
     for trial in summary["trials"]:
         assert trial["trial"] in text
@@ -145,12 +141,20 @@ def test_search_space_typos_fail_before_any_trial(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
-    # One trial at a time: kill the driver (and its local Ray) while the second trial is
-    # training past its first checkpoint, the first one finished.
-    space = {"train.learning_rate": {"grid": [GOOD, 2e-3]}}
-    job = sweep_job(tmp_path, "resumed", {"path": str(tmp_path / "runs")}, space,
-                    max_concurrent_trials=1, scheduler={"type": "fifo"})
+def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward_accuracy(ray_local, tmp_path):
+    # A DPO sweep over a learning rate that learns and one that cannot (each with a beta drawn
+    # from two), one trial at a time, ranked by reward accuracy on 16 held-out pairs: kill the
+    # driver (and its local Ray) while the second trial is training past its first checkpoint,
+    # the first one finished; `--resume` finishes it and exports the winner.
+    (tmp_path / "eval.jsonl").write_text("\n".join((DEMO / "preference-eval.jsonl").read_text().splitlines()[:16]) + "\n")
+    space = {"train.learning_rate": {"grid": [1e-3, 1e-9]}, "preference.beta": {"choice": [0.1, 0.5]}}
+    job = sweep_job(tmp_path, "resumed", {"path": str(tmp_path / "runs")}, space, max_concurrent_trials=1,
+                    scheduler={"type": "fifo"}, metric="eval_reward_accuracy", mode="max", export_top_k=1,
+                    train={"micro_batch_size": 2, "learning_rate": 1e-3},
+                    sections={"objective": "dpo", "model": {"max_seq_len": 512}, "lora": {"rank": 16, "alpha": 32},
+                              "data": {"train": str(DEMO / "preference-train.jsonl"),
+                                       "eval": str(tmp_path / "eval.jsonl")},
+                              "preference": {"reference": "inline"}})  # no reference pass per trial (12 s)
     trials = tmp_path / "runs" / "resumed" / "trials"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "first.log", "w") as log:
@@ -179,18 +183,31 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_p
     assert [json.loads(line)["step"] for line in (other / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line] == list(range(1, 9))
 
+    [winner] = summary["winners"]  # ranked by reward accuracy: the rate that learns
+    best = max(summary["trials"], key=lambda t: t["metrics"]["eval_reward_accuracy"])
+    assert winner["trial"] == best["trial"] and best["config"]["train.learning_rate"] == 1e-3
+    assert winner["metrics"]["eval_reward_accuracy"] >= 0.9
+    folder = tmp_path / "runs" / "resumed" / "winners" / f"1-{winner['trial']}"
+    manifest = json.loads((folder / "winner.json").read_text())
+    assert manifest["config"]["objective"] == "dpo"
+    assert manifest["config"]["preference"]["beta"] == best["config"]["preference.beta"]
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), name
+
 
 def test_a_changed_winner_is_not_evaluated(sweep):
-    # Last in this file: it damages the second winner in the store.
     from ft_ray.config import InputError
     from ft_ray.evaluation.evaluate import resolve_target
 
-    summary, client, tmp = sweep
+    summary, client, run = sweep
     winner = summary["winners"][1]["uri"]
-    bucket, key = f"{winner}/weights/adapter_model.safetensors"[len("s3://"):].split("/", 1)
-    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    data[-1] ^= 0xFF
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-    config = load_config(tmp / "lr-sweep.yaml")
+    copy = f"changed/{winner.rsplit('/', 1)[1]}"  # a copy with its weights changed: the winner stays intact
+    for name in [*json.loads(s3_bytes(client, f"{winner}/winner.json"))["files"], "winner.json"]:
+        data = bytearray(s3_bytes(client, f"{winner}/{name}"))
+        if name == "weights/adapter_model.safetensors":
+            data[-1] ^= 0xFF
+        client.put_object(Bucket="demo-sweeps", Key=f"{copy}/{name}", Body=bytes(data))
+    config = load_config(REPO / "configs" / "sweep-tiny.yaml", run["overrides"])
     with pytest.raises(InputError, match=r"weights/adapter_model.safetensors has sha256 .*not evaluated"):
-        resolve_target(winner, config)
+        resolve_target(f"s3://demo-sweeps/{copy}", config)
