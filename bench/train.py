@@ -20,12 +20,14 @@ of its passes (repeats without reloading the model: what a GPU's short lease all
 printed figures the medians over `--repeat` runs. Each arm runs in a fresh subprocess, so
 its peak memory is its own (peak RSS on CPU, peak allocated GPU memory on CUDA). On CPU the
 model is the built-in tiny Llama; on CUDA a Llama-3.2-1B-shaped model (random init, no
-download) in bf16 at sequence length 2048.
+download) in bf16 at sequence length 2048; `--shape 8b` a Llama-3.1-8B-shaped one (with
+`--train gradient_checkpointing=true` every arm recomputes activations).
 
 The last line printed is one JSON object: mode, device, ft_ray_tokens_per_s, ratios (ft-ray's
-tokens/s over each peer's), arms (each peer's tokens/s, peak memory, first/last loss, steps,
-settings, or why it is not available), mfu (medians); baseline_tokens_per_s, ratio and
-baseline_peak_mem_mb are the hf arm's, as earlier results name them.
+tokens/s over each peer's), arms (each arm's tokens/s, MFU by the project's FLOP count, peak
+memory, first/last loss, steps, settings, or why it is not available), mfu (ft-ray's; medians);
+baseline_tokens_per_s, ratio and baseline_peak_mem_mb are the hf arm's, as earlier results
+name them.
 """
 
 from __future__ import annotations
@@ -43,9 +45,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+# Model shapes of random-init models (no download): Llama-3.2-1B's with the built-in tokenizer's
+# vocabulary (the GPU rows so far), Llama-3.1-8B's whole (its 128,256-token vocabulary and
+# untied output layer weigh in memory and FLOPs; token ids come from the built-in tokenizer).
+SHAPES = {
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 4096, "tie_word_embeddings": True,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "vocab_size": 128256,
+           "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+           "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+}
 
 
 def job_config(mode: str, device: str, model_path: str, max_seq_len: int, micro_batch: int,
@@ -72,9 +84,11 @@ def _setting(item: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
-def make_model(device: str, folder: Path) -> str:
-    """The model both arms load: the built-in tiny Llama on CPU, a random 1B Llama on CUDA."""
-    if device == "cpu":
+def make_model(device: str, folder: Path, shape: str = "tiny", settings: list[str] = ()) -> str:
+    """The model every arm loads: the built-in tiny Llama (`tiny`), else a random-init model of
+    SHAPES[shape] in bf16 written to `folder` (reused when there), its keys changed by
+    `settings` (KEY=VALUE: a smaller model of the same code path, to try it on a CPU)."""
+    if shape == "tiny":
         return "builtin:tiny-llama"
     if (folder / "config.json").exists():
         return str(folder)
@@ -85,14 +99,15 @@ def make_model(device: str, folder: Path) -> str:
     from ft_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
-    config = LlamaConfig(vocab_size=max(len(tokenizer), 32000), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True, **LLAMA_1B)
+    values = {"vocab_size": max(len(tokenizer), 32000), **SHAPES[shape], **dict(_setting(item) for item in settings)}
+    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **values)
     torch.manual_seed(0)
-    with torch.device("cuda"):  # random init of 1B weights takes seconds there, a minute on the CPU
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):  # random init of 1B weights takes seconds on a GPU, a minute on the CPU
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    del model
     return str(folder)
 
 
@@ -139,7 +154,6 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
     from ft_ray.models import load_tokenizer
     from ft_ray.train.engines import build_engine
     from ft_ray.train.objectives import build_objective
-    from ft_ray.train.flops import flops_per_token, peak_flops
     from ft_ray.train.modeling import build_model
 
     tokenizer = load_tokenizer(config.model)
@@ -162,7 +176,6 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
             engine.step()
         clock.add(sum(int(s["num_tokens"]) for s in chunk))
     clock.close()
-    peak = peak_flops(None, config.distributed.use_gpu, config.train.precision)
     rate = statistics.median(clock.rates)
     return {"tokens_per_s": rate, "pass_tokens_per_s": [round(r) for r in clock.rates], "steps": steps,
             "sequences": len(sequences), "peak_mem_mb": max([peak_memory_mb(device.type), *phases.values()]),
@@ -170,18 +183,36 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
             "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
             "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
             "optimizer": "fused AdamW" if config.train.fused_optimizer else "AdamW",
-            "settings": "packed sequences, per-example attention spans",
-            "mfu": rate * flops_per_token(engine.module, config.method, config.model.max_seq_len) / peak if peak else None}
+            "settings": "packed sequences, per-example attention spans" + checkpointing(config),
+            "mfu": mfu(engine.module, config, rate)}
+
+
+def mfu(model: Any, config: Any, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation by the project's FLOP count (ft_ray.train.flops), the same for
+    every arm; None where the device's peak is unknown (CPU)."""
+    from ft_ray.train.flops import flops_per_token, peak_flops
+
+    peak = peak_flops(None, config.distributed.use_gpu, config.train.precision)
+    return tokens_per_s * flops_per_token(model, config.method, config.model.max_seq_len) / peak if peak else None
+
+
+def checkpointing(config: Any) -> str:
+    return ", gradient checkpointing" if config.train.gradient_checkpointing else ""
 
 
 class PassClock:
     """Tokens/s of each pass over the data (one epoch of `per_pass` steps); the first pass
-    is timed from its `warmup`-th step on (set-up, first kernel compiles), the others whole."""
+    is timed from its `warmup`-th step on (set-up, first kernel compiles), the others whole.
+    With `profile_steps` (`--profile N`) the N steps after the warmup run under torch's
+    profiler, and `profile` holds where their time went (that run's tokens/s are not quoted)."""
+
+    profile_steps = 0
+    profile: list | None = None
 
     def __init__(self, device: str, per_pass: int, warmup: int):
         self.device, self.per_pass, self.warmup = device, per_pass, warmup
         self.rates: list[float] = []
-        self.tokens, self.started = 0, None
+        self.tokens, self.started, self.profiler = 0, None, None
 
     def before_step(self, done: int) -> None:
         """Call before step `done` (counted over all passes) starts."""
@@ -190,12 +221,35 @@ class PassClock:
         if done == self.warmup or (done >= self.per_pass and done % self.per_pass == 0):
             _sync(self.device)
             self.tokens, self.started = 0, time.perf_counter()
+        if self.profile_steps and done == self.warmup:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        elif self.profiler is not None and done == self.warmup + self.profile_steps:
+            self._end_profile()
+
+    def _end_profile(self) -> None:
+        """The top operators by self time (device time on CUDA), with their share of it all."""
+        _sync(self.device)
+        self.profiler.__exit__(None, None, None)
+        key = "self_device_time_total" if self.device == "cuda" else "self_cpu_time_total"
+        ops = sorted(self.profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in ops) or 1
+        PassClock.profile = [[e.key, round(getattr(e, key) / 1e3, 1), round(getattr(e, key) / total, 3), e.count]
+                             for e in ops[:15]]
+        self.profiler = None
 
     def add(self, tokens: int) -> None:
         if self.started is not None:
             self.tokens += tokens
 
     def close(self) -> None:
+        if self.profiler is not None:
+            self._end_profile()
         if self.started is not None:
             _sync(self.device)
             self.rates.append(self.tokens / (time.perf_counter() - self.started))
@@ -251,7 +305,7 @@ def hf_model(config: Any) -> tuple[Any, Any, str]:
                                                      quantization_config=BitsAndBytesConfig(
                                                          load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if config.method != "full":
@@ -290,15 +344,18 @@ def hf_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[
                                  num_train_epochs=passes, learning_rate=config.train.learning_rate,
                                  **SAME_SCHEDULE, logging_strategy="no", save_strategy="no",
                                  report_to=[], use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
+                                 gradient_checkpointing=config.train.gradient_checkpointing,
                                  remove_unused_columns=False, disable_tqdm=True, seed=0)
         trainer = timed(Trainer, clock, lambda inputs: int(inputs["attention_mask"].sum()), losses)(
             model=model, args=args, train_dataset=[dict(e) for e in data],
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer.train()
         clock.close()
-    return {"tokens_per_s": statistics.median(clock.rates), "pass_tokens_per_s": [round(r) for r in clock.rates],
+    rate = statistics.median(clock.rates)
+    return {"tokens_per_s": rate, "pass_tokens_per_s": [round(r) for r in clock.rates], "mfu": mfu(model, config, rate),
             "steps": clock.per_pass, "optimizer": args.optim, "attention": model.config._attn_implementation,
-            "peak_mem_mb": peak_memory_mb(device), "loss_first_last": losses, "settings": "padded batches"}
+            "peak_mem_mb": peak_memory_mb(device), "loss_first_last": losses,
+            "settings": "padded batches" + checkpointing(config)}
 
 
 def trl_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
@@ -311,8 +368,9 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
                     device: str) -> dict[str, Any]:
     """TRL's SFTTrainer: packed with best-fit decreasing and no padding (position ids restart
     per example), the same labels (the same loss masks), liger kernels on CUDA, fused AdamW.
-    TRL's defaults of gradient checkpointing and bf16 are set as ft-ray's arm has them (off;
-    bf16 only on CUDA)."""
+    TRL's defaults of gradient checkpointing and bf16 are set as ft-ray's arm has them
+    (`train.gradient_checkpointing`, off unless `--train gradient_checkpointing=true`; bf16
+    only on CUDA)."""
     import datasets
     from trl import SFTConfig, SFTTrainer
 
@@ -327,7 +385,8 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
         args = SFTConfig(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
                          num_train_epochs=passes, learning_rate=config.train.learning_rate,
                          **SAME_SCHEDULE, logging_strategy="no", save_strategy="no", report_to=[],
-                         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False, dataloader_num_workers=0,
+                         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=config.train.gradient_checkpointing,
+                         dataloader_num_workers=0,
                          disable_tqdm=True, seed=0, packing=True, packing_strategy="bfd", padding_free=True,
                          max_length=config.model.max_seq_len, use_liger_kernel=liger, optim="adamw_torch_fused")
         train = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data])
@@ -336,10 +395,11 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
         clock.per_pass = math.ceil(len(trainer.train_dataset) / config.train.micro_batch_size)  # packed sequences
         trainer.train()
         clock.close()
-    return {"tokens_per_s": statistics.median(clock.rates), "pass_tokens_per_s": [round(r) for r in clock.rates],
+    rate = statistics.median(clock.rates)
+    return {"tokens_per_s": rate, "pass_tokens_per_s": [round(r) for r in clock.rates], "mfu": mfu(model, config, rate),
             "steps": clock.per_pass, "optimizer": args.optim, "attention": model.config._attn_implementation,
             "peak_mem_mb": peak_memory_mb(device), "loss_first_last": losses, "liger": liger,
-            "settings": "packing bfd, padding_free, gradient_checkpointing off, " + ("bf16" if gpu else "fp32")}
+            "settings": "packing bfd, padding_free, " + ("bf16" if gpu else "fp32") + checkpointing(config)}
 
 
 def unsloth_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
@@ -372,27 +432,43 @@ def run_arm(args: argparse.Namespace) -> None:
     config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels,
                         args.train)
     data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
+    PassClock.profile_steps = args.profile
     try:
         figures = ARMS[args.arm](config, data, args.warmup_steps, args.passes)
     except ImportError as e:  # an arm whose library is not installed here: said, never dropped silently
         figures = {"not_available": f"{type(e).__name__}: {e}"}
+    if PassClock.profile:
+        figures["profile"] = PassClock.profile
     print(json.dumps(figures))
 
 
 def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Path,
                       fused_kernels: str = "auto") -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.train", "--arm", arm, "--mode", args.mode, "--device", args.device,
-               "--model", model, "--corpus", str(corpus), "--max-seq-len", str(args.max_seq_len),
-               "--micro-batch", str(args.micro_batch), "--warmup-steps", str(args.warmup_steps), "--passes", str(args.passes),
-               "--fused-kernels", fused_kernels, *[f"--train={item}" for item in args.train]]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
+    try:
+        return json_of("bench.train", [
+            "--arm", arm, "--mode", args.mode, "--device", args.device, "--model", model, "--corpus", str(corpus),
+            "--max-seq-len", str(args.max_seq_len), "--micro-batch", str(args.micro_batch),
+            "--warmup-steps", str(args.warmup_steps), "--passes", str(args.passes), "--fused-kernels", fused_kernels,
+            "--profile", str(args.profile),
+            *[f"--train={item}" for item in args.train]])
+    except RuntimeError as e:
         if arm == "ft-ray" and fused_kernels == "auto" and args.device == "cuda":
             # say why, then measure ft-ray without the fused kernels rather than nothing
-            print(f"ft-ray arm failed with fused kernels; again without them:\n{done.stderr[-3000:]}", flush=True)
+            print(f"ft-ray arm failed with fused kernels; again without them:\n{e}", flush=True)
             return {**arm_in_subprocess(arm, args, model, corpus, "none"), "fused_kernels_failed": True}
-        raise RuntimeError(f"{arm} arm failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{arm} arm failed:\n{e}") from None
+
+
+def json_of(module: str, argv: list[str]) -> dict[str, Any]:
+    """`python -m MODULE ARGV` in a fresh process: the JSON object its last line prints.
+
+    Raises:
+        RuntimeError: it failed (the end of its stderr).
+    """
+    done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-4000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -407,12 +483,22 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=1, help=(
         "timed passes over the data in each arm's process (one model load): its figure is their median"))
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of each arm left out of the timing")
-    parser.add_argument("--model-dir", help="CUDA: where the random 1B model is written (or reused, if there)")
+    parser.add_argument("--shape", choices=["tiny", *SHAPES], default=None, help=(
+        "the model: tiny (the built-in tiny Llama; default on CPU), 1b (Llama-3.2-1B's shape; default on CUDA) or "
+        "8b (Llama-3.1-8B's), random init in bf16"))
+    parser.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE", help=(
+        "a key of the shape's model config changed (repeatable), e.g. num_hidden_layers=2: the 8B code path small "
+        "enough for a CPU"))
+    parser.add_argument("--model-dir", help="where the random-init model is written (or reused, if there)")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
-                        help="a train setting of ft-ray's arm, e.g. recompute_swiglu=false (repeatable)")
+                        help="a train setting of ft-ray's arm, e.g. recompute_swiglu=false (repeatable); the peers "
+                             "take gradient_checkpointing from it too")
     parser.add_argument("--baselines", default="hf,trl,unsloth", help=(
         "peers measured against ft-ray, comma-separated: hf (Trainer + PEFT, padded), trl (SFTTrainer, packed, "
         "padding-free), unsloth (CUDA); one that cannot run here is reported as not available"))
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help=(
+        "profile N steps of every arm after its warmup (torch.profiler): the top operators by self time in "
+        "each arm's figures and printed; the tokens/s of a profiled run are not for quoting"))
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -425,6 +511,7 @@ def main() -> None:
     gpu = args.device == "cuda"
     args.max_seq_len = args.max_seq_len or (2048 if gpu else 1024)
     args.micro_batch = args.micro_batch or (8 if gpu else 4)
+    args.shape = args.shape or ("1b" if gpu else "tiny")
     if args.arm:
         return run_arm(args)
 
@@ -433,7 +520,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         write_corpus(corpus, records=args.records or (4000 if gpu else 600), files=1)
-        model = make_model(args.device, Path(args.model_dir or Path(tmp) / "model"))
+        model = make_model(args.device, Path(args.model_dir or Path(tmp) / "model"), args.shape, args.model_setting)
         peers = [b.strip() for b in args.baselines.split(",") if b.strip()]
         unknown = [b for b in peers if b not in ARMS or b == "ft-ray"]
         if unknown:
@@ -449,6 +536,9 @@ def main() -> None:
             if args.passes > 1:
                 print("  per pass, tokens/s: " + ", ".join(f"{arm} {r[-1].get('pass_tokens_per_s')}"
                                                           for arm, r in runs.items()), flush=True)
+            for arm, results in runs.items():
+                for name, ms, share, calls in results[-1].get("profile", []):
+                    print(f"  {arm} profile: {share:6.1%} {ms:10.1f} ms {calls:6d}x {name}", flush=True)
             if ours.get("memory_phases_mb"):
                 print("ft-ray peak MiB by phase of one step:",
                       {k: round(v) for k, v in ours["memory_phases_mb"].items()}, flush=True)
@@ -460,18 +550,21 @@ def main() -> None:
     ours = median("ft-ray", "tokens_per_s")
     arms = {arm: ({"not_available": results[0]["not_available"]} if "not_available" in results[0] else {
         "tokens_per_s": round(median(arm, "tokens_per_s"), 1), "peak_mem_mb": round(median(arm, "peak_mem_mb"), 1),
+        "mfu": median(arm, "mfu"),
         "loss_first_last": results[0].get("loss_first_last"), "steps": results[0].get("steps"),
         "attention": results[0].get("attention"), "optimizer": results[0].get("optimizer"),
-        "settings": results[0].get("settings")}) for arm, results in runs.items()}
+        "settings": results[0].get("settings"), **({"profile": results[0]["profile"]} if args.profile else {})})
+        for arm, results in runs.items()}
     ratios = {arm: round(ours / figures["tokens_per_s"], 3) for arm, figures in arms.items()
               if arm != "ft-ray" and "tokens_per_s" in figures}
     hf = arms.get("hf", {})
     print(json.dumps({
-        "mode": args.mode, "device": device_name(args.device), "ft_ray_tokens_per_s": round(ours, 1),
+        "mode": args.mode, "device": device_name(args.device), "shape": args.shape, "model_settings": args.model_setting,
+        "ft_ray_tokens_per_s": round(ours, 1),
         "ratios": ratios, "arms": arms, "baseline_tokens_per_s": hf.get("tokens_per_s"), "ratio": ratios.get("hf"),
         "ft_ray_peak_mem_mb": arms["ft-ray"]["peak_mem_mb"], "baseline_peak_mem_mb": hf.get("peak_mem_mb"),
         "mfu": median("ft-ray", "mfu"), "max_seq_len": args.max_seq_len, "micro_batch": args.micro_batch,
-        "repeats": args.repeat, "passes": args.passes, "warmup_steps": args.warmup_steps,
+        "repeats": args.repeat, "passes": args.passes, "warmup_steps": args.warmup_steps, "profiled_steps": args.profile,
         "ft_ray_train_settings": args.train, "liger": runs["ft-ray"][0].get("liger")}))
 
 
