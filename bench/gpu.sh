@@ -10,7 +10,8 @@
 #       RECORDS_8B records (default 900): QLoRA with gradient checkpointing in every arm, LoRA with it
 #       only on a card under 100 GiB; then bench.longest: the longest single sequence each of ft-ray
 #       and trl trains for 8B QLoRA, doubling from 8k, the allocator capped at an 80 GB card (79 GiB)
-# Env: PASSES (timed epochs per arm process, median taken), MODE_TIMEOUT (s per 1b mode, 170),
+# Env: PASSES (timed epochs per arm process, median taken), PEER_ATTENTION (the trl arm's attention:
+# auto = flash_attention_2 where installed, else sdpa; or flex_attention), MODE_TIMEOUT (s per 1b mode, 170),
 # TIMEOUT_8B (s per 8b mode, 150), LONGEST_TIMEOUT (s, 170), SKIP_TESTS, OVERHEAD=1 (then
 # bench.overhead --device cuda: Ray Train vs a plain process, about 280 s).
 # One 540-s call each: ROWS=8b bash bench/gpu.sh 1; PASSES=3 ROWS=1b bash bench/gpu.sh 1 800.
@@ -62,7 +63,7 @@ python3 - <<'PY' 2>&1 | tee "$out/env.txt"
 import importlib, torch
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA", "torch", torch.__version__)
 for name in ("transformers", "peft", "bitsandbytes", "liger_kernel", "triton", "accelerate", "trl", "datasets",
-             "pyarrow", "huggingface_hub", "unsloth"):
+             "pyarrow", "huggingface_hub", "flash_attn", "unsloth"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as e:
@@ -75,7 +76,8 @@ for row in ${ROWS:-1b}; do
       tests/unit/train/test_fast_paths.py 2>&1 | tail -40 | tee "$out/attention_tests.txt"
     for mode in ${MODES:-lora qlora full}; do
       timeout "${MODE_TIMEOUT:-170}" python3 -m bench.train --mode "$mode" --repeat "$repeat" --records "$records" \
-        --passes "${PASSES:-1}" --baselines "$baselines" "${device[@]}" "${model_1b[@]}" 2>&1 | tail -40 | tee "$out/$mode.txt"
+        --passes "${PASSES:-1}" --baselines "$baselines" --peer-attention "${PEER_ATTENTION:-auto}" "${device[@]}" \
+        "${model_1b[@]}" 2>&1 | tail -40 | tee "$out/$mode.txt"
     done
     ;;
   8b)
@@ -86,7 +88,8 @@ for row in ${ROWS:-1b}; do
     for mode in lora qlora; do
       [[ $mode == qlora ]] && checkpointing=(--train gradient_checkpointing=true)
       timeout "${TIMEOUT_8B:-150}" python3 -m bench.train --shape 8b "${small8b[@]}" --model-dir "$model_dir/llama-8b" \
-        --mode "$mode" --repeat 1 --records "$records_8b" --passes 1 --baselines "$baselines" "${device[@]}" \
+        --mode "$mode" --repeat 1 --records "$records_8b" --passes 1 --baselines "$baselines" \
+        --peer-attention "${PEER_ATTENTION:-auto}" "${device[@]}" \
         "${checkpointing[@]}" 2>&1 | tail -40 | tee "$out/8b-$mode.txt"
     done
     timeout "${LONGEST_TIMEOUT:-170}" python3 -m bench.longest --shape 8b "${small8b[@]}" --model-dir "$model_dir/llama-8b" \

@@ -288,9 +288,10 @@ SAME_SCHEDULE = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs
                  "warmup_steps": 0}
 
 
-def hf_model(config: Any) -> tuple[Any, Any, str]:
+def hf_model(config: Any, attention: str | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, device) as the Trainer-based arms load them: PEFT LoRA on all linear
-    layers (QLoRA: on a 4-bit NF4 base), bf16 on CUDA."""
+    layers (QLoRA: on a 4-bit NF4 base), bf16 on CUDA; `attention`: transformers' attention
+    implementation (default: its own choice, sdpa)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -302,12 +303,13 @@ def hf_model(config: Any) -> tuple[Any, Any, str]:
     dtype = torch.bfloat16 if gpu else torch.float32
     if config.method == "qlora":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cuda:0" if gpu else "cpu"},
+                                                     attn_implementation=attention,
                                                      quantization_config=BitsAndBytesConfig(
                                                          load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     if config.method != "full":
         model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -358,9 +360,28 @@ def hf_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[
             "settings": "padded batches" + checkpointing(config)}
 
 
+# The trl arm's attention (`--peer-attention`). A padding-free batch is one flattened sequence
+# whose examples only their position ids part. auto: flash-attention's varlen kernel
+# (flash_attention_2, what TRL's documentation asks for with padding_free) where the package is
+# installed, else transformers' default, sdpa, which masks the whole flattened sequence (profiled
+# in RESULTS.md). flex_attention (a block mask skipping the pairs of examples that do not attend
+# to each other) can be asked for; it is not the default: it has no backward on a CPU to try it
+# on, and it compiles again for every new flattened length.
+PEER_ATTENTION = "auto"
+
+
+def peer_attention(gpu: bool) -> str:
+    if PEER_ATTENTION != "auto":
+        return PEER_ATTENTION
+    import importlib.util
+
+    return "flash_attention_2" if gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def trl_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
-    """TRL's SFTTrainer at its best documented settings on the PEFT model the hf arm trains."""
-    model, tokenizer, device = hf_model(config)
+    """TRL's SFTTrainer at its best documented settings on the PEFT model the hf arm trains,
+    with the best attention for its padding-free batches (`peer_attention`)."""
+    model, tokenizer, device = hf_model(config, peer_attention(config.distributed.use_gpu))
     return sft_trainer_run(config, data, warmup, passes, model, tokenizer, device)
 
 
@@ -432,7 +453,8 @@ def run_arm(args: argparse.Namespace) -> None:
     config = job_config(args.mode, args.device, args.model, args.max_seq_len, args.micro_batch, args.fused_kernels,
                         args.train)
     data = examples(Path(args.corpus), load_tokenizer(config.model), args.max_seq_len)
-    PassClock.profile_steps = args.profile
+    global PEER_ATTENTION
+    PassClock.profile_steps, PEER_ATTENTION = args.profile, args.peer_attention
     try:
         figures = ARMS[args.arm](config, data, args.warmup_steps, args.passes)
     except ImportError as e:  # an arm whose library is not installed here: said, never dropped silently
@@ -443,19 +465,22 @@ def run_arm(args: argparse.Namespace) -> None:
 
 
 def arm_in_subprocess(arm: str, args: argparse.Namespace, model: str, corpus: Path,
-                      fused_kernels: str = "auto") -> dict[str, Any]:
+                      fused_kernels: str = "auto", attention: str | None = None) -> dict[str, Any]:
     try:
         return json_of("bench.train", [
             "--arm", arm, "--mode", args.mode, "--device", args.device, "--model", model, "--corpus", str(corpus),
             "--max-seq-len", str(args.max_seq_len), "--micro-batch", str(args.micro_batch),
             "--warmup-steps", str(args.warmup_steps), "--passes", str(args.passes), "--fused-kernels", fused_kernels,
-            "--profile", str(args.profile),
+            "--profile", str(args.profile), "--peer-attention", attention or args.peer_attention,
             *[f"--train={item}" for item in args.train]])
     except RuntimeError as e:
+        # say why, then measure the arm on its plainer path rather than nothing
         if arm == "ft-ray" and fused_kernels == "auto" and args.device == "cuda":
-            # say why, then measure ft-ray without the fused kernels rather than nothing
             print(f"ft-ray arm failed with fused kernels; again without them:\n{e}", flush=True)
             return {**arm_in_subprocess(arm, args, model, corpus, "none"), "fused_kernels_failed": True}
+        if arm == "trl" and attention is None and args.peer_attention != "sdpa" and args.device == "cuda":
+            print(f"trl arm failed with flash_attention_2; again with sdpa:\n{e}", flush=True)
+            return {**arm_in_subprocess(arm, args, model, corpus, attention="sdpa"), "attention_failed": True}
         raise RuntimeError(f"{arm} arm failed:\n{e}") from None
 
 
@@ -499,6 +524,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help=(
         "profile N steps of every arm after its warmup (torch.profiler): the top operators by self time in "
         "each arm's figures and printed; the tokens/s of a profiled run are not for quoting"))
+    parser.add_argument("--peer-attention", default="auto", help=(
+        "the trl arm's attention: auto (flash_attention_2 on CUDA where installed, else sdpa) or a transformers "
+        "attn_implementation, e.g. flex_attention"))
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
