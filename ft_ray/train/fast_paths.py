@@ -159,3 +159,80 @@ def _gated_mlp_forward(product: Any) -> Any:
         return _RecomputedProductDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, product)
 
     return forward
+
+
+# ---------------------------------------------------------------- the LM head's loss in chunks
+
+LOGITS_CHUNK_BYTES = 64 * 2 ** 20  # fp32 logits of one chunk of rows
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (ignore_index -100), taken
+    over chunks of rows so that only one chunk's fp32 logits exist at a time: its loss and its
+    gradients (softmax minus one-hot, over the number of targets) are taken in forward, as
+    liger-kernel's fused linear + cross-entropy does on CUDA; backward scales them. The same
+    FLOPs as the plain head and loss, without the [tokens, vocabulary] logits."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                rows: int, grads: tuple[bool, bool]) -> torch.Tensor:
+        count = (targets != -100).sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], targets[start:start + rows]
+            logits = (h @ weight.t()).float()  # the plain head's matmul (autocast's dtype), upcast as HF's loss does
+            valid = y != -100
+            picked = y.clamp(min=0)
+            norm = torch.logsumexp(logits, dim=-1)
+            total += ((norm - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
+            if grads[0] or grads[1]:
+                grad = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(y), device=y.device), picked] -= 1
+                grad.mul_((valid / count)[:, None])
+                grad = grad.to(h.dtype)
+                if grads[0]:
+                    grad_hidden[start:start + rows] = grad @ weight.to(grad.dtype)
+                if grads[1]:
+                    grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad if grad_weight is not None else None, None, None, None)
+
+
+def chunked_lm_loss(model: Any) -> bool:
+    """Give a causal LM (`*ForCausalLM`: a decoder under `base_model_prefix` and a bias-free
+    linear head) a forward that, given labels, returns the next-token loss taken from the head
+    in chunks (`_LinearCrossEntropy`) and no logits; without labels (generation, preference
+    objectives) the model's own forward runs. What liger's fused linear + cross-entropy is on
+    CUDA, in plain torch: for a CPU, or a GPU without liger. Not for ZeRO-3 (the head's weight
+    is gathered only inside its own forward). Returns whether it applied."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(decoder, torch.nn.Module):
+        return False
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    plain = model.forward
+
+    def forward(self: Any, input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+        if labels is None or kwargs.get("inputs_embeds") is not None:
+            return plain(input_ids=input_ids, labels=labels, **kwargs)
+        for key in ("num_items_in_batch", "logits_to_keep", "return_dict"):
+            kwargs.pop(key, None)
+        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)  # HF's shift
+        weight = self.get_output_embeddings().weight
+        rows = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
+        grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+        return CausalLMOutputWithPast(loss=_LinearCrossEntropy.apply(hidden, weight, targets, rows, grads))
+
+    model.forward = types.MethodType(forward, model)
+    return True

@@ -11,7 +11,9 @@ import torch
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.train.engine_api import COMPUTE_DTYPES
-from ft_ray.train.fast_paths import fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype
+from ft_ray.train.fast_paths import (
+    chunked_lm_loss, fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype,
+)
 
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
@@ -28,10 +30,11 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
-    use_fused_kernels(model, config)
+    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
+    if not use_fused_kernels(model, config) and config.train.fused_kernels != "none" and not zero3:
+        chunked_lm_loss(model)  # liger's fused linear + cross-entropy, in plain torch (CPU, no liger)
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
-    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
     if config.method == "full" and config.train.recompute_swiglu and not zero3:
         recompute_swiglu_product(model)  # ZeRO-3 gathers down_proj's weight only inside down_proj's forward
     if config.data.pack and config.model.attn_implementation == "sdpa":

@@ -179,3 +179,47 @@ def test_recomputed_liger_swiglu_on_cuda_matches_liger():
     norm = sum(float(g.float().square().sum()) for g in reference_grads.values()) ** 0.5
     assert error < 2e-2 * norm
     assert saved < reference_saved
+
+
+@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16")])
+def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, monkeypatch):
+    """The loss from the LM head in chunks (16 rows each here: 8 chunks of the 128 tokens, the
+    ignored labels of padding and prompts among them) equals the model's own head and loss, in
+    value and in every gradient (the head's own in a full fine-tune), and in evaluation."""
+    from ft_ray.train import fast_paths
+
+    monkeypatch.setattr(fast_paths, "LOGITS_CHUNK_BYTES", 4 * 768 * 16)  # the tiny Llama's vocabulary: 768
+    model = build_model(job(method, precision=precision), "builtin:tiny-llama")
+    causal = model.get_base_model() if method == "lora" else model
+    assert "forward" in vars(causal)  # applied on the CPU (no liger)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad and method == "lora":
+            p.data.normal_(std=0.05)
+    model.train()
+    labelled = batch()
+    labelled["labels"] = labelled["labels"].clone()
+    labelled["labels"][0, :30] = -100  # a prompt's tokens
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)  # the same dropout masks in both runs
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with context:
+            loss = model(**labelled, use_cache=False).loss
+        loss.backward()
+        with torch.no_grad(), context:
+            evaluated = model(**labelled, use_cache=False).loss.item()
+        return loss.item(), evaluated, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    chunked = run()
+    del causal.forward  # the model's own forward: full logits, HF's loss
+    plain = run()
+    tolerance = 2e-2 if precision == "bf16" else 1e-5
+    assert chunked[0] == pytest.approx(plain[0], rel=1e-3 if precision == "bf16" else 1e-6)
+    assert chunked[1] == pytest.approx(plain[1], rel=1e-3 if precision == "bf16" else 1e-6)
+    assert chunked[2].keys() == plain[2].keys()
+    if method == "full":
+        assert any("lm_head" in n or "embed_tokens" in n for n in chunked[2])  # the head's weight trains
+    for name, grad in plain[2].items():
+        assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
