@@ -163,7 +163,7 @@ def _gated_mlp_forward(product: Any) -> Any:
 
 # ---------------------------------------------------------------- the LM head's loss in chunks
 
-LOGITS_CHUNK_BYTES = 64 * 2 ** 20  # fp32 logits of one chunk of rows
+LOGITS_CHUNK_BYTES = 256 * 2 ** 20  # fp32 logits of one chunk of rows (smaller chunks make slower GEMMs on a CPU)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -188,14 +188,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             norm = torch.logsumexp(logits, dim=-1)
             total += ((norm - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
             if grads[0] or grads[1]:
-                grad = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                grad = torch.softmax(logits, dim=-1)
+                del logits
                 grad[torch.arange(len(y), device=y.device), picked] -= 1
-                grad.mul_((valid / count)[:, None])
                 grad = grad.to(h.dtype)
+                scale = (valid / count).to(h.dtype)[:, None]  # per row: applied to the smaller side of each product
                 if grads[0]:
-                    grad_hidden[start:start + rows] = grad @ weight.to(grad.dtype)
+                    grad_hidden[start:start + rows] = (grad @ weight.to(grad.dtype)) * scale
                 if grads[1]:
-                    grad_weight += (grad.t() @ h).float()
+                    grad_weight += (grad.t() @ (h * scale)).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / count
 
