@@ -23,7 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.train import SHAPES, device_name, hf_model, job_config, json_of, make_model, peak_memory_mb, stack_batch
+from bench.train import (
+    SHAPES, device_name, has_liger, hf_model, job_config, json_of, make_model, peak_memory_mb, stack_batch,
+)
 
 
 def sequence(length: int, vocab: int) -> dict:
@@ -76,20 +78,12 @@ def trl_steps(config: Any, sizes: list[int], vocab: int) -> dict[int, float]:
                              learning_rate=config.train.learning_rate, logging_strategy="no", save_strategy="no",
                              report_to=[], use_cpu=not gpu, bf16=gpu, gradient_checkpointing=True,
                              dataloader_num_workers=0, disable_tqdm=True,  # one sequence: nothing to pad
-                             use_liger_kernel=gpu and _has_liger(), optim="adamw_torch_fused")
+                             use_liger_kernel=gpu and has_liger(), optim="adamw_torch_fused")
             train = datasets.Dataset.from_list([{"input_ids": example["input_ids"].tolist(),
                                                  "labels": example["labels"].tolist()}])
             SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
 
     return doubling(sizes, device, one_step)
-
-
-def _has_liger() -> bool:
-    try:
-        import liger_kernel  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def doubling(sizes: list[int], device: str, step: Any) -> dict[int, Any]:
@@ -162,10 +156,13 @@ def main() -> None:
         model = make_model(args.device, Path(args.model_dir or Path(tmp) / "model"), args.shape, args.model_setting)
         results = {}
         for arm in arms:
-            results[arm] = json_of("bench.longest", ["--arm", arm, "--mode", args.mode, "--device", args.device,
-                                                     "--model", model, "--start", str(args.start),
-                                                     "--limit", str(args.limit),
-                                                     *(["--memory-gib", str(args.memory_gib)] if args.memory_gib else [])])
+            try:
+                results[arm] = json_of("bench.longest", [
+                    "--arm", arm, "--mode", args.mode, "--device", args.device, "--model", model,
+                    "--start", str(args.start), "--limit", str(args.limit),
+                    *(["--memory-gib", str(args.memory_gib)] if args.memory_gib else [])])
+            except RuntimeError as e:  # said, and the other arm still measured
+                results[arm] = {"failed": str(e)[-2000:]}
             print(f"{arm}: {results[arm]}", flush=True)
     for figures in results.values():
         trained = [n for n, peak in figures.get("peak_mem_mb", {}).items() if peak != "out of memory"]
@@ -173,8 +170,8 @@ def main() -> None:
         figures["stopped_by"] = ("out of memory" if "out of memory" in figures.get("peak_mem_mb", {}).values()
                                  else f"--limit {args.limit}" if trained else None)
     print(json.dumps({"mode": args.mode, "device": device_name(args.device), "memory_gib": args.memory_gib,
-                      "shape": args.shape,
-                      "model_settings": args.model_setting, "gradient_checkpointing": True, "arms": results}))
+                      "shape": args.shape, "model_settings": args.model_setting, "gradient_checkpointing": True,
+                      "arms": results}))
 
 
 if __name__ == "__main__":

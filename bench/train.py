@@ -396,11 +396,7 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
     from trl import SFTConfig, SFTTrainer
 
     gpu = device == "cuda"
-    try:
-        import liger_kernel  # noqa: F401
-        liger = gpu
-    except ImportError:
-        liger = False
+    liger = gpu and has_liger()
     clock, losses = PassClock(device, 1, warmup), []
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=config.train.micro_batch_size,
@@ -421,6 +417,14 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
             "steps": clock.per_pass, "optimizer": args.optim, "attention": model.config._attn_implementation,
             "peak_mem_mb": peak_memory_mb(device), "loss_first_last": losses, "liger": liger,
             "settings": "packing bfd, padding_free, " + ("bf16" if gpu else "fp32") + checkpointing(config)}
+
+
+def has_liger() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def unsloth_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
