@@ -152,7 +152,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
                 callbacks=callbacks),
             torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
             datasets=worker_datasets(config, datasets),
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # split here (worker_datasets)
+            dataset_config=ingest_config(),
         )
         trainer.fit()
     summary = summarize(config, run, stats, plan, time.monotonic() - started)
@@ -213,6 +213,22 @@ def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, An
     (`loop.evaluate` shares it out)."""
     pieces = datasets["train"].split(config.distributed.max_workers, equal=True)
     return {"eval": datasets["eval"], **{TRAIN_PIECE.format(i): piece for i, piece in enumerate(pieces)}}
+
+
+def ingest_config() -> Any:
+    """How Ray Train hands the pieces (`worker_datasets`, split here) to the workers: whole,
+    each read in its order.
+
+    Ray Train builds each worker's read options in its controller, a process whose Ray Data
+    context keeps the default `preserve_order=False`; the threads that format batches
+    (`train.prefetch_batches` >= 2) then hand over batches as they finish, and under load
+    two consecutive steps swapped their samples (CI: a resumed DPO run, steps 8 and 9).
+    """
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def _workers(config: JobConfig) -> str:

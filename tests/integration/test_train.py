@@ -157,3 +157,31 @@ def test_a_damaged_checkpoint_is_neither_exported_nor_evaluated(trained, tmp_pat
     with pytest.raises(InputError, match="adapter_model.safetensors has sha256"):
         resolve_target(str(changed), config)  # `ft-ray eval --run CHECKPOINT`
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_workers_read_their_pieces_in_order_even_when_batches_are_ready_out_of_order(ray_local):
+    """Ray Train builds the workers' readers in its controller, whose Ray Data context says
+    preserve_order=False; batches formatted by several threads (prefetch) that finish out of
+    order must still reach the worker in the data's order, or a resumed run trains other steps."""
+    import random
+    import time
+
+    import ray.data
+
+    from ft_ray.train.trainer import ingest_config
+
+    @ray.remote
+    def read_as_a_worker(data_config, piece) -> list[int]:
+        ray.data.DataContext.get_current().execution_options.preserve_order = False  # the controller's default
+        reader = data_config.configure({"train_0": piece}, world_size=1, worker_handles=None,
+                                       worker_node_ids=None)[0]["train_0"]
+
+        def format_slowly_at_random(batch):
+            time.sleep(random.random() * 0.02)
+            return batch
+
+        return [int(batch["id"][0]) for batch in reader.iter_torch_batches(
+            batch_size=2, prefetch_batches=4, collate_fn=format_slowly_at_random)]
+
+    piece = ray.data.range(64, override_num_blocks=16).materialize()
+    assert ray.get(read_as_a_worker.remote(ingest_config(), piece)) == list(range(0, 64, 2))
