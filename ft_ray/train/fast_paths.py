@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ft_ray.data.tokenize import IGNORE_INDEX
+
 
 def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     active = [a for a in self.active_adapters if a in self.lora_A]
@@ -167,7 +169,7 @@ LOGITS_CHUNK_BYTES = 256 * 2 ** 20  # fp32 logits of one chunk of rows (smaller 
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` (ignore_index -100), taken
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (`IGNORE_INDEX` ignored), taken
     over chunks of rows so that only one chunk's fp32 logits exist at a time: its loss and its
     gradients (softmax minus one-hot, over the number of targets) are taken in forward, as
     liger-kernel's fused linear + cross-entropy does on CUDA; backward scales them. The same
@@ -176,14 +178,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 rows: int, grads: tuple[bool, bool]) -> torch.Tensor:
-        count = (targets != -100).sum().clamp(min=1)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if grads[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], targets[start:start + rows]
             logits = (h @ weight.t()).float()  # the plain head's matmul (autocast's dtype), upcast as HF's loss does
-            valid = y != -100
+            valid = y != IGNORE_INDEX
             picked = y.clamp(min=0)
             norm = torch.logsumexp(logits, dim=-1)
             total += ((norm - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
@@ -229,7 +231,8 @@ def chunked_lm_loss(model: Any) -> bool:
             kwargs.pop(key, None)
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)  # HF's shift
+        targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # HF's shift
+        # asked each time, not `head`: PEFT puts a trained copy of the head in its place (new tokens)
         weight = self.get_output_embeddings().weight
         rows = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
         grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)

@@ -181,15 +181,20 @@ def test_recomputed_liger_swiglu_on_cuda_matches_liger():
     assert saved < reference_saved
 
 
-@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16")])
-def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, monkeypatch):
+@pytest.mark.parametrize("method,precision,new_tokens", [("full", "fp32", False), ("lora", "bf16", False),
+                                                        ("lora", "fp32", True)])
+def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, new_tokens, monkeypatch):
     """The loss from the LM head in chunks (16 rows each here: 8 chunks of the 128 tokens, the
     ignored labels of padding and prompts among them) equals the model's own head and loss, in
-    value and in every gradient (the head's own in a full fine-tune), and in evaluation."""
+    value and in every gradient (the head's own in a full fine-tune, and the head's trained copy
+    PEFT puts in after the patch when LoRA adds tokens), and in evaluation."""
     from ft_ray.train import fast_paths
 
     monkeypatch.setattr(fast_paths, "LOGITS_CHUNK_BYTES", 4 * 768 * 16)  # the tiny Llama's vocabulary: 768
-    model = build_model(job(method, precision=precision), "builtin:tiny-llama")
+    config = job(method, precision=precision)
+    if new_tokens:
+        config.model.add_tokens = ["<|house|>"]  # embed_tokens and lm_head train in full
+    model = build_model(config, "builtin:tiny-llama")
     causal = model.get_base_model() if method == "lora" else model
     assert "forward" in vars(causal)  # applied on the CPU (no liger)
     torch.manual_seed(0)
@@ -221,5 +226,7 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, mon
     assert chunked[2].keys() == plain[2].keys()
     if method == "full":
         assert any("lm_head" in n or "embed_tokens" in n for n in chunked[2])  # the head's weight trains
+    if new_tokens:
+        assert "base_model.model.lm_head.modules_to_save.default.weight" in chunked[2]
     for name, grad in plain[2].items():
         assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
