@@ -129,17 +129,16 @@ def demo_sweep(s3_server, tmp_path_factory) -> dict:
     report). Returns its summary, output, store client and folders."""
     tmp = tmp_path_factory.mktemp("demo-sweep")
     client = make_bucket(s3_server, "demo-sweeps")
+    storage = ["storage.path=s3://demo-sweeps/runs", f"storage.endpoint_url={s3_server}"]
+    settings = [*storage, f"tracking.wandb.dir={tmp / 'wandb'}",
+                # every winner is evaluated: its weights come from the store to the model actors
+                "eval.after_training=true", "eval.num_generations=2", "eval.max_new_tokens=16", "eval.max_examples=24"]
     code, out = piped(tmp, "tune", str(REPO / "configs" / "sweep-tiny.yaml"),
-                      "--set", "storage.path=s3://demo-sweeps/runs", "--set", f"storage.endpoint_url={s3_server}",
-                      "--set", f"tracking.wandb.dir={tmp / 'wandb'}",
-                      # every winner is evaluated: its weights come from the store to the model actors
-                      "--set", "eval.after_training=true", "--set", "eval.num_generations=2",
-                      "--set", "eval.max_new_tokens=16", "--set", "eval.max_examples=24")
+                      *(arg for setting in settings for arg in ("--set", setting)))
     assert code == 0, out
     uri = "s3://demo-sweeps/runs/tiny-sweep"
     summary = json.loads(client.get_object(Bucket="demo-sweeps", Key="runs/tiny-sweep/sweep.json")["Body"].read())
-    return {"summary": summary, "out": out, "client": client, "uri": uri, "tmp": tmp,
-            "overrides": ["storage.path=s3://demo-sweeps/runs", f"storage.endpoint_url={s3_server}"]}
+    return {"summary": summary, "out": out, "client": client, "uri": uri, "tmp": tmp, "overrides": storage}
 
 
 @pytest.fixture(scope="session")
