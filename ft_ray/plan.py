@@ -204,15 +204,20 @@ def fused(config: JobConfig) -> bool:
     return config.distributed.use_gpu and config.train.fused_kernels != "none"
 
 
+def _zero3(config: JobConfig) -> bool:
+    return config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
+
+
 def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """Bytes one token's activations hold through backward, over all layers."""
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
     residual = 4 if config.train.fp32_residual else compute
     attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
-    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
-    recompute = config.method == "full" and config.train.recompute_swiglu and fused(config) and not zero3
-    mlp = 2 * h * residual + (2 * i + (0 if recompute else i) + (0 if fused(config) else i)) * compute
+    # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
+    # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
+    recompute = config.method == "full" and config.train.recompute_swiglu and not _zero3(config)
+    mlp = 2 * h * residual + (2 * i + (0 if recompute else i if fused(config) else 2 * i)) * compute
     lora = 0
     if config.method != "full":
         lora = sum(config.lora.rank for name in LORA_MODULES if _targeted(name, config.lora.target_modules)) * compute
@@ -223,13 +228,21 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
 
 
 def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> float:
-    """The output layer's logits and the loss: chunked by the fused linear + cross-entropy
-    (liger: chunks of about tokens / ceil(vocab / hidden)), else the whole logits tensor in the
+    """The output layer's logits and the loss: chunked by a fused linear + cross-entropy (liger:
+    chunks of about tokens / ceil(vocab / hidden); else fast_paths.chunked_lm_loss, not under
+    ZeRO-3: chunks of LOGITS_CHUNK_BYTES of fp32 logits), else the whole logits tensor in the
     compute dtype, its fp32 upcast and its gradient."""
     if fused(config):
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
         return chunk * shape.vocab * 4 * 2 + tokens * shape.hidden * 4  # a chunk's logits and grad; grad of the input
-    return tokens * shape.vocab * (compute + 4 + 4)
+    if config.train.fused_kernels == "none" or _zero3(config):
+        return tokens * shape.vocab * (compute + 4 + 4)
+    from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
+
+    rows = min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * shape.vocab)))
+    head_grad = shape.vocab * shape.hidden * 4 if config.method == "full" else 0  # fp32, taken in forward
+    # a chunk's fp32 logits, their softmax and its compute-dtype copy; the gradient of the input
+    return rows * shape.vocab * (4 + 4 + compute) + tokens * shape.hidden * compute + head_grad
 
 
 def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[str, Plan]]:

@@ -36,7 +36,9 @@ def test_every_part_of_a_lora_worker_by_hand_for_the_tiny_model():
     layer = (4 * 128 + 128 + 2 * 64 + 128 + 4 * 352 + 2 * 8) * 4 + 4 * 4
     expected = {"base_weights": 4 * params, "lora_weights": 4 * adapters, "gradients": 4 * adapters,
                 "optimizer_states": 8 * adapters, "activations": 4 * layer * ACTIVATION_MARGIN * tokens,
-                "logits_and_loss": tokens * 768 * (4 + 4 + 4)}  # fp32 logits, their upcast and gradient
+                # the chunked head's loss (fast_paths; one chunk here): fp32 logits, softmax, gradient;
+                # the gradient of the head's input
+                "logits_and_loss": tokens * 768 * (4 + 4 + 4) + tokens * 128 * 4}
     plan = plan_memory(config, shape)
     for part, value in expected.items():
         assert plan.parts[part] == pytest.approx(value / MIB), part
@@ -45,6 +47,22 @@ def test_every_part_of_a_lora_worker_by_hand_for_the_tiny_model():
     assert plan.peak_mib == pytest.approx(plan.allocated_mib * 1.05)
     checkpointed = plan_memory(job(train={"gradient_checkpointing": True}), shape)
     assert checkpointed.parts["activations"] == pytest.approx((4 * 128 * 4 + layer * ACTIVATION_MARGIN) * tokens / MIB)
+
+
+def test_without_liger_the_head_s_loss_holds_one_chunk_of_logits_and_the_swiglu_product_is_recomputed():
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B's vocabulary
+    tokens, rows = 4 * 2048, 256 * 2 ** 20 // (4 * 128256)  # fast_paths.LOGITS_CHUNK_BYTES of fp32 logits
+    chunked = plan_memory(job(model={"max_seq_len": 2048}), shape).parts["logits_and_loss"]
+    assert chunked == pytest.approx((rows * 128256 * 12 + tokens * 4096 * 4) / MIB)  # fp32 on a CPU
+    whole = plan_memory(job(model={"max_seq_len": 2048}, train={"fused_kernels": "none"}), shape)
+    assert whole.parts["logits_and_loss"] == pytest.approx(tokens * 128256 * 12 / MIB)
+    full = plan_memory(job(method="full", model={"max_seq_len": 2048}), shape).parts["logits_and_loss"]
+    assert full == pytest.approx(chunked + 128256 * 4096 * 4 / MIB)  # the head's fp32 gradient, taken in forward
+    kept = plan_memory(job(method="full", model={"max_seq_len": 2048}, train={"recompute_swiglu": False}), shape)
+    recomputed = plan_memory(job(method="full", model={"max_seq_len": 2048}), shape)
+    # act(gate) and the product, 2 x 14336 fp32 values per token and layer, not saved
+    saved = (kept.parts["activations"] - recomputed.parts["activations"]) * MIB
+    assert saved == pytest.approx(32 * 2 * 14336 * 4 * ACTIVATION_MARGIN * tokens)
 
 
 def test_zero_stages_shard_and_offload_what_they_say():
