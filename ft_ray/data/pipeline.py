@@ -47,7 +47,8 @@ class DataStats:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_json: str) -> Any:
+def task_tokenizer(model_json: str) -> Any:
+    """The model's tokenizer in a Ray task, loaded once per worker process (tasks reuse them)."""
     from ft_ray.models import load_tokenizer
 
     return load_tokenizer(ModelConfig.model_validate_json(model_json))
@@ -92,7 +93,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     """
     import pyarrow as pa
 
-    tokenizer = _tokenizer(model_json)
+    tokenizer = task_tokenizer(model_json)
     max_len = ModelConfig.model_validate_json(model_json).max_seq_len
     count = len(batch["text"])
     errors = batch["error"] if "error" in batch else [""] * count

@@ -167,9 +167,9 @@ def training_examples(config: JobConfig, count: int) -> dict[str, list[str]]:
 
 def _pool_rows(batch: dict[str, np.ndarray], model_json: str, fmt: str, fields: dict[str, str],
                split: float | None) -> dict[str, np.ndarray]:
-    from ft_ray.data.pipeline import _tokenizer
+    from ft_ray.data.pipeline import task_tokenizer
 
-    tokenizer = _tokenizer(model_json)
+    tokenizer = task_tokenizer(model_json)
     prompts, shots = [], []
     for text, error in zip(batch["text"], batch["error"]):
         if split is not None and eval_bucket(str(text)) < split:
