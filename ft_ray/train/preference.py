@@ -53,6 +53,11 @@ def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
 
+def token_logps_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L]: each token of the batch's `input_ids` its log-prob under `model` (`token_logps`)."""
+    return token_logps(logits_of(model, batch), batch["labels"])
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, L]: each token's log-prob given the tokens before it (logits [B, L, V]), 0 where
     its label is not a target (prompt, padding, the first token of a row)."""
@@ -62,14 +67,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(logps * (targets != IGNORE_INDEX), (1, 0))
 
 
-def answer_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> Answers:
-    """Each answer span's summed log-prob of its target tokens (logits [B, L, V] of the
-    batch's `input_ids`; spans start where `position_ids` is 0)."""
-    return answer_sums(token_logps(logits, batch["labels"]), batch)
-
-
 def answer_sums(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> Answers:
-    """Per answer span, the sum of `values` ([B, L], one per token) over its target tokens."""
+    """Per answer span (spans start where `position_ids` is 0), the sum of `values` ([B, L],
+    one per token: log-probs from `token_logps`) over its target tokens."""
     labels, positions, roles = batch["labels"], batch["position_ids"], batch["roles"]
     rows, length = labels.shape
     span = torch.cumsum((positions == 0).long(), dim=1) - 1  # each token's span, counted within its row
@@ -99,6 +99,7 @@ class PreferenceObjective:
     metrics: tuple[str, ...] = PAIR_METRICS
 
     def __init__(self, beta: float, reference: Callable[[Any, dict], torch.Tensor] | None):
+        """`reference(model, batch)`: each token's reference log-prob ([B, L], as `token_logps_of`)."""
         self.beta, self.reference = beta, reference
 
     def reference_answers(self, model: Any, batch: dict[str, torch.Tensor]) -> Answers:
@@ -106,7 +107,7 @@ class PreferenceObjective:
         if REF_COLUMN in batch:
             return answer_sums(batch[REF_COLUMN], batch)
         with torch.no_grad():
-            return answer_logps(self.reference(model, batch), batch)
+            return answer_sums(self.reference(model, batch), batch)
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return count_role(batch, CHOSEN)  # pairs
@@ -134,7 +135,7 @@ class DPOLoss(PreferenceObjective):
             self.metrics = PAIR_METRICS + ("nll_loss",)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        policy = answer_logps(logits_of(model, batch), batch)
+        policy = answer_sums(token_logps_of(model, batch), batch)
         reference = self.reference_answers(model, batch)
         (pc, nc), (pr, _) = policy.of(CHOSEN), policy.of(REJECTED)
         (rc, _), (rr, _) = reference.of(CHOSEN), reference.of(REJECTED)
@@ -168,7 +169,7 @@ class ORPOLoss(PreferenceObjective):
     metrics = PAIR_METRICS + ("nll_loss", "log_odds_ratio")
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        policy = answer_logps(logits_of(model, batch), batch)
+        policy = answer_sums(token_logps_of(model, batch), batch)
         (pc, nc), (pr, nr) = policy.of(CHOSEN), policy.of(REJECTED)
         chosen_mean, rejected_mean = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
         nll = chosen_nll(pc, nc)
@@ -203,7 +204,7 @@ class KTOLoss(PreferenceObjective):
         return count_role(batch, CHOSEN) + count_role(batch, REJECTED)  # judged answers
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        policy = answer_logps(logits_of(model, batch), batch)
+        policy = answer_sums(token_logps_of(model, batch), batch)
         reference = self.reference_answers(model, batch)
         judged = policy.roles > 0
         ratios = (policy.logps - reference.logps)[judged]
@@ -229,9 +230,9 @@ def _mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_off_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference logits of a LoRA/QLoRA run: the same model with its adapter switched off."""
+    """The reference log-probs of a LoRA/QLoRA run: the same model with its adapter switched off."""
     with unwrapped(model).disable_adapter():
-        return logits_of(unwrapped(model), batch)
+        return token_logps_of(unwrapped(model), batch)
 
 
 def reference_model(config: Any, device: torch.device) -> Any:
@@ -253,7 +254,7 @@ def reference_model(config: Any, device: torch.device) -> Any:
 
 
 def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
-    """The reference logits of a full fine-tune with `preference.reference: inline`: a frozen
+    """The reference log-probs of a full fine-tune with `preference.reference: inline`: a frozen
     copy of the base, sharded across the workers like the trained model under ZeRO-3."""
     copy = reference_model(config, device)
     dist = config.distributed
@@ -261,7 +262,7 @@ def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
         copy = sharded_for_inference(copy, config)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return logits_of(copy, batch)
+        return token_logps_of(copy, batch)
 
     return forward
 
@@ -339,7 +340,7 @@ class ReferenceScorer:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
-            values = token_logps(logits_of(self.model, batch), batch["labels"])
+            values = token_logps_of(self.model, batch)
         return {**rows, REF_COLUMN: values.float().cpu().numpy()}
 
 

@@ -13,7 +13,7 @@ from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
 from ft_ray.models import load_base_model, load_tokenizer
 from ft_ray.train.attention import register
-from ft_ray.train.preference import answer_logps, dpo_loss, kto_loss, orpo_odds_ratio
+from ft_ray.train.preference import answer_sums, dpo_loss, kto_loss, orpo_odds_ratio, token_logps_of
 from tests.conftest import DEMO
 
 
@@ -67,8 +67,7 @@ def packed_demo_pairs(pairs: int):
 def test_answer_logps_of_a_packed_row_equal_each_sequence_scored_alone():
     model, batch, tensors = packed_demo_pairs(3)
     with torch.no_grad():
-        answers = answer_logps(model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits,
-                               tensors)
+        answers = answer_sums(token_logps_of(model, tensors), tensors)
         alone = []
         role_starts = np.flatnonzero(np.diff(batch.roles, prepend=0) != 0)
         for start, end in zip(role_starts, [*role_starts[1:], len(batch.ids)]):
@@ -87,10 +86,10 @@ def test_answer_logps_of_a_packed_row_equal_each_sequence_scored_alone():
 
 def test_dpo_with_a_chosen_nll_weight_adds_the_chosen_answers_next_token_loss():
     from ft_ray.train.objectives import NextTokenLoss
-    from ft_ray.train.preference import DPOLoss, logits_of
+    from ft_ray.train.preference import DPOLoss
 
     model, _, tensors = packed_demo_pairs(2)
-    same_model = lambda m, b: logits_of(m, b)  # noqa: E731 - the policy is its own reference: every reward is 0
+    same_model = token_logps_of  # the policy is its own reference: every reward is 0
     with torch.no_grad():
         plain, metrics = DPOLoss(0.1, same_model).loss(model, tensors)
         rpo, rpo_metrics = DPOLoss(0.1, same_model, chosen_nll_weight=0.5).loss(model, tensors)
@@ -103,7 +102,7 @@ def test_dpo_with_a_chosen_nll_weight_adds_the_chosen_answers_next_token_loss():
 
 def test_precomputed_reference_log_probs_equal_the_inline_ones():
     from ft_ray.config import config_from_dict
-    from ft_ray.train.preference import REF_COLUMN, DPOLoss, ReferenceScorer, logits_of
+    from ft_ray.train.preference import REF_COLUMN, DPOLoss, ReferenceScorer
 
     model, _, tensors = packed_demo_pairs(3)
     job = config_from_dict({"objective": "dpo", "model": {"max_seq_len": 1024}, "data": {"train": "x.jsonl"}})
@@ -112,6 +111,6 @@ def test_precomputed_reference_log_probs_equal_the_inline_ones():
     assert rows[REF_COLUMN].dtype == np.float32 and rows[REF_COLUMN].shape == tuple(tensors["input_ids"].shape)
     precomputed = DPOLoss(0.1, None).reference_answers(None, {**tensors, REF_COLUMN: torch.as_tensor(rows[REF_COLUMN])})
     with torch.no_grad():
-        inline = answer_logps(logits_of(model, tensors), tensors)
+        inline = answer_sums(token_logps_of(model, tensors), tensors)
     torch.testing.assert_close(precomputed.logps, inline.logps, rtol=1e-5, atol=1e-4)
     assert precomputed.tokens.tolist() == inline.tokens.tolist() and (precomputed.logps < 0).sum() == 6
