@@ -255,7 +255,8 @@ class TrainConfig(Section):
         "liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy (no logits tensor) on CUDA; "
         "auto: when installed and on a GPU; plain torch on CPU. Not none: LoRA layers also add their "
         "scaled update inside the adapter's GEMM, and where liger is not used the LM head's loss is taken "
-        "in chunks of rows, without the full logits (every device; not under ZeRO-3)"))
+        "in chunks of rows, without the full logits, as are the preference objectives' per-token log-probs "
+        "on every device (not under ZeRO-3)"))
     recompute_swiglu: bool = Field(True, description=(
         "full fine-tunes: the MLP keeps gate and up for backward, not act(gate)*up (recomputed, one "
         "elementwise pass); 1B Llama, 16k tokens per step, H100: peak 40.6 -> 36.0 GiB for 2.4% of the "

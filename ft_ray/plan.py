@@ -229,7 +229,7 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
 
 def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> float:
     """The output layer's logits and the loss: chunked by a fused linear + cross-entropy (liger:
-    chunks of about tokens / ceil(vocab / hidden); else fast_paths.chunked_lm_loss, not under
+    chunks of about tokens / ceil(vocab / hidden); else fast_paths.chunked_lm_head, not under
     ZeRO-3: chunks of LOGITS_CHUNK_BYTES of fp32 logits), else the whole logits tensor in the
     compute dtype, its fp32 upcast and its gradient."""
     if fused(config):

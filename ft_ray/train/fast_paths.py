@@ -209,13 +209,75 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight * grad if grad_weight is not None else None, None, None, None)
 
 
-def chunked_lm_loss(model: Any) -> bool:
+class _LinearTokenLogps(torch.autograd.Function):
+    """Each row's log-prob of its target under `hidden @ weight.T` (0 where the target is
+    `IGNORE_INDEX`), chunk by chunk as `_LinearCrossEntropy`. How much each row's log-prob
+    counts is known only in backward (the preference losses weigh answers unequally): with a
+    frozen head (LoRA, QLoRA) forward keeps d logp / d hidden per row ([tokens, hidden]), and
+    backward scales it; a trained head's gradient is a sum over rows of [vocabulary, hidden]
+    products, so backward takes each chunk's logits again (one more head matmul)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                rows: int, grads: tuple[bool, bool]) -> torch.Tensor:
+        device = hidden.device.type
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        ctx.rows, ctx.grads = rows, grads
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        slopes = torch.empty_like(hidden, dtype=ctx.dtype) if grads == (True, False) else None
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                logits = _chunk_logits(hidden[start:start + rows], weight, ctx.dtype)
+                y = targets[start:start + rows]
+                picked = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
+                logps[start:start + rows] = (picked - torch.logsumexp(logits, dim=-1)) * (y != IGNORE_INDEX)
+                if slopes is not None:
+                    slopes[start:start + rows] = _logps_slope(logits, y, ctx.dtype) @ weight.to(ctx.dtype)
+        ctx.save_for_backward(*((slopes,) if slopes is not None else (hidden, weight, targets)))
+        return logps
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        if ctx.grads == (True, False):
+            (slopes,) = ctx.saved_tensors
+            return slopes * grad[:, None].to(slopes.dtype), None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.grads[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.grads[1] else None
+        for start in range(0, hidden.shape[0], ctx.rows):
+            h, y = hidden[start:start + ctx.rows], targets[start:start + ctx.rows]
+            outer = _logps_slope(_chunk_logits(h, weight, ctx.dtype), y, ctx.dtype, grad[start:start + ctx.rows])
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.rows] = outer @ weight.to(ctx.dtype)
+            if grad_weight is not None:
+                grad_weight += (outer.t() @ h.to(ctx.dtype)).float()
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _logps_slope(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """d logp(target) / d logits per row (one-hot minus softmax; 0 for ignored rows), times
+    `scale` per row, in `dtype`."""
+    slope = torch.softmax(logits, dim=-1)
+    slope[torch.arange(len(targets), device=targets.device), targets.clamp(min=0)] -= 1
+    weight = -(targets != IGNORE_INDEX).float() * (scale.float() if scale is not None else 1)
+    return (slope * weight[:, None]).to(dtype)
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A chunk's fp32 logits from a matmul in `dtype` (what autocast gave the forward)."""
+    return (h.to(dtype) @ weight.to(dtype).t()).float()
+
+
+def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     """Give a causal LM (`*ForCausalLM`: a decoder under `base_model_prefix` and a bias-free
-    linear head) a forward that, given labels, returns the next-token loss taken from the head
-    in chunks (`_LinearCrossEntropy`) and no logits; without labels (generation, preference
-    objectives) the model's own forward runs. What liger's fused linear + cross-entropy is on
-    CUDA, in plain torch: for a CPU, or a GPU without liger. Not for ZeRO-3 (the head's weight
-    is gathered only inside its own forward). Returns whether it applied."""
+    linear head) a forward whose head works in chunks of rows, never holding the [tokens,
+    vocabulary] logits: given `token_logps_of=labels` it returns {"token_logps": [B, L]} (each
+    token's log-prob, as `preference.token_logps`; `_LinearTokenLogps`), and with `sft_loss`,
+    given labels, the next-token loss (`_LinearCrossEntropy`: what liger's fused linear +
+    cross-entropy is on CUDA, in plain torch, for a CPU or a GPU without liger). Otherwise
+    (generation, liger's loss) the model's own forward runs. Not for ZeRO-3 (the head's
+    weight is gathered only inside its own forward). Returns whether it applied."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(decoder, torch.nn.Module):
@@ -224,19 +286,31 @@ def chunked_lm_loss(model: Any) -> bool:
 
     plain = model.forward
 
-    def forward(self: Any, input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
-        if labels is None or kwargs.get("inputs_embeds") is not None:
+    def forward(self: Any, input_ids: Any = None, labels: Any = None, token_logps_of: Any = None,
+                **kwargs: Any) -> Any:
+        scored = token_logps_of if token_logps_of is not None else labels if sft_loss else None
+        if scored is None or kwargs.get("inputs_embeds") is not None:
             return plain(input_ids=input_ids, labels=labels, **kwargs)
         for key in ("num_items_in_batch", "logits_to_keep", "return_dict"):
             kwargs.pop(key, None)
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # HF's shift
+        targets = torch.nn.functional.pad(scored, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # HF's shift
         # asked each time, not `head`: PEFT puts a trained copy of the head in its place (new tokens)
         weight = self.get_output_embeddings().weight
         rows = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
         grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+        if token_logps_of is not None:  # row t scored token t + 1: token t's log-prob is row t - 1's
+            logps = _LinearTokenLogps.apply(hidden, weight, targets, rows, grads).view(scored.shape)
+            return {"token_logps": torch.nn.functional.pad(logps[:, :-1], (1, 0))}
         return CausalLMOutputWithPast(loss=_LinearCrossEntropy.apply(hidden, weight, targets, rows, grads))
 
+    forward.chunked_head = True  # read by has_chunked_head (through the bound method)
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def has_chunked_head(model: Any) -> bool:
+    """Whether a causal LM (or the one inside a PEFT model) has `chunked_lm_head`'s forward."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(causal.forward, "chunked_head", False)

@@ -12,7 +12,7 @@ from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.train.engine_api import COMPUTE_DTYPES
 from ft_ray.train.fast_paths import (
-    chunked_lm_loss, fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype,
+    chunked_lm_head, fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype,
 )
 
 
@@ -31,8 +31,9 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
     zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
-    if not use_fused_kernels(model, config) and config.train.fused_kernels != "none" and not zero3:
-        chunked_lm_loss(model)  # liger's fused linear + cross-entropy, in plain torch (CPU, no liger)
+    liger = use_fused_kernels(model, config)
+    if config.train.fused_kernels != "none" and not zero3:
+        chunked_lm_head(model, sft_loss=not liger)  # the head's loss or log-probs without the whole logits
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
     if config.method == "full" and config.train.recompute_swiglu and not zero3:

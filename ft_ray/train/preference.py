@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
+from ft_ray.train.fast_paths import chunked_lm_head, has_chunked_head
 
 REF_COLUMN = "ref_logps"  # per token of a packed row: its log-prob under the reference model (0 where no target)
 PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
@@ -54,7 +55,11 @@ def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def token_logps_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, L]: each token of the batch's `input_ids` its log-prob under `model` (`token_logps`)."""
+    """[B, L]: each token of the batch's `input_ids` its log-prob under `model` (`token_logps`),
+    from its head in chunks where it has one (`fast_paths.chunked_lm_head`: no [B, L, V] logits)."""
+    if has_chunked_head(unwrapped(model)):
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     token_logps_of=batch["labels"])["token_logps"]
     return token_logps(logits_of(model, batch), batch["labels"])
 
 
@@ -235,9 +240,10 @@ def adapter_off_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.T
         return token_logps_of(unwrapped(model), batch)
 
 
-def reference_model(config: Any, device: torch.device) -> Any:
+def reference_model(config: Any, device: torch.device, chunked_head: bool = True) -> Any:
     """A frozen copy of the base model as the run trains on it (4-bit for QLoRA, the frozen
-    base's dtype for LoRA, per-example attention), on `device`."""
+    base's dtype for LoRA, per-example attention; its log-probs from the head in chunks unless
+    `train.fused_kernels: none` or not `chunked_head`), on `device`."""
     from ft_ray.models import load_base_model, load_quantized_model
     from ft_ray.train.engine_api import COMPUTE_DTYPES
 
@@ -250,15 +256,18 @@ def reference_model(config: Any, device: torch.device) -> Any:
         from ft_ray.train.attention import register
 
         model.set_attn_implementation(register())
+    if chunked_head and config.train.fused_kernels != "none":
+        chunked_lm_head(model, sft_loss=False)
     return model.eval().requires_grad_(False)
 
 
 def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
     """The reference log-probs of a full fine-tune with `preference.reference: inline`: a frozen
     copy of the base, sharded across the workers like the trained model under ZeRO-3."""
-    copy = reference_model(config, device)
     dist = config.distributed
-    if dist.strategy == "deepspeed" and dist.deepspeed.stage == 3:
+    zero3 = dist.strategy == "deepspeed" and dist.deepspeed.stage == 3
+    copy = reference_model(config, device, chunked_head=not zero3)  # ZeRO-3 gathers the head's weight in its forward only
+    if zero3:
         copy = sharded_for_inference(copy, config)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -45,3 +45,22 @@ def test_the_8b_shape_is_llama_3_1_8b_with_only_the_settings_changed(tmp_path):
     assert (config["num_hidden_layers"], config["hidden_size"], config["dtype"]) == (1, 64, "bfloat16")
     assert make_model("cpu", tmp_path / "m", "8b") == path  # reused, not written again
     assert make_model("cpu", tmp_path / "other", "tiny") == "builtin:tiny-llama"
+
+
+def test_the_preference_bench_packs_whole_pairs():
+    from bench.preference import packed_pairs
+    from bench.train import job_config
+    from ft_ray.data.formats import CHOSEN, REJECTED
+    from ft_ray.models import load_tokenizer
+
+    config = job_config("lora", "cpu", "builtin:tiny-llama", 512, 2)
+    rows = packed_pairs(config, load_tokenizer(config.model), 4)
+    assert len(rows) == 4
+    for row in rows:
+        starts = row["position_ids"] == 0
+        spans = [int(role) for role in row["roles"][starts]]
+        answers = [role for role in spans if role]  # role 0: the padding at the end
+        # chosen and rejected answers in turn (each pair whole in its row), most of the row used
+        assert answers == [CHOSEN, REJECTED] * (len(answers) // 2) and len(answers) >= 2
+        assert spans[:len(answers)] == answers
+        assert (row["labels"] != -100).sum() > 0 and (row["position_ids"] > 0).sum() > 256

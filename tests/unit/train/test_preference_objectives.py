@@ -114,3 +114,55 @@ def test_precomputed_reference_log_probs_equal_the_inline_ones():
         inline = answer_sums(token_logps_of(model, tensors), tensors)
     torch.testing.assert_close(precomputed.logps, inline.logps, rtol=1e-5, atol=1e-4)
     assert precomputed.tokens.tolist() == inline.tokens.tolist() and (precomputed.logps < 0).sum() == 6
+
+
+@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16")])
+def test_dpo_from_the_head_in_chunks_equals_dpo_from_the_whole_logits(method, precision, monkeypatch):
+    """The policy's (and, for LoRA, the adapter-off reference's) log-probs from the head taken
+    100 rows at a time (fast_paths.chunked_lm_head, on by default) give the loss, metrics and
+    every gradient the model's own logits give."""
+    import contextlib
+
+    from ft_ray.config import config_from_dict
+    from ft_ray.train import fast_paths
+    from ft_ray.train.modeling import build_model
+    from ft_ray.train.preference import REF_COLUMN, DPOLoss, adapter_off_reference
+
+    monkeypatch.setattr(fast_paths, "LOGITS_CHUNK_BYTES", 4 * 768 * 100)  # the tiny Llama's vocabulary: 768
+    _, _, tensors = packed_demo_pairs(3)
+    job = config_from_dict({"objective": "dpo", "method": method, "model": {"max_seq_len": 1024},
+                            "data": {"train": "x.jsonl"}, "train": {"precision": precision},
+                            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}})
+    model = build_model(job, "builtin:tiny-llama")
+    causal = model.get_base_model() if method == "lora" else model
+    assert fast_paths.has_chunked_head(model)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad and method == "lora":
+            p.data.normal_(std=0.05)  # an adapter that changes the answers' log-probs
+    if method == "lora":
+        objective = DPOLoss(0.5, adapter_off_reference)
+    else:
+        objective = DPOLoss(0.5, None)
+        with torch.no_grad():  # the reference log-probs precomputed: the base's, a little off
+            tensors[REF_COLUMN] = token_logps_of(model, tensors) - 0.01 * tensors["roles"]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with context:
+            loss, metrics = objective.loss(model, tensors)
+        loss.backward()
+        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    chunked = run()
+    del causal.forward  # the model's own forward: the whole logits
+    assert not fast_paths.has_chunked_head(model)
+    plain = run()
+    rel = 1e-2 if precision == "bf16" else 1e-5
+    assert chunked[0] == pytest.approx(plain[0], rel=rel) and chunked[0] != pytest.approx(math.log(2), rel=1e-3)
+    assert chunked[1] == pytest.approx(plain[1], rel=rel, abs=1e-3)
+    assert chunked[2].keys() == plain[2].keys() and len(plain[2]) > 0
+    for name, grad in plain[2].items():
+        scale = grad.abs().max().item()
+        assert scale > 0 and torch.allclose(chunked[2][name], grad, atol=rel * 2 * scale), name
