@@ -177,6 +177,10 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         parts["lora_weights"] = 4 * trained
         parts["gradients"] = 4 * trained / shard(2)
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else 8 * trained / shard(1)
+    if config.objective in ("dpo", "kto") and config.method == "full" and not config.precomputes_reference:
+        # preference.reference: inline: a frozen copy of the base, loaded in fp32 (preference.reference_model);
+        # ZeRO-3 shards it in the engine's dtype
+        parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
 
     tokens = train.micro_batch_size * config.model.max_seq_len
     parts["activations"] = activation_bytes(config, shape, compute) * tokens
@@ -307,7 +311,8 @@ def _dedupe(settings: list[str]) -> list[str]:
 PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (autocast)",
               "master_weights": "fp32 master weights", "base_weights": "frozen base weights",
               "lora_weights": "trained weights (adapters)", "gradients": "gradients",
-              "optimizer_states": "AdamW states", "activations": "activations",
+              "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",
+              "activations": "activations",
               "logits_and_loss": "logits and loss", "allocator_slack": "allocator slack (5%)",
               "cuda_context": "CUDA context (allowance)"}
 

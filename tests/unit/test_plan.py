@@ -65,6 +65,22 @@ def test_without_liger_the_head_s_loss_holds_one_chunk_of_logits_and_the_swiglu_
     assert saved == pytest.approx(32 * 2 * 14336 * 4 * ACTIVATION_MARGIN * tokens)
 
 
+def test_an_inline_preference_reference_adds_a_frozen_copy_of_the_base_to_a_full_fine_tune():
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    full = {"method": "full", "objective": "dpo", "distributed": {"num_workers": 4, "use_gpu": True},
+            "train": {"precision": "bf16"}}
+    inline = plan_memory(job(**full, preference={"reference": "inline"}), shape)
+    assert inline.parts["reference_weights"] == pytest.approx(4 * shape.params / MIB)  # loaded in fp32
+    sharded = plan_memory(job(**{**full, "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "deepspeed",
+                                                         "deepspeed": {"stage": 3}}}, preference={"reference": "inline"}),
+                          shape)
+    assert sharded.parts["reference_weights"] == pytest.approx(2 * shape.params / 4 / MIB)  # bf16, a quarter each
+    precomputed = plan_memory(job(**full), shape)  # the default: the log-probs come with the data
+    adapter_off = plan_memory(job(objective="kto", preference={"reference": "inline"}), shape)  # LoRA: no copy
+    assert "reference_weights" not in precomputed.parts and "reference_weights" not in adapter_off.parts
+    assert inline.peak_mib > precomputed.peak_mib + 4 * shape.params / MIB
+
+
 def test_zero_stages_shard_and_offload_what_they_say():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n = shape.params
