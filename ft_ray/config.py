@@ -421,6 +421,11 @@ class JobConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
+    def zero3(self) -> bool:
+        """DeepSpeed ZeRO-3: each worker holds a shard of the weights, gathered layer by layer."""
+        return self.distributed.strategy == "deepspeed" and self.distributed.deepspeed.stage == 3
+
+    @property
     def trains_adapter(self) -> bool:
         """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
         return self.method in ("lora", "qlora")
@@ -457,7 +462,7 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                         "shards are tied to the worker count (set a fixed num_workers)")
     if ds.offload_params != "none" and ds.stage != 3:
         problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
-    if job.method == "qlora" and dist.strategy == "deepspeed" and ds.stage == 3 and job.quantization.quant_storage == "uint8":
+    if job.method == "qlora" and job.zero3 and job.quantization.quant_storage == "uint8":
         problems.append("quantization.quant_storage: qlora with ZeRO-3 needs a float storage dtype (bnb_4bit_quant_storage), "
                         "e.g. bfloat16, so the 4-bit weights can be sharded; or use stage 2")
     if job.method == "qlora" and dist.strategy == "deepspeed" and ds.offload_params != "none":

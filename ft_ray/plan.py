@@ -208,10 +208,6 @@ def fused(config: JobConfig) -> bool:
     return config.distributed.use_gpu and config.train.fused_kernels != "none"
 
 
-def _zero3(config: JobConfig) -> bool:
-    return config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
-
-
 def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """Bytes one token's activations hold through backward, over all layers."""
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
@@ -220,7 +216,7 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
     # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
-    recompute = config.method == "full" and config.train.recompute_swiglu and not _zero3(config)
+    recompute = config.method == "full" and config.train.recompute_swiglu and not config.zero3
     mlp = 2 * h * residual + (2 * i + (0 if recompute else i if fused(config) else 2 * i)) * compute
     lora = 0
     if config.method != "full":
@@ -239,7 +235,7 @@ def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> 
     if fused(config):
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
         return chunk * shape.vocab * 4 * 2 + tokens * shape.hidden * 4  # a chunk's logits and grad; grad of the input
-    if config.train.fused_kernels == "none" or _zero3(config):
+    if config.train.fused_kernels == "none" or config.zero3:
         return tokens * shape.vocab * (compute + 4 + 4)
     from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
 

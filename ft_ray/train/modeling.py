@@ -30,13 +30,12 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
-    zero3 = config.distributed.strategy == "deepspeed" and config.distributed.deepspeed.stage == 3
     liger = use_fused_kernels(model, config)
-    if config.train.fused_kernels != "none" and not zero3:
+    if config.train.fused_kernels != "none" and not config.zero3:
         chunked_lm_head(model, sft_loss=not liger)  # the head's loss or log-probs without the whole logits
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
-    if config.method == "full" and config.train.recompute_swiglu and not zero3:
+    if config.method == "full" and config.train.recompute_swiglu and not config.zero3:
         recompute_swiglu_product(model)  # ZeRO-3 gathers down_proj's weight only inside down_proj's forward
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
@@ -53,7 +52,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.lora.use_dora and config.train.fused_kernels != "none":
             LOG.info("note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
                      "output; PEFT's forward is used)")
-        elif config.train.fused_kernels != "none" and not zero3:
+        elif config.train.fused_kernels != "none" and not config.zero3:
             fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
     model.config.use_cache = False
     if config.train.compile:

@@ -264,10 +264,8 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
 def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
     """The reference log-probs of a full fine-tune with `preference.reference: inline`: a frozen
     copy of the base, sharded across the workers like the trained model under ZeRO-3."""
-    dist = config.distributed
-    zero3 = dist.strategy == "deepspeed" and dist.deepspeed.stage == 3
-    copy = reference_model(config, device, chunked_head=not zero3)  # ZeRO-3 gathers the head's weight in its forward only
-    if zero3:
+    copy = reference_model(config, device, chunked_head=not config.zero3)  # ZeRO-3 gathers the head's weight in its forward only
+    if config.zero3:
         copy = sharded_for_inference(copy, config)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
