@@ -7,7 +7,7 @@ a sum over its span's target tokens, and the k-th chosen span of a batch (in row
 order) pairs with the k-th rejected one. No pair is padded to the longest of its batch.
 
 The reference log-probs are precomputed by default (`preference.reference: precomputed`):
-one Ray Data pass with model actors before training adds each token's reference log-prob
+one pass of model actors over the packed blocks before training adds each token's reference log-prob
 to the packed rows (`REF_COLUMN`), so the training workers hold no reference model and run
 no reference forward. Inline, the reference is the trained model with its adapter switched
 off (LoRA, QLoRA: no second copy) or a frozen copy of the base model (full fine-tunes), run
@@ -325,9 +325,9 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
 
 
 class ReferenceScorer:
-    """A Ray Data actor's state: the reference model, adding `REF_COLUMN` to packed rows."""
+    """A model actor (`with_reference`): the reference model, adding `REF_COLUMN` to packed rows."""
 
-    def __init__(self, job_json: str):
+    def __init__(self, job_json: str, board: Any = None):
         from ft_ray.config import JobConfig
         from ft_ray.train.engine_api import COMPUTE_DTYPES
 
@@ -338,8 +338,10 @@ class ReferenceScorer:
             torch.set_num_threads(max(1, int(self.job.distributed.cpus_per_worker)))
         self.model = reference_model(self.job, self.device)
         self.autocast = COMPUTE_DTYPES.get(self.job.train.precision)
+        self.board = board
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
+        """`rows` (numpy columns) with their reference log-probs, scored in one forward."""
         import contextlib
 
         batch = {k: torch.as_tensor(rows[k], dtype=torch.long, device=self.device)
@@ -350,23 +352,53 @@ class ReferenceScorer:
             values = token_logps_of(self.model, batch)
         return {**rows, REF_COLUMN: values.float().cpu().numpy()}
 
+    def score(self, block: Any) -> tuple[Any, int]:
+        """A block of packed rows with `REF_COLUMN` added (a micro batch per forward, as the
+        training workers batch), and its row count."""
+        import numpy as np
+        from ray.data.block import BlockAccessor
+
+        rows = BlockAccessor.for_block(block).to_batch_format("numpy")
+        count, size = len(rows["input_ids"]), self.job.train.micro_batch_size
+        values = [self({k: v[at:at + size] for k, v in rows.items()})[REF_COLUMN] for at in range(0, count, size)]
+        width = rows["input_ids"].shape[1] if count else self.job.model.max_seq_len
+        rows[REF_COLUMN] = np.concatenate(values) if values else np.zeros((0, width), dtype=np.float32)
+        if self.board is not None:
+            self.board.add.remote("sequences", count)
+        return BlockAccessor.batch_to_block(rows), count
+
 
 def with_reference(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
     """The packed datasets with each token's reference log-prob, computed by model actors
-    (as many as training workers, a GPU each on GPU jobs), order kept."""
+    (as many as training workers, a GPU each on GPU jobs).
+
+    Each block goes to an actor by its place and comes back to the same place, so the rows
+    keep their order by construction: a Ray Data actor pool keeps it only when the context it
+    runs under says `preserve_order`, and a training run's samples per step follow from it.
+    The driver holds block refs and row counts, never rows.
+    """
     import ray
     import ray.data
 
+    from ft_ray import progress
     from ft_ray.console import LOG
 
     gpu = config.distributed.use_gpu
     room = ray.cluster_resources().get("GPU" if gpu else "CPU", 1)
-    actors = max(1, min(config.distributed.max_workers, int(room)))
-    LOG.info(f"reference: log-probs of the base model for every answer, on {actors} model actor(s)")
-    scored = {}
-    for split, dataset in datasets.items():
-        scored[split] = dataset.map_batches(
-            ReferenceScorer, batch_size=config.train.micro_batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0 if gpu else config.distributed.cpus_per_worker,
-            num_gpus=1 if gpu else 0, fn_constructor_kwargs={"job_json": config.model_dump_json()}).materialize()
-    return scored
+    blocks = [(split, block) for split, dataset in datasets.items() for block in dataset.to_arrow_refs()]
+    total = sum(dataset.count() for dataset in datasets.values())
+    count = max(1, min(config.distributed.max_workers, int(room), len(blocks)))
+    LOG.info(f"reference: log-probs of the base model for every answer of {total} sequences, "
+             f"on {count} model actor(s)")
+    actor = ray.remote(ReferenceScorer).options(
+        num_cpus=0 if gpu else config.distributed.cpus_per_worker, num_gpus=1 if gpu else 0,
+        max_restarts=2, max_task_retries=2)  # scoring a block again gives the same block
+    with progress.watching("reference", total, "sequences",
+                           lambda counts, _: (counts.get("sequences", 0), "")) as board:
+        actors = [actor.remote(config.model_dump_json(), board) for _ in range(count)]
+        calls = [actors[i % count].score.options(num_returns=2).remote(block) for i, (_, block) in enumerate(blocks)]
+        ray.get([rows for _, rows in calls])  # raises a failed actor's error here
+    for handle in actors:
+        ray.kill(handle)
+    return {split: ray.data.from_arrow_refs([scored for (of, _), (scored, _) in zip(blocks, calls) if of == split])
+            for split in datasets}

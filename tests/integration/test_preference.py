@@ -133,21 +133,47 @@ def test_a_killed_dpo_worker_resumes_with_the_same_pairs_and_final_weights(dpo_r
         victim.kill()
         return victim.pid
 
-    from ft_ray.data.prepared import location
-
-    config = dpo_job(tmp_path, "dpo-killed")
-    # the reference run's prepared pairs (with their reference log-probs): the comparison is of the resume
-    # alone. Scoring its pairs on model actors itself, it failed once in CI in session 15 after the
-    # batch-order fix (trainer.ingest_config) passed once: open, see the session-15 note
-    config.data.prepared = location(dpo_run[0])
+    config = dpo_job(tmp_path, "dpo-killed")  # not prepared: its pairs are scored by the reference model now
     thread, done = in_background(kill_a_worker)
     summary = run_training(config)
     thread.join(60)
     assert done and isinstance(done[0], int), f"no worker was killed: {done}"
     outcome = outcome_in(run)
     assert [m["step"] for m in outcome.metrics if "resumed_from" in m] == [4]
+    assert summary["data"] == dpo_run[1]["data"]  # the same sequences, prepared or not
     assert_same_training(outcome, Path(dpo_run[0].storage.path) / "dpo")  # same pairs per step, same weights
     assert summary["eval_reward_accuracy_final"] == dpo_run[1]["eval_reward_accuracy_final"]
+
+
+def test_the_reference_pass_returns_every_row_in_its_place_with_its_log_probs(ray_local, tmp_path):
+    """The precomputed reference scores blocks on two model actors that finish in any order;
+    the rows come back in their order (the samples of each training step follow from it)
+    even where Ray Data's context does not preserve order, with the scorer's own log-probs."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    from ft_ray.data.pipeline import build_datasets
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.preference import REF_COLUMN, ReferenceScorer, with_reference
+
+    config = preference_job(tmp_path, "dpo")
+    datasets, stats = build_datasets(config, load_tokenizer(config.model), None)
+    rows = pa.concat_tables(ray.get(datasets["train"].to_arrow_refs()))
+    options = ray.data.DataContext.get_current().execution_options
+    options.preserve_order = False
+    try:
+        pieces = ray.data.from_arrow_refs([ray.put(rows.slice(at, 7)) for at in range(0, rows.num_rows, 7)])
+        scored = with_reference(config, {"train": pieces, "eval": datasets["eval"]})
+    finally:
+        options.preserve_order = True
+    got = BlockAccessor.for_block(pa.concat_tables(ray.get(scored["train"].to_arrow_refs()))).to_batch_format("numpy")
+    assert got["seq_id"].tolist() == rows["seq_id"].to_pylist()
+    assert scored["eval"].count() == stats.eval_sequences
+    first = {k: got[k][:2] for k in ("input_ids", "labels", "position_ids")}
+    np.testing.assert_allclose(got[REF_COLUMN][:2], ReferenceScorer(config.model_dump_json())(first)[REF_COLUMN],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_orpo_on_zero2_and_kto_on_qlora_train_and_improve_their_eval_metric(ray_local, tmp_path):
