@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.train import (
-    SHAPES, device_name, has_liger, hf_model, job_config, json_of, make_model, peak_memory_mb, stack_batch,
+    SHAPES, add_device_option, chosen_device, device_name, has_liger, hf_model, job_config, json_of, make_model,
+    peak_memory_mb, stack_batch,
 )
 
 
@@ -131,7 +132,7 @@ def run_arm(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["full", "lora", "qlora"], default="qlora")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    add_device_option(parser)
     parser.add_argument("--shape", choices=list(SHAPES), default="8b")
     parser.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--model-dir", help="where the random-init model is written (or reused, if there)")
@@ -143,10 +144,7 @@ def main() -> None:
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = chosen_device(args.device)
     if args.arm:
         return run_arm(args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

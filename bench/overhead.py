@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.train import add_device_option, chosen_device
+
 WARMUP = 5
 
 
@@ -108,15 +110,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    add_device_option(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in both (the worker's CPUs); default: every core on CPU, 4 on CUDA")
     parser.add_argument("--model-dir", help="CUDA: where the random 1B model is written (or reused, if there)")
     args = parser.parse_args()
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = chosen_device(args.device)
     args.threads = args.threads or (4 if args.device == "cuda" else os.cpu_count())
 
     import ray

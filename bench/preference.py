@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.train import SHAPES, device_name, job_config, json_of, make_model, peak_memory_mb
+from bench.train import (
+    SHAPES, add_device_option, chosen_device, device_name, job_config, json_of, make_model, peak_memory_mb,
+)
 
 ARMS = {"chunked head": "auto", "whole logits": "none"}  # train.fused_kernels of each arm
 
@@ -84,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objective", choices=["dpo", "orpo", "kto"], default="dpo")
     parser.add_argument("--mode", choices=["full", "lora", "qlora"], default="lora")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    add_device_option(parser)
     parser.add_argument("--shape", choices=["tiny", *SHAPES], default="8b")
     parser.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--model-dir", help="where the random-init model is written (or reused, if there)")
@@ -95,10 +97,7 @@ def main() -> None:
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = chosen_device(args.device)
     if args.arm:
         return run_arm(args)
     with tempfile.TemporaryDirectory() as tmp:

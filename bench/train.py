@@ -504,7 +504,7 @@ def json_of(module: str, argv: list[str]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["full", "lora", "qlora"], default="lora")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    add_device_option(parser)
     parser.add_argument("--records", type=int, default=None, help="default: 600 on CPU, 4000 on CUDA")
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: 1024 on CPU, 2048 on CUDA")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step; default 4 on CPU, 8 on CUDA")
@@ -536,10 +536,7 @@ def main() -> None:
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--fused-kernels", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = chosen_device(args.device)
     gpu = args.device == "cuda"
     args.max_seq_len = args.max_seq_len or (2048 if gpu else 1024)
     args.micro_batch = args.micro_batch or (8 if gpu else 4)
@@ -606,6 +603,20 @@ def describe_arm(arm: str, figures: dict) -> str:
         return f"{arm}: not available ({figures['not_available']})"
     return (f"{arm} {figures['tokens_per_s']:,.0f} tokens/s ({figures['steps']} steps, peak "
             f"{figures['peak_mem_mb']:,.0f} MiB, loss {figures.get('loss_first_last')})")
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """`--device cpu|cuda`, read by `chosen_device`."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+
+
+def chosen_device(device: str | None) -> str:
+    """The `--device` asked for, or cuda when present."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_name(device: str) -> str:
