@@ -426,6 +426,13 @@ class JobConfig(Section):
         return self.distributed.strategy == "deepspeed" and self.distributed.deepspeed.stage == 3
 
     @property
+    def uses_fast_paths(self) -> bool:
+        """ft-ray's own forwards (`train.fast_paths`: the LM head in chunks, the fused LoRA
+        layers) replace the modules': `train.fused_kernels` is not none, and each worker holds
+        whole weights (ZeRO-3 gathers a module's weights only inside the module's own forward)."""
+        return self.train.fused_kernels != "none" and not self.zero3
+
+    @property
     def trains_adapter(self) -> bool:
         """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
         return self.method in ("lora", "qlora")

@@ -235,7 +235,7 @@ def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> 
     if fused(config):
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
         return chunk * shape.vocab * 4 * 2 + tokens * shape.hidden * 4  # a chunk's logits and grad; grad of the input
-    if config.train.fused_kernels == "none" or config.zero3:
+    if not config.uses_fast_paths:
         return tokens * shape.vocab * (compute + 4 + 4)
     from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
 

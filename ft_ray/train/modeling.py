@@ -31,7 +31,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
     liger = use_fused_kernels(model, config)
-    if config.train.fused_kernels != "none" and not config.zero3:
+    if config.uses_fast_paths:
         chunked_lm_head(model, sft_loss=not liger)  # the head's loss or log-probs without the whole logits
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
@@ -52,7 +52,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.lora.use_dora and config.train.fused_kernels != "none":
             LOG.info("note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
                      "output; PEFT's forward is used)")
-        elif config.train.fused_kernels != "none" and not config.zero3:
+        elif config.uses_fast_paths:
             fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
     model.config.use_cache = False
     if config.train.compile:
