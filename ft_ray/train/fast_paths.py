@@ -190,10 +190,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             norm = torch.logsumexp(logits, dim=-1)
             total += ((norm - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
             if grads[0] or grads[1]:
-                grad = torch.softmax(logits, dim=-1)
+                grad = _softmax_minus_one_hot(logits, y, h.dtype)
                 del logits
-                grad[torch.arange(len(y), device=y.device), picked] -= 1
-                grad = grad.to(h.dtype)
                 scale = (valid / count).to(h.dtype)[:, None]  # per row: applied to the smaller side of each product
                 if grads[0]:
                     grad_hidden[start:start + rows] = (grad @ weight.to(grad.dtype)) * scale
@@ -231,8 +229,10 @@ class _LinearTokenLogps(torch.autograd.Function):
                 y = targets[start:start + rows]
                 picked = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
                 logps[start:start + rows] = (picked - torch.logsumexp(logits, dim=-1)) * (y != IGNORE_INDEX)
-                if slopes is not None:
-                    slopes[start:start + rows] = _logps_slope(logits, y, ctx.dtype) @ weight.to(ctx.dtype)
+                if slopes is not None:  # d logp / d hidden: minus the loss's slope, 0 where no target
+                    scale = -(y != IGNORE_INDEX).to(ctx.dtype)[:, None]
+                    slopes[start:start + rows] = (_softmax_minus_one_hot(logits, y, ctx.dtype) @ weight.to(ctx.dtype)
+                                                  ) * scale
         ctx.save_for_backward(*((slopes,) if slopes is not None else (hidden, weight, targets)))
         return logps
 
@@ -246,22 +246,22 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.grads[1] else None
         for start in range(0, hidden.shape[0], ctx.rows):
             h, y = hidden[start:start + ctx.rows], targets[start:start + ctx.rows]
-            outer = _logps_slope(_chunk_logits(h, weight, ctx.dtype), y, ctx.dtype, grad[start:start + ctx.rows])
+            slope = _softmax_minus_one_hot(_chunk_logits(h, weight, ctx.dtype), y, ctx.dtype)
+            # per row: how much its log-prob counts, 0 where no target, on the smaller side of each product
+            scale = (-(y != IGNORE_INDEX).float() * grad[start:start + ctx.rows].float()).to(ctx.dtype)[:, None]
             if grad_hidden is not None:
-                grad_hidden[start:start + ctx.rows] = outer @ weight.to(ctx.dtype)
+                grad_hidden[start:start + ctx.rows] = (slope @ weight.to(ctx.dtype)) * scale
             if grad_weight is not None:
-                grad_weight += (outer.t() @ h.to(ctx.dtype)).float()
+                grad_weight += (slope.t() @ (h.to(ctx.dtype) * scale)).float()
         return grad_hidden, grad_weight, None, None, None
 
 
-def _logps_slope(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
-                 scale: torch.Tensor | None = None) -> torch.Tensor:
-    """d logp(target) / d logits per row (one-hot minus softmax; 0 for ignored rows), times
-    `scale` per row, in `dtype`."""
+def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's d(-logp(target)) / d logits (fp32 `logits`), in `dtype`: the softmax minus
+    the target's one-hot (rows of `IGNORE_INDEX`: any value, their callers scale them by 0)."""
     slope = torch.softmax(logits, dim=-1)
     slope[torch.arange(len(targets), device=targets.device), targets.clamp(min=0)] -= 1
-    weight = -(targets != IGNORE_INDEX).float() * (scale.float() if scale is not None else 1)
-    return (slope * weight[:, None]).to(dtype)
+    return slope.to(dtype)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
