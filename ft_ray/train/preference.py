@@ -393,12 +393,16 @@ def with_reference(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
     actor = ray.remote(ReferenceScorer).options(
         num_cpus=0 if gpu else config.distributed.cpus_per_worker, num_gpus=1 if gpu else 0,
         max_restarts=2, max_task_retries=2)  # scoring a block again gives the same block
-    with progress.watching("reference", total, "sequences",
-                           lambda counts, _: (counts.get("sequences", 0), "")) as board:
-        actors = [actor.remote(config.model_dump_json(), board) for _ in range(count)]
-        calls = [actors[i % count].score.options(num_returns=2).remote(block) for i, (_, block) in enumerate(blocks)]
-        ray.get([rows for _, rows in calls])  # raises a failed actor's error here
-    for handle in actors:
-        ray.kill(handle)
+    actors: list = []
+    try:
+        with progress.watching("reference", total, "sequences",
+                               lambda counts, _: (counts.get("sequences", 0), "")) as board:
+            actors = [actor.remote(config.model_dump_json(), board) for _ in range(count)]
+            calls = [actors[i % count].score.options(num_returns=2).remote(block)
+                     for i, (_, block) in enumerate(blocks)]
+            ray.get([rows for _, rows in calls])  # raises a failed actor's error here
+    finally:  # their CPUs or GPUs are the training workers'
+        for handle in actors:
+            ray.kill(handle)
     return {split: ray.data.from_arrow_refs([scored for (of, _), (scored, _) in zip(blocks, calls) if of == split])
             for split in datasets}
