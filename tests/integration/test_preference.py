@@ -162,12 +162,12 @@ def test_the_reference_pass_returns_every_row_in_its_place_with_its_log_probs(ra
     datasets, stats = build_datasets(config, load_tokenizer(config.model), None)
     rows = pa.concat_tables(ray.get(datasets["train"].to_arrow_refs()))
     options = ray.data.DataContext.get_current().execution_options
-    options.preserve_order = False
+    before, options.preserve_order = options.preserve_order, False
     try:
         pieces = ray.data.from_arrow_refs([ray.put(rows.slice(at, 7)) for at in range(0, rows.num_rows, 7)])
         scored = with_reference(config, {"train": pieces, "eval": datasets["eval"]})
     finally:
-        options.preserve_order = True
+        options.preserve_order = before
     got = BlockAccessor.for_block(pa.concat_tables(ray.get(scored["train"].to_arrow_refs()))).to_batch_format("numpy")
     assert got["seq_id"].tolist() == rows["seq_id"].to_pylist()
     assert scored["eval"].count() == stats.eval_sequences
