@@ -433,6 +433,12 @@ class JobConfig(Section):
         return self.train.fused_kernels != "none" and not self.zero3
 
     @property
+    def recomputes_swiglu(self) -> bool:
+        """`train.recompute_swiglu` applies: a full fine-tune whose workers hold whole weights
+        (ZeRO-3 gathers down_proj's weight only inside down_proj's own forward)."""
+        return self.method == "full" and self.train.recompute_swiglu and not self.zero3
+
+    @property
     def trains_adapter(self) -> bool:
         """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
         return self.method in ("lora", "qlora")

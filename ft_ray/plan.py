@@ -216,8 +216,7 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
     # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
-    recompute = config.method == "full" and config.train.recompute_swiglu and not config.zero3
-    mlp = 2 * h * residual + (2 * i + (0 if recompute else i if fused(config) else 2 * i)) * compute
+    mlp = 2 * h * residual + (2 * i + (0 if config.recomputes_swiglu else i if fused(config) else 2 * i)) * compute
     lora = 0
     if config.method != "full":
         lora = sum(config.lora.rank for name in LORA_MODULES if _targeted(name, config.lora.target_modules)) * compute

@@ -35,8 +35,8 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         chunked_lm_head(model, sft_loss=not liger)  # the head's loss or log-probs without the whole logits
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
-    if config.method == "full" and config.train.recompute_swiglu and not config.zero3:
-        recompute_swiglu_product(model)  # ZeRO-3 gathers down_proj's weight only inside down_proj's forward
+    if config.recomputes_swiglu:
+        recompute_swiglu_product(model)
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 
