@@ -21,7 +21,7 @@ from typing import Any
 
 from ft_ray.config import ConfigError, InputError, JobConfig, load_config
 from ft_ray.console import LOG, log_file_for, quiet_session, report_failure, verbose_requested
-from ft_ray.storage import StorageError
+from ft_ray.storage import StorageError, for_preflight
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the GPU's memory in GB (e.g. 24, 80): does the job fit it, and what would")
     plan.add_argument("--json", action="store_true", help="one JSON object: peak_mib, every part, fits, suggestions")
     plan.add_argument("--gpu-type", default="H100", help="the GPU the time is estimated for (default H100)")
-    plan.add_argument("--train-tokens", type=int, help="training tokens per epoch (default: counted from the data)")
+    plan.add_argument("--train-tokens", type=token_count, metavar="N",
+                      help="training tokens per epoch: 250000000, 2.5e8 or 250M (default: counted from the data)")
     plan.add_argument("--price-per-gpu-hour", type=float, metavar="USD", help="also say what the run costs")
     plan.set_defaults(handler=cmd_plan)
 
@@ -148,6 +149,18 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own output (logs, Ray Data bars, workers) here instead of in the log "
                              "file (also FT_RAY_VERBOSE=1)")
+
+
+def token_count(text: str) -> int:
+    """A positive number of tokens: 250000000, 2.5e8, 250M, 1.2B or 500k."""
+    scale = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9, "t": 10 ** 12}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        value = 0
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens (e.g. 250000000, 2.5e8, 250M)")
+    return round(value)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -260,7 +273,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
           f"workers {config.distributed.num_workers})")
     if not args.offline:
-        report = validate_data(config)
+        report = validate_data(for_preflight(config))
         print(json.dumps(report["counts"]))
         for line in report["lines"]:
             print(line)
@@ -287,7 +300,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     time, time_line = None, "time: estimated for GPU jobs (distributed.use_gpu: true)"
     if job.distributed.use_gpu:
         try:
-            tokens, source = ((args.train_tokens, "--train-tokens") if args.train_tokens else train_tokens(job))
+            tokens, source = ((args.train_tokens, "--train-tokens") if args.train_tokens
+                              else train_tokens(for_preflight(job)))
             time = plan_time(job, shape, tokens, args.gpu_type)
             time_line = describe_time(job, time, source, args.price_per_gpu_hour)
         except InputError as e:

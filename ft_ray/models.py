@@ -23,13 +23,39 @@ def _builtin_folder(name: str) -> Path:
     return BUILTIN[name]
 
 
+def model_source(model: ModelConfig) -> str:
+    """What transformers loads `model.name_or_path` from: the built-in model's folder, a local
+    folder, or a hub id (`name` or `org/name`).
+
+    Raises:
+        InputError: a path (absolute, `./`, `../`, `~` or with more than one `/`) with no folder there.
+    """
+    name = model.name_or_path
+    if is_builtin(name):
+        return str(_builtin_folder(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise InputError(f"model.name_or_path: no folder {name} (a hub id is `name` or `org/name`)")
+    return name
+
+
 def load_tokenizer(model: ModelConfig) -> Any:
-    """The model's tokenizer; a missing pad token falls back to the eos token."""
+    """The model's tokenizer; a missing pad token falls back to the eos token.
+
+    Raises:
+        InputError: not a folder here, and not in the Hugging Face cache nor on a reachable hub.
+    """
     from transformers import AutoTokenizer
 
-    source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(source), revision=model.revision, trust_remote_code=model.trust_remote_code)
+    source = model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except OSError as e:  # transformers says every missing, unreachable or invalid model this way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"model.name_or_path: cannot load the tokenizer of {model.name_or_path}: {first}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.add_tokens:
@@ -74,9 +100,8 @@ def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
     return fit_vocabulary(AutoModelForCausalLM.from_pretrained(
-        str(source), revision=model.revision, trust_remote_code=model.trust_remote_code,
+        model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code,
         dtype=dtype or torch.float32, attn_implementation=model.attn_implementation), model)
 
 
@@ -93,9 +118,8 @@ def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpo
         bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage))
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    source = _builtin_folder(model.name_or_path) if is_builtin(model.name_or_path) else model.name_or_path
     quantized = AutoModelForCausalLM.from_pretrained(
-        str(source), revision=model.revision, trust_remote_code=model.trust_remote_code,
+        model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code,
         quantization_config=bnb, dtype=compute_dtype, device_map={"": device},
         attn_implementation=model.attn_implementation)
     keep_4bit_weights_unpacked(quantized)

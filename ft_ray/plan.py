@@ -100,10 +100,10 @@ def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
     hub id in the local cache), ft-ray's table of well-known models, or (with `network`) the hub."""
     from transformers import AutoConfig
 
-    from ft_ray.models import _builtin_folder, is_builtin
+    from ft_ray.models import model_source
 
     name = config.model.name_or_path
-    source = str(_builtin_folder(name)) if is_builtin(name) else name
+    source = model_source(config.model)
     options = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
     try:
         return Shape.of(AutoConfig.from_pretrained(source, local_files_only=True, **options)), "config.json"

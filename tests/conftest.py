@@ -73,15 +73,14 @@ def ray_local():
 def s3_server():
     """A local S3-compatible server (moto's server mode) in its own process on 127.0.0.1;
     yields its endpoint URL. Tests make their own buckets."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ft_ray.train.trainer import free_port
+
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from safetensors.torch import load
 from ft_ray.cli import main
 from ft_ray.config import InputError, load_config
 from ft_ray.train.checkpoints import MANIFEST, complete_checkpoints
-from ft_ray.train.trainer import run_training
+from ft_ray.train.trainer import free_port, run_training
 from tests.conftest import REPO, make_bucket, write_job
 from tests.faults import (STEPS, TRAIN, Outcome, assert_same_training, in_background, jsonl, kill_session,
                           outcome_in, wait_for)
@@ -127,12 +126,6 @@ def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference_run, tmp_p
     resume = assert_recovered(outcome_in(run), reference_run)
     assert resume["resumed_from"] == str(run / "checkpoint-000004") and resume["step"] == 4
     assert summary["steps"] == STEPS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_proxy(port: int, target: int) -> subprocess.Popen:

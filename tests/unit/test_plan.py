@@ -176,6 +176,12 @@ def test_time_and_cost_from_the_measured_mfu_add_up(tmp_path, capsys):
     assert main(["plan", str(path), "--train-tokens", "1000000000", "--price-per-gpu-hour", "2"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("time: about ") and "GPU-hours; $" in line and "tokens from --train-tokens" in line
+    for same in ("1e9", "1B", "1000M", "1_000_000_000"):
+        assert main(["plan", str(path), "--train-tokens", same, "--price-per-gpu-hour", "2"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == line, same
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", str(path), "--train-tokens", "lots"])
+    assert refused.value.code == 2 and "'lots' is not a number of tokens" in capsys.readouterr().err
 
 
 def test_small_trials_share_a_gpu_and_jobs_of_several_workers_do_not():

@@ -34,3 +34,35 @@ def test_missing_data_file_exits_2(tmp_path, capsys):
     job = write_job(tmp_path, data={"train": str(tmp_path / "nope.jsonl")})
     assert main(["validate", str(job)]) == 2
     assert "data.train: no data files at" in capsys.readouterr().err
+
+
+def test_a_model_that_is_not_here_is_said_in_one_line_naming_the_key(tmp_path, capsys):
+    # a path with no folder is not sent to the hub as an id; a hub id neither cached nor
+    # reachable (tests run with HF_HUB_OFFLINE=1) is said as transformers says it, traceback-free
+    for name, said in [(str(tmp_path / "my-model"), f"model.name_or_path: no folder {tmp_path / 'my-model'}"),
+                       ("no-such-org/no-such-model", "model.name_or_path: cannot load the tokenizer of "
+                                                     "no-such-org/no-such-model: ")]:
+        job = write_job(tmp_path, model={"name_or_path": name})
+        assert main(["validate", str(job)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+
+
+def test_an_unreachable_store_is_said_at_once_by_validate_and_plan(tmp_path, capsys):
+    # `storage.max_attempts` (10) would back off for about 80 s per request; validate and plan
+    # try 3 times (about 1.5 s against a refused connection)
+    import time
+
+    from ft_ray.train.trainer import free_port
+
+    store = {"path": "s3://no-store/runs", "endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    job = write_job(tmp_path, data={"train": "s3://no-store/data/train.jsonl", "eval": None},
+                    storage=store, distributed={"use_gpu": True})
+    started = time.monotonic()
+    assert main(["validate", str(job)]) == 2
+    assert "data.train: cannot list 's3://no-store/data/train.jsonl'" in capsys.readouterr().err
+    assert main(["plan", str(job)]) == 0  # the memory is planned; the time needs the data or --train-tokens
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("time: not estimated (data.train: cannot list 's3://no-store/data/train.jsonl'")
+    assert line.endswith("give --train-tokens)")
+    assert time.monotonic() - started < 30, "a request was retried as often as training retries it"
