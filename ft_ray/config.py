@@ -541,7 +541,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
     try:
         raw = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text))
+        where = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text)).items()}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -549,19 +549,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: a job file is a mapping of sections (model, data, train, ...)"])
     for override in overrides or []:
-        apply_override(raw, override)
-    return resolve_paths(config_from_dict(raw, source=str(path), lines=lines))
+        key = apply_override(raw, override)
+        # a problem in what it set is said as the --set, not as the file's line it replaced
+        where = {k: v for k, v in where.items() if k[:len(key)] != key} | {key: f"--set {override}"}
+    return resolve_paths(config_from_dict(raw, source=str(path), where=where))
 
 
-def config_from_dict(raw: dict, source: str = "<config>", lines: dict | None = None) -> JobConfig:
+def config_from_dict(raw: dict, source: str = "<config>", where: dict | None = None) -> JobConfig:
+    """The validated job; `where` maps key paths to where they were set ("job.yaml:12", "--set ...")."""
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_describe(err, source, lines or {}) for err in e.errors()]) from None
+        raise ConfigError([_describe(err, source, where or {}) for err in e.errors()]) from None
 
 
-def apply_override(raw: dict, override: str) -> None:
-    """Apply one `--set a.b.c=value`; the value is parsed as YAML (numbers, lists, bools)."""
+def apply_override(raw: dict, override: str) -> tuple[str, ...]:
+    """Apply one `--set a.b.c=value` (the value parsed as YAML: numbers, lists, bools); returns
+    the key path it set."""
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"--set {override}: expected key=value, e.g. train.learning_rate=3e-4"])
@@ -573,6 +577,7 @@ def apply_override(raw: dict, override: str) -> None:
             raise ConfigError([f"--set {override}: '{part}' is a value, not a section"])
         node = child
     node[parts[-1]] = parse_scalar(value)
+    return tuple(parts)
 
 
 def parse_scalar(value: str) -> Any:
@@ -650,10 +655,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------- errors
 
 
-def _describe(err: dict, source: str, lines: dict) -> str:
+def _describe(err: dict, source: str, where_set: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
     kind, ctx = err["type"], err.get("ctx") or {}
-    where = f"{source}:{lines[loc]}" if loc in lines else source
+    # the key's own place, else that of the nearest section holding it that a --set replaced
+    where = where_set.get(loc) or next((where_set[loc[:n]] for n in range(len(loc) - 1, 0, -1)
+                                        if where_set.get(loc[:n], "").startswith("--set ")), source)
     dotted = ".".join(loc)
     if kind == "extra_forbidden":
         hint = _did_you_mean(loc)
