@@ -544,8 +544,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         where = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text)).items()}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{at}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: a job file is a mapping of sections (model, data, train, ...)"])
     for override in overrides or []:
