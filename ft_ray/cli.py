@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None, capture: bool = False) -> int:
         except KeyboardInterrupt:
             LOG.error("interrupted" + (f"; the log: {args.log_file}" if args.log_file else ""))
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # what reads the output went away (`ft-ray plan JOB | head -3`): stop quietly
+            if not capture:
+                raise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails no more
+            return EXIT_FAILED
         except Exception as e:
             if not capture:
                 raise

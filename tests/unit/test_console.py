@@ -197,3 +197,19 @@ def test_a_sweep_shows_a_line_per_trial_start_and_end_and_a_live_table(monkeypat
     os.close(leader)
     assert "[ft-ray] running trials" in shown and "40/100" in shown and "0.65" in shown
     assert "[ft-ray] trial a_00000 finished at step 100: eval_loss 0.4952" in shown
+
+
+def test_output_read_by_something_that_stops_reading_ends_without_a_traceback(tmp_path):
+    # `ft-ray plan JOB | head -1`: head exits, the next write finds the pipe closed
+    import subprocess
+
+    from tests.conftest import write_job
+
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe fails at once
+    try:
+        done = subprocess.run([sys.executable, "-m", "ft_ray", "plan", str(write_job(tmp_path))], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
