@@ -42,7 +42,7 @@ def filesystem_for(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, 
 
 # `validate` and `plan` read a job's data to answer a question before launch: each object-store
 # request is tried at most this often, so an unreachable store is said in seconds (measured with
-# pyarrow 23: 3 tries of a refused connection 1.4 s; the 10 of `storage.max_attempts` 74-93 s).
+# pyarrow 26: 3 tries of a refused connection 1.4 s; the 10 of `storage.max_attempts` 74-93 s).
 PREFLIGHT_ATTEMPTS = 3
 
 
