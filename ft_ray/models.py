@@ -5,9 +5,10 @@ LoRA wrapping. Runs without Ray, so it can be tested and benchmarked on its own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ft_ray.config import InputError, LoraConfig, ModelConfig
+from ft_ray.console import LOG
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {"builtin:tiny-llama": ASSETS / "tiny-llama"}
@@ -49,10 +50,8 @@ def load_tokenizer(model: ModelConfig) -> Any:
     """
     from transformers import AutoTokenizer
 
-    source = model_source(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        tokenizer = from_model_source(AutoTokenizer.from_pretrained, model)
     except OSError as e:  # transformers says every missing, unreachable or invalid model this way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model.name_or_path: cannot load the tokenizer of {model.name_or_path}: {first}") from e
@@ -63,6 +62,50 @@ def load_tokenizer(model: ModelConfig) -> Any:
     if model.chat_template:
         tokenizer.chat_template = chat_template_text(model.chat_template)
     return tokenizer
+
+
+def from_model_source(load: Callable[..., Any], model: ModelConfig, weights: bool = False, **options: Any) -> Any:
+    """`load` (a transformers `from_pretrained`; `weights`: an AutoModel's) of `model_source(model)`
+    at `model.revision`.
+
+    With the hub unreachable (one request with no retries says so) a hub id loads from the
+    Hugging Face cache at once, not after huggingface_hub's retries (about 25 s a file), and a
+    model not in the cache fails as transformers says it.
+    """
+    source = model_source(model)
+    unreachable = _hub_unreachable(model)
+    if weights:  # transformers 5.24's AutoModel looks for a PEFT adapter without the local_files_only given it
+        options["adapter_kwargs"] = {"local_files_only": unreachable is not None}
+    try:
+        loaded = load(source, revision=model.revision, trust_remote_code=model.trust_remote_code,
+                      local_files_only=unreachable is not None, **options)
+    except OSError as e:
+        if unreachable:
+            raise OSError(f"{model.name_or_path} is not in the Hugging Face cache, and the hub cannot be reached "
+                          f"({unreachable})") from e
+        raise
+    if unreachable:
+        LOG.warning(f"the Hugging Face hub cannot be reached ({unreachable}): {model.name_or_path} is the cached copy")
+    return loaded
+
+
+def _hub_unreachable(model: ModelConfig) -> str | None:
+    """Why the Hugging Face hub cannot be reached for `model`; None for a built-in model or a
+    folder, with `HF_HUB_OFFLINE=1`, and when the hub answers (for a missing, gated or private
+    repository too: loading says which)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    name = model.name_or_path
+    if constants.HF_HUB_OFFLINE or is_builtin(name) or Path(name).expanduser().is_dir():
+        return None
+    try:
+        HfApi().model_info(name, revision=model.revision, timeout=10)  # HfApi(): the endpoint of now
+    except HfHubHTTPError:
+        return None
+    except Exception as e:  # the HTTP client's own connect, timeout and proxy errors
+        return f"{constants.ENDPOINT}: {str(e) or type(e).__name__}"
+    return None
 
 
 def chat_template_text(template: str) -> str:
@@ -100,9 +143,9 @@ def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return fit_vocabulary(AutoModelForCausalLM.from_pretrained(
-        model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code,
-        dtype=dtype or torch.float32, attn_implementation=model.attn_implementation), model)
+    return fit_vocabulary(from_model_source(AutoModelForCausalLM.from_pretrained, model, weights=True,
+                                            dtype=dtype or torch.float32,
+                                            attn_implementation=model.attn_implementation), model)
 
 
 def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool) -> Any:
@@ -118,10 +161,9 @@ def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpo
         bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage))
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    quantized = AutoModelForCausalLM.from_pretrained(
-        model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code,
-        quantization_config=bnb, dtype=compute_dtype, device_map={"": device},
-        attn_implementation=model.attn_implementation)
+    quantized = from_model_source(
+        AutoModelForCausalLM.from_pretrained, model, weights=True, quantization_config=bnb, dtype=compute_dtype,
+        device_map={"": device}, attn_implementation=model.attn_implementation)
     keep_4bit_weights_unpacked(quantized)
     fit_vocabulary(quantized, model)  # embeddings are not quantized
     return prepare_model_for_kbit_training(

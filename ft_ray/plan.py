@@ -100,7 +100,7 @@ def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
     hub id in the local cache), ft-ray's table of well-known models, or (with `network`) the hub."""
     from transformers import AutoConfig
 
-    from ft_ray.models import model_source
+    from ft_ray.models import from_model_source, model_source
 
     name = config.model.name_or_path
     source = model_source(config.model)
@@ -113,7 +113,7 @@ def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
         if not network:
             raise InputError(f"model.name_or_path: no config.json of {name} here (folder or local cache)") from None
     try:
-        return Shape.of(AutoConfig.from_pretrained(source, **options)), "config.json from the hub"
+        return Shape.of(from_model_source(AutoConfig.from_pretrained, config.model)), "config.json from the hub"
     except Exception as e:  # noqa: BLE001 - no such folder, no network and not cached: said as it is
         raise InputError(f"model.name_or_path: cannot read the config.json of {name}: {type(e).__name__}: "
                          f"{str(e)[:300]}") from None

@@ -115,12 +115,13 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     from ft_ray.models import load_tokenizer
 
     started = time.monotonic()
+    tokenizer = load_tokenizer(config.model)  # a model that is not there is said before Ray starts
     connect_ray(config)
     run = RunFolder.for_job(config)
     check_same_job(config, run, force_new)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
-    datasets, stats = datasets_for(config, load_tokenizer(config.model), run.path("rejected"), run.fs)
+    datasets, stats = datasets_for(config, tokenizer, run.path("rejected"), run.fs)
     if config.precomputes_reference and REF_COLUMN not in datasets["train"].columns():
         datasets = with_reference(config, datasets)
     plan = plan_steps(config, stats.train_sequences)

@@ -48,6 +48,53 @@ def test_a_model_that_is_not_here_is_said_in_one_line_naming_the_key(tmp_path, c
         assert said in err and "Traceback" not in err, err
 
 
+def test_with_the_hub_unreachable_a_cached_model_loads_and_an_uncached_one_is_said_at_once(tmp_path, monkeypatch,
+                                                                                             capsys):
+    # huggingface_hub retries a refused connection for about 25 s a file before transformers
+    # falls back to the cache; one request with no retries decides instead
+    import time
+
+    import huggingface_hub.constants as hub
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import ASSETS as MODELS
+    from ft_ray.models import load_base_model
+    from ft_ray.train.trainer import free_port
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(MODELS / "tiny-llama", snapshot, dirs_exist_ok=True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # tests run offline; this one asks a refused port
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    said = f"hub cannot be reached ({hub.ENDPOINT}: "
+    started = time.monotonic()
+    assert main(["validate", str(write_job(tmp_path, model={"name_or_path": "acme/tiny"}))]) == 0
+    assert f"warning: the Hugging Face {said}" in capsys.readouterr().out, "the cached copy was loaded without saying so"
+    assert load_base_model(ModelConfig(name_or_path="acme/tiny")).config.hidden_size == 128  # as workers load it
+    job = write_job(tmp_path, model={"name_or_path": "acme/other"})
+    assert main(["validate", str(job)]) == 2
+    assert ("model.name_or_path: cannot load the tokenizer of acme/other: acme/other is not in the Hugging Face "
+            f"cache, and the {said}") in capsys.readouterr().err
+    assert main(["plan", str(job)]) == 2
+    assert ("model.name_or_path: cannot read the config.json of acme/other: OSError: acme/other is not in the "
+            f"Hugging Face cache, and the {said}") in capsys.readouterr().err
+    assert time.monotonic() - started < 30, "the hub was asked with retries"
+
+
+def test_train_says_a_model_that_is_not_here_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from ft_ray.train import trainer
+
+    monkeypatch.setattr(trainer, "connect_ray", lambda config: pytest.fail("Ray started before the model was read"))
+    assert main(["train", str(write_job(tmp_path, model={"name_or_path": str(tmp_path / "my-model")}))]) == 2
+    assert f"model.name_or_path: no folder {tmp_path / 'my-model'}" in capsys.readouterr().err
+
+
 def test_an_unreachable_store_is_said_at_once_by_validate_and_plan(tmp_path, capsys):
     # `storage.max_attempts` (10) would back off for about 80 s per request; validate and plan
     # try 3 times (about 1.5 s against a refused connection)
