@@ -254,15 +254,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ft_ray.data.pipeline import stats_table
-    from ft_ray.data.prepared import prepare
+    from ft_ray.data.prepared import location, prepare
     from ft_ray.models import load_tokenizer
     from ft_ray.storage import RunFolder
     from ft_ray.train.trainer import connect_ray
 
     config = load_config(args.config, args.overrides)
     _quiet(args, RunFolder.for_job(config))
+    tokenizer, where = load_tokenizer(config.model), location(config)  # what is not there is said before Ray starts
     connect_ray(config)
-    _, stats, where = prepare(config, load_tokenizer(config.model))
+    _, stats, where = prepare(config, tokenizer, where)
     LOG.info(f"prepared data at {where}:\n{stats_table(stats)}")
     return 0
 

@@ -81,11 +81,12 @@ def prepared_stats(config: JobConfig) -> DataStats | None:
     return DataStats(**saved["stats"]) if saved else None
 
 
-def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | None:
-    """The prepared datasets and their stats, or None when there are none (complete) yet."""
+def load_prepared(config: JobConfig, where: str | None = None) -> tuple[dict[str, Any], DataStats, str] | None:
+    """The prepared datasets and their stats (at `where`, default `location(config)`), or None
+    when there are none (complete) yet."""
     import ray.data
 
-    where = location(config)
+    where = where or location(config)
     saved = read_stats(where, config)
     if saved is None:
         return None
@@ -99,11 +100,12 @@ def load_prepared(config: JobConfig) -> tuple[dict[str, Any], DataStats, str] | 
     return datasets, DataStats(**saved["stats"]), where
 
 
-def prepare(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], DataStats, str]:
-    """Tokenize and pack the job's data into its prepared folder (stats.json last)."""
+def prepare(config: JobConfig, tokenizer: Any, where: str | None = None) -> tuple[dict[str, Any], DataStats, str]:
+    """Tokenize and pack the job's data into its prepared folder (`where`, default
+    `location(config)`; stats.json last)."""
     from ray.data import SaveMode
 
-    where = location(config)
+    where = where or location(config)
     fs, root = filesystem_for(where, config.storage)
     datasets, stats = build_datasets(config, tokenizer, f"{root}/rejected", fs)
     if config.precomputes_reference:
@@ -118,10 +120,11 @@ def prepare(config: JobConfig, tokenizer: Any) -> tuple[dict[str, Any], DataStat
     return datasets, stats, where
 
 
-def datasets_for(config: JobConfig, tokenizer: Any, rejected_dir: str, rejected_fs: Any
+def datasets_for(config: JobConfig, tokenizer: Any, rejected_dir: str, rejected_fs: Any, where: str | None = None
                  ) -> tuple[dict[str, Any], DataStats]:
-    """Prepared data when the job has some, else the corpus tokenized now."""
-    found = load_prepared(config)
+    """Prepared data when the job has some (at `where`, default `location(config)`), else the
+    corpus tokenized now."""
+    found = load_prepared(config, where)
     if found:
         LOG.info(f"data: using prepared data at {found[2]}")
         return found[0], found[1]

@@ -22,7 +22,7 @@ from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
-from ft_ray.data.prepared import datasets_for
+from ft_ray.data.prepared import datasets_for, location
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.train.checkpoints import (best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
@@ -115,13 +115,14 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     from ft_ray.models import load_tokenizer
 
     started = time.monotonic()
-    tokenizer = load_tokenizer(config.model)  # a model that is not there is said before Ray starts
+    # a model or data files that are not there are said before Ray starts (location lists the files)
+    tokenizer, prepared = load_tokenizer(config.model), location(config)
     connect_ray(config)
     run = RunFolder.for_job(config)
     check_same_job(config, run, force_new)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
-    datasets, stats = datasets_for(config, tokenizer, run.path("rejected"), run.fs)
+    datasets, stats = datasets_for(config, tokenizer, run.path("rejected"), run.fs, prepared)
     if config.precomputes_reference and REF_COLUMN not in datasets["train"].columns():
         datasets = with_reference(config, datasets)
     plan = plan_steps(config, stats.train_sequences)

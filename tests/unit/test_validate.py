@@ -85,14 +85,17 @@ def test_with_the_hub_unreachable_a_cached_model_loads_and_an_uncached_one_is_sa
     assert time.monotonic() - started < 30, "the hub was asked with retries"
 
 
-def test_train_says_a_model_that_is_not_here_before_ray_starts(tmp_path, monkeypatch, capsys):
+def test_train_and_prepare_say_a_model_or_data_that_is_not_here_before_ray_starts(tmp_path, monkeypatch, capsys):
     import pytest
 
     from ft_ray.train import trainer
 
-    monkeypatch.setattr(trainer, "connect_ray", lambda config: pytest.fail("Ray started before the model was read"))
-    assert main(["train", str(write_job(tmp_path, model={"name_or_path": str(tmp_path / "my-model")}))]) == 2
-    assert f"model.name_or_path: no folder {tmp_path / 'my-model'}" in capsys.readouterr().err
+    monkeypatch.setattr(trainer, "connect_ray", lambda config: pytest.fail("Ray started before the job was read"))
+    for command in ("train", "prepare"):
+        assert main([command, str(write_job(tmp_path, model={"name_or_path": str(tmp_path / "my-model")}))]) == 2
+        assert f"model.name_or_path: no folder {tmp_path / 'my-model'}" in capsys.readouterr().err
+        assert main([command, str(write_job(tmp_path, data={"train": str(tmp_path / "nope.jsonl")}))]) == 2
+        assert f"data.train: no data files at '{tmp_path / 'nope.jsonl'}'" in capsys.readouterr().err
 
 
 def test_an_unreachable_store_is_said_at_once_by_validate_and_plan(tmp_path, capsys):
