@@ -16,6 +16,9 @@ DEMO = REPO / "ft_ray" / "assets" / "demo"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # quicker reports in short test runs
+# After a collective times out (the hung-worker test), Ray Train waits this long for the stuck
+# rank's process group to shut down before it restarts the group: 30 s by default, 5 s here.
+os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
 # A credential that must never appear in a run folder, a log or W&B (set before Ray starts,
 # so every worker has it in its environment, as a real key would be).
 SECRET_CANARY = "ftray-canary-secret-0123456789"
