@@ -55,17 +55,26 @@ def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool,
         run.write_text(f"{name}/{MANIFEST}", manifest_json(files, state.step, world_size))
 
 
+def zero_shards_problem(zero_stage: int, saved_by: int, world_size: int, where: str) -> str | None:
+    """Sharded (ZeRO 1-3) state cannot be loaded by another number of workers: what to say
+    when it would be, else None."""
+    if zero_stage == 0 or saved_by == world_size:
+        return None
+    return (f"{where} holds ZeRO shards of {saved_by} workers; this run has {world_size}. "
+            f"Resume with distributed.num_workers={saved_by}, or start a new run_name from the "
+            f"exported weights (ft-ray export {where} --out DIR, then model.name_or_path: DIR).")
+
+
 def check_world_size(engine: Any, state: TrainState, world_size: int, where: str) -> None:
-    """Sharded (ZeRO) state cannot be loaded by a different number of workers.
+    """The workers' check (the driver's is `trainer.check_same_job`).
 
     Raises:
         RuntimeError: saying which worker count the checkpoint needs and how to go on.
     """
-    if engine.saves_on_every_rank and getattr(engine, "zero_stage", 0) > 0 and state.world_size != world_size:
-        raise RuntimeError(
-            f"{where} holds ZeRO shards of {state.world_size} workers; this run has {world_size}. "
-            f"Resume with distributed.num_workers={state.world_size}, or start a new run_name from the "
-            f"exported weights (ft-ray export {where} --out DIR, then model.name_or_path: DIR).")
+    zero_stage = getattr(engine, "zero_stage", 0) if engine.saves_on_every_rank else 0
+    problem = zero_shards_problem(zero_stage, state.world_size, world_size, where)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def restore(engine: Any, run: RunFolder) -> tuple[TrainState, str | None, list[tuple[str, str]]]:

@@ -7,6 +7,7 @@ the run's checkpoint history in storage and hands the latest checkpoint to the w
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -24,7 +25,8 @@ from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for, location
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
-from ft_ray.train.checkpoints import (best_of, complete_checkpoints, list_checkpoints,
+from ft_ray.train.checkpoint_io import zero_shards_problem
+from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.preference import REF_COLUMN, with_reference
@@ -115,11 +117,12 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     from ft_ray.models import load_tokenizer
 
     started = time.monotonic()
-    # a model or data files that are not there are said before Ray starts (location lists the files)
+    # said before Ray starts: a model or data files that are not there (location lists the
+    # files), a relaunch that cannot resume
     tokenizer, prepared = load_tokenizer(config.model), location(config)
-    connect_ray(config)
     run = RunFolder.for_job(config)
     check_same_job(config, run, force_new)
+    connect_ray(config)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
     datasets, stats = datasets_for(config, tokenizer, run.path("rejected"), run.fs, prepared)
@@ -204,6 +207,13 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
     complete, skipped = complete_checkpoints(run.fs, run.root)
     if not complete:
         raise no_complete_checkpoint(run.uri, skipped)
+    # Said here, not by the workers after the model is built (minutes for a large model).
+    dist = config.distributed
+    zero_stage = dist.deepspeed.stage if dist.strategy == "deepspeed" else 0
+    saved_by = json.loads(run.read_text(f"{complete[0].name}/{MANIFEST}") or "{}").get("world_size", dist.max_workers)
+    problem = zero_shards_problem(zero_stage, saved_by, dist.max_workers, run.uri_of(complete[0].name))
+    if problem:
+        raise InputError(problem)
     for name, why in skipped:
         LOG.warning(f"checkpoint {run.uri_of(name)} is incomplete ({why}); "
                     f"resuming from {run.uri_of(complete[0].name)}")
