@@ -11,13 +11,23 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-# torch first (the pinned CPU build on this disk), then everything else without build
-# isolation so deepspeed's source build uses that torch instead of downloading another.
+# torch first (the pinned CPU build on this disk), then deepspeed and everything else without
+# build isolation so deepspeed's source build uses that torch instead of downloading another.
+# Without a GPU, DeepSpeed's CPU ops (Adam for optimizer offload, the shared-memory collective)
+# compile while the rest installs: once per machine (~/.cache/torch_extensions), about 1 min
+# that the first DeepSpeed run would otherwise spend in its workers. A failed build is only a
+# note: that first run builds them.
+DEEPSPEED_PINS = $(shell grep -oE '"(deepspeed|numpy|pydantic)==[^"]+"' pyproject.toml | tr -d '"')
+CPU_OPS = from deepspeed.accelerator import get_accelerator as a; 	a()._name != "cpu" or [a().create_op_builder(op).load() for op in ("CPUAdamBuilder", "ShareMemCommBuilder")]
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools>=68" wheel
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install --quiet --no-build-isolation $(DEEPSPEED_PINS)
+	$(BIN)/python -c '$(CPU_OPS)' > $(VENV)/deepspeed-ops.log 2>&1 & ops=$$!; \
+	  $(BIN)/pip install --quiet --no-build-isolation -e ".[dev]" || exit 1; \
+	  wait $$ops || echo "note: DeepSpeed's CPU ops were not built ($(VENV)/deepspeed-ops.log); the first DeepSpeed run builds them"
 	touch $@
 
 demo: install
