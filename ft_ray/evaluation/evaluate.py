@@ -203,14 +203,30 @@ def _count_trained(batch: dict[str, np.ndarray], split: float) -> dict[str, np.n
 # ---------------------------------------------------------------- the run
 
 
+@dataclass
+class Scored:
+    """The figures of an evaluation, one row per held-out example, and where it was written."""
+
+    columns: dict[str, np.ndarray]
+    uri: str
+
+
 def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
-    """Score the three arms on the held-out examples, decide, write `eval.json`; returns it."""
+    """Score the arms on the held-out examples, decide, write `eval.json`; returns it."""
+    return evaluate_scored(config, target)[0]
+
+
+def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = None) -> tuple[dict[str, Any], Scored]:
+    """`evaluate`, also returning the figures. With an `earlier` evaluation of the same job
+    (a sweep's other winner: the same base model, examples and settings), only the variant
+    is scored; the base and prompting arms' figures are that evaluation's."""
     import ray
     import ray.data
 
     from ft_ray.train.trainer import connect_ray
 
     started = time.monotonic()
+    arms = ARMS if earlier is None else tuple(arm for arm in ARMS if arm.model == "variant")
     connect_ray(config)
     settings = config.eval
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -229,11 +245,14 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
             ArmScorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
             fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "shots": shots,
-                                   "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys, "pool": pool})
+                                   "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys, "pool": pool,
+                                   "arms": tuple(arm.name for arm in arms)})
         total = dataset.count()
-        LOG.info(f"eval: {note}; {len(ARMS)} arms ({', '.join(arm.label(settings.few_shot) for arm in ARMS)}; "
-                 f"retrieval from {len(pool['prompts'])} training examples) on {total} examples, {len(gen_keys)} "
-                 f"answered by each, on {actors} model actor(s)")
+        scoring = (f"{len(arms)} arms ({', '.join(arm.label(settings.few_shot) for arm in arms)}; retrieval from "
+                   f"{len(pool['prompts'])} training examples)" if earlier is None else
+                   f"the variant (the other arms as in {earlier.uri})")
+        LOG.info(f"eval: {note}; {scoring} on {total} examples, {len(gen_keys)} answered by each, "
+                 f"on {actors} model actor(s)")
         display = progress.Display("eval", total, "examples") if quiet() else None
         for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
             for name, values in batch.items():
@@ -243,14 +262,31 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
         if display:
             display.close()
     train_examples = target.train_examples if target.train_examples is not None else count_train_records(config)
-    result = summarize(config, {k: np.array(v) for k, v in columns.items()},
-                       {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples)
+    cols = {k: np.array(v) for k, v in columns.items()}
+    if earlier is not None:
+        cols = with_arms_of(earlier, cols, [arm.name for arm in ARMS if arm not in arms])
+    result = summarize(config, cols, {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples)
     result.update({"variant": target.weights, "base_model": config.model.name_or_path, "actors": actors,
                    "retrieval_pool": len(pool["prompts"]),  # the training examples retrieval searched
                    "wall_time_s": round(time.monotonic() - started, 1)})
+    if earlier is not None:
+        result["other_arms_from"] = earlier.uri
+    uri = target.folder.uri_of("eval.json")
     target.folder.write_json("eval.json", result)
-    print_result(result, target.folder.uri_of("eval.json"))
-    return result
+    print_result(result, uri)
+    return result, Scored(cols, uri)
+
+
+def with_arms_of(earlier: Scored, cols: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """`cols` with the named arms' columns taken from the earlier evaluation, row by row
+    (matched by the example's key)."""
+    position = {key: i for i, key in enumerate(earlier.columns["key"].tolist())}
+    if set(position) != set(cols["key"].tolist()):
+        raise RuntimeError(f"eval: the held-out examples differ from those of {earlier.uri}")
+    rows = np.array([position[key] for key in cols["key"].tolist()])
+    taken = {column: values[rows] for column, values in earlier.columns.items()
+             if any(column.startswith(f"{name}_") for name in names)}
+    return {**cols, **taken}
 
 
 def actor_count(config: JobConfig) -> int:
@@ -439,11 +475,14 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
     summary = _json(sweep, "sweep.json")
     if summary is None:
         raise InputError(f"{sweep.uri}: no sweep.json (not a finished sweep)")
+    first = None
     for i, entry in enumerate(summary["winners"]):
         name = check_folder_name(str(entry.get("uri", "")).rstrip("/").rsplit("/", 1)[-1],
                                  f"{sweep.uri_of('sweep.json')}: winners[{i}].uri")
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
-        result = evaluate(config, resolve_target(folder.uri, config))
+        # the base and prompting arms are the same for every winner: scored for the first only
+        result, scored = evaluate_scored(config, resolve_target(folder.uri, config), first)
+        first = first or scored
         brief = {"verdict": result["verdict"], "vs_base": result["vs_base"], "comparisons": result["comparisons"],
                  "arms": {arm: {k: v for k, v in f.items()
                                 if k in ("loss", "exact_match", "chrf", "format", "preference_accuracy")}

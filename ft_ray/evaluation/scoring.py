@@ -28,7 +28,7 @@ from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
 from ft_ray.evaluation import metrics
-from ft_ray.evaluation.arms import ARMS, PROMPTING, Arm, Retriever
+from ft_ray.evaluation.arms import ARM_NAMES, ARMS, PROMPTING, Arm, Retriever
 
 SHOT_SEPARATOR = "\n\n"
 
@@ -74,12 +74,14 @@ def load_arms(job: JobConfig, variant: Path) -> tuple[Any, Any, bool]:
 
 
 class ArmScorer:
-    """Scores batches of raw held-out records on the three arms (a Ray Data actor's state)."""
+    """Scores batches of raw held-out records on the arms (a Ray Data actor's state)."""
 
     def __init__(self, job_json: str, variant: str, shots: list[str], fmt: str, fields: dict[str, str],
-                 generate_keys: list[str], pool: dict[str, list[str]] | None = None):
+                 generate_keys: list[str], pool: dict[str, list[str]] | None = None,
+                 arms: tuple[str, ...] = ARM_NAMES):
         """`shots`: the few-shot arm's examples; `pool`: the retrieval arm's, {"prompts": [...],
-        "shots": [...]} (searched by prompt, placed as shot texts)."""
+        "shots": [...]} (searched by prompt, placed as shot texts); `arms`: the names of those
+        scored (the columns of the others are empty)."""
         import torch
 
         from ft_ray.models import load_tokenizer
@@ -87,6 +89,7 @@ class ArmScorer:
         self.job = JobConfig.model_validate_json(job_json)
         self.settings = self.job.eval
         self.fmt, self.fields = fmt, fields
+        self.arms = tuple(arm for arm in ARMS if arm.name in arms)
         self.generate_keys = set(generate_keys)
         self.tokenizer = load_tokenizer(self.job.model)
         self.bos = bos_id(self.tokenizer)
@@ -114,7 +117,7 @@ class ArmScorer:
         examples = [self.prepare(str(text), str(error)) for text, error in zip(batch["text"], batch["error"])]
         good = [e for e in examples if "reason" not in e]
         pairs = [e for e in good if "rejected" in e]
-        for arm in ARMS:
+        for arm in self.arms:
             sums = self.loss_sums(arm, [e[arm.name] for e in good]) if good else []
             for example, (loss_sum, tokens) in zip(good, sums):
                 example[f"{arm.name}_loss_sum"], example[f"{arm.name}_tokens"] = loss_sum, tokens
@@ -221,8 +224,8 @@ class ArmScorer:
         return out
 
     def generate_all(self, example: dict) -> None:
-        """Greedy answers of every arm to the example's prompt, scored."""
-        for arm in ARMS:
+        """Greedy answers of every scored arm to the example's prompt, scored."""
+        for arm in self.arms:
             shots = example["prefixes"].get(arm.name, [])
             answer, new_tokens, seconds = self.generate(arm, [i for ids in shots for i in ids] + example["prompt_ids"])
             answer = metrics.cut_at_next_example(answer, example["prompt"])

@@ -85,8 +85,8 @@ def test_winners_are_complete_and_verifiable_in_the_store(sweep):
 
 def test_every_winner_carries_its_verdict(sweep, tmp_path):
     summary, client, run = sweep
-    for winner in summary["winners"]:
-        evaluation = json.loads(s3_bytes(client, f"{winner['uri']}/eval.json"))
+    evaluations = [json.loads(s3_bytes(client, f"{w['uri']}/eval.json")) for w in summary["winners"]]
+    for winner, evaluation in zip(summary["winners"], evaluations):
         assert evaluation["examples"] == 24 and evaluation["generated"] == 2
         assert evaluation["variant"] == f"{winner['uri']}/weights"
         manifest = json.loads(s3_bytes(client, f"{winner['uri']}/winner.json"))
@@ -96,6 +96,13 @@ def test_every_winner_carries_its_verdict(sweep, tmp_path):
         assert set(winner["eval"]["comparisons"]) == {"base", "few_shot", "retrieval"}
         # 100 steps at the best settings: the variant is ahead of the base model
         assert winner["eval"]["arms"]["variant"]["loss"] < winner["eval"]["arms"]["base"]["loss"]
+    # the base and prompting arms were scored with the first winner only; the second took them
+    first, second = evaluations
+    assert "other_arms_from" not in first and second["other_arms_from"] == f"{summary['winners'][0]['uri']}/eval.json"
+    assert f"the variant (the other arms as in {second['other_arms_from']})" in run["out"]
+    assert {a: f for a, f in second["arms"].items() if a != "variant"} == \
+        {a: f for a, f in first["arms"].items() if a != "variant"}
+    assert second["arms"]["variant"]["loss"] != first["arms"]["variant"]["loss"]
     assert f"verdict: {summary['winners'][0]['eval']['verdict']['sentence']}" in run["out"]
     text = write_report(run["uri"], tmp_path / "report", client.meta.endpoint_url).read_text()
     assert "Does fine-tuning pay?" in text and summary["winners"][0]["eval"]["verdict"]["sentence"] in text
