@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip "setuptools>=68" wheel
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-build-isolation $(DEEPSPEED_PINS)
-	$(BIN)/python -c '$(CPU_OPS)' > $(VENV)/deepspeed-ops.log 2>&1 & ops=$$!; \
-	  $(BIN)/pip install --quiet --no-build-isolation -e ".[dev]" || exit 1; \
+	$(BIN)/python -c '$(CPU_OPS)' > $(VENV)/deepspeed-ops.log 2>&1 & ops=$$!; trap 'kill $$ops 2>/dev/null' INT TERM; \
+	  $(BIN)/pip install --quiet --no-build-isolation -e ".[dev]" || { kill $$ops; exit 1; }; \
 	  wait $$ops || echo "note: DeepSpeed's CPU ops were not built ($(VENV)/deepspeed-ops.log); the first DeepSpeed run builds them"
 	touch $@
 
