@@ -1,7 +1,7 @@
 # make demo   fresh machine: creates .venv, installs, fine-tunes the embedded default on CPU
 # make demo-sweep   then: a 3-trial LoRA sweep of the same job (Ray Tune, ASHA, W&B offline, seeded)
 # make demo-dpo   preference tuning (DPO) of the same house style from chosen/rejected pairs
-# make test   installs the same way, runs the whole test suite (CI runs it; about 27 min on 2 cores)
+# make test   installs the same way, runs the whole test suite (CI runs it; about 24-26 min on 2 cores)
 # make test-fast   unit tests and the quick integration tests (no `slow` mark), a few minutes
 VENV ?= .venv
 PYTHON ?= python3
