@@ -317,9 +317,9 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     check_search_space(config)
     tune = config.tune or TuneConfig()
     sweep = sweep_folder(config)
-    # The dashboard's state API lets Ray Train release the workers of trials ASHA stops
-    # (their controllers die with them); without it, their CPUs stay reserved.
-    started_local = connect_ray(config, parallel_runs=_local_parallel(config), dashboard=True)
+    # local Ray's dashboard (its state API) lets Ray Train release the workers of trials ASHA
+    # stops (their controllers die with them); without it, their CPUs stay reserved
+    started_local = connect_ray(config, parallel_runs=_local_parallel(config))
     config = with_gpu_share(config, [node["Resources"] for node in ray.nodes() if node["Alive"]])
     workers_at_once = concurrency(config, started_local)
     resume = _resume_or_start(sweep, resume)

@@ -32,7 +32,7 @@ from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.preference import REF_COLUMN, with_reference
 
 
-def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = False) -> bool:
+def connect_ray(config: JobConfig, parallel_runs: int = 1) -> bool:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start local Ray;
     returns True when it started local Ray.
 
@@ -40,11 +40,14 @@ def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = Fal
     runs hold, so the data pipeline always has room to run next to them (else a shuffle can
     wait forever).
 
-    A local dashboard (sweeps) gets a free port, named in RAY_API_SERVER_ADDRESS for the
-    cluster's processes: Ray's state API otherwise asks the Ray started last on the
-    machine, which need not be this one (another sweep, a test session), Ray Train then never
-    learns that the controller of a trial ASHA stopped is gone, never frees its workers'
-    CPUs, and the next trial waits for them forever (measured: a sweep hung at its third trial).
+    Local Ray gets its dashboard on a free port, named in RAY_API_SERVER_ADDRESS for the
+    cluster's processes: Ray Train asks the state API (the dashboard's) whether a run's
+    controller lives, every second. Without a dashboard each ask failed with a warning (a line a
+    second in the run's log); without the address it asks the Ray started last on the machine,
+    which need not be this one (another run, a test session): its monitor then dies on "multiple
+    active Ray instances", and in a sweep Ray Train never learns that the controller of a trial
+    ASHA stopped is gone, never frees its workers' CPUs, and the next trial waits for them
+    forever (measured: a sweep hung at its third trial). The dashboard costs about 2 s of start.
     """
     import ray
 
@@ -54,8 +57,8 @@ def connect_ray(config: JobConfig, parallel_runs: int = 1, dashboard: bool = Fal
         ray.init(log_to_driver=True)
         return False
     needed = math.ceil(parallel_runs * config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=dashboard,
-             log_to_driver=True, **(dashboard_options(free_port()) if dashboard else {}))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
+             log_to_driver=True, **dashboard_options(free_port()))
     return True
 
 
