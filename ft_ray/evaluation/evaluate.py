@@ -205,10 +205,12 @@ def _count_trained(batch: dict[str, np.ndarray], split: float) -> dict[str, np.n
 
 @dataclass
 class Scored:
-    """The figures of an evaluation, one row per held-out example, and where it was written."""
+    """The figures of an evaluation, one row per held-out example, where it was written, and
+    the training examples its prompting arms used (`training_examples`)."""
 
     columns: dict[str, np.ndarray]
     uri: str
+    examples: dict[str, list[str]]
 
 
 def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
@@ -219,7 +221,8 @@ def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
 def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = None) -> tuple[dict[str, Any], Scored]:
     """`evaluate`, also returning the figures. With an `earlier` evaluation of the same job
     (a sweep's other winner: the same base model, examples and settings), only the variant
-    is scored; the base and prompting arms' figures are that evaluation's."""
+    is scored; the base and prompting arms' figures, and the training examples they used, are
+    that evaluation's."""
     import ray
     import ray.data
 
@@ -230,7 +233,8 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     connect_ray(config)
     settings = config.eval
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    examples = training_examples(config, max(settings.few_shot, settings.retrieval_pool))
+    examples = (training_examples(config, max(settings.few_shot, settings.retrieval_pool)) if earlier is None
+                else earlier.examples)
     shots = examples["shots"][:settings.few_shot]
     pool = {part: texts[:settings.retrieval_pool] for part, texts in examples.items()}
     actors = actor_count(config)
@@ -274,7 +278,7 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     uri = target.folder.uri_of("eval.json")
     target.folder.write_json("eval.json", result)
     print_result(result, uri)
-    return result, Scored(cols, uri)
+    return result, Scored(cols, uri, examples)
 
 
 def with_arms_of(earlier: Scored, cols: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

@@ -158,9 +158,11 @@ class ArmScorer:
                 "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip()}
 
     def prefixes(self, prompt: str, plain_length: int, full_length: int) -> dict[str, list[list[int]]]:
-        """Per prompting arm, the examples (token ids) that go before this record's prompt."""
+        """Per scored prompting arm, the examples (token ids) that go before this record's prompt."""
         out = {}
         for arm in PROMPTING:
+            if arm not in self.arms:
+                continue
             if arm.shots == "fixed":
                 candidates = self.shot_ids
             else:
