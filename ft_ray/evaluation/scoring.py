@@ -43,11 +43,13 @@ def record_key(path: str, line: int) -> str:
     return f"{path}:{int(line)}"
 
 
-def load_arms(job: JobConfig, variant: Path) -> tuple[Any, Any, bool]:
+def load_arms(job: JobConfig, variant: Path, base_arms: bool = True) -> tuple[Any, Any, bool]:
     """(base model, variant model, shared): for an adapter the variant is the base model with
     the adapter attached (shared: the base arms run with the adapter disabled); a full
-    model folder is loaded on its own. QLoRA adapters run on the 4-bit base they trained on.
-    On a GPU actor the models go to the GPU, in bf16 when the job trains in bf16."""
+    model folder is loaded on its own, and the base model beside it only for `base_arms`
+    (None otherwise: a second copy of the weights no arm reads). QLoRA adapters run on the
+    4-bit base they trained on. On a GPU actor the models go to the GPU, in bf16 when the
+    job trains in bf16."""
     import torch
 
     from ft_ray.models import load_base_model, load_quantized_model
@@ -70,7 +72,7 @@ def load_arms(job: JobConfig, variant: Path) -> tuple[Any, Any, bool]:
         raise FileNotFoundError(f"{variant}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
     full = AutoModelForCausalLM.from_pretrained(str(variant), dtype=dtype,
                                                 attn_implementation=job.model.attn_implementation)
-    return placed(load_base_model(job.model, dtype)), placed(full), False
+    return placed(load_base_model(job.model, dtype)) if base_arms else None, placed(full), False
 
 
 class ArmScorer:
@@ -94,12 +96,14 @@ class ArmScorer:
         self.tokenizer = load_tokenizer(self.job.model)
         self.bos = bos_id(self.tokenizer)
         torch.manual_seed(self.settings.seed)
-        self.base, self.variant, self.shared = load_arms(self.job, Path(local_variant(variant, self.job)))
+        self.base, self.variant, self.shared = load_arms(self.job, Path(local_variant(variant, self.job)),
+                                                         base_arms=any(arm.model == "base" for arm in self.arms))
         self.device = next(self.variant.parameters()).device
         self.shot_ids = encode_batch(self.tokenizer, shots)
         pool = pool or {"prompts": [], "shots": []}
         self.retriever, self.pool_shots, self.pool_ids = Retriever(pool["prompts"]), pool["shots"], {}
-        self.context = prompt_context(self.job, self.base)
+        # without the base model (variant only, a full fine-tune): the variant has its config
+        self.context = prompt_context(self.job, self.base if self.base is not None else self.variant)
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     @contextlib.contextmanager

@@ -75,6 +75,19 @@ def test_losses_are_on_the_target_tokens_and_equal_for_equal_weights():
     assert bad["reason"] == "not_json" and math.isnan(bad["base_loss_sum"]) and not bad["generated"]
 
 
+def test_a_variant_only_pass_of_a_full_model_loads_no_base_model_and_scores_the_same():
+    """A sweep's later winners are scored on the variant arm alone (the other arms come from
+    the first winner's eval): a full model's actor then holds one copy of the weights."""
+    full = scorer(256)
+    alone = ArmScorer(full.job.model_dump_json(), str(ASSETS / "tiny-llama"), [], "instruction", {},
+                      generate_keys=[record_key("eval.jsonl", 1)], arms=("variant",))
+    assert full.base is not None and alone.base is None
+    [both], [one] = score(full, json.dumps(RECORD)), score(alone, json.dumps(RECORD))
+    assert one["variant_loss_sum"] == pytest.approx(both["variant_loss_sum"], rel=1e-6)
+    assert one["variant_answer"] == both["variant_answer"] and one["context"] == both["context"] == 1024
+    assert math.isnan(one["base_loss_sum"]) and one["few_shot_shots"] == 0 and one["base_answer"] == ""
+
+
 def test_generated_answers_are_scored_against_the_reference():
     s = scorer(256, regex=r"(?s)Hi \w+,.*")
     first, second = score(s, json.dumps(RECORD), json.dumps(RECORD))
