@@ -12,7 +12,8 @@ from typing import Any
 from ft_ray.config import JobConfig, SourceConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, parse_record
-from ft_ray.data.sources import DataError, ReadLimits, check_format, choose_format, read_records
+from ft_ray.data.readers import ReadLimits
+from ft_ray.data.sources import DataError, check_format, choose_format, read_records
 
 PEEK_RECORDS = 100
 MIN_TRAIN_EXAMPLES = 100

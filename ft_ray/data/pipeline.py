@@ -19,8 +19,8 @@ from ft_ray import progress
 from ft_ray.config import JobConfig, ModelConfig, SourceConfig
 from ft_ray.console import LOG
 from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, source_name, weighted_copies
-from ft_ray.data.sources import (DataError, ReadLimits, check_format, choose_format, common_folder, file_kind, list_files,
-                                 read_corpus)
+from ft_ray.data.readers import ReadLimits, file_kind
+from ft_ray.data.sources import DataError, check_format, choose_format, common_folder, list_files, read_corpus
 from ft_ray.data.tokenize import pack_arrays
 
 TOKENIZE_BATCH = 256

@@ -18,7 +18,8 @@ from typing import Any
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataStats, build_datasets
-from ft_ray.data.sources import fs_path, list_files
+from ft_ray.data.readers import fs_path
+from ft_ray.data.sources import list_files
 from ft_ray.storage import filesystem_for
 
 STATS_FILE = "stats.json"

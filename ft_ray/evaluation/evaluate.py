@@ -25,7 +25,8 @@ from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
 from ft_ray.console import LOG, quiet
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, record_to_segments
-from ft_ray.data.sources import ReadLimits, choose_format, list_files, read_corpus, read_records
+from ft_ray.data.readers import ReadLimits
+from ft_ray.data.sources import choose_format, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARMS, PROMPTING
 from ft_ray.evaluation.scoring import ArmScorer, record_key, shot_text

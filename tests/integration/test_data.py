@@ -235,6 +235,7 @@ def ranged_corpus(folder: Path) -> list[int]:
 def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_path, monkeypatch):
     from ft_ray.config import StorageConfig
     from ft_ray.data import sources
+    from ft_ray.data.readers import ReadLimits
 
     big_lines = ranged_corpus(tmp_path)
     whole = list(sources.read_records(str(tmp_path), StorageConfig(), "data.train"))
@@ -245,7 +246,7 @@ def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_pa
         monkeypatch.setattr(sources, "RANGE_MAX_BYTES", span)
         units = sources.read_units(fs, files, cpus=2, in_ray=False)
         assert len(units) == sum(max(1, -(-(tmp_path / f).stat().st_size // span)) for f in ("big.jsonl", "small.jsonl"))
-        rows = [row for unit in units for block in sources._read_units(fs, [unit], 3, sources.ReadLimits()) for row in block.to_pylist()]
+        rows = [row for unit in units for block in sources._read_units(fs, [unit], 3, ReadLimits()) for row in block.to_pylist()]
         assert [(r["path"], r["line"], r["text"], r["error"]) for r in rows] == whole, span
         groups = sources.task_groups(units, cpus=2)  # what one read task reads: about a span
         assert [u for group in groups for u in group] == units
@@ -256,7 +257,8 @@ def test_byte_ranges_of_a_jsonl_file_give_every_record_once_with_its_line(tmp_pa
 def test_read_tasks_are_balanced(tmp_path):
     """Eight equal files on 2 CPUs: four read tasks of two files each (two per CPU, none
     left alone at the end), in file order."""
-    from ft_ray.data.sources import Unit, task_groups
+    from ft_ray.data.readers import Unit
+    from ft_ray.data.sources import task_groups
 
     units = [Unit(f"part-{i}.jsonl", 3_400_000) for i in range(8)]
     groups = task_groups(units, cpus=2)

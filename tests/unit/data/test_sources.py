@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ft_ray.config import SourceConfig, StorageConfig
-from ft_ray.data.sources import DataError, choose_format, file_kind, list_files, read_records
+from ft_ray.data.readers import READ_CHUNK, ReadLimits, Unit, file_kind, file_records
+from ft_ray.data.sources import DataError, choose_format, list_files, read_records
 
 STORAGE = StorageConfig()
 GOOD = {"instruction": "Name a colour.", "output": "Red."}
@@ -53,7 +54,6 @@ def test_a_json_array_broken_mid_way_keeps_the_items_before_and_rejects_the_rest
 
 
 def test_json_arrays_stream_item_by_item_within_max_record_bytes(tmp_path):
-    from ft_ray.data.sources import READ_CHUNK, ReadLimits
 
     items = [GOOD, {"text": "é" * (READ_CHUNK // 2 + 7)}, {"text": "z" * 300_000}, GOOD]  # items across chunks
     (tmp_path / "a.json").write_text("\ufeff" + json.dumps(items, ensure_ascii=False))
@@ -70,7 +70,6 @@ def test_json_arrays_stream_item_by_item_within_max_record_bytes(tmp_path):
 
 
 def test_a_gzip_bomb_is_cut_at_max_decompressed_ratio(tmp_path):
-    from ft_ray.data.sources import ReadLimits
 
     with gzip.open(tmp_path / "bomb.jsonl.gz", "wb") as f:
         f.write((json.dumps(GOOD) + "\n").encode() * 1000)
@@ -84,7 +83,6 @@ def test_a_gzip_bomb_is_cut_at_max_decompressed_ratio(tmp_path):
 
 def test_parquet_reads_only_the_columns_a_format_can_use(tmp_path):
     from ft_ray.config import DataConfig
-    from ft_ray.data.sources import ReadLimits
 
     table = pa.Table.from_pylist([{"question": "q", "answer": "a", "blob": "x" * 1000}] * 3)
     pq.write_table(table, tmp_path / "c.parquet")
@@ -115,7 +113,6 @@ def test_a_line_over_max_record_bytes_is_too_large_and_never_held_in_memory(tmp_
     import time
     import tracemalloc
 
-    from ft_ray.data.sources import ReadLimits
 
     path = tmp_path / "big.jsonl"
     with open(path, "wb") as f:  # 64 MiB on one line between two good records
@@ -138,7 +135,6 @@ def test_a_line_over_max_record_bytes_is_too_large_and_never_held_in_memory(tmp_
 def test_byte_ranges_starting_inside_a_long_line_skip_it_without_keeping_it(tmp_path):
     import pyarrow.fs as pafs
 
-    from ft_ray.data.sources import ReadLimits, Unit, file_records
 
     path = tmp_path / "ranges.jsonl"
     lines = [json.dumps(GOOD).encode(), b'{"text": "' + b"y" * 300_000 + b'"}'] * 3
@@ -166,7 +162,6 @@ def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
 
 
 def test_text_files_by_paragraph_or_as_one_document(tmp_path):
-    from ft_ray.data.sources import ReadLimits
 
     (tmp_path / "d.txt").write_text("first paragraph\nstill first\n\n\nsecond\n\n")
     by = {unit: [(line, json.loads(text)["text"]) for _, line, text, _ in
@@ -177,7 +172,6 @@ def test_text_files_by_paragraph_or_as_one_document(tmp_path):
 
 
 def test_a_paragraph_over_max_record_bytes_is_too_large(tmp_path):
-    from ft_ray.data.sources import ReadLimits
 
     (tmp_path / "a.txt").write_text("short one\n\n" + "a long line\n" * 20_000 + "\nlast one\n")
     got = [(line, text, error[:9]) for _, line, text, error in
