@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ft_ray.cli import main
-from ft_ray.config import ConfigError, config_from_dict, load_config
+from ft_ray.config import ConfigError, config_from_dict, load_config, resume_changes
 from tests.conftest import REPO, write_job
 
 
@@ -126,3 +126,12 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
         check_format(config, "preference", "data.train")
     with pytest.raises(DataError, match="format instruction train with objective sft, not kto"):
         check_format(config, "instruction", "data.train")
+
+
+def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
+    old = {"train": {"learning_rate": 2e-4, "keep_checkpoints": 2}, "distributed": {"num_workers": 2},
+           "lora": {"rank": 8}, "storage": {"path": "/a"}}
+    new = {"train": {"learning_rate": 3e-4, "keep_checkpoints": 5}, "distributed": {"num_workers": 4},
+           "lora": {"rank": 16}, "storage": {"path": "/b"}}
+    assert resume_changes(old, new) == ["lora.rank: 8 -> 16", "train.learning_rate: 0.0002 -> 0.0003"]
+    assert resume_changes(old, old) == []

@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from ft_ray.config import resume_changes
 from ft_ray.train.checkpoints import (MANIFEST, complete_checkpoints, digest_problem, file_digests,
                                       list_checkpoints, manifest_json, manifest_problem, next_checkpoint_name)
 
@@ -71,15 +70,6 @@ def test_a_step_reached_again_gets_a_new_folder(tmp_path):
     existing = list_checkpoints(FS, str(tmp_path))
     assert next_checkpoint_name(existing, 4) == "checkpoint-000004"
     assert next_checkpoint_name(existing, 8) == "checkpoint-000008-1"
-
-
-def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
-    old = {"train": {"learning_rate": 2e-4, "keep_checkpoints": 2}, "distributed": {"num_workers": 2},
-           "lora": {"rank": 8}, "storage": {"path": "/a"}}
-    new = {"train": {"learning_rate": 3e-4, "keep_checkpoints": 5}, "distributed": {"num_workers": 4},
-           "lora": {"rank": 16}, "storage": {"path": "/b"}}
-    assert resume_changes(old, new) == ["lora.rank: 8 -> 16", "train.learning_rate: 0.0002 -> 0.0003"]
-    assert resume_changes(old, old) == []
 
 
 def test_the_best_checkpoint_is_chosen_from_storage_by_eval_loss():

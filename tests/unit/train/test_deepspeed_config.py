@@ -79,17 +79,6 @@ def test_elastic_worker_range_for_ddp_and_not_for_sharded_zero():
         job(distributed={"num_workers": [8, 2]})
 
 
-def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
-    from ft_ray.train.trainer import plan_steps
-
-    config = job(method="lora", distributed={"strategy": "ddp", "num_workers": [1, 4]},
-                 train={"micro_batch_size": 2, "gradient_accumulation": 2, "epochs": 3})
-    plan = plan_steps(config, train_sequences=40)  # 10 per worker -> 5 micro batches per epoch
-    assert plan.batches_per_epoch == 5 and plan.total_steps == 3 * 5 // 2
-    config.train.max_steps = 7
-    assert plan_steps(config, 40).total_steps == 7
-
-
 class _Payload:
     """What a tampered checkpoint could hold: unpickling it would run a command."""
 
