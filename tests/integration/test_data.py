@@ -172,6 +172,8 @@ def same_order_twice(config, tokenizer) -> tuple[list[int], object]:
 
 
 def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_path, tokenizer, capsys):
+    from ray.util.state import list_actors
+
     config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
     order, stats = same_order_twice(config, tokenizer)
     config.data.shuffle_seed = 7
@@ -181,8 +183,11 @@ def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_pa
     assert load_prepared(config) is None
     _, prepared_stats, where = prepare(config, tokenizer)
     assert where.startswith(str(tmp_path / "runs" / "prepared"))
+    actors = {actor.actor_id for actor in list_actors(limit=10_000)}
     datasets, loaded_stats = datasets_for(config, tokenizer, str(tmp_path / "rejected"), None)
     assert "using prepared data at " + where in capsys.readouterr().out
+    # a process per actor: Ray's default Parquet reader started 32 for each split it read
+    assert [actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in actors] == []
     assert loaded_stats == prepared_stats == stats
     assert training_order(datasets) == order
 
