@@ -184,7 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.eval.after_training:
         from ft_ray.evaluation.evaluate import evaluate, resolve_target
 
-        evaluate(config, resolve_target(summary["run_folder"], config))
+        with resolve_target(summary["run_folder"], config) as target:
+            evaluate(config, target)
     return 0
 
 
@@ -240,7 +241,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for winner in evaluate_sweep(config, args.sweep)["winners"]:
             LOG.info(f"#{winner['rank']} {winner['trial']}: {winner['eval']['verdict']['sentence']}")
     else:
-        evaluate(config, resolve_target(args.run or RunFolder.for_job(config).uri, config))
+        with resolve_target(args.run or RunFolder.for_job(config).uri, config) as target:
+            evaluate(config, target)
     return 0
 
 

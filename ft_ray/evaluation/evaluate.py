@@ -11,6 +11,7 @@ a GPU each when the job uses GPUs); the driver only keeps one row of figures per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -44,14 +45,18 @@ class Target:
     weights: str
     folder: RunFolder
     train_examples: int | None
+    origin: str | None = None  # what eval.json names as the variant when `weights` is a temporary export
 
 
 # ---------------------------------------------------------------- what to evaluate
 
 
-def resolve_target(path: str, config: JobConfig) -> Target:
-    """A run folder (its exported adapter or model), a sweep winner folder, a local
-    checkpoint folder (exported first) or an adapter / model folder.
+@contextlib.contextmanager
+def resolve_target(path: str, config: JobConfig) -> Iterator[Target]:
+    """What `path` holds to evaluate, while the evaluation runs: a run folder (its exported
+    adapter or model), a sweep winner folder, a local checkpoint folder (exported into a
+    hidden folder of its run, where every node of a cluster reads it, removed on leaving) or
+    an adapter / model folder.
 
     Raises:
         InputError: none of those is at `path`.
@@ -62,7 +67,8 @@ def resolve_target(path: str, config: JobConfig) -> Target:
         weights = summary.get("adapter_path") or summary.get("model_path")
         if not weights:
             raise InputError(f"{folder.uri}: the run exported no weights (summary.json has no adapter_path/model_path)")
-        return Target(weights, folder, summary.get("data", {}).get("train_examples"))
+        yield Target(weights, folder, summary.get("data", {}).get("train_examples"))
+        return
     winner = _json(folder, "winner.json")
     if winner:
         problem = stored_files_problem(folder.fs, folder.root, winner.get("files") or {}) if winner.get("files") \
@@ -71,25 +77,30 @@ def resolve_target(path: str, config: JobConfig) -> Target:
             raise InputError(f"{folder.uri}: {problem}; not evaluated (the winner's files are incomplete or changed)")
         trial = RunFolder.at(winner["source_checkpoint"].rsplit("/", 1)[0], config.storage)
         trial_summary = _json(trial, "summary.json") or {}
-        return Target(folder.uri_of("weights"), folder, trial_summary.get("data", {}).get("train_examples"))
-    if Path(folder.root).name.startswith("checkpoint-"):
-        return _exported_checkpoint(folder, config)
-    if folder.read_text("adapter_config.json") is not None or folder.read_text("config.json") is not None:
-        return Target(folder.uri, folder, None)
-    raise InputError(f"{folder.uri}: not a run folder (summary.json), a sweep winner (winner.json), a checkpoint "
-                     "or an adapter / model folder")
+        yield Target(folder.uri_of("weights"), folder, trial_summary.get("data", {}).get("train_examples"))
+    elif Path(folder.root).name.startswith("checkpoint-"):
+        with _exported_checkpoint(folder, config) as target:
+            yield target
+    elif folder.read_text("adapter_config.json") is not None or folder.read_text("config.json") is not None:
+        yield Target(folder.uri, folder, None)
+    else:
+        raise InputError(f"{folder.uri}: not a run folder (summary.json), a sweep winner (winner.json), a checkpoint "
+                         "or an adapter / model folder")
 
 
-def _exported_checkpoint(checkpoint: RunFolder, config: JobConfig) -> Target:
+@contextlib.contextmanager
+def _exported_checkpoint(checkpoint: RunFolder, config: JobConfig) -> Iterator[Target]:
     from ft_ray.export import export_checkpoint
 
     if not checkpoint.is_local:
         raise InputError(f"{checkpoint.uri}: evaluate the run folder (or `ft-ray export` the checkpoint first)")
-    out = Path(tempfile.mkdtemp(prefix="ft-ray-eval-"))
-    export_checkpoint(Path(checkpoint.root), out / "weights", config=config)
-    run = RunFolder.at(str(Path(checkpoint.root).parent), config.storage)
+    source = Path(checkpoint.root)
+    run = RunFolder.at(str(source.parent), config.storage)
     summary = _json(run, "summary.json") or {}
-    return Target(str(out / "weights"), run, summary.get("data", {}).get("train_examples"))
+    with tempfile.TemporaryDirectory(prefix=f".eval-{source.name}-", dir=source.parent) as out:
+        export_checkpoint(source, Path(out) / "weights", config=config)
+        yield Target(str(Path(out) / "weights"), run, summary.get("data", {}).get("train_examples"),
+                     origin=checkpoint.uri)
 
 
 def _json(folder: RunFolder, name: str) -> dict | None:
@@ -271,8 +282,8 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     if earlier is not None:
         cols = with_arms_of(earlier, cols, [arm.name for arm in ARMS if arm not in arms])
     result = summarize(config, cols, {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples)
-    result.update({"variant": target.weights, "base_model": config.model.name_or_path, "actors": actors,
-                   "retrieval_pool": len(pool["prompts"]),  # the training examples retrieval searched
+    result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
+                   "actors": actors, "retrieval_pool": len(pool["prompts"]),  # the training examples retrieval searched
                    "wall_time_s": round(time.monotonic() - started, 1)})
     if earlier is not None:
         result["other_arms_from"] = earlier.uri
@@ -486,7 +497,8 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
                                  f"{sweep.uri_of('sweep.json')}: winners[{i}].uri")
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
         # the base and prompting arms are the same for every winner: scored for the first only
-        result, scored = evaluate_scored(config, resolve_target(folder.uri, config), first)
+        with resolve_target(folder.uri, config) as target:
+            result, scored = evaluate_scored(config, target, first)
         first = first or scored
         brief = {"verdict": result["verdict"], "vs_base": result["vs_base"], "comparisons": result["comparisons"],
                  "arms": {arm: {k: v for k, v in f.items()

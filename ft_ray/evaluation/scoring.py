@@ -96,8 +96,9 @@ class ArmScorer:
         self.tokenizer = load_tokenizer(self.job.model)
         self.bos = bos_id(self.tokenizer)
         torch.manual_seed(self.settings.seed)
-        self.base, self.variant, self.shared = load_arms(self.job, Path(local_variant(variant, self.job)),
-                                                         base_arms=any(arm.model == "base" for arm in self.arms))
+        with local_variant(variant, self.job) as weights:
+            self.base, self.variant, self.shared = load_arms(self.job, weights,
+                                                             base_arms=any(arm.model == "base" for arm in self.arms))
         self.device = next(self.variant.parameters()).device
         self.shot_ids = encode_batch(self.tokenizer, shots)
         pool = pool or {"prompts": [], "shots": []}
@@ -291,10 +292,14 @@ def prompt_context(job: JobConfig, model: Any) -> int:
     return max(job.model.max_seq_len, int(window or 0))
 
 
-def local_variant(variant: str, job: JobConfig) -> str:
-    """The variant's weights as a local folder: an s3:// URI is downloaded once per actor."""
+@contextlib.contextmanager
+def local_variant(variant: str, job: JobConfig) -> Iterator[Path]:
+    """The variant's weights as a local folder while the models load: an s3:// URI is
+    downloaded to a temporary folder, removed once loaded (a full 8B model is 16 GB of an
+    eval node's disk per actor)."""
     if "://" not in variant:
-        return variant
+        yield Path(variant)
+        return
     import tempfile
 
     import pyarrow.fs as pafs
@@ -302,6 +307,6 @@ def local_variant(variant: str, job: JobConfig) -> str:
     from ft_ray.storage import filesystem_for
 
     fs, path = filesystem_for(variant, job.storage)
-    local = tempfile.mkdtemp(prefix="ft-ray-variant-")
-    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
+    with tempfile.TemporaryDirectory(prefix="ft-ray-variant-") as local:
+        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(local)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def local_cluster():
         assert down.returncode == 0
         left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True)
         assert left.stdout.strip() == "", f"Ray processes left after down: {left.stdout}"
+        shutil.rmtree(temp, ignore_errors=True)  # its session folder (5 MB of logs), else left in /tmp by every run
 
 
 def job_args(tmp_path: Path, name: str) -> list[str]:

@@ -78,12 +78,17 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     ray_lines = log.read_text()
     assert "RayTrainWorker" in ray_lines and "Dataset" in ray_lines  # Ray's own output is kept, there
 
-    # `ft-ray eval --run` takes the run folder (its exported adapter) or a checkpoint (exported first)
+    # `ft-ray eval --run` takes the run folder (its exported adapter) or a checkpoint (exported
+    # into the run while it is evaluated, where every node reads it; removed after)
     config = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"storage.path={tmp_path}"])
-    assert resolve_target(str(run), config).weights == str(run / "adapter")
-    from_checkpoint = resolve_target(str(run / "checkpoint-000100"), config)
-    assert from_checkpoint.folder.root == str(run) and from_checkpoint.train_examples == summary["data"]["train_examples"]
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(from_checkpoint.weights).iterdir()}
+    with resolve_target(str(run), config) as target:
+        assert target.weights == str(run / "adapter")
+    before = sorted(run.iterdir())
+    with resolve_target(str(run / "checkpoint-000100"), config) as target:
+        assert target.folder.root == str(run) and target.train_examples == summary["data"]["train_examples"]
+        assert Path(target.weights).parent.parent == run and target.origin == str(run / "checkpoint-000100")
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(target.weights).iterdir()}
+    assert sorted(run.iterdir()) == before
 
 
 def test_the_demo_sweep_beats_the_untuned_demo(demo, demo_sweep, tmp_path):

@@ -155,7 +155,8 @@ def test_a_damaged_checkpoint_is_neither_exported_nor_evaluated(trained, tmp_pat
     assert main(["export", str(cut), "--out", str(tmp_path / "out")]) == 2
     assert "no manifest.json (the upload did not finish); not exported" in capsys.readouterr().err
     with pytest.raises(InputError, match="adapter_model.safetensors has sha256"):
-        resolve_target(str(changed), config)  # `ft-ray eval --run CHECKPOINT`
+        with resolve_target(str(changed), config):  # `ft-ray eval --run CHECKPOINT`
+            pass
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 

@@ -217,4 +217,5 @@ def test_a_changed_winner_is_not_evaluated(sweep):
         client.put_object(Bucket="demo-sweeps", Key=f"{copy}/{name}", Body=bytes(data))
     config = load_config(REPO / "configs" / "sweep-tiny.yaml", run["overrides"])
     with pytest.raises(InputError, match=r"weights/adapter_model.safetensors has sha256 .*not evaluated"):
-        resolve_target(f"s3://demo-sweeps/{copy}", config)
+        with resolve_target(f"s3://demo-sweeps/{copy}", config):
+            pass

@@ -88,6 +88,27 @@ def test_a_variant_only_pass_of_a_full_model_loads_no_base_model_and_scores_the_
     assert math.isnan(one["base_loss_sum"]) and one["few_shot_shots"] == 0 and one["base_answer"] == ""
 
 
+def test_a_variant_in_the_store_is_downloaded_for_loading_and_the_copy_removed(s3_server, tmp_path, monkeypatch):
+    """A sweep's winners are evaluated from object storage: each actor copies the weights to
+    its disk to load them, and leaves nothing there (a full 8B model is 16 GB per actor)."""
+    import tempfile
+
+    from tests.conftest import make_bucket
+
+    client = make_bucket(s3_server, "variants")
+    for file in (ASSETS / "tiny-llama").iterdir():
+        client.upload_file(str(file), "variants", f"winner/weights/{file.name}")
+    job = config_from_dict({"data": {"train": "unused.jsonl"}, "storage": {"endpoint_url": s3_server}})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stored = ArmScorer(job.model_dump_json(), "s3://variants/winner/weights", [], "instruction", {},
+                       generate_keys=[], arms=("variant",))
+    assert list(tmp_path.iterdir()) == []
+    local = ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), [], "instruction", {},
+                      generate_keys=[], arms=("variant",))
+    [row], [same] = score(stored, json.dumps(RECORD)), score(local, json.dumps(RECORD))
+    assert row["variant_loss_sum"] == pytest.approx(same["variant_loss_sum"], rel=1e-6)
+
+
 def test_generated_answers_are_scored_against_the_reference():
     s = scorer(256, regex=r"(?s)Hi \w+,.*")
     first, second = score(s, json.dumps(RECORD), json.dumps(RECORD))
