@@ -68,7 +68,7 @@ FormatName = Literal["auto", "text", "instruction", "chat", "completion", "prefe
 
 class SourceConfig(Section):
     path: str | None = Field(None, description=(
-        "file, folder, glob or s3:// prefix (.jsonl[.gz], .json, .parquet, .txt), or a folder written by "
+        "file, folder, glob or s3:// prefix (.jsonl[.gz], .json, .parquet, .csv, .tsv, .txt), or a folder written by "
         "datasets' save_to_disk"))
     hf: str | None = Field(None, description=(
         "instead of path, a Hugging Face dataset: a hub id (needs the network or the local cache) or a local "

@@ -345,6 +345,8 @@ def kto_unit(record: dict, tokenizer: Any) -> tuple[Segments, int]:
     label = record.get("label")
     if label is None:
         raise RecordError("missing field 'label' (true: a good answer, false: a bad one)", "missing_field")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"  # a CSV / TSV cell
     if not isinstance(label, bool):
         raise RecordError(f"field 'label' must be true or false, got {label!r}", "wrong_type")
     role = CHOSEN if label else REJECTED

@@ -18,15 +18,17 @@ from ft_ray.config import DataConfig, SourceConfig
 from ft_ray.data.formats import RECORD_FIELDS
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text",
-         ".md": "text", ".arrow": "arrow"}
+         ".md": "text", ".arrow": "arrow", ".csv": "csv", ".tsv": "tsv"}
+DELIMITERS = {"csv": ",", "tsv": "\t"}
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 READ_CHUNK = 1 << 20
 MAX_RECORD_BYTES = 8 << 20  # data.max_record_bytes' default
 MAX_DECOMPRESSED_RATIO = 100.0  # data.max_decompressed_ratio's
+UTF8_BOM = "\ufeff".encode()
 
 
 def file_kind(path: str) -> str | None:
-    """jsonl, json, parquet or text from the file name (a compression suffix is looked through)."""
+    """jsonl, json, parquet, arrow, csv, tsv or text from the file name (a compression suffix is looked through)."""
     name = path.lower()
     for suffix in COMPRESSIONS:
         if name.endswith(suffix):
@@ -148,6 +150,8 @@ def _kind_records(stream: Any, path: str, unit: Unit | None, limits: ReadLimits)
         parquet = pq.ParquetFile(stream)
         yield from _table_rows(parquet.iter_batches(batch_size=1024, columns=limits.wanted(parquet.schema_arrow.names)),
                                max_bytes)
+    elif kind in DELIMITERS:
+        yield from _delimited_rows(stream, DELIMITERS[kind], max_bytes)
     elif kind == "arrow":  # datasets' Arrow files: the IPC stream format (or the file format)
         import pyarrow as pa
 
@@ -160,6 +164,49 @@ def _kind_records(stream: Any, path: str, unit: Unit | None, limits: ReadLimits)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         wanted = limits.wanted(reader.schema.names)
         yield from _table_rows((batch.select(wanted) for batch in batches), max_bytes)
+
+
+def _delimited_rows(stream: Any, delimiter: str, max_bytes: int) -> Iterator[tuple[int, str, str]]:
+    """(line, record as JSON text, error) of each row of a CSV or TSV file whose first line
+    names the columns: every value a string (as written; an empty cell is ""), a quoted value
+    may run over lines. A row that is not valid CSV, or whose values do not match the header,
+    is rejected alone, with its first line's number and its lines as written."""
+    import csv
+
+    fed: dict[str, Any] = {"line": 0, "lines": [], "error": ""}  # what the parser read since the last row
+
+    def lines() -> Iterator[str]:
+        for number, raw, size in _lines(stream, max_bytes=max_bytes):
+            text, error = _decode(raw) if raw is not None else ("", too_large(size, max_bytes))
+            fed["line"], fed["error"] = number, fed["error"] or error
+            fed["lines"].append(text)
+            yield text + "\n"
+
+    csv.field_size_limit(max(max_bytes, csv.field_size_limit()))  # a process-wide limit, 128 KiB by default
+    parser, header, start = csv.reader(lines(), delimiter=delimiter, strict=True), None, 1
+    while True:
+        try:
+            row, error = next(parser), ""
+        except StopIteration:
+            return
+        except csv.Error as e:
+            row, error = [], f"not_csv: {e}"
+        if not error and header is not None and len(row) != len(header) and any(row):
+            error = f"not_csv: {len(row)} values, the header names {len(header)} columns (a delimiter or quote out of place?)"
+        line, start, written, error = start, fed["line"] + 1, "\n".join(fed["lines"]), fed["error"] or error
+        fed.update(lines=[], error="")
+        if header is None and error:
+            yield line, "", f"{error}; the header line could not be read, the file is skipped"
+            return
+        if error:
+            yield line, written if len(written) <= max_bytes else "", error
+        elif not any(row):
+            continue  # a blank line
+        elif header is None:
+            header = row
+        else:
+            text = json.dumps(dict(zip(header, row)), ensure_ascii=False)
+            yield (line, "", too_large(len(text), max_bytes)) if len(text) > max_bytes else (line, text, "")
 
 
 def _table_rows(batches: Iterator[Any], max_bytes: int) -> Iterator[tuple[int, str, str]]:
@@ -205,6 +252,8 @@ def _lines(stream: Any, number: int = 0, skip_partial: bool = False, limit: int 
             number += 1 if length else 0  # a newline inside the range ended the previous range's line
             return None
         number += 1
+        if number == 1 and line is not None:
+            line = line.removeprefix(UTF8_BOM)  # Windows tools (Notepad, Excel's exports) start files with one
         return number, (line.rstrip(b"\r") if line is not None else None), length
 
     def past_limit() -> bool:  # the open line starts in the range after this one

@@ -3,6 +3,7 @@ weighted sources, every file kind, S3 sources, a stable sample order, prepared d
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 from pathlib import Path
@@ -101,6 +102,10 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
     with gzip.open(folder / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in GOOD[:20])
     (folder / "b.json").write_text(json.dumps(GOOD[20:40]))
+    with open(folder / "c.csv", "w", newline="", encoding="utf-8-sig") as f:  # as Excel saves it: a BOM, CRLF
+        writer = csv.DictWriter(f, ["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows({"input": "", **r} for r in GOOD[60:80])
     pq.write_table(pa.Table.from_pylist([{"question": r["instruction"], "answer": r["output"]} for r in GOOD[40:60]]),
                    tmp_path / "qa.parquet")
     (tmp_path / "notes.txt").write_text("\n\n".join(f"Note {i}: Northwind tents pitch fast." for i in range(10)))
@@ -109,9 +114,9 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
         {"path": str(tmp_path / "qa.parquet"), "fields": {"instruction": "question", "output": "answer"}},
         {"path": str(tmp_path / "notes.txt"), "weight": 0.5}])
     _, stats = build_datasets(config, tokenizer, None)
-    assert stats.records_rejected == 0 and stats.records_read == 40 + 20 + 10 + 48
+    assert stats.records_rejected == 0 and stats.records_read == 60 + 20 + 10 + 48
     assert stats.formats["data.sources[1]"] == "instruction" and stats.formats["data.sources[2]"] == "text"
-    assert 60 + 2 <= stats.train_examples <= 60 + 8  # a stable half of the 10 notes, give or take the hash
+    assert 80 + 2 <= stats.train_examples <= 80 + 8  # a stable half of the 10 notes, give or take the hash
 
 
 def trained_tokens(dataset) -> int:

@@ -1,11 +1,13 @@
 """A seeded fuzz of the data pipeline: valid records of every format mutated the ways real files
-go wrong, written as .jsonl, .jsonl.gz, .json and Parquet, read by the real Ray Data pipeline in
+go wrong, written as .jsonl, .jsonl.gz, .json, Parquet and CSV, read by the real Ray Data pipeline in
 one run. The run finishes, and every record written is either a training/eval example or in
 rejected/ with a reason: the counts add up exactly. tests/RELIABILITY.md keeps the figures."""
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import random
 from collections import Counter
@@ -22,7 +24,7 @@ from tests.conftest import DEMO, tiny_job
 
 pytestmark = pytest.mark.integration
 
-SEED, PER_FILE = 20261130, 550  # 4 files: 2,200 records
+SEED, PER_FILE = 20261130, 550  # 5 files: 2,750 records
 MAX_RECORD_BYTES = 64 << 10
 DEMO_RECORDS = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()]
 
@@ -102,8 +104,33 @@ def line_of(rng: random.Random, shape: str) -> tuple[str, bytes]:
     return kind, bytes(raw) if raw.strip() else b"x"
 
 
+def csv_row(rng: random.Random) -> tuple[str, bytes]:
+    """(kind, one CSV row as written, without its last newline): valid (values over lines
+    too) or broken in ways that keep the rows apart (no stray quote opening a value)."""
+    r = rng.choice(DEMO_RECORDS)
+    kind = rng.choice(["valid", "multiline", "extra_value", "missing_value", "empty", "huge", "invalid_utf8", "nul"])
+    values = [r["instruction"], r["output"]]
+    if kind == "multiline":
+        values[1] = values[1].replace(" ", "\n", 2)
+    elif kind == "extra_value":
+        values.append("extra")
+    elif kind == "missing_value":
+        values = values[:1]
+    elif kind == "empty":
+        values[1] = "  "
+    elif kind == "huge":
+        values[1] = rng.randbytes(MAX_RECORD_BYTES).hex()
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(values)
+    raw = bytearray(out.getvalue().removesuffix("\n").encode())
+    if kind in ("invalid_utf8", "nul"):  # inside the first value, if unquoted (before a quote it would unquote it)
+        at = len(raw) if raw.startswith(b'"') else rng.randrange(len(values[0].encode()) + 1)
+        raw[at:at] = b"\xff" if kind == "invalid_utf8" else b"\x00"
+    return kind, bytes(raw)
+
+
 def write_corpus(folder: Path, rng: random.Random) -> Counter:
-    """The four files; returns the count of each mutation kind written."""
+    """The five files; returns the count of each mutation kind written."""
     kinds: Counter = Counter()
     lines = [line_of(rng, "instruction") for _ in range(PER_FILE)] + [line_of(rng, "chat") for _ in range(PER_FILE)]
     kinds.update(kind for kind, _ in lines)
@@ -129,6 +156,9 @@ def write_corpus(folder: Path, rng: random.Random) -> Counter:
         value = {"valid": r["output"], "empty": "  ", "none": None, "huge": rng.randbytes(MAX_RECORD_BYTES).hex()}[kind]
         rows.append({"instruction": r["instruction"], "output": value})
     pq.write_table(pa.Table.from_pylist(rows), folder / "d.parquet")
+    csv_rows = [csv_row(rng) for _ in range(PER_FILE)]
+    kinds.update(f"csv_{kind}" for kind, _ in csv_rows)
+    (folder / "e.csv").write_bytes(b"instruction,output\r\n" + b"\r\n".join(raw for _, raw in csv_rows) + b"\r\n")
     return kinds
 
 
@@ -137,7 +167,7 @@ def test_fuzzed_records_of_every_file_kind_are_trained_or_rejected_never_a_crash
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     kinds = write_corpus(corpus, rng)
-    written = 4 * PER_FILE
+    written = 5 * PER_FILE
     job = tiny_job(tmp_path)
     job["data"] = {"sources": [{"path": str(f)} for f in sorted(corpus.iterdir())], "eval_fraction": 0.1,
                    "max_rejected_fraction": 1.0, "max_record_bytes": MAX_RECORD_BYTES}
@@ -151,9 +181,9 @@ def test_fuzzed_records_of_every_file_kind_are_trained_or_rejected_never_a_crash
     assert all(r["reason"] and r["detail"] for r in rejected)
     assert Counter(r["reason"] for r in rejected) == Counter(stats.rejected_by_reason)
     by_file = Counter(Path(r["path"]).name for r in rejected)
-    assert set(by_file) == {"a.jsonl", "b.jsonl.gz", "c.json", "d.parquet"}  # every kind of file had its rejects
+    assert set(by_file) == {"a.jsonl", "b.jsonl.gz", "c.json", "d.parquet", "e.csv"}  # every kind had its rejects
     assert stats.train_examples > written // 4  # the valid records trained
-    assert {"too_deep", "too_large", "bad_unicode", "not_json", "not_utf8"} <= set(stats.rejected_by_reason)
+    assert {"too_deep", "too_large", "bad_unicode", "not_json", "not_utf8", "not_csv"} <= set(stats.rejected_by_reason)
     assert sum(kinds.values()) == written and len(kinds) >= 15
     print(f"fuzz: {written} records, {len(kinds)} kinds, rejected {stats.records_rejected} "
           f"{dict(sorted(stats.rejected_by_reason.items()))}")

@@ -78,6 +78,11 @@ def test_a_local_dataset_repository_through_the_hub_code_path(tmp_path):
     assert [r for _, r in read(SourceConfig(hf=str(repo)))] == FORMATS["chat"]
     with pytest.raises(DataError, match="has no split 'dev'"):
         list_files(SourceConfig(hf=str(repo), split="dev"), STORAGE)
+    # many hub datasets are CSV files: read as ft-ray reads a .csv path (values as strings)
+    (tmp_path / "faq" / "data").mkdir(parents=True)
+    (tmp_path / "faq" / "data" / "train.csv").write_text(
+        "prompt,completion\n" + "".join(f'"{r["prompt"]}","{r["completion"]}"\n' for r in FORMATS["completion"]))
+    assert [r for _, r in read(SourceConfig(hf=str(tmp_path / "faq")))] == FORMATS["completion"]
 
 
 def test_a_hub_dataset_in_the_local_cache_reads_offline(tmp_path, monkeypatch):

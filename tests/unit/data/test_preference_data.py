@@ -71,6 +71,8 @@ def test_kto_shapes(tokenizer):
     good = {"prompt": "Q?", "completion": " Yes.", "label": True}
     assert detect_format(good) == "kto"
     assert answers(record_units(good, "auto", tokenizer)) == [(CHOSEN, "Q?", " Yes." + tokenizer.eos_token)]
+    from_csv = {**good, "label": " FALSE"}  # a CSV / TSV cell
+    assert answers(record_units(from_csv, "auto", tokenizer)) == [(REJECTED, "Q?", " Yes." + tokenizer.eos_token)]
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Go away"}],
             "label": False}

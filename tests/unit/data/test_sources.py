@@ -20,8 +20,8 @@ def records(path):
 
 
 def test_jsonl_keeps_line_numbers_and_sets_bad_bytes_aside(tmp_path):
-    path = tmp_path / "a.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\r\n\n" + b'{"text": "caf\xe9"}\n' + json.dumps(GOOD).encode())
+    path = tmp_path / "a.jsonl"  # starting with a byte order mark, as Windows tools write it
+    path.write_bytes("\ufeff".encode() + json.dumps(GOOD).encode() + b"\r\n\n" + b'{"text": "caf\xe9"}\n' + json.dumps(GOOD).encode())
     got = records(path)
     assert [line for line, _, _ in got] == [1, 3, 4]  # the blank line 2 is no record
     assert got[0] == (1, json.dumps(GOOD), "")
@@ -44,6 +44,29 @@ def test_gzip_json_array_parquet_and_text(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in list_files(str(tmp_path), STORAGE)[1]] == [
         "a.jsonl.gz", "b.json", "c.parquet", "d.txt"]
     assert list_files(str(tmp_path / "*.json*"), STORAGE)[1] == [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.json")]
+
+
+def test_csv_and_tsv_rows_are_records_keyed_by_the_header(tmp_path):
+    lines = ["\ufeffinstruction,output", "Name a colour.,Red.", "", '"Say, twice","Hi.', 'Hi."',
+             '"Add ""quotes""",""', "only one value", '"closed"late,x', "Last.,Done."]
+    (tmp_path / "a.csv").write_bytes("\r\n".join(lines).encode())
+    got = records(tmp_path / "a.csv")
+    assert [(line, json.loads(text) if not error else text, error) for line, text, error in got] == [
+        (2, GOOD, ""),
+        (4, {"instruction": "Say, twice", "output": "Hi.\nHi."}, ""),  # a quoted value over two lines
+        (6, {"instruction": 'Add "quotes"', "output": ""}, ""),
+        (7, "only one value", "not_csv: 1 values, the header names 2 columns (a delimiter or quote out of place?)"),
+        (8, '"closed"late,x', "not_csv: ',' expected after '\"'"),
+        (9, {"instruction": "Last.", "output": "Done."}, "")]
+    long = "x" * 300_000  # past the csv module's default field limit, within data.max_record_bytes
+    with gzip.open(tmp_path / "b.tsv.gz", "wt") as f:
+        f.write(f"prompt\tcompletion\tlabel\nQ?\tYes, sure.\tTrue\nQ?\t{long}\tfalse\n")
+    assert records(tmp_path / "b.tsv.gz") == [
+        (2, json.dumps({"prompt": "Q?", "completion": "Yes, sure.", "label": "True"}), ""),
+        (3, json.dumps({"prompt": "Q?", "completion": long, "label": "false"}), "")]
+    (tmp_path / "c.csv").write_bytes(b'"never closed,x\n')
+    assert records(tmp_path / "c.csv") == [
+        (1, "", "not_csv: unexpected end of data; the header line could not be read, the file is skipped")]
 
 
 def test_a_json_array_broken_mid_way_keeps_the_items_before_and_rejects_the_rest(tmp_path):
@@ -92,10 +115,10 @@ def test_parquet_reads_only_the_columns_a_format_can_use(tmp_path):
 
 
 def test_nothing_to_read_names_the_key_and_what_was_looked_for(tmp_path):
-    (tmp_path / "notes.csv").write_text("a,b\n")
+    (tmp_path / "notes.xlsx").write_bytes(b"PK")
     with pytest.raises(DataError, match=r"data.sources\[1\]: no data files at .* \(looked for .jsonl"):
         list_files(str(tmp_path), STORAGE, "data.sources[1]")
-    assert file_kind("x.JSONL.GZ") == "jsonl" and file_kind("x.csv") is None
+    assert file_kind("x.JSONL.GZ") == "jsonl" and file_kind("x.CSV") == "csv" and file_kind("x.xlsx") is None
 
 
 def test_auto_format_is_chosen_from_the_first_records_and_said(tmp_path):
@@ -163,7 +186,7 @@ def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
 
 def test_text_files_by_paragraph_or_as_one_document(tmp_path):
 
-    (tmp_path / "d.txt").write_text("first paragraph\nstill first\n\n\nsecond\n\n")
+    (tmp_path / "d.txt").write_text("\ufefffirst paragraph\nstill first\n\n\nsecond\n\n")
     by = {unit: [(line, json.loads(text)["text"]) for _, line, text, _ in
                  read_records(str(tmp_path / "d.txt"), STORAGE, "x", ReadLimits(text_unit=unit))]
           for unit in ("paragraph", "document")}
