@@ -684,7 +684,28 @@ def _describe(err: dict, source: str, where_set: dict) -> str:
     return f"{where}: {dotted}: {message}"
 
 
+# what transformers/TRL, PEFT, Axolotl and LLaMA-Factory call a setting, and ft-ray's key for it
+PEER_NAMES = {
+    "lr": "train.learning_rate", "learning_rate": "train.learning_rate", "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs", "batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation",
+    "warmup_steps": "train.warmup_steps", "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
+    "save_total_limit": "train.keep_checkpoints", "logging_steps": "train.log_every", "bf16": "train.precision",
+    "fp16": "train.precision", "lora_r": "lora.rank", "r": "lora.rank", "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",
+    "lora_target_modules": "lora.target_modules", "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path", "sequence_len": "model.max_seq_len", "cutoff_len": "model.max_seq_len",
+    "max_seq_length": "model.max_seq_len", "max_length": "model.max_seq_len", "load_in_4bit": "method: qlora",
+    "finetuning_type": "method", "adapter": "method", "dataset": "data.train", "datasets": "data.sources",
+    "val_set_size": "data.eval_fraction", "output_dir": "storage.path", "deepspeed": "distributed.deepspeed.stage",
+    "wandb_project": "tracking.wandb.project", "report_to": "tracking.wandb.mode",
+}
+
+
 def _did_you_mean(loc: tuple[str, ...]) -> str:
+    """A key of the same section spelled alike, else ft-ray's key for a peer tool's name."""
+    if loc[-1] in PEER_NAMES and PEER_NAMES[loc[-1]] != ".".join(loc):
+        return f" (ft-ray's key: '{PEER_NAMES[loc[-1]]}')"
     model: type[BaseModel] = JobConfig
     for part in loc[:-1]:
         field = model.model_fields.get(part)

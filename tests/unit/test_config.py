@@ -42,6 +42,19 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
     assert info.value.problems[0].endswith("unknown key 'lora.rnak' (did you mean 'rank'?)")
 
 
+def test_a_peer_tools_name_for_a_setting_names_ft_rays_key(tmp_path):
+    """Keys as TRL / transformers, Axolotl or LLaMA-Factory spell them, in any section."""
+    path = write_job(tmp_path, train={"lr": 1e-4, "gradient_accumulation_steps": 2}, lora={"lora_alpha": 16},
+                     sequence_len=512)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert sorted(p.split(": ", 1)[1] for p in info.value.problems) == [
+        "unknown key 'lora.lora_alpha' (ft-ray's key: 'lora.alpha')",
+        "unknown key 'sequence_len' (ft-ray's key: 'model.max_seq_len')",
+        "unknown key 'train.gradient_accumulation_steps' (ft-ray's key: 'train.gradient_accumulation')",
+        "unknown key 'train.lr' (ft-ray's key: 'train.learning_rate')"]
+
+
 def test_every_problem_reported_at_once(tmp_path):
     path = write_job(tmp_path, method="qlorra", train={"micro_batch_size": 0}, storage={"pth": "x"})
     with pytest.raises(ConfigError) as info:
