@@ -64,6 +64,24 @@ def load_tokenizer(model: ModelConfig) -> Any:
     return tokenizer
 
 
+def context_window_warning(model: ModelConfig) -> str | None:
+    """A warning when `model.max_seq_len` is past the positions the model was trained on (its
+    config.json's `max_position_embeddings`), read from the folder or the local cache only;
+    None when it fits or the config is not here."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(model), revision=model.revision, local_files_only=True,
+                                            trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int) or model.max_seq_len <= window:
+        return None
+    return (f"model.max_seq_len {model.max_seq_len} is longer than {model.name_or_path}'s context window "
+            f"({window} positions, max_position_embeddings): the positions past it were never trained")
+
+
 def from_model_source(load: Callable[..., Any], model: ModelConfig, weights: bool = False, **options: Any) -> Any:
     """`load` (a transformers `from_pretrained`; `weights`: an AutoModel's) of `model_source(model)`
     at `model.revision`.

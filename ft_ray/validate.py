@@ -50,14 +50,14 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
 
 def validate_data(config: JobConfig) -> dict[str, Any]:
     """Counts and readable lines about the job's data; warnings start with 'warning:'."""
-    from ft_ray.models import load_tokenizer
+    from ft_ray.models import context_window_warning, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     data = config.data
     split_off = 0.0 if data.eval else data.eval_fraction
     train = held_out = 0
     tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
-    lines: list[str] = []
+    lines: list[str] = [f"warning: {w}" for w in [context_window_warning(config.model)] if w]
     formats: Counter = Counter()
     problems = 0
     for key, source in data.keyed_sources():

@@ -117,12 +117,15 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ft_ray.models import load_tokenizer
+    from ft_ray.models import context_window_warning, load_tokenizer
 
     started = time.monotonic()
     # said before Ray starts: a model or data files that are not there (location lists the
     # files), a relaunch that cannot resume
-    tokenizer, prepared = load_tokenizer(config.model), location(config)
+    tokenizer = load_tokenizer(config.model)
+    if warning := context_window_warning(config.model):
+        LOG.warning(warning)
+    prepared = location(config)
     run = RunFolder.for_job(config)
     check_same_job(config, run, force_new)
     connect_ray(config)

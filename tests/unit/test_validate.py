@@ -1,4 +1,4 @@
-"""`ft-ray validate`: format, counts and the too-little-data warning."""
+"""`ft-ray validate`: format, counts, the too-little-data and context-window warnings."""
 
 import json
 import shutil
@@ -23,10 +23,13 @@ def test_warns_below_100_training_examples_and_lists_bad_lines(tmp_path, capsys)
     shutil.copy(ASSETS / "instruction.jsonl", data)
     with data.open("a") as f:
         f.write("{not json\n")
-    job = write_job(tmp_path, data={"train": str(data), "eval": None, "eval_fraction": 0.0})
+    job = write_job(tmp_path, data={"train": str(data), "eval": None, "eval_fraction": 0.0},
+                    model={"max_seq_len": 2048})
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
     assert "warning: only 3 training examples" in out
+    assert ("warning: model.max_seq_len 2048 is longer than builtin:tiny-llama's context window (1024 positions, "
+            "max_position_embeddings): the positions past it were never trained") in out
     assert f"problem: {data}:3: not_json: not JSON" in out
 
 
@@ -94,8 +97,12 @@ def test_train_and_prepare_say_a_model_or_data_that_is_not_here_before_ray_start
     for command in ("train", "prepare"):
         assert main([command, str(write_job(tmp_path, model={"name_or_path": str(tmp_path / "my-model")}))]) == 2
         assert f"model.name_or_path: no folder {tmp_path / 'my-model'}" in capsys.readouterr().err
-        assert main([command, str(write_job(tmp_path, data={"train": str(tmp_path / "nope.jsonl")}))]) == 2
-        assert f"data.train: no data files at '{tmp_path / 'nope.jsonl'}'" in capsys.readouterr().err
+        job = write_job(tmp_path, data={"train": str(tmp_path / "nope.jsonl")}, model={"max_seq_len": 2048})
+        assert main([command, str(job)]) == 2
+        out, err = capsys.readouterr()
+        assert f"data.train: no data files at '{tmp_path / 'nope.jsonl'}'" in err
+        # said first, by train: a sequence length past the model's positions
+        assert ("model.max_seq_len 2048 is longer than builtin:tiny-llama's context window" in out) == (command == "train")
 
 
 def test_an_unreachable_store_is_said_at_once_by_validate_and_plan(tmp_path, capsys):
