@@ -134,7 +134,8 @@ def completion_segments(record: dict, tokenizer: Any = None) -> Segments:
 
 def chat_segments(record: dict, tokenizer: Any) -> Segments:
     """Render messages with the tokenizer's chat template; assistant replies are trainable,
-    their function calls included; tool results never are.
+    their function calls included, unless marked `"weight": 0` (OpenAI's fine-tuning files);
+    tool results never are.
 
     Each turn's text is the difference between rendering the conversation up to and
     including that turn and rendering it up to the turn before, so the result is exactly
@@ -153,10 +154,12 @@ def chat_segments(record: dict, tokenizer: Any) -> Segments:
             segments.append((_suffix(header, rendered), False))
             rendered = header
         full = _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
-        segments.append((_suffix(full, rendered), message["role"] == "assistant"))
+        segments.append((_suffix(full, rendered), message["role"] == "assistant" and message.get("weight", 1) == 1))
         rendered = full
     if not any(trainable for _, trainable in segments):
-        raise RecordError("conversation has no assistant message to learn from", "no_assistant")
+        weighted = any(m["role"] == "assistant" for m in messages)
+        raise RecordError("conversation has no assistant message to learn from"
+                          + (" (each has weight 0)" if weighted else ""), "no_assistant")
     return [(text, trainable) for text, trainable in segments if text]
 
 
@@ -186,14 +189,32 @@ def _messages(record: dict) -> list[dict]:
         if calls is not None:  # OpenAI: the content may be empty or null beside the calls
             turns.append({"role": role, "content": content or "", "tool_calls": _tool_calls(calls, f"{where}.tool_calls")})
             continue
+        if isinstance(content, list) and key == "messages":
+            content = _text_parts(content, f"{where}.{text_key}")
         if not isinstance(content, str):
-            raise RecordError(f"{where}.{text_key} must be a string", "wrong_type")
+            raise RecordError(f"{where}.{text_key} must be a string (or a list of text parts)", "wrong_type")
         if not content.strip() and role != "tool":  # a tool may well return nothing
             raise RecordError(f"{where}.{text_key} is empty", "empty_field")
         turn = {"role": role, "content": content}
         turn.update({k: message[k] for k in ("name", "tool_call_id") if role == "tool" and isinstance(message.get(k), str)})
+        if role == "assistant" and "weight" in message and key == "messages":
+            if message["weight"] not in (0, 1):
+                raise RecordError(f"{where}.weight must be 0 (not trained) or 1, got {message['weight']!r}", "wrong_type")
+            turn["weight"] = int(message["weight"])
         turns.append(turn)
     return turns
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """OpenAI content parts (`[{"type": "text", "text": ...}, ...]`) as one text."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RecordError(f"{where}[{j}]: a part of type {kind!r}; ft-ray trains on text parts only "
+                              "({'type': 'text', 'text': ...})", "wrong_type")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _json_of(value: Any, where: str) -> Any:

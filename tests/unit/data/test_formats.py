@@ -66,6 +66,13 @@ def test_chat_renders_the_template_exactly_and_trains_assistant_turns_only(token
     ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations\\[0\\].from: unknown role 'bot'", "unknown_role"),
     ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message", "no_assistant"),
     ({"messages": []}, "non-empty list", "wrong_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "A cat."}]}, "content\\[0\\]: a part of type 'image_url'",
+     "wrong_type"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     "messages\\[1\\].weight must be 0 \\(not trained\\) or 1, got 0.5", "wrong_type"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     "no assistant message to learn from \\(each has weight 0\\)", "no_assistant"),
     ({"instruction": "do", "output": 3}, "field 'output' must be a string, got int", "wrong_type"),
     ({"instruction": "do", "output": "  "}, "field 'output' is empty", "empty_field"),
     ({"prompt": "p"}, "missing field 'completion'", "missing_field"),
@@ -77,6 +84,21 @@ def test_bad_records_say_why(tokenizer, record, reason, kind):
     with pytest.raises(RecordError, match=reason) as caught:
         record_segments(record, "auto", tokenizer)
     assert caught.value.kind == kind
+
+
+def test_openai_fine_tuning_files_content_parts_and_untrained_turns(tokenizer):
+    """OpenAI's chat files: content as a list of text parts, `"weight": 0` on an assistant
+    turn kept as context but not trained."""
+    messages = first("chat")["messages"]
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+             for m in messages]
+    assert record_segments({"messages": parts}, "chat", tokenizer) == record_segments({"messages": messages}, "chat",
+                                                                                      tokenizer)
+    first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    weighted = [{**m, "weight": 0} if i == first_answer else m for i, m in enumerate(messages)]
+    segments = record_segments({"messages": weighted}, "chat", tokenizer)
+    assert "".join(text for text, _ in segments) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert [text for text, trainable in segments if trainable] == ["Goodbye.<|end|>\n"]
 
 
 def test_sharegpt_conversations_render_like_openai_messages(tokenizer):
