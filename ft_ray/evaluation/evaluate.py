@@ -64,6 +64,7 @@ def resolve_target(path: str, config: JobConfig) -> Iterator[Target]:
     folder = RunFolder.at(path, config.storage)
     summary = _json(folder, "summary.json")
     if summary:
+        check_trained_on(config, folder)
         weights = summary.get("adapter_path") or summary.get("model_path")
         if not weights:
             raise InputError(f"{folder.uri}: the run exported no weights (summary.json has no adapter_path/model_path)")
@@ -76,6 +77,7 @@ def resolve_target(path: str, config: JobConfig) -> Iterator[Target]:
         if problem:
             raise InputError(f"{folder.uri}: {problem}; not evaluated (the winner's files are incomplete or changed)")
         trial = RunFolder.at(winner["source_checkpoint"].rsplit("/", 1)[0], config.storage)
+        check_trained_on(config, trial)
         trial_summary = _json(trial, "summary.json") or {}
         yield Target(folder.uri_of("weights"), folder, trial_summary.get("data", {}).get("train_examples"))
     elif Path(folder.root).name.startswith("checkpoint-"):
@@ -96,11 +98,46 @@ def _exported_checkpoint(checkpoint: RunFolder, config: JobConfig) -> Iterator[T
         raise InputError(f"{checkpoint.uri}: evaluate the run folder (or `ft-ray export` the checkpoint first)")
     source = Path(checkpoint.root)
     run = RunFolder.at(str(source.parent), config.storage)
+    check_trained_on(config, run)
     summary = _json(run, "summary.json") or {}
     with tempfile.TemporaryDirectory(prefix=f".eval-{source.name}-", dir=source.parent) as out:
         export_checkpoint(source, Path(out) / "weights", config=config)
         yield Target(str(Path(out) / "weights"), run, summary.get("data", {}).get("train_examples"),
                      origin=checkpoint.uri)
+
+
+TRAINED_ON = (("method",), ("model", "name_or_path"), ("model", "revision"), ("model", "add_tokens"),
+              ("model", "chat_template"))  # what the base arms and the variant must share
+
+
+def check_trained_on(config: JobConfig, run: RunFolder) -> None:
+    """Refuses a run trained on another base model than the evaluating job names (its
+    config.yaml): the base arms would not be the variant's base.
+
+    Raises:
+        InputError: naming each key that differs, with both values.
+    """
+    import yaml
+
+    text = run.read_text("config.yaml")
+    if text is None:
+        return
+    trained, ours = yaml.safe_load(text) or {}, config.model_dump(mode="json")
+
+    def value(tree: dict, key: tuple[str, ...]) -> Any:
+        for part in key:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    differ = [f"{'.'.join(key)}: {value(trained, key)!r} there, {value(ours, key)!r} here" for key in TRAINED_ON
+              if value(trained, key) != value(ours, key) and not _same_folder(value(trained, key), value(ours, key))]
+    if differ:
+        raise InputError(f"{run.uri} was trained with another model than this job's ({'; '.join(differ)}): "
+                         "evaluate it with the job file it was trained with (its config.yaml)")
+
+
+def _same_folder(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(a).resolve() == Path(b).resolve()
 
 
 def _json(folder: RunFolder, name: str) -> dict | None:
