@@ -271,6 +271,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ft_ray.tracking import check_wandb_login
     from ft_ray.validate import validate_data
 
     config = load_config(args.config, args.overrides)
@@ -280,6 +281,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_search_space(config)
     print(f"config ok: {args.config} (run {config.run_name}, method {config.method}, "
           f"workers {config.distributed.num_workers})")
+    try:
+        check_wandb_login(config)
+    except InputError as e:
+        print(f"warning: {e}")
     if not args.offline:
         report = validate_data(for_preflight(config))
         print(json.dumps(report["counts"]))

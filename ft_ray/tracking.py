@@ -7,11 +7,12 @@ environment (WANDB_API_KEY) or wandb's own login file, never from the job file.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
 
-from ft_ray.config import JobConfig
+from ft_ray.config import InputError, JobConfig
 from ft_ray.storage import MetricsLog, RunFolder, read_metrics
 
 
@@ -66,6 +67,29 @@ class Tracker:
                 shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
         shown.append(f"elapsed {time.monotonic() - self.started:.0f}s")
         return "[ft-ray] " + "  ".join(shown)
+
+
+def check_wandb_login(config: JobConfig) -> None:
+    """Online W&B needs an API key where W&B logs: WANDB_API_KEY, or the login file `wandb
+    login` writes (~/.netrc); without one the run would fail at its first step, after Ray
+    started and the data was prepared.
+
+    Raises:
+        InputError: mode online and no key here.
+    """
+    import netrc
+    from urllib.parse import urlparse
+
+    if config.tracking.wandb.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        if netrc.netrc().authenticators(host or ""):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise InputError("tracking.wandb.mode is online but no W&B API key is set here: set WANDB_API_KEY (or run "
+                     "`wandb login`), or set tracking.wandb.mode to offline (runs written to disk) or disabled")
 
 
 def _start_wandb(config: JobConfig, run: RunFolder) -> Any:

@@ -22,7 +22,7 @@ from ft_ray.config import (ConfigError, InputError, JobConfig, TuneConfig, dump_
                            with_overrides)
 from ft_ray.console import LOG, TERMINAL, quiet
 from ft_ray.storage import RunFolder
-from ft_ray.tracking import TrialRuns
+from ft_ray.tracking import TrialRuns, check_wandb_login
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -315,6 +315,7 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     from ft_ray.train.trainer import connect_ray, plan_steps
 
     check_search_space(config)
+    check_wandb_login(config)  # the sweep's driver logs every trial to W&B itself
     tune = config.tune or TuneConfig()
     sweep = sweep_folder(config)
     # local Ray's dashboard (its state API) lets Ray Train release the workers of trials ASHA

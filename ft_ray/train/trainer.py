@@ -25,6 +25,7 @@ from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import datasets_for, location
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
+from ft_ray.tracking import check_wandb_login
 from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
@@ -125,6 +126,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     tokenizer = load_tokenizer(config.model)
     if warning := context_window_warning(config.model):
         LOG.warning(warning)
+    if not os.environ.get("RAY_ADDRESS"):  # on a cluster, rank 0 logs to W&B from a node of the cluster
+        check_wandb_login(config)
     prepared = location(config)
     run = RunFolder.for_job(config)
     check_same_job(config, run, force_new)

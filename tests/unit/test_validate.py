@@ -105,6 +105,29 @@ def test_train_and_prepare_say_a_model_or_data_that_is_not_here_before_ray_start
         assert ("model.max_seq_len 2048 is longer than builtin:tiny-llama's context window" in out) == (command == "train")
 
 
+def test_online_wandb_without_an_api_key_is_said_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """Else the run fails at its first step, after Ray started and the data was prepared."""
+    import pytest
+
+    from ft_ray.train import trainer
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.setattr(trainer, "connect_ray", lambda *a, **k: pytest.fail("Ray started"))  # train's and tune's
+    job = write_job(tmp_path, tracking={"wandb": {"mode": "online"}},
+                    tune={"search_space": {"train.learning_rate": {"choice": [1e-3, 2e-3]}}})
+    message = "tracking.wandb.mode is online but no W&B API key is set here: set WANDB_API_KEY"
+    for command in ("train", "tune"):
+        assert main([command, str(job)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["validate", "--offline", str(job)]) == 0
+    assert f"warning: {message}" in capsys.readouterr().out
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k3y\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert main(["validate", "--offline", str(job)]) == 0
+    assert "W&B API key" not in capsys.readouterr().out
+
+
 def test_an_unreachable_store_is_said_at_once_by_validate_and_plan(tmp_path, capsys):
     # `storage.max_attempts` (10) would back off for about 80 s per request; validate and plan
     # try 3 times (about 1.5 s against a refused connection)
