@@ -33,9 +33,11 @@ from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.preference import REF_COLUMN, with_reference
 
 
-def connect_ray(config: JobConfig, parallel_runs: int = 1) -> bool:
+def connect_ray(config: JobConfig, parallel_runs: int = 1, gpus: bool = True) -> bool:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start local Ray;
-    returns True when it started local Ray.
+    returns True when it started local Ray. A job that uses GPUs (`gpus`: this command's
+    work needs them) is refused when local Ray would have none: its workers would wait for
+    GPUs forever.
 
     Locally Ray gets two logical CPUs more than the training workers of `parallel_runs`
     runs hold, so the data pipeline always has room to run next to them (else a shuffle can
@@ -57,6 +59,12 @@ def connect_ray(config: JobConfig, parallel_runs: int = 1) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return False
+    if gpus and config.distributed.use_gpu:
+        import torch
+
+        if not torch.cuda.device_count():
+            raise InputError("distributed.use_gpu is true, but this machine has no CUDA GPU and RAY_ADDRESS names no "
+                             "cluster: set distributed.use_gpu to false to run on the CPU, or RAY_ADDRESS")
     needed = math.ceil(parallel_runs * config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
              log_to_driver=True, **dashboard_options(free_port()))
