@@ -26,8 +26,9 @@ STATS_FILE = "stats.json"
 PREPARED_VERSION = 3  # 2: sample ids name files relative to their source's folder (records.source_name); 3: long texts in windows
 
 
-def fingerprint(config: JobConfig) -> str:
-    """A short hash of what the packed sequences depend on."""
+def data_files(config: JobConfig) -> list[dict[str, Any]]:
+    """Each source of the job (train, then eval) with its files' (path, size, modification
+    time): what the fingerprint covers of the data, and what a resumed run compares."""
     data = config.data
     files = []
     for key, source in [("train", s) for s in data.all_sources()] + [("eval", data.eval_source())]:
@@ -36,7 +37,13 @@ def fingerprint(config: JobConfig) -> str:
         fs, paths = list_files(source, config.storage, f"data.{key}")
         infos = fs.get_file_info([fs_path(p) for p in paths])  # a hub dataset's paths carry its commit
         files.append({"source": source.model_dump(), "files": [(i.path, i.size, str(i.mtime)) for i in infos]})
-    what = {"version": PREPARED_VERSION, "files": files,
+    return files
+
+
+def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) -> str:
+    """A short hash of what the packed sequences depend on (`files`: `data_files(config)`)."""
+    data = config.data
+    what = {"version": PREPARED_VERSION, "files": data_files(config) if files is None else files,
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),
             "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
             "roles": config.objective != "sft",  # preference data carries each token's role
@@ -54,9 +61,9 @@ def reference_settings(config: JobConfig) -> dict[str, Any] | None:
             "quantization": config.quantization.model_dump() if config.method == "qlora" else None}
 
 
-def location(config: JobConfig) -> str:
+def location(config: JobConfig, files: list[dict[str, Any]] | None = None) -> str:
     """Where the job's prepared data lives (or would)."""
-    return config.data.prepared or f"{config.storage.path.rstrip('/')}/prepared/{fingerprint(config)}"
+    return config.data.prepared or f"{config.storage.path.rstrip('/')}/prepared/{fingerprint(config, files)}"
 
 
 def read_stats(where: str, config: JobConfig) -> dict[str, Any] | None:

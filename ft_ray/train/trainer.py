@@ -23,7 +23,7 @@ from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
-from ft_ray.data.prepared import datasets_for, location
+from ft_ray.data.prepared import data_files, datasets_for, location
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.tracking import check_wandb_login
 from ft_ray.train.checkpoint_io import zero_shards_problem
@@ -129,16 +129,19 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     from ft_ray.models import context_window_warning, load_tokenizer
 
     started = time.monotonic()
-    # said before Ray starts: a model or data files that are not there (location lists the
+    # said before Ray starts: a model or data files that are not there (data_files lists the
     # files), a relaunch that cannot resume
     tokenizer = load_tokenizer(config.model)
     if warning := context_window_warning(config.model):
         LOG.warning(warning)
     if not os.environ.get("RAY_ADDRESS"):  # on a cluster, rank 0 logs to W&B from a node of the cluster
         check_wandb_login(config)
-    prepared = location(config)
+    files = None if config.data.prepared else data_files(config)  # listed once: the fingerprint and the resume check
+    prepared = location(config, files)
     run = RunFolder.for_job(config)
-    check_same_job(config, run, force_new)
+    resumes = check_same_job(config, run, force_new)
+    if files is not None:
+        check_same_data(run, files, resumes)
     connect_ray(config)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
@@ -198,8 +201,9 @@ def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int
     return int(record.get("step", 0)), "  ".join(shown)
 
 
-def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
-    """A relaunch resumes only the job it started as.
+def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> bool:
+    """A relaunch resumes only the job it started as; True when the run resumes (from a
+    complete checkpoint).
 
     Raises:
         InputError: the run folder holds checkpoints of a job with other settings (those a
@@ -210,10 +214,10 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
     except OSError as e:
         raise StorageError(f"cannot list {run.uri}: {e}") from e
     if not candidates:
-        return
+        return False
     if force_new:
         LOG.info(f"--force-new: moved the old run folder to {run.move_aside()}")
-        return
+        return False
     old = yaml.safe_load(run.read_text("config.yaml") or "{}") or {}
     changes = resume_changes(old, config.model_dump(mode="json"))
     if changes:
@@ -234,6 +238,28 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> None:
     for name, why in skipped:
         LOG.warning(f"checkpoint {run.uri_of(name)} is incomplete ({why}); "
                     f"resuming from {run.uri_of(complete[0].name)}")
+    return True
+
+
+DATA_FILES = "data_files.json"  # the data files (path: size, time) the run last started or resumed on
+
+
+def check_same_data(run: RunFolder, files: list[dict[str, Any]], resumes: bool) -> None:
+    """Warns when a resumed run's data files changed since it last ran (it goes on from its
+    step over the new data, whose sequences and order differ from those it began with), and
+    records the files for the next relaunch."""
+    now = {path: [size, mtime] for source in files for path, size, mtime in source["files"]}
+    before = json.loads(run.read_text(DATA_FILES) or "null") if resumes else None
+    if before is not None and before != now:
+        changed = sorted(p for p in now.keys() & before.keys() if now[p] != before[p])
+        counts = [f"{len(names)} {what}" for names, what in ((changed, "changed"), (now.keys() - before.keys(), "added"),
+                                                            (before.keys() - now.keys(), "removed")) if names]
+        example = (f" ({changed[0]}: {before[changed[0]][0]} -> {now[changed[0]][0]} bytes, modified "
+                   f"{now[changed[0]][1]})" if changed else "")
+        LOG.warning(f"the data files changed since {run.uri} last ran: {', '.join(counts)}{example}. It resumes "
+                    "at its step over the new data, whose sequences and order differ from those it began with; "
+                    "--force-new starts over on them")
+    run.write_json(DATA_FILES, now)
 
 
 def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:

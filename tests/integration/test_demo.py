@@ -40,7 +40,7 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     run, out = demo
     tmp_path = run.parent
     assert {p.name for p in run.iterdir()} >= {
-        "config.yaml", "metrics.jsonl", "summary.json", "eval.json", "adapter", "base_model",
+        "config.yaml", "data_files.json", "metrics.jsonl", "summary.json", "eval.json", "adapter", "base_model",
         "checkpoint-000100", "checkpoint_manager_snapshot.json", "logs"}
     assert {p.name for p in (run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                              "tokenizer.json"}

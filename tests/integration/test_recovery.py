@@ -199,6 +199,7 @@ def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(referenc
     out = capfd.readouterr().out
     assert f"skipping checkpoint {run}/checkpoint-000012: optimizer.pt is missing" in out
     assert f"{run}/metrics.jsonl:{partial_line}: dropped a partial line" in out
+    assert "the data files changed" not in out  # the reference run's data_files.json: the same files
     # The steps trained again went to new folders; the damaged ones are left as they were.
     assert (run / "checkpoint-000008-2" / MANIFEST).exists() and (run / "checkpoint-000012-1" / MANIFEST).exists()
 

@@ -1,10 +1,15 @@
-"""The driver's decisions made before Ray starts: how many optimizer steps a run has."""
+"""The driver's decisions made before Ray starts: how many optimizer steps a run has,
+whether a relaunch resumes over the data it began with."""
+
+import json
+import logging
 
 import pytest
 
-from ft_ray.config import config_from_dict
+from ft_ray.config import StorageConfig, config_from_dict
 from ft_ray.data.sources import DataError
-from ft_ray.train.trainer import plan_steps
+from ft_ray.storage import RunFolder
+from ft_ray.train.trainer import DATA_FILES, check_same_data, plan_steps
 
 
 def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
@@ -17,3 +22,18 @@ def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
     with pytest.raises(DataError, match="only 3 packed training sequences for 4 workers: add data or lower "
                                         "distributed.num_workers"):
         plan_steps(config, 3)
+
+
+def test_a_relaunch_over_changed_data_files_says_so_and_records_them(tmp_path, caplog):
+    run = RunFolder.at(str(tmp_path / "run"), StorageConfig())
+    began = [{"source": {}, "files": [("/d/a.jsonl", 100, "t1"), ("/d/b.jsonl", 50, "t1")]}]
+    check_same_data(run, began, resumes=False)
+    check_same_data(run, began, resumes=True)  # the same files: nothing to say
+    later = [{"source": {}, "files": [("/d/a.jsonl", 120, "t2"), ("/d/c.jsonl", 5, "t2")]}]
+    with caplog.at_level(logging.WARNING, logger="ft_ray"):
+        check_same_data(run, later, resumes=True)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning == (f"the data files changed since {run.uri} last ran: 1 changed, 1 added, 1 removed "
+                       "(/d/a.jsonl: 100 -> 120 bytes, modified t2). It resumes at its step over the new data, whose "
+                       "sequences and order differ from those it began with; --force-new starts over on them")
+    assert json.loads((tmp_path / "run" / DATA_FILES).read_text()) == {"/d/a.jsonl": [120, "t2"], "/d/c.jsonl": [5, "t2"]}
