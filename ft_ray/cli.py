@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("path", type=Path, help="run folder or checkpoint folder")
     export.add_argument("--out", type=Path, required=True, help="folder to write")
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    export.add_argument("--overwrite", action="store_true", help="replace what --out holds (else it must be new or empty)")
     export.set_defaults(handler=cmd_export)
     submit = commands.add_parser("submit", help="run a job file on a Ray cluster (Ray Jobs API)")
     _config_args(submit)
@@ -362,10 +363,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ft_ray.export import export_checkpoint
+    from ft_ray.config import StorageConfig
+    from ft_ray.export import export_checkpoint, find_checkpoint
+    from ft_ray.storage import RunFolder
 
+    held = sorted(p.name for p in args.out.iterdir()) if args.out.is_dir() else []
+    if held and not args.overwrite:
+        raise InputError(f"--out {args.out} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
+                         "choose a new folder, or --overwrite to replace what it holds")
+    _quiet(args, RunFolder.at(str(find_checkpoint(args.path).parent), StorageConfig()))  # the libraries' lines
     out = export_checkpoint(args.path, args.out, merge=args.merge)
-    print(f"exported {'merged model' if args.merge else 'weights'} to {out}")
+    LOG.info(f"exported {'merged model' if args.merge else 'weights'} to {out}")
     return 0
 
 

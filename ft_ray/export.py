@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
     LoRA checkpoints give a PEFT adapter folder, or with `merge` a full model with the
     adapter folded into the base weights. Full fine-tunes give the full model either way.
     The tokenizer is written next to the weights. `config` is the run's job (default: the
-    `config.yaml` of the run folder holding the checkpoint).
+    `config.yaml` of the run folder holding the checkpoint). The folder is written beside
+    `out` and then put in its place, replacing what `out` held: never half an export, nor an
+    adapter beside the weights of an earlier merged export (transformers would load either).
 
     Raises:
         ExportError: no checkpoint at `path`, or its files differ from its manifest (missing,
@@ -84,14 +87,20 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
     weights = checkpoint / "model"
     config = config or run_config_of(checkpoint)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model)
-    if (weights / "adapter_config.json").exists() and merge:
-        merge_adapter(weights, out, len(tokenizer))
-    else:
-        for item in weights.iterdir():
-            shutil.copy2(item, out / item.name)
-    tokenizer.save_pretrained(out)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as partial:
+        written = Path(partial) / out.name
+        written.mkdir()
+        if (weights / "adapter_config.json").exists() and merge:
+            merge_adapter(weights, written, len(tokenizer))
+        else:
+            for item in weights.iterdir():
+                shutil.copy2(item, written / item.name)
+        tokenizer.save_pretrained(written)
+        if out.exists():
+            shutil.rmtree(out)
+        written.rename(out)
     return out
 
 

@@ -111,13 +111,19 @@ print(json.dumps({"max_diff": (via_peft - via_merge).abs().max().item(),
 """
 
 
-def test_export_adapter_and_merged_model_load_without_ft_ray(trained, tmp_path):
+def test_export_adapter_and_merged_model_load_without_ft_ray(trained, tmp_path, capsys):
     _, summary, run = trained
-    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
-    assert main(["export", str(run / "checkpoint-000006"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    for out in ("adapter", "merged"):
+        assert main(["export", str(run), "--out", str(tmp_path / out)]) == 0
+    # a merged model over an adapter export: refused, then replaced whole (transformers would
+    # load the adapter it found beside the weights)
+    merge = ["export", str(run / "checkpoint-000006"), "--out", str(tmp_path / "merged"), "--merge"]
+    assert main(merge) == 2
+    assert f"--out {tmp_path / 'merged'} is not empty (README.md, adapter_config.json" in capsys.readouterr().err
+    assert main([*merge, "--overwrite"]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "merged" / "model.safetensors").exists()
-    assert not list((tmp_path / "merged").glob("adapter_*"))
+    assert not list((tmp_path / "merged").glob("adapter_*")) and not list(tmp_path.glob(".merged.partial-*"))
     out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_FT_RAY, str(tmp_path / "adapter"), str(tmp_path / "merged")],
                          capture_output=True, text=True, check=True, cwd=tmp_path)
     result = json.loads(out.stdout.strip().splitlines()[-1])
