@@ -54,17 +54,18 @@ def connect_ray(config: JobConfig, parallel_runs: int = 1, gpus: bool = True) ->
     """
     import ray
 
-    if ray.is_initialized():
-        return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
         return False
     if gpus and config.distributed.use_gpu:
         import torch
 
-        if not torch.cuda.device_count():
-            raise InputError("distributed.use_gpu is true, but this machine has no CUDA GPU and RAY_ADDRESS names no "
-                             "cluster: set distributed.use_gpu to false to run on the CPU, or RAY_ADDRESS")
+        if not (ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()):
+            raise InputError("distributed.use_gpu is true, but there is no GPU here (no CUDA GPU, no RAY_ADDRESS "
+                             "naming a cluster): set distributed.use_gpu to false to run on the CPU, or RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
     needed = math.ceil(parallel_runs * config.distributed.max_workers * config.distributed.cpus_per_worker) + 2
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
              log_to_driver=True, **dashboard_options(free_port()))

@@ -128,21 +128,24 @@ def test_online_wandb_without_an_api_key_is_said_before_ray_starts(tmp_path, mon
     assert "W&B API key" not in capsys.readouterr().out
 
 
-def test_a_gpu_job_on_a_machine_without_one_is_refused_not_left_waiting(tmp_path, capsys):
-    """Local Ray would have no GPU: the workers would wait for one forever (0/10 steps for as
-    long as one looks)."""
+def test_a_gpu_job_on_a_machine_without_one_is_refused_not_left_waiting(tmp_path, monkeypatch, capsys):
+    """Local Ray (started here, or already running in this process) would have no GPU: the
+    workers would wait for one forever (0/10 steps for as long as one looks)."""
     import pytest
-    import ray
     import torch
+
+    from ft_ray.data import prepared
+    from ft_ray.train import trainer
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    for module, name in ((trainer, "datasets_for"), (prepared, "prepared_stats")):  # what train and tune do next
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the job went on without a GPU"))
     job = write_job(tmp_path, distributed={"use_gpu": True},
                     tune={"search_space": {"train.learning_rate": {"choice": [1e-3, 2e-3]}}})
     for command in ("train", "tune"):
         assert main([command, str(job)]) == 2
-        assert "distributed.use_gpu is true, but this machine has no CUDA GPU" in capsys.readouterr().err
-    assert not ray.is_initialized()
+        assert "distributed.use_gpu is true, but there is no GPU here" in capsys.readouterr().err
 
 
 def test_an_unreachable_store_is_said_at_once_by_validate_and_plan(tmp_path, capsys):
