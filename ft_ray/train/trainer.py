@@ -7,6 +7,7 @@ the run's checkpoint history in storage and hands the latest checkpoint to the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -120,13 +121,10 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     """Fine-tune as the job says; returns the summary also written to `summary.json`.
 
     A run folder of the same name with checkpoints is resumed, if the job is the same one
-    (`check_same_job`); `force_new` moves such a folder aside and starts over. `callbacks`
-    go to Ray Train's RunConfig (a sweep passes Tune's report callback).
+    (`check_same_job`); `force_new` moves such a folder aside and starts over. The driver
+    holds a local run folder while it trains it (`holding`). `callbacks` go to Ray Train's
+    RunConfig (a sweep passes Tune's report callback).
     """
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from ft_ray.models import context_window_warning, load_tokenizer
 
     started = time.monotonic()
@@ -141,8 +139,19 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     prepared = location(config, files)
     run = RunFolder.for_job(config)
     resumes = check_same_job(config, run, force_new)
-    if files is not None:
-        check_same_data(run, files, resumes)
+    with holding(run):
+        if files is not None:
+            check_same_data(run, files, resumes)
+        return _train(config, run, tokenizer, prepared, callbacks, started)
+
+
+def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, callbacks: list | None,
+           started: float) -> dict[str, Any]:
+    """`run_training` once the job is checked: Ray, the data, Ray Train's run, the summary."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     connect_ray(config)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
@@ -217,7 +226,9 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> bool:
     if not candidates:
         return False
     if force_new:
-        LOG.info(f"--force-new: moved the old run folder to {run.move_aside()}")
+        with holding(run):  # not from under a driver that trains it
+            moved = run.move_aside()
+        LOG.info(f"--force-new: moved the old run folder to {moved}")
         return False
     old = yaml.safe_load(run.read_text("config.yaml") or "{}") or {}
     changes = resume_changes(old, config.model_dump(mode="json"))
@@ -240,6 +251,42 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> bool:
         LOG.warning(f"checkpoint {run.uri_of(name)} is incomplete ({why}); "
                     f"resuming from {run.uri_of(complete[0].name)}")
     return True
+
+
+DRIVER_LOCK = ".driver.lock"  # held by the driver training the run (a local run folder)
+
+
+@contextlib.contextmanager
+def holding(run: RunFolder) -> Iterator[None]:
+    """This driver's hold on a local run folder: an flock, released by the OS however the
+    process ends (a killed driver's relaunch is not refused). A second driver of the same
+    run is refused, not left to write the same checkpoints and metrics beside the first.
+    Runs in object storage are not held (no lock there).
+
+    Raises:
+        InputError: another process holds the run, named as it wrote itself in the lock file.
+    """
+    if not run.is_local:
+        yield
+        return
+    import fcntl
+    import socket
+
+    path = run.local_path(DRIVER_LOCK)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise InputError(f"{run.uri} is being trained by another driver ({lock.read().strip() or 'unnamed'}): "
+                             "wait for it to end, or choose another run_name") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC\n")
+        lock.flush()
+        yield
 
 
 DATA_FILES = "data_files.json"  # the data files (path: size, time) the run last started or resumed on

@@ -1,15 +1,17 @@
 """The driver's decisions made before Ray starts: how many optimizer steps a run has,
-whether a relaunch resumes over the data it began with."""
+whether a relaunch resumes over the data it began with, whether another driver trains it."""
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
-from ft_ray.config import StorageConfig, config_from_dict
+from ft_ray.config import InputError, StorageConfig, config_from_dict
 from ft_ray.data.sources import DataError
 from ft_ray.storage import RunFolder
-from ft_ray.train.trainer import DATA_FILES, check_same_data, plan_steps
+from ft_ray.train.trainer import DATA_FILES, check_same_data, check_same_job, holding, plan_steps
 
 
 def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
@@ -37,3 +39,35 @@ def test_a_relaunch_over_changed_data_files_says_so_and_records_them(tmp_path, c
                        "(/d/a.jsonl: 100 -> 120 bytes, modified t2). It resumes at its step over the new data, whose "
                        "sequences and order differ from those it began with; --force-new starts over on them")
     assert json.loads((tmp_path / "run" / DATA_FILES).read_text()) == {"/d/a.jsonl": [120, "t2"], "/d/c.jsonl": [5, "t2"]}
+
+
+HOLD = """
+import sys, time
+from ft_ray.config import StorageConfig
+from ft_ray.storage import RunFolder
+from ft_ray.train.trainer import holding
+with holding(RunFolder.at(sys.argv[1], StorageConfig())):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_driver_of_a_run_is_refused_and_a_killed_ones_hold_goes_with_it(tmp_path):
+    run = RunFolder.at(str(tmp_path / "run"), StorageConfig())
+    first = subprocess.Popen([sys.executable, "-c", HOLD, run.root], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        with pytest.raises(InputError, match=rf"^{run.uri} is being trained by another driver \(pid {first.pid} on "
+                                             r".+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\): wait for it to end"):
+            with holding(run):
+                pass
+        (tmp_path / "run" / "checkpoint-000002").mkdir()
+        job = config_from_dict({"data": {"train": "x.jsonl"}})
+        with pytest.raises(InputError, match="is being trained by another driver"):  # --force-new moves nothing
+            check_same_job(job, run, force_new=True)
+        assert (tmp_path / "run" / "checkpoint-000002").is_dir()
+    finally:
+        first.kill()
+        first.wait()
+    with holding(run):  # the OS released the killed driver's lock: its relaunch goes on
+        pass
