@@ -367,6 +367,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ft_ray.export import export_checkpoint, find_checkpoint
     from ft_ray.storage import RunFolder
 
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file: name a folder to write the model to")
     held = sorted(p.name for p in args.out.iterdir()) if args.out.is_dir() else []
     if held and not args.overwrite:
         raise InputError(f"--out {args.out} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
