@@ -138,10 +138,13 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     files = None if config.data.prepared else data_files(config)  # listed once: the fingerprint and the resume check
     prepared = location(config, files)
     run = RunFolder.for_job(config)
-    resumes = check_same_job(config, run, force_new)
+    resume_from = check_same_job(config, run, force_new)
     with holding(run):
-        if files is not None:
-            check_same_data(run, files, resumes)
+        same_data = files is None or check_same_data(run, files, resume_from is not None)
+        if same_data and (done := finished_run(config, run, resume_from)):
+            LOG.info(f"train: {run.uri} has trained all its {done['steps']} steps already (summary.json): nothing to "
+                     "do. Raise train.max_steps or train.epochs to train on, or start over with --force-new")
+            return done
         return _train(config, run, tokenizer, prepared, callbacks, started)
 
 
@@ -211,9 +214,9 @@ def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int
     return int(record.get("step", 0)), "  ".join(shown)
 
 
-def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> bool:
-    """A relaunch resumes only the job it started as; True when the run resumes (from a
-    complete checkpoint).
+def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> str | None:
+    """A relaunch resumes only the job it started as; returns the name of the complete
+    checkpoint it resumes from (None: it starts from step 0).
 
     Raises:
         InputError: the run folder holds checkpoints of a job with other settings (those a
@@ -224,12 +227,12 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> bool:
     except OSError as e:
         raise StorageError(f"cannot list {run.uri}: {e}") from e
     if not candidates:
-        return False
+        return None
     if force_new:
         with holding(run):  # not from under a driver that trains it
             moved = run.move_aside()
         LOG.info(f"--force-new: moved the old run folder to {moved}")
-        return False
+        return None
     old = yaml.safe_load(run.read_text("config.yaml") or "{}") or {}
     changes = resume_changes(old, config.model_dump(mode="json"))
     if changes:
@@ -250,7 +253,22 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> bool:
     for name, why in skipped:
         LOG.warning(f"checkpoint {run.uri_of(name)} is incomplete ({why}); "
                     f"resuming from {run.uri_of(complete[0].name)}")
-    return True
+    return complete[0].name
+
+
+def finished_run(config: JobConfig, run: RunFolder, resume_from: str | None) -> dict[str, Any] | None:
+    """The summary of a run that did all the job asks (the same length: `train.max_steps`
+    and `epochs`, the rest checked by `check_same_job`; every planned step; its last
+    checkpoint the one it would resume from): a relaunch has nothing to train, and would
+    spend the cluster's start-up, the data and the model load on it."""
+    summary = json.loads(run.read_text("summary.json") or "null") if resume_from else None
+    if not summary:
+        return None
+    trained = (yaml.safe_load(run.read_text("config.yaml") or "null") or {}).get("train", {})
+    finished = (all(trained.get(key) == getattr(config.train, key) for key in ("max_steps", "epochs"))
+                and summary.get("steps") == summary.get("planned_steps")
+                and str(summary.get("latest_checkpoint")).rsplit("/", 1)[-1] == resume_from)
+    return summary if finished else None
 
 
 DRIVER_LOCK = ".driver.lock"  # held by the driver training the run (a local run folder)
@@ -292,10 +310,10 @@ def holding(run: RunFolder) -> Iterator[None]:
 DATA_FILES = "data_files.json"  # the data files (path: size, time) the run last started or resumed on
 
 
-def check_same_data(run: RunFolder, files: list[dict[str, Any]], resumes: bool) -> None:
+def check_same_data(run: RunFolder, files: list[dict[str, Any]], resumes: bool) -> bool:
     """Warns when a resumed run's data files changed since it last ran (it goes on from its
     step over the new data, whose sequences and order differ from those it began with), and
-    records the files for the next relaunch."""
+    records the files for the next relaunch; False when they changed."""
     now = {path: [size, mtime] for source in files for path, size, mtime in source["files"]}
     before = json.loads(run.read_text(DATA_FILES) or "null") if resumes else None
     if before is not None and before != now:
@@ -308,6 +326,7 @@ def check_same_data(run: RunFolder, files: list[dict[str, Any]], resumes: bool) 
                     "at its step over the new data, whose sequences and order differ from those it began with; "
                     "--force-new starts over on them")
     run.write_json(DATA_FILES, now)
+    return before is None or before == now
 
 
 def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:

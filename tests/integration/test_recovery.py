@@ -181,6 +181,11 @@ def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, 
 def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(reference_run, tmp_path, capfd):
     run = tmp_path / "runs" / "damaged"
     shutil.copytree(reference_run, run)
+    job = load_config(write_job(tmp_path, run_name="damaged", train=TRAIN))
+    before = (run / "metrics.jsonl").read_text()
+    # undamaged, the finished run has nothing to train: its summary comes back, nothing changes
+    assert run_training(job) == json.loads((reference_run / "summary.json").read_text())
+    assert (run / "metrics.jsonl").read_text() == before and "has trained all its 12 steps" in capfd.readouterr().out
     (run / "checkpoint-000012" / "optimizer.pt").unlink()  # a shard lost
     adapter = run / "checkpoint-000008" / "model" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:1000])  # a file cut short
@@ -189,7 +194,7 @@ def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(referenc
     partial_line = len((run / "metrics.jsonl").read_text().splitlines()) + 1
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 13, "lo')  # the driver killed while writing a line
-    run_training(load_config(write_job(tmp_path, run_name="damaged", train=TRAIN)))
+    run_training(job)
     resume = assert_recovered(outcome_in(run), reference_run)
     assert resume["resumed_from"] == str(run / "checkpoint-000004")
     assert resume["skipped_checkpoints"] == [

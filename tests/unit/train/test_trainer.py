@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from ft_ray.config import InputError, StorageConfig, config_from_dict
+from ft_ray.config import InputError, StorageConfig, config_from_dict, dump_yaml
 from ft_ray.data.sources import DataError
 from ft_ray.storage import RunFolder
-from ft_ray.train.trainer import DATA_FILES, check_same_data, check_same_job, holding, plan_steps
+from ft_ray.train.trainer import (DATA_FILES, check_same_data, check_same_job, finished_run, holding,
+                                  plan_steps)
 
 
 def test_steps_are_planned_from_packed_sequences_and_the_most_workers():
@@ -71,3 +72,20 @@ def test_a_second_driver_of_a_run_is_refused_and_a_killed_ones_hold_goes_with_it
         first.wait()
     with holding(run):  # the OS released the killed driver's lock: its relaunch goes on
         pass
+
+
+def test_a_finished_run_is_not_trained_again_unless_asked_for_more(tmp_path):
+    """A relaunch of a run that did every planned step, with the same job, has nothing to do;
+    more steps, or a damaged last checkpoint (resumed from an earlier one), are work."""
+    job = config_from_dict({"data": {"train": "x.jsonl"}, "storage": {"path": str(tmp_path)},
+                            "train": {"max_steps": 12}})
+    run = RunFolder.for_job(job)
+    (tmp_path / job.run_name).mkdir()
+    (tmp_path / job.run_name / "config.yaml").write_text(dump_yaml(job))
+    summary = {"steps": 12, "planned_steps": 12, "latest_checkpoint": run.uri_of("checkpoint-000012")}
+    (tmp_path / job.run_name / "summary.json").write_text(json.dumps(summary))
+    assert finished_run(job, run, "checkpoint-000012") == summary
+    assert finished_run(job, run, "checkpoint-000008") is None  # the newest one damaged since
+    assert finished_run(job, run, None) is None
+    more = config_from_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "max_steps": 20}})
+    assert finished_run(more, run, "checkpoint-000012") is None
