@@ -141,7 +141,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     resume_from = check_same_job(config, run, force_new)
     with holding(run):
         same_data = files is None or check_same_data(run, files, resume_from is not None)
-        if same_data and (done := finished_run(config, run, resume_from)):
+        # a sweep's trial reports to Tune through Ray Train: it always runs
+        if same_data and not callbacks and (done := finished_run(config, run, resume_from)):
             LOG.info(f"train: {run.uri} has trained all its {done['steps']} steps already (summary.json): nothing to "
                      "do. Raise train.max_steps or train.epochs to train on, or start over with --force-new")
             return done
