@@ -88,11 +88,18 @@ def submit(config_path: Path, address: str | None, overrides: list[str], tune: b
     what would be run and uploaded and submits nothing (returns ("", "DRY_RUN")).
 
     Raises:
-        InputError: the job's plan does not fit the cluster's GPUs (unless `force`).
+        InputError: the job's plan does not fit the cluster's GPUs (unless `force`); no
+            cluster address, or none answering at it.
     """
+    import os
+
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(config_path, overrides, tune, working_dir, pip, in_place)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and not dry_run:
+        raise InputError("no cluster to submit to: pass --address http://HEAD:8265 (its Ray dashboard) or set "
+                         "RAY_ADDRESS")
     if not force:
         check_fit(load_config(config_path, overrides), address, config_path)
     if dry_run:
@@ -101,7 +108,11 @@ def submit(config_path: Path, address: str | None, overrides: list[str], tune: b
     if "://" not in load_config(config_path, overrides).storage.path:
         print("note: storage.path is a local folder: on a multi-node cluster it must be storage every node "
               "mounts (or s3://), and a relative path lands in the job's working dir copy")
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError as e:  # Ray says it in one line below a chain of urllib3 errors
+        raise InputError(f"cannot reach a Ray dashboard at {address} ({str(e).strip().splitlines()[-1][:200]}): "
+                         "check --address or RAY_ADDRESS (e.g. http://HEAD:8265) and that the cluster is up") from None
     job_id = _submit_when_ready(client, submission)
     target = f" --address {address}" if address else ""
     print(f"submitted {job_id}: {submission['entrypoint']}")

@@ -70,3 +70,18 @@ def test_gitignore_keeps_credential_files_out_of_the_repository():
 
     ignored = set((REPO / ".gitignore").read_text().split())
     assert {pattern.rstrip("/") for pattern in ignored} >= set(SECRET_EXCLUDES)
+
+
+def test_no_cluster_or_none_answering_is_said_in_one_line(tmp_path, monkeypatch, capsys):
+    from ft_ray.cli import main
+    from ft_ray.train.trainer import free_port
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    submit = ["submit", str(write_job(tmp_path)), "--working-dir", str(tmp_path)]
+    assert main(submit) == 2
+    assert capsys.readouterr().err.strip() == ("[ft-ray] error: no cluster to submit to: pass --address "
+                                               "http://HEAD:8265 (its Ray dashboard) or set RAY_ADDRESS")
+    address = f"http://127.0.0.1:{free_port()}"
+    assert main([*submit, "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"[ft-ray] error: cannot reach a Ray dashboard at {address} (") and "Traceback" not in err
