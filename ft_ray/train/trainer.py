@@ -300,6 +300,9 @@ def holding(run: RunFolder) -> Iterator[None]:
             lock.seek(0)
             raise InputError(f"{run.uri} is being trained by another driver ({lock.read().strip() or 'unnamed'}): "
                              "wait for it to end, or choose another run_name") from None
+        except OSError:  # a filesystem without locks (some network and FUSE mounts): held by no one
+            yield
+            return
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "
