@@ -202,7 +202,20 @@ def _messages(record: dict) -> list[dict]:
                 raise RecordError(f"{where}.weight must be 0 (not trained) or 1, got {message['weight']!r}", "wrong_type")
             turn["weight"] = int(message["weight"])
         turns.append(turn)
-    return turns
+    return _with_system_field(record, turns, key)
+
+
+def _with_system_field(record: dict, turns: list[dict], key: str) -> list[dict]:
+    """The turns led by the record's own `system` field (ShareGPT exports, LLaMA-Factory's
+    `system` column) as a system message; an empty one is none."""
+    system = record.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return turns
+    if not isinstance(system, str):
+        raise RecordError(f"field 'system' must be a string, got {type(system).__name__}", "wrong_type")
+    if turns[0]["role"] == "system":
+        raise RecordError(f"both a 'system' field and a system message ({key}[0]): keep one", "conflicting_system")
+    return [{"role": "system", "content": system}, *turns]
 
 
 def _text_parts(parts: list, where: str) -> str:

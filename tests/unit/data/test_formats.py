@@ -73,6 +73,9 @@ def test_chat_renders_the_template_exactly_and_trains_assistant_turns_only(token
      "messages\\[1\\].weight must be 0 \\(not trained\\) or 1, got 0.5", "wrong_type"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
      "no assistant message to learn from \\(each has weight 0\\)", "no_assistant"),
+    ({"system": "Be brief.", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a"}]},
+     "both a 'system' field and a system message \\(messages\\[0\\]\\): keep one", "conflicting_system"),
     ({"instruction": "do", "output": 3}, "field 'output' must be a string, got int", "wrong_type"),
     ({"instruction": "do", "output": "  "}, "field 'output' is empty", "empty_field"),
     ({"prompt": "p"}, "missing field 'completion'", "missing_field"),
@@ -99,6 +102,17 @@ def test_openai_fine_tuning_files_content_parts_and_untrained_turns(tokenizer):
     segments = record_segments({"messages": weighted}, "chat", tokenizer)
     assert "".join(text for text, _ in segments) == tokenizer.apply_chat_template(messages, tokenize=False)
     assert [text for text, trainable in segments if trainable] == ["Goodbye.<|end|>\n"]
+
+
+def test_a_system_field_beside_the_turns_leads_them(tokenizer):
+    messages = first("chat")["messages"]
+    turns = [m for m in messages if m["role"] != "system"]
+    led = [{"role": "system", "content": "Be brief."}, *turns]
+    sharegpt = {"system": "Be brief.", "conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]],
+                                                          "value": m["content"]} for m in turns]}
+    assert record_segments(sharegpt, "auto", tokenizer) == record_segments({"messages": led}, "chat", tokenizer)
+    assert record_segments({"system": " ", "messages": turns}, "chat", tokenizer) == record_segments(
+        {"messages": turns}, "chat", tokenizer)  # an empty system column is no system message
 
 
 def test_sharegpt_conversations_render_like_openai_messages(tokenizer):
