@@ -17,6 +17,7 @@ from ft_ray.data.sources import DataError, check_format, choose_format, read_rec
 
 PEEK_RECORDS = 100
 MIN_TRAIN_EXAMPLES = 100
+UNCUT = 1 << 30  # a length no record reaches: peeked records are measured whole
 
 
 def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0) -> tuple[int, int]:
@@ -31,7 +32,8 @@ def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fracti
 
 
 def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> dict[str, Any]:
-    """Token lengths and problems of the first records of a source."""
+    """Token lengths (whole, before any cut to `model.max_seq_len`) and problems of the first
+    records of a source."""
     problems: list[str] = []
     lengths: list[int] = []
     seen = 0
@@ -41,11 +43,24 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
             break
         seen += 1
         try:
-            example = parse_record(text, error, fmt, source.fields, tokenizer, config.model.max_seq_len, drop_over)
+            example = parse_record(text, error, fmt, source.fields, tokenizer, UNCUT, drop_over)
             lengths.append(len(example["input_ids"]))
         except RecordError as e:
             problems.append(f"{path}:{line}: {e.kind}: {e}")
     return {"seen": seen, "problems": problems, "lengths": lengths}
+
+
+def lengths_line(lengths: list[int], seen: int, fmt: str, config: JobConfig) -> str:
+    """The sorted whole lengths of the first records, and how many `model.max_seq_len` cuts."""
+    limit = config.model.max_seq_len
+    over = sum(length > limit for length in lengths)
+    cut = "split into windows that all train" if fmt == "text" else f"cut at the end: data.overlong {config.data.overlong}"
+    return (f"tokens per example (first {seen}): mean {sum(lengths) / len(lengths):.0f}, p95 {p95(lengths)}, "
+            f"max {lengths[-1]}; {over} longer than max_seq_len {limit}" + (f" ({cut})" if over else ""))
+
+
+def p95(ordered: list[int]) -> int:
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def validate_data(config: JobConfig) -> dict[str, Any]:
@@ -72,10 +87,15 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         sample = peek(source, fmt, config, key, tokenizer)
         formats[fmt] += sample["seen"]
         problems += len(sample["problems"])
-        lengths = sample["lengths"] or [0]
-        tokens += kept * source.weight * sum(lengths) / len(lengths)
-        lines += [note, f"{key}: tokens per example (first {sample['seen']}): mean {sum(lengths) / len(lengths):.0f}, "
-                        f"max {max(lengths)} (max_seq_len {config.model.max_seq_len})"]
+        lengths = sorted(sample["lengths"] or [0])
+        # what training keeps of a record: all of a text (cut into windows), the rest up to max_seq_len
+        kept_lengths = lengths if fmt == "text" else [min(n, config.model.max_seq_len) for n in lengths]
+        tokens += kept * source.weight * sum(kept_lengths) / len(lengths)
+        lines += [note, f"{key}: {lengths_line(lengths, sample['seen'], fmt, config)}"]
+        cut = sum(n > config.model.max_seq_len for n in lengths)
+        if fmt != "text" and cut > len(lengths) // 10:
+            lines.append(f"warning: {cut} of the first {len(lengths)} {key} records are longer than model.max_seq_len "
+                         f"{config.model.max_seq_len} and lose their ends; raise it (p95 {p95(lengths)}) or shorten them")
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
     if data.eval:
         held_out, _ = count_records(data.eval_source(), config, "data.eval")
