@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_ray.config import InputError, JobConfig, load_config
+from ft_ray.console import LOG
 
 
 class ExportError(InputError):
@@ -112,6 +113,7 @@ def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None) -> No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    LOG.info(f"export: merging the adapter into {base_path} (loading its weights: minutes for a large model)")
     base = AutoModelForCausalLM.from_pretrained(base_path)
     if vocab_size is None and (adapter / "tokenizer_config.json").exists():
         vocab_size = len(AutoTokenizer.from_pretrained(str(adapter)))
