@@ -307,6 +307,17 @@ def _grid_size(tune: TuneConfig) -> int:
 
 def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or with `resume`, finish) the sweep; returns what `sweep.json` holds."""
+    from ft_ray.train.trainer import holding
+
+    check_search_space(config)
+    check_wandb_login(config)  # the sweep's driver logs every trial to W&B itself
+    sweep = sweep_folder(config)
+    with holding(sweep):  # a second driver of the same sweep is refused
+        return _sweep(config, sweep, resume)
+
+
+def _sweep(config: JobConfig, sweep: RunFolder, resume: bool) -> dict[str, Any]:
+    """`run_sweep` once it holds the sweep's folder: Ray, the prepared data, Tune, the winners."""
     import ray
     from ray import tune as ray_tune
 
@@ -314,10 +325,7 @@ def run_sweep(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     from ft_ray.models import load_tokenizer
     from ft_ray.train.trainer import connect_ray, plan_steps
 
-    check_search_space(config)
-    check_wandb_login(config)  # the sweep's driver logs every trial to W&B itself
     tune = config.tune or TuneConfig()
-    sweep = sweep_folder(config)
     # local Ray's dashboard (its state API) lets Ray Train release the workers of trials ASHA
     # stops (their controllers die with them); without it, their CPUs stay reserved
     started_local = connect_ray(config, parallel_runs=_local_parallel(config))
