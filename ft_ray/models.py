@@ -64,15 +64,21 @@ def load_tokenizer(model: ModelConfig) -> Any:
     return tokenizer
 
 
+def local_model_config(model: ModelConfig) -> Any:
+    """The model's config.json from the built-in model, a folder or the local hub cache (no
+    request: `OSError` when it is not here)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source(model), revision=model.revision, local_files_only=True,
+                                      trust_remote_code=model.trust_remote_code)
+
+
 def context_window_warning(model: ModelConfig) -> str | None:
     """A warning when `model.max_seq_len` is past the positions the model was trained on (its
     config.json's `max_position_embeddings`), read from the folder or the local cache only;
     None when it fits or the config is not here."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(model_source(model), revision=model.revision, local_files_only=True,
-                                            trust_remote_code=model.trust_remote_code)
+        config = local_model_config(model)
     except (OSError, ValueError):
         return None
     window = getattr(config, "max_position_embeddings", None)

@@ -100,13 +100,11 @@ def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
     hub id in the local cache), ft-ray's table of well-known models, or (with `network`) the hub."""
     from transformers import AutoConfig
 
-    from ft_ray.models import from_model_source, model_source
+    from ft_ray.models import from_model_source, local_model_config
 
     name = config.model.name_or_path
-    source = model_source(config.model)
-    options = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
     try:
-        return Shape.of(AutoConfig.from_pretrained(source, local_files_only=True, **options)), "config.json"
+        return Shape.of(local_model_config(config.model)), "config.json"
     except OSError:
         if name in KNOWN_SHAPES:
             return KNOWN_SHAPES[name], "ft-ray's table of well-known models (no config.json here)"
