@@ -50,10 +50,9 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
     return {"seen": seen, "problems": problems, "lengths": lengths}
 
 
-def lengths_line(lengths: list[int], seen: int, fmt: str, config: JobConfig) -> str:
-    """The sorted whole lengths of the first records, and how many `model.max_seq_len` cuts."""
+def lengths_line(lengths: list[int], over: int, seen: int, fmt: str, config: JobConfig) -> str:
+    """The sorted whole lengths of the first records, and how many (`over`) `model.max_seq_len` cuts."""
     limit = config.model.max_seq_len
-    over = sum(length > limit for length in lengths)
     cut = "split into windows that all train" if fmt == "text" else f"cut at the end: data.overlong {config.data.overlong}"
     return (f"tokens per example (first {seen}): mean {sum(lengths) / len(lengths):.0f}, p95 {p95(lengths)}, "
             f"max {lengths[-1]}; {over} longer than max_seq_len {limit}" + (f" ({cut})" if over else ""))
@@ -91,10 +90,10 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         # what training keeps of a record: all of a text (cut into windows), the rest up to max_seq_len
         kept_lengths = lengths if fmt == "text" else [min(n, config.model.max_seq_len) for n in lengths]
         tokens += kept * source.weight * sum(kept_lengths) / len(lengths)
-        lines += [note, f"{key}: {lengths_line(lengths, sample['seen'], fmt, config)}"]
-        cut = sum(n > config.model.max_seq_len for n in lengths)
-        if fmt != "text" and cut > len(lengths) // 10:
-            lines.append(f"warning: {cut} of the first {len(lengths)} {key} records are longer than model.max_seq_len "
+        over = sum(n > config.model.max_seq_len for n in lengths)
+        lines += [note, f"{key}: {lengths_line(lengths, over, sample['seen'], fmt, config)}"]
+        if fmt != "text" and over > len(lengths) // 10:
+            lines.append(f"warning: {over} of the first {len(lengths)} {key} records are longer than model.max_seq_len "
                          f"{config.model.max_seq_len} and lose their ends; raise it (p95 {p95(lengths)}) or shorten them")
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
     if data.eval:
