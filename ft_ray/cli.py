@@ -373,8 +373,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if held and not args.overwrite:
         raise InputError(f"--out {args.out} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
                          "choose a new folder, or --overwrite to replace what it holds")
-    _quiet(args, RunFolder.at(str(find_checkpoint(args.path).parent), StorageConfig()))  # the libraries' lines
-    out = export_checkpoint(args.path, args.out, merge=args.merge)
+    checkpoint = find_checkpoint(args.path)
+    _quiet(args, RunFolder.at(str(checkpoint.parent), StorageConfig()))  # the libraries' lines
+    out = export_checkpoint(checkpoint, args.out, merge=args.merge)
     LOG.info(f"exported {'merged model' if args.merge else 'weights'} to {out}")
     return 0
 
