@@ -107,6 +107,9 @@ class DataConfig(Section):
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="ft-ray's field name -> your column, e.g. {instruction: question}")
     pack: bool = Field(True, description="pack several records per sequence (attention stays within a record)")
+    loss_on: Literal["answers", "all", "last_answer"] = Field("answers", description=(
+        "what a supervised example trains on: answers (outputs, completions, assistant turns); all (every token: "
+        "prompts and user turns too); last_answer (a conversation's final assistant turn; earlier ones are context)"))
     shuffle_seed: int | None = Field(None, description="seed of the record shuffle; default train.seed")
     max_rejected_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more records are bad")
     max_record_tokens: int | None = Field(None, gt=0, description="longest record kept whole; default model.max_seq_len")
@@ -490,6 +493,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if job.eval.metric == "preference" and job.objective not in ("dpo", "orpo"):
         problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo or orpo), "
                         f"not objective {job.objective}")
+    if job.data.loss_on != "answers" and job.objective != "sft":
+        problems.append(f"data.loss_on: {job.data.loss_on} is for objective sft; objective {job.objective} "
+                        "trains on its answers")
     allowed = OBJECTIVE_FORMATS[job.objective]
     for source in job.data.all_sources() + ([job.data.eval_source()] if job.data.eval else []):
         if source.format not in ("auto", *allowed):
@@ -699,6 +705,9 @@ PEER_NAMES = {
     "finetuning_type": "method", "adapter": "method", "dataset": "data.train", "datasets": "data.sources",
     "val_set_size": "data.eval_fraction", "output_dir": "storage.path", "deepspeed": "distributed.deepspeed.stage",
     "wandb_project": "tracking.wandb.project", "report_to": "tracking.wandb.mode",
+    "train_on_inputs": "data.loss_on: all", "train_on_prompt": "data.loss_on: all",
+    "mask_history": "data.loss_on: last_answer", "completion_only_loss": "data.loss_on",
+    "assistant_only_loss": "data.loss_on",
 }
 
 

@@ -14,6 +14,7 @@ from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, parse_record
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import DataError, check_format, choose_format, read_records
+from ft_ray.data.tokenize import IGNORE_INDEX
 
 PEEK_RECORDS = 100
 MIN_TRAIN_EXAMPLES = 100
@@ -32,10 +33,11 @@ def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fracti
 
 
 def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> dict[str, Any]:
-    """Token lengths (whole, before any cut to `model.max_seq_len`) and problems of the first
-    records of a source."""
+    """Token lengths (whole, before any cut to `model.max_seq_len`), how many of those tokens
+    carry the loss (`data.loss_on`) and problems of the first records of a source."""
     problems: list[str] = []
     lengths: list[int] = []
+    trained = 0
     seen = 0
     drop_over = config.drop_over
     for path, line, text, error in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
@@ -43,19 +45,22 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
             break
         seen += 1
         try:
-            example = parse_record(text, error, fmt, source.fields, tokenizer, UNCUT, drop_over)
+            example = parse_record(text, error, fmt, source.fields, tokenizer, UNCUT, drop_over, config.data.loss_on)
             lengths.append(len(example["input_ids"]))
+            trained += sum(label != IGNORE_INDEX for label in example["labels"])
         except RecordError as e:
             problems.append(f"{path}:{line}: {e.kind}: {e}")
-    return {"seen": seen, "problems": problems, "lengths": lengths}
+    return {"seen": seen, "problems": problems, "lengths": lengths, "trained": trained}
 
 
-def lengths_line(lengths: list[int], over: int, seen: int, fmt: str, config: JobConfig) -> str:
-    """The sorted whole lengths of the first records, and how many (`over`) `model.max_seq_len` cuts."""
+def lengths_line(lengths: list[int], trained: int, over: int, seen: int, fmt: str, config: JobConfig) -> str:
+    """The sorted whole lengths of the first records, the share of their tokens the loss is
+    on, and how many (`over`) `model.max_seq_len` cuts."""
     limit = config.model.max_seq_len
     cut = "split into windows that all train" if fmt == "text" else f"cut at the end: data.overlong {config.data.overlong}"
     return (f"tokens per example (first {seen}): mean {sum(lengths) / len(lengths):.0f}, p95 {p95(lengths)}, "
-            f"max {lengths[-1]}; {over} longer than max_seq_len {limit}" + (f" ({cut})" if over else ""))
+            f"max {lengths[-1]}, {100 * trained / max(1, sum(lengths)):.0f}% trained (data.loss_on "
+            f"{config.data.loss_on}); {over} longer than max_seq_len {limit}" + (f" ({cut})" if over else ""))
 
 
 def p95(ordered: list[int]) -> int:
@@ -91,7 +96,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         kept_lengths = lengths if fmt == "text" else [min(n, config.model.max_seq_len) for n in lengths]
         tokens += kept * source.weight * sum(kept_lengths) / len(lengths)
         over = sum(n > config.model.max_seq_len for n in lengths)
-        lines += [note, f"{key}: {lengths_line(lengths, over, sample['seen'], fmt, config)}"]
+        lines += [note, f"{key}: {lengths_line(lengths, sample['trained'], over, sample['seen'], fmt, config)}"]
         if fmt != "text" and over > len(lengths) // 10:
             lines.append(f"warning: {over} of the first {len(lengths)} {key} records are longer than model.max_seq_len "
                          f"{config.model.max_seq_len} and lose their ends; raise it (p95 {p95(lengths)}) or shorten them")

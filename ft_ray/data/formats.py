@@ -329,6 +329,25 @@ def record_units(record: Any, fmt: str, tokenizer: Any) -> Units:
     return [(SEGMENTERS[chosen](record, tokenizer), SFT)]
 
 
+def with_loss_on(units: Units, loss_on: str) -> Units:
+    """The units with `data.loss_on` applied to the supervised ones: `answers` as the format
+    marks them; `all` every segment (prompts, user and system turns, tool results: TRL's
+    default for conversations, Axolotl's `train_on_inputs`); `last_answer` the last trained
+    segment alone (a conversation's final assistant reply; the earlier replies become context,
+    LLaMA-Factory's `mask_history`). Preference units keep their answers as the only trained text."""
+    if loss_on == "answers":
+        return units
+    out: Units = []
+    for segments, role in units:
+        if role == SFT and loss_on == "all":
+            segments = [(text, True) for text, _ in segments]
+        elif role == SFT:
+            last = max(i for i, (_, trainable) in enumerate(segments) if trainable)
+            segments = [(text, i == last) for i, (text, _) in enumerate(segments)]
+        out.append((segments, role))
+    return out
+
+
 def record_segments(record: Any, fmt: str, tokenizer: Any) -> Segments:
     """Segments of one record in format `fmt`: for a preference pair, the prompt and its chosen
     answer (what prompting arms and generation metrics use as the reference).

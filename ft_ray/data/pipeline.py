@@ -77,7 +77,7 @@ def _schema(roles: bool = False) -> Any:
 def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: str, eval_fraction: float,
                        fields: dict[str, str] | None = None, weight: float = 1.0,
                        drop_over: int | None = None, progress: Any = None, source: tuple[str, str] = ("", ""),
-                       roles: bool = False, text_stride: int | None = None) -> Any:
+                       roles: bool = False, text_stride: int | None = None, loss_on: str = "answers") -> Any:
     """Rows of ids and labels (one per copy of a weighted record), or one row with the
     reason a record was rejected, as an Arrow table. `copy` is -1 for a record its weight
     leaves out.
@@ -90,6 +90,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     `source` (its key, its files' common folder) names the files in the sample ids.
     `roles`: a preference objective's run, whose rows carry each token's role.
     `text_stride`: long `text` records are cut into windows with this overlap (None: truncated).
+    `loss_on`: which text of a supervised example trains (`data.loss_on`).
     """
     import pyarrow as pa
 
@@ -103,7 +104,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
         part = slice(start, start + TOKENIZE_BATCH)
         rows = _tokenized_rows(batch["text"][part], errors[part], batch["path"][part], lines[part], tokenizer,
                                max_len, fmt, fields or {}, eval_fraction, weight, drop_over, source, roles,
-                               text_stride)
+                               text_stride, loss_on)
         tables.append(pa.table(rows, schema=_schema(roles)))
     if progress is not None:
         progress.add.remote("records", count)
@@ -113,8 +114,8 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
 def _tokenized_rows(texts: Any, errors: Any, paths: Any, lines: Any, tokenizer: Any, max_len: int, fmt: str,
                     fields: dict[str, str], eval_fraction: float, weight: float,
                     drop_over: int | None, source: tuple[str, str], roles: bool,
-                    text_stride: int | None) -> dict[str, Any]:
-    batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over, text_stride)
+                    text_stride: int | None, loss_on: str) -> dict[str, Any]:
+    batch = encode_records(texts, errors, fmt, fields, tokenizer, max_len, drop_over, text_stride, loss_on)
     rows: dict[str, list] = {k: [] for k in COLUMNS[2:]}
     example = []  # the example of each row
     examples = np.split(np.arange(len(batch.offsets) - 1), np.flatnonzero(np.diff(batch.records())) + 1)
@@ -173,7 +174,8 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
                    "progress": progress.board(), "source": (key, common_folder(files)),
-                   "roles": config.objective != "sft", "text_stride": config.data.text_stride})
+                   "roles": config.objective != "sft", "text_stride": config.data.text_stride,
+                   "loss_on": config.data.loss_on})
 
 
 def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ft_ray.data.formats import SFT, RecordError, Segments, Units, map_fields, record_units
+from ft_ray.data.formats import SFT, RecordError, Segments, Units, map_fields, record_units, with_loss_on
 from ft_ray.data.tokenize import Assembled, assemble_batch, bos_id, cut_into_windows, encode_batch
 
 
@@ -83,13 +83,13 @@ def record_to_units(text: str, error: str, fmt: str, fields: dict[str, str], tok
 
 
 def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
-                 drop_over: int | None) -> dict[str, list[int]]:
+                 drop_over: int | None, loss_on: str = "answers") -> dict[str, list[int]]:
     """Ids and labels of one raw record (`parse_and_tokenize` does the same for a batch).
 
     Raises:
         RecordError: with the reason (`kind`) the record is set aside.
     """
-    batch = encode_records([text], [error], fmt, fields, tokenizer, max_len, drop_over)
+    batch = encode_records([text], [error], fmt, fields, tokenizer, max_len, drop_over, loss_on=loss_on)
     if batch.errors[0] is not None:
         raise batch.errors[0]
     return {"input_ids": batch.ids.tolist(), "labels": batch.labels.tolist(),
@@ -97,13 +97,14 @@ def parse_record(text: str, error: str, fmt: str, fields: dict[str, str], tokeni
 
 
 def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], tokenizer: Any, max_len: int,
-                   drop_over: int | None, text_stride: int | None = None) -> Assembled:
+                   drop_over: int | None, text_stride: int | None = None, loss_on: str = "answers") -> Assembled:
     """The examples of a batch of raw records as flat arrays, and per record the
     RecordError that rejects it (its example is then empty). All segments of the batch go
     through the tokenizer in one call. Records longer than `max_len` are truncated (the
     tokens cut off counted in `dropped`) or, with `text_stride` set, records of the `text`
     format are cut into windows that all train (`tokenize.cut_into_windows`, that many
-    tokens of overlap) and one record may give several examples.
+    tokens of overlap) and one record may give several examples. `loss_on` (`data.loss_on`)
+    says which text of a supervised example trains (`formats.with_loss_on`).
 
     A preference record's example is its units one after the other (a pair: prompt + chosen,
     then prompt + rejected, each with its own leading token and each cut at half of
@@ -111,7 +112,7 @@ def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
     parsed: list[Units | RecordError] = []
     for text, error in zip(texts, errors):
         try:
-            parsed.append(record_to_units(text, error, fmt, fields, tokenizer))
+            parsed.append(with_loss_on(record_to_units(text, error, fmt, fields, tokenizer), loss_on))
         except RecordError as e:
             parsed.append(e)
         except Exception as e:  # noqa: BLE001 - one record's failure, whatever it is, rejects that record

@@ -123,6 +123,21 @@ def trained_tokens(dataset) -> int:
     return sum(int((np.asarray(r["labels"]) != -100).sum()) for r in dataset.select_columns(["labels"]).take_all())
 
 
+def test_loss_on_reaches_the_packed_labels(ray_local, tmp_path, tokenizer):
+    """`data.loss_on` decides which tokens of the packed sequences carry the loss."""
+    from ft_ray.data.records import parse_record
+
+    turns = [{"messages": chat(a)["messages"] + chat(b)["messages"]} for a, b in zip(GOOD[:80:2], GOOD[1:80:2])]
+    write_lines(tmp_path / "turns.jsonl", turns, [])
+    trained = {}
+    for loss_on in ("all", "last_answer"):
+        config = config_for(tmp_path, train=str(tmp_path / "turns.jsonl"), loss_on=loss_on)
+        trained[loss_on] = trained_tokens(build_datasets(config, tokenizer, None)[0]["train"])
+        examples = [parse_record(json.dumps(t), "", "chat", {}, tokenizer, 128, None, loss_on) for t in turns]
+        assert trained[loss_on] == sum(sum(label != -100 for label in e["labels"]) for e in examples)
+    assert trained["all"] > 2 * trained["last_answer"] > 0
+
+
 def test_long_text_lines_train_every_token_and_truncated_records_are_counted(ray_local, tmp_path, tokenizer,
                                                                              monkeypatch, capfd):
     from ft_ray.data import sources

@@ -16,13 +16,13 @@ def test_reports_detected_format_and_counts(tmp_path, capsys):
     assert any(line.startswith("data.train: format auto -> instruction (20 of the first 20 records") for line in out)
     assert not any(line.startswith("warning:") for line in out)
     assert out[-1].startswith("plan: peak ") and "per worker" in out[-1]  # the one-line ft-ray plan
-    assert "data.train: tokens per example (first 100): mean 107, p95 114, max 114; 0 longer than max_seq_len 128" in out
+    assert "data.train: tokens per example (first 100): mean 107, p95 114, max 114, 42% trained (data.loss_on answers); 0 longer than max_seq_len 128" in out
 
 
 def test_records_longer_than_max_seq_len_are_counted_whole_and_warned_of(tmp_path, capsys):
     assert main(["validate", str(write_job(tmp_path, model={"max_seq_len": 64}))]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert ("data.train: tokens per example (first 100): mean 107, p95 114, max 114; 100 longer than max_seq_len 64 "
+    assert ("data.train: tokens per example (first 100): mean 107, p95 114, max 114, 42% trained (data.loss_on answers); 100 longer than max_seq_len 64 "
             "(cut at the end: data.overlong truncate)") in out
     assert ("warning: 100 of the first 100 data.train records are longer than model.max_seq_len 64 and lose their "
             "ends; raise it (p95 114) or shorten them") in out

@@ -5,7 +5,10 @@ import json
 import pytest
 
 from ft_ray.config import ModelConfig
-from ft_ray.data.formats import RecordError, alpaca_prompt, detect_format, map_fields, record_segments
+from ft_ray.data.formats import (RecordError, alpaca_prompt, detect_format, map_fields, record_segments, record_units,
+                                 with_loss_on)
+from ft_ray.data.records import parse_record
+from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.models import load_tokenizer
 from tests.conftest import ASSETS
 
@@ -139,3 +142,24 @@ def test_field_mapping_renames_columns_to_ours(tokenizer):
 def test_forced_format_with_missing_field(tokenizer):
     with pytest.raises(RecordError, match="missing field 'completion'"):
         record_segments({"prompt": "p", "text": "t"}, "completion", tokenizer)
+
+
+def trained_text(record, fmt, tokenizer, loss_on):
+    example = parse_record(json.dumps(record), "", fmt, {}, tokenizer, 512, None, loss_on)
+    return tokenizer.decode([i for i, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+
+
+def test_loss_on_all_trains_prompts_too_and_last_answer_only_the_final_reply(tokenizer):
+    """`data.loss_on`: the answers (default), every token (Axolotl's train_on_inputs, TRL's
+    whole-conversation default), or a conversation's last assistant turn (mask_history)."""
+    record = first("chat")
+    rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    assert trained_text(record, "chat", tokenizer, "answers") == "Hello.<|end|>\nGoodbye.<|end|>\n"
+    assert trained_text(record, "chat", tokenizer, "last_answer") == "Goodbye.<|end|>\n"
+    assert trained_text(record, "chat", tokenizer, "all") == rendered  # all but the bos, which predicts nothing
+    instruction = json.loads((ASSETS / "instruction.jsonl").read_text().splitlines()[1])
+    assert trained_text(instruction, "instruction", tokenizer, "all") == (
+        alpaca_prompt("Translate to French.", "tent") + "tente<|end|>")
+    assert trained_text(instruction, "instruction", tokenizer, "last_answer") == "tente<|end|>"
+    pair = {"prompt": "Name a tent.", "chosen": " Northwind.", "rejected": " A bag."}
+    assert with_loss_on(record_units(pair, "preference", tokenizer), "all") == record_units(pair, "preference", tokenizer)
