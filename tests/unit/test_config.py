@@ -151,3 +151,9 @@ def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
            "lora": {"rank": 16}, "storage": {"path": "/b"}}
     assert resume_changes(old, new) == ["lora.rank: 8 -> 16", "train.learning_rate: 0.0002 -> 0.0003"]
     assert resume_changes(old, old) == []
+    # a run started before a setting existed ran as its default does
+    job = config_from_dict({"data": {"train": "x.jsonl"}}).model_dump(mode="json")
+    before = {**job, "data": {k: v for k, v in job["data"].items() if k != "loss_on"}}
+    assert resume_changes(before, job) == []
+    assert resume_changes(before, {**job, "data": {**job["data"], "loss_on": "all"}}) == [
+        "data.loss_on: 'answers' -> 'all'"]
