@@ -240,7 +240,10 @@ class TrainConfig(Section):
     epochs: float = Field(1, gt=0)
     micro_batch_size: int = Field(4, gt=0, description="sequences per worker per forward pass")
     gradient_accumulation: int = Field(1, gt=0)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="steps the learning rate rises over, from near 0 (at most half the run)")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
+        "after warmup: cosine or linear decay to min_lr_ratio at the last step, or constant"))
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the last step's learning rate as a share of learning_rate")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations")
@@ -704,7 +707,9 @@ PEER_NAMES = {
     "lr": "train.learning_rate", "learning_rate": "train.learning_rate", "num_epochs": "train.epochs",
     "num_train_epochs": "train.epochs", "batch_size": "train.micro_batch_size",
     "per_device_train_batch_size": "train.micro_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation",
-    "warmup_steps": "train.warmup_steps", "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
+    "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_steps",
+    "lr_scheduler_type": "train.lr_schedule", "lr_scheduler": "train.lr_schedule",
+    "cosine_min_lr_ratio": "train.min_lr_ratio", "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
     "save_total_limit": "train.keep_checkpoints", "logging_steps": "train.log_every", "bf16": "train.precision",
     "fp16": "train.precision", "lora_r": "lora.rank", "r": "lora.rank", "lora_rank": "lora.rank",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",

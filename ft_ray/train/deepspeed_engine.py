@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import eval_loss_sum, warmup_cosine
+from ft_ray.train.engine_api import eval_loss_sum, lr_multiplier
 from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
@@ -29,7 +29,7 @@ def deepspeed_config(config: JobConfig, total_steps: int) -> dict[str, Any]:
     """The DeepSpeed JSON of a job: batch sizes, precision, ZeRO, optimizer.
 
     The learning-rate schedule is not in it: DeepSpeed's WarmupCosineLR trains its first
-    step at lr 0, so both engines share `engine_api.warmup_cosine`, handed to DeepSpeed as a
+    step at lr 0, so both engines share `engine_api.lr_multiplier`, handed to DeepSpeed as a
     client scheduler (saved and restored with its checkpoints all the same).
     """
     train, dist = config.train, config.distributed
@@ -81,11 +81,10 @@ class DeepSpeedEngine:
         self.zero_stage = config.distributed.deepspeed.stage
         self.lora = config.trains_adapter
         params = [p for p in model.parameters() if p.requires_grad]
-        warmup = min(config.train.warmup_steps, total_steps // 2)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=deepspeed_config(config, total_steps),
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-                optimizer, warmup_cosine(warmup, total_steps)),
+                optimizer, lr_multiplier(config.train, total_steps)),
             dist_init_required=False)
         self.device = self.engine.device
 

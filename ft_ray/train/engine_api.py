@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ft_ray.config import TrainConfig
 from ft_ray.train.objectives import Objective
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
@@ -42,14 +43,19 @@ class Engine(Protocol):
     def load(self, folder: Path) -> None: ...
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
-    """Learning-rate multiplier: linear warmup, then cosine decay to `min_ratio`."""
+def lr_multiplier(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier of each step: linear warmup over `train.warmup_steps` (at most
+    half the run), then `train.lr_schedule` down to `train.min_lr_ratio` at the last step
+    (cosine, linear) or flat (constant)."""
+    warmup, floor = min(train.warmup_steps, total_steps // 2), train.min_lr_ratio
+    decay = {"cosine": lambda done: 0.5 * (1 + math.cos(math.pi * done)), "linear": lambda done: 1 - done,
+             "constant": lambda done: 1.0}[train.lr_schedule]
 
     def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * decay(done)
 
     return multiplier
 

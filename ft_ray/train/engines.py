@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import COMPUTE_DTYPES, Engine, eval_loss_sum, warmup_cosine
+from ft_ray.train.engine_api import COMPUTE_DTYPES, Engine, eval_loss_sum, lr_multiplier
 from ft_ray.train.objectives import Objective
 
 TRAINER_STATE = "optimizer.pt"
@@ -32,8 +32,7 @@ class DDPEngine:
         train = config.train
         self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
                                            fused=train.fused_optimizer or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(min(train.warmup_steps, total_steps // 2), total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
         self.max_grad_norm = train.max_grad_norm
         self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
 

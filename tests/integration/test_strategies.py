@@ -66,8 +66,10 @@ def test_zero_full_fine_tune_checkpoints_every_rank_resumes_and_keeps_its_worker
 
 
 def test_zero1_full_fine_tune_trains_and_saves_both_shards(ray_local, tmp_path):
-    summary = run_training(zero_job(tmp_path, 1, "zero1", max_steps=2))
+    summary = run_training(zero_job(tmp_path, 1, "zero1", max_steps=2, lr_schedule="constant"))
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    run = Path(summary["best_checkpoint"]).parent
+    assert [m["lr"] for m in metrics(run) if "loss" in m] == [5e-4, 5e-4]  # after its one warmup step: flat
     shards = list(Path(summary["best_checkpoint"]).glob("deepspeed/state/*optim_states.pt"))
     assert len(shards) == 2
 

@@ -30,7 +30,8 @@ def trained(ray_local, tmp_path_factory):
     shutil.copy(DEMO / "train.jsonl", corpus)
     with corpus.open("a") as f:
         f.write('{"instruction": "no output"}\n{broken json\n')
-    config = load_config(write_job(tmp, data={"train": str(corpus)}, train={"max_steps": 6, "checkpoint_every": 3},
+    config = load_config(write_job(tmp, data={"train": str(corpus)}, train={"max_steps": 6, "checkpoint_every": 3,
+                                                                         "lr_schedule": "linear", "min_lr_ratio": 0.5},
                                    tracking={"wandb": {"mode": "offline", "project": "ft-ray-tests"}}))
     summary = run_training(config)
     return config, summary, Path(config.storage.path) / config.run_name
@@ -54,6 +55,8 @@ def test_metrics_hold_every_step_once(trained):
     assert train_steps == [1, 2, 3, 4, 5, 6]
     assert [m["step"] for m in lines if "eval_loss" in m] == [0, 2, 3, 4, 6]
     assert all({"lr", "grad_norm", "tokens_per_s"} <= set(m) for m in lines if "loss" in m)
+    # the rate each step leaves for the next: warmup done at step 1, then linear to half at step 6
+    assert [m["lr"] for m in lines if "loss" in m] == pytest.approx([2e-3 * (1 - 0.1 * i) for i in range(6)])
 
 
 def test_checkpoints_hold_adapter_optimizer_and_data_position(trained):

@@ -89,3 +89,16 @@ def test_a_finished_run_is_not_trained_again_unless_asked_for_more(tmp_path):
     assert finished_run(job, run, None) is None
     more = config_from_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "max_steps": 20}})
     assert finished_run(more, run, "checkpoint-000012") is None
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_learning_rate_warms_up_then_follows_its_schedule(schedule):
+    from ft_ray.config import TrainConfig
+    from ft_ray.train.engine_api import lr_multiplier
+
+    rate = lr_multiplier(TrainConfig(warmup_steps=4, lr_schedule=schedule, min_lr_ratio=0.2), total_steps=24)
+    assert [rate(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # never a step at 0
+    middle, last = rate(14), rate(24)
+    assert (middle, last) == pytest.approx({"cosine": (0.6, 0.2), "linear": (0.6, 0.2), "constant": (1.0, 1.0)}[schedule])
+    assert rate(9) == pytest.approx({"cosine": 0.2 + 0.8 * 0.5 * (1 + 0.7071068), "linear": 0.8,
+                                     "constant": 1.0}[schedule])
