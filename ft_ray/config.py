@@ -246,6 +246,9 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the last step's learning rate as a share of learning_rate")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    neftune_alpha: float = Field(0.0, ge=0, description=(
+        "NEFTune: uniform noise on the input embeddings while training, alpha/sqrt(tokens x dims) of each "
+        "example (5 in its paper); 0: off"))
     eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations")
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in storage")
@@ -496,6 +499,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if job.eval.metric == "preference" and job.objective not in ("dpo", "orpo"):
         problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo or orpo), "
                         f"not objective {job.objective}")
+    if job.train.neftune_alpha and job.objective != "sft":
+        problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
+                        "compares the model with a reference and trains without it")
     if job.data.loss_on != "answers" and job.objective != "sft":
         problems.append(f"data.loss_on: {job.data.loss_on} is for objective sft; objective {job.objective} "
                         "trains on its answers")
@@ -709,7 +715,8 @@ PEER_NAMES = {
     "per_device_train_batch_size": "train.micro_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation",
     "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_steps",
     "lr_scheduler_type": "train.lr_schedule", "lr_scheduler": "train.lr_schedule",
-    "cosine_min_lr_ratio": "train.min_lr_ratio", "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
+    "cosine_min_lr_ratio": "train.min_lr_ratio", "neftune_noise_alpha": "train.neftune_alpha",
+    "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
     "save_total_limit": "train.keep_checkpoints", "logging_steps": "train.log_every", "bf16": "train.precision",
     "fp16": "train.precision", "lora_r": "lora.rank", "r": "lora.rank", "lora_rank": "lora.rank",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",

@@ -54,10 +54,45 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
                      "output; PEFT's forward is used)")
         elif config.uses_fast_paths:
             fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
+    if config.train.neftune_alpha:
+        add_embedding_noise(model, config.train.neftune_alpha)
     model.config.use_cache = False
     if config.train.compile:
         model.compile()  # in place: the module (and save_pretrained) stay as they are
     return model
+
+
+def add_embedding_noise(model: Any, alpha: float) -> None:
+    """NEFTune (Jain et al., 2023): while the model trains, uniform noise in [-m, m] is added to
+    its input embeddings, m = alpha / sqrt(L * d) for an example of L tokens and d dimensions.
+    In a packed row each example has its own L, read from the position ids (they restart at 0
+    per example); without them the row is one example. Evaluation and generation see none."""
+    lengths: dict[str, torch.Tensor | None] = {}
+
+    def remember_lengths(_module: Any, args: tuple, kwargs: dict) -> None:
+        positions = kwargs.get("position_ids")
+        lengths["tokens"] = None if positions is None else example_lengths(positions)
+
+    def add_noise(module: Any, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        tokens = lengths.get("tokens")
+        count = tokens.unsqueeze(-1) if tokens is not None and tokens.shape == output.shape[:2] else output.shape[1]
+        scale = alpha / torch.sqrt(torch.as_tensor(count * output.shape[-1], dtype=torch.float32, device=output.device))
+        return output + (torch.rand_like(output) * 2 - 1) * scale.to(output.dtype)
+
+    model.register_forward_pre_hook(remember_lengths, with_kwargs=True)
+    model.get_input_embeddings().register_forward_hook(add_noise)
+
+
+def example_lengths(positions: torch.Tensor) -> torch.Tensor:
+    """Per token, the length of the example it belongs to in a packed row (position ids
+    restart at 0 where each example starts)."""
+    rows, width = positions.shape
+    starts = positions == 0
+    starts[:, 0] = True
+    example = torch.cumsum(starts.long(), dim=1) + torch.arange(rows, device=positions.device).unsqueeze(1) * width
+    return torch.bincount(example.flatten(), minlength=rows * width + 1)[example]
 
 
 def use_fused_kernels(model: Any, config: JobConfig) -> bool:

@@ -99,8 +99,8 @@ def test_lora_with_zero3_and_cpu_offload_exports_an_adapter(ray_local, tmp_path)
     config = load_config(write_job(
         tmp_path, run_name="lora-zero3-offload", method="lora",
         distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
-        train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "peak_tflops": 1.0}))
-    summary = run_training(config)
+        train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "peak_tflops": 1.0, "neftune_alpha": 5.0}))
+    summary = run_training(config)  # NEFTune's noise on embeddings ZeRO-3 gathers in the module's forward
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
     logged = [m for m in metrics(Path(summary["best_checkpoint"]).parent) if "loss" in m]
     assert all(0 < m["mfu"] < 1 and m["tokens_per_s_per_worker"] > 0 for m in logged)

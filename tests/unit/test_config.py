@@ -44,7 +44,8 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 
 def test_a_peer_tools_name_for_a_setting_names_ft_rays_key(tmp_path):
     """Keys as TRL / transformers, Axolotl or LLaMA-Factory spell them, in any section."""
-    path = write_job(tmp_path, train={"lr": 1e-4, "gradient_accumulation_steps": 2}, lora={"lora_alpha": 16},
+    path = write_job(tmp_path, train={"lr": 1e-4, "gradient_accumulation_steps": 2, "neftune_noise_alpha": 5},
+                     lora={"lora_alpha": 16},
                      sequence_len=512, train_on_inputs=True)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -53,6 +54,7 @@ def test_a_peer_tools_name_for_a_setting_names_ft_rays_key(tmp_path):
         "unknown key 'sequence_len' (ft-ray's key: 'model.max_seq_len')",
         "unknown key 'train.gradient_accumulation_steps' (ft-ray's key: 'train.gradient_accumulation')",
         "unknown key 'train.lr' (ft-ray's key: 'train.learning_rate')",
+        "unknown key 'train.neftune_noise_alpha' (ft-ray's key: 'train.neftune_alpha')",
         "unknown key 'train_on_inputs' (ft-ray's key: 'data.loss_on: all')"]
 
 
@@ -135,6 +137,8 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
         config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl", "format": "instruction"}})
     with pytest.raises(ConfigError, match="data.loss_on: all is for objective sft; objective orpo trains on its answers"):
         config_from_dict({"objective": "orpo", "data": {"train": "x.jsonl", "loss_on": "all"}})
+    with pytest.raises(ConfigError, match="train.neftune_alpha: noisy embeddings are for objective sft; objective dpo"):
+        config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl"}, "train": {"neftune_alpha": 5}})
     config = config_from_dict({"objective": "kto", "preference": {"beta": 0.2}, "data": {"train": "x.jsonl"}})
     assert config.preference.beta == 0.2 and config.preference.desirable_weight == 1.0
     check_format(config, "kto", "data.train")

@@ -230,3 +230,29 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, new
         assert "base_model.model.lm_head.modules_to_save.default.weight" in chunked[2]
     for name, grad in plain[2].items():
         assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
+
+
+def test_neftune_noise_scales_by_each_packed_examples_length_and_stops_in_eval():
+    """`train.neftune_alpha`: uniform noise of at most alpha/sqrt(L * d) on the input
+    embeddings of an example of L tokens (each example of a packed row its own L)."""
+    from ft_ray.train.modeling import example_lengths
+
+    positions = batch()["position_ids"]
+    assert example_lengths(positions).tolist() == [[40] * 40 + [24] * 24, [64] * 64]
+    model = build_model(job(neftune_alpha=5.0), "builtin:tiny-llama")
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    inputs = batch()
+    clean = model.get_input_embeddings().weight[inputs["input_ids"]].detach()
+    model.train()
+    model(**inputs, use_cache=False)
+    noise = seen[-1] - clean
+    dims = clean.shape[-1]
+    for row, spans in ((0, [(0, 40), (40, 64)]), (1, [(0, 64)])):
+        for start, end in spans:
+            bound = 5.0 / (end - start) ** 0.5 / dims ** 0.5
+            largest = noise[row, start:end].abs().max().item()
+            assert 0.95 * bound < largest <= bound * 1.0001
+    model.eval()
+    model(**inputs, use_cache=False)
+    assert torch.equal(seen[-1], clean)
