@@ -194,6 +194,11 @@ def _print_outcome(config: JobConfig, summary: dict) -> None:
     LOG.info(f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
              f"({summary['eval_loss_reduction']:.0%} lower), {summary['steps']} steps, "
              f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.0f} s")
+    stop = summary.get("early_stopping")
+    if stop:
+        LOG.info(f"stopped early at step {stop['step']} of {summary['planned_steps']}: eval loss "
+                 f"{stop['best_eval_loss']:.4f} at step {stop['best_step']} was not lowered by "
+                 f"{stop['evaluations_without_gain']} evaluations since (train.early_stopping_patience)")
     LOG.info(f"summary: {summary['run_folder']}/summary.json")
 
 

@@ -250,6 +250,11 @@ class TrainConfig(Section):
         "NEFTune: uniform noise on the input embeddings while training, alpha/sqrt(tokens x dims) of each "
         "example (5 in its paper); 0: off"))
     eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations")
+    early_stopping_patience: int | None = Field(None, gt=0, description=(
+        "stop when this many evaluations in a row have not lowered eval_loss below its best (each new best is "
+        "checkpointed); none: train every step"))
+    early_stopping_min_delta: float = Field(0.0, ge=0, description=(
+        "with early_stopping_patience: an eval_loss counts as lower only by more than this"))
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in storage")
     log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl lines")
@@ -636,8 +641,10 @@ def dump_yaml(config: JobConfig) -> str:
 
 
 # Keys a relaunch may change and still resume the same run: where and how it runs, and how long
-# (extending max_steps/epochs continues the run; the schedule stretches to the new length).
+# (extending max_steps/epochs continues the run; the schedule stretches to the new length; more
+# patience, or none, continues a run early stopping ended).
 RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
+                  "train.early_stopping_",
                   "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker", "distributed.gpus_per_worker",
                   "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
@@ -717,7 +724,8 @@ PEER_NAMES = {
     "lr_scheduler_type": "train.lr_schedule", "lr_scheduler": "train.lr_schedule",
     "cosine_min_lr_ratio": "train.min_lr_ratio", "neftune_noise_alpha": "train.neftune_alpha",
     "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
-    "save_total_limit": "train.keep_checkpoints", "logging_steps": "train.log_every", "bf16": "train.precision",
+    "save_total_limit": "train.keep_checkpoints",
+    "early_stopping_patience": "train.early_stopping_patience", "early_stopping_threshold": "train.early_stopping_min_delta", "logging_steps": "train.log_every", "bf16": "train.precision",
     "fp16": "train.precision", "lora_r": "lora.rank", "r": "lora.rank", "lora_rank": "lora.rank",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",
     "lora_target_modules": "lora.target_modules", "base_model": "model.name_or_path",

@@ -27,6 +27,9 @@ class TrainState:
     train_tokens: int = 0
     eval_loss_initial: float | None = None
     world_size: int = 1  # of the run that wrote the checkpoint
+    best_eval_loss: float | None = None  # early stopping: the lowest eval_loss so far, at best_eval_step
+    best_eval_step: int = 0
+    evals_without_gain: int = 0  # evaluations since, none lower by train.early_stopping_min_delta
 
 
 def report(engine: Any, state: TrainState, metrics: dict, with_checkpoint: bool, rank: int,

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ft_ray.config import JobConfig
+from ft_ray.config import JobConfig, TrainConfig
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoint_io import TrainState, report, restore
@@ -62,6 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state.step == 0:
         evaluated = evaluate(engine, eval_set, config, objective)
         state.eval_loss_initial = evaluated["eval_loss"]
+        lowered(state, evaluated["eval_loss"], config.train)
         tracker.log({"step": 0, **evaluated, "worker_nodes": nodes})
         ray.train.report({"step": 0, **evaluated})
 
@@ -72,7 +73,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
     step_ids: list[int] = []
     train_batches = batches(train_pieces(config, rank), config, plan, state)
-    for batch in (train_batches if state.step < plan.total_steps else ()):
+    patience = config.train.early_stopping_patience
+    done = state.step >= plan.total_steps or out_of_patience(state, patience)
+    for batch in (train_batches if not done else ()):
         micro += 1
         sync = micro % accumulation == 0
         window.add(*engine.micro_step(batch, 1.0 / accumulation, sync), batch)
@@ -90,22 +93,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             record["train_tokens"] = state.train_tokens
             tracker.log(record)
         checkpoint_due = state.step % config.train.checkpoint_every == 0 or last
+        stop = False
         if state.step % config.train.eval_every == 0 or checkpoint_due:
             evaluated = evaluate(engine, eval_set, config, objective)
-            tracker.log({"step": state.step, **evaluated})
+            if patience:  # every rank sees the same (all-reduced) eval_loss, and stops at the same step
+                best = lowered(state, evaluated["eval_loss"], config.train)
+                stop = out_of_patience(state, patience)
+                checkpoint_due = checkpoint_due or best or stop
+            stopped = {"early_stopping": {"best_step": state.best_eval_step, "best_eval_loss": state.best_eval_loss,
+                                          "evaluations_without_gain": state.evals_without_gain}} if stop else {}
+            tracker.log({"step": state.step, **evaluated, **stopped})
             tracker.flush()
             trace.flush()
             report(engine, state, {"step": state.step, **evaluated, "train_tokens": state.train_tokens},
                    checkpoint_due, rank, run)
-        if last:
+        if last or stop:
             break
-    if resumed_from and state.step >= plan.total_steps:
+    if resumed_from and done:
         # A finished run relaunched (a sweep restored after its driver died): tell Ray (and
         # Tune) where it ended, once, from every rank.
         ray.train.report({"step": state.step, **evaluate(engine, eval_set, config, objective),
                           "train_tokens": state.train_tokens})
     trace.flush()
     tracker.finish()
+
+
+def lowered(state: TrainState, eval_loss: float, train: TrainConfig) -> bool:
+    """Early stopping's count: whether `eval_loss` is a new best (lower than the best so far
+    by more than `train.early_stopping_min_delta`); else one more evaluation without gain."""
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss - train.early_stopping_min_delta:
+        state.best_eval_loss, state.best_eval_step, state.evals_without_gain = eval_loss, state.step, 0
+        return True
+    state.evals_without_gain += 1
+    return False
+
+
+def out_of_patience(state: TrainState, patience: int | None) -> bool:
+    """`train.early_stopping_patience` evaluations in a row did not lower eval_loss: the run
+    is done (a relaunch with more patience, or none, trains on)."""
+    return patience is not None and state.evals_without_gain >= patience
 
 
 def train_pieces(config: JobConfig, rank: int) -> list[Any]:

@@ -259,15 +259,17 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> str | 
 
 def finished_run(config: JobConfig, run: RunFolder, resume_from: str | None) -> dict[str, Any] | None:
     """The summary of a run that did all the job asks (the same length: `train.max_steps`
-    and `epochs`, the rest checked by `check_same_job`; every planned step; its last
-    checkpoint the one it would resume from): a relaunch has nothing to train, and would
-    spend the cluster's start-up, the data and the model load on it."""
+    and `epochs`, the rest checked by `check_same_job`; every planned step, or stopped by
+    `train.early_stopping_patience`; its last checkpoint the one it would resume from): a
+    relaunch has nothing to train, and would spend the cluster's start-up, the data and the
+    model load on it."""
     summary = json.loads(run.read_text("summary.json") or "null") if resume_from else None
     if not summary:
         return None
     trained = (yaml.safe_load(run.read_text("config.yaml") or "null") or {}).get("train", {})
-    finished = (all(trained.get(key) == getattr(config.train, key) for key in ("max_steps", "epochs"))
-                and summary.get("steps") == summary.get("planned_steps")
+    lengths = ("max_steps", "epochs", "early_stopping_patience", "early_stopping_min_delta")
+    finished = (all(trained.get(key) == getattr(config.train, key) for key in lengths)
+                and (summary.get("steps") == summary.get("planned_steps") or summary.get("early_stopping"))
                 and str(summary.get("latest_checkpoint")).rsplit("/", 1)[-1] == resume_from)
     return summary if finished else None
 
@@ -376,12 +378,16 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
     exported = export_best(config, run, best) if best else None
     speeds = [m["tokens_per_s"] for m in train_lines[1:]] or [m["tokens_per_s"] for m in train_lines]
     initial, final = evals[0]["eval_loss"] if evals else None, evals[-1]["eval_loss"] if evals else None
+    steps = train_lines[-1]["step"] if train_lines else 0
+    # an early stop the run ended with (not one a relaunch with more patience trained past)
+    stopped = [m for m in evals if "early_stopping" in m and m["step"] == steps]
     return {
         "run_name": config.run_name,
         "run_folder": run.uri,
         "method": config.method,
-        "steps": train_lines[-1]["step"] if train_lines else 0,
+        "steps": steps,
         "planned_steps": plan.total_steps,
+        "early_stopping": {"step": stopped[-1]["step"], **stopped[-1]["early_stopping"]} if stopped else None,
         "train_tokens": train_lines[-1]["train_tokens"] if train_lines else 0,
         "train_loss_final": train_lines[-1]["loss"] if train_lines else None,
         "eval_loss_initial": initial,

@@ -213,7 +213,12 @@ def _size(reference_run: Path) -> int:
     return (reference_run / "checkpoint-000008" / "model" / "adapter_model.safetensors").stat().st_size
 
 
-def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference_run, tmp_path):
+def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference_run, tmp_path, capfd):
+    """A changed learning rate is refused; --force-new starts over. The new run stops early
+    (two evaluations that do not lower eval_loss by 100 end it at step 2 of 4, a checkpoint
+    there); relaunched as it was it is done; with more patience, the one change a resume
+    takes here, it trains on, and an evaluation that lowers eval_loss (step 3) saves a
+    checkpoint though none is due."""
     run = tmp_path / "runs" / "changed"
     shutil.copytree(reference_run, run)
     changed = load_config(write_job(tmp_path, run_name="changed", train={**TRAIN, "learning_rate": 1e-3}))
@@ -221,12 +226,27 @@ def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference_ru
         run_training(changed)
     assert sorted(p.name for p in run.parent.iterdir()) == ["changed"]  # nothing touched
 
-    job = write_job(tmp_path, run_name="changed", train={**TRAIN, "learning_rate": 1e-3, "max_steps": 2})
+    train = {**TRAIN, "learning_rate": 1e-3, "max_steps": 4, "eval_every": 1, "checkpoint_every": 100,
+             "early_stopping_patience": 2, "early_stopping_min_delta": 100.0}
+    job = write_job(tmp_path, run_name="changed", train=train)
     assert main(["train", str(job), "--force-new"]) == 0
     [aside] = [p for p in run.parent.iterdir() if p.name.startswith("changed.replaced-")]
     assert (aside / "checkpoint-000012" / MANIFEST).exists()
     metrics = jsonl((run / "metrics.jsonl").read_text())
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2] and not any("resumed_from" in m for m in metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["early_stopping"] == {"step": 2, "best_step": 0, "best_eval_loss": summary["eval_loss_initial"],
+                                         "evaluations_without_gain": 2} and summary["planned_steps"] == 4
+    assert (f"stopped early at step 2 of 4: eval loss {summary['eval_loss_initial']:.4f} at step 0 was not lowered "
+            "by 2 evaluations since (train.early_stopping_patience)") in capfd.readouterr().out
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002"]
+    assert run_training(load_config(job)) == summary  # done: nothing trained again
+
+    more = load_config(write_job(tmp_path, run_name="changed", train={**train, "early_stopping_patience": 3,
+                                                                      "early_stopping_min_delta": 0.0}))
+    summary = run_training(more)
+    assert summary["steps"] == 4 and summary["early_stopping"] is None
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-00000{s}" for s in (2, 3, 4)]
 
 
 def test_unreachable_store_fails_the_run_naming_the_uri(ray_local, tmp_path, capsys):
