@@ -17,10 +17,10 @@ import sys
 import traceback
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ft_ray.config import ConfigError, InputError, JobConfig, load_config
-from ft_ray.console import LOG, log_file_for, quiet_session, report_failure, verbose_requested
+from ft_ray.console import LOG, TERMINAL, log_file_for, quiet_session, report_failure, verbose_requested
 from ft_ray.storage import StorageError, for_preflight
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -131,6 +131,30 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds (else it must be new or empty)")
     export.set_defaults(handler=cmd_export)
+
+    generate = commands.add_parser("generate", help="answer your prompts with the variant (and the base model): "
+                                                    "typed, given, or a file of records")
+    generate.add_argument("path", help="run folder, checkpoint, sweep winner or adapter/model folder "
+                                       "(local, or s3:// with --config)")
+    generate.add_argument("--config", help="the job that trained it (default: the run's config.yaml)")
+    generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of --config (repeatable)")
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); without --prompt or "
+                        "--file: one per line from stdin, typed at a '> ' where it is a terminal")
+    source.add_argument("--file", type=Path, help="JSONL records in a training format: their prompts are answered "
+                        "and their answers shown as the reference")
+    generate.add_argument("--format", choices=["chat", "instruction", "completion"],
+                          help="how a prompt is put to the model (default: as the run's training data was; "
+                               "completion: as written)")
+    generate.add_argument("--compare", action="store_true", help="the base model's answer beside the variant's")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampled")
+    generate.add_argument("--seed", type=int, default=0, help="of the sampling")
+    generate.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt as the model saw "
+                          "it, reference, variant, base")
+    generate.add_argument("--verbose", action="store_true", help="the libraries' output here, not in the log file")
+    generate.set_defaults(handler=cmd_generate)
     submit = commands.add_parser("submit", help="run a job file on a Ray cluster (Ray Jobs API)")
     _config_args(submit)
     submit.add_argument("--address", help="dashboard URL, e.g. http://head:8265 (default: RAY_ADDRESS)")
@@ -383,6 +407,62 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_checkpoint(checkpoint, args.out, merge=args.merge)
     LOG.info(f"exported {'merged model' if args.merge else 'weights'} to {out}")
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ft_ray.evaluation.evaluate import resolve_target
+    from ft_ray.evaluation.scoring import local_variant
+    from ft_ray.generate import Answerer, Settings, answers, job_of, prompt_format, records_of, render
+    from ft_ray.samples import split_prompt
+    from ft_ray.storage import RunFolder
+
+    config = job_of(args.path, args.config, args.overrides)
+    settings = Settings(args.max_new_tokens, args.temperature, args.compare)
+    run = RunFolder.for_job(config)
+    _quiet(args, run)
+    with resolve_target(args.path, config) as target, local_variant(target.weights, config) as weights:
+        answerer = Answerer(config, weights, settings)
+        # the formats its data was read as: the run's summary (an exported folder's job names the run)
+        summary = json.loads(target.folder.read_text("summary.json") or run.read_text("summary.json") or "null")
+        fmt = args.format or prompt_format(config, summary, answerer.tokenizer)
+        how = "greedy" if not args.temperature else f"sampled at temperature {args.temperature}"
+        LOG.info(f"generate: {target.origin or target.weights} (prompts as {fmt}; {how}, at most "
+                 f"{args.max_new_tokens} new tokens)")
+        torch.manual_seed(args.seed)
+        if args.file:
+            prompts = (split_prompt(record, found, answerer.tokenizer)
+                       for found, record in records_of(args.file, config.data.fields))
+        else:
+            typed = args.prompt or _typed_prompts()
+            prompts = ((render(text, fmt, answerer.tokenizer), None) for text in typed)
+        out = TERMINAL.stream()
+        for result in answers(answerer, prompts):
+            if args.json:
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            else:
+                for key in ("prompt", "reference", "variant", "base"):
+                    if key in result and (key != "prompt" or args.file or args.prompt):
+                        out.write(f"{key}: {result[key].strip()}\n")
+                out.write("\n")
+            out.flush()
+    return 0
+
+
+def _typed_prompts() -> Iterator[str]:
+    """Prompts from stdin, one per line; at a terminal each asked for with '> ' (Ctrl-D ends)."""
+    if not sys.stdin.isatty():
+        yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+        return
+    while True:
+        TERMINAL.stream().write("> ")
+        TERMINAL.stream().flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def main_exit() -> None:

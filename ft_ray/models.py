@@ -252,8 +252,9 @@ def count_parameters(model: Any) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of `prompt`, decoded without special tokens."""
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+    """Continuation of `prompt` (greedy; sampled at `temperature` when above 0), decoded
+    without special tokens."""
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -261,8 +262,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) 
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
     model.eval()
     with torch.no_grad():
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             **sampling, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

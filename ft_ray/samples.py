@@ -54,13 +54,14 @@ def compare_generations(config: JobConfig, adapter_or_model: str, limit: int,
     base = load_base_model(config.model)
     answers = [{"prompt": p, "reference": ref, "base": generate(base, tokenizer, p, max_new_tokens)}
                for p, ref in pairs]
-    variant = _load_variant(base, Path(adapter_or_model))
+    variant = load_variant(base, Path(adapter_or_model))
     for answer in answers:
         answer["variant"] = generate(variant, tokenizer, answer["prompt"], max_new_tokens)
     return answers
 
 
-def _load_variant(base: Any, path: Path) -> Any:
+def load_variant(base: Any, path: Path) -> Any:
+    """The variant at `path`: an adapter folder applied to `base`, or a whole model."""
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -132,6 +133,58 @@ def test_export_adapter_and_merged_model_load_without_ft_ray(trained, tmp_path, 
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["max_diff"] < 1e-4
     assert result["adapter_changes_output"] > 1e-3
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_generate_answers_prompts_as_the_run_was_trained(trained, tmp_path, capsys, monkeypatch):
+    """`ft-ray generate`: typed prompts put as the run's instruction data was (the Alpaca
+    prompt), answered greedily by the run's adapter and, with --compare, the base model, as
+    plain PEFT answers them; a file of records shows their answers as the reference; stdin
+    gives one prompt per line; a merged export takes the job from --config."""
+    from peft import PeftModel
+
+    from ft_ray.data.formats import alpaca_prompt
+    from ft_ray.models import generate, load_base_model, load_tokenizer
+
+    config, summary, run = trained
+    asked = ["Say hi.", "Name a tent."]
+    command = ["generate", str(run), "--compare", "--json", "--max-new-tokens", "12"]
+    assert main([*command, "--prompt", asked[0], "--prompt", asked[1]]) == 0
+    results = json_lines(capsys.readouterr().out)
+    tokenizer = load_tokenizer(config.model)
+    assert [r["prompt"] for r in results] == [alpaca_prompt(p) for p in asked]
+    base = load_base_model(config.model)
+    assert [r["base"] for r in results] == [generate(base, tokenizer, r["prompt"], 12).strip() for r in results]
+    variant = PeftModel.from_pretrained(base, summary["adapter_path"])
+    assert [r["variant"] for r in results] == [generate(variant, tokenizer, r["prompt"], 12).strip() for r in results]
+
+    records = [json.loads(line) for line in (DEMO / "eval.jsonl").read_text().splitlines()[:2]]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main([*command, "--file", str(tmp_path / "few.jsonl")]) == 0
+    assert [r["reference"] for r in json_lines(capsys.readouterr().out)] == [r["output"] for r in records]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stdin in (io.StringIO, Terminal):  # piped lines; typed at a "> " (Ctrl-D: the end of input)
+        monkeypatch.setattr(sys, "stdin", stdin(f"{asked[0]}\n\n{asked[1]}\n"))
+        assert main(["generate", str(run), "--max-new-tokens", "12"]) == 0
+        out = capsys.readouterr().out
+        assert [line.split("variant: ", 1)[1] for line in out.splitlines() if "variant: " in line] == [
+            r["variant"] for r in results]
+        assert out.count("> ") == (4 if stdin is Terminal else 0)  # asked again after the empty line and at the end
+
+    merged = tmp_path / "merged"
+    assert main(["export", str(run), "--out", str(merged), "--merge"]) == 0
+    assert main(["generate", str(merged), "--prompt", asked[0]]) == 2
+    assert "no config.yaml of a run here or in the folder above it: name the job" in capsys.readouterr().err
+    assert main(["generate", str(merged), "--config", str(run / "config.yaml"), "--json", "--max-new-tokens", "12",
+                 "--prompt", asked[0]]) == 0
+    assert json_lines(capsys.readouterr().out)[0]["variant"] == results[0]["variant"]
 
 
 def test_export_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):

@@ -1,0 +1,124 @@
+"""`ft-ray generate`: a person's own prompts answered by the variant (and, with `compare`, by
+the base model), each prompt rendered as the run's training examples were (the chat template,
+the Alpaca prompt, or as written), in this process. A look at what the fine-tune does before
+serving it; `ft-ray eval` is what measures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ft_ray.config import InputError, JobConfig, load_config
+from ft_ray.data.formats import RecordError, detect_format, map_fields
+from ft_ray.samples import split_prompt
+
+PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
+
+
+@dataclass
+class Settings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    compare: bool = False  # the base model's answer too
+
+
+def job_of(path: str, config_path: str | None, overrides: list[str]) -> JobConfig:
+    """The job that trained what `path` holds: `config_path`, else the `config.yaml` of the
+    run folder at `path` (or holding the checkpoint at `path`, or the sweep trial a winner
+    folder came from).
+
+    Raises:
+        InputError: none is found (an exported folder: the job must be named).
+    """
+    if config_path:
+        return load_config(config_path, overrides)
+    folder = Path(path)
+    candidates = [folder / "config.yaml", folder.parent / "config.yaml"]
+    winner = folder / "winner.json"
+    if winner.is_file():
+        candidates.insert(0, Path(json.loads(winner.read_text())["source_checkpoint"]).parent / "config.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return load_config(candidate)
+    raise InputError(f"{path}: no config.yaml of a run here or in the folder above it: name the job that "
+                     "trained it with --config JOB")
+
+
+def prompt_format(config: JobConfig, summary: dict | None, tokenizer: Any) -> str:
+    """How typed prompts are rendered: the job's data format, else the one the run's data
+    was detected as (summary.json), else chat where the tokenizer has a template; text and
+    preference data take their prompts as written, or through the chat template."""
+    detected = Counter((summary or {}).get("data", {}).get("formats", {}).values())
+    fmt = config.data.format if config.data.format != "auto" else (
+        detected.most_common(1)[0][0] if detected else "auto")
+    if fmt in PROMPT_FORMATS:
+        return fmt
+    return "chat" if fmt != "text" and getattr(tokenizer, "chat_template", None) else "completion"
+
+
+def render(prompt: str, fmt: str, tokenizer: Any) -> str:
+    """A typed prompt as the model saw prompts in training (the text before the answer)."""
+    if fmt == "completion":
+        return prompt
+    record = ({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "-"}]}
+              if fmt == "chat" else {"instruction": prompt, "output": "-"})
+    return split_prompt(record, fmt, tokenizer)[0]
+
+
+def records_of(path: Path, fields: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """(format, record) of each line of a JSONL file of records in a training format.
+
+    Raises:
+        InputError: a line that is not one (file and line named).
+    """
+    with path.open(encoding="utf-8-sig") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = map_fields(json.loads(line), fields)
+                yield detect_format(record), record
+            except (json.JSONDecodeError, RecordError) as e:
+                raise InputError(f"{path}:{line_number}: {e}") from None
+
+
+class Answerer:
+    """The variant loaded once (and the base: the adapter switched off, or the base model
+    beside a full fine-tune's), answering one prompt at a time."""
+
+    def __init__(self, config: JobConfig, weights: Path, settings: Settings):
+        from ft_ray.models import load_base_model, load_tokenizer
+        from ft_ray.samples import load_variant
+
+        self.settings = settings
+        self.tokenizer = load_tokenizer(config.model)
+        adapter = (weights / "adapter_config.json").is_file()
+        self.base = load_base_model(config.model) if adapter or settings.compare else None
+        self.variant = load_variant(self.base, weights)
+
+    def answer(self, prompt: str) -> dict[str, str]:
+        from ft_ray.models import generate
+
+        def reply(model: Any) -> str:
+            return generate(model, self.tokenizer, prompt, self.settings.max_new_tokens,
+                            self.settings.temperature).strip()
+
+        answers = {"variant": reply(self.variant)}
+        if self.settings.compare:
+            if hasattr(self.variant, "disable_adapter"):  # PEFT: the same weights without the adapter
+                with self.variant.disable_adapter():
+                    answers["base"] = reply(self.variant)
+            else:
+                answers["base"] = reply(self.base)
+        return answers
+
+
+def answers(answerer: Answerer, prompts: Iterable[tuple[str, str | None]]) -> Iterator[dict[str, str]]:
+    """For each (model input, reference or None): the input, the reference, the answers."""
+    for model_input, reference in prompts:
+        yield {"prompt": model_input, **({"reference": reference} if reference is not None else {}),
+               **answerer.answer(model_input)}
