@@ -6,11 +6,13 @@ on a large corpus and needs no Ray.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from typing import Any
 
 from ft_ray.config import JobConfig, SourceConfig
-from ft_ray.data.formats import RecordError
+from ft_ray.data.formats import RecordError, map_fields
 from ft_ray.data.records import eval_bucket, parse_record
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import DataError, check_format, choose_format, read_records
@@ -21,15 +23,39 @@ MIN_TRAIN_EXAMPLES = 100
 UNCUT = 1 << 30  # a length no record reaches: peeked records are measured whole
 
 
-def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0) -> tuple[int, int]:
-    """(records kept for training, records split off for eval) of a source, streaming."""
+def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0,
+                  eval_examples: Counter | None = None, in_train: set | None = None) -> tuple[int, int]:
+    """(records kept for training, records split off for eval) of a source, streaming. The
+    keys of `eval_examples` (`example_key`s of the eval records) that a training record has
+    too are added to `in_train`."""
     train = held_out = 0
     for _, _, text, _ in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
         if eval_fraction and eval_bucket(text) < eval_fraction:
             held_out += 1
-        else:
-            train += 1
+            continue
+        train += 1
+        if eval_examples:
+            example = example_key(text, source.fields)
+            if example in eval_examples:
+                in_train.add(example)
     return train, held_out
+
+
+def example_key(text: str, fields: dict[str, str]) -> bytes:
+    """One example's identity in whatever file it is: the record parsed, its columns named as
+    ft-ray names them, its keys sorted (the text as it is when it is not JSON)."""
+    try:
+        text = json.dumps(map_fields(json.loads(text), fields), sort_keys=True, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        pass
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def eval_examples(config: JobConfig) -> Counter:
+    """How often each example (`example_key`) is in `data.eval`."""
+    source = config.data.eval_source()
+    return Counter(example_key(text, source.fields) for _, _, text, _ in
+                   read_records(source, config.storage, "data.eval", ReadLimits.of(config.data, source)))
 
 
 def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> dict[str, Any]:
@@ -79,8 +105,10 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     lines: list[str] = [f"warning: {w}" for w in [context_window_warning(config.model)] if w]
     formats: Counter = Counter()
     problems = 0
+    held_out_examples = eval_examples(config) if data.eval else Counter()
+    in_train: set[bytes] = set()
     for key, source in data.keyed_sources():
-        kept, split = count_records(source, config, key, split_off)
+        kept, split = count_records(source, config, key, split_off, held_out_examples, in_train)
         train, held_out = train + kept, held_out + split
         fmt, note = choose_format(source, config.storage, key)
         try:
@@ -102,7 +130,12 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
                          f"{config.model.max_seq_len} and lose their ends; raise it (p95 {p95(lengths)}) or shorten them")
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
     if data.eval:
-        held_out, _ = count_records(data.eval_source(), config, "data.eval")
+        held_out = sum(held_out_examples.values())
+        seen = sum(held_out_examples[example] for example in in_train)
+        if seen:
+            lines.append(f"warning: {seen} of the {held_out} data.eval records are training examples too (the same "
+                         "record in data.train): loss and ft-ray eval on them measure recall, not what was learned; "
+                         "take them out of one side")
     if train < MIN_TRAIN_EXAMPLES:
         lines.append(f"warning: only {train} training examples; with fewer than {MIN_TRAIN_EXAMPLES} "
                      "fine-tuning rarely beats few-shot prompting: collect more before spending GPUs")

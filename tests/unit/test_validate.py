@@ -44,6 +44,24 @@ def test_warns_below_100_training_examples_and_lists_bad_lines(tmp_path, capsys)
     assert f"problem: {data}:3: not_json: not JSON" in out
 
 
+def test_eval_records_that_are_training_records_too_are_counted(tmp_path, capsys):
+    """The same example in data.eval and data.train (another key order, other spacing, another
+    column name through its source's fields) makes the eval measure recall: said before launch."""
+    from tests.conftest import DEMO
+
+    train = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()]
+    copied = [json.dumps(train[3]), json.dumps(dict(reversed(list(train[7].items()))), indent=1).replace("\n", ""),
+              json.dumps({"question": train[9]["instruction"], **{k: v for k, v in train[9].items()
+                                                                   if k != "instruction"}})]
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text((DEMO / "eval.jsonl").read_text() + "\n".join(copied + [copied[0]]) + "\n")
+    job = write_job(tmp_path, data={"eval": {"path": str(held_out), "fields": {"instruction": "question"}}})
+    assert main(["validate", str(job)]) == 0
+    assert ("warning: 4 of the 52 data.eval records are training examples too (the same record in data.train): loss "
+            "and ft-ray eval on them measure recall, not what was learned; take them out of one side"
+            ) in capsys.readouterr().out
+
+
 def test_missing_data_file_exits_2(tmp_path, capsys):
     job = write_job(tmp_path, data={"train": str(tmp_path / "nope.jsonl")})
     assert main(["validate", str(job)]) == 2
