@@ -396,11 +396,15 @@ class EvalConfig(Section):
 
 
 class PreferenceConfig(Section):
-    """Settings of the preference objectives (objective: dpo | orpo | kto)."""
+    """Settings of the preference objectives (objective: dpo | orpo | simpo | kto)."""
 
     beta: float = Field(0.1, gt=0, description=(
         "dpo/kto: how far the variant may move from the reference model (higher: less); "
-        "orpo: the weight of the odds-ratio term beside the chosen answers' next-token loss"))
+        "orpo: the weight of the odds-ratio term beside the chosen answers' next-token loss; "
+        "simpo: the scale of the mean log-prob margin (default 2.0 there; 2-10 in its paper)"))
+    simpo_gamma: float = Field(0.5, ge=0, description=(
+        "simpo: the margin the chosen answer's scaled mean log-prob must clear over the rejected one's "
+        "(TRL's simpo_gamma)"))
     reference: Literal["precomputed", "inline"] = Field("precomputed", description=(
         "dpo/kto: precomputed: the base model's log-probs of every answer, once, before training (with the "
         "prepared data when there is some): the workers hold no reference model; inline: each step, from the "
@@ -413,15 +417,19 @@ class PreferenceConfig(Section):
 
 
 OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion"), "dpo": ("preference",),
-                     "orpo": ("preference",), "kto": ("kto",)}  # the data formats each objective trains on
+                     "orpo": ("preference",), "simpo": ("preference",),
+                     "kto": ("kto",)}  # the data formats each objective trains on
+PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs
+SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's paper: 2 to 10)
 
 
 class JobConfig(Section):
     run_name: str = Field("ft-ray-run", pattern=FOLDER_NAME)
     method: Literal["full", "lora", "qlora"] = "lora"
-    objective: Literal["sft", "dpo", "orpo", "kto"] = Field("sft", description=(
-        "sft: next-token loss on the answers; dpo/orpo: pairs of a chosen and a rejected answer "
-        "(format preference); kto: answers labelled good or bad (format kto)"))
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field("sft", description=(
+        "sft: next-token loss on the answers; dpo/orpo/simpo: pairs of a chosen and a rejected answer "
+        "(format preference; orpo and simpo need no reference model); kto: answers labelled good or bad "
+        "(format kto)"))
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
@@ -469,6 +477,12 @@ class JobConfig(Section):
         return (self.data.max_record_tokens or self.model.max_seq_len) if self.data.overlong == "drop" else None
 
     @model_validator(mode="after")
+    def _objective_defaults(self) -> "JobConfig":
+        if self.objective == "simpo" and "beta" not in self.preference.model_fields_set:
+            self.preference.beta = SIMPO_BETA  # DPO's 0.1 would barely move SimPO's length-normalised margin
+        return self
+
+    @model_validator(mode="after")
     def _check_combinations(self) -> "JobConfig":
         problems = impossible_combinations(self)
         if problems:
@@ -501,8 +515,8 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if dist.gpu_share < 1 and dist.max_workers > 1:
         problems.append(f"distributed.gpus_per_worker: {dist.gpus_per_worker} shares GPUs, which only one-worker jobs "
                         "(sweep trials) can do: the workers of one job cannot talk over NCCL on one device")
-    if job.eval.metric == "preference" and job.objective not in ("dpo", "orpo"):
-        problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo or orpo), "
+    if job.eval.metric == "preference" and job.objective not in PAIRED_OBJECTIVES:
+        problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo, orpo or simpo), "
                         f"not objective {job.objective}")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
@@ -725,7 +739,7 @@ PEER_NAMES = {
     "cosine_min_lr_ratio": "train.min_lr_ratio", "neftune_noise_alpha": "train.neftune_alpha",
     "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
     "save_total_limit": "train.keep_checkpoints",
-    "early_stopping_patience": "train.early_stopping_patience", "early_stopping_threshold": "train.early_stopping_min_delta", "logging_steps": "train.log_every", "bf16": "train.precision",
+    "early_stopping_patience": "train.early_stopping_patience", "loss_type": "objective", "early_stopping_threshold": "train.early_stopping_min_delta", "logging_steps": "train.log_every", "bf16": "train.precision",
     "fp16": "train.precision", "lora_r": "lora.rank", "r": "lora.rank", "lora_rank": "lora.rank",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",
     "lora_target_modules": "lora.target_modules", "base_model": "model.name_or_path",

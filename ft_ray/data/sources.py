@@ -182,7 +182,8 @@ def check_format(config: JobConfig, fmt: str, key: str) -> None:
     """Raises DataError when a source's records are not what the job's objective trains on."""
     allowed = OBJECTIVE_FORMATS[config.objective]
     if fmt not in allowed:
-        objectives = " or ".join(o for o, formats in OBJECTIVE_FORMATS.items() if fmt in formats)
+        names = [o for o, formats in OBJECTIVE_FORMATS.items() if fmt in formats]
+        objectives = " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise DataError(f"{key}: records of format {fmt} train with objective {objectives}, not "
                         f"{config.objective} (which needs format {' or '.join(allowed)}); set objective "
                         "in the job file")

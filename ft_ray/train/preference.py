@@ -193,6 +193,30 @@ def orpo_odds_ratio(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor,
     return beta * F.logsigmoid(log_odds), log_odds
 
 
+class SimPOLoss(PreferenceObjective):
+    """Simple Preference Optimization (Meng et al., 2024): -log sigmoid(beta * (mean log-prob
+    per token of the chosen answer - of the rejected one) - gamma). No reference model; the
+    length normalisation keeps long answers from winning by length."""
+
+    name = "simpo"
+
+    def __init__(self, beta: float, gamma: float):
+        super().__init__(beta, None)
+        self.gamma = gamma
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = answer_sums(token_logps_of(model, batch), batch)
+        (pc, nc), (pr, nr) = policy.of(CHOSEN), policy.of(REJECTED)
+        chosen_mean, rejected_mean = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
+        metrics = self.pair_metrics(self.beta * chosen_mean, self.beta * rejected_mean, pc, pr)
+        return _mean(simpo_loss(chosen_mean, rejected_mean, self.beta, self.gamma)), metrics
+
+
+def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """The loss per pair from mean log-probs per answer token."""
+    return -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
+
+
 class KTOLoss(PreferenceObjective):
     """Kahneman-Tversky Optimization on answers labelled good (CHOSEN) or bad (REJECTED):
     1 - sigmoid(beta * (r - z0)) for good answers, 1 - sigmoid(beta * (z0 - r)) for bad ones,
@@ -317,6 +341,8 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
         return DPOLoss(preference.beta, reference, preference.chosen_nll_weight)
     if config.objective == "orpo":
         return ORPOLoss(preference.beta, None)
+    if config.objective == "simpo":
+        return SimPOLoss(preference.beta, preference.simpo_gamma)
     return KTOLoss(preference.beta, reference, preference.desirable_weight, preference.undesirable_weight)
 
 

@@ -13,7 +13,7 @@ from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
 from ft_ray.models import load_base_model, load_tokenizer
 from ft_ray.train.attention import register
-from ft_ray.train.preference import answer_sums, dpo_loss, kto_loss, orpo_odds_ratio, token_logps_of
+from ft_ray.train.preference import answer_sums, dpo_loss, kto_loss, orpo_odds_ratio, simpo_loss, token_logps_of
 from tests.conftest import DEMO
 
 
@@ -166,3 +166,42 @@ def test_dpo_from_the_head_in_chunks_equals_dpo_from_the_whole_logits(method, pr
     for name, grad in plain[2].items():
         scale = grad.abs().max().item()
         assert scale > 0 and torch.allclose(chunked[2][name], grad, atol=rel * 2 * scale), name
+
+
+def test_simpo_loss_by_hand_and_by_trls_formula():
+    chosen_mean, rejected_mean = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    losses = simpo_loss(chosen_mean, rejected_mean, beta=2.0, gamma=0.5)
+    # pair 1: 2 * 0.5 - 0.5 = 0.5; pair 2: 2 * -1 - 0.5 = -2.5
+    torch.testing.assert_close(losses, torch.tensor([math.log1p(math.exp(-0.5)), math.log1p(math.exp(2.5))]))
+    # TRL (CPOTrainer, loss_type simpo): logits = (pi_c - pi_r) - simpo_gamma / beta; -logsigmoid(beta * logits)
+    trl = -torch.nn.functional.logsigmoid(2.0 * ((chosen_mean - rejected_mean) - 0.5 / 2.0))
+    torch.testing.assert_close(losses, trl)
+
+
+def test_simpo_job_trains_its_pairs_apart_without_a_reference():
+    """objective: simpo (beta 2.0 unless set): its loss is the formula's on each pair's mean
+    log-probs, and a few steps on the demo's pairs raise the chosen answers over the rejected."""
+    from ft_ray.config import config_from_dict
+    from ft_ray.train.objectives import build_objective
+    from ft_ray.train.preference import SimPOLoss
+
+    job = config_from_dict({"objective": "simpo", "method": "full", "data": {"train": "x.jsonl"}})
+    assert (job.preference.beta, job.preference.simpo_gamma) == (2.0, 0.5) and not job.precomputes_reference
+    assert config_from_dict({**job.model_dump(), "preference": {"beta": 3.0}}).preference.beta == 3.0
+    model, _, tensors = packed_demo_pairs(4)
+    objective = build_objective(job, model)
+    assert isinstance(objective, SimPOLoss) and objective.reference is None
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    margins = []
+    for _ in range(4):
+        loss, metrics = objective.loss(model, tensors)
+        answers = answer_sums(token_logps_of(model, tensors), tensors)
+        (pc, nc), (pr, nr) = answers.of(CHOSEN), answers.of(REJECTED)
+        expected = simpo_loss(pc / nc, pr / nr, 2.0, 0.5).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+        margins.append(metrics["reward_margin"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert margins[-1] > margins[0] + 1
