@@ -63,7 +63,7 @@ class ModelConfig(Section):
         "a Jinja chat template, inline or the path of a file, for a base model without one (or to replace it)"))
 
 
-FormatName = Literal["auto", "text", "instruction", "chat", "completion", "preference", "kto"]
+FormatName = Literal["auto", "text", "instruction", "chat", "completion", "segments", "preference", "kto"]
 
 
 class SourceConfig(Section):
@@ -416,7 +416,7 @@ class PreferenceConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled bad")
 
 
-OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion"), "dpo": ("preference",),
+OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion", "segments"), "dpo": ("preference",),
                      "orpo": ("preference",), "simpo": ("preference",),
                      "kto": ("kto",)}  # the data formats each objective trains on
 PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs

@@ -50,14 +50,15 @@ def job_of(path: str, config_path: str | None, overrides: list[str]) -> JobConfi
 
 def prompt_format(config: JobConfig, summary: dict | None, tokenizer: Any) -> str:
     """How typed prompts are rendered: the job's data format, else the one the run's data
-    was detected as (summary.json), else chat where the tokenizer has a template; text and
-    preference data take their prompts as written, or through the chat template."""
+    was detected as (summary.json), else chat where the tokenizer has a template. Text and
+    segments data take their prompts as written; preference data through the chat template
+    where there is one."""
     detected = Counter((summary or {}).get("data", {}).get("formats", {}).values())
     fmt = config.data.format if config.data.format != "auto" else (
         detected.most_common(1)[0][0] if detected else "auto")
     if fmt in PROMPT_FORMATS:
         return fmt
-    return "chat" if fmt != "text" and getattr(tokenizer, "chat_template", None) else "completion"
+    return "chat" if fmt not in ("text", "segments") and getattr(tokenizer, "chat_template", None) else "completion"
 
 
 def render(prompt: str, fmt: str, tokenizer: Any) -> str:

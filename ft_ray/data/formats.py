@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-FORMATS = ("text", "instruction", "chat", "completion", "preference", "kto")
+FORMATS = ("text", "instruction", "chat", "completion", "segments", "preference", "kto")
 PREFERENCE_FORMATS = ("preference", "kto")
 # Every field a format reads (before data.fields maps them): Parquet reads only these columns.
 RECORD_FIELDS = ("text", "instruction", "input", "output", "system", "prompt", "completion", "messages",
-                 "conversations", "chosen", "rejected", "label", "tools")
+                 "conversations", "segments", "chosen", "rejected", "label", "tools")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 Segments = list[tuple[str, bool]]
@@ -58,6 +58,8 @@ def detect_format(record: Any) -> str:
         return "kto"
     if "messages" in keys or "conversations" in keys:
         return "chat"
+    if "segments" in keys:
+        return "segments"
     if "instruction" in keys:  # a missing output is then reported as such
         return "instruction"
     if "prompt" in keys:
@@ -65,7 +67,8 @@ def detect_format(record: Any) -> str:
     if "text" in keys:
         return "text"
     raise RecordError(f"cannot tell the format from keys {sorted(keys)}: expected text, "
-                      "instruction/output, prompt/completion, messages or conversations, chosen/rejected (preference) "
+                      "instruction/output, prompt/completion, messages or conversations, segments, chosen/rejected "
+                      "(preference) "
                       "or label (kto) "
                       "(or map your columns with data.fields)", "unknown_format")
 
@@ -127,9 +130,31 @@ def instruction_segments(record: dict, tokenizer: Any = None) -> Segments:
 
 
 def completion_segments(record: dict, tokenizer: Any = None) -> Segments:
-    prompt = _non_empty(_field(record, "prompt"), "prompt")
-    completion = _non_empty(_field(record, "completion"), "completion")
-    return [(prompt, False), (completion + _eos(tokenizer), True)]
+    """`{prompt, completion}`: strings (the prompt as written), or TRL's conversational form,
+    message lists rendered by the chat template (the completion one assistant message)."""
+    for name in ("prompt", "completion"):
+        if record.get(name) is None:
+            raise RecordError(f"missing field '{name}'", "missing_field")
+    return _prompt_answer(record["prompt"], record["completion"], "completion", tokenizer)
+
+
+def segments_segments(record: dict, tokenizer: Any = None) -> Segments:
+    """Axolotl's template-free `input_output` records: `{"segments": [{"text", "label"}]}`, the
+    text as written, in order, trained where `label` is true (no eos is added: write it)."""
+    parts = record.get("segments")
+    if parts is None:
+        raise RecordError("missing field 'segments'", "missing_field")
+    if not isinstance(parts, list) or not parts:
+        raise RecordError("field 'segments' must be a non-empty list of {text, label}", "wrong_type")
+    segments: Segments = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str) or not isinstance(part.get("label"), bool):
+            raise RecordError(f"segments[{i}] must be {{\"text\": string, \"label\": true|false}}, got "
+                              f"{json.dumps(part)[:80]}", "wrong_type")
+        segments.append((part["text"], part["label"]))
+    if not any(trained and text.strip() for text, trained in segments):
+        raise RecordError("no segment with \"label\": true and text to learn from", "no_target_tokens")
+    return [(text, trained) for text, trained in segments if text]
 
 
 def chat_segments(record: dict, tokenizer: Any) -> Segments:
@@ -309,6 +334,7 @@ SEGMENTERS: dict[str, Callable[[dict, Any], Segments]] = {
     "instruction": instruction_segments,
     "chat": chat_segments,
     "completion": completion_segments,
+    "segments": segments_segments,
 }
 
 

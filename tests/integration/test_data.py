@@ -109,14 +109,19 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
     pq.write_table(pa.Table.from_pylist([{"question": r["instruction"], "answer": r["output"]} for r in GOOD[40:60]]),
                    tmp_path / "qa.parquet")
     (tmp_path / "notes.txt").write_text("\n\n".join(f"Note {i}: Northwind tents pitch fast." for i in range(10)))
+    (tmp_path / "segments.jsonl").write_text("".join(json.dumps({"segments": [  # Axolotl's input_output
+        {"text": f"Q: {r['instruction']}\n", "label": False}, {"text": f"A: {r['output']}", "label": True}]}) + "\n"
+        for r in GOOD[80:90]))
     config = config_for(tmp_path, sources=[
         {"path": str(folder)},
         {"path": str(tmp_path / "qa.parquet"), "fields": {"instruction": "question", "output": "answer"}},
-        {"path": str(tmp_path / "notes.txt"), "weight": 0.5}])
+        {"path": str(tmp_path / "notes.txt"), "weight": 0.5},
+        {"path": str(tmp_path / "segments.jsonl")}])
     _, stats = build_datasets(config, tokenizer, None)
-    assert stats.records_rejected == 0 and stats.records_read == 60 + 20 + 10 + 48
+    assert stats.records_rejected == 0 and stats.records_read == 60 + 20 + 10 + 10 + 48
     assert stats.formats["data.sources[1]"] == "instruction" and stats.formats["data.sources[2]"] == "text"
-    assert 80 + 2 <= stats.train_examples <= 80 + 8  # a stable half of the 10 notes, give or take the hash
+    assert stats.formats["data.sources[3]"] == "segments"
+    assert 90 + 2 <= stats.train_examples <= 90 + 8  # a stable half of the 10 notes, give or take the hash
 
 
 def trained_tokens(dataset) -> int:

@@ -27,6 +27,31 @@ def test_detects_each_format(name):
     assert detect_format(first(name)) == name
 
 
+def test_segments_records_train_where_labelled_as_written(tokenizer):
+    """Axolotl's template-free input_output format: the text as written, trained where labelled."""
+    record = {"segments": [{"text": "<s>Q: tent?\n", "label": False}, {"text": "A: Northwind.", "label": True},
+                           {"text": "", "label": True}, {"text": "<|end|>", "label": True}]}
+    assert detect_format(record) == "segments"
+    assert record_segments(record, "auto", tokenizer) == [("<s>Q: tent?\n", False), ("A: Northwind.", True),
+                                                          ("<|end|>", True)]
+    for bad, reason, kind in [({"segments": []}, "must be a non-empty list", "wrong_type"),
+                              ({"segments": [{"text": "x", "label": "yes"}]}, r"segments\[0\] must be", "wrong_type"),
+                              ({"segments": [{"text": "x", "label": False}]}, "no segment with", "no_target_tokens")]:
+        with pytest.raises(RecordError, match=reason) as caught:
+            record_segments(bad, "segments", tokenizer)
+        assert caught.value.kind == kind
+
+
+def test_conversational_prompt_completion_renders_with_the_chat_template(tokenizer):
+    """TRL's conversational prompt-completion: message lists, the completion one assistant turn."""
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    segments = record_segments({"prompt": prompt, "completion": [{"role": "assistant", "content": "Hello."}]},
+                               "auto", tokenizer)
+    assert "".join(text for text, _ in segments) == tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": "Hello."}], tokenize=False)
+    assert [text for text, trained in segments if trained] == ["Hello.<|end|>\n"]
+
+
 def test_unknown_shape_says_what_was_expected():
     with pytest.raises(RecordError, match=r"cannot tell the format from keys \['body'\]"):
         detect_format({"body": "x"})
