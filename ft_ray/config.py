@@ -409,6 +409,11 @@ class PreferenceConfig(Section):
         "dpo/kto: precomputed: the base model's log-probs of every answer, once, before training (with the "
         "prepared data when there is some): the workers hold no reference model; inline: each step, from the "
         "model with its adapter off (lora/qlora) or a frozen copy of the base (full)"))
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description=(
+        "dpo: sigmoid (DPO's own); ipo: (margin - 1/(2 beta))^2 on mean log-probs per token (IPO); hinge: "
+        "max(0, 1 - beta x margin) (SLiC)"))
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "dpo sigmoid: the share of pairs assumed mislabelled (cDPO): the loss also pulls the other way by this much"))
     chosen_nll_weight: float = Field(0.0, ge=0, description=(
         "dpo: add this times the chosen answers' next-token loss (RPO, TRL's rpo_alpha; 1.0 in its paper): "
         "keeps the chosen answers likely, not only likelier than the rejected ones"))
@@ -518,6 +523,13 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if job.eval.metric == "preference" and job.objective not in PAIRED_OBJECTIVES:
         problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo, orpo or simpo), "
                         f"not objective {job.objective}")
+    preference = job.preference
+    if job.objective != "dpo" and (preference.loss_type != "sigmoid" or preference.label_smoothing):
+        problems.append(f"preference.loss_type / label_smoothing: variants of dpo's loss, not of objective "
+                        f"{job.objective}")
+    elif preference.label_smoothing and preference.loss_type != "sigmoid":
+        problems.append(f"preference.label_smoothing: smooths the sigmoid loss; loss_type {preference.loss_type} "
+                        "has none")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
                         "compares the model with a reference and trains without it")

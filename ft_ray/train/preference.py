@@ -128,23 +128,31 @@ class PreferenceObjective:
 
 class DPOLoss(PreferenceObjective):
     """Direct Preference Optimization: -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair, with
-    p/r the policy/reference log-probs of the chosen (c) and rejected (r) answers; with a
-    `chosen_nll_weight`, plus that times the chosen answers' next-token loss (RPO)."""
+    p/r the policy/reference log-probs of the chosen (c) and rejected (r) answers (`dpo_loss`:
+    its IPO and hinge variants, label smoothing); with a `chosen_nll_weight`, plus that times
+    the chosen answers' next-token loss (RPO)."""
 
     name = "dpo"
 
-    def __init__(self, beta: float, reference: Callable, chosen_nll_weight: float = 0.0):
+    def __init__(self, beta: float, reference: Callable, chosen_nll_weight: float = 0.0, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0):
         super().__init__(beta, reference)
-        self.chosen_nll_weight = chosen_nll_weight
+        self.chosen_nll_weight, self.loss_type, self.label_smoothing = chosen_nll_weight, loss_type, label_smoothing
         if chosen_nll_weight:
             self.metrics = PAIR_METRICS + ("nll_loss",)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         policy = answer_sums(token_logps_of(model, batch), batch)
         reference = self.reference_answers(model, batch)
-        (pc, nc), (pr, _) = policy.of(CHOSEN), policy.of(REJECTED)
+        (pc, nc), (pr, nr) = policy.of(CHOSEN), policy.of(REJECTED)
         (rc, _), (rr, _) = reference.of(CHOSEN), reference.of(REJECTED)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, self.beta)
+        if self.loss_type == "ipo":  # IPO's margin is of mean log-probs per token (as TRL computes it)
+            per_chosen, per_rejected = nc.clamp(min=1), nr.clamp(min=1)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(pc / per_chosen, pr / per_rejected, rc / per_chosen,
+                                                                rr / per_rejected, self.beta, "ipo")
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type,
+                                                                self.label_smoothing)
         metrics = self.pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
         if not self.chosen_nll_weight:
             return _mean(losses), metrics
@@ -159,10 +167,20 @@ def chosen_nll(chosen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per pair, chosen rewards, rejected rewards) from summed log-probs."""
+             beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen rewards, rejected rewards) from log-probs, as TRL's DPOTrainer
+    computes them: `sigmoid` -log sigmoid(beta x margin), with `label_smoothing` e (cDPO)
+    (1 - e) of it plus e x -log sigmoid(-beta x margin); `ipo` (margin - 1/(2 beta))^2; `hinge`
+    max(0, 1 - beta x margin)."""
     logits = (chosen - ref_chosen) - (rejected - ref_rejected)
-    return -F.logsigmoid(beta * logits), beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    if loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return losses, beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
 
 
 class ORPOLoss(PreferenceObjective):
@@ -338,7 +356,8 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
             device = next(model.parameters()).device if model is not None else torch.device("cpu")
             reference = frozen_copy_reference(config, device)
     if config.objective == "dpo":
-        return DPOLoss(preference.beta, reference, preference.chosen_nll_weight)
+        return DPOLoss(preference.beta, reference, preference.chosen_nll_weight, preference.loss_type,
+                       preference.label_smoothing)
     if config.objective == "orpo":
         return ORPOLoss(preference.beta, None)
     if config.objective == "simpo":

@@ -205,3 +205,38 @@ def test_simpo_job_trains_its_pairs_apart_without_a_reference():
         loss.backward()
         optimizer.step()
     assert margins[-1] > margins[0] + 1
+
+
+def test_dpo_loss_variants_by_trls_formulas():
+    chosen, rejected = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    ref_chosen, ref_rejected = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
+    logits = (chosen - rejected) - (ref_chosen - ref_rejected)  # +2 and -2
+    ipo, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, "ipo")
+    torch.testing.assert_close(ipo, (logits - 1 / (2 * 0.5)) ** 2)  # (2 - 1)^2, (-2 - 1)^2
+    torch.testing.assert_close(ipo, torch.tensor([1.0, 9.0]))
+    hinge, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, "hinge")
+    torch.testing.assert_close(hinge, torch.tensor([0.0, 2.0]))  # max(0, 1 - 0.5 * 2), max(0, 1 + 0.5 * 2)
+    smoothed, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, "sigmoid", label_smoothing=0.1)
+    log_sigmoid = torch.nn.functional.logsigmoid
+    torch.testing.assert_close(smoothed, -0.9 * log_sigmoid(0.5 * logits) - 0.1 * log_sigmoid(-0.5 * logits))
+
+
+def test_ipo_takes_mean_log_probs_per_token_and_the_job_names_its_loss():
+    from ft_ray.config import ConfigError, config_from_dict
+    from ft_ray.train.objectives import build_objective
+
+    model, _, tensors = packed_demo_pairs(2)
+    job = config_from_dict({"objective": "dpo", "preference": {"loss_type": "ipo", "beta": 0.5,
+                                                               "reference": "inline"},
+                            "method": "full", "data": {"train": "x.jsonl"}})
+    objective = build_objective(job, model)
+    assert (objective.loss_type, objective.beta) == ("ipo", 0.5)
+    objective.reference = lambda model, batch: torch.zeros(batch["input_ids"].shape)  # log-probs 0: margins are the policy's
+    with torch.no_grad():
+        loss, _ = objective.loss(model, tensors)
+        answers = answer_sums(token_logps_of(model, tensors), tensors)
+    (pc, nc), (pr, nr) = answers.of(CHOSEN), answers.of(REJECTED)
+    assert loss.item() == pytest.approx(((pc / nc - pr / nr - 1 / (2 * 0.5)) ** 2).mean().item(), rel=1e-4)
+    with pytest.raises(ConfigError, match="preference.loss_type / label_smoothing: variants of dpo's loss, not of "
+                                          "objective orpo"):
+        config_from_dict({"objective": "orpo", "preference": {"loss_type": "hinge"}, "data": {"train": "x.jsonl"}})
