@@ -132,6 +132,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds (else it must be new or empty)")
     export.set_defaults(handler=cmd_export)
 
+    runs = commands.add_parser("runs", help="the runs and sweeps under a storage path: steps, eval loss, "
+                                            "finished, running or what a relaunch resumes from")
+    runs.add_argument("path", nargs="?", default="./runs", help="storage.path of the jobs, local or s3:// "
+                                                                "(default ./runs)")
+    runs.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths (default AWS_ENDPOINT_URL)")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run or sweep")
+    runs.set_defaults(handler=cmd_runs)
+
     generate = commands.add_parser("generate", help="answer your prompts with the variant (and the base model): "
                                                     "typed, given, or a file of records")
     generate.add_argument("path", help="run folder, checkpoint, sweep winner or adapter/model folder "
@@ -406,6 +414,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     _quiet(args, RunFolder.at(str(checkpoint.parent), StorageConfig()))  # the libraries' lines
     out = export_checkpoint(checkpoint, args.out, merge=args.merge)
     LOG.info(f"exported {'merged model' if args.merge else 'weights'} to {out}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from ft_ray.config import StorageConfig
+    from ft_ray.runs import list_runs, table
+
+    records = list_runs(args.path, StorageConfig(endpoint_url=args.endpoint_url))
+    if args.json:
+        print("\n".join(json.dumps(r) for r in records))
+    elif records:
+        print(table(records))
+    else:
+        LOG.info(f"no runs or sweeps in {args.path} (folders with the config.yaml ft-ray writes)")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,36 @@ def test_generate_answers_prompts_as_the_run_was_trained(trained, tmp_path, caps
     assert main(["generate", str(merged), "--config", str(run / "config.yaml"), "--json", "--max-new-tokens", "12",
                  "--prompt", asked[0]]) == 0
     assert json_lines(capsys.readouterr().out)[0]["variant"] == results[0]["variant"]
+
+
+def test_runs_lists_finished_interrupted_and_running_runs(trained, tmp_path, capsys):
+    """`ft-ray runs`: one line per run folder with what a user asks first: how far, the eval
+    loss, and finished, running (and by whom) or what a relaunch resumes from."""
+    from ft_ray.storage import RunFolder
+    from ft_ray.train.trainer import holding
+
+    _, summary, run = trained
+    runs = tmp_path / "runs"
+    for name in ("done", "cut", "live"):
+        shutil.copytree(run, runs / name)
+    (runs / "cut" / "summary.json").unlink()  # the driver died before the end
+    (runs / "live" / "summary.json").unlink()
+    (runs / "prepared" / "abc").mkdir(parents=True)  # not a run: no config.yaml
+    with holding(RunFolder.at(str(runs / "live"), load_config(run / "config.yaml").storage)):
+        assert main(["runs", str(runs), "--json"]) == 0
+        records = {r["name"]: r for r in json_lines(capsys.readouterr().out)}
+        assert main(["runs", str(runs)]) == 0
+        table = capsys.readouterr().out.splitlines()
+    assert sorted(records) == ["cut", "done", "live"]
+    done = records["done"]
+    assert (done["step"], done["planned_steps"], done["status"]) == (6, 6, "finished")
+    assert done["eval_loss"] == [summary["eval_loss_initial"], summary["eval_loss_final"]]
+    assert records["cut"]["status"] == "interrupted at step 6: a relaunch resumes from checkpoint-000006"
+    assert records["live"]["status"].startswith(f"running (pid {os.getpid()} on ")
+    assert table[0].split() == ["run", "method", "steps", "eval", "loss", "updated", "(UTC)", "status"]
+    assert table[2].startswith("done ") and "6/6" in table[2] and table[2].endswith("finished")
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
 
 
 def test_export_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):

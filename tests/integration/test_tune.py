@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ft_ray.cli import main
 from ft_ray.config import ConfigError, load_config
 from ft_ray.report import write_report
 from ft_ray.tune import check_search_space
@@ -136,6 +137,19 @@ def test_report_draws_the_sweep(sweep, tmp_path):
     assert "stopped early" in text and "Winners" in text
     for png in ("loss_curves.png", "metric_vs_settings.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_lists_the_sweep_in_the_store(sweep, capsys):
+    """`ft-ray runs s3://...`: the sweep folder is one line (its trials and best one), the
+    trial runs inside it are not listed among the runs."""
+    summary, client, run = sweep
+    assert main(["runs", run["uri"].rsplit("/", 1)[0], "--endpoint-url", client.meta.endpoint_url, "--json"]) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    best = summary["winners"][0]
+    assert (record["name"], record["kind"], record["trials"]) == ("tiny-sweep", "sweep", len(summary["trials"]))
+    finished = sum(t["status"] == "finished" for t in summary["trials"])
+    assert record["status"] == (f"finished: {finished} of {len(summary['trials'])} trials ran to the end; best "
+                                f"eval_loss {best['metrics']['eval_loss']:.4g} ({best['trial']})")
 
 
 def test_search_space_typos_fail_before_any_trial(tmp_path):

@@ -1,0 +1,147 @@
+"""`ft-ray runs`: the runs and sweeps under a storage path (local or s3://), one line each:
+what was trained, how far, how the eval loss moved, and where each stands (finished, stopped
+early, running, or interrupted and what a relaunch resumes from).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import yaml
+
+from ft_ray.config import InputError, StorageConfig
+from ft_ray.storage import RunFolder, read_metrics
+from ft_ray.train.checkpoints import complete_checkpoints
+
+
+def list_runs(path: str, storage: StorageConfig) -> list[dict[str, Any]]:
+    """One record per run or sweep folder directly under `path` (a folder with the
+    `config.yaml` ft-ray writes), by name.
+
+    Raises:
+        InputError: nothing is at `path`.
+    """
+    import pyarrow.fs as pafs
+
+    root = RunFolder.at(path, storage)
+    try:
+        entries = root.fs.get_file_info(pafs.FileSelector(root.root, recursive=False))
+    except FileNotFoundError:
+        raise InputError(f"{root.uri}: no such folder") from None
+    except OSError as e:
+        raise InputError(f"{root.uri}: cannot list it ({e})") from None
+    records = []
+    for entry in sorted(entries, key=lambda e: e.base_name):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        folder = root.child(entry.base_name)
+        config = folder.read_text("config.yaml")
+        if config is not None:
+            job = yaml.safe_load(config) or {}
+            records.append(sweep_record(folder, job) if job.get("tune") else run_record(folder, job))
+    return records
+
+
+def run_record(folder: RunFolder, job: dict) -> dict[str, Any]:
+    summary = json.loads(folder.read_text("summary.json") or "null")
+    metrics = read_metrics(folder)
+    trained = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    record = {"name": folder.uri.rstrip("/").rsplit("/", 1)[-1], "kind": "run", "uri": folder.uri,
+              "method": job.get("method"), "objective": job.get("objective", "sft"),
+              "step": trained[-1]["step"] if trained else 0,
+              "planned_steps": summary.get("planned_steps") if summary else None,
+              "eval_loss": [evals[0]["eval_loss"], evals[-1]["eval_loss"]] if evals else None,
+              "updated": _updated(folder, "metrics.jsonl")}
+    holder = _holder(folder)
+    if summary:
+        stop = summary.get("early_stopping")
+        record["status"] = f"stopped early at step {stop['step']}" if stop else "finished"
+        verdict = (json.loads(folder.read_text("eval.json") or "{}").get("verdict") or {}).get("outcome")
+        if verdict:
+            record["eval_verdict"] = verdict
+    elif holder:
+        record["status"] = f"running ({holder})"
+    else:
+        complete, _ = complete_checkpoints(folder.fs, folder.root)
+        record["status"] = (f"interrupted at step {record['step']}: a relaunch resumes from {complete[0].name}"
+                            if complete else f"interrupted at step {record['step']}, before its first checkpoint")
+    return record
+
+
+def sweep_record(folder: RunFolder, job: dict) -> dict[str, Any]:
+    summary = json.loads(folder.read_text("sweep.json") or "null")
+    trials = _subfolders(folder.child("trials"))
+    record = {"name": folder.uri.rstrip("/").rsplit("/", 1)[-1], "kind": "sweep", "uri": folder.uri,
+              "method": job.get("method"), "objective": job.get("objective", "sft"), "trials": len(trials),
+              "updated": _updated(folder, "sweep.json")}
+    holder = _holder(folder)
+    if holder:
+        record["status"] = f"running ({holder})"
+    elif summary:
+        finished = sum(t["status"] == "finished" for t in summary["trials"])
+        winners = summary.get("winners") or []
+        best = (f"; best {summary['metric']} {winners[0]['metrics'].get(summary['metric']):.4g} ({winners[0]['trial']})"
+                if winners and isinstance(winners[0]["metrics"].get(summary["metric"]), (int, float)) else "")
+        record["status"] = f"finished: {finished} of {len(summary['trials'])} trials ran to the end{best}"
+    else:
+        record["status"] = "interrupted: `ft-ray tune JOB --resume` finishes it"
+    return record
+
+
+def _subfolders(folder: RunFolder) -> list[str]:
+    import pyarrow.fs as pafs
+
+    try:
+        entries = folder.fs.get_file_info(pafs.FileSelector(folder.root, recursive=False, allow_not_found=True))
+    except OSError:
+        return []
+    return [e.base_name for e in entries if e.type == pafs.FileType.Directory]
+
+
+def _holder(folder: RunFolder) -> str | None:
+    """Who trains a local run or sweep now (its driver's flock, `trainer.holding`), or None."""
+    if not folder.is_local:
+        return None
+    import fcntl
+
+    from ft_ray.train.trainer import DRIVER_LOCK
+
+    path = folder.local_path(DRIVER_LOCK)
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "a driver"
+        except OSError:  # no locks on this filesystem: nothing to tell
+            return None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
+def _updated(folder: RunFolder, name: str) -> str | None:
+    info = folder.fs.get_file_info(folder.path(name))
+    if info.mtime is None:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.mtime.timestamp()))
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The records as aligned text lines."""
+    rows = [("run", "method", "steps", "eval loss", "updated (UTC)", "status")]
+    for r in records:
+        if r["kind"] == "sweep":
+            steps = f"{r['trials']} trials"
+            method = f"sweep, {r['method']}"
+        else:
+            steps = f"{r['step']}/{r['planned_steps']}" if r["planned_steps"] else str(r["step"])
+            method = r["method"] + ("" if r["objective"] == "sft" else f" {r['objective']}")
+        loss = f"{r['eval_loss'][0]:.3g} -> {r['eval_loss'][1]:.3g}" if r.get("eval_loss") else ""
+        status = r["status"] + (f" (eval: {r['eval_verdict']})" if r.get("eval_verdict") else "")
+        rows.append((r["name"], method, steps, loss, r["updated"] or "", status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
