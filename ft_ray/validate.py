@@ -6,16 +6,14 @@ on a large corpus and needs no Ray.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from typing import Any
 
 from ft_ray.config import JobConfig, SourceConfig
-from ft_ray.data.formats import RecordError, map_fields
-from ft_ray.data.records import eval_bucket, parse_record
+from ft_ray.data.formats import RecordError
+from ft_ray.data.records import eval_bucket, example_key, parse_record
 from ft_ray.data.readers import ReadLimits
-from ft_ray.data.sources import DataError, check_format, choose_format, read_records
+from ft_ray.data.sources import DataError, check_format, choose_format, eval_examples, read_records
 from ft_ray.data.tokenize import IGNORE_INDEX
 
 PEEK_RECORDS = 100
@@ -39,23 +37,6 @@ def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fracti
             if example in eval_examples:
                 in_train.add(example)
     return train, held_out
-
-
-def example_key(text: str, fields: dict[str, str]) -> bytes:
-    """One example's identity in whatever file it is: the record parsed, its columns named as
-    ft-ray names them, its keys sorted (the text as it is when it is not JSON)."""
-    try:
-        text = json.dumps(map_fields(json.loads(text), fields), sort_keys=True, ensure_ascii=False)
-    except (ValueError, RecursionError):
-        pass
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-
-
-def eval_examples(config: JobConfig) -> Counter:
-    """How often each example (`example_key`) is in `data.eval`."""
-    source = config.data.eval_source()
-    return Counter(example_key(text, source.fields) for _, _, text, _ in
-                   read_records(source, config.storage, "data.eval", ReadLimits.of(config.data, source)))
 
 
 def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> dict[str, Any]:

@@ -29,6 +29,17 @@ def weighted_copies(weight: float, text: str) -> int:
     return whole + (1 if eval_bucket("weight:" + text) < weight - whole else 0)
 
 
+def example_key(text: str, fields: dict[str, str]) -> bytes:
+    """One example's identity in whatever file it is: the record parsed, its columns named as
+    ft-ray names them, its keys sorted (the text as it is when it is not JSON). Finds held-out
+    records that are training records too."""
+    try:
+        text = json.dumps(map_fields(json.loads(text), fields), sort_keys=True, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        pass
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
 def sample_id(path: str, line: int, copy: int, window: int = 0) -> int:
     """A stable 64-bit id of one example: its file (`source_name`), its line or row, which
     copy it is and, for a long text cut into windows, which window (the first keeps the

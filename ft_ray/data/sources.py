@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 
 from ft_ray.config import OBJECTIVE_FORMATS, InputError, JobConfig, SourceConfig, StorageConfig
 from ft_ray.data.formats import RecordError, detect_format, map_fields, uses_tools
+from ft_ray.data.records import example_key
 from ft_ray.data.readers import (COMPRESSIONS, KINDS, READ_CHUNK, ReadLimits, Unit, file_kind, file_records, fs_path,
                                  open_file)
 from ft_ray.storage import filesystem_for
@@ -319,6 +320,14 @@ def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int, lim
                     rows = {k: [] for k in rows}
     if rows["line"]:
         yield pa.table(rows)
+
+
+def eval_examples(config: JobConfig) -> Counter:
+    """How often each example (`records.example_key`) is in `data.eval`, read in plain Python
+    (held-out sets are small)."""
+    source = config.data.eval_source()
+    return Counter(example_key(text, source.fields) for _, _, text, _ in
+                   read_records(source, config.storage, "data.eval", ReadLimits.of(config.data, source)))
 
 
 def read_records(source: SourceConfig | str, storage: StorageConfig, key: str,

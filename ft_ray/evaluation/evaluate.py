@@ -25,9 +25,9 @@ from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
 from ft_ray.console import LOG, quiet
 from ft_ray.data.formats import RecordError
-from ft_ray.data.records import eval_bucket, record_to_segments
+from ft_ray.data.records import eval_bucket, example_key, record_to_segments
 from ft_ray.data.readers import ReadLimits
-from ft_ray.data.sources import choose_format, list_files, read_corpus, read_records
+from ft_ray.data.sources import choose_format, eval_examples, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARMS, PROMPTING
 from ft_ray.evaluation.scoring import ArmScorer, record_key, shot_text
@@ -249,6 +249,28 @@ def _count_trained(batch: dict[str, np.ndarray], split: float) -> dict[str, np.n
     return {"n": np.array([sum(eval_bucket(str(t)) >= split for t in batch["text"])])}
 
 
+def held_out_in_training(config: JobConfig) -> int | None:
+    """How many `data.eval` records are training records too (`records.example_key`: the same
+    record whatever its file, key order, spacing or column names), the training sources read
+    by Ray Data tasks; None for an eval split off the training data (a record falls on one
+    side with all its copies)."""
+    if not config.data.eval:
+        return None
+    held_out = eval_examples(config)
+    found: set[bytes] = set()
+    for key, source in config.data.keyed_sources():
+        fs, files = list_files(source, config.storage, key)
+        rows = read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
+            _held_out_keys, batch_format="numpy", fn_kwargs={"keys": set(held_out), "fields": source.fields})
+        found.update(bytes(row["key"]) for row in rows.take_all())
+    return sum(held_out[key] for key in found)
+
+
+def _held_out_keys(batch: dict[str, np.ndarray], keys: set[bytes], fields: dict[str, str]) -> dict[str, np.ndarray]:
+    found = {key for key in (example_key(str(t), fields) for t in batch["text"]) if key in keys}
+    return {"key": np.array(sorted(found), dtype=object)}
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -260,6 +282,7 @@ class Scored:
     columns: dict[str, np.ndarray]
     uri: str
     examples: dict[str, list[str]]
+    in_training: int | None  # held-out records that are training records too (`held_out_in_training`)
 
 
 def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
@@ -315,10 +338,12 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
         if display:
             display.close()
     train_examples = target.train_examples if target.train_examples is not None else count_train_records(config)
+    in_training = held_out_in_training(config) if earlier is None else earlier.in_training
     cols = {k: np.array(v) for k, v in columns.items()}
     if earlier is not None:
         cols = with_arms_of(earlier, cols, [arm.name for arm in ARMS if arm not in arms])
-    result = summarize(config, cols, {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples)
+    result = summarize(config, cols, {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples,
+                       in_training)
     result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
                    "actors": actors, "retrieval_pool": len(pool["prompts"]),  # the training examples retrieval searched
                    "wall_time_s": round(time.monotonic() - started, 1)})
@@ -327,7 +352,7 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     uri = target.folder.uri_of("eval.json")
     target.folder.write_json("eval.json", result)
     print_result(result, uri)
-    return result, Scored(cols, uri, examples)
+    return result, Scored(cols, uri, examples, in_training)
 
 
 def with_arms_of(earlier: Scored, cols: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -352,9 +377,10 @@ def actor_count(config: JobConfig) -> int:
 
 
 def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: dict[str, int],
-              train_examples: int) -> dict[str, Any]:
+              train_examples: int, in_training: int | None = None) -> dict[str, Any]:
     """eval.json from one row of figures per example: per-arm figures, cost per request, and
-    the variant against every other arm; the verdict is against the strongest prompting arm."""
+    the variant against every other arm; the verdict is against the strongest prompting arm.
+    `in_training`: held-out records that are training records too (warned of)."""
     settings = config.eval
     if not len(cols.get("key", [])):
         raise InputError("eval: the held-out data has no records")
@@ -380,6 +406,10 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
     if train_examples < FEW_DATA:
         warnings.append(f"the training set has {train_examples} examples (< {FEW_DATA}): fine-tuning rarely pays with "
                         "so few; prefer few-shot prompting unless the verdict is clear")
+    if in_training:
+        warnings.append(f"{in_training} of the held-out records are training records too (the same record in "
+                        "data.train): on them the variant and the retrieval arm show recall, not what was learned; "
+                        "take them out of one side")
     pairs = ok & (cols["variant_rejected_tokens"] > 0) if "variant_rejected_tokens" in cols else ok & False
     if pairs.any():
         for arm in ARMS:
@@ -397,7 +427,7 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
                "tokens_per_request_ratio": round(ratio, 3),
                "sentence": f"{comparisons[strongest]['sentence']}; the variant sends {ratio:.2g}x the tokens per request"}
     return {"metric": settings.metric, "examples": int(ok.sum()), "generated": int(generated.sum()),
-            "skipped": skipped, "train_examples": train_examples, "arms": arms,
+            "skipped": skipped, "train_examples": train_examples, "held_out_in_training": in_training, "arms": arms,
             "verdict": verdict, "vs_base": comparisons["base"], "comparisons": comparisons, "warnings": warnings,
             "samples": samples(cols, generated), "actors_used": sorted(set(cols["actor"].tolist())),
             "settings": settings.model_dump(mode="json")}
