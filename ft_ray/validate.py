@@ -22,9 +22,9 @@ UNCUT = 1 << 30  # a length no record reaches: peeked records are measured whole
 
 
 def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0,
-                  eval_examples: Counter | None = None, in_train: set | None = None) -> tuple[int, int]:
+                  eval_keys: Counter | None = None, in_train: set | None = None) -> tuple[int, int]:
     """(records kept for training, records split off for eval) of a source, streaming. The
-    keys of `eval_examples` (`example_key`s of the eval records) that a training record has
+    keys of `eval_keys` (`example_key`s of the data.eval records) that a training record has
     too are added to `in_train`."""
     train = held_out = 0
     for _, _, text, _ in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
@@ -32,9 +32,9 @@ def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fracti
             held_out += 1
             continue
         train += 1
-        if eval_examples:
+        if eval_keys:
             example = example_key(text, source.fields)
-            if example in eval_examples:
+            if example in eval_keys:
                 in_train.add(example)
     return train, held_out
 
@@ -115,7 +115,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         seen = sum(held_out_examples[example] for example in in_train)
         if seen:
             lines.append(f"warning: {seen} of the {held_out} data.eval records are training examples too (the same "
-                         "record in data.train): loss and ft-ray eval on them measure recall, not what was learned; "
+                         "record in the training data): loss and ft-ray eval on them measure recall, not what was learned; "
                          "take them out of one side")
     if train < MIN_TRAIN_EXAMPLES:
         lines.append(f"warning: only {train} training examples; with fewer than {MIN_TRAIN_EXAMPLES} "

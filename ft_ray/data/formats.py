@@ -138,7 +138,7 @@ def completion_segments(record: dict, tokenizer: Any = None) -> Segments:
     return _prompt_answer(record["prompt"], record["completion"], "completion", tokenizer)
 
 
-def segments_segments(record: dict, tokenizer: Any = None) -> Segments:
+def template_free_segments(record: dict, tokenizer: Any = None) -> Segments:
     """Axolotl's template-free `input_output` records: `{"segments": [{"text", "label"}]}`, the
     text as written, in order, trained where `label` is true (no eos is added: write it)."""
     parts = record.get("segments")
@@ -334,7 +334,7 @@ SEGMENTERS: dict[str, Callable[[dict, Any], Segments]] = {
     "instruction": instruction_segments,
     "chat": chat_segments,
     "completion": completion_segments,
-    "segments": segments_segments,
+    "segments": template_free_segments,
 }
 
 

@@ -408,7 +408,7 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
                         "so few; prefer few-shot prompting unless the verdict is clear")
     if in_training:
         warnings.append(f"{in_training} of the held-out records are training records too (the same record in "
-                        "data.train): on them the variant and the retrieval arm show recall, not what was learned; "
+                        "the training data): on them the variant and the retrieval arm show recall, not what was learned; "
                         "take them out of one side")
     pairs = ok & (cols["variant_rejected_tokens"] > 0) if "variant_rejected_tokens" in cols else ok & False
     if pairs.any():

@@ -57,7 +57,7 @@ def test_eval_records_that_are_training_records_too_are_counted(tmp_path, capsys
     held_out.write_text((DEMO / "eval.jsonl").read_text() + "\n".join(copied + [copied[0]]) + "\n")
     job = write_job(tmp_path, data={"eval": {"path": str(held_out), "fields": {"instruction": "question"}}})
     assert main(["validate", str(job)]) == 0
-    assert ("warning: 4 of the 52 data.eval records are training examples too (the same record in data.train): loss "
+    assert ("warning: 4 of the 52 data.eval records are training examples too (the same record in the training data): loss "
             "and ft-ray eval on them measure recall, not what was learned; take them out of one side"
             ) in capsys.readouterr().out
 
