@@ -752,7 +752,7 @@ PEER_NAMES = {
     "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
     "save_total_limit": "train.keep_checkpoints", "logging_steps": "train.log_every", "bf16": "train.precision",
     "early_stopping_patience": "train.early_stopping_patience",
-    "early_stopping_threshold": "train.early_stopping_min_delta", "loss_type": "objective",
+    "early_stopping_threshold": "train.early_stopping_min_delta", "loss_type": "preference.loss_type",
     "fp16": "train.precision", "lora_r": "lora.rank", "r": "lora.rank", "lora_rank": "lora.rank",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",
     "lora_target_modules": "lora.target_modules", "base_model": "model.name_or_path",
