@@ -681,7 +681,7 @@ RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_eve
 def resume_changes(old: dict, new: dict) -> list[str]:
     """The keys whose values differ between the config a run started with and a relaunch's,
     except those a resume may change (`RESUMABLE_KEYS`), as "key: old -> new" lines."""
-    flat_old, flat_new = _flatten(_with_defaults(old)), _flatten(new)
+    flat_old, flat_new = _flatten(with_defaults(old)), _flatten(new)
     changes = []
     for key in sorted(set(flat_old) | set(flat_new)):
         if key.startswith(RESUMABLE_KEYS) or flat_old.get(key) == flat_new.get(key):
@@ -690,7 +690,7 @@ def resume_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def _with_defaults(saved: dict) -> dict:
+def with_defaults(saved: dict) -> dict:
     """A saved job with the keys it lacks at their defaults: a run started by an ft-ray that
     had no such setting yet ran as the default does (a job that no longer validates: as saved)."""
     try:

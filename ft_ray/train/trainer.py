@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import yaml
 
 from ft_ray import progress
-from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes
+from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes, with_defaults
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import DataError, DataStats, stats_table
 from ft_ray.data.prepared import data_files, datasets_for, location
@@ -266,7 +266,7 @@ def finished_run(config: JobConfig, run: RunFolder, resume_from: str | None) -> 
     summary = json.loads(run.read_text("summary.json") or "null") if resume_from else None
     if not summary:
         return None
-    trained = (yaml.safe_load(run.read_text("config.yaml") or "null") or {}).get("train", {})
+    trained = with_defaults(yaml.safe_load(run.read_text("config.yaml") or "null") or {}).get("train", {})
     lengths = ("max_steps", "epochs", "early_stopping_patience", "early_stopping_min_delta")
     finished = (all(trained.get(key) == getattr(config.train, key) for key in lengths)
                 and (summary.get("steps") == summary.get("planned_steps") or summary.get("early_stopping"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from ft_ray.config import InputError, StorageConfig, config_from_dict, dump_yaml
 from ft_ray.data.sources import DataError
@@ -89,6 +90,12 @@ def test_a_finished_run_is_not_trained_again_unless_asked_for_more(tmp_path):
     assert finished_run(job, run, None) is None
     more = config_from_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "max_steps": 20}})
     assert finished_run(more, run, "checkpoint-000012") is None
+    # a run an earlier ft-ray finished, its config.yaml without the settings added since: done too
+    saved = yaml.safe_load(dump_yaml(job))
+    for key in ("early_stopping_patience", "early_stopping_min_delta", "lr_schedule"):
+        del saved["train"][key]
+    (tmp_path / job.run_name / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert finished_run(job, run, "checkpoint-000012") == summary
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
