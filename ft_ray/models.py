@@ -132,18 +132,26 @@ def _hub_unreachable(model: ModelConfig) -> str | None:
     return None
 
 
+TEMPLATES = ASSETS / "templates"  # chat templates a job names: model.chat_template: chatml
+
+
 def chat_template_text(template: str) -> str:
-    """`model.chat_template`: the text of a template file, or the template itself.
+    """`model.chat_template`: a template ft-ray ships (by name), the text of a template file,
+    or the template itself.
 
     Raises:
-        InputError: neither an existing file nor Jinja text.
+        InputError: neither a shipped name, an existing file nor Jinja text.
     """
     if "{%" in template or "{{" in template:
         return template
+    if (TEMPLATES / f"{template}.jinja").is_file():
+        return (TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
     path = Path(template).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise InputError(f"model.chat_template: {template!r} is neither a file nor a Jinja template")
+    shipped = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
+    raise InputError(f"model.chat_template: {template!r} is neither a template ft-ray ships ({shipped}), a file nor "
+                     "a Jinja template")
 
 
 def fit_vocabulary(model: Any, config: ModelConfig) -> Any:

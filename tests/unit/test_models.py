@@ -90,3 +90,23 @@ def test_4bit_layers_keep_their_weights_through_evaluation_on_any_cpu():
     assert all(torch.equal(m.weight.data, before[id(m)]) for m in layers)
     layers[0].support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU
     assert keep_4bit_weights_unpacked(model) == 1 and not layers[0].support_avx512bf16_for_cpu
+
+
+def test_chatml_by_name_for_a_base_model_without_a_template(tmp_path):
+    """`model.chat_template: chatml` (shipped in ft_ray/assets/templates): ChatML turns, each
+    assistant turn ending in the model's eos so generation stops there; an unknown name lists
+    the shipped ones."""
+    from ft_ray.config import InputError
+    from ft_ray.data.formats import record_segments
+
+    tokenizer = load_tokenizer(ModelConfig(chat_template="chatml", add_tokens=["<|im_start|>", "<|im_end|>"]))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+        f"<|im_start|>assistant\nHello.<|im_end|>{tokenizer.eos_token}\n")
+    assert [text for text, trained in record_segments({"messages": messages}, "chat", tokenizer) if trained] == [
+        f"Hello.<|im_end|>{tokenizer.eos_token}\n"]
+    assert len(tokenizer("<|im_start|>", add_special_tokens=False)["input_ids"]) == 1  # one token each
+    with pytest.raises(InputError, match=r"'chatm' is neither a template ft-ray ships \(chatml\), a file nor"):
+        load_tokenizer(ModelConfig(chat_template="chatm"))
