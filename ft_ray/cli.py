@@ -442,13 +442,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = job_of(args.path, args.config, args.overrides)
     settings = Settings(args.max_new_tokens, args.temperature, args.compare)
-    run = RunFolder.for_job(config)
-    _quiet(args, run)
+    _quiet(args, RunFolder.for_job(config))
     with resolve_target(args.path, config) as target, local_variant(target.weights, config) as weights:
         answerer = Answerer(config, weights, settings)
-        # the formats its data was read as: the run's summary (an exported folder's job names the run)
-        summary = json.loads(target.folder.read_text("summary.json") or run.read_text("summary.json") or "null")
-        fmt = args.format or prompt_format(config, summary, answerer.tokenizer)
+        fmt = args.format or prompt_format(config, answerer.tokenizer)
         how = "greedy" if not args.temperature else f"sampled at temperature {args.temperature}"
         LOG.info(f"generate: {target.origin or target.weights} (prompts as {fmt}; {how}, at most "
                  f"{args.max_new_tokens} new tokens)")

@@ -7,13 +7,14 @@ serving it; `ft-ray eval` is what measures.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ft_ray.config import InputError, JobConfig, load_config
 from ft_ray.data.formats import RecordError, detect_format, map_fields
+from ft_ray.data.readers import ReadLimits
+from ft_ray.data.sources import read_records
 from ft_ray.samples import split_prompt
 
 PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
@@ -48,17 +49,31 @@ def job_of(path: str, config_path: str | None, overrides: list[str]) -> JobConfi
                      "trained it with --config JOB")
 
 
-def prompt_format(config: JobConfig, summary: dict | None, tokenizer: Any) -> str:
-    """How typed prompts are rendered: the job's data format, else the one the run's data
-    was detected as (summary.json), else chat where the tokenizer has a template. Text and
-    segments data take their prompts as written; preference data through the chat template
-    where there is one."""
-    detected = Counter((summary or {}).get("data", {}).get("formats", {}).values())
-    fmt = config.data.format if config.data.format != "auto" else (
-        detected.most_common(1)[0][0] if detected else "auto")
+def prompt_format(config: JobConfig, tokenizer: Any) -> str:
+    """How typed prompts are put to the model: as the prompt of the job's first training
+    record was (conversation turns, or message lists in preference and prompt/completion
+    records: the chat template; Alpaca fields: the instruction prompt; a prompt string, text
+    or segments: as written). Where the data cannot be read here: the job's `data.format`,
+    else the chat template where the tokenizer has one."""
+    fmt = _first_record_shape(config) or config.data.format
     if fmt in PROMPT_FORMATS:
         return fmt
     return "chat" if fmt not in ("text", "segments") and getattr(tokenizer, "chat_template", None) else "completion"
+
+
+def _first_record_shape(config: JobConfig) -> str | None:
+    key, source = config.data.keyed_sources()[0]
+    try:
+        record = next((map_fields(json.loads(text), source.fields) for _, _, text, error in
+                       read_records(source, config.storage, key, ReadLimits.of(config.data, source)) if not error), None)
+    except (InputError, OSError, ValueError):  # the data is not here (a run copied elsewhere): no shape
+        return None
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record or "conversations" in record or any(isinstance(record.get(k), list)
+                                                                 for k in ("prompt", "completion", "chosen")):
+        return "chat"
+    return "instruction" if "instruction" in record else "completion"
 
 
 def render(prompt: str, fmt: str, tokenizer: Any) -> str:

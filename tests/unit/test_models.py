@@ -110,3 +110,23 @@ def test_chatml_by_name_for_a_base_model_without_a_template(tmp_path):
     assert len(tokenizer("<|im_start|>", add_special_tokens=False)["input_ids"]) == 1  # one token each
     with pytest.raises(InputError, match=r"'chatm' is neither a template ft-ray ships \(chatml\), a file nor"):
         load_tokenizer(ModelConfig(chat_template="chatm"))
+
+
+def test_generate_puts_prompts_as_the_jobs_first_training_record_had_them(tmp_path):
+    """`ft-ray generate`'s prompt format comes from the data's shape: the demo's Alpaca-shaped
+    preference pairs take the instruction prompt, message lists the chat template; a job
+    whose data is not here falls back to its data.format, else the chat template."""
+    import json
+
+    from ft_ray.config import config_from_dict
+    from ft_ray.generate import prompt_format
+    from tests.conftest import DEMO
+
+    tokenizer = load_tokenizer(ModelConfig())
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi?"}],
+                                                     "completion": [{"role": "assistant", "content": "Hello."}]}) + "\n")
+    for train, expected in [(DEMO / "preference-train.jsonl", "instruction"), (tmp_path / "chat.jsonl", "chat"),
+                            (DEMO / "train.jsonl", "instruction"), (tmp_path / "gone.jsonl", "chat")]:
+        assert prompt_format(config_from_dict({"data": {"train": str(train)}}), tokenizer) == expected, train
+    gone = config_from_dict({"data": {"train": str(tmp_path / "gone.jsonl"), "format": "completion"}})
+    assert prompt_format(gone, tokenizer) == "completion"
