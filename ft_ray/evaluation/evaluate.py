@@ -257,11 +257,11 @@ def held_out_in_training(config: JobConfig) -> int | None:
     if not config.data.eval:
         return None
     held_out = eval_examples(config)
-    found: set[bytes] = set()
+    keys, found = set(held_out), set()
     for key, source in config.data.keyed_sources():
         fs, files = list_files(source, config.storage, key)
         rows = read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
-            _held_out_keys, batch_format="numpy", fn_kwargs={"keys": set(held_out), "fields": source.fields})
+            _held_out_keys, batch_format="numpy", fn_kwargs={"keys": keys, "fields": source.fields})
         found.update(bytes(row["key"]) for row in rows.take_all())
     return sum(held_out[key] for key in found)
 
