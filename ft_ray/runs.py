@@ -45,17 +45,26 @@ def list_runs(path: str, storage: StorageConfig) -> list[dict[str, Any]]:
 
 
 def run_record(folder: RunFolder, job: dict) -> dict[str, Any]:
-    summary = json.loads(folder.read_text("summary.json") or "null")
-    metrics = read_metrics(folder)
-    trained = [m for m in metrics if "loss" in m]
-    evals = [m for m in metrics if "eval_loss" in m]
-    record = {"name": folder.uri.rstrip("/").rsplit("/", 1)[-1], "kind": "run", "uri": folder.uri,
-              "method": job.get("method"), "objective": job.get("objective", "sft"),
-              "step": trained[-1]["step"] if trained else 0,
-              "planned_steps": summary.get("planned_steps") if summary else None,
-              "eval_loss": [evals[0]["eval_loss"], evals[-1]["eval_loss"]] if evals else None,
-              "updated": _updated(folder, "metrics.jsonl")}
+    """A run's line: from its summary when that is its last word (a finished run's metrics,
+    maybe long, are not read), else from its metrics."""
     holder = _holder(folder)
+    summary_time, metrics_time = (folder.fs.get_file_info(folder.path(name)).mtime
+                                  for name in ("summary.json", "metrics.jsonl"))
+    # a summary older than the metrics: a relaunch (more steps) trained on after it
+    current = summary_time is not None and not holder and (metrics_time is None or metrics_time <= summary_time)
+    summary = json.loads(folder.read_text("summary.json") or "null") if current else None
+    if summary:
+        step, planned = summary["steps"], summary["planned_steps"]
+        losses = [summary["eval_loss_initial"], summary["eval_loss_final"]]
+    else:
+        metrics = read_metrics(folder)
+        trained, evals = [m for m in metrics if "loss" in m], [m for m in metrics if "eval_loss" in m]
+        step, planned = trained[-1]["step"] if trained else 0, None
+        losses = [evals[0]["eval_loss"], evals[-1]["eval_loss"]] if evals else None
+    record = {"name": folder.uri.rstrip("/").rsplit("/", 1)[-1], "kind": "run", "uri": folder.uri,
+              "method": job.get("method"), "objective": job.get("objective", "sft"), "step": step,
+              "planned_steps": planned, "eval_loss": losses,
+              "updated": _time(metrics_time)}
     if summary:
         stop = summary.get("early_stopping")
         record["status"] = f"stopped early at step {stop['step']}" if stop else "finished"
@@ -76,7 +85,7 @@ def sweep_record(folder: RunFolder, job: dict) -> dict[str, Any]:
     trials = _subfolders(folder.child("trials"))
     record = {"name": folder.uri.rstrip("/").rsplit("/", 1)[-1], "kind": "sweep", "uri": folder.uri,
               "method": job.get("method"), "objective": job.get("objective", "sft"), "trials": len(trials),
-              "updated": _updated(folder, "sweep.json")}
+              "updated": _time(folder.fs.get_file_info(folder.path("sweep.json")).mtime)}
     holder = _holder(folder)
     if holder:
         record["status"] = f"running ({holder})"
@@ -123,11 +132,8 @@ def _holder(folder: RunFolder) -> str | None:
     return None
 
 
-def _updated(folder: RunFolder, name: str) -> str | None:
-    info = folder.fs.get_file_info(folder.path(name))
-    if info.mtime is None:
-        return None
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.mtime.timestamp()))
+def _time(mtime: Any) -> str | None:
+    return None if mtime is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(mtime.timestamp()))
 
 
 def table(records: list[dict[str, Any]]) -> str:

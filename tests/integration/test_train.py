@@ -196,22 +196,25 @@ def test_runs_lists_finished_interrupted_and_running_runs(trained, tmp_path, cap
 
     _, summary, run = trained
     runs = tmp_path / "runs"
-    for name in ("done", "cut", "live"):
+    for name in ("done", "cut", "live", "more"):
         shutil.copytree(run, runs / name)
     (runs / "cut" / "summary.json").unlink()  # the driver died before the end
     (runs / "live" / "summary.json").unlink()
+    with open(runs / "more" / "metrics.jsonl", "a") as f:  # relaunched for more steps, died after step 7
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
     (runs / "prepared" / "abc").mkdir(parents=True)  # not a run: no config.yaml
     with holding(RunFolder.at(str(runs / "live"), load_config(run / "config.yaml").storage)):
         assert main(["runs", str(runs), "--json"]) == 0
         records = {r["name"]: r for r in json_lines(capsys.readouterr().out)}
         assert main(["runs", str(runs)]) == 0
         table = capsys.readouterr().out.splitlines()
-    assert sorted(records) == ["cut", "done", "live"]
+    assert sorted(records) == ["cut", "done", "live", "more"]
     done = records["done"]
     assert (done["step"], done["planned_steps"], done["status"]) == (6, 6, "finished")
     assert done["eval_loss"] == [summary["eval_loss_initial"], summary["eval_loss_final"]]
     assert records["cut"]["status"] == "interrupted at step 6: a relaunch resumes from checkpoint-000006"
     assert records["live"]["status"].startswith(f"running (pid {os.getpid()} on ")
+    assert records["more"]["status"] == "interrupted at step 7: a relaunch resumes from checkpoint-000006"
     assert table[0].split() == ["run", "method", "steps", "eval", "loss", "updated", "(UTC)", "status"]
     assert table[2].startswith("done ") and "6/6" in table[2] and table[2].endswith("finished")
     assert main(["runs", str(tmp_path / "nope")]) == 2
