@@ -226,6 +226,10 @@ def _print_outcome(config: JobConfig, summary: dict) -> None:
     LOG.info(f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
              f"({summary['eval_loss_reduction']:.0%} lower), {summary['steps']} steps, "
              f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.0f} s")
+    for name, outcome in (summary.get("eval_sets") or {}).items():
+        change = outcome["loss_change"]
+        LOG.info(f"eval set {name}: loss {outcome['loss_initial']:.4f} before → {outcome['loss_final']:.4f} after"
+                 + (f" ({abs(change):.1%} {'higher' if change > 0 else 'lower'})" if change is not None else ""))
     stop = summary.get("early_stopping")
     if stop:
         LOG.info(f"stopped early at step {stop['step']} of {summary['planned_steps']}: eval loss "

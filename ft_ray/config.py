@@ -97,12 +97,20 @@ class SourceConfig(Section):
             f"@{self.revision}" if self.revision else "") + f" [{self.split or 'train'}]"
 
 
+EVAL_SET_NAME = r"^[a-z][a-z0-9_]*$"
+RESERVED_EVAL_SET_NAMES = ("nll",)  # ORPO logs eval_nll_loss
+
+
 class DataConfig(Section):
     train: str | None = Field(None, description="training records: file, folder, glob or s3:// prefix")
     sources: list[SourceConfig] = Field(default_factory=list, description="several weighted sources instead of train")
     eval: str | SourceConfig | None = Field(None, description=(
         "held-out records (a path, or a source such as {hf: ID, split: test}); default: split eval_fraction off train"))
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of train records held out when eval is unset")
+    eval_sets: dict[str, str | SourceConfig] = Field(default_factory=dict, description=(
+        "more held-out sets, by name (a path or a source each), scored at every evaluation as eval_<name>_loss: "
+        "e.g. {general: general.jsonl} shows what the run costs on text it does not train for (forgetting). "
+        "data.eval (or the split) stays the set that picks checkpoints, stops early and ft-ray eval compares"))
     format: FormatName = Field("auto", description="auto: chosen per source from its first records")
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="ft-ray's field name -> your column, e.g. {instruction: question}")
@@ -131,6 +139,11 @@ class DataConfig(Section):
     def _one_way_to_name_sources(self) -> "DataConfig":
         if bool(self.train) == bool(self.sources):
             raise ValueError("set either data.train (one source) or data.sources (a list of {path, weight})")
+        for name in self.eval_sets:
+            if not re.match(EVAL_SET_NAME, name) or name in RESERVED_EVAL_SET_NAMES:
+                raise ValueError(f"data.eval_sets: {name!r} cannot name a set: its metrics are eval_<name>_loss, so a "
+                                 "name is lowercase letters, digits and _ (starting with a letter), and not "
+                                 f"{' or '.join(RESERVED_EVAL_SET_NAMES)}")
         return self
 
     def all_sources(self) -> list[SourceConfig]:
@@ -145,10 +158,18 @@ class DataConfig(Section):
         return list(zip(keys, self.all_sources()))
 
     def eval_source(self) -> SourceConfig | None:
-        if isinstance(self.eval, SourceConfig):
-            return self.eval.model_copy(update={"format": self.eval.format or self.format,
-                                                "fields": self.eval.fields or self.fields})
-        return SourceConfig(path=self.eval, format=self.format, fields=self.fields) if self.eval else None
+        return self._filled(self.eval) if self.eval else None
+
+    def eval_set_sources(self) -> list[tuple[str, str, SourceConfig]]:
+        """(name, config key, source) of each of `eval_sets`, format and fields filled in."""
+        return [(name, f"data.eval_sets.{name}", self._filled(source)) for name, source in self.eval_sets.items()]
+
+    def _filled(self, source: str | SourceConfig) -> SourceConfig:
+        """A held-out source with the data section's format and field mapping where it has none."""
+        if isinstance(source, SourceConfig):
+            return source.model_copy(update={"format": source.format or self.format,
+                                             "fields": source.fields or self.fields})
+        return SourceConfig(path=source, format=self.format, fields=self.fields)
 
 
 class LoraConfig(Section):
@@ -537,7 +558,8 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         problems.append(f"data.loss_on: {job.data.loss_on} is for objective sft; objective {job.objective} "
                         "trains on its answers")
     allowed = OBJECTIVE_FORMATS[job.objective]
-    for source in job.data.all_sources() + ([job.data.eval_source()] if job.data.eval else []):
+    for source in job.data.all_sources() + ([job.data.eval_source()] if job.data.eval else []) + [
+            source for _, _, source in job.data.eval_set_sources()]:
         if source.format not in ("auto", *allowed):
             problems.append(f"data.format: objective {job.objective} trains on format {' or '.join(allowed)}, "
                             f"not {source.format} (source {source.where})")
@@ -645,7 +667,10 @@ def resolve_paths(config: JobConfig) -> JobConfig:
     Ray tasks and workers, which run elsewhere, read the same files."""
     if config.data.train:
         config.data.train = _absolute(config.data.train)
-    for source in config.data.sources + ([config.data.eval] if isinstance(config.data.eval, SourceConfig) else []):
+    config.data.eval_sets = {name: source if isinstance(source, SourceConfig) else _absolute(source)
+                             for name, source in config.data.eval_sets.items()}
+    for source in config.data.sources + [s for s in [config.data.eval, *config.data.eval_sets.values()]
+                                         if isinstance(s, SourceConfig)]:
         if source.path:
             source.path = _absolute(source.path)
         elif source.hf.startswith((".", "/", "~")) or Path(source.hf).expanduser().is_dir():

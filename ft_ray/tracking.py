@@ -22,6 +22,8 @@ class Tracker:
     def __init__(self, config: JobConfig, run: RunFolder, resume_step: int | None, enabled: bool,
                  total_steps: int, board: Any = None):
         self.enabled, self.total_steps, self.board = enabled, total_steps, board
+        self.shown = ("loss", "eval_loss", *[f"eval_{name}_loss" for name in config.data.eval_sets],
+                      "lr", "grad_norm", "tokens_per_s", "mfu")
         self.last_put = None
         self.metrics = MetricsLog(run, resume_step, enabled)
         self.started = time.monotonic()
@@ -61,7 +63,7 @@ class Tracker:
         if "resumed_from" in record:
             return f"[ft-ray] resumed from {record['resumed_from']} at step {record['step']}"
         shown = [f"step {record['step']}/{self.total_steps}"]
-        for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        for key in self.shown:
             if key in record:
                 value = record[key]
                 shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")

@@ -117,9 +117,20 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
             lines.append(f"warning: {seen} of the {held_out} data.eval records are training examples too (the same "
                          "record in the training data): loss and ft-ray eval on them measure recall, not what was learned; "
                          "take them out of one side")
+    set_records = {}
+    for name, key, source in data.eval_set_sources():
+        set_records[name] = count_records(source, config, key, eval_fraction=1.0)[1]  # all held out
+        fmt, note = choose_format(source, config.storage, key)
+        try:
+            check_format(config, fmt, key)
+        except DataError as e:
+            lines.append(f"problem: {e}")
+            problems += 1
+        lines += [note, f"{key}: {set_records[name]} records, scored as eval_{name}_loss at every evaluation"]
     if train < MIN_TRAIN_EXAMPLES:
         lines.append(f"warning: only {train} training examples; with fewer than {MIN_TRAIN_EXAMPLES} "
                      "fine-tuning rarely beats few-shot prompting: collect more before spending GPUs")
     counts = {"train_records": train, "eval_records": held_out, "formats": dict(formats),
-              "problems_in_first_records": problems, "train_tokens_estimate": round(tokens)}
+              "problems_in_first_records": problems, "train_tokens_estimate": round(tokens),
+              **({"eval_sets": set_records} if set_records else {})}
     return {"counts": counts, "lines": lines}

@@ -44,6 +44,10 @@ class DataStats:
     tokens_dropped: int = 0  # the tokens those cuts dropped
     tokens_dropped_fraction: float = 0.0  # of all the tokens of the records read
     records_windowed: int = 0  # long texts cut into windows that all train
+    eval_sets: dict[str, dict[str, int]] = field(default_factory=dict)  # data.eval_sets: examples, sequences by name
+
+
+EVAL_SET = "eval.{}"  # the dataset of a data.eval_sets set
 
 
 @functools.lru_cache(maxsize=4)
@@ -196,24 +200,30 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
     start_at_full_width()
     data, stats = config.data, DataStats()
     split_off = 0.0 if data.eval else data.eval_fraction
-    sources = list(data.keyed_sources()) + ([("data.eval", data.eval_source())] if data.eval else [])
-    LOG.info(f"data: reading + tokenizing {len(sources)} source(s) on {ray.cluster_resources().get('CPU', 0):.0f} "
-             f"CPUs, {'packing' if data.pack else 'padding'} to {config.model.max_seq_len} tokens")
+    sources = len(data.keyed_sources()) + bool(data.eval) + len(data.eval_sets)
+    LOG.info(f"data: reading + tokenizing {sources} source(s) on "
+             f"{ray.cluster_resources().get('CPU', 0):.0f} CPUs, {'packing' if data.pack else 'padding'} to "
+             f"{config.model.max_seq_len} tokens")
     with progress.watching("read + tokenize", None, "records", lambda counts, _: (counts.get("records", 0), "")):
         parts = [read_source(config, source, key, split_off, stats) for key, source in data.keyed_sources()]
         tokenized = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
         held_out = (read_source(config, data.eval_source(), "data.eval", 1.0, stats).materialize()
                     if data.eval else None)
+        others = {name: read_source(config, source, key, 1.0, stats).materialize()
+                  for name, key, source in data.eval_set_sources()}
     blocks = tokenized.to_arrow_refs() + (held_out.to_arrow_refs() if held_out else [])
     eval_rows = count_records(stats, blocks)
+    other_rows = {name: count_eval_set(stats, name, dataset.to_arrow_refs()) for name, dataset in others.items()}
     if stats.records_rejected and rejected_dir:
-        lines = tokenized.union(held_out) if held_out else tokenized
+        held = [d for d in [held_out, *others.values()] if d is not None]
+        lines = tokenized.union(*held) if held else tokenized
         write_rejected(rows_of(lines, "rejected"), rejected_dir, rejected_fs)
     check_counts(config, stats)
     warn_if_truncated(config, stats)
     seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     eval_refs = pack_tasks(blocks, eval_rows, pack_args)  # runs while the train order is made
+    other_refs = {name: pack_tasks(others[name].to_arrow_refs(), rows, pack_args) for name, rows in other_rows.items()}
     if stats.train_tokens <= SMALL_SHUFFLE_TOKENS:
         train_packed = ray.data.from_arrow_refs(pack_tasks(blocks, train_order(blocks, seed), pack_args))
     else:
@@ -222,9 +232,13 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
                         .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="pyarrow", fn_kwargs=pack_args)
                         .materialize())
     eval_packed = ray.data.from_arrow_refs(eval_refs)
+    datasets = {"train": train_packed, "eval": eval_packed}
+    for name, refs in other_refs.items():
+        datasets[EVAL_SET.format(name)] = ray.data.from_arrow_refs(refs)
+        stats.eval_sets[name]["sequences"] = datasets[EVAL_SET.format(name)].count()
     stats.train_sequences, stats.eval_sequences = train_packed.count(), eval_packed.count()
     stats.packing_efficiency = round(stats.train_tokens / max(1, stats.train_sequences * config.model.max_seq_len), 4)
-    return {"train": train_packed, "eval": eval_packed}, stats
+    return datasets, stats
 
 
 def start_at_full_width() -> None:
@@ -451,6 +465,25 @@ def count_records(stats: DataStats, blocks: list) -> np.ndarray:
     return block_rows(eval_rows)
 
 
+def count_eval_set(stats: DataStats, name: str, blocks: list) -> np.ndarray:
+    """`count_records` of a data.eval_sets set (all held out): its examples go to
+    `stats.eval_sets`, its records read and rejected to the job's counts.
+
+    Raises:
+        DataError: the set has no usable example.
+    """
+    own = DataStats()
+    rows = count_records(own, blocks)
+    stats.records_read += own.records_read
+    stats.rejected_by_reason = dict(Counter(stats.rejected_by_reason) + Counter(own.rejected_by_reason))
+    stats.records_rejected += own.records_rejected
+    if not own.eval_examples:
+        raise DataError(f"data.eval_sets.{name}: no usable example ({own.records_read} records read, "
+                        f"{own.records_rejected} rejected; see the rejected/ folder)")
+    stats.eval_sets[name] = {"examples": own.eval_examples, "sequences": 0}
+    return rows
+
+
 def per_block(blocks: list, fn: Any, *args: Any) -> list:
     """`fn(block, *args)` of each block (Arrow table refs, as `Dataset.to_arrow_refs` gives
     them), by plain Ray tasks (a Ray Data run of a small map costs about half a second in
@@ -517,7 +550,9 @@ def stats_table(stats: DataStats) -> str:
     rows += [("long texts in windows", stats.records_windowed)] if stats.records_windowed else []
     rows += [("train examples", stats.train_examples), ("eval examples", stats.eval_examples),
              ("train tokens", stats.train_tokens), ("packed train sequences", stats.train_sequences),
-             ("packed eval sequences", stats.eval_sequences),
-             ("packing efficiency", f"{stats.packing_efficiency:.1%} non-padding tokens")]
+             ("packed eval sequences", stats.eval_sequences)]
+    rows += [(f"eval set {name}", f"examples {counts['examples']}, packed sequences {counts['sequences']}")
+             for name, counts in stats.eval_sets.items()]
+    rows += [("packing efficiency", f"{stats.packing_efficiency:.1%} non-padding tokens")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"[ft-ray]   {name:<{width}}  {value}" for name, value in rows)

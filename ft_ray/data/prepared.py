@@ -1,7 +1,8 @@
 """Tokenized and packed data kept in storage (`ft-ray prepare`), so repeated runs and
 sweeps over the same corpus skip parsing and tokenization.
 
-A prepared folder holds `train/` and `eval/` Parquet files, `rejected/`, and `stats.json`
+A prepared folder holds `train/` and `eval/` Parquet files (and `eval.<name>/` for each of
+`data.eval_sets`), `rejected/`, and `stats.json`
 written last: a folder without `stats.json` is incomplete and never read. Its default
 place is `<storage.path>/prepared/<fingerprint>`, where the fingerprint covers everything
 that changes the packed sequences (sources and their files' sizes and times, format,
@@ -17,7 +18,7 @@ from typing import Any
 
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
-from ft_ray.data.pipeline import DataStats, build_datasets
+from ft_ray.data.pipeline import EVAL_SET, DataStats, build_datasets
 from ft_ray.data.readers import fs_path
 from ft_ray.data.sources import list_files
 from ft_ray.storage import filesystem_for
@@ -27,11 +28,12 @@ PREPARED_VERSION = 3  # 2: sample ids name files relative to their source's fold
 
 
 def data_files(config: JobConfig) -> list[dict[str, Any]]:
-    """Each source of the job (train, then eval) with its files' (path, size, modification
-    time): what the fingerprint covers of the data, and what a resumed run compares."""
+    """Each source of the job (train, eval, then the eval sets) with its files' (path, size,
+    modification time): what the fingerprint covers of the data, and what a resumed run compares."""
     data = config.data
     files = []
-    for key, source in [("train", s) for s in data.all_sources()] + [("eval", data.eval_source())]:
+    for key, source in ([("train", s) for s in data.all_sources()] + [("eval", data.eval_source())]
+                        + [(key[len("data."):], source) for _, key, source in data.eval_set_sources()]):
         if source is None:
             continue
         fs, paths = list_files(source, config.storage, f"data.{key}")
@@ -44,12 +46,15 @@ def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) ->
     """A short hash of what the packed sequences depend on (`files`: `data_files(config)`)."""
     data = config.data
     what = {"version": PREPARED_VERSION, "files": data_files(config) if files is None else files,
-            "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval"}),
+            "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval",
+                                             "eval_sets"}),
             "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
             "roles": config.objective != "sft",  # preference data carries each token's role
             "reference": reference_settings(config),
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",
-                                                      "chat_template"})}
+                                                      "chat_template"}),
+            # the sets' names name their splits (their files are in `files`)
+            **({"eval_sets": sorted(data.eval_sets)} if data.eval_sets else {})}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -108,9 +113,9 @@ def load_prepared(config: JobConfig, where: str | None = None) -> tuple[dict[str
     # every read (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, 32): about 2 s a split on an idle 2-core
     # machine and 4-8 s beside a training run, where V1 reads a prepared split in 0.1 s
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    splits = ["train", "eval", *[EVAL_SET.format(name) for name in saved["stats"].get("eval_sets", {})]]
     try:
-        datasets = {split: ray.data.read_parquet(f"{root}/{split}", filesystem=fs).materialize()
-                    for split in ("train", "eval")}
+        datasets = {split: ray.data.read_parquet(f"{root}/{split}", filesystem=fs).materialize() for split in splits}
     finally:
         context.use_datasource_v2 = v2
     return datasets, DataStats(**saved["stats"]), where

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from ft_ray.config import JobConfig, TrainConfig
+from ft_ray.data.pipeline import EVAL_SET
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoint_io import TrainState, report, restore
@@ -57,10 +58,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resumed_from:
         tracker.log({"step": state.step, "resumed_from": resumed_from, "worker_nodes": nodes,
                      "skipped_checkpoints": [f"{name}: {why}" for name, why in skipped]})
-    eval_set = ray.train.get_dataset_shard("eval")
+    eval_sets = {"": ray.train.get_dataset_shard("eval"),
+                 **{name: ray.train.get_dataset_shard(EVAL_SET.format(name)) for name in loop_config["eval_sets"]}}
 
     if state.step == 0:
-        evaluated = evaluate(engine, eval_set, config, objective)
+        evaluated = evaluate_all(engine, eval_sets, config, objective)
         state.eval_loss_initial = evaluated["eval_loss"]
         lowered(state, evaluated["eval_loss"], config.train)
         tracker.log({"step": 0, **evaluated, "worker_nodes": nodes})
@@ -95,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         checkpoint_due = state.step % config.train.checkpoint_every == 0 or last
         stop = False
         if state.step % config.train.eval_every == 0 or checkpoint_due:
-            evaluated = evaluate(engine, eval_set, config, objective)
+            evaluated = evaluate_all(engine, eval_sets, config, objective)
             if patience:  # every rank sees the same (all-reduced) eval_loss, and stops at the same step
                 best = lowered(state, evaluated["eval_loss"], config.train)
                 stop = out_of_patience(state, patience)
@@ -112,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resumed_from and done:
         # A finished run relaunched (a sweep restored after its driver died): tell Ray (and
         # Tune) where it ended, once, from every rank.
-        ray.train.report({"step": state.step, **evaluate(engine, eval_set, config, objective),
+        ray.train.report({"step": state.step, **evaluate_all(engine, eval_sets, config, objective),
                           "train_tokens": state.train_tokens})
     trace.flush()
     tracker.finish()
@@ -225,6 +227,20 @@ class Window:
                 **{name: total / max(1, weight) for name, total in zip(self.names, sums)},
                 "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
                 **self.throughput.figures(tokens / elapsed)}
+
+
+EVAL_SET_LOSS = "eval_{}_loss"  # the loss on a data.eval_sets set (its other metrics: eval_<name>_<metric>)
+
+
+def evaluate_all(engine: Any, eval_sets: dict[str, Any], config: JobConfig, objective: Objective) -> dict[str, float]:
+    """`evaluate` on data.eval (named "" in `eval_sets`: `eval_loss`, ...) and on each of
+    data.eval_sets (`eval_<name>_loss`, ...)."""
+    scores = {}
+    for name, eval_set in eval_sets.items():
+        evaluated = evaluate(engine, eval_set, config, objective)
+        scores.update(evaluated if not name else
+                      {f"eval_{name}_{key.removeprefix('eval_')}": value for key, value in evaluated.items()})
+    return scores
 
 
 def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective) -> dict[str, float]:

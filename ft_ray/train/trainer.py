@@ -23,14 +23,14 @@ import yaml
 from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes, with_defaults
 from ft_ray.console import LOG
-from ft_ray.data.pipeline import DataError, DataStats, stats_table
+from ft_ray.data.pipeline import EVAL_SET, DataError, DataStats, stats_table
 from ft_ray.data.prepared import data_files, datasets_for, location
 from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.tracking import check_wandb_login
 from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
-from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
+from ft_ray.train.loop import EVAL_SET_LOSS, TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.preference import REF_COLUMN, with_reference
 
 
@@ -175,7 +175,8 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"job": config.model_dump(mode="json"), "plan": asdict(plan),
-                               "base_model_path": base_path, "progress": board},
+                               "base_model_path": base_path, "progress": board,
+                               "eval_sets": scored_sets(config, datasets)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=tuple(config.distributed.num_workers) if config.distributed.elastic
                 else config.distributed.num_workers, use_gpu=config.distributed.use_gpu,
@@ -340,7 +341,18 @@ def worker_datasets(config: JobConfig, datasets: dict[str, Any]) -> dict[str, An
     rank's samples are the same in every run, and the whole eval set for every worker
     (`loop.evaluate` shares it out)."""
     pieces = datasets["train"].split(config.distributed.max_workers, equal=True)
-    return {"eval": datasets["eval"], **{TRAIN_PIECE.format(i): piece for i, piece in enumerate(pieces)}}
+    held_out = {split: dataset for split, dataset in datasets.items() if split != "train"}  # eval and the eval sets
+    return {**held_out, **{TRAIN_PIECE.format(i): piece for i, piece in enumerate(pieces)}}
+
+
+def scored_sets(config: JobConfig, datasets: dict[str, Any]) -> list[str]:
+    """The names of the job's `data.eval_sets` its data has (a warning for each it lacks:
+    prepared data named by data.prepared that was made without it)."""
+    names = [name for name in config.data.eval_sets if EVAL_SET.format(name) in datasets]
+    for name in config.data.eval_sets.keys() - set(names):
+        LOG.warning(f"data.eval_sets.{name} is not in the prepared data at {config.data.prepared} (prepared "
+                    "without it): it is not scored; prepare the data again to score it")
+    return names
 
 
 def ingest_config() -> Any:
@@ -394,6 +406,7 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
         "eval_loss_final": final,
         "eval_loss_reduction": (1 - final / initial) if initial and final is not None else None,
         **preference_outcome(config, evals),
+        "eval_sets": eval_set_outcome(config, evals),
         "tokens_per_second": statistics.median(speeds) if speeds else None,
         "best_checkpoint": run.uri_of(Path(best).name) if best else None,
         "latest_checkpoint": run.uri_of(complete[0].name) if complete else None,
@@ -402,6 +415,18 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
         "data": asdict(stats),
         "wall_time_s": round(wall_s, 1),
     }
+
+
+def eval_set_outcome(config: JobConfig, evals: list[dict]) -> dict[str, dict[str, float]]:
+    """Each of `data.eval_sets`' loss before and after training (what the run cost or gained
+    on it), by name."""
+    outcome = {}
+    for name in config.data.eval_sets:
+        losses = [m[EVAL_SET_LOSS.format(name)] for m in evals if EVAL_SET_LOSS.format(name) in m]
+        if losses:
+            outcome[name] = {"loss_initial": losses[0], "loss_final": losses[-1],
+                             "loss_change": losses[-1] / losses[0] - 1 if losses[0] else None}
+    return outcome
 
 
 def preference_outcome(config: JobConfig, evals: list[dict]) -> dict[str, Any]:

@@ -199,8 +199,10 @@ def same_order_twice(config, tokenizer) -> tuple[list[int], object]:
 def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_path, tokenizer, capsys):
     from ray.util.state import list_actors
 
-    config = config_for(tmp_path, train=str(DEMO / "train.jsonl"))
+    # data.eval_sets: the eval file once more, as a set of its own
+    config = config_for(tmp_path, train=str(DEMO / "train.jsonl"), eval_sets={"again": str(DEMO / "eval.jsonl")})
     order, stats = same_order_twice(config, tokenizer)
+    assert stats.eval_sets == {"again": {"examples": stats.eval_examples, "sequences": stats.eval_sequences}}
     config.data.shuffle_seed = 7
     assert training_order(build_datasets(config, tokenizer, None)[0]) != order
     config.data.shuffle_seed = None
@@ -215,6 +217,9 @@ def test_same_seed_same_sample_order_and_prepared_data_matches(ray_local, tmp_pa
     assert [actor.class_name for actor in list_actors(limit=10_000) if actor.actor_id not in actors] == []
     assert loaded_stats == prepared_stats == stats
     assert training_order(datasets) == order
+    packed = [[r["input_ids"].tolist() + r["labels"].tolist() for r in datasets[split].take_all()]
+              for split in ("eval", "eval.again")]
+    assert packed[0] == packed[1]  # the same records, packed the same way
 
     # A prepare killed while writing stats.json: the folder counts as incomplete and is prepared
     # again over what the killed one left (no example twice).

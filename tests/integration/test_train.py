@@ -20,19 +20,26 @@ from tests.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
 
+GENERAL_TEXT = ["The river rose after three days of rain.", "She sold the old piano to a school in town.",
+                "Most maps of the coast were drawn by hand.", "A kettle whistles when the water boils.",
+                "The library opens at nine on weekdays.", "Bees carry pollen from flower to flower."]
 SUMMARY_KEYS = {"run_name", "steps", "train_tokens", "train_loss_final", "eval_loss_initial", "eval_loss_final",
                 "tokens_per_second", "best_checkpoint", "adapter_path"}
 
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
-    """One 2-worker LoRA run of 6 steps with two bad records in its corpus."""
+    """One 2-worker LoRA run of 6 steps with two bad records in its corpus, and a set of
+    general text scored beside data.eval (data.eval_sets)."""
     tmp = tmp_path_factory.mktemp("trained")
     corpus = tmp / "train.jsonl"
     shutil.copy(DEMO / "train.jsonl", corpus)
     with corpus.open("a") as f:
         f.write('{"instruction": "no output"}\n{broken json\n')
-    config = load_config(write_job(tmp, data={"train": str(corpus)}, train={"max_steps": 6, "checkpoint_every": 3,
+    general = tmp / "general.jsonl"  # its last line bad: set aside as the training data's are
+    general.write_text("".join(json.dumps({"text": text}) + "\n" for text in GENERAL_TEXT) + "{broken\n")
+    config = load_config(write_job(tmp, data={"train": str(corpus), "eval_sets": {"general": str(general)}},
+                                   train={"max_steps": 6, "checkpoint_every": 3,
                                                                          "lr_schedule": "linear", "min_lr_ratio": 0.5},
                                    tracking={"wandb": {"mode": "offline", "project": "ft-ray-tests"}}))
     summary = run_training(config)
@@ -61,6 +68,33 @@ def test_metrics_hold_every_step_once(trained):
     assert [m["lr"] for m in lines if "loss" in m] == pytest.approx([2e-3 * (1 - 0.1 * i) for i in range(6)])
 
 
+def test_an_eval_set_is_scored_at_every_evaluation_as_the_base_model_scores_it(trained):
+    import torch
+
+    from ft_ray.data.records import parse_record
+    from ft_ray.models import load_base_model, load_tokenizer
+
+    config, summary, run = trained
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    general = [(m["step"], m["eval_general_loss"]) for m in lines if "eval_general_loss" in m]
+    assert [step for step, _ in general] == [m["step"] for m in lines if "eval_loss" in m]
+    assert summary["data"]["eval_sets"]["general"]["examples"] == len(GENERAL_TEXT)
+    assert summary["data"]["formats"]["data.eval_sets.general"] == "text"
+    assert summary["eval_sets"]["general"]["loss_initial"] == general[0][1]
+    assert summary["eval_sets"]["general"]["loss_final"] == general[-1][1]
+    # step 0 is the base model (LoRA's B starts at zero): its mean loss per target token on the
+    # set's records, each alone
+    tokenizer, model = load_tokenizer(config.model), load_base_model(config.model).eval()
+    total = count = 0
+    for text in GENERAL_TEXT:
+        example = parse_record(json.dumps({"text": text}), "", "text", {}, tokenizer, 128, None)
+        targets = sum(label != -100 for label in example["labels"][1:])
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]))
+        total, count = total + out.loss.item() * targets, count + targets
+    assert general[0][1] == pytest.approx(total / count, rel=1e-4)
+
+
 def test_checkpoints_hold_adapter_optimizer_and_data_position(trained):
     _, _, run = trained
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000006"]
@@ -74,14 +108,16 @@ def test_checkpoints_hold_adapter_optimizer_and_data_position(trained):
 def test_bad_records_are_set_aside_with_reasons(trained):
     _, summary, run = trained
     data = summary["data"]
-    assert data["records_read"] == 402 + 48 and data["records_rejected"] == 2
+    assert data["records_read"] == 402 + 48 + 7 and data["records_rejected"] == 3  # 7: data.eval_sets.general
     assert data["train_examples"] == 400 and data["eval_examples"] == 48
-    assert data["rejected_by_reason"] == {"missing_field": 1, "not_json": 1}
+    assert data["rejected_by_reason"] == {"missing_field": 1, "not_json": 2}
     rejected = [json.loads(line) for f in (run / "rejected").glob("*.json*") for line in f.read_text().splitlines()]
     assert sorted((r["line"], r["reason"], r["detail"]) for r in rejected) == [
+        (7, "not_json", "not JSON: Expecting property name enclosed in double quotes at column 2"),
         (401, "missing_field", "missing field 'output'"),
         (402, "not_json", "not JSON: Expecting property name enclosed in double quotes at column 2")]
-    assert all(r["path"].endswith("train.jsonl") for r in rejected)
+    assert [Path(r["path"]).name for r in sorted(rejected, key=lambda r: r["line"])] == [
+        "general.jsonl", "train.jsonl", "train.jsonl"]
 
 
 def test_wandb_offline_run_has_config_and_metrics_and_no_secret(trained):

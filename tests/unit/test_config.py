@@ -130,6 +130,15 @@ def test_lora_variants_are_settings_a_sweep_can_search(tmp_path):
         load_config(write_job(tmp_path, "bad.yaml", lora={"init": "svd"}))
 
 
+def test_an_eval_set_s_name_makes_metric_names_that_cannot_clash(tmp_path):
+    config = config_from_dict({"data": {"train": "x.jsonl", "eval_sets": {"general": "g.jsonl", "code_v2": "c.jsonl"}}})
+    assert [(name, key, source.path) for name, key, source in config.data.eval_set_sources()] == [
+        ("general", "data.eval_sets.general", "g.jsonl"), ("code_v2", "data.eval_sets.code_v2", "c.jsonl")]
+    for bad in ("General", "2nd", "a-b", "nll"):  # nll: ORPO's eval_nll_loss
+        with pytest.raises(ConfigError, match=f"data.eval_sets: '{bad}' cannot name a set"):
+            config_from_dict({"data": {"train": "x.jsonl", "eval_sets": {bad: "g.jsonl"}}})
+
+
 def test_an_objective_names_the_formats_it_trains_on(tmp_path):
     from ft_ray.data.sources import DataError, check_format
 
@@ -139,6 +148,9 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
         config_from_dict({"objective": "orpo", "data": {"train": "x.jsonl", "loss_on": "all"}})
     with pytest.raises(ConfigError, match="train.neftune_alpha: noisy embeddings are for objective sft; objective dpo"):
         config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl"}, "train": {"neftune_alpha": 5}})
+    with pytest.raises(ConfigError, match=r"objective dpo trains on format preference, not text \(source general.txt\)"):
+        config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl",
+                                                       "eval_sets": {"general": {"path": "general.txt", "format": "text"}}}})
     config = config_from_dict({"objective": "kto", "preference": {"beta": 0.2}, "data": {"train": "x.jsonl"}})
     assert config.preference.beta == 0.2 and config.preference.desirable_weight == 1.0
     check_format(config, "kto", "data.train")

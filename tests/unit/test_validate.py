@@ -8,10 +8,12 @@ from tests.conftest import ASSETS, write_job
 
 
 def test_reports_detected_format_and_counts(tmp_path, capsys):
-    assert main(["validate", str(write_job(tmp_path))]) == 0
+    job = write_job(tmp_path, data={"eval_sets": {"general": str(ASSETS / "text.jsonl")}})
+    assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out.splitlines()
     counts = json.loads(out[1])
-    assert counts["train_records"] == 400 and counts["eval_records"] == 48
+    assert counts["train_records"] == 400 and counts["eval_records"] == 48 and counts["eval_sets"] == {"general": 2}
+    assert "data.eval_sets.general: 2 records, scored as eval_general_loss at every evaluation" in out
     assert counts["formats"] == {"instruction": 100}
     assert any(line.startswith("data.train: format auto -> instruction (20 of the first 20 records") for line in out)
     assert not any(line.startswith("warning:") for line in out)
