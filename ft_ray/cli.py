@@ -456,7 +456,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         if args.file:
             prompts = (split_prompt(record, found, answerer.tokenizer)
-                       for found, record in records_of(args.file, config.data.fields))
+                       for found, record in records_of(args.file, config))
         else:
             typed = args.prompt or _typed_prompts()
             prompts = ((render(text, fmt, answerer.tokenizer), None) for text in typed)

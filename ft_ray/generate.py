@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 from ft_ray.config import InputError, JobConfig, load_config
 from ft_ray.data.formats import RecordError, detect_format, map_fields
 from ft_ray.data.readers import ReadLimits
-from ft_ray.data.sources import read_records
+from ft_ray.data.sources import read_records, usable_records
 from ft_ray.samples import split_prompt
 
 PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
@@ -64,11 +64,10 @@ def prompt_format(config: JobConfig, tokenizer: Any) -> str:
 def _first_record_shape(config: JobConfig) -> str | None:
     key, source = config.data.keyed_sources()[0]
     try:
-        record = next((map_fields(json.loads(text), source.fields) for _, _, text, error in
-                       read_records(source, config.storage, key, ReadLimits.of(config.data, source)) if not error), None)
-    except (InputError, OSError, ValueError):  # the data is not here (a run copied elsewhere): no shape
+        record = next(usable_records(source, config.storage, key, ReadLimits.of(config.data, source)), None)
+    except (InputError, OSError):  # the data is not here (a run copied elsewhere): no shape
         return None
-    if not isinstance(record, dict):
+    if record is None:
         return None
     if "messages" in record or "conversations" in record or any(isinstance(record.get(k), list)
                                                                  for k in ("prompt", "completion", "chosen")):
@@ -85,21 +84,21 @@ def render(prompt: str, fmt: str, tokenizer: Any) -> str:
     return split_prompt(record, fmt, tokenizer)[0]
 
 
-def records_of(path: Path, fields: dict[str, str]) -> Iterator[tuple[str, str]]:
-    """(format, record) of each line of a JSONL file of records in a training format.
+def records_of(path: Path, config: JobConfig) -> Iterator[tuple[str, dict]]:
+    """(format, record) of each record of a file in a training format (JSONL, JSON, CSV,
+    Parquet, gzip: as training reads them; fields mapped as the job's data.fields).
 
     Raises:
-        InputError: a line that is not one (file and line named).
+        InputError: a record that is not one (file and line named).
     """
-    with path.open(encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = map_fields(json.loads(line), fields)
-                yield detect_format(record), record
-            except (json.JSONDecodeError, RecordError) as e:
-                raise InputError(f"{path}:{line_number}: {e}") from None
+    for file, line, text, error in read_records(str(path), config.storage, "--file"):
+        try:
+            if error:
+                raise RecordError(error)
+            record = map_fields(json.loads(text), config.data.fields)
+            yield detect_format(record), record
+        except (json.JSONDecodeError, RecordError) as e:
+            raise InputError(f"{file}:{line}: {e}") from None
 
 
 class Answerer:

@@ -6,33 +6,22 @@ fine-tune changed. Runs in the calling process, so it is meant for small models.
 
 from __future__ import annotations
 
-import json
+import itertools
 from pathlib import Path
 from typing import Any, Iterator
 
 from ft_ray.config import JobConfig
-from ft_ray.data.formats import RecordError, detect_format, map_fields, record_segments
+from ft_ray.data.formats import record_segments
 from ft_ray.data.records import eval_bucket
-from ft_ray.data.sources import read_records
+from ft_ray.data.sources import usable_records
 
 
 def held_out_records(config: JobConfig, limit: int) -> Iterator[dict]:
     """The first `limit` usable eval records, read record by record (never the whole file)."""
     data = config.data
-    source = data.eval_source() or data.all_sources()[0]
-    found = 0
-    for _, _, text, error in read_records(source, config.storage, "data.eval" if data.eval else "data.train"):
-        if found >= limit:
-            return
-        if error or (not data.eval and eval_bucket(text) >= data.eval_fraction):
-            continue
-        try:
-            record = map_fields(json.loads(text), source.fields)
-            detect_format(record)
-        except (json.JSONDecodeError, RecordError, RecursionError):  # the pipeline rejects those
-            continue
-        found += 1
-        yield record
+    held_out = None if data.eval else (lambda text: eval_bucket(text) < data.eval_fraction)
+    return itertools.islice(usable_records(data.eval_source() or data.all_sources()[0], config.storage,
+                                           "data.eval" if data.eval else "data.train", keep=held_out), limit)
 
 
 def split_prompt(record: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import functools
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -338,3 +338,19 @@ def read_records(source: SourceConfig | str, storage: StorageConfig, key: str,
         with open_file(fs, path, limits) as stream:
             for line, text, error in file_records(stream, path, limits=limits):
                 yield path, line, text, error
+
+
+def usable_records(source: SourceConfig, storage: StorageConfig, key: str, limits: ReadLimits = ReadLimits(),
+                   keep: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """The records of a source the pipeline would not reject for their shape (parsed, fields
+    mapped, in a training format), in file order, read one by one; `keep(text)` picks among
+    them (e.g. the eval split)."""
+    for _, _, text, error in read_records(source, storage, key, limits):
+        if error or (keep is not None and not keep(text)):
+            continue
+        try:
+            record = map_fields(json.loads(text), source.fields)
+            detect_format(record)
+        except (json.JSONDecodeError, RecordError, RecursionError):
+            continue
+        yield record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -180,11 +181,13 @@ def test_generate_answers_prompts_as_the_run_was_trained(trained, tmp_path, caps
     """`ft-ray generate`: typed prompts put as the run's instruction data was (the Alpaca
     prompt), answered greedily by the run's adapter and, with --compare, the base model, as
     plain PEFT answers them; a file of records shows their answers as the reference; stdin
-    gives one prompt per line; a merged export takes the job from --config."""
+    gives one prompt per line; a merged export takes the job from --config; train.compare_generations
+    answers the first held-out records as --file does."""
     from peft import PeftModel
 
     from ft_ray.data.formats import alpaca_prompt
     from ft_ray.models import generate, load_base_model, load_tokenizer
+    from ft_ray.samples import compare_generations
 
     config, summary, run = trained
     asked = ["Say hi.", "Name a tent."]
@@ -201,7 +204,15 @@ def test_generate_answers_prompts_as_the_run_was_trained(trained, tmp_path, caps
     records = [json.loads(line) for line in (DEMO / "eval.jsonl").read_text().splitlines()[:2]]
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main([*command, "--file", str(tmp_path / "few.jsonl")]) == 0
-    assert [r["reference"] for r in json_lines(capsys.readouterr().out)] == [r["output"] for r in records]
+    from_file = json_lines(capsys.readouterr().out)
+    assert [r["reference"] for r in from_file] == [r["output"] for r in records]
+    # train.compare_generations: the same first held-out records, answered the same way
+    assert [(s["prompt"], s["reference"], s["base"].strip(), s["variant"].strip())
+            for s in compare_generations(config, summary["adapter_path"], 2, 12)] == [
+        (r["prompt"], r["reference"], r["base"], r["variant"]) for r in from_file]
+    (tmp_path / "few.jsonl.gz").write_bytes(gzip.compress(b'{"instruction": "Say hi.", "output": "hi"}\n{broken\n'))
+    assert main([*command, "--file", str(tmp_path / "few.jsonl.gz")]) == 2  # read as training reads it
+    assert "few.jsonl.gz:2: Expecting property name" in capsys.readouterr().err
 
     class Terminal(io.StringIO):
         def isatty(self):
