@@ -278,6 +278,9 @@ def finished_run(config: JobConfig, run: RunFolder, resume_from: str | None) -> 
 DRIVER_LOCK = ".driver.lock"  # held by the driver training the run (a local run folder)
 
 
+LOCK_TRIES, LOCK_RETRY_S = 5, 0.05
+
+
 @contextlib.contextmanager
 def holding(run: RunFolder) -> Iterator[None]:
     """This driver's hold on a local run folder: an flock, released by the OS however the
@@ -297,15 +300,20 @@ def holding(run: RunFolder) -> Iterator[None]:
     path = run.local_path(DRIVER_LOCK)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise InputError(f"{run.uri} is being trained by another driver ({lock.read().strip() or 'unnamed'}): "
-                             "wait for it to end, or choose another run_name") from None
-        except OSError:  # a filesystem without locks (some network and FUSE mounts): held by no one
-            yield
-            return
+        for attempt in range(LOCK_TRIES):  # `ft-ray runs` probes the lock for an instant: not a driver
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 < LOCK_TRIES:
+                    time.sleep(LOCK_RETRY_S)
+                    continue
+                lock.seek(0)
+                raise InputError(f"{run.uri} is being trained by another driver ({lock.read().strip() or 'unnamed'}): "
+                                 "wait for it to end, or choose another run_name") from None
+            except OSError:  # a filesystem without locks (some network and FUSE mounts): held by no one
+                yield
+                return
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "

@@ -12,7 +12,7 @@ import yaml
 from ft_ray.config import InputError, StorageConfig, config_from_dict, dump_yaml
 from ft_ray.data.sources import DataError
 from ft_ray.storage import RunFolder
-from ft_ray.train.trainer import (DATA_FILES, check_same_data, check_same_job, finished_run, holding,
+from ft_ray.train.trainer import (DATA_FILES, DRIVER_LOCK, check_same_data, check_same_job, finished_run, holding,
                                   plan_steps)
 
 
@@ -73,6 +73,20 @@ def test_a_second_driver_of_a_run_is_refused_and_a_killed_ones_hold_goes_with_it
         first.wait()
     with holding(run):  # the OS released the killed driver's lock: its relaunch goes on
         pass
+
+
+def test_a_driver_starting_while_ft_ray_runs_looks_at_the_lock_is_not_refused(tmp_path):
+    import fcntl
+    import threading
+
+    run = RunFolder.at(str(tmp_path / "run"), StorageConfig())
+    with holding(run):
+        pass
+    with open(tmp_path / "run" / DRIVER_LOCK) as probe:  # what runs._holder takes for an instant
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        threading.Timer(0.06, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+        with holding(run):
+            pass
 
 
 def test_a_finished_run_is_not_trained_again_unless_asked_for_more(tmp_path):
