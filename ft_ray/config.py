@@ -186,6 +186,9 @@ class LoraConfig(Section):
         "principal directions (and change the frozen base accordingly)"))
     modules_to_save: list[str] = Field(default_factory=list, description=(
         "modules trained in full next to the adapters and saved with them, e.g. [lm_head, embed_tokens]"))
+    loraplus_lr_ratio: float = Field(1.0, gt=0, description=(
+        "LoRA+: the B matrices learn at this many times train.learning_rate (A, DoRA magnitudes and "
+        "modules_to_save at train.learning_rate); the LoRA+ paper suggests 16. 1: off"))
 
 
 class DeepSpeedConfig(Section):
@@ -551,6 +554,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     elif preference.label_smoothing and preference.loss_type != "sigmoid":
         problems.append(f"preference.label_smoothing: smooths the sigmoid loss; loss_type {preference.loss_type} "
                         "has none")
+    if job.lora.loraplus_lr_ratio != 1 and not job.trains_adapter:
+        problems.append(f"lora.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; method {job.method} "
+                        "trains none (use lora or qlora)")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
                         "compares the model with a reference and trains without it")
@@ -788,7 +794,7 @@ PEER_NAMES = {
     "wandb_project": "tracking.wandb.project", "report_to": "tracking.wandb.mode",
     "train_on_inputs": "data.loss_on: all", "train_on_prompt": "data.loss_on: all",
     "mask_history": "data.loss_on: last_answer", "completion_only_loss": "data.loss_on",
-    "assistant_only_loss": "data.loss_on",
+    "assistant_only_loss": "data.loss_on", "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import eval_loss_sum, lr_multiplier
+from ft_ray.train.engine_api import eval_loss_sum, lr_multiplier, optimizer_groups
 from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
@@ -80,9 +80,8 @@ class DeepSpeedEngine:
         self.module, self.objective = model, objective
         self.zero_stage = config.distributed.deepspeed.stage
         self.lora = config.trains_adapter
-        params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params, config=deepspeed_config(config, total_steps),
+            model=model, model_parameters=optimizer_groups(model, config), config=deepspeed_config(config, total_steps),
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lr_multiplier(config.train, total_steps)),
             dist_init_required=False)

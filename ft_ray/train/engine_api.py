@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ft_ray.config import TrainConfig
+from ft_ray.config import JobConfig, TrainConfig
 from ft_ray.train.objectives import Objective
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
@@ -41,6 +41,23 @@ class Engine(Protocol):
     def save(self, folder: Path, rank: int) -> None: ...
 
     def load(self, folder: Path) -> None: ...
+
+
+LORA_B = ("lora_B.", "lora_embedding_B.")  # in the names of LoRA's B matrices (PEFT)
+
+
+def optimizer_groups(model: Any, config: JobConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer parameter groups: one at train.learning_rate,
+    and with LoRA+ (`lora.loraplus_lr_ratio` other than 1) a second of the B matrices at that
+    many times the rate. The schedule scales every group alike; the first group's rate is the
+    one logged as `lr`."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ratio, lr = config.lora.loraplus_lr_ratio, config.train.learning_rate
+    if ratio == 1 or not config.trains_adapter:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    b = [p for name, p in trainable if any(part in name for part in LORA_B)]
+    rest = [p for name, p in trainable if not any(part in name for part in LORA_B)]
+    return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * ratio}]
 
 
 def lr_multiplier(train: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import COMPUTE_DTYPES, Engine, eval_loss_sum, lr_multiplier
+from ft_ray.train.engine_api import COMPUTE_DTYPES, Engine, eval_loss_sum, lr_multiplier, optimizer_groups
 from ft_ray.train.objectives import Objective
 
 TRAINER_STATE = "optimizer.pt"
@@ -28,10 +28,9 @@ class DDPEngine:
         self.module, self.objective = model, objective
         self.model = data_parallel(model, config.distributed.use_gpu)
         self.device = next(self.module.parameters()).device
-        params = [p for p in self.module.parameters() if p.requires_grad]
         train = config.train
-        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
-                                           fused=train.fused_optimizer or None)
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.module, config), lr=train.learning_rate,
+                                           weight_decay=train.weight_decay, fused=train.fused_optimizer or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
         self.max_grad_norm = train.max_grad_norm
         self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)

@@ -97,7 +97,7 @@ def test_qlora_trains_adapters_over_a_4bit_base(ray_local, tmp_path, strategy):
 
 def test_lora_with_zero3_and_cpu_offload_exports_an_adapter(ray_local, tmp_path):
     config = load_config(write_job(
-        tmp_path, run_name="lora-zero3-offload", method="lora",
+        tmp_path, run_name="lora-zero3-offload", method="lora", lora={"loraplus_lr_ratio": 16},
         distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
         train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "peak_tflops": 1.0, "neftune_alpha": 5.0}))
     summary = run_training(config)  # NEFTune's noise on embeddings ZeRO-3 gathers in the module's forward
@@ -111,4 +111,6 @@ def test_lora_with_zero3_and_cpu_offload_exports_an_adapter(ray_local, tmp_path)
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+    # LoRA+ (ratio 16) through DeepSpeed's CPU Adam: from zero, two Adam steps at lr 2e-3 (the first
+    # at half of it: warmup) move an entry at most about 0.003; at 16 times that rate some moved 0.016
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 0.01
