@@ -102,6 +102,8 @@ def submit(config_path: Path, address: str | None, overrides: list[str], tune: b
                          "RAY_ADDRESS")
     if not force:
         check_fit(load_config(config_path, overrides), address, config_path)
+    if address:
+        note_placement(load_config(config_path, overrides), address)
     if dry_run:
         print("\n".join(["dry run: nothing submitted", *describe(submission, working_dir)]))
         return "", "DRY_RUN"
@@ -146,6 +148,24 @@ def check_fit(config: Any, address: str | None, config_path: Path) -> None:
     if not fits:
         raise InputError(f"the job does not fit the cluster's GPUs: {line.removeprefix('plan: ')}; "
                          f"`ft-ray plan {config_path} --gpu-memory GB` says what would, --force submits anyway")
+
+
+def note_placement(config: Any, address: str) -> None:
+    """Says when the cluster's nodes, as they are now, cannot place the job's training workers
+    (the job's driver refuses it then, unless the cluster's autoscaler can add nodes that can:
+    which is not known from here)."""
+    from ft_ray.plan import cluster_nodes
+    from ft_ray.train.placement import least_workers, placement_problem, worker_resources
+
+    try:
+        nodes = cluster_nodes(address)
+    except Exception:  # noqa: BLE001 - an unreachable or older cluster: the submission says more
+        return
+    problem = placement_problem(nodes, worker_resources(config), least_workers(config),
+                                config.distributed.placement_strategy)
+    if problem:
+        print(f"note: the cluster's nodes cannot place the training workers now: {problem}. Unless its autoscaler "
+              "adds nodes that can, the job is refused when it starts")
 
 
 def _submit_when_ready(client: Any, submission: dict, wait_s: float = 60) -> str:

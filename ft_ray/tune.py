@@ -323,6 +323,7 @@ def _sweep(config: JobConfig, sweep: RunFolder, resume: bool) -> dict[str, Any]:
 
     from ft_ray.data.prepared import prepare, prepared_stats
     from ft_ray.models import load_tokenizer
+    from ft_ray.train.placement import check_placement
     from ft_ray.train.trainer import connect_ray, plan_steps
 
     tune = config.tune or TuneConfig()
@@ -330,6 +331,7 @@ def _sweep(config: JobConfig, sweep: RunFolder, resume: bool) -> dict[str, Any]:
     # stops (their controllers die with them); without it, their CPUs stay reserved
     started_local = connect_ray(config, parallel_runs=_local_parallel(config))
     config = with_gpu_share(config, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+    check_placement(config)  # the job's own workers (a trial whose search changes them checks its own)
     workers_at_once = concurrency(config, started_local)
     resume = _resume_or_start(sweep, resume)
     sweep.write_text("config.yaml", dump_yaml(config))

@@ -31,6 +31,7 @@ from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
 from ft_ray.train.loop import EVAL_SET_LOSS, TRAIN_PIECE, StepPlan, train_loop_per_worker
+from ft_ray.train.placement import check_placement
 from ft_ray.train.preference import REF_COLUMN, with_reference
 
 
@@ -157,6 +158,7 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
     from ray.train.torch import TorchConfig, TorchTrainer
 
     connect_ray(config)
+    check_placement(config)
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
     datasets, stats = datasets_for(config, tokenizer, run.path("rejected"), run.fs, prepared)

@@ -113,6 +113,11 @@ def test_submit_refuses_a_job_that_cannot_fit_the_clusters_gpus(local_cluster, t
     fits = submit_gpu_job(4, "--dry-run")
     assert fits.returncode == 0 and re.search(r"plan: peak 0\.\d GiB per worker", fits.stdout), fits.stdout + fits.stderr
     assert "dry run: nothing submitted" in fits.stdout
+    assert "cannot place the training workers" not in fits.stdout
+    # workers of 4 CPUs on nodes of 3: said before the job is submitted
+    too_wide = submit_gpu_job(4, "--dry-run", "--set", "distributed.cpus_per_worker=4")
+    assert ("note: the cluster's nodes cannot place the training workers now: no node has 4 CPU, 1 GPU for one "
+            "worker (the largest has 3 CPU, 1 GPU)") in too_wide.stdout, too_wide.stdout + too_wide.stderr
     forced = submit_gpu_job(16384, "--dry-run", "--force")
     assert forced.returncode == 0 and "plan:" not in forced.stdout
     # ft-ray plan, and ft-ray tune, against the cluster RAY_ADDRESS names

@@ -282,6 +282,16 @@ def test_too_many_bad_records_fail_before_training(ray_local, tmp_path):
     assert list((Path(config.storage.path) / "bad-data" / "rejected").glob("*.json*"))
 
 
+def test_workers_larger_than_any_node_are_refused_before_ray_train_waits_for_them(ray_local, tmp_path):
+    """The session's Ray has one node of 4 CPUs and no autoscaler: Ray Train would wait for
+    an 8-CPU worker forever (asking again every minute)."""
+    config = load_config(write_job(tmp_path, run_name="too-large", distributed={"num_workers": 1, "cpus_per_worker": 8}))
+    with pytest.raises(InputError, match=r"cannot be placed on this cluster: no node has 8 CPU for one worker "
+                                         r"\(the largest has 4 CPU\)"):
+        run_training(config)
+    assert not (Path(config.storage.path) / "too-large" / "config.yaml").exists()  # refused before anything was written
+
+
 def test_a_damaged_checkpoint_is_neither_exported_nor_evaluated(trained, tmp_path, capsys):
     from ft_ray.evaluation.evaluate import resolve_target
 
