@@ -223,9 +223,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(config: JobConfig, summary: dict) -> None:
-    LOG.info(f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
-             f"({summary['eval_loss_reduction']:.0%} lower), {summary['steps']} steps, "
-             f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.0f} s")
+    if config.objective == "grpo":  # its eval loss is minus the reward
+        outcome = (f"held-out reward {summary['eval_reward_initial']:.3f} before → {summary['eval_reward_final']:.3f} "
+                   f"after (greedy answers; grpo.rewards {config.grpo.rewards})")
+    else:
+        outcome = (f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
+                   f"({summary['eval_loss_reduction']:.0%} lower)")
+    LOG.info(f"{outcome}, {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, "
+             f"{summary['wall_time_s']:.0f} s")
     for name, outcome in (summary.get("eval_sets") or {}).items():
         change = outcome["loss_change"]
         LOG.info(f"eval set {name}: loss {outcome['loss_initial']:.4f} before → {outcome['loss_final']:.4f} after"

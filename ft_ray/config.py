@@ -445,9 +445,39 @@ class PreferenceConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled bad")
 
 
+class GrpoConfig(Section):
+    """Settings of objective grpo: answers sampled from the model in training, scored by rewards."""
+
+    num_generations: int = Field(4, ge=2, description=(
+        "answers sampled per prompt (a group): each answer's advantage is its reward against the group's"))
+    max_new_tokens: int = Field(64, gt=0, description="longest sampled answer")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the answers")
+    rewards: dict[Literal["chrf", "exact", "format"], float] = Field(
+        default_factory=lambda: {"chrf": 1.0}, min_length=1, description=(
+            "reward name -> weight, summed: chrf (character n-gram F-score against the record's answer, 0-1), "
+            "exact (1 when the answer equals the record's, up to whitespace), format (1 when grpo.format_regex "
+            "matches the whole answer, as eval.format_regex)"))
+    format_regex: str | None = Field(None, description="the pattern reward `format` matches whole answers against, "
+                                                       "e.g. '(?s)Hi .*'")
+    beta: float = Field(0.0, ge=0, description=(
+        "weight of the per-token KL estimate to the reference model (the adapter off, or a frozen copy of the "
+        "base); 0 (TRL's default): none, and no reference forward"))
+
+    @model_validator(mode="after")
+    def _regex(self) -> "GrpoConfig":
+        if "format" in self.rewards and not self.format_regex:
+            raise ValueError("grpo.rewards: format needs grpo.format_regex")
+        if self.format_regex:
+            try:
+                re.compile(self.format_regex)
+            except re.error as e:
+                raise ValueError(f"grpo.format_regex: not a regular expression ({e})") from None
+        return self
+
+
 OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion", "segments"), "dpo": ("preference",),
                      "orpo": ("preference",), "simpo": ("preference",),
-                     "kto": ("kto",)}  # the data formats each objective trains on
+                     "kto": ("kto",), "grpo": ("instruction", "chat", "completion")}  # the data formats each objective trains on
 PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs
 SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's paper: 2 to 10)
 
@@ -455,11 +485,13 @@ SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's pa
 class JobConfig(Section):
     run_name: str = Field("ft-ray-run", pattern=FOLDER_NAME)
     method: Literal["full", "lora", "qlora"] = "lora"
-    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field("sft", description=(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field("sft", description=(
         "sft: next-token loss on the answers; dpo/orpo/simpo: pairs of a chosen and a rejected answer "
         "(format preference; orpo and simpo need no reference model); kto: answers labelled good or bad "
-        "(format kto)"))
+        "(format kto); grpo: answers sampled from the model to the records' prompts, scored by grpo.rewards "
+        "against the records' answers"))
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -496,6 +528,11 @@ class JobConfig(Section):
         return self.method in ("lora", "qlora")
 
     @property
+    def carries_roles(self) -> bool:
+        """Preference data: each token of a packed row says whose it is (prompt, chosen, rejected)."""
+        return self.objective in ("dpo", "orpo", "simpo", "kto")
+
+    @property
     def precomputes_reference(self) -> bool:
         """DPO/KTO with `preference.reference: precomputed`: reference log-probs come with the data."""
         return self.objective in ("dpo", "kto") and self.preference.reference == "precomputed"
@@ -509,6 +546,8 @@ class JobConfig(Section):
     def _objective_defaults(self) -> "JobConfig":
         if self.objective == "simpo" and "beta" not in self.preference.model_fields_set:
             self.preference.beta = SIMPO_BETA  # DPO's 0.1 would barely move SimPO's length-normalised margin
+        if self.objective == "grpo" and "pack" not in self.data.model_fields_set:
+            self.data.pack = False  # one prompt per row, as the model is asked it
         return self
 
     @model_validator(mode="after")
@@ -557,6 +596,16 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if job.lora.loraplus_lr_ratio != 1 and not job.trains_adapter:
         problems.append(f"lora.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; method {job.method} "
                         "trains none (use lora or qlora)")
+    if job.objective == "grpo":
+        if job.data.pack:
+            problems.append("data.pack: objective grpo reads one prompt per row: set data.pack: false (its default "
+                            "for grpo)")
+        if job.zero3:
+            problems.append("distributed.deepspeed.stage: objective grpo samples answers from each worker's whole "
+                            "model, which ZeRO-3 shards: use stage 0-2 or ddp")
+        if job.train.compile:
+            problems.append("train.compile: objective grpo generates with the model; compile is for sft and "
+                            "preference runs")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
                         "compares the model with a reference and trains without it")

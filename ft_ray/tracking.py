@@ -22,7 +22,8 @@ class Tracker:
     def __init__(self, config: JobConfig, run: RunFolder, resume_step: int | None, enabled: bool,
                  total_steps: int, board: Any = None):
         self.enabled, self.total_steps, self.board = enabled, total_steps, board
-        self.shown = ("loss", "eval_loss", *[f"eval_{name}_loss" for name in config.data.eval_sets],
+        rewards = ("reward", "eval_reward") if config.objective == "grpo" else ()  # grpo: eval_loss is -eval_reward
+        self.shown = ("loss", "eval_loss", *[f"eval_{name}_loss" for name in config.data.eval_sets], *rewards,
                       "lr", "grad_norm", "tokens_per_s", "mfu")
         self.last_put = None
         self.metrics = MetricsLog(run, resume_step, enabled)

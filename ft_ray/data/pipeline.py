@@ -178,7 +178,7 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
         fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
                    "progress": progress.board(), "source": (key, common_folder(files)),
-                   "roles": config.objective != "sft", "text_stride": config.data.text_stride,
+                   "roles": config.carries_roles, "text_stride": config.data.text_stride,
                    "loss_on": config.data.loss_on})
 
 

@@ -49,7 +49,7 @@ def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) ->
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval",
                                              "eval_sets"}),
             "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
-            "roles": config.objective != "sft",  # preference data carries each token's role
+            "roles": config.carries_roles,  # preference data carries each token's role
             "reference": reference_settings(config),
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",
                                                       "chat_template"}),

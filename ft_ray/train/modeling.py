@@ -57,6 +57,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     if config.train.neftune_alpha:
         add_embedding_noise(model, config.train.neftune_alpha)
     model.config.use_cache = False
+    model.train()  # from_pretrained gives a model in eval mode: a resumed run has no step-0 evaluation to end it
     if config.train.compile:
         model.compile()  # in place: the module (and save_pretrained) stay as they are
     return model

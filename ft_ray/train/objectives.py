@@ -1,6 +1,6 @@
 """What a run learns from a batch: the objective. Engines call it and never compute a loss
-themselves: next-token loss (SFT) here, the preference objectives (DPO, ORPO, KTO) in
-`ft_ray.train.preference`.
+themselves: next-token loss (SFT) here, the preference objectives (DPO, ORPO, SimPO, KTO) in
+`ft_ray.train.preference`, GRPO in `ft_ray.train.grpo`.
 
 An objective says which batch columns it reads, turns the model's outputs into the loss to
 back-propagate (and the metrics to log beside it, as sums over what the loss is averaged
@@ -52,6 +52,10 @@ def build_objective(config: Any, model: Any = None) -> Objective:
     `model` with its adapter switched off, or a frozen copy of the base for a full fine-tune)."""
     if config.objective == "sft":
         return NextTokenLoss()
+    if config.objective == "grpo":
+        from ft_ray.train.grpo import build_grpo_objective
+
+        return build_grpo_objective(config, model)
     from ft_ray.train.preference import build_preference_objective
 
     return build_preference_objective(config, model)

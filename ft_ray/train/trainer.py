@@ -211,7 +211,9 @@ def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int
     """Step done, and the latest loss, eval loss (with its step) and tokens/s."""
     record, evaluated = latest.get("train", {}), latest.get("eval", {})
     shown = [f"loss {record['loss']:.3g}"] if "loss" in record else []
-    if "eval_loss" in evaluated:
+    if "eval_reward" in evaluated:  # grpo
+        shown.append(f"eval reward {evaluated['eval_reward']:.3g} (step {evaluated['step']})")
+    elif "eval_loss" in evaluated:
         shown.append(f"eval loss {evaluated['eval_loss']:.3g} (step {evaluated['step']})")
     if "tokens_per_s" in record:
         shown.append(f"{record['tokens_per_s']:.0f} tokens/s")
@@ -440,12 +442,14 @@ def eval_set_outcome(config: JobConfig, evals: list[dict]) -> dict[str, dict[str
 
 
 def preference_outcome(config: JobConfig, evals: list[dict]) -> dict[str, Any]:
-    """A preference run's objective and held-out reward accuracy before and after training."""
+    """A preference run's objective and held-out reward accuracy (grpo: the held-out greedy
+    answers' mean reward) before and after training."""
     if config.objective == "sft":
         return {}
-    accuracy = [m["eval_reward_accuracy"] for m in evals if "eval_reward_accuracy" in m]
-    return {"objective": config.objective, "eval_reward_accuracy_initial": accuracy[0] if accuracy else None,
-            "eval_reward_accuracy_final": accuracy[-1] if accuracy else None}
+    key = "eval_reward" if config.objective == "grpo" else "eval_reward_accuracy"
+    values = [m[key] for m in evals if key in m]
+    return {"objective": config.objective, f"{key}_initial": values[0] if values else None,
+            f"{key}_final": values[-1] if values else None}
 
 
 def export_best(config: JobConfig, run: RunFolder, checkpoint_path: str) -> str:

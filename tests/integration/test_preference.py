@@ -216,3 +216,35 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
     # the copy is sharded like the trained model: each of the 2 workers holds half of it
     held, total = re.search(r"sharded by ZeRO-3, ([\d.]+)M of its ([\d.]+)M parameters", capfd.readouterr().out).groups()
     assert float(held) == pytest.approx(float(total) / 2, rel=0.05)
+
+
+def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter(ray_local, tmp_path):
+    """GRPO with DeepSpeed ZeRO-2 (answers sampled from the engine's module) and a KL term to
+    the adapter-off reference. The built-in model opens none of its greedy replies to the demo's
+    held-out messages with "Hi "; rewarded for that opening, most do within 8 steps. The
+    exported adapter, loaded in plain PEFT, answers the held-out prompts as scored."""
+    from peft import PeftModel
+
+    from ft_ray.models import generate, load_base_model, load_tokenizer
+    from ft_ray.samples import held_out_records, split_prompt
+
+    config = load_config(write_job(
+        tmp_path, run_name="grpo", objective="grpo", grpo={"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*",
+                                                            "max_new_tokens": 16, "beta": 0.04},
+        lora={"rank": 8, "alpha": 16}, distributed={"strategy": "deepspeed", "deepspeed": {"stage": 2}},
+        train={"learning_rate": 5e-3, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4}))
+    summary = run_training(config)
+    evals = [m for m in metrics(config) if "eval_reward" in m]
+    trained = [m for m in metrics(config) if "reward" in m]
+    assert summary["objective"] == "grpo" and summary["eval_reward_initial"] == 0.0
+    # 0.75 at step 4 and 0.79 at step 8 here (2026-12-05)
+    assert summary["eval_reward_final"] >= 0.5 and all(m["eval_loss"] == -m["eval_reward"] for m in evals)
+    assert len(trained) == 8 and any(m["kl"] > 0 for m in trained)
+    best = max(evals, key=lambda m: (m["eval_reward"], m["step"]))
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best['step']:06d}")
+
+    tokenizer = load_tokenizer(config.model)
+    variant = PeftModel.from_pretrained(load_base_model(config.model), summary["adapter_path"])
+    prompts = [split_prompt(r, "instruction", tokenizer)[0] for r in held_out_records(config, 48)]
+    opened = [re.fullmatch(r"(?s)Hi .*", generate(variant, tokenizer, p, 16).strip()) is not None for p in prompts]
+    assert abs(sum(opened) / len(prompts) - best["eval_reward"]) <= 0.1  # one by one, not batched: close

@@ -81,6 +81,19 @@ def test_an_inline_preference_reference_adds_a_frozen_copy_of_the_base_to_a_full
     assert inline.peak_mib > precomputed.peak_mib + 4 * shape.params / MIB
 
 
+def test_grpo_plans_its_sampled_answers_and_its_reference():
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    gpu = {"distributed": {"num_workers": 1, "use_gpu": True}, "model": {"max_seq_len": 1024},
+           "train": {"precision": "bf16", "micro_batch_size": 2}}
+    sft = plan_memory(job(**gpu), shape)
+    grpo = plan_memory(job(**gpu, objective="grpo", grpo={"num_generations": 8, "max_new_tokens": 512}), shape)
+    assert grpo.tokens_per_micro_batch == 2 * 8 * (1024 + 512)  # the loss forward's rows: 8 answers per prompt, after their prompt
+    assert grpo.parts["activations"] == pytest.approx(sft.parts["activations"] * 8 * 1.5)
+    assert "reference_weights" not in grpo.parts  # beta 0: no reference
+    full = plan_memory(job(**gpu, method="full", objective="grpo", grpo={"beta": 0.04}), shape)
+    assert full.parts["reference_weights"] == pytest.approx(4 * shape.params / MIB)
+
+
 def test_zero_stages_shard_and_offload_what_they_say():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n = shape.params

@@ -1,0 +1,157 @@
+"""GRPO (Shao et al., 2024, DeepSeekMath): answers sampled from the model being trained,
+scored by rewards, each answer's advantage its reward against the other answers to the same
+prompt.
+
+Each training row holds one record: its prompt (the tokens without a label) and its answer
+(the labelled tokens, what rewards compare with). For a micro batch, the model samples
+`grpo.num_generations` answers per prompt (left-padded prompts, its own KV cache, no
+gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
+weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
+`loss_type: dapo` normalisation), plus `grpo.beta` times a per-token KL estimate to the
+reference model. One update per sampled batch (TRL's `num_iterations: 1`): the PPO ratio is 1
+at the update, so its clip never acts and is left out.
+
+Evaluation answers each held-out prompt greedily, once: `eval_loss` is minus the mean reward
+(so the best checkpoint and early stopping follow the reward), `eval_reward` the reward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ft_ray.data.tokenize import IGNORE_INDEX
+from ft_ray.evaluation.metrics import chrf, exact_match, in_format
+from ft_ray.train.preference import adapter_off_reference, frozen_copy_reference, token_logps_of, unwrapped
+
+ADVANTAGE_EPSILON = 1e-4  # TRL's: a group whose answers all scored the same has advantage 0
+
+
+def reward_function(rewards: dict[str, float], format_regex: str | None) -> Callable[[str, str], float]:
+    """(answer, reference) -> the weighted sum of `grpo.rewards`."""
+    scores = {"chrf": chrf, "exact": exact_match,
+              "format": lambda answer, _: in_format(answer, format_regex) if format_regex else 0.0}
+    return lambda answer, reference: sum(weight * scores[name](answer, reference) for name, weight in rewards.items())
+
+
+def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+    """Each reward minus its group's mean, over the group's standard deviation (TRL's
+    `scale_rewards: group`); `rewards` holds `group` consecutive answers per prompt."""
+    grouped = rewards.view(-1, group)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPSILON)).view(-1)
+
+
+def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, beta: float,
+              ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss, the mean per-token KL estimate) of sampled answers: logps and mask [N, L]
+    (the answer tokens), advantages [N]. The policy-gradient term is -A exp(logp - logp.detach())
+    per token (its value -A, its gradient -A grad logp); the KL estimate is Schulman's k3,
+    exp(ref - logp) - (ref - logp) - 1."""
+    per_token = -advantages[:, None] * torch.exp(logps - logps.detach())
+    kl = torch.zeros_like(logps)
+    if beta and ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    tokens = mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / tokens, ((kl * mask).sum() / tokens).detach()
+
+
+class GRPOObjective:
+    """Objective grpo (see the module's docstring)."""
+
+    name = "grpo"
+    columns = ("input_ids", "labels", "position_ids")
+    metrics = ("reward", "reward_std", "answer_tokens", "kl")
+
+    def __init__(self, config: Any, tokenizer: Any, reference: Callable[[Any, dict], torch.Tensor] | None):
+        self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference
+        self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex)
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["input_ids"].shape[0])  # prompts
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        prompts, references = self.prompts_of(batch)
+        training = unwrapped(model).training  # DeepSpeed's engine passes train/eval to its module only
+        group = self.settings.num_generations if training else 1
+        answers = self.sample(unwrapped(model), prompts, group, training)
+        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        rewards = torch.tensor([self.reward(text, references[i // group]) for i, text in enumerate(texts)])
+        lengths = torch.tensor([float(len(a)) for a in answers])
+        per_prompt = rewards.view(-1, group)
+        metrics = {"reward": per_prompt.mean(dim=1).sum().item(),
+                   "reward_std": (per_prompt.std(dim=1).sum().item() if group > 1 else 0.0),
+                   "answer_tokens": lengths.view(-1, group).mean(dim=1).sum().item(), "kl": 0.0}
+        if not training:  # evaluation: the greedy answers' reward is the score
+            return -per_prompt.mean(), metrics
+        scored = self.answer_batch(prompts, answers, group, batch["input_ids"].device)
+        logps = token_logps_of(model, scored)
+        ref_logps = None
+        if self.settings.beta:
+            with torch.no_grad():
+                ref_logps = self.reference(model, scored)
+        mask = (scored["labels"] != IGNORE_INDEX).float()
+        advantages = group_advantages(rewards, group).to(logps.device)
+        loss, kl = grpo_loss(logps, advantages, mask, self.settings.beta, ref_logps)
+        metrics["kl"] = kl.item() * len(prompts)
+        return loss, metrics
+
+    def prompts_of(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[str]]:
+        """Each row's prompt (the ids before its first label) and its record's answer (the
+        labelled ids, as text)."""
+        prompts, references = [], []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+            prompts.append(ids[:first])
+            references.append(self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True))
+        return prompts, references
+
+    @torch.no_grad()
+    def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool) -> list[list[int]]:
+        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
+                                 do_sample=sampled, temperature=self.settings.temperature if sampled else None,
+                                 top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
+                                 eos_token_id=self.tokenizer.eos_token_id)
+        finally:
+            model.train(was_training)
+        answers = []
+        for row in out[:, width:].tolist():
+            end = row.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in row else len(row)
+            answers.append(row[:end])
+        return answers
+
+    def answer_batch(self, prompts: list[list[int]], answers: list[list[int]], group: int,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompt + answer per row, right-padded (causal attention never looks at the padding
+        after a row's tokens), labels on the answer's tokens only."""
+        rows = [(prompts[i // group], answer) for i, answer in enumerate(answers)]
+        width = max(len(p) + len(a) for p, a in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = [p + a + [pad] * (width - len(p) - len(a)) for p, a in rows]
+        labels = [[IGNORE_INDEX] * len(p) + a + [IGNORE_INDEX] * (width - len(p) - len(a)) for p, a in rows]
+        return {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(labels, device=device),
+                "position_ids": torch.arange(width, device=device).expand(len(rows), width)}
+
+
+def build_grpo_objective(config: Any, model: Any) -> GRPOObjective:
+    """The objective with the job's tokenizer and, with `grpo.beta`, its reference: the
+    adapter switched off (lora/qlora) or a frozen copy of the base (full)."""
+    from ft_ray.models import load_tokenizer
+
+    reference = None
+    if config.grpo.beta:
+        reference = (adapter_off_reference if config.trains_adapter
+                     else frozen_copy_reference(config, next(model.parameters()).device))
+    return GRPOObjective(config, load_tokenizer(config.model), reference)
