@@ -844,6 +844,7 @@ PEER_NAMES = {
     "train_on_inputs": "data.loss_on: all", "train_on_prompt": "data.loss_on: all",
     "mask_history": "data.loss_on: last_answer", "completion_only_loss": "data.loss_on",
     "assistant_only_loss": "data.loss_on", "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
+    "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_new_tokens",
 }
 
 

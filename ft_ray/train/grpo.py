@@ -122,7 +122,7 @@ class GRPOObjective:
         try:
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
                                  do_sample=sampled, temperature=self.settings.temperature if sampled else None,
-                                 top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
+                                 top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad, use_cache=True,
                                  eos_token_id=self.tokenizer.eos_token_id)
         finally:
             model.train(was_training)

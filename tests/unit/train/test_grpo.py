@@ -55,29 +55,41 @@ def test_grpo_reads_one_prompt_per_row_and_needs_whole_weights_on_each_worker():
         config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl", "format": "text"}})
 
 
-def test_a_few_ddp_steps_teach_the_rewarded_opening():
-    """The built-in model rarely opens a reply with "Hi " (about 1 answer in 5 sampled); rewarded
-    for it, its greedy answers to four demo prompts open so within 40 steps."""
-    from ft_ray.data.records import parse_record
-    from ft_ray.models import load_tokenizer
+def grpo_engine(method: str = "lora", steps: int = 40, **grpo):
     from ft_ray.train.engines import DDPEngine
     from ft_ray.train.modeling import build_model
     from ft_ray.train.objectives import build_objective
 
-    config = config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "lora": {"dropout": 0.0},
+    config = config_from_dict({"objective": "grpo", "method": method, "data": {"train": "t.jsonl"},
+                               "lora": {"dropout": 0.0}, "quantization": {"compute_dtype": "float32"},
                                "train": {"learning_rate": 5e-3, "warmup_steps": 0},
-                               "grpo": {"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*", "max_new_tokens": 8}})
-    tokenizer = load_tokenizer(config.model)
+                               "grpo": {"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*", "max_new_tokens": 8,
+                                        **grpo}})
     model = build_model(config, "builtin:tiny-llama")
-    engine = DDPEngine(model, config, total_steps=40, objective=build_objective(config, model))
+    return DDPEngine(model, config, total_steps=steps, objective=build_objective(config, model)), config
+
+
+def demo_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """The first four demo records, one per row, right-padded."""
+    from ft_ray.data.records import parse_record
+
     records = (DEMO / "train.jsonl").read_text().splitlines()[:4]
+    assert all(json.loads(r)["output"].startswith("Hi ") for r in records)  # what the rewards compare with
     examples = [parse_record(r, "", "instruction", {}, tokenizer, 256, None) for r in records]
     width = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"]))
-                                        for e in examples]),
-             "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples]),
-             "position_ids": torch.arange(width).expand(4, width)}
-    assert json.loads(records[0])["output"].startswith("Hi ")  # what the rewards compare with: the record's answer
+    return {"input_ids": torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"]))
+                                       for e in examples]),
+            "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples]),
+            "position_ids": torch.arange(width).expand(4, width)}
+
+
+def test_a_few_ddp_steps_teach_the_rewarded_opening():
+    """The built-in model rarely opens a reply with "Hi " (about 1 answer in 5 sampled); rewarded
+    for it, its greedy answers to four demo prompts open so within 40 steps."""
+    from ft_ray.models import load_tokenizer
+
+    engine, config = grpo_engine()
+    batch = demo_batch(load_tokenizer(config.model))
     before = engine.eval_loss_sum(batch)
     torch.manual_seed(0)
     sampled = []
@@ -88,3 +100,21 @@ def test_a_few_ddp_steps_teach_the_rewarded_opening():
     assert set(sampled[0]) == {"reward", "reward_std", "answer_tokens", "kl"} and sampled[0]["answer_tokens"] == 4 * 8
     assert before[2]["reward"] == 0.0 and before[0] == 0.0  # greedy: no answer opens with "Hi "
     assert after[2]["reward"] >= 3 and after[0] == -after[2]["reward"]  # eval loss: minus the reward
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_full_and_qlora_steps_with_their_kl_reference(method):
+    """A full fine-tune's reference is a frozen copy of the base; QLoRA's the 4-bit base with
+    the adapter off. Two steps: the trained weights move and the KL to the reference grows from 0."""
+    from ft_ray.models import load_tokenizer
+
+    engine, config = grpo_engine(method, steps=2, beta=0.1)
+    batch = demo_batch(load_tokenizer(config.model))
+    trained = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    kls = []
+    for _ in range(2):
+        kls.append(engine.micro_step(batch, 1.0, True)[1]["kl"])
+        engine.step()
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] > 0
+    assert any(not torch.equal(p.detach(), trained[n]) for n, p in engine.module.named_parameters() if n in trained)
