@@ -1,13 +1,14 @@
 # make demo   fresh machine: creates .venv, installs, fine-tunes the embedded default on CPU
 # make demo-sweep   then: a 3-trial LoRA sweep of the same job (Ray Tune, ASHA, W&B offline, seeded)
 # make demo-dpo   preference tuning (DPO) of the same house style from chosen/rejected pairs
+# make demo-grpo   GRPO: answers the model samples, rewarded for the same house style
 # make test   installs the same way, runs the whole test suite (CI runs it; about 24-26 min on 2 cores)
 # make test-fast   unit tests and the quick integration tests (no `slow` mark), a few minutes
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-sweep demo-dpo test test-fast clean
+.PHONY: install demo demo-sweep demo-dpo demo-grpo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +40,9 @@ demo-sweep: install
 
 demo-dpo: install
 	$(BIN)/ft-ray train configs/tiny-dpo.yaml
+
+demo-grpo: install
+	$(BIN)/ft-ray train configs/tiny-grpo.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -74,6 +74,17 @@ def p95(ordered: list[int]) -> int:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
+def checked_format(source: SourceConfig, config: JobConfig, key: str) -> tuple[str, str, str | None]:
+    """A source's format, how it was chosen, and a problem line when the job's objective does
+    not train on it."""
+    fmt, note = choose_format(source, config.storage, key)
+    try:
+        check_format(config, fmt, key)
+    except DataError as e:
+        return fmt, note, f"problem: {e}"
+    return fmt, note, None
+
+
 def validate_data(config: JobConfig) -> dict[str, Any]:
     """Counts and readable lines about the job's data; warnings start with 'warning:'."""
     from ft_ray.models import context_window_warning, load_tokenizer
@@ -91,11 +102,9 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     for key, source in data.keyed_sources():
         kept, split = count_records(source, config, key, split_off, held_out_examples, in_train)
         train, held_out = train + kept, held_out + split
-        fmt, note = choose_format(source, config.storage, key)
-        try:
-            check_format(config, fmt, key)
-        except DataError as e:
-            lines.append(f"problem: {e}")
+        fmt, note, problem = checked_format(source, config, key)
+        if problem:
+            lines.append(problem)
             problems += 1
         sample = peek(source, fmt, config, key, tokenizer)
         formats[fmt] += sample["seen"]
@@ -120,11 +129,9 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     set_records = {}
     for name, key, source in data.eval_set_sources():
         set_records[name] = count_records(source, config, key, eval_fraction=1.0)[1]  # all held out
-        fmt, note = choose_format(source, config.storage, key)
-        try:
-            check_format(config, fmt, key)
-        except DataError as e:
-            lines.append(f"problem: {e}")
+        _, note, problem = checked_format(source, config, key)
+        if problem:
+            lines.append(problem)
             problems += 1
         lines += [note, f"{key}: {set_records[name]} records, scored as eval_{name}_loss at every evaluation"]
     if train < MIN_TRAIN_EXAMPLES:

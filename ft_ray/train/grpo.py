@@ -100,13 +100,14 @@ class GRPOObjective:
         return loss, metrics
 
     def prompts_of(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[str]]:
-        """Each row's prompt (the ids before its first label) and its record's answer (the
-        labelled ids, as text)."""
+        """Each row's prompt (the ids before its first label) and its record's answer to it (the
+        first run of labelled ids, as text: a conversation's first assistant turn)."""
         prompts, references = [], []
         for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
             first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-            prompts.append(ids[:first])
-            references.append(self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True))
+            end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+            prompts.append(ids[:first] or [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id])
+            references.append(self.tokenizer.decode(labels[first:end], skip_special_tokens=True))
         return prompts, references
 
     @torch.no_grad()

@@ -156,7 +156,7 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
     check_format(config, "kto", "data.train")
     with pytest.raises(DataError, match="records of format preference train with objective dpo, orpo or simpo, not kto"):
         check_format(config, "preference", "data.train")
-    with pytest.raises(DataError, match="format instruction train with objective sft, not kto"):
+    with pytest.raises(DataError, match="format instruction train with objective sft or grpo, not kto"):
         check_format(config, "instruction", "data.train")
 
 

@@ -118,3 +118,19 @@ def test_full_and_qlora_steps_with_their_kl_reference(method):
         engine.step()
     assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] > 0
     assert any(not torch.equal(p.detach(), trained[n]) for n, p in engine.module.named_parameters() if n in trained)
+
+
+def test_a_conversation_is_asked_its_first_question_and_scored_against_its_first_answer():
+    from ft_ray.data.records import parse_record
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.grpo import GRPOObjective
+
+    config = config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}})
+    tokenizer = load_tokenizer(config.model)
+    record = {"messages": [{"role": "user", "content": "Tent size?"}, {"role": "assistant", "content": "Two people."},
+                           {"role": "user", "content": "Weight?"}, {"role": "assistant", "content": "Two kilos."}]}
+    example = parse_record(json.dumps(record), "", "chat", {}, tokenizer, 256, None)
+    batch = {k: torch.tensor([example[k]]) for k in ("input_ids", "labels")}
+    [prompt], [reference] = GRPOObjective(config, tokenizer, None).prompts_of(batch)
+    assert reference.strip() == "Two people."
+    assert "Tent size?" in tokenizer.decode(prompt) and "Two people." not in tokenizer.decode(prompt)
