@@ -101,6 +101,11 @@ EVAL_SET_NAME = r"^[a-z][a-z0-9_]*$"
 RESERVED_EVAL_SET_NAMES = ("nll",)  # ORPO logs eval_nll_loss
 
 
+def eval_set_metric(name: str, metric: str = "loss") -> str:
+    """What a data.eval_sets set's `metric` is logged as: eval_<name>_<metric>."""
+    return f"eval_{name}_{metric}"
+
+
 class DataConfig(Section):
     train: str | None = Field(None, description="training records: file, folder, glob or s3:// prefix")
     sources: list[SourceConfig] = Field(default_factory=list, description="several weighted sources instead of train")
@@ -475,9 +480,10 @@ class GrpoConfig(Section):
         return self
 
 
+# the data formats each objective trains on
 OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion", "segments"), "dpo": ("preference",),
-                     "orpo": ("preference",), "simpo": ("preference",),
-                     "kto": ("kto",), "grpo": ("instruction", "chat", "completion")}  # the data formats each objective trains on
+                     "orpo": ("preference",), "simpo": ("preference",), "kto": ("kto",),
+                     "grpo": ("instruction", "chat", "completion")}
 PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs
 SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's paper: 2 to 10)
 
@@ -608,7 +614,7 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                             "preference runs")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
-                        "compares the model with a reference and trains without it")
+                        "trains without them")
     if job.data.loss_on != "answers" and job.objective != "sft":
         problems.append(f"data.loss_on: {job.data.loss_on} is for objective sft; objective {job.objective} "
                         "trains on its answers")

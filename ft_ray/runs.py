@@ -146,7 +146,12 @@ def table(records: list[dict[str, Any]]) -> str:
         else:
             steps = f"{r['step']}/{r['planned_steps']}" if r["planned_steps"] else str(r["step"])
             method = r["method"] + ("" if r["objective"] == "sft" else f" {r['objective']}")
-        loss = f"{r['eval_loss'][0]:.3g} -> {r['eval_loss'][1]:.3g}" if r.get("eval_loss") else ""
+        loss = ""
+        if r.get("eval_loss") and r.get("objective") == "grpo":  # its eval loss is minus the held-out reward
+            before, after = (-value or 0.0 for value in r["eval_loss"])  # no "-0"
+            loss = f"reward {before:.3g} -> {after:.3g}"
+        elif r.get("eval_loss"):
+            loss = f"{r['eval_loss'][0]:.3g} -> {r['eval_loss'][1]:.3g}"
         status = r["status"] + (f" (eval: {r['eval_verdict']})" if r.get("eval_verdict") else "")
         rows.append((r["name"], method, steps, loss, r["updated"] or "", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

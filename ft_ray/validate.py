@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ft_ray.config import JobConfig, SourceConfig
+from ft_ray.config import JobConfig, SourceConfig, eval_set_metric
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, example_key, parse_record
 from ft_ray.data.readers import ReadLimits
@@ -133,7 +133,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         if problem:
             lines.append(problem)
             problems += 1
-        lines += [note, f"{key}: {set_records[name]} records, scored as eval_{name}_loss at every evaluation"]
+        lines += [note, f"{key}: {set_records[name]} records, scored as {eval_set_metric(name)} at every evaluation"]
     if train < MIN_TRAIN_EXAMPLES:
         lines.append(f"warning: only {train} training examples; with fewer than {MIN_TRAIN_EXAMPLES} "
                      "fine-tuning rarely beats few-shot prompting: collect more before spending GPUs")

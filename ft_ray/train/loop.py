@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ft_ray.config import JobConfig, TrainConfig
+from ft_ray.config import JobConfig, TrainConfig, eval_set_metric
 from ft_ray.data.pipeline import EVAL_SET
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
@@ -229,9 +229,6 @@ class Window:
                 **self.throughput.figures(tokens / elapsed)}
 
 
-EVAL_SET_LOSS = "eval_{}_loss"  # the loss on a data.eval_sets set (its other metrics: eval_<name>_<metric>)
-
-
 def evaluate_all(engine: Any, eval_sets: dict[str, Any], config: JobConfig, objective: Objective) -> dict[str, float]:
     """`evaluate` on data.eval (named "" in `eval_sets`: `eval_loss`, ...) and on each of
     data.eval_sets (`eval_<name>_loss`, ...)."""
@@ -239,7 +236,7 @@ def evaluate_all(engine: Any, eval_sets: dict[str, Any], config: JobConfig, obje
     for name, eval_set in eval_sets.items():
         evaluated = evaluate(engine, eval_set, config, objective)
         scores.update(evaluated if not name else
-                      {f"eval_{name}_{key.removeprefix('eval_')}": value for key, value in evaluated.items()})
+                      {eval_set_metric(name, key.removeprefix("eval_")): value for key, value in evaluated.items()})
     return scores
 
 

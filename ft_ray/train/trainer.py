@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import yaml
 
 from ft_ray import progress
-from ft_ray.config import InputError, JobConfig, dump_yaml, resume_changes, with_defaults
+from ft_ray.config import InputError, JobConfig, dump_yaml, eval_set_metric, resume_changes, with_defaults
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import EVAL_SET, DataError, DataStats, stats_table
 from ft_ray.data.prepared import data_files, datasets_for, location
@@ -30,7 +30,7 @@ from ft_ray.tracking import check_wandb_login
 from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint)
-from ft_ray.train.loop import EVAL_SET_LOSS, TRAIN_PIECE, StepPlan, train_loop_per_worker
+from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.placement import check_placement
 from ft_ray.train.preference import REF_COLUMN, with_reference
 
@@ -434,7 +434,7 @@ def eval_set_outcome(config: JobConfig, evals: list[dict]) -> dict[str, dict[str
     on it), by name."""
     outcome = {}
     for name in config.data.eval_sets:
-        losses = [m[EVAL_SET_LOSS.format(name)] for m in evals if EVAL_SET_LOSS.format(name) in m]
+        losses = [m[eval_set_metric(name)] for m in evals if eval_set_metric(name) in m]
         if losses:
             outcome[name] = {"loss_initial": losses[0], "loss_final": losses[-1],
                              "loss_change": losses[-1] / losses[0] - 1 if losses[0] else None}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ft_ray.cli import main
 from ft_ray.config import load_config
 from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX
@@ -218,7 +219,7 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
     assert float(held) == pytest.approx(float(total) / 2, rel=0.05)
 
 
-def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter(ray_local, tmp_path):
+def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter(ray_local, tmp_path, capsys):
     """GRPO with DeepSpeed ZeRO-2 (answers sampled from the engine's module) and a KL term to
     the adapter-off reference. The built-in model opens none of its greedy replies to the demo's
     held-out messages with "Hi "; rewarded for that opening, most do within 8 steps. The
@@ -242,6 +243,8 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     assert len(trained) == 8 and any(m["kl"] > 0 for m in trained)
     best = max(evals, key=lambda m: (m["eval_reward"], m["step"]))
     assert summary["best_checkpoint"].endswith(f"checkpoint-{best['step']:06d}")
+    assert main(["runs", config.storage.path]) == 0  # the reward, not its negative as a loss
+    assert f"reward 0 -> {summary['eval_reward_final']:.3g}" in capsys.readouterr().out
 
     tokenizer = load_tokenizer(config.model)
     variant = PeftModel.from_pretrained(load_base_model(config.model), summary["adapter_path"])
