@@ -450,6 +450,10 @@ class PreferenceConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled bad")
 
 
+BUILTIN_REWARDS = ("chrf", "exact", "format")
+REWARD_FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:function
+
+
 class GrpoConfig(Section):
     """Settings of objective grpo: answers sampled from the model in training, scored by rewards."""
 
@@ -457,11 +461,13 @@ class GrpoConfig(Section):
         "answers sampled per prompt (a group): each answer's advantage is its reward against the group's"))
     max_new_tokens: int = Field(64, gt=0, description="longest sampled answer")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the answers")
-    rewards: dict[Literal["chrf", "exact", "format"], float] = Field(
+    rewards: dict[str, float] = Field(
         default_factory=lambda: {"chrf": 1.0}, min_length=1, description=(
-            "reward name -> weight, summed: chrf (character n-gram F-score against the record's answer, 0-1), "
+            "reward -> weight, summed: chrf (character n-gram F-score against the record's answer, 0-1), "
             "exact (1 when the answer equals the record's, up to whitespace), format (1 when grpo.format_regex "
-            "matches the whole answer, as eval.format_regex)"))
+            "matches the whole answer, as eval.format_regex), or module:function, your own: called as "
+            "function(answer, reference, prompt) -> float on each worker (a module of the job's folder or an "
+            "installed package)"))
     format_regex: str | None = Field(None, description="the pattern reward `format` matches whole answers against, "
                                                        "e.g. '(?s)Hi .*'")
     beta: float = Field(0.0, ge=0, description=(
@@ -470,6 +476,10 @@ class GrpoConfig(Section):
 
     @model_validator(mode="after")
     def _regex(self) -> "GrpoConfig":
+        for name in self.rewards:
+            if name not in BUILTIN_REWARDS and not re.match(REWARD_FUNCTION, name):
+                raise ValueError(f"grpo.rewards: {name!r} is neither {', '.join(BUILTIN_REWARDS)} nor module:function "
+                                 "(e.g. my_rewards:has_answer)")
         if "format" in self.rewards and not self.format_regex:
             raise ValueError("grpo.rewards: format needs grpo.format_regex")
         if self.format_regex:

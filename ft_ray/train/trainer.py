@@ -132,6 +132,10 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     # said before Ray starts: a model or data files that are not there (data_files lists the
     # files), a relaunch that cannot resume
     tokenizer = load_tokenizer(config.model)
+    if config.objective == "grpo":
+        from ft_ray.train.grpo import reward_function
+
+        reward_function(config.grpo.rewards, config.grpo.format_regex)  # a reward function that is not there
     if warning := context_window_warning(config.model):
         LOG.warning(warning)
     if not os.environ.get("RAY_ADDRESS"):  # on a cluster, rank 0 logs to W&B from a node of the cluster

@@ -220,17 +220,20 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
 
 
 def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter(ray_local, tmp_path, capsys):
-    """GRPO with DeepSpeed ZeRO-2 (answers sampled from the engine's module) and a KL term to
-    the adapter-off reference. The built-in model opens none of its greedy replies to the demo's
-    held-out messages with "Hi "; rewarded for that opening, most do within 8 steps. The
-    exported adapter, loaded in plain PEFT, answers the held-out prompts as scored."""
+    """GRPO with DeepSpeed ZeRO-2 (answers sampled from the engine's module), a KL term to the
+    adapter-off reference and a reward function of the job's own (module:function). The built-in
+    model opens none of its greedy replies to the demo's held-out messages with "Hi "; rewarded
+    for that opening, most do within 8 steps. The exported adapter, loaded in plain PEFT,
+    answers the held-out prompts as scored."""
     from peft import PeftModel
 
     from ft_ray.models import generate, load_base_model, load_tokenizer
     from ft_ray.samples import held_out_records, split_prompt
+    from ft_ray.train.grpo import reward_function
 
+    rewards = {"format": 0.5, "tests.grpo_rewards:opens_like_the_reference": 0.5}  # the second imported by each worker
     config = load_config(write_job(
-        tmp_path, run_name="grpo", objective="grpo", grpo={"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*",
+        tmp_path, run_name="grpo", objective="grpo", grpo={"rewards": rewards, "format_regex": "(?s)Hi .*",
                                                             "max_new_tokens": 16, "beta": 0.04},
         lora={"rank": 8, "alpha": 16}, distributed={"strategy": "deepspeed", "deepspeed": {"stage": 2}},
         train={"learning_rate": 5e-3, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4}))
@@ -248,6 +251,7 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
 
     tokenizer = load_tokenizer(config.model)
     variant = PeftModel.from_pretrained(load_base_model(config.model), summary["adapter_path"])
-    prompts = [split_prompt(r, "instruction", tokenizer)[0] for r in held_out_records(config, 48)]
-    opened = [re.fullmatch(r"(?s)Hi .*", generate(variant, tokenizer, p, 16).strip()) is not None for p in prompts]
-    assert abs(sum(opened) / len(prompts) - best["eval_reward"]) <= 0.1  # one by one, not batched: close
+    reward = reward_function(rewards, config.grpo.format_regex)
+    scored = [reward(generate(variant, tokenizer, prompt, 16), reference, prompt)
+              for prompt, reference in (split_prompt(r, "instruction", tokenizer) for r in held_out_records(config, 48))]
+    assert abs(sum(scored) / len(scored) - best["eval_reward"]) <= 0.1  # one by one, not batched: close

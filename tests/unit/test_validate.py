@@ -134,6 +134,9 @@ def test_train_and_prepare_say_a_model_or_data_that_is_not_here_before_ray_start
         assert f"data.train: no data files at '{tmp_path / 'nope.jsonl'}'" in err
         # said first, by train: a sequence length past the model's positions
         assert ("model.max_seq_len 2048 is longer than builtin:tiny-llama's context window" in out) == (command == "train")
+    job = write_job(tmp_path, objective="grpo", grpo={"rewards": {"my_rewards:is_polite": 1.0}})
+    assert main(["train", str(job)]) == 2
+    assert "grpo.rewards: cannot import my_rewards:is_polite (ModuleNotFoundError" in capsys.readouterr().err
 
 
 def test_online_wandb_without_an_api_key_is_said_before_ray_starts(tmp_path, monkeypatch, capsys):
