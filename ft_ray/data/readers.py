@@ -38,17 +38,23 @@ def file_kind(path: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """What one read task reads: a whole file, or the lines of an uncompressed JSONL file
-    that start in [start, end) (`lines_before`: how many lines the file has before them)."""
+    """What one read task reads: a whole file, the lines of an uncompressed JSONL file that
+    start in [start, end) (`lines_before`: how many lines the file has before them), or the
+    row groups [first, end) of a Parquet file (`row_groups`; `lines_before`: the rows before
+    them; `group_bytes`: their compressed size)."""
 
     path: str
     size: int
     start: int = 0
     end: int | None = None
     lines_before: int = 0
+    row_groups: tuple[int, int] | None = None
+    group_bytes: int = 0
 
     @property
     def bytes(self) -> int:
+        if self.row_groups is not None:
+            return self.group_bytes
         return (self.size if self.end is None else self.end) - self.start
 
 
@@ -148,8 +154,10 @@ def _kind_records(stream: Any, path: str, unit: Unit | None, limits: ReadLimits)
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(stream)
-        yield from _table_rows(parquet.iter_batches(batch_size=1024, columns=limits.wanted(parquet.schema_arrow.names)),
-                               max_bytes)
+        groups = range(*unit.row_groups) if unit is not None and unit.row_groups is not None else None
+        yield from _table_rows(parquet.iter_batches(batch_size=1024, row_groups=groups,
+                                                    columns=limits.wanted(parquet.schema_arrow.names)),
+                               max_bytes, unit.lines_before if groups is not None else 0)
     elif kind in DELIMITERS:
         yield from _delimited_rows(stream, DELIMITERS[kind], max_bytes)
     elif kind == "arrow":  # datasets' Arrow files: the IPC stream format (or the file format)
@@ -209,9 +217,10 @@ def _delimited_rows(stream: Any, delimiter: str, max_bytes: int) -> Iterator[tup
             yield (line, "", too_large(len(text), max_bytes)) if len(text) > max_bytes else (line, text, "")
 
 
-def _table_rows(batches: Iterator[Any], max_bytes: int) -> Iterator[tuple[int, str, str]]:
-    """(row, record as JSON text, error) of each row of Arrow record batches (rows counted from 1)."""
-    row = 0
+def _table_rows(batches: Iterator[Any], max_bytes: int, rows_before: int = 0) -> Iterator[tuple[int, str, str]]:
+    """(row, record as JSON text, error) of each row of Arrow record batches (the file's rows
+    counted from 1; `rows_before`: the file's rows before these batches)."""
+    row = rows_before
     for batch in batches:
         for record in batch.to_pylist():
             row += 1

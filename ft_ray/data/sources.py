@@ -205,12 +205,15 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
     span = read_span(sum(sizes), cpus)
     units = []
     for path, size in zip(files, sizes):
+        if file_kind(path) == "parquet" and size > span:
+            units += row_group_units(fs, path, size, span)
+            continue
         if not limits.one_line_each(path) or path.lower().endswith(COMPRESSIONS) or size <= span:
             units.append(Unit(path, size))
             continue
         bounds = list(range(0, size, span)) + [size]
         units += [Unit(path, size, start, end) for start, end in zip(bounds, bounds[1:])]
-    ranged = [i for i, unit in enumerate(units) if unit.end is not None]
+    ranged = [i for i, unit in enumerate(units) if unit.end is not None]  # JSONL byte ranges
     if ranged and in_ray:
         import ray
 
@@ -223,6 +226,25 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
         units[i] = dataclasses.replace(units[i], lines_before=before.get(units[i].path, 0))
         before[units[i].path] = units[i].lines_before + newlines
     return units
+
+
+def row_group_units(fs: pafs.FileSystem, path: str, size: int, span: int) -> list[Unit]:
+    """A large Parquet file as runs of consecutive row groups of about `span` compressed bytes
+    each (read from its footer alone), so many tasks read and tokenize it; one unit when it
+    has a single row group."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(fs_path(path)) as f:
+        meta = pq.ParquetFile(f).metadata
+    units, first, rows_before, rows, group_bytes = [], 0, 0, 0, 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        rows += group.num_rows
+        group_bytes += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        if group_bytes >= span or i == meta.num_row_groups - 1:
+            units.append(Unit(path, size, lines_before=rows_before, row_groups=(first, i + 1), group_bytes=group_bytes))
+            first, rows_before, rows, group_bytes = i + 1, rows_before + rows, 0, 0
+    return units if len(units) > 1 else [Unit(path, size)]
 
 
 def read_span(total_bytes: int, cpus: int) -> int:

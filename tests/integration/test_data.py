@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ft_ray.config import config_from_dict, resolve_paths
-from ft_ray.data import pipeline
+from ft_ray.data import pipeline, sources
 from ft_ray.data.pipeline import DataError, build_datasets
 from ft_ray.data.prepared import datasets_for, load_prepared, prepare
+from ft_ray.data.sources import list_files
 from ft_ray.models import load_tokenizer
 from tests.conftest import DEMO, make_bucket, tiny_job
 
@@ -96,7 +97,7 @@ def test_every_bad_record_is_set_aside_with_file_line_and_reason(ray_local, tmp_
         build_datasets(config, tokenizer, None)
 
 
-def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp_path, tokenizer):
+def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp_path, tokenizer, monkeypatch):
     folder = tmp_path / "corpus"
     folder.mkdir()
     with gzip.open(folder / "a.jsonl.gz", "wt") as f:
@@ -107,7 +108,8 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
         writer.writeheader()
         writer.writerows({"input": "", **r} for r in GOOD[60:80])
     pq.write_table(pa.Table.from_pylist([{"question": r["instruction"], "answer": r["output"]} for r in GOOD[40:60]]),
-                   tmp_path / "qa.parquet")
+                   tmp_path / "qa.parquet", row_group_size=5)
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 1)  # as if the files were large: read in ranges / row groups
     (tmp_path / "notes.txt").write_text("\n\n".join(f"Note {i}: Northwind tents pitch fast." for i in range(10)))
     (tmp_path / "segments.jsonl").write_text("".join(json.dumps({"segments": [  # Axolotl's input_output
         {"text": f"Q: {r['instruction']}\n", "label": False}, {"text": f"A: {r['output']}", "label": True}]}) + "\n"
@@ -117,6 +119,8 @@ def test_every_file_kind_with_field_mapping_and_fractional_weight(ray_local, tmp
         {"path": str(tmp_path / "qa.parquet"), "fields": {"instruction": "question", "output": "answer"}},
         {"path": str(tmp_path / "notes.txt"), "weight": 0.5},
         {"path": str(tmp_path / "segments.jsonl")}])
+    split = sources.read_units(*list_files(config.data.sources[1], config.storage, "x"), 4)
+    assert len(split) > 1 and all(u.row_groups for u in split)  # the parquet file: several read tasks
     _, stats = build_datasets(config, tokenizer, None)
     assert stats.records_rejected == 0 and stats.records_read == 60 + 20 + 10 + 10 + 48
     assert stats.formats["data.sources[1]"] == "instruction" and stats.formats["data.sources[2]"] == "text"

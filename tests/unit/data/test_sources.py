@@ -177,6 +177,28 @@ def test_byte_ranges_starting_inside_a_long_line_skip_it_without_keeping_it(tmp_
     assert counted == whole
 
 
+def test_a_large_parquet_file_is_read_by_runs_of_row_groups_with_the_file_s_row_numbers(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from ft_ray.data import sources
+    from ft_ray.data.readers import open_file
+    from ft_ray.data.sources import read_units
+
+    path = str(tmp_path / "big.parquet")
+    pq.write_table(pa.table({"text": [f"record {i} " + "x" * (i % 50) for i in range(1000)],
+                             "unused": list(range(1000))}), path, row_group_size=100)
+    fs, limits = pafs.LocalFileSystem(), ReadLimits(columns=frozenset({"text"}))
+    whole = list(file_records(open_file(fs, path), path, limits=limits))
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 1)  # as if the file were past a read span (4 MB)
+    units = read_units(fs, [path], cpus=2, in_ray=False, limits=limits)
+    assert len(units) > 1 and units[0].row_groups[0] == 0 and units[-1].row_groups[1] == 10  # 4 here
+    assert all(a.row_groups[1] == b.row_groups[0] for a, b in zip(units, units[1:]))
+    assert sum(u.bytes for u in units) < (tmp_path / "big.parquet").stat().st_size  # their compressed bytes
+    pieces = [record for unit in units for record in file_records(open_file(fs, path), path, unit, limits)]
+    assert pieces == whole and [line for line, _, _ in whole] == list(range(1, 1001))
+    assert json.loads(whole[500][1]) == {"text": "record 500 "}
+
+
 def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
     (tmp_path / "a.json").write_bytes(b'[{"text": "ok"}, {"text": "caf\xe9"}, {"text": "ok"}]')
     got = [(line, text, error) for _, line, text, error in read_records(str(tmp_path / "a.json"), STORAGE, "x")]
