@@ -390,10 +390,10 @@ class EvalConfig(Section):
     price_per_million_tokens: float | None = Field(None, gt=0, description=(
         "price of a token sent or generated, for the cost of 1,000 requests per arm; default: cost relative to "
         "the variant's"))
-    metric: Literal["loss", "exact_match", "chrf", "format", "preference"] = Field("loss", description=(
+    metric: Literal["loss", "exact_match", "chrf", "format", "preference", "reward"] = Field("loss", description=(
         "what the verdict compares: loss on the target tokens (all examples), exact match, chrF or "
-        "format adherence of the generations, or (preference pairs) how often the chosen answer is "
-        "likelier per token than the rejected one"))
+        "format adherence of the generations, (preference pairs) how often the chosen answer is "
+        "likelier per token than the rejected one, or (objective grpo) the run's grpo.rewards of the generations"))
     num_generations: int = Field(16, ge=0, description="held-out examples (the first ones) each arm answers greedily")
     max_new_tokens: int = Field(128, gt=0, description="longest generated answer")
     format_regex: str | None = Field(None, description="an answer is in format when the regex matches all of it "
@@ -599,6 +599,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if dist.gpu_share < 1 and dist.max_workers > 1:
         problems.append(f"distributed.gpus_per_worker: {dist.gpus_per_worker} shares GPUs, which only one-worker jobs "
                         "(sweep trials) can do: the workers of one job cannot talk over NCCL on one device")
+    if job.eval.metric == "reward" and job.objective != "grpo":
+        problems.append(f"eval.metric: reward scores generations with grpo.rewards (objective grpo), not objective "
+                        f"{job.objective}")
     if job.eval.metric == "preference" and job.objective not in PAIRED_OBJECTIVES:
         problems.append(f"eval.metric: preference is measured on chosen/rejected pairs (objective dpo, orpo or simpo), "
                         f"not objective {job.objective}")

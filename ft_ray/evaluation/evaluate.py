@@ -389,7 +389,8 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
     if not ok.any():
         raise InputError(f"eval: no held-out record could be scored ({skipped})")
     generated = ok & cols["generated"].astype(bool)
-    arms = {arm.name: arm_figures(cols, arm.name, ok, generated, settings.format_regex is not None) for arm in ARMS}
+    arms = {arm.name: arm_figures(cols, arm.name, ok, generated, settings.format_regex is not None,
+                                  config.objective == "grpo") for arm in ARMS}
     cost_per_request(arms, settings.price_per_million_tokens)
     k = settings.few_shot
     warnings = []
@@ -453,7 +454,7 @@ def cost_per_request(arms: dict[str, dict], price_per_million: float | None) -> 
 
 
 def arm_figures(cols: dict[str, np.ndarray], arm: str, ok: np.ndarray, generated: np.ndarray,
-                with_format: bool) -> dict[str, Any]:
+                with_format: bool, with_reward: bool = False) -> dict[str, Any]:
     tokens = cols[f"{arm}_tokens"][ok]
     loss = float(cols[f"{arm}_loss_sum"][ok].sum() / max(1, tokens.sum()))
     seconds = float(cols[f"{arm}_gen_s"][generated].sum())
@@ -465,6 +466,7 @@ def arm_figures(cols: dict[str, np.ndarray], arm: str, ok: np.ndarray, generated
             "exact_match": float(cols[f"{arm}_exact"][generated].mean()),
             "chrf": float(cols[f"{arm}_chrf"][generated].mean()),
             "format": float(cols[f"{arm}_format"][generated].mean()) if with_format else None,
+            "reward": float(cols[f"{arm}_reward"][generated].mean()) if with_reward else None,
             "generated_tokens_mean": round(float(new_tokens.mean()), 2),
             "generation_tokens_per_s": round(float(new_tokens.sum()) / seconds, 1) if seconds else None})
     return figures
@@ -478,7 +480,7 @@ def metric_values(cols: dict[str, np.ndarray], arm: str, metric: str, rows: np.n
     if metric == "preference":
         wins = preference_wins(cols, arm, rows)
         return wins, np.ones_like(wins)
-    column = {"exact_match": "exact", "chrf": "chrf", "format": "format"}[metric]
+    column = {"exact_match": "exact", "chrf": "chrf", "format": "format", "reward": "reward"}[metric]
     values = cols[f"{arm}_{column}"][rows].astype(np.float64)
     return values, np.ones_like(values)
 
@@ -513,18 +515,20 @@ def print_result(result: dict[str, Any], where: str) -> None:
     arms = result["arms"]
     k = result["settings"]["few_shot"]
     pairs = arms["variant"].get("preference_accuracy") is not None
+    rewarded = arms["variant"].get("reward") is not None  # a grpo run
     cost = "cost/1k" if "cost_per_1000_requests" in arms["variant"] else "cost x"
     rows = [f"{'arm':<18}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}" + (f"{'pref':>7}" if pairs else "")
-            + f"{'tok/request':>13}{cost:>9}{'tok/s':>8}"]
+            + (f"{'reward':>8}" if rewarded else "") + f"{'tok/request':>13}{cost:>9}{'tok/s':>8}"]
     for arm in ARMS:
         f = arms.get(arm.name)
         if f is None:  # an eval.json written before this arm existed
             continue
         cells = [_cell(f.get(name), spec) for name, spec in
-                 (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"), ("preference_accuracy", ".2f"))]
+                 (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"), ("preference_accuracy", ".2f"),
+                  ("reward", ".3f"))]
         price = f.get("cost_per_1000_requests", f.get("cost_relative_to_variant"))
         rows.append(f"{arm.label(k):<18}{f['loss']:>8.3f}{f['perplexity']:>9.2f}{cells[0]:>7}{cells[1]:>7}{cells[2]:>8}"
-                    + (f"{cells[3]:>7}" if pairs else "")
+                    + (f"{cells[3]:>7}" if pairs else "") + (f"{cells[4]:>8}" if rewarded else "")
                     + f"{f['tokens_per_request']:>13.1f}{_cell(price, '.3g'):>9}"
                     + f"{_cell(f.get('generation_tokens_per_s'), '.0f'):>8}")
     LOG.info(f"eval on {result['examples']} held-out examples ({result['generated']} answered by each arm):\n"

@@ -12,7 +12,7 @@ import numpy as np
 
 LOWER_IS_BETTER = {"loss"}
 METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence",
-                "preference": "preference accuracy"}
+                "preference": "preference accuracy", "reward": "reward"}
 
 
 def normalize(text: str) -> str:

@@ -90,6 +90,11 @@ class ArmScorer:
 
         self.job = JobConfig.model_validate_json(job_json)
         self.settings = self.job.eval
+        self.reward = None  # a grpo run's rewards: its generations are scored with them too
+        if self.job.objective == "grpo":
+            from ft_ray.train.grpo import reward_function
+
+            self.reward = reward_function(self.job.grpo.rewards, self.job.grpo.format_regex)
         self.fmt, self.fields = fmt, fields
         self.arms = tuple(arm for arm in ARMS if arm.name in arms)
         self.generate_keys = set(generate_keys)
@@ -243,6 +248,8 @@ class ArmScorer:
             example[f"{name}_chrf"] = metrics.chrf(answer, example["reference"])
             regex = self.settings.format_regex
             example[f"{name}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
+            example[f"{name}_reward"] = (self.reward(answer, example["reference"], example["prompt"])
+                                         if self.reward else float("nan"))
 
     def generate(self, arm: Arm, prompt_ids: list[int]) -> tuple[str, int, float]:
         """(answer, new tokens, seconds) of a greedy continuation."""
@@ -278,7 +285,7 @@ class ArmScorer:
             row[f"{name}_prompt_tokens"] = (1 + len(example["prompt_ids"]) + sum(map(len, shots))
                                             if "prompt_ids" in example else 0)
             for column, empty in (("answer", ""), ("gen_tokens", 0), ("gen_s", 0.0), ("exact", nan), ("chrf", nan),
-                                  ("format", nan)):
+                                  ("format", nan), ("reward", nan)):
                 row[f"{name}_{column}"] = example.get(f"{name}_{column}", empty)
         return row
 

@@ -232,11 +232,13 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     from ft_ray.train.grpo import reward_function
 
     rewards = {"format": 0.5, "tests.grpo_rewards:opens_like_the_reference": 0.5}  # the second imported by each worker
-    config = load_config(write_job(
+    job = write_job(
         tmp_path, run_name="grpo", objective="grpo", grpo={"rewards": rewards, "format_regex": "(?s)Hi .*",
                                                             "max_new_tokens": 16, "beta": 0.04},
         lora={"rank": 8, "alpha": 16}, distributed={"strategy": "deepspeed", "deepspeed": {"stage": 2}},
-        train={"learning_rate": 5e-3, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4}))
+        train={"learning_rate": 5e-3, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4},
+        eval={"metric": "reward", "num_generations": 12, "max_new_tokens": 16, "max_examples": 12, "few_shot": 1})
+    config = load_config(job)
     summary = run_training(config)
     evals = [m for m in metrics(config) if "eval_reward" in m]
     trained = [m for m in metrics(config) if "reward" in m]
@@ -255,3 +257,11 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     scored = [reward(generate(variant, tokenizer, prompt, 16), reference, prompt)
               for prompt, reference in (split_prompt(r, "instruction", tokenizer) for r in held_out_records(config, 48))]
     assert abs(sum(scored) / len(scored) - best["eval_reward"]) <= 0.1  # one by one, not batched: close
+
+    # does it pay? the arms' answers scored with the run's own rewards (eval.metric: reward)
+    assert main(["eval", str(job), "--run", summary["run_folder"]]) == 0
+    result = json.loads((Path(summary["run_folder"]) / "eval.json").read_text())
+    assert result["metric"] == "reward" and result["generated"] == 12
+    assert result["arms"]["base"]["reward"] == 0.0 and result["arms"]["variant"]["reward"] >= 0.5
+    assert result["vs_base"]["outcome"] == "variant_better"
+    assert "vs base: the variant beats the base model: reward" in capsys.readouterr().out

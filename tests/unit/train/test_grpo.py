@@ -68,6 +68,9 @@ def test_grpo_reads_one_prompt_per_row_and_needs_whole_weights_on_each_worker():
                           "distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 3}}})
     with pytest.raises(ConfigError, match="grpo.rewards: format needs grpo.format_regex"):
         config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"rewards": {"format": 1}}})
+    with pytest.raises(ConfigError, match="eval.metric: reward scores generations with grpo.rewards .objective grpo., "
+                                          "not objective sft"):
+        config_from_dict({"data": {"train": "t.jsonl"}, "eval": {"metric": "reward"}})
     with pytest.raises(ConfigError, match="objective grpo trains on format instruction or chat or completion"):
         config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl", "format": "text"}})
 
