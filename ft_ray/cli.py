@@ -231,9 +231,9 @@ def _print_outcome(config: JobConfig, summary: dict) -> None:
                    f"({summary['eval_loss_reduction']:.0%} lower)")
     LOG.info(f"{outcome}, {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, "
              f"{summary['wall_time_s']:.0f} s")
-    for name, outcome in (summary.get("eval_sets") or {}).items():
-        change = outcome["loss_change"]
-        LOG.info(f"eval set {name}: loss {outcome['loss_initial']:.4f} before → {outcome['loss_final']:.4f} after"
+    for name, scored in (summary.get("eval_sets") or {}).items():
+        change = scored["loss_change"]
+        LOG.info(f"eval set {name}: loss {scored['loss_initial']:.4f} before → {scored['loss_final']:.4f} after"
                  + (f" ({abs(change):.1%} {'higher' if change > 0 else 'lower'})" if change is not None else ""))
     stop = summary.get("early_stopping")
     if stop:

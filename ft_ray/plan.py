@@ -175,11 +175,11 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         parts["lora_weights"] = 4 * trained
         parts["gradients"] = 4 * trained / shard(2)
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else 8 * trained / shard(1)
-    grpo_reference = config.objective == "grpo" and config.grpo.beta > 0
-    if (config.objective in ("dpo", "kto") and not config.precomputes_reference or grpo_reference) \
-            and config.method == "full":
-        # preference.reference: inline: a frozen copy of the base, loaded in fp32 (preference.reference_model);
-        # ZeRO-3 shards it in the engine's dtype
+    inline_reference = ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
+                        or (config.objective == "grpo" and config.grpo.beta > 0))
+    if inline_reference and config.method == "full":
+        # an inline reference (dpo/kto with preference.reference: inline, grpo with beta): a frozen copy of the
+        # base, loaded in fp32 (preference.reference_model); ZeRO-3 shards it in the engine's dtype
         parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
 
     tokens = train.micro_batch_size * config.model.max_seq_len

@@ -2,8 +2,9 @@
 scored by rewards, each answer's advantage its reward against the other answers to the same
 prompt.
 
-Each training row holds one record: its prompt (the tokens without a label) and its answer
-(the labelled tokens, what rewards compare with). For a micro batch, the model samples
+Each training row holds one record: its prompt (the tokens before its first label) and its
+answer (the first run of labelled tokens: what the rewards compare with; `grpo.rewards` are
+built in or the job's own `module:function`). For a micro batch, the model samples
 `grpo.num_generations` answers per prompt (left-padded prompts, its own KV cache, no
 gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
 weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
