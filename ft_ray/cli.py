@@ -332,6 +332,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_wandb_login(config)
     except InputError as e:
         print(f"warning: {e}")
+    if config.objective == "grpo":
+        from ft_ray.train.grpo import reward_function
+
+        try:  # each worker imports the job's own reward functions as this does
+            reward_function(config.grpo.rewards, config.grpo.format_regex)
+            print(f"grpo: rewards {', '.join(f'{name} x {weight:g}' for name, weight in config.grpo.rewards.items())}")
+        except InputError as e:
+            print(f"problem: {e}")
     if not args.offline:
         report = validate_data(for_preflight(config))
         print(json.dumps(report["counts"]))

@@ -64,6 +64,16 @@ def test_eval_records_that_are_training_records_too_are_counted(tmp_path, capsys
             ) in capsys.readouterr().out
 
 
+def test_a_grpo_job_s_rewards_are_imported_as_its_workers_will(tmp_path, capsys):
+    rewards = {"chrf": 1.0, "tests.grpo_rewards:opens_like_the_reference": 0.5, "my_rewards:is_polite": 2.0}
+    assert main(["validate", "--offline", str(write_job(tmp_path, objective="grpo", grpo={"rewards": rewards}))]) == 0
+    out = capsys.readouterr().out
+    assert "problem: grpo.rewards: cannot import my_rewards:is_polite (ModuleNotFoundError" in out
+    del rewards["my_rewards:is_polite"]
+    assert main(["validate", "--offline", str(write_job(tmp_path, objective="grpo", grpo={"rewards": rewards}))]) == 0
+    assert "grpo: rewards chrf x 1, tests.grpo_rewards:opens_like_the_reference x 0.5" in capsys.readouterr().out
+
+
 def test_missing_data_file_exits_2(tmp_path, capsys):
     job = write_job(tmp_path, data={"train": str(tmp_path / "nope.jsonl")})
     assert main(["validate", str(job)]) == 2
