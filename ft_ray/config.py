@@ -473,6 +473,11 @@ class GrpoConfig(Section):
     beta: float = Field(0.0, ge=0, description=(
         "weight of the per-token KL estimate to the reference model (the adapter off, or a frozen copy of the "
         "base); 0 (TRL's default): none, and no reference forward"))
+    scale_rewards: Literal["group", "none"] = Field("group", description=(
+        "an answer's advantage is its reward minus its group's mean, over the group's standard deviation (group, "
+        "GRPO's) or not scaled (none: Dr. GRPO's, which finds the scaling biased toward easy and hard prompts)"))
+    mask_truncated_answers: bool = Field(False, description=(
+        "answers cut at grpo.max_new_tokens (no end of text) do not train (DAPO's overlong filtering)"))
 
     @model_validator(mode="after")
     def _regex(self) -> "GrpoConfig":

@@ -77,12 +77,13 @@ def user_reward(name: str) -> Callable[[str, str, str], float]:
     return found
 
 
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """Each reward minus its group's mean, over the group's standard deviation (TRL's
-    `scale_rewards: group`); `rewards` holds `group` consecutive answers per prompt."""
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
+    """Each reward minus its group's mean, over the group's standard deviation where `scale`
+    (TRL's `scale_rewards: group`, else `none`); `rewards` holds `group` consecutive answers
+    per prompt."""
     grouped = rewards.view(-1, group)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPSILON)).view(-1)
+    return (centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPSILON) if scale else centred).view(-1)
 
 
 def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, beta: float,
@@ -138,7 +139,10 @@ class GRPOObjective:
             with torch.no_grad():
                 ref_logps = self.reference(model, scored)
         mask = (scored["labels"] != IGNORE_INDEX).float()
-        advantages = group_advantages(rewards, group).to(logps.device)
+        if self.settings.mask_truncated_answers:  # cut at max_new_tokens: no end of text
+            ended = torch.tensor([bool(a) and a[-1] == self.tokenizer.eos_token_id for a in answers], device=mask.device)
+            mask = mask * ended[:, None]
+        advantages = group_advantages(rewards, group, self.settings.scale_rewards == "group").to(logps.device)
         loss, kl = grpo_loss(logps, advantages, mask, self.settings.beta, ref_logps)
         metrics["kl"] = kl.item() * len(prompts)
         return loss, metrics

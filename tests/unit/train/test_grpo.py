@@ -18,6 +18,8 @@ def test_advantages_are_rewards_against_their_group():
     std = torch.tensor([1.0, 0.0, 0.0, 0.0]).std()  # unbiased, as TRL's
     expected = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + ADVANTAGE_EPSILON)
     assert torch.allclose(group_advantages(rewards, 4), torch.cat([expected, torch.zeros(4)]))
+    unscaled = torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])  # scale_rewards: none (Dr. GRPO)
+    assert torch.allclose(group_advantages(rewards, 4, scale=False), unscaled)
 
 
 def test_the_loss_is_the_advantage_weighted_policy_gradient_over_answer_tokens_plus_beta_kl():
@@ -154,3 +156,18 @@ def test_a_conversation_is_asked_its_first_question_and_scored_against_its_first
     [prompt], [reference] = GRPOObjective(config, tokenizer, None).prompts_of(batch)
     assert reference.strip() == "Two people."
     assert "Tent size?" in tokenizer.decode(prompt) and "Two people." not in tokenizer.decode(prompt)
+
+
+def test_answers_cut_at_max_new_tokens_do_not_train_when_masked():
+    """8 new tokens end no answer of the built-in model: with mask_truncated_answers nothing
+    trains (B stays at PEFT's zero); without, it does."""
+    from ft_ray.models import load_tokenizer
+
+    moved = {}
+    for masked in (True, False):
+        engine, config = grpo_engine(steps=1, mask_truncated_answers=masked, rewards={"chrf": 1.0})
+        torch.manual_seed(0)
+        engine.micro_step(demo_batch(load_tokenizer(config.model)), 1.0, True)
+        engine.step()
+        moved[masked] = max(p.abs().max().item() for n, p in engine.module.named_parameters() if "lora_B" in n)
+    assert moved[True] == 0.0 and moved[False] > 0
