@@ -333,7 +333,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"warning: {e}")
     if config.objective == "grpo":
-        from ft_ray.train.grpo import reward_function
+        from ft_ray.evaluation.metrics import reward_function
 
         try:  # each worker imports the job's own reward functions as this does
             reward_function(config.grpo.rewards, config.grpo.format_regex)

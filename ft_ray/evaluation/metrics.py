@@ -1,14 +1,21 @@
 """What an evaluation measures, as plain functions (no model, no Ray): answer scores, the
-paired bootstrap interval and the verdict sentence. Unit-tested on hand-made cases.
+rewards of a GRPO run (built in or the job's own), the paired bootstrap interval and the
+verdict sentence. Unit-tested on hand-made cases.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import numbers
+import os
 import re
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from ft_ray.config import InputError
 
 LOWER_IS_BETTER = {"loss"}
 METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence",
@@ -96,3 +103,46 @@ def verdict(metric: str, variant: float, other: float, difference: float, low: f
     return {"metric": metric, "against": other_name, "variant": variant, "other": other,
             "difference": difference, "ci95": [low, high], "outcome": outcome,
             "fine_tuning_pays": outcome == "variant_better", "sentence": sentence}
+
+
+def reward_function(rewards: dict[str, float], format_regex: str | None) -> Callable[[str, str, str], float]:
+    """(answer, reference, prompt) -> the weighted sum of `grpo.rewards`.
+
+    Raises:
+        InputError: a module:function reward that cannot be imported here.
+    """
+    builtin = {"chrf": lambda answer, reference, _: chrf(answer, reference),
+               "exact": lambda answer, reference, _: exact_match(answer, reference),
+               "format": lambda answer, _, __: in_format(answer, format_regex) if format_regex else 0.0}
+    scores = {name: builtin.get(name) or user_reward(name) for name in rewards}
+
+    def reward(answer: str, reference: str, prompt: str) -> float:
+        total = 0.0
+        for name, weight in rewards.items():
+            value = scores[name](answer, reference, prompt)
+            if not isinstance(value, numbers.Real):  # bool, int, float, numpy's floats
+                raise TypeError(f"grpo.rewards: {name} returned {value!r} ({type(value).__name__}), not a number")
+            total += weight * float(value)
+        return total
+
+    return reward
+
+
+def user_reward(name: str) -> Callable[[str, str, str], float]:
+    """The function `module:function` names (a module on the workers' path: the job's folder,
+    which Ray puts there, or an installed package).
+
+    Raises:
+        InputError: it cannot be imported, or is not a function.
+    """
+    module_name, function = name.split(":")
+    if os.getcwd() not in sys.path:  # the job's folder, as Ray puts the driver's on its workers' path
+        sys.path.append(os.getcwd())
+    try:
+        found = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"grpo.rewards: cannot import {name} ({type(e).__name__}: {e}): a reward function must be "
+                         "importable where the job runs (a module of the job's folder or an installed package)") from None
+    if not callable(found):
+        raise InputError(f"grpo.rewards: {name} is a {type(found).__name__}, not a function")
+    return found

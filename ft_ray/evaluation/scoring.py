@@ -92,9 +92,7 @@ class ArmScorer:
         self.settings = self.job.eval
         self.reward = None  # a grpo run's rewards: its generations are scored with them too
         if self.job.objective == "grpo":
-            from ft_ray.train.grpo import reward_function
-
-            self.reward = reward_function(self.job.grpo.rewards, self.job.grpo.format_regex)
+            self.reward = metrics.reward_function(self.job.grpo.rewards, self.job.grpo.format_regex)
         self.fmt, self.fields = fmt, fields
         self.arms = tuple(arm for arm in ARMS if arm.name in arms)
         self.generate_keys = set(generate_keys)

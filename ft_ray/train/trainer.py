@@ -133,7 +133,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     # files), a relaunch that cannot resume
     tokenizer = load_tokenizer(config.model)
     if config.objective == "grpo":
-        from ft_ray.train.grpo import reward_function
+        from ft_ray.evaluation.metrics import reward_function
 
         reward_function(config.grpo.rewards, config.grpo.format_regex)  # a reward function that is not there
     if warning := context_window_warning(config.model):

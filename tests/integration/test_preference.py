@@ -229,7 +229,7 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
 
     from ft_ray.models import generate, load_base_model, load_tokenizer
     from ft_ray.samples import held_out_records, split_prompt
-    from ft_ray.train.grpo import reward_function
+    from ft_ray.evaluation.metrics import reward_function
 
     rewards = {"format": 0.5, "tests.grpo_rewards:opens_like_the_reference": 0.5}  # the second imported by each worker
     job = write_job(

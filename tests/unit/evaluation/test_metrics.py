@@ -1,11 +1,14 @@
-"""Answer scores, the paired bootstrap and the verdict on hand-made cases with known answers."""
+"""Answer scores, GRPO's rewards, the paired bootstrap and the verdict on hand-made cases with
+known answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from ft_ray.config import ConfigError, InputError, config_from_dict
 from ft_ray.evaluation import metrics
+from ft_ray.evaluation.metrics import reward_function
 
 
 def test_exact_match_ignores_whitespace_only():
@@ -70,3 +73,27 @@ def test_the_verdict_follows_the_interval(low, high, outcome, words):
     assert result["fine_tuning_pays"] == (outcome == "variant_better")
     assert ("fine-tuning does not pay here" in result["sentence"]) == (outcome != "variant_better")
     assert f"95% CI of the difference [{low:.3g}, {high:.3g}]" in result["sentence"]
+
+
+def test_rewards_are_the_weighted_sum_of_those_named():
+    reward = reward_function({"exact": 2.0, "format": 0.5}, r"Hi .*")
+    assert reward("Hi  there\n", "Hi there", "") == 2.5  # exact match up to whitespace; the format the whole answer
+    assert reward("Hello. Hi there", "Hi there", "") == 0.0
+    assert 0 < reward_function({"chrf": 1.0}, None)("Hi there, thanks", "Hi there", "") < 1
+
+
+def test_a_reward_of_your_own_is_module_function_and_said_when_it_is_not_there_or_not_a_number():
+    prompt = "### Instruction:\nReply to this customer message in the Northwind house style."
+    reward = reward_function({"tests.grpo_rewards:opens_like_the_reference": 1.0, "exact": 1.0}, None)
+    assert reward("Hi Ana, yes.", "Hi Ben, thanks.", prompt) == 1.0
+    assert reward("Hello Ben.", "Hi Ben, thanks.", prompt) == 0.0
+    with pytest.raises(ValueError, match="not the record's prompt"):  # it is given the prompt
+        reward("Hi Ana.", "Hi Ben.", "something else")
+    with pytest.raises(InputError, match="grpo.rewards: cannot import tests.grpo_rewards:missing \\(AttributeError"):
+        reward_function({"tests.grpo_rewards:missing": 1.0}, None)
+    with pytest.raises(InputError, match="cannot import no_such_module:f \\(ModuleNotFoundError"):
+        reward_function({"no_such_module:f": 1.0}, None)
+    with pytest.raises(TypeError, match="grpo.rewards: tests.grpo_rewards:not_a_number returned 'good' \\(str\\)"):
+        reward_function({"tests.grpo_rewards:not_a_number": 1.0}, None)("a", "b", "c")
+    with pytest.raises(ConfigError, match="grpo.rewards: 'bleu' is neither chrf, exact, format nor module:function"):
+        config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"rewards": {"bleu": 1}}})

@@ -1,5 +1,6 @@
-"""GRPO's pieces: group advantages, the loss and its gradient, rewards, the settings it
-refuses, and a few DDP steps in one process (no Ray) that teach the model the rewarded opening."""
+"""GRPO's pieces: group advantages, the loss and its gradient, the settings it refuses, and
+a few DDP steps in one process (no Ray) that teach the model the rewarded opening (its rewards:
+tests/unit/evaluation/test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import pytest
 import torch
 
-from ft_ray.config import ConfigError, InputError, config_from_dict
-from ft_ray.train.grpo import ADVANTAGE_EPSILON, group_advantages, grpo_loss, reward_function
+from ft_ray.config import ConfigError, config_from_dict
+from ft_ray.train.grpo import ADVANTAGE_EPSILON, group_advantages, grpo_loss
 from tests.conftest import DEMO
 
 
@@ -35,30 +36,6 @@ def test_the_loss_is_the_advantage_weighted_policy_gradient_over_answer_tokens_p
     assert kl.item() == pytest.approx(torch.exp(torch.tensor(0.1)).item() - 0.1 - 1, rel=1e-5)  # k3 per token
     _, none = grpo_loss(logps, advantages, mask, beta=0.5, ref_logps=logps.detach())
     assert none.item() == 0.0
-
-
-def test_rewards_are_the_weighted_sum_of_those_named():
-    reward = reward_function({"exact": 2.0, "format": 0.5}, r"Hi .*")
-    assert reward("Hi  there\n", "Hi there", "") == 2.5  # exact match up to whitespace; the format the whole answer
-    assert reward("Hello. Hi there", "Hi there", "") == 0.0
-    assert 0 < reward_function({"chrf": 1.0}, None)("Hi there, thanks", "Hi there", "") < 1
-
-
-def test_a_reward_of_your_own_is_module_function_and_said_when_it_is_not_there_or_not_a_number():
-    prompt = "### Instruction:\nReply to this customer message in the Northwind house style."
-    reward = reward_function({"tests.grpo_rewards:opens_like_the_reference": 1.0, "exact": 1.0}, None)
-    assert reward("Hi Ana, yes.", "Hi Ben, thanks.", prompt) == 1.0
-    assert reward("Hello Ben.", "Hi Ben, thanks.", prompt) == 0.0
-    with pytest.raises(ValueError, match="not the record's prompt"):  # it is given the prompt
-        reward("Hi Ana.", "Hi Ben.", "something else")
-    with pytest.raises(InputError, match="grpo.rewards: cannot import tests.grpo_rewards:missing \\(AttributeError"):
-        reward_function({"tests.grpo_rewards:missing": 1.0}, None)
-    with pytest.raises(InputError, match="cannot import no_such_module:f \\(ModuleNotFoundError"):
-        reward_function({"no_such_module:f": 1.0}, None)
-    with pytest.raises(TypeError, match="grpo.rewards: tests.grpo_rewards:not_a_number returned 'good' \\(str\\)"):
-        reward_function({"tests.grpo_rewards:not_a_number": 1.0}, None)("a", "b", "c")
-    with pytest.raises(ConfigError, match="grpo.rewards: 'bleu' is neither chrf, exact, format nor module:function"):
-        config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"rewards": {"bleu": 1}}})
 
 
 def test_grpo_reads_one_prompt_per_row_and_needs_whole_weights_on_each_worker():
