@@ -18,6 +18,7 @@ Evaluation answers each held-out prompt greedily, once: `eval_loss` is minus the
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -63,6 +64,7 @@ class GRPOObjective:
 
     def __init__(self, config: Any, tokenizer: Any, reference: Callable[[Any, dict], torch.Tensor] | None):
         self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference
+        self.seed = config.train.seed
         self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex)
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
@@ -72,7 +74,7 @@ class GRPOObjective:
         prompts, references = self.prompts_of(batch)
         training = unwrapped(model).training  # DeepSpeed's engine passes train/eval to its module only
         group = self.settings.num_generations if training else 1
-        answers = self.sample(unwrapped(model), prompts, group, training)
+        answers = self.sample(unwrapped(model), prompts, group, training, self.sampling_seed(batch))
         texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         asked = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         rewards = torch.tensor([self.reward(text, references[i // group], asked[i // group])
@@ -110,9 +112,20 @@ class GRPOObjective:
             references.append(self.tokenizer.decode(labels[first:end], skip_special_tokens=True))
         return prompts, references
 
+    def sampling_seed(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """The seed of a batch's sampling, from train.seed and its rows' sequence ids: the same
+        batch with the same weights is answered the same way, so a resumed run samples what the
+        uninterrupted one did (None without sequence ids: the global random state)."""
+        if "seq_id" not in batch:
+            return None
+        ids = [self.seed, *batch["seq_id"].tolist()]
+        return int.from_bytes(hashlib.sha256(repr(ids).encode()).digest()[:8], "little") % 2 ** 63
+
     @torch.no_grad()
-    def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool) -> list[list[int]]:
-        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos."""
+    def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool,
+               seed: int | None = None) -> list[list[int]]:
+        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos;
+        sampled from `seed` where given, leaving the global random state as it was."""
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
         device = next(model.parameters()).device
@@ -121,10 +134,13 @@ class GRPOObjective:
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
-                                 do_sample=sampled, temperature=self.settings.temperature if sampled else None,
-                                 top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad, use_cache=True,
-                                 eos_token_id=self.tokenizer.eos_token_id)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
+                                     do_sample=sampled, temperature=self.settings.temperature if sampled else None,
+                                     top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
+                                     use_cache=True, eos_token_id=self.tokenizer.eos_token_id)
         finally:
             model.train(was_training)
         answers = []

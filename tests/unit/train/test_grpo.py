@@ -148,3 +148,21 @@ def test_answers_cut_at_max_new_tokens_do_not_train_when_masked():
         engine.step()
         moved[masked] = max(p.abs().max().item() for n, p in engine.module.named_parameters() if "lora_B" in n)
     assert moved[True] == 0.0 and moved[False] > 0
+
+
+def test_a_batch_is_sampled_the_same_way_whatever_came_before_so_a_resume_samples_the_same():
+    from ft_ray.models import load_tokenizer
+
+    engine, config = grpo_engine()
+    objective = engine.objective
+    batch = {**demo_batch(load_tokenizer(config.model)), "seq_id": torch.tensor([11, 12, 13, 14])}
+    prompts, _ = objective.prompts_of(batch)
+    runs = []
+    for before in (1, 2):  # another global random state each time (a resumed run's)
+        torch.manual_seed(before)
+        state = torch.get_rng_state()
+        runs.append(objective.sample(engine.module, prompts, 4, True, objective.sampling_seed(batch)))
+        assert torch.equal(torch.get_rng_state(), state)  # the global state is left as it was
+    assert runs[0] == runs[1]
+    other = {**batch, "seq_id": torch.tensor([21, 22, 23, 24])}
+    assert objective.sample(engine.module, prompts, 4, True, objective.sampling_seed(other)) != runs[0]
