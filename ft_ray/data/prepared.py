@@ -32,11 +32,11 @@ def data_files(config: JobConfig) -> list[dict[str, Any]]:
     modification time): what the fingerprint covers of the data, and what a resumed run compares."""
     data = config.data
     files = []
-    for key, source in ([("train", s) for s in data.all_sources()] + [("eval", data.eval_source())]
-                        + [(key[len("data."):], source) for _, key, source in data.eval_set_sources()]):
+    for key, source in ([("data.train", s) for s in data.all_sources()] + [("data.eval", data.eval_source())]
+                        + [(key, source) for _, key, source in data.eval_set_sources()]):
         if source is None:
             continue
-        fs, paths = list_files(source, config.storage, f"data.{key}")
+        fs, paths = list_files(source, config.storage, key)
         infos = fs.get_file_info([fs_path(p) for p in paths])  # a hub dataset's paths carry its commit
         files.append({"source": source.model_dump(), "files": [(i.path, i.size, str(i.mtime)) for i in infos]})
     return files

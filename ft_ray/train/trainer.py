@@ -405,7 +405,7 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
     best = run.path(chosen.name) if chosen else None
     exported = export_best(config, run, best) if best else None
     speeds = [m["tokens_per_s"] for m in train_lines[1:]] or [m["tokens_per_s"] for m in train_lines]
-    initial, final = evals[0]["eval_loss"] if evals else None, evals[-1]["eval_loss"] if evals else None
+    initial, final = first_and_last(evals, "eval_loss")
     steps = train_lines[-1]["step"] if train_lines else 0
     # an early stop the run ended with (not one a relaunch with more patience trained past)
     stopped = [m for m in evals if "early_stopping" in m and m["step"] == steps]
@@ -438,10 +438,10 @@ def eval_set_outcome(config: JobConfig, evals: list[dict]) -> dict[str, dict[str
     on it), by name."""
     outcome = {}
     for name in config.data.eval_sets:
-        losses = [m[eval_set_metric(name)] for m in evals if eval_set_metric(name) in m]
-        if losses:
-            outcome[name] = {"loss_initial": losses[0], "loss_final": losses[-1],
-                             "loss_change": losses[-1] / losses[0] - 1 if losses[0] else None}
+        initial, final = first_and_last(evals, eval_set_metric(name))
+        if initial is not None:
+            outcome[name] = {"loss_initial": initial, "loss_final": final,
+                             "loss_change": final / initial - 1 if initial else None}
     return outcome
 
 
@@ -451,9 +451,14 @@ def preference_outcome(config: JobConfig, evals: list[dict]) -> dict[str, Any]:
     if config.objective == "sft":
         return {}
     key = "eval_reward" if config.objective == "grpo" else "eval_reward_accuracy"
+    initial, final = first_and_last(evals, key)
+    return {"objective": config.objective, f"{key}_initial": initial, f"{key}_final": final}
+
+
+def first_and_last(evals: list[dict], key: str) -> tuple[Any, Any]:
+    """The first and the last evaluation's value of `key` (None, None where none has it)."""
     values = [m[key] for m in evals if key in m]
-    return {"objective": config.objective, f"{key}_initial": values[0] if values else None,
-            f"{key}_final": values[-1] if values else None}
+    return (values[0], values[-1]) if values else (None, None)
 
 
 def export_best(config: JobConfig, run: RunFolder, checkpoint_path: str) -> str:
