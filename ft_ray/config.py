@@ -467,7 +467,8 @@ class GrpoConfig(Section):
             "exact (1 when the answer equals the record's, up to whitespace), format (1 when grpo.format_regex "
             "matches the whole answer, as eval.format_regex), or module:function, your own: called as "
             "function(answer, reference, prompt) -> float on each worker (a module of the job's folder or an "
-            "installed package)"))
+            "installed package), or, where it takes `completions` (TRL's reward functions), once per batch as "
+            "function(prompts=[...], completions=[...], reference=[...]) -> a number or None per completion"))
     format_regex: str | None = Field(None, description="the pattern reward `format` matches whole answers against, "
                                                        "e.g. '(?s)Hi .*'")
     beta: float = Field(0.0, ge=0, description=(

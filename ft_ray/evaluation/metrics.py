@@ -6,6 +6,7 @@ verdict sentence. Unit-tested on hand-made cases.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -105,30 +106,82 @@ def verdict(metric: str, variant: float, other: float, difference: float, low: f
             "fine_tuning_pays": outcome == "variant_better", "sentence": sentence}
 
 
-def reward_function(rewards: dict[str, float], format_regex: str | None) -> Callable[[str, str, str], float]:
-    """(answer, reference, prompt) -> the weighted sum of `grpo.rewards`.
+Scorer = Callable[[list[str], list[str], list[str]], list[float]]  # (answers, references, prompts) -> rewards
+BATCH_ARGUMENTS = ("prompts", "completions", "reference")  # what a batched (TRL-style) reward is given
+
+
+def reward_function(rewards: dict[str, float], format_regex: str | None) -> Scorer:
+    """(answers, references, prompts) -> the weighted sum of `grpo.rewards` for each answer.
+
+    A reward is called once per answer as `function(answer, reference, prompt)`, or, where it
+    takes a `completions` argument (TRL's reward functions), once per batch as
+    `function(prompts=[...], completions=[...], reference=[...])` (those its signature takes),
+    returning one number per answer or None (TRL's "not scored": adds nothing).
 
     Raises:
-        InputError: a module:function reward that cannot be imported here.
+        InputError: a module:function reward that cannot be imported here, or a batched one
+            that needs an argument it is not given.
     """
     builtin = {"chrf": lambda answer, reference, _: chrf(answer, reference),
                "exact": lambda answer, reference, _: exact_match(answer, reference),
                "format": lambda answer, _, __: in_format(answer, format_regex) if format_regex else 0.0}
     scores = {name: builtin.get(name) or user_reward(name) for name in rewards}
+    batched = {name: batch_arguments(name, function) for name, function in scores.items() if name not in builtin}
+    batched = {name: taken for name, taken in batched.items() if taken is not None}
 
-    def reward(answer: str, reference: str, prompt: str) -> float:
-        total = 0.0
+    def reward(answers: list[str], references: list[str], prompts: list[str]) -> list[float]:
+        totals = [0.0] * len(answers)
         for name, weight in rewards.items():
-            value = scores[name](answer, reference, prompt)
-            if not isinstance(value, numbers.Real):  # bool, int, float, numpy's floats
-                raise TypeError(f"grpo.rewards: {name} returned {value!r} ({type(value).__name__}), not a number")
-            total += weight * float(value)
-        return total
+            if name in batched:
+                given = {"prompts": list(prompts), "completions": list(answers), "reference": list(references)}
+                values = scores[name](**{key: given[key] for key in batched[name]})
+                if not isinstance(values, Sequence | np.ndarray) or len(values) != len(answers):
+                    raise TypeError(f"grpo.rewards: {name} returned {type(values).__name__} "
+                                    f"{_shown(values)}, not a list of {len(answers)} numbers (one per completion)")
+            else:
+                values = [scores[name](*row) for row in zip(answers, references, prompts)]
+            for i, value in enumerate(values):
+                if value is None and name in batched:
+                    continue
+                if not isinstance(value, numbers.Real):  # bool, int, float, numpy's floats
+                    raise TypeError(f"grpo.rewards: {name} returned {value!r} ({type(value).__name__}), not a number")
+                totals[i] += weight * float(value)
+        return totals
 
     return reward
 
 
-def user_reward(name: str) -> Callable[[str, str, str], float]:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def batch_arguments(name: str, function: Callable) -> tuple[str, ...] | None:
+    """The arguments a batched reward (one taking `completions`) is given: those of
+    BATCH_ARGUMENTS it takes (all where it takes **kwargs); None for a reward called once per
+    answer.
+
+    Raises:
+        InputError: it needs an argument that is not given.
+    """
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: called per answer
+        return None
+    if "completions" not in parameters:
+        return None
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    needed = [key for key, p in parameters.items() if p.default is inspect.Parameter.empty
+              and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+              and key not in BATCH_ARGUMENTS]
+    if needed:
+        raise InputError(f"grpo.rewards: {name} takes completions (called once per batch) but also needs "
+                         f"{', '.join(needed)}; a batched reward is given {', '.join(BATCH_ARGUMENTS)} only "
+                         "(reference: each record's answer)")
+    return tuple(key for key in BATCH_ARGUMENTS if takes_all or key in parameters)
+
+
+def user_reward(name: str) -> Callable[..., Any]:
     """The function `module:function` names (a module on the workers' path: the job's folder,
     which Ray puts there, or an installed package).
 

@@ -246,7 +246,7 @@ class ArmScorer:
             example[f"{name}_chrf"] = metrics.chrf(answer, example["reference"])
             regex = self.settings.format_regex
             example[f"{name}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
-            example[f"{name}_reward"] = (self.reward(answer, example["reference"], example["prompt"])
+            example[f"{name}_reward"] = (self.reward([answer], [example["reference"]], [example["prompt"]])[0]
                                          if self.reward else float("nan"))
 
     def generate(self, arm: Arm, prompt_ids: list[int]) -> tuple[str, int, float]:

@@ -4,7 +4,7 @@ prompt.
 
 Each training row holds one record: its prompt (the tokens before its first label) and its
 answer (the first run of labelled tokens: what the rewards compare with; `grpo.rewards` are
-built in or the job's own `module:function`). For a micro batch, the model samples
+built in or the job's own `module:function`, per answer or per batch). For a micro batch, the model samples
 `grpo.num_generations` answers per prompt (left-padded prompts, its own KV cache, no
 gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
 weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
@@ -77,8 +77,8 @@ class GRPOObjective:
         answers = self.sample(unwrapped(model), prompts, group, training, self.sampling_seed(batch))
         texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         asked = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-        rewards = torch.tensor([self.reward(text, references[i // group], asked[i // group])
-                                for i, text in enumerate(texts)])
+        rewards = torch.tensor(self.reward(texts, [references[i // group] for i in range(len(texts))],
+                                           [asked[i // group] for i in range(len(texts))]))
         lengths = torch.tensor([float(len(a)) for a in answers])
         per_prompt = rewards.view(-1, group)
         metrics = {"reward": per_prompt.mean(dim=1).sum().item(),

@@ -221,9 +221,9 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
 
 def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter(ray_local, tmp_path, capsys):
     """GRPO with DeepSpeed ZeRO-2 (answers sampled from the engine's module), a KL term to the
-    adapter-off reference and a reward function of the job's own (module:function). The built-in
-    model opens none of its greedy replies to the demo's held-out messages with "Hi "; rewarded
-    for that opening, most do within 8 steps. The exported adapter, loaded in plain PEFT,
+    adapter-off reference and a reward function of the job's own (module:function, TRL's batched
+    signature). The built-in model opens none of its greedy replies to the demo's held-out
+    messages with "Hi "; rewarded for that opening, most do within 8 steps. The exported adapter, loaded in plain PEFT,
     answers the held-out prompts as scored."""
     from peft import PeftModel
 
@@ -231,7 +231,8 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     from ft_ray.samples import held_out_records, split_prompt
     from ft_ray.evaluation.metrics import reward_function
 
-    rewards = {"format": 0.5, "tests.grpo_rewards:opens_like_the_reference": 0.5}  # the second imported by each worker
+    # the second imported by each worker, and called once per batch as TRL calls its reward functions
+    rewards = {"format": 0.5, "tests.grpo_rewards:open_like_the_references": 0.5}
     job = write_job(
         tmp_path, run_name="grpo", objective="grpo", grpo={"rewards": rewards, "format_regex": "(?s)Hi .*",
                                                             "max_new_tokens": 16, "beta": 0.04},
@@ -254,8 +255,8 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     tokenizer = load_tokenizer(config.model)
     variant = PeftModel.from_pretrained(load_base_model(config.model), summary["adapter_path"])
     reward = reward_function(rewards, config.grpo.format_regex)
-    scored = [reward(generate(variant, tokenizer, prompt, 16), reference, prompt)
-              for prompt, reference in (split_prompt(r, "instruction", tokenizer) for r in held_out_records(config, 48))]
+    prompts, references = zip(*(split_prompt(r, "instruction", tokenizer) for r in held_out_records(config, 48)))
+    scored = reward([generate(variant, tokenizer, prompt, 16) for prompt in prompts], references, prompts)
     assert abs(sum(scored) / len(scored) - best["eval_reward"]) <= 0.1  # one by one, not batched: close
 
     # does it pay? the arms' answers scored with the run's own rewards (eval.metric: reward)

@@ -77,23 +77,42 @@ def test_the_verdict_follows_the_interval(low, high, outcome, words):
 
 def test_rewards_are_the_weighted_sum_of_those_named():
     reward = reward_function({"exact": 2.0, "format": 0.5}, r"Hi .*")
-    assert reward("Hi  there\n", "Hi there", "") == 2.5  # exact match up to whitespace; the format the whole answer
-    assert reward("Hello. Hi there", "Hi there", "") == 0.0
-    assert 0 < reward_function({"chrf": 1.0}, None)("Hi there, thanks", "Hi there", "") < 1
+    # exact match up to whitespace; the format the whole answer
+    assert reward(["Hi  there\n", "Hello. Hi there"], ["Hi there", "Hi there"], ["", ""]) == [2.5, 0.0]
+    assert 0 < reward_function({"chrf": 1.0}, None)(["Hi there, thanks"], ["Hi there"], [""])[0] < 1
 
 
 def test_a_reward_of_your_own_is_module_function_and_said_when_it_is_not_there_or_not_a_number():
     prompt = "### Instruction:\nReply to this customer message in the Northwind house style."
     reward = reward_function({"tests.grpo_rewards:opens_like_the_reference": 1.0, "exact": 1.0}, None)
-    assert reward("Hi Ana, yes.", "Hi Ben, thanks.", prompt) == 1.0
-    assert reward("Hello Ben.", "Hi Ben, thanks.", prompt) == 0.0
+    assert reward(["Hi Ana, yes.", "Hello Ben."], ["Hi Ben, thanks.", "Hi Ben, thanks."], [prompt, prompt]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="not the record's prompt"):  # it is given the prompt
-        reward("Hi Ana.", "Hi Ben.", "something else")
+        reward(["Hi Ana."], ["Hi Ben."], ["something else"])
     with pytest.raises(InputError, match="grpo.rewards: cannot import tests.grpo_rewards:missing \\(AttributeError"):
         reward_function({"tests.grpo_rewards:missing": 1.0}, None)
     with pytest.raises(InputError, match="cannot import no_such_module:f \\(ModuleNotFoundError"):
         reward_function({"no_such_module:f": 1.0}, None)
     with pytest.raises(TypeError, match="grpo.rewards: tests.grpo_rewards:not_a_number returned 'good' \\(str\\)"):
-        reward_function({"tests.grpo_rewards:not_a_number": 1.0}, None)("a", "b", "c")
+        reward_function({"tests.grpo_rewards:not_a_number": 1.0}, None)(["a"], ["b"], ["c"])
     with pytest.raises(ConfigError, match="grpo.rewards: 'bleu' is neither chrf, exact, format nor module:function"):
         config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"rewards": {"bleu": 1}}})
+
+
+def test_a_reward_taking_completions_is_called_once_per_batch_as_trl_calls_it():
+    """TRL's reward functions (`completions`, `prompts`, ... as lists, **kwargs) work as they are:
+    one call per batch, the record's answers as `reference`, None for a completion not scored."""
+    prompt = "### Instruction:\nReply to this customer message in the Northwind house style."
+    per_batch = reward_function({"tests.grpo_rewards:open_like_the_references": 1.0,
+                                 "tests.grpo_rewards:shorter_than_ten_words": 0.5}, None)
+    answers = ["Hi Ana, yes.", "Hello Ben.", " ", "Hi " + "word " * 12]
+    references = ["Hi Ben, thanks."] * 4
+    assert per_batch(answers, references, [prompt] * 4) == [1.5, 0.5, 0.0, 1.0]
+    # as the per-answer function it wraps
+    per_answer = reward_function({"tests.grpo_rewards:opens_like_the_reference": 1.0}, None)
+    assert per_answer(answers, references, [prompt] * 4) == reward_function(
+        {"tests.grpo_rewards:open_like_the_references": 1.0}, None)(answers, references, [prompt] * 4)
+    with pytest.raises(InputError, match="needs_a_solution takes completions .* but also needs solution; a batched "
+                                         "reward is given prompts, completions, reference only"):
+        reward_function({"tests.grpo_rewards:needs_a_solution": 1.0}, None)
+    with pytest.raises(TypeError, match="one_number returned float 1.0, not a list of 2 numbers"):
+        reward_function({"tests.grpo_rewards:one_number": 1.0}, None)(["a", "b"], ["a", "b"], ["", ""])
