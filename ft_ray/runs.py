@@ -111,12 +111,18 @@ def _subfolders(folder: RunFolder) -> list[str]:
 
 
 def _holder(folder: RunFolder) -> str | None:
-    """Who trains a local run or sweep now (its driver's flock, `trainer.holding`), or None."""
-    if not folder.is_local:
-        return None
-    import fcntl
-
+    """Who trains a run or sweep now (its driver's flock or lease, `trainer.holding`), or None."""
     from ft_ray.train.trainer import DRIVER_LOCK
+
+    if not folder.is_local:
+        from ft_ray.lease import LEASE_TTL_S, object_lease
+
+        try:
+            found = object_lease(folder.root, DRIVER_LOCK, folder.uri, folder.storage or StorageConfig()).read()
+        except Exception:  # noqa: BLE001 - only a note in the listing; the store's errors are said elsewhere
+            return None
+        return found[1] if found and found[2] < LEASE_TTL_S else None
+    import fcntl
 
     path = folder.local_path(DRIVER_LOCK)
     if not path.exists():

@@ -63,6 +63,7 @@ class RunFolder:
     fs: pafs.FileSystem
     root: str
     uri: str
+    storage: StorageConfig | None = None  # an object store's endpoint and region (leases reach it through boto3)
 
     @classmethod
     def for_job(cls, config: JobConfig, name: str | None = None) -> "RunFolder":
@@ -70,17 +71,17 @@ class RunFolder:
         fs, base = filesystem(config.storage)
         scheme = "s3://" if config.storage.path.startswith("s3://") else ""
         root = f"{base}/{name or config.run_name}"
-        return cls(fs=fs, root=root, uri=f"{scheme}{root}")
+        return cls(fs=fs, root=root, uri=f"{scheme}{root}", storage=config.storage)
 
     @classmethod
     def at(cls, path: str, storage: StorageConfig) -> "RunFolder":
         """The folder at a local path or s3:// URI (S3 settings from `storage`)."""
         fs, root = filesystem_for(path, storage)
-        return cls(fs=fs, root=root, uri=path.rstrip("/") if "://" in path else root)
+        return cls(fs=fs, root=root, uri=path.rstrip("/") if "://" in path else root, storage=storage)
 
     def child(self, *parts: str) -> "RunFolder":
         """A folder inside this one, on the same filesystem."""
-        return RunFolder(fs=self.fs, root=self.path(*parts), uri=self.uri_of(*parts))
+        return RunFolder(fs=self.fs, root=self.path(*parts), uri=self.uri_of(*parts), storage=self.storage)
 
     @property
     def is_local(self) -> bool:

@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import yaml
 
 from ft_ray import progress
-from ft_ray.config import InputError, JobConfig, dump_yaml, eval_set_metric, resume_changes, with_defaults
+from ft_ray.config import (InputError, JobConfig, StorageConfig, dump_yaml, eval_set_metric, resume_changes,
+                           with_defaults)
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import EVAL_SET, DataError, DataStats, stats_table
 from ft_ray.data.prepared import data_files, datasets_for, location
@@ -144,7 +145,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     prepared = location(config, files)
     run = RunFolder.for_job(config)
     resume_from = check_same_job(config, run, force_new)
-    with holding(run):
+    with holding(run, trial=bool(callbacks)):
         same_data = files is None or check_same_data(run, files, resume_from is not None)
         # a sweep's trial reports to Tune through Ray Train: it always runs
         if same_data and not callbacks and (done := finished_run(config, run, resume_from)):
@@ -283,24 +284,32 @@ def finished_run(config: JobConfig, run: RunFolder, resume_from: str | None) -> 
     return summary if finished else None
 
 
-DRIVER_LOCK = ".driver.lock"  # held by the driver training the run (a local run folder)
+DRIVER_LOCK = ".driver.lock"  # held by the driver training the run (its flock, or its lease in object storage)
 
 
 LOCK_TRIES, LOCK_RETRY_S = 5, 0.05
 
 
 @contextlib.contextmanager
-def holding(run: RunFolder) -> Iterator[None]:
-    """This driver's hold on a local run folder: an flock, released by the OS however the
-    process ends (a killed driver's relaunch is not refused). A second driver of the same
-    run is refused, not left to write the same checkpoints and metrics beside the first.
-    Runs in object storage are not held (no lock there).
+def holding(run: RunFolder, trial: bool = False) -> Iterator[None]:
+    """This driver's hold on a run folder. A second driver of the same run is refused, not
+    left to write the same checkpoints and metrics beside the first; a killed driver's
+    relaunch is not. A local folder: an flock, released by the OS however the process ends.
+    An object store: a lease object the driver renews (`ft_ray.lease`; a relaunch takes over
+    a dead driver's within `lease.LEASE_TTL_S`), except for a sweep's `trial` (the sweep's
+    driver holds the sweep's; Tune may kill a trial's process at any moment).
 
     Raises:
         InputError: another process holds the run, named as it wrote itself in the lock file.
     """
-    if not run.is_local:
+    if not run.is_local and trial:
         yield
+        return
+    if not run.is_local:
+        from ft_ray.lease import held, object_lease
+
+        with held(object_lease(run.root, DRIVER_LOCK, run.uri, run.storage or StorageConfig())):
+            yield
         return
     import fcntl
     import socket

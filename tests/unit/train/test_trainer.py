@@ -3,6 +3,7 @@ whether a relaunch resumes over the data it began with, whether another driver t
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -73,6 +74,52 @@ def test_a_second_driver_of_a_run_is_refused_and_a_killed_ones_hold_goes_with_it
         first.wait()
     with holding(run):  # the OS released the killed driver's lock: its relaunch goes on
         pass
+
+
+LEASE_HOLD = """
+import sys, time
+import ft_ray.lease
+from ft_ray.config import StorageConfig
+from ft_ray.storage import RunFolder
+from ft_ray.train.trainer import holding
+ft_ray.lease.RENEW_S = 0.2
+with holding(RunFolder.at(sys.argv[1], StorageConfig(endpoint_url=sys.argv[2]))):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_in_object_storage_is_held_by_a_lease_that_a_killed_drivers_relaunch_takes_over(
+        s3_server, monkeypatch, capsys):
+    """S3 has no locks: the driver writes a lease object (a conditional write) and renews it.
+    A second driver sees it renewed and is refused, `ft-ray runs` names the holder; a killed
+    driver's lease is not renewed, and its relaunch takes it over once it lapses."""
+    import ft_ray.lease
+    from ft_ray.runs import _holder
+    from tests.conftest import make_bucket
+
+    monkeypatch.setattr(ft_ray.lease, "LEASE_TTL_S", 2.0)
+    monkeypatch.setattr(ft_ray.lease, "POLL_S", 0.1)
+    client = make_bucket(s3_server, "leases")
+    run = RunFolder.at("s3://leases/runs/r", StorageConfig(endpoint_url=s3_server))
+    first = subprocess.Popen([sys.executable, "-c", LEASE_HOLD, run.uri, s3_server], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        assert _holder(run).startswith(f"pid {first.pid} on ")
+        with pytest.raises(InputError, match=rf"^s3://leases/runs/r is being trained by another driver \(pid "
+                                             rf"{first.pid} on .+ UTC\): wait for it to end"):
+            with holding(run):
+                pass
+    finally:
+        first.kill()
+        first.wait()
+    with holding(run):  # the killed driver's lease lapses: its relaunch goes on
+        assert _holder(run).startswith(f"pid {os.getpid()} on ")
+    assert "took over the lease of pid" in capsys.readouterr().out
+    assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="runs/r/")  # released: removed
+    assert _holder(run) is None
+    with holding(run, trial=True):  # a sweep's trial: the sweep's driver holds the sweep
+        assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="runs/r/")
 
 
 def test_a_driver_starting_while_ft_ray_runs_looks_at_the_lock_is_not_refused(tmp_path):
