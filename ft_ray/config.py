@@ -479,6 +479,15 @@ class GrpoConfig(Section):
         "GRPO's) or not scaled (none: Dr. GRPO's, which finds the scaling biased toward easy and hard prompts)"))
     mask_truncated_answers: bool = Field(False, description=(
         "answers cut at grpo.max_new_tokens (no end of text) do not train (DAPO's overlong filtering)"))
+    num_iterations: int = Field(1, ge=1, description=(
+        "updates per sampled batch (TRL's num_iterations, GRPO's mu): a step's batches train this many steps in a "
+        "row on the same answers, each update's token ratio to the policy that sampled them clipped by "
+        "grpo.epsilon; train.max_steps, eval_every and checkpoint_every are then multiples of it"))
+    epsilon: float = Field(0.2, gt=0, lt=1, description=(
+        "PPO's clip: a sampled token's probability ratio (now / when sampled) counts within [1 - epsilon, "
+        "1 + epsilon_high]; acts only with num_iterations above 1"))
+    epsilon_high: float | None = Field(None, gt=0, description=(
+        "the upper clip (DAPO's clip-higher, e.g. 0.28); default grpo.epsilon"))
 
     @model_validator(mode="after")
     def _regex(self) -> "GrpoConfig":
@@ -548,6 +557,11 @@ class JobConfig(Section):
     def trains_adapter(self) -> bool:
         """LoRA and QLoRA train (and export) an adapter; a full fine-tune the whole model."""
         return self.method in ("lora", "qlora")
+
+    @property
+    def rounds(self) -> int:
+        """Optimizer steps each step's batches train in a row (grpo.num_iterations; 1 otherwise)."""
+        return self.grpo.num_iterations if self.objective == "grpo" else 1
 
     @property
     def carries_roles(self) -> bool:
@@ -631,6 +645,13 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.train.compile:
             problems.append("train.compile: objective grpo generates with the model; compile is for sft and "
                             "preference runs")
+        rounds = job.grpo.num_iterations
+        for key in ("max_steps", "eval_every", "checkpoint_every"):
+            value = getattr(job.train, key)
+            if rounds > 1 and value is not None and value % rounds:
+                problems.append(f"train.{key}: {value} is not a multiple of grpo.num_iterations ({rounds}): a step's "
+                                f"answers train {rounds} steps in a row, and evaluations and checkpoints fall "
+                                "between such rounds")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
                         "trains without them")
@@ -870,6 +891,7 @@ PEER_NAMES = {
     "mask_history": "data.loss_on: last_answer", "completion_only_loss": "data.loss_on",
     "assistant_only_loss": "data.loss_on", "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
     "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_new_tokens",
+    "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "epsilon_high": "grpo.epsilon_high",
 }
 
 

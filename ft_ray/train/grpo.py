@@ -9,8 +9,11 @@ built in or the job's own `module:function`, per answer or per batch). For a mic
 gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
 weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
 `loss_type: dapo` normalisation), plus `grpo.beta` times a per-token KL estimate to the
-reference model. One update per sampled batch (TRL's `num_iterations: 1`): the PPO ratio is 1
-at the update, so its clip never acts and is left out.
+reference model. With `grpo.num_iterations` (mu) above 1 the loop hands each step's batches
+over mu steps in a row (`loop.replayed`): the first samples and scores them and keeps its
+answers, the next ones update on those again, each token's probability ratio to the policy
+that sampled it clipped as PPO's (`grpo.epsilon`, `epsilon_high`). At mu = 1 the ratio is 1 at
+the update and the clip never acts.
 
 Evaluation answers each held-out prompt greedily, once: `eval_loss` is minus the mean reward
 (so the best checkpoint and early stopping follow the reward), `eval_reward` the reward.
@@ -19,6 +22,7 @@ Evaluation answers each held-out prompt greedily, once: `eval_loss` is minus the
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -39,20 +43,40 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
     return (centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPSILON) if scale else centred).view(-1)
 
 
-def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, beta: float,
-              ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the loss, the mean per-token KL estimate) of sampled answers: logps and mask [N, L]
-    (the answer tokens), advantages [N]. The policy-gradient term is -A exp(logp - logp.detach())
-    per token (its value -A, its gradient -A grad logp); the KL estimate is Schulman's k3,
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              beta: float, ref_logps: torch.Tensor | None, epsilon: float = 0.2,
+              epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the loss, the mean per-token KL estimate, the share of tokens clipped) of sampled
+    answers: logps, old_logps (when sampled, detached) and mask [N, L] (the answer tokens),
+    advantages [N]. The policy-gradient term is PPO's -min(r A, clip(r, 1 - epsilon,
+    1 + epsilon_high) A) per token, r = exp(logp - old_logp) (at the sampling policy r = 1:
+    value -A, gradient -A grad logp); the KL estimate is Schulman's k3,
     exp(ref - logp) - (ref - logp) - 1."""
-    per_token = -advantages[:, None] * torch.exp(logps - logps.detach())
+    ratio = torch.exp(logps - old_logps)
+    low, high = 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high)
+    gains = advantages[:, None]
+    per_token = -torch.min(ratio * gains, torch.clamp(ratio, low, high) * gains)
+    clipped = ((ratio < low) & (gains < 0)) | ((ratio > high) & (gains > 0))  # no gradient there (TRL's clip_ratio)
     kl = torch.zeros_like(logps)
     if beta and ref_logps is not None:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
     tokens = mask.sum().clamp(min=1)
-    return (per_token * mask).sum() / tokens, ((kl * mask).sum() / tokens).detach()
+    return ((per_token * mask).sum() / tokens, ((kl * mask).sum() / tokens).detach(),
+            (clipped * mask).sum() / tokens)
+
+
+@dataclass
+class Round:
+    """A batch's sampled answers, kept for its `grpo.num_iterations` updates."""
+
+    scored: dict[str, torch.Tensor]  # prompt + answer rows, labels on the answers
+    advantages: torch.Tensor
+    mask: torch.Tensor  # the answer tokens that train
+    metrics: dict[str, float]
+    old_logps: torch.Tensor | None = None  # at the first update (the sampling policy's)
+    updates: int = 0
 
 
 class GRPOObjective:
@@ -60,21 +84,44 @@ class GRPOObjective:
 
     name = "grpo"
     columns = ("input_ids", "labels", "position_ids")
-    metrics = ("reward", "reward_std", "answer_tokens", "kl")
+    metrics = ("reward", "reward_std", "answer_tokens", "kl", "clip_ratio")
 
     def __init__(self, config: Any, tokenizer: Any, reference: Callable[[Any, dict], torch.Tensor] | None):
         self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference
         self.seed = config.train.seed
         self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex)
+        self.rounds: dict[bytes, Round] = {}  # batches sampled and not yet updated on num_iterations times
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])  # prompts
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if not unwrapped(model).training:  # evaluation (DeepSpeed's engine passes train/eval to its module only)
+            _, rewards, metrics = self.answered(model, batch, group=1, sampled=False)
+            return -rewards.mean(), metrics  # the greedy answers' reward is the score
+        key = batch["input_ids"].cpu().numpy().tobytes() + batch["labels"].cpu().numpy().tobytes()
+        round_ = self.rounds.pop(key, None) or self.sampled_round(model, batch)
+        round_.updates += 1
+        if round_.updates < self.settings.num_iterations:  # trained again at the next steps
+            self.rounds[key] = round_
+        logps = token_logps_of(model, round_.scored)
+        if round_.old_logps is None:
+            round_.old_logps = logps.detach()
+        ref_logps = None
+        if self.settings.beta:
+            with torch.no_grad():
+                ref_logps = self.reference(model, round_.scored)
+        loss, kl, clipped = grpo_loss(logps, round_.old_logps, round_.advantages, round_.mask, self.settings.beta,
+                                      ref_logps, self.settings.epsilon, self.settings.epsilon_high)
+        prompts = self.weight(batch)
+        return loss, {**round_.metrics, "kl": kl.item() * prompts, "clip_ratio": clipped.item() * prompts}
+
+    def answered(self, model: Any, batch: dict[str, torch.Tensor], group: int,
+                 sampled: bool) -> tuple[list[list[int]], torch.Tensor, dict[str, float]]:
+        """`group` answers to each row's prompt (sampled, or greedy), their rewards and the
+        metric sums of the batch."""
         prompts, references = self.prompts_of(batch)
-        training = unwrapped(model).training  # DeepSpeed's engine passes train/eval to its module only
-        group = self.settings.num_generations if training else 1
-        answers = self.sample(unwrapped(model), prompts, group, training, self.sampling_seed(batch))
+        answers = self.sample(unwrapped(model), prompts, group, sampled, self.sampling_seed(batch))
         texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         asked = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         rewards = torch.tensor(self.reward(texts, [references[i // group] for i in range(len(texts))],
@@ -83,23 +130,20 @@ class GRPOObjective:
         per_prompt = rewards.view(-1, group)
         metrics = {"reward": per_prompt.mean(dim=1).sum().item(),
                    "reward_std": (per_prompt.std(dim=1).sum().item() if group > 1 else 0.0),
-                   "answer_tokens": lengths.view(-1, group).mean(dim=1).sum().item(), "kl": 0.0}
-        if not training:  # evaluation: the greedy answers' reward is the score
-            return -per_prompt.mean(), metrics
-        scored = self.answer_batch(prompts, answers, group, batch["input_ids"].device)
-        logps = token_logps_of(model, scored)
-        ref_logps = None
-        if self.settings.beta:
-            with torch.no_grad():
-                ref_logps = self.reference(model, scored)
+                   "answer_tokens": lengths.view(-1, group).mean(dim=1).sum().item(), "kl": 0.0, "clip_ratio": 0.0}
+        return answers, rewards, metrics
+
+    def sampled_round(self, model: Any, batch: dict[str, torch.Tensor]) -> Round:
+        """The batch's `num_generations` sampled answers per prompt, scored, as rows to train on."""
+        group = self.settings.num_generations
+        answers, rewards, metrics = self.answered(model, batch, group, sampled=True)
+        scored = self.answer_batch(self.prompts_of(batch)[0], answers, group, batch["input_ids"].device)
         mask = (scored["labels"] != IGNORE_INDEX).float()
         if self.settings.mask_truncated_answers:  # cut at max_new_tokens: no end of text
             ended = torch.tensor([bool(a) and a[-1] == self.tokenizer.eos_token_id for a in answers], device=mask.device)
             mask = mask * ended[:, None]
-        advantages = group_advantages(rewards, group, self.settings.scale_rewards == "group").to(logps.device)
-        loss, kl = grpo_loss(logps, advantages, mask, self.settings.beta, ref_logps)
-        metrics["kl"] = kl.item() * len(prompts)
-        return loss, metrics
+        advantages = group_advantages(rewards, group, self.settings.scale_rewards == "group").to(mask.device)
+        return Round(scored, advantages, mask, metrics)
 
     def prompts_of(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[str]]:
         """Each row's prompt (the ids before its first label) and its record's answer to it (the

@@ -9,6 +9,7 @@ straight to `metrics.jsonl` / W&B from rank 0. Every rank reports on the same st
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -74,7 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
     step_ids: list[int] = []
-    train_batches = batches(train_pieces(config, rank), config, plan, state)
+    train_batches = replayed(batches(train_pieces(config, rank), config, plan, state), accumulation, config.rounds)
     patience = config.train.early_stopping_patience
     done = state.step >= plan.total_steps or out_of_patience(state, patience)
     for batch in (train_batches if not done else ()):
@@ -172,6 +173,19 @@ def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainSt
             raise RuntimeError("this worker's training shard is empty: use fewer workers or more data")
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def replayed(micro_batches: Iterator[dict], group: int, times: int) -> Iterator[dict]:
+    """Each run of `group` micro batches (one optimizer step's) `times` times in a row
+    (grpo.num_iterations: the objective samples a batch's answers at its first step and
+    updates on them again at the next ones). The data position is the run's end: evaluations
+    and checkpoints fall between runs (config)."""
+    if times == 1:
+        yield from micro_batches
+        return
+    while step := list(itertools.islice(micro_batches, group)):
+        for _ in range(times):
+            yield from step
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -102,8 +102,9 @@ def plan_steps(config: JobConfig, train_sequences: int) -> StepPlan:
         raise DataError(f"only {train_sequences} packed training sequences for {workers} workers: "
                         "add data or lower distributed.num_workers")
     batches_per_epoch = math.ceil(per_worker / config.train.micro_batch_size)
+    # grpo.num_iterations: each step's batches train that many steps in a row
     steps = config.train.max_steps or max(1, int(config.train.epochs * batches_per_epoch
-                                                 // config.train.gradient_accumulation))
+                                                 // config.train.gradient_accumulation)) * config.rounds
     return StepPlan(total_steps=steps, batches_per_epoch=batches_per_epoch)
 
 

@@ -221,8 +221,8 @@ def test_dpo_full_fine_tune_under_zero3_with_a_frozen_reference(ray_local, tmp_p
 
 def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter(ray_local, tmp_path, capsys):
     """GRPO with DeepSpeed ZeRO-2 (answers sampled from the engine's module), a KL term to the
-    adapter-off reference and a reward function of the job's own (module:function, TRL's batched
-    signature). The built-in model opens none of its greedy replies to the demo's held-out
+    adapter-off reference, two updates per sample (num_iterations) and a reward function of the
+    job's own (module:function, TRL's batched signature). The built-in model opens none of its greedy replies to the demo's held-out
     messages with "Hi "; rewarded for that opening, most do within 8 steps. The exported adapter, loaded in plain PEFT,
     answers the held-out prompts as scored."""
     from peft import PeftModel
@@ -235,7 +235,7 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     rewards = {"format": 0.5, "tests.grpo_rewards:open_like_the_references": 0.5}
     job = write_job(
         tmp_path, run_name="grpo", objective="grpo", grpo={"rewards": rewards, "format_regex": "(?s)Hi .*",
-                                                            "max_new_tokens": 16, "beta": 0.04},
+                                                            "max_new_tokens": 16, "beta": 0.04, "num_iterations": 2},
         lora={"rank": 8, "alpha": 16}, distributed={"strategy": "deepspeed", "deepspeed": {"stage": 2}},
         train={"learning_rate": 5e-3, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4},
         eval={"metric": "reward", "num_generations": 12, "max_new_tokens": 16, "max_examples": 12, "few_shot": 1})
@@ -247,6 +247,9 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     # 0.75 at step 4 and 0.79 at step 8 here (2026-12-05)
     assert summary["eval_reward_final"] >= 0.5 and all(m["eval_loss"] == -m["eval_reward"] for m in evals)
     assert len(trained) == 8 and any(m["kl"] > 0 for m in trained)
+    # num_iterations 2: steps 1, 3, 5, 7 sample; 2, 4, 6, 8 update on the same answers again, their ratio moved
+    assert all(trained[i]["reward"] == trained[i + 1]["reward"] for i in range(0, 8, 2))
+    assert all(trained[i]["clip_ratio"] == 0 for i in range(0, 8, 2)) and any(m["clip_ratio"] > 0 for m in trained)
     best = max(evals, key=lambda m: (m["eval_reward"], m["step"]))
     assert summary["best_checkpoint"].endswith(f"checkpoint-{best['step']:06d}")
     assert main(["runs", config.storage.path]) == 0  # the reward, not its negative as a loss

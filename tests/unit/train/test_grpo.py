@@ -27,15 +27,49 @@ def test_the_loss_is_the_advantage_weighted_policy_gradient_over_answer_tokens_p
     logps = torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.0, -0.5, 0.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # 3 answer tokens
     advantages = torch.tensor([1.0, -2.0])
-    loss, kl = grpo_loss(logps, advantages, mask, beta=0.0, ref_logps=None)
-    assert loss.item() == pytest.approx((-1.0 * 2 + 2.0 * 1) / 3) and kl.item() == 0.0
+    loss, kl, clipped = grpo_loss(logps, logps.detach(), advantages, mask, beta=0.0, ref_logps=None)
+    assert loss.item() == pytest.approx((-1.0 * 2 + 2.0 * 1) / 3) and kl.item() == 0.0 and clipped.item() == 0.0
     loss.backward()
     assert torch.allclose(logps.grad, torch.tensor([[0.0, -1 / 3, -1 / 3, 0.0], [0.0, 2 / 3, 0.0, 0.0]]))
     ref = logps.detach() + 0.1
-    _, kl = grpo_loss(logps, advantages, mask, beta=0.5, ref_logps=ref)
+    _, kl, _ = grpo_loss(logps, logps.detach(), advantages, mask, beta=0.5, ref_logps=ref)
     assert kl.item() == pytest.approx(torch.exp(torch.tensor(0.1)).item() - 0.1 - 1, rel=1e-5)  # k3 per token
-    _, none = grpo_loss(logps, advantages, mask, beta=0.5, ref_logps=logps.detach())
+    _, none, _ = grpo_loss(logps, logps.detach(), advantages, mask, beta=0.5, ref_logps=logps.detach())
     assert none.item() == 0.0
+
+
+def test_a_later_update_on_the_same_answers_clips_the_ratio_as_ppo():
+    """Token ratios r = exp(logp - old): 1.5 on a token with advantage 1 counts as 1.2 (no
+    gradient: clipped), 0.5 with advantage -2 as 0.8 (clipped); 1.1 with advantage -2 keeps its
+    gradient. epsilon_high (DAPO's clip-higher) moves only the upper bound."""
+    old = torch.zeros(2, 3)
+    logps = torch.log(torch.tensor([[1.0, 1.5, 1.0], [1.0, 0.5, 1.1]])).requires_grad_()
+    mask = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    advantages = torch.tensor([1.0, -2.0])
+    loss, _, clipped = grpo_loss(logps, old, advantages, mask, beta=0.0, ref_logps=None, epsilon=0.2)
+    assert loss.item() == pytest.approx((-1.2 * 1 + 0.8 * 2 + 1.1 * 2) / 3)
+    assert clipped.item() == pytest.approx(2 / 3)
+    loss.backward()  # d(-r A)/d logp = -r A on the unclipped token only
+    assert torch.allclose(logps.grad, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 2 * 1.1 / 3]]))
+    higher, _, clipped = grpo_loss(logps, old, advantages, mask, beta=0.0, ref_logps=None, epsilon=0.2,
+                                   epsilon_high=0.6)
+    assert higher.item() == pytest.approx((-1.5 * 1 + 0.8 * 2 + 1.1 * 2) / 3) and clipped.item() == pytest.approx(1 / 3)
+
+
+def test_each_steps_batches_are_handed_over_num_iterations_times_in_a_row():
+    from ft_ray.train.loop import replayed
+
+    micro = iter(range(7))  # 3 steps of 2 micro batches and one more micro batch
+    assert list(replayed(micro, 2, 3)) == [0, 1] * 3 + [2, 3] * 3 + [4, 5] * 3 + [6] * 3
+    assert list(replayed(iter(range(3)), 2, 1)) == [0, 1, 2]
+    config = config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"num_iterations": 2},
+                               "train": {"max_steps": 8, "eval_every": 4, "checkpoint_every": 4}})
+    assert config.rounds == 2
+    with pytest.raises(ConfigError, match=r"train.eval_every: 5 is not a multiple of grpo.num_iterations \(2\)"):
+        config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"num_iterations": 2},
+                          "train": {"max_steps": 8, "eval_every": 5, "checkpoint_every": 4}})
+    with pytest.raises(ConfigError, match="'grpo.num_iterations'"):  # TRL's name where it does not belong
+        config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "train": {"num_iterations": 2}})
 
 
 def test_grpo_reads_one_prompt_per_row_and_needs_whole_weights_on_each_worker():
@@ -64,6 +98,7 @@ def grpo_engine(method: str = "lora", steps: int = 40, **grpo):
                                "train": {"learning_rate": 5e-3, "warmup_steps": 0},
                                "grpo": {"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*", "max_new_tokens": 8,
                                         **grpo}})
+    torch.manual_seed(0)  # LoRA's initialisation: not whatever the tests before left (40 steps teach 2-4 of 4 by seed)
     model = build_model(config, "builtin:tiny-llama")
     return DDPEngine(model, config, total_steps=steps, objective=build_objective(config, model)), config
 
@@ -96,7 +131,8 @@ def test_a_few_ddp_steps_teach_the_rewarded_opening():
         sampled.append(engine.micro_step(batch, 1.0, True)[1])
         engine.step()
     after = engine.eval_loss_sum(batch)
-    assert set(sampled[0]) == {"reward", "reward_std", "answer_tokens", "kl"} and sampled[0]["answer_tokens"] == 4 * 8
+    assert set(sampled[0]) == {"reward", "reward_std", "answer_tokens", "kl", "clip_ratio"}
+    assert sampled[0]["answer_tokens"] == 4 * 8
     assert before[2]["reward"] == 0.0 and before[0] == 0.0  # greedy: no answer opens with "Hi "
     assert after[2]["reward"] >= 3 and after[0] == -after[2]["reward"]  # eval loss: minus the reward
 
@@ -166,3 +202,25 @@ def test_a_batch_is_sampled_the_same_way_whatever_came_before_so_a_resume_sample
     assert runs[0] == runs[1]
     other = {**batch, "seq_id": torch.tensor([21, 22, 23, 24])}
     assert objective.sample(engine.module, prompts, 4, True, objective.sampling_seed(other)) != runs[0]
+
+
+def test_with_num_iterations_a_batch_is_sampled_once_and_updated_on_again_with_the_ratio_clipped():
+    """num_iterations 2: the batch's first step samples and keeps its answers; the second
+    updates on the same answers (the same rewards; the ratio to the sampling policy moved, some
+    tokens clipped at a small epsilon); the third samples again, the fourth updates on those."""
+    from ft_ray.models import load_tokenizer
+
+    engine, config = grpo_engine(steps=4, num_iterations=2, epsilon=0.001, rewards={"chrf": 1.0})
+    objective = engine.objective
+    batch = demo_batch(load_tokenizer(config.model))
+    sampled = []
+    original = objective.sample
+    objective.sample = lambda *args, **kwargs: sampled.append(1) or original(*args, **kwargs)
+    torch.manual_seed(0)
+    steps = []
+    for _ in range(4):
+        steps.append(engine.micro_step(batch, 1.0, True)[1])
+        engine.step()
+    assert len(sampled) == 2 and not objective.rounds  # steps 1 and 3 sampled; nothing kept after a round
+    assert steps[1]["reward"] == steps[0]["reward"] and steps[1]["answer_tokens"] == steps[0]["answer_tokens"]
+    assert steps[0]["clip_ratio"] == 0.0 and steps[1]["clip_ratio"] > 0
