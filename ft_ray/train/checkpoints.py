@@ -13,13 +13,15 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
 from ft_ray.config import InputError
+from ft_ray.console import LOG
 
 MANIFEST = "manifest.json"
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d{6})(?:-(\d+))?$")
@@ -199,3 +201,33 @@ def best_of(complete: list[Candidate], eval_loss_by_step: dict[int, float]) -> C
     if not complete:
         return None
     return min(complete, key=lambda c: (eval_loss_by_step.get(c.step, math.inf), -c.step, -c.attempt))
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def set_aside_stale_snapshot(run: Any) -> str | None:
+    """Ray Train refuses to start a run whose record of checkpoints names one that is gone
+    ("a corrupted run directory"): a checkpoint folder deleted since, as a user does to roll a
+    run back past a bad checkpoint. Such a record is renamed `<name>.stale-<UTC time>` (Ray
+    starts a new one; ft-ray resumes from its own listing of the complete checkpoints, not
+    from Ray's). Returns the new name, or None when the record is absent or whole."""
+    text = run.read_text(RAY_SNAPSHOT)
+    if text is None:
+        return None
+    try:
+        snapshot = json.loads(text)
+        named = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+        latest = snapshot.get("latest_checkpoint_result") or {}
+        named |= {latest["checkpoint_dir_name"]} if "checkpoint_dir_name" in latest else set()
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None  # a format this version does not know: Ray's own to judge
+    gone = sorted(name for name in named if run.fs.get_file_info(run.path(name)).type == pafs.FileType.NotFound)
+    if not gone:
+        return None
+    stale = f"{RAY_SNAPSHOT}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    run.fs.move(run.path(RAY_SNAPSHOT), run.path(stale))
+    LOG.warning(f"{run.uri}: {', '.join(gone)} named by Ray Train's record of the run's checkpoints no longer "
+                f"exist(s) (deleted since): the record is set aside as {stale}; the run resumes from the newest "
+                "complete checkpoint left")
+    return stale

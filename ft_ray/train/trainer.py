@@ -30,7 +30,7 @@ from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.tracking import check_wandb_login
 from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
-                                      no_complete_checkpoint)
+                                      no_complete_checkpoint, set_aside_stale_snapshot)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.placement import check_placement
 from ft_ray.train.preference import REF_COLUMN, with_reference
@@ -179,6 +179,7 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
              f"{_strategy(config)}, {config.train.micro_batch_size * config.train.gradient_accumulation} "
              f"sequences of {config.model.max_seq_len} tokens per worker per step")
 
+    set_aside_stale_snapshot(run)
     with progress.watching("train", plan.total_steps, "steps", _train_figures) as board:
         trainer = TorchTrainer(
             train_loop_per_worker,

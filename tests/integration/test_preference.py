@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ft_ray.cli import main
 from ft_ray.config import load_config
@@ -269,3 +271,24 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     assert result["arms"]["base"]["reward"] == 0.0 and result["arms"]["variant"]["reward"] >= 0.5
     assert result["vs_base"]["outcome"] == "variant_better"
     assert "vs base: the variant beats the base model: reward" in capsys.readouterr().out
+
+    # rolled back: a copy of the folder without its last checkpoint (and summary), relaunched. Ray
+    # Train's record names the deleted checkpoint: set aside. It resumes at checkpoint 4 (a round's
+    # end), samples the answers the run sampled, and ends with the run's weights.
+    relaunched = tmp_path / "relaunched"
+    shutil.copytree(summary["run_folder"], relaunched / "grpo", ignore=shutil.ignore_patterns(
+        "checkpoint-000008", "summary.json", "adapter", "eval.json"))
+    again = config.model_copy(update={"storage": config.storage.model_copy(update={"path": str(relaunched)})})
+    run_training(again)
+    assert "checkpoint-000008 named by Ray Train's record of the run's checkpoints no longer exist(s)" in (
+        capsys.readouterr().out)
+    assert len(list((relaunched / "grpo").glob("checkpoint_manager_snapshot.json.stale-*"))) == 1
+    assert [m["resumed_from"] for m in metrics(again) if "resumed_from" in m] == [
+        str(relaunched / "grpo" / "checkpoint-000004")]
+    redone = [m for m in metrics(again) if "reward" in m]
+    assert [m["reward"] for m in redone] == [m["reward"] for m in trained]
+    assert [m["clip_ratio"] for m in redone] == pytest.approx([m["clip_ratio"] for m in trained], abs=1e-6)
+    final = (Path(summary["run_folder"]), relaunched / "grpo")
+    first, second = (load_file(folder / "checkpoint-000008" / "model" / "adapter_model.safetensors") for folder in final)
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=1e-4, atol=1e-5)
