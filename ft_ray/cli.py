@@ -333,10 +333,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"warning: {e}")
     if config.objective == "grpo":
-        from ft_ray.evaluation.metrics import reward_function
+        from ft_ray.evaluation.metrics import check_rewards
 
         try:  # each worker imports the job's own reward functions as this does
-            reward_function(config.grpo.rewards, config.grpo.format_regex)
+            check_rewards(config.grpo.rewards)
             print(f"grpo: rewards {', '.join(f'{name} x {weight:g}' for name, weight in config.grpo.rewards.items())}")
         except InputError as e:
             print(f"problem: {e}")

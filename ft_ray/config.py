@@ -452,6 +452,7 @@ class PreferenceConfig(Section):
 
 BUILTIN_REWARDS = ("chrf", "exact", "format")
 REWARD_FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:function
+REWARD_MODEL = r"^model:\S+$"  # model:<folder or hub id> (ft_ray.evaluation.reward_model)
 
 
 class GrpoConfig(Section):
@@ -468,7 +469,9 @@ class GrpoConfig(Section):
             "matches the whole answer, as eval.format_regex), or module:function, your own: called as "
             "function(answer, reference, prompt) -> float on each worker (a module of the job's folder or an "
             "installed package), or, where it takes `completions` (TRL's reward functions), once per batch as "
-            "function(prompts=[...], completions=[...], reference=[...]) -> a number or None per completion"))
+            "function(prompts=[...], completions=[...], reference=[...]) -> a number or None per completion; or "
+            "model:<folder or hub id>, a reward model (a sequence classifier with one score) scoring prompt + answer, "
+            "loaded by each worker"))
     format_regex: str | None = Field(None, description="the pattern reward `format` matches whole answers against, "
                                                        "e.g. '(?s)Hi .*'")
     beta: float = Field(0.0, ge=0, description=(
@@ -492,9 +495,9 @@ class GrpoConfig(Section):
     @model_validator(mode="after")
     def _regex(self) -> "GrpoConfig":
         for name in self.rewards:
-            if name not in BUILTIN_REWARDS and not re.match(REWARD_FUNCTION, name):
+            if name not in BUILTIN_REWARDS and not re.match(REWARD_FUNCTION, name) and not re.match(REWARD_MODEL, name):
                 raise ValueError(f"grpo.rewards: {name!r} is neither {', '.join(BUILTIN_REWARDS)} nor module:function "
-                                 "(e.g. my_rewards:has_answer)")
+                                 "(e.g. my_rewards:has_answer) nor model:<folder or hub id> (a reward model)")
         if "format" in self.rewards and not self.format_regex:
             raise ValueError("grpo.rewards: format needs grpo.format_regex")
         if self.format_regex:

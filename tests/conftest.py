@@ -115,6 +115,22 @@ def piped(tmp_path: Path, *args: str) -> tuple[int, str]:
     return code, (tmp_path / "out.txt").read_text()
 
 
+def tiny_reward_model(folder: Path) -> Path:
+    """A reward model of the built-in Llama's shape (a sequence classifier with one score, its
+    head seeded) and tokenizer in `folder`; the built-in base model beside it in `base/`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import save_base_model
+
+    base = save_base_model(ModelConfig(), folder.parent / "base")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(base, num_labels=1)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
 def make_bucket(endpoint: str, name: str):
     import boto3
 

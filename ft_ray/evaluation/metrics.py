@@ -114,18 +114,22 @@ def reward_function(rewards: dict[str, float], format_regex: str | None) -> Scor
     """(answers, references, prompts) -> the weighted sum of `grpo.rewards` for each answer.
 
     A reward is called once per answer as `function(answer, reference, prompt)`, or, where it
-    takes a `completions` argument (TRL's reward functions), once per batch as
-    `function(prompts=[...], completions=[...], reference=[...])` (those its signature takes),
-    returning one number per answer or None (TRL's "not scored": adds nothing).
+    takes a `completions` argument (TRL's reward functions, and a reward model's scorer:
+    `reward_model.model_reward`), once per batch as `function(prompts=[...],
+    completions=[...], reference=[...])` (those its signature takes), returning one number per
+    answer or None (TRL's "not scored": adds nothing).
 
     Raises:
         InputError: a module:function reward that cannot be imported here, or a batched one
             that needs an argument it is not given.
     """
+    from ft_ray.evaluation.reward_model import REWARD_MODEL, model_reward
+
     builtin = {"chrf": lambda answer, reference, _: chrf(answer, reference),
                "exact": lambda answer, reference, _: exact_match(answer, reference),
                "format": lambda answer, _, __: in_format(answer, format_regex) if format_regex else 0.0}
-    scores = {name: builtin.get(name) or user_reward(name) for name in rewards}
+    scores = {name: builtin.get(name) or (model_reward(name) if name.startswith(REWARD_MODEL) else user_reward(name))
+              for name in rewards}
     batched = {name: batch_arguments(name, function) for name, function in scores.items() if name not in builtin}
     batched = {name: taken for name, taken in batched.items() if taken is not None}
 
@@ -149,6 +153,23 @@ def reward_function(rewards: dict[str, float], format_regex: str | None) -> Scor
         return totals
 
     return reward
+
+
+def check_rewards(rewards: dict[str, float]) -> None:
+    """What a driver checks of `grpo.rewards` before a run, as each worker will load them:
+    its own functions import (and a batched one takes what it is given); a reward model's
+    config is there and names a sequence classifier (its weights are not loaded here).
+
+    Raises:
+        InputError: a reward that is not there or cannot be called.
+    """
+    from ft_ray.evaluation.reward_model import REWARD_MODEL, check_reward_model
+
+    for name in rewards:
+        if name.startswith(REWARD_MODEL):
+            check_reward_model(name)
+        elif ":" in name:
+            batch_arguments(name, user_reward(name))
 
 
 def _shown(value: Any) -> str:

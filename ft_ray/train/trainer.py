@@ -135,9 +135,9 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     # files), a relaunch that cannot resume
     tokenizer = load_tokenizer(config.model)
     if config.objective == "grpo":
-        from ft_ray.evaluation.metrics import reward_function
+        from ft_ray.evaluation.metrics import check_rewards
 
-        reward_function(config.grpo.rewards, config.grpo.format_regex)  # a reward function that is not there
+        check_rewards(config.grpo.rewards)  # a reward function or model that is not there
     if warning := context_window_warning(config.model):
         LOG.warning(warning)
     if not os.environ.get("RAY_ADDRESS"):  # on a cluster, rank 0 logs to W&B from a node of the cluster

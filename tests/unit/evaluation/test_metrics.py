@@ -9,6 +9,7 @@ import pytest
 from ft_ray.config import ConfigError, InputError, config_from_dict
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.metrics import reward_function
+from tests.conftest import tiny_reward_model
 
 
 def test_exact_match_ignores_whitespace_only():
@@ -116,3 +117,31 @@ def test_a_reward_taking_completions_is_called_once_per_batch_as_trl_calls_it():
         reward_function({"tests.grpo_rewards:needs_a_solution": 1.0}, None)
     with pytest.raises(TypeError, match="one_number returned float 1.0, not a list of 2 numbers"):
         reward_function({"tests.grpo_rewards:one_number": 1.0}, None)(["a", "b"], ["a", "b"], ["", ""])
+
+
+def test_a_reward_model_scores_each_prompt_and_answer_as_its_own_forward_pass_would(tmp_path):
+    """`model:<folder>`: a sequence classifier with one score (here the built-in Llama's shape,
+    its score head seeded) read at each text's last token; batched and right-padded, each
+    score equals the model's on that text alone. A causal LM or a missing folder is refused
+    before a run (`check_rewards`, no weights loaded)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ft_ray.evaluation.metrics import check_rewards
+
+    base = tiny_reward_model(tmp_path / "rm").parent / "base"
+    scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    prompts = ["Reply to: where is my tent?\n", "Reply to: refund please\n", "Reply to: hello\n"]
+    answers = ["Hi Ana, thanks for writing to Northwind. It ships today.", "No.", "Hi"]
+    check_rewards({f"model:{tmp_path / 'rm'}": 1.0})
+    scores = reward_function({f"model:{tmp_path / 'rm'}": 2.0, "exact": 1.0}, None)(answers, ["Hi", "Hi", "Hi"], prompts)
+    with torch.no_grad():
+        alone = [scorer(**tokenizer(p + a, return_tensors="pt")).logits[0, 0].item() for p, a in zip(prompts, answers)]
+    assert scores == pytest.approx([2 * alone[0], 2 * alone[1], 2 * alone[2] + 1.0], abs=1e-4)
+    assert len({round(s, 4) for s in alone}) == 3  # each text its own score
+    with pytest.raises(InputError, match=r"grpo.rewards: model:.*base is LlamaForCausalLM with 2 labels; a reward "
+                                         r"model is a sequence classifier with one score"):
+        check_rewards({f"model:{base}": 1.0})
+    with pytest.raises(InputError, match="grpo.rewards: cannot load model:/nowhere/rm"):
+        check_rewards({"model:/nowhere/rm": 1.0})

@@ -11,7 +11,7 @@ import torch
 
 from ft_ray.config import ConfigError, config_from_dict
 from ft_ray.train.grpo import ADVANTAGE_EPSILON, group_advantages, grpo_loss
-from tests.conftest import DEMO
+from tests.conftest import DEMO, tiny_reward_model
 
 
 def test_advantages_are_rewards_against_their_group():
@@ -224,3 +224,25 @@ def test_with_num_iterations_a_batch_is_sampled_once_and_updated_on_again_with_t
     assert len(sampled) == 2 and not objective.rounds  # steps 1 and 3 sampled; nothing kept after a round
     assert steps[1]["reward"] == steps[0]["reward"] and steps[1]["answer_tokens"] == steps[0]["answer_tokens"]
     assert steps[0]["clip_ratio"] == 0.0 and steps[1]["clip_ratio"] > 0
+
+
+def test_a_reward_model_scores_the_sampled_answers(tmp_path):
+    """grpo.rewards model:<folder>: the worker loads the reward model; the rewards of the
+    sampled answers are its scores of each prompt + answer text, and a step trains on them."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ft_ray.models import load_tokenizer
+
+    rm = tiny_reward_model(tmp_path / "rm")
+    engine, config = grpo_engine(steps=1, rewards={f"model:{rm}": 1.0})
+    tokenizer, objective = load_tokenizer(config.model), engine.objective
+    batch = demo_batch(tokenizer)
+    answers, rewards, _ = objective.answered(engine.module, batch, group=2, sampled=True)
+    prompts = [tokenizer.decode(p, skip_special_tokens=True) for p in objective.prompts_of(batch)[0]]
+    scorer = AutoModelForSequenceClassification.from_pretrained(rm)
+    with torch.no_grad():
+        alone = [scorer(**tokenizer(prompts[i // 2] + tokenizer.decode(a, skip_special_tokens=True),
+                                    return_tensors="pt")).logits[0, 0].item() for i, a in enumerate(answers)]
+    assert rewards.tolist() == pytest.approx(alone, abs=1e-4)
+    metrics = engine.micro_step(batch, 1.0, True)[1]
+    assert metrics["reward_std"] > 0 and engine.step() > 0  # answers scored apart; a gradient
