@@ -226,6 +226,10 @@ def _print_outcome(config: JobConfig, summary: dict) -> None:
     if config.objective == "grpo":  # its eval loss is minus the reward
         outcome = (f"held-out reward {summary['eval_reward_initial']:.3f} before → {summary['eval_reward_final']:.3f} "
                    f"after (greedy answers; grpo.rewards {config.grpo.rewards})")
+    elif config.scores:
+        outcome = (f"held-out pairs scored in order {summary['eval_reward_accuracy_initial']:.0%} before → "
+                   f"{summary['eval_reward_accuracy_final']:.0%} after (eval loss {summary['eval_loss_initial']:.4f} "
+                   f"→ {summary['eval_loss_final']:.4f})")
     else:
         outcome = (f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
                    f"({summary['eval_loss_reduction']:.0%} lower)")
@@ -278,11 +282,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_reward_model(config: JobConfig, command: str, what: str) -> None:
+    """Raises InputError for a reward model's job: it scores texts and generates nothing."""
+    if config.scores:
+        raise InputError(f"ft-ray {command} {what}; {config.run_name} is a reward model (objective reward_model), "
+                         "which generates none: its held-out pair accuracy is in its summary.json "
+                         "(eval_reward_accuracy), and grpo.rewards takes it as model:<its adapter or model folder>")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ft_ray.evaluation.evaluate import evaluate, evaluate_sweep, resolve_target
     from ft_ray.storage import RunFolder
 
     config = load_config(args.config, args.overrides)
+    refuse_reward_model(config, "eval", "compares the arms' answers")
     _quiet(args, RunFolder.for_job(config))
     if args.sweep:
         for winner in evaluate_sweep(config, args.sweep)["winners"]:
@@ -458,6 +471,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ft_ray.storage import RunFolder
 
     config = job_of(args.path, args.config, args.overrides)
+    refuse_reward_model(config, "generate", "answers prompts")
     settings = Settings(args.max_new_tokens, args.temperature, args.compare)
     _quiet(args, RunFolder.for_job(config))
     with resolve_target(args.path, config) as target, local_variant(target.weights, config) as weights:

@@ -448,6 +448,9 @@ class PreferenceConfig(Section):
         "keeps the chosen answers likely, not only likelier than the rejected ones"))
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled good")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on answers labelled bad")
+    center_rewards_coefficient: float = Field(0.0, ge=0, description=(
+        "reward_model: add this times the mean squared score sum of a pair (TRL's center_rewards_coefficient, "
+        "0.01 in its docs): keeps the scores near 0"))
 
 
 BUILTIN_REWARDS = ("chrf", "exact", "format")
@@ -511,7 +514,7 @@ class GrpoConfig(Section):
 # the data formats each objective trains on
 OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion", "segments"), "dpo": ("preference",),
                      "orpo": ("preference",), "simpo": ("preference",), "kto": ("kto",),
-                     "grpo": ("instruction", "chat", "completion")}
+                     "grpo": ("instruction", "chat", "completion"), "reward_model": ("preference",)}
 PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs
 SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's paper: 2 to 10)
 
@@ -519,11 +522,12 @@ SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's pa
 class JobConfig(Section):
     run_name: str = Field("ft-ray-run", pattern=FOLDER_NAME)
     method: Literal["full", "lora", "qlora"] = "lora"
-    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field("sft", description=(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo", "reward_model"] = Field("sft", description=(
         "sft: next-token loss on the answers; dpo/orpo/simpo: pairs of a chosen and a rejected answer "
         "(format preference; orpo and simpo need no reference model); kto: answers labelled good or bad "
         "(format kto); grpo: answers sampled from the model to the records' prompts, scored by grpo.rewards "
-        "against the records' answers"))
+        "against the records' answers; reward_model: a sequence classifier with one score trained to score the "
+        "chosen answer above the rejected one (format preference), a reward for grpo (model:<its folder>)"))
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -569,7 +573,12 @@ class JobConfig(Section):
     @property
     def carries_roles(self) -> bool:
         """Preference data: each token of a packed row says whose it is (prompt, chosen, rejected)."""
-        return self.objective in ("dpo", "orpo", "simpo", "kto")
+        return self.objective in ("dpo", "orpo", "simpo", "kto", "reward_model")
+
+    @property
+    def scores(self) -> bool:
+        """The model is a sequence classifier with one score (a reward model), not a causal LM."""
+        return self.objective == "reward_model"
 
     @property
     def precomputes_reference(self) -> bool:
@@ -655,6 +664,17 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                 problems.append(f"train.{key}: {value} is not a multiple of grpo.num_iterations ({rounds}): a step's "
                                 f"answers train {rounds} steps in a row, and evaluations and checkpoints fall "
                                 "between such rounds")
+    if job.scores:
+        if job.zero3:
+            problems.append("distributed.deepspeed.stage: objective reward_model trains with ZeRO 0-2 or ddp "
+                            "(ZeRO-3 is not supported for it yet)")
+        if job.eval.after_training:
+            problems.append("eval.after_training: ft-ray eval compares generations; a reward model generates none "
+                            "(its held-out accuracy is in summary.json: eval_reward_accuracy)")
+        if job.train.compare_generations:
+            problems.append("train.compare_generations: a reward model generates no answers")
+    elif job.preference.center_rewards_coefficient:
+        problems.append(f"preference.center_rewards_coefficient: for objective reward_model, not {job.objective}")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
                         "trains without them")

@@ -110,13 +110,21 @@ def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None) -> No
     grows to `vocab_size` (default: the tokenizer saved with the adapter) when the run added
     tokens, as a user loading the adapter with plain PEFT would do first."""
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    from ft_ray.models import model_class
+
+    peft_config = PeftConfig.from_pretrained(str(adapter))
+    base_path, scores = peft_config.base_model_name_or_path, peft_config.task_type == "SEQ_CLS"
     LOG.info(f"export: merging the adapter into {base_path} (loading its weights: minutes for a large model)")
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    if vocab_size is None and (adapter / "tokenizer_config.json").exists():
-        vocab_size = len(AutoTokenizer.from_pretrained(str(adapter)))
+    saved_with = (adapter / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter if saved_with else base_path))
+    # a reward model's (SEQ_CLS): one score (its trained head comes with the adapter), read at
+    # each row's last token before the padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base = model_class(scores).from_pretrained(base_path, **({"num_labels": 1, "pad_token_id": pad} if scores else {}))
+    if vocab_size is None and saved_with:
+        vocab_size = len(tokenizer)
     if vocab_size and base.get_input_embeddings().num_embeddings < vocab_size:
         base.resize_token_embeddings(vocab_size)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -170,32 +170,48 @@ def trained_in_full(config: ModelConfig) -> list[str]:
     return ["embed_tokens", "lm_head"] if config.add_tokens else []
 
 
-def load_base_model(model: ModelConfig, dtype: Any = None) -> Any:
-    """The pre-trained model from a hub id, a local folder, or the package's built-in files."""
+def load_base_model(model: ModelConfig, dtype: Any = None, scores: bool = False) -> Any:
+    """The pre-trained model from a hub id, a local folder, or the package's built-in files;
+    with `scores`, as a sequence classifier with one score (a reward model to train)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    return fit_vocabulary(from_model_source(AutoModelForCausalLM.from_pretrained, model, weights=True,
-                                            dtype=dtype or torch.float32,
-                                            attn_implementation=model.attn_implementation), model)
+    return fit_vocabulary(from_model_source(model_class(scores).from_pretrained, model, weights=True,
+                                            dtype=dtype or torch.float32, attn_implementation=model.attn_implementation,
+                                            **score_options(model, scores)), model)
 
 
-def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool) -> Any:
+def model_class(scores: bool) -> Any:
+    """transformers' auto class of a causal LM, or (`scores`) of a sequence classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if scores else AutoModelForCausalLM
+
+
+def score_options(model: ModelConfig, scores: bool) -> dict[str, Any]:
+    """A reward model's loading options: one score (a new head on a causal LM's weights), the
+    pad token its forward finds each row's last token by."""
+    return {"num_labels": 1, "pad_token_id": load_tokenizer(model).pad_token_id} if scores else {}
+
+
+def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool,
+                         scores: bool = False) -> Any:
     """The base model with its linear layers in bitsandbytes 4-bit (QLoRA), frozen and
-    prepared for adapter training (norms and embeddings kept in fp32)."""
+    prepared for adapter training (norms and embeddings kept in fp32); with `scores`, a
+    sequence classifier whose score head stays unquantized."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     compute_dtype = getattr(torch, quantization.compute_dtype)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
         bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage))
+        bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage),
+        llm_int8_skip_modules=["score"] if scores else None)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     quantized = from_model_source(
-        AutoModelForCausalLM.from_pretrained, model, weights=True, quantization_config=bnb, dtype=compute_dtype,
-        device_map={"": device}, attn_implementation=model.attn_implementation)
+        model_class(scores).from_pretrained, model, weights=True, quantization_config=bnb, dtype=compute_dtype,
+        device_map={"": device}, attn_implementation=model.attn_implementation, **score_options(model, scores))
     keep_4bit_weights_unpacked(quantized)
     fit_vocabulary(quantized, model)  # embeddings are not quantized
     return prepare_model_for_kbit_training(
@@ -221,9 +237,11 @@ def keep_4bit_weights_unpacked(model: Any) -> int:
     return changed
 
 
-def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = ()) -> Any:
+def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = (),
+               scores: bool = False) -> Any:
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen but for
-    `lora.modules_to_save` and `also_in_full` (see `trained_in_full`).
+    `lora.modules_to_save` and `also_in_full` (see `trained_in_full`); a reward model's
+    (`scores`) new score head trains whole (PEFT's SEQ_CLS task saves it with the adapter).
 
     `base_model_path` is written into the adapter config, so the saved adapter names a
     base that `PeftModel.from_pretrained` can load without ft-ray.
@@ -234,7 +252,7 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full:
     model.name_or_path = base_model_path  # PEFT records the model's own name as the base
     peft_config = PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
+        target_modules=lora.target_modules, task_type="SEQ_CLS" if scores else "CAUSAL_LM", use_dora=lora.use_dora,
         use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
         modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None)
     return get_peft_model(model, peft_config)

@@ -233,7 +233,10 @@ def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> 
     """The output layer's logits and the loss: chunked by a fused linear + cross-entropy (liger:
     chunks of about tokens / ceil(vocab / hidden); else fast_paths.chunked_lm_head, not under
     ZeRO-3: chunks of LOGITS_CHUNK_BYTES of fp32 logits), else the whole logits tensor in the
-    compute dtype, its fp32 upcast and its gradient."""
+    compute dtype, its fp32 upcast and its gradient. A reward model's head gives one score per
+    token (its output and gradient, fp32)."""
+    if config.scores:
+        return tokens * 4 * 2
     if fused(config):
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
         return chunk * shape.vocab * 4 * 2 + tokens * shape.hidden * 4  # a chunk's logits and grad; grad of the input

@@ -1,7 +1,7 @@
 """A reward model as a GRPO reward (`grpo.rewards: {"model:<folder or hub id>": weight}`): a
 sequence classifier with one output (Hugging Face's `AutoModelForSequenceClassification`, as
-TRL's reward models and those it trains) scoring each prompt + answer text, as TRL scores
-with one. Loaded once per process that scores (each training worker, each eval actor), on its
+TRL's reward models and those it trains, or the LoRA adapter of an ft-ray `objective:
+reward_model` run) scoring each prompt + answer text, as TRL scores with one. Loaded once per process that scores (each training worker, each eval actor), on its
 GPU where it has one.
 """
 
@@ -19,9 +19,22 @@ def model_source_of(name: str) -> ModelConfig:
     return ModelConfig(name_or_path=name[len(REWARD_MODEL):])
 
 
+def adapter_config(name: str) -> Any:
+    """The PEFT config of a reward model that is a LoRA adapter folder (an ft-ray reward_model
+    run's `adapter/`), else None."""
+    from pathlib import Path
+
+    folder = Path(name[len(REWARD_MODEL):]).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(folder))
+
+
 def check_reward_model(name: str) -> None:
-    """What a driver checks before a run (no weights loaded): the model's config is there
-    and names a sequence classifier with one score.
+    """What a driver checks before a run (no weights loaded): the model's config (an
+    adapter's: its base's) is there and names a sequence classifier with one score.
 
     Raises:
         InputError: it is not there, or not such a model.
@@ -30,6 +43,17 @@ def check_reward_model(name: str) -> None:
 
     from ft_ray.models import from_model_source
 
+    adapter = adapter_config(name)
+    if adapter is not None and adapter.task_type != "SEQ_CLS":
+        raise InputError(f"grpo.rewards: {name} is a LoRA adapter of task {adapter.task_type}; a reward model's is "
+                         "SEQ_CLS (an ft-ray objective: reward_model run's adapter)")
+    if adapter is not None:  # its score head comes with it
+        try:
+            from_model_source(AutoConfig.from_pretrained, ModelConfig(name_or_path=adapter.base_model_name_or_path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"grpo.rewards: cannot load the base model of {name} "
+                             f"({str(e).strip().splitlines()[0]})") from None
+        return
     try:
         config = from_model_source(AutoConfig.from_pretrained, model_source_of(name))
     except (OSError, ValueError) as e:
@@ -51,11 +75,21 @@ def model_reward(name: str) -> Callable[..., list[float]]:
     from ft_ray.models import from_model_source, load_tokenizer
 
     check_reward_model(name)
-    source = model_source_of(name)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_tokenizer(source)
-    model = from_model_source(AutoModelForSequenceClassification.from_pretrained, source, weights=True, dtype=dtype)
+    adapter = adapter_config(name)
+    source = model_source_of(name)
+    tokenizer = load_tokenizer(source if adapter is None else ModelConfig(name_or_path=adapter.base_model_name_or_path))
+    if adapter is None:
+        model = from_model_source(AutoModelForSequenceClassification.from_pretrained, source, weights=True,
+                                  dtype=dtype)
+    else:  # a LoRA reward model: its base as a sequence classifier, the adapter (and score head) folded in
+        from peft import PeftModel
+
+        base = from_model_source(AutoModelForSequenceClassification.from_pretrained,
+                                 ModelConfig(name_or_path=adapter.base_model_name_or_path), weights=True, dtype=dtype,
+                                 num_labels=1)
+        model = PeftModel.from_pretrained(base, source.name_or_path).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id  # where each row's score is read: its last token before padding
     model.to(device).eval()
 

@@ -22,11 +22,13 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     if config.method == "qlora":
-        model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing)
+        model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing,
+                                     scores=config.scores)
     else:
         # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
         # memory and a cast of every weight in every autocast forward; trained weights stay fp32
-        model = load_base_model(config.model, dtype=compute_dtype if config.trains_adapter else None)
+        model = load_base_model(config.model, dtype=compute_dtype if config.trains_adapter else None,
+                                scores=config.scores)
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
@@ -48,7 +50,11 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
                        if any(n.split(".")[-2] == m for m in in_full))
             LOG.info(f"note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
                      f"the adapter (+{size / 2**20:.1f} MiB)")
-        model = apply_lora(model, config.lora, base_model_path, in_full)
+        model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores)
+        if config.scores:  # the new score head trains whole, in fp32 as every trained weight
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad and ".score." in f".{name}" and parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
         if config.lora.use_dora and config.train.fused_kernels != "none":
             LOG.info("note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
                      "output; PEFT's forward is used)")

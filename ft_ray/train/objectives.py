@@ -1,6 +1,7 @@
 """What a run learns from a batch: the objective. Engines call it and never compute a loss
 themselves: next-token loss (SFT) here, the preference objectives (DPO, ORPO, SimPO, KTO) in
-`ft_ray.train.preference`, GRPO in `ft_ray.train.grpo`.
+`ft_ray.train.preference`, GRPO in `ft_ray.train.grpo`, a reward model's pairwise loss in
+`ft_ray.train.reward_modeling`.
 
 An objective says which batch columns it reads, turns the model's outputs into the loss to
 back-propagate (and the metrics to log beside it, as sums over what the loss is averaged
@@ -56,6 +57,10 @@ def build_objective(config: Any, model: Any = None) -> Objective:
         from ft_ray.train.grpo import build_grpo_objective
 
         return build_grpo_objective(config, model)
+    if config.objective == "reward_model":
+        from ft_ray.train.reward_modeling import RewardModelLoss
+
+        return RewardModelLoss(model, config.preference.center_rewards_coefficient)
     from ft_ray.train.preference import build_preference_objective
 
     return build_preference_objective(config, model)

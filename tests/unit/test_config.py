@@ -154,7 +154,7 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
     config = config_from_dict({"objective": "kto", "preference": {"beta": 0.2}, "data": {"train": "x.jsonl"}})
     assert config.preference.beta == 0.2 and config.preference.desirable_weight == 1.0
     check_format(config, "kto", "data.train")
-    with pytest.raises(DataError, match="records of format preference train with objective dpo, orpo or simpo, not kto"):
+    with pytest.raises(DataError, match="records of format preference train with objective dpo, orpo, simpo or reward_model, not kto"):
         check_format(config, "preference", "data.train")
     with pytest.raises(DataError, match="format instruction train with objective sft or grpo, not kto"):
         check_format(config, "instruction", "data.train")
