@@ -1,8 +1,8 @@
 """A reward model as a GRPO reward (`grpo.rewards: {"model:<folder or hub id>": weight}`): a
 sequence classifier with one output (Hugging Face's `AutoModelForSequenceClassification`, as
 TRL's reward models and those it trains, or the LoRA adapter of an ft-ray `objective:
-reward_model` run) scoring each prompt + answer text, as TRL scores with one. Loaded once per process that scores (each training worker, each eval actor), on its
-GPU where it has one.
+reward_model` run) scoring each prompt + answer text, as TRL scores with one. Loaded once per
+process that scores (each training worker, each eval actor), on its GPU where it has one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ SCORE_BATCH = 16  # texts per forward pass of the reward model
 
 def model_source_of(name: str) -> ModelConfig:
     return ModelConfig(name_or_path=name[len(REWARD_MODEL):])
+
+
+def base_of(adapter: Any) -> ModelConfig:
+    """The base model a LoRA reward model's adapter names."""
+    return ModelConfig(name_or_path=adapter.base_model_name_or_path)
 
 
 def adapter_config(name: str) -> Any:
@@ -49,7 +54,7 @@ def check_reward_model(name: str) -> None:
                          "SEQ_CLS (an ft-ray objective: reward_model run's adapter)")
     if adapter is not None:  # its score head comes with it
         try:
-            from_model_source(AutoConfig.from_pretrained, ModelConfig(name_or_path=adapter.base_model_name_or_path))
+            from_model_source(AutoConfig.from_pretrained, base_of(adapter))
         except (OSError, ValueError) as e:
             raise InputError(f"grpo.rewards: cannot load the base model of {name} "
                              f"({str(e).strip().splitlines()[0]})") from None
@@ -79,16 +84,15 @@ def model_reward(name: str) -> Callable[..., list[float]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     adapter = adapter_config(name)
     source = model_source_of(name)
-    tokenizer = load_tokenizer(source if adapter is None else ModelConfig(name_or_path=adapter.base_model_name_or_path))
+    tokenizer = load_tokenizer(source if adapter is None else base_of(adapter))
     if adapter is None:
         model = from_model_source(AutoModelForSequenceClassification.from_pretrained, source, weights=True,
                                   dtype=dtype)
     else:  # a LoRA reward model: its base as a sequence classifier, the adapter (and score head) folded in
         from peft import PeftModel
 
-        base = from_model_source(AutoModelForSequenceClassification.from_pretrained,
-                                 ModelConfig(name_or_path=adapter.base_model_name_or_path), weights=True, dtype=dtype,
-                                 num_labels=1)
+        base = from_model_source(AutoModelForSequenceClassification.from_pretrained, base_of(adapter), weights=True,
+                                 dtype=dtype, num_labels=1)
         model = PeftModel.from_pretrained(base, source.name_or_path).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id  # where each row's score is read: its last token before padding
     model.to(device).eval()

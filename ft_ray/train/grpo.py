@@ -4,9 +4,9 @@ prompt.
 
 Each training row holds one record: its prompt (the tokens before its first label) and its
 answer (the first run of labelled tokens: what the rewards compare with; `grpo.rewards` are
-built in or the job's own `module:function`, per answer or per batch). For a micro batch, the model samples
-`grpo.num_generations` answers per prompt (left-padded prompts, its own KV cache, no
-gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
+built in, the job's own `module:function` (per answer or per batch) or a reward model). For a
+micro batch, the model samples `grpo.num_generations` answers per prompt (left-padded
+prompts, its own KV cache, no gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
 weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
 `loss_type: dapo` normalisation), plus `grpo.beta` times a per-token KL estimate to the
 reference model. With `grpo.num_iterations` (mu) above 1 the loop hands each step's batches
