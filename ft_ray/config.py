@@ -425,7 +425,7 @@ class EvalConfig(Section):
 
 
 class PreferenceConfig(Section):
-    """Settings of the preference objectives (objective: dpo | orpo | simpo | kto)."""
+    """Settings of the preference objectives (objective: dpo | orpo | simpo | kto | reward_model)."""
 
     beta: float = Field(0.1, gt=0, description=(
         "dpo/kto: how far the variant may move from the reference model (higher: less); "
