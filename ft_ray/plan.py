@@ -140,6 +140,8 @@ class Plan:
 
 def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     """One training worker's peak GPU memory for `config` on a model of `shape`."""
+    if config.scores:  # a reward model: a score head (one output per token) instead of the output layer
+        shape = dataclasses.replace(shape, tied=True)
     train, dist, ds = config.train, config.distributed, config.distributed.deepspeed
     workers = dist.max_workers
     deepspeed = dist.strategy == "deepspeed"

@@ -133,9 +133,10 @@ class RunFolder:
             raise StorageError(f"cannot upload {local_folder} to {self.uri_of(name)}: {e}") from e
         return self.uri_of(name)
 
-    def move_aside(self) -> str:
+    def move_aside(self, leave: tuple[str, ...] = ()) -> str:
         """Rename the run folder to `<run>.replaced-<UTC time>` (a copy and a delete on object
-        stores), so a new run of the same name starts empty and nothing old is lost."""
+        stores), so a new run of the same name starts empty and nothing old is lost; on object
+        stores the copies of the files named in `leave` are removed (this driver's lease)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = f"{self.root}.replaced-{stamp}"
         if self.is_local:
@@ -143,6 +144,9 @@ class RunFolder:
         else:
             pafs.copy_files(self.root, target, source_filesystem=self.fs, destination_filesystem=self.fs)
             self.fs.delete_dir(self.root)
+            for name in leave:
+                if self.fs.get_file_info(f"{target}/{name}").type == pafs.FileType.File:
+                    self.fs.delete_file(f"{target}/{name}")
         return self.uri[: len(self.uri) - len(self.root)] + target
 
 

@@ -85,6 +85,7 @@ class GRPOObjective:
     name = "grpo"
     columns = ("input_ids", "labels", "position_ids")
     metrics = ("reward", "reward_std", "answer_tokens", "kl", "clip_ratio")
+    training_only = ("reward_std", "kl", "clip_ratio")  # one greedy answer per prompt, no update: not in eval lines
 
     def __init__(self, config: Any, tokenizer: Any, reference: Callable[[Any, dict], torch.Tensor] | None):
         self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference

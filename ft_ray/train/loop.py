@@ -275,7 +275,9 @@ def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective
         loss_sum, weight = loss_sum + batch_loss, weight + batch_weight
         sums = [total + metrics[name] for total, name in zip(sums, objective.metrics)]
     loss_sum, weight, *sums = all_reduce_sum([loss_sum, weight, *sums])
+    training_only = getattr(objective, "training_only", ())  # what an evaluation does not measure
     return {"eval_loss": loss_sum / max(1, weight),
-            **{f"eval_{name}": total / max(1, weight) for name, total in zip(objective.metrics, sums)}}
+            **{f"eval_{name}": total / max(1, weight) for name, total in zip(objective.metrics, sums)
+               if name not in training_only}}
 
 

@@ -22,6 +22,7 @@ class Objective(Protocol):
     name: str
     columns: tuple[str, ...]  # the batch columns `loss` reads
     metrics: tuple[str, ...]  # the names of the metrics `loss` returns, in a fixed order
+    # optional `training_only`: those of `metrics` an evaluation leaves out of its `eval_` lines
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """(the batch's mean loss, to back-propagate; each metric summed over the batch's `weight`)."""

@@ -243,7 +243,7 @@ def check_same_job(config: JobConfig, run: RunFolder, force_new: bool) -> str | 
         return None
     if force_new:
         with holding(run):  # not from under a driver that trains it
-            moved = run.move_aside()
+            moved = run.move_aside(leave=(DRIVER_LOCK,))
         LOG.info(f"--force-new: moved the old run folder to {moved}")
         return None
     old = yaml.safe_load(run.read_text("config.yaml") or "{}") or {}

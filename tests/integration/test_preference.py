@@ -248,6 +248,7 @@ def test_grpo_on_zero2_teaches_the_rewarded_opening_and_exports_the_best_adapter
     assert summary["objective"] == "grpo" and summary["eval_reward_initial"] == 0.0
     # 0.75 at step 4 and 0.79 at step 8 here (2026-12-05)
     assert summary["eval_reward_final"] >= 0.5 and all(m["eval_loss"] == -m["eval_reward"] for m in evals)
+    assert "eval_answer_tokens" in evals[0] and not {"eval_kl", "eval_clip_ratio", "eval_reward_std"} & set(evals[0])
     assert len(trained) == 8 and any(m["kl"] > 0 for m in trained)
     # num_iterations 2: steps 1, 3, 5, 7 sample; 2, 4, 6, 8 update on the same answers again, their ratio moved
     assert all(trained[i]["reward"] == trained[i + 1]["reward"] for i in range(0, 8, 2))

@@ -94,6 +94,15 @@ def test_grpo_plans_its_sampled_answers_and_its_reference():
     assert full.parts["reference_weights"] == pytest.approx(4 * shape.params / MIB)
 
 
+def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    full = {"method": "full", "distributed": {"num_workers": 1, "use_gpu": True}, "model": {"max_seq_len": 1024}}
+    dpo = plan_memory(job(**full, objective="dpo"), shape)
+    scorer = plan_memory(job(**full, objective="reward_model"), shape)
+    assert scorer.parts["weights"] == pytest.approx(dpo.parts["weights"] - 4 * shape.embedding_params / MIB)
+    assert scorer.parts["logits_and_loss"] == pytest.approx(4 * 1024 * 4 * 2 / MIB)  # a score per token, and its gradient
+
+
 def test_zero_stages_shard_and_offload_what_they_say():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n = shape.params

@@ -120,6 +120,13 @@ def test_a_run_in_object_storage_is_held_by_a_lease_that_a_killed_drivers_relaun
     assert _holder(run) is None
     with holding(run, trial=True):  # a sweep's trial: the sweep's driver holds the sweep
         assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="runs/r/")
+    # --force-new moves the folder aside under the lease, and leaves no copy of it there
+    client.put_object(Bucket="leases", Key="runs/r/checkpoint-000002/trainer_state.json", Body=b"{}")
+    job = config_from_dict({"run_name": "r", "data": {"train": "x.jsonl"},
+                            "storage": {"path": "s3://leases/runs", "endpoint_url": s3_server}})
+    assert check_same_job(job, RunFolder.for_job(job), force_new=True) is None
+    moved = [o["Key"] for o in client.list_objects_v2(Bucket="leases", Prefix="runs/r.replaced-")["Contents"]]
+    assert [key.split("/", 2)[2] for key in moved if not key.endswith("/")] == ["checkpoint-000002/trainer_state.json"]
 
 
 def test_a_driver_starting_while_ft_ray_runs_looks_at_the_lock_is_not_refused(tmp_path):
