@@ -29,7 +29,7 @@ def adapter_config(name: str) -> Any:
     run's `adapter/`), else None."""
     from pathlib import Path
 
-    folder = Path(name[len(REWARD_MODEL):]).expanduser()
+    folder = Path(model_source_of(name).name_or_path).expanduser()
     if not (folder / "adapter_config.json").is_file():
         return None
     from peft import PeftConfig
