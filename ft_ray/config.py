@@ -61,6 +61,10 @@ class ModelConfig(Section):
         "lora/qlora embed_tokens and lm_head train in full and are saved with the adapter"))
     chat_template: str | None = Field(None, description=(
         "a Jinja chat template, inline or the path of a file, for a base model without one (or to replace it)"))
+    untrained_tokens: Literal["mend", "keep"] = Field("mend", description=(
+        "special tokens whose embedding or output row the base never trained (Llama 3 base's chat markers): "
+        "mend = those rows start at the mean of the trained ones and train (with lora/qlora, saved with the "
+        "adapter); keep = as the base has them"))
 
 
 FormatName = Literal["auto", "text", "instruction", "chat", "completion", "segments", "preference", "kto"]

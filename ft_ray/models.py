@@ -164,6 +164,78 @@ def fit_vocabulary(model: Any, config: ModelConfig) -> Any:
     return model
 
 
+UNTRAINED_SCALE = 1e-3  # a row whose largest |value| is under this share of the median row's was never trained
+SUM_ROWS = 8192  # rows summed at a time for a mean (no fp32 copy of a whole 128k-row matrix)
+
+
+def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
+    """With `model.untrained_tokens: mend`, the special and added tokens (a chat template's
+    markers, eos) the base never trained: their untrained input-embedding and output rows are
+    set to the mean of the trained rows of the same matrix, in place. Returns their ids, which
+    an adapter run then trains (`apply_lora`'s `token_rows`); [] with `keep` or when none is.
+
+    A row is untrained when all but zero (Llama 3 base's header and eot tokens), or when it is
+    an output row that several such tokens share (Llama 3.1 base's). The pad token is left as
+    it is unless it is the eos token: it is never trained on. A reward model (no output layer)
+    is checked by its embeddings."""
+    import torch
+
+    if config.untrained_tokens == "keep":
+        return []
+    tokenizer = load_tokenizer(config)
+    embeddings = model.get_input_embeddings().weight
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    matrices = [embeddings] + ([output.weight] if output is not None and output.weight is not embeddings else [])
+    ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
+    candidates = sorted(i for i in {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder} - ignored
+                        if i < min(m.shape[0] for m in matrices))
+    if not candidates:
+        return []
+    mended: set[int] = set()
+    with torch.no_grad():
+        for matrix in matrices:
+            largest = torch.linalg.vector_norm(matrix.detach(), ord=float("inf"), dim=1).float()
+            trained = largest >= UNTRAINED_SCALE * largest.median()
+            index = torch.tensor(candidates, device=matrix.device)
+            _, shared, counts = torch.unique(matrix[index], dim=0, return_inverse=True, return_counts=True)
+            bad = index[~trained[index] | (counts[shared] > 1)]
+            if not len(bad):
+                continue
+            trained[bad] = False
+            matrix[bad] = mean_of_rows(matrix, trained).to(matrix.dtype)
+            mended.update(bad.tolist())
+    ids = sorted(mended)
+    if ids:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(ids[:6])) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+        LOG.info(f"note: {len(ids)} special token(s) of {config.name_or_path} were never trained ({names}): their "
+                 "rows start at the mean of the trained rows and train (model.untrained_tokens: mend)")
+    return ids
+
+
+def mean_of_rows(matrix: Any, rows: Any) -> Any:
+    """The fp32 mean of `matrix`'s rows where the boolean `rows` is true, summed in slices."""
+    import torch
+
+    total = torch.zeros(matrix.shape[1], dtype=torch.float32, device=matrix.device)
+    for start in range(0, matrix.shape[0], SUM_ROWS):
+        piece = matrix[start:start + SUM_ROWS]
+        total += piece[rows[start:start + SUM_ROWS]].float().sum(dim=0)
+    return total / rows.sum().clamp(min=1)
+
+
+def token_rows(model: Any, ids: list[int]) -> dict[str, list[int]] | None:
+    """PEFT's `trainable_token_indices` for `ids`: the input embeddings' module and (untied)
+    the output layer's, by their names in `model`; None without ids."""
+    if not ids:
+        return None
+    modules = [model.get_input_embeddings()]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and output.weight is not modules[0].weight:  # a tied head follows the embeddings
+        modules.append(output)
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return {names[id(module)]: list(ids) for module in modules}
+
+
 def trained_in_full(config: ModelConfig) -> list[str]:
     """Modules an adapter run must train whole and save with the adapter: the embeddings and
     the output layer when tokens are added (their new rows have nothing to start from)."""
@@ -238,10 +310,13 @@ def keep_4bit_weights_unpacked(model: Any) -> int:
 
 
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = (),
-               scores: bool = False) -> Any:
+               scores: bool = False, tokens: list[int] = ()) -> Any:
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen but for
     `lora.modules_to_save` and `also_in_full` (see `trained_in_full`); a reward model's
-    (`scores`) new score head trains whole (PEFT's SEQ_CLS task saves it with the adapter).
+    (`scores`) new score head trains whole (PEFT's SEQ_CLS task saves it with the adapter);
+    the rows of `tokens` (`mend_untrained_tokens`) in the embeddings and the output layer
+    train and are saved with the adapter (PEFT's trainable tokens), unless those modules
+    train whole.
 
     `base_model_path` is written into the adapter config, so the saved adapter names a
     base that `PeftModel.from_pretrained` can load without ft-ray.
@@ -250,11 +325,14 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full:
     from peft import get_peft_model
 
     model.name_or_path = base_model_path  # PEFT records the model's own name as the base
+    whole = {*lora.modules_to_save, *also_in_full}
+    rows = {name: ids for name, ids in (token_rows(model, list(tokens)) or {}).items() if name not in whole}
     peft_config = PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="SEQ_CLS" if scores else "CAUSAL_LM", use_dora=lora.use_dora,
         use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
-        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None)
+        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None,
+        trainable_token_indices=rows or None)
     return get_peft_model(model, peft_config)
 
 

@@ -131,6 +131,31 @@ def tiny_reward_model(folder: Path) -> Path:
     return folder
 
 
+UNTRAINED = [2, 3, 4, 5]  # <|end|> (eos), <|system|>, <|user|>, <|assistant|> in `untrained_llama`
+
+
+def untrained_llama(folder: Path) -> Path:
+    """The built-in Llama with special tokens as Llama 3 and 3.1 base models ship them, never
+    trained, saved in `folder`: <|end|> (the eos), <|system|> and <|user|> with all-zero
+    embeddings, the eos with an all-zero output row, <|system|> and <|user|> sharing one
+    output row, <|assistant|> a trained embedding but an all-zero output row. The pad token's
+    embedding is zero in the built-in model too (never trained on, so left as it is)."""
+    import torch
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import load_base_model, load_tokenizer
+
+    model = load_base_model(ModelConfig())
+    with torch.no_grad():
+        model.get_input_embeddings().weight[[2, 3, 4]] = 0
+        head = model.get_output_embeddings().weight
+        head[[2, 5]] = 0
+        head[[3, 4]] = torch.linspace(-0.01, 0.01, head.shape[1])
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(ModelConfig()).save_pretrained(folder)
+    return folder
+
+
 def make_bucket(endpoint: str, name: str):
     import boto3
 

@@ -63,7 +63,8 @@ def reference_settings(config: JobConfig) -> dict[str, Any] | None:
     if not config.precomputes_reference:
         return None
     return {"method": config.method, "precision": config.train.precision,
-            "quantization": config.quantization.model_dump() if config.method == "qlora" else None}
+            "quantization": config.quantization.model_dump() if config.method == "qlora" else None,
+            "untrained_tokens": config.model.untrained_tokens}
 
 
 def location(config: JobConfig, files: list[dict[str, Any]] | None = None) -> str:

@@ -18,7 +18,7 @@ from ft_ray.train.fast_paths import (
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import apply_lora, load_base_model, load_quantized_model, trained_in_full
+    from ft_ray.models import apply_lora, load_base_model, load_quantized_model, mend_untrained_tokens, trained_in_full
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     if config.method == "qlora":
@@ -32,6 +32,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
+    mended = mend_untrained_tokens(model, config.model)
     liger = use_fused_kernels(model, config)
     if config.uses_fast_paths:
         chunked_lm_head(model, sft_loss=not liger)  # the head's loss or log-probs without the whole logits
@@ -50,7 +51,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
                        if any(n.split(".")[-2] == m for m in in_full))
             LOG.info(f"note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
                      f"the adapter (+{size / 2**20:.1f} MiB)")
-        model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores)
+        model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=mended)
         if config.scores:  # the new score head trains whole, in fp32 as every trained weight
             for name, parameter in model.named_parameters():
                 if parameter.requires_grad and ".score." in f".{name}" and parameter.dtype != torch.float32:

@@ -286,7 +286,7 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     """A frozen copy of the base model as the run trains on it (4-bit for QLoRA, the frozen
     base's dtype for LoRA, per-example attention; its log-probs from the head in chunks unless
     `train.fused_kernels: none` or not `chunked_head`), on `device`."""
-    from ft_ray.models import load_base_model, load_quantized_model
+    from ft_ray.models import load_base_model, load_quantized_model, mend_untrained_tokens
     from ft_ray.train.engine_api import COMPUTE_DTYPES
 
     if config.method == "qlora":
@@ -294,6 +294,7 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     else:
         dtype = COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
         model = load_base_model(config.model, dtype=dtype).to(device)
+    mend_untrained_tokens(model, config.model)  # the policy's start: the reference
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 

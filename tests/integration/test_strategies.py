@@ -96,8 +96,14 @@ def test_qlora_trains_adapters_over_a_4bit_base(ray_local, tmp_path, strategy):
 
 
 def test_lora_with_zero3_and_cpu_offload_exports_an_adapter(ray_local, tmp_path):
+    """Also a base whose special tokens were never trained, as Llama 3 base ships them: their
+    rows (sharded by ZeRO-3) train, the eos the data ends each answer with among them, and are
+    saved with the adapter."""
+    from tests.conftest import UNTRAINED, untrained_llama
+
     config = load_config(write_job(
         tmp_path, run_name="lora-zero3-offload", method="lora", lora={"loraplus_lr_ratio": 16},
+        model={"name_or_path": str(untrained_llama(tmp_path / "base"))},
         distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
         train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "peak_tflops": 1.0, "neftune_alpha": 5.0}))
     summary = run_training(config)  # NEFTune's noise on embeddings ZeRO-3 gathers in the module's forward
@@ -114,3 +120,9 @@ def test_lora_with_zero3_and_cpu_offload_exports_an_adapter(ray_local, tmp_path)
     # LoRA+ (ratio 16) through DeepSpeed's CPU Adam: from zero, two Adam steps at lr 2e-3 (the first
     # at half of it: warmup) move an entry at most about 0.003; at 16 times that rate some moved 0.016
     assert lora_b and max(p.abs().max().item() for p in lora_b) > 0.01
+    assert json.loads((adapter / "adapter_config.json").read_text())["trainable_token_indices"] == {
+        "embed_tokens": UNTRAINED, "lm_head": UNTRAINED}
+    rows = {n.split(".")[-4]: p for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    assert rows["embed_tokens"].abs().amax(1).min() > 1e-3  # from the mean, not the base's zeros
+    head = rows["lm_head"]  # the eos (row 0) trained away from the mean the others still hold
+    assert (head[0] - head[1]).abs().max() > 1e-4 and torch.allclose(head[1], head[2])

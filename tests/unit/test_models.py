@@ -130,3 +130,67 @@ def test_generate_puts_prompts_as_the_jobs_first_training_record_had_them(tmp_pa
         assert prompt_format(config_from_dict({"data": {"train": str(train)}}), tokenizer) == expected, train
     gone = config_from_dict({"data": {"train": str(tmp_path / "gone.jsonl"), "format": "completion"}})
     assert prompt_format(gone, tokenizer) == "completion"
+
+
+def test_special_tokens_the_base_never_trained_start_at_the_mean_and_train_with_the_adapter(tmp_path):
+    """`model.untrained_tokens: mend` (the default): the special tokens whose rows the base
+    never trained (all-zero, or an output row several share, as Llama 3 and 3.1 base models
+    ship their chat markers) start at the mean of the trained rows of their matrix, only on the
+    side that was untrained; the pad token (never trained on) and the built-in model (all
+    trained) are left alone. An adapter run trains those rows and saves them with the adapter,
+    which plain PEFT loads onto the base as shipped; `keep` changes nothing."""
+    from ft_ray.config import config_from_dict
+    from ft_ray.export import load_trainable_weights
+    from ft_ray.models import mend_untrained_tokens
+    from ft_ray.train.modeling import build_model
+    from tests.conftest import UNTRAINED, untrained_llama
+
+    folder = untrained_llama(tmp_path / "base")
+    config = ModelConfig(name_or_path=str(folder))
+    shipped = load_base_model(config)
+    model = load_base_model(config)
+    assert mend_untrained_tokens(model, config) == UNTRAINED
+    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    old_embeddings, old_head = shipped.get_input_embeddings().weight, shipped.get_output_embeddings().weight
+    trained_embeddings = [i for i in range(old_embeddings.shape[0]) if i not in (0, 2, 3, 4)]
+    trained_head = [i for i in range(old_head.shape[0]) if i not in UNTRAINED]
+    for i in (2, 3, 4):
+        torch.testing.assert_close(embeddings[i], old_embeddings[trained_embeddings].mean(0))
+    for i in UNTRAINED:
+        torch.testing.assert_close(head[i], old_head[trained_head].mean(0))
+    torch.testing.assert_close(embeddings[[0, 5]], old_embeddings[[0, 5]])  # the pad, a trained embedding
+    assert torch.equal(embeddings[6:], old_embeddings[6:]) and torch.equal(head[6:], old_head[6:])
+
+    keep = config.model_copy(update={"untrained_tokens": "keep"})
+    kept = load_base_model(keep)
+    assert mend_untrained_tokens(kept, keep) == []
+    assert torch.equal(kept.get_input_embeddings().weight, old_embeddings)
+    assert mend_untrained_tokens(load_base_model(ModelConfig()), ModelConfig()) == []
+
+    job = config_from_dict({"model": {"name_or_path": str(folder)}, "data": {"train": "t.jsonl"},
+                            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}})
+    lora = build_model(job, str(folder))
+    rows = {n: p for n, p in lora.named_parameters() if p.requires_grad and "trainable_tokens" in n}
+    assert sorted(rows) == ["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default",
+                            "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    torch.testing.assert_close(rows["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"],
+                               head[UNTRAINED])
+    ids = torch.tensor([[1, 4, 50, 60, 2, 5, 70, 2]])
+    with torch.no_grad():
+        for row in rows.values():
+            row.add_(torch.randn_like(row) * 0.05)  # as training moves them
+        trained = lora.eval()(ids).logits
+    lora.save_pretrained(tmp_path / "adapter")
+    from peft import PeftModel
+
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(load_base_model(config), tmp_path / "adapter").eval()(ids).logits
+        merged = PeftModel.from_pretrained(load_base_model(config), tmp_path / "adapter").merge_and_unload()(ids).logits
+        plain = shipped.eval()(ids).logits
+    torch.testing.assert_close(reloaded, trained)
+    torch.testing.assert_close(merged, trained)
+    resumed = build_model(job, str(folder))  # as a relaunch loads a checkpoint's adapter
+    load_trainable_weights(resumed, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.eval()(ids).logits, trained)
+    assert (trained - plain).abs().max() > 1e-3

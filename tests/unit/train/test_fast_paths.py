@@ -181,20 +181,25 @@ def test_recomputed_liger_swiglu_on_cuda_matches_liger():
     assert saved < reference_saved
 
 
-@pytest.mark.parametrize("method,precision,new_tokens", [("full", "fp32", False), ("lora", "bf16", False),
-                                                        ("lora", "fp32", True)])
-def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, new_tokens, monkeypatch):
+@pytest.mark.parametrize("method,precision,tokens", [("full", "fp32", None), ("lora", "bf16", None),
+                                                    ("lora", "fp32", "added"), ("lora", "fp32", "untrained")])
+def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, tokens, monkeypatch, tmp_path):
     """The loss from the LM head in chunks (16 rows each here: 8 chunks of the 128 tokens, the
     ignored labels of padding and prompts among them) equals the model's own head and loss, in
-    value and in every gradient (the head's own in a full fine-tune, and the head's trained copy
-    PEFT puts in after the patch when LoRA adds tokens), and in evaluation."""
+    value and in every gradient (the head's own in a full fine-tune, the head's trained copy
+    PEFT puts in after the patch when LoRA adds tokens, and the trained rows of special tokens
+    the base never trained), and in evaluation."""
     from ft_ray.train import fast_paths
+    from tests.conftest import UNTRAINED, untrained_llama
 
     monkeypatch.setattr(fast_paths, "LOGITS_CHUNK_BYTES", 4 * 768 * 16)  # the tiny Llama's vocabulary: 768
     config = job(method, precision=precision)
-    if new_tokens:
+    base = "builtin:tiny-llama"
+    if tokens == "added":
         config.model.add_tokens = ["<|house|>"]  # embed_tokens and lm_head train in full
-    model = build_model(config, "builtin:tiny-llama")
+    elif tokens == "untrained":
+        base = config.model.name_or_path = str(untrained_llama(tmp_path / "base"))
+    model = build_model(config, base)
     causal = model.get_base_model() if method == "lora" else model
     assert "forward" in vars(causal)  # applied on the CPU (no liger)
     torch.manual_seed(0)
@@ -203,6 +208,8 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, new
             p.data.normal_(std=0.05)
     model.train()
     labelled = batch()
+    if tokens == "untrained":  # in the inputs and the labels (the first 30 labels are ignored below)
+        labelled["input_ids"][:, 40:48] = torch.tensor(UNTRAINED * 2)
     labelled["labels"] = labelled["labels"].clone()
     labelled["labels"][0, :30] = -100  # a prompt's tokens
 
@@ -226,8 +233,10 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, new
     assert chunked[2].keys() == plain[2].keys()
     if method == "full":
         assert any("lm_head" in n or "embed_tokens" in n for n in chunked[2])  # the head's weight trains
-    if new_tokens:
+    if tokens == "added":
         assert "base_model.model.lm_head.modules_to_save.default.weight" in chunked[2]
+    if tokens == "untrained":
+        assert chunked[2]["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"].abs().max() > 0
     for name, grad in plain[2].items():
         assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
 
