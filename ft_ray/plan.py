@@ -166,8 +166,10 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         if ds.offload_params == "cpu":
             parts["weights"] = 0
     else:
-        saved_in_full = sum(shape.embedding_params for m in config.lora.modules_to_save
-                            if m in ("lm_head", "embed_tokens"))
+        from ft_ray.models import trained_in_full
+
+        saved_in_full = sum(shape.embedding_params for m in {*config.lora.modules_to_save, *trained_in_full(config.model)}
+                            if m in ("lm_head", "embed_tokens"))  # in fp32, as every trained weight
         trained = adapter_params(config, shape) + saved_in_full
         if config.method == "qlora":
             base = layer_linear * QLORA_BYTES[config.quantization.double_quant] + 4 * rest

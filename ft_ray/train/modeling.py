@@ -47,15 +47,15 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     if config.trains_adapter:
         in_full = trained_in_full(config.model)
         if in_full:
-            size = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if any(n.split(".")[-2] == m for m in in_full))
+            size = sum(p.numel() * 4 for n, p in model.named_parameters() if any(n.split(".")[-2] == m for m in in_full))
             LOG.info(f"note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
-                     f"the adapter (+{size / 2**20:.1f} MiB)")
+                     f"the adapter (+{size / 2**20:.1f} MiB in fp32)")
         model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=mended)
-        if config.scores:  # the new score head trains whole, in fp32 as every trained weight
-            for name, parameter in model.named_parameters():
-                if parameter.requires_grad and ".score." in f".{name}" and parameter.dtype != torch.float32:
-                    parameter.data = parameter.data.float()
+        # what trains whole (a reward model's new score head, lora.modules_to_save, the embeddings
+        # and output layer of added tokens) is copied from the 16-bit base: in fp32 as every trained weight
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
         if config.lora.use_dora and config.train.fused_kernels != "none":
             LOG.info("note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
                      "output; PEFT's forward is used)")

@@ -49,6 +49,20 @@ def test_every_part_of_a_lora_worker_by_hand_for_the_tiny_model():
     assert checkpointed.parts["activations"] == pytest.approx((4 * 128 * 4 + layer * ACTIVATION_MARGIN) * tokens / MIB)
 
 
+def test_added_tokens_train_the_embeddings_and_output_layer_whole_in_fp32():
+    """`model.add_tokens` with LoRA: embed_tokens and lm_head train in full (fp32 copies of the
+    16-bit base's, their gradients and Adam's two states), as `lora.modules_to_save` does."""
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    gpu = {"distributed": {"num_workers": 1, "use_gpu": True}, "train": {"precision": "bf16"}}
+    plain = plan_memory(job(**gpu), shape)
+    added = plan_memory(job(**gpu, model={"add_tokens": ["<|house|>"]}), shape)
+    saved = plan_memory(job(**gpu, lora={"modules_to_save": ["embed_tokens", "lm_head"]}), shape)
+    whole = 2 * 128256 * 4096
+    for part, bytes_each in (("lora_weights", 4), ("gradients", 4), ("optimizer_states", 8)):
+        assert added.parts[part] == pytest.approx(plain.parts[part] + bytes_each * whole / MIB), part
+        assert saved.parts[part] == pytest.approx(added.parts[part]), part
+
+
 def test_without_liger_the_head_s_loss_holds_one_chunk_of_logits_and_the_swiglu_product_is_recomputed():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B's vocabulary
     tokens, rows = 4 * 2048, 256 * 2 ** 20 // (4 * 128256)  # fast_paths.LOGITS_CHUNK_BYTES of fp32 logits
