@@ -169,10 +169,11 @@ SUM_ROWS = 8192  # rows summed at a time for a mean (no fp32 copy of a whole 128
 
 
 def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
-    """With `model.untrained_tokens: mend`, the special and added tokens (a chat template's
-    markers, eos) the base never trained: their untrained input-embedding and output rows are
-    set to the mean of the trained rows of the same matrix, in place. Returns their ids, which
-    an adapter run then trains (`apply_lora`'s `token_rows`); [] with `keep` or when none is.
+    """With `model.untrained_tokens: mend`, the special tokens a job's examples can hold (those
+    its chat template writes, bos, eos) that the base never trained: their untrained
+    input-embedding and output rows are set to the mean of the trained rows of the same matrix,
+    in place. Returns their ids, which an adapter run then trains (`apply_lora`'s `tokens`);
+    [] with `keep` or when none is.
 
     A row is untrained when all but zero (Llama 3 base's header and eot tokens), or when it is
     an output row that several such tokens share (Llama 3.1 base's). The pad token is left as
@@ -187,8 +188,7 @@ def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     matrices = [embeddings] + ([output.weight] if output is not None and output.weight is not embeddings else [])
     ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
-    candidates = sorted(i for i in {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder} - ignored
-                        if i < min(m.shape[0] for m in matrices))
+    candidates = sorted(i for i in template_tokens(tokenizer) - ignored if i < min(m.shape[0] for m in matrices))
     if not candidates:
         return []
     mended: set[int] = set()
@@ -210,6 +210,36 @@ def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
         LOG.info(f"note: {len(ids)} special token(s) of {config.name_or_path} were never trained ({names}): their "
                  "rows start at the mean of the trained rows and train (model.untrained_tokens: mend)")
     return ids
+
+
+PROBES = (  # conversations whose rendering shows the special tokens a chat template writes
+    {"conversation": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "c"}]},
+    {"conversation": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"},
+                      {"role": "user", "content": "d"}], "add_generation_prompt": True},
+    {"conversation": [{"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "", "tool_calls": [
+                          {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+                      {"role": "tool", "content": "2"}, {"role": "assistant", "content": "c"}],
+     "tools": [{"type": "function", "function": {"name": "f", "description": "f",
+                                                 "parameters": {"type": "object", "properties": {}}}}]},
+)
+
+
+def template_tokens(tokenizer: Any) -> set[int]:
+    """The special tokens a job's examples can hold: bos, eos and those the tokenizer's chat
+    template writes for a system, user and assistant turn, a generation prompt and a tool call
+    (each probe the template refuses, e.g. a system turn, is skipped)."""
+    special = {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder}
+    found = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None}
+    if getattr(tokenizer, "chat_template", None):
+        for probe in PROBES:
+            try:
+                text = tokenizer.apply_chat_template(tokenize=False, **probe)
+            except Exception:  # a template's raise_exception, or one that knows no tools
+                continue
+            found.update(i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special)
+    return found
 
 
 def mean_of_rows(matrix: Any, rows: Any) -> Any:

@@ -138,8 +138,9 @@ def untrained_llama(folder: Path) -> Path:
     """The built-in Llama with special tokens as Llama 3 and 3.1 base models ship them, never
     trained, saved in `folder`: <|end|> (the eos), <|system|> and <|user|> with all-zero
     embeddings, the eos with an all-zero output row, <|system|> and <|user|> sharing one
-    output row, <|assistant|> a trained embedding but an all-zero output row. The pad token's
-    embedding is zero in the built-in model too (never trained on, so left as it is)."""
+    output row, <|assistant|> a trained embedding but an all-zero output row; and a special
+    token the chat template never writes, <|reserved_0|> (id 716), with all-zero rows. The pad
+    token's embedding is zero in the built-in model too (never trained on, so left as it is)."""
     import torch
 
     from ft_ray.config import ModelConfig
@@ -147,12 +148,14 @@ def untrained_llama(folder: Path) -> Path:
 
     model = load_base_model(ModelConfig())
     with torch.no_grad():
-        model.get_input_embeddings().weight[[2, 3, 4]] = 0
+        model.get_input_embeddings().weight[[2, 3, 4, 716]] = 0
         head = model.get_output_embeddings().weight
-        head[[2, 5]] = 0
+        head[[2, 5, 716]] = 0
         head[[3, 4]] = torch.linspace(-0.01, 0.01, head.shape[1])
     model.save_pretrained(folder, safe_serialization=True)
-    load_tokenizer(ModelConfig()).save_pretrained(folder)
+    tokenizer = load_tokenizer(ModelConfig())
+    tokenizer.add_tokens(["<|reserved_0|>"], special_tokens=True)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
