@@ -173,87 +173,102 @@ class _LinearCrossEntropy(torch.autograd.Function):
     over chunks of rows so that only one chunk's fp32 logits exist at a time: its loss and its
     gradients (softmax minus one-hot, over the number of targets) are taken in forward, as
     liger-kernel's fused linear + cross-entropy does on CUDA; backward scales them. The same
-    FLOPs as the plain head and loss, without the [tokens, vocabulary] logits."""
+    FLOPs as the plain head and loss, without the [tokens, vocabulary] logits. With `rows`, the
+    head's rows `index` are `rows` instead (PEFT's trainable tokens: `head_parts`), trained
+    without a copy of the head or its whole gradient; `grads`: (hidden, weight, rows)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                rows: int, grads: tuple[bool, bool]) -> torch.Tensor:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                index: torch.Tensor | None, targets: torch.Tensor, chunk: int, grads: tuple[bool, bool, bool]
+                ) -> torch.Tensor:
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if grads[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows], targets[start:start + rows]
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if grads[2] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.t()).float()  # the plain head's matmul (autocast's dtype), upcast as HF's loss does
+            if rows is not None:
+                logits[:, index] = (h @ rows.t()).float()
             valid = y != IGNORE_INDEX
             picked = y.clamp(min=0)
             norm = torch.logsumexp(logits, dim=-1)
             total += ((norm - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
-            if grads[0] or grads[1]:
+            if any(grads):
                 grad = _softmax_minus_one_hot(logits, y, h.dtype)
                 del logits
                 scale = (valid / count).to(h.dtype)[:, None]  # per row: applied to the smaller side of each product
                 if grads[0]:
-                    grad_hidden[start:start + rows] = (grad @ weight.to(grad.dtype)) * scale
+                    grad_hidden[start:start + chunk] = _input_slope(grad, weight, rows, index) * scale
                 if grads[1]:
                     grad_weight += (grad.t() @ (h * scale)).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                if grads[2]:
+                    grad_rows += (grad[:, index].t() @ (h * scale)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_rows)
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_rows = ctx.saved_tensors
         return (grad_hidden * grad.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                grad_weight * grad if grad_weight is not None else None, None, None, None)
+                grad_weight * grad if grad_weight is not None else None,
+                grad_rows * grad if grad_rows is not None else None, None, None, None, None)
 
 
 class _LinearTokenLogps(torch.autograd.Function):
     """Each row's log-prob of its target under `hidden @ weight.T` (0 where the target is
-    `IGNORE_INDEX`), chunk by chunk as `_LinearCrossEntropy`. How much each row's log-prob
-    counts is known only in backward (the preference losses weigh answers unequally): with a
-    frozen head (LoRA, QLoRA) forward keeps d logp / d hidden per row ([tokens, hidden]), and
-    backward scales it; a trained head's gradient is a sum over rows of [vocabulary, hidden]
-    products, so backward takes each chunk's logits again (one more head matmul)."""
+    `IGNORE_INDEX`), chunk by chunk as `_LinearCrossEntropy` (`rows`, `index`, `grads` as there).
+    How much each row's log-prob counts is known only in backward (the preference losses weigh
+    answers unequally): with a frozen head (LoRA, QLoRA) forward keeps d logp / d hidden per row
+    ([tokens, hidden]), and backward scales it; a trained head's gradient (or its trained rows')
+    is a sum over rows of [vocabulary, hidden] products, so backward takes each chunk's logits
+    again (one more head matmul)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                rows: int, grads: tuple[bool, bool]) -> torch.Tensor:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                index: torch.Tensor | None, targets: torch.Tensor, chunk: int, grads: tuple[bool, bool, bool]
+                ) -> torch.Tensor:
         device = hidden.device.type
         ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        ctx.rows, ctx.grads = rows, grads
+        ctx.chunk, ctx.grads, ctx.index = chunk, grads, index
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        slopes = torch.empty_like(hidden, dtype=ctx.dtype) if grads == (True, False) else None
+        slopes = torch.empty_like(hidden, dtype=ctx.dtype) if grads == (True, False, False) else None
         with torch.autocast(device, enabled=False):
-            for start in range(0, hidden.shape[0], rows):
-                logits = _chunk_logits(hidden[start:start + rows], weight, ctx.dtype)
-                y = targets[start:start + rows]
+            for start in range(0, hidden.shape[0], chunk):
+                logits = _chunk_logits(hidden[start:start + chunk], weight, rows, index, ctx.dtype)
+                y = targets[start:start + chunk]
                 picked = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
-                logps[start:start + rows] = (picked - torch.logsumexp(logits, dim=-1)) * (y != IGNORE_INDEX)
+                logps[start:start + chunk] = (picked - torch.logsumexp(logits, dim=-1)) * (y != IGNORE_INDEX)
                 if slopes is not None:  # d logp / d hidden: minus the loss's slope, 0 where no target
                     scale = -(y != IGNORE_INDEX).to(ctx.dtype)[:, None]
-                    slopes[start:start + rows] = (_softmax_minus_one_hot(logits, y, ctx.dtype) @ weight.to(ctx.dtype)
-                                                  ) * scale
-        ctx.save_for_backward(*((slopes,) if slopes is not None else (hidden, weight, targets)))
+                    slopes[start:start + chunk] = _input_slope(_softmax_minus_one_hot(logits, y, ctx.dtype), weight,
+                                                               rows, index) * scale
+        ctx.save_for_backward(*((slopes,) if slopes is not None else (hidden, weight, rows, targets)))
         return logps
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        if ctx.grads == (True, False):
+        if ctx.grads == (True, False, False):
             (slopes,) = ctx.saved_tensors
-            return slopes * grad[:, None].to(slopes.dtype), None, None, None, None
-        hidden, weight, targets = ctx.saved_tensors
+            return slopes * grad[:, None].to(slopes.dtype), None, None, None, None, None, None
+        hidden, weight, rows, targets = ctx.saved_tensors
+        index = ctx.index
         grad_hidden = torch.empty_like(hidden) if ctx.grads[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.grads[1] else None
-        for start in range(0, hidden.shape[0], ctx.rows):
-            h, y = hidden[start:start + ctx.rows], targets[start:start + ctx.rows]
-            slope = _softmax_minus_one_hot(_chunk_logits(h, weight, ctx.dtype), y, ctx.dtype)
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if ctx.grads[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, y = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            slope = _softmax_minus_one_hot(_chunk_logits(h, weight, rows, index, ctx.dtype), y, ctx.dtype)
             # per row: how much its log-prob counts, 0 where no target, on the smaller side of each product
-            scale = (-(y != IGNORE_INDEX).float() * grad[start:start + ctx.rows].float()).to(ctx.dtype)[:, None]
+            scale = (-(y != IGNORE_INDEX).float() * grad[start:start + ctx.chunk].float()).to(ctx.dtype)[:, None]
             if grad_hidden is not None:
-                grad_hidden[start:start + ctx.rows] = (slope @ weight.to(ctx.dtype)) * scale
+                grad_hidden[start:start + ctx.chunk] = _input_slope(slope, weight, rows, index) * scale
             if grad_weight is not None:
                 grad_weight += (slope.t() @ (h.to(ctx.dtype) * scale)).float()
-        return grad_hidden, grad_weight, None, None, None
+            if grad_rows is not None:
+                grad_rows += (slope[:, index].t() @ (h.to(ctx.dtype) * scale)).float()
+        return grad_hidden, grad_weight, grad_rows, None, None, None, None
 
 
 def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -264,9 +279,42 @@ def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, dtype: t
     return slope.to(dtype)
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A chunk's fp32 logits from a matmul in `dtype` (what autocast gave the forward)."""
-    return (h.to(dtype) @ weight.to(dtype).t()).float()
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None, index: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A chunk's fp32 logits from a matmul in `dtype` (what autocast gave the forward), the
+    columns `index` from `rows` where there are any."""
+    logits = (h.to(dtype) @ weight.to(dtype).t()).float()
+    if rows is not None:
+        logits[:, index] = (h.to(dtype) @ rows.to(dtype).t()).float()
+    return logits
+
+
+def _input_slope(slope: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                 index: torch.Tensor | None) -> torch.Tensor:
+    """`slope @ head`, the head's rows `index` being `rows` where there are any."""
+    product = slope @ weight.to(slope.dtype)
+    if rows is not None:
+        product += slope[:, index] @ (rows.to(slope.dtype) - weight[index].to(slope.dtype))
+    return product
+
+
+def head_parts(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The output layer's weight, and the rows PEFT's trainable tokens put in place of its rows
+    `index` (`model.untrained_tokens`) while that adapter is on: (weight, rows, index), or
+    (weight, None, None). Asking the wrapper for its `weight` instead would copy the whole head
+    each step, train through the copy's whole gradient, and keep the rows with the adapter
+    switched off (a preference reference)."""
+    layer = getattr(head, "token_adapter", None)
+    if layer is None:
+        return head.weight, None, None
+    active = list(layer.active_adapters)
+    if layer.merged or layer.disable_adapters or not active:
+        return layer.base_layer.weight, None, None
+    if len(active) > 1 or active[0] not in layer.token_indices:
+        return head.weight, None, None  # PEFT's own merge of several adapters' rows
+    weight = layer.base_layer.weight
+    index = torch.as_tensor(layer.token_indices[active[0]], device=weight.device)
+    return weight, layer.trainable_tokens_delta[active[0]], index
 
 
 def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
@@ -296,14 +344,15 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
         targets = torch.nn.functional.pad(scored, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # HF's shift
-        # asked each time, not `head`: PEFT puts a trained copy of the head in its place (new tokens)
-        weight = self.get_output_embeddings().weight
-        rows = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
-        grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+        # asked each time, not `head`: PEFT puts a trained copy of the head in its place (new tokens),
+        # or its trainable tokens around it
+        weight, rows, index = head_parts(self.get_output_embeddings())
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
+        grads = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, rows))
         if token_logps_of is not None:  # row t scored token t + 1: token t's log-prob is row t - 1's
-            logps = _LinearTokenLogps.apply(hidden, weight, targets, rows, grads).view(scored.shape)
+            logps = _LinearTokenLogps.apply(hidden, weight, rows, index, targets, chunk, grads).view(scored.shape)
             return {"token_logps": torch.nn.functional.pad(logps[:, :-1], (1, 0))}
-        return CausalLMOutputWithPast(loss=_LinearCrossEntropy.apply(hidden, weight, targets, rows, grads))
+        return CausalLMOutputWithPast(loss=_LinearCrossEntropy.apply(hidden, weight, rows, index, targets, chunk, grads))
 
     forward.chunked_head = True  # read by has_chunked_head (through the bound method)
     model.forward = types.MethodType(forward, model)

@@ -35,7 +35,9 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     mended = mend_untrained_tokens(model, config.model)
     liger = use_fused_kernels(model, config)
     if config.uses_fast_paths:
-        chunked_lm_head(model, sft_loss=not liger)  # the head's loss or log-probs without the whole logits
+        # the head's loss or log-probs without the whole logits; liger's loss where it runs, but
+        # for an adapter's trained token rows (liger would train them through a copy of the head)
+        chunked_lm_head(model, sft_loss=not liger or bool(mended and config.trains_adapter))
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
     if config.recomputes_swiglu:

@@ -235,8 +235,9 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, tok
         assert any("lm_head" in n or "embed_tokens" in n for n in chunked[2])  # the head's weight trains
     if tokens == "added":  # trained whole, copied from the bf16 base into fp32 as every trained weight
         assert chunked[2]["base_model.model.lm_head.modules_to_save.default.weight"].dtype == torch.float32
-    if tokens == "untrained":
+    if tokens == "untrained":  # the head's rows came apart from it, not from a copy of the whole head
         assert chunked[2]["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"].abs().max() > 0
+        assert fast_paths.head_parts(model.get_output_embeddings())[1] is not None
     for name, grad in plain[2].items():
         assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
 
