@@ -102,7 +102,8 @@ class Lease:
 
     def acquire(self) -> None:
         """Takes the lease (waiting up to LEASE_TTL_S for one that is not renewed to lapse).
-        A store without conditional writes holds nothing: a warning says so.
+        A store without conditional writes, one that refuses them or one that ignores them,
+        holds nothing: a warning says so.
 
         Raises:
             InputError: another driver holds it and renews it.
@@ -110,16 +111,23 @@ class Lease:
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
+        unlocked = "this run is not locked, so a second driver of it would not be refused"
         try:
             self._acquire()
+            ignored = self._put(IfNoneMatch="*")  # a store that keeps the condition refuses it: the lease is there
         except ClientError as e:
             if _code(e) not in ("NotImplemented", "501", "InvalidArgument"):
                 raise StorageError(f"cannot take the lease {self.where}: {e}") from e
-            LOG.warning(f"{self.uri}: the store does not take conditional writes ({_code(e)}): this run is not "
-                        "locked, so a second driver of it would not be refused")
+            LOG.warning(f"{self.uri}: the store does not take conditional writes ({_code(e)}): {unlocked}")
             return
         except BotoCoreError as e:
             raise StorageError(f"cannot take the lease {self.where}: {e}") from e
+        if ignored:
+            LOG.warning(f"{self.uri}: the store ignores conditional writes (it wrote over a lease If-None-Match "
+                        f"forbade): {unlocked}")
+            with contextlib.suppress(Exception):  # a lease no driver would keep to
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            return
         self._renewer = threading.Thread(target=self._renew, name="ft-ray-lease", daemon=True)
         self._renewer.start()
 

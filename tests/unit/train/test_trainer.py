@@ -129,6 +129,47 @@ def test_a_run_in_object_storage_is_held_by_a_lease_that_a_killed_drivers_relaun
     assert [key.split("/", 2)[2] for key in moved if not key.endswith("/")] == ["checkpoint-000002/trainer_state.json"]
 
 
+@pytest.mark.parametrize("store", ["ignores", "refuses"])
+def test_a_store_without_conditional_writes_leaves_the_run_unlocked_and_says_so(s3_server, capsys, store):
+    """A store that ignores If-None-Match / If-Match (it writes over the lease), or refuses them
+    (501 NotImplemented): the run goes on unlocked, a warning says why, and no lease is left."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+
+    from ft_ray.lease import Lease
+    from tests.conftest import make_bucket
+
+    make_bucket(s3_server, f"lease-{store}")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+    def without_conditions(request, **_):
+        for header in ("If-None-Match", "If-Match"):
+            if header in request.headers:
+                del request.headers[header]
+
+    class Body:
+        def stream(self):
+            return [b"<Error><Code>NotImplemented</Code><Message>conditional writes</Message></Error>"]
+
+    def not_implemented(request, **_):
+        if "If-None-Match" in request.headers or "If-Match" in request.headers:
+            return AWSResponse(request.url, 501, {}, Body())
+
+    if store == "ignores":
+        client.meta.events.register("before-sign.s3.PutObject", without_conditions)
+    else:
+        client.meta.events.register("before-send.s3.PutObject", not_implemented)
+    for _ in range(2):  # a second driver is not refused
+        lease = Lease(client, f"lease-{store}", "runs/r/.driver.lock", f"s3://lease-{store}/runs/r")
+        lease.acquire()
+        lease.release()
+        assert "Contents" not in client.list_objects_v2(Bucket=f"lease-{store}", Prefix="runs/r/")
+    said = capsys.readouterr().out
+    assert said.count("this run is not locked, so a second driver of it would not be refused") == 2
+    assert ("the store ignores conditional writes" if store == "ignores"
+            else "does not take conditional writes (NotImplemented)") in said
+
+
 def test_a_driver_starting_while_ft_ray_runs_looks_at_the_lock_is_not_refused(tmp_path):
     import fcntl
     import threading
