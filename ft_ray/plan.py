@@ -138,10 +138,33 @@ class Plan:
         return self.peak_mib <= gpu_mib
 
 
+def trained_shape(config: JobConfig, shape: Shape) -> Shape:
+    """The shape the job trains: a reward model's has a score head (one output per token)
+    instead of the output layer, counted as a tied one (no weights of its own)."""
+    return dataclasses.replace(shape, tied=True) if config.scores else shape
+
+
+def reward_model_params(config: JobConfig) -> int:
+    """The weights of a GRPO job's reward models (`grpo.rewards` "model:..."), from their
+    config.json (an ft-ray reward model adapter's: its base's, the LoRA folded in), each a
+    sequence classifier: no output layer."""
+    if config.objective != "grpo":
+        return 0
+    from ft_ray.evaluation.reward_model import REWARD_MODEL, adapter_config, base_of, model_source_of
+
+    total = 0
+    for name in config.grpo.rewards:
+        if name.startswith(REWARD_MODEL):
+            adapter = adapter_config(name)
+            source = model_source_of(name) if adapter is None else base_of(adapter)
+            shape, _ = model_shape(config.model_copy(update={"model": source}))
+            total += dataclasses.replace(shape, tied=True).params
+    return total
+
+
 def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     """One training worker's peak GPU memory for `config` on a model of `shape`."""
-    if config.scores:  # a reward model: a score head (one output per token) instead of the output layer
-        shape = dataclasses.replace(shape, tied=True)
+    shape = trained_shape(config, shape)
     train, dist, ds = config.train, config.distributed, config.distributed.deepspeed
     workers = dist.max_workers
     deepspeed = dist.strategy == "deepspeed"
@@ -185,6 +208,9 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         # an inline reference (dpo/kto with preference.reference: inline, grpo with beta): a frozen copy of the
         # base, loaded in fp32 (preference.reference_model); ZeRO-3 shards it in the engine's dtype
         parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
+    rewards = reward_model_params(config)
+    if rewards:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
+        parts["reward_models"] = (2 if dist.use_gpu else 4) * rewards
 
     tokens = train.micro_batch_size * config.model.max_seq_len
     if config.objective == "grpo":  # the loss forward: num_generations sampled answers per prompt, each after it
@@ -317,6 +343,7 @@ PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (auto
               "master_weights": "fp32 master weights", "base_weights": "frozen base weights",
               "lora_weights": "trained weights (adapters)", "gradients": "gradients",
               "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",
+              "reward_models": "reward models (grpo.rewards)",
               "activations": "activations",
               "logits_and_loss": "logits and loss", "allocator_slack": "allocator slack (5%)",
               "cuda_context": "CUDA context (allowance)"}
@@ -394,6 +421,7 @@ def plan_time(config: JobConfig, shape: Shape, tokens: int, gpu: str) -> dict[st
     train, workers = config.train, config.distributed.max_workers
     per_step = train.micro_batch_size * config.model.max_seq_len * train.gradient_accumulation * workers
     steps = train.max_steps or math.ceil(tokens * train.epochs / per_step)
+    shape = trained_shape(config, shape)
     base = shape.params - shape.embedding_params
     flops = training_flops(base, adapter_params(config, shape), shape.layers, shape.hidden, config.method,
                            config.model.max_seq_len)

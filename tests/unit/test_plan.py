@@ -108,6 +108,22 @@ def test_grpo_plans_its_sampled_answers_and_its_reference():
     assert full.parts["reference_weights"] == pytest.approx(4 * shape.params / MIB)
 
 
+def test_grpo_plans_each_reward_model_every_worker_loads(tmp_path):
+    from tests.conftest import tiny_reward_model
+
+    folder = tiny_reward_model(tmp_path / "rm")
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    # the built-in Llama's shape as a sequence classifier: its output layer (768 x 128) is not there
+    scorer = 4 * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 352) + 9 * 128 + 768 * 128
+    for gpu, size in ((False, 4), (True, 2)):
+        grpo = {"objective": "grpo", "distributed": {"num_workers": 1, "use_gpu": gpu}}
+        alone = plan_memory(job(**grpo), shape)
+        scored = plan_memory(job(**grpo, grpo={"rewards": {f"model:{folder}": 1.0, "chrf": 1.0}}), shape)
+        assert "reward_models" not in alone.parts
+        assert scored.parts["reward_models"] == pytest.approx(size * scorer / MIB)
+        assert scored.allocated_mib == pytest.approx(alone.allocated_mib + size * scorer / MIB)
+
+
 def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
     full = {"method": "full", "distributed": {"num_workers": 1, "use_gpu": True}, "model": {"max_seq_len": 1024}}
@@ -115,6 +131,13 @@ def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its
     scorer = plan_memory(job(**full, objective="reward_model"), shape)
     assert scorer.parts["weights"] == pytest.approx(dpo.parts["weights"] - 4 * shape.embedding_params / MIB)
     assert scorer.parts["logits_and_loss"] == pytest.approx(4 * 1024 * 4 * 2 / MIB)  # a score per token, and its gradient
+    from ft_ray.plan import plan_time
+
+    # time: FLOPs per token without the output layer's matmul (2 x 128256 x 4096 forward, twice that backward)
+    speeds = [plan_time(job(**full, objective=o), shape, 10 ** 6, "H100")["tokens_per_s_per_worker"]
+              for o in ("dpo", "reward_model")]
+    flops = 6 * (shape.params - shape.embedding_params) + 12 * 32 * 4096 * 1024
+    assert speeds[1] / speeds[0] == pytest.approx(flops / (flops - 6 * shape.embedding_params), rel=1e-4)
 
 
 def test_zero_stages_shard_and_offload_what_they_say():
