@@ -31,3 +31,12 @@ def one_number(completions, **kwargs):
 
 def not_a_number(answer: str, reference: str, prompt: str) -> str:
     return "good"
+
+
+BATCHES: list[int] = []  # the batch sizes `counted_words` was called with
+
+
+def counted_words(completions, **kwargs):
+    """Each completion's word count, remembering how many completions each call had."""
+    BATCHES.append(len(completions))
+    return [len(c.split()) for c in completions]

@@ -132,13 +132,29 @@ class ArmScorer:
             sums = self.loss_sums(arm, [e["rejected"][arm.name] for e in pairs]) if pairs else []
             for example, (loss_sum, tokens) in zip(pairs, sums):
                 example[f"{arm.name}_rejected_loss_sum"], example[f"{arm.name}_rejected_tokens"] = loss_sum, tokens
+        generated = []
         for example, path, line in zip(examples, batch["path"], batch["line"]):
             example["key"] = record_key(str(path), int(line))
             if "reason" not in example and example["key"] in self.generate_keys and example["prompt"]:
                 self.generate_all(example)
+                generated.append(example)
+        self.score_rewards(generated)
+        for example in examples:
             for column, value in self.row(example).items():
                 rows.setdefault(column, []).append(value)
         return rows
+
+    def score_rewards(self, examples: list[dict]) -> None:
+        """Each arm's answer's reward (a grpo run's rewards; nan without), every answer of the
+        batch in one call: a reward model scores them in its own batches."""
+        answered = [(example, arm.name) for example in examples for arm in self.arms]
+        if self.reward is None or not answered:
+            scores = [float("nan")] * len(answered)
+        else:
+            scores = self.reward([e[f"{name}_answer"] for e, name in answered], [e["reference"] for e, _ in answered],
+                                 [e["prompt"] for e, _ in answered])
+        for (example, name), value in zip(answered, scores):
+            example[f"{name}_reward"] = value
 
     def prepare(self, text: str, error: str) -> dict[str, Any]:
         """Ids and labels of one record for each arm, or the reason it cannot be scored (a
@@ -246,8 +262,6 @@ class ArmScorer:
             example[f"{name}_chrf"] = metrics.chrf(answer, example["reference"])
             regex = self.settings.format_regex
             example[f"{name}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
-            example[f"{name}_reward"] = (self.reward([answer], [example["reference"]], [example["prompt"]])[0]
-                                         if self.reward else float("nan"))
 
     def generate(self, arm: Arm, prompt_ids: list[int]) -> tuple[str, int, float]:
         """(answer, new tokens, seconds) of a greedy continuation."""

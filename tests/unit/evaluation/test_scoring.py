@@ -174,3 +174,25 @@ def test_retrieval_puts_the_most_similar_training_examples_before_the_prompt():
     [row] = score(s, json.dumps(RECORD))
     assert row["retrieval_shots"] == 2 and row["few_shot_shots"] == 0  # no fixed shots were given
     assert row["retrieval_prompt_tokens"] == row["base_prompt_tokens"] + sum(map(len, example["prefixes"]["retrieval"]))
+
+
+def test_a_grpo_run_s_rewards_score_every_arm_s_answers_of_a_batch_in_one_call():
+    """`ft-ray eval` of a GRPO run scores each generated answer with the run's rewards; a
+    batched reward (a reward model runs in batches) is called once per batch with every arm's
+    answers, not once per answer."""
+    from tests import grpo_rewards
+
+    job = config_from_dict({"objective": "grpo", "model": {"max_seq_len": 256}, "data": {"train": "unused.jsonl"},
+                            "grpo": {"rewards": {"tests.grpo_rewards:counted_words": 1.0}},
+                            "eval": {"max_new_tokens": 6, "few_shot": 1}})
+    tokenizer = load_tokenizer(job.model)
+    shots = [shot_text(record_segments(SHOTS[0], "instruction", tokenizer), tokenizer.eos_token)]
+    s = ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), shots, "instruction", {},
+                  generate_keys=[record_key("eval.jsonl", 1), record_key("eval.jsonl", 3)])
+    grpo_rewards.BATCHES.clear()
+    rows = score(s, json.dumps(RECORD), json.dumps(SHOTS[1]), json.dumps(SHOTS[2]))
+    arms = [arm.name for arm in s.arms]
+    assert len(arms) >= 3 and grpo_rewards.BATCHES == [2 * len(arms)]  # records 1 and 3 generated
+    for row in (rows[0], rows[2]):
+        assert [row[f"{arm}_reward"] for arm in arms] == [len(row[f"{arm}_answer"].split()) for arm in arms]
+    assert all(math.isnan(rows[1][f"{arm}_reward"]) for arm in arms)
