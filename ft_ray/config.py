@@ -669,9 +669,6 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                                 f"answers train {rounds} steps in a row, and evaluations and checkpoints fall "
                                 "between such rounds")
     if job.scores:
-        if job.zero3:
-            problems.append("distributed.deepspeed.stage: objective reward_model trains with ZeRO 0-2 or ddp "
-                            "(ZeRO-3 is not supported for it yet)")
         if job.eval.after_training:
             problems.append("eval.after_training: ft-ray eval compares generations; a reward model generates none "
                             "(its held-out accuracy is in summary.json: eval_reward_accuracy)")

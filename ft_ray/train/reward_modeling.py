@@ -60,13 +60,23 @@ class RewardModelLoss:
     def __init__(self, model: Any, center_rewards_coefficient: float = 0.0):
         self.center = center_rewards_coefficient
         self.outputs: list[torch.Tensor] = []
-        score_head(model).register_forward_hook(lambda _module, _args, output: self.outputs.append(output))
+        self.head = score_head(model)
+        self.hooked = False
+
+    def hook(self) -> None:
+        """Keep the head's outputs, from the first forward on: after DeepSpeed's hooks (the
+        engine is made after the objective), so under ZeRO-3 the kept output is the one its
+        backward bookkeeping wraps, not the bare tensor whose backward it would not see."""
+        if not self.hooked:
+            self.head.register_forward_hook(lambda _module, _args, output: self.outputs.append(output))
+            self.hooked = True
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return count_role(batch, CHOSEN)  # pairs
 
     def span_scores(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) scores of the batch's pairs, in order."""
+        self.hook()
         self.outputs.clear()
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         scores = self.outputs[0][..., 0]  # [B, L]: the head at every position (the first call: not a recompute)
