@@ -286,8 +286,8 @@ def refuse_reward_model(config: JobConfig, command: str, what: str) -> None:
     """Raises InputError for a reward model's job: it scores texts and generates nothing."""
     if config.scores:
         raise InputError(f"ft-ray {command} {what}; {config.run_name} is a reward model (objective reward_model), "
-                         "which generates none: its held-out pair accuracy is in its summary.json "
-                         "(eval_reward_accuracy), and grpo.rewards takes it as model:<its adapter or model folder>")
+                         "which generates none: ft-ray eval scores its held-out pairs, and grpo.rewards takes it as "
+                         "model:<its adapter or model folder>")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -295,7 +295,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ft_ray.storage import RunFolder
 
     config = load_config(args.config, args.overrides)
-    refuse_reward_model(config, "eval", "compares the arms' answers")
     _quiet(args, RunFolder.for_job(config))
     if args.sweep:
         for winner in evaluate_sweep(config, args.sweep)["winners"]:

@@ -669,9 +669,6 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                                 f"answers train {rounds} steps in a row, and evaluations and checkpoints fall "
                                 "between such rounds")
     if job.scores:
-        if job.eval.after_training:
-            problems.append("eval.after_training: ft-ray eval compares generations; a reward model generates none "
-                            "(its held-out accuracy is in summary.json: eval_reward_accuracy)")
         if job.train.compare_generations:
             problems.append("train.compare_generations: a reward model generates no answers")
     elif job.preference.center_rewards_coefficient:

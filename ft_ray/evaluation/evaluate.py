@@ -286,7 +286,12 @@ class Scored:
 
 
 def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
-    """Score the arms on the held-out examples, decide, write `eval.json`; returns it."""
+    """Score the arms on the held-out examples, decide, write `eval.json`; returns it. A
+    reward model's held-out pairs instead (`pairs.evaluate_reward_model`)."""
+    if config.scores:
+        from ft_ray.evaluation.pairs import evaluate_reward_model
+
+        return evaluate_reward_model(config, target)
     return evaluate_scored(config, target)[0]
 
 
@@ -569,12 +574,17 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
         folder = RunFolder.at(sweep.uri_of("winners", name), config.storage)
         # the base and prompting arms are the same for every winner: scored for the first only
         with resolve_target(folder.uri, config) as target:
-            result, scored = evaluate_scored(config, target, first)
-        first = first or scored
-        brief = {"verdict": result["verdict"], "vs_base": result["vs_base"], "comparisons": result["comparisons"],
-                 "arms": {arm: {k: v for k, v in f.items()
-                                if k in ("loss", "exact_match", "chrf", "format", "preference_accuracy")}
-                          for arm, f in result["arms"].items()}}
+            if config.scores:  # a reward model: its pairs against the longer answer, no arms to share
+                result = evaluate(config, target)
+                brief = {"verdict": result["verdict"], "arms": result["arms"]}
+            else:
+                result, scored = evaluate_scored(config, target, first)
+                first = first or scored
+                brief = {"verdict": result["verdict"], "vs_base": result["vs_base"],
+                         "comparisons": result["comparisons"],
+                         "arms": {arm: {k: v for k, v in f.items()
+                                        if k in ("loss", "exact_match", "chrf", "format", "preference_accuracy")}
+                                  for arm, f in result["arms"].items()}}
         winner = _json(folder, "winner.json") or {}
         folder.write_json("winner.json", {**winner, "eval": brief})
         entry["eval"] = brief

@@ -20,7 +20,7 @@ from ft_ray.config import InputError
 
 LOWER_IS_BETTER = {"loss"}
 METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence",
-                "preference": "preference accuracy", "reward": "reward"}
+                "preference": "preference accuracy", "reward": "reward", "pair_accuracy": "pair accuracy"}
 
 
 def normalize(text: str) -> str:

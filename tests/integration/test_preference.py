@@ -300,7 +300,8 @@ def test_a_reward_model_learns_the_preference_and_scores_grpo_answers(ray_local,
     tests/unit/train/test_reward_modeling.py) on the demo's pairs: the held-out pairs'
     accuracy rises; the exported adapter (its score head with it) is a GRPO reward as
     model:<folder>, ordering the held-out chosen answers above the rejected ones; merged, it
-    loads in plain transformers as a sequence classifier; ft-ray eval refuses it, saying why."""
+    loads in plain transformers as a sequence classifier; ft-ray eval finds it orders the
+    held-out pairs better than the longer answer does."""
     from transformers import AutoModelForSequenceClassification
 
     from ft_ray.cli import _print_outcome
@@ -336,6 +337,27 @@ def test_a_reward_model_learns_the_preference_and_scores_grpo_answers(ray_local,
     assert plain.config.num_labels == 1 and plain.config.pad_token_id == tokenizer.pad_token_id
     assert reward_function({f"model:{merged}": 1.0}, None)(
         [pairs[0]["chosen"]], [""], prompts[:1])[0] == pytest.approx(chosen[0], abs=1e-3)
-    job = tmp_path / "job.yaml"
-    assert main(["eval", str(job)]) == 2
-    assert "ft-ray eval compares the arms' answers; reward_model is a reward model" in capsys.readouterr().err
+    # ft-ray eval: the held-out pairs, the reward model against the longer answer winning
+    assert main(["eval", str(tmp_path / "job.yaml")]) == 0
+    result = json.loads((Path(summary["run_folder"]) / "eval.json").read_text())
+    assert result["kind"] == "reward_model" and result["examples"] == 48 and not result["not_scored"]
+    # the demo's chosen answer is the longer one in 39 of 48 pairs; the model orders all 48 here
+    # (mean margin 1.5, 95% CI of the difference [0.083, 0.31]; 2026-12-05)
+    assert result["arms"]["longer_answer"]["pair_accuracy"] == pytest.approx(39 / 48)
+    assert result["arms"]["variant"]["pair_accuracy"] >= 0.9 and result["verdict"]["outcome"] == "variant_better"
+    assert ("verdict: the reward model orders the held-out pairs better than the longer answer does"
+            in capsys.readouterr().out)
+    # a sweep's winner, as ft-ray tune exports one: `ft-ray eval --sweep` scores it the same way
+    from ft_ray.train.checkpoints import file_digests
+
+    winner = tmp_path / "sweep" / "winners" / "1-trial"
+    export_checkpoint(Path(summary["best_checkpoint"]), winner / "weights")
+    (winner / "winner.json").write_text(json.dumps({"rank": 1, "trial": "trial", "uri": str(winner),
+                                                    "source_checkpoint": summary["best_checkpoint"],
+                                                    "files": file_digests(winner)}))
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"winners": [{"rank": 1, "trial": "trial",
+                                                                            "uri": str(winner)}]}))
+    assert main(["eval", str(tmp_path / "job.yaml"), "--sweep", str(tmp_path / "sweep")]) == 0
+    assert json.loads((winner / "winner.json").read_text())["eval"] == {k: result[k] for k in ("verdict", "arms")}
+    assert main(["generate", summary["run_folder"], "--prompt", "Hi"]) == 2
+    assert "ft-ray generate answers prompts; reward_model is a reward model" in capsys.readouterr().err

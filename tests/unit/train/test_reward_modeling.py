@@ -83,8 +83,8 @@ def test_a_few_steps_teach_the_preference_and_the_checkpoint_reloads(method, tmp
 def test_a_reward_model_is_refused_what_it_cannot_do():
     with pytest.raises(ConfigError, match="objective reward_model trains on format preference"):
         config_from_dict({**JOB, "data": {"train": "t.jsonl", "format": "instruction"}})
-    with pytest.raises(ConfigError, match="eval.after_training: ft-ray eval compares generations"):
-        config_from_dict({**JOB, "eval": {"after_training": True}})
+    with pytest.raises(ConfigError, match="train.compare_generations: a reward model generates no answers"):
+        config_from_dict({**JOB, "train": {"compare_generations": 2}})
     with pytest.raises(ConfigError, match="preference.center_rewards_coefficient: for objective reward_model, not dpo"):
         config_from_dict({"objective": "dpo", "data": {"train": "t.jsonl"},
                           "preference": {"center_rewards_coefficient": 0.01}})

@@ -1,0 +1,218 @@
+"""`ft-ray eval` of a reward model (objective reward_model): on the held-out preference pairs,
+how often it scores the chosen answer above the rejected one, against the plainest rule a
+reward model can learn instead of the preference: the longer answer wins. A paired bootstrap
+over the pairs says whether the model beats that rule beyond noise; `eval.json` holds both
+accuracies, the verdict and the pairs it ordered worst.
+
+Each answer is scored as the run trained it: the record's prompt and answer tokenized and
+assembled as training packs them (bos, the chat template for chat records, the eos), the
+score read at the answer's last token.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ft_ray.config import JobConfig
+from ft_ray.console import LOG
+from ft_ray.data.formats import RecordError
+from ft_ray.data.records import record_to_units
+from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
+from ft_ray.evaluation import metrics
+
+WORST_KEPT = 5  # pairs shown in eval.json: those the model ordered most wrongly
+
+
+def load_reward_model(job: JobConfig, weights: Path) -> Any:
+    """The trained reward model: an adapter on its base as a sequence classifier with one
+    score (4-bit for QLoRA), or a merged / full model folder; on the GPU in bf16 where the job
+    trains so, in eval mode."""
+    import torch
+
+    from ft_ray.models import load_base_model, load_quantized_model, load_tokenizer
+
+    gpu = job.distributed.use_gpu and torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu and job.train.precision == "bf16" else torch.float32
+    if (weights / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        if job.method == "qlora":
+            base = load_quantized_model(job.model, job.quantization, False, scores=True)
+        else:
+            base = load_base_model(job.model, dtype, scores=True)
+            base = base.to("cuda") if gpu else base
+        model = PeftModel.from_pretrained(base, str(weights))
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(weights), dtype=dtype, num_labels=1, pad_token_id=load_tokenizer(job.model).pad_token_id)
+        model = model.to("cuda") if gpu else model
+    return model.eval()
+
+
+class PairScorer:
+    """Scores batches of raw held-out preference records (a Ray Data actor's state): each
+    record's chosen and rejected answer's score and answer tokens, or why it was not scored."""
+
+    def __init__(self, job_json: str, variant: str, fmt: str, fields: dict[str, str]):
+        from ft_ray.evaluation.scoring import local_variant
+        from ft_ray.models import load_tokenizer
+        from ft_ray.train.reward_modeling import score_head
+
+        self.job = JobConfig.model_validate_json(job_json)
+        self.fmt, self.fields = fmt, fields
+        self.tokenizer = load_tokenizer(self.job.model)
+        self.bos = bos_id(self.tokenizer)
+        with local_variant(variant, self.job) as weights:
+            self.model = load_reward_model(self.job, weights)
+        self.device = next(self.model.parameters()).device
+        self.outputs: list[Any] = []
+        score_head(self.model).register_forward_hook(lambda _m, _a, output: self.outputs.append(output))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from ft_ray.evaluation.scoring import record_key
+
+        pairs = [self.prepare(str(text), str(error)) for text, error in zip(batch["text"], batch["error"])]
+        good = [p for p in pairs if "reason" not in p]
+        scores = self.scores([p["chosen"] for p in good] + [p["rejected"] for p in good])
+        for pair, chosen, rejected in zip(good, scores[:len(good)], scores[len(good):]):
+            pair["chosen_score"], pair["rejected_score"] = chosen, rejected
+        nan = float("nan")
+        return {"key": [record_key(str(path), int(line)) for path, line in zip(batch["path"], batch["line"])],
+                "reason": [p.get("reason", "") for p in pairs],
+                "prompt": [p.get("prompt", "") for p in pairs],
+                **{f"{side}_{column}": [p.get(f"{side}_{column}", empty) for p in pairs]
+                   for side in ("chosen", "rejected")
+                   for column, empty in (("score", nan), ("tokens", 0), ("text", ""))}}
+
+    def prepare(self, text: str, error: str) -> dict[str, Any]:
+        """Each answer's ids (prompt and answer, as training assembles them) and answer tokens,
+        or the reason the record cannot be scored."""
+        try:
+            units = record_to_units(text, error, self.fmt, self.fields, self.tokenizer)
+            if len(units) != 2:
+                raise RecordError("not a preference pair (chosen and rejected)", "not_a_pair")
+            pair: dict[str, Any] = {}
+            for side, (segments, *_) in zip(("chosen", "rejected"), units):
+                ids = encode_batch(self.tokenizer, [t for t, _ in segments])
+                trainable = [t for _, t in segments]
+                assembled = assemble(ids, trainable, self.bos, self.job.model.max_seq_len)
+                targets = [i for i, label in enumerate(assembled["labels"]) if label != IGNORE_INDEX]
+                if not targets:
+                    raise RecordError("the answer is cut off by model.max_seq_len", "no_answer_tokens")
+                first = trainable.index(True)
+                pair[side] = assembled["input_ids"][:targets[-1] + 1]  # scored at the answer's last token
+                pair[f"{side}_tokens"] = len(targets)
+                pair[f"{side}_text"] = "".join(t for t, trained in segments[first:] if trained)
+                pair["prompt"] = "".join(t for t, _ in segments[:first])
+        except RecordError as e:
+            return {"reason": e.kind}
+        return pair
+
+    def scores(self, sequences: list[list[int]]) -> list[float]:
+        """The score head's output at each sequence's last token, in right-padded batches."""
+        import torch
+
+        out: list[float] = []
+        size = self.job.eval.batch_size
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(sequences), size):
+            chunk = sequences[start:start + size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
+            self.outputs.clear()
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
+            out += self.outputs[0][torch.arange(len(chunk), device=self.device), last, 0].float().tolist()
+        return out
+
+
+def summarize_pairs(config: JobConfig, cols: dict[str, np.ndarray]) -> dict[str, Any]:
+    """eval.json of a reward model: pair accuracy (a tie counts half) of the model and of the
+    longer answer (by tokens), the model against that rule by the paired bootstrap, the mean
+    score margin, what was not scored and why, and the pairs it ordered most wrongly."""
+    settings = config.eval
+    rows = np.flatnonzero(cols["reason"] == "")
+    chosen, rejected = cols["chosen_score"][rows].astype(float), cols["rejected_score"][rows].astype(float)
+    ordered = (chosen > rejected) + 0.5 * (chosen == rejected)
+    lengths = cols["chosen_tokens"][rows].astype(float), cols["rejected_tokens"][rows].astype(float)
+    longer = (lengths[0] > lengths[1]) + 0.5 * (lengths[0] == lengths[1])
+    if len(rows):
+        difference, low, high = metrics.paired_bootstrap(ordered, longer, None, settings.bootstrap_samples,
+                                                         settings.seed)
+    else:
+        difference = low = high = float("nan")
+    verdict = metrics.verdict("pair_accuracy", float(ordered.mean()) if len(rows) else float("nan"),
+                              float(longer.mean()) if len(rows) else float("nan"), difference, low, high,
+                              "the longer answer")
+    figures = (f"pair accuracy {verdict['variant']:.3g} vs {verdict['other']:.3g}, 95% CI of the difference "
+               f"[{low:.3g}, {high:.3g}]")
+    verdict["sentence"] = {
+        "variant_better": f"the reward model orders the held-out pairs better than the longer answer does: {figures}",
+        "other_better": f"the longer answer orders the held-out pairs better than the reward model: {figures}: it "
+                        "learned length more than the preference",
+        "within_noise": f"the reward model is within noise of the longer answer: {figures}: it may have learned "
+                        "length rather than the preference"}[verdict["outcome"]]
+    worst = rows[np.argsort(chosen - rejected, kind="stable")[:WORST_KEPT]] if len(rows) else []
+    return {"kind": "reward_model", "metric": "pair_accuracy", "examples": int(len(rows)),
+            "not_scored": dict(collections.Counter(r for r in cols["reason"].tolist() if r)),
+            "arms": {"variant": {"pair_accuracy": verdict["variant"],
+                                 "mean_margin": float((chosen - rejected).mean()) if len(rows) else float("nan")},
+                     "longer_answer": {"pair_accuracy": verdict["other"]}},
+            "verdict": verdict,
+            "worst_pairs": [{"key": str(cols["key"][i]), "prompt": str(cols["prompt"][i]),
+                             "chosen": str(cols["chosen_text"][i]), "rejected": str(cols["rejected_text"][i]),
+                             "chosen_score": float(cols["chosen_score"][i]),
+                             "rejected_score": float(cols["rejected_score"][i])} for i in worst]}
+
+
+def evaluate_reward_model(config: JobConfig, target: Any) -> dict[str, Any]:
+    """Score the held-out pairs with the reward model at `target` (an `evaluate.Target`) on
+    Ray Data actors, decide, write `eval.json`; returns it."""
+    import ray
+    import ray.data
+
+    from ft_ray.data.sources import choose_format
+    from ft_ray.evaluation.evaluate import actor_count, held_out_dataset, held_out_sources
+    from ft_ray.train.trainer import connect_ray
+
+    started = time.monotonic()
+    connect_ray(config)
+    settings = config.eval
+    actors = actor_count(config)
+    columns: dict[str, list] = {}
+    for source, key, split in held_out_sources(config):
+        fmt, note = choose_format(source, config.storage, key)
+        dataset = held_out_dataset(config, source, key, split)
+        if settings.max_examples:
+            dataset = dataset.limit(settings.max_examples)
+        scored = dataset.map_batches(
+            PairScorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
+            fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "fmt": fmt,
+                                   "fields": source.fields})
+        LOG.info(f"eval: {note}; the reward model's scores of each held-out pair's answers, on {actors} actor(s)")
+        for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
+            for name, values in batch.items():
+                columns.setdefault(name, []).extend(values.tolist())
+    result = summarize_pairs(config, {k: np.array(v) for k, v in columns.items()})
+    result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
+                   "actors": actors, "wall_time_s": round(time.monotonic() - started, 1)})
+    uri = target.folder.uri_of("eval.json")
+    target.folder.write_json("eval.json", result)
+    arms = result["arms"]
+    LOG.info(f"eval on {result['examples']} held-out pairs: the reward model orders "
+             f"{arms['variant']['pair_accuracy']:.1%} (mean margin {arms['variant']['mean_margin']:.3g}), the longer "
+             f"answer {arms['longer_answer']['pair_accuracy']:.1%}"
+             + (f"; not scored: {result['not_scored']}" if result["not_scored"] else ""))
+    LOG.info(f"verdict: {result['verdict']['sentence']}")
+    LOG.info(f"eval.json: {uri}")
+    return result
