@@ -24,6 +24,7 @@ from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
 from ft_ray.evaluation import metrics
+from ft_ray.evaluation.reward_model import last_token_scores
 
 WORST_KEPT = 5  # pairs shown in eval.json: those the model ordered most wrongly
 
@@ -63,7 +64,6 @@ class PairScorer:
     def __init__(self, job_json: str, variant: str, fmt: str, fields: dict[str, str]):
         from ft_ray.evaluation.scoring import local_variant
         from ft_ray.models import load_tokenizer
-        from ft_ray.train.reward_modeling import score_head
 
         self.job = JobConfig.model_validate_json(job_json)
         self.fmt, self.fields = fmt, fields
@@ -71,16 +71,14 @@ class PairScorer:
         self.bos = bos_id(self.tokenizer)
         with local_variant(variant, self.job) as weights:
             self.model = load_reward_model(self.job, weights)
-        self.device = next(self.model.parameters()).device
-        self.outputs: list[Any] = []
-        score_head(self.model).register_forward_hook(lambda _m, _a, output: self.outputs.append(output))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from ft_ray.evaluation.scoring import record_key
 
         pairs = [self.prepare(str(text), str(error)) for text, error in zip(batch["text"], batch["error"])]
         good = [p for p in pairs if "reason" not in p]
-        scores = self.scores([p["chosen"] for p in good] + [p["rejected"] for p in good])
+        scores = last_token_scores(self.model, [p["chosen"] for p in good] + [p["rejected"] for p in good],
+                                   self.tokenizer.pad_token_id, self.job.eval.batch_size)
         for pair, chosen, rejected in zip(good, scores[:len(good)], scores[len(good):]):
             pair["chosen_score"], pair["rejected_score"] = chosen, rejected
         nan = float("nan")
@@ -114,25 +112,6 @@ class PairScorer:
         except RecordError as e:
             return {"reason": e.kind}
         return pair
-
-    def scores(self, sequences: list[list[int]]) -> list[float]:
-        """The score head's output at each sequence's last token, in right-padded batches."""
-        import torch
-
-        out: list[float] = []
-        size = self.job.eval.batch_size
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(sequences), size):
-            chunk = sequences[start:start + size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
-            self.outputs.clear()
-            with torch.no_grad():
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
-            out += self.outputs[0][torch.arange(len(chunk), device=self.device), last, 0].float().tolist()
-        return out
 
 
 def summarize_pairs(config: JobConfig, cols: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """A reward model as a GRPO reward (`grpo.rewards: {"model:<folder or hub id>": weight}`): a
 sequence classifier with one output (Hugging Face's `AutoModelForSequenceClassification`, as
 TRL's reward models and those it trains, or the LoRA adapter of an ft-ray `objective:
-reward_model` run) scoring each prompt + answer text, as TRL scores with one. Loaded once per
-process that scores (each training worker, each eval actor), on its GPU where it has one.
+reward_model` run) scoring each prompt + answer as such a run trains on one (bos, prompt, answer,
+eos; the score at the eos). Loaded once per process that scores (each training worker, each
+eval actor), on its GPU where it has one.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def check_reward_model(name: str) -> None:
 
 
 def model_reward(name: str) -> Callable[..., list[float]]:
-    """The batched reward of the reward model `name` ("model:<folder or hub id>"): its score
-    of each prompt + completion text, tokenized as its tokenizer does by default (its BOS
-    first where it has one), right-padded, cut at its longest input."""
+    """The batched reward of the reward model `name` ("model:<folder or hub id>"): its score of
+    each prompt + completion as an ft-ray reward model trains on one: its bos, the prompt's
+    tokens, the completion's with the eos after it (`answer_ids`), the score read at that
+    last token (`last_token_scores`); cut at the model's context window."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -94,17 +96,60 @@ def model_reward(name: str) -> Callable[..., list[float]]:
         base = from_model_source(AutoModelForSequenceClassification.from_pretrained, base_of(adapter), weights=True,
                                  dtype=dtype, num_labels=1)
         model = PeftModel.from_pretrained(base, source.name_or_path).merge_and_unload()
-    model.config.pad_token_id = tokenizer.pad_token_id  # where each row's score is read: its last token before padding
+    model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
+    window = getattr(model.config, "max_position_embeddings", None)
 
     def score(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        scores: list[float] = []
-        texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
-        for start in range(0, len(texts), SCORE_BATCH):
-            inputs = tokenizer(texts[start:start + SCORE_BATCH], padding=True, truncation=True, return_tensors="pt",
-                               padding_side="right").to(device)
-            with torch.no_grad():
-                scores += model(**inputs).logits[:, 0].float().tolist()
-        return scores
+        sequences = [ids[:window] for ids in answer_ids(tokenizer, prompts, completions)]
+        return last_token_scores(model, sequences, tokenizer.pad_token_id, SCORE_BATCH)
 
     return score
+
+
+def answer_ids(tokenizer: Any, prompts: list[str], answers: list[str]) -> list[list[int]]:
+    """Each prompt + answer as training assembles a record (`data.tokenize.assemble`): the bos,
+    the prompt's tokens, then the answer's, which ends with the eos (added where it does not)."""
+    from ft_ray.data.tokenize import bos_id, encode_batch
+
+    eos = tokenizer.eos_token or ""
+    bos = [] if bos_id(tokenizer) is None else [bos_id(tokenizer)]
+    ended = [a if a.endswith(eos) else a + eos for a in answers]
+    return [bos + p + a for p, a in zip(encode_batch(tokenizer, list(prompts)), encode_batch(tokenizer, ended))]
+
+
+def last_token_scores(model: Any, sequences: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
+    """The score head's output at each sequence's last token, where a reward model read an
+    answer's score in training (right-padded batches; the model's own pooling would read the
+    token before a trailing eos that is also the pad token). A model without a `score` head
+    (an encoder's classifier): its own pooled score."""
+    import torch
+
+    from ft_ray.train.reward_modeling import score_head
+
+    try:
+        head = score_head(model)
+    except ValueError:
+        head = None
+    outputs: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, _a, output: outputs.append(output)) if head is not None else None
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+            outputs.clear()
+            with torch.no_grad():
+                pooled = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            if head is None:
+                scores += pooled[:, 0].float().tolist()
+            else:
+                last = torch.tensor([len(s) - 1 for s in chunk], device=device)
+                scores += outputs[0][torch.arange(len(chunk), device=device), last, 0].float().tolist()
+    finally:
+        if hook is not None:
+            hook.remove()
+    return scores

@@ -121,9 +121,11 @@ def test_a_reward_taking_completions_is_called_once_per_batch_as_trl_calls_it():
 
 def test_a_reward_model_scores_each_prompt_and_answer_as_its_own_forward_pass_would(tmp_path):
     """`model:<folder>`: a sequence classifier with one score (here the built-in Llama's shape,
-    its score head seeded) read at each text's last token; batched and right-padded, each
-    score equals the model's on that text alone. A causal LM or a missing folder is refused
-    before a run (`check_rewards`, no weights loaded)."""
+    its score head seeded) given each prompt and answer as training assembles them (bos,
+    prompt, answer, eos) and read at the eos; batched and right-padded, each score equals the
+    model's on that sequence alone, also where the pad token is the eos (the model's own
+    pooling would read the token before it). A causal LM or a missing folder is refused before
+    a run (`check_rewards`, no weights loaded)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -137,9 +139,18 @@ def test_a_reward_model_scores_each_prompt_and_answer_as_its_own_forward_pass_wo
     check_rewards({f"model:{tmp_path / 'rm'}": 1.0})
     scores = reward_function({f"model:{tmp_path / 'rm'}": 2.0, "exact": 1.0}, None)(answers, ["Hi", "Hi", "Hi"], prompts)
     with torch.no_grad():
-        alone = [scorer(**tokenizer(p + a, return_tensors="pt")).logits[0, 0].item() for p, a in zip(prompts, answers)]
+        alone = [scorer(input_ids=torch.tensor([[tokenizer.bos_token_id]
+                                                + tokenizer(p, add_special_tokens=False).input_ids
+                                                + tokenizer(a + tokenizer.eos_token, add_special_tokens=False).input_ids
+                                                ])).logits[0, 0].item() for p, a in zip(prompts, answers)]
     assert scores == pytest.approx([2 * alone[0], 2 * alone[1], 2 * alone[2] + 1.0], abs=1e-4)
     assert len({round(s, 4) for s in alone}) == 3  # each text its own score
+    tokenizer.pad_token = tokenizer.eos_token  # as many tokenizers without a pad token are set up
+    tokenizer.save_pretrained(tmp_path / "eos-pad")
+    scorer.config.pad_token_id = tokenizer.eos_token_id
+    scorer.save_pretrained(tmp_path / "eos-pad")
+    assert reward_function({f"model:{tmp_path / 'eos-pad'}": 1.0}, None)(answers, [""] * 3, prompts) == pytest.approx(
+        alone, abs=1e-4)
     with pytest.raises(InputError, match=r"grpo.rewards: model:.*base is LlamaForCausalLM with 2 labels; a reward "
                                          r"model is a sequence classifier with one score"):
         check_rewards({f"model:{base}": 1.0})

@@ -77,3 +77,21 @@ def test_the_verdict_against_the_longer_answer_by_hand():
     same = summarize_pairs(job, by_length)["verdict"]
     assert same["outcome"] == "within_noise" and same["difference"] == 0
     assert "it may have learned length rather than the preference" in same["sentence"]
+
+
+def test_a_grpo_reward_model_scores_an_answer_as_training_and_eval_do(tmp_path):
+    """`grpo.rewards: {"model:<folder>": 1}` scores prompt + answer + eos: the score a reward
+    model read at the answer's eos in training, and `ft-ray eval` reads there too."""
+    from ft_ray.evaluation.metrics import reward_function
+    from tests.conftest import tiny_reward_model
+
+    folder = tiny_reward_model(tmp_path / "rm")
+    job = config_from_dict({"objective": "reward_model", "method": "full", "data": {"train": "t.jsonl"},
+                            "model": {"max_seq_len": 512}})
+    records = DEMO.read_text().splitlines()[:4]
+    batch = {"text": np.array(records, dtype=object), "error": np.array([""] * 4, dtype=object),
+             "path": np.array(["eval.jsonl"] * 4, dtype=object), "line": np.arange(1, 5)}
+    rows = PairScorer(job.model_dump_json(), str(folder), "preference", {})(batch)
+    reward = reward_function({f"model:{folder}": 1.0}, None)
+    scored = reward(rows["chosen_text"] + rows["rejected_text"], [""] * 8, rows["prompt"] * 2)
+    assert scored == pytest.approx(rows["chosen_score"] + rows["rejected_score"], abs=1e-4)
