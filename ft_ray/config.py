@@ -837,9 +837,18 @@ def resume_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
+# settings whose default changed what a run does when they came: a run saved without one ran as this
+LEGACY_DEFAULTS = {("model", "untrained_tokens"): "keep"}
+
+
 def with_defaults(saved: dict) -> dict:
     """A saved job with the keys it lacks at their defaults: a run started by an ft-ray that
-    had no such setting yet ran as the default does (a job that no longer validates: as saved)."""
+    had no such setting yet ran as the default does, or as `LEGACY_DEFAULTS` says where the
+    default does otherwise (a job that no longer validates: as saved)."""
+    saved = copy.deepcopy(saved)
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
     try:
         return JobConfig.model_validate(saved).model_dump(mode="json")
     except ValidationError:

@@ -173,3 +173,8 @@ def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
     assert resume_changes(before, job) == []
     assert resume_changes(before, {**job, "data": {**job["data"], "loss_on": "all"}}) == [
         "data.loss_on: 'answers' -> 'all'"]
+    # ... unless the default does otherwise: before model.untrained_tokens, no row was mended
+    unmended = {**job, "model": {k: v for k, v in job["model"].items() if k != "untrained_tokens"}}
+    assert resume_changes(unmended, job) == ["model.untrained_tokens: 'keep' -> 'mend'"]
+    assert resume_changes(unmended, {**job, "model": {**job["model"], "untrained_tokens": "keep"}}) == []
+    assert "untrained_tokens" not in unmended["model"]  # the saved job is left as it is
