@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -315,33 +315,18 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     shots = examples["shots"][:settings.few_shot]
     pool = {part: texts[:settings.retrieval_pool] for part, texts in examples.items()}
     actors = actor_count(config)
-    columns: dict[str, list] = {}
-    for source, key, split in held_out_sources(config):
-        fmt, note = choose_format(source, config.storage, key)
-        dataset = held_out_dataset(config, source, key, split)
-        if settings.max_examples:
-            dataset = dataset.limit(settings.max_examples)
+    arm_names = (f"{len(arms)} arms ({', '.join(arm.label(settings.few_shot) for arm in arms)}; retrieval from "
+                 f"{len(pool['prompts'])} training examples)" if earlier is None else
+                 f"the variant (the other arms as in {earlier.uri})")
+
+    def arguments(source: SourceConfig, key: str, split: float | None, fmt: str) -> tuple[dict[str, Any], str]:
         gen_keys = list(first_held_out(config, source, key, split, settings.num_generations))
-        scored = dataset.map_batches(
-            ArmScorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
-            fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "shots": shots,
-                                   "fmt": fmt, "fields": source.fields, "generate_keys": gen_keys, "pool": pool,
-                                   "arms": tuple(arm.name for arm in arms)})
-        total = dataset.count()
-        scoring = (f"{len(arms)} arms ({', '.join(arm.label(settings.few_shot) for arm in arms)}; retrieval from "
-                   f"{len(pool['prompts'])} training examples)" if earlier is None else
-                   f"the variant (the other arms as in {earlier.uri})")
-        LOG.info(f"eval: {note}; {scoring} on {total} examples, {len(gen_keys)} answered by each, "
-                 f"on {actors} model actor(s)")
-        display = progress.Display("eval", total, "examples") if quiet() else None
-        for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
-            for name, values in batch.items():
-                columns.setdefault(name, []).extend(values.tolist())
-            if display:
-                display.update(len(columns.get("key", [])))
-        if display:
-            display.close()
+        return ({"job_json": config.model_dump_json(), "variant": target.weights, "shots": shots, "fmt": fmt,
+                 "fields": source.fields, "generate_keys": gen_keys, "pool": pool,
+                 "arms": tuple(arm.name for arm in arms)},
+                f"{arm_names} on {{total}} examples, {len(gen_keys)} answered by each")
+
+    columns = score_held_out(config, ArmScorer, actors, arguments)
     train_examples = target.train_examples if target.train_examples is not None else count_train_records(config)
     in_training = held_out_in_training(config) if earlier is None else earlier.in_training
     cols = {k: np.array(v) for k, v in columns.items()}
@@ -370,6 +355,39 @@ def with_arms_of(earlier: Scored, cols: dict[str, np.ndarray], names: list[str])
     taken = {column: values[rows] for column, values in earlier.columns.items()
              if any(column.startswith(f"{name}_") for name in names)}
     return {**cols, **taken}
+
+
+def score_held_out(config: JobConfig, scorer: type, actors: int,
+                   arguments: Callable[[SourceConfig, str, float | None, str], tuple[dict[str, Any], str]]
+                   ) -> dict[str, list]:
+    """Every held-out source's records (`eval.max_examples` of each at most) through `scorer`
+    on `actors` Ray Data actors, their rows gathered column by column, with a progress line
+    where the console is quiet. `arguments(source, key, split, format)`: the actors'
+    constructor arguments, and what the log says they score ("{total}": the records)."""
+    import ray.data
+
+    settings = config.eval
+    columns: dict[str, list] = {}
+    for source, key, split in held_out_sources(config):
+        fmt, note = choose_format(source, config.storage, key)
+        dataset = held_out_dataset(config, source, key, split)
+        if settings.max_examples:
+            dataset = dataset.limit(settings.max_examples)
+        kwargs, scoring = arguments(source, key, split, fmt)
+        scored = dataset.map_batches(
+            scorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0, fn_constructor_kwargs=kwargs)
+        total = dataset.count()
+        LOG.info(f"eval: {note}; {scoring.replace('{total}', str(total))}, on {actors} model actor(s)")
+        display = progress.Display("eval", total, "examples") if quiet() else None
+        for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
+            for name, values in batch.items():
+                columns.setdefault(name, []).extend(values.tolist())
+            if display:
+                display.update(len(columns.get("key", [])))
+        if display:
+            display.close()
+    return columns
 
 
 def actor_count(config: JobConfig) -> int:

@@ -156,32 +156,15 @@ def summarize_pairs(config: JobConfig, cols: dict[str, np.ndarray]) -> dict[str,
 def evaluate_reward_model(config: JobConfig, target: Any) -> dict[str, Any]:
     """Score the held-out pairs with the reward model at `target` (an `evaluate.Target`) on
     Ray Data actors, decide, write `eval.json`; returns it."""
-    import ray
-    import ray.data
-
-    from ft_ray.data.sources import choose_format
-    from ft_ray.evaluation.evaluate import actor_count, held_out_dataset, held_out_sources
+    from ft_ray.evaluation.evaluate import actor_count, score_held_out
     from ft_ray.train.trainer import connect_ray
 
     started = time.monotonic()
     connect_ray(config)
-    settings = config.eval
     actors = actor_count(config)
-    columns: dict[str, list] = {}
-    for source, key, split in held_out_sources(config):
-        fmt, note = choose_format(source, config.storage, key)
-        dataset = held_out_dataset(config, source, key, split)
-        if settings.max_examples:
-            dataset = dataset.limit(settings.max_examples)
-        scored = dataset.map_batches(
-            PairScorer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=1, num_gpus=1 if config.distributed.use_gpu else 0,
-            fn_constructor_kwargs={"job_json": config.model_dump_json(), "variant": target.weights, "fmt": fmt,
-                                   "fields": source.fields})
-        LOG.info(f"eval: {note}; the reward model's scores of each held-out pair's answers, on {actors} actor(s)")
-        for batch in scored.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
-            for name, values in batch.items():
-                columns.setdefault(name, []).extend(values.tolist())
+    columns = score_held_out(config, PairScorer, actors, lambda source, _key, _split, fmt: (
+        {"job_json": config.model_dump_json(), "variant": target.weights, "fmt": fmt, "fields": source.fields},
+        "the reward model's scores of the answers of {total} held-out pairs"))
     result = summarize_pairs(config, {k: np.array(v) for k, v in columns.items()})
     result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
                    "actors": actors, "wall_time_s": round(time.monotonic() - started, 1)})
