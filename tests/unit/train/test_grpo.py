@@ -228,7 +228,8 @@ def test_with_num_iterations_a_batch_is_sampled_once_and_updated_on_again_with_t
 
 def test_a_reward_model_scores_the_sampled_answers(tmp_path):
     """grpo.rewards model:<folder>: the worker loads the reward model; the rewards of the
-    sampled answers are its scores of each prompt + answer text, and a step trains on them."""
+    sampled answers are its scores of each prompt + answer as it trains on them (bos, prompt,
+    answer, eos), and a step trains on them."""
     from transformers import AutoModelForSequenceClassification
 
     from ft_ray.models import load_tokenizer
@@ -241,8 +242,10 @@ def test_a_reward_model_scores_the_sampled_answers(tmp_path):
     prompts = [tokenizer.decode(p, skip_special_tokens=True) for p in objective.prompts_of(batch)[0]]
     scorer = AutoModelForSequenceClassification.from_pretrained(rm)
     with torch.no_grad():
-        alone = [scorer(**tokenizer(prompts[i // 2] + tokenizer.decode(a, skip_special_tokens=True),
-                                    return_tensors="pt")).logits[0, 0].item() for i, a in enumerate(answers)]
+        alone = [scorer(input_ids=torch.tensor([
+            [tokenizer.bos_token_id] + tokenizer(prompts[i // 2], add_special_tokens=False).input_ids
+            + tokenizer(tokenizer.decode(a, skip_special_tokens=True) + tokenizer.eos_token,
+                        add_special_tokens=False).input_ids])).logits[0, 0].item() for i, a in enumerate(answers)]
     assert rewards.tolist() == pytest.approx(alone, abs=1e-4)
     metrics = engine.micro_step(batch, 1.0, True)[1]
     assert metrics["reward_std"] > 0 and engine.step() > 0  # answers scored apart; a gradient
