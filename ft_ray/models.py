@@ -267,9 +267,17 @@ def token_rows(model: Any, ids: list[int]) -> dict[str, list[int]] | None:
 
 
 def trained_in_full(config: ModelConfig) -> list[str]:
-    """Modules an adapter run must train whole and save with the adapter: the embeddings and
-    the output layer when tokens are added (their new rows have nothing to start from)."""
-    return ["embed_tokens", "lm_head"] if config.add_tokens else []
+    """Modules an adapter run trains whole and saves with the adapter: the embeddings and the
+    output layer when tokens are added with `model.new_tokens: whole`."""
+    return ["embed_tokens", "lm_head"] if config.add_tokens and config.new_tokens == "whole" else []
+
+
+def added_token_ids(config: ModelConfig) -> list[int]:
+    """The ids of `model.add_tokens`, whose rows an adapter run trains with `model.new_tokens:
+    rows` (none with `whole`: their modules train in full)."""
+    if not config.add_tokens or config.new_tokens == "whole":
+        return []
+    return load_tokenizer(config).convert_tokens_to_ids(config.add_tokens)
 
 
 def load_base_model(model: ModelConfig, dtype: Any = None, scores: bool = False) -> Any:
@@ -344,9 +352,9 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full:
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen but for
     `lora.modules_to_save` and `also_in_full` (see `trained_in_full`); a reward model's
     (`scores`) new score head trains whole (PEFT's SEQ_CLS task saves it with the adapter);
-    the rows of `tokens` (`mend_untrained_tokens`) in the embeddings and the output layer
-    train and are saved with the adapter (PEFT's trainable tokens), unless those modules
-    train whole.
+    the rows of `tokens` (`mend_untrained_tokens`, `added_token_ids`) in the embeddings and the
+    output layer train and are saved with the adapter (PEFT's trainable tokens), unless those
+    modules train whole.
 
     `base_model_path` is written into the adapter config, so the saved adapter names a
     base that `PeftModel.from_pretrained` can load without ft-ray.

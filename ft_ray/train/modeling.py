@@ -18,7 +18,8 @@ from ft_ray.train.fast_paths import (
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import apply_lora, load_base_model, load_quantized_model, mend_untrained_tokens, trained_in_full
+    from ft_ray.models import (added_token_ids, apply_lora, load_base_model, load_quantized_model,
+                               mend_untrained_tokens, trained_in_full)
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     if config.method == "qlora":
@@ -32,12 +33,13 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
-    mended = mend_untrained_tokens(model, config.model)
+    # token rows an adapter run trains: those the base never trained, and those of added tokens
+    tokens = sorted({*mend_untrained_tokens(model, config.model), *added_token_ids(config.model)})
     liger = use_fused_kernels(model, config)
     if config.uses_fast_paths:
         # the head's loss or log-probs without the whole logits; liger's loss where it runs, but
         # for an adapter's trained token rows (liger would train them through a copy of the head)
-        chunked_lm_head(model, sft_loss=not liger or bool(mended and config.trains_adapter))
+        chunked_lm_head(model, sft_loss=not liger or bool(tokens and config.trains_adapter))
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
     if config.recomputes_swiglu:
@@ -50,9 +52,9 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         in_full = trained_in_full(config.model)
         if in_full:
             size = sum(p.numel() * 4 for n, p in model.named_parameters() if any(n.split(".")[-2] == m for m in in_full))
-            LOG.info(f"note: model.add_tokens: {' and '.join(in_full)} train in full and are saved with "
-                     f"the adapter (+{size / 2**20:.1f} MiB in fp32)")
-        model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=mended)
+            LOG.info(f"note: model.add_tokens with new_tokens: whole: {' and '.join(in_full)} train in full and are "
+                     f"saved with the adapter (+{size / 2**20:.1f} MiB in fp32)")
+        model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=tokens)
         # what trains whole (a reward model's new score head, lora.modules_to_save, the embeddings
         # and output layer of added tokens) is copied from the 16-bit base: in fp32 as every trained weight
         for parameter in model.parameters():

@@ -88,8 +88,11 @@ def test_new_tokens_and_a_chat_template_train_and_export_with_their_tokenizer(ra
     summary = run_training(config)
     assert summary["data"]["records_rejected"] == 0 and summary["eval_loss_final"] < summary["eval_loss_initial"]
     adapter = Path(summary["adapter_path"])
-    assert sorted(json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"]) == ["embed_tokens",
-                                                                                                 "lm_head"]
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    # model.new_tokens: rows (the default): only the new tokens' rows train, saved with the adapter
+    new_ids = list(range(716, 716 + 62))
+    assert settings["modules_to_save"] is None
+    assert settings["trainable_token_indices"] == {"embed_tokens": new_ids, "lm_head": new_ids}
     assert main(["export", summary["best_checkpoint"], "--out", str(tmp_path / "merged"), "--merge"]) == 0
     out = subprocess.run([sys.executable, "-c", LOAD_NEW_TOKENS, str(adapter), str(tmp_path / "merged")],
                          capture_output=True, text=True, check=True, cwd=tmp_path)

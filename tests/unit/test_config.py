@@ -178,3 +178,7 @@ def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
     assert resume_changes(unmended, job) == ["model.untrained_tokens: 'keep' -> 'mend'"]
     assert resume_changes(unmended, {**job, "model": {**job["model"], "untrained_tokens": "keep"}}) == []
     assert "untrained_tokens" not in unmended["model"]  # the saved job is left as it is
+    # ... and before model.new_tokens, added tokens trained embed_tokens and lm_head whole
+    added = {**job, "model": {**job["model"], "add_tokens": ["<|x|>"]}}
+    older = {**added, "model": {k: v for k, v in added["model"].items() if k != "new_tokens"}}
+    assert resume_changes(older, added) == ["model.new_tokens: 'whole' -> 'rows'"]

@@ -50,12 +50,15 @@ def test_every_part_of_a_lora_worker_by_hand_for_the_tiny_model():
 
 
 def test_added_tokens_train_the_embeddings_and_output_layer_whole_in_fp32():
-    """`model.add_tokens` with LoRA: embed_tokens and lm_head train in full (fp32 copies of the
-    16-bit base's, their gradients and Adam's two states), as `lora.modules_to_save` does."""
+    """`model.add_tokens` with LoRA and `model.new_tokens: whole`: embed_tokens and lm_head
+    train in full (fp32 copies of the 16-bit base's, their gradients and Adam's two states), as
+    `lora.modules_to_save` does; with `rows` (the default) only their rows train."""
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
     gpu = {"distributed": {"num_workers": 1, "use_gpu": True}, "train": {"precision": "bf16"}}
     plain = plan_memory(job(**gpu), shape)
-    added = plan_memory(job(**gpu, model={"add_tokens": ["<|house|>"]}), shape)
+    rows = plan_memory(job(**gpu, model={"add_tokens": ["<|house|>"]}), shape)
+    assert rows.peak_mib == pytest.approx(plain.peak_mib)  # a row each in two matrices: under a MiB
+    added = plan_memory(job(**gpu, model={"add_tokens": ["<|house|>"], "new_tokens": "whole"}), shape)
     saved = plan_memory(job(**gpu, lora={"modules_to_save": ["embed_tokens", "lm_head"]}), shape)
     whole = 2 * 128256 * 4096
     for part, bytes_each in (("lora_weights", 4), ("gradients", 4), ("optimizer_states", 8)):

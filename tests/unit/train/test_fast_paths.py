@@ -196,7 +196,8 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, tok
     config = job(method, precision=precision)
     base = "builtin:tiny-llama"
     if tokens == "added":
-        config.model.add_tokens = ["<|house|>"]  # embed_tokens and lm_head train in full
+        config.model.add_tokens = ["<|house|>"]
+        config.model.new_tokens = "whole"  # embed_tokens and lm_head train in full
     elif tokens == "untrained":
         base = config.model.name_or_path = str(untrained_llama(tmp_path / "base"))
     model = build_model(config, base)
