@@ -103,10 +103,15 @@ def arms_section(evaluations: dict[str, dict], out: Path) -> str:
     retrieval arm shows the arms it has)."""
     if not evaluations:
         return ""
-    rows = [[name, ARM_LABELS[arm], *[e["arms"][arm].get(k) for k in ARM_FIGURES]]
-            for name, e in evaluations.items() for arm in ARM_LABELS if arm in e["arms"]]
     verdicts = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(e['verdict']['sentence'])}</li>"
                        for name, e in evaluations.items())
+    if all(e.get("kind") == "reward_model" for e in evaluations.values()):  # held-out pairs, no arms' losses
+        rows = [[name, label, e["arms"][arm]["pair_accuracy"]] for name, e in evaluations.items()
+                for arm, label in (("variant", "reward model"), ("longer_answer", "the longer answer wins"))]
+        return (f"<h2>Does the reward model order the held-out pairs?</h2><ul>{verdicts}</ul>"
+                + table(["variant", "rule", "pair accuracy"], rows))
+    rows = [[name, ARM_LABELS[arm], *[e["arms"][arm].get(k) for k in ARM_FIGURES]]
+            for name, e in evaluations.items() for arm in ARM_LABELS if arm in e["arms"]]
     plot_arms(evaluations, out / "arms.png")
     return (f"<h2>Does fine-tuning pay?</h2><ul>{verdicts}</ul>"
             + table(["variant", "arm", *ARM_FIGURES], rows) + "<img src='arms.png'>")

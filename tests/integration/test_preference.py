@@ -347,6 +347,9 @@ def test_a_reward_model_learns_the_preference_and_scores_grpo_answers(ray_local,
     assert result["arms"]["variant"]["pair_accuracy"] >= 0.9 and result["verdict"]["outcome"] == "variant_better"
     assert ("verdict: the reward model orders the held-out pairs better than the longer answer does"
             in capsys.readouterr().out)
+    assert main(["report", summary["run_folder"], "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<td>the longer answer wins</td><td>0.8125</td>" in page and result["verdict"]["sentence"] in page
     # a sweep's winner, as ft-ray tune exports one: `ft-ray eval --sweep` scores it the same way
     from ft_ray.train.checkpoints import file_digests
 
