@@ -30,6 +30,7 @@ from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import choose_format, eval_examples, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARMS, PROMPTING
+from ft_ray.evaluation.pairs import PairScorer, summarize_pairs
 from ft_ray.evaluation.scoring import ArmScorer, record_key, shot_text
 from ft_ray.storage import RunFolder
 from ft_ray.train.checkpoints import stored_files_problem
@@ -287,10 +288,8 @@ class Scored:
 
 def evaluate(config: JobConfig, target: Target) -> dict[str, Any]:
     """Score the arms on the held-out examples, decide, write `eval.json`; returns it. A
-    reward model's held-out pairs instead (`pairs.evaluate_reward_model`)."""
+    reward model's held-out pairs instead (`evaluate_reward_model`)."""
     if config.scores:
-        from ft_ray.evaluation.pairs import evaluate_reward_model
-
         return evaluate_reward_model(config, target)
     return evaluate_scored(config, target)[0]
 
@@ -343,6 +342,32 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     target.folder.write_json("eval.json", result)
     print_result(result, uri)
     return result, Scored(cols, uri, examples, in_training)
+
+
+def evaluate_reward_model(config: JobConfig, target: Target) -> dict[str, Any]:
+    """Score the held-out pairs with the reward model at `target` on Ray Data actors
+    (`pairs.PairScorer`), decide (`pairs.summarize_pairs`), write `eval.json`; returns it."""
+    from ft_ray.train.trainer import connect_ray
+
+    started = time.monotonic()
+    connect_ray(config)
+    actors = actor_count(config)
+    columns = score_held_out(config, PairScorer, actors, lambda source, _key, _split, fmt: (
+        {"job_json": config.model_dump_json(), "variant": target.weights, "fmt": fmt, "fields": source.fields},
+        "the reward model's scores of the answers of {total} held-out pairs"))
+    result = summarize_pairs(config, {k: np.array(v) for k, v in columns.items()})
+    result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
+                   "actors": actors, "wall_time_s": round(time.monotonic() - started, 1)})
+    uri = target.folder.uri_of("eval.json")
+    target.folder.write_json("eval.json", result)
+    arms = result["arms"]
+    LOG.info(f"eval on {result['examples']} held-out pairs: the reward model orders "
+             f"{arms['variant']['pair_accuracy']:.1%} (mean margin {arms['variant']['mean_margin']:.3g}), the longer "
+             f"answer {arms['longer_answer']['pair_accuracy']:.1%}"
+             + (f"; not scored: {result['not_scored']}" if result["not_scored"] else ""))
+    LOG.info(f"verdict: {result['verdict']['sentence']}")
+    LOG.info(f"eval.json: {uri}")
+    return result
 
 
 def with_arms_of(earlier: Scored, cols: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

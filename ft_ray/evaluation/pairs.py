@@ -12,14 +12,12 @@ score read at the answer's last token.
 from __future__ import annotations
 
 import collections
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ft_ray.config import JobConfig
-from ft_ray.console import LOG
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
@@ -151,30 +149,3 @@ def summarize_pairs(config: JobConfig, cols: dict[str, np.ndarray]) -> dict[str,
                              "chosen": str(cols["chosen_text"][i]), "rejected": str(cols["rejected_text"][i]),
                              "chosen_score": float(cols["chosen_score"][i]),
                              "rejected_score": float(cols["rejected_score"][i])} for i in worst]}
-
-
-def evaluate_reward_model(config: JobConfig, target: Any) -> dict[str, Any]:
-    """Score the held-out pairs with the reward model at `target` (an `evaluate.Target`) on
-    Ray Data actors, decide, write `eval.json`; returns it."""
-    from ft_ray.evaluation.evaluate import actor_count, score_held_out
-    from ft_ray.train.trainer import connect_ray
-
-    started = time.monotonic()
-    connect_ray(config)
-    actors = actor_count(config)
-    columns = score_held_out(config, PairScorer, actors, lambda source, _key, _split, fmt: (
-        {"job_json": config.model_dump_json(), "variant": target.weights, "fmt": fmt, "fields": source.fields},
-        "the reward model's scores of the answers of {total} held-out pairs"))
-    result = summarize_pairs(config, {k: np.array(v) for k, v in columns.items()})
-    result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
-                   "actors": actors, "wall_time_s": round(time.monotonic() - started, 1)})
-    uri = target.folder.uri_of("eval.json")
-    target.folder.write_json("eval.json", result)
-    arms = result["arms"]
-    LOG.info(f"eval on {result['examples']} held-out pairs: the reward model orders "
-             f"{arms['variant']['pair_accuracy']:.1%} (mean margin {arms['variant']['mean_margin']:.3g}), the longer "
-             f"answer {arms['longer_answer']['pair_accuracy']:.1%}"
-             + (f"; not scored: {result['not_scored']}" if result["not_scored"] else ""))
-    LOG.info(f"verdict: {result['verdict']['sentence']}")
-    LOG.info(f"eval.json: {uri}")
-    return result
