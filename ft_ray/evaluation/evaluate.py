@@ -618,8 +618,8 @@ def evaluate_sweep(config: JobConfig, path: str) -> dict[str, Any]:
         # the base and prompting arms are the same for every winner: scored for the first only
         with resolve_target(folder.uri, config) as target:
             if config.scores:  # a reward model: its pairs against the longer answer, no arms to share
-                result = evaluate(config, target)
-                brief = {"verdict": result["verdict"], "arms": result["arms"]}
+                result = evaluate_reward_model(config, target)
+                brief = {"kind": result["kind"], "verdict": result["verdict"], "arms": result["arms"]}
             else:
                 result, scored = evaluate_scored(config, target, first)
                 first = first or scored

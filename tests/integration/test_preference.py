@@ -361,6 +361,6 @@ def test_a_reward_model_learns_the_preference_and_scores_grpo_answers(ray_local,
     (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"winners": [{"rank": 1, "trial": "trial",
                                                                             "uri": str(winner)}]}))
     assert main(["eval", str(tmp_path / "job.yaml"), "--sweep", str(tmp_path / "sweep")]) == 0
-    assert json.loads((winner / "winner.json").read_text())["eval"] == {k: result[k] for k in ("verdict", "arms")}
+    assert json.loads((winner / "winner.json").read_text())["eval"] == {k: result[k] for k in ("kind", "verdict", "arms")}
     assert main(["generate", summary["run_folder"], "--prompt", "Hi"]) == 2
     assert "ft-ray generate answers prompts; reward_model is a reward model" in capsys.readouterr().err
