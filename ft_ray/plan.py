@@ -144,6 +144,9 @@ def trained_shape(config: JobConfig, shape: Shape) -> Shape:
     return dataclasses.replace(shape, tied=True) if config.scores else shape
 
 
+REWARD_MODEL_PARAMS: dict[str, int] = {}  # by grpo.rewards name: read once per process (plan_memory runs in loops)
+
+
 def reward_model_params(config: JobConfig) -> int:
     """The weights of a GRPO job's reward models (`grpo.rewards` "model:..."), from their
     config.json (an ft-ray reward model adapter's: its base's, the LoRA folded in), each a
@@ -152,14 +155,13 @@ def reward_model_params(config: JobConfig) -> int:
         return 0
     from ft_ray.evaluation.reward_model import REWARD_MODEL, adapter_config, base_of, model_source_of
 
-    total = 0
     for name in config.grpo.rewards:
-        if name.startswith(REWARD_MODEL):
+        if name.startswith(REWARD_MODEL) and name not in REWARD_MODEL_PARAMS:
             adapter = adapter_config(name)
             source = model_source_of(name) if adapter is None else base_of(adapter)
             shape, _ = model_shape(config.model_copy(update={"model": source}))
-            total += dataclasses.replace(shape, tied=True).params
-    return total
+            REWARD_MODEL_PARAMS[name] = dataclasses.replace(shape, tied=True).params
+    return sum(REWARD_MODEL_PARAMS[name] for name in config.grpo.rewards if name.startswith(REWARD_MODEL))
 
 
 def plan_memory(config: JobConfig, shape: Shape) -> Plan:
