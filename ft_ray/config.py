@@ -70,6 +70,18 @@ class ModelConfig(Section):
         "special tokens whose embedding or output row the base never trained (Llama 3 base's chat markers): "
         "mend = those rows start at the mean of the trained ones and train (with lora/qlora, saved with the "
         "adapter); keep = as the base has them"))
+    rope_scaling: Literal["none", "linear", "yarn"] = Field("none", description=(
+        "train past the base's context window (max_position_embeddings) by stretching its RoPE positions: "
+        "linear = position interpolation, yarn = YaRN (keeps short contexts nearly as they were); the factor is "
+        "max_seq_len over the window, rounded up, unless rope_factor says"))
+    rope_factor: float | None = Field(None, gt=1, description=(
+        "with rope_scaling: how many times the window to stretch to (e.g. train at 16k for a 32k target)"))
+
+    @model_validator(mode="after")
+    def _rope_factor_scales(self) -> "ModelConfig":
+        if self.rope_factor is not None and self.rope_scaling == "none":
+            raise ValueError("model.rope_factor needs model.rope_scaling (linear or yarn)")
+        return self
 
 
 FormatName = Literal["auto", "text", "instruction", "chat", "completion", "segments", "preference", "kto"]

@@ -78,7 +78,7 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
         ExportError: no checkpoint at `path`, or its files differ from its manifest (missing,
             cut short, changed: named), so it is not trusted.
     """
-    from ft_ray.models import load_tokenizer
+    from ft_ray.models import load_tokenizer, rope_overrides
     from ft_ray.train.checkpoints import digest_problem
 
     checkpoint = find_checkpoint(Path(path))
@@ -90,11 +90,12 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model)
+    adapter, rope = (weights / "adapter_config.json").exists(), rope_overrides(config.model)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as partial:
         written = Path(partial) / out.name
         written.mkdir()
-        if (weights / "adapter_config.json").exists() and merge:
-            merge_adapter(weights, written, len(tokenizer))
+        if adapter and merge:
+            merge_adapter(weights, written, len(tokenizer), rope)
         else:
             for item in weights.iterdir():
                 shutil.copy2(item, written / item.name)
@@ -102,13 +103,19 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
         if out.exists():
             shutil.rmtree(out)
         written.rename(out)
+    if adapter and rope and not merge:
+        LOG.info(f"note: the adapter in {out} trained on {config.model.name_or_path} with its RoPE stretched "
+                 f"(model.rope_scaling): load that base with "
+                 f"{', '.join(f'{key}={value!r}' for key, value in rope.items())} (from_pretrained takes them), "
+                 "or export the model merged (--merge), whose config.json has them")
     return out
 
 
-def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None) -> None:
+def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None, rope: dict | None = None) -> None:
     """Fold a LoRA adapter into its base model and save the result in safetensors. The base
     grows to `vocab_size` (default: the tokenizer saved with the adapter) when the run added
-    tokens, as a user loading the adapter with plain PEFT would do first."""
+    tokens, as a user loading the adapter with plain PEFT would do first, and loads with the
+    config settings `rope` (`rope_overrides`: the RoPE the adapter trained with)."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
@@ -122,7 +129,8 @@ def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None) -> No
     # a reward model's (SEQ_CLS): one score (its trained head comes with the adapter), read at
     # each row's last token before the padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base = model_class(scores).from_pretrained(base_path, **({"num_labels": 1, "pad_token_id": pad} if scores else {}))
+    base = model_class(scores).from_pretrained(base_path, **({"num_labels": 1, "pad_token_id": pad} if scores else {}),
+                                               **(rope or {}))
     if vocab_size is None and saved_with:
         vocab_size = len(tokenizer)
     if vocab_size and base.get_input_embeddings().num_embeddings < vocab_size:

@@ -103,17 +103,19 @@ def records_of(path: Path, config: JobConfig) -> Iterator[tuple[str, dict]]:
 
 class Answerer:
     """The variant loaded once (and the base: the adapter switched off, or the base model
-    beside a full fine-tune's), answering one prompt at a time."""
+    beside a full fine-tune's or beside an adapter trained with `model.rope_scaling`, with
+    its own RoPE), answering one prompt at a time."""
 
     def __init__(self, config: JobConfig, weights: Path, settings: Settings):
-        from ft_ray.models import load_base_model, load_tokenizer
+        from ft_ray.models import load_base_model, load_tokenizer, own_rope
         from ft_ray.samples import load_variant
 
         self.settings = settings
         self.tokenizer = load_tokenizer(config.model)
         adapter = (weights / "adapter_config.json").is_file()
-        self.base = load_base_model(config.model) if adapter or settings.compare else None
-        self.variant = load_variant(self.base, weights)
+        self.variant = load_variant(load_base_model(config.model) if adapter else None, weights)
+        self.shared = adapter and config.model.rope_scaling == "none"  # the base: the adapter switched off
+        self.base = load_base_model(own_rope(config.model)) if settings.compare and not self.shared else None
 
     def answer(self, prompt: str) -> dict[str, str]:
         from ft_ray.models import generate
@@ -124,7 +126,7 @@ class Answerer:
 
         answers = {"variant": reply(self.variant)}
         if self.settings.compare:
-            if hasattr(self.variant, "disable_adapter"):  # PEFT: the same weights without the adapter
+            if self.shared:
                 with self.variant.disable_adapter():
                     answers["base"] = reply(self.variant)
             else:

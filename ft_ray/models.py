@@ -75,22 +75,68 @@ def local_model_config(model: ModelConfig) -> Any:
 
 def context_window_warning(model: ModelConfig) -> str | None:
     """A warning when `model.max_seq_len` is past the positions the model was trained on (its
-    config.json's `max_position_embeddings`), read from the folder or the local cache only;
-    None when it fits or the config is not here."""
+    config.json's `max_position_embeddings`, or the stretch of `model.rope_scaling`), read from
+    the folder or the local cache only; None when it fits or the config is not here."""
     try:
         config = local_model_config(model)
     except (OSError, ValueError):
         return None
     window = getattr(config, "max_position_embeddings", None)
-    if not isinstance(window, int) or model.max_seq_len <= window:
+    if not isinstance(window, int):
+        return None
+    if model.rope_scaling != "none":
+        stretched = rope_overrides(model, config)["max_position_embeddings"]
+        return None if model.max_seq_len <= stretched else (
+            f"model.max_seq_len {model.max_seq_len} is longer than the {stretched} positions model.rope_scaling "
+            f"stretches {model.name_or_path}'s window to: raise model.rope_factor")
+    if model.max_seq_len <= window:
         return None
     return (f"model.max_seq_len {model.max_seq_len} is longer than {model.name_or_path}'s context window "
-            f"({window} positions, max_position_embeddings): the positions past it were never trained")
+            f"({window} positions, max_position_embeddings): the positions past it were never trained "
+            "(model.rope_scaling: yarn stretches the window)")
+
+
+def rope_overrides(model: ModelConfig, config: Any = None) -> dict[str, Any]:
+    """The config settings `model.rope_scaling` loads the model with: RoPE stretched by
+    `model.rope_factor` (default: `max_seq_len` over the window, rounded up) from the window
+    of its config.json (`config`, else read), which grows by the factor; {} without scaling.
+
+    Raises:
+        InputError: the model scales its RoPE already, or has a setting per layer type, or
+            the stretch is not over 1.
+    """
+    import math
+
+    if model.rope_scaling == "none":
+        return {}
+    if config is None:
+        from transformers import AutoConfig
+
+        try:
+            config = local_model_config(model)
+        except OSError:
+            config = from_model_source(AutoConfig.from_pretrained, model)
+    params, window = getattr(config, "rope_parameters", None), getattr(config, "max_position_embeddings", None)
+    where = f"model.rope_scaling: {model.name_or_path}"
+    if not isinstance(params, dict) or "rope_theta" not in params or not isinstance(window, int):
+        raise InputError(f"{where} has no single RoPE setting to stretch (config.json: rope_parameters "
+                         f"{params!r}, max_position_embeddings {window!r})")
+    if params.get("rope_type", "default") != "default":
+        raise InputError(f"{where} scales its RoPE already (rope_type {params['rope_type']!r}, factor "
+                         f"{params.get('factor')}): its context window is {window} positions")
+    factor = float(model.rope_factor or math.ceil(model.max_seq_len / window))
+    if factor <= 1:
+        raise InputError(f"{where}'s context window ({window} positions) holds model.max_seq_len "
+                         f"{model.max_seq_len}: nothing to stretch (model.rope_factor stretches it anyway)")
+    stretch = {"rope_type": model.rope_scaling, "factor": factor}
+    if model.rope_scaling == "yarn":  # its frequencies depend on the window the model trained on
+        stretch["original_max_position_embeddings"] = window
+    return {"rope_parameters": {**params, **stretch}, "max_position_embeddings": int(window * factor)}
 
 
 def from_model_source(load: Callable[..., Any], model: ModelConfig, weights: bool = False, **options: Any) -> Any:
-    """`load` (a transformers `from_pretrained`; `weights`: an AutoModel's) of `model_source(model)`
-    at `model.revision`.
+    """`load` (a transformers `from_pretrained`; `weights`: an AutoModel's, with the RoPE of
+    `model.rope_scaling`) of `model_source(model)` at `model.revision`.
 
     With the hub unreachable (one request with no retries says so) a hub id loads from the
     Hugging Face cache at once, not after huggingface_hub's retries (about 25 s a file), and a
@@ -100,6 +146,7 @@ def from_model_source(load: Callable[..., Any], model: ModelConfig, weights: boo
     unreachable = _hub_unreachable(model)
     if weights:  # transformers 5.24's AutoModel looks for a PEFT adapter without the local_files_only given it
         options["adapter_kwargs"] = {"local_files_only": unreachable is not None}
+        options.update(rope_overrides(model))
     try:
         loaded = load(source, revision=model.revision, trust_remote_code=model.trust_remote_code,
                       local_files_only=unreachable is not None, **options)
@@ -382,10 +429,21 @@ def save_base_model(model: ModelConfig, folder: Path) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").exists():
-        original = model.model_copy(update={"add_tokens": [], "chat_template": None})  # the base as shipped
-        load_base_model(original).save_pretrained(folder, safe_serialization=True)
-        load_tokenizer(original).save_pretrained(folder)
+        shipped = as_shipped(model)
+        load_base_model(shipped).save_pretrained(folder, safe_serialization=True)
+        load_tokenizer(shipped).save_pretrained(folder)
     return folder
+
+
+def own_rope(model: ModelConfig) -> ModelConfig:
+    """`model` with the RoPE of its config.json (no `rope_scaling`): the base model a
+    comparison runs, as it would run without fine-tuning."""
+    return model.model_copy(update={"rope_scaling": "none", "rope_factor": None})
+
+
+def as_shipped(model: ModelConfig) -> ModelConfig:
+    """`model` without what a job changes of it: its tokens, chat template and RoPE."""
+    return own_rope(model).model_copy(update={"add_tokens": [], "chat_template": None})
 
 
 def count_parameters(model: Any) -> dict[str, int]:

@@ -87,7 +87,7 @@ def checked_format(source: SourceConfig, config: JobConfig, key: str) -> tuple[s
 
 def validate_data(config: JobConfig) -> dict[str, Any]:
     """Counts and readable lines about the job's data; warnings start with 'warning:'."""
-    from ft_ray.models import context_window_warning, load_tokenizer
+    from ft_ray.models import context_window_warning, load_tokenizer, rope_overrides
 
     tokenizer = load_tokenizer(config.model)
     data = config.data
@@ -95,6 +95,10 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     train = held_out = 0
     tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
     lines: list[str] = [f"warning: {w}" for w in [context_window_warning(config.model)] if w]
+    if rope := rope_overrides(config.model):
+        stretch = rope["rope_parameters"]
+        lines.append(f"model: RoPE stretched ({stretch['rope_type']}, factor {stretch['factor']:g}): "
+                     f"{stretch['original_max_position_embeddings']} -> {rope['max_position_embeddings']} positions")
     formats: Counter = Counter()
     problems = 0
     held_out_examples = eval_examples(config) if data.eval else Counter()

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ft_ray.config import JobConfig
+from ft_ray.config import JobConfig, ModelConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
@@ -47,12 +47,13 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True) -> tuple[An
     """(base model, variant model, shared): for an adapter the variant is the base model with
     the adapter attached (shared: the base arms run with the adapter disabled); a full
     model folder is loaded on its own, and the base model beside it only for `base_arms`
-    (None otherwise: a second copy of the weights no arm reads). QLoRA adapters run on the
+    (None otherwise: a second copy of the weights no arm reads), as is the base of an adapter
+    trained with `model.rope_scaling` (the base arms run with the base's own RoPE). QLoRA adapters run on the
     4-bit base they trained on. On a GPU actor the models go to the GPU, in bf16 when the
     job trains in bf16."""
     import torch
 
-    from ft_ray.models import load_base_model, load_quantized_model
+    from ft_ray.models import load_base_model, load_quantized_model, own_rope
 
     gpu = job.distributed.use_gpu and torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu and job.train.precision == "bf16" else torch.float32
@@ -60,19 +61,26 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True) -> tuple[An
     def placed(model: Any) -> Any:
         return (model.to("cuda") if gpu else model).eval()
 
+    def base_model(model: ModelConfig) -> Any:
+        return (load_quantized_model(model, job.quantization, False) if job.method == "qlora"
+                else placed(load_base_model(model, dtype)))
+
+    unstretched = own_rope(job.model)
     if (variant / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = (load_quantized_model(job.model, job.quantization, False) if job.method == "qlora"
-                else placed(load_base_model(job.model, dtype)))
-        return base, PeftModel.from_pretrained(base, str(variant)).eval(), True
+        base = base_model(job.model)
+        adapted = PeftModel.from_pretrained(base, str(variant)).eval()
+        if job.model.rope_scaling == "none":
+            return base, adapted, True
+        return base_model(unstretched) if base_arms else None, adapted, False
     from transformers import AutoModelForCausalLM
 
     if not (variant / "config.json").exists():
         raise FileNotFoundError(f"{variant}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
     full = AutoModelForCausalLM.from_pretrained(str(variant), dtype=dtype,
                                                 attn_implementation=job.model.attn_implementation)
-    return placed(load_base_model(job.model, dtype)) if base_arms else None, placed(full), False
+    return placed(load_base_model(unstretched, dtype)) if base_arms else None, placed(full), False
 
 
 class ArmScorer:

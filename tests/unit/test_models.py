@@ -195,3 +195,65 @@ def test_special_tokens_the_base_never_trained_start_at_the_mean_and_train_with_
     with torch.no_grad():
         torch.testing.assert_close(resumed.eval()(ids).logits, trained)
     assert (trained - plain).abs().max() > 1e-3
+
+
+def test_rope_scaling_stretches_the_window_for_training_export_and_the_variant_only(tmp_path):
+    """`model.rope_scaling` loads the base with its RoPE stretched by max_seq_len over the
+    window (rounded up) or `rope_factor`: linear divides every frequency by the factor, yarn
+    leaves the fastest as they were; the merged export has the stretch in its config.json and
+    answers as the adapter on the stretched base does past the old window; the base arms of
+    `ft-ray eval` and `generate --compare` run the base's own RoPE. A model that scales its
+    RoPE already, or a stretch of 1, is refused."""
+    from pydantic import ValidationError
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_ray.config import InputError, config_from_dict
+    from ft_ray.evaluation.scoring import load_arms
+    from ft_ray.export import merge_adapter
+    from ft_ray.generate import Answerer, Settings
+    from ft_ray.models import BUILTIN, context_window_warning, rope_overrides
+
+    plain = load_base_model(ModelConfig()).model.rotary_emb.inv_freq
+    yarn = ModelConfig(max_seq_len=2100, rope_scaling="yarn")
+    rope = rope_overrides(yarn)
+    assert rope["max_position_embeddings"] == 3072 and rope["rope_parameters"] == {
+        "rope_theta": 10000.0, "rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 1024}
+    stretched = load_base_model(yarn)
+    assert stretched.config.max_position_embeddings == 3072 and context_window_warning(yarn) is None
+    frequencies = stretched.model.rotary_emb.inv_freq
+    assert frequencies[0] == plain[0] and frequencies[-1] < plain[-1] / 2
+    linear = ModelConfig(max_seq_len=2100, rope_scaling="linear", rope_factor=4)
+    torch.testing.assert_close(load_base_model(linear).model.rotary_emb.inv_freq, plain / 4)
+    assert "stretches builtin:tiny-llama's window to" in context_window_warning(
+        linear.model_copy(update={"max_seq_len": 5000}))
+
+    with pytest.raises(InputError, match="holds model.max_seq_len 256: nothing to stretch"):
+        rope_overrides(ModelConfig(rope_scaling="yarn"))
+    scaled = AutoConfig.from_pretrained(BUILTIN["builtin:tiny-llama"])
+    scaled.rope_parameters = {"rope_theta": 10000.0, "rope_type": "linear", "factor": 3.0}
+    scaled.save_pretrained(tmp_path / "scaled")
+    with pytest.raises(InputError, match=r"scales its RoPE already \(rope_type 'linear', factor 3.0\)"):
+        rope_overrides(ModelConfig(name_or_path=str(tmp_path / "scaled"), max_seq_len=2100, rope_scaling="yarn"))
+    with pytest.raises(ValidationError, match="model.rope_factor needs model.rope_scaling"):
+        ModelConfig(rope_factor=2)
+
+    adapter = apply_lora(stretched, LoraConfig(rank=4, alpha=8, dropout=0.0), str(BUILTIN["builtin:tiny-llama"]))
+    with torch.no_grad():
+        for name, weight in adapter.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.02)
+    adapter.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged", rope=rope)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.rope_parameters["rope_type"] == "yarn" and merged.config.max_position_embeddings == 3072
+    ids = torch.randint(3, 700, (1, 2000))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids).logits, adapter.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+    job = config_from_dict({"model": yarn.model_dump(), "data": {"train": "t.jsonl"}})
+    base, variant, shared = load_arms(job, tmp_path / "adapter")
+    assert not shared and base.config.rope_parameters["rope_type"] == "default"
+    assert variant.get_base_model().config.rope_parameters["rope_type"] == "yarn"
+    answerer = Answerer(job, tmp_path / "adapter", Settings(max_new_tokens=4, compare=True))
+    assert answerer.base.config.rope_parameters["rope_type"] == "default"
+    assert set(answerer.answer("Hello")) == {"variant", "base"}

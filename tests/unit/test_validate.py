@@ -44,6 +44,11 @@ def test_warns_below_100_training_examples_and_lists_bad_lines(tmp_path, capsys)
     assert ("warning: model.max_seq_len 2048 is longer than builtin:tiny-llama's context window (1024 positions, "
             "max_position_embeddings): the positions past it were never trained") in out
     assert f"problem: {data}:3: not_json: not JSON" in out
+    job = write_job(tmp_path, data={"train": str(data), "eval": None, "eval_fraction": 0.0},
+                    model={"max_seq_len": 2048, "rope_scaling": "yarn"})
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "model: RoPE stretched (yarn, factor 2): 1024 -> 2048 positions" in out and "context window" not in out
 
 
 def test_eval_records_that_are_training_records_too_are_counted(tmp_path, capsys):
@@ -144,6 +149,8 @@ def test_train_and_prepare_say_a_model_or_data_that_is_not_here_before_ray_start
         assert f"data.train: no data files at '{tmp_path / 'nope.jsonl'}'" in err
         # said first, by train: a sequence length past the model's positions
         assert ("model.max_seq_len 2048 is longer than builtin:tiny-llama's context window" in out) == (command == "train")
+    assert main(["train", str(write_job(tmp_path, model={"rope_scaling": "linear"}))]) == 2
+    assert "context window (1024 positions) holds model.max_seq_len 128: nothing to stretch" in capsys.readouterr().err
     job = write_job(tmp_path, objective="grpo", grpo={"rewards": {"my_rewards:is_polite": 1.0}})
     assert main(["train", str(job)]) == 2
     assert "grpo.rewards: cannot import my_rewards:is_polite (ModuleNotFoundError" in capsys.readouterr().err
