@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ft_ray.config import InputError, LoraConfig, ModelConfig
+from ft_ray.config import InputError, JobConfig, LoraConfig, ModelConfig
 from ft_ray.console import LOG
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -73,6 +73,76 @@ def local_model_config(model: ModelConfig) -> Any:
                                       trust_remote_code=model.trust_remote_code)
 
 
+def model_config(model: ModelConfig) -> Any:
+    """The model's config.json: from the folder or the local cache, else from the hub."""
+    from transformers import AutoConfig
+
+    try:
+        return local_model_config(model)
+    except OSError:
+        return from_model_source(AutoConfig.from_pretrained, model)
+
+
+def model_warnings(job: JobConfig) -> list[str]:
+    """What `validate` and `train` say of the job's model before Ray starts: a sequence
+    length past its context window, LoRA targets it lacks (`check_layout`).
+
+    Raises:
+        InputError: a RoPE stretch it cannot take, no LoRA target it has, an attention it
+            cannot run."""
+    rope_overrides(job.model)
+    return [w for w in [context_window_warning(job.model)] if w] + check_layout(
+        job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model")
+
+
+def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool) -> list[str]:
+    """Warnings for `lora.target_modules` and `modules_to_save` names the model has no layer
+    of (PEFT adapts the others and says nothing), from its layers built on the meta device
+    (no weights; [] when transformers cannot build them here).
+
+    Raises:
+        InputError: none of the targets is a linear layer of the model; the model cannot run
+            `model.attn_implementation: sdpa` (Gemma 2: eager)."""
+    import torch
+
+    config = model_config(model)
+    attention = "eager" if model.attn_implementation == "flash_attention_2" else model.attn_implementation  # flash-attn: maybe on the workers only
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(scores).from_config(config, attn_implementation=attention,
+                                                       trust_remote_code=model.trust_remote_code)
+    except ValueError as e:
+        if "scaled_dot_product_attention" in str(e):
+            raise InputError(f"model.attn_implementation: {model.name_or_path} ({type(config).__name__}) cannot run "
+                             "sdpa attention in this transformers: set it to eager (or flash_attention_2)") from None
+        return []
+    except Exception:  # noqa: BLE001 - loading the model says what is wrong with it
+        return []
+    if lora is None:
+        return []
+    modules = [name for name, _ in skeleton.named_modules()]
+    linear = [name for name, module in skeleton.named_modules()
+              if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]  # GPT-2's
+    layers = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
+    kind = type(skeleton).__name__
+    warnings = []
+    if lora.target_modules != "all-linear":
+        found = [t for t in lora.target_modules if any(n == t or n.endswith("." + t) for n in linear)]
+        missing = [t for t in lora.target_modules if t not in found]
+        if not found:
+            raise InputError(f"lora.target_modules: none of {', '.join(missing)} is a linear layer of "
+                             f"{model.name_or_path} ({kind}: {layers}); name those to adapt, or all-linear")
+        if missing:
+            warnings.append(f"lora.target_modules: {model.name_or_path} ({kind}) has no {', '.join(missing)}: only "
+                            f"{', '.join(found)} get adapters (its linear layers: {layers}); name those to adapt, "
+                            "or all-linear")
+    unsaved = [t for t in lora.modules_to_save if not any(n.endswith(t) for n in modules)]
+    if unsaved:
+        warnings.append(f"lora.modules_to_save: {model.name_or_path} ({kind}) has no {', '.join(unsaved)}: "
+                        "not trained")
+    return warnings
+
+
 def context_window_warning(model: ModelConfig) -> str | None:
     """A warning when `model.max_seq_len` is past the positions the model was trained on (its
     config.json's `max_position_embeddings`, or the stretch of `model.rope_scaling`), read from
@@ -109,13 +179,7 @@ def rope_overrides(model: ModelConfig, config: Any = None) -> dict[str, Any]:
 
     if model.rope_scaling == "none":
         return {}
-    if config is None:
-        from transformers import AutoConfig
-
-        try:
-            config = local_model_config(model)
-        except OSError:
-            config = from_model_source(AutoConfig.from_pretrained, model)
+    config = config or model_config(model)
     params, window = getattr(config, "rope_parameters", None), getattr(config, "max_position_embeddings", None)
     where = f"model.rope_scaling: {model.name_or_path}"
     if not isinstance(params, dict) or "rope_theta" not in params or not isinstance(window, int):

@@ -87,14 +87,14 @@ def checked_format(source: SourceConfig, config: JobConfig, key: str) -> tuple[s
 
 def validate_data(config: JobConfig) -> dict[str, Any]:
     """Counts and readable lines about the job's data; warnings start with 'warning:'."""
-    from ft_ray.models import context_window_warning, load_tokenizer, rope_overrides
+    from ft_ray.models import load_tokenizer, model_warnings, rope_overrides
 
     tokenizer = load_tokenizer(config.model)
     data = config.data
     split_off = 0.0 if data.eval else data.eval_fraction
     train = held_out = 0
     tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
-    lines: list[str] = [f"warning: {w}" for w in [context_window_warning(config.model)] if w]
+    lines: list[str] = [f"warning: {w}" for w in model_warnings(config)]
     if rope := rope_overrides(config.model):
         stretch = rope["rope_parameters"]
         lines.append(f"model: RoPE stretched ({stretch['rope_type']}, factor {stretch['factor']:g}): "

@@ -128,7 +128,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     holds a local run folder while it trains it (`holding`). `callbacks` go to Ray Train's
     RunConfig (a sweep passes Tune's report callback).
     """
-    from ft_ray.models import context_window_warning, load_tokenizer, rope_overrides
+    from ft_ray.models import load_tokenizer, model_warnings
 
     started = time.monotonic()
     # said before Ray starts: a model or data files that are not there (data_files lists the
@@ -138,8 +138,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
         from ft_ray.evaluation.metrics import check_rewards
 
         check_rewards(config.grpo.rewards)  # a reward function or model that is not there
-    rope_overrides(config.model)  # a RoPE stretch the model cannot take
-    if warning := context_window_warning(config.model):
+    for warning in model_warnings(config):
         LOG.warning(warning)
     if not os.environ.get("RAY_ADDRESS"):  # on a cluster, rank 0 logs to W&B from a node of the cluster
         check_wandb_login(config)

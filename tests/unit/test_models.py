@@ -257,3 +257,38 @@ def test_rope_scaling_stretches_the_window_for_training_export_and_the_variant_o
     answerer = Answerer(job, tmp_path / "adapter", Settings(max_new_tokens=4, compare=True))
     assert answerer.base.config.rope_parameters["rope_type"] == "default"
     assert set(answerer.answer("Hello")) == {"variant", "base"}
+
+
+def test_lora_targets_and_attention_a_model_lacks_are_said_before_launch(tmp_path):
+    """From the model's layers built on the meta device (config.json only, no weights): a
+    target PEFT would skip silently is a warning naming the model's linear layers (Phi-3 fuses
+    q, k and v into qkv_proj), no target at all an error (GPT-NeoX), as is sdpa on a model that
+    cannot run it (Gemma 2); the built-in model's defaults pass."""
+    from transformers import AutoConfig
+
+    from ft_ray.config import InputError
+    from ft_ray.models import check_layout
+
+    def model(kind: str, **shape) -> ModelConfig:
+        AutoConfig.for_model(kind, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=800, pad_token_id=0, **shape).save_pretrained(tmp_path / kind)
+        return ModelConfig(name_or_path=str(tmp_path / kind))
+
+    lora = LoraConfig(modules_to_save=["lm_head", "embed_tokens"])
+    assert check_layout(ModelConfig(), lora, scores=False) == []
+    assert check_layout(model("phi3"), lora, scores=False) == [
+        f"lora.target_modules: {tmp_path / 'phi3'} (Phi3ForCausalLM) has no q_proj, k_proj, v_proj: only o_proj get "
+        "adapters (its linear layers: o_proj, qkv_proj, gate_up_proj, down_proj, lm_head); name those to adapt, or "
+        "all-linear"]
+    assert check_layout(model("phi3"), LoraConfig(target_modules="all-linear"), scores=True) == []
+    neox = model("gpt_neox")
+    with pytest.raises(InputError, match=r"lora.target_modules: none of q_proj, k_proj, v_proj, o_proj is a linear "
+                                         r"layer of .*gpt_neox \(GPTNeoXForCausalLM: query_key_value, dense, "):
+        check_layout(neox, lora, scores=False)
+    assert check_layout(neox, LoraConfig(target_modules=["query_key_value"], modules_to_save=["embed_tokens"]),
+                        scores=False) == [f"lora.modules_to_save: {neox.name_or_path} (GPTNeoXForCausalLM) has no "
+                                          "embed_tokens: not trained"]
+    gemma = model("gemma2", head_dim=16)
+    with pytest.raises(InputError, match=r"model.attn_implementation: .* \(Gemma2Config\) cannot run sdpa attention"):
+        check_layout(gemma, None, scores=False)
+    assert check_layout(gemma.model_copy(update={"attn_implementation": "eager"}), lora, scores=False) == []
