@@ -306,16 +306,21 @@ def _check_tool_support(tokenizer: Any, tools: list[dict] | None) -> None:
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """The chat template's text of `messages`, without the bos token the template may open
+    with (Llama 3, Mistral and Gemma's do): every example gets its bos from ft-ray
+    (`assemble_batch`), and a second one would train the model on [bos, bos, ...]."""
     if not messages and not generation_prompt and not tools:
         return ""
     if getattr(tokenizer, "chat_template", None) is None:
         raise RecordError("chat records need a tokenizer with a chat template", "no_chat_template")
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what a template's own checks raise
         raise RecordError(f"the chat template refused it: {type(e).__name__}: {str(e)[:300]}",
                           "template_error") from None
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 def _suffix(text: str, prefix: str) -> str:

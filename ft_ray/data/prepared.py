@@ -24,7 +24,8 @@ from ft_ray.data.sources import list_files
 from ft_ray.storage import filesystem_for
 
 STATS_FILE = "stats.json"
-PREPARED_VERSION = 3  # 2: sample ids name files relative to their source's folder (records.source_name); 3: long texts in windows
+PREPARED_VERSION = 4  # 2: sample ids name files relative to their source's folder (records.source_name); 3: long texts in windows;
+# 4: a chat template's opening bos left out (formats._render)
 
 
 def data_files(config: JobConfig) -> list[dict[str, Any]]:

@@ -89,6 +89,23 @@ def test_chat_renders_the_template_exactly_and_trains_assistant_turns_only(token
     assert all("<|assistant|>" not in text for text in trained)  # the header is prompt
 
 
+def test_a_template_that_opens_with_the_bos_token_gives_one_bos(tokenizer):
+    """Llama 3's, Mistral's and Gemma's templates write the bos token first; ft-ray puts one
+    before every example itself, so the template's is left out: [bos, <|user|>, ...], not
+    [bos, bos, <|user|>, ...], in chat records, prompt/completion lists and preference pairs."""
+    opening = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    opening.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    user, bos = tokenizer.convert_tokens_to_ids("<|user|>"), tokenizer.bos_token_id
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for record, fmt in [({"messages": turns}, "chat"), ({"prompt": turns[:1], "completion": turns[1:]}, "completion")]:
+        for template in (tokenizer, opening):
+            example = parse_record(json.dumps(record), "", fmt, {}, template, 256, None)
+            assert example["input_ids"][:2] == [bos, user]
+    pair = {"prompt": turns[:1], "chosen": turns[1:], "rejected": [{"role": "assistant", "content": "no"}]}
+    for segments, _ in record_units(pair, "preference", opening):  # chosen, rejected
+        assert segments[0][0].startswith("<|user|>")
+
+
 @pytest.mark.parametrize("record, reason, kind", [
     ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'", "unknown_role"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations\\[0\\].from: unknown role 'bot'", "unknown_role"),
