@@ -353,6 +353,30 @@ def template_tokens(tokenizer: Any) -> set[int]:
     return found
 
 
+ANSWER_PROBE = "Okay, done."  # an assistant turn's text, found in the template's rendering of it
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the eos, and the special token the chat template closes
+    an assistant turn with where that is another (ChatML's `<|im_end|>` on a base Qwen,
+    `<|eot_id|>` on a base Llama 3.1, `<end_of_turn>` on Gemma): a model fine-tuned on such
+    turns ends its answers with it, and generation stops at either."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not getattr(tokenizer, "chat_template", None):
+        return stops
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."},
+                                              {"role": "assistant", "content": ANSWER_PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: the eos alone
+        return stops
+    if ANSWER_PROBE not in text:
+        return stops
+    special = {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder}
+    after = tokenizer(text[text.rindex(ANSWER_PROBE) + len(ANSWER_PROBE):], add_special_tokens=False)["input_ids"]
+    closing = next((i for i in after if i in special), None)
+    return stops + [closing] if closing is not None and closing not in stops else stops
+
+
 def mean_of_rows(matrix: Any, rows: Any) -> Any:
     """The fp32 mean of `matrix`'s rows where the boolean `rows` is true, summed in slices."""
     import torch
@@ -528,7 +552,6 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     with torch.no_grad():
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             **sampling, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             **sampling, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

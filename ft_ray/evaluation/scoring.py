@@ -94,7 +94,7 @@ class ArmScorer:
         scored (the columns of the others are empty)."""
         import torch
 
-        from ft_ray.models import load_tokenizer
+        from ft_ray.models import load_tokenizer, stop_ids
 
         self.job = JobConfig.model_validate_json(job_json)
         self.settings = self.job.eval
@@ -105,7 +105,7 @@ class ArmScorer:
         self.arms = tuple(arm for arm in ARMS if arm.name in arms)
         self.generate_keys = set(generate_keys)
         self.tokenizer = load_tokenizer(self.job.model)
-        self.bos = bos_id(self.tokenizer)
+        self.bos, self.stops = bos_id(self.tokenizer), stop_ids(self.tokenizer)
         torch.manual_seed(self.settings.seed)
         with local_variant(variant, self.job) as weights:
             self.base, self.variant, self.shared = load_arms(self.job, weights,
@@ -281,7 +281,7 @@ class ArmScorer:
         with self.model(arm) as model, torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=self.settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stops)
         seconds = time.perf_counter() - started
         new = out[0, ids.shape[1]:]
         return self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds

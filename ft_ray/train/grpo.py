@@ -29,6 +29,7 @@ import torch
 
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.evaluation.metrics import reward_function
+from ft_ray.models import stop_ids
 from ft_ray.train.preference import adapter_off_reference, frozen_copy_reference, token_logps_of, unwrapped
 
 ADVANTAGE_EPSILON = 1e-4  # TRL's: a group whose answers all scored the same has advantage 0
@@ -89,6 +90,7 @@ class GRPOObjective:
 
     def __init__(self, config: Any, tokenizer: Any, reference: Callable[[Any, dict], torch.Tensor] | None):
         self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference
+        self.stops = stop_ids(tokenizer)  # an answer ends at the eos or the template's end of turn
         self.seed = config.train.seed
         self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex)
         self.rounds: dict[bytes, Round] = {}  # batches sampled and not yet updated on num_iterations times
@@ -141,7 +143,7 @@ class GRPOObjective:
         scored = self.answer_batch(self.prompts_of(batch)[0], answers, group, batch["input_ids"].device)
         mask = (scored["labels"] != IGNORE_INDEX).float()
         if self.settings.mask_truncated_answers:  # cut at max_new_tokens: no end of text
-            ended = torch.tensor([bool(a) and a[-1] == self.tokenizer.eos_token_id for a in answers], device=mask.device)
+            ended = torch.tensor([bool(a) and a[-1] in self.stops for a in answers], device=mask.device)
             mask = mask * ended[:, None]
         advantages = group_advantages(rewards, group, self.settings.scale_rewards == "group").to(mask.device)
         return Round(scored, advantages, mask, metrics)
@@ -169,7 +171,8 @@ class GRPOObjective:
     @torch.no_grad()
     def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool,
                seed: int | None = None) -> list[list[int]]:
-        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos;
+        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos
+        (or the template's end of turn, `stop_ids`);
         sampled from `seed` where given, leaving the global random state as it was."""
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
@@ -185,12 +188,12 @@ class GRPOObjective:
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
                                      do_sample=sampled, temperature=self.settings.temperature if sampled else None,
                                      top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
-                                     use_cache=True, eos_token_id=self.tokenizer.eos_token_id)
+                                     use_cache=True, eos_token_id=self.stops)
         finally:
             model.train(was_training)
         answers = []
         for row in out[:, width:].tolist():
-            end = row.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in row else len(row)
+            end = next((i + 1 for i, token in enumerate(row) if token in self.stops), len(row))
             answers.append(row[:end])
         return answers
 

@@ -249,3 +249,29 @@ def test_a_reward_model_scores_the_sampled_answers(tmp_path):
     assert rewards.tolist() == pytest.approx(alone, abs=1e-4)
     metrics = engine.micro_step(batch, 1.0, True)[1]
     assert metrics["reward_std"] > 0 and engine.step() > 0  # answers scored apart; a gradient
+
+
+def test_answers_end_at_the_templates_end_of_turn_where_it_is_not_the_eos():
+    """A base model's eos is often not the token its chat template closes assistant turns with
+    (Qwen2.5 base: <|endoftext|> vs <|im_end|>; Llama 3.1 base: <|end_of_text|> vs <|eot_id|>).
+    The built-in model closes its turns with <|end|>, its eos; with another eos, sampled answers
+    and `generate` still stop at <|end|>, which ends (and trains) the answer."""
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import generate, load_base_model, load_tokenizer, stop_ids
+    from ft_ray.train.grpo import GRPOObjective
+
+    chatml = load_tokenizer(ModelConfig(chat_template="chatml", add_tokens=["<|im_start|>", "<|im_end|>"]))
+    assert stop_ids(chatml) == [chatml.eos_token_id, chatml.convert_tokens_to_ids("<|im_end|>")]
+    tokenizer = load_tokenizer(ModelConfig())
+    end = tokenizer.eos_token_id
+    assert stop_ids(tokenizer) == [end]
+    tokenizer.eos_token = "<|system|>"
+    assert stop_ids(tokenizer) == [tokenizer.eos_token_id, end]
+    config = config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"max_new_tokens": 80}})
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "My tent arrived with a torn door. What now?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    model = load_base_model(config.model)
+    [answer] = GRPOObjective(config, tokenizer, None).sample(model, [ids], group=1, sampled=False)
+    assert answer[-1] == end and end not in answer[:-1] and len(answer) < 80
+    assert generate(model, tokenizer, prompt, 80) == tokenizer.decode(answer, skip_special_tokens=True)
