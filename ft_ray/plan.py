@@ -44,6 +44,7 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    scaled_logits: bool = False  # the forward caps or scales the head's output: no chunked head (fast_paths)
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
@@ -56,7 +57,9 @@ class Shape:
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
                    getattr(config, "num_key_value_heads", None) or heads,
                    getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
-                   bool(getattr(config, "tie_word_embeddings", False)))
+                   bool(getattr(config, "tie_word_embeddings", False)),
+                   getattr(config, "final_logit_softcapping", None) is not None
+                   or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder layer."""
@@ -264,7 +267,8 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
 def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> float:
     """The output layer's logits and the loss: chunked by a fused linear + cross-entropy (liger:
     chunks of about tokens / ceil(vocab / hidden); else fast_paths.chunked_lm_head, not under
-    ZeRO-3: chunks of LOGITS_CHUNK_BYTES of fp32 logits), else the whole logits tensor in the
+    ZeRO-3 nor for a model that caps or scales its logits: chunks of LOGITS_CHUNK_BYTES of fp32
+    logits), else the whole logits tensor in the
     compute dtype, its fp32 upcast and its gradient. A reward model's head gives one score per
     token (its output and gradient, fp32)."""
     if config.scores:
@@ -272,7 +276,7 @@ def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> 
     if fused(config):
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(shape.vocab / shape.hidden)))))
         return chunk * shape.vocab * 4 * 2 + tokens * shape.hidden * 4  # a chunk's logits and grad; grad of the input
-    if not config.uses_fast_paths:
+    if not config.uses_fast_paths or shape.scaled_logits:
         return tokens * shape.vocab * (compute + 4 + 4)
     from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
 

@@ -325,10 +325,13 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     given labels, the next-token loss (`_LinearCrossEntropy`: what liger's fused linear +
     cross-entropy is on CUDA, in plain torch, for a CPU or a GPU without liger). Otherwise
     (generation, liger's loss) the model's own forward runs. Not for ZeRO-3 (the head's
-    weight is gathered only inside its own forward). Returns whether it applied."""
+    weight is gathered only inside its own forward), nor for a model whose forward changes the
+    head's output (`logits_are_the_heads`). Returns whether it applied."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(decoder, torch.nn.Module):
+        return False
+    if not logits_are_the_heads(model, head):
         return False
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -357,6 +360,28 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     forward.chunked_head = True  # read by has_chunked_head (through the bound method)
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def logits_are_the_heads(model: Any, head: torch.nn.Module) -> bool:
+    """Whether the model's forward returns its output layer's output as the logits, unchanged:
+    not Gemma 2's soft cap, Granite's `logits_scaling` or Cohere's `logit_scale`, which the
+    chunked head would leave out. Two tokens run with the head's output replaced by values
+    from -64 to 64 (a cap or scale changes them, whatever the model's own logits are)."""
+    given = {}
+
+    def replace(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-64, 64, output.numel(), device=output.device)
+        given["logits"] = ramp.reshape(output.shape).to(output.dtype)
+        return given["logits"]
+
+    device = next(model.parameters()).device
+    handle = head.register_forward_hook(replace)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False).logits
+    finally:
+        handle.remove()
+    return torch.equal(logits.to(given["logits"].dtype), given["logits"])
 
 
 def has_chunked_head(model: Any) -> bool:

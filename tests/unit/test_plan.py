@@ -73,6 +73,13 @@ def test_without_liger_the_head_s_loss_holds_one_chunk_of_logits_and_the_swiglu_
     assert chunked == pytest.approx((rows * 128256 * 12 + tokens * 4096 * 4) / MIB)  # fp32 on a CPU
     whole = plan_memory(job(model={"max_seq_len": 2048}, train={"fused_kernels": "none"}), shape)
     assert whole.parts["logits_and_loss"] == pytest.approx(tokens * 128256 * 12 / MIB)
+    # Gemma 2 caps its logits (config.json's final_logit_softcapping): its own forward, whole logits
+    from transformers import AutoConfig
+
+    capped = Shape.of(AutoConfig.for_model("gemma2", vocab_size=128256))
+    assert capped.scaled_logits and not Shape.of(AutoConfig.for_model("llama")).scaled_logits
+    assert plan_memory(job(model={"max_seq_len": 2048}), capped).parts["logits_and_loss"] == pytest.approx(
+        tokens * 128256 * 12 / MIB)
     full = plan_memory(job(method="full", model={"max_seq_len": 2048}), shape).parts["logits_and_loss"]
     assert full == pytest.approx(chunked + 128256 * 4096 * 4 / MIB)  # the head's fp32 gradient, taken in forward
     kept = plan_memory(job(method="full", model={"max_seq_len": 2048}, train={"recompute_swiglu": False}), shape)

@@ -243,6 +243,36 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, tok
         assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
 
 
+@pytest.mark.parametrize("kind, shape", [("gemma2", {"head_dim": 16}), ("granite", {"logits_scaling": 8.0})])
+def test_a_model_that_changes_its_heads_output_keeps_its_own_forward(kind, shape, tmp_path):
+    """Gemma 2 caps its logits at 30 (30 tanh(x / 30)), Granite divides them by
+    logits_scaling: the chunked head computes neither, so such a model trains with its own
+    forward and its loss is its own (with logits up to about 60 here, where the cap shows)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.fast_paths import has_chunked_head
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 800, "pad_token_id": 0, **shape}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(300)
+    model.save_pretrained(tmp_path / kind)
+    load_tokenizer(ModelConfig()).save_pretrained(tmp_path / kind)
+    config = config_from_dict({"method": "lora", "model": {"name_or_path": str(tmp_path / kind),
+                                                           "attn_implementation": "eager"},
+                               "data": {"train": "t.jsonl"}, "lora": {"dropout": 0.0}})
+    trained = build_model(config, str(tmp_path / kind)).eval()
+    assert not has_chunked_head(trained)
+    ids = torch.randint(3, 800, (1, 24))
+    with torch.no_grad():
+        logits = model.eval()(ids).logits
+        assert logits.abs().max() > 20
+        assert trained(input_ids=ids, labels=ids).loss.item() == pytest.approx(model(ids, labels=ids).loss.item(), rel=1e-5)
+
+
 def test_neftune_noise_scales_by_each_packed_examples_length_and_stops_in_eval():
     """`train.neftune_alpha`: uniform noise of at most alpha/sqrt(L * d) on the input
     embeddings of an example of L tokens (each example of a packed row its own L)."""
