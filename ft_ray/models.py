@@ -353,28 +353,17 @@ def template_tokens(tokenizer: Any) -> set[int]:
     return found
 
 
-ANSWER_PROBE = "Okay, done."  # an assistant turn's text, found in the template's rendering of it
-
-
 def stop_ids(tokenizer: Any) -> list[int]:
     """The tokens that end an answer: the eos, and the special token the chat template closes
     an assistant turn with where that is another (ChatML's `<|im_end|>` on a base Qwen,
-    `<|eot_id|>` on a base Llama 3.1, `<end_of_turn>` on Gemma): a model fine-tuned on such
-    turns ends its answers with it, and generation stops at either."""
+    `<|eot_id|>` on a base Llama 3.1, `<end_of_turn>` on Gemma; `formats.turn_end`): a model
+    fine-tuned on such turns ends its answers with it, and generation stops at either."""
+    from ft_ray.data.formats import turn_end
+
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if not getattr(tokenizer, "chat_template", None):
-        return stops
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."},
-                                              {"role": "assistant", "content": ANSWER_PROBE}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that refuses the probe: the eos alone
-        return stops
-    if ANSWER_PROBE not in text:
-        return stops
-    special = {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder}
-    after = tokenizer(text[text.rindex(ANSWER_PROBE) + len(ANSWER_PROBE):], add_special_tokens=False)["input_ids"]
-    closing = next((i for i in after if i in special), None)
-    return stops + [closing] if closing is not None and closing not in stops else stops
+    closing = turn_end(tokenizer)
+    closing_id = None if closing is None else tokenizer.convert_tokens_to_ids(closing)
+    return stops + [closing_id] if closing_id is not None and closing_id not in stops else stops
 
 
 def mean_of_rows(matrix: Any, rows: Any) -> Any:

@@ -171,6 +171,29 @@ def chat_segments(record: dict, tokenizer: Any) -> Segments:
     messages, tools = _messages(record), _tools(record)
     if tools or any("tool_calls" in m for m in messages):
         _check_tool_support(tokenizer, tools)
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        weighted = any(m["role"] == "assistant" for m in messages)
+        raise RecordError("conversation has no assistant message to learn from"
+                          + (" (each has weight 0)" if weighted else ""), "no_assistant")
+    try:
+        segments = _growing_segments(messages, tokenizer, tools)
+    except NotAPrefix:
+        segments = _marked_segments(messages, tokenizer, tools)
+    return [(text, trainable) for text, trainable in segments if text]
+
+
+class NotAPrefix(RecordError):
+    """A chat template's rendering of a conversation does not begin with its rendering of
+    the turns before (Qwen3's and DeepSeek-R1's drop the reasoning of earlier answers)."""
+
+    def __init__(self, searched: bool = False) -> None:
+        super().__init__("the chat template does not render this conversation's turns as a growing prefix"
+                         + (" and its assistant turns are not found by their header and closing token" if searched
+                            else "") + ": cannot mask the prompt turns", "template_error")
+
+
+def _growing_segments(messages: list[dict], tokenizer: Any, tools: list[dict] | None) -> Segments:
+    """Each turn as the difference between the rendering up to it and up to the turn before."""
     segments: Segments = []
     rendered = ""
     for i, message in enumerate(messages):
@@ -181,11 +204,56 @@ def chat_segments(record: dict, tokenizer: Any) -> Segments:
         full = _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
         segments.append((_suffix(full, rendered), message["role"] == "assistant" and message.get("weight", 1) == 1))
         rendered = full
-    if not any(trainable for _, trainable in segments):
-        weighted = any(m["role"] == "assistant" for m in messages)
-        raise RecordError("conversation has no assistant message to learn from"
-                          + (" (each has weight 0)" if weighted else ""), "no_assistant")
-    return [(text, trainable) for text, trainable in segments if text]
+    return segments
+
+
+def _marked_segments(messages: list[dict], tokenizer: Any, tools: list[dict] | None) -> Segments:
+    """For a template whose renderings do not grow (`NotAPrefix`): the whole conversation
+    rendered once, each assistant turn found in it as the text from its header (what the
+    generation prompt adds: `<|im_start|>assistant\n`) through the special token the template
+    closes a turn with (`turn_end`), the headers in order, one per assistant message."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    before = _render(tokenizer, messages[:first], generation_prompt=False, tools=tools)
+    prompted = _render(tokenizer, messages[:first], generation_prompt=True, tools=tools)
+    header, closing = prompted[len(before):], turn_end(tokenizer)
+    full = _render(tokenizer, messages, generation_prompt=False, tools=tools)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not prompted.startswith(before) or not header or not closing or full.count(header) != len(answers):
+        raise NotAPrefix(searched=True)
+    segments: Segments = []
+    cursor = 0
+    for message in answers:
+        start = full.index(header, cursor) + len(header)
+        end = full.find(closing, start)
+        if end < 0:
+            raise NotAPrefix(searched=True)
+        end += len(closing)
+        segments += [(full[cursor:start], False), (full[start:end], message.get("weight", 1) == 1)]
+        cursor = end
+    return segments + [(full[cursor:], False)]
+
+
+ANSWER_PROBE = "Okay, done."  # an assistant turn's text, found in the template's rendering of it
+
+
+def turn_end(tokenizer: Any) -> str | None:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`; the built-in model's `<|end|>`), as text: the first
+    special token after the turn's text in the rendering of a probe; None where there is
+    none or no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."},
+                                              {"role": "assistant", "content": ANSWER_PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe
+        return None
+    if ANSWER_PROBE not in text:
+        return None
+    special = {*tokenizer.all_special_ids, *tokenizer.added_tokens_decoder}
+    after = tokenizer(text[text.rindex(ANSWER_PROBE) + len(ANSWER_PROBE):], add_special_tokens=False)["input_ids"]
+    closing = next((i for i in after if i in special), None)
+    return None if closing is None else tokenizer.convert_ids_to_tokens(closing)
 
 
 def _messages(record: dict) -> list[dict]:
@@ -325,8 +393,7 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools
 
 def _suffix(text: str, prefix: str) -> str:
     if not text.startswith(prefix):
-        raise RecordError("the chat template does not render turns as a growing prefix; "
-                          "cannot mask prompt turns for this tokenizer")
+        raise NotAPrefix()
     return text[len(prefix):]
 
 

@@ -106,6 +106,40 @@ def test_a_template_that_opens_with_the_bos_token_gives_one_bos(tokenizer):
         assert segments[0][0].startswith("<|user|>")
 
 
+# as Qwen3's and DeepSeek-R1's templates do: an answer after the last user turn opens with its
+# reasoning (here an empty one), which later renderings drop: no rendering begins with the one before
+REASONING_TEMPLATE = (
+    "{%- set last = namespace(user=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set last.user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{{ '<|' + m.role + '|>\n' }}"
+    "{%- if m.role == 'assistant' and loop.index0 > last.user %}{{ '<think></think>' }}{%- endif %}"
+    "{{ m.content + '<|end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}")
+
+
+def test_a_template_that_drops_earlier_reasoning_trains_each_answer_as_the_whole_rendering_has_it(tokenizer):
+    """Where the rendering of a conversation does not begin with the rendering of its turns
+    before (the last answer's reasoning block), the conversation is rendered once and each
+    assistant turn is the text from its header through the template's closing token: earlier
+    answers as the full rendering has them (no reasoning), the last with its block; a weight-0
+    turn stays prompt. Before, every multi-turn record of such a model was rejected."""
+    from ft_ray.data.formats import turn_end
+
+    reasoning = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    reasoning.chat_template = REASONING_TEMPLATE
+    assert turn_end(reasoning) == "<|end|>" and turn_end(tokenizer) == "<|end|>"
+    messages = [{"role": "user", "content": "Tent size?"}, {"role": "assistant", "content": "Two people."},
+                {"role": "user", "content": "Weight?"}, {"role": "assistant", "content": "Two kilos.", "weight": 0},
+                {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Green."}]
+    segments = record_segments({"messages": messages}, "chat", reasoning)
+    assert "".join(text for text, _ in segments) == reasoning.apply_chat_template(messages, tokenize=False)
+    assert [text for text, trainable in segments if trainable] == ["Two people.<|end|>", "<think></think>Green.<|end|>"]
+    assert ("Two kilos.<|end|>", False) in segments
+    with pytest.raises(RecordError, match="growing prefix and its assistant turns are not found by their header") as caught:
+        reasoning.chat_template = REASONING_TEMPLATE.replace("m.content + '<|end|>", "m.content + '")  # no closing
+        record_segments({"messages": messages}, "chat", reasoning)
+    assert caught.value.kind == "template_error"
+
+
 @pytest.mark.parametrize("record, reason, kind", [
     ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'", "unknown_role"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations\\[0\\].from: unknown role 'bot'", "unknown_role"),
