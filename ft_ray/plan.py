@@ -147,24 +147,37 @@ def trained_shape(config: JobConfig, shape: Shape) -> Shape:
     return dataclasses.replace(shape, tied=True) if config.scores else shape
 
 
-REWARD_MODEL_PARAMS: dict[str, int] = {}  # by grpo.rewards name: read once per process (plan_memory runs in loops)
+REWARD_MODEL_SHAPES: dict[str, Shape] = {}  # by grpo.rewards name: read once per process (plan_memory runs in loops)
 
 
-def reward_model_params(config: JobConfig) -> int:
-    """The weights of a GRPO job's reward models (`grpo.rewards` "model:..."), from their
+def reward_model_shapes(config: JobConfig) -> list[Shape]:
+    """The shapes of a GRPO job's reward models (`grpo.rewards` "model:..."), from their
     config.json (an ft-ray reward model adapter's: its base's, the LoRA folded in), each a
-    sequence classifier: no output layer."""
+    sequence classifier: no output layer (`tied`: the embeddings counted once)."""
     if config.objective != "grpo":
-        return 0
+        return []
     from ft_ray.evaluation.reward_model import REWARD_MODEL, adapter_config, base_of, model_source_of
 
-    for name in config.grpo.rewards:
-        if name.startswith(REWARD_MODEL) and name not in REWARD_MODEL_PARAMS:
+    names = [name for name in config.grpo.rewards if name.startswith(REWARD_MODEL)]
+    for name in names:
+        if name not in REWARD_MODEL_SHAPES:
             adapter = adapter_config(name)
             source = model_source_of(name) if adapter is None else base_of(adapter)
             shape, _ = model_shape(config.model_copy(update={"model": source}))
-            REWARD_MODEL_PARAMS[name] = dataclasses.replace(shape, tied=True).params
-    return sum(REWARD_MODEL_PARAMS[name] for name in config.grpo.rewards if name.startswith(REWARD_MODEL))
+            REWARD_MODEL_SHAPES[name] = dataclasses.replace(shape, tied=True)
+    return [REWARD_MODEL_SHAPES[name] for name in names]
+
+
+def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
+    """What a reward model's scoring forward holds at once (no gradients, so one layer's
+    tensors): a batch of `SCORE_BATCH` answers' hidden states in and out, q, k, v and the
+    attention output, and the MLP's gate, up and their product."""
+    from ft_ray.evaluation.reward_model import SCORE_BATCH
+
+    rows = min(SCORE_BATCH, config.train.micro_batch_size * config.grpo.num_generations)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_token = 2 * shape.hidden + 2 * q + 2 * kv + 3 * shape.intermediate
+    return rows * (config.model.max_seq_len + config.grpo.max_new_tokens) * per_token * compute
 
 
 def plan_memory(config: JobConfig, shape: Shape) -> Plan:
@@ -213,9 +226,9 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         # an inline reference (dpo/kto with preference.reference: inline, grpo with beta): a frozen copy of the
         # base, loaded in fp32 (preference.reference_model); ZeRO-3 shards it in the engine's dtype
         parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
-    rewards = reward_model_params(config)
-    if rewards:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
-        parts["reward_models"] = (2 if dist.use_gpu else 4) * rewards
+    scorers = reward_model_shapes(config)
+    if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
+        parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
 
     tokens = train.micro_batch_size * config.model.max_seq_len
     if config.objective == "grpo":  # the loss forward: num_generations sampled answers per prompt, each after it
@@ -223,6 +236,9 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
                                                                            + config.grpo.max_new_tokens)
     parts["activations"] = activation_bytes(config, shape, compute) * tokens
     parts["logits_and_loss"] = logits_bytes(config, shape, tokens, compute)
+    if scorers:  # scored before the loss forward, the answers sampled: where it holds more than training does
+        scoring = max(scoring_bytes(config, scorer, 2 if dist.use_gpu else 4) for scorer in scorers)
+        parts["reward_scoring"] = max(0.0, scoring - parts["activations"] - parts["logits_and_loss"])
     parts = {k: v / MIB for k, v in parts.items()}
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_MIB if dist.use_gpu else 0
@@ -350,6 +366,7 @@ PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (auto
               "lora_weights": "trained weights (adapters)", "gradients": "gradients",
               "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",
               "reward_models": "reward models (grpo.rewards)",
+              "reward_scoring": "reward model scoring, beyond the activations",
               "activations": "activations",
               "logits_and_loss": "logits and loss", "allocator_slack": "allocator slack (5%)",
               "cuda_context": "CUDA context (allowance)"}

@@ -131,7 +131,19 @@ def test_grpo_plans_each_reward_model_every_worker_loads(tmp_path):
         scored = plan_memory(job(**grpo, grpo={"rewards": {f"model:{folder}": 1.0, "chrf": 1.0}}), shape)
         assert "reward_models" not in alone.parts
         assert scored.parts["reward_models"] == pytest.approx(size * scorer / MIB)
+        assert scored.parts["reward_scoring"] == 0  # an 8B policy's activations hold more than the scoring forward
         assert scored.allocated_mib == pytest.approx(alone.allocated_mib + size * scorer / MIB)
+    # a small policy with gradient checkpointing: the scoring forward of 16 answers (no gradients: one
+    # layer's hidden states, q, k, v, attention output, gate, up, product) is the peak, not the loss forward
+    small = Shape(64, 128, 2, 4, 2, 16, 800, True)
+    setting = {"objective": "grpo", "distributed": {"num_workers": 1, "use_gpu": True},
+               "train": {"micro_batch_size": 2, "gradient_checkpointing": True, "precision": "bf16"},
+               "grpo": {"rewards": {f"model:{folder}": 1.0}, "num_generations": 8, "max_new_tokens": 64}}
+    scored = plan_memory(job(**setting), small)
+    scoring = 16 * (256 + 64) * (2 * 128 + 2 * 128 + 2 * 64 + 3 * 352) * 2 / MIB
+    assert scored.parts["reward_scoring"] == pytest.approx(
+        scoring - scored.parts["activations"] - scored.parts["logits_and_loss"])
+    assert scored.parts["reward_scoring"] > 0
 
 
 def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():
