@@ -85,14 +85,33 @@ def model_config(model: ModelConfig) -> Any:
 
 def model_warnings(job: JobConfig) -> list[str]:
     """What `validate` and `train` say of the job's model before Ray starts: a sequence
-    length past its context window, LoRA targets it lacks (`check_layout`).
+    length past its context window, special tokens it never trained (a line starting "note: "
+    where they will be mended, which `train`'s workers say themselves), LoRA targets it lacks
+    (`check_layout`).
 
     Raises:
         InputError: a RoPE stretch it cannot take, no LoRA target it has, an attention it
             cannot run."""
     rope_overrides(job.model)
-    return [w for w in [context_window_warning(job.model)] if w] + check_layout(
+    return [w for w in [context_window_warning(job.model), untrained_tokens_warning(job.model)] if w] + check_layout(
         job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model")
+
+
+def untrained_tokens_warning(model: ModelConfig) -> str | None:
+    """What `model.untrained_tokens` will do with the special tokens the base never trained
+    (`untrained_on_disk`), or None when there are none or the weights are not here."""
+    ids = untrained_on_disk(model)
+    if not ids:
+        return None
+    tokenizer = load_tokenizer(model)
+    names = ", ".join(tokenizer.convert_ids_to_tokens(ids[:6])) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+    if model.untrained_tokens == "mend":
+        return (f"note: {len(ids)} special token(s) of {model.name_or_path} that examples hold were never trained "
+                f"({names}): training sets their rows to the mean of the trained rows and trains them "
+                "(model.untrained_tokens: mend)")
+    return (f"{len(ids)} special token(s) of {model.name_or_path} that examples hold were never trained ({names}) "
+            "and model.untrained_tokens: keep leaves them so: the model reads them as nothing and cannot learn to "
+            "write them; mend trains them")
 
 
 def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool) -> list[str]:
@@ -308,8 +327,7 @@ def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
             largest = torch.linalg.vector_norm(matrix.detach(), ord=float("inf"), dim=1).float()
             trained = largest >= UNTRAINED_SCALE * largest.median()
             index = torch.tensor(candidates, device=matrix.device)
-            _, shared, counts = torch.unique(matrix[index], dim=0, return_inverse=True, return_counts=True)
-            bad = index[~trained[index] | (counts[shared] > 1)]
+            bad = index[never_trained(matrix[index], largest.median().item())]
             if not len(bad):
                 continue
             trained[bad] = False
@@ -321,6 +339,69 @@ def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
         LOG.info(f"note: {len(ids)} special token(s) of {config.name_or_path} were never trained ({names}): their "
                  "rows start at the mean of the trained rows and train (model.untrained_tokens: mend)")
     return ids
+
+
+def never_trained(rows: Any, median: float) -> Any:
+    """Which of the candidate tokens' `rows` the base never trained: all but zero (the
+    largest |value| under UNTRAINED_SCALE x `median`, the median row's) or the same row as
+    another candidate's."""
+    import torch
+
+    largest = torch.linalg.vector_norm(rows.float(), ord=float("inf"), dim=1)
+    _, shared, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    return (largest < UNTRAINED_SCALE * median) | (counts[shared] > 1)
+
+
+SAMPLED_ROWS = 1024  # rows read for the median row of a matrix on disk (`untrained_on_disk`)
+
+
+def untrained_on_disk(model: ModelConfig) -> list[int] | None:
+    """The special tokens `mend_untrained_tokens` will find, from the model's safetensors
+    files here (a folder, the built-in model, the Hugging Face cache), reading the candidate
+    tokens' rows of the embeddings and the output layer and the median of an even sample of
+    rows, not the weights; None where the files are not here or their matrices not found."""
+    import torch
+    from safetensors import safe_open
+
+    files = local_weight_files(model)
+    if not files:
+        return None
+    tokenizer = load_tokenizer(model)
+    ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
+    names = ("embed_tokens.weight", "lm_head.weight")
+    found: set[int] = set()
+    seen = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():
+                if not key.endswith(names):
+                    continue
+                matrix = weights.get_slice(key)
+                vocabulary = matrix.get_shape()[0]
+                candidates = sorted(i for i in template_tokens(tokenizer) - ignored if i < vocabulary)
+                if not candidates:
+                    continue
+                step = max(1, vocabulary // SAMPLED_ROWS)
+                sample = torch.cat([matrix[i:i + 1] for i in range(0, vocabulary, step)])
+                median = torch.linalg.vector_norm(sample.float(), ord=float("inf"), dim=1).median().item()
+                rows = torch.cat([matrix[i:i + 1] for i in candidates])
+                found.update(torch.tensor(candidates)[never_trained(rows, median)].tolist())
+                seen += 1
+    return sorted(found) if seen else None
+
+
+def local_weight_files(model: ModelConfig) -> list[Path]:
+    """The model's safetensors files in its folder, the built-in model's or its snapshot in
+    the Hugging Face cache; [] when they are not here."""
+    source = Path(model_source(model)).expanduser()
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            source = Path(snapshot_download(model.name_or_path, revision=model.revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (or not a hub id): nothing to read here
+            return []
+    return sorted(source.glob("*.safetensors"))
 
 
 PROBES = (  # conversations whose rendering shows the special tokens a chat template writes

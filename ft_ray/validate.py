@@ -94,7 +94,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     split_off = 0.0 if data.eval else data.eval_fraction
     train = held_out = 0
     tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
-    lines: list[str] = [f"warning: {w}" for w in model_warnings(config)]
+    lines = [w if w.startswith("note: ") else f"warning: {w}" for w in model_warnings(config)]
     if rope := rope_overrides(config.model):
         stretch = rope["rope_parameters"]
         lines.append(f"model: RoPE stretched ({stretch['rope_type']}, factor {stretch['factor']:g}): "

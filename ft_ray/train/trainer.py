@@ -139,7 +139,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
 
         check_rewards(config.grpo.rewards)  # a reward function or model that is not there
     for warning in model_warnings(config):
-        LOG.warning(warning)
+        if not warning.startswith("note: "):  # the workers say what they mend
+            LOG.warning(warning)
     if not os.environ.get("RAY_ADDRESS"):  # on a cluster, rank 0 logs to W&B from a node of the cluster
         check_wandb_login(config)
     files = None if config.data.prepared else data_files(config)  # listed once: the fingerprint and the resume check

@@ -141,7 +141,7 @@ def test_special_tokens_the_base_never_trained_start_at_the_mean_and_train_with_
     which plain PEFT loads onto the base as shipped; `keep` changes nothing."""
     from ft_ray.config import config_from_dict
     from ft_ray.export import load_trainable_weights
-    from ft_ray.models import mend_untrained_tokens
+    from ft_ray.models import mend_untrained_tokens, untrained_on_disk, untrained_tokens_warning
     from ft_ray.train.modeling import build_model
     from tests.conftest import UNTRAINED, untrained_llama
 
@@ -150,6 +150,14 @@ def test_special_tokens_the_base_never_trained_start_at_the_mean_and_train_with_
     shipped = load_base_model(config)
     model = load_base_model(config)
     assert mend_untrained_tokens(model, config) == UNTRAINED
+    # said before launch from the files: the candidates' rows and a sample of rows for the median
+    assert untrained_on_disk(config) == UNTRAINED and untrained_on_disk(ModelConfig()) == []
+    assert untrained_on_disk(ModelConfig(name_or_path="meta-llama/Llama-3.1-8B")) is None  # not here
+    assert untrained_tokens_warning(config).startswith(
+        "note: 4 special token(s) of " + str(folder) + " that examples hold were never trained (<|end|>, <|system|>, "
+        "<|user|>, <|assistant|>): training sets their rows to the mean")
+    assert "model.untrained_tokens: keep leaves them so" in untrained_tokens_warning(
+        config.model_copy(update={"untrained_tokens": "keep"}))
     embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     old_embeddings, old_head = shipped.get_input_embeddings().weight, shipped.get_output_embeddings().weight
     trained_embeddings = [i for i in range(old_embeddings.shape[0]) if i not in (0, 2, 3, 4, 716)]
