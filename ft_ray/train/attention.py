@@ -8,7 +8,8 @@ with the sum of the examples' lengths squared) -- the varlen idea of flash atten
 with kernels every device has. Same result, fewer FLOPs; used for training batches, which
 have no padding mask. On CUDA in bf16/fp16 the whole batch goes to flash attention's varlen
 kernel in one call (`torch.nn.attention.varlen`, where this torch has it) instead of one
-SDPA call per example.
+SDPA call per example. A layer with a sliding window keeps it (a banded mask per example
+longer than the window; the varlen kernel's `window_size`).
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention within each example of a packed batch. query [B, H, L, D], key and
-    value [B, H_kv, L, D]; returns [B, L, H, D] like transformers' attention functions."""
+    value [B, H_kv, L, D]; returns [B, L, H, D] like transformers' attention functions. A
+    layer with a `sliding_window` (Mistral, Gemma 3's local layers, Phi-3) attends to the
+    last `sliding_window` positions of its example only, as transformers' masks say."""
     if attention_mask is not None:
         raise ValueError(f"{NAME} is for packed training batches, which carry no attention mask")
     if position_ids is None:
         position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
     spans = _cached_spans(position_ids)
     query, key, value = in_compute_dtype(query, key, value)
+    window = kwargs.get("sliding_window")
     varlen = _varlen_attn()
     if varlen and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
-        out = varlen(query, key, value, spans, scaling)
+        out = varlen(query, key, value, spans, scaling, window)
         if out is not None:
             return out, None
     # split (not slices) into rows and examples: the backward of a split is one cat, while each
@@ -58,12 +62,19 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
     gqa = query.shape[1] != key.shape[1]
     for b, (q_row, k_row, v_row) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         lengths = [e - s for s, e in spans[b if len(spans) > 1 else 0]]
-        pieces = [torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                                   scale=scaling, enable_gqa=gqa)
+        pieces = [torch.nn.functional.scaled_dot_product_attention(
+                      q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
+                      **({"attn_mask": band(q.shape[2], window, q.device)} if window and q.shape[2] > window
+                         else {"is_causal": True}))
                   for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
                                      v_row.split(lengths, dim=2))]
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """The causal sliding-window mask of one example: query i sees keys i - window + 1 to i."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril().triu(-(window - 1))
 
 
 def in_compute_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -98,16 +109,20 @@ def _varlen_attn() -> Any:
     gqa = "enable_gqa" in params
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list,
-               scale: float | None) -> torch.Tensor | None:
+               scale: float | None, window: int | None = None) -> torch.Tensor | None:
         batch, heads, length, dim = query.shape
         if scale is not None and "scale" not in params and abs(scale - dim ** -0.5) > 1e-9:
             return None  # this torch's varlen kernel takes only the default scale
+        if window and "window_size" not in params:
+            return None  # causal only: no sliding window
         if key.shape[1] != heads and not gqa:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
         cu, longest = _offsets_on_device(spans, batch, length, query.device)
         flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
         extra = dict(options, enable_gqa=key.shape[1] != heads) if gqa else dict(options)
+        if window:  # keys i - window + 1 to i, as the flash path of transformers has it
+            extra["window_size"] = (window - 1, 0)
         if scale is not None and "scale" in params:
             extra["scale"] = scale
         out = varlen_attn(*flat, cu, cu, longest, longest, **extra)

@@ -33,20 +33,25 @@ def test_fp32_queries_under_autocast_go_to_the_kernel_in_the_autocast_dtype():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _varlen_attn() is None, reason="flash varlen needs CUDA")
-def test_flash_varlen_matches_per_example_sdpa_on_cuda():
+@pytest.mark.parametrize("window", [None, 128])
+def test_flash_varlen_matches_per_example_sdpa_on_cuda(window):
+    from ft_ray.train.attention import band
+
     torch.manual_seed(0)
     positions = torch.stack([torch.cat([torch.arange(n) for n in lengths])
                              for lengths in ([400, 300, 324], [1024])]).cuda()
     query = torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     key, value = (torch.randn(2, 2, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-    flash, _ = packed_sdpa(None, query, key, value, None, scaling=64 ** -0.5, position_ids=positions)
+    flash, _ = packed_sdpa(None, query, key, value, None, scaling=64 ** -0.5, position_ids=positions,
+                           sliding_window=window)
     flash.float().square().sum().backward()
     grads = [t.grad.clone() for t in (query, key, value)]
     for t in (query, key, value):
         t.grad = None
     spans = [[(0, 400), (400, 700), (700, 1024)], [(0, 1024)]]
     reference = torch.cat([torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True, enable_gqa=True)
+        query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], enable_gqa=True,
+        **({"attn_mask": band(e - s, window, "cuda")} if window else {"is_causal": True}))
         for s, e in row], dim=2) for b, row in enumerate(spans)]).transpose(1, 2)
     reference.float().square().sum().backward()
     torch.testing.assert_close(flash, reference, rtol=2e-2, atol=2e-2)
@@ -61,6 +66,30 @@ def test_packed_attention_matches_masked_sdpa_in_outputs_and_gradients():
     results = []
     for implementation in ("sdpa", register()):
         model = load_base_model(ModelConfig())
+        model.set_attn_implementation(implementation)
+        loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (reference, reference_grad), (packed, packed_grad) = results
+    assert packed == pytest.approx(reference, rel=1e-5)
+    torch.testing.assert_close(packed_grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sliding_window_layers_see_only_their_window_within_each_example():
+    """Mistral, Gemma 3's local layers and Phi-3 attend to the last `sliding_window` positions:
+    a packed batch (examples longer and shorter than the window of 8) gives transformers'
+    own masked loss and gradients. Before, the window was dropped: every earlier position seen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=800, sliding_window=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(3, 700, (2, 40))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in ([20, 5, 15], [40])])
+    results = []
+    for implementation in ("sdpa", register()):
+        model.zero_grad()
         model.set_attn_implementation(implementation)
         loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
         loss.backward()
