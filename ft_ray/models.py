@@ -100,10 +100,10 @@ def model_warnings(job: JobConfig) -> list[str]:
 def untrained_tokens_warning(model: ModelConfig) -> str | None:
     """What `model.untrained_tokens` will do with the special tokens the base never trained
     (`untrained_on_disk`), or None when there are none or the weights are not here."""
-    ids = untrained_on_disk(model)
+    tokenizer = load_tokenizer(model)
+    ids = untrained_on_disk(model, tokenizer)
     if not ids:
         return None
-    tokenizer = load_tokenizer(model)
     names = ", ".join(tokenizer.convert_ids_to_tokens(ids[:6])) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
     if model.untrained_tokens == "mend":
         return (f"note: {len(ids)} special token(s) of {model.name_or_path} that examples hold were never trained "
@@ -355,38 +355,42 @@ def never_trained(rows: Any, median: float) -> Any:
 SAMPLED_ROWS = 1024  # rows read for the median row of a matrix on disk (`untrained_on_disk`)
 
 
-def untrained_on_disk(model: ModelConfig) -> list[int] | None:
+def untrained_on_disk(model: ModelConfig, tokenizer: Any) -> list[int] | None:
     """The special tokens `mend_untrained_tokens` will find, from the model's safetensors
     files here (a folder, the built-in model, the Hugging Face cache), reading the candidate
     tokens' rows of the embeddings and the output layer and the median of an even sample of
-    rows, not the weights; None where the files are not here or their matrices not found."""
+    rows, not the weights; None where the files are not here, do not read, or their matrices
+    are not found."""
     import torch
     from safetensors import safe_open
 
     files = local_weight_files(model)
     if not files:
         return None
-    tokenizer = load_tokenizer(model)
     ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
+    tokens = template_tokens(tokenizer) - ignored
     names = ("embed_tokens.weight", "lm_head.weight")
     found: set[int] = set()
     seen = 0
     for file in files:
-        with safe_open(str(file), framework="pt") as weights:
-            for key in weights.keys():
-                if not key.endswith(names):
-                    continue
-                matrix = weights.get_slice(key)
-                vocabulary = matrix.get_shape()[0]
-                candidates = sorted(i for i in template_tokens(tokenizer) - ignored if i < vocabulary)
-                if not candidates:
-                    continue
-                step = max(1, vocabulary // SAMPLED_ROWS)
-                sample = torch.cat([matrix[i:i + 1] for i in range(0, vocabulary, step)])
-                median = torch.linalg.vector_norm(sample.float(), ord=float("inf"), dim=1).median().item()
-                rows = torch.cat([matrix[i:i + 1] for i in candidates])
-                found.update(torch.tensor(candidates)[never_trained(rows, median)].tolist())
-                seen += 1
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                for key in weights.keys():
+                    if not key.endswith(names):
+                        continue
+                    matrix = weights.get_slice(key)
+                    vocabulary = matrix.get_shape()[0]
+                    candidates = sorted(i for i in tokens if i < vocabulary)
+                    if not candidates:
+                        continue
+                    step = max(1, vocabulary // SAMPLED_ROWS)
+                    sample = torch.cat([matrix[i:i + 1] for i in range(0, vocabulary, step)])
+                    median = torch.linalg.vector_norm(sample.float(), ord=float("inf"), dim=1).median().item()
+                    rows = torch.cat([matrix[i:i + 1] for i in candidates])
+                    found.update(torch.tensor(candidates)[never_trained(rows, median)].tolist())
+                    seen += 1
+        except Exception:  # noqa: BLE001 - a file that does not read: loading the weights says why
+            return None
     return sorted(found) if seen else None
 
 

@@ -1,5 +1,7 @@
 """Base models: built-in, local folder (the same loader a hub id uses), LoRA wrapping."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -151,8 +153,12 @@ def test_special_tokens_the_base_never_trained_start_at_the_mean_and_train_with_
     model = load_base_model(config)
     assert mend_untrained_tokens(model, config) == UNTRAINED
     # said before launch from the files: the candidates' rows and a sample of rows for the median
-    assert untrained_on_disk(config) == UNTRAINED and untrained_on_disk(ModelConfig()) == []
-    assert untrained_on_disk(ModelConfig(name_or_path="meta-llama/Llama-3.1-8B")) is None  # not here
+    tokenizer = load_tokenizer(config)
+    assert untrained_on_disk(config, tokenizer) == UNTRAINED and untrained_on_disk(ModelConfig(), tokenizer) == []
+    assert untrained_on_disk(ModelConfig(name_or_path="meta-llama/Llama-3.1-8B"), tokenizer) is None  # not here
+    shutil.copytree(folder, tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\xff" * 64)  # loading the weights says why
+    assert untrained_on_disk(ModelConfig(name_or_path=str(tmp_path / "broken")), tokenizer) is None
     assert untrained_tokens_warning(config).startswith(
         "note: 4 special token(s) of " + str(folder) + " that examples hold were never trained (<|end|>, <|system|>, "
         "<|user|>, <|assistant|>): training sets their rows to the mean")
