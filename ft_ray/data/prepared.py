@@ -25,7 +25,8 @@ from ft_ray.storage import filesystem_for
 
 STATS_FILE = "stats.json"
 PREPARED_VERSION = 4  # 2: sample ids name files relative to their source's folder (records.source_name); 3: long texts in windows;
-# 4: a chat template's opening bos left out (formats._render)
+# 4: a chat template's opening bos left out (formats._render), SentencePiece's word mark only at an
+# example's start (tokenize.encode_batch)
 
 
 def data_files(config: JobConfig) -> list[dict[str, Any]]:

@@ -129,10 +129,10 @@ def encode_records(texts: Any, errors: Any, fmt: str, fields: dict[str, str], to
         except Exception as e:  # noqa: BLE001 - one record's failure, whatever it is, rejects that record
             parsed.append(RecordError(f"{type(e).__name__}: {str(e)[:300]}", "unreadable"))
     try:
-        segment_ids = encode_batch(tokenizer, _texts(parsed))
+        segment_ids = encode_batch(tokenizer, _texts(parsed), _continued(parsed))
     except Exception:  # noqa: BLE001 - find the record the tokenizer fails on, reject it, keep the rest
         parsed = [p if isinstance(p, RecordError) else _tokenizable(p, tokenizer) for p in parsed]
-        segment_ids = encode_batch(tokenizer, _texts(parsed))
+        segment_ids = encode_batch(tokenizer, _texts(parsed), _continued(parsed))
     # every record has at least one unit (a rejected record one empty unit), so a batch of
     # supervised records is assembled as before: one example per record
     units = [unit for p in parsed for unit in _units_of(p)]
@@ -161,6 +161,11 @@ def _units_of(parsed: Units | RecordError) -> Units:
 
 def _texts(parsed: list) -> list[str]:
     return [text for p in parsed for segments, _ in _units_of(p) for text, _ in segments]
+
+
+def _continued(parsed: list) -> list[bool]:
+    """Per text of `_texts`: whether it follows another segment of its unit (`encode_batch`)."""
+    return [i > 0 for p in parsed for segments, _ in _units_of(p) for i in range(len(segments))]
 
 
 def _join_units(parsed: list, parts: Assembled, roles: np.ndarray) -> Assembled:

@@ -29,7 +29,7 @@ def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int,
     Raises:
         RecordError: longer than `drop_over`, or no trainable token survives truncation.
     """
-    ids = encode_batch(tokenizer, [text for text, _ in segments])
+    ids = encode_batch(tokenizer, [text for text, _ in segments], [i > 0 for i in range(len(segments))])
     return assemble(ids, [trainable for _, trainable in segments], bos_id(tokenizer), max_len, drop_over)
 
 
@@ -39,16 +39,69 @@ def bos_id(tokenizer: Any) -> int | None:
     return getattr(tokenizer, "bos_token_id", None)
 
 
-def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_batch(tokenizer: Any, texts: list[str], continued: list[bool] | None = None) -> list[list[int]]:
     """Token ids of each text, without special tokens, in one call. A fast tokenizer is
-    called directly (transformers' wrapper costs as much as the tokenization itself)."""
+    called directly (transformers' wrapper costs as much as the tokenization itself).
+
+    `continued` marks the texts that go on an example after another (its segments but the
+    first): a tokenizer that opens a text with SentencePiece's word mark "▁" (Llama 2's,
+    Mistral v0.1-0.3's, Phi-3's) encodes them without it, as it does inside the whole
+    example, where only the example's start has one."""
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no character offsets
-        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    inner = without_word_mark(tokenizer) if continued and any(continued) else None
+    if inner is None:
+        return _encode(backend, texts)
+    firsts = [i for i, c in enumerate(continued) if not c]
+    rest = [i for i, c in enumerate(continued) if c]
+    ids: list[list[int]] = [[]] * len(texts)
+    for backend_of, index in ((backend, firsts), (inner, rest)):
+        for i, encoded in zip(index, _encode(backend_of, [texts[i] for i in index]) if index else []):
+            ids[i] = encoded
+    return ids
+
+
+def _encode(backend: Any, texts: list[str]) -> list[list[int]]:
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no character offsets
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+
+
+def without_word_mark(tokenizer: Any) -> Any:
+    """A copy of the fast tokenizer's backend that does not open a text with "▁" (its
+    Metaspace pre-tokenizer's `prepend_scheme` "first" or "always" set to "never", a
+    normalizer's Prepend("▁") left out), or None when it never does; made once per tokenizer."""
+    if not hasattr(tokenizer, "_ft_ray_without_word_mark"):
+        import json
+
+        from tokenizers import Tokenizer
+
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        changed = False
+
+        def drop_mark(part: Any) -> Any:
+            nonlocal changed
+            if not isinstance(part, dict):
+                return part
+            if part.get("type") == "Sequence":
+                for key in ("normalizers", "pretokenizers"):
+                    if key in part:
+                        part[key] = [p for p in (drop_mark(p) for p in part[key]) if p is not None]
+                return part
+            if part.get("type") == "Prepend" and part.get("prepend") == "▁":
+                changed = True
+                return None
+            if part.get("type") == "Metaspace" and part.get("prepend_scheme", "always") != "never":
+                changed = True
+                part["prepend_scheme"] = "never"
+            return part
+
+        spec["normalizer"] = drop_mark(spec.get("normalizer"))
+        spec["pre_tokenizer"] = drop_mark(spec.get("pre_tokenizer"))
+        tokenizer._ft_ray_without_word_mark = Tokenizer.from_str(json.dumps(spec)) if changed else None
+    return tokenizer._ft_ray_without_word_mark
 
 
 def assemble(segment_ids: list[list[int]], trainable: list[bool], bos: int | None, max_len: int,

@@ -48,9 +48,9 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True) -> tuple[An
     the adapter attached (shared: the base arms run with the adapter disabled); a full
     model folder is loaded on its own, and the base model beside it only for `base_arms`
     (None otherwise: a second copy of the weights no arm reads), as is the base of an adapter
-    trained with `model.rope_scaling` (the base arms run with the base's own RoPE). QLoRA adapters run on the
-    4-bit base they trained on. On a GPU actor the models go to the GPU, in bf16 when the
-    job trains in bf16."""
+    trained with `model.rope_scaling` (the base arms run with the base's own RoPE). QLoRA
+    adapters run on the 4-bit base they trained on. On a GPU actor the models go to the GPU,
+    in bf16 when the job trains in bf16."""
     import torch
 
     from ft_ray.models import load_base_model, load_quantized_model, own_rope

@@ -81,3 +81,38 @@ def test_attention_does_not_cross_packed_examples(tokenizer):
                          position_ids=torch.tensor(packed["position_ids"])[None], use_cache=False).logits
         alone = model(input_ids=torch.tensor(examples[1]["input_ids"])[None], use_cache=False).logits
     torch.testing.assert_close(together[0, first_len:first_len + second_len], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_sentencepiece_word_mark_opens_the_example_only(tokenizer):
+    """A tokenizer that opens a text with SentencePiece's "▁" (Llama 2, Mistral v0.1-0.3,
+    Phi-3: Metaspace, prepend_scheme "first") gives each example the ids of its whole text:
+    the segments after the first are encoded without the mark, which the whole text has only
+    at its start. Before, each turn opened with a "▁" the model never sees at inference.
+    A byte-level tokenizer (the built-in one) is left as it is."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ft_ray.data.records import parse_record
+    from ft_ray.data.tokenize import without_word_mark
+    from tests.conftest import DEMO
+
+    texts = [" ".join(json.loads(line).values()) for line in (DEMO / "train.jsonl").read_text().splitlines()]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.train_from_iterator(texts + ["[INST] [/INST] Your"] * 10, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
+    spm = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    spm.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}"
+                         "{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}")
+    record = {"messages": [{"role": "user", "content": "Where is my tent?"},
+                           {"role": "assistant", "content": "Hello Ben. Your tent ships today."},
+                           {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "Warmly, the team."}]}
+    example = parse_record(json.dumps(record), "", "chat", {}, spm, 512, None)
+    whole = spm(spm.apply_chat_template(record["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == [spm.bos_token_id] + whole
+    trained = [i for i, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert spm.decode(trained) == "Hello Ben. Your tent ships today.</s>Warmly, the team.</s>"
+    assert without_word_mark(spm) is not None and without_word_mark(tokenizer) is None
