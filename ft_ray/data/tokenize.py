@@ -78,7 +78,10 @@ def without_word_mark(tokenizer: Any) -> Any:
 
         from tokenizers import Tokenizer
 
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend = tokenizer.backend_tokenizer
+        # the two parts read first: the whole tokenizer's JSON (megabytes) only where one changes
+        spec = {name: json.loads(part.__getstate__()) if (part := getattr(backend, name)) is not None else None
+                for name in ("normalizer", "pre_tokenizer")}
         changed = False
 
         def drop_mark(part: Any) -> Any:
@@ -98,9 +101,13 @@ def without_word_mark(tokenizer: Any) -> Any:
                 part["prepend_scheme"] = "never"
             return part
 
-        spec["normalizer"] = drop_mark(spec.get("normalizer"))
-        spec["pre_tokenizer"] = drop_mark(spec.get("pre_tokenizer"))
-        tokenizer._ft_ray_without_word_mark = Tokenizer.from_str(json.dumps(spec)) if changed else None
+        spec = {name: drop_mark(part) for name, part in spec.items()}
+        inner = None
+        if changed:
+            whole = json.loads(backend.to_str())
+            whole.update(spec)
+            inner = Tokenizer.from_str(json.dumps(whole))
+        tokenizer._ft_ray_without_word_mark = inner
     return tokenizer._ft_ray_without_word_mark
 
 
