@@ -29,8 +29,13 @@ def tokenize_segments(segments: Segments, tokenizer: Any, max_len: int,
     Raises:
         RecordError: longer than `drop_over`, or no trainable token survives truncation.
     """
-    ids = encode_batch(tokenizer, [text for text, _ in segments], [i > 0 for i in range(len(segments))])
-    return assemble(ids, [trainable for _, trainable in segments], bos_id(tokenizer), max_len, drop_over)
+    return assemble(encode_segments(tokenizer, segments), [trainable for _, trainable in segments], bos_id(tokenizer),
+                    max_len, drop_over)
+
+
+def encode_segments(tokenizer: Any, segments: Segments) -> list[list[int]]:
+    """Token ids of one example's segments (`encode_batch`, the later ones `continued`)."""
+    return encode_batch(tokenizer, [text for text, _ in segments], [i > 0 for i in range(len(segments))])
 
 
 def bos_id(tokenizer: Any) -> int | None:

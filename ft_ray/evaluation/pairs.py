@@ -20,7 +20,7 @@ import numpy as np
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
-from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
+from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_segments
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.reward_model import last_token_scores
 
@@ -96,7 +96,7 @@ class PairScorer:
                 raise RecordError("not a preference pair (chosen and rejected)", "not_a_pair")
             pair: dict[str, Any] = {}
             for side, (segments, *_) in zip(("chosen", "rejected"), units):
-                ids = encode_batch(self.tokenizer, [t for t, _ in segments])
+                ids = encode_segments(self.tokenizer, segments)
                 trainable = [t for _, t in segments]
                 assembled = assemble(ids, trainable, self.bos, self.job.model.max_seq_len)
                 targets = [i for i, label in enumerate(assembled["labels"]) if label != IGNORE_INDEX]

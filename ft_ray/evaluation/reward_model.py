@@ -115,7 +115,8 @@ def answer_ids(tokenizer: Any, prompts: list[str], answers: list[str]) -> list[l
     eos = tokenizer.eos_token or ""
     bos = [] if bos_id(tokenizer) is None else [bos_id(tokenizer)]
     ended = [a if a.endswith(eos) else a + eos for a in answers]
-    return [bos + p + a for p, a in zip(encode_batch(tokenizer, list(prompts)), encode_batch(tokenizer, ended))]
+    return [bos + p + a for p, a in zip(encode_batch(tokenizer, list(prompts)),
+                                        encode_batch(tokenizer, ended, [True] * len(ended)))]  # after the prompt
 
 
 def last_token_scores(model: Any, sequences: list[list[int]], pad_id: int, batch_size: int) -> list[float]:

@@ -26,7 +26,7 @@ import numpy as np
 from ft_ray.config import JobConfig, ModelConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
-from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch
+from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch, encode_segments
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARM_NAMES, ARMS, PROMPTING, Arm, Retriever
 
@@ -171,7 +171,7 @@ class ArmScorer:
         try:
             units = record_to_units(text, error, self.fmt, self.fields, self.tokenizer)
             segments = units[0][0]
-            seg_ids = encode_batch(self.tokenizer, [t for t, _ in segments])
+            seg_ids = encode_segments(self.tokenizer, segments)
             trainable = [t for _, t in segments]
             first = trainable.index(True)
             prompt = "".join(t for t, _ in segments[:first])
@@ -180,7 +180,7 @@ class ArmScorer:
             example = self.arm_inputs(seg_ids, trainable, prefixes, plain)
             if len(units) == 2:
                 rejected = units[1][0]
-                example["rejected"] = self.arm_inputs(encode_batch(self.tokenizer, [t for t, _ in rejected]),
+                example["rejected"] = self.arm_inputs(encode_segments(self.tokenizer, rejected),
                                                       [t for _, t in rejected], prefixes)
         except RecordError as e:
             return {"reason": e.kind}
