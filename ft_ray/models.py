@@ -92,9 +92,10 @@ def model_warnings(job: JobConfig) -> list[str]:
     Raises:
         InputError: a RoPE stretch it cannot take, no LoRA target it has, an attention it
             cannot run."""
-    rope_overrides(job.model)
-    return [w for w in [context_window_warning(job.model), untrained_tokens_warning(job.model)] if w] + check_layout(
-        job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model")
+    config = model_config(job.model)  # read once for the three
+    rope_overrides(job.model, config)
+    return [w for w in [context_window_warning(job.model, config), untrained_tokens_warning(job.model)] if w] + (
+        check_layout(job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model", config))
 
 
 def untrained_tokens_warning(model: ModelConfig) -> str | None:
@@ -114,17 +115,18 @@ def untrained_tokens_warning(model: ModelConfig) -> str | None:
             "write them; mend trains them")
 
 
-def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool) -> list[str]:
+def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, config: Any = None) -> list[str]:
     """Warnings for `lora.target_modules` and `modules_to_save` names the model has no layer
     of (PEFT adapts the others and says nothing), from its layers built on the meta device
-    (no weights; [] when transformers cannot build them here).
+    from its config.json (`config`, else read; no weights; [] when transformers cannot build
+    them here).
 
     Raises:
         InputError: none of the targets is a linear layer of the model; the model cannot run
             `model.attn_implementation: sdpa` (Gemma 2: eager)."""
     import torch
 
-    config = model_config(model)
+    config = config or model_config(model)
     attention = "eager" if model.attn_implementation == "flash_attention_2" else model.attn_implementation  # flash-attn: maybe on the workers only
     try:
         with torch.device("meta"):
@@ -162,12 +164,13 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool) -> l
     return warnings
 
 
-def context_window_warning(model: ModelConfig) -> str | None:
+def context_window_warning(model: ModelConfig, config: Any = None) -> str | None:
     """A warning when `model.max_seq_len` is past the positions the model was trained on (its
-    config.json's `max_position_embeddings`, or the stretch of `model.rope_scaling`), read from
-    the folder or the local cache only; None when it fits or the config is not here."""
+    config.json's `max_position_embeddings`, or the stretch of `model.rope_scaling`), from
+    `config`, else read from the folder or the local cache only; None when it fits or the
+    config is not here."""
     try:
-        config = local_model_config(model)
+        config = config or local_model_config(model)
     except (OSError, ValueError):
         return None
     window = getattr(config, "max_position_embeddings", None)
