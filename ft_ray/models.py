@@ -154,8 +154,8 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, conf
             raise InputError(f"lora.target_modules: none of {', '.join(missing)} is a linear layer of "
                              f"{model.name_or_path} ({kind}: {layers}); name those to adapt, or all-linear")
         if missing:
-            warnings.append(f"lora.target_modules: {model.name_or_path} ({kind}) has no {', '.join(missing)}: only "
-                            f"{', '.join(found)} get adapters (its linear layers: {layers}); name those to adapt, "
+            warnings.append(f"lora.target_modules: {model.name_or_path} ({kind}) has no {', '.join(missing)}: adapters go "
+                            f"on {', '.join(found)} only (its linear layers: {layers}); name those to adapt, "
                             "or all-linear")
     unsaved = [t for t in lora.modules_to_save if not any(n.endswith(t) for n in modules)]
     if unsaved:

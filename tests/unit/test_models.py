@@ -291,8 +291,8 @@ def test_lora_targets_and_attention_a_model_lacks_are_said_before_launch(tmp_pat
     lora = LoraConfig(modules_to_save=["lm_head", "embed_tokens"])
     assert check_layout(ModelConfig(), lora, scores=False) == []
     assert check_layout(model("phi3"), lora, scores=False) == [
-        f"lora.target_modules: {tmp_path / 'phi3'} (Phi3ForCausalLM) has no q_proj, k_proj, v_proj: only o_proj get "
-        "adapters (its linear layers: o_proj, qkv_proj, gate_up_proj, down_proj, lm_head); name those to adapt, or "
+        f"lora.target_modules: {tmp_path / 'phi3'} (Phi3ForCausalLM) has no q_proj, k_proj, v_proj: adapters go on "
+        "o_proj only (its linear layers: o_proj, qkv_proj, gate_up_proj, down_proj, lm_head); name those to adapt, or "
         "all-linear"]
     assert check_layout(model("phi3"), LoraConfig(target_modules="all-linear"), scores=True) == []
     neox = model("gpt_neox")
