@@ -320,8 +320,7 @@ def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
     embeddings = model.get_input_embeddings().weight
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     matrices = [embeddings] + ([output.weight] if output is not None and output.weight is not embeddings else [])
-    ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
-    candidates = sorted(i for i in template_tokens(tokenizer) - ignored if i < min(m.shape[0] for m in matrices))
+    candidates = sorted(i for i in mendable_tokens(tokenizer) if i < min(m.shape[0] for m in matrices))
     if not candidates:
         return []
     mended: set[int] = set()
@@ -370,8 +369,7 @@ def untrained_on_disk(model: ModelConfig, tokenizer: Any) -> list[int] | None:
     files = local_weight_files(model)
     if not files:
         return None
-    ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
-    tokens = template_tokens(tokenizer) - ignored
+    tokens = mendable_tokens(tokenizer)
     names = ("embed_tokens.weight", "lm_head.weight")
     found: set[int] = set()
     seen = 0
@@ -439,6 +437,13 @@ def template_tokens(tokenizer: Any) -> set[int]:
                 continue
             found.update(i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special)
     return found
+
+
+def mendable_tokens(tokenizer: Any) -> set[int]:
+    """The tokens whose rows `mend_untrained_tokens` checks: `template_tokens` but the pad
+    token, unless it is the eos (nothing trains on a pad token)."""
+    ignored = set() if tokenizer.pad_token_id == tokenizer.eos_token_id else {tokenizer.pad_token_id}
+    return template_tokens(tokenizer) - ignored
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
