@@ -20,7 +20,7 @@ import numpy as np
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
-from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_segments
+from ft_ray.data.tokenize import IGNORE_INDEX, tokenize_segments
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.reward_model import last_token_scores
 
@@ -66,7 +66,6 @@ class PairScorer:
         self.job = JobConfig.model_validate_json(job_json)
         self.fmt, self.fields = fmt, fields
         self.tokenizer = load_tokenizer(self.job.model)
-        self.bos = bos_id(self.tokenizer)
         with local_variant(variant, self.job) as weights:
             self.model = load_reward_model(self.job, weights)
 
@@ -96,9 +95,8 @@ class PairScorer:
                 raise RecordError("not a preference pair (chosen and rejected)", "not_a_pair")
             pair: dict[str, Any] = {}
             for side, (segments, *_) in zip(("chosen", "rejected"), units):
-                ids = encode_segments(self.tokenizer, segments)
+                assembled = tokenize_segments(segments, self.tokenizer, self.job.model.max_seq_len)
                 trainable = [t for _, t in segments]
-                assembled = assemble(ids, trainable, self.bos, self.job.model.max_seq_len)
                 targets = [i for i, label in enumerate(assembled["labels"]) if label != IGNORE_INDEX]
                 if not targets:
                     raise RecordError("the answer is cut off by model.max_seq_len", "no_answer_tokens")
