@@ -26,7 +26,7 @@ import numpy as np
 from ft_ray.config import JobConfig, ModelConfig
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import record_to_units
-from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch, encode_segments
+from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch, encode_segments, without_word_mark
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARM_NAMES, ARMS, PROMPTING, Arm, Retriever
 
@@ -111,7 +111,10 @@ class ArmScorer:
             self.base, self.variant, self.shared = load_arms(self.job, weights,
                                                              base_arms=any(arm.model == "base" for arm in self.arms))
         self.device = next(self.variant.parameters()).device
-        self.shot_ids = encode_batch(self.tokenizer, shots)
+        # a SentencePiece word mark ("▁") opens the prompt's first example only
+        self.marked = (getattr(self.tokenizer, "backend_tokenizer", None) is not None
+                       and without_word_mark(self.tokenizer) is not None)
+        self.fixed_shots = self.shot_forms(shots)
         pool = pool or {"prompts": [], "shots": []}
         self.retriever, self.pool_shots, self.pool_ids = Retriever(pool["prompts"]), pool["shots"], {}
         # without the base model (variant only, a full fine-tune): the variant has its config
@@ -171,60 +174,78 @@ class ArmScorer:
         try:
             units = record_to_units(text, error, self.fmt, self.fields, self.tokenizer)
             segments = units[0][0]
-            seg_ids = encode_segments(self.tokenizer, segments)
+            seg_ids, after_shots = self.segment_forms(segments)
             trainable = [t for _, t in segments]
             first = trainable.index(True)
             prompt = "".join(t for t, _ in segments[:first])
             plain = assemble(seg_ids, trainable, self.bos, self.job.model.max_seq_len)
-            prefixes = self.prefixes(prompt, len(plain["input_ids"]), sum(map(len, seg_ids)) + 1)
-            example = self.arm_inputs(seg_ids, trainable, prefixes, plain)
+            prefixes = self.prefixes(prompt, len(plain["input_ids"]), sum(map(len, seg_ids)) + 1,
+                                     sum(map(len, after_shots)) + 1)
+            example = self.arm_inputs(seg_ids, after_shots, trainable, prefixes, plain)
             if len(units) == 2:
                 rejected = units[1][0]
-                example["rejected"] = self.arm_inputs(encode_segments(self.tokenizer, rejected),
-                                                      [t for _, t in rejected], prefixes)
+                example["rejected"] = self.arm_inputs(*self.segment_forms(rejected), [t for _, t in rejected], prefixes)
         except RecordError as e:
             return {"reason": e.kind}
-        prompt_ids = [i for ids in seg_ids[:first] for i in ids]
         eos = self.tokenizer.eos_token or ""
-        return {**example, "prompt": prompt, "prefixes": prefixes, "prompt_ids": prompt_ids,
+        return {**example, "prompt": prompt, "prefixes": prefixes,
+                "prompt_ids": [i for ids in seg_ids[:first] for i in ids],
+                "prompt_ids_after_shots": [i for ids in after_shots[:first] for i in ids],
                 "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip()}
 
-    def prefixes(self, prompt: str, plain_length: int, full_length: int) -> dict[str, list[list[int]]]:
+    def shot_forms(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Each shot text's ids (as a prompt's first example, as a later one: the same but
+        for a tokenizer with a word mark, which only the first one opens with)."""
+        opening = encode_batch(self.tokenizer, texts)
+        later = encode_batch(self.tokenizer, texts, [True] * len(texts)) if self.marked else opening
+        return list(zip(opening, later))
+
+    def segment_forms(self, segments: list[tuple[str, bool]]) -> tuple[list[list[int]], list[list[int]]]:
+        """An example's segment ids alone (the text's start) and after examples (all continued)."""
+        alone = encode_segments(self.tokenizer, segments)
+        if not self.marked:
+            return alone, alone
+        return alone, [*encode_batch(self.tokenizer, [segments[0][0]], [True]), *alone[1:]]
+
+    def prefixes(self, prompt: str, plain_length: int, full_length: int,
+                 after_shots_length: int) -> dict[str, list[list[int]]]:
         """Per scored prompting arm, the examples (token ids) that go before this record's prompt."""
         out = {}
         for arm in PROMPTING:
             if arm not in self.arms:
                 continue
             if arm.shots == "fixed":
-                candidates = self.shot_ids
+                forms = self.fixed_shots
             else:
                 [nearest] = self.retriever.nearest([prompt], self.settings.few_shot)
-                candidates = [self.pool_shot_ids(i) for i in nearest]
-            out[arm.name] = candidates[:self.shots_that_fit(candidates, plain_length, full_length)]
+                forms = [self.pool_shot_ids(i) for i in nearest]
+            candidates = [opening if n == 0 else later for n, (opening, later) in enumerate(forms)]
+            out[arm.name] = candidates[:self.shots_that_fit(candidates, plain_length, full_length, after_shots_length)]
         return out
 
-    def pool_shot_ids(self, index: int) -> list[int]:
+    def pool_shot_ids(self, index: int) -> tuple[list[int], list[int]]:
         if index not in self.pool_ids:
-            self.pool_ids[index] = encode_batch(self.tokenizer, [self.pool_shots[index]])[0]
+            [self.pool_ids[index]] = self.shot_forms([self.pool_shots[index]])
         return self.pool_ids[index]
 
-    def arm_inputs(self, seg_ids: list[list[int]], trainable: list[bool], prefixes: dict[str, list[list[int]]],
-                   plain: dict | None = None) -> dict[str, Any]:
+    def arm_inputs(self, seg_ids: list[list[int]], after_shots: list[list[int]], trainable: list[bool],
+                   prefixes: dict[str, list[list[int]]], plain: dict | None = None) -> dict[str, Any]:
         """Each arm's ids and labels of one sequence: plain (given, or assembled here), or
         after its examples (within the prompting context)."""
         plain = plain or assemble(seg_ids, trainable, self.bos, self.job.model.max_seq_len)
         inputs = {}
         for arm in ARMS:
             shots = prefixes.get(arm.name)
-            inputs[arm.name] = (assemble([[i for ids in shots for i in ids], *seg_ids], [False, *trainable], self.bos,
-                                         self.context) if shots else plain)
+            inputs[arm.name] = (assemble([[i for ids in shots for i in ids], *after_shots], [False, *trainable],
+                                         self.bos, self.context) if shots else plain)
         return inputs
 
-    def shots_that_fit(self, candidates: list[list[int]], plain_length: int, full_length: int) -> int:
-        """How many of the candidate examples fit before the example within the prompting
-        context (0 when the example itself had to be truncated to model.max_seq_len: the
-        arms' losses must be on the same tokens)."""
-        room = self.context - full_length
+    def shots_that_fit(self, candidates: list[list[int]], plain_length: int, full_length: int,
+                       after_shots_length: int) -> int:
+        """How many of the candidate examples fit before the example (`after_shots_length`
+        tokens there) within the prompting context (0 when the example itself had to be
+        truncated to model.max_seq_len: the arms' losses must be on the same tokens)."""
+        room = self.context - after_shots_length
         if plain_length < full_length:
             return 0
         shots, used = 0, 0
@@ -261,7 +282,8 @@ class ArmScorer:
         """Greedy answers of every scored arm to the example's prompt, scored."""
         for arm in self.arms:
             shots = example["prefixes"].get(arm.name, [])
-            answer, new_tokens, seconds = self.generate(arm, [i for ids in shots for i in ids] + example["prompt_ids"])
+            ids = [i for shot in shots for i in shot] + self.prompt_ids(example, shots)
+            answer, new_tokens, seconds = self.generate(arm, ids)
             answer = metrics.cut_at_next_example(answer, example["prompt"])
             name = arm.name
             example[f"{name}_answer"] = answer
@@ -270,6 +292,10 @@ class ArmScorer:
             example[f"{name}_chrf"] = metrics.chrf(answer, example["reference"])
             regex = self.settings.format_regex
             example[f"{name}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
+
+    @staticmethod
+    def prompt_ids(example: dict, shots: list) -> list[int]:
+        return example["prompt_ids_after_shots" if shots else "prompt_ids"]
 
     def generate(self, arm: Arm, prompt_ids: list[int]) -> tuple[str, int, float]:
         """(answer, new tokens, seconds) of a greedy continuation."""
@@ -302,7 +328,7 @@ class ArmScorer:
             row[f"{name}_rejected_tokens"] = example.get(f"{name}_rejected_tokens", 0)
             row[f"{name}_shots"] = len(shots)
             # what a request sends: bos, the arm's examples, the prompt
-            row[f"{name}_prompt_tokens"] = (1 + len(example["prompt_ids"]) + sum(map(len, shots))
+            row[f"{name}_prompt_tokens"] = (1 + len(self.prompt_ids(example, shots)) + sum(map(len, shots))
                                             if "prompt_ids" in example else 0)
             for column, empty in (("answer", ""), ("gen_tokens", 0), ("gen_s", 0.0), ("exact", nan), ("chrf", nan),
                                   ("format", nan), ("reward", nan)):

@@ -91,22 +91,11 @@ def test_a_sentencepiece_word_mark_opens_the_example_only(tokenizer):
     A byte-level tokenizer (the built-in one) is left as it is."""
     import json
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from ft_ray.data.records import parse_record
     from ft_ray.data.tokenize import without_word_mark
-    from tests.conftest import DEMO
+    from tests.conftest import sentencepiece_tokenizer
 
-    texts = [" ".join(json.loads(line).values()) for line in (DEMO / "train.jsonl").read_text().splitlines()]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.train_from_iterator(texts + ["[INST] [/INST] Your"] * 10, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
-    spm = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    spm.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}"
-                         "{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}")
+    spm = sentencepiece_tokenizer()
     record = {"messages": [{"role": "user", "content": "Where is my tent?"},
                            {"role": "assistant", "content": "Hello Ben. Your tent ships today."},
                            {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "Warmly, the team."}]}

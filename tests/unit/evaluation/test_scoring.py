@@ -196,3 +196,32 @@ def test_a_grpo_run_s_rewards_score_every_arm_s_answers_of_a_batch_in_one_call()
     for row in (rows[0], rows[2]):
         assert [row[f"{arm}_reward"] for arm in arms] == [len(row[f"{arm}_answer"].split()) for arm in arms]
     assert all(math.isnan(rows[1][f"{arm}_reward"]) for arm in arms)
+
+
+def test_a_few_shot_prompt_has_the_ids_of_its_whole_text(tmp_path):
+    """With a tokenizer that opens a text with SentencePiece's "▁" (Llama 2, Mistral v0.1-0.3,
+    Phi-3), a few-shot prompt is tokenized as the one text it is: only its first example opens
+    with the mark, not each example and the prompt after them (which a served request never
+    has). The plain arms keep the record's own ids."""
+    from tests.conftest import sentencepiece_tokenizer
+
+    spm = sentencepiece_tokenizer(tmp_path / "spm-llama")
+    job = config_from_dict({"model": {"name_or_path": str(tmp_path / "spm-llama")}, "data": {"train": "unused.jsonl"},
+                            "eval": {"few_shot": 2, "max_new_tokens": 4}})
+    shots = [shot_text(record_segments(s, "instruction", spm), spm.eos_token) for s in SHOTS[:2]]
+    s = ArmScorer(job.model_dump_json(), str(tmp_path / "spm-llama"), shots, "instruction", {},
+                  generate_keys=[record_key("eval.jsonl", 1)])
+    example = s.prepare(json.dumps(RECORD), "")
+    segments = record_segments(RECORD, "instruction", spm)
+    whole = "".join(shots) + "".join(text for text, _ in segments)
+    assert example["few_shot"]["input_ids"] == [spm.bos_token_id] + spm(whole, add_special_tokens=False).input_ids
+    alone = "".join(text for text, _ in segments)
+    assert example["base"]["input_ids"] == [spm.bos_token_id] + spm(alone, add_special_tokens=False).input_ids
+    # the answer is scored on the same tokens in every arm
+    labelled = [[i for i, label in zip(example[arm]["input_ids"], example[arm]["labels"]) if label != -100]
+                for arm in ("base", "few_shot")]
+    assert labelled[0] == labelled[1]
+    [row] = score(s, json.dumps(RECORD))
+    prompt = "".join(shots) + segments[0][0]
+    assert row["few_shot_shots"] == 2
+    assert row["few_shot_prompt_tokens"] == 1 + len(spm(prompt, add_special_tokens=False).input_ids)
