@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from ft_ray.config import JobConfig
 from ft_ray.data.formats import record_segments
 from ft_ray.data.records import eval_bucket
+from ft_ray.data.tokenize import answer_text
 from ft_ray.data.sources import usable_records
 
 
@@ -29,8 +30,7 @@ def split_prompt(record: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:
     segments = record_segments(record, fmt, tokenizer)
     first_trained = next(i for i, (_, trainable) in enumerate(segments) if trainable)
     prompt = "".join(text for text, _ in segments[:first_trained])
-    reference = segments[first_trained][0].replace(tokenizer.eos_token or "\0", "")
-    return prompt, reference
+    return prompt, answer_text(tokenizer, segments[first_trained][0])
 
 
 def compare_generations(config: JobConfig, adapter_or_model: str, limit: int,

@@ -256,6 +256,16 @@ def turn_end(tokenizer: Any) -> str | None:
     return None if closing is None else tokenizer.convert_ids_to_tokens(closing)
 
 
+REASONING_END = "</think>"  # Qwen3's, QwQ's and DeepSeek-R1's templates close the reasoning with it
+
+
+def reasoning_end(tokenizer: Any) -> str | None:
+    """The text that closes a reasoning block before the answer ("</think>") where the chat
+    template writes one (Qwen3's hybrid template writes an empty one before every answer
+    trained without reasoning), else None."""
+    return REASONING_END if REASONING_END in (getattr(tokenizer, "chat_template", None) or "") else None
+
+
 def _messages(record: dict) -> list[dict]:
     """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value), as role/content."""
     key, role_key, text_key = (("messages", "role", "content") if "messages" in record

@@ -38,6 +38,13 @@ def encode_segments(tokenizer: Any, segments: Segments) -> list[list[int]]:
     return encode_batch(tokenizer, [text for text, _ in segments], [i > 0 for i in range(len(segments))])
 
 
+def answer_text(tokenizer: Any, text: str) -> str:
+    """A trained answer segment as a generated answer reads once decoded (the reference it is
+    compared with): without special tokens (the eos, the template's end of turn, which may
+    differ from the eos: `<|im_end|>` on a Qwen2.5 base), stripped."""
+    return tokenizer.decode(encode_batch(tokenizer, [text])[0], skip_special_tokens=True).strip()
+
+
 def bos_id(tokenizer: Any) -> int | None:
     """The tokenizer's bos token id, or None. Callers look it up once per batch: transformers'
     attribute lookup costs more than assembling an example."""

@@ -55,6 +55,17 @@ def cut_at_next_example(answer: str, prompt: str) -> str:
     return answer.strip()
 
 
+def final_answer(answer: str, reasoning_end: str | None) -> str:
+    """The answer after its reasoning block (what exact match and chrF compare): the text after
+    `reasoning_end` ("</think>"), empty where the block never closed; `answer` as it is
+    without a reasoning template."""
+    if reasoning_end is None:
+        return answer
+    if reasoning_end in answer:
+        return answer.split(reasoning_end, 1)[1].strip()
+    return "" if answer.lstrip().startswith(reasoning_end.replace("</", "<", 1)) else answer
+
+
 def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     total = float(weights.sum())
     return float((values * weights).sum() / total) if total else math.nan

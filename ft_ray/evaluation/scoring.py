@@ -24,9 +24,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from ft_ray.config import JobConfig, ModelConfig
-from ft_ray.data.formats import RecordError
+from ft_ray.data.formats import RecordError, reasoning_end
 from ft_ray.data.records import record_to_units
-from ft_ray.data.tokenize import IGNORE_INDEX, assemble, bos_id, encode_batch, encode_segments, without_word_mark
+from ft_ray.data.tokenize import (IGNORE_INDEX, answer_text, assemble, bos_id, encode_batch, encode_segments,
+                                 without_word_mark)
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARM_NAMES, ARMS, PROMPTING, Arm, Retriever
 
@@ -106,6 +107,7 @@ class ArmScorer:
         self.generate_keys = set(generate_keys)
         self.tokenizer = load_tokenizer(self.job.model)
         self.bos, self.stops = bos_id(self.tokenizer), stop_ids(self.tokenizer)
+        self.reasoning_end = reasoning_end(self.tokenizer)
         torch.manual_seed(self.settings.seed)
         with local_variant(variant, self.job) as weights:
             self.base, self.variant, self.shared = load_arms(self.job, weights,
@@ -187,11 +189,10 @@ class ArmScorer:
                 example["rejected"] = self.arm_inputs(*self.segment_forms(rejected), [t for _, t in rejected], prefixes)
         except RecordError as e:
             return {"reason": e.kind}
-        eos = self.tokenizer.eos_token or ""
         return {**example, "prompt": prompt, "prefixes": prefixes,
                 "prompt_ids": [i for ids in seg_ids[:first] for i in ids],
                 "prompt_ids_after_shots": [i for ids in after_shots[:first] for i in ids],
-                "reference": segments[first][0].replace(eos, "").strip() if eos else segments[first][0].strip()}
+                "reference": answer_text(self.tokenizer, segments[first][0])}
 
     def shot_forms(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """Each shot text's ids (as a prompt's first example, as a later one: the same but
@@ -288,8 +289,10 @@ class ArmScorer:
             name = arm.name
             example[f"{name}_answer"] = answer
             example[f"{name}_gen_tokens"], example[f"{name}_gen_s"] = new_tokens, seconds
-            example[f"{name}_exact"] = metrics.exact_match(answer, example["reference"])
-            example[f"{name}_chrf"] = metrics.chrf(answer, example["reference"])
+            # after a reasoning block: a base model that answers without Qwen3's empty one is not marked down
+            final, reference = (metrics.final_answer(text, self.reasoning_end) for text in (answer, example["reference"]))
+            example[f"{name}_exact"] = metrics.exact_match(final, reference)
+            example[f"{name}_chrf"] = metrics.chrf(final, reference)
             regex = self.settings.format_regex
             example[f"{name}_format"] = metrics.in_format(answer, regex) if regex else float("nan")
 

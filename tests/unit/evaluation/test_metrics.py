@@ -40,6 +40,13 @@ def test_an_answer_is_cut_where_the_model_starts_another_example():
     assert metrics.cut_at_next_example("  Hi Ben.  ", prompt) == "Hi Ben."
 
 
+def test_the_final_answer_is_what_follows_a_reasoning_block():
+    assert metrics.final_answer("<think>\nTwo and two.\n</think>\n\nFour.", "</think>") == "Four."
+    assert metrics.final_answer("<think>\nTwo and two, so", "</think>") == ""  # cut before it closed
+    assert metrics.final_answer("Four.", "</think>") == "Four."
+    assert metrics.final_answer("<think></think>Four.", None) == "<think></think>Four."
+
+
 def test_the_bootstrap_interval_is_the_same_for_the_same_seed_and_brackets_the_difference():
     rng = np.random.default_rng(1)
     ours = rng.normal(1.0, 0.3, 200)

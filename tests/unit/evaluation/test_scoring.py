@@ -225,3 +225,38 @@ def test_a_few_shot_prompt_has_the_ids_of_its_whole_text(tmp_path):
     prompt = "".join(shots) + segments[0][0]
     assert row["few_shot_shots"] == 2
     assert row["few_shot_prompt_tokens"] == 1 + len(spm(prompt, add_special_tokens=False).input_ids)
+
+
+def test_answers_are_compared_after_a_reasoning_block_and_without_the_turn_end(tmp_path):
+    """Qwen3's hybrid template writes an empty "<think>\\n\\n</think>\\n\\n" before every answer
+    trained without reasoning, and its turn end (<|im_end|>) is not a base model's eos. The
+    reference is the answer as a generated one reads (no special tokens), and exact match and
+    chrF compare what follows the reasoning block: a model that answers the reference's words
+    without the block scores 1."""
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import save_base_model
+
+    folder = save_base_model(ModelConfig(), tmp_path / "thinking")
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder)))
+    tokenizer.add_tokens(["<|im_end|>"], special_tokens=True)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ '<|user|>\\n' + m.content + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|assistant|>\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    tokenizer.save_pretrained(folder)
+    job = config_from_dict({"model": {"name_or_path": str(folder)}, "data": {"train": "unused.jsonl"},
+                            "eval": {"max_new_tokens": 12}})
+    s = ArmScorer(job.model_dump_json(), str(folder), [], "chat", {}, generate_keys=[record_key("eval.jsonl", 1)],
+                  arms=("base", "variant"))
+
+    def chat(answer: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": "From Ben: my tent is torn."},
+                                        {"role": "assistant", "content": answer}]})
+
+    [first] = score(s, chat("Hi Ben."))
+    assert first["reference"] == "<think>\n\n</think>\n\nHi Ben."
+    said = first["variant_answer"]  # the model's own words (it never saw the block)
+    assert said and "<think>" not in said and first["variant_exact"] == 0.0
+    [again] = score(s, chat(said))
+    assert again["variant_answer"] == again["base_answer"] == said
+    assert again["variant_exact"] == again["base_exact"] == 1.0 and again["variant_chrf"] == 1.0
