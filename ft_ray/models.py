@@ -95,7 +95,8 @@ def model_warnings(job: JobConfig) -> list[str]:
     config = model_config(job.model)  # read once for the three
     rope_overrides(job.model, config)
     return [w for w in [context_window_warning(job.model, config), untrained_tokens_warning(job.model)] if w] + (
-        check_layout(job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model", config))
+        check_layout(job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model", config,
+                     quantized=job.method == "qlora"))
 
 
 def untrained_tokens_warning(model: ModelConfig) -> str | None:
@@ -115,15 +116,17 @@ def untrained_tokens_warning(model: ModelConfig) -> str | None:
             "write them; mend trains them")
 
 
-def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, config: Any = None) -> list[str]:
+def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, config: Any = None,
+                 quantized: bool = False) -> list[str]:
     """Warnings for `lora.target_modules` and `modules_to_save` names the model has no layer
-    of (PEFT adapts the others and says nothing), from its layers built on the meta device
-    from its config.json (`config`, else read; no weights; [] when transformers cannot build
-    them here).
+    of (PEFT adapts the others and says nothing), and for a mixture of experts under QLoRA
+    (`quantized`: its experts stay 16-bit), from its layers built on the meta device from its
+    config.json (`config`, else read; no weights; [] when transformers cannot build them here).
 
     Raises:
-        InputError: none of the targets is a linear layer of the model; the model cannot run
-            `model.attn_implementation: sdpa` (Gemma 2: eager)."""
+        InputError: none of the targets is a linear layer or an expert weight of the model;
+            LoRA on expert weights (or a router) with `lora.dropout` (PEFT has none there); the
+            model cannot run `model.attn_implementation: sdpa` (Gemma 2: eager)."""
     import torch
 
     config = config or model_config(model)
@@ -139,16 +142,29 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, conf
         return []
     except Exception:  # noqa: BLE001 - loading the model says what is wrong with it
         return []
+    kind = type(skeleton).__name__
+    experts = expert_weights(skeleton)
+    warnings = []
+    if quantized and experts:
+        size = sum(skeleton.get_parameter(name).numel() for names in experts.values() for name in names)
+        warnings.append(f"method qlora: {model.name_or_path} ({kind}) keeps its experts as fused weights "
+                        f"({', '.join(experts)}), which 4-bit quantization (linear layers only) leaves 16-bit: "
+                        f"{size / 1e9:.3g}B weights, {size * 2 / 2**30:.3g} GiB on every worker")
     if lora is None:
-        return []
+        return warnings
     modules = [name for name, _ in skeleton.named_modules()]
     linear = [name for name, module in skeleton.named_modules()
               if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]  # GPT-2's
-    layers = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
-    kind = type(skeleton).__name__
-    warnings = []
+    layers = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear)) + (
+        f"; expert weights: {', '.join(experts)}" if experts else "")
+    converted = peft_parameter_targets(skeleton, lora) if experts else {}
+    if converted and lora.dropout:
+        raise InputError(f"lora.dropout: {lora.dropout}, but LoRA on {model.name_or_path}'s ({kind}) "
+                         f"{', '.join(sorted(converted))} (weights of its experts or router, not linear layers) has "
+                         "no dropout in PEFT: set lora.dropout: 0, or leave them out of lora.target_modules")
     if lora.target_modules != "all-linear":
-        found = [t for t in lora.target_modules if any(n == t or n.endswith("." + t) for n in linear)]
+        found = [t for t in lora.target_modules
+                 if any(n == t or n.endswith("." + t) for n in linear) or t in experts or converted.get(t)]
         missing = [t for t in lora.target_modules if t not in found]
         if not found:
             raise InputError(f"lora.target_modules: none of {', '.join(missing)} is a linear layer of "
@@ -564,6 +580,75 @@ def keep_4bit_weights_unpacked(model: Any) -> int:
     return changed
 
 
+def expert_weights(model: Any) -> dict[str, list[str]]:
+    """A mixture of experts' fused expert weights, which transformers 5 keeps as 3-D parameters
+    ([experts, out, in]) of one module per layer, not as linear layers: {name (gate_up_proj,
+    down_proj): the parameters' full names}; {} for a dense model."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    counts = {getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts")} - {None}
+    found: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+            continue
+        for name, weight in module.named_parameters(recurse=False):
+            if weight.dim() == 3 and weight.shape[0] in counts:
+                found.setdefault(name, []).append(f"{module_name}.{name}")
+    return found
+
+
+def expert_targets(lora: LoraConfig, experts: dict[str, list[str]]) -> list[str]:
+    """The expert weights (`expert_weights`) LoRA adapts: all of them with `all-linear`, else
+    those `lora.target_modules` names (PEFT's `target_parameters`: it would skip the names
+    transformers 5 gave them, e.g. Qwen3-MoE's gate_up_proj, as no linear layer has them)."""
+    if lora.target_modules == "all-linear":
+        return sorted(experts)
+    return [name for name in lora.target_modules if name in experts]
+
+
+def peft_config(model: Any, lora: LoraConfig, also_in_full: list[str] = (), scores: bool = False,
+                rows: dict[str, list[int]] | None = None) -> Any:
+    """PEFT's LoRA config of the job's `lora` on `model` (`apply_lora`)."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+
+    experts = expert_weights(model)
+    targets = lora.target_modules
+    if experts and targets != "all-linear":  # an expert weight's name: a parameter target, unless a linear layer's too
+        linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        targets = [t for t in targets if t not in experts or t in linear]
+    return PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=targets, target_parameters=expert_targets(lora, experts) or None,
+        task_type="SEQ_CLS" if scores else "CAUSAL_LM", use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
+        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None,
+        trainable_token_indices=rows or None)
+
+
+def peft_parameter_targets(model: Any, lora: LoraConfig) -> dict[str, list[str]]:
+    """What PEFT will adapt as parameters (experts, a router) rather than linear layers, for
+    each `lora.target_modules` name that leads there ({} for none): `expert_targets`, and the
+    names of transformers 4 (Mixtral's w1, w2, w3; Qwen-MoE's gate_proj, up_proj, down_proj)
+    that PEFT maps onto the fused weights, with `all-linear` the router's too."""
+    import copy
+
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    config = peft_config(model, lora)
+    asked = config.target_modules
+    converted = copy.deepcopy(config)
+    convert_peft_config_for_transformers(converted, model=model, conversions=None)
+    parameters = sorted(set(converted.target_parameters or ()))
+    if not parameters:
+        return {}
+    if lora.target_modules == "all-linear":
+        return {name: [name] for name in parameters}
+    moved = [t for t in (asked or ()) if t not in set(converted.target_modules or ())]
+    return {t: parameters for t in [*expert_targets(lora, expert_weights(model)), *moved]}
+
+
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = (),
                scores: bool = False, tokens: list[int] = ()) -> Any:
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen but for
@@ -576,19 +661,12 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full:
     `base_model_path` is written into the adapter config, so the saved adapter names a
     base that `PeftModel.from_pretrained` can load without ft-ray.
     """
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     model.name_or_path = base_model_path  # PEFT records the model's own name as the base
     whole = {*lora.modules_to_save, *also_in_full}
     rows = {name: ids for name, ids in (token_rows(model, list(tokens)) or {}).items() if name not in whole}
-    peft_config = PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="SEQ_CLS" if scores else "CAUSAL_LM", use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
-        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None,
-        trainable_token_indices=rows or None)
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, peft_config(model, lora, also_in_full, scores, rows))
 
 
 def save_base_model(model: ModelConfig, folder: Path) -> Path:

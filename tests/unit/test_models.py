@@ -306,3 +306,63 @@ def test_lora_targets_and_attention_a_model_lacks_are_said_before_launch(tmp_pat
     with pytest.raises(InputError, match=r"model.attn_implementation: .* \(Gemma2Config\) cannot run sdpa attention"):
         check_layout(gemma, None, scores=False)
     assert check_layout(gemma.model_copy(update={"attn_implementation": "eager"}), lora, scores=False) == []
+
+
+def tiny_moe(folder, kind: str = "qwen3_moe"):
+    """A random tiny mixture of experts (4 experts, 2 per token) with the built-in tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(ModelConfig())
+    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, head_dim=16,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                  num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return ModelConfig(name_or_path=str(folder))
+
+
+def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
+    """transformers 5 keeps a layer's experts as fused 3-D weights, not linear layers: their
+    names (Qwen3-MoE's gate_up_proj, down_proj) train LoRA on every expert (PEFT would skip
+    them without a word), as do transformers 4's names PEFT maps onto them (Mixtral's w1, w2,
+    w3) and all-linear; before launch, lora.dropout there is an error (PEFT has none for
+    them, and failed on the workers) and QLoRA says the experts stay 16-bit. The adapter
+    loads in plain PEFT and merges into the same model."""
+    from peft import PeftModel
+
+    from ft_ray.config import InputError
+    from ft_ray.export import merge_adapter
+    from ft_ray.models import check_layout
+
+    moe = tiny_moe(tmp_path / "moe")
+    mixtral = tiny_moe(tmp_path / "mixtral", "mixtral")
+    experts = LoraConfig(target_modules=["q_proj", "gate_up_proj", "down_proj"], dropout=0.0)
+    assert check_layout(moe, experts, scores=False) == []
+    assert check_layout(mixtral, LoraConfig(target_modules=["q_proj", "w1", "w2", "w3"], dropout=0.0), False) == []
+    with pytest.raises(InputError, match=r"lora.dropout: 0.05, but LoRA on .*\(MixtralForCausalLM\) down_proj, "
+                                         r"gate.weight, gate_up_proj \(weights of its experts or router"):
+        check_layout(mixtral, LoraConfig(target_modules="all-linear"), scores=False)
+    [qlora] = check_layout(moe, LoraConfig(), scores=False, quantized=True)
+    assert "experts as fused weights (gate_up_proj, down_proj), which 4-bit quantization (linear layers only) leaves " \
+           "16-bit" in qlora
+
+    model = apply_lora(load_base_model(moe), experts, moe.name_or_path)
+    trained = {name.split("layers.0.")[1] for name, p in model.named_parameters() if p.requires_grad and "layers.0." in name}
+    assert {"mlp.experts.lora_A.default.weight", "mlp.experts.base_layer.lora_B.default.weight",
+            "self_attn.q_proj.lora_A.default.weight"} <= trained
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 700, (1, 24))
+    with torch.no_grad():
+        ours = model.eval()(ids).logits
+        assert (ours - load_base_model(moe).eval()(ids).logits).abs().max() > 1e-3  # the experts' adapters act
+        plain = PeftModel.from_pretrained(load_base_model(moe), str(tmp_path / "adapter")).eval()(ids).logits
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+        merged = load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()(ids).logits
+    torch.testing.assert_close(plain, ours)
+    torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
