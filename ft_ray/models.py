@@ -539,8 +539,9 @@ def score_options(model: ModelConfig, scores: bool) -> dict[str, Any]:
 def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool,
                          scores: bool = False) -> Any:
     """The base model with its linear layers in bitsandbytes 4-bit (QLoRA), frozen and
-    prepared for adapter training (norms and embeddings kept in fp32); with `scores`, a
-    sequence classifier whose score head stays unquantized."""
+    prepared for adapter training (norms and embeddings kept in fp32, a mixture of experts'
+    fused expert weights in `quantization.compute_dtype`); with `scores`, a sequence
+    classifier whose score head stays unquantized."""
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -557,9 +558,17 @@ def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpo
         device_map={"": device}, attn_implementation=model.attn_implementation, **score_options(model, scores))
     keep_4bit_weights_unpacked(quantized)
     fit_vocabulary(quantized, model)  # embeddings are not quantized
-    return prepare_model_for_kbit_training(
+    # PEFT's preparation casts every 16-bit weight it finds to fp32: a mixture of experts' fused
+    # expert weights (not quantized: no linear layers) stay out of its sight, 16-bit and frozen
+    experts = [(quantized.get_submodule(module), name) for names in expert_weights(quantized).values()
+               for module, _, name in (full.rpartition(".") for full in names)]
+    held = [module._parameters.pop(name) for module, name in experts]
+    prepared = prepare_model_for_kbit_training(
         quantized, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+    for (module, name), weight in zip(experts, held):
+        module._parameters[name] = weight.requires_grad_(False)
+    return prepared
 
 
 def keep_4bit_weights_unpacked(model: Any) -> int:

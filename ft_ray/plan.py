@@ -9,8 +9,10 @@ the cheapest changes that would make it fit, each with its new peak.
 
 The activation count lists what a decoder layer saves for backward (per token: the norms'
 inputs and outputs, q/k/v and the attention output, the MLP's gate and up and their
-product) and multiplies it by `ACTIVATION_MARGIN` for what the list leaves out. The model is
-the one of dense decoder-only transformers (Llama, Mistral, Qwen and their like).
+product; in a mixture of experts those of each expert a token goes to, and the router's
+output) and multiplies it by `ACTIVATION_MARGIN` for what the list leaves out. The model is
+the one of decoder-only transformers (Llama, Mistral, Qwen and their like), dense or with
+every layer a mixture of experts (Mixtral, Qwen-MoE, OLMoE).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ ACTIVATION_MARGIN = 1.2
 CUDA_CONTEXT_MIB = 600  # the CUDA context, cuBLAS workspaces and NCCL buffers: outside torch's allocator
 ALLOCATOR_SLACK = 0.05  # cached blocks the allocator holds beyond what tensors use
 QLORA_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # NF4 + absmax (double quant or not)
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """What memory depends on in a dense decoder's config."""
+    """What memory depends on in a decoder's config. A mixture of experts (`experts` > 0) has
+    no dense MLP (`intermediate` 0): each layer routes a token to `experts_per_token` of its
+    experts (fused 3-D weights, `expert_intermediate` wide) beside an optional shared expert
+    (`shared_intermediate`, Qwen2-MoE's)."""
 
     hidden: int
     intermediate: int
@@ -45,31 +49,77 @@ class Shape:
     vocab: int
     tied: bool
     scaled_logits: bool = False  # the forward caps or scales the head's output: no chunked head (fast_paths)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size") if not isinstance(getattr(config, k, None), int)]
-        if missing or getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
-            raise InputError(f"ft-ray plan knows dense decoder-only models (Llama, Mistral, Qwen...); this config "
-                             f"({type(config).__name__}) {'lacks ' + ', '.join(missing) if missing else 'is a mixture of experts'}")
+        experts = (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+                   or getattr(config, "n_routed_experts", None) or 0)
+        unknown = ("lacks " + ", ".join(missing) if missing else
+                   "has latent attention (kv_lora_rank)" if getattr(config, "kv_lora_rank", None) else
+                   "mixes dense and expert layers" if experts and (
+                       getattr(config, "mlp_only_layers", None) or getattr(config, "first_k_dense_replace", None)
+                       or getattr(config, "decoder_sparse_step", 1) != 1) else None)
+        if unknown:
+            raise InputError(f"ft-ray plan knows decoder-only models, dense (Llama, Mistral, Qwen...) or with every "
+                             f"layer a mixture of experts (Mixtral, Qwen-MoE...); this config ({type(config).__name__}) "
+                             f"{unknown}")
         heads = config.num_attention_heads
-        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+        moe = {}
+        if experts:
+            moe = {"experts": experts, "experts_per_token": config.num_experts_per_tok,
+                   "expert_intermediate": getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+                   "shared_intermediate": getattr(config, "shared_expert_intermediate_size", None) or 0}
+        return cls(config.hidden_size, 0 if experts else config.intermediate_size, config.num_hidden_layers, heads,
                    getattr(config, "num_key_value_heads", None) or heads,
                    getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
                    bool(getattr(config, "tie_word_embeddings", False)),
                    getattr(config, "final_logit_softcapping", None) is not None
-                   or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1)
+                   or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1, **moe)
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear layer of one decoder layer."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        """(in, out) features of each linear layer of one decoder layer (a mixture of experts':
+        attention and the shared expert, if any)."""
+        q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
+        attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        i = self.shared_intermediate if self.experts else self.intermediate
+        mlp = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)} if i else {}
+        return {**attention, **mlp, **({"shared_expert_gate": (h, 1)} if self.shared_intermediate else {})}
+
+    def expert_weights(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each fused expert weight of one layer, per expert: gate and up
+        together, down (none for a dense model)."""
+        if not self.experts:
+            return {}
+        h, i = self.hidden, self.expert_intermediate
+        return {"gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
 
     @property
     def layer_linear_params(self) -> int:
         return sum(a * b for a, b in self.linears().values())
+
+    @property
+    def layer_expert_params(self) -> int:
+        """The fused expert weights and the router of one layer (0 for a dense model)."""
+        return self.experts * (sum(a * b for a, b in self.expert_weights().values()) + self.hidden)
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate features one token computes (its experts' and a shared expert's)."""
+        if not self.experts:
+            return self.intermediate
+        return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
+
+    @property
+    def active_params(self) -> int:
+        """The weights one token computes with: `params` less the experts it is not routed to."""
+        idle = self.experts - self.experts_per_token
+        return self.params - self.layers * idle * sum(a * b for a, b in self.expert_weights().values())
 
     @property
     def embedding_params(self) -> int:
@@ -78,7 +128,7 @@ class Shape:
     @property
     def params(self) -> int:
         norms = (2 * self.layers + 1) * self.hidden
-        return (self.layers * self.layer_linear_params + norms + self.embedding_params
+        return (self.layers * (self.layer_linear_params + self.layer_expert_params) + norms + self.embedding_params
                 + (0 if self.tied else self.embedding_params))
 
 
@@ -91,6 +141,10 @@ KNOWN_SHAPES = {
     "meta-llama/Llama-3.2-3B": Shape(3072, 8192, 28, 24, 8, 128, 128256, True),
     "mistralai/Mistral-7B-v0.1": Shape(4096, 14336, 32, 32, 8, 128, 32000, False),
     "Qwen/Qwen2.5-7B": Shape(3584, 18944, 28, 28, 4, 128, 152064, False),
+    "mistralai/Mixtral-8x7B-v0.1": Shape(4096, 0, 32, 32, 8, 128, 32000, False, experts=8, experts_per_token=2,
+                                         expert_intermediate=14336),
+    "Qwen/Qwen3-30B-A3B": Shape(2048, 0, 48, 32, 4, 128, 151936, False, experts=128, experts_per_token=8,
+                                expert_intermediate=768),
 }
 KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
                      "meta-llama/Llama-3.1-8B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
@@ -176,7 +230,7 @@ def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
 
     rows = min(SCORE_BATCH, config.train.micro_batch_size * config.grpo.num_generations)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_token = 2 * shape.hidden + 2 * q + 2 * kv + 3 * shape.intermediate
+    per_token = 2 * shape.hidden + 2 * q + 2 * kv + 3 * shape.mlp_width
     return rows * (config.model.max_seq_len + config.grpo.max_new_tokens) * per_token * compute
 
 
@@ -190,7 +244,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on
     compute = 4 if train.precision == "fp32" else 2
     layer_linear = shape.layers * shape.layer_linear_params
-    rest = shape.params - layer_linear  # embeddings, norms, an untied output layer
+    experts = shape.layers * shape.layer_expert_params  # a mixture of experts' fused expert weights and routers
+    rest = shape.params - layer_linear - experts  # embeddings, norms, an untied output layer
     parts: dict[str, float] = {}
 
     if config.method == "full":
@@ -201,7 +256,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
             parts["gradients"] = 2 * trained / shard(2)
         else:
             parts["weights"] = 4 * trained / shard(3)
-            if compute == 2:  # autocast's 16-bit copies of the matmul weights (the output layer's too), held for backward
+            if compute == 2:  # autocast's 16-bit copies of the matmul weights (the output layer's too), held for
+                # backward; not of fused expert weights (their grouped matmul runs in fp32: `expert_bytes`)
                 parts["weight_copies"] = 2 * (layer_linear + shape.embedding_params)
             parts["gradients"] = 4 * trained / shard(2)
         if ds.offload_params == "cpu":
@@ -212,13 +268,18 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         saved_in_full = sum(shape.embedding_params for m in {*config.lora.modules_to_save, *trained_in_full(config.model)}
                             if m in ("lm_head", "embed_tokens"))  # in fp32, as every trained weight
         trained = adapter_params(config, shape) + saved_in_full
-        if config.method == "qlora":
-            base = layer_linear * QLORA_BYTES[config.quantization.double_quant] + 4 * rest
+        base_bytes = compute
+        if config.method == "qlora":  # linear layers in 4 bits, experts in the compute dtype, the rest in fp32
+            base_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
+            base = layer_linear * QLORA_BYTES[config.quantization.double_quant] + base_bytes * experts + 4 * rest
         else:
             base = compute * shape.params
         parts["base_weights"] = base / shard(3)  # ZeRO-3 partitions the frozen base too
         parts["lora_weights"] = 4 * trained
         parts["gradients"] = 4 * trained / shard(2)
+        if expert_ranks(config, shape):  # PEFT adds B @ A to each layer's expert weights: a copy held for backward
+            held = 1 if train.gradient_checkpointing else shape.layers
+            parts["expert_weight_copies"] = base_bytes * held * shape.layer_expert_params
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else 8 * trained / shard(1)
     inline_reference = ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
                         or (config.objective == "grpo" and config.grpo.beta > 0))
@@ -246,15 +307,47 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
 
 
 def adapter_params(config: JobConfig, shape: Shape) -> int:
-    """LoRA's A and B weights over every targeted linear layer (0 for a full fine-tune)."""
+    """LoRA's A and B weights over every targeted linear layer and expert weight (rank
+    `expert_ranks` per expert), and with all-linear the router (0 for a full fine-tune)."""
     if config.method == "full":
         return 0
-    return sum(config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
-               if _targeted(name, config.lora.target_modules)) * shape.layers
+    linear = sum(config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
+                 if _targeted(name, config.lora.target_modules))
+    experts = sum(rank * shape.experts * sum(shape.expert_weights()[name]) for name, rank in expert_ranks(config, shape).items())
+    router = config.lora.rank * (shape.hidden + shape.experts) if experts and config.lora.target_modules == "all-linear" else 0
+    return (linear + experts + router) * shape.layers
+
+
+# transformers 4's names of the fused expert weights, which PEFT maps onto them (Mixtral's, Qwen-MoE's)
+EXPERT_ALIASES = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
+
+
+def expert_ranks(config: JobConfig, shape: Shape) -> dict[str, int]:
+    """LoRA's rank per expert on each fused expert weight the job targets (`models.peft_config`):
+    by its name, by transformers 4's names (gate and up: PEFT doubles the rank of the fused
+    weight, as two adapters were), or all-linear (as those)."""
+    if config.method == "full" or not shape.experts:
+        return {}
+    targets, rank = config.lora.target_modules, config.lora.rank
+    ranks = {}
+    for name, aliases in EXPERT_ALIASES.items():
+        if targets == "all-linear" or any(all(a in targets for a in names) for names in aliases):
+            ranks[name] = rank * len(aliases[0])
+        elif name in targets:
+            ranks[name] = rank
+    return ranks
 
 
 def _targeted(module: str, targets: Any) -> bool:
     return targets == "all-linear" or module in targets
+
+
+def expert_bytes(config: JobConfig, compute: int) -> int:
+    """The bytes of a fused expert weight's matmul values: autocast leaves a grouped matmul
+    alone, so it runs in the weights' dtype (fp32 in a full fine-tune but DeepSpeed's 16-bit one)."""
+    if config.method == "full" and not (config.distributed.strategy == "deepspeed" and compute == 2):
+        return 4
+    return compute
 
 
 def fused(config: JobConfig) -> bool:
@@ -264,16 +357,23 @@ def fused(config: JobConfig) -> bool:
 
 def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """Bytes one token's activations hold through backward, over all layers."""
-    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    h, q = shape.hidden, shape.heads * shape.head_dim
+    i = shape.shared_intermediate if shape.experts else shape.intermediate
     kv = shape.kv_heads * shape.head_dim
     residual = 4 if config.train.fp32_residual else compute
     attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
     # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
     mlp = 2 * h * residual + (2 * i + (0 if config.recomputes_swiglu else i if fused(config) else 2 * i)) * compute
+    if shape.experts:  # the router's logits and probabilities (fp32); for each of the token's experts: its copy
+        # of the token, gate and up, act(gate), their product, and its output before the router's weight; with
+        # LoRA on the experts, 3 more of its expert's width (measured on CPU: tests/unit/test_plan.py)
+        width = 7 if expert_ranks(config, shape) else 4
+        mlp += shape.experts * (compute + 4) + shape.experts_per_token * (2 * h + width * shape.expert_intermediate) * (
+            expert_bytes(config, compute))
     lora = 0
     if config.method != "full":
-        lora = sum(config.lora.rank for name in LORA_MODULES if _targeted(name, config.lora.target_modules)) * compute
+        lora = sum(config.lora.rank for name in shape.linears() if _targeted(name, config.lora.target_modules)) * compute
     layer = (attention + mlp + lora) * ACTIVATION_MARGIN
     if config.train.gradient_checkpointing:  # each layer's input kept; one layer recomputed at a time
         return shape.layers * h * residual + layer
@@ -364,6 +464,7 @@ def _dedupe(settings: list[str]) -> list[str]:
 PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (autocast)",
               "master_weights": "fp32 master weights", "base_weights": "frozen base weights",
               "lora_weights": "trained weights (adapters)", "gradients": "gradients",
+              "expert_weight_copies": "expert weights + LoRA (PEFT), held for backward",
               "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",
               "reward_models": "reward models (grpo.rewards)",
               "reward_scoring": "reward model scoring, beyond the activations",
@@ -445,7 +546,7 @@ def plan_time(config: JobConfig, shape: Shape, tokens: int, gpu: str) -> dict[st
     per_step = train.micro_batch_size * config.model.max_seq_len * train.gradient_accumulation * workers
     steps = train.max_steps or math.ceil(tokens * train.epochs / per_step)
     shape = trained_shape(config, shape)
-    base = shape.params - shape.embedding_params
+    base = shape.active_params - shape.embedding_params  # a mixture of experts: the experts a token goes to
     flops = training_flops(base, adapter_params(config, shape), shape.layers, shape.hidden, config.method,
                            config.model.max_seq_len)
     peak = next((t for key, t in KNOWN_PEAK_TFLOPS.items() if key.lower() == gpu.lower()), None)
@@ -455,7 +556,7 @@ def plan_time(config: JobConfig, shape: Shape, tokens: int, gpu: str) -> dict[st
     hours = steps * per_step / (per_worker * workers) / 3600
     return {"steps": steps, "tokens_per_step": per_step, "tokens_per_s_per_worker": round(per_worker),
             "hours": round(hours, 2), "gpu_hours": round(hours * workers, 2), "gpu": gpu,
-            "mfu_assumed": MEASURED_MFU[config.method]}
+            "mfu_assumed": MEASURED_MFU[config.method], "experts": shape.experts}
 
 
 def describe_time(config: JobConfig, time: dict[str, Any], source: str, price: float | None) -> str:
@@ -465,7 +566,9 @@ def describe_time(config: JobConfig, time: dict[str, Any], source: str, price: f
     return (f"time: about {took} on {config.distributed.max_workers} x {time['gpu']} "
             f"({time['gpu_hours']:.1f} GPU-hours{cost}): {time['steps']:,} steps of {time['tokens_per_step']:,} "
             f"tokens, {time['tokens_per_s_per_worker']:,} tokens/s per GPU at the {time['mfu_assumed']:.1%} MFU "
-            f"measured for {config.method} on an H100 (bench/RESULTS.md); tokens from {source}")
+            f"measured for {config.method} on an H100 (bench/RESULTS.md)"
+            + (" on a dense model (a mixture of experts runs below it: at best)" if time.get("experts") else "")
+            + f"; tokens from {source}")
 
 
 # GPU memory by Ray's accelerator_type resource name (GB as sold; the smaller card where a name

@@ -188,6 +188,26 @@ def sentencepiece_tokenizer(folder: Path | None = None):
     return spm
 
 
+def tiny_moe(folder: Path, kind: str = "qwen3_moe"):
+    """A random tiny mixture of experts (4 experts, 2 per token) with the built-in tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    experts = ({"num_local_experts": 4} if kind == "mixtral"  # its experts are intermediate_size wide
+               else {"num_experts": 4, "moe_intermediate_size": 32})
+    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=128, head_dim=16, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **experts,
+                                  vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return ModelConfig(name_or_path=str(folder))
+
+
 def make_bucket(endpoint: str, name: str):
     import boto3
 

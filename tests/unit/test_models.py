@@ -308,21 +308,6 @@ def test_lora_targets_and_attention_a_model_lacks_are_said_before_launch(tmp_pat
     assert check_layout(gemma.model_copy(update={"attn_implementation": "eager"}), lora, scores=False) == []
 
 
-def tiny_moe(folder, kind: str = "qwen3_moe"):
-    """A random tiny mixture of experts (4 experts, 2 per token) with the built-in tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(ModelConfig())
-    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, head_dim=16,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                                  num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
-                                  pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return ModelConfig(name_or_path=str(folder))
-
-
 def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     """transformers 5 keeps a layer's experts as fused 3-D weights, not linear layers: their
     names (Qwen3-MoE's gate_up_proj, down_proj) train LoRA on every expert (PEFT would skip
@@ -335,6 +320,7 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     from ft_ray.config import InputError
     from ft_ray.export import merge_adapter
     from ft_ray.models import check_layout
+    from tests.conftest import tiny_moe
 
     moe = tiny_moe(tmp_path / "moe")
     mixtral = tiny_moe(tmp_path / "mixtral", "mixtral")
