@@ -317,7 +317,7 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     loads in plain PEFT and merges into the same model."""
     from peft import PeftModel
 
-    from ft_ray.config import InputError
+    from ft_ray.config import InputError, QuantizationConfig
     from ft_ray.export import merge_adapter
     from ft_ray.models import check_layout
     from tests.conftest import tiny_moe
@@ -333,6 +333,10 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     [qlora] = check_layout(moe, LoraConfig(), scores=False, quantized=True)
     assert "experts as fused weights (gate_up_proj, down_proj), which 4-bit quantization (linear layers only) leaves " \
            "16-bit" in qlora
+    quantized = load_quantized_model(moe, QuantizationConfig(), gradient_checkpointing=False)
+    dtypes = {name.split("layers.0.")[1]: p.dtype for name, p in quantized.named_parameters() if "layers.0." in name}
+    assert dtypes["mlp.experts.gate_up_proj"] == dtypes["mlp.experts.down_proj"] == torch.bfloat16  # were made fp32
+    assert dtypes["input_layernorm.weight"] == torch.float32 and not any(p.requires_grad for p in quantized.parameters())
 
     model = apply_lora(load_base_model(moe), experts, moe.name_or_path)
     trained = {name.split("layers.0.")[1] for name, p in model.named_parameters() if p.requires_grad and "layers.0." in name}
