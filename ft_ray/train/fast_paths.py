@@ -344,8 +344,8 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
             return plain(input_ids=input_ids, labels=labels, **kwargs)
         for key in ("num_items_in_batch", "logits_to_keep", "return_dict"):
             kwargs.pop(key, None)
-        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])
+        decoded = decoder(input_ids=input_ids, **kwargs)
+        hidden = decoded.last_hidden_state.reshape(-1, decoded.last_hidden_state.shape[-1])
         targets = torch.nn.functional.pad(scored, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # HF's shift
         # asked each time, not `head`: PEFT puts a trained copy of the head in its place (new tokens),
         # or its trainable tokens around it
@@ -355,11 +355,23 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
         if token_logps_of is not None:  # row t scored token t + 1: token t's log-prob is row t - 1's
             logps = _LinearTokenLogps.apply(hidden, weight, rows, index, targets, chunk, grads).view(scored.shape)
             return {"token_logps": torch.nn.functional.pad(logps[:, :-1], (1, 0))}
-        return CausalLMOutputWithPast(loss=_LinearCrossEntropy.apply(hidden, weight, rows, index, targets, chunk, grads))
+        loss = _LinearCrossEntropy.apply(hidden, weight, rows, index, targets, chunk, grads)
+        if kwargs.get("output_router_logits"):  # a mixture of experts' load-balancing loss, as its own forward adds
+            loss = loss + router_aux_loss(self, decoded.router_logits)
+        return CausalLMOutputWithPast(loss=loss)
 
     forward.chunked_head = True  # read by has_chunked_head (through the bound method)
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def router_aux_loss(model: Any, router_logits: Any) -> torch.Tensor:
+    """A mixture of experts' load-balancing loss at its weight, as its own forward computes it
+    (the `load_balancing_loss_func` of its modeling module; no attention mask: packed rows)."""
+    import sys
+
+    balance = sys.modules[type(model).__module__].load_balancing_loss_func
+    return model.router_aux_loss_coef * balance(router_logits, model.num_experts, model.num_experts_per_tok, None)
 
 
 def logits_are_the_heads(model: Any, head: torch.nn.Module) -> bool:

@@ -34,15 +34,22 @@ class Objective(Protocol):
 class NextTokenLoss:
     """Supervised fine-tuning: mean cross-entropy of the next token over the target tokens.
     Attention stays inside packed examples (no attention mask, position ids restarting per
-    example: see `ft_ray.data.tokenize`)."""
+    example: see `ft_ray.data.tokenize`). With `router_aux_loss` (a mixture of experts whose
+    routers train: `trains_routers`), training adds the model's own load-balancing loss at
+    its `router_aux_loss_coef`, as its pre-training did, so routing does not collapse onto a
+    few experts; evaluation stays the cross-entropy alone."""
 
     name = "sft"
     columns = ("input_ids", "labels", "position_ids")
     metrics = ()
 
+    def __init__(self, router_aux_loss: bool = False):
+        self.router_aux_loss = router_aux_loss
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        balance = {"output_router_logits": True} if self.router_aux_loss and model.training else {}
         outputs = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                        use_cache=False)
+                        use_cache=False, **balance)
         return outputs.loss, {}
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
@@ -53,7 +60,13 @@ def build_objective(config: Any, model: Any = None) -> Objective:
     """The job's objective; a preference objective gets its reference model (the trained
     `model` with its adapter switched off, or a frozen copy of the base for a full fine-tune)."""
     if config.objective == "sft":
-        return NextTokenLoss()
+        balanced = model is not None and trains_routers(model)
+        if balanced:
+            from ft_ray.console import LOG
+
+            LOG.info(f"note: the routers of this mixture of experts train: the training loss adds its load-balancing "
+                     f"loss (router_aux_loss_coef {model.config.router_aux_loss_coef})")
+        return NextTokenLoss(router_aux_loss=balanced)
     if config.objective == "grpo":
         from ft_ray.train.grpo import build_grpo_objective
 
@@ -65,3 +78,14 @@ def build_objective(config: Any, model: Any = None) -> Objective:
     from ft_ray.train.preference import build_preference_objective
 
     return build_preference_objective(config, model)
+
+
+def trains_routers(model: Any) -> bool:
+    """Whether a mixture of experts with a load-balancing loss (`router_aux_loss_coef`) trains
+    its routers' weights: a full fine-tune, or LoRA on them (all-linear)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "router_aux_loss_coef", 0):
+        return False
+    routers = [name.removesuffix(".base_layer") + "." for name, module in model.named_modules()
+               if type(module).__name__.endswith("Router")]
+    return any(weight.requires_grad and name.startswith(tuple(routers)) for name, weight in model.named_parameters())
