@@ -157,14 +157,14 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, conf
               if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]  # GPT-2's
     layers = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear)) + (
         f"; expert weights: {', '.join(experts)}" if experts else "")
-    converted = peft_parameter_targets(skeleton, lora) if experts else {}
+    converted = peft_parameter_targets(skeleton, lora) if experts else []
     if converted and lora.dropout:
         raise InputError(f"lora.dropout: {lora.dropout}, but LoRA on {model.name_or_path}'s ({kind}) "
                          f"{', '.join(sorted(converted))} (weights of its experts or router, not linear layers) has "
                          "no dropout in PEFT: set lora.dropout: 0, or leave them out of lora.target_modules")
     if lora.target_modules != "all-linear":
         found = [t for t in lora.target_modules
-                 if any(n == t or n.endswith("." + t) for n in linear) or t in experts or converted.get(t)]
+                 if any(n == t or n.endswith("." + t) for n in linear) or t in experts or t in converted]
         missing = [t for t in lora.target_modules if t not in found]
         if not found:
             raise InputError(f"lora.target_modules: none of {', '.join(missing)} is a linear layer of "
@@ -636,26 +636,23 @@ def peft_config(model: Any, lora: LoraConfig, also_in_full: list[str] = (), scor
         trainable_token_indices=rows or None)
 
 
-def peft_parameter_targets(model: Any, lora: LoraConfig) -> dict[str, list[str]]:
-    """What PEFT will adapt as parameters (experts, a router) rather than linear layers, for
-    each `lora.target_modules` name that leads there ({} for none): `expert_targets`, and the
-    names of transformers 4 (Mixtral's w1, w2, w3; Qwen-MoE's gate_proj, up_proj, down_proj)
-    that PEFT maps onto the fused weights, with `all-linear` the router's too."""
+def peft_parameter_targets(model: Any, lora: LoraConfig) -> list[str]:
+    """The `lora.target_modules` names PEFT will adapt as parameters (experts, a router) rather
+    than linear layers (with `all-linear`: those parameters): `expert_targets`, and the names of
+    transformers 4 (Mixtral's w1, w2, w3; Qwen-MoE's gate_proj, up_proj, down_proj) that PEFT
+    maps onto the fused weights, with `all-linear` the router's too; [] for none."""
     import copy
 
     from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
     config = peft_config(model, lora)
-    asked = config.target_modules
     converted = copy.deepcopy(config)
     convert_peft_config_for_transformers(converted, model=model, conversions=None)
     parameters = sorted(set(converted.target_parameters or ()))
-    if not parameters:
-        return {}
-    if lora.target_modules == "all-linear":
-        return {name: [name] for name in parameters}
-    moved = [t for t in (asked or ()) if t not in set(converted.target_modules or ())]
-    return {t: parameters for t in [*expert_targets(lora, expert_weights(model)), *moved]}
+    if not parameters or lora.target_modules == "all-linear":
+        return parameters
+    moved = [t for t in config.target_modules if t not in set(converted.target_modules or ())]
+    return [*expert_targets(lora, expert_weights(model)), *moved]
 
 
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = (),
