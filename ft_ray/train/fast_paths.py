@@ -317,6 +317,38 @@ def head_parts(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, layer.trainable_tokens_delta[active[0]], index
 
 
+def embedding_rows_beside(model: Any) -> int:
+    """PEFT's trainable tokens on an input embedding (`model.untrained_tokens`, `add_tokens`
+    with `new_tokens: rows`) look their rows up beside the frozen embedding: PEFT's forward
+    copies the whole embedding with the rows written in each step (1 GiB at Llama 3 8B's
+    128k x 4096 in bf16) and back-propagates a gradient of that whole copy to reach the rows.
+    The same outputs and row gradients; returns the layers changed."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and isinstance(module.base_layer, torch.nn.Embedding):
+            module.forward = types.MethodType(_rows_beside_forward, module)
+            changed += 1
+    return changed
+
+
+def _rows_beside_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = list(self.active_adapters)
+    if self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.token_indices:
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: off, merged, several adapters
+    rows = self.trainable_tokens_delta[active[0]]
+    out = self.base_layer(x, *args, **kwargs)  # a scaled embedding (Gemma's) scales in its own forward
+    slot = torch.full((self.base_layer.num_embeddings,), -1, dtype=torch.long, device=x.device)
+    slot[torch.as_tensor(self.token_indices[active[0]], device=x.device)] = torch.arange(len(rows), device=x.device)
+    slot = slot[x]
+    picked = torch.nn.functional.embedding(slot.clamp(min=0), rows)
+    scale = self._get_embed_scale()
+    if scale is not None:
+        picked = picked * scale.to(picked.dtype)
+    return torch.where((slot >= 0).unsqueeze(-1), picked.to(out.dtype), out)
+
+
 def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     """Give a causal LM (`*ForCausalLM`: a decoder under `base_model_prefix` and a bias-free
     linear head) a forward whose head works in chunks of rows, never holding the [tokens,

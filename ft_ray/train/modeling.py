@@ -12,7 +12,7 @@ from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.train.engine_api import COMPUTE_DTYPES
 from ft_ray.train.fast_paths import (
-    chunked_lm_head, fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype,
+    chunked_lm_head, embedding_rows_beside, fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype,
 )
 
 
@@ -65,6 +65,8 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
                      "output; PEFT's forward is used)")
         elif config.uses_fast_paths:
             fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
+        if tokens:
+            embedding_rows_beside(model)
     if config.train.neftune_alpha:
         add_embedding_noise(model, config.train.neftune_alpha)
     model.config.use_cache = False

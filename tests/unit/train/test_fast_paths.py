@@ -243,6 +243,53 @@ def test_the_chunked_lm_head_loss_matches_the_model_s_own(method, precision, tok
         assert torch.allclose(chunked[2][name].float(), grad.float(), atol=tolerance * grad.abs().max().item() + 1e-8), name
 
 
+def test_trained_token_rows_are_looked_up_beside_the_embedding_not_copied_into_it(tmp_path):
+    """The rows of special tokens the base never trained (`model.untrained_tokens: mend`) train
+    through PEFT's trainable tokens; ft-ray's embedding forward looks them up beside the frozen
+    embedding: the same outputs and row gradients as PEFT's, and no tensor the size of the
+    embedding made in forward or backward (PEFT's copies it with the rows written each step)."""
+    from torch.utils._pytree import tree_leaves
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.conftest import UNTRAINED, untrained_llama
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.made += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    config = job(precision="fp32")
+    config.model.name_or_path = str(untrained_llama(tmp_path / "base"))
+    embedding = build_model(config, config.model.name_or_path).get_input_embeddings().token_adapter
+    assert "forward" in vars(embedding)  # ft-ray's
+    rows = embedding.trainable_tokens_delta["default"]
+    with torch.no_grad():
+        rows.normal_(std=0.5)
+    ids = torch.tensor([[9, *UNTRAINED, 40, UNTRAINED[1], 700]])
+    weights = torch.randn(1, ids.shape[1], embedding.base_layer.embedding_dim)
+
+    def run():
+        rows.grad = None
+        with Shapes() as shapes:
+            out = embedding(ids)
+            (out * weights).sum().backward()
+        return out.detach(), rows.grad.clone(), shapes.made
+
+    beside = run()
+    del embedding.forward  # PEFT's
+    copied = run()
+    whole = tuple(embedding.base_layer.weight.shape)
+    assert whole not in beside[2] and whole in copied[2]
+    torch.testing.assert_close(beside[0], copied[0])
+    torch.testing.assert_close(beside[1], copied[1])
+    assert beside[1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind, shape", [("gemma2", {"head_dim": 16}), ("granite", {"logits_scaling": 8.0})])
 def test_a_model_that_changes_its_heads_output_keeps_its_own_forward(kind, shape, tmp_path):
     """Gemma 2 caps its logits at 30 (30 tanh(x / 30)), Granite divides them by
