@@ -94,10 +94,12 @@ def test_4bit_layers_keep_their_weights_through_evaluation_on_any_cpu():
     assert keep_4bit_weights_unpacked(model) == 1 and not layers[0].support_avx512bf16_for_cpu
 
 
-def test_chatml_by_name_for_a_base_model_without_a_template(tmp_path):
+def test_shipped_templates_by_name_for_a_base_model_without_one(tmp_path):
     """`model.chat_template: chatml` (shipped in ft_ray/assets/templates): ChatML turns, each
-    assistant turn ending in the model's eos so generation stops there; an unknown name lists
-    the shipped ones."""
+    assistant turn ending in the model's eos so generation stops there; `llama3`: Llama 3's
+    header and <|eot_id|> turns (a Llama 3 base has the tokens but no template); `mistral`:
+    [INST] turns, a system message before the first user turn's text, answers ending in the
+    eos. An unknown name lists the shipped ones."""
     from ft_ray.config import InputError
     from ft_ray.data.formats import record_segments
 
@@ -110,7 +112,19 @@ def test_chatml_by_name_for_a_base_model_without_a_template(tmp_path):
     assert [text for text, trained in record_segments({"messages": messages}, "chat", tokenizer) if trained] == [
         f"Hello.<|im_end|>{tokenizer.eos_token}\n"]
     assert len(tokenizer("<|im_start|>", add_special_tokens=False)["input_ids"]) == 1  # one token each
-    with pytest.raises(InputError, match=r"'chatm' is neither a template ft-ray ships \(chatml\), a file nor"):
+    conversation = {"messages": [*messages, {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye."}]}
+    llama3 = load_tokenizer(ModelConfig(chat_template="llama3"))
+    assert "".join(text for text, _ in record_segments(conversation, "chat", llama3)) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nHi?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|><|start_header_id|>user"
+        "<|end_header_id|>\n\nAnd?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBye.<|eot_id|>")
+    assert [text for text, trained in record_segments(conversation, "chat", llama3) if trained] == [
+        "Hello.<|eot_id|>", "Bye.<|eot_id|>"]
+    mistral = load_tokenizer(ModelConfig(chat_template="mistral"))
+    assert record_segments(conversation, "chat", mistral) == [
+        ("[INST] Be brief.\n\nHi? [/INST]", False), (f" Hello.{mistral.eos_token}", True),
+        ("[INST] And? [/INST]", False), (f" Bye.{mistral.eos_token}", True)]
+    with pytest.raises(InputError, match=r"'chatm' is neither a template ft-ray ships \(chatml, llama3, mistral\), a "):
         load_tokenizer(ModelConfig(chat_template="chatm"))
 
 
