@@ -125,8 +125,9 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, conf
 
     Raises:
         InputError: none of the targets is a linear layer or an expert weight of the model;
-            LoRA on expert weights (or a router) with `lora.dropout` (PEFT has none there); the
-            model cannot run `model.attn_implementation: sdpa` (Gemma 2: eager)."""
+            LoRA on expert weights (or a router) with `lora.dropout`, DoRA or an init from the
+            weights (PEFT has none there); the model cannot run `model.attn_implementation: sdpa`
+            (Gemma 2: eager)."""
     import torch
 
     config = config or model_config(model)
@@ -158,10 +159,13 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, conf
     layers = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear)) + (
         f"; expert weights: {', '.join(experts)}" if experts else "")
     converted = peft_parameter_targets(skeleton, lora) if experts else []
-    if converted and lora.dropout:
-        raise InputError(f"lora.dropout: {lora.dropout}, but LoRA on {model.name_or_path}'s ({kind}) "
+    unsupported = [setting for setting, on in (("lora.dropout", lora.dropout), ("lora.use_dora", lora.use_dora),
+                                               ("lora.init", lora.init in ("pissa", "olora", "orthogonal"))) if on]
+    if converted and unsupported:
+        raise InputError(f"{', '.join(unsupported)}: PEFT's LoRA on {model.name_or_path}'s ({kind}) "
                          f"{', '.join(sorted(converted))} (weights of its experts or router, not linear layers) has "
-                         "no dropout in PEFT: set lora.dropout: 0, or leave them out of lora.target_modules")
+                         "no dropout, DoRA nor pissa/olora/orthogonal init: set lora.dropout: 0 (use_dora off, "
+                         "init default or gaussian), or leave them out of lora.target_modules")
     if lora.target_modules != "all-linear":
         found = [t for t in lora.target_modules
                  if any(n == t or n.endswith("." + t) for n in linear) or t in experts or t in converted]

@@ -341,9 +341,11 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     experts = LoraConfig(target_modules=["q_proj", "gate_up_proj", "down_proj"], dropout=0.0)
     assert check_layout(moe, experts, scores=False) == []
     assert check_layout(mixtral, LoraConfig(target_modules=["q_proj", "w1", "w2", "w3"], dropout=0.0), False) == []
-    with pytest.raises(InputError, match=r"lora.dropout: 0.05, but LoRA on .*\(MixtralForCausalLM\) down_proj, "
+    with pytest.raises(InputError, match=r"lora.dropout: PEFT's LoRA on .*\(MixtralForCausalLM\) down_proj, "
                                          r"gate.weight, gate_up_proj \(weights of its experts or router"):
         check_layout(mixtral, LoraConfig(target_modules="all-linear"), scores=False)
+    with pytest.raises(InputError, match=r"lora.use_dora, lora.init: PEFT's LoRA on .* gate_up_proj \(weights"):
+        check_layout(moe, experts.model_copy(update={"use_dora": True, "init": "pissa"}), scores=False)
     [qlora] = check_layout(moe, LoraConfig(), scores=False, quantized=True)
     assert "experts as fused weights (gate_up_proj, down_proj), which 4-bit quantization (linear layers only) leaves " \
            "16-bit" in qlora
