@@ -366,11 +366,12 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
     mlp = 2 * h * residual + (2 * i + (0 if config.recomputes_swiglu else i if fused(config) else 2 * i)) * compute
     if shape.experts:  # the router's logits and probabilities (fp32); for each of the token's experts: its copy
-        # of the token, gate and up, act(gate), their product, and its output before the router's weight; with
-        # LoRA on the experts, 3 more of its expert's width (measured on CPU: tests/unit/test_plan.py)
-        width = 7 if expert_ranks(config, shape) else 4
-        mlp += shape.experts * (compute + 4) + shape.experts_per_token * (2 * h + width * shape.expert_intermediate) * (
-            expert_bytes(config, compute))
+        # of the token, gate and up, and their product; where the expert weights take gradients (a full
+        # fine-tune, LoRA on them) one more of each width (fitted to what ft-ray's forward keeps on CPU, widths,
+        # methods and targets varied: bench/RESULTS.md, session 29)
+        i = shape.expert_intermediate
+        routed = h + 3 * i + (h + i if config.method == "full" or expert_ranks(config, shape) else 0)
+        mlp += shape.experts * (compute + 4) + shape.experts_per_token * routed * expert_bytes(config, compute)
     lora = 0
     if config.method != "full":
         lora = sum(config.lora.rank for name in shape.linears() if _targeted(name, config.lora.target_modules)) * compute
