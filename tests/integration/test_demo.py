@@ -70,7 +70,9 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
 
     # the transcript: ft-ray's own lines, short, plain; Ray's output in the run's log
     lines = out.splitlines()
-    assert len(lines) <= 60, out
+    # progress lines come every 10% and every 30 s: how many depends on the machine's load
+    progress = [line for line in lines if re.search(r" \d+/\d+ (steps|examples)  ", line)]
+    assert len(lines) - len(progress) <= 50 and len(progress) <= 25, out
     assert_plain(out)
     assert "[ft-ray]   packed train sequences  200" in lines  # the data table
     assert re.search(r"^\[ft-ray\] train: 100/100 steps  loss [\d.]+  eval loss [\d.]+ \(step 100\)", out, re.M)
