@@ -104,9 +104,14 @@ class Shape:
         return sum(a * b for a, b in self.linears().values())
 
     @property
+    def expert_params(self) -> int:
+        """The weights of one expert of one layer."""
+        return sum(a * b for a, b in self.expert_weights().values())
+
+    @property
     def layer_expert_params(self) -> int:
         """The fused expert weights and the router of one layer (0 for a dense model)."""
-        return self.experts * (sum(a * b for a, b in self.expert_weights().values()) + self.hidden)
+        return self.experts * (self.expert_params + self.hidden)
 
     @property
     def mlp_width(self) -> int:
@@ -118,8 +123,7 @@ class Shape:
     @property
     def active_params(self) -> int:
         """The weights one token computes with: `params` less the experts it is not routed to."""
-        idle = self.experts - self.experts_per_token
-        return self.params - self.layers * idle * sum(a * b for a, b in self.expert_weights().values())
+        return self.params - self.layers * (self.experts - self.experts_per_token) * self.expert_params
 
     @property
     def embedding_params(self) -> int:
