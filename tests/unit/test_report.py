@@ -58,3 +58,35 @@ def test_the_reference_line_is_the_base_models_eval_loss_and_winners_are_shown_i
     assert base_eval_loss({"t1": [{"step": 10, "eval_loss": 2.1}]}) is None  # resumed past step 0: no line
     assert relative("s3://b/runs/sweep/winners/1-t1", "s3://b/runs/sweep") == "winners/1-t1"
     assert relative("s3://b/elsewhere/w", "s3://b/runs/sweep") == "s3://b/elsewhere/w"
+
+
+def test_a_sweep_of_reward_models_shows_its_winners_pair_accuracy_against_the_longer_answer(tmp_path):
+    """A reward-model sweep's winner, evaluated (`ft-ray eval` of a reward model: held-out pairs,
+    no arms' losses), is shown by its pair accuracy beside the longer-answer rule's, with its
+    verdict; no loss chart of arms it does not have."""
+    import numpy as np
+
+    from ft_ray.config import config_from_dict
+    from ft_ray.evaluation.pairs import summarize_pairs
+
+    n = 8  # the model orders 7 of 8 pairs; the longer answer is chosen in half
+    cols = {"key": np.array([f"e:{i}" for i in range(n)]), "reason": np.array([""] * n),
+            "prompt": np.array(["p"] * n), "chosen_text": np.array(["c"] * n), "rejected_text": np.array(["r"] * n),
+            "chosen_score": np.array([1.0] * 7 + [0.0]), "rejected_score": np.array([0.0] * 7 + [1.0]),
+            "chosen_tokens": np.array([10, 5] * (n // 2)), "rejected_tokens": np.array([5, 10] * (n // 2))}
+    evaluation = summarize_pairs(config_from_dict({"objective": "reward_model", "data": {"train": "t.jsonl"}}), cols)
+    sweep = tmp_path / "sweep"
+    (sweep / "trials" / "t1").mkdir(parents=True)
+    (sweep / "trials" / "t1" / "metrics.jsonl").write_text(
+        '{"step": 0, "eval_loss": 0.69, "eval_pair_accuracy": 0.5}\n{"step": 4, "eval_loss": 0.4, "eval_pair_accuracy": 0.8}\n')
+    (sweep / "sweep.json").write_text(json.dumps({
+        "metric": "eval_pair_accuracy", "mode": "max",
+        "trials": [{"trial": "t1", "status": "finished", "stopped_early": False, "step": 4,
+                    "metrics": {"eval_pair_accuracy": 0.8}, "config": {"lora.rank": 8}}],
+        "winners": [{"rank": 1, "trial": "t1", "uri": f"{sweep}/winners/1-t1", "metrics": {"eval_pair_accuracy": 0.8},
+                     "eval": evaluation}]}))
+    page = write_report(str(sweep), tmp_path / "out").read_text()
+    assert "Does the reward model order the held-out pairs?" in page and "Does fine-tuning pay?" not in page
+    assert "<td>t1</td><td>reward model</td><td>0.875</td>" in page
+    assert "<td>t1</td><td>the longer answer wins</td><td>0.5</td>" in page
+    assert evaluation["verdict"]["sentence"] in page and not (tmp_path / "out" / "arms.png").exists()
