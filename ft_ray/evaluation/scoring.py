@@ -118,7 +118,7 @@ class ArmScorer:
                        and without_word_mark(self.tokenizer) is not None)
         self.fixed_shots = self.shot_forms(shots)
         pool = pool or {"prompts": [], "shots": []}
-        self.retriever, self.pool_shots, self.pool_ids = Retriever(pool["prompts"]), pool["shots"], {}
+        self.retriever, self.pool_shots, self.pool_forms = Retriever(pool["prompts"]), pool["shots"], {}
         # without the base model (variant only, a full fine-tune): the variant has its config
         self.context = prompt_context(self.job, self.base if self.base is not None else self.variant)
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -219,15 +219,15 @@ class ArmScorer:
                 forms = self.fixed_shots
             else:
                 [nearest] = self.retriever.nearest([prompt], self.settings.few_shot)
-                forms = [self.pool_shot_ids(i) for i in nearest]
+                forms = [self.pool_shot_forms(i) for i in nearest]
             candidates = [opening if n == 0 else later for n, (opening, later) in enumerate(forms)]
             out[arm.name] = candidates[:self.shots_that_fit(candidates, plain_length, full_length, after_shots_length)]
         return out
 
-    def pool_shot_ids(self, index: int) -> tuple[list[int], list[int]]:
-        if index not in self.pool_ids:
-            [self.pool_ids[index]] = self.shot_forms([self.pool_shots[index]])
-        return self.pool_ids[index]
+    def pool_shot_forms(self, index: int) -> tuple[list[int], list[int]]:
+        if index not in self.pool_forms:
+            [self.pool_forms[index]] = self.shot_forms([self.pool_shots[index]])
+        return self.pool_forms[index]
 
     def arm_inputs(self, seg_ids: list[list[int]], after_shots: list[list[int]], trainable: list[bool],
                    prefixes: dict[str, list[list[int]]], plain: dict | None = None) -> dict[str, Any]:
