@@ -656,7 +656,7 @@ def peft_parameter_targets(model: Any, lora: LoraConfig) -> list[str]:
     if not parameters or lora.target_modules == "all-linear":
         return parameters
     moved = [t for t in config.target_modules if t not in set(converted.target_modules or ())]
-    return [*expert_targets(lora, expert_weights(model)), *moved]
+    return [*(config.target_parameters or ()), *moved]  # `expert_targets`, and what PEFT moved
 
 
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = (),

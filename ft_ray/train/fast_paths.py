@@ -16,6 +16,7 @@ Layers that use a LoRA variant (DoRA), several adapters or merged weights keep P
 
 from __future__ import annotations
 
+import sys
 import types
 from typing import Any
 
@@ -400,8 +401,6 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
 def router_aux_loss(model: Any, router_logits: Any) -> torch.Tensor:
     """A mixture of experts' load-balancing loss at its weight, as its own forward computes it
     (the `load_balancing_loss_func` of its modeling module; no attention mask: packed rows)."""
-    import sys
-
     balance = sys.modules[type(model).__module__].load_balancing_loss_func
     return model.router_aux_loss_coef * balance(router_logits, model.num_experts, model.num_experts_per_tok, None)
 

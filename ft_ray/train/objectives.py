@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ft_ray.console import LOG
 from ft_ray.data.tokenize import IGNORE_INDEX
 
 
@@ -62,8 +63,6 @@ def build_objective(config: Any, model: Any = None) -> Objective:
     if config.objective == "sft":
         balanced = model is not None and trains_routers(model)
         if balanced:
-            from ft_ray.console import LOG
-
             LOG.info(f"note: the routers of this mixture of experts train: the training loss adds its load-balancing "
                      f"loss (router_aux_loss_coef {model.config.router_aux_loss_coef})")
         return NextTokenLoss(router_aux_loss=balanced)
