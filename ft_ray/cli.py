@@ -201,11 +201,19 @@ def token_count(text: str) -> int:
     return round(value)
 
 
+def load_job(args: argparse.Namespace) -> JobConfig:
+    """The job file with its `--set` settings, and the LoRA settings of the adapter it trains
+    on from (`model.adapter`, `models.with_adapter`)."""
+    from ft_ray.models import with_adapter
+
+    return with_adapter(load_config(args.config, args.overrides))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ft_ray.storage import RunFolder
     from ft_ray.train.trainer import check_same_job, run_training
 
-    config = load_config(args.config, args.overrides)
+    config = load_job(args)
     run = RunFolder.for_job(config)
     check_same_job(config, run, args.force_new)  # before the log opens in the run folder (--force-new moves it)
     _quiet(args, run)
@@ -263,7 +271,7 @@ def _print_samples(config: JobConfig, summary: dict) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from ft_ray.tune import run_sweep, sweep_folder
 
-    config = load_config(args.config, args.overrides)
+    config = load_job(args)
     if not args.force:
         from ft_ray.submit import check_fit
 
@@ -320,7 +328,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ft_ray.storage import RunFolder
     from ft_ray.train.trainer import connect_ray
 
-    config = load_config(args.config, args.overrides)
+    config = load_job(args)
     _quiet(args, RunFolder.for_job(config))
     tokenizer, where = load_tokenizer(config.model), location(config)  # what is not there is said before Ray starts
     connect_ray(config, gpus=config.precomputes_reference)  # packing needs no GPU; a DPO reference pass does
@@ -333,7 +341,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ft_ray.tracking import check_wandb_login
     from ft_ray.validate import validate_data
 
-    config = load_config(args.config, args.overrides)
+    config = load_job(args)
     if config.tune:
         from ft_ray.tune import check_search_space
 
@@ -366,7 +374,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ft_ray.plan import (ACTIVATION_MARGIN, as_json, describe, describe_time, model_shape, plan_time, suggestions,
                              train_tokens, worst_case)
 
-    config = load_config(args.config, args.overrides)
+    config = load_job(args)
     shape, origin = model_shape(config)
     job, plan = worst_case(config, shape)
     gpu_mib = args.gpu_memory * 1e9 / 2 ** 20 if args.gpu_memory else None

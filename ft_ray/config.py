@@ -76,6 +76,10 @@ class ModelConfig(Section):
         "max_seq_len over the window, rounded up, unless rope_factor says"))
     rope_factor: float | None = Field(None, gt=1, description=(
         "with rope_scaling: how many times the window to stretch to (e.g. train at 16k for a 32k target)"))
+    adapter: str | None = Field(None, description=(
+        "a LoRA adapter to train on from where it is (lora/qlora on this base model): its folder "
+        "(adapter_config.json), or a run folder, checkpoint or sweep winner holding one; its rank, alpha, "
+        "targets and trained token rows are the run's, and DPO/KTO/GRPO's reference is the base with it"))
 
     @model_validator(mode="after")
     def _rope_factor_scales(self) -> "ModelConfig":
@@ -665,6 +669,13 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     elif preference.label_smoothing and preference.loss_type != "sigmoid":
         problems.append(f"preference.label_smoothing: smooths the sigmoid loss; loss_type {preference.loss_type} "
                         "has none")
+    if job.model.adapter and not job.trains_adapter:
+        problems.append(f"model.adapter: continues a LoRA adapter (method lora or qlora), not method {job.method}; "
+                        "for a full fine-tune of it, `ft-ray export RUN --merge --out FOLDER` and set "
+                        "model.name_or_path: FOLDER")
+    if job.model.adapter and job.scores:
+        problems.append("model.adapter: a reward model trains a new score head on the base model; to start from an "
+                        "adapter, `ft-ray export RUN --merge --out FOLDER` and set model.name_or_path: FOLDER")
     if job.lora.loraplus_lr_ratio != 1 and not job.trains_adapter:
         problems.append(f"lora.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; method {job.method} "
                         "trains none (use lora or qlora)")

@@ -36,6 +36,11 @@ def model_source(model: ModelConfig) -> str:
         return str(_builtin_folder(name))
     path = Path(name).expanduser()
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            base = _json_file(path / "adapter_config.json").get("base_model_name_or_path")
+            raise InputError(f"model.name_or_path: {name} is a LoRA adapter, not a model: set model.name_or_path to "
+                             f"its base ({base or 'the model it was trained on'}) and model.adapter: {name} to train "
+                             "on from it")
         return str(path)
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise InputError(f"model.name_or_path: no folder {name} (a hub id is `name` or `org/name`)")
@@ -94,7 +99,8 @@ def model_warnings(job: JobConfig) -> list[str]:
             cannot run."""
     config = model_config(job.model)  # read once for the three
     rope_overrides(job.model, config)
-    return [w for w in [context_window_warning(job.model, config), untrained_tokens_warning(job.model)] if w] + (
+    return [w for w in [context_window_warning(job.model, config), untrained_tokens_warning(job.model),
+                        other_base_warning(job.model)] if w] + (
         check_layout(job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model", config,
                      quantized=job.method == "qlora"))
 
@@ -677,6 +683,140 @@ def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full:
     whole = {*lora.modules_to_save, *also_in_full}
     rows = {name: ids for name, ids in (token_rows(model, list(tokens)) or {}).items() if name not in whole}
     return get_peft_model(model, peft_config(model, lora, also_in_full, scores, rows))
+
+
+# the `lora` settings a continued adapter (`model.adapter`) brings: ft-ray's key -> its adapter_config.json key
+ADAPTER_SETTINGS = {"rank": "r", "alpha": "lora_alpha", "target_modules": "target_modules", "use_dora": "use_dora",
+                    "use_rslora": "use_rslora", "modules_to_save": "modules_to_save"}
+
+
+def _json_file(path: Path) -> dict:
+    import json
+
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it: {e}") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return loaded
+
+
+def adapter_folder(path: str) -> Path:
+    """The adapter folder `model.adapter` names: the folder itself (adapter_config.json), a
+    run folder's `adapter/`, a checkpoint's `model/` or a sweep winner's `weights/`.
+
+    Raises:
+        InputError: none of those is there, or the checkpoint or winner is incomplete.
+    """
+    import pyarrow.fs as pafs
+
+    from ft_ray.train.checkpoints import MANIFEST, digest_problem, stored_files_problem
+
+    folder = Path(path).expanduser().absolute()
+    if "://" in path or not folder.is_dir():
+        raise InputError(f"model.adapter: no folder {path} (a local folder, or one every worker sees)")
+    found = next((f for f in (folder, folder / "adapter", folder / "model", folder / "weights")
+                  if (f / "adapter_config.json").is_file()), None)
+    if found is None:
+        raise InputError(f"model.adapter: {path} holds no LoRA adapter (adapter_config.json), nor does its adapter/, "
+                         "model/ or weights/ (a run, checkpoint or sweep winner of a lora/qlora run)")
+    problem = None
+    if (folder / MANIFEST).is_file():  # a checkpoint
+        problem = digest_problem(folder)
+    elif (folder / "winner.json").is_file():
+        files = _json_file(folder / "winner.json").get("files") or {}
+        problem = stored_files_problem(pafs.LocalFileSystem(), str(folder), files)
+    if problem:
+        raise InputError(f"model.adapter: {path}: {problem} (incomplete or changed since it was written)")
+    return found
+
+
+def with_adapter(job: JobConfig) -> JobConfig:
+    """The job with the `lora` settings of the adapter it continues (`model.adapter`, resolved
+    to its folder), as `validate`, `plan`, `train` and `tune` see it; the job unchanged without one.
+
+    Raises:
+        InputError: the adapter is not there or not LoRA for a causal LM.
+        ConfigError: the job sets a `lora` key the adapter has otherwise (one line each).
+    """
+    from ft_ray.config import ConfigError
+
+    if not job.model.adapter:
+        return job
+    folder = adapter_folder(job.model.adapter)
+    saved = _json_file(folder / "adapter_config.json")
+    if saved.get("peft_type") != "LORA" or saved.get("task_type") not in (None, "CAUSAL_LM"):
+        raise InputError(f"model.adapter: {folder} is a {saved.get('peft_type')} adapter for {saved.get('task_type')}; "
+                         "ft-ray continues LoRA adapters of causal LMs")
+    targets = saved.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    targets += [name.rsplit(".", 1)[-1] for name in saved.get("target_parameters") or []]  # experts
+    in_full = trained_in_full(job.model)
+    settings = {key: saved.get(theirs) for key, theirs in ADAPTER_SETTINGS.items()}
+    settings.update(target_modules=sorted(set(targets)), use_dora=bool(settings["use_dora"]),
+                    use_rslora=bool(settings["use_rslora"]),
+                    modules_to_save=[m for m in settings["modules_to_save"] or [] if m not in in_full])
+    ours = job.lora
+    conflicts = [
+        f"lora.{key}: {getattr(ours, key)!r}, but the adapter it continues (model.adapter: {folder}) has {value!r}: "
+        f"a continued adapter keeps its own; leave lora.{key} out"
+        for key, value in settings.items()
+        if key in ours.model_fields_set and _setting(getattr(ours, key)) != _setting(value)]
+    if conflicts:
+        raise ConfigError(conflicts)
+    lora = ours.model_copy(update={**settings, "init": "default"})
+    return job.model_copy(update={"model": job.model.model_copy(update={"adapter": str(folder)}), "lora": lora})
+
+
+def _setting(value: Any) -> Any:
+    return sorted(value) if isinstance(value, list) else value
+
+
+def adapter_line(job: JobConfig) -> str:
+    """What a job that trains on from an adapter (`model.adapter`) starts from, in one line."""
+    lora = job.lora
+    kinds = "".join(f", {name}" for name, used in (("DoRA", lora.use_dora), ("rsLoRA", lora.use_rslora)) if used)
+    return (f"model: trains on from the adapter {job.model.adapter} (rank {lora.rank}, alpha {lora.alpha:g}{kinds}, "
+            f"on {', '.join(lora.target_modules)})")
+
+
+def other_base_warning(model: ModelConfig) -> str | None:
+    """Where the adapter a job trains on from (`model.adapter`) names another base model than
+    the job's (ft-ray's copy of a built-in model, a run's `base_model/`, counts as the built-in)."""
+    if not model.adapter:
+        return None
+    theirs = _json_file(Path(model.adapter) / "adapter_config.json").get("base_model_name_or_path") or ""
+    if theirs in (model.name_or_path, model_source(model)) or (
+            is_builtin(model.name_or_path) and Path(theirs).name == "base_model"):
+        return None
+    return (f"model.adapter was trained on {theirs or 'a base it does not name'}, this job's base is "
+            f"{model.name_or_path}: on another base model (even one of the same shape) it is not the model it "
+            "learned to be")
+
+
+def continue_adapter(model: Any, job: JobConfig, base_model_path: str, tokens: list[int] = (),
+                     trainable: bool = True) -> Any:
+    """`model` with the adapter of `model.adapter` (`with_adapter` resolved it) loaded as PEFT
+    saved it, trainable (its rows of `tokens` too) unless not `trainable`: a DPO/KTO/GRPO
+    reference. Its dropout is the job's `lora.dropout` and the base it names `base_model_path`.
+
+    Raises:
+        InputError: the job trains token rows (`mend_untrained_tokens`, `added_token_ids`) that
+            the adapter does not.
+    """
+    from peft import PeftConfig, PeftModel
+
+    settings = PeftConfig.from_pretrained(job.model.adapter)
+    settings.base_model_name_or_path, settings.lora_dropout = base_model_path, job.lora.dropout
+    saved_rows = settings.trainable_token_indices or {}
+    saved_rows = set(saved_rows) if isinstance(saved_rows, list) else {i for ids in saved_rows.values() for i in ids}
+    missing = sorted(set(tokens) - saved_rows)
+    if trainable and missing and set(settings.modules_to_save or ()).isdisjoint(("embed_tokens", "lm_head")):
+        raise InputError(f"model.adapter: this run would train the rows of token ids {missing[:8]} (special tokens the "
+                         "base never trained, or model.add_tokens), which the adapter it continues does not: set "
+                         "model.untrained_tokens: keep, as the adapter was trained")
+    return PeftModel.from_pretrained(model, job.model.adapter, config=settings, is_trainable=trainable)
 
 
 def save_base_model(model: ModelConfig, folder: Path) -> Path:

@@ -291,6 +291,9 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         # an inline reference (dpo/kto with preference.reference: inline, grpo with beta): a frozen copy of the
         # base, loaded in fp32 (preference.reference_model); ZeRO-3 shards it in the engine's dtype
         parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
+    elif inline_reference and config.model.adapter:
+        # the adapter it started from is not the adapter off: a frozen copy of the base with it, as it is held
+        parts["reference_weights"] = parts["base_weights"] + 4 * adapter_params(config, shape) / shard(3)
     scorers = reward_model_shapes(config)
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)

@@ -21,6 +21,7 @@ from ray.tune import Callback
 from ft_ray.config import (ConfigError, InputError, JobConfig, TuneConfig, dump_yaml, edge_values, sweep_name,
                            with_overrides)
 from ft_ray.console import LOG, TERMINAL, quiet
+from ft_ray.models import ADAPTER_SETTINGS
 from ft_ray.storage import RunFolder
 from ft_ray.tracking import TrialRuns, check_wandb_login
 
@@ -45,6 +46,10 @@ def check_search_space(config: JobConfig) -> None:
     for key, spec in tune.search_space.items():
         where = f"tune.search_space.{key}"
         problem = _spec_problem(spec, tune.search_alg)
+        from_adapter = [f"lora.{setting}" for setting in (*ADAPTER_SETTINGS, "init")] if config.model.adapter else []
+        if key == "model.adapter" or key in from_adapter:
+            problem = ("set by the adapter the sweep trains on from (model.adapter): its adapter_config.json; "
+                       "search the training settings (learning rate, dropout, steps...)")
         if problem:
             problems.append(f"{where}: {problem}")
             continue

@@ -87,7 +87,7 @@ def checked_format(source: SourceConfig, config: JobConfig, key: str) -> tuple[s
 
 def validate_data(config: JobConfig) -> dict[str, Any]:
     """Counts and readable lines about the job's data; warnings start with 'warning:'."""
-    from ft_ray.models import load_tokenizer, model_warnings, rope_overrides
+    from ft_ray.models import adapter_line, load_tokenizer, model_warnings, rope_overrides
 
     tokenizer = load_tokenizer(config.model)
     data = config.data
@@ -95,6 +95,8 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     train = held_out = 0
     tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
     lines = [w if w.startswith("note: ") else f"warning: {w}" for w in model_warnings(config)]
+    if config.model.adapter:
+        lines.insert(0, adapter_line(config))
     if rope := rope_overrides(config.model):
         stretch = rope["rope_parameters"]
         lines.append(f"model: RoPE stretched ({stretch['rope_type']}, factor {stretch['factor']:g}): "

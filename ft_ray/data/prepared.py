@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ft_ray.config import JobConfig
@@ -64,9 +65,13 @@ def reference_settings(config: JobConfig) -> dict[str, Any] | None:
     """What precomputed reference log-probs depend on beyond the base model: how it is loaded."""
     if not config.precomputes_reference:
         return None
+    adapter = None
+    if config.model.adapter:  # the reference is the base with it: its files as they are now
+        files = sorted(f for f in Path(config.model.adapter).iterdir() if f.is_file())
+        adapter = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return {"method": config.method, "precision": config.train.precision,
             "quantization": config.quantization.model_dump() if config.method == "qlora" else None,
-            "untrained_tokens": config.model.untrained_tokens}
+            "untrained_tokens": config.model.untrained_tokens, **({"adapter": adapter} if adapter else {})}
 
 
 def location(config: JobConfig, files: list[dict[str, Any]] | None = None) -> str:

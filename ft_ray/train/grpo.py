@@ -30,7 +30,7 @@ import torch
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.evaluation.metrics import reward_function
 from ft_ray.models import stop_ids
-from ft_ray.train.preference import adapter_off_reference, frozen_copy_reference, token_logps_of, unwrapped
+from ft_ray.train.preference import inline_reference, token_logps_of, unwrapped
 
 ADVANTAGE_EPSILON = 1e-4  # TRL's: a group whose answers all scored the same has advantage 0
 
@@ -211,12 +211,11 @@ class GRPOObjective:
 
 
 def build_grpo_objective(config: Any, model: Any) -> GRPOObjective:
-    """The objective with the job's tokenizer and, with `grpo.beta`, its reference: the
-    adapter switched off (lora/qlora) or a frozen copy of the base (full)."""
+    """The objective with the job's tokenizer and, with `grpo.beta`, its reference
+    (`preference.inline_reference`)."""
     from ft_ray.models import load_tokenizer
 
     reference = None
     if config.grpo.beta:
-        reference = (adapter_off_reference if config.trains_adapter
-                     else frozen_copy_reference(config, next(model.parameters()).device))
+        reference = inline_reference(config, model)
     return GRPOObjective(config, load_tokenizer(config.model), reference)

@@ -18,7 +18,7 @@ from ft_ray.train.fast_paths import (
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import (added_token_ids, apply_lora, load_base_model, load_quantized_model,
+    from ft_ray.models import (added_token_ids, apply_lora, continue_adapter, load_base_model, load_quantized_model,
                                mend_untrained_tokens, trained_in_full)
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
@@ -54,7 +54,10 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
             size = sum(p.numel() * 4 for n, p in model.named_parameters() if any(n.split(".")[-2] == m for m in in_full))
             LOG.info(f"note: model.add_tokens with new_tokens: whole: {' and '.join(in_full)} train in full and are "
                      f"saved with the adapter (+{size / 2**20:.1f} MiB in fp32)")
-        model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=tokens)
+        if config.model.adapter:  # an adapter trained before: on from where it is
+            model = continue_adapter(model, config, base_model_path, tokens)
+        else:
+            model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=tokens)
         # what trains whole (a reward model's new score head, lora.modules_to_save, the embeddings
         # and output layer of added tokens) is copied from the 16-bit base: in fp32 as every trained weight
         for parameter in model.parameters():

@@ -282,11 +282,20 @@ def adapter_off_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.T
         return token_logps_of(unwrapped(model), batch)
 
 
+def inline_reference(config: Any, model: Any) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
+    """The reference log-probs a worker computes itself (DPO/KTO `preference.reference: inline`,
+    GRPO's KL): the trained model with its adapter off, or a frozen copy (`reference_model`) for
+    a full fine-tune or an adapter that started trained (`model.adapter`: off, it is not the start)."""
+    if config.trains_adapter and not config.model.adapter:
+        return adapter_off_reference
+    return frozen_copy_reference(config, next(model.parameters()).device if model is not None else torch.device("cpu"))
+
+
 def reference_model(config: Any, device: torch.device, chunked_head: bool = True) -> Any:
-    """A frozen copy of the base model as the run trains on it (4-bit for QLoRA, the frozen
-    base's dtype for LoRA, per-example attention; its log-probs from the head in chunks unless
-    `train.fused_kernels: none` or not `chunked_head`), on `device`."""
-    from ft_ray.models import load_base_model, load_quantized_model, mend_untrained_tokens
+    """A frozen copy of the model as the run starts training it (4-bit for QLoRA, the frozen
+    base's dtype for LoRA, with the adapter of `model.adapter`, per-example attention; its
+    log-probs from the head in chunks unless `train.fused_kernels: none` or not `chunked_head`), on `device`."""
+    from ft_ray.models import continue_adapter, load_base_model, load_quantized_model, mend_untrained_tokens
     from ft_ray.train.engine_api import COMPUTE_DTYPES
 
     if config.method == "qlora":
@@ -301,6 +310,8 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
         model.set_attn_implementation(register())
     if chunked_head and config.train.fused_kernels != "none":
         chunked_lm_head(model, sft_loss=False)
+    if config.model.adapter:
+        model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
     return model.eval().requires_grad_(False)
 
 
@@ -351,11 +362,7 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
     preference = config.preference
     reference: Callable | None = None
     if config.objective in ("dpo", "kto") and not config.precomputes_reference:
-        if config.trains_adapter:
-            reference = adapter_off_reference
-        else:
-            device = next(model.parameters()).device if model is not None else torch.device("cpu")
-            reference = frozen_copy_reference(config, device)
+        reference = inline_reference(config, model)
     if config.objective == "dpo":
         return DPOLoss(preference.beta, reference, preference.chosen_nll_weight, preference.loss_type,
                        preference.label_smoothing)
@@ -434,7 +441,8 @@ def with_reference(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
     blocks = [(split, block) for split, dataset in datasets.items() for block in dataset.to_arrow_refs()]
     total = sum(dataset.count() for dataset in datasets.values())
     count = max(1, min(config.distributed.max_workers, int(room), len(blocks)))
-    LOG.info(f"reference: log-probs of the base model for every answer of {total} sequences, "
+    model = "the base model" + (f" with the adapter {config.model.adapter}" if config.model.adapter else "")
+    LOG.info(f"reference: log-probs of {model} for every answer of {total} sequences, "
              f"on {count} model actor(s)")
     actor = ray.remote(ReferenceScorer).options(
         num_cpus=0 if gpu else config.distributed.cpus_per_worker, num_gpus=1 if gpu else 0,

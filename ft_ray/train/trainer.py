@@ -128,7 +128,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     holds a local run folder while it trains it (`holding`). `callbacks` go to Ray Train's
     RunConfig (a sweep passes Tune's report callback).
     """
-    from ft_ray.models import load_tokenizer, model_warnings
+    from ft_ray.models import adapter_line, load_tokenizer, model_warnings
 
     started = time.monotonic()
     # said before Ray starts: a model or data files that are not there (data_files lists the
@@ -138,6 +138,8 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
         from ft_ray.evaluation.metrics import check_rewards
 
         check_rewards(config.grpo.rewards)  # a reward function or model that is not there
+    if config.model.adapter:
+        LOG.info(adapter_line(config))
     for warning in model_warnings(config):
         if not warning.startswith("note: "):  # the workers say what they mend
             LOG.warning(warning)
