@@ -302,7 +302,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ft_ray.evaluation.evaluate import evaluate, evaluate_sweep, resolve_target
     from ft_ray.storage import RunFolder
 
-    config = load_config(args.config, args.overrides)
+    config = load_job(args)  # a run that trained on from an adapter is compared with that adapter too
     _quiet(args, RunFolder.for_job(config))
     if args.sweep:
         for winner in evaluate_sweep(config, args.sweep)["winners"]:

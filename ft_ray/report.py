@@ -93,7 +93,7 @@ def run_report(run: RunFolder, out: Path) -> str:
 
 
 ARM_LABELS = {"base": "base model", "few_shot": "base + few-shot prompt", "retrieval": "base + retrieved examples",
-              "variant": "fine-tuned variant"}
+              "start": "the adapter it trained on from", "variant": "fine-tuned variant"}
 ARM_FIGURES = ("loss", "exact_match", "chrf", "format")
 
 
@@ -121,12 +121,13 @@ def plot_arms(evaluations: dict[str, dict], path: Path) -> None:
     """Loss on the held-out targets per arm, grouped by variant."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(evaluations)), 4))
-    width = 0.8 / len(ARM_LABELS)
-    for i, (arm, label) in enumerate(ARM_LABELS.items()):
+    shown = {arm: label for arm, label in ARM_LABELS.items() if any(arm in e["arms"] for e in evaluations.values())}
+    width = 0.8 / len(shown)
+    for i, (arm, label) in enumerate(shown.items()):
         ax.bar([x + i * width for x in range(len(evaluations))],
                [e["arms"].get(arm, {}).get("loss", float("nan")) for e in evaluations.values()], width, label=label,
                color=f"C{i}")
-    ax.set_xticks([x + width for x in range(len(evaluations))], list(evaluations), fontsize="small")
+    ax.set_xticks([x + width * (len(shown) - 1) / 2 for x in range(len(evaluations))], list(evaluations), fontsize="small")
     ax.set_ylabel("held-out target loss (lower is better)")
     ax.legend(fontsize="small")
     fig.tight_layout()

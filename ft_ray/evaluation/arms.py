@@ -1,11 +1,11 @@
 """The arms `ft-ray eval` compares: which model answers, and what goes before the prompt.
 
 An arm is a name (the prefix of its columns and its key in eval.json), the model it runs
-(the base model, with a LoRA adapter switched off, or the fine-tuned variant) and the
-examples put before each prompt: none, the first training examples (`fixed`), or the
-training examples most similar to the prompt (`retrieved`, BM25 over their prompts). A new
-arm is one more entry here (and, for a new kind of shots, one more branch in
-`scoring.ArmScorer.prefixes`).
+(the base model, with a LoRA adapter switched off, the fine-tuned variant, or for a run that
+trained on from an adapter, `model.adapter`, that adapter: `start`) and the examples put
+before each prompt: none, the first training examples (`fixed`), or the training examples
+most similar to the prompt (`retrieved`, BM25 over their prompts). A new arm is one more
+entry here (and, for a new kind of shots, one more branch in `scoring.ArmScorer.prefixes`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Arm:
     name: str
-    model: str  # "base" or "variant"
+    model: str  # "base", "start" or "variant"
     shots: str  # "none", "fixed" or "retrieved"
 
     @property
@@ -26,6 +26,8 @@ class Arm:
         return self.shots != "none"
 
     def label(self, k: int) -> str:
+        if self.model == "start":
+            return "adapter start"
         return {"none": self.name, "fixed": f"base {k}-shot", "retrieved": f"base {k} retrieved"}[self.shots]
 
     def prompting_name(self, k: int, fitted: float) -> str:
@@ -40,6 +42,14 @@ ARMS = (Arm("base", "base", "none"), Arm("few_shot", "base", "fixed"), Arm("retr
         Arm("variant", "variant", "none"))
 ARM_NAMES = tuple(arm.name for arm in ARMS)
 PROMPTING = tuple(arm for arm in ARMS if arm.prompting)
+START = Arm("start", "start", "none")
+ALL_ARMS = (*ARMS[:-1], START, ARMS[-1])  # in the order tables show them
+
+
+def arms_of(job: Any) -> tuple[Arm, ...]:
+    """The arms an evaluation of the job scores: `ARMS`, and `START` where its LoRA run trained
+    on from an adapter (`model.adapter`): did this run pay over where it started?"""
+    return ALL_ARMS if job.model.adapter and job.trains_adapter else ARMS
 
 
 class Retriever:

@@ -29,7 +29,7 @@ from ft_ray.data.records import eval_bucket, example_key, record_to_segments
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import choose_format, eval_examples, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
-from ft_ray.evaluation.arms import ARMS, PROMPTING
+from ft_ray.evaluation.arms import ALL_ARMS, PROMPTING, arms_of
 from ft_ray.evaluation.pairs import PairScorer, summarize_pairs
 from ft_ray.evaluation.scoring import ArmScorer, record_key, shot_text
 from ft_ray.storage import RunFolder
@@ -305,7 +305,8 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     from ft_ray.train.trainer import connect_ray
 
     started = time.monotonic()
-    arms = ARMS if earlier is None else tuple(arm for arm in ARMS if arm.model == "variant")
+    every = arms_of(config)
+    arms = every if earlier is None else tuple(arm for arm in every if arm.model == "variant")
     connect_ray(config)
     settings = config.eval
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -330,7 +331,7 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     in_training = held_out_in_training(config) if earlier is None else earlier.in_training
     cols = {k: np.array(v) for k, v in columns.items()}
     if earlier is not None:
-        cols = with_arms_of(earlier, cols, [arm.name for arm in ARMS if arm not in arms])
+        cols = with_arms_of(earlier, cols, [arm.name for arm in every if arm not in arms])
     result = summarize(config, cols, {"few_shot": len(shots), "retrieval": len(pool["prompts"])}, train_examples,
                        in_training)
     result.update({"variant": target.origin or target.weights, "base_model": config.model.name_or_path,
@@ -437,8 +438,9 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
     if not ok.any():
         raise InputError(f"eval: no held-out record could be scored ({skipped})")
     generated = ok & cols["generated"].astype(bool)
+    every = arms_of(config)
     arms = {arm.name: arm_figures(cols, arm.name, ok, generated, settings.format_regex is not None,
-                                  config.objective == "grpo") for arm in ARMS}
+                                  config.objective == "grpo") for arm in every}
     cost_per_request(arms, settings.price_per_million_tokens)
     k = settings.few_shot
     warnings = []
@@ -461,15 +463,16 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
                         "take them out of one side")
     pairs = ok & (cols["variant_rejected_tokens"] > 0) if "variant_rejected_tokens" in cols else ok & False
     if pairs.any():
-        for arm in ARMS:
+        for arm in every:
             arms[arm.name]["preference_accuracy"] = float(preference_wins(cols, arm.name, pairs).mean())
     choose = {"loss": ok, "preference": pairs}.get(settings.metric, generated)
     if not choose.any():
         raise InputError(f"eval.metric {settings.metric}: no held-out example was "
                          + ("a chosen/rejected pair" if settings.metric == "preference" else
                             "generated (eval.num_generations)"))
+    others = {"base": "the base model", "start": "the adapter it trained on from"}
     comparisons = {arm.name: decide_against(cols, settings, choose, arm.name, arm.prompting_name(
-        k, arms[arm.name]["shots_mean"]) if arm.prompting else "the base model") for arm in ARMS if arm.name != "variant"}
+        k, arms[arm.name]["shots_mean"]) if arm.prompting else others[arm.name]) for arm in every if arm.name != "variant"}
     strongest = strongest_prompting(comparisons, settings.metric)
     ratio = arms["variant"]["tokens_per_request"] / max(arms[strongest]["tokens_per_request"], 1e-9)
     verdict = {**comparisons[strongest], "strongest_prompting_arm": strongest,
@@ -478,7 +481,7 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
     return {"metric": settings.metric, "examples": int(ok.sum()), "generated": int(generated.sum()),
             "skipped": skipped, "train_examples": train_examples, "held_out_in_training": in_training, "arms": arms,
             "verdict": verdict, "vs_base": comparisons["base"], "comparisons": comparisons, "warnings": warnings,
-            "samples": samples(cols, generated), "actors_used": sorted(set(cols["actor"].tolist())),
+            "samples": samples(cols, generated, every), "actors_used": sorted(set(cols["actor"].tolist())),
             "settings": settings.model_dump(mode="json")}
 
 
@@ -543,20 +546,22 @@ def preference_wins(cols: dict[str, np.ndarray], arm: str, rows: np.ndarray) -> 
 
 def decide_against(cols: dict[str, np.ndarray], settings: Any, rows: np.ndarray, other: str,
                    other_name: str) -> dict[str, Any]:
-    """The variant against another arm on `eval.metric`, with the paired bootstrap interval."""
+    """The variant against another arm on `eval.metric`, with the paired bootstrap interval
+    (against the adapter it trained on from: did this run pay over its start?)."""
     ours, weights = metric_values(cols, "variant", settings.metric, rows)
     theirs, _ = metric_values(cols, other, settings.metric, rows)
     lower = settings.metric in metrics.LOWER_IS_BETTER
     difference, low, high = metrics.paired_bootstrap(ours, theirs, weights, settings.bootstrap_samples,
                                                      settings.seed, lower_is_better=lower)
+    paying = {"not_paying": "this run's training does not pay over it"} if other == "start" else {}
     return metrics.verdict(settings.metric, metrics.weighted_mean(ours, weights), metrics.weighted_mean(theirs, weights),
-                           difference, low, high, other_name)
+                           difference, low, high, other_name, **paying)
 
 
-def samples(cols: dict[str, np.ndarray], generated: np.ndarray) -> list[dict[str, str]]:
+def samples(cols: dict[str, np.ndarray], generated: np.ndarray, arms: tuple) -> list[dict[str, str]]:
     rows = np.flatnonzero(generated)[:SAMPLES_KEPT]
     return [{"key": str(cols["key"][i]), "prompt": str(cols["prompt"][i]), "reference": str(cols["reference"][i]),
-             **{arm.name: str(cols[f"{arm.name}_answer"][i]) for arm in ARMS}} for i in rows]
+             **{arm.name: str(cols[f"{arm.name}_answer"][i]) for arm in arms}} for i in rows]
 
 
 def print_result(result: dict[str, Any], where: str) -> None:
@@ -567,9 +572,9 @@ def print_result(result: dict[str, Any], where: str) -> None:
     cost = "cost/1k" if "cost_per_1000_requests" in arms["variant"] else "cost x"
     rows = [f"{'arm':<18}{'loss':>8}{'ppl':>9}{'exact':>7}{'chrF':>7}{'format':>8}" + (f"{'pref':>7}" if pairs else "")
             + (f"{'reward':>8}" if rewarded else "") + f"{'tok/request':>13}{cost:>9}{'tok/s':>8}"]
-    for arm in ARMS:
+    for arm in ALL_ARMS:
         f = arms.get(arm.name)
-        if f is None:  # an eval.json written before this arm existed
+        if f is None:  # an eval.json written before this arm existed, or without a start adapter
             continue
         cells = [_cell(f.get(name), spec) for name, spec in
                  (("exact_match", ".2f"), ("chrf", ".2f"), ("format", ".2f"), ("preference_accuracy", ".2f"),
@@ -583,11 +588,14 @@ def print_result(result: dict[str, Any], where: str) -> None:
              + "\n".join(f"[ft-ray]   {row}" for row in rows))
     for sample in result["samples"][:1]:
         LOG.info("a held-out prompt:\n" + _indent(sample["prompt"]))
-        for arm in ARMS:
-            LOG.info(f"{arm.label(k)} answers:\n" + _indent(sample.get(arm.name, "")))
+        for arm in ALL_ARMS:
+            if arm.name in sample:
+                LOG.info(f"{arm.label(k)} answers:\n" + _indent(sample[arm.name]))
     for warning in result["warnings"]:
         LOG.warning(f"{warning}")
     LOG.info(f"vs base: {result['vs_base']['sentence']}")
+    if "start" in result["comparisons"]:
+        LOG.info(f"vs the adapter it trained on from: {result['comparisons']['start']['sentence']}")
     LOG.info(f"verdict: {result['verdict']['sentence']}")
     LOG.info(f"eval.json: {where}")
 

@@ -1,7 +1,7 @@
-"""The arms (`arms.ARMS`) on a batch of held-out records: the base model with the plain
+"""The arms (`arms.arms_of`) on a batch of held-out records: the base model with the plain
 prompt, the base model with the first training examples before the prompt (few-shot), the
-base model with the most similar training examples before it (retrieval), and the
-fine-tuned variant.
+base model with the most similar training examples before it (retrieval), the adapter a
+run trained on from (`model.adapter`, the `start` arm) and the fine-tuned variant.
 
 `ArmScorer` is what a Ray Data actor holds (one model copy per actor), but nothing here
 needs Ray: it takes a batch of raw records and returns one row of figures per record.
@@ -29,7 +29,7 @@ from ft_ray.data.records import record_to_units
 from ft_ray.data.tokenize import (IGNORE_INDEX, answer_text, assemble, bos_id, encode_batch, encode_segments,
                                  without_word_mark)
 from ft_ray.evaluation import metrics
-from ft_ray.evaluation.arms import ARM_NAMES, ARMS, PROMPTING, Arm, Retriever
+from ft_ray.evaluation.arms import ARM_NAMES, PROMPTING, Arm, Retriever, arms_of
 
 SHOT_SEPARATOR = "\n\n"
 
@@ -44,9 +44,10 @@ def record_key(path: str, line: int) -> str:
     return f"{path}:{int(line)}"
 
 
-def load_arms(job: JobConfig, variant: Path, base_arms: bool = True) -> tuple[Any, Any, bool]:
+def load_arms(job: JobConfig, variant: Path, base_arms: bool = True, start: bool = False) -> tuple[Any, Any, bool]:
     """(base model, variant model, shared): for an adapter the variant is the base model with
-    the adapter attached (shared: the base arms run with the adapter disabled); a full
+    the adapter attached (shared: the base arms run with the adapter disabled; with `start`,
+    the adapter the run trained on from, `model.adapter`, beside it as PEFT's "start"); a full
     model folder is loaded on its own, and the base model beside it only for `base_arms`
     (None otherwise: a second copy of the weights no arm reads), as is the base of an adapter
     trained with `model.rope_scaling` (the base arms run with the base's own RoPE). QLoRA
@@ -72,6 +73,8 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True) -> tuple[An
 
         base = base_model(job.model)
         adapted = PeftModel.from_pretrained(base, str(variant)).eval()
+        if start:
+            adapted.load_adapter(job.model.adapter, adapter_name="start")
         if job.model.rope_scaling == "none":
             return base, adapted, True
         return base_model(unstretched) if base_arms else None, adapted, False
@@ -103,7 +106,8 @@ class ArmScorer:
         if self.job.objective == "grpo":
             self.reward = metrics.reward_function(self.job.grpo.rewards, self.job.grpo.format_regex)
         self.fmt, self.fields = fmt, fields
-        self.arms = tuple(arm for arm in ARMS if arm.name in arms)
+        self.all_arms = arms_of(self.job)  # those an evaluation of the job has columns for
+        self.arms = tuple(arm for arm in self.all_arms if arm.name in arms)
         self.generate_keys = set(generate_keys)
         self.tokenizer = load_tokenizer(self.job.model)
         self.bos, self.stops = bos_id(self.tokenizer), stop_ids(self.tokenizer)
@@ -111,7 +115,8 @@ class ArmScorer:
         torch.manual_seed(self.settings.seed)
         with local_variant(variant, self.job) as weights:
             self.base, self.variant, self.shared = load_arms(self.job, weights,
-                                                             base_arms=any(arm.model == "base" for arm in self.arms))
+                                                             base_arms=any(arm.model == "base" for arm in self.arms),
+                                                             start=any(arm.model == "start" for arm in self.arms))
         self.device = next(self.variant.parameters()).device
         # a SentencePiece word mark ("▁") opens the prompt's first example only
         self.marked = (getattr(self.tokenizer, "backend_tokenizer", None) is not None
@@ -127,6 +132,12 @@ class ArmScorer:
     def model(self, arm: Arm) -> Iterator[Any]:
         if arm.model == "variant":
             yield self.variant
+        elif arm.model == "start":
+            self.variant.set_adapter("start")
+            try:
+                yield self.variant
+            finally:
+                self.variant.set_adapter("default")
         elif self.shared:
             with self.variant.disable_adapter():
                 yield self.variant
@@ -235,7 +246,7 @@ class ArmScorer:
         after its examples (within the prompting context)."""
         plain = plain or assemble(seg_ids, trainable, self.bos, self.job.model.max_seq_len)
         inputs = {}
-        for arm in ARMS:
+        for arm in self.all_arms:
             shots = prefixes.get(arm.name)
             inputs[arm.name] = (assemble([[i for ids in shots for i in ids], *after_shots], [False, *trainable],
                                          self.bos, self.context) if shots else plain)
@@ -323,7 +334,7 @@ class ArmScorer:
                                "prompt": example["prompt"] if generated else "",
                                "reference": example["reference"] if generated else ""}
         nan = float("nan")
-        for arm in ARMS:
+        for arm in self.all_arms:
             name, shots = arm.name, example.get("prefixes", {}).get(arm.name, [])
             row[f"{name}_loss_sum"] = example.get(f"{name}_loss_sum", nan)
             row[f"{name}_tokens"] = example.get(f"{name}_tokens", 0)

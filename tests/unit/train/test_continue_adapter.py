@@ -2,9 +2,11 @@
 DPO, or more data later), in one process: the job takes the adapter's LoRA settings, the model
 starts where the adapter was, and a preference reference is that start, not the adapter off."""
 
+import contextlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,8 +78,6 @@ def test_a_run_trains_on_from_the_adapter_as_peft_loads_it(started):
 
 
 def test_a_preference_reference_is_the_adapter_it_started_from(started):
-    import numpy as np
-
     from ft_ray.train.modeling import build_model
     from ft_ray.train.preference import (REF_COLUMN, ReferenceScorer, adapter_off_reference, build_preference_objective,
                                          token_logps_of)
@@ -142,3 +142,58 @@ def test_what_a_continued_adapter_refuses(started, tmp_path):
     parts = plan_memory(inline, shape).parts
     assert parts["reference_weights"] > parts["base_weights"]
     assert "reference_weights" not in plan_memory(with_adapter(dpo), shape).parts
+
+
+def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, tmp_path, caplog):
+    """`ft-ray eval` of such a run scores one more arm, `start`: the adapter the run trained on
+    from, beside the variant on the same base model (PEFT's second adapter), and decides the
+    variant against it too."""
+    from peft import PeftModel
+
+    from ft_ray.evaluation.evaluate import print_result, summarize
+    from ft_ray.evaluation.scoring import ArmScorer, record_key
+    from ft_ray.models import load_base_model
+    from ft_ray.train.modeling import build_model
+    from tests.unit.evaluation.test_scoring import RECORD, score
+
+    base, run = started
+    job = with_adapter(config_from_dict(job_dict(base, model={"adapter": str(run)}, lora={"dropout": 0.0},
+                                                 eval={"max_new_tokens": 6})))
+    variant = build_model(job, base)
+    torch.manual_seed(1)
+    with torch.no_grad():  # where the run took the adapter
+        for parameter in variant.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    variant.save_pretrained(tmp_path / "variant", safe_serialization=True)
+    scorer = ArmScorer(job.model_dump_json(), str(tmp_path / "variant"), [], "instruction", {},
+                       generate_keys=[record_key("eval.jsonl", 1)], arms=("base", "start", "variant"))
+    rows = score(scorer, json.dumps(RECORD), json.dumps({**RECORD, "input": "From Kim: where is my order?"}))
+
+    def loss_sum(adapter):
+        model = load_base_model(job.model).eval()
+        if adapter:
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        one = ArmScorer.__new__(ArmScorer)  # its loss_sums on this model alone
+        one.settings, one.tokenizer, one.device = job.eval, scorer.tokenizer, torch.device("cpu")
+        one.model = lambda arm: contextlib.nullcontext(model)
+        examples = [scorer.prepare(json.dumps(RECORD), "")["base"]]
+        return one.loss_sums(None, examples)[0][0]
+
+    first = rows[0]
+    assert first["start_loss_sum"] == pytest.approx(loss_sum(run / "adapter"), rel=1e-5)
+    assert first["variant_loss_sum"] == pytest.approx(loss_sum(tmp_path / "variant"), rel=1e-5)
+    assert first["base_loss_sum"] == pytest.approx(loss_sum(None), rel=1e-5)
+    assert len({first["base_loss_sum"], first["start_loss_sum"], first["variant_loss_sum"]}) == 3
+    assert first["start_answer"] and first["start_gen_tokens"] > 0  # answered, as every arm scored
+
+    cols = {key: np.array([row[key] for row in rows]) for key in rows[0]}
+    for arm in ("few_shot", "retrieval"):  # not scored here: as if from a pass that did
+        cols[f"{arm}_loss_sum"], cols[f"{arm}_tokens"] = cols["base_loss_sum"], cols["base_tokens"]
+    result = summarize(job, cols, {"few_shot": 3, "retrieval": 3}, train_examples=500)
+    assert list(result["arms"]) == ["base", "few_shot", "retrieval", "start", "variant"]
+    sentence = result["comparisons"]["start"]["sentence"]
+    assert "the adapter it trained on from" in sentence and "fine-tuning does not pay" not in sentence
+    with caplog.at_level("INFO", logger="ft_ray"):
+        print_result(result, "eval.json")
+    assert "adapter start" in caplog.text and f"vs the adapter it trained on from: {sentence}" in caplog.text
