@@ -183,6 +183,13 @@ def check_layout(model: ModelConfig, lora: LoraConfig | None, scores: bool, conf
             warnings.append(f"lora.target_modules: {model.name_or_path} ({kind}) has no {', '.join(missing)}: adapters go "
                             f"on {', '.join(found)} only (its linear layers: {layers}); name those to adapt, "
                             "or all-linear")
+    lost = lost_to_peft(skeleton, lora) if experts else []
+    if lost:
+        names = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in lost))
+        warnings.append(f"lora.target_modules: PEFT takes {names} for transformers 4's names of {model.name_or_path}'s "
+                        f"({kind}) experts and adapts its fused experts instead, so {len(lost)} linear layers of those "
+                        f"names elsewhere get no adapter ({', '.join(lost[:2])}, ...: shared experts, dense layers' "
+                        "MLPs); PEFT cannot name them apart (lora.modules_to_save trains such a module whole)")
     unsaved = [t for t in lora.modules_to_save if not any(n.endswith(t) for n in modules)]
     if unsaved:
         warnings.append(f"lora.modules_to_save: {model.name_or_path} ({kind}) has no {', '.join(unsaved)}: "
@@ -626,24 +633,78 @@ def expert_targets(lora: LoraConfig, experts: dict[str, list[str]]) -> list[str]
     return [name for name in lora.target_modules if name in experts]
 
 
+# transformers 4's names of an expert's layers, by the fused weight of transformers 5 they are part of
+EXPERT_ALIASES = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
+
+
 def peft_config(model: Any, lora: LoraConfig, also_in_full: list[str] = (), scores: bool = False,
                 rows: dict[str, list[int]] | None = None) -> Any:
-    """PEFT's LoRA config of the job's `lora` on `model` (`apply_lora`)."""
+    """PEFT's LoRA config of the job's `lora` on `model` (`apply_lora`). transformers 4's names
+    of the experts' layers (`EXPERT_ALIASES`) reach the fused experts as PEFT maps them for
+    Mixtral and Qwen3-MoE, also where PEFT does not and the model has other layers of those
+    names (Qwen2-MoE's shared expert: adapted too, as in transformers 4): gate and up as one
+    fused weight of twice the rank and alpha."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
 
     experts = expert_weights(model)
-    targets = lora.target_modules
+    targets, parameters, fused = lora.target_modules, expert_targets(lora, experts), {}
     if experts and targets != "all-linear":  # an expert weight's name: a parameter target, unless a linear layer's too
         linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
         targets = [t for t in targets if t not in experts or t in linear]
+        if not peft_moves(model, targets):
+            for weight, aliases in EXPERT_ALIASES.items():
+                named = next((names for names in aliases if set(names) <= set(targets) & linear), None)
+                if weight in experts and named and weight not in parameters:
+                    parameters.append(weight)
+                    fused[rf".*\.{weight}"] = len(named)
     return PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=targets, target_parameters=expert_targets(lora, experts) or None,
+        target_modules=targets, target_parameters=parameters or None,
+        rank_pattern={key: lora.rank * n for key, n in fused.items() if n > 1},
+        alpha_pattern={key: lora.alpha * n for key, n in fused.items() if n > 1},
         task_type="SEQ_CLS" if scores else "CAUSAL_LM", use_dora=lora.use_dora,
         use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
         modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *also_in_full])) or None,
         trainable_token_indices=rows or None)
+
+
+def converted_by_peft(model: Any, config: Any) -> Any:
+    """A copy of a PEFT LoRA config as PEFT converts it for `model` when it builds the adapters
+    (transformers 4's expert names moved onto transformers 5's fused experts, for the models
+    whose experts PEFT knows: Mixtral, Qwen3-MoE, GLM-4.5...)."""
+    import copy
+
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    converted = copy.deepcopy(config)
+    convert_peft_config_for_transformers(converted, model=model, conversions=None)
+    return converted
+
+
+def lost_to_peft(model: Any, lora: LoraConfig) -> list[str]:
+    """The linear layers `lora.target_modules` names (with `all-linear`: all but the output
+    layer) that get no adapter: PEFT moves their names onto the fused experts when it builds the
+    adapters (`converted_by_peft`), the other layers of those names too (GLM-4.5's shared
+    experts and its dense layers' MLPs)."""
+    import torch
+
+    config = peft_config(model, lora)
+    converted = converted_by_peft(model, config)
+    if isinstance(converted.target_modules, str) or set(converted.target_modules) == set(config.target_modules):
+        return []  # nothing converted
+    kept, output = set(converted.target_modules), model.get_output_embeddings()
+    named = None if lora.target_modules == "all-linear" else set(config.target_modules)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not output
+            and (leaf := name.rsplit(".", 1)[-1]) not in kept and (named is None or leaf in named)]
+
+
+def peft_moves(model: Any, targets: list[str]) -> bool:
+    """Whether PEFT maps any of `targets` onto `model`'s experts itself (`converted_by_peft`)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return bool(converted_by_peft(model, PeftLoraConfig(target_modules=list(targets))).target_parameters)
 
 
 def peft_parameter_targets(model: Any, lora: LoraConfig) -> list[str]:
@@ -651,13 +712,8 @@ def peft_parameter_targets(model: Any, lora: LoraConfig) -> list[str]:
     than linear layers (with `all-linear`: those parameters): `expert_targets`, and the names of
     transformers 4 (Mixtral's w1, w2, w3; Qwen-MoE's gate_proj, up_proj, down_proj) that PEFT
     maps onto the fused weights, with `all-linear` the router's too; [] for none."""
-    import copy
-
-    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-
     config = peft_config(model, lora)
-    converted = copy.deepcopy(config)
-    convert_peft_config_for_transformers(converted, model=model, conversions=None)
+    converted = converted_by_peft(model, config)
     parameters = sorted(set(converted.target_parameters or ()))
     if not parameters or lora.target_modules == "all-linear":
         return parameters

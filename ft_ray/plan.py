@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from ft_ray.config import InputError, JobConfig, edge_values, with_overrides
+from ft_ray.models import EXPERT_ALIASES
 
 MIB = 2 ** 20
 # Saved tensors the per-layer list leaves out (views autograd makes contiguous, kernels' own
@@ -326,9 +327,6 @@ def adapter_params(config: JobConfig, shape: Shape) -> int:
 
 
 # transformers 4's names of the fused expert weights, which PEFT maps onto them (Mixtral's, Qwen-MoE's)
-EXPERT_ALIASES = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
-
-
 def expert_ranks(config: JobConfig, shape: Shape) -> dict[str, int]:
     """LoRA's rank per expert on each fused expert weight the job targets (`models.peft_config`):
     by its name, by transformers 4's names (gate and up: PEFT doubles the rank of the fused

@@ -372,3 +372,44 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
         merged = load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()(ids).logits
     torch.testing.assert_close(plain, ours)
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_4_expert_names_beside_layers_of_those_names(tmp_path):
+    """A mixture of experts whose other layers share the experts' transformers 4 names:
+    Qwen2-MoE's shared expert (gate_proj, up_proj, down_proj), which PEFT leaves alone, adapts
+    the shared expert and every routed expert, as transformers 4 did (before: the experts'
+    down_proj only), and the adapter loads in plain PEFT as trained; GLM-4.5, whose names PEFT
+    moves onto the experts, leaves its shared experts and dense layers' MLPs without adapters,
+    which `validate` and `train` now say."""
+    from peft import PeftModel
+
+    from ft_ray.models import check_layout
+    from tests.conftest import tiny_moe
+
+    qwen2, glm = tiny_moe(tmp_path / "qwen2", "qwen2_moe"), tiny_moe(tmp_path / "glm", "glm4_moe")
+    names = LoraConfig(target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"], dropout=0.0)
+    assert check_layout(qwen2, names, scores=False) == []
+    model = apply_lora(load_base_model(qwen2), names, qwen2.name_or_path)
+    adapted = {name.split("layers.1.mlp.")[1].rsplit(".lora_", 1)[0]: p.shape for name, p in model.named_parameters()
+               if "lora_A" in name and "layers.1.mlp." in name}
+    assert set(adapted) == {"experts", "experts.base_layer", "shared_expert.gate_proj", "shared_expert.up_proj",
+                            "shared_expert.down_proj"}
+    # rank 8 for each of the 4 experts; gate and up fused: twice that, as two adapters (PEFT's own mapping elsewhere)
+    assert sorted(shape[0] for name, shape in adapted.items() if name.startswith("experts")) == [8 * 4, 16 * 4]
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 700, (1, 24))
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(load_base_model(qwen2), str(tmp_path / "adapter")).eval()(ids).logits
+        torch.testing.assert_close(plain, model.eval()(ids).logits)
+
+    for targets in (names, names.model_copy(update={"target_modules": "all-linear"})):
+        [lost] = check_layout(glm, targets, scores=False)
+        assert "PEFT takes gate_proj, up_proj, down_proj for transformers 4's names" in lost
+        assert "so 6 linear layers of those names elsewhere get no adapter (model.layers.0.mlp.gate_proj" in lost
+    glm_model = apply_lora(load_base_model(glm), names, glm.name_or_path)
+    assert not any("shared_experts" in name or "layers.0.mlp" in name for name, _ in glm_model.named_parameters()
+                   if "lora_" in name)  # what the warning says
