@@ -92,9 +92,9 @@ class DeepSpeedEngine:
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and DeepSpeed's step (it updates only at accumulation boundaries,
-        and scales the loss by 1/accumulation itself, so `scale` is not applied)."""
+        and scales the loss by 1/accumulation itself: `scale` is applied times the accumulation)."""
         loss, metrics = self.forward_loss(batch)
-        self.engine.backward(loss)
+        self.engine.backward(loss * (scale * self.engine.gradient_accumulation_steps()))
         self.engine.step()
         return loss.item(), metrics
 

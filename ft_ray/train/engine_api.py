@@ -1,8 +1,9 @@
 """The engine interface the training loop calls, and what both engines share.
 
 An engine owns one worker's model, optimizer and schedule: `micro_step` (forward and
-backward of one micro batch, gradients synchronised only when told; returns the loss and
-the objective's metric sums), `step` (the update;
+backward of one micro batch, its mean loss scaled by the loop's `scale`, `loop.step_scales`;
+gradients synchronised only when told; returns the loss and the objective's metric sums),
+`step` (the update;
 gradient accumulation is decided by the loop, which calls it every `gradient_accumulation`
 micro steps), `lr`, `eval_loss_sum`, `save` and `load` (the weights in the HF/PEFT layout
 under `model/`, so export does not care which engine trained them). The loss always comes

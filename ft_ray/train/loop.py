@@ -71,24 +71,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     accumulation = config.train.gradient_accumulation
     window = Window(throughput, objective)
-    micro = 0
     trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
-    step_ids: list[int] = []
-    train_batches = replayed(batches(train_pieces(config, rank), config, plan, state), accumulation, config.rounds)
+    train_steps = steps_of(replayed(batches(train_pieces(config, rank), config, plan, state), accumulation,
+                                    config.rounds), accumulation)
     patience = config.train.early_stopping_patience
     done = state.step >= plan.total_steps or out_of_patience(state, patience)
-    for batch in (train_batches if not done else ()):
-        micro += 1
-        sync = micro % accumulation == 0
-        window.add(*engine.micro_step(batch, 1.0 / accumulation, sync), batch)
-        step_ids += batch["seq_id"].tolist()
-        if not sync:
-            continue
+    for micro_batches in (train_steps if not done else ()):
+        step_ids: list[int] = []
+        for i, (batch, scale) in enumerate(zip(micro_batches, step_scales(micro_batches, objective))):
+            window.add(*engine.micro_step(batch, scale, i == accumulation - 1), batch)
+            step_ids += batch["seq_id"].tolist()
         grad_norm = engine.step()
         state.step += 1
         trace.log({"step": state.step, "seq_ids": step_ids})
-        step_ids = []
         last = state.step == plan.total_steps
         if state.step % config.train.log_every == 0 or last:
             record = window.summarize(state.step, engine.lr, grad_norm)
@@ -186,6 +182,25 @@ def replayed(micro_batches: Iterator[dict], group: int, times: int) -> Iterator[
     while step := list(itertools.islice(micro_batches, group)):
         for _ in range(times):
             yield from step
+
+
+def steps_of(micro_batches: Iterator[dict], accumulation: int) -> Iterator[list[dict]]:
+    """The micro batches of each optimizer step (`train.gradient_accumulation` of them)."""
+    while step := list(itertools.islice(micro_batches, accumulation)):
+        if len(step) == accumulation:
+            yield step
+
+
+def step_scales(micro_batches: list[dict], objective: Objective) -> list[float]:
+    """What each micro batch's mean loss is scaled by before its backward: its weight (target
+    tokens, pairs, judged answers, prompts: `Objective.weight`) over the mean weight of a micro
+    batch of this step on every rank (a collective). The step's gradient is then the mean over
+    every target token (pair...) of the step, however the micro batches and ranks split them
+    (what Hugging Face's trainer fixed for gradient accumulation in 2024), not the mean of the
+    micro batches' means, which gave a token in a micro batch of few targets more weight."""
+    weights = [objective.weight(batch) for batch in micro_batches]
+    total, ranks = all_reduce_sum([float(sum(weights)), 1.0])
+    return [w * ranks / total if total else 1.0 / len(weights) for w in weights]
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -39,3 +39,40 @@ def test_loraplus_moves_the_b_matrices_at_ratio_times_the_rate():
     with pytest.raises(ConfigError, match="lora.loraplus_lr_ratio: LoRA\\+ sets the learning rate of LoRA's B "
                                           "matrices; method full trains none"):
         config_from_dict({"method": "full", "data": {"train": "t.jsonl"}, "lora": {"loraplus_lr_ratio": 16}})
+
+
+def test_accumulated_micro_batches_weigh_every_target_token_as_one_batch_would():
+    """Gradient accumulation: each micro batch's mean loss is scaled by its share of the step's
+    target tokens (`loop.step_scales`), so 2 micro batches of 2 rows give the gradient of one
+    batch of the 4 rows, also when one micro batch has far fewer targets than the other; the
+    mean of the two micro batches' means (ft-ray before, HF's trainer before its 2024 fix)
+    gives another."""
+    from ft_ray.data.tokenize import IGNORE_INDEX
+    from ft_ray.train.loop import step_scales
+
+    config = config_from_dict({"method": "full", "data": {"train": "t.jsonl"}, "train": {"precision": "fp32"}})
+    model = build_model(config, "builtin:tiny-llama")
+    objective = build_objective(config, model)
+    engine = DDPEngine(model, config, total_steps=10, objective=objective)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (4, 32))
+    labels = ids.clone()
+    labels[:2, :28] = IGNORE_INDEX  # the first micro batch: 2 x 4 targets; the second: 2 x 31
+    rows = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(32).repeat(4, 1)}
+    halves = [{key: value[part] for key, value in rows.items()} for part in (slice(0, 2), slice(2, 4))]
+
+    def gradient(micro_batches, scales):
+        model.zero_grad(set_to_none=True)
+        for batch, scale in zip(micro_batches, scales):
+            engine.micro_step(batch, scale, True)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    whole = gradient([rows], [1.0])
+    scales = step_scales(halves, objective)
+    assert scales == pytest.approx([8 / 70, 62 / 70])  # each micro batch's targets (the first token has no label)
+
+    def off(g: torch.Tensor) -> float:
+        return ((g - whole).norm() / whole.norm()).item()
+
+    assert off(gradient(halves, scales)) < 1e-5
+    assert off(gradient(halves, [0.5, 0.5])) > 0.5  # 0.92
