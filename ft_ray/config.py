@@ -298,7 +298,8 @@ class TrainConfig(Section):
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
         "after warmup: cosine or linear decay to min_lr_ratio at the last step, or constant"))
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the last step's learning rate as a share of learning_rate")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description=(
+        "AdamW's decoupled weight decay, on matrices only: norms' weights, biases and DoRA magnitudes take none"))
     max_grad_norm: float = Field(1.0, gt=0)
     neftune_alpha: float = Field(0.0, ge=0, description=(
         "NEFTune: uniform noise on the input embeddings while training, alpha/sqrt(tokens x dims) of each "

@@ -48,17 +48,21 @@ LORA_B = ("lora_B.", "lora_embedding_B.")  # in the names of LoRA's B matrices (
 
 
 def optimizer_groups(model: Any, config: JobConfig) -> list[dict[str, Any]]:
-    """The trainable parameters as optimizer parameter groups: one at train.learning_rate,
-    and with LoRA+ (`lora.loraplus_lr_ratio` other than 1) a second of the B matrices at that
-    many times the rate. The schedule scales every group alike; the first group's rate is the
-    one logged as `lr`."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    ratio, lr = config.lora.loraplus_lr_ratio, config.train.learning_rate
-    if ratio == 1 or not config.trains_adapter:
-        return [{"params": [p for _, p in trainable], "lr": lr}]
-    b = [p for name, p in trainable if any(part in name for part in LORA_B)]
-    rest = [p for name, p in trainable if not any(part in name for part in LORA_B)]
-    return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * ratio}]
+    """The trainable parameters as optimizer parameter groups: at train.learning_rate, with
+    LoRA+ (`lora.loraplus_lr_ratio` other than 1) the B matrices at that many times the rate;
+    `train.weight_decay` on matrices only: norms' weights, biases and DoRA's magnitudes (one
+    dimension) take none, as in Hugging Face's trainer (decay pulls a norm's weight, which
+    starts near 1, towards 0). The schedule scales every group alike; the first group's rate is
+    the one logged as `lr`."""
+    ratio, lr, decay = config.lora.loraplus_lr_ratio, config.train.learning_rate, config.train.weight_decay
+    loraplus = ratio != 1 and config.trains_adapter
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            rate = lr * ratio if loraplus and any(part in name for part in LORA_B) else lr
+            groups.setdefault((rate, decay if p.dim() >= 2 else 0.0), []).append(p)
+    order = sorted(groups, key=lambda key: (key[0] != lr, key[1] == 0))  # the rate itself first
+    return [{"params": groups[key], "lr": key[0], "weight_decay": key[1]} for key in order]
 
 
 def lr_multiplier(train: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -76,3 +76,22 @@ def test_accumulated_micro_batches_weigh_every_target_token_as_one_batch_would()
 
     assert off(gradient(halves, scales)) < 1e-5
     assert off(gradient(halves, [0.5, 0.5])) > 0.5  # 0.92
+
+
+def test_weight_decay_leaves_norms_and_biases_alone():
+    """`train.weight_decay` shrinks matrices only (Hugging Face's trainer's rule): an AdamW step
+    without gradients moves a decayed matrix by lr x decay of itself and no norm weight."""
+    config = config_from_dict({"method": "full", "data": {"train": "t.jsonl"}, "train": {
+        "precision": "fp32", "learning_rate": 1e-2, "weight_decay": 0.1, "warmup_steps": 0}})
+    model = build_model(config, "builtin:tiny-llama")
+    engine = DDPEngine(model, config, total_steps=10, objective=build_objective(config, model))
+    assert [(group["lr"], group["weight_decay"]) for group in engine.optimizer.param_groups] == [(1e-2, 0.1),
+                                                                                                (1e-2, 0.0)]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    engine.optimizer.step()
+    after = dict(model.named_parameters())
+    norm, matrix = "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(after[norm].detach(), before[norm])
+    torch.testing.assert_close(after[matrix].detach(), before[matrix] * (1 - 1e-2 * 0.1))
