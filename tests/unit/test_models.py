@@ -322,6 +322,22 @@ def test_lora_targets_and_attention_a_model_lacks_are_said_before_launch(tmp_pat
     assert check_layout(gemma.model_copy(update={"attn_implementation": "eager"}), lora, scores=False) == []
 
 
+def saved_and_reloaded(model, base: ModelConfig, folder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the LoRA model's logits, plain PEFT's from the adapter it saved in `folder` on `base`,
+    the ids) on random ids, after every B matrix was set non-zero."""
+    from peft import PeftModel
+
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    ids = torch.randint(3, 700, (1, 24))
+    with torch.no_grad():
+        return (model.eval()(ids).logits, PeftModel.from_pretrained(load_base_model(base), str(folder)).eval()(ids).logits,
+                ids)
+
+
 def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     """transformers 5 keeps a layer's experts as fused 3-D weights, not linear layers: their
     names (Qwen3-MoE's gate_up_proj, down_proj) train LoRA on every expert (PEFT would skip
@@ -329,8 +345,6 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     w3) and all-linear; before launch, lora.dropout there is an error (PEFT has none for
     them, and failed on the workers) and QLoRA says the experts stay 16-bit. The adapter
     loads in plain PEFT and merges into the same model."""
-    from peft import PeftModel
-
     from ft_ray.config import InputError, QuantizationConfig
     from ft_ray.export import merge_adapter
     from ft_ray.models import check_layout
@@ -358,16 +372,9 @@ def test_lora_reaches_a_mixture_of_experts_fused_expert_weights(tmp_path):
     trained = {name.split("layers.0.")[1] for name, p in model.named_parameters() if p.requires_grad and "layers.0." in name}
     assert {"mlp.experts.lora_A.default.weight", "mlp.experts.base_layer.lora_B.default.weight",
             "self_attn.q_proj.lora_A.default.weight"} <= trained
+    ours, plain, ids = saved_and_reloaded(model, moe, tmp_path / "adapter")
     with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0, 0.05)
-    model.save_pretrained(tmp_path / "adapter")
-    ids = torch.randint(3, 700, (1, 24))
-    with torch.no_grad():
-        ours = model.eval()(ids).logits
         assert (ours - load_base_model(moe).eval()(ids).logits).abs().max() > 1e-3  # the experts' adapters act
-        plain = PeftModel.from_pretrained(load_base_model(moe), str(tmp_path / "adapter")).eval()(ids).logits
         merge_adapter(tmp_path / "adapter", tmp_path / "merged")
         merged = load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()(ids).logits
     torch.testing.assert_close(plain, ours)
@@ -381,8 +388,6 @@ def test_transformers_4_expert_names_beside_layers_of_those_names(tmp_path):
     down_proj only), and the adapter loads in plain PEFT as trained; GLM-4.5, whose names PEFT
     moves onto the experts, leaves its shared experts and dense layers' MLPs without adapters,
     which `validate` and `train` now say."""
-    from peft import PeftModel
-
     from ft_ray.models import check_layout
     from tests.conftest import tiny_moe
 
@@ -396,15 +401,8 @@ def test_transformers_4_expert_names_beside_layers_of_those_names(tmp_path):
                             "shared_expert.down_proj"}
     # rank 8 for each of the 4 experts; gate and up fused: twice that, as two adapters (PEFT's own mapping elsewhere)
     assert sorted(shape[0] for name, shape in adapted.items() if name.startswith("experts")) == [8 * 4, 16 * 4]
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0, 0.05)
-    model.save_pretrained(tmp_path / "adapter")
-    ids = torch.randint(3, 700, (1, 24))
-    with torch.no_grad():
-        plain = PeftModel.from_pretrained(load_base_model(qwen2), str(tmp_path / "adapter")).eval()(ids).logits
-        torch.testing.assert_close(plain, model.eval()(ids).logits)
+    ours, plain, _ = saved_and_reloaded(model, qwen2, tmp_path / "adapter")
+    torch.testing.assert_close(plain, ours)
 
     for targets in (names, names.model_copy(update={"target_modules": "all-linear"})):
         [lost] = check_layout(glm, targets, scores=False)
