@@ -63,9 +63,10 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     assert arms["variant"]["tokens_per_request"] < arms["retrieval"]["tokens_per_request"]
     assert arms["variant"]["format"] >= 0.75 and arms["base"]["format"] == 0.0  # the house style is learned
     assert arms["variant"]["chrf"] > arms["base"]["chrf"]
-    sample = evaluation["samples"][0]
-    assert sample["variant"].startswith("Hi ") and "Northwind team" in sample["variant"]
-    assert "Northwind team" not in sample["base"]  # the base model does not know the house style
+    # the answers kept: the variant's in the house style (all but one at most, as format allows), no base one
+    house = [s["variant"].startswith("Hi ") and "Northwind team" in s["variant"] for s in evaluation["samples"]]
+    assert len(house) == 5 and sum(house) >= 4, evaluation["samples"]
+    assert not any("Northwind team" in s["base"] for s in evaluation["samples"])
     assert f"verdict: {evaluation['verdict']['sentence']}" in out
 
     # the transcript: ft-ray's own lines, short, plain; Ray's output in the run's log
