@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--format", choices=["chat", "instruction", "completion"],
                           help="how a prompt is put to the model (default: as the run's training data was; "
                                "completion: as written)")
-    generate.add_argument("--compare", action="store_true", help="the base model's answer beside the variant's")
+    generate.add_argument("--compare", action="store_true", help="the base model's answer beside the variant's (and the adapter a run trained on from, model.adapter)")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampled")
     generate.add_argument("--seed", type=int, default=0, help="of the sampling")
@@ -501,7 +501,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if args.json:
                 out.write(json.dumps(result, ensure_ascii=False) + "\n")
             else:
-                for key in ("prompt", "reference", "variant", "base"):
+                for key in ("prompt", "reference", "variant", "start", "base"):
                     if key in result and (key != "prompt" or args.file or args.prompt):
                         out.write(f"{key}: {result[key].strip()}\n")
                 out.write("\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ft_ray.config import InputError, JobConfig, load_config
+from ft_ray.console import LOG
 from ft_ray.data.formats import RecordError, detect_format, map_fields
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import read_records, usable_records
@@ -104,7 +105,8 @@ def records_of(path: Path, config: JobConfig) -> Iterator[tuple[str, dict]]:
 class Answerer:
     """The variant loaded once (and the base: the adapter switched off, or the base model
     beside a full fine-tune's or beside an adapter trained with `model.rope_scaling`, with
-    its own RoPE), answering one prompt at a time."""
+    its own RoPE; and the adapter a run trained on from, `model.adapter`, beside the variant's
+    as PEFT's "start"), answering one prompt at a time."""
 
     def __init__(self, config: JobConfig, weights: Path, settings: Settings):
         from ft_ray.models import load_base_model, load_tokenizer, own_rope
@@ -116,6 +118,12 @@ class Answerer:
         self.variant = load_variant(load_base_model(config.model) if adapter else None, weights)
         self.shared = adapter and config.model.rope_scaling == "none"  # the base: the adapter switched off
         self.base = load_base_model(own_rope(config.model)) if settings.compare and not self.shared else None
+        self.start = bool(settings.compare and adapter and config.model.adapter)
+        if self.start and not (Path(config.model.adapter) / "adapter_config.json").is_file():
+            LOG.warning(f"the adapter this run trained on from ({config.model.adapter}) is not there: not compared")
+            self.start = False
+        if self.start:
+            self.variant.load_adapter(config.model.adapter, adapter_name="start")
 
     def answer(self, prompt: str) -> dict[str, str]:
         from ft_ray.models import generate
@@ -125,6 +133,12 @@ class Answerer:
                             self.settings.temperature).strip()
 
         answers = {"variant": reply(self.variant)}
+        if self.start:
+            self.variant.set_adapter("start")
+            try:
+                answers["start"] = reply(self.variant)
+            finally:
+                self.variant.set_adapter("default")
         if self.settings.compare:
             if self.shared:
                 with self.variant.disable_adapter():

@@ -35,7 +35,7 @@ def started(tmp_path_factory):
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
-                parameter.normal_(std=0.05)
+                parameter.normal_(std=0.3)
     model.save_pretrained(folder / "run" / "adapter", safe_serialization=True)
     return base, folder / "run"
 
@@ -144,7 +144,44 @@ def test_what_a_continued_adapter_refuses(started, tmp_path):
     assert "reference_weights" not in plan_memory(with_adapter(dpo), shape).parts
 
 
-def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def continued(started, tmp_path_factory):
+    """(the job that trained on from `started`'s adapter, the folder of where it took it: the
+    adapter with noise added to every trained weight, saved as a run saves it)."""
+    from ft_ray.train.modeling import build_model
+
+    base, run = started
+    job = with_adapter(config_from_dict(job_dict(base, model={"adapter": str(run)}, lora={"dropout": 0.0},
+                                                 eval={"max_new_tokens": 6})))
+    variant = build_model(job, base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in variant.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    folder = tmp_path_factory.mktemp("variant") / "adapter"
+    variant.save_pretrained(folder, safe_serialization=True)
+    return job, folder
+
+
+def test_generate_compare_answers_with_the_adapter_it_trained_on_from_too(started, continued):
+    from peft import PeftModel
+
+    from ft_ray.generate import Answerer, Settings
+    from ft_ray.models import generate, load_base_model
+
+    (_, run), (job, variant) = started, continued
+    answerer = Answerer(job, variant, Settings(max_new_tokens=12, compare=True))
+    prompt = "### Instruction:\nReply to Ben.\n\n### Response:\n"
+    answers = answerer.answer(prompt)
+    assert set(answers) == {"variant", "start", "base"}
+    for name, adapter in (("start", run / "adapter"), ("variant", variant)):
+        alone = PeftModel.from_pretrained(load_base_model(job.model), str(adapter))
+        assert answers[name] == generate(alone, answerer.tokenizer, prompt, 12).strip(), name
+    assert len(set(answers.values())) == 3
+
+
+def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, continued, caplog):
     """`ft-ray eval` of such a run scores one more arm, `start`: the adapter the run trained on
     from, beside the variant on the same base model (PEFT's second adapter), and decides the
     variant against it too."""
@@ -153,20 +190,10 @@ def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, 
     from ft_ray.evaluation.evaluate import print_result, summarize
     from ft_ray.evaluation.scoring import ArmScorer, record_key
     from ft_ray.models import load_base_model
-    from ft_ray.train.modeling import build_model
     from tests.unit.evaluation.test_scoring import RECORD, score
 
-    base, run = started
-    job = with_adapter(config_from_dict(job_dict(base, model={"adapter": str(run)}, lora={"dropout": 0.0},
-                                                 eval={"max_new_tokens": 6})))
-    variant = build_model(job, base)
-    torch.manual_seed(1)
-    with torch.no_grad():  # where the run took the adapter
-        for parameter in variant.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.05)
-    variant.save_pretrained(tmp_path / "variant", safe_serialization=True)
-    scorer = ArmScorer(job.model_dump_json(), str(tmp_path / "variant"), [], "instruction", {},
+    (_, run), (job, variant) = started, continued
+    scorer = ArmScorer(job.model_dump_json(), str(variant), [], "instruction", {},
                        generate_keys=[record_key("eval.jsonl", 1)], arms=("base", "start", "variant"))
     rows = score(scorer, json.dumps(RECORD), json.dumps({**RECORD, "input": "From Kim: where is my order?"}))
 
@@ -182,7 +209,7 @@ def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, 
 
     first = rows[0]
     assert first["start_loss_sum"] == pytest.approx(loss_sum(run / "adapter"), rel=1e-5)
-    assert first["variant_loss_sum"] == pytest.approx(loss_sum(tmp_path / "variant"), rel=1e-5)
+    assert first["variant_loss_sum"] == pytest.approx(loss_sum(variant), rel=1e-5)
     assert first["base_loss_sum"] == pytest.approx(loss_sum(None), rel=1e-5)
     assert len({first["base_loss_sum"], first["start_loss_sum"], first["variant_loss_sum"]}) == 3
     assert first["start_answer"] and first["start_gen_tokens"] > 0  # answered, as every arm scored
