@@ -16,6 +16,7 @@ from ft_ray.console import LOG
 from ft_ray.data.formats import RecordError, detect_format, map_fields
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import read_records, usable_records
+from ft_ray.models import START_ADAPTER, start_adapter_on
 from ft_ray.samples import split_prompt
 
 PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
@@ -123,7 +124,7 @@ class Answerer:
             LOG.warning(f"the adapter this run trained on from ({config.model.adapter}) is not there: not compared")
             self.start = False
         if self.start:
-            self.variant.load_adapter(config.model.adapter, adapter_name="start")
+            self.variant.load_adapter(config.model.adapter, adapter_name=START_ADAPTER)
 
     def answer(self, prompt: str) -> dict[str, str]:
         from ft_ray.models import generate
@@ -134,11 +135,8 @@ class Answerer:
 
         answers = {"variant": reply(self.variant)}
         if self.start:
-            self.variant.set_adapter("start")
-            try:
+            with start_adapter_on(self.variant):
                 answers["start"] = reply(self.variant)
-            finally:
-                self.variant.set_adapter("default")
         if self.settings.compare:
             if self.shared:
                 with self.variant.disable_adapter():

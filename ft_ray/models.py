@@ -4,8 +4,9 @@ LoRA wrapping. Runs without Ray, so it can be tested and benchmarked on its own.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ft_ray.config import InputError, JobConfig, LoraConfig, ModelConfig
 from ft_ray.console import LOG
@@ -849,6 +850,20 @@ def other_base_warning(model: ModelConfig) -> str | None:
     return (f"model.adapter was trained on {theirs or 'a base it does not name'}, this job's base is "
             f"{model.name_or_path}: on another base model (even one of the same shape) it is not the model it "
             "learned to be")
+
+
+START_ADAPTER = "start"  # PEFT's name for the adapter a run trained on from, loaded beside its own to compare
+
+
+@contextlib.contextmanager
+def start_adapter_on(model: Any) -> Iterator[Any]:
+    """`model` (a PEFT model holding `START_ADAPTER` beside its own) answering with the adapter
+    its run trained on from, for the time of the block."""
+    model.set_adapter(START_ADAPTER)
+    try:
+        yield model
+    finally:
+        model.set_adapter("default")
 
 
 def continue_adapter(model: Any, job: JobConfig, base_model_path: str, tokens: list[int] = (),

@@ -30,6 +30,7 @@ from ft_ray.data.tokenize import (IGNORE_INDEX, answer_text, assemble, bos_id, e
                                  without_word_mark)
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARM_NAMES, PROMPTING, Arm, Retriever, arms_of
+from ft_ray.models import START_ADAPTER, start_adapter_on
 
 SHOT_SEPARATOR = "\n\n"
 
@@ -74,7 +75,7 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True, start: bool
         base = base_model(job.model)
         adapted = PeftModel.from_pretrained(base, str(variant)).eval()
         if start:
-            adapted.load_adapter(job.model.adapter, adapter_name="start")
+            adapted.load_adapter(job.model.adapter, adapter_name=START_ADAPTER)
         if job.model.rope_scaling == "none":
             return base, adapted, True
         return base_model(unstretched) if base_arms else None, adapted, False
@@ -133,11 +134,8 @@ class ArmScorer:
         if arm.model == "variant":
             yield self.variant
         elif arm.model == "start":
-            self.variant.set_adapter("start")
-            try:
+            with start_adapter_on(self.variant):
                 yield self.variant
-            finally:
-                self.variant.set_adapter("default")
         elif self.shared:
             with self.variant.disable_adapter():
                 yield self.variant
