@@ -302,7 +302,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ft_ray.evaluation.evaluate import evaluate, evaluate_sweep, resolve_target
     from ft_ray.storage import RunFolder
 
-    config = load_job(args)  # a run that trained on from an adapter is compared with that adapter too
+    from ft_ray.models import with_start_adapter
+
+    config = with_start_adapter(load_config(args.config, args.overrides))  # the adapter a run trained on from
     _quiet(args, RunFolder.for_job(config))
     if args.sweep:
         for winner in evaluate_sweep(config, args.sweep)["winners"]:

@@ -826,6 +826,20 @@ def with_adapter(job: JobConfig) -> JobConfig:
     return job.model_copy(update={"model": job.model.model_copy(update={"adapter": str(folder)}), "lora": lora})
 
 
+def with_start_adapter(job: JobConfig) -> JobConfig:
+    """For `ft-ray eval`: the job with `model.adapter` resolved to its folder (`adapter_folder`),
+    or without it where it is gone (a warning): the run is evaluated without the `adapter start`
+    arm, as that arm is the only use an evaluation has for it."""
+    if not job.model.adapter:
+        return job
+    try:
+        folder: str | None = str(adapter_folder(job.model.adapter))
+    except InputError as e:
+        LOG.warning(f"{e}: evaluated without the adapter start arm")
+        folder = None
+    return job.model_copy(update={"model": job.model.model_copy(update={"adapter": folder})})
+
+
 def _setting(value: Any) -> Any:
     return sorted(value) if isinstance(value, list) else value
 

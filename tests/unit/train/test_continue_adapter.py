@@ -181,6 +181,19 @@ def test_generate_compare_answers_with_the_adapter_it_trained_on_from_too(starte
     assert len(set(answers.values())) == 3
 
 
+def test_eval_without_the_adapter_it_trained_on_from_goes_on_without_that_arm(started, tmp_path, caplog):
+    from ft_ray.evaluation.arms import arms_of
+    from ft_ray.models import with_start_adapter
+
+    base, run = started
+    there = with_start_adapter(config_from_dict(job_dict(base, model={"adapter": str(run)})))
+    assert there.model.adapter == str(run / "adapter") and "start" in [arm.name for arm in arms_of(there)]
+    with caplog.at_level("WARNING", logger="ft_ray"):
+        gone = with_start_adapter(config_from_dict(job_dict(base, model={"adapter": str(tmp_path / "sft")})))
+    assert gone.model.adapter is None and "start" not in [arm.name for arm in arms_of(gone)]
+    assert f"model.adapter: no folder {tmp_path / 'sft'}" in caplog.text and "without the adapter start arm" in caplog.text
+
+
 def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, continued, caplog):
     """`ft-ray eval` of such a run scores one more arm, `start`: the adapter the run trained on
     from, beside the variant on the same base model (PEFT's second adapter), and decides the
