@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ft_ray.config import InputError, JobConfig, load_config
-from ft_ray.console import LOG
 from ft_ray.data.formats import RecordError, detect_format, map_fields
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import read_records, usable_records
-from ft_ray.models import START_ADAPTER, start_adapter_on
+from ft_ray.models import START_ADAPTER, start_adapter_on, with_start_adapter
 from ft_ray.samples import split_prompt
 
 PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
@@ -119,10 +118,9 @@ class Answerer:
         self.variant = load_variant(load_base_model(config.model) if adapter else None, weights)
         self.shared = adapter and config.model.rope_scaling == "none"  # the base: the adapter switched off
         self.base = load_base_model(own_rope(config.model)) if settings.compare and not self.shared else None
+        if settings.compare and adapter:
+            config = with_start_adapter(config)  # the folder of model.adapter; none where it is gone (a warning)
         self.start = bool(settings.compare and adapter and config.model.adapter)
-        if self.start and not (Path(config.model.adapter) / "adapter_config.json").is_file():
-            LOG.warning(f"the adapter this run trained on from ({config.model.adapter}) is not there: not compared")
-            self.start = False
         if self.start:
             self.variant.load_adapter(config.model.adapter, adapter_name=START_ADAPTER)
 

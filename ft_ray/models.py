@@ -827,15 +827,16 @@ def with_adapter(job: JobConfig) -> JobConfig:
 
 
 def with_start_adapter(job: JobConfig) -> JobConfig:
-    """For `ft-ray eval`: the job with `model.adapter` resolved to its folder (`adapter_folder`),
-    or without it where it is gone (a warning): the run is evaluated without the `adapter start`
-    arm, as that arm is the only use an evaluation has for it."""
+    """For `ft-ray eval` and `generate --compare`: the job with `model.adapter` resolved to its
+    folder (`adapter_folder`), or without it where it is gone (a warning): the run is compared
+    without the adapter it trained on from (the `adapter start` arm, `start:`), the only use
+    those have for it."""
     if not job.model.adapter:
         return job
     try:
         folder: str | None = str(adapter_folder(job.model.adapter))
     except InputError as e:
-        LOG.warning(f"{e}: evaluated without the adapter start arm")
+        LOG.warning(f"{e}: compared without the adapter it trained on from")
         folder = None
     return job.model_copy(update={"model": job.model.model_copy(update={"adapter": folder})})
 

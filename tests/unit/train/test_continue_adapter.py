@@ -179,6 +179,9 @@ def test_generate_compare_answers_with_the_adapter_it_trained_on_from_too(starte
         alone = PeftModel.from_pretrained(load_base_model(job.model), str(adapter))
         assert answers[name] == generate(alone, answerer.tokenizer, prompt, 12).strip(), name
     assert len(set(answers.values())) == 3
+    # model.adapter as a run names it (its folder, not the adapter's): the same start
+    named_by_run = job.model_copy(update={"model": job.model.model_copy(update={"adapter": str(run)})})
+    assert Answerer(named_by_run, variant, Settings(max_new_tokens=12, compare=True)).answer(prompt) == answers
 
 
 def test_eval_without_the_adapter_it_trained_on_from_goes_on_without_that_arm(started, tmp_path, caplog):
@@ -191,7 +194,7 @@ def test_eval_without_the_adapter_it_trained_on_from_goes_on_without_that_arm(st
     with caplog.at_level("WARNING", logger="ft_ray"):
         gone = with_start_adapter(config_from_dict(job_dict(base, model={"adapter": str(tmp_path / "sft")})))
     assert gone.model.adapter is None and "start" not in [arm.name for arm in arms_of(gone)]
-    assert f"model.adapter: no folder {tmp_path / 'sft'}" in caplog.text and "without the adapter start arm" in caplog.text
+    assert f"model.adapter: no folder {tmp_path / 'sft'}" in caplog.text and "compared without the adapter it trained on from" in caplog.text
 
 
 def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, continued, caplog):
