@@ -10,7 +10,7 @@ prompts, its own KV cache, no gradients), the rewards score them, and the loss i
 weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
 `loss_type: dapo` normalisation), plus `grpo.beta` times a per-token KL estimate to the
 reference model. With `grpo.num_iterations` (mu) above 1 the loop hands each step's batches
-over mu steps in a row (`loop.replayed`): the first samples and scores them and keeps its
+over mu steps in a row (`loop.steps_of`): the first samples and scores them and keeps its
 answers, the next ones update on those again, each token's probability ratio to the policy
 that sampled it clipped as PPO's (`grpo.epsilon`, `epsilon_high`). At mu = 1 the ratio is 1 at
 the update and the clip never acts.

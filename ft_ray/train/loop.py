@@ -73,8 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window = Window(throughput, objective)
     trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
-    train_steps = steps_of(replayed(batches(train_pieces(config, rank), config, plan, state), accumulation,
-                                    config.rounds), accumulation)
+    train_steps = steps_of(batches(train_pieces(config, rank), config, plan, state), accumulation, config.rounds)
     patience = config.train.early_stopping_patience
     done = state.step >= plan.total_steps or out_of_patience(state, patience)
     for micro_batches in (train_steps if not done else ()):
@@ -171,24 +170,15 @@ def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainSt
         state.batch_in_epoch = 0
 
 
-def replayed(micro_batches: Iterator[dict], group: int, times: int) -> Iterator[dict]:
-    """Each run of `group` micro batches (one optimizer step's) `times` times in a row
-    (grpo.num_iterations: the objective samples a batch's answers at its first step and
-    updates on them again at the next ones). The data position is the run's end: evaluations
-    and checkpoints fall between runs (config)."""
-    if times == 1:
-        yield from micro_batches
-        return
-    while step := list(itertools.islice(micro_batches, group)):
-        for _ in range(times):
-            yield from step
-
-
-def steps_of(micro_batches: Iterator[dict], accumulation: int) -> Iterator[list[dict]]:
-    """The micro batches of each optimizer step (`train.gradient_accumulation` of them)."""
+def steps_of(micro_batches: Iterator[dict], accumulation: int, times: int = 1) -> Iterator[list[dict]]:
+    """The micro batches of each optimizer step (`train.gradient_accumulation` of them), each
+    step's `times` times in a row (grpo.num_iterations: the objective samples a batch's answers
+    at its first step and updates on them again at the next ones; the data position is the
+    last one's: evaluations and checkpoints fall between such runs, config). An incomplete
+    last step is left out."""
     while step := list(itertools.islice(micro_batches, accumulation)):
         if len(step) == accumulation:
-            yield step
+            yield from itertools.repeat(step, times)
 
 
 def step_scales(micro_batches: list[dict], objective: Objective) -> list[float]:

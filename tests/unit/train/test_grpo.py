@@ -57,11 +57,11 @@ def test_a_later_update_on_the_same_answers_clips_the_ratio_as_ppo():
 
 
 def test_each_steps_batches_are_handed_over_num_iterations_times_in_a_row():
-    from ft_ray.train.loop import replayed
+    from ft_ray.train.loop import steps_of
 
-    micro = iter(range(7))  # 3 steps of 2 micro batches and one more micro batch
-    assert list(replayed(micro, 2, 3)) == [0, 1] * 3 + [2, 3] * 3 + [4, 5] * 3 + [6] * 3
-    assert list(replayed(iter(range(3)), 2, 1)) == [0, 1, 2]
+    micro = iter(range(7))  # 3 steps of 2 micro batches and one more micro batch, left out
+    assert list(steps_of(micro, 2, 3)) == [[0, 1]] * 3 + [[2, 3]] * 3 + [[4, 5]] * 3
+    assert list(steps_of(iter(range(3)), 2)) == [[0, 1]]
     config = config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"num_iterations": 2},
                                "train": {"max_steps": 8, "eval_every": 4, "checkpoint_every": 4}})
     assert config.rounds == 2
