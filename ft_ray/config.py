@@ -316,6 +316,10 @@ class TrainConfig(Section):
     trace_samples: bool = Field(False, description="write the packed-sequence ids each rank consumed per step "
                                                    "to samples-rank<N>.jsonl (audits determinism and resume)")
     seed: int = 42
+    epoch_shuffle_buffer: int = Field(1024, ge=0, description=(
+        "each epoch after the first reads the packed sequences in a new seeded order, shuffled within a "
+        "window of this many (Ray Data's local shuffle buffer, held in each worker's memory): other "
+        "neighbours in each batch. 0: every epoch in the first's order"))
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
     peak_tflops: float | None = Field(None, gt=0, description=(
@@ -595,6 +599,11 @@ class JobConfig(Section):
     def rounds(self) -> int:
         """Optimizer steps each step's batches train in a row (grpo.num_iterations; 1 otherwise)."""
         return self.grpo.num_iterations if self.objective == "grpo" else 1
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the data's order: data.shuffle_seed, else train.seed."""
+        return self.data.shuffle_seed if self.data.shuffle_seed is not None else self.train.seed
 
     @property
     def carries_roles(self) -> bool:

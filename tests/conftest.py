@@ -242,8 +242,8 @@ def reference_run(ray_local, tmp_path_factory) -> Path:
     Shared by the recovery tests and the lost-node test, which compare their runs with it."""
     from ft_ray.config import load_config
     from ft_ray.train.trainer import run_training
-    from tests.faults import TRAIN
+    from tests.faults import DATA, TRAIN
 
     tmp = tmp_path_factory.mktemp("reference")
-    run_training(load_config(write_job(tmp, run_name="reference", train=TRAIN)))
+    run_training(load_config(write_job(tmp, run_name="reference", data=DATA, train=TRAIN)))
     return tmp / "runs" / "reference"

@@ -22,6 +22,11 @@ from safetensors.torch import load_file
 STEPS, EVERY = 12, 4
 TRAIN = {"max_steps": STEPS, "checkpoint_every": EVERY, "eval_every": EVERY, "trace_samples": True,
          "keep_checkpoints": 3}
+# 48 records, one packed sequence each at the tiny job's 128 tokens: 6 micro batches of 4 per
+# worker and epoch, so the 12 steps are two epochs and the checkpoint at step 8 lies inside
+# the second, reshuffled one (a resume there must read its order again)
+DATA = {"train": str(Path(__file__).resolve().parent / "assets" / "short-train.jsonl")}
+EPOCH_STEPS = 6
 
 
 @dataclass

@@ -220,7 +220,7 @@ def build_datasets(config: JobConfig, tokenizer: Any, rejected_dir: str | None,
         write_rejected(rows_of(lines, "rejected"), rejected_dir, rejected_fs)
     check_counts(config, stats)
     warn_if_truncated(config, stats)
-    seed = data.shuffle_seed if data.shuffle_seed is not None else config.train.seed
+    seed = config.shuffle_seed
     pack_args = {"max_len": config.model.max_seq_len, "pad_id": tokenizer.pad_token_id, "pack": data.pack}
     eval_refs = pack_tasks(blocks, eval_rows, pack_args)  # runs while the train order is made
     other_refs = {name: pack_tasks(others[name].to_arrow_refs(), rows, pack_args) for name, rows in other_rows.items()}

@@ -51,7 +51,7 @@ def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) ->
     what = {"version": PREPARED_VERSION, "files": data_files(config) if files is None else files,
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval",
                                              "eval_sets"}),
-            "seed": data.shuffle_seed if data.shuffle_seed is not None else config.train.seed,
+            "seed": config.shuffle_seed,
             "roles": config.carries_roles,  # preference data carries each token's role
             "reference": reference_settings(config),
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",

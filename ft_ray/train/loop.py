@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from ft_ray.config import JobConfig, TrainConfig, eval_set_metric
@@ -73,7 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window = Window(throughput, objective)
     trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
-    train_steps = steps_of(batches(train_pieces(config, rank), config, plan, state), accumulation, config.rounds)
+    train_steps = steps_of(batches(train_pieces(config, rank), config, state), accumulation, config.rounds)
     patience = config.train.early_stopping_patience
     done = state.step >= plan.total_steps or out_of_patience(state, patience)
     for micro_batches in (train_steps if not done else ()):
@@ -132,10 +133,10 @@ def out_of_patience(state: TrainState, patience: int | None) -> bool:
     return patience is not None and state.evals_without_gain >= patience
 
 
-def train_pieces(config: JobConfig, rank: int) -> list[Any]:
-    """This rank's share of the training data: the driver split it into one fixed piece per
-    possible worker (`TRAIN_PIECE`); with fewer workers (an elastic range), rank r takes
-    pieces r, r + world_size, ...
+def train_pieces(config: JobConfig, rank: int) -> dict[int, Any]:
+    """This rank's share of the training data, by piece: the driver split it into one fixed
+    piece per possible worker (`TRAIN_PIECE`); with fewer workers (an elastic range), rank r
+    takes pieces r, r + world_size, ...
 
     Fixed pieces make the samples of each rank, in order, the same in every run; Ray's
     dynamic split hands blocks to whichever worker asks first, so it does not.
@@ -143,22 +144,23 @@ def train_pieces(config: JobConfig, rank: int) -> list[Any]:
     import ray.train
 
     world_size = ray.train.get_context().get_world_size()
-    return [ray.train.get_dataset_shard(TRAIN_PIECE.format(i))
-            for i in range(rank, config.distributed.max_workers, world_size)]
+    return {i: ray.train.get_dataset_shard(TRAIN_PIECE.format(i))
+            for i in range(rank, config.distributed.max_workers, world_size)}
 
 
-def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainState) -> Iterator[dict]:
+def batches(pieces: dict[int, Any], config: JobConfig, state: TrainState) -> Iterator[dict]:
     """Micro batches, epoch after epoch, starting at the saved data position.
 
-    The packed dataset has a fixed order (seeded shuffle at preparation) and fixed pieces
-    per rank, so skipping the first `state.batch_in_epoch` batches resumes exactly where the
-    checkpoint was taken.
+    The packed dataset has a fixed order (seeded shuffle at preparation), each later epoch a
+    fixed reshuffle of it (`epoch_order`), and fixed pieces per rank, so skipping the first
+    `state.batch_in_epoch` batches resumes exactly where the checkpoint was taken.
     """
     while True:
         seen = 0
-        for piece in pieces:
+        for index, piece in pieces.items():
             for batch in piece.iter_torch_batches(batch_size=config.train.micro_batch_size,
-                                                  prefetch_batches=config.train.prefetch_batches):
+                                                  prefetch_batches=config.train.prefetch_batches,
+                                                  **epoch_order(config, state.epoch, index)):
                 seen += 1
                 if seen <= state.batch_in_epoch:
                     continue
@@ -168,6 +170,18 @@ def batches(pieces: list[Any], config: JobConfig, plan: StepPlan, state: TrainSt
             raise RuntimeError("this worker's training shard is empty: use fewer workers or more data")
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def epoch_order(config: JobConfig, epoch: int, piece: int) -> dict[str, int]:
+    """How a piece is read in an epoch (iter_torch_batches' local shuffle arguments): the
+    first epoch in the prepared order; each later one shuffled within windows of
+    `train.epoch_shuffle_buffer` sequences, seeded by the data's seed, the epoch and the piece,
+    so a rerun or a resume reads the same order (the blocks come in order: `ingest_config`)."""
+    window = config.train.epoch_shuffle_buffer
+    if epoch == 0 or not window:
+        return {}
+    seed = np.random.SeedSequence([config.shuffle_seed % 2 ** 64, epoch, piece]).generate_state(1)[0]
+    return {"local_shuffle_buffer_size": window, "local_shuffle_seed": int(seed)}
 
 
 def steps_of(micro_batches: Iterator[dict], accumulation: int, times: int = 1) -> Iterator[list[dict]]:

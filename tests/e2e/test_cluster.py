@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, write_job
-from tests.faults import TRAIN, assert_same_training, outcome_in
+from tests.faults import DATA, TRAIN, assert_same_training, outcome_in
 
 pytestmark = [pytest.mark.slow]
 
@@ -136,7 +136,7 @@ def test_submit_refuses_a_job_that_cannot_fit_the_clusters_gpus(local_cluster, t
 
 def node_job(tmp_path: Path, name: str) -> Path:
     """The fault tests' job (tests/faults.py), its two workers on two nodes."""
-    return write_job(tmp_path, f"{name}.yaml", run_name=name, train=TRAIN,
+    return write_job(tmp_path, f"{name}.yaml", run_name=name, data=DATA, train=TRAIN,
                      distributed={"num_workers": 2, "placement_strategy": "SPREAD"})
 
 

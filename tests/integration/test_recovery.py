@@ -23,8 +23,8 @@ from ft_ray.config import InputError, load_config
 from ft_ray.train.checkpoints import MANIFEST, complete_checkpoints
 from ft_ray.train.trainer import free_port, run_training
 from tests.conftest import REPO, make_bucket, write_job
-from tests.faults import (STEPS, TRAIN, Outcome, assert_same_training, in_background, jsonl, kill_session,
-                          outcome_in, wait_for)
+from tests.faults import (DATA, EPOCH_STEPS, STEPS, TRAIN, Outcome, assert_same_training, in_background, jsonl,
+                          kill_session, outcome_in, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,10 +38,26 @@ def assert_recovered(outcome: Outcome, reference_run: Path) -> dict:
     return resumes[0]
 
 
+def test_the_reference_reads_every_sequence_once_an_epoch_the_second_epoch_reshuffled(reference_run):
+    """The faulted job's 12 steps are two epochs (tests/faults.py): each rank's second epoch
+    reads its first's sequences in another order (train.epoch_shuffle_buffer), so the cases
+    here that resume inside it (from step 8) or cross into it (from step 4) check that order."""
+    traces = outcome_in(reference_run).trace
+    ranks = []
+    for name, steps in traces.items():
+        ids = [step["seq_ids"] for step in steps]
+        first, second = ids[:EPOCH_STEPS], ids[EPOCH_STEPS:]
+        flat = [i for step in first for i in step]
+        assert len(set(flat)) == len(flat) and sorted(flat) == sorted(i for step in second for i in step), name
+        assert {frozenset(s) for s in first}.isdisjoint(frozenset(s) for s in second), (name, first, second)
+        ranks.append(set(flat))
+    assert len(ranks) == 2 and not ranks[0] & ranks[1]  # each rank its own sequences
+
+
 def test_driver_killed_and_relaunched_resumes(reference_run, tmp_path):
     # The driver runs as `ft-ray train` with its own local Ray, in its own process group; the kill
     # takes all of it (GCS, raylet, Train workers), as a lost head machine would.
-    job = write_job(tmp_path, run_name="driver-killed", distributed={"num_workers": [1, 2]}, train=TRAIN)
+    job = write_job(tmp_path, run_name="driver-killed", distributed={"num_workers": [1, 2]}, data=DATA, train=TRAIN)
     run = tmp_path / "runs" / "driver-killed"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "first.log", "w") as log:
@@ -89,7 +105,7 @@ def test_training_worker_killed_restarts_the_group(reference_run, tmp_path):
         return victim.pid
 
     thread, done = in_background(kill_a_worker)
-    summary = run_training(load_config(write_job(tmp_path, run_name="worker-killed", train=TRAIN)))
+    summary = run_training(load_config(write_job(tmp_path, run_name="worker-killed", data=DATA, train=TRAIN)))
     thread.join(60)
     assert done and isinstance(done[0], int), f"no worker was killed: {done}"
     resume = assert_recovered(outcome_in(run), reference_run)
@@ -113,7 +129,7 @@ def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference_run, tmp_p
 
     thread, done = in_background(stop_a_worker)
     try:
-        summary = run_training(load_config(write_job(tmp_path, run_name="worker-hung", train=TRAIN,
+        summary = run_training(load_config(write_job(tmp_path, run_name="worker-hung", data=DATA, train=TRAIN,
                                                      distributed={"timeout_s": 15})))
     finally:
         for process in stopped:  # never leave a stopped process behind, whatever happened
@@ -157,7 +173,7 @@ def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, 
         proxies.append(start_proxy(port, int(s3_server.rsplit(":", 1)[1])))
         return time.monotonic() - started
 
-    job = write_job(tmp_path, run_name="outage", train=TRAIN,
+    job = write_job(tmp_path, run_name="outage", data=DATA, train=TRAIN,
                     storage={"path": "s3://outage/runs", "endpoint_url": f"http://127.0.0.1:{port}"})
     thread, done = in_background(take_the_store_away)
     try:
@@ -181,7 +197,7 @@ def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, 
 def test_incomplete_checkpoints_are_skipped_for_the_newest_complete_one(reference_run, tmp_path, capfd):
     run = tmp_path / "runs" / "damaged"
     shutil.copytree(reference_run, run)
-    job = load_config(write_job(tmp_path, run_name="damaged", train=TRAIN))
+    job = load_config(write_job(tmp_path, run_name="damaged", data=DATA, train=TRAIN))
     before = (run / "metrics.jsonl").read_text()
     # undamaged, the finished run has nothing to train: its summary comes back, nothing changes
     assert run_training(job) == json.loads((reference_run / "summary.json").read_text())
@@ -221,14 +237,14 @@ def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference_ru
     checkpoint though none is due."""
     run = tmp_path / "runs" / "changed"
     shutil.copytree(reference_run, run)
-    changed = load_config(write_job(tmp_path, run_name="changed", train={**TRAIN, "learning_rate": 1e-3}))
+    changed = load_config(write_job(tmp_path, run_name="changed", data=DATA, train={**TRAIN, "learning_rate": 1e-3}))
     with pytest.raises(InputError, match=r"train.learning_rate: 0.002 -> 0.001.*--force-new"):
         run_training(changed)
     assert sorted(p.name for p in run.parent.iterdir()) == ["changed"]  # nothing touched
 
     train = {**TRAIN, "learning_rate": 1e-3, "max_steps": 4, "eval_every": 1, "checkpoint_every": 100,
              "early_stopping_patience": 2, "early_stopping_min_delta": 100.0}
-    job = write_job(tmp_path, run_name="changed", train=train)
+    job = write_job(tmp_path, run_name="changed", data=DATA, train=train)
     assert main(["train", str(job), "--force-new"]) == 0
     [aside] = [p for p in run.parent.iterdir() if p.name.startswith("changed.replaced-")]
     assert (aside / "checkpoint-000012" / MANIFEST).exists()
@@ -242,8 +258,8 @@ def test_relaunch_with_a_changed_config_is_refused_unless_force_new(reference_ru
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002"]
     assert run_training(load_config(job)) == summary  # done: nothing trained again
 
-    more = load_config(write_job(tmp_path, run_name="changed", train={**train, "early_stopping_patience": 3,
-                                                                      "early_stopping_min_delta": 0.0}))
+    more = load_config(write_job(tmp_path, run_name="changed", data=DATA,
+                                 train={**train, "early_stopping_patience": 3, "early_stopping_min_delta": 0.0}))
     summary = run_training(more)
     assert summary["steps"] == 4 and summary["early_stopping"] is None
     assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-00000{s}" for s in (2, 3, 4)]
@@ -263,5 +279,5 @@ def test_a_run_with_only_incomplete_checkpoints_is_not_restarted_silently(refere
     for manifest in run.glob(f"checkpoint-*/{MANIFEST}"):
         manifest.unlink()
     with pytest.raises(InputError, match="has checkpoints but none is complete.*--force-new"):
-        run_training(load_config(write_job(tmp_path, run_name="all-damaged", train=TRAIN)))
+        run_training(load_config(write_job(tmp_path, run_name="all-damaged", data=DATA, train=TRAIN)))
 

@@ -342,3 +342,45 @@ def test_workers_read_their_pieces_in_order_even_when_batches_are_ready_out_of_o
     piece = ray.data.from_items([{"id": i} for i in range(64)], override_num_blocks=16).materialize()
     assert ray.get(read_as_a_worker.remote(ingest_config(), piece)) == list(range(0, 64, 2))
 
+
+def test_each_later_epoch_is_read_in_its_own_order_and_again_so_on_resume(ray_local, tmp_path):
+    """An epoch after the first reads a worker's pieces shuffled (train.epoch_shuffle_buffer)
+    with a seed of its own, the same in a rerun and in a resume inside the epoch (Ray's local
+    shuffle, fed the pieces' blocks in order); 0 reads every epoch in the first's order."""
+    import itertools
+
+    import ray.data
+
+    from ft_ray.config import JobConfig
+    from ft_ray.train.checkpoint_io import TrainState
+    from ft_ray.train.loop import batches
+    from ft_ray.train.trainer import ingest_config
+    from tests.conftest import tiny_job
+
+    @ray.remote
+    def read_as_a_worker(job, pieces, epoch: int, batch_in_epoch: int, count: int) -> list[list[int]]:
+        ray.data.DataContext.get_current().execution_options.preserve_order = False  # the controller's default
+        readers = ingest_config().configure({f"train_{i}": p for i, p in pieces.items()}, world_size=1,
+                                            worker_handles=None, worker_node_ids=None)[0]
+        state = TrainState(epoch=epoch, batch_in_epoch=batch_in_epoch)
+        mine = {i: readers[f"train_{i}"] for i in pieces}
+        return [batch["id"].tolist() for batch in itertools.islice(batches(mine, job, state), count)]
+
+    def job(buffer: int) -> JobConfig:
+        return JobConfig.model_validate(tiny_job(tmp_path, train={"micro_batch_size": 4,
+                                                                  "epoch_shuffle_buffer": buffer}))
+
+    pieces = {p: ray.data.from_items([{"id": i} for i in ids], override_num_blocks=4).materialize()
+              for p, ids in ((0, range(24)), (2, range(100, 124)))}  # rank 0 of 2: pieces 0 and 2
+    first = list(range(24)) + list(range(100, 124))
+    flat = lambda steps: [i for step in steps for i in step]  # noqa: E731
+    three = ray.get(read_as_a_worker.remote(job(1024), pieces, 0, 0, 36))
+    epochs = [flat(three[i:i + 12]) for i in (0, 12, 24)]
+    assert epochs[0] == first
+    for later in epochs[1:]:
+        assert sorted(later) == first and later != first
+        assert later[:24] != first[:24] and sorted(later[:24]) == first[:24]  # piece by piece, each shuffled
+    assert epochs[1] != epochs[2]
+    assert {frozenset(b) for b in three[:12]}.isdisjoint({frozenset(b) for b in three[12:24]})  # new neighbours
+    assert ray.get(read_as_a_worker.remote(job(1024), pieces, 1, 3, 21)) == three[15:]  # resumed at batch 3
+    assert flat(ray.get(read_as_a_worker.remote(job(0), pieces, 0, 0, 24))) == first * 2
