@@ -23,7 +23,7 @@ class Tracker:
                  total_steps: int, board: Any = None):
         self.enabled, self.total_steps, self.board = enabled, total_steps, board
         rewards = ("reward", "eval_reward") if config.objective == "grpo" else ()  # grpo: eval_loss is -eval_reward
-        self.shown = ("loss", "eval_loss", *[eval_set_metric(name) for name in config.data.eval_sets], *rewards,
+        self.shown = ("epoch", "loss", "eval_loss", *[eval_set_metric(name) for name in config.data.eval_sets], *rewards,
                       "lr", "grad_norm", "tokens_per_s", "mfu")
         self.last_put = None
         self.metrics = MetricsLog(run, resume_step, enabled)

@@ -74,7 +74,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window = Window(throughput, objective)
     trace = MetricsLog(run, state.step if resumed_from else None,
                        enabled=config.train.trace_samples, name=f"samples-rank{rank}.jsonl")
-    train_steps = steps_of(batches(train_pieces(config, rank), config, state), accumulation, config.rounds)
+    pieces = train_pieces(config, rank)
+    epoch_batches = len(pieces) * plan.batches_per_epoch  # this rank's micro batches in an epoch
+    train_steps = steps_of(batches(pieces, config, state), accumulation, config.rounds)
     patience = config.train.early_stopping_patience
     done = state.step >= plan.total_steps or out_of_patience(state, patience)
     for micro_batches in (train_steps if not done else ()):
@@ -88,6 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = state.step == plan.total_steps
         if state.step % config.train.log_every == 0 or last:
             record = window.summarize(state.step, engine.lr, grad_norm)
+            record["epoch"] = round(state.epoch + state.batch_in_epoch / epoch_batches, 3)  # epochs read so far
             state.train_tokens += record["tokens"]
             record["train_tokens"] = state.train_tokens
             tracker.log(record)

@@ -218,9 +218,10 @@ def _strategy(config: JobConfig) -> str:
 
 
 def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int, str]:
-    """Step done, and the latest loss, eval loss (with its step) and tokens/s."""
+    """Step done, and the latest epoch, loss, eval loss (with its step) and tokens/s."""
     record, evaluated = latest.get("train", {}), latest.get("eval", {})
-    shown = [f"loss {record['loss']:.3g}"] if "loss" in record else []
+    shown = [f"epoch {record['epoch']:.2f}"] if "epoch" in record else []
+    shown += [f"loss {record['loss']:.3g}"] if "loss" in record else []
     if "eval_reward" in evaluated:  # grpo
         shown.append(f"eval reward {evaluated['eval_reward']:.3g} (step {evaluated['step']})")
     elif "eval_loss" in evaluated:

@@ -76,7 +76,9 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     assert len(lines) - len(progress) <= 50 and len(progress) <= 25, out
     assert_plain(out)
     assert "[ft-ray]   packed train sequences  200" in lines  # the data table
-    assert re.search(r"^\[ft-ray\] train: 100/100 steps  loss [\d.]+  eval loss [\d.]+ \(step 100\)", out, re.M)
+    # 200 sequences on 2 workers, 4 a batch: 25 steps an epoch
+    assert re.search(r"^\[ft-ray\] train: 100/100 steps  epoch 4.00  loss [\d.]+  eval loss [\d.]+ \(step 100\)",
+                     out, re.M)
     [log] = (run / "logs").glob("train-*.log")
     assert lines[0].startswith(f"[ft-ray] log: {log}")
     ray_lines = log.read_text()

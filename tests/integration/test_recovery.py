@@ -41,10 +41,11 @@ def assert_recovered(outcome: Outcome, reference_run: Path) -> dict:
 def test_the_reference_reads_every_sequence_once_an_epoch_the_second_epoch_reshuffled(reference_run):
     """The faulted job's 12 steps are two epochs (tests/faults.py): each rank's second epoch
     reads its first's sequences in another order (train.epoch_shuffle_buffer), so the cases
-    here that resume inside it (from step 8) or cross into it (from step 4) check that order."""
-    traces = outcome_in(reference_run).trace
+    here that resume inside it (from step 8) or cross into it (from step 4) check that order.
+    metrics.jsonl says how many epochs each step has read."""
+    reference = outcome_in(reference_run)
     ranks = []
-    for name, steps in traces.items():
+    for name, steps in reference.trace.items():
         ids = [step["seq_ids"] for step in steps]
         first, second = ids[:EPOCH_STEPS], ids[EPOCH_STEPS:]
         flat = [i for step in first for i in step]
@@ -52,6 +53,8 @@ def test_the_reference_reads_every_sequence_once_an_epoch_the_second_epoch_reshu
         assert {frozenset(s) for s in first}.isdisjoint(frozenset(s) for s in second), (name, first, second)
         ranks.append(set(flat))
     assert len(ranks) == 2 and not ranks[0] & ranks[1]  # each rank its own sequences
+    epochs = {m["step"]: m["epoch"] for m in reference.metrics if "loss" in m}
+    assert [epochs[s] for s in (1, 3, EPOCH_STEPS, EPOCH_STEPS + 3, STEPS)] == [round(1 / 6, 3), 0.5, 1, 1.5, 2]
 
 
 def test_driver_killed_and_relaunched_resumes(reference_run, tmp_path):
