@@ -476,16 +476,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ft_ray.evaluation.evaluate import resolve_target
-    from ft_ray.evaluation.scoring import local_variant
     from ft_ray.generate import Answerer, Settings, answers, job_of, prompt_format, records_of, render
     from ft_ray.samples import split_prompt
-    from ft_ray.storage import RunFolder
+    from ft_ray.storage import RunFolder, local_folder
 
     config = job_of(args.path, args.config, args.overrides)
     refuse_reward_model(config, "generate", "answers prompts")
     settings = Settings(args.max_new_tokens, args.temperature, args.compare)
     _quiet(args, RunFolder.for_job(config))
-    with resolve_target(args.path, config) as target, local_variant(target.weights, config) as weights:
+    with resolve_target(args.path, config) as target, local_folder(target.weights, config.storage, "ft-ray-variant-") as weights:
         answerer = Answerer(config, weights, settings)
         fmt = args.format or prompt_format(config, answerer.tokenizer)
         how = "greedy" if not args.temperature else f"sampled at temperature {args.temperature}"

@@ -78,7 +78,8 @@ class ModelConfig(Section):
         "with rope_scaling: how many times the window to stretch to (e.g. train at 16k for a 32k target)"))
     adapter: str | None = Field(None, description=(
         "a LoRA adapter to train on from where it is (lora/qlora on this base model): its folder "
-        "(adapter_config.json), or a run folder, checkpoint or sweep winner holding one; its rank, alpha, "
+        "(adapter_config.json), or a run folder, checkpoint or sweep winner holding one, local or s3:// "
+        "(read with the storage section's endpoint); its rank, alpha, "
         "targets and trained token rows are the run's, and DPO/KTO/GRPO's reference is the base with it"))
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ft_ray.config import InputError, JobConfig, LoraConfig, ModelConfig
+from ft_ray.config import InputError, JobConfig, LoraConfig, ModelConfig, StorageConfig
 from ft_ray.console import LOG
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -101,7 +101,7 @@ def model_warnings(job: JobConfig) -> list[str]:
     config = model_config(job.model)  # read once for the three
     rope_overrides(job.model, config)
     return [w for w in [context_window_warning(job.model, config), untrained_tokens_warning(job.model),
-                        other_base_warning(job.model)] if w] + (
+                        other_base_warning(job.model, job.storage)] if w] + (
         check_layout(job.model, job.lora if job.trains_adapter else None, job.objective == "reward_model", config,
                      quantized=job.method == "qlora"))
 
@@ -747,11 +747,16 @@ ADAPTER_SETTINGS = {"rank": "r", "alpha": "lora_alpha", "target_modules": "targe
                     "use_rslora": "use_rslora", "modules_to_save": "modules_to_save"}
 
 
-def _json_file(path: Path) -> dict:
+def _json_file(path: Path | str, storage: StorageConfig | None = None) -> dict:
+    """A JSON object from a local file, or from object storage (`storage`: its endpoint)."""
     import json
 
+    from ft_ray.storage import filesystem_for
+
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        fs, inside = filesystem_for(str(path), storage or StorageConfig())
+        with fs.open_input_stream(inside) as f:
+            loaded = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read it: {e}") from None
     if not isinstance(loaded, dict):
@@ -759,34 +764,50 @@ def _json_file(path: Path) -> dict:
     return loaded
 
 
-def adapter_folder(path: str) -> Path:
-    """The adapter folder `model.adapter` names: the folder itself (adapter_config.json), a
-    run folder's `adapter/`, a checkpoint's `model/` or a sweep winner's `weights/`.
+def adapter_folder(path: str, storage: StorageConfig) -> str:
+    """The adapter folder `model.adapter` names, a local path or an s3:// URI (read with
+    `storage`'s endpoint): the folder itself (adapter_config.json), a run folder's `adapter/`,
+    a checkpoint's `model/` or a sweep winner's `weights/`; a checkpoint's or winner's files
+    are checked against its manifest.
 
     Raises:
         InputError: none of those is there, or the checkpoint or winner is incomplete.
     """
     import pyarrow.fs as pafs
 
-    from ft_ray.train.checkpoints import MANIFEST, digest_problem, stored_files_problem
+    from ft_ray.storage import filesystem_for
+    from ft_ray.train.checkpoints import MANIFEST, read_manifest, stored_files_problem
 
-    folder = Path(path).expanduser().absolute()
-    if "://" in path or not folder.is_dir():
-        raise InputError(f"model.adapter: no folder {path} (a local folder, or one every worker sees)")
-    found = next((f for f in (folder, folder / "adapter", folder / "model", folder / "weights")
-                  if (f / "adapter_config.json").is_file()), None)
-    if found is None:
-        raise InputError(f"model.adapter: {path} holds no LoRA adapter (adapter_config.json), nor does its adapter/, "
-                         "model/ or weights/ (a run, checkpoint or sweep winner of a lora/qlora run)")
-    problem = None
-    if (folder / MANIFEST).is_file():  # a checkpoint
-        problem = digest_problem(folder)
-    elif (folder / "winner.json").is_file():
-        files = _json_file(folder / "winner.json").get("files") or {}
-        problem = stored_files_problem(pafs.LocalFileSystem(), str(folder), files)
+    root = path.rstrip("/") if "://" in path else str(Path(path).expanduser().absolute())
+    places = ("", "/adapter", "/model", "/weights")
+    try:
+        fs, inside = filesystem_for(root, storage)
+        folder, *configs, manifest, winner = fs.get_file_info(
+            [inside, *(f"{inside}{place}/adapter_config.json" for place in places), f"{inside}/{MANIFEST}",
+             f"{inside}/winner.json"])
+        if folder.type != pafs.FileType.Directory:
+            raise InputError(f"model.adapter: no folder {path} (a local folder every worker sees, or an s3:// one)")
+        found = next((place for place, info in zip(places, configs) if info.type == pafs.FileType.File), None)
+        if found is None:
+            raise InputError(f"model.adapter: {path} holds no LoRA adapter (adapter_config.json), nor does its "
+                             "adapter/, model/ or weights/ (a run, checkpoint or sweep winner of a lora/qlora run)")
+        problem = None
+        if manifest.type == pafs.FileType.File:  # a checkpoint
+            files, problem = read_manifest(lambda: _read_bytes(fs, manifest.path))
+            problem = problem or stored_files_problem(fs, inside, files)
+        elif winner.type == pafs.FileType.File:
+            files = _json_file(f"{root}/winner.json", storage).get("files") or {}
+            problem = stored_files_problem(fs, inside, files)
+    except OSError as e:
+        raise InputError(f"model.adapter: cannot read {path}: {e}") from None
     if problem:
         raise InputError(f"model.adapter: {path}: {problem} (incomplete or changed since it was written)")
-    return found
+    return root + found
+
+
+def _read_bytes(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def with_adapter(job: JobConfig) -> JobConfig:
@@ -801,8 +822,8 @@ def with_adapter(job: JobConfig) -> JobConfig:
 
     if not job.model.adapter:
         return job
-    folder = adapter_folder(job.model.adapter)
-    saved = _json_file(folder / "adapter_config.json")
+    folder = adapter_folder(job.model.adapter, job.storage)
+    saved = _json_file(f"{folder}/adapter_config.json", job.storage)
     if saved.get("peft_type") != "LORA" or saved.get("task_type") not in (None, "CAUSAL_LM"):
         raise InputError(f"model.adapter: {folder} is a {saved.get('peft_type')} adapter for {saved.get('task_type')}; "
                          "ft-ray continues LoRA adapters of causal LMs")
@@ -823,7 +844,7 @@ def with_adapter(job: JobConfig) -> JobConfig:
     if conflicts:
         raise ConfigError(conflicts)
     lora = ours.model_copy(update={**settings, "init": "default"})
-    return job.model_copy(update={"model": job.model.model_copy(update={"adapter": str(folder)}), "lora": lora})
+    return job.model_copy(update={"model": job.model.model_copy(update={"adapter": folder}), "lora": lora})
 
 
 def with_start_adapter(job: JobConfig) -> JobConfig:
@@ -834,7 +855,7 @@ def with_start_adapter(job: JobConfig) -> JobConfig:
     if not job.model.adapter:
         return job
     try:
-        folder: str | None = str(adapter_folder(job.model.adapter))
+        folder: str | None = adapter_folder(job.model.adapter, job.storage)
     except InputError as e:
         LOG.warning(f"{e}: compared without the adapter it trained on from")
         folder = None
@@ -853,12 +874,12 @@ def adapter_line(job: JobConfig) -> str:
             f"on {', '.join(lora.target_modules)})")
 
 
-def other_base_warning(model: ModelConfig) -> str | None:
+def other_base_warning(model: ModelConfig, storage: StorageConfig) -> str | None:
     """Where the adapter a job trains on from (`model.adapter`) names another base model than
     the job's (ft-ray's copy of a built-in model, a run's `base_model/`, counts as the built-in)."""
     if not model.adapter:
         return None
-    theirs = _json_file(Path(model.adapter) / "adapter_config.json").get("base_model_name_or_path") or ""
+    theirs = _json_file(f"{model.adapter}/adapter_config.json", storage).get("base_model_name_or_path") or ""
     if theirs in (model.name_or_path, model_source(model)) or (
             is_builtin(model.name_or_path) and Path(theirs).name == "base_model"):
         return None
@@ -893,16 +914,20 @@ def continue_adapter(model: Any, job: JobConfig, base_model_path: str, tokens: l
     """
     from peft import PeftConfig, PeftModel
 
-    settings = PeftConfig.from_pretrained(job.model.adapter)
-    settings.base_model_name_or_path, settings.lora_dropout = base_model_path, job.lora.dropout
-    saved_rows = settings.trainable_token_indices or {}
-    saved_rows = set(saved_rows) if isinstance(saved_rows, list) else {i for ids in saved_rows.values() for i in ids}
-    missing = sorted(set(tokens) - saved_rows)
-    if trainable and missing and set(settings.modules_to_save or ()).isdisjoint(("embed_tokens", "lm_head")):
-        raise InputError(f"model.adapter: this run would train the rows of token ids {missing[:8]} (special tokens the "
-                         "base never trained, or model.add_tokens), which the adapter it continues does not: set "
-                         "model.untrained_tokens: keep, as the adapter was trained")
-    return PeftModel.from_pretrained(model, job.model.adapter, config=settings, is_trainable=trainable)
+    from ft_ray.storage import local_folder
+
+    with local_folder(job.model.adapter, job.storage, "ft-ray-adapter-") as folder:  # an s3:// one: downloaded
+        settings = PeftConfig.from_pretrained(str(folder))
+        settings.base_model_name_or_path, settings.lora_dropout = base_model_path, job.lora.dropout
+        saved_rows = settings.trainable_token_indices or {}
+        saved_rows = (set(saved_rows) if isinstance(saved_rows, list)
+                      else {i for ids in saved_rows.values() for i in ids})
+        missing = sorted(set(tokens) - saved_rows)
+        if trainable and missing and set(settings.modules_to_save or ()).isdisjoint(("embed_tokens", "lm_head")):
+            raise InputError(f"model.adapter: this run would train the rows of token ids {missing[:8]} (special tokens "
+                             "the base never trained, or model.add_tokens), which the adapter it continues does not: "
+                             "set model.untrained_tokens: keep, as the adapter was trained")
+        return PeftModel.from_pretrained(model, str(folder), config=settings, is_trainable=trainable)
 
 
 def save_base_model(model: ModelConfig, folder: Path) -> Path:

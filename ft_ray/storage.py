@@ -7,12 +7,14 @@ come from the environment (AWS_*), never from the job file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -38,6 +40,20 @@ def filesystem_for(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, 
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts))
         return fs, path[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(path).absolute())
+
+
+@contextlib.contextmanager
+def local_folder(path: str, storage: StorageConfig, prefix: str = "ft-ray-") -> Iterator[Path]:
+    """A folder of weights (a variant, an adapter) as a local folder while the block runs: a
+    local path as it is; an s3:// URI downloaded to a temporary folder, removed after (models
+    read their files while they load; a full 8B model is 16 GB of a node's disk per actor)."""
+    if "://" not in path:
+        yield Path(path)
+        return
+    fs, inside = filesystem_for(path, storage)
+    with tempfile.TemporaryDirectory(prefix=prefix) as local:
+        pafs.copy_files(inside, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(local)
 
 
 # `validate` and `plan` read a job's data to answer a question before launch: each object-store

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
@@ -67,8 +68,10 @@ def reference_settings(config: JobConfig) -> dict[str, Any] | None:
         return None
     adapter = None
     if config.model.adapter:  # the reference is the base with it: its files as they are now
-        files = sorted(f for f in Path(config.model.adapter).iterdir() if f.is_file())
-        adapter = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        fs, folder = filesystem_for(config.model.adapter, config.storage)
+        files = sorted((f for f in fs.get_file_info(pafs.FileSelector(folder)) if f.type == pafs.FileType.File),
+                       key=lambda f: f.base_name)
+        adapter = [(f.base_name, f.size, f.mtime_ns) for f in files]
     return {"method": config.method, "precision": config.train.precision,
             "quantization": config.quantization.model_dump() if config.method == "qlora" else None,
             "untrained_tokens": config.model.untrained_tokens, **({"adapter": adapter} if adapter else {})}

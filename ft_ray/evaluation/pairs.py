@@ -60,13 +60,13 @@ class PairScorer:
     record's chosen and rejected answer's score and answer tokens, or why it was not scored."""
 
     def __init__(self, job_json: str, variant: str, fmt: str, fields: dict[str, str]):
-        from ft_ray.evaluation.scoring import local_variant
         from ft_ray.models import load_tokenizer
+        from ft_ray.storage import local_folder
 
         self.job = JobConfig.model_validate_json(job_json)
         self.fmt, self.fields = fmt, fields
         self.tokenizer = load_tokenizer(self.job.model)
-        with local_variant(variant, self.job) as weights:
+        with local_folder(variant, self.job.storage, "ft-ray-variant-") as weights:
             self.model = load_reward_model(self.job, weights)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -31,6 +31,7 @@ from ft_ray.data.tokenize import (IGNORE_INDEX, answer_text, assemble, bos_id, e
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARM_NAMES, PROMPTING, Arm, Retriever, arms_of
 from ft_ray.models import START_ADAPTER, start_adapter_on
+from ft_ray.storage import local_folder
 
 SHOT_SEPARATOR = "\n\n"
 
@@ -75,7 +76,8 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True, start: bool
         base = base_model(job.model)
         adapted = PeftModel.from_pretrained(base, str(variant)).eval()
         if start:
-            adapted.load_adapter(job.model.adapter, adapter_name=START_ADAPTER)
+            with local_folder(job.model.adapter, job.storage, "ft-ray-adapter-") as folder:
+                adapted.load_adapter(str(folder), adapter_name=START_ADAPTER)
         if job.model.rope_scaling == "none":
             return base, adapted, True
         return base_model(unstretched) if base_arms else None, adapted, False
@@ -114,7 +116,7 @@ class ArmScorer:
         self.bos, self.stops = bos_id(self.tokenizer), stop_ids(self.tokenizer)
         self.reasoning_end = reasoning_end(self.tokenizer)
         torch.manual_seed(self.settings.seed)
-        with local_variant(variant, self.job) as weights:
+        with local_folder(variant, self.job.storage, "ft-ray-variant-") as weights:
             self.base, self.variant, self.shared = load_arms(self.job, weights,
                                                              base_arms=any(arm.model == "base" for arm in self.arms),
                                                              start=any(arm.model == "start" for arm in self.arms))
@@ -355,23 +357,3 @@ def prompt_context(job: JobConfig, model: Any) -> int:
         return job.eval.max_prompt_tokens
     window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return max(job.model.max_seq_len, int(window or 0))
-
-
-@contextlib.contextmanager
-def local_variant(variant: str, job: JobConfig) -> Iterator[Path]:
-    """The variant's weights as a local folder while the models load: an s3:// URI is
-    downloaded to a temporary folder, removed once loaded (a full 8B model is 16 GB of an
-    eval node's disk per actor)."""
-    if "://" not in variant:
-        yield Path(variant)
-        return
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from ft_ray.storage import filesystem_for
-
-    fs, path = filesystem_for(variant, job.storage)
-    with tempfile.TemporaryDirectory(prefix="ft-ray-variant-") as local:
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(local)

@@ -217,9 +217,50 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), name
 
 
-def test_a_changed_winner_is_not_evaluated(sweep):
+def test_a_run_trains_on_from_a_winner_in_the_store(sweep, tmp_path):
+    """model.adapter: a winner's s3:// URI (its files checked against winner.json, read with the
+    storage section's endpoint): the job's LoRA settings are the winner's, each of the 2 workers
+    loads it from the store, and training starts where the winner is (the eval loss at step 0
+    is its checkpoint's); generate --compare answers with it as the start adapter too."""
+    import yaml
+
+    from ft_ray.generate import Answerer, Settings
+    from ft_ray.models import with_adapter, with_start_adapter
+    from ft_ray.train.trainer import run_training
+    from tests.conftest import tiny_job
+    from tests.faults import DATA
+
+    summary, client, run = sweep
+    winner = summary["winners"][0]
+    endpoint = run["overrides"][1].split("=", 1)[1]
+    job = tiny_job(tmp_path, run_name="from-winner", model={"max_seq_len": 256, "adapter": winner["uri"]},
+                   data=DATA, train={"max_steps": 1}, storage={"path": str(tmp_path / "runs"), "endpoint_url": endpoint})
+    job["lora"] = {"dropout": 0.0}  # the rest is the winner's
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    config = with_adapter(load_config(tmp_path / "job.yaml"))
+    assert config.model.adapter == f"{winner['uri']}/weights"
+    manifest = json.loads(s3_bytes(client, f"{winner['uri']}/winner.json"))
+    assert (config.lora.rank, config.lora.alpha) == (manifest["config"]["lora"]["rank"],
+                                                     manifest["config"]["lora"]["alpha"])
+
+    trained = run_training(config)
+    checkpoint_step = int(manifest["source_checkpoint"][-6:])
+    trial = [json.loads(line) for line in s3_bytes(client, f"{run['uri']}/trials/{winner['trial']}/metrics.jsonl")
+             .decode().splitlines()]
+    [where_it_was] = [m["eval_loss"] for m in trial if m.get("step") == checkpoint_step and "eval_loss" in m]
+    assert trained["eval_loss_initial"] == pytest.approx(where_it_was, rel=1e-4)
+    saved = json.loads((tmp_path / "runs" / "from-winner" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == config.lora.rank
+
+    answerer = Answerer(with_start_adapter(config), tmp_path / "runs" / "from-winner" / "adapter",
+                        Settings(max_new_tokens=6, compare=True))
+    assert set(answerer.answer("### Instruction:\nReply to Ben.\n\n### Response:\n")) == {"variant", "start", "base"}
+
+
+def test_a_changed_winner_is_neither_evaluated_nor_trained_on(sweep):
     from ft_ray.config import InputError
     from ft_ray.evaluation.evaluate import resolve_target
+    from ft_ray.models import adapter_folder
 
     summary, client, run = sweep
     winner = summary["winners"][1]["uri"]
@@ -233,3 +274,6 @@ def test_a_changed_winner_is_not_evaluated(sweep):
     with pytest.raises(InputError, match=r"weights/adapter_model.safetensors has sha256 .*not evaluated"):
         with resolve_target(f"s3://demo-sweeps/{copy}", config):
             pass
+    with pytest.raises(InputError, match=rf"model.adapter: s3://demo-sweeps/{copy}: weights/adapter_model.safetensors "
+                                         "has sha256 .*incomplete or changed"):
+        adapter_folder(f"s3://demo-sweeps/{copy}", config.storage)
