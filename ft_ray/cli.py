@@ -241,7 +241,8 @@ def _print_outcome(config: JobConfig, summary: dict) -> None:
     else:
         outcome = (f"eval loss {summary['eval_loss_initial']:.4f} before → {summary['eval_loss_final']:.4f} after "
                    f"({summary['eval_loss_reduction']:.0%} lower)")
-    LOG.info(f"{outcome}, {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, "
+    epochs = f" ({summary['epochs']:.2f} epochs)" if summary.get("epochs") is not None else ""
+    LOG.info(f"{outcome}, {summary['steps']} steps{epochs}, {summary['tokens_per_second']:.0f} tokens/s, "
              f"{summary['wall_time_s']:.0f} s")
     for name, scored in (summary.get("eval_sets") or {}).items():
         change = scored["loss_change"]

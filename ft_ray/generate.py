@@ -16,8 +16,8 @@ from ft_ray.data.formats import RecordError, detect_format, map_fields
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import read_records, usable_records
 from ft_ray.models import START_ADAPTER, start_adapter_on, with_start_adapter
-from ft_ray.storage import local_folder
 from ft_ray.samples import split_prompt
+from ft_ray.storage import local_folder
 
 PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
 

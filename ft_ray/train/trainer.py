@@ -430,6 +430,7 @@ def summarize(config: JobConfig, run: RunFolder, stats: DataStats, plan: StepPla
         "method": config.method,
         "steps": steps,
         "planned_steps": plan.total_steps,
+        "epochs": train_lines[-1].get("epoch") if train_lines else None,  # read by then (None: logged before 2026-12-06)
         "early_stopping": {"step": stopped[-1]["step"], **stopped[-1]["early_stopping"]} if stopped else None,
         "train_tokens": train_lines[-1]["train_tokens"] if train_lines else 0,
         "train_loss_final": train_lines[-1]["loss"] if train_lines else None,

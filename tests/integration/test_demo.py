@@ -79,6 +79,7 @@ def test_demo_config_fine_tunes_the_house_style(demo, ray_local):
     # 200 sequences on 2 workers, 4 a batch: 25 steps an epoch
     assert re.search(r"^\[ft-ray\] train: 100/100 steps  epoch 4.00  loss [\d.]+  eval loss [\d.]+ \(step 100\)",
                      out, re.M)
+    assert re.search(r"before → [\d.]+ after \(\d+% lower\), 100 steps \(4.00 epochs\), ", out)
     [log] = (run / "logs").glob("train-*.log")
     assert lines[0].startswith(f"[ft-ray] log: {log}")
     ray_lines = log.read_text()

@@ -55,6 +55,7 @@ def test_the_reference_reads_every_sequence_once_an_epoch_the_second_epoch_reshu
     assert len(ranks) == 2 and not ranks[0] & ranks[1]  # each rank its own sequences
     epochs = {m["step"]: m["epoch"] for m in reference.metrics if "loss" in m}
     assert [epochs[s] for s in (1, 3, EPOCH_STEPS, EPOCH_STEPS + 3, STEPS)] == [round(1 / 6, 3), 0.5, 1, 1.5, 2]
+    assert json.loads((reference_run / "summary.json").read_text())["epochs"] == 2
 
 
 def test_driver_killed_and_relaunched_resumes(reference_run, tmp_path):
