@@ -39,9 +39,10 @@ def file_kind(path: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """What one read task reads: a whole file, the lines of an uncompressed JSONL file that
-    start in [start, end) (`lines_before`: how many lines the file has before them), or the
-    row groups [first, end) of a Parquet file (`row_groups`; `lines_before`: the rows before
-    them; `group_bytes`: their compressed size)."""
+    start in [start, end) (`lines_before`: how many lines the file has before them), the rows
+    of an uncompressed CSV/TSV file in [start, end), both row starts (`header`: the file's;
+    `lines_before` as JSONL's), or the row groups [first, end) of a Parquet file
+    (`row_groups`; `lines_before`: the rows before them; `group_bytes`: their compressed size)."""
 
     path: str
     size: int
@@ -50,6 +51,7 @@ class Unit:
     lines_before: int = 0
     row_groups: tuple[int, int] | None = None
     group_bytes: int = 0
+    header: tuple[str, ...] | None = None  # a CSV/TSV range's: the file's first row
 
     @property
     def bytes(self) -> int:
@@ -159,7 +161,7 @@ def _kind_records(stream: Any, path: str, unit: Unit | None, limits: ReadLimits)
                                                     columns=limits.wanted(parquet.schema_arrow.names)),
                                max_bytes, unit.lines_before if groups is not None else 0)
     elif kind in DELIMITERS:
-        yield from _delimited_rows(stream, DELIMITERS[kind], max_bytes)
+        yield from _delimited_rows(stream, DELIMITERS[kind], max_bytes, unit)
     elif kind == "arrow":  # datasets' Arrow files: the IPC stream format (or the file format)
         import pyarrow as pa
 
@@ -174,35 +176,21 @@ def _kind_records(stream: Any, path: str, unit: Unit | None, limits: ReadLimits)
         yield from _table_rows((batch.select(wanted) for batch in batches), max_bytes)
 
 
-def _delimited_rows(stream: Any, delimiter: str, max_bytes: int) -> Iterator[tuple[int, str, str]]:
+def _delimited_rows(stream: Any, delimiter: str, max_bytes: int,
+                    unit: Unit | None = None) -> Iterator[tuple[int, str, str]]:
     """(line, record as JSON text, error) of each row of a CSV or TSV file whose first line
     names the columns: every value a string (as written; an empty cell is ""), a quoted value
     may run over lines. A row that is not valid CSV, or whose values do not match the header,
-    is rejected alone, with its first line's number and its lines as written."""
-    import csv
-
-    fed: dict[str, Any] = {"line": 0, "lines": [], "error": ""}  # what the parser read since the last row
-
-    def lines() -> Iterator[str]:
-        for number, raw, size in _lines(stream, max_bytes=max_bytes):
-            text, error = _decode(raw) if raw is not None else ("", too_large(size, max_bytes))
-            fed["line"], fed["error"] = number, fed["error"] or error
-            fed["lines"].append(text)
-            yield text + "\n"
-
-    csv.field_size_limit(max(max_bytes, csv.field_size_limit()))  # a process-wide limit, 128 KiB by default
-    parser, header, start = csv.reader(lines(), delimiter=delimiter, strict=True), None, 1
-    while True:
-        try:
-            row, error = next(parser), ""
-        except StopIteration:
-            return
-        except csv.Error as e:
-            row, error = [], f"not_csv: {e}"
+    is rejected alone, with its first line's number and its lines as written. A range of a
+    large file (`unit.header` set: the stream opened at `unit.start`, a row's first byte) has
+    the file's header and line numbers."""
+    ranged = unit is not None and unit.header is not None
+    header = list(unit.header) if ranged else None
+    rows = (_csv_rows(stream, delimiter, max_bytes, unit.lines_before, unit.end - unit.start) if ranged
+            else _csv_rows(stream, delimiter, max_bytes))
+    for line, row, written, error, _, _ in rows:
         if not error and header is not None and len(row) != len(header) and any(row):
             error = f"not_csv: {len(row)} values, the header names {len(header)} columns (a delimiter or quote out of place?)"
-        line, start, written, error = start, fed["line"] + 1, "\n".join(fed["lines"]), fed["error"] or error
-        fed.update(lines=[], error="")
         if header is None and error:
             yield line, "", f"{error}; the header line could not be read, the file is skipped"
             return
@@ -215,6 +203,56 @@ def _delimited_rows(stream: Any, delimiter: str, max_bytes: int) -> Iterator[tup
         else:
             text = json.dumps(dict(zip(header, row)), ensure_ascii=False)
             yield (line, "", too_large(len(text), max_bytes)) if len(text) > max_bytes else (line, text, "")
+
+
+def _csv_rows(stream: Any, delimiter: str, max_bytes: int, lines_before: int = 0,
+              limit: int | None = None) -> Iterator[tuple[int, list[str], str, str, int, int]]:
+    """(first line, values, lines as written, error, lines read, bytes read) of each row the
+    CSV parser reads from the stream, which holds `lines_before` lines of the file before it
+    (a range's rows: those starting before `limit` bytes)."""
+    import csv
+
+    fed: dict[str, Any] = {"line": lines_before, "lines": [], "error": "", "bytes": 0}  # read since the last row
+
+    def lines() -> Iterator[str]:
+        for number, raw, size in _lines(stream, lines_before, limit=limit, max_bytes=max_bytes):
+            text, error = _decode(raw) if raw is not None else ("", too_large(size, max_bytes))
+            fed["line"], fed["error"], fed["bytes"] = number, fed["error"] or error, fed["bytes"] + size + 1
+            fed["lines"].append(text)
+            yield text + "\n"
+
+    csv.field_size_limit(max(max_bytes, csv.field_size_limit()))  # a process-wide limit, 128 KiB by default
+    parser, start = csv.reader(lines(), delimiter=delimiter, strict=True), lines_before + 1
+    while True:
+        try:
+            row, error = next(parser), ""
+        except StopIteration:
+            return
+        except csv.Error as e:
+            row, error = [], f"not_csv: {e}"
+        line, start, written, error = start, fed["line"] + 1, "\n".join(fed["lines"]), fed["error"] or error
+        fed.update(lines=[], error="")
+        yield line, row, written, error, fed["line"], fed["bytes"]
+
+
+def delimited_ranges(stream: Any, path: str, size: int, span: int, max_bytes: int) -> list[Unit]:
+    """A large uncompressed CSV or TSV file as ranges of about `span` bytes that start where a
+    row starts (found by parsing it once, as a quoted value may hold newlines), each with the
+    header and the lines before it; the file whole when its header cannot be read."""
+    header, ranges, at, lines = None, [], 0, 0
+    for _, row, _, error, lines_read, bytes_read in _csv_rows(stream, DELIMITERS[file_kind(path)], max_bytes):
+        if header is None:
+            if error:
+                return [Unit(path, size)]
+            if any(row):  # the ranges start after it
+                header, at, lines = row, bytes_read, lines_read
+        elif bytes_read - at >= span and bytes_read < size:
+            ranges.append((at, bytes_read, lines))
+            at, lines = bytes_read, lines_read
+    if header is None or not ranges:
+        return [Unit(path, size)]
+    ranges.append((at, size, lines))
+    return [Unit(path, size, start, end, before, header=tuple(header)) for start, end, before in ranges]
 
 
 def _table_rows(batches: Iterator[Any], max_bytes: int, rows_before: int = 0) -> Iterator[tuple[int, str, str]]:

@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 from ft_ray.config import OBJECTIVE_FORMATS, InputError, JobConfig, SourceConfig, StorageConfig
 from ft_ray.data.formats import RecordError, detect_format, map_fields, uses_tools
 from ft_ray.data.records import example_key
-from ft_ray.data.readers import (COMPRESSIONS, KINDS, READ_CHUNK, ReadLimits, Unit, file_kind, file_records, fs_path,
-                                 open_file)
+from ft_ray.data.readers import (COMPRESSIONS, DELIMITERS, KINDS, READ_CHUNK, ReadLimits, Unit, delimited_ranges,
+                                 file_kind, file_records, fs_path, open_file)
 from ft_ray.storage import filesystem_for
 
 PEEK_RECORDS = 20  # records of a source's first file that `auto` looks at
@@ -200,32 +200,49 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
     text read by line) in byte ranges, enough for about two tasks per CPU (4-64 MB each),
     so one large file is read and tokenized by many tasks. A range's first line number
     comes from newline counts of the ranges before it, counted by Ray tasks (the driver
-    never reads the corpus) or, without `in_ray`, here."""
+    never reads the corpus) or, without `in_ray`, here. A large uncompressed CSV/TSV file's
+    ranges start at rows, found by one task that parses it (`readers.delimited_ranges`);
+    the parsing and tokenizing of its ranges then spread like JSONL's. Parquet: runs of row groups."""
     sizes = [info.size or 0 for info in fs.get_file_info([fs_path(f) for f in files])]
     span = read_span(sum(sizes), cpus)
-    units = []
+    units: list[Unit | tuple[str, int]] = []  # (path, size): a CSV/TSV file its rows are to split
     for path, size in zip(files, sizes):
         if file_kind(path) == "parquet" and size > span:
             units += row_group_units(fs, path, size, span)
             continue
-        if not limits.one_line_each(path) or path.lower().endswith(COMPRESSIONS) or size <= span:
+        whole = path.lower().endswith(COMPRESSIONS) or size <= span
+        if file_kind(path) in DELIMITERS and not whole:
+            units.append((path, size))
+            continue
+        if not limits.one_line_each(path) or whole:
             units.append(Unit(path, size))
             continue
         bounds = list(range(0, size, span)) + [size]
         units += [Unit(path, size, start, end) for start, end in zip(bounds, bounds[1:])]
-    ranged = [i for i, unit in enumerate(units) if unit.end is not None]  # JSONL byte ranges
-    if ranged and in_ray:
+    ranged = [i for i, unit in enumerate(units) if isinstance(unit, Unit) and unit.end is not None]  # JSONL
+    delimited = [i for i, unit in enumerate(units) if not isinstance(unit, Unit)]
+    scan_args = [(fs, *units[i], span, limits.max_record_bytes) for i in delimited]
+    if (ranged or delimited) and in_ray:
         import ray
 
         count = ray.remote(num_cpus=1)(_count_newlines)  # fractions start new worker processes
+        scan = ray.remote(num_cpus=1)(_delimited_ranges)
         counts = ray.get([count.remote(fs, units[i]) for i in ranged])
+        scanned = ray.get([scan.remote(*args) for args in scan_args])
     else:
         counts = [_count_newlines(fs, units[i]) for i in ranged]
+        scanned = [_delimited_ranges(*args) for args in scan_args]
     before: dict[str, int] = {}
     for i, newlines in zip(ranged, counts):
         units[i] = dataclasses.replace(units[i], lines_before=before.get(units[i].path, 0))
         before[units[i].path] = units[i].lines_before + newlines
-    return units
+    pieces = dict(zip(delimited, scanned))
+    return [unit for i, one in enumerate(units) for unit in (pieces[i] if i in pieces else [one])]
+
+
+def _delimited_ranges(fs: pafs.FileSystem, path: str, size: int, span: int, max_bytes: int) -> list[Unit]:
+    with fs.open_input_stream(fs_path(path)) as stream:
+        return delimited_ranges(stream, path, size, span, max_bytes)
 
 
 def row_group_units(fs: pafs.FileSystem, path: str, size: int, span: int) -> list[Unit]:
@@ -330,7 +347,7 @@ def _read_units(fs: pafs.FileSystem, units: list[Unit], rows_per_block: int, lim
     for unit in units:
         if unit.end is not None:
             stream = fs.open_input_file(fs_path(unit.path))
-            stream.seek(max(0, unit.start - 1))
+            stream.seek(unit.start if unit.header is not None else max(0, unit.start - 1))  # a CSV row's first byte
         else:
             stream = open_file(fs, unit.path, limits)
         with stream:

@@ -327,6 +327,17 @@ def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, tokenizer, m
     monkeypatch.setattr(pipeline, "SMALL_SHUFFLE_TOKENS", 0)  # the hash shuffle's path
     assert build_datasets(config, tokenizer, None)[1] == stats
 
+    # a CSV file whose quoted values hold newlines: its ranges start at rows (a task parses it once)
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "t.csv").write_text("instruction,output\n" + "".join(
+        f'"question {i}\nline two",answer {i}\n' for i in range(80)))
+    fs, files = sources.list_files(str(tmp_path / "table"), StorageConfig())
+    units = sources.read_units(fs, files, cpus=4)
+    assert len(units) > 3 and {u.header for u in units} == {("instruction", "output")}
+    got = [(r["path"], r["line"], r["text"], r["error"]) for r in sources.read_corpus(fs, files).take_all()]
+    assert got == list(sources.read_records(str(tmp_path / "table"), StorageConfig(), "data.train"))
+    assert [line for _, line, _, _ in got] == list(range(2, 162, 2))
+
 
 def test_packed_order_does_not_depend_on_how_the_files_were_split_for_reading(ray_local, tmp_path, tokenizer,
                                                                               monkeypatch):

@@ -199,6 +199,34 @@ def test_a_large_parquet_file_is_read_by_runs_of_row_groups_with_the_file_s_row_
     assert json.loads(whole[500][1]) == {"text": "record 500 "}
 
 
+def test_a_large_csv_file_is_read_in_ranges_that_start_at_rows_with_the_file_s_lines(tmp_path, monkeypatch):
+    """Quoted values over several lines, an escaped quote, a quote inside an unquoted value, a
+    row that is not CSV, one with a value too many, blank lines, a row too long to keep, CRLF
+    and no last newline: read in ranges of any size, the same records, lines and errors as
+    read whole (each range's rows parsed with the file's header by a task of its own)."""
+    import pyarrow.fs as pafs
+
+    from ft_ray.data import sources
+
+    rows = ['\ufeffinstruction,output', 'plain,one', '"two\nlines","and ""quoted"""', 'a 12" pizza,x',
+            '', '"broken"x,y', 'three,values,here', '"a\n\nb",c', 'long,' + 'z' * 400, 'crlf,row\r', 'last,"no\nnewline"']
+    path = tmp_path / "big.csv"
+    path.write_bytes("\n".join(rows).encode())
+    fs, limits = pafs.LocalFileSystem(), ReadLimits(max_record_bytes=300)
+    whole = list(file_records(open(path, "rb"), str(path), limits=limits))
+    assert [(line, error[:9]) for line, _, error in whole] == [
+        (2, ""), (3, ""), (5, ""), (7, "not_csv: "), (8, "not_csv: "), (9, ""), (12, "too_large"), (13, ""), (14, "")]
+    assert json.loads(whole[1][1]) == {"instruction": "two\nlines", "output": 'and "quoted"'}
+    monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 1)
+    for span in (1, 7, 30, 64, 200, 700):
+        monkeypatch.setattr(sources, "RANGE_MAX_BYTES", span)
+        units = sources.read_units(fs, [str(path)], cpus=1, in_ray=False, limits=limits)
+        assert len(units) > 1 if span < 200 else units, span
+        read = [(r["line"], r["text"], r["error"]) for unit in units
+                for block in sources._read_units(fs, [unit], 100, limits) for r in block.to_pylist()]
+        assert read == whole, (span, [u.start for u in units])
+
+
 def test_a_json_item_with_bytes_that_are_not_utf8_is_rejected_alone(tmp_path):
     (tmp_path / "a.json").write_bytes(b'[{"text": "ok"}, {"text": "caf\xe9"}, {"text": "ok"}]')
     got = [(line, text, error) for _, line, text, error in read_records(str(tmp_path / "a.json"), STORAGE, "x")]
