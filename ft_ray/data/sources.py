@@ -227,8 +227,8 @@ def read_units(fs: pafs.FileSystem, files: list[str], cpus: int, in_ray: bool = 
 
         count = ray.remote(num_cpus=1)(_count_newlines)  # fractions start new worker processes
         scan = ray.remote(num_cpus=1)(_delimited_ranges)
-        counts = ray.get([count.remote(fs, units[i]) for i in ranged])
-        scanned = ray.get([scan.remote(*args) for args in scan_args])
+        counting, scanning = [count.remote(fs, units[i]) for i in ranged], [scan.remote(*a) for a in scan_args]
+        counts, scanned = ray.get(counting), ray.get(scanning)
     else:
         counts = [_count_newlines(fs, units[i]) for i in ranged]
         scanned = [_delimited_ranges(*args) for args in scan_args]
