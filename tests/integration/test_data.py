@@ -308,12 +308,16 @@ def test_read_tasks_are_balanced(tmp_path):
 def test_a_large_file_is_read_by_several_tasks(ray_local, tmp_path, tokenizer, monkeypatch):
     """The same records through Ray Data, one read task per range (some ranges, inside the
     long line, hold no record), and through the whole pipeline on both shuffle paths."""
+    import ray.data
+
     from ft_ray.config import StorageConfig
     from ft_ray.data import sources
 
     ranged_corpus(tmp_path)
     monkeypatch.setattr(sources, "RANGE_MIN_BYTES", 256)
     monkeypatch.setattr(sources, "RANGE_MAX_BYTES", 256)
+    # the pipeline reads in order (build_datasets sets it); a test run alone starts without it
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     fs, files = sources.list_files(str(tmp_path), StorageConfig())
     dataset = sources.read_corpus(fs, files).materialize()
     units = sources.read_units(fs, files, cpus=4)
