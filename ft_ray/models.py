@@ -776,15 +776,15 @@ def adapter_folder(path: str, storage: StorageConfig) -> str:
     import pyarrow.fs as pafs
 
     from ft_ray.storage import filesystem_for
-    from ft_ray.train.checkpoints import MANIFEST, read_manifest, stored_files_problem
+    from ft_ray.train.checkpoints import MANIFEST, STATE_FILE, stored_digest_problem, stored_files_problem
 
     root = path.rstrip("/") if "://" in path else str(Path(path).expanduser().absolute())
     places = ("", "/adapter", "/model", "/weights")
     try:
         fs, inside = filesystem_for(root, storage)
-        folder, *configs, manifest, winner = fs.get_file_info(
+        folder, *configs, manifest, state, winner = fs.get_file_info(
             [inside, *(f"{inside}{place}/adapter_config.json" for place in places), f"{inside}/{MANIFEST}",
-             f"{inside}/winner.json"])
+             f"{inside}/{STATE_FILE}", f"{inside}/winner.json"])
         if folder.type != pafs.FileType.Directory:
             raise InputError(f"model.adapter: no folder {path} (a local folder every worker sees, or an s3:// one)")
         found = next((place for place, info in zip(places, configs) if info.type == pafs.FileType.File), None)
@@ -792,9 +792,8 @@ def adapter_folder(path: str, storage: StorageConfig) -> str:
             raise InputError(f"model.adapter: {path} holds no LoRA adapter (adapter_config.json), nor does its "
                              "adapter/, model/ or weights/ (a run, checkpoint or sweep winner of a lora/qlora run)")
         problem = None
-        if manifest.type == pafs.FileType.File:  # a checkpoint
-            files, problem = read_manifest(lambda: _read_bytes(fs, manifest.path))
-            problem = problem or stored_files_problem(fs, inside, files)
+        if pafs.FileType.File in (manifest.type, state.type):  # a checkpoint (its manifest written last)
+            problem = stored_digest_problem(fs, inside)
         elif winner.type == pafs.FileType.File:
             files = _json_file(f"{root}/winner.json", storage).get("files") or {}
             problem = stored_files_problem(fs, inside, files)
@@ -803,11 +802,6 @@ def adapter_folder(path: str, storage: StorageConfig) -> str:
     if problem:
         raise InputError(f"model.adapter: {path}: {problem} (incomplete or changed since it was written)")
     return root + found
-
-
-def _read_bytes(fs: Any, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 def with_adapter(job: JobConfig) -> JobConfig:

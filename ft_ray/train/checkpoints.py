@@ -127,12 +127,17 @@ def read_manifest(read: Callable[[], bytes]) -> tuple[dict[str, dict] | None, st
 def manifest_problem(fs: pafs.FileSystem, folder: str) -> str | None:
     """What is wrong with a checkpoint folder in storage by its listing (sizes), or None.
     The sha256 of each file is checked after download (`digest_problem`)."""
+    files, problem = stored_manifest(fs, folder)
+    return problem or files_problem(files, stored_sizes(fs, folder))
+
+
+def stored_manifest(fs: pafs.FileSystem, folder: str) -> tuple[dict[str, dict] | None, str | None]:
+    """`read_manifest` of a checkpoint folder in storage (local or object store)."""
     def read() -> bytes:
         with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
             return f.read()
 
-    files, problem = read_manifest(read)
-    return problem or files_problem(files, stored_sizes(fs, folder))
+    return read_manifest(read)
 
 
 def stored_sizes(fs: pafs.FileSystem, folder: str) -> dict[str, int]:
@@ -152,10 +157,15 @@ def files_problem(expected: dict[str, dict], sizes: dict[str, int]) -> str | Non
 
 
 def digest_problem(folder: Path) -> str | None:
-    """After download (or in a local folder): a malformed manifest, or a listed file missing
-    or whose size or sha256 differs from the manifest's; None when all match."""
-    files, problem = read_manifest((folder / MANIFEST).read_bytes)
-    return problem or stored_files_problem(pafs.LocalFileSystem(), str(folder.resolve()), files)
+    """After download (or in a local folder): `stored_digest_problem`."""
+    return stored_digest_problem(pafs.LocalFileSystem(), str(folder.resolve()))
+
+
+def stored_digest_problem(fs: pafs.FileSystem, folder: str) -> str | None:
+    """A malformed manifest in a checkpoint folder, or a listed file missing or whose size or
+    sha256 differs from the manifest's (every file read once); None when all match."""
+    files, problem = stored_manifest(fs, folder)
+    return problem or stored_files_problem(fs, folder, files)
 
 
 def stored_files_problem(fs: pafs.FileSystem, folder: str, files: dict[str, dict]) -> str | None:

@@ -294,6 +294,7 @@ def test_workers_larger_than_any_node_are_refused_before_ray_train_waits_for_the
 
 def test_a_damaged_checkpoint_is_neither_exported_nor_evaluated(trained, tmp_path, capsys):
     from ft_ray.evaluation.evaluate import resolve_target
+    from ft_ray.models import adapter_folder
 
     config, _, run = trained
     shutil.copytree(run, tmp_path / "run")
@@ -310,6 +311,9 @@ def test_a_damaged_checkpoint_is_neither_exported_nor_evaluated(trained, tmp_pat
     with pytest.raises(InputError, match="adapter_model.safetensors has sha256"):
         with resolve_target(str(changed), config):  # `ft-ray eval --run CHECKPOINT`
             pass
+    for checkpoint, why in ((changed, "model/adapter_model.safetensors has sha256"), (cut, "no manifest.json")):
+        with pytest.raises(InputError, match=f"model.adapter: {checkpoint}: {why}"):  # nor trained on from
+            adapter_folder(str(checkpoint), config.storage)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
