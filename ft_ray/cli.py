@@ -485,7 +485,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refuse_reward_model(config, "generate", "answers prompts")
     settings = Settings(args.max_new_tokens, args.temperature, args.compare)
     _quiet(args, RunFolder.for_job(config))
-    with resolve_target(args.path, config) as target, local_folder(target.weights, config.storage, "ft-ray-variant-") as weights:
+    with resolve_target(args.path, config) as target, \
+            local_folder(target.weights, config.storage, "ft-ray-variant-") as weights:
         answerer = Answerer(config, weights, settings)
         fmt = args.format or prompt_format(config, answerer.tokenizer)
         how = "greedy" if not args.temperature else f"sampled at temperature {args.temperature}"
