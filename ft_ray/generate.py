@@ -15,9 +15,8 @@ from ft_ray.config import InputError, JobConfig, load_config
 from ft_ray.data.formats import RecordError, detect_format, map_fields
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import read_records, usable_records
-from ft_ray.models import START_ADAPTER, start_adapter_on, with_start_adapter
+from ft_ray.models import load_start_adapter, start_adapter_on, with_start_adapter
 from ft_ray.samples import split_prompt
-from ft_ray.storage import local_folder
 
 PROMPT_FORMATS = ("chat", "instruction", "completion")  # how a typed prompt becomes the model's input
 
@@ -123,8 +122,7 @@ class Answerer:
             config = with_start_adapter(config)  # the folder of model.adapter; none where it is gone (a warning)
         self.start = bool(settings.compare and adapter and config.model.adapter)
         if self.start:
-            with local_folder(config.model.adapter, config.storage, "ft-ray-adapter-") as folder:
-                self.variant.load_adapter(str(folder), adapter_name=START_ADAPTER)
+            load_start_adapter(self.variant, config)
 
     def answer(self, prompt: str) -> dict[str, str]:
         from ft_ray.models import generate

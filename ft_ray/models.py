@@ -885,6 +885,15 @@ def other_base_warning(model: ModelConfig, storage: StorageConfig) -> str | None
 START_ADAPTER = "start"  # PEFT's name for the adapter a run trained on from, loaded beside its own to compare
 
 
+def load_start_adapter(model: Any, job: JobConfig) -> None:
+    """Load the adapter `job`'s run trained on from (`model.adapter`; an s3:// one downloaded
+    while it loads) into the PEFT `model` beside its own, as `START_ADAPTER`."""
+    from ft_ray.storage import local_folder
+
+    with local_folder(job.model.adapter, job.storage, "ft-ray-adapter-") as folder:
+        model.load_adapter(str(folder), adapter_name=START_ADAPTER)
+
+
 @contextlib.contextmanager
 def start_adapter_on(model: Any) -> Iterator[Any]:
     """`model` (a PEFT model holding `START_ADAPTER` beside its own) answering with the adapter

@@ -30,7 +30,7 @@ from ft_ray.data.tokenize import (IGNORE_INDEX, answer_text, assemble, bos_id, e
                                  without_word_mark)
 from ft_ray.evaluation import metrics
 from ft_ray.evaluation.arms import ARM_NAMES, PROMPTING, Arm, Retriever, arms_of
-from ft_ray.models import START_ADAPTER, start_adapter_on
+from ft_ray.models import load_start_adapter, start_adapter_on
 from ft_ray.storage import local_folder
 
 SHOT_SEPARATOR = "\n\n"
@@ -76,8 +76,7 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True, start: bool
         base = base_model(job.model)
         adapted = PeftModel.from_pretrained(base, str(variant)).eval()
         if start:
-            with local_folder(job.model.adapter, job.storage, "ft-ray-adapter-") as folder:
-                adapted.load_adapter(str(folder), adapter_name=START_ADAPTER)
+            load_start_adapter(adapted, job)
         if job.model.rope_scaling == "none":
             return base, adapted, True
         return base_model(unstretched) if base_arms else None, adapted, False
