@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field("builtin:tiny-llama", description="hub id, local HF folder, or builtin:tiny-llama")
+    name_or_path: str = Field("builtin:tiny-llama", description=(
+        "hub id, local HF folder, s3:// folder (read with the storage section's endpoint, copied once to each node's "
+        "model cache: $FT_RAY_MODEL_CACHE, default ~/.cache/ft-ray/models), or builtin:tiny-llama"))
     max_seq_len: int = Field(256, gt=8, description="packed sequence length in tokens")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless you trust it")
@@ -82,11 +84,26 @@ class ModelConfig(Section):
         "(read with the storage section's endpoint); its rank, alpha, "
         "targets and trained token rows are the run's, and DPO/KTO/GRPO's reference is the base with it"))
 
+    # the job's storage section (set by JobConfig): the endpoint an s3:// model is read with
+    _storage: Any = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _rope_factor_scales(self) -> "ModelConfig":
         if self.rope_factor is not None and self.rope_scaling == "none":
             raise ValueError("model.rope_factor needs model.rope_scaling (linear or yarn)")
+        if self.revision and self.name_or_path.startswith("s3://"):
+            raise ValueError("model.revision: a hub revision; an s3:// model is the files in its folder")
         return self
+
+    def use_storage(self, storage: "StorageConfig") -> None:
+        """Read an s3:// model with `storage`'s endpoint, region and tries."""
+        self._storage = storage
+
+    @property
+    def storage(self) -> "StorageConfig":
+        """Where an s3:// model is read from: the job's storage section, or (a section on its
+        own) the environment's endpoint (AWS_ENDPOINT_URL)."""
+        return self._storage or StorageConfig()
 
 
 FormatName = Literal["auto", "text", "instruction", "chat", "completion", "segments", "preference", "kto"]
@@ -632,6 +649,11 @@ class JobConfig(Section):
             self.preference.beta = SIMPO_BETA  # DPO's 0.1 would barely move SimPO's length-normalised margin
         if self.objective == "grpo" and "pack" not in self.data.model_fields_set:
             self.data.pack = False  # one prompt per row, as the model is asked it
+        return self
+
+    @model_validator(mode="after")
+    def _model_reads_storage(self) -> "JobConfig":
+        self.model.use_storage(self.storage)
         return self
 
     @model_validator(mode="after")

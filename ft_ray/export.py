@@ -78,7 +78,7 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
         ExportError: no checkpoint at `path`, or its files differ from its manifest (missing,
             cut short, changed: named), so it is not trusted.
     """
-    from ft_ray.models import load_tokenizer, rope_overrides
+    from ft_ray.models import load_tokenizer, rope_overrides, stored_base
     from ft_ray.train.checkpoints import digest_problem
 
     checkpoint = find_checkpoint(Path(path))
@@ -95,7 +95,7 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
         written = Path(partial) / out.name
         written.mkdir()
         if adapter and merge:
-            merge_adapter(weights, written, len(tokenizer), rope)
+            merge_adapter(weights, written, len(tokenizer), rope, stored_base(config.model))
         else:
             for item in weights.iterdir():
                 shutil.copy2(item, written / item.name)
@@ -111,19 +111,23 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False, config: JobCon
     return out
 
 
-def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None, rope: dict | None = None) -> None:
+def merge_adapter(adapter: Path, out: Path, vocab_size: int | None = None, rope: dict | None = None,
+                  base: str | None = None) -> None:
     """Fold a LoRA adapter into its base model and save the result in safetensors. The base
     grows to `vocab_size` (default: the tokenizer saved with the adapter) when the run added
     tokens, as a user loading the adapter with plain PEFT would do first, and loads with the
-    config settings `rope` (`rope_overrides`: the RoPE the adapter trained with)."""
+    config settings `rope` (`rope_overrides`: the RoPE the adapter trained with). `base`: the
+    base model's folder (`models.stored_base`), where the adapter's name of it is not one
+    transformers loads."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
     from ft_ray.models import model_class
 
     peft_config = PeftConfig.from_pretrained(str(adapter))
-    base_path, scores = peft_config.base_model_name_or_path, peft_config.task_type == "SEQ_CLS"
-    LOG.info(f"export: merging the adapter into {base_path} (loading its weights: minutes for a large model)")
+    base_path, scores = base or peft_config.base_model_name_or_path, peft_config.task_type == "SEQ_CLS"
+    LOG.info(f"export: merging the adapter into {peft_config.base_model_name_or_path} (loading its weights: minutes "
+             "for a large model)")
     saved_with = (adapter / "tokenizer_config.json").exists()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter if saved_with else base_path))
     # a reward model's (SEQ_CLS): one score (its trained head comes with the adapter), read at

@@ -5,11 +5,17 @@ LoRA wrapping. Runs without Ray, so it can be tested and benchmarked on its own.
 from __future__ import annotations
 
 import contextlib
+import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ft_ray.config import InputError, JobConfig, LoraConfig, ModelConfig, StorageConfig
 from ft_ray.console import LOG
+
+# PEFT's adapter save looks for the base's config.json where the adapter says the base is (to
+# save the whole embeddings of a grown vocabulary): an s3:// base's is in the node's model cache;
+# the token rows ft-ray trains are saved with the adapter either way
+python_warnings.filterwarnings("ignore", message="Could not find a config file in s3://", category=UserWarning)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {"builtin:tiny-llama": ASSETS / "tiny-llama"}
@@ -25,17 +31,28 @@ def _builtin_folder(name: str) -> Path:
     return BUILTIN[name]
 
 
-def model_source(model: ModelConfig) -> str:
+def model_source(model: ModelConfig, weights: bool = False) -> str:
     """What transformers loads `model.name_or_path` from: the built-in model's folder, a local
-    folder, or a hub id (`name` or `org/name`).
+    folder, a hub id (`name` or `org/name`), or an s3:// folder's copy in this node's model
+    cache (`storage.cached_model`; with `weights`, its weights too, else only what a tokenizer
+    and a config read).
 
     Raises:
-        InputError: a path (absolute, `./`, `../`, `~` or with more than one `/`) with no folder there.
+        InputError: a path (absolute, `./`, `../`, `~` or with more than one `/`) with no folder
+            there; an s3:// folder with no files or a store that fails.
     """
     name = model.name_or_path
     if is_builtin(name):
         return str(_builtin_folder(name))
-    path = Path(name).expanduser()
+    if name.startswith("s3://"):
+        from ft_ray.storage import cached_model
+
+        try:
+            path = cached_model(name, model.storage, weights)
+        except OSError as e:
+            raise InputError(f"model.name_or_path: {e}") from None
+    else:
+        path = Path(name).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
             base = _json_file(path / "adapter_config.json").get("base_model_name_or_path")
@@ -46,6 +63,12 @@ def model_source(model: ModelConfig) -> str:
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise InputError(f"model.name_or_path: no folder {name} (a hub id is `name` or `org/name`)")
     return name
+
+
+def stored_base(model: ModelConfig) -> str | None:
+    """An s3:// model's folder in this node's model cache, weights too (what merges an adapter
+    into it: the adapter names its s3:// URI); None for other models (the adapter names them)."""
+    return model_source(model, weights=True) if model.name_or_path.startswith("s3://") else None
 
 
 def load_tokenizer(model: ModelConfig) -> Any:
@@ -262,7 +285,7 @@ def from_model_source(load: Callable[..., Any], model: ModelConfig, weights: boo
     Hugging Face cache at once, not after huggingface_hub's retries (about 25 s a file), and a
     model not in the cache fails as transformers says it.
     """
-    source = model_source(model)
+    source = model_source(model, weights)
     unreachable = _hub_unreachable(model)
     if weights:  # transformers 5.24's AutoModel looks for a PEFT adapter without the local_files_only given it
         options["adapter_kwargs"] = {"local_files_only": unreachable is not None}
@@ -288,7 +311,7 @@ def _hub_unreachable(model: ModelConfig) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError
 
     name = model.name_or_path
-    if constants.HF_HUB_OFFLINE or is_builtin(name) or Path(name).expanduser().is_dir():
+    if constants.HF_HUB_OFFLINE or is_builtin(name) or "://" in name or Path(name).expanduser().is_dir():
         return None
     try:
         HfApi().model_info(name, revision=model.revision, timeout=10)  # HfApi(): the endpoint of now
@@ -431,7 +454,9 @@ def untrained_on_disk(model: ModelConfig, tokenizer: Any) -> list[int] | None:
 
 def local_weight_files(model: ModelConfig) -> list[Path]:
     """The model's safetensors files in its folder, the built-in model's or its snapshot in
-    the Hugging Face cache; [] when they are not here."""
+    the Hugging Face cache; [] when they are not here (an s3:// model's: the workers copy them)."""
+    if "://" in model.name_or_path:
+        return []
     source = Path(model_source(model)).expanduser()
     if not source.is_dir():
         from huggingface_hub import snapshot_download

@@ -56,6 +56,97 @@ def local_folder(path: str, storage: StorageConfig, prefix: str = "ft-ray-") -> 
         yield Path(local)
 
 
+MODEL_CACHE = "FT_RAY_MODEL_CACHE"  # where each node keeps the models it read from object storage
+# weight formats: a model's own (its safetensors, else its .bin files) come only to a process
+# that loads its weights; the rest never (Llama 3's original/consolidated.pth, GGUF copies)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def model_cache() -> Path:
+    """This node's cache of models read from object storage: $FT_RAY_MODEL_CACHE, else
+    ~/.cache/ft-ray/models."""
+    return Path(os.environ.get(MODEL_CACHE) or Path.home() / ".cache" / "ft-ray" / "models").expanduser()
+
+
+def cached_model(uri: str, storage: StorageConfig, weights: bool) -> Path:
+    """A model folder in object storage (`s3://bucket/models/llama`) as a folder on this node.
+
+    The files at the top of the folder are copied once into the node's model cache
+    (`model_cache()`) and kept for later processes and runs: without `weights` what a
+    tokenizer and a config read (no weight files), with them also the model's safetensors
+    (else its .bin files). A file whose size or time changed in the store is copied again.
+    The processes of a node (workers, data tasks) wait for the one copying (a file lock);
+    a copy cut short is never taken for a whole file (each is written aside, then renamed).
+
+    Raises:
+        FileNotFoundError: no files there.
+        StorageError: the store failed, or a file came short.
+    """
+    import fcntl
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    fs, inside = filesystem_for(uri, storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(inside, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    listing = {info.base_name: [info.size, info.mtime_ns] for info in infos if info.type == pafs.FileType.File}
+    if not listing:
+        raise FileNotFoundError(f"no files in {uri}")
+    names = [name for name in listing if not name.endswith(WEIGHT_SUFFIXES)]
+    if weights:
+        tensors = [name for name in listing if name.endswith(".safetensors")]
+        names += tensors or [name for name in listing if name.endswith(".bin")]
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
+    key = f"{Path(inside).name}-{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:12]}"
+    root = model_cache()
+    folder, record = root / key, root / f"{key}.json"
+
+    def copied() -> dict[str, list]:
+        """The files of the folder copied whole, as the store listed them then."""
+        held = json.loads(record.read_text()) if record.is_file() else {}
+        return {name: entry for name, entry in held.items() if (folder / name).is_file()}
+
+    if all(copied().get(name) == listing[name] for name in names):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        held = copied()
+        for name in [name for name, entry in held.items() if listing.get(name) != entry]:
+            (folder / name).unlink()  # changed or gone in the store
+            del held[name]
+        missing = [name for name in names if name not in held]
+        if not missing:
+            return folder
+        size = sum(listing[name][0] for name in missing)
+        LOG.info(f"model: copying {len(missing)} file(s) ({size / 2**20:,.1f} MiB) of {uri} to {folder} "
+                 "(this node's model cache, once)")
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+
+        def copy(name: str) -> str:
+            aside = folder / f".{name}.part"
+            try:
+                pafs.copy_files(f"{inside}/{name}", str(aside), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+            except OSError as e:
+                raise StorageError(f"cannot read {uri}/{name}: {e}") from e
+            if aside.stat().st_size != listing[name][0]:
+                raise StorageError(f"{uri}/{name}: {aside.stat().st_size} bytes came of {listing[name][0]}")
+            aside.rename(folder / name)
+            return name
+
+        with ThreadPoolExecutor(4) as pool:
+            for done in as_completed([pool.submit(copy, name) for name in missing]):
+                held[done.result()] = listing[done.result()]
+                record.with_name(f".{record.name}.part").write_text(json.dumps(held))
+                record.with_name(f".{record.name}.part").rename(record)
+        LOG.info(f"model: {uri} copied in {time.monotonic() - start:.1f} s")
+    return folder
+
+
 # `validate` and `plan` read a job's data to answer a question before launch: each object-store
 # request is tried at most this often, so an unreachable store is said in seconds (measured with
 # pyarrow 26: 3 tries of a refused connection 1.4 s; the 10 of `storage.max_attempts` 74-93 s).
@@ -64,8 +155,10 @@ PREFLIGHT_ATTEMPTS = 3
 
 def for_preflight(config: JobConfig) -> JobConfig:
     """The job with each object-store request tried at most PREFLIGHT_ATTEMPTS times."""
-    attempts = min(config.storage.max_attempts, PREFLIGHT_ATTEMPTS)
-    return config.model_copy(update={"storage": config.storage.model_copy(update={"max_attempts": attempts})})
+    storage = config.storage.model_copy(update={"max_attempts": min(config.storage.max_attempts, PREFLIGHT_ATTEMPTS)})
+    model = config.model.model_copy()
+    model.use_storage(storage)
+    return config.model_copy(update={"storage": storage, "model": model})
 
 
 class StorageError(OSError):

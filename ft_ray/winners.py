@@ -81,7 +81,7 @@ def export_winner(config: JobConfig, sweep: RunFolder, record: dict, rank: int, 
     import ray.train
 
     from ft_ray.export import export_checkpoint, merge_adapter
-    from ft_ray.models import rope_overrides
+    from ft_ray.models import rope_overrides, stored_base
     from ft_ray.train.checkpoints import file_digests
 
     trial = sweep.child("trials", record["trial"])
@@ -91,7 +91,8 @@ def export_winner(config: JobConfig, sweep: RunFolder, record: dict, rank: int, 
             tempfile.TemporaryDirectory() as out:
         export_checkpoint(Path(folder), Path(out) / "weights", config=job)
         if config.export.merge and job.trains_adapter:
-            merge_adapter(Path(out) / "weights", Path(out) / "merged", rope=rope_overrides(job.model))
+            merge_adapter(Path(out) / "weights", Path(out) / "merged", rope=rope_overrides(job.model),
+                          base=stored_base(job.model))
         files = file_digests(Path(out))
         uri = sweep.upload(Path(out), name)
     winner = {"rank": rank, "trial": record["trial"], "uri": uri, "config": job.model_dump(mode="json"),

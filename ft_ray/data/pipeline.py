@@ -8,6 +8,7 @@ in the object store (spilled to disk when large), and the driver only sees count
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ft_ray import progress
-from ft_ray.config import JobConfig, ModelConfig, SourceConfig
+from ft_ray.config import JobConfig, ModelConfig, SourceConfig, StorageConfig
 from ft_ray.console import LOG
 from ft_ray.data.records import encode_records, eval_bucket, printable, sample_id, source_name, weighted_copies
 from ft_ray.data.readers import ReadLimits, file_kind
@@ -50,12 +51,26 @@ class DataStats:
 EVAL_SET = "eval.{}"  # the dataset of a data.eval_sets set
 
 
+def task_model_json(model: ModelConfig) -> str:
+    """The model section for Ray tasks (`task_model`), with the storage an s3:// model is read from."""
+    return json.dumps({"model": model.model_dump(mode="json"), "storage": model.storage.model_dump(mode="json")})
+
+
+@functools.lru_cache(maxsize=4)
+def task_model(model_json: str) -> ModelConfig:
+    """The model section `task_model_json` wrote."""
+    sections = json.loads(model_json)
+    model = ModelConfig.model_validate(sections["model"])
+    model.use_storage(StorageConfig.model_validate(sections["storage"]))
+    return model
+
+
 @functools.lru_cache(maxsize=4)
 def task_tokenizer(model_json: str) -> Any:
     """The model's tokenizer in a Ray task, loaded once per worker process (tasks reuse them)."""
     from ft_ray.models import load_tokenizer
 
-    return load_tokenizer(ModelConfig.model_validate_json(model_json))
+    return load_tokenizer(task_model(model_json))
 
 
 # per row: a record's example (or one window of a long text), and where it comes from; `dropped`:
@@ -99,7 +114,7 @@ def parse_and_tokenize(batch: dict[str, np.ndarray], *, model_json: str, fmt: st
     import pyarrow as pa
 
     tokenizer = task_tokenizer(model_json)
-    max_len = ModelConfig.model_validate_json(model_json).max_seq_len
+    max_len = task_model(model_json).max_seq_len
     count = len(batch["text"])
     errors = batch["error"] if "error" in batch else [""] * count
     lines = batch["line"] if "line" in batch else range(1, count + 1)
@@ -175,7 +190,7 @@ def read_source(config: JobConfig, source: SourceConfig, key: str, eval_fraction
     LOG.info(f"data: {note}; {len(files)} file(s){unit}")
     return read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
         parse_and_tokenize, batch_size=None,
-        fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt, "eval_fraction": eval_fraction,
+        fn_kwargs={"model_json": task_model_json(config.model), "fmt": fmt, "eval_fraction": eval_fraction,
                    "fields": source.fields, "weight": source.weight, "drop_over": config.drop_over,
                    "progress": progress.board(), "source": (key, common_folder(files)),
                    "roles": config.carries_roles, "text_stride": config.data.text_stride,

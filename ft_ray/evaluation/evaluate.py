@@ -197,6 +197,8 @@ def training_examples(config: JobConfig, count: int) -> dict[str, list[str]]:
     (what retrieval searches) and its shot text (what goes before a prompt), read and parsed
     by Ray Data tasks in file order: the few-shot arm's examples are the first, the retrieval
     arm searches the first `eval.retrieval_pool`."""
+    from ft_ray.data.pipeline import task_model_json
+
     data = config.data
     split = None if data.eval else data.eval_fraction
     pool: dict[str, list[str]] = {"prompts": [], "shots": []}
@@ -207,7 +209,7 @@ def training_examples(config: JobConfig, count: int) -> dict[str, list[str]]:
         fmt, _ = choose_format(source, config.storage, key)
         fs, files = list_files(source, config.storage, key)
         rows = read_corpus(fs, files, limits=ReadLimits.of(config.data, source)).map_batches(
-            _pool_rows, batch_format="numpy", fn_kwargs={"model_json": config.model.model_dump_json(), "fmt": fmt,
+            _pool_rows, batch_format="numpy", fn_kwargs={"model_json": task_model_json(config.model), "fmt": fmt,
                                                          "fields": source.fields, "split": split})
         for row in rows.limit(room).take_all():
             pool["prompts"].append(str(row["prompt"]))

@@ -156,7 +156,15 @@ def start_proxy(port: int, target: int) -> subprocess.Popen:
 
 
 def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, tmp_path):
+    """A run in the store, of the built-in model's files in the store (model.name_or_path:
+    s3://..., each worker and data task reading them through the node's model cache): the store
+    goes away for 8 s during a checkpoint upload; the run trains as the reference did from the
+    built-in model, step for step, to the same weights."""
+    from ft_ray.models import BUILTIN
+
     client = make_bucket(s3_server, "outage")
+    for file in BUILTIN["builtin:tiny-llama"].iterdir():
+        client.upload_file(str(file), "outage", f"models/tiny-llama/{file.name}")
     port = free_port()
     proxies = [start_proxy(port, int(s3_server.rsplit(":", 1)[1]))]
 
@@ -177,7 +185,7 @@ def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, 
         proxies.append(start_proxy(port, int(s3_server.rsplit(":", 1)[1])))
         return time.monotonic() - started
 
-    job = write_job(tmp_path, run_name="outage", data=DATA, train=TRAIN,
+    job = write_job(tmp_path, run_name="outage", data=DATA, train=TRAIN, model={"name_or_path": "s3://outage/models/tiny-llama"},
                     storage={"path": "s3://outage/runs", "endpoint_url": f"http://127.0.0.1:{port}"})
     thread, done = in_background(take_the_store_away)
     try:

@@ -1,6 +1,7 @@
-"""Base models: built-in, local folder (the same loader a hub id uses), LoRA wrapping."""
+"""Base models: built-in, local folder (the same loader a hub id uses), object storage, LoRA wrapping."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,69 @@ def test_local_folder_loads_the_same_weights(tmp_path):
         actual = load_base_model(local).eval()(ids).logits
     torch.testing.assert_close(actual, expected)
     assert load_tokenizer(local)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
+
+
+def test_a_model_in_object_storage_is_read_from_each_nodes_cache(s3_server, tmp_path, monkeypatch, capfd):
+    """model.name_or_path: s3://...: a tokenizer, a config (`ft-ray plan`) read no weights; the
+    model's processes on a node wait for one copy of them, later ones copy nothing; a file
+    changed in the store is copied again; the variant merges into that base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ft_ray.config import ConfigError, InputError, config_from_dict
+    from ft_ray.export import merge_adapter
+    from ft_ray.models import BUILTIN, model_source, stored_base
+    from ft_ray.plan import model_shape
+    from tests.conftest import make_bucket
+
+    monkeypatch.setenv("FT_RAY_MODEL_CACHE", str(tmp_path / "cache"))
+    client = make_bucket(s3_server, "models")
+    for file in BUILTIN["builtin:tiny-llama"].iterdir():
+        client.upload_file(str(file), "models", f"tiny/{file.name}")
+    client.put_object(Bucket="models", Key="tiny/original/consolidated.00.pth", Body=b"not read")
+    client.put_object(Bucket="models", Key="tiny/model.gguf", Body=b"not read")
+    client.put_object(Bucket="models", Key="lora/adapter_config.json", Body=b"{}")
+
+    def job(name: str, **model):
+        return config_from_dict({"model": {"name_or_path": name, **model}, "data": {"train": "t.jsonl"},
+                                 "storage": {"path": "s3://models/runs", "endpoint_url": s3_server}})
+
+    stored = job("s3://models/tiny")
+    assert load_tokenizer(stored.model)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
+    assert model_shape(stored)[0] == model_shape(job("builtin:tiny-llama"))[0]
+    folder = Path(model_source(stored.model))
+    assert not (folder / "model.safetensors").exists()
+    with ThreadPoolExecutor(3) as pool:  # three processes of a node loading it at once
+        assert set(pool.map(lambda _: model_source(stored.model, weights=True), range(3))) == {str(folder)}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        p.name for p in BUILTIN["builtin:tiny-llama"].iterdir())  # no subfolder, no other weight format
+    copies = [line for line in capfd.readouterr().out.splitlines() if "model: copying" in line]
+    assert len(copies) == 2 and "5 file(s)" in copies[0] and "1 file(s)" in copies[1], copies
+    model = load_base_model(stored.model)
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, load_base_model(ModelConfig()).eval()(ids).logits)
+    assert "model: copying" not in capfd.readouterr().out
+
+    changed = (folder / "config.json").read_text() + "\n"
+    client.put_object(Bucket="models", Key="tiny/config.json", Body=changed.encode())
+    adapter = apply_lora(load_base_model(stored.model), LoraConfig(rank=4, alpha=8, dropout=0.0), "s3://models/tiny")
+    assert "copying 1 file(s)" in capfd.readouterr().out and (folder / "config.json").read_text() == changed
+    with torch.no_grad():
+        for name, weight in adapter.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.02)
+    adapter.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=stored_base(stored.model))
+    with torch.no_grad():
+        torch.testing.assert_close(load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()(ids).logits,
+                                   adapter.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(InputError, match="model.name_or_path: no files in s3://models/none"):
+        load_tokenizer(job("s3://models/none").model)
+    with pytest.raises(InputError, match="s3://models/lora is a LoRA adapter, not a model.*model.adapter: s3://models/lora"):
+        load_tokenizer(job("s3://models/lora").model)
+    with pytest.raises(ConfigError, match="model.revision: a hub revision"):
+        job("s3://models/tiny", revision="main")
 
 
 def test_unknown_builtin_lists_the_available_ones():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ft_ray.config import ModelConfig
-from ft_ray.data.pipeline import parse_and_tokenize
+from ft_ray.data.pipeline import parse_and_tokenize, task_model_json
 from ft_ray.data.records import sample_id
 from ft_ray.data.tokenize import IGNORE_INDEX, Assembled, cut_into_windows
 from ft_ray.models import load_tokenizer
@@ -25,7 +25,7 @@ def tokenizer():
 def rows(records: list[dict], fmt: str, **kwargs) -> list[dict]:
     batch = {"text": np.asarray([json.dumps(r) for r in records]), "path": np.asarray(["d/a.txt"] * len(records)),
              "line": np.arange(1, len(records) + 1)}
-    return parse_and_tokenize(batch, model_json=MODEL.model_dump_json(), fmt=fmt, eval_fraction=0.0,
+    return parse_and_tokenize(batch, model_json=task_model_json(MODEL), fmt=fmt, eval_fraction=0.0,
                               source=("data.train", "d"), **kwargs).to_pylist()
 
 

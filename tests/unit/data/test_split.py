@@ -3,14 +3,14 @@
 import numpy as np
 
 from ft_ray.config import ModelConfig
-from ft_ray.data.pipeline import parse_and_tokenize
+from ft_ray.data.pipeline import parse_and_tokenize, task_model_json
 from ft_ray.data.records import eval_bucket
 from tests.conftest import DEMO
 
 
 def split(lines, fraction):
     batch = {"text": np.asarray(lines), "path": np.asarray(["train.jsonl"] * len(lines))}
-    return parse_and_tokenize(batch, model_json=ModelConfig().model_dump_json(), fmt="auto",
+    return parse_and_tokenize(batch, model_json=task_model_json(ModelConfig()), fmt="auto",
                               eval_fraction=fraction).column("is_eval").to_numpy()
 
 
@@ -33,7 +33,7 @@ def test_sample_ids_do_not_depend_on_where_the_data_folder_is():
     def ids(folder, key="data.train"):
         batch = {"text": lines, "path": np.asarray([f"{folder}/train.jsonl"] * len(lines)),
                  "line": np.arange(1, len(lines) + 1)}
-        return parse_and_tokenize(batch, model_json=ModelConfig().model_dump_json(), fmt="auto", eval_fraction=0.0,
+        return parse_and_tokenize(batch, model_json=task_model_json(ModelConfig()), fmt="auto", eval_fraction=0.0,
                                   source=(key, folder)).column("sample_id").to_pylist()
 
     here = ids("/work/main/ft_ray/assets/demo")
