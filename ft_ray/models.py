@@ -31,11 +31,11 @@ def _builtin_folder(name: str) -> Path:
     return BUILTIN[name]
 
 
-def model_source(model: ModelConfig, weights: bool = False) -> str:
+def model_source(model: ModelConfig, weights: bool = False, board: Any = None) -> str:
     """What transformers loads `model.name_or_path` from: the built-in model's folder, a local
     folder, a hub id (`name` or `org/name`), or an s3:// folder's copy in this node's model
     cache (`storage.cached_model`; with `weights`, its weights too, else only what a tokenizer
-    and a config read).
+    and a config read; `board`: the driver's progress board, shown the copy).
 
     Raises:
         InputError: a path (absolute, `./`, `../`, `~` or with more than one `/`) with no folder
@@ -48,7 +48,7 @@ def model_source(model: ModelConfig, weights: bool = False) -> str:
         from ft_ray.storage import cached_model
 
         try:
-            path = cached_model(name, model.storage, weights)
+            path = cached_model(name, model.storage, weights, board)
         except OSError as e:
             raise InputError(f"model.name_or_path: {e}") from None
     else:

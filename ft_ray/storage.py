@@ -57,6 +57,7 @@ def local_folder(path: str, storage: StorageConfig, prefix: str = "ft-ray-") -> 
 
 
 MODEL_CACHE = "FT_RAY_MODEL_CACHE"  # where each node keeps the models it read from object storage
+MODEL_COPY = "model_copy"  # the progress board's record of a worker's copy of the model
 # weight formats: a model's own (its safetensors, else its .bin files) come only to a process
 # that loads its weights; the rest never (Llama 3's original/consolidated.pth, GGUF copies)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -68,7 +69,11 @@ def model_cache() -> Path:
     return Path(os.environ.get(MODEL_CACHE) or Path.home() / ".cache" / "ft-ray" / "models").expanduser()
 
 
-def cached_model(uri: str, storage: StorageConfig, weights: bool) -> Path:
+COPY_CHUNK = 16 * 2**20  # bytes read from the store at a time while copying a model
+COPY_REPORT_S = 2.0  # how often a copy's progress goes to the driver's board
+
+
+def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = None) -> Path:
     """A model folder in object storage (`s3://bucket/models/llama`) as a folder on this node.
 
     The files at the top of the folder are copied once into the node's model cache
@@ -77,6 +82,7 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool) -> Path:
     (else its .bin files). A file whose size or time changed in the store is copied again.
     The processes of a node (workers, data tasks) wait for the one copying (a file lock);
     a copy cut short is never taken for a whole file (each is written aside, then renamed).
+    `board` (the driver's progress board) gets the copy's bytes as it goes (`model_copy`).
 
     Raises:
         FileNotFoundError: no files there.
@@ -84,6 +90,7 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool) -> Path:
     """
     import fcntl
     import hashlib
+    import threading
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     fs, inside = filesystem_for(uri, storage)
@@ -124,13 +131,24 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool) -> Path:
         LOG.info(f"model: copying {len(missing)} file(s) ({size / 2**20:,.1f} MiB) of {uri} to {folder} "
                  "(this node's model cache, once)")
         folder.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
+        start, done, reported = time.monotonic(), [0], [0.0]
+        counting = threading.Lock()
+
+        def report(final: bool = False) -> None:
+            if board is not None and (final or time.monotonic() - reported[0] >= COPY_REPORT_S):
+                reported[0] = time.monotonic()
+                board.put.remote(MODEL_COPY, {"uri": uri, "bytes": size, "copied": done[0],
+                                              "seconds": reported[0] - start})
 
         def copy(name: str) -> str:
             aside = folder / f".{name}.part"
             try:
-                pafs.copy_files(f"{inside}/{name}", str(aside), source_filesystem=fs,
-                                destination_filesystem=pafs.LocalFileSystem())
+                with fs.open_input_stream(f"{inside}/{name}") as source, open(aside, "wb") as target:
+                    while chunk := source.read(COPY_CHUNK):
+                        target.write(chunk)
+                        with counting:
+                            done[0] += len(chunk)
+                            report()
             except OSError as e:
                 raise StorageError(f"cannot read {uri}/{name}: {e}") from e
             if aside.stat().st_size != listing[name][0]:
@@ -139,10 +157,11 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool) -> Path:
             return name
 
         with ThreadPoolExecutor(4) as pool:
-            for done in as_completed([pool.submit(copy, name) for name in missing]):
-                held[done.result()] = listing[done.result()]
+            for future in as_completed([pool.submit(copy, name) for name in missing]):
+                held[future.result()] = listing[future.result()]
                 record.with_name(f".{record.name}.part").write_text(json.dumps(held))
                 record.with_name(f".{record.name}.part").rename(record)
+        report(final=True)
         LOG.info(f"model: {uri} copied in {time.monotonic() - start:.1f} s")
     return folder
 

@@ -19,6 +19,7 @@ import torch
 
 from ft_ray.config import JobConfig, TrainConfig, eval_set_metric
 from ft_ray.data.pipeline import EVAL_SET
+from ft_ray.models import model_source
 from ft_ray.storage import MetricsLog, RunFolder
 from ft_ray.tracking import Tracker
 from ft_ray.train.checkpoint_io import TrainState, report, restore
@@ -48,6 +49,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not config.distributed.use_gpu:
         torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))
 
+    if config.model.name_or_path.startswith("s3://"):  # the copy to this node, shown on the driver
+        model_source(config.model, weights=True, board=loop_config.get("progress"))
     model = build_model(config, loop_config["base_model_path"])
     throughput = Throughput(config, model, ray.train.get_context().get_world_size())
     objective = build_objective(config, model)

@@ -26,7 +26,7 @@ from ft_ray.config import (InputError, JobConfig, StorageConfig, dump_yaml, eval
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import EVAL_SET, DataError, DataStats, stats_table
 from ft_ray.data.prepared import data_files, datasets_for, location
-from ft_ray.storage import RunFolder, StorageError, filesystem, read_metrics
+from ft_ray.storage import MODEL_COPY, RunFolder, StorageError, filesystem, read_metrics
 from ft_ray.tracking import check_wandb_login
 from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
@@ -219,7 +219,13 @@ def _strategy(config: JobConfig) -> str:
 
 def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int, str]:
     """Step done, and the latest epoch, loss, eval loss (with its step) and tokens/s."""
-    record, evaluated = latest.get("train", {}), latest.get("eval", {})
+    record, evaluated, copy = latest.get("train", {}), latest.get("eval", {}), latest.get(MODEL_COPY, {})
+    if not record and not evaluated and copy:  # a worker copying an s3:// model to its node
+        mib, copied = copy["bytes"] / 2**20, copy["copied"] / 2**20
+        rate = f"{copied / max(copy['seconds'], 1e-3):,.0f} MiB/s"
+        if copied < mib:
+            return 0, f"copying {copy['uri']} to a node's model cache: {copied:,.1f} of {mib:,.1f} MiB ({rate})"
+        return 0, f"copied {copy['uri']} to a node's model cache ({mib:,.1f} MiB, {rate}); loading it"
     shown = [f"epoch {record['epoch']:.2f}"] if "epoch" in record else []
     shown += [f"loss {record['loss']:.3g}"] if "loss" in record else []
     if "eval_reward" in evaluated:  # grpo

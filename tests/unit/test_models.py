@@ -31,19 +31,24 @@ def test_local_folder_loads_the_same_weights(tmp_path):
     assert load_tokenizer(local)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
 
 
-def test_a_model_in_object_storage_is_read_from_each_nodes_cache(s3_server, tmp_path, monkeypatch, capfd):
+def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_server, tmp_path, monkeypatch, capfd):
     """model.name_or_path: s3://...: a tokenizer, a config (`ft-ray plan`) read no weights; the
-    model's processes on a node wait for one copy of them, later ones copy nothing; a file
-    changed in the store is copied again; the variant merges into that base."""
+    model's processes on a node wait for one copy of them (shown on the driver's progress
+    board), later ones copy nothing; a file changed in the store is copied again; the variant
+    merges into that base."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from ft_ray import progress, storage
     from ft_ray.config import ConfigError, InputError, config_from_dict
     from ft_ray.export import merge_adapter
     from ft_ray.models import BUILTIN, model_source, stored_base
     from ft_ray.plan import model_shape
+    from ft_ray.train.trainer import _train_figures
     from tests.conftest import make_bucket
 
     monkeypatch.setenv("FT_RAY_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(storage, "COPY_CHUNK", 2**20)  # the 3.6 MiB of weights in 4 reads
+    monkeypatch.setattr(storage, "COPY_REPORT_S", 0.0)  # each read reported
     client = make_bucket(s3_server, "models")
     for file in BUILTIN["builtin:tiny-llama"].iterdir():
         client.upload_file(str(file), "models", f"tiny/{file.name}")
@@ -60,8 +65,16 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(s3_server, tmp_
     assert model_shape(stored)[0] == model_shape(job("builtin:tiny-llama"))[0]
     folder = Path(model_source(stored.model))
     assert not (folder / "model.safetensors").exists()
+    board = progress._board_class().remote()
     with ThreadPoolExecutor(3) as pool:  # three processes of a node loading it at once
-        assert set(pool.map(lambda _: model_source(stored.model, weights=True), range(3))) == {str(folder)}
+        assert set(pool.map(lambda _: model_source(stored.model, weights=True, board=board), range(3))) == {
+            str(folder)}
+    _, latest = ray_local.get(board.read.remote())
+    weights = (BUILTIN["builtin:tiny-llama"] / "model.safetensors").stat().st_size
+    assert latest["model_copy"]["copied"] == latest["model_copy"]["bytes"] == weights
+    assert _train_figures({}, latest)[1].startswith("copied s3://models/tiny to a node's model cache (3.6 MiB, ")
+    halfway = {"model_copy": {**latest["model_copy"], "copied": weights // 2}}
+    assert " model cache: 1.8 of 3.6 MiB (" in _train_figures({}, halfway)[1]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         p.name for p in BUILTIN["builtin:tiny-llama"].iterdir())  # no subfolder, no other weight format
     copies = [line for line in capfd.readouterr().out.splitlines() if "model: copying" in line]
