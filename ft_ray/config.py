@@ -531,6 +531,12 @@ class GrpoConfig(Section):
     scale_rewards: Literal["group", "none"] = Field("group", description=(
         "an answer's advantage is its reward minus its group's mean, over the group's standard deviation (group, "
         "GRPO's) or not scaled (none: Dr. GRPO's, which finds the scaling biased toward easy and hard prompts)"))
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = Field("dapo", description=(
+        "what the loss averages over (TRL's names): dapo = every trained answer token of the step, on every "
+        "worker and micro batch, counts the same; bnpo = each micro batch's answer tokens, micro batches the "
+        "same; grpo = each answer's tokens, then every answer the same (GRPO's paper: short answers weigh "
+        "more per token); dr_grpo = the tokens' sum over answers x grpo.max_new_tokens (Dr. GRPO: no length "
+        "bias)"))
     mask_truncated_answers: bool = Field(False, description=(
         "answers cut at grpo.max_new_tokens (no end of text) do not train (DAPO's overlong filtering)"))
     num_iterations: int = Field(1, ge=1, description=(

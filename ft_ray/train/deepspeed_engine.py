@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import eval_loss_sum, lr_multiplier, optimizer_groups
+from ft_ray.train.engine_api import eval_loss_sum, lr_multiplier, micro_batch_weights, optimizer_groups
 from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
@@ -89,6 +89,9 @@ class DeepSpeedEngine:
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.objective.loss(self.engine, batch)
+
+    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        return micro_batch_weights(self.objective, self.engine, micro_batches)
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and DeepSpeed's step (it updates only at accumulation boundaries,

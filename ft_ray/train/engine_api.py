@@ -1,6 +1,7 @@
 """The engine interface the training loop calls, and what both engines share.
 
-An engine owns one worker's model, optimizer and schedule: `micro_step` (forward and
+An engine owns one worker's model, optimizer and schedule: `step_weights` (what each micro
+batch of a step averages its loss over, `micro_batch_weights`), `micro_step` (forward and
 backward of one micro batch, its mean loss scaled by the loop's `scale`, `loop.step_scales`;
 gradients synchronised only when told; returns the loss and the objective's metric sums),
 `step` (the update;
@@ -29,6 +30,8 @@ class Engine(Protocol):
     module: Any  # the model as built (unwrapped), what `save_pretrained` is called on
     device: torch.device
     saves_on_every_rank: bool  # True: every rank writes its own shard of a checkpoint
+
+    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]: ...
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]: ...
 
@@ -80,6 +83,14 @@ def lr_multiplier(train: TrainConfig, total_steps: int) -> Callable[[int], float
         return floor + (1 - floor) * decay(done)
 
     return multiplier
+
+
+def micro_batch_weights(objective: Objective, model: Any, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """What each micro batch of a training step averages its mean loss over: the objective's
+    `step_weights(model, micro_batches)` where it knows that only after a forward (GRPO: the
+    answers it samples), else its `weight` of each."""
+    weigh = getattr(objective, "step_weights", None)
+    return weigh(model, micro_batches) if weigh else [objective.weight(batch) for batch in micro_batches]
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import COMPUTE_DTYPES, Engine, eval_loss_sum, lr_multiplier, optimizer_groups
+from ft_ray.train.engine_api import (COMPUTE_DTYPES, Engine, eval_loss_sum, lr_multiplier, micro_batch_weights,
+                                    optimizer_groups)
 from ft_ray.train.objectives import Objective
 
 TRAINER_STATE = "optimizer.pt"
@@ -35,11 +36,17 @@ class DDPEngine:
         self.max_grad_norm = train.max_grad_norm
         self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
 
+    def autocast(self) -> Any:
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                else contextlib.nullcontext())
+
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
+        with self.autocast():
             return self.objective.loss(self.model, batch)
+
+    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        with self.autocast():
+            return micro_batch_weights(self.objective, self.model, micro_batches)
 
     def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
         """Forward and backward of one micro batch; gradients are all-reduced only if `sync`."""

@@ -7,9 +7,11 @@ answer (the first run of labelled tokens: what the rewards compare with; `grpo.r
 built in, the job's own `module:function` (per answer or per batch) or a reward model). For a
 micro batch, the model samples `grpo.num_generations` answers per prompt (left-padded
 prompts, its own KV cache, no gradients), the rewards score them, and the loss is the policy gradient of the answers' tokens
-weighted by their group-normalised advantages, averaged over the sampled tokens (TRL's
-`loss_type: dapo` normalisation), plus `grpo.beta` times a per-token KL estimate to the
-reference model. With `grpo.num_iterations` (mu) above 1 the loop hands each step's batches
+weighted by their group-normalised advantages, plus `grpo.beta` times a per-token KL estimate
+to the reference model, averaged as `grpo.loss_type` says (TRL's names; `dapo` by default:
+over every trained answer token of the step). A step's answers are sampled before its first
+update (`step_weights`, as TRL samples a step's generation batch), so the loop knows what each
+micro batch averages over and weighs them to that (`loop.step_scales`). With `grpo.num_iterations` (mu) above 1 the loop hands each step's batches
 over mu steps in a row (`loop.steps_of`): the first samples and scores them and keeps its
 answers, the next ones update on those again, each token's probability ratio to the policy
 that sampled it clipped as PPO's (`grpo.epsilon`, `epsilon_high`). At mu = 1 the ratio is 1 at
@@ -46,13 +48,16 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               beta: float, ref_logps: torch.Tensor | None, epsilon: float = 0.2,
-              epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              epsilon_high: float | None = None, loss_type: str = "dapo",
+              max_new_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the loss, the mean per-token KL estimate, the share of tokens clipped) of sampled
     answers: logps, old_logps (when sampled, detached) and mask [N, L] (the answer tokens),
     advantages [N]. The policy-gradient term is PPO's -min(r A, clip(r, 1 - epsilon,
     1 + epsilon_high) A) per token, r = exp(logp - old_logp) (at the sampling policy r = 1:
     value -A, gradient -A grad logp); the KL estimate is Schulman's k3,
-    exp(ref - logp) - (ref - logp) - 1."""
+    exp(ref - logp) - (ref - logp) - 1. The per-token terms are averaged as `loss_type`
+    (`grpo.loss_type`) says within the batch: dapo and bnpo over its answer tokens, grpo over
+    each answer's then over the answers, dr_grpo summed over N x `max_new_tokens`."""
     ratio = torch.exp(logps - old_logps)
     low, high = 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high)
     gains = advantages[:, None]
@@ -64,8 +69,18 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
     tokens = mask.sum().clamp(min=1)
-    return ((per_token * mask).sum() / tokens, ((kl * mask).sum() / tokens).detach(),
-            (clipped * mask).sum() / tokens)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_new_tokens)
+    else:
+        loss = (per_token * mask).sum() / tokens
+    return loss, ((kl * mask).sum() / tokens).detach(), (clipped * mask).sum() / tokens
+
+
+def round_key(batch: dict[str, torch.Tensor]) -> bytes:
+    """A training batch's key among the rounds sampled and not yet updated on."""
+    return batch["input_ids"].cpu().numpy().tobytes() + batch["labels"].cpu().numpy().tobytes()
 
 
 @dataclass
@@ -98,11 +113,30 @@ class GRPOObjective:
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])  # prompts
 
+    def step_weights(self, model: Any, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        """What each micro batch of a training step averages its loss over, by `grpo.loss_type`:
+        dapo its trained answer tokens (the step's loss is then the mean over all of them, on
+        every worker), grpo and dr_grpo its answers, bnpo 1 (the micro batches alike). Samples
+        the batches' answers to know that (kept for `loss`), before the step updates anything."""
+        weights = []
+        for batch in micro_batches:
+            key = round_key(batch)
+            if key not in self.rounds:
+                self.rounds[key] = self.sampled_round(model, batch)
+            mask = self.rounds[key].mask
+            if self.settings.loss_type == "dapo":
+                weights.append(float(mask.sum()))
+            elif self.settings.loss_type == "bnpo":
+                weights.append(1.0)
+            else:
+                weights.append(float(mask.shape[0]))
+        return weights
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if not unwrapped(model).training:  # evaluation (DeepSpeed's engine passes train/eval to its module only)
             _, rewards, metrics = self.answered(model, batch, group=1, sampled=False)
             return -rewards.mean(), metrics  # the greedy answers' reward is the score
-        key = batch["input_ids"].cpu().numpy().tobytes() + batch["labels"].cpu().numpy().tobytes()
+        key = round_key(batch)
         round_ = self.rounds.pop(key, None) or self.sampled_round(model, batch)
         round_.updates += 1
         if round_.updates < self.settings.num_iterations:  # trained again at the next steps
@@ -115,7 +149,8 @@ class GRPOObjective:
             with torch.no_grad():
                 ref_logps = self.reference(model, round_.scored)
         loss, kl, clipped = grpo_loss(logps, round_.old_logps, round_.advantages, round_.mask, self.settings.beta,
-                                      ref_logps, self.settings.epsilon, self.settings.epsilon_high)
+                                      ref_logps, self.settings.epsilon, self.settings.epsilon_high,
+                                      self.settings.loss_type, self.settings.max_new_tokens)
         prompts = self.weight(batch)
         return loss, {**round_.metrics, "kl": kl.item() * prompts, "clip_ratio": clipped.item() * prompts}
 

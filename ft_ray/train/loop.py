@@ -84,7 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     done = state.step >= plan.total_steps or out_of_patience(state, patience)
     for micro_batches in (train_steps if not done else ()):
         step_ids: list[int] = []
-        for i, (batch, scale) in enumerate(zip(micro_batches, step_scales(micro_batches, objective))):
+        for i, (batch, scale) in enumerate(zip(micro_batches, step_scales(engine.step_weights(micro_batches)))):
             window.add(*engine.micro_step(batch, scale, i == accumulation - 1), batch)
             step_ids += batch["seq_id"].tolist()
         grad_norm = engine.step()
@@ -201,14 +201,14 @@ def steps_of(micro_batches: Iterator[dict], accumulation: int, times: int = 1) -
             yield from itertools.repeat(step, times)
 
 
-def step_scales(micro_batches: list[dict], objective: Objective) -> list[float]:
+def step_scales(weights: list[float]) -> list[float]:
     """What each micro batch's mean loss is scaled by before its backward: its weight (target
-    tokens, pairs, judged answers, prompts: `Objective.weight`) over the mean weight of a micro
-    batch of this step on every rank (a collective). The step's gradient is then the mean over
-    every target token (pair...) of the step, however the micro batches and ranks split them
-    (what Hugging Face's trainer fixed for gradient accumulation in 2024), not the mean of the
-    micro batches' means, which gave a token in a micro batch of few targets more weight."""
-    weights = [objective.weight(batch) for batch in micro_batches]
+    tokens, pairs, judged answers, GRPO's answer tokens: `Engine.step_weights`) over the mean
+    weight of a micro batch of this step on every rank (a collective). The step's gradient is
+    then the mean over every target token (pair...) of the step, however the micro batches and
+    ranks split them (what Hugging Face's trainer fixed for gradient accumulation in 2024), not
+    the mean of the micro batches' means, which gave a token in a micro batch of few targets
+    more weight."""
     total, ranks = all_reduce_sum([float(sum(weights)), 1.0])
     return [w * ranks / total if total else 1.0 / len(weights) for w in weights]
 

@@ -36,6 +36,13 @@ def test_the_loss_is_the_advantage_weighted_policy_gradient_over_answer_tokens_p
     assert kl.item() == pytest.approx(torch.exp(torch.tensor(0.1)).item() - 0.1 - 1, rel=1e-5)  # k3 per token
     _, none, _ = grpo_loss(logps, logps.detach(), advantages, mask, beta=0.5, ref_logps=logps.detach())
     assert none.item() == 0.0
+    for loss_type, row_weights in (("grpo", [1 / 2 / 2, 1 / 1 / 2]),  # each answer's token mean, then answers'
+                                   ("dr_grpo", [1 / (2 * 4), 1 / (2 * 4)])):  # sum over 2 answers x 4 new tokens
+        logps.grad = None
+        grpo_loss(logps, logps.detach(), advantages, mask, beta=0.0, ref_logps=None, loss_type=loss_type,
+                  max_new_tokens=4)[0].backward()
+        expected = -advantages[:, None] * torch.tensor(row_weights)[:, None] * mask
+        assert torch.allclose(logps.grad, expected), loss_type
 
 
 def test_a_later_update_on_the_same_answers_clips_the_ratio_as_ppo():
@@ -70,6 +77,63 @@ def test_each_steps_batches_are_handed_over_num_iterations_times_in_a_row():
                           "train": {"max_steps": 8, "eval_every": 5, "checkpoint_every": 4}})
     with pytest.raises(ConfigError, match="'grpo.num_iterations'"):  # TRL's name where it does not belong
         config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "train": {"num_iterations": 2}})
+
+
+def test_dapo_weighs_every_answer_token_of_a_step_alike_across_micro_batches():
+    """loss_type dapo: a step of two micro batches (2 prompts x 4 sampled answers each, of other
+    lengths) is sampled before its update (`step_weights`: each micro batch's answer tokens),
+    and its micro batches scaled by `loop.step_scales` give the gradient of the mean over all
+    16 answers' tokens at once; the mean of the two micro batches' means (bnpo; ft-ray's only
+    normalisation before) gives another. grpo and dr_grpo weigh micro batches by answers."""
+    import torch.nn.functional as F
+
+    from ft_ray.data.tokenize import IGNORE_INDEX
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.grpo import round_key
+    from ft_ray.train.loop import step_scales
+    from ft_ray.train.preference import token_logps_of
+
+    engine, config = grpo_engine(steps=1, max_new_tokens=48, rewards={"chrf": 1.0})
+    tokenizer = load_tokenizer(config.model)
+    batch = demo_batch(tokenizer)
+    halves = [{key: value[part] for key, value in batch.items()} for part in (slice(0, 2), slice(2, 4))]
+    torch.manual_seed(0)
+    weights = engine.step_weights(halves)
+    rounds = [engine.objective.rounds[round_key(half)] for half in halves]
+    assert weights == [r.mask.sum().item() for r in rounds] and weights[0] != weights[1]  # 287 and 320 tokens
+    for loss_type, expected in (("bnpo", [1.0, 1.0]), ("grpo", [8.0, 8.0]), ("dr_grpo", [8.0, 8.0])):
+        engine.objective.settings.loss_type = loss_type
+        assert engine.step_weights(halves) == expected  # the rounds kept: nothing sampled again
+    engine.objective.settings.loss_type = "dapo"
+
+    def gradient(step) -> torch.Tensor:
+        engine.module.zero_grad(set_to_none=True)
+        step()
+        return torch.cat([p.grad.flatten() for p in engine.module.parameters() if p.grad is not None])
+
+    def all_at_once() -> None:
+        width = max(r.scored["input_ids"].shape[1] for r in rounds)
+        rows = {"input_ids": torch.cat([F.pad(r.scored["input_ids"], (0, width - r.scored["input_ids"].shape[1]),
+                                              value=tokenizer.pad_token_id) for r in rounds]),
+                "labels": torch.cat([F.pad(r.scored["labels"], (0, width - r.scored["labels"].shape[1]),
+                                           value=IGNORE_INDEX) for r in rounds]),
+                "position_ids": torch.arange(width).expand(16, width)}
+        mask = torch.cat([F.pad(r.mask, (0, width - r.mask.shape[1])) for r in rounds])
+        logps = token_logps_of(engine.model, rows)
+        grpo_loss(logps, logps.detach(), torch.cat([r.advantages for r in rounds]), mask, 0.0, None)[0].backward()
+
+    whole = gradient(all_at_once)
+    stepped = gradient(lambda: [engine.micro_step(half, scale, True)
+                                for half, scale in zip(halves, step_scales(weights))])
+    assert not engine.objective.rounds  # the micro steps took the sampled rounds
+
+    def off(g: torch.Tensor) -> float:
+        return ((g - whole).norm() / whole.norm()).item()
+
+    assert off(stepped) < 1e-5
+    for half, round_ in zip(halves, rounds):  # the same answers again, each micro batch's mean weighed alike
+        engine.objective.rounds[round_key(half)] = round_
+    assert off(gradient(lambda: [engine.micro_step(half, 0.5, True) for half in halves])) > 1e-2  # 0.047
 
 
 def test_grpo_reads_one_prompt_per_row_and_needs_whole_weights_on_each_worker():
