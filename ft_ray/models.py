@@ -94,11 +94,19 @@ def load_tokenizer(model: ModelConfig) -> Any:
 
 
 def local_model_config(model: ModelConfig) -> Any:
-    """The model's config.json from the built-in model, a folder or the local hub cache (no
-    request: `OSError` when it is not here)."""
+    """The model's config.json from the built-in model, a folder, the local hub cache or (an
+    s3:// model) this node's model cache (no request: `OSError` when it is not here)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_source(model), revision=model.revision, local_files_only=True,
+    if model.name_or_path.startswith("s3://"):
+        from ft_ray.storage import cached_folder
+
+        source = str(cached_folder(model.name_or_path, model.storage))
+        if not Path(source, "config.json").is_file():
+            raise OSError(f"{model.name_or_path}: no config.json in this node's model cache")
+    else:
+        source = model_source(model)
+    return AutoConfig.from_pretrained(source, revision=model.revision, local_files_only=True,
                                       trust_remote_code=model.trust_remote_code)
 
 

@@ -69,6 +69,17 @@ def model_cache() -> Path:
     return Path(os.environ.get(MODEL_CACHE) or Path.home() / ".cache" / "ft-ray" / "models").expanduser()
 
 
+def cached_folder(uri: str, storage: StorageConfig) -> Path:
+    """Where `cached_model` keeps the copy of the model at `uri` on this node (read with
+    `storage`'s endpoint): a folder of the model cache named after the model and a digest of
+    the endpoint and URI. Makes no request."""
+    import hashlib
+
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return model_cache() / f"{name}-{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:12]}"
+
+
 COPY_CHUNK = 16 * 2**20  # bytes read from the store at a time while copying a model
 COPY_REPORT_S = 2.0  # how often a copy's progress goes to the driver's board
 
@@ -89,7 +100,6 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
         StorageError: the store failed, or a file came short.
     """
     import fcntl
-    import hashlib
     import threading
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -105,10 +115,9 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     if weights:
         tensors = [name for name in listing if name.endswith(".safetensors")]
         names += tensors or [name for name in listing if name.endswith(".bin")]
-    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
-    key = f"{Path(inside).name}-{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:12]}"
-    root = model_cache()
-    folder, record = root / key, root / f"{key}.json"
+    folder = cached_folder(uri, storage)
+    root, key = folder.parent, folder.name
+    record = root / f"{key}.json"
 
     def copied() -> dict[str, list]:
         """The files of the folder copied whole, as the store listed them then."""

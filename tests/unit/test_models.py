@@ -61,8 +61,11 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
                                  "storage": {"path": "s3://models/runs", "endpoint_url": s3_server}})
 
     stored = job("s3://models/tiny")
-    assert load_tokenizer(stored.model)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
+    with pytest.raises(InputError, match="no config.json of s3://models/tiny here"):
+        model_shape(stored, network=False)  # `validate --offline`'s plan line: nothing copied, no request
     assert model_shape(stored)[0] == model_shape(job("builtin:tiny-llama"))[0]
+    assert model_shape(stored, network=False)[0] == model_shape(job("builtin:tiny-llama"))[0]  # now cached
+    assert load_tokenizer(stored.model)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
     folder = Path(model_source(stored.model))
     assert not (folder / "model.safetensors").exists()
     board = progress._board_class().remote()
