@@ -359,7 +359,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from ft_ray.evaluation.metrics import check_rewards
 
         try:  # each worker imports the job's own reward functions as this does
-            check_rewards(config.grpo.rewards)
+            check_rewards(config.grpo.rewards, config.storage)
             print(f"grpo: rewards {', '.join(f'{name} x {weight:g}' for name, weight in config.grpo.rewards.items())}")
         except InputError as e:
             print(f"problem: {e}")

@@ -503,7 +503,7 @@ class PreferenceConfig(Section):
 
 BUILTIN_REWARDS = ("chrf", "exact", "format")
 REWARD_FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:function
-REWARD_MODEL = r"^model:\S+$"  # model:<folder or hub id> (ft_ray.evaluation.reward_model)
+REWARD_MODEL = r"^model:\S+$"  # model:<folder, hub id or s3:// folder> (ft_ray.evaluation.reward_model)
 
 
 class GrpoConfig(Section):
@@ -521,7 +521,7 @@ class GrpoConfig(Section):
             "function(answer, reference, prompt) -> float on each worker (a module of the job's folder or an "
             "installed package), or, where it takes `completions` (TRL's reward functions), once per batch as "
             "function(prompts=[...], completions=[...], reference=[...]) -> a number or None per completion; or "
-            "model:<folder or hub id>, a reward model (a sequence classifier with one score) scoring prompt + answer, "
+            "model:<folder, hub id or s3:// folder>, a reward model (a sequence classifier with one score) scoring prompt + answer, "
             "loaded by each worker"))
     format_regex: str | None = Field(None, description="the pattern reward `format` matches whole answers against, "
                                                        "e.g. '(?s)Hi .*'")
@@ -554,7 +554,7 @@ class GrpoConfig(Section):
         for name in self.rewards:
             if name not in BUILTIN_REWARDS and not re.match(REWARD_FUNCTION, name) and not re.match(REWARD_MODEL, name):
                 raise ValueError(f"grpo.rewards: {name!r} is neither {', '.join(BUILTIN_REWARDS)} nor module:function "
-                                 "(e.g. my_rewards:has_answer) nor model:<folder or hub id> (a reward model)")
+                                 "(e.g. my_rewards:has_answer) nor model:<folder, hub id or s3:// folder> (a reward model)")
         if "format" in self.rewards and not self.format_regex:
             raise ValueError("grpo.rewards: format needs grpo.format_regex")
         if self.format_regex:

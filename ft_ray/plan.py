@@ -220,8 +220,8 @@ def reward_model_shapes(config: JobConfig) -> list[Shape]:
     names = [name for name in config.grpo.rewards if name.startswith(REWARD_MODEL)]
     for name in names:
         if name not in REWARD_MODEL_SHAPES:
-            adapter = adapter_config(name)
-            source = model_source_of(name) if adapter is None else base_of(adapter)
+            adapter = adapter_config(name, config.storage)
+            source = model_source_of(name, config.storage) if adapter is None else base_of(adapter, config.storage)
             shape, _ = model_shape(config.model_copy(update={"model": source}))
             REWARD_MODEL_SHAPES[name] = dataclasses.replace(shape, tied=True)
     return [REWARD_MODEL_SHAPES[name] for name in names]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ft_ray.config import InputError
+from ft_ray.config import InputError, StorageConfig
 
 LOWER_IS_BETTER = {"loss"}
 METRIC_WORDS = {"loss": "loss", "exact_match": "exact match", "chrf": "chrF", "format": "format adherence",
@@ -121,14 +121,16 @@ Scorer = Callable[[list[str], list[str], list[str]], list[float]]  # (answers, r
 BATCH_ARGUMENTS = ("prompts", "completions", "reference")  # what a batched (TRL-style) reward is given
 
 
-def reward_function(rewards: dict[str, float], format_regex: str | None) -> Scorer:
+def reward_function(rewards: dict[str, float], format_regex: str | None,
+                    storage: StorageConfig | None = None) -> Scorer:
     """(answers, references, prompts) -> the weighted sum of `grpo.rewards` for each answer.
 
     A reward is called once per answer as `function(answer, reference, prompt)`, or, where it
     takes a `completions` argument (TRL's reward functions, and a reward model's scorer:
     `reward_model.model_reward`), once per batch as `function(prompts=[...],
     completions=[...], reference=[...])` (those its signature takes), returning one number per
-    answer or None (TRL's "not scored": adds nothing).
+    answer or None (TRL's "not scored": adds nothing). A reward model in an s3:// folder is
+    read with `storage` (the job's storage section).
 
     Raises:
         InputError: a module:function reward that cannot be imported here, or a batched one
@@ -139,8 +141,8 @@ def reward_function(rewards: dict[str, float], format_regex: str | None) -> Scor
     builtin = {"chrf": lambda answer, reference, _: chrf(answer, reference),
                "exact": lambda answer, reference, _: exact_match(answer, reference),
                "format": lambda answer, _, __: in_format(answer, format_regex) if format_regex else 0.0}
-    scores = {name: builtin.get(name) or (model_reward(name) if name.startswith(REWARD_MODEL) else user_reward(name))
-              for name in rewards}
+    scores = {name: builtin.get(name) or (model_reward(name, storage) if name.startswith(REWARD_MODEL)
+                                          else user_reward(name)) for name in rewards}
     batched = {name: batch_arguments(name, function) for name, function in scores.items() if name not in builtin}
     batched = {name: taken for name, taken in batched.items() if taken is not None}
 
@@ -166,7 +168,7 @@ def reward_function(rewards: dict[str, float], format_regex: str | None) -> Scor
     return reward
 
 
-def check_rewards(rewards: dict[str, float]) -> None:
+def check_rewards(rewards: dict[str, float], storage: StorageConfig | None = None) -> None:
     """What a driver checks of `grpo.rewards` before a run, as each worker will load them:
     its own functions import (and a batched one takes what it is given); a reward model's
     config is there and names a sequence classifier (its weights are not loaded here).
@@ -178,7 +180,7 @@ def check_rewards(rewards: dict[str, float]) -> None:
 
     for name in rewards:
         if name.startswith(REWARD_MODEL):
-            check_reward_model(name)
+            check_reward_model(name, storage)
         elif ":" in name:
             batch_arguments(name, user_reward(name))
 

@@ -1,36 +1,58 @@
-"""A reward model as a GRPO reward (`grpo.rewards: {"model:<folder or hub id>": weight}`): a
-sequence classifier with one output (Hugging Face's `AutoModelForSequenceClassification`, as
-TRL's reward models and those it trains, or the LoRA adapter of an ft-ray `objective:
-reward_model` run) scoring each prompt + answer as such a run trains on one (bos, prompt, answer,
-eos; the score at the eos). Loaded once per process that scores (each training worker, each
-eval actor), on its GPU where it has one.
+"""A reward model as a GRPO reward (`grpo.rewards: {"model:<folder, hub id or s3:// folder>":
+weight}`): a sequence classifier with one output (Hugging Face's
+`AutoModelForSequenceClassification`, as TRL's reward models and those it trains, or the LoRA
+adapter of an ft-ray `objective: reward_model` run) scoring each prompt + answer as such a run
+trains on one (bos, prompt, answer, eos; the score at the eos). Loaded once per process that
+scores (each training worker, each eval actor), on its GPU where it has one. An s3:// folder
+(read with the job's storage section) is copied to the node's model cache as an s3:// model is
+(`storage.cached_model`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ft_ray.config import InputError, ModelConfig
+from ft_ray.config import InputError, ModelConfig, StorageConfig
 
 REWARD_MODEL = "model:"  # the grpo.rewards key prefix of a reward model
 SCORE_BATCH = 16  # texts per forward pass of the reward model
 
 
-def model_source_of(name: str) -> ModelConfig:
-    return ModelConfig(name_or_path=name[len(REWARD_MODEL):])
+def reward_model_folder(name: str, storage: StorageConfig | None, weights: bool = False) -> str:
+    """Where reward model `name` loads from: its folder or hub id, or an s3:// folder's copy in
+    this node's model cache (with `weights`, its weight files too).
+
+    Raises:
+        InputError: an s3:// folder with no files, or a store that fails."""
+    path = name[len(REWARD_MODEL):]
+    if not path.startswith("s3://"):
+        return path
+    from ft_ray.storage import cached_model
+
+    try:
+        return str(cached_model(path, storage or StorageConfig(), weights))
+    except OSError as e:
+        raise InputError(f"grpo.rewards: {name}: {e}") from None
 
 
-def base_of(adapter: Any) -> ModelConfig:
-    """The base model a LoRA reward model's adapter names."""
-    return ModelConfig(name_or_path=adapter.base_model_name_or_path)
+def model_source_of(name: str, storage: StorageConfig | None = None, weights: bool = False) -> ModelConfig:
+    return ModelConfig(name_or_path=reward_model_folder(name, storage, weights))
 
 
-def adapter_config(name: str) -> Any:
+def base_of(adapter: Any, storage: StorageConfig | None = None) -> ModelConfig:
+    """The base model a LoRA reward model's adapter names (an s3:// one read with `storage`)."""
+    base = ModelConfig(name_or_path=adapter.base_model_name_or_path)
+    if storage is not None:
+        base.use_storage(storage)
+    return base
+
+
+def adapter_config(name: str, storage: StorageConfig | None = None) -> Any:
     """The PEFT config of a reward model that is a LoRA adapter folder (an ft-ray reward_model
     run's `adapter/`), else None."""
     from pathlib import Path
 
-    folder = Path(model_source_of(name).name_or_path).expanduser()
+    folder = Path(reward_model_folder(name, storage)).expanduser()
     if not (folder / "adapter_config.json").is_file():
         return None
     from peft import PeftConfig
@@ -38,7 +60,7 @@ def adapter_config(name: str) -> Any:
     return PeftConfig.from_pretrained(str(folder))
 
 
-def check_reward_model(name: str) -> None:
+def check_reward_model(name: str, storage: StorageConfig | None = None) -> None:
     """What a driver checks before a run (no weights loaded): the model's config (an
     adapter's: its base's) is there and names a sequence classifier with one score.
 
@@ -49,19 +71,19 @@ def check_reward_model(name: str) -> None:
 
     from ft_ray.models import from_model_source
 
-    adapter = adapter_config(name)
+    adapter = adapter_config(name, storage)
     if adapter is not None and adapter.task_type != "SEQ_CLS":
         raise InputError(f"grpo.rewards: {name} is a LoRA adapter of task {adapter.task_type}; a reward model's is "
                          "SEQ_CLS (an ft-ray objective: reward_model run's adapter)")
     if adapter is not None:  # its score head comes with it
         try:
-            from_model_source(AutoConfig.from_pretrained, base_of(adapter))
+            from_model_source(AutoConfig.from_pretrained, base_of(adapter, storage))
         except (OSError, ValueError) as e:
             raise InputError(f"grpo.rewards: cannot load the base model of {name} "
                              f"({str(e).strip().splitlines()[0]})") from None
         return
     try:
-        config = from_model_source(AutoConfig.from_pretrained, model_source_of(name))
+        config = from_model_source(AutoConfig.from_pretrained, model_source_of(name, storage))
     except (OSError, ValueError) as e:
         raise InputError(f"grpo.rewards: cannot load {name} ({str(e).strip().splitlines()[0]})") from None
     architectures = getattr(config, "architectures", None) or []
@@ -71,8 +93,9 @@ def check_reward_model(name: str) -> None:
                          "(AutoModelForSequenceClassification, num_labels 1)")
 
 
-def model_reward(name: str) -> Callable[..., list[float]]:
-    """The batched reward of the reward model `name` ("model:<folder or hub id>"): its score of
+def model_reward(name: str, storage: StorageConfig | None = None) -> Callable[..., list[float]]:
+    """The batched reward of the reward model `name` ("model:<folder, hub id or s3:// folder>",
+    the last read with `storage`): its score of
     each prompt + completion as an ft-ray reward model trains on one: its bos, the prompt's
     tokens, the completion's with the eos after it (`answer_ids`), the score read at that
     last token (`last_token_scores`); cut at the model's context window."""
@@ -81,20 +104,20 @@ def model_reward(name: str) -> Callable[..., list[float]]:
 
     from ft_ray.models import from_model_source, load_tokenizer
 
-    check_reward_model(name)
+    check_reward_model(name, storage)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    adapter = adapter_config(name)
-    source = model_source_of(name)
-    tokenizer = load_tokenizer(source if adapter is None else base_of(adapter))
+    adapter = adapter_config(name, storage)
+    source = model_source_of(name, storage, weights=True)
+    tokenizer = load_tokenizer(source if adapter is None else base_of(adapter, storage))
     if adapter is None:
         model = from_model_source(AutoModelForSequenceClassification.from_pretrained, source, weights=True,
                                   dtype=dtype)
     else:  # a LoRA reward model: its base as a sequence classifier, the adapter (and score head) folded in
         from peft import PeftModel
 
-        base = from_model_source(AutoModelForSequenceClassification.from_pretrained, base_of(adapter), weights=True,
-                                 dtype=dtype, num_labels=1)
+        base = from_model_source(AutoModelForSequenceClassification.from_pretrained, base_of(adapter, storage),
+                                 weights=True, dtype=dtype, num_labels=1)
         model = PeftModel.from_pretrained(base, source.name_or_path).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()

@@ -106,7 +106,7 @@ class ArmScorer:
         self.settings = self.job.eval
         self.reward = None  # a grpo run's rewards: its generations are scored with them too
         if self.job.objective == "grpo":
-            self.reward = metrics.reward_function(self.job.grpo.rewards, self.job.grpo.format_regex)
+            self.reward = metrics.reward_function(self.job.grpo.rewards, self.job.grpo.format_regex, self.job.storage)
         self.fmt, self.fields = fmt, fields
         self.all_arms = arms_of(self.job)  # those an evaluation of the job has columns for
         self.arms = tuple(arm for arm in self.all_arms if arm.name in arms)

@@ -11,11 +11,12 @@ weighted by their group-normalised advantages, plus `grpo.beta` times a per-toke
 to the reference model, averaged as `grpo.loss_type` says (TRL's names; `dapo` by default:
 over every trained answer token of the step). A step's answers are sampled before its first
 update (`step_weights`, as TRL samples a step's generation batch), so the loop knows what each
-micro batch averages over and weighs them to that (`loop.step_scales`). With `grpo.num_iterations` (mu) above 1 the loop hands each step's batches
-over mu steps in a row (`loop.steps_of`): the first samples and scores them and keeps its
-answers, the next ones update on those again, each token's probability ratio to the policy
-that sampled it clipped as PPO's (`grpo.epsilon`, `epsilon_high`). At mu = 1 the ratio is 1 at
-the update and the clip never acts.
+micro batch averages over and weighs them to that (`loop.step_scales`). With
+`grpo.num_iterations` (mu) above 1 the loop hands each step's batches over mu steps in a row
+(`loop.steps_of`): the first samples and scores them and keeps its answers, the next ones
+update on those again, each token's probability ratio to the policy that sampled it clipped as
+PPO's (`grpo.epsilon`, `epsilon_high`). At mu = 1 the ratio is 1 at the update and the clip
+never acts.
 
 Evaluation answers each held-out prompt greedily, once: `eval_loss` is minus the mean reward
 (so the best checkpoint and early stopping follow the reward), `eval_reward` the reward.
@@ -107,7 +108,7 @@ class GRPOObjective:
         self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference
         self.stops = stop_ids(tokenizer)  # an answer ends at the eos or the template's end of turn
         self.seed = config.train.seed
-        self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex)
+        self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex, config.storage)
         self.rounds: dict[bytes, Round] = {}  # batches sampled and not yet updated on num_iterations times
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:

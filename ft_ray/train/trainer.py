@@ -137,7 +137,7 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
     if config.objective == "grpo":
         from ft_ray.evaluation.metrics import check_rewards
 
-        check_rewards(config.grpo.rewards)  # a reward function or model that is not there
+        check_rewards(config.grpo.rewards, config.storage)  # a reward function or model that is not there
     if config.model.adapter:
         LOG.info(adapter_line(config))
     for warning in model_warnings(config):

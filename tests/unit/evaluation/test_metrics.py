@@ -163,3 +163,53 @@ def test_a_reward_model_scores_each_prompt_and_answer_as_its_own_forward_pass_wo
         check_rewards({f"model:{base}": 1.0})
     with pytest.raises(InputError, match="grpo.rewards: cannot load model:/nowhere/rm"):
         check_rewards({"model:/nowhere/rm": 1.0})
+
+
+def test_a_reward_model_in_object_storage_scores_as_its_folder_does(s3_server, tmp_path, monkeypatch):
+    """`model:s3://...` (read with the job's storage section): checked before a run, copied to
+    the node's model cache, scoring as the folder it was uploaded from; `ft-ray plan` counts it.
+    A reward_model run's adapter in the store scores as its local folder does."""
+    from ft_ray.config import StorageConfig
+    from ft_ray.evaluation.metrics import check_rewards
+    from ft_ray.plan import reward_model_shapes
+    from tests.conftest import make_bucket
+
+    monkeypatch.setenv("FT_RAY_MODEL_CACHE", str(tmp_path / "cache"))
+    folder = tiny_reward_model(tmp_path / "rm")
+    client = make_bucket(s3_server, "rewards")
+    for file in folder.iterdir():
+        client.upload_file(str(file), "rewards", f"rm/{file.name}")
+    storage = StorageConfig(path="s3://rewards/runs", endpoint_url=s3_server)
+    prompts, answers = ["Reply to: where is my tent?\n", "Reply to: hello\n"], ["Hi Ana, it ships today.", "No."]
+    check_rewards({"model:s3://rewards/rm": 1.0}, storage)
+    stored = reward_function({"model:s3://rewards/rm": 1.0}, None, storage)(answers, ["", ""], prompts)
+    assert stored == pytest.approx(reward_function({f"model:{folder}": 1.0}, None)(answers, ["", ""], prompts),
+                                   abs=1e-6)
+
+    def job(name: str):
+        return config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"rewards": {name: 1.0}},
+                                 "storage": {"path": "s3://rewards/runs", "endpoint_url": s3_server}})
+
+    assert reward_model_shapes(job("model:s3://rewards/rm")) == reward_model_shapes(job(f"model:{folder}"))
+
+    # a reward_model run's adapter (a score head and LoRA on the base it names, here a folder)
+    import torch
+
+    from ft_ray.config import LoraConfig, ModelConfig
+    from ft_ray.models import apply_lora, load_base_model
+
+    base = str(folder.parent / "base")
+    adapter = apply_lora(load_base_model(ModelConfig(name_or_path=base), scores=True),
+                         LoraConfig(rank=4, alpha=8, dropout=0.0), base, scores=True)
+    with torch.no_grad():
+        for name, weight in adapter.named_parameters():
+            if "lora_B" in name or "score" in name:
+                weight.normal_(0, 0.2)
+    adapter.save_pretrained(tmp_path / "adapter")
+    for file in (tmp_path / "adapter").iterdir():
+        client.upload_file(str(file), "rewards", f"runs/rm/adapter/{file.name}")
+    local = reward_function({f"model:{tmp_path / 'adapter'}": 1.0}, None)(answers, ["", ""], prompts)
+    assert reward_function({"model:s3://rewards/runs/rm/adapter": 1.0}, None, storage)(
+        answers, ["", ""], prompts) == pytest.approx(local, abs=1e-6) and local != pytest.approx(stored, abs=1e-3)
+    with pytest.raises(InputError, match="grpo.rewards: model:s3://rewards/none: no files in s3://rewards/none"):
+        check_rewards({"model:s3://rewards/none": 1.0}, storage)
