@@ -51,7 +51,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = Field("builtin:tiny-llama", description=(
         "hub id, local HF folder, s3:// folder (read with the storage section's endpoint, copied once to each node's "
-        "model cache: $FT_RAY_MODEL_CACHE, default ~/.cache/ft-ray/models), or builtin:tiny-llama"))
+        "storage.model_cache), or builtin:tiny-llama"))
     max_seq_len: int = Field(256, gt=8, description="packed sequence length in tokens")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless you trust it")
@@ -367,6 +367,9 @@ class StorageConfig(Section):
     path: str = Field("./runs", description="local folder or s3://bucket/prefix holding runs")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
     region: str | None = None
+    model_cache: str = Field("~/.cache/ft-ray/models", description=(
+        "where each node keeps the copies of the models it reads from object storage (an s3:// model.name_or_path "
+        "or reward model), for later runs too: a local folder of every node with room for them"))
     max_attempts: int = Field(10, gt=0, description=(
         "tries of each object-store request (exponential backoff: an unreachable store fails after about "
         "80 s at 10) before it fails; `validate` and `plan` try at most 3 times"))

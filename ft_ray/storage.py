@@ -56,28 +56,21 @@ def local_folder(path: str, storage: StorageConfig, prefix: str = "ft-ray-") -> 
         yield Path(local)
 
 
-MODEL_CACHE = "FT_RAY_MODEL_CACHE"  # where each node keeps the models it read from object storage
 MODEL_COPY = "model_copy"  # the progress board's record of a worker's copy of the model
 # weight formats: a model's own (its safetensors, else its .bin files) come only to a process
 # that loads its weights; the rest never (Llama 3's original/consolidated.pth, GGUF copies)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 
 
-def model_cache() -> Path:
-    """This node's cache of models read from object storage: $FT_RAY_MODEL_CACHE, else
-    ~/.cache/ft-ray/models."""
-    return Path(os.environ.get(MODEL_CACHE) or Path.home() / ".cache" / "ft-ray" / "models").expanduser()
-
-
 def cached_folder(uri: str, storage: StorageConfig) -> Path:
     """Where `cached_model` keeps the copy of the model at `uri` on this node (read with
-    `storage`'s endpoint): a folder of the model cache named after the model and a digest of
-    the endpoint and URI. Makes no request."""
+    `storage`'s endpoint): a folder of `storage.model_cache` named after the model and a digest
+    of the endpoint and URI. Makes no request."""
     import hashlib
 
     endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return model_cache() / f"{name}-{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:12]}"
+    return Path(storage.model_cache).expanduser() / f"{name}-{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:12]}"
 
 
 COPY_CHUNK = 16 * 2**20  # bytes read from the store at a time while copying a model
@@ -88,7 +81,7 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     """A model folder in object storage (`s3://bucket/models/llama`) as a folder on this node.
 
     The files at the top of the folder are copied once into the node's model cache
-    (`model_cache()`) and kept for later processes and runs: without `weights` what a
+    (`storage.model_cache`) and kept for later processes and runs: without `weights` what a
     tokenizer and a config read (no weight files), with them also the model's safetensors
     (else its .bin files). A file whose size or time changed in the store is copied again.
     The processes of a node (workers, data tasks) wait for the one copying (a file lock);

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,6 @@ os.environ["WANDB_API_KEY"] = SECRET_CANARY
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "ftray-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "ftray-test-secret")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-# Models read from the local S3 server are cached on this "node" in a folder of the session's own.
-os.environ.setdefault("FT_RAY_MODEL_CACHE", tempfile.mkdtemp(prefix="ft-ray-models-"))
 
 
 def tiny_job(tmp_path: Path, **sections) -> dict:

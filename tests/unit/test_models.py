@@ -46,7 +46,6 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
     from ft_ray.train.trainer import _train_figures
     from tests.conftest import make_bucket
 
-    monkeypatch.setenv("FT_RAY_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(storage, "COPY_CHUNK", 2**20)  # the 3.6 MiB of weights in 4 reads
     monkeypatch.setattr(storage, "COPY_REPORT_S", 0.0)  # each read reported
     client = make_bucket(s3_server, "models")
@@ -58,7 +57,8 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
 
     def job(name: str, **model):
         return config_from_dict({"model": {"name_or_path": name, **model}, "data": {"train": "t.jsonl"},
-                                 "storage": {"path": "s3://models/runs", "endpoint_url": s3_server}})
+                                 "storage": {"path": "s3://models/runs", "endpoint_url": s3_server,
+                                             "model_cache": str(tmp_path / "cache")}})
 
     stored = job("s3://models/tiny")
     with pytest.raises(InputError, match="no config.json of s3://models/tiny here"):

@@ -165,7 +165,7 @@ def test_a_reward_model_scores_each_prompt_and_answer_as_its_own_forward_pass_wo
         check_rewards({"model:/nowhere/rm": 1.0})
 
 
-def test_a_reward_model_in_object_storage_scores_as_its_folder_does(s3_server, tmp_path, monkeypatch):
+def test_a_reward_model_in_object_storage_scores_as_its_folder_does(s3_server, tmp_path):
     """`model:s3://...` (read with the job's storage section): checked before a run, copied to
     the node's model cache, scoring as the folder it was uploaded from; `ft-ray plan` counts it.
     A reward_model run's adapter in the store scores as its local folder does."""
@@ -174,12 +174,11 @@ def test_a_reward_model_in_object_storage_scores_as_its_folder_does(s3_server, t
     from ft_ray.plan import reward_model_shapes
     from tests.conftest import make_bucket
 
-    monkeypatch.setenv("FT_RAY_MODEL_CACHE", str(tmp_path / "cache"))
     folder = tiny_reward_model(tmp_path / "rm")
     client = make_bucket(s3_server, "rewards")
     for file in folder.iterdir():
         client.upload_file(str(file), "rewards", f"rm/{file.name}")
-    storage = StorageConfig(path="s3://rewards/runs", endpoint_url=s3_server)
+    storage = StorageConfig(path="s3://rewards/runs", endpoint_url=s3_server, model_cache=str(tmp_path / "cache"))
     prompts, answers = ["Reply to: where is my tent?\n", "Reply to: hello\n"], ["Hi Ana, it ships today.", "No."]
     check_rewards({"model:s3://rewards/rm": 1.0}, storage)
     stored = reward_function({"model:s3://rewards/rm": 1.0}, None, storage)(answers, ["", ""], prompts)
@@ -188,7 +187,7 @@ def test_a_reward_model_in_object_storage_scores_as_its_folder_does(s3_server, t
 
     def job(name: str):
         return config_from_dict({"objective": "grpo", "data": {"train": "t.jsonl"}, "grpo": {"rewards": {name: 1.0}},
-                                 "storage": {"path": "s3://rewards/runs", "endpoint_url": s3_server}})
+                                 "storage": storage.model_dump()})
 
     assert reward_model_shapes(job("model:s3://rewards/rm")) == reward_model_shapes(job(f"model:{folder}"))
 
