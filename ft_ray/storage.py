@@ -151,8 +151,8 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
                         with counting:
                             done[0] += len(chunk)
                             report()
-            except OSError as e:
-                raise StorageError(f"cannot read {uri}/{name}: {e}") from e
+            except OSError as e:  # the store's, or this disk's (full)
+                raise StorageError(f"cannot copy {uri}/{name} to {aside}: {e}") from e
             if aside.stat().st_size != listing[name][0]:
                 raise StorageError(f"{uri}/{name}: {aside.stat().st_size} bytes came of {listing[name][0]}")
             aside.rename(folder / name)
