@@ -69,8 +69,8 @@ def cached_folder(uri: str, storage: StorageConfig) -> Path:
     import hashlib
 
     endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return Path(storage.model_cache).expanduser() / f"{name}-{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(f"{endpoint}|{uri}".encode()).hexdigest()[:12]
+    return Path(storage.model_cache).expanduser() / f"{uri.rstrip('/').rsplit('/', 1)[-1]}-{digest}"
 
 
 COPY_CHUNK = 16 * 2**20  # bytes read from the store at a time while copying a model
@@ -93,8 +93,6 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
         StorageError: the store failed, or a file came short.
     """
     import fcntl
-    import threading
-    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     fs, inside = filesystem_for(uri, storage)
     try:
@@ -108,64 +106,89 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     if weights:
         tensors = [name for name in listing if name.endswith(".safetensors")]
         names += tensors or [name for name in listing if name.endswith(".bin")]
-    folder = cached_folder(uri, storage)
-    root, key = folder.parent, folder.name
-    record = root / f"{key}.json"
-
-    def copied() -> dict[str, list]:
-        """The files of the folder copied whole, as the store listed them then."""
-        held = json.loads(record.read_text()) if record.is_file() else {}
-        return {name: entry for name, entry in held.items() if (folder / name).is_file()}
-
-    if all(copied().get(name) == listing[name] for name in names):
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "w") as lock:
+    copy = _ModelCopy(uri, fs, inside, cached_folder(uri, storage), listing)
+    if all(copy.held().get(name) == listing[name] for name in names):
+        return copy.folder
+    copy.folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(copy.folder.parent / f"{copy.folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        held = copied()
-        for name in [name for name, entry in held.items() if listing.get(name) != entry]:
-            (folder / name).unlink()  # changed or gone in the store
+        copy.run([name for name in names if name not in copy.current()], board)
+    return copy.folder
+
+
+class _ModelCopy:
+    """The copy of a model folder in the store (`listing`: name -> [size, mtime_ns]) in
+    `folder`, with a record of the files copied whole beside it (`<folder>.json`)."""
+
+    def __init__(self, uri: str, fs: pafs.FileSystem, inside: str, folder: Path, listing: dict[str, list]):
+        self.uri, self.fs, self.inside, self.folder, self.listing = uri, fs, inside, folder, listing
+        self.record = folder.parent / f"{folder.name}.json"
+
+    def held(self) -> dict[str, list]:
+        """The files copied whole, as the store listed them when they were copied."""
+        held = json.loads(self.record.read_text()) if self.record.is_file() else {}
+        return {name: entry for name, entry in held.items() if (self.folder / name).is_file()}
+
+    def current(self) -> dict[str, list]:
+        """`held`, less the files changed or gone in the store since (deleted; under the lock)."""
+        held = self.held()
+        for name in [name for name, entry in held.items() if self.listing.get(name) != entry]:
+            (self.folder / name).unlink()
             del held[name]
-        missing = [name for name in names if name not in held]
+        self._write(held)
+        return held
+
+    def run(self, missing: list[str], board: Any) -> None:
+        """Copy the `missing` files (4 at a time), each recorded once whole; the bytes go to
+        `board` as they come."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
         if not missing:
-            return folder
-        size = sum(listing[name][0] for name in missing)
-        LOG.info(f"model: copying {len(missing)} file(s) ({size / 2**20:,.1f} MiB) of {uri} to {folder} "
+            return
+        size = sum(self.listing[name][0] for name in missing)
+        LOG.info(f"model: copying {len(missing)} file(s) ({size / 2**20:,.1f} MiB) of {self.uri} to {self.folder} "
                  "(this node's model cache, once)")
-        folder.mkdir(parents=True, exist_ok=True)
-        start, done, reported = time.monotonic(), [0], [0.0]
-        counting = threading.Lock()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        start, done, reported, counting = time.monotonic(), [0], [0.0], threading.Lock()
 
         def report(final: bool = False) -> None:
             if board is not None and (final or time.monotonic() - reported[0] >= COPY_REPORT_S):
                 reported[0] = time.monotonic()
-                board.put.remote(MODEL_COPY, {"uri": uri, "bytes": size, "copied": done[0],
+                board.put.remote(MODEL_COPY, {"uri": self.uri, "bytes": size, "copied": done[0],
                                               "seconds": reported[0] - start})
 
-        def copy(name: str) -> str:
-            aside = folder / f".{name}.part"
-            try:
-                with fs.open_input_stream(f"{inside}/{name}") as source, open(aside, "wb") as target:
-                    while chunk := source.read(COPY_CHUNK):
-                        target.write(chunk)
-                        with counting:
-                            done[0] += len(chunk)
-                            report()
-            except OSError as e:  # the store's, or this disk's (full)
-                raise StorageError(f"cannot copy {uri}/{name} to {aside}: {e}") from e
-            if aside.stat().st_size != listing[name][0]:
-                raise StorageError(f"{uri}/{name}: {aside.stat().st_size} bytes came of {listing[name][0]}")
-            aside.rename(folder / name)
-            return name
+        def progress(n: int) -> None:
+            with counting:
+                done[0] += n
+                report()
 
+        held = self.held()
         with ThreadPoolExecutor(4) as pool:
-            for future in as_completed([pool.submit(copy, name) for name in missing]):
-                held[future.result()] = listing[future.result()]
-                record.with_name(f".{record.name}.part").write_text(json.dumps(held))
-                record.with_name(f".{record.name}.part").rename(record)
+            for future in as_completed([pool.submit(self._copy_file, name, progress) for name in missing]):
+                held[future.result()] = self.listing[future.result()]
+                self._write(held)
         report(final=True)
-        LOG.info(f"model: {uri} copied in {time.monotonic() - start:.1f} s")
-    return folder
+        LOG.info(f"model: {self.uri} copied in {time.monotonic() - start:.1f} s")
+
+    def _copy_file(self, name: str, progress: Any) -> str:
+        aside = self.folder / f".{name}.part"
+        try:
+            with self.fs.open_input_stream(f"{self.inside}/{name}") as source, open(aside, "wb") as target:
+                while chunk := source.read(COPY_CHUNK):
+                    target.write(chunk)
+                    progress(len(chunk))
+        except OSError as e:  # the store's, or this disk's (full)
+            raise StorageError(f"cannot copy {self.uri}/{name} to {aside}: {e}") from e
+        if aside.stat().st_size != self.listing[name][0]:
+            raise StorageError(f"{self.uri}/{name}: {aside.stat().st_size} bytes came of {self.listing[name][0]}")
+        aside.rename(self.folder / name)
+        return name
+
+    def _write(self, held: dict[str, list]) -> None:
+        part = self.record.with_name(f".{self.record.name}.part")
+        part.write_text(json.dumps(held))
+        part.rename(self.record)
 
 
 # `validate` and `plan` read a job's data to answer a question before launch: each object-store
