@@ -24,6 +24,8 @@ class Objective(Protocol):
     columns: tuple[str, ...]  # the batch columns `loss` reads
     metrics: tuple[str, ...]  # the names of the metrics `loss` returns, in a fixed order
     # optional `training_only`: those of `metrics` an evaluation leaves out of its `eval_` lines
+    # optional `step_weights(model, micro_batches)`: what each micro batch of a training step
+    # averages its loss over where only a forward knows it (GRPO's sampled answer tokens); else `weight`
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """(the batch's mean loss, to back-propagate; each metric summed over the batch's `weight`)."""
