@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     return copy.folder
 
 
+def _size(count: int) -> str:
+    return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
+
+
 class _ModelCopy:
     """The copy of a model folder in the store (`listing`: name -> [size, mtime_ns]) in
     `folder`, with a record of the files copied whole beside it (`<folder>.json`)."""
@@ -147,9 +152,14 @@ class _ModelCopy:
         if not missing:
             return
         size = sum(self.listing[name][0] for name in missing)
-        LOG.info(f"model: copying {len(missing)} file(s) ({size / 2**20:,.1f} MiB) of {self.uri} to {self.folder} "
-                 "(this node's model cache, once)")
         self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if free < size:
+            raise StorageError(f"{self.uri} needs {_size(size)} more in storage.model_cache ({self.folder.parent}), "
+                               f"which has {_size(free)} free on this node: set storage.model_cache to a folder on a "
+                               "larger disk")
+        LOG.info(f"model: copying {len(missing)} file(s) ({_size(size)}) of {self.uri} to {self.folder} "
+                 "(this node's model cache, once)")
         start, done, reported, counting = time.monotonic(), [0], [0.0], threading.Lock()
 
         def report(final: bool = False) -> None:

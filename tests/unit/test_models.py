@@ -102,6 +102,16 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
         torch.testing.assert_close(load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()(ids).logits,
                                    adapter.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
+    from types import SimpleNamespace
+
+    elsewhere = job("s3://models/tiny").model
+    elsewhere.use_storage(elsewhere.storage.model_copy(update={"model_cache": str(tmp_path / "small-disk")}))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))  # 1 MiB free
+    load_tokenizer(elsewhere)  # 37 KiB
+    with pytest.raises(InputError, match=r"s3://models/tiny needs 3.6 MiB more in storage.model_cache \(.*small-disk\), "
+                                         r"which has 1.0 MiB free on this node"):
+        load_base_model(elsewhere)
+    monkeypatch.undo()
     with pytest.raises(InputError, match="model.name_or_path: no files in s3://models/none"):
         load_tokenizer(job("s3://models/none").model)
     with pytest.raises(InputError, match="s3://models/lora is a LoRA adapter, not a model.*model.adapter: s3://models/lora"):
