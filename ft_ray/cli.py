@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from ft_ray.config import ConfigError, InputError, JobConfig, load_config
 from ft_ray.console import LOG, TERMINAL, log_file_for, quiet_session, report_failure, verbose_requested
-from ft_ray.storage import StorageError, for_preflight
+from ft_ray.storage import StorageError, for_preflight, model_copy_bytes
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -397,8 +397,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             time_line = describe_time(job, time, source, args.price_per_gpu_hour)
         except InputError as e:
             time_line = f"time: not estimated ({e}; give --train-tokens)"
+    stored = config.model.name_or_path.startswith("s3://")
     if args.json:
-        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time}))
+        copied = {"model_copy_bytes": model_copy_bytes(config.model.name_or_path, config.storage)} if stored else {}
+        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time, **copied}))
     else:
         if job is not config:
             print("sweep: the trial with the most memory over the search space's edges")
@@ -415,7 +417,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if not plan.fits(gpu_mib) and not fixes:
                 print("  no change tried (micro batch, gradient checkpointing, ZeRO, CPU offload, QLoRA) makes it fit")
         print(time_line)
+        if stored:
+            print(model_copy_line(config))
     return 0 if gpu_mib is None or plan.fits(gpu_mib) else EXIT_BAD_INPUT
+
+
+def model_copy_line(config: Any) -> str:
+    """What each node that trains an s3:// model copies to its model cache first."""
+    from ft_ray.storage import size_text
+
+    copied = size_text(model_copy_bytes(config.model.name_or_path, config.storage))
+    return (f"disk: each node copies {copied} of {config.model.name_or_path} to storage.model_cache "
+            f"({config.storage.model_cache}) once, before its workers load it")
 
 
 def plan_line(config: Any) -> str:

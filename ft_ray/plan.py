@@ -173,7 +173,8 @@ def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
         if not network:
             raise InputError(f"model.name_or_path: no config.json of {name} here (folder or local cache)") from None
     try:
-        return Shape.of(from_model_source(AutoConfig.from_pretrained, config.model)), "config.json from the hub"
+        where = "the store" if name.startswith("s3://") else "the hub"
+        return Shape.of(from_model_source(AutoConfig.from_pretrained, config.model)), f"config.json from {where}"
     except Exception as e:  # noqa: BLE001 - no such folder, no network and not cached: said as it is
         raise InputError(f"model.name_or_path: cannot read the config.json of {name}: {type(e).__name__}: "
                          f"{str(e)[:300]}") from None

@@ -96,17 +96,8 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     import fcntl
 
     fs, inside = filesystem_for(uri, storage)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(inside, allow_not_found=True))
-    except OSError as e:
-        raise StorageError(f"cannot list {uri}: {e}") from e
-    listing = {info.base_name: [info.size, info.mtime_ns] for info in infos if info.type == pafs.FileType.File}
-    if not listing:
-        raise FileNotFoundError(f"no files in {uri}")
-    names = [name for name in listing if not name.endswith(WEIGHT_SUFFIXES)]
-    if weights:
-        tensors = [name for name in listing if name.endswith(".safetensors")]
-        names += tensors or [name for name in listing if name.endswith(".bin")]
+    listing = _stored_files(fs, inside, uri)
+    names = _files_read(listing, weights)
     copy = _ModelCopy(uri, fs, inside, cached_folder(uri, storage), listing)
     if all(copy.held().get(name) == listing[name] for name in names):
         return copy.folder
@@ -117,7 +108,42 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     return copy.folder
 
 
-def _size(count: int) -> str:
+def model_copy_bytes(uri: str, storage: StorageConfig) -> int:
+    """The bytes `cached_model` copies to each node that loads the model at `uri` (its
+    weights and the files beside them), from the store's listing.
+
+    Raises:
+        FileNotFoundError: no files there.
+        StorageError: the store failed."""
+    fs, inside = filesystem_for(uri, storage)
+    listing = _stored_files(fs, inside, uri)
+    return sum(listing[name][0] for name in _files_read(listing, weights=True))
+
+
+def _stored_files(fs: pafs.FileSystem, inside: str, uri: str) -> dict[str, list]:
+    """The files at the top of the folder: name -> [size, mtime_ns]."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(inside, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    listing = {info.base_name: [info.size, info.mtime_ns] for info in infos if info.type == pafs.FileType.File}
+    if not listing:
+        raise FileNotFoundError(f"no files in {uri}")
+    return listing
+
+
+def _files_read(listing: dict[str, list], weights: bool) -> list[str]:
+    """What a tokenizer and a config read (no weight files), with `weights` also the model's
+    safetensors, else its .bin files."""
+    names = [name for name in listing if not name.endswith(WEIGHT_SUFFIXES)]
+    if weights:
+        tensors = [name for name in listing if name.endswith(".safetensors")]
+        names += tensors or [name for name in listing if name.endswith(".bin")]
+    return names
+
+
+def size_text(count: int) -> str:
+    """Bytes as people read them: MiB below a GiB, else GiB."""
     return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
 
 
@@ -155,10 +181,10 @@ class _ModelCopy:
         self.folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.folder).free
         if free < size:
-            raise StorageError(f"{self.uri} needs {_size(size)} more in storage.model_cache ({self.folder.parent}), "
-                               f"which has {_size(free)} free on this node: set storage.model_cache to a folder on a "
+            raise StorageError(f"{self.uri} needs {size_text(size)} more in storage.model_cache ({self.folder.parent}), "
+                               f"which has {size_text(free)} free on this node: set storage.model_cache to a folder on a "
                                "larger disk")
-        LOG.info(f"model: copying {len(missing)} file(s) ({_size(size)}) of {self.uri} to {self.folder} "
+        LOG.info(f"model: copying {len(missing)} file(s) ({size_text(size)}) of {self.uri} to {self.folder} "
                  "(this node's model cache, once)")
         start, done, reported, counting = time.monotonic(), [0], [0.0], threading.Lock()
 

@@ -39,6 +39,7 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
     from concurrent.futures import ThreadPoolExecutor
 
     from ft_ray import progress, storage
+    from ft_ray.cli import model_copy_line
     from ft_ray.config import ConfigError, InputError, config_from_dict
     from ft_ray.export import merge_adapter
     from ft_ray.models import BUILTIN, model_source, stored_base
@@ -63,7 +64,10 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
     stored = job("s3://models/tiny")
     with pytest.raises(InputError, match="no config.json of s3://models/tiny here"):
         model_shape(stored, network=False)  # `validate --offline`'s plan line: nothing copied, no request
-    assert model_shape(stored)[0] == model_shape(job("builtin:tiny-llama"))[0]
+    assert model_shape(stored) == (model_shape(job("builtin:tiny-llama"))[0], "config.json from the store")
+    everything = sum(file.stat().st_size for file in BUILTIN["builtin:tiny-llama"].iterdir())  # not the .pth, .gguf
+    assert model_copy_line(stored) == (f"disk: each node copies {everything / 2**20:.1f} MiB of s3://models/tiny to "
+                                       f"storage.model_cache ({tmp_path / 'cache'}) once, before its workers load it")
     assert model_shape(stored, network=False)[0] == model_shape(job("builtin:tiny-llama"))[0]  # now cached
     assert load_tokenizer(stored.model)("Good news").input_ids == load_tokenizer(ModelConfig())("Good news").input_ids
     folder = Path(model_source(stored.model))
