@@ -356,7 +356,11 @@ class TrainConfig(Section):
         "bf16/fp16: keep the hidden states between blocks in fp32 (what autocast does with fp32 weights); "
         "false: in the compute dtype, like a 16-bit model and Megatron-LM's default: less activation memory"))
     compile: bool = Field(False, description="torch.compile the model's forward (the first steps wait for it)")
-    fused_optimizer: bool = Field(True, description="fused AdamW: one kernel for every parameter's update")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description=(
+        "adamw: torch's AdamW, fp32 states (8 bytes per trained weight); adamw_8bit: bitsandbytes' 8-bit AdamW, "
+        "blockwise-quantized states (about 2 bytes per trained weight; tensors under 4096 values keep fp32 ones): "
+        "for a full fine-tune whose states do not fit; with DDP (ZeRO shards the states instead)"))
+    fused_optimizer: bool = Field(True, description="fused AdamW: one kernel for every parameter's update (adamw)")
     prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of each worker")
     compare_generations: int = Field(0, ge=0, description=(
         "held-out prompts answered by the base model and the variant after training, printed and "
@@ -685,6 +689,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if dist.elastic and dist.strategy == "deepspeed" and ds.stage > 0:
         problems.append(f"distributed.num_workers: an elastic range needs strategy ddp or ZeRO stage 0; ZeRO-{ds.stage} "
                         "shards are tied to the worker count (set a fixed num_workers)")
+    if job.train.optimizer == "adamw_8bit" and dist.strategy == "deepspeed":
+        problems.append("train.optimizer: adamw_8bit runs with distributed.strategy ddp; DeepSpeed brings its own "
+                        "AdamW (ZeRO shards its states across the workers, offload_optimizer moves them to the CPU)")
     if ds.offload_params != "none" and ds.stage != 3:
         problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
     if job.method == "qlora" and job.zero3 and job.quantization.quant_storage == "uint8":

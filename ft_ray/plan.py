@@ -240,6 +240,11 @@ def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     return rows * (config.model.max_seq_len + config.grpo.max_new_tokens) * per_token * compute
 
 
+# bitsandbytes' 8-bit AdamW: two uint8 states per weight and a float32 scale per block of 256 of
+# each (tensors under 4096 values keep fp32 states: norms, biases; not counted)
+ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256
+
+
 def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     """One training worker's peak GPU memory for `config` on a model of `shape`."""
     shape = trained_shape(config, shape)
@@ -286,7 +291,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         if expert_ranks(config, shape):  # PEFT adds B @ A to each layer's expert weights: a copy held for backward
             held = 1 if train.gradient_checkpointing else shape.layers
             parts["expert_weight_copies"] = base_bytes * held * shape.layer_expert_params
-    parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else 8 * trained / shard(1)
+    state_bytes = ADAMW_8BIT_BYTES if train.optimizer == "adamw_8bit" else 8
+    parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else state_bytes * trained / shard(1)
     inline_reference = ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
                         or (config.objective == "grpo" and config.grpo.beta > 0))
     if inline_reference and config.method == "full":
@@ -421,9 +427,12 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
     steps.append(["train.gradient_checkpointing=true"])
     dist = config.distributed
     stage = dist.deepspeed.stage if dist.strategy == "deepspeed" else 0
+    if dist.strategy == "ddp":
+        steps.append(["train.optimizer=adamw_8bit"])
+    deepspeed = ["distributed.strategy=deepspeed", "train.optimizer=adamw"]  # DeepSpeed's own AdamW
     if dist.max_workers > 1:  # shard across the workers, never less than now
-        steps += [["distributed.strategy=deepspeed", f"distributed.deepspeed.stage={s}"] for s in (2, 3) if s > stage]
-    steps.append(["distributed.strategy=deepspeed", "distributed.deepspeed.offload_optimizer=cpu"])
+        steps += [[*deepspeed, f"distributed.deepspeed.stage={s}"] for s in (2, 3) if s > stage]
+    steps.append([*deepspeed, "distributed.deepspeed.offload_optimizer=cpu"])
     if config.method != "qlora":
         steps.append(["method=qlora"])
     found, current, tried = [], config, []
@@ -437,7 +446,7 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
         tried += [setting for setting in change if _changes(current, setting)]
         plan = plan_memory(candidate, shape)
         if plan.fits(gpu_mib):
-            found.append((", ".join(_dedupe(tried)), plan))
+            found.append((", ".join(s for s in _dedupe(tried) if _changes(config, s)), plan))  # against the job
             if len(found) >= 3:
                 break
         current = candidate
@@ -485,7 +494,8 @@ def describe(config: JobConfig, plan: Plan) -> str:
     dist = config.distributed
     how = (f"{config.method}, {dist.strategy}" + (f" ZeRO-{dist.deepspeed.stage}" if dist.strategy == "deepspeed" else "")
            + f", {plan.workers} worker(s), {config.train.precision}, micro batch {config.train.micro_batch_size} x "
-           f"{config.model.max_seq_len} tokens" + (", gradient checkpointing" if config.train.gradient_checkpointing else ""))
+           f"{config.model.max_seq_len} tokens" + (", gradient checkpointing" if config.train.gradient_checkpointing else "")
+           + (", 8-bit AdamW" if config.train.optimizer == "adamw_8bit" else ""))
     rows = [(PART_NAMES[k], v) for k, v in plan.parts.items() if v] + [("peak", plan.peak_mib)]
     width = max(len(name) for name, _ in rows)
     lines = [f"plan for {config.run_name} ({how}), per worker:"]

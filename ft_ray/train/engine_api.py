@@ -50,6 +50,20 @@ class Engine(Protocol):
 LORA_B = ("lora_B.", "lora_embedding_B.")  # in the names of LoRA's B matrices (PEFT)
 
 
+def build_optimizer(model: Any, config: JobConfig) -> torch.optim.Optimizer:
+    """`train.optimizer` over `optimizer_groups`: torch's AdamW (fused where it can be), or
+    bitsandbytes' 8-bit AdamW (its states quantized in blocks of 256 values; tensors under
+    4096 values keep fp32 states), with the same betas, eps and per-group decay."""
+    train = config.train
+    groups = optimizer_groups(model, config)
+    if train.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=train.weight_decay,
+                             fused=train.fused_optimizer or None)
+
+
 def optimizer_groups(model: Any, config: JobConfig) -> list[dict[str, Any]]:
     """The trainable parameters as optimizer parameter groups: at train.learning_rate, with
     LoRA+ (`lora.loraplus_lr_ratio` other than 1) the B matrices at that many times the rate;

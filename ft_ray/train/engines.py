@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import (COMPUTE_DTYPES, Engine, eval_loss_sum, lr_multiplier, micro_batch_weights,
-                                    optimizer_groups)
+from ft_ray.train.engine_api import (COMPUTE_DTYPES, Engine, build_optimizer, eval_loss_sum, lr_multiplier,
+                                    micro_batch_weights)
 from ft_ray.train.objectives import Objective
 
 TRAINER_STATE = "optimizer.pt"
@@ -30,8 +30,7 @@ class DDPEngine:
         self.model = data_parallel(model, config.distributed.use_gpu)
         self.device = next(self.module.parameters()).device
         train = config.train
-        self.optimizer = torch.optim.AdamW(optimizer_groups(self.module, config), lr=train.learning_rate,
-                                           weight_decay=train.weight_decay, fused=train.fused_optimizer or None)
+        self.optimizer = build_optimizer(self.module, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
         self.max_grad_norm = train.max_grad_norm
         self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)

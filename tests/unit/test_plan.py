@@ -210,6 +210,21 @@ def test_what_would_fit_comes_cheapest_first():
     assert first.startswith("train.micro_batch_size=1, train.gradient_accumulation=4, "
                             "train.gradient_checkpointing=true"), first  # the batch first, then checkpointing
     assert [p.peak_mib for _, p in fixes] == sorted((p.peak_mib for _, p in fixes), reverse=True)
+    assert all("train.optimizer" not in settings for settings, _ in fixes)  # the job's AdamW, not set again
+
+
+def test_8bit_adamw_is_offered_where_its_states_make_a_ddp_job_fit():
+    """A full fine-tune of a 3B model on one 48 GB GPU: its fp32 AdamW states (8 bytes per
+    weight) do not fit, bitsandbytes' 8-bit ones (about 2) do, before any DeepSpeed offload."""
+    shape = Shape(3072, 8192, 28, 24, 8, 128, 128256, True)
+    config = job(method="full", model={"max_seq_len": 4096}, distributed={"num_workers": 1, "use_gpu": True},
+                 train={"micro_batch_size": 1, "precision": "bf16", "gradient_checkpointing": True})
+    gpu = 48e9 / MIB
+    assert not plan_memory(config, shape).fits(gpu)
+    (first, plan), *_ = suggestions(config, shape, gpu)
+    assert first == "train.optimizer=adamw_8bit" and plan.fits(gpu)
+    assert plan.parts["optimizer_states"] == pytest.approx(plan_memory(config, shape).parts["optimizer_states"] / 3.94,
+                                                           rel=1e-3)  # 8 bytes -> 2 + 2 x 4 / 256
 
 
 def test_a_sweep_is_planned_at_its_largest_trial():

@@ -1,4 +1,5 @@
-"""The DDP engine in one process (no Ray): LoRA+'s learning rate for the B matrices."""
+"""The DDP engine in one process (no Ray): LoRA+'s learning rate for the B matrices, gradient
+accumulation, weight decay, 8-bit AdamW."""
 
 from __future__ import annotations
 
@@ -95,3 +96,53 @@ def test_weight_decay_leaves_norms_and_biases_alone():
     norm, matrix = "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(after[norm].detach(), before[norm])
     torch.testing.assert_close(after[matrix].detach(), before[matrix] * (1 - 1e-2 * 0.1))
+
+
+def test_8bit_adamw_trains_in_a_quarter_of_the_states_plan_counts_and_resumes_exactly(tmp_path):
+    """train.optimizer adamw_8bit (bitsandbytes' 8-bit AdamW, on CPU here): a full fine-tune's
+    states are uint8 for every matrix, a quarter of fp32 AdamW's bytes, as `ft-ray plan` counts
+    them; its steps lower the loss as AdamW's do; saved and loaded into a new engine, the next
+    step is the one the engine that went on took. Refused with DeepSpeed (its own AdamW)."""
+    from ft_ray.plan import Shape, plan_memory
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (4, 64))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(64).repeat(4, 1)}
+
+    def engine_of(optimizer: str) -> tuple[DDPEngine, float]:
+        """The engine and the optimizer states `ft-ray plan` counts for it (MiB)."""
+        config = config_from_dict({"method": "full", "data": {"train": "t.jsonl"}, "train": {
+            "precision": "fp32", "learning_rate": 1e-3, "warmup_steps": 0, "optimizer": optimizer}})
+        model = build_model(config, "builtin:tiny-llama")
+        planned = plan_memory(config, Shape.of(model.config)).parts["optimizer_states"]
+        return DDPEngine(model, config, total_steps=10, objective=build_objective(config, model)), planned
+
+    def steps(engine: DDPEngine, count: int) -> list[float]:
+        losses = []
+        for _ in range(count):
+            losses.append(engine.micro_step(batch, 1.0, True)[0])
+            engine.step()
+        return losses
+
+    def state_mib(engine: DDPEngine) -> float:
+        return sum(t.numel() * t.element_size() for state in engine.optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t)) / 2**20
+
+    (full, full_planned), (eight, eight_planned) = engine_of("adamw"), engine_of("adamw_8bit")
+    assert type(eight.optimizer).__name__ == "AdamW8bit"
+    adamw, eight_bit = steps(full, 4), steps(eight, 4)
+    assert eight_bit[-1] < 0.8 * eight_bit[0] and eight_bit[-1] == pytest.approx(adamw[-1], rel=0.05)
+    q_proj = eight.module.model.layers[0].self_attn.q_proj.weight
+    assert eight.optimizer.state[q_proj]["state1"].dtype == torch.uint8
+    assert state_mib(full) == pytest.approx(full_planned, rel=0.01)
+    assert state_mib(eight) == pytest.approx(eight_planned, rel=0.1) and state_mib(eight) < 0.3 * state_mib(full)
+
+    eight.save(tmp_path / "checkpoint", rank=0)
+    resumed, _ = engine_of("adamw_8bit")
+    resumed.load(tmp_path / "checkpoint")
+    steps(eight, 1), steps(resumed, 1)
+    for (name, went_on), back in zip(eight.module.named_parameters(), resumed.module.parameters()):
+        torch.testing.assert_close(back, went_on, rtol=0, atol=0, msg=name)
+    with pytest.raises(ConfigError, match="train.optimizer: adamw_8bit runs with distributed.strategy ddp"):
+        config_from_dict({"data": {"train": "t.jsonl"}, "train": {"optimizer": "adamw_8bit"},
+                          "distributed": {"strategy": "deepspeed"}})
