@@ -1001,6 +1001,7 @@ PEER_NAMES = {
     "assistant_only_loss": "data.loss_on", "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
     "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_new_tokens",
     "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "epsilon_high": "grpo.epsilon_high",
+    "optim": "train.optimizer", "optimizer": "train.optimizer",
 }
 
 

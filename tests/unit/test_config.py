@@ -46,11 +46,12 @@ def test_a_peer_tools_name_for_a_setting_names_ft_rays_key(tmp_path):
     """Keys as TRL / transformers, Axolotl or LLaMA-Factory spell them, in any section."""
     path = write_job(tmp_path, train={"lr": 1e-4, "gradient_accumulation_steps": 2, "neftune_noise_alpha": 5},
                      lora={"lora_alpha": 16},
-                     sequence_len=512, train_on_inputs=True)
+                     sequence_len=512, train_on_inputs=True, optim="adamw_8bit")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert sorted(p.split(": ", 1)[1] for p in info.value.problems) == [
         "unknown key 'lora.lora_alpha' (ft-ray's key: 'lora.alpha')",
+        "unknown key 'optim' (ft-ray's key: 'train.optimizer')",
         "unknown key 'sequence_len' (ft-ray's key: 'model.max_seq_len')",
         "unknown key 'train.gradient_accumulation_steps' (ft-ray's key: 'train.gradient_accumulation')",
         "unknown key 'train.lr' (ft-ray's key: 'train.learning_rate')",
