@@ -182,7 +182,8 @@ def ft_ray_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> d
             "memory_phases_mb": phases,
             "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
             "attention": model.config._attn_implementation, "liger": use_fused_kernels_applied(model),
-            "optimizer": "fused AdamW" if config.train.fused_optimizer else "AdamW",
+            "optimizer": ("8-bit AdamW" if config.train.optimizer == "adamw_8bit"
+                          else "fused AdamW" if config.train.fused_optimizer else "AdamW"),
             "settings": "packed sequences, per-example attention spans" + checkpointing(config),
             "mfu": mfu(engine.module, config, rate)}
 
@@ -335,6 +336,10 @@ def timed(trainer_class: type, clock: "PassClock", tokens_of: Any, losses: list)
     return Timed
 
 
+# transformers' name of the optimizer of ft-ray's `train.optimizer` (`--train optimizer=adamw_8bit`)
+PEER_OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_8bit"}
+
+
 def hf_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[str, Any]:
     """The usual recipe: HF Trainer, PEFT LoRA (QLoRA: 4-bit base), padded batches."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -347,7 +352,8 @@ def hf_arm(config: Any, data: list[dict], warmup: int, passes: int = 1) -> dict[
                                  **SAME_SCHEDULE, logging_strategy="no", save_strategy="no",
                                  report_to=[], use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
                                  gradient_checkpointing=config.train.gradient_checkpointing,
-                                 remove_unused_columns=False, disable_tqdm=True, seed=0)
+                                 remove_unused_columns=False, disable_tqdm=True, seed=0,
+                                 **({"optim": "adamw_8bit"} if config.train.optimizer == "adamw_8bit" else {}))
         trainer = timed(Trainer, clock, lambda inputs: int(inputs["attention_mask"].sum()), losses)(
             model=model, args=args, train_dataset=[dict(e) for e in data],
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
@@ -405,7 +411,8 @@ def sft_trainer_run(config: Any, data: list[dict], warmup: int, passes: int, mod
                          use_cpu=not gpu, bf16=gpu, gradient_checkpointing=config.train.gradient_checkpointing,
                          dataloader_num_workers=0,
                          disable_tqdm=True, seed=0, packing=True, packing_strategy="bfd", padding_free=True,
-                         max_length=config.model.max_seq_len, use_liger_kernel=liger, optim="adamw_torch_fused")
+                         max_length=config.model.max_seq_len, use_liger_kernel=liger,
+                         optim=PEER_OPTIMIZERS[config.train.optimizer])
         train = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data])
         trainer = timed(SFTTrainer, clock, lambda inputs: int(inputs["input_ids"].numel()), losses)(
             model=model, args=args, train_dataset=train, processing_class=tokenizer)
