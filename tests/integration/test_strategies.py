@@ -74,6 +74,18 @@ def test_zero1_full_fine_tune_trains_and_saves_both_shards(ray_local, tmp_path):
     assert len(shards) == 2
 
 
+def test_a_ddp_full_fine_tune_with_8bit_adamw_checkpoints_its_quantized_states(ray_local, tmp_path):
+    """train.optimizer adamw_8bit on 2 DDP workers: the loss falls, and the checkpoint's
+    optimizer state holds bitsandbytes' uint8 states for the matrices (fp32 for the norms)."""
+    config = load_config(write_job(tmp_path, run_name="adamw-8bit", method="full", train={
+        "learning_rate": 5e-4, "max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "optimizer": "adamw_8bit"}))
+    summary = run_training(config)
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    states = torch.load(Path(summary["best_checkpoint"]) / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    saved = [state.get("__bnb_optimizer_quant_state__", state) for state in states.values()]  # bitsandbytes' layout
+    assert {state["state1"].dtype for state in saved} == {torch.uint8, torch.float32}
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_qlora_trains_adapters_over_a_4bit_base(ray_local, tmp_path, strategy):
     config = load_config(write_job(
