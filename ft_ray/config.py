@@ -528,8 +528,8 @@ class GrpoConfig(Section):
             "function(answer, reference, prompt) -> float on each worker (a module of the job's folder or an "
             "installed package), or, where it takes `completions` (TRL's reward functions), once per batch as "
             "function(prompts=[...], completions=[...], reference=[...]) -> a number or None per completion; or "
-            "model:<folder, hub id or s3:// folder>, a reward model (a sequence classifier with one score) scoring prompt + answer, "
-            "loaded by each worker"))
+            "model:<folder, hub id or s3:// folder>, a reward model (a sequence classifier with one score) scoring "
+            "prompt + answer, loaded by each worker"))
     format_regex: str | None = Field(None, description="the pattern reward `format` matches whole answers against, "
                                                        "e.g. '(?s)Hi .*'")
     beta: float = Field(0.0, ge=0, description=(
@@ -561,7 +561,8 @@ class GrpoConfig(Section):
         for name in self.rewards:
             if name not in BUILTIN_REWARDS and not re.match(REWARD_FUNCTION, name) and not re.match(REWARD_MODEL, name):
                 raise ValueError(f"grpo.rewards: {name!r} is neither {', '.join(BUILTIN_REWARDS)} nor module:function "
-                                 "(e.g. my_rewards:has_answer) nor model:<folder, hub id or s3:// folder> (a reward model)")
+                                 "(e.g. my_rewards:has_answer) nor model:<folder, hub id or s3:// folder> (a reward "
+                                 "model)")
         if "format" in self.rewards and not self.format_regex:
             raise ValueError("grpo.rewards: format needs grpo.format_regex")
         if self.format_regex:

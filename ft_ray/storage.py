@@ -181,9 +181,9 @@ class _ModelCopy:
         self.folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.folder).free
         if free < size:
-            raise StorageError(f"{self.uri} needs {size_text(size)} more in storage.model_cache ({self.folder.parent}), "
-                               f"which has {size_text(free)} free on this node: set storage.model_cache to a folder on a "
-                               "larger disk")
+            raise StorageError(f"{self.uri} needs {size_text(size)} more in storage.model_cache "
+                               f"({self.folder.parent}), which has {size_text(free)} free on this node: set "
+                               "storage.model_cache to a folder on a larger disk")
         LOG.info(f"model: copying {len(missing)} file(s) ({size_text(size)}) of {self.uri} to {self.folder} "
                  "(this node's model cache, once)")
         start, done, reported, counting = time.monotonic(), [0], [0.0], threading.Lock()

@@ -185,7 +185,8 @@ def test_object_store_down_during_a_checkpoint_upload(reference_run, s3_server, 
         proxies.append(start_proxy(port, int(s3_server.rsplit(":", 1)[1])))
         return time.monotonic() - started
 
-    job = write_job(tmp_path, run_name="outage", data=DATA, train=TRAIN, model={"name_or_path": "s3://outage/models/tiny-llama"},
+    job = write_job(tmp_path, run_name="outage", data=DATA, train=TRAIN,
+                    model={"name_or_path": "s3://outage/models/tiny-llama"},
                     storage={"path": "s3://outage/runs", "endpoint_url": f"http://127.0.0.1:{port}",
                              "model_cache": str(tmp_path / "model-cache")})
     thread, done = in_background(take_the_store_away)

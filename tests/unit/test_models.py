@@ -103,8 +103,8 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
     adapter.save_pretrained(tmp_path / "adapter")
     merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=stored_base(stored.model))
     with torch.no_grad():
-        torch.testing.assert_close(load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()(ids).logits,
-                                   adapter.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        merged = load_base_model(ModelConfig(name_or_path=str(tmp_path / "merged"))).eval()
+        torch.testing.assert_close(merged(ids).logits, adapter.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
     from types import SimpleNamespace
 
@@ -112,13 +112,14 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
     elsewhere.use_storage(elsewhere.storage.model_copy(update={"model_cache": str(tmp_path / "small-disk")}))
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))  # 1 MiB free
     load_tokenizer(elsewhere)  # 37 KiB
-    with pytest.raises(InputError, match=r"s3://models/tiny needs 3.6 MiB more in storage.model_cache \(.*small-disk\), "
-                                         r"which has 1.0 MiB free on this node"):
+    with pytest.raises(InputError, match=r"s3://models/tiny needs 3.6 MiB more in storage.model_cache "
+                                         r"\(.*small-disk\), which has 1.0 MiB free on this node"):
         load_base_model(elsewhere)
     monkeypatch.undo()
     with pytest.raises(InputError, match="model.name_or_path: no files in s3://models/none"):
         load_tokenizer(job("s3://models/none").model)
-    with pytest.raises(InputError, match="s3://models/lora is a LoRA adapter, not a model.*model.adapter: s3://models/lora"):
+    with pytest.raises(InputError, match="s3://models/lora is a LoRA adapter, not a model.*"
+                                         "model.adapter: s3://models/lora"):
         load_tokenizer(job("s3://models/lora").model)
     with pytest.raises(ConfigError, match="model.revision: a hub revision"):
         job("s3://models/tiny", revision="main")
