@@ -250,6 +250,14 @@ class DeepSpeedConfig(Section):
         "raw DeepSpeed keys merged over the generated config, for experts"))
 
 
+class FSDPConfig(Section):
+    """PyTorch FSDP2 settings (distributed.strategy: fsdp)."""
+
+    reshard_after_forward: bool = Field(True, description=(
+        "free each layer's gathered weights after its forward and gather them again for its backward "
+        "(as ZeRO-3); false keeps them to backward: less traffic, a whole model's 16-bit weights per worker"))
+
+
 class QuantizationConfig(Section):
     """bitsandbytes settings of the frozen base model (method: qlora)."""
 
@@ -264,10 +272,13 @@ class QuantizationConfig(Section):
 class DistributedConfig(Section):
     num_workers: int | tuple[int, int] = Field(2, description=(
         "training workers, or [min, max] for an elastic run that starts with what the cluster has "
-        "and grows or shrinks on restarts (DDP or ZeRO stage 0: sharded state is tied to the count)"))
+        "and grows or shrinks on restarts (DDP, FSDP or ZeRO stage 0: ZeRO's shards are tied to the count)"))
     use_gpu: bool = False
-    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how workers share the work")
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description=(
+        "how workers share the work: ddp (each a whole copy), deepspeed (ZeRO), fsdp (PyTorch FSDP2: weights, "
+        "gradients and AdamW states sharded)"))
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
 
     @field_validator("num_workers")
     @classmethod
@@ -688,11 +699,20 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if offloading and dist.strategy != "deepspeed":
         problems.append("distributed.deepspeed.offload_*: CPU offload needs distributed.strategy: deepspeed")
     if dist.elastic and dist.strategy == "deepspeed" and ds.stage > 0:
-        problems.append(f"distributed.num_workers: an elastic range needs strategy ddp or ZeRO stage 0; ZeRO-{ds.stage} "
+        problems.append(f"distributed.num_workers: an elastic range needs strategy ddp, fsdp or ZeRO stage 0; ZeRO-{ds.stage} "
                         "shards are tied to the worker count (set a fixed num_workers)")
     if job.train.optimizer == "adamw_8bit" and dist.strategy == "deepspeed":
         problems.append("train.optimizer: adamw_8bit runs with distributed.strategy ddp; DeepSpeed brings its own "
                         "AdamW (ZeRO shards its states across the workers, offload_optimizer moves them to the CPU)")
+    if job.train.optimizer == "adamw_8bit" and dist.strategy == "fsdp":
+        problems.append("train.optimizer: adamw_8bit runs with distributed.strategy ddp; fsdp shards AdamW's states "
+                        "across the workers (bitsandbytes' 8-bit states do not shard)")
+    if job.train.compile and dist.strategy == "fsdp":
+        problems.append("train.compile: compiles the whole model's forward, around fsdp's per-layer gathers; "
+                        "not with distributed.strategy fsdp")
+    if job.method == "qlora" and dist.strategy == "fsdp":
+        problems.append("distributed.strategy: fsdp does not shard bitsandbytes' 4-bit weights here; qlora trains with "
+                        "ddp or deepspeed (ZeRO-3 with quantization.quant_storage: bfloat16 shards them)")
     if ds.offload_params != "none" and ds.stage != 3:
         problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
     if job.method == "qlora" and job.zero3 and job.quantization.quant_storage == "uint8":
@@ -736,6 +756,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.zero3:
             problems.append("distributed.deepspeed.stage: objective grpo samples answers from each worker's whole "
                             "model, which ZeRO-3 shards: use stage 0-2 or ddp")
+        if dist.strategy == "fsdp":
+            problems.append("distributed.strategy: objective grpo samples answers from each worker's whole model, "
+                            "which fsdp shards: use ddp or deepspeed stage 0-2")
         if job.train.compile:
             problems.append("train.compile: objective grpo generates with the model; compile is for sft and "
                             "preference runs")

@@ -250,8 +250,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     shape = trained_shape(config, shape)
     train, dist, ds = config.train, config.distributed, config.distributed.deepspeed
     workers = dist.max_workers
-    deepspeed = dist.strategy == "deepspeed"
-    stage = ds.stage if deepspeed else 0
+    deepspeed, fsdp = dist.strategy == "deepspeed", dist.strategy == "fsdp"
+    stage = ds.stage if deepspeed else 3 if fsdp else 0  # fsdp shards as ZeRO-3 does
     shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on
     compute = 4 if train.precision == "fp32" else 2
     layer_linear = shape.layers * shape.layer_linear_params
@@ -267,7 +267,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
             parts["gradients"] = 2 * trained / shard(2)
         else:
             parts["weights"] = 4 * trained / shard(3)
-            if compute == 2:  # autocast's 16-bit copies of the matmul weights (the output layer's too), held for
+            if compute == 2 and not fsdp:  # autocast's 16-bit copies of the matmul weights (the output layer's too), held for
                 # backward; not of fused expert weights (their grouped matmul runs in fp32: `expert_bytes`)
                 parts["weight_copies"] = 2 * (layer_linear + shape.embedding_params)
             parts["gradients"] = 4 * trained / shard(2)
@@ -286,11 +286,17 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         else:
             base = compute * shape.params
         parts["base_weights"] = base / shard(3)  # ZeRO-3 partitions the frozen base too
-        parts["lora_weights"] = 4 * trained
+        parts["lora_weights"] = 4 * trained / (workers if fsdp else 1)
         parts["gradients"] = 4 * trained / shard(2)
         if expert_ranks(config, shape):  # PEFT adds B @ A to each layer's expert weights: a copy held for backward
             held = 1 if train.gradient_checkpointing else shape.layers
             parts["expert_weight_copies"] = base_bytes * held * shape.layer_expert_params
+    if fsdp:  # the layers gathered from the shards, in the compute dtype: the outer ones (embeddings, output
+        # layer) all along; of the decoder layers the one running and the next one prefetched, or all of them
+        # from forward to backward without reshard_after_forward
+        held = min(2 if dist.fsdp.reshard_after_forward else shape.layers, shape.layers)
+        outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden  # with the final norm
+        parts["gathered_weights"] = compute * (outer + held * (shape.params - outer) / shape.layers)
     state_bytes = ADAMW_8BIT_BYTES if train.optimizer == "adamw_8bit" else 8
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else state_bytes * trained / shard(1)
     inline_reference = ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
@@ -298,10 +304,11 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     if inline_reference and config.method == "full":
         # an inline reference (dpo/kto with preference.reference: inline, grpo with beta): a frozen copy of the
         # base, loaded in fp32 (preference.reference_model); ZeRO-3 shards it in the engine's dtype
-        parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
+        parts["reference_weights"] = compute * shape.params / workers if config.zero3 else 4 * shape.params
     elif inline_reference and config.model.adapter:
         # the adapter it started from is not the adapter off: a frozen copy of the base with it, as it is held
-        parts["reference_weights"] = parts["base_weights"] + 4 * adapter_params(config, shape) / shard(3)
+        # (ZeRO-3 shards it; fsdp's engine leaves it whole)
+        parts["reference_weights"] = (base + 4 * adapter_params(config, shape)) / (workers if config.zero3 else 1)
     scorers = reward_model_shapes(config)
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
@@ -357,7 +364,7 @@ def _targeted(module: str, targets: Any) -> bool:
 def expert_bytes(config: JobConfig, compute: int) -> int:
     """The bytes of a fused expert weight's matmul values: autocast leaves a grouped matmul
     alone, so it runs in the weights' dtype (fp32 in a full fine-tune but DeepSpeed's 16-bit one)."""
-    if config.method == "full" and not (config.distributed.strategy == "deepspeed" and compute == 2):
+    if config.method == "full" and not (config.distributed.strategy in ("deepspeed", "fsdp") and compute == 2):
         return 4
     return compute
 
@@ -479,6 +486,7 @@ def _dedupe(settings: list[str]) -> list[str]:
 
 PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (autocast)",
               "master_weights": "fp32 master weights", "base_weights": "frozen base weights",
+              "gathered_weights": "weights gathered from the shards (fsdp)",
               "lora_weights": "trained weights (adapters)", "gradients": "gradients",
               "expert_weight_copies": "expert weights + LoRA (PEFT), held for backward",
               "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",

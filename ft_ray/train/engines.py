@@ -1,5 +1,5 @@
 """The DDP engine (PyTorch DDP: NCCL on GPU, gloo on CPU), and `build_engine`, which picks
-it or the DeepSpeed one (`deepspeed_engine`, ZeRO 0-3) for the job. The interface both
+it, the DeepSpeed one (`deepspeed_engine`, ZeRO 0-3) or the FSDP2 one (`fsdp_engine`) for the job. The interface both
 implement is written down in `engine_api.Engine`.
 """
 
@@ -107,9 +107,14 @@ def data_parallel(model: Any, use_gpu: bool) -> Any:
 
 
 def build_engine(model: Any, config: JobConfig, total_steps: int, objective: Objective) -> Engine:
-    """The job's engine: DeepSpeed's for `distributed.strategy: deepspeed`, else DDP."""
+    """The job's engine: DeepSpeed's or FSDP2's for `distributed.strategy` deepspeed or fsdp,
+    else DDP."""
     if config.distributed.strategy == "deepspeed":
         from ft_ray.train.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, config, total_steps, objective)
+    if config.distributed.strategy == "fsdp":
+        from ft_ray.train.fsdp_engine import FSDPEngine
+
+        return FSDPEngine(model, config, total_steps, objective)
     return DDPEngine(model, config, total_steps, objective)

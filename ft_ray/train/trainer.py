@@ -214,7 +214,9 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
 
 def _strategy(config: JobConfig) -> str:
     dist = config.distributed
-    return f"DeepSpeed ZeRO-{dist.deepspeed.stage}" if dist.strategy == "deepspeed" else "DDP"
+    if dist.strategy == "deepspeed":
+        return f"DeepSpeed ZeRO-{dist.deepspeed.stage}"
+    return "FSDP2" if dist.strategy == "fsdp" else "DDP"
 
 
 def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int, str]:

@@ -181,6 +181,30 @@ def test_zero_stages_shard_and_offload_what_they_say():
     assert offloaded.parts["optimizer_states"] == offloaded.parts["master_weights"] == offloaded.parts["weights"] == 0
 
 
+def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gathers():
+    """As ZeRO-3, plus the layers gathered in the compute dtype: the embeddings and output
+    layer all along and two decoder layers (the one running, the next prefetched), or every
+    layer from forward to backward without reshard_after_forward. Autocast makes no copies of
+    its own: the gathered weights are 16-bit already. An 8B full fine-tune fits 4 x 80 GB."""
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
+    n, outer = shape.params, 2 * 128256 * 4096 + 4096  # embeddings, output layer, final norm
+    full = {"method": "full", "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp"},
+            "train": {"precision": "bf16", "gradient_checkpointing": True}}
+    plan = plan_memory(job(**full), shape)
+    sharded = {"weights": 4 * n / 4, "gradients": 4 * n / 4, "optimizer_states": 8 * n / 4,
+               "gathered_weights": 2 * (outer + 2 * (n - outer) / 32)}
+    for part, value in sharded.items():
+        assert plan.parts[part] == pytest.approx(value / MIB), part
+    assert "weight_copies" not in plan.parts and plan.fits(H100_80GB)
+    kept = plan_memory(job(**{**full, "distributed": {**full["distributed"], "fsdp": {"reshard_after_forward": False}}}),
+                       shape)
+    assert kept.parts["gathered_weights"] == pytest.approx(2 * n / MIB)
+    assert not plan_memory(job(**{**full, "distributed": {**full["distributed"], "strategy": "ddp"}}), shape).fits(H100_80GB)
+    lora = plan_memory(job(**{**full, "method": "lora"}), shape)
+    assert lora.parts["base_weights"] == pytest.approx(2 * n / 4 / MIB)
+    assert lora.parts["lora_weights"] == pytest.approx(lora.parts["gradients"])  # both a quarter of the adapters
+
+
 # Peak GPU memory (torch.cuda.max_memory_allocated) of ft-ray's step in bench/RESULTS.md,
 # "GPU, session 9" (2026-11-26, one H100 80GB, `bash bench/gpu.sh`): a 1B Llama shape
 # (bench/train.py LLAMA_1B, vocab 32000, tied embeddings), bf16, 8 sequences of 2048 tokens per

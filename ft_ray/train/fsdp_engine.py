@@ -1,0 +1,167 @@
+"""PyTorch FSDP2 (`fully_shard`) behind the engine interface: every decoder layer and the
+model around them are sharded across the workers (weights, gradients and AdamW states, as
+ZeRO-3 does), gathered a layer at a time for its forward and backward.
+
+Precision: the sharded weights keep the dtype the model was built in (fp32 for a full
+fine-tune, the 16-bit base and fp32 adapters for LoRA); with bf16/fp16 each layer is gathered
+in that dtype (`MixedPrecisionPolicy`, half the traffic of fp32) and gradients are reduced in
+fp32, under the same autocast as the DDP engine.
+
+Checkpoints: every rank writes its shard with `torch.distributed.checkpoint` (DCP) into
+`fsdp/` of the same Ray checkpoint (the trained weights only: a LoRA run's frozen base is
+the model it started from), rank 0 the gathered weights in the HF/PEFT layout (`model/`) and
+the schedule. DCP re-shards on load, so a run resumes on another number of workers (elastic
+ranges work), unlike ZeRO's shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ft_ray.config import JobConfig
+from ft_ray.train.engine_api import (COMPUTE_DTYPES, build_optimizer, eval_loss_sum, lr_multiplier,
+                                     micro_batch_weights)
+from ft_ray.train.objectives import Objective
+
+FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
+
+
+def shard_model(model: Any, config: JobConfig) -> list[Any]:
+    """`fully_shard` each decoder layer (the classes the model names in `_no_split_modules`),
+    then the whole model (embeddings, final norm, output layer). Returns the layers sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    compute = COMPUTE_DTYPES.get(config.train.precision)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise RuntimeError(f"distributed.strategy fsdp: {type(base).__name__} names no decoder layer class "
+                           "(_no_split_modules) to shard by; use ddp or deepspeed")
+    reshard = config.distributed.fsdp.reshard_after_forward
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+    return layers
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device: Ray Train's, or outside a Ray worker the GPU when asked for."""
+    if "ray" in sys.modules:
+        import ray.train.torch
+
+        with contextlib.suppress(RuntimeError):  # outside a Ray Train worker
+            return ray.train.torch.get_device()
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+class FSDPEngine:
+    """One worker's shard of an FSDP2 run; gradients are reduce-scattered every micro step
+    (the shard's, not a whole model's, are kept between micro steps)."""
+
+    saves_on_every_rank = True
+
+    def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
+        self.module, self.objective = model, objective
+        self.device = worker_device(config.distributed.use_gpu)
+        model.to(self.device)
+        shard_model(model, config)
+        self.model = model
+        train = config.train
+        self.frozen_base = config.trains_adapter
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
+        self.max_grad_norm = train.max_grad_norm
+        self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
+
+    def autocast(self) -> Any:
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                else contextlib.nullcontext())
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        with self.autocast():
+            return self.objective.loss(self.model, batch)
+
+    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        with self.autocast():
+            return micro_batch_weights(self.objective, self.model, micro_batches)
+
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one micro batch; its gradients are reduce-scattered into
+        each rank's shard at once (`sync` is not needed: holding unsharded gradients across
+        micro steps would cost a whole model's gradients per worker)."""
+        loss, metrics = self.forward_loss(batch)
+        (loss * scale).backward()
+        return loss.item(), metrics
+
+    def step(self) -> float:
+        """Clip (the norm over every rank's shards), update and advance the schedule; returns
+        the gradient norm before clipping."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
+        return eval_loss_sum(self.model, self.forward_loss, self.objective, batch)
+
+    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        """The sharded model (its trained weights) and optimizer state dicts DCP saves and
+        loads, and the options that made them."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # a LoRA run's frozen base is left out, and so not expected back on load
+        options = StateDictOptions(ignore_frozen_params=self.frozen_base, strict=not self.frozen_base)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
+        return model_state, optimizer_state, options
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Every rank: its shard of the trained weights and optimizer states (DCP); rank 0
+        also the gathered weights as an adapter or HF model in safetensors, and the schedule.
+        A collective: every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optimizer_state, _ = self.state_dicts()
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / FSDP_FOLDER))
+        state = self.gathered_state_dict(rank)
+        if rank == 0:
+            self.module.save_pretrained(folder / "model", state_dict=state, safe_serialization=True)
+            torch.save({"scheduler": self.scheduler.state_dict()}, folder / SCHEDULE_FILE)
+
+    def gathered_state_dict(self, rank: int) -> dict[str, torch.Tensor]:
+        """The trained weights (for LoRA, the adapters and what trains whole) on rank 0, one
+        parameter at a time, so no rank holds the whole model twice. A collective."""
+        state = {}
+        for name, param in self.module.named_parameters():
+            if self.frozen_base and not param.requires_grad:
+                continue
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+            if rank == 0:
+                state[name] = whole.detach().to("cpu", copy=True)
+        return state  # PEFT's save_pretrained picks the adapter keys out of it
+
+    def load(self, folder: Path) -> None:
+        """Restore the trained weights and optimizer states from the shards of any number of
+        workers (DCP re-shards them to this run's), and the schedule."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        model_state, optimizer_state, options = self.state_dicts()
+        saved = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(saved, checkpoint_id=str(folder / FSDP_FOLDER))
+        set_state_dict(self.model, self.optimizer, model_state_dict=saved["model"],
+                       optim_state_dict=saved["optimizer"], options=options)
+        schedule = torch.load(folder / SCHEDULE_FILE, map_location="cpu", weights_only=True)
+        self.scheduler.load_state_dict(schedule["scheduler"])

@@ -1,0 +1,108 @@
+"""The FSDP2 engine in one process (a gloo group of one, no Ray): the same steps as the DDP
+engine, its checkpoint, and the settings it refuses. Two workers: `tests/integration/test_strategies.py`."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ft_ray.config import ConfigError, config_from_dict
+from ft_ray.train.engines import DDPEngine, build_engine
+from ft_ray.train.fsdp_engine import FSDPEngine
+from ft_ray.train.modeling import build_model
+from ft_ray.train.objectives import build_objective
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def job(strategy: str, method: str, precision: str, **train):
+    return config_from_dict({"method": method, "data": {"train": "t.jsonl"}, "distributed": {"strategy": strategy},
+                             "lora": {"dropout": 0.0}, "train": {"precision": precision, "learning_rate": 1e-3,
+                                                                 "warmup_steps": 0, **train}})
+
+
+def engine_of(config):
+    torch.manual_seed(1)
+    model = build_model(config, "builtin:tiny-llama")
+    return build_engine(model, config, total_steps=10, objective=build_objective(config, model))
+
+
+def steps(engine, batch, count: int) -> list[float]:
+    """Each step's loss and gradient norm."""
+    seen = []
+    for _ in range(count):
+        seen.append(engine.micro_step(batch, 1.0, True)[0])
+        seen.append(engine.step())
+    return seen
+
+
+@pytest.mark.parametrize("method, precision, checkpointing", [("full", "fp32", False), ("lora", "bf16", True)])
+def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(process_group, tmp_path, method,
+                                                                             precision, checkpointing):
+    """A full fine-tune in fp32 and LoRA over a bf16 base with gradient checkpointing (both with
+    the fused paths): the losses and gradient norms of three steps are DDP's; the checkpoint
+    holds DCP shards (for LoRA the adapters only: the base is where the run started) beside
+    the HF/PEFT weights; loaded into a new engine, the next step is the one the engine that
+    went on took."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (4, 64))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(64).repeat(4, 1)}
+    fsdp = engine_of(job("fsdp", method, precision, gradient_checkpointing=checkpointing))
+    assert isinstance(fsdp, FSDPEngine)
+    ddp = engine_of(job("ddp", method, precision, gradient_checkpointing=checkpointing))
+    assert isinstance(ddp, DDPEngine)
+    went = steps(fsdp, batch, 3)
+    torch.testing.assert_close(went, steps(ddp, batch, 3), rtol=1e-6, atol=0)
+    assert went[4] < went[0]  # the third step's loss, after two updates
+
+    fsdp.save(tmp_path, rank=0)
+    saved = dcp.FileSystemReader(str(tmp_path / "fsdp")).read_metadata().state_dict_metadata
+    weights = [key for key in saved if key.startswith("model.")]
+    assert (tmp_path / "fsdp" / "__0_0.distcp").is_file() and (tmp_path / "schedule.pt").is_file()
+    if method == "lora":
+        assert weights and all("lora_" in key for key in weights)
+        assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+    else:
+        assert len(weights) == sum(1 for _ in fsdp.module.parameters())
+        assert (tmp_path / "model" / "model.safetensors").is_file()
+    resumed = engine_of(job("fsdp", method, precision, gradient_checkpointing=checkpointing))
+    resumed.load(tmp_path)
+    assert resumed.lr == fsdp.lr
+    assert steps(resumed, batch, 1) == steps(fsdp, batch, 1)
+    for (name, went_on), back in zip(fsdp.module.named_parameters(), resumed.module.parameters()):
+        torch.testing.assert_close(back.full_tensor(), went_on.full_tensor(), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "qlora"}, "distributed.strategy: fsdp does not shard bitsandbytes' 4-bit weights"),
+    ({"objective": "grpo", "data": {"train": "t.jsonl", "format": "completion"}, "grpo": {"rewards": {"chrf": 1}}},
+     "objective grpo samples answers from each worker's whole model, which fsdp shards"),
+    ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp; fsdp shards"),
+    ({"train": {"compile": True}}, "train.compile: compiles the whole model's forward"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(settings, message):
+    raw = {"data": {"train": "t.jsonl"}, **settings, "distributed": {"strategy": "fsdp"}}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_an_elastic_range_trains_with_fsdp_not_with_zero3():
+    """DCP re-shards a checkpoint to another worker count; ZeRO-3's shards are tied to theirs."""
+    assert config_from_dict({"data": {"train": "t.jsonl"}, "method": "full",
+                             "distributed": {"strategy": "fsdp", "num_workers": [1, 4]}}).distributed.elastic
+    with pytest.raises(ConfigError, match="an elastic range needs strategy ddp, fsdp or ZeRO stage 0"):
+        config_from_dict({"data": {"train": "t.jsonl"}, "method": "full",
+                          "distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 3}, "num_workers": [1, 4]}})
