@@ -1025,7 +1025,8 @@ PEER_NAMES = {
     "assistant_only_loss": "data.loss_on", "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
     "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_new_tokens",
     "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "epsilon_high": "grpo.epsilon_high",
-    "optim": "train.optimizer", "optimizer": "train.optimizer",
+    "optim": "train.optimizer", "optimizer": "train.optimizer", "fsdp": "distributed.strategy: fsdp",
+    "fsdp_config": "distributed.fsdp", "fsdp_reshard_after_forward": "distributed.fsdp.reshard_after_forward",
 }
 
 

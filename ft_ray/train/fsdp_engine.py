@@ -33,7 +33,8 @@ FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 
 def shard_model(model: Any, config: JobConfig) -> list[Any]:
     """`fully_shard` each decoder layer (the classes the model names in `_no_split_modules`),
-    then the whole model (embeddings, final norm, output layer). Returns the layers sharded."""
+    then the whole model (embeddings, final norm, output layer or score head). Returns the
+    layers sharded."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     compute = COMPUTE_DTYPES.get(config.train.precision)
@@ -47,7 +48,10 @@ def shard_model(model: Any, config: JobConfig) -> list[Any]:
     reshard = config.distributed.fsdp.reshard_after_forward
     for layer in layers:
         fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+    # the outer weights stay gathered from forward to backward: they are needed first in backward, and a
+    # loss taken from inside the model (the reward model's score head, through a hook) never runs the
+    # root's pre-backward hook that would gather them again (its backward then met freed storage)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     return layers
 
 

@@ -26,10 +26,10 @@ def process_group():
     dist.destroy_process_group()
 
 
-def job(strategy: str, method: str, precision: str, **train):
-    return config_from_dict({"method": method, "data": {"train": "t.jsonl"}, "distributed": {"strategy": strategy},
-                             "lora": {"dropout": 0.0}, "train": {"precision": precision, "learning_rate": 1e-3,
-                                                                 "warmup_steps": 0, **train}})
+def job(strategy: str, method: str, precision: str, objective: str = "sft", **train):
+    return config_from_dict({"method": method, "objective": objective, "data": {"train": "t.jsonl"},
+                             "distributed": {"strategy": strategy}, "lora": {"dropout": 0.0},
+                             "train": {"precision": precision, "learning_rate": 1e-3, "warmup_steps": 0, **train}})
 
 
 def engine_of(config):
@@ -86,12 +86,31 @@ def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(proc
         torch.testing.assert_close(back.full_tensor(), went_on.full_tensor(), rtol=0, atol=0, msg=name)
 
 
+def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_group):
+    """The reward model's loss comes from its score head's output inside the forward (a hook),
+    not from what the model returns: FSDP must keep the outer weights gathered into backward,
+    where the head's gradient is taken (before, its storage was freed: an error)."""
+    from ft_ray.data.formats import CHOSEN, REJECTED
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (2, 32))
+    labels = ids.clone()
+    labels[:, :8] = labels[:, 16:24] = -100  # each row: a chosen and a rejected answer after 8 prompt tokens
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(16).repeat(2, 2),
+             "roles": torch.tensor([CHOSEN] * 16 + [REJECTED] * 16).repeat(2, 1)}
+    fsdp, ddp = (engine_of(job(strategy, "lora", "fp32", objective="reward_model")) for strategy in ("fsdp", "ddp"))
+    went = steps(fsdp, batch, 3)
+    torch.testing.assert_close(went, steps(ddp, batch, 3), rtol=1e-6, atol=0)
+    assert went[4] < went[0]
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"method": "qlora"}, "distributed.strategy: fsdp does not shard bitsandbytes' 4-bit weights"),
     ({"objective": "grpo", "data": {"train": "t.jsonl", "format": "completion"}, "grpo": {"rewards": {"chrf": 1}}},
      "objective grpo samples answers from each worker's whole model, which fsdp shards"),
     ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp; fsdp shards"),
     ({"train": {"compile": True}}, "train.compile: compiles the whole model's forward"),
+    ({"fsdp": "full_shard auto_wrap"}, r"unknown key 'fsdp' \(ft-ray's key: 'distributed.strategy: fsdp'\)"),  # HF's
 ])
 def test_fsdp_refuses_what_it_cannot_shard(settings, message):
     raw = {"data": {"train": "t.jsonl"}, **settings, "distributed": {"strategy": "fsdp"}}
