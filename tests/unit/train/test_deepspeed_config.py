@@ -68,10 +68,12 @@ def test_qlora_zero3_with_float_storage_is_allowed():
     assert config.quantization.quant_storage == "bfloat16"
 
 
-def test_elastic_worker_range_for_ddp_and_not_for_sharded_zero():
+def test_elastic_worker_range_for_ddp_and_fsdp_not_for_sharded_zero():
+    """FSDP's DCP checkpoints re-shard to another worker count; ZeRO's shards are tied to theirs."""
     elastic = job(method="lora", distributed={"strategy": "ddp", "num_workers": [2, 8]})
     assert elastic.distributed.elastic and elastic.distributed.max_workers == 8
-    with pytest.raises(ConfigError, match="elastic range needs strategy ddp or ZeRO stage 0"):
+    assert job(method="full", distributed={"strategy": "fsdp", "num_workers": [2, 8]}).distributed.elastic
+    with pytest.raises(ConfigError, match="elastic range needs strategy ddp, fsdp or ZeRO stage 0"):
         job(distributed={"strategy": "deepspeed", "num_workers": [2, 8], "deepspeed": {"stage": 2}})
     stage0 = job(distributed={"strategy": "deepspeed", "num_workers": [2, 8], "deepspeed": {"stage": 0}})
     assert "train_batch_size" not in deepspeed_config(stage0, 10)

@@ -117,11 +117,3 @@ def test_fsdp_refuses_what_it_cannot_shard(settings, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
 
-
-def test_an_elastic_range_trains_with_fsdp_not_with_zero3():
-    """DCP re-shards a checkpoint to another worker count; ZeRO-3's shards are tied to theirs."""
-    assert config_from_dict({"data": {"train": "t.jsonl"}, "method": "full",
-                             "distributed": {"strategy": "fsdp", "num_workers": [1, 4]}}).distributed.elastic
-    with pytest.raises(ConfigError, match="an elastic range needs strategy ddp, fsdp or ZeRO stage 0"):
-        config_from_dict({"data": {"train": "t.jsonl"}, "method": "full",
-                          "distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 3}, "num_workers": [1, 4]}})
