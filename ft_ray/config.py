@@ -305,6 +305,10 @@ class DistributedConfig(Section):
         return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
     @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
     def elastic(self) -> bool:
         return not isinstance(self.num_workers, int)
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs each training worker holds")

@@ -249,7 +249,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     """One training worker's peak GPU memory for `config` on a model of `shape`."""
     shape = trained_shape(config, shape)
     train, dist, ds = config.train, config.distributed, config.distributed.deepspeed
-    workers = dist.max_workers
+    workers = dist.min_workers  # an elastic run's fewest workers shard the least: its peak
     deepspeed, fsdp = dist.strategy == "deepspeed", dist.strategy == "fsdp"
     stage = ds.stage if deepspeed else 3 if fsdp else 0  # fsdp shards as ZeRO-3 does
     shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on

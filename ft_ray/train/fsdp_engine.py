@@ -31,10 +31,13 @@ from ft_ray.train.objectives import Objective
 FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 
 
-def shard_model(model: Any, config: JobConfig) -> list[Any]:
+def shard_model(model: Any, config: JobConfig, device: torch.device) -> list[Any]:
     """`fully_shard` each decoder layer (the classes the model names in `_no_split_modules`),
-    then the whole model (embeddings, final norm, output layer or score head). Returns the
-    layers sharded."""
+    then the whole model (embeddings, final norm, output layer or score head), over all
+    workers on `device`: each module's weights move there as it is sharded, so a worker never
+    holds the whole model on its GPU. Returns the layers sharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     compute = COMPUTE_DTYPES.get(config.train.precision)
@@ -45,13 +48,14 @@ def shard_model(model: Any, config: JobConfig) -> list[Any]:
     if not layers:
         raise RuntimeError(f"distributed.strategy fsdp: {type(base).__name__} names no decoder layer class "
                            "(_no_split_modules) to shard by; use ddp or deepspeed")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reshard = config.distributed.fsdp.reshard_after_forward
     for layer in layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     # the outer weights stay gathered from forward to backward: they are needed first in backward, and a
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return layers
 
 
@@ -74,8 +78,7 @@ class FSDPEngine:
     def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
         self.module, self.objective = model, objective
         self.device = worker_device(config.distributed.use_gpu)
-        model.to(self.device)
-        shard_model(model, config)
+        shard_model(model, config, self.device)
         self.model = model
         train = config.train
         self.frozen_base = config.trains_adapter

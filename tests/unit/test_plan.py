@@ -185,7 +185,8 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     """As ZeRO-3, plus the layers gathered in the compute dtype: the embeddings and output
     layer all along and two decoder layers (the one running, the next prefetched), or every
     layer from forward to backward without reshard_after_forward. Autocast makes no copies of
-    its own: the gathered weights are 16-bit already. An 8B full fine-tune fits 4 x 80 GB."""
+    its own: the gathered weights are 16-bit already. An 8B full fine-tune fits 4 x 80 GB; an
+    elastic range is planned at its fewest workers."""
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n, outer = shape.params, 2 * 128256 * 4096 + 4096  # embeddings, output layer, final norm
     full = {"method": "full", "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp"},
@@ -196,6 +197,8 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     for part, value in sharded.items():
         assert plan.parts[part] == pytest.approx(value / MIB), part
     assert "weight_copies" not in plan.parts and plan.fits(H100_80GB)
+    elastic = plan_memory(job(**{**full, "distributed": {**full["distributed"], "num_workers": [4, 8]}}), shape)
+    assert elastic.parts == plan.parts  # planned at its fewest workers: the least sharded
     kept = plan_memory(job(**{**full, "distributed": {**full["distributed"], "fsdp": {"reshard_after_forward": False}}}),
                        shape)
     assert kept.parts["gathered_weights"] == pytest.approx(2 * n / MIB)
