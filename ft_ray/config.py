@@ -266,7 +266,7 @@ class QuantizationConfig(Section):
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field("uint8", description=(
-        "storage dtype of packed 4-bit weights; ZeRO-3 needs a float one (e.g. bfloat16) to shard them"))
+        "storage dtype of packed 4-bit weights; ZeRO-3 and fsdp need a float one (e.g. bfloat16) to shard them"))
 
 
 class DistributedConfig(Section):
@@ -714,14 +714,12 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if job.train.compile and dist.strategy == "fsdp":
         problems.append("train.compile: compiles the whole model's forward, around fsdp's per-layer gathers; "
                         "not with distributed.strategy fsdp")
-    if job.method == "qlora" and dist.strategy == "fsdp":
-        problems.append("distributed.strategy: fsdp does not shard bitsandbytes' 4-bit weights here; qlora trains with "
-                        "ddp or deepspeed (ZeRO-3 with quantization.quant_storage: bfloat16 shards them)")
     if ds.offload_params != "none" and ds.stage != 3:
         problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
-    if job.method == "qlora" and job.zero3 and job.quantization.quant_storage == "uint8":
-        problems.append("quantization.quant_storage: qlora with ZeRO-3 needs a float storage dtype (bnb_4bit_quant_storage), "
-                        "e.g. bfloat16, so the 4-bit weights can be sharded; or use stage 2")
+    if job.method == "qlora" and (job.zero3 or dist.strategy == "fsdp") and job.quantization.quant_storage == "uint8":
+        problems.append(f"quantization.quant_storage: qlora with {'ZeRO-3' if job.zero3 else 'fsdp'} needs a float storage "
+                        "dtype (bnb_4bit_quant_storage), e.g. bfloat16, so the 4-bit weights can be sharded"
+                        + ("; or use stage 2" if job.zero3 else ""))
     if job.method == "qlora" and dist.strategy == "deepspeed" and ds.offload_params != "none":
         problems.append("distributed.deepspeed.offload_params: 4-bit weights cannot be offloaded; use offload_optimizer")
     if job.data.text_stride >= job.model.max_seq_len // 2:

@@ -291,12 +291,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         if expert_ranks(config, shape):  # PEFT adds B @ A to each layer's expert weights: a copy held for backward
             held = 1 if train.gradient_checkpointing else shape.layers
             parts["expert_weight_copies"] = base_bytes * held * shape.layer_expert_params
-    if fsdp:  # the layers gathered from the shards, in the compute dtype: the outer ones (embeddings, output
-        # layer) all along; of the decoder layers the one running and the next one prefetched, or all of them
-        # from forward to backward without reshard_after_forward
-        held = min(2 if dist.fsdp.reshard_after_forward else shape.layers, shape.layers)
-        outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden  # with the final norm
-        parts["gathered_weights"] = compute * (outer + held * (shape.params - outer) / shape.layers)
+    if fsdp:
+        parts["gathered_weights"] = fsdp_gathered_bytes(config, shape, compute)
     state_bytes = ADAMW_8BIT_BYTES if train.optimizer == "adamw_8bit" else 8
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else state_bytes * trained / shard(1)
     inline_reference = ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
@@ -326,6 +322,22 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_MIB if dist.use_gpu else 0
     return Plan(parts, workers, tokens)
+
+
+def fsdp_gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
+    """The weights an FSDP worker holds gathered from the shards: the outer ones (embeddings,
+    output layer, final norm) all along; of the decoder layers the one running and the next
+    one prefetched, or all of them from forward to backward without reshard_after_forward.
+    In the compute dtype (`fsdp_engine.shard_model`'s policy), but QLoRA's as stored: linear
+    layers in 4 bits, experts in the compute dtype, the rest in fp32."""
+    held = min(2 if config.distributed.fsdp.reshard_after_forward else shape.layers, shape.layers)
+    outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
+    if config.method == "qlora":
+        expert_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
+        layer = (shape.layer_linear_params * QLORA_BYTES[config.quantization.double_quant]
+                 + expert_bytes * shape.layer_expert_params + 4 * 2 * shape.hidden)  # and its two norms
+        return 4 * outer + held * layer
+    return compute * (outer + held * (shape.params - outer) / shape.layers)
 
 
 def adapter_params(config: JobConfig, shape: Shape) -> int:

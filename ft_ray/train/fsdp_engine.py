@@ -5,7 +5,9 @@ ZeRO-3 does), gathered a layer at a time for its forward and backward.
 Precision: the sharded weights keep the dtype the model was built in (fp32 for a full
 fine-tune, the 16-bit base and fp32 adapters for LoRA); with bf16/fp16 each layer is gathered
 in that dtype (`MixedPrecisionPolicy`, half the traffic of fp32) and gradients are reduced in
-fp32, under the same autocast as the DDP engine.
+fp32, under the same autocast as the DDP engine. QLoRA's layers are gathered as stored (the
+4-bit weights packed in `quantization.quant_storage`, a float dtype so they can be sharded;
+bitsandbytes keeps their quantization state on the module).
 
 Checkpoints: every rank writes its shard with `torch.distributed.checkpoint` (DCP) into
 `fsdp/` of the same Ray checkpoint (the trained weights only: a LoRA run's frozen base is
@@ -40,7 +42,8 @@ def shard_model(model: Any, config: JobConfig, device: torch.device) -> list[Any
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    compute = COMPUTE_DTYPES.get(config.train.precision)
+    # QLoRA's 4-bit weights are packed in their storage dtype: gathered as stored, never cast
+    compute = COMPUTE_DTYPES.get(config.train.precision) if config.method != "qlora" else None
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())

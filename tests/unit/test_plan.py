@@ -7,7 +7,7 @@ import pytest
 
 from ft_ray.cli import main
 from ft_ray.config import config_from_dict
-from ft_ray.plan import ACTIVATION_MARGIN, MIB, Shape, model_shape, plan_memory, suggestions, worst_case
+from ft_ray.plan import ACTIVATION_MARGIN, MIB, QLORA_BYTES, Shape, model_shape, plan_memory, suggestions, worst_case
 
 H100_80GB = 80e9 / MIB
 
@@ -185,8 +185,8 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     """As ZeRO-3, plus the layers gathered in the compute dtype: the embeddings and output
     layer all along and two decoder layers (the one running, the next prefetched), or every
     layer from forward to backward without reshard_after_forward. Autocast makes no copies of
-    its own: the gathered weights are 16-bit already. An 8B full fine-tune fits 4 x 80 GB; an
-    elastic range is planned at its fewest workers."""
+    its own: the gathered weights are 16-bit already; QLoRA's are gathered as stored. An 8B full
+    fine-tune fits 4 x 80 GB; an elastic range is planned at its fewest workers."""
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n, outer = shape.params, 2 * 128256 * 4096 + 4096  # embeddings, output layer, final norm
     full = {"method": "full", "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp"},
@@ -206,6 +206,9 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     lora = plan_memory(job(**{**full, "method": "lora"}), shape)
     assert lora.parts["base_weights"] == pytest.approx(2 * n / 4 / MIB)
     assert lora.parts["lora_weights"] == pytest.approx(lora.parts["gradients"])  # both a quarter of the adapters
+    qlora = plan_memory(job(**{**full, "method": "qlora", "quantization": {"quant_storage": "bfloat16"}}), shape)
+    layer = shape.layer_linear_params * QLORA_BYTES[True] + 4 * 2 * 4096  # 4-bit linear layers, fp32 norms
+    assert qlora.parts["gathered_weights"] == pytest.approx((4 * outer + 2 * layer) / MIB)  # gathered as stored
 
 
 # Peak GPU memory (torch.cuda.max_memory_allocated) of ft-ray's step in bench/RESULTS.md,

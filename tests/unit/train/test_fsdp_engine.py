@@ -29,6 +29,7 @@ def process_group():
 def job(strategy: str, method: str, precision: str, objective: str = "sft", **train):
     return config_from_dict({"method": method, "objective": objective, "data": {"train": "t.jsonl"},
                              "distributed": {"strategy": strategy}, "lora": {"dropout": 0.0},
+                             "quantization": {"quant_storage": "bfloat16"},  # qlora's, to be sharded
                              "train": {"precision": precision, "learning_rate": 1e-3, "warmup_steps": 0, **train}})
 
 
@@ -47,12 +48,14 @@ def steps(engine, batch, count: int) -> list[float]:
     return seen
 
 
-@pytest.mark.parametrize("method, precision, checkpointing", [("full", "fp32", False), ("lora", "bf16", True)])
+@pytest.mark.parametrize("method, precision, checkpointing", [("full", "fp32", False), ("lora", "bf16", True),
+                                                              ("qlora", "bf16", False)])
 def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(process_group, tmp_path, method,
                                                                              precision, checkpointing):
-    """A full fine-tune in fp32 and LoRA over a bf16 base with gradient checkpointing (both with
-    the fused paths): the losses and gradient norms of three steps are DDP's; the checkpoint
-    holds DCP shards (for LoRA the adapters only: the base is where the run started) beside
+    """A full fine-tune in fp32, LoRA over a bf16 base with gradient checkpointing and QLoRA
+    (its 4-bit weights stored in bf16) in bf16, all with the fused paths: the losses and
+    gradient norms of three steps are DDP's; the checkpoint holds DCP shards (for LoRA and
+    QLoRA the adapters only: the base is where the run started) beside
     the HF/PEFT weights; loaded into a new engine, the next step is the one the engine that
     went on took."""
     import torch.distributed.checkpoint as dcp
@@ -72,7 +75,7 @@ def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(proc
     saved = dcp.FileSystemReader(str(tmp_path / "fsdp")).read_metadata().state_dict_metadata
     weights = [key for key in saved if key.startswith("model.")]
     assert (tmp_path / "fsdp" / "__0_0.distcp").is_file() and (tmp_path / "schedule.pt").is_file()
-    if method == "lora":
+    if method != "full":
         assert weights and all("lora_" in key for key in weights)
         assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
     else:
@@ -83,7 +86,8 @@ def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(proc
     assert resumed.lr == fsdp.lr
     assert steps(resumed, batch, 1) == steps(fsdp, batch, 1)
     for (name, went_on), back in zip(fsdp.module.named_parameters(), resumed.module.parameters()):
-        torch.testing.assert_close(back.full_tensor(), went_on.full_tensor(), rtol=0, atol=0, msg=name)
+        if went_on.requires_grad:  # (QLoRA's packed 4-bit weights read as bf16 hold NaNs)
+            torch.testing.assert_close(back.full_tensor(), went_on.full_tensor(), rtol=0, atol=0, msg=name)
 
 
 def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_group):
@@ -105,7 +109,7 @@ def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_grou
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"method": "qlora"}, "distributed.strategy: fsdp does not shard bitsandbytes' 4-bit weights"),
+    ({"method": "qlora"}, "quantization.quant_storage: qlora with fsdp needs a float storage dtype"),
     ({"objective": "grpo", "data": {"train": "t.jsonl", "format": "completion"}, "grpo": {"rewards": {"chrf": 1}}},
      "objective grpo samples answers from each worker's whole model, which fsdp shards"),
     ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp; fsdp shards"),
