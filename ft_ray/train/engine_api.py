@@ -1,4 +1,4 @@
-"""The engine interface the training loop calls, and what both engines share.
+"""The engine interface the training loop calls, and what the engines share.
 
 An engine owns one worker's model, optimizer and schedule: `step_weights` (what each micro
 batch of a step averages its loss over, `micro_batch_weights`), `micro_step` (forward and
@@ -8,12 +8,13 @@ gradients synchronised only when told; returns the loss and the objective's metr
 gradient accumulation is decided by the loop, which calls it every `gradient_accumulation`
 micro steps), `lr`, `eval_loss_sum`, `save` and `load` (the weights in the HF/PEFT layout
 under `model/`, so export does not care which engine trained them). The loss always comes
-from the run's `Objective`. Implemented by `engines.DDPEngine` and
-`deepspeed_engine.DeepSpeedEngine`.
+from the run's `Objective`. Implemented by `engines.DDPEngine`, `fsdp_engine.FSDPEngine`
+(both on `TorchEngine`) and `deepspeed_engine.DeepSpeedEngine`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -45,6 +46,65 @@ class Engine(Protocol):
     def save(self, folder: Path, rank: int) -> None: ...
 
     def load(self, folder: Path) -> None: ...
+
+
+class TorchEngine:
+    """What the DDP and FSDP engines share: torch's optimizer and schedule over the model
+    `self.model` wraps, autocast to `train.precision`, gradients clipped by their norm over
+    all workers. A subclass builds `self.model` (the wrapped model) and calls `setup`."""
+
+    module: Any
+    model: Any
+    device: torch.device
+
+    def setup(self, config: JobConfig, total_steps: int, objective: Objective) -> None:
+        """The optimizer (over the parameters as wrapped), schedule and autocast of a job."""
+        train = config.train
+        self.objective = objective
+        self.optimizer = build_optimizer(self.module, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
+        self.max_grad_norm = train.max_grad_norm
+        self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
+
+    def autocast(self) -> Any:
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                else contextlib.nullcontext())
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        with self.autocast():
+            return self.objective.loss(self.model, batch)
+
+    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        with self.autocast():
+            return micro_batch_weights(self.objective, self.model, micro_batches)
+
+    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one micro batch; under DDP gradients are all-reduced only if
+        `sync` (FSDP reduce-scatters them into each rank's shard at once: holding whole
+        gradients between micro steps would cost a whole model's per worker)."""
+        no_sync = getattr(self.model, "no_sync", None)
+        context = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
+        with context:
+            loss, metrics = self.forward_loss(batch)
+            (loss * scale).backward()
+        return loss.item(), metrics
+
+    def step(self) -> float:
+        """Clip, update and advance the schedule; returns the gradient norm before clipping
+        (over every rank's shards under FSDP)."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
+        return eval_loss_sum(self.model, self.forward_loss, self.objective, batch)
 
 
 LORA_B = ("lora_B.", "lora_embedding_B.")  # in the names of LoRA's B matrices (PEFT)

@@ -1,11 +1,10 @@
 """The DDP engine (PyTorch DDP: NCCL on GPU, gloo on CPU), and `build_engine`, which picks
-it, the DeepSpeed one (`deepspeed_engine`, ZeRO 0-3) or the FSDP2 one (`fsdp_engine`) for the job. The interface both
-implement is written down in `engine_api.Engine`.
+it, the DeepSpeed one (`deepspeed_engine`, ZeRO 0-3) or the FSDP2 one (`fsdp_engine`) for the
+job. The interface they implement is written down in `engine_api.Engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,64 +12,22 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import (COMPUTE_DTYPES, Engine, build_optimizer, eval_loss_sum, lr_multiplier,
-                                    micro_batch_weights)
+from ft_ray.train.engine_api import Engine, TorchEngine
 from ft_ray.train.objectives import Objective
 
 TRAINER_STATE = "optimizer.pt"
 
 
-class DDPEngine:
+class DDPEngine(TorchEngine):
     """One worker's share of a data-parallel run; gradients are averaged by DDP."""
 
     saves_on_every_rank = False  # every rank holds the same state: rank 0 writes it
 
     def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
-        self.module, self.objective = model, objective
+        self.module = model
         self.model = data_parallel(model, config.distributed.use_gpu)
         self.device = next(self.module.parameters()).device
-        train = config.train
-        self.optimizer = build_optimizer(self.module, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
-        self.max_grad_norm = train.max_grad_norm
-        self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
-
-    def autocast(self) -> Any:
-        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                else contextlib.nullcontext())
-
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        with self.autocast():
-            return self.objective.loss(self.model, batch)
-
-    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
-        with self.autocast():
-            return micro_batch_weights(self.objective, self.model, micro_batches)
-
-    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
-        """Forward and backward of one micro batch; gradients are all-reduced only if `sync`."""
-        no_sync = getattr(self.model, "no_sync", None)
-        context = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
-        with context:
-            loss, metrics = self.forward_loss(batch)
-            (loss * scale).backward()
-        return loss.item(), metrics
-
-    def step(self) -> float:
-        """Clip, update and advance the schedule; returns the gradient norm before clipping."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
-        return eval_loss_sum(self.model, self.forward_loss, self.objective, batch)
+        self.setup(config, total_steps, objective)
 
     def save(self, folder: Path, rank: int) -> None:
         """Weights (adapter or full model, safetensors) and optimizer/scheduler state."""

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import (COMPUTE_DTYPES, build_optimizer, eval_loss_sum, lr_multiplier,
-                                     micro_batch_weights)
+from ft_ray.train.engine_api import COMPUTE_DTYPES, TorchEngine
 from ft_ray.train.objectives import Objective
 
 FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
@@ -72,60 +71,18 @@ def worker_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
-class FSDPEngine:
+class FSDPEngine(TorchEngine):
     """One worker's shard of an FSDP2 run; gradients are reduce-scattered every micro step
     (the shard's, not a whole model's, are kept between micro steps)."""
 
     saves_on_every_rank = True
 
     def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
-        self.module, self.objective = model, objective
         self.device = worker_device(config.distributed.use_gpu)
         shard_model(model, config, self.device)
-        self.model = model
-        train = config.train
+        self.module = self.model = model  # sharded in place
         self.frozen_base = config.trains_adapter
-        self.optimizer = build_optimizer(model, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
-        self.max_grad_norm = train.max_grad_norm
-        self.autocast_dtype = COMPUTE_DTYPES.get(train.precision)
-
-    def autocast(self) -> Any:
-        return (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                else contextlib.nullcontext())
-
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        with self.autocast():
-            return self.objective.loss(self.model, batch)
-
-    def step_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
-        with self.autocast():
-            return micro_batch_weights(self.objective, self.model, micro_batches)
-
-    def micro_step(self, batch: dict[str, torch.Tensor], scale: float, sync: bool) -> tuple[float, dict[str, float]]:
-        """Forward and backward of one micro batch; its gradients are reduce-scattered into
-        each rank's shard at once (`sync` is not needed: holding unsharded gradients across
-        micro steps would cost a whole model's gradients per worker)."""
-        loss, metrics = self.forward_loss(batch)
-        (loss * scale).backward()
-        return loss.item(), metrics
-
-    def step(self) -> float:
-        """Clip (the norm over every rank's shards), update and advance the schedule; returns
-        the gradient norm before clipping."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, dict[str, float]]:
-        return eval_loss_sum(self.model, self.forward_loss, self.objective, batch)
+        self.setup(config, total_steps, objective)
 
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any], Any]:
         """The sharded model (its trained weights) and optimizer state dicts DCP saves and
