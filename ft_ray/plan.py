@@ -445,12 +445,15 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
                       f"train.gradient_accumulation={config.train.gradient_accumulation * config.train.micro_batch_size // batch}"])
     steps.append(["train.gradient_checkpointing=true"])
     dist = config.distributed
-    stage = dist.deepspeed.stage if dist.strategy == "deepspeed" else 0
+    stage = {"deepspeed": dist.deepspeed.stage, "fsdp": 3}.get(dist.strategy, 0)  # fsdp shards as ZeRO-3
     if dist.strategy == "ddp":
         steps.append(["train.optimizer=adamw_8bit"])
     deepspeed = ["distributed.strategy=deepspeed", "train.optimizer=adamw"]  # DeepSpeed's own AdamW
-    if dist.max_workers > 1:  # shard across the workers, never less than now
-        steps += [[*deepspeed, f"distributed.deepspeed.stage={s}"] for s in (2, 3) if s > stage]
+    if dist.min_workers > 1:  # shard across the workers, never less than now
+        if stage < 2:
+            steps.append([*deepspeed, "distributed.deepspeed.stage=2"])
+        if stage < 3:  # PyTorch's FSDP2 (no extra package; its gathered layers counted), then ZeRO-3
+            steps += [["distributed.strategy=fsdp", "train.optimizer=adamw"], [*deepspeed, "distributed.deepspeed.stage=3"]]
     steps.append([*deepspeed, "distributed.deepspeed.offload_optimizer=cpu"])
     if config.method != "qlora":
         steps.append(["method=qlora"])
@@ -465,7 +468,8 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
         tried += [setting for setting in change if _changes(current, setting)]
         plan = plan_memory(candidate, shape)
         if plan.fits(gpu_mib):
-            found.append((", ".join(s for s in _dedupe(tried) if _changes(config, s)), plan))  # against the job
+            shown = [s for s in _dedupe(tried) if _changes(config, s) and _applies(candidate, s)]  # against the job
+            found.append((", ".join(shown), plan))
             if len(found) >= 3:
                 break
         current = candidate
@@ -487,6 +491,11 @@ def _changes(config: JobConfig, setting: str) -> bool:
         return with_settings(config, [setting]).model_dump() != config.model_dump()
     except Exception:  # noqa: BLE001 - valid only with the others of its step: a change
         return True
+
+
+def _applies(config: JobConfig, setting: str) -> bool:
+    """Whether a setting does anything in the job: DeepSpeed's only under strategy deepspeed."""
+    return config.distributed.strategy == "deepspeed" or not setting.startswith("distributed.deepspeed.")
 
 
 def _dedupe(settings: list[str]) -> list[str]:

@@ -186,7 +186,8 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     layer all along and two decoder layers (the one running, the next prefetched), or every
     layer from forward to backward without reshard_after_forward. Autocast makes no copies of
     its own: the gathered weights are 16-bit already; QLoRA's are gathered as stored. An 8B full
-    fine-tune fits 4 x 80 GB; an elastic range is planned at its fewest workers."""
+    fine-tune fits 4 x 80 GB (and is offered to a DDP job that does not fit); an elastic range is
+    planned at its fewest workers."""
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n, outer = shape.params, 2 * 128256 * 4096 + 4096  # embeddings, output layer, final norm
     full = {"method": "full", "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp"},
@@ -202,7 +203,10 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     kept = plan_memory(job(**{**full, "distributed": {**full["distributed"], "fsdp": {"reshard_after_forward": False}}}),
                        shape)
     assert kept.parts["gathered_weights"] == pytest.approx(2 * n / MIB)
-    assert not plan_memory(job(**{**full, "distributed": {**full["distributed"], "strategy": "ddp"}}), shape).fits(H100_80GB)
+    ddp = job(**{**full, "distributed": {**full["distributed"], "strategy": "ddp"}})
+    assert not plan_memory(ddp, shape).fits(H100_80GB)
+    offered = [settings for settings, _ in suggestions(ddp, shape, H100_80GB)]  # the DDP job is told what fits
+    assert any(settings.endswith(", distributed.strategy=fsdp") for settings in offered), offered  # (no ZeRO key)
     lora = plan_memory(job(**{**full, "method": "lora"}), shape)
     assert lora.parts["base_weights"] == pytest.approx(2 * n / 4 / MIB)
     assert lora.parts["lora_weights"] == pytest.approx(lora.parts["gradients"])  # both a quarter of the adapters
