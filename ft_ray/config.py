@@ -758,9 +758,6 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.zero3:
             problems.append("distributed.deepspeed.stage: objective grpo samples answers from each worker's whole "
                             "model, which ZeRO-3 shards: use stage 0-2 or ddp")
-        if dist.strategy == "fsdp":
-            problems.append("distributed.strategy: objective grpo samples answers from each worker's whole model, "
-                            "which fsdp shards: use ddp or deepspeed stage 0-2")
         if job.train.compile:
             problems.append("train.compile: objective grpo generates with the model; compile is for sft and "
                             "preference runs")

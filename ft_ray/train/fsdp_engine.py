@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -44,6 +44,8 @@ def shard_model(model: Any, config: JobConfig, device: torch.device) -> list[Any
     # QLoRA's 4-bit weights are packed in their storage dtype: gathered as stored, never cast
     compute = COMPUTE_DTYPES.get(config.train.precision) if config.method != "qlora" else None
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+    # the root: the causal LM (under PEFT's wrapper, which calls it), whose forward every forward and every
+    # generation step runs through
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in kinds]
@@ -54,11 +56,36 @@ def shard_model(model: Any, config: JobConfig, device: torch.device) -> list[Any
     reshard = config.distributed.fsdp.reshard_after_forward
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        setattr(layer, RESHARD_AFTER_FORWARD, reshard)
     # the outer weights stay gathered from forward to backward: they are needed first in backward, and a
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return layers
+
+
+RESHARD_AFTER_FORWARD = "ft_ray_reshard_after_forward"  # a sharded module's setting, restored after `gathered`
+
+
+@contextlib.contextmanager
+def gathered(model: Any) -> Iterator[None]:
+    """Every weight of an FSDP-sharded `model` gathered on each worker for the block, and kept
+    so after each forward: generation runs a forward per token, and workers whose answers end
+    at other lengths run other numbers of them (a gather per forward would wait for the others
+    forever). Holds the whole model in the compute dtype meanwhile, as TRL gathers ZeRO-3's
+    weights to generate. A collective; a no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.set_reshard_after_forward(getattr(module, RESHARD_AFTER_FORWARD, False), recurse=False)
+            module.reshard()
 
 
 def worker_device(use_gpu: bool) -> torch.device:

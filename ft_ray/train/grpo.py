@@ -33,6 +33,7 @@ import torch
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.evaluation.metrics import reward_function
 from ft_ray.models import stop_ids
+from ft_ray.train.fsdp_engine import gathered
 from ft_ray.train.preference import inline_reference, token_logps_of, unwrapped
 
 ADVANTAGE_EPSILON = 1e-4  # TRL's: a group whose answers all scored the same has advantage 0
@@ -218,7 +219,7 @@ class GRPOObjective:
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with gathered(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,

@@ -4,6 +4,7 @@ engine, its checkpoint, and the settings it refuses. Two workers: `tests/integra
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ def job(strategy: str, method: str, precision: str, objective: str = "sft", **tr
 
 
 def engine_of(config):
+    """The job's engine over the built-in model, LoRA initialised alike in every call."""
     torch.manual_seed(1)
     model = build_model(config, "builtin:tiny-llama")
     return build_engine(model, config, total_steps=10, objective=build_objective(config, model))
@@ -108,10 +110,66 @@ def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_grou
     assert went[4] < went[0]
 
 
+def grpo_steps(rank: int, port: int, folder: str) -> None:
+    """One of two ranks (spawned): GRPO on two demo prompts of its own, under FSDP and under
+    DDP (torch's wrapper, as Ray Train's `prepare_model` gives it): the greedy eval reward
+    before training (a generation before any training forward), then 3 steps' losses and
+    gradient norms, written to `folder`/<rank>.json."""
+    import json
+
+    from ft_ray.models import load_tokenizer
+    from tests.unit.train.test_grpo import demo_batch
+
+    from datetime import timedelta
+
+    from ft_ray.train.fsdp_engine import gathered
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
+    seen = {}
+    for strategy in ("fsdp", "ddp"):
+        config = config_from_dict({"objective": "grpo", "method": "lora", "data": {"train": "t.jsonl"},
+                                   "distributed": {"strategy": strategy}, "lora": {"dropout": 0.0},
+                                   "train": {"learning_rate": 5e-3, "warmup_steps": 0},
+                                   "grpo": {"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*",
+                                            "max_new_tokens": 8}})
+        engine = engine_of(config)
+        if strategy == "ddp":
+            engine.model = torch.nn.parallel.DistributedDataParallel(engine.module)
+        whole = demo_batch(load_tokenizer(config.model))
+        batch = {k: v[2 * rank:2 * rank + 2] for k, v in whole.items()}
+        batch["seq_id"] = torch.tensor([2 * rank, 2 * rank + 1])  # seeds the sampling: both strategies sample alike
+        seen[strategy] = [engine.eval_loss_sum(batch)[2]["reward"], *steps(engine, batch, 3)]
+        if strategy == "fsdp":  # inside `gathered`, the ranks run other numbers of forwards and stay in step
+            with gathered(engine.module), torch.no_grad():
+                for _ in range(1 + 2 * rank):
+                    engine.module(input_ids=batch["input_ids"][:, :4])
+            seen["after"] = steps(engine, batch, 1)
+    (Path(folder) / f"{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path):
+    """Two ranks with prompts of their own sample answers that end after other numbers of
+    forwards: under FSDP each generates from the whole model gathered once
+    (`fsdp_engine.gathered`, where the ranks may run other numbers of forwards), and the
+    rewards, losses and gradient norms are DDP's."""
+    import json
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(grpo_steps, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert seen["fsdp"] == pytest.approx(seen["ddp"], rel=1e-5), rank
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["fsdp"][2::2] == ranks[1]["fsdp"][2::2]  # the gradient norm of all ranks' gradients
+    assert ranks[0]["after"][1] == ranks[1]["after"][1]
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"method": "qlora"}, "quantization.quant_storage: qlora with fsdp needs a float storage dtype"),
-    ({"objective": "grpo", "data": {"train": "t.jsonl", "format": "completion"}, "grpo": {"rewards": {"chrf": 1}}},
-     "objective grpo samples answers from each worker's whole model, which fsdp shards"),
     ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp; fsdp shards"),
     ({"train": {"compile": True}}, "train.compile: compiles the whole model's forward"),
     ({"fsdp": "full_shard auto_wrap"}, r"unknown key 'fsdp' \(ft-ray's key: 'distributed.strategy: fsdp'\)"),  # HF's
