@@ -327,10 +327,12 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
 def fsdp_gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """The weights an FSDP worker holds gathered from the shards: the outer ones (embeddings,
     output layer, final norm) all along; of the decoder layers the one running and the next
-    one prefetched, or all of them from forward to backward without reshard_after_forward.
-    In the compute dtype (`fsdp_engine.shard_model`'s policy), but QLoRA's as stored: linear
-    layers in 4 bits, experts in the compute dtype, the rest in fp32."""
-    held = min(2 if config.distributed.fsdp.reshard_after_forward else shape.layers, shape.layers)
+    one prefetched, or all of them from forward to backward without reshard_after_forward,
+    or while GRPO samples its answers (`fsdp_engine.gathered`). In the compute dtype
+    (`fsdp_engine.shard_model`'s policy), but QLoRA's as stored: linear layers in 4 bits,
+    experts in the compute dtype, the rest in fp32."""
+    every = not config.distributed.fsdp.reshard_after_forward or config.objective == "grpo"
+    held = shape.layers if every else min(2, shape.layers)
     outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
     if config.method == "qlora":
         expert_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
