@@ -335,9 +335,9 @@ def fsdp_gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     held = shape.layers if every else min(2, shape.layers)
     outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
     if config.method == "qlora":
-        expert_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
+        experts = 4 if config.quantization.compute_dtype == "float32" else 2  # bytes per expert weight
         layer = (shape.layer_linear_params * QLORA_BYTES[config.quantization.double_quant]
-                 + expert_bytes * shape.layer_expert_params + 4 * 2 * shape.hidden)  # and its two norms
+                 + experts * shape.layer_expert_params + 4 * 2 * shape.hidden)  # and its two norms
         return 4 * outer + held * layer
     return compute * (outer + held * (shape.params - outer) / shape.layers)
 

@@ -58,7 +58,8 @@ class TorchEngine:
     device: torch.device
 
     def setup(self, config: JobConfig, total_steps: int, objective: Objective) -> None:
-        """The optimizer (over the parameters as wrapped), schedule and autocast of a job."""
+        """The optimizer (over `self.module`'s parameters: FSDP's shards, once sharded),
+        schedule and autocast of a job."""
         train = config.train
         self.objective = objective
         self.optimizer = build_optimizer(self.module, config)

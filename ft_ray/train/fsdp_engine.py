@@ -14,6 +14,9 @@ Checkpoints: every rank writes its shard with `torch.distributed.checkpoint` (DC
 the model it started from), rank 0 the gathered weights in the HF/PEFT layout (`model/`) and
 the schedule. DCP re-shards on load, so a run resumes on another number of workers (elastic
 ranges work), unlike ZeRO's shards.
+
+GRPO samples its answers from the whole model, gathered on every worker for the generation
+(`gathered`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from ft_ray.train.objectives import Objective
 FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 
 
-def shard_model(model: Any, config: JobConfig, device: torch.device) -> list[Any]:
+def shard_model(model: Any, config: JobConfig, device: torch.device) -> None:
     """`fully_shard` each decoder layer (the classes the model names in `_no_split_modules`),
-    then the whole model (embeddings, final norm, output layer or score head), over all
-    workers on `device`: each module's weights move there as it is sharded, so a worker never
-    holds the whole model on its GPU. Returns the layers sharded."""
+    then the causal LM around them (embeddings, final norm, output layer or score head; under
+    PEFT's wrapper, which calls it), over all workers on `device`: each module's weights move
+    there as it is sharded, so a worker never holds the whole model on its GPU."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -61,7 +64,6 @@ def shard_model(model: Any, config: JobConfig, device: torch.device) -> list[Any
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
     fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    return layers
 
 
 RESHARD_AFTER_FORWARD = "ft_ray_reshard_after_forward"  # a sharded module's setting, restored after `gathered`
