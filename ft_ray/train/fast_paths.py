@@ -400,8 +400,10 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
 
 def router_aux_loss(model: Any, router_logits: Any) -> torch.Tensor:
     """A mixture of experts' load-balancing loss at its weight, as its own forward computes it
-    (the `load_balancing_loss_func` of its modeling module; no attention mask: packed rows)."""
-    balance = sys.modules[type(model).__module__].load_balancing_loss_func
+    (the `load_balancing_loss_func` of its modeling module, that of the class FSDP's subclass
+    of it was made from; no attention mask: packed rows)."""
+    balance = next(getattr(sys.modules[cls.__module__], "load_balancing_loss_func") for cls in type(model).__mro__
+                   if hasattr(sys.modules.get(cls.__module__), "load_balancing_loss_func"))
     return model.router_aux_loss_coef * balance(router_logits, model.num_experts, model.num_experts_per_tok, None)
 
 

@@ -110,6 +110,27 @@ def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_grou
     assert went[4] < went[0]
 
 
+def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_under_ddp(process_group, tmp_path):
+    """A full fine-tune of a tiny Qwen3-MoE, its routers' load-balancing loss added by the
+    chunked head's forward (looked up in the module of the model's class, which FSDP
+    subclasses: before, the lookup failed): DDP's steps."""
+    from tests.conftest import tiny_moe
+
+    folder = tiny_moe(tmp_path / "moe").name_or_path
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (2, 32))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(32).repeat(2, 1)}
+    taken = []
+    for strategy in ("fsdp", "ddp"):
+        config = config_from_dict({"method": "full", "model": {"name_or_path": folder}, "data": {"train": "t.jsonl"},
+                                   "distributed": {"strategy": strategy}, "train": {"learning_rate": 1e-3}})
+        torch.manual_seed(1)
+        model = build_model(config, folder)
+        taken.append(steps(build_engine(model, config, total_steps=10, objective=build_objective(config, model)),
+                           batch, 2))
+    torch.testing.assert_close(taken[0], taken[1], rtol=1e-6, atol=0)
+
+
 def grpo_steps(rank: int, port: int, folder: str) -> None:
     """One of two ranks (spawned): GRPO on two demo prompts of its own, under FSDP and under
     DDP (torch's wrapper, as Ray Train's `prepare_model` gives it): the greedy eval reward
