@@ -919,7 +919,7 @@ def dump_yaml(config: JobConfig) -> str:
 RESUMABLE_KEYS = ("run_name", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
                   "train.early_stopping_",
                   "distributed.num_workers", "distributed.use_gpu", "distributed.cpus_per_worker", "distributed.gpus_per_worker",
-                  "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s",
+                  "distributed.placement_strategy", "distributed.max_failures", "distributed.timeout_s", "distributed.fsdp.",
                   "storage.", "tracking.", "tune", "export.", "train.keep_checkpoints", "train.log_every",
                   "train.compare_generations", "train.peak_tflops", "data.prepared", "eval.",
                   "train.fused_kernels", "train.fp32_residual", "train.recompute_swiglu", "train.compile", "train.fused_optimizer", "train.prefetch_batches")

@@ -164,10 +164,13 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
 def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
     old = {"train": {"learning_rate": 2e-4, "keep_checkpoints": 2}, "distributed": {"num_workers": 2},
            "lora": {"rank": 8}, "storage": {"path": "/a"}}
-    new = {"train": {"learning_rate": 3e-4, "keep_checkpoints": 5}, "distributed": {"num_workers": 4},
+    new = {"train": {"learning_rate": 3e-4, "keep_checkpoints": 5},
+           "distributed": {"num_workers": 4, "fsdp": {"reshard_after_forward": False}},  # how, not what
            "lora": {"rank": 16}, "storage": {"path": "/b"}}
     assert resume_changes(old, new) == ["lora.rank: 8 -> 16", "train.learning_rate: 0.0002 -> 0.0003"]
     assert resume_changes(old, old) == []
+    strategy = resume_changes(old, {**old, "distributed": {"num_workers": 2, "strategy": "fsdp"}})
+    assert [change.split(":")[0] for change in strategy] == ["distributed.strategy"]  # its checkpoints hold DDP's state
     # a run started before a setting existed ran as its default does
     job = config_from_dict({"data": {"train": "x.jsonl"}}).model_dump(mode="json")
     before = {**job, "data": {k: v for k, v in job["data"].items() if k != "loss_on"}}
