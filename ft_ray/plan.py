@@ -299,12 +299,12 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
                         or (config.objective == "grpo" and config.grpo.beta > 0))
     if inline_reference and config.method == "full":
         # an inline reference (dpo/kto with preference.reference: inline, grpo with beta): a frozen copy of the
-        # base, loaded in fp32 (preference.reference_model); ZeRO-3 shards it in the engine's dtype
-        parts["reference_weights"] = compute * shape.params / workers if config.zero3 else 4 * shape.params
+        # base, loaded in fp32 (preference.reference_model); ZeRO-3 and fsdp shard it in the engine's dtype
+        parts["reference_weights"] = compute * shape.params / workers if stage == 3 else 4 * shape.params
     elif inline_reference and config.model.adapter:
         # the adapter it started from is not the adapter off: a frozen copy of the base with it, as it is held
-        # (ZeRO-3 shards it; fsdp's engine leaves it whole)
-        parts["reference_weights"] = (base + 4 * adapter_params(config, shape)) / (workers if config.zero3 else 1)
+        # (sharded by ZeRO-3 and fsdp)
+        parts["reference_weights"] = (base + 4 * adapter_params(config, shape)) / shard(3)
     scorers = reward_model_shapes(config)
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -46,6 +47,17 @@ class Engine(Protocol):
     def save(self, folder: Path, rank: int) -> None: ...
 
     def load(self, folder: Path) -> None: ...
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device: Ray Train's, or outside a Ray worker the GPU when asked for. (A
+    model may still be on the CPU when the objective is built: DDP moves it in the engine.)"""
+    if "ray" in sys.modules:
+        import ray.train.torch
+
+        with contextlib.suppress(RuntimeError):  # outside a Ray Train worker
+            return ray.train.torch.get_device()
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 class TorchEngine:

@@ -22,24 +22,25 @@ GRPO samples its answers from the whole model, gathered on every worker for the 
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import COMPUTE_DTYPES, TorchEngine
+from ft_ray.train.engine_api import COMPUTE_DTYPES, TorchEngine, worker_device
 from ft_ray.train.objectives import Objective
 
 FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 
 
-def shard_model(model: Any, config: JobConfig, device: torch.device) -> None:
+def shard_model(model: Any, config: JobConfig, device: torch.device, trains: bool = True) -> None:
     """`fully_shard` each decoder layer (the classes the model names in `_no_split_modules`),
     then the causal LM around them (embeddings, final norm, output layer or score head; under
     PEFT's wrapper, which calls it), over all workers on `device`: each module's weights move
-    there as it is sharded, so a worker never holds the whole model on its GPU."""
+    there as it is sharded, so a worker never holds the whole model on its GPU. A frozen copy
+    that only runs forward (`trains` false: an inline reference) gathers its outer weights
+    for each forward too."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -63,7 +64,7 @@ def shard_model(model: Any, config: JobConfig, device: torch.device) -> None:
     # the outer weights stay gathered from forward to backward: they are needed first in backward, and a
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
-    fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=not trains)
 
 
 RESHARD_AFTER_FORWARD = "ft_ray_reshard_after_forward"  # a sharded module's setting, restored after `gathered`
@@ -88,16 +89,6 @@ def gathered(model: Any) -> Iterator[None]:
         for module in sharded:
             module.set_reshard_after_forward(getattr(module, RESHARD_AFTER_FORWARD, False), recurse=False)
             module.reshard()
-
-
-def worker_device(use_gpu: bool) -> torch.device:
-    """This worker's device: Ray Train's, or outside a Ray worker the GPU when asked for."""
-    if "ray" in sys.modules:
-        import ray.train.torch
-
-        with contextlib.suppress(RuntimeError):  # outside a Ray Train worker
-            return ray.train.torch.get_device()
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 class FSDPEngine(TorchEngine):

@@ -288,7 +288,9 @@ def inline_reference(config: Any, model: Any) -> Callable[[Any, dict[str, torch.
     a full fine-tune or an adapter that started trained (`model.adapter`: off, it is not the start)."""
     if config.trains_adapter and not config.model.adapter:
         return adapter_off_reference
-    return frozen_copy_reference(config, next(model.parameters()).device if model is not None else torch.device("cpu"))
+    from ft_ray.train.engine_api import worker_device
+
+    return frozen_copy_reference(config, worker_device(config.distributed.use_gpu))
 
 
 def reference_model(config: Any, device: torch.device, chunked_head: bool = True) -> Any:
@@ -317,14 +319,25 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
 
 def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
     """The reference log-probs of a full fine-tune with `preference.reference: inline`: a frozen
-    copy of the base, sharded across the workers like the trained model under ZeRO-3."""
+    copy of the base on the worker's `device`, sharded across the workers like the trained
+    model under ZeRO-3 and FSDP (there in the compute dtype, as ZeRO-3 keeps it; QLoRA's as
+    loaded). The copy is the function's `model`."""
     copy = reference_model(config, device, chunked_head=not config.zero3)  # ZeRO-3 gathers the head's weight in its forward only
     if config.zero3:
         copy = sharded_for_inference(copy, config)
+    elif config.distributed.strategy == "fsdp":
+        from ft_ray.train.engine_api import COMPUTE_DTYPES
+        from ft_ray.train.fsdp_engine import shard_model
+
+        compute = COMPUTE_DTYPES.get(config.train.precision)
+        if compute and config.method != "qlora":
+            copy.to(compute)
+        shard_model(copy, config, device, trains=False)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return token_logps_of(copy, batch)
 
+    forward.model = copy
     return forward
 
 

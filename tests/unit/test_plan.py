@@ -99,6 +99,9 @@ def test_an_inline_preference_reference_adds_a_frozen_copy_of_the_base_to_a_full
                                                          "deepspeed": {"stage": 3}}}, preference={"reference": "inline"}),
                           shape)
     assert sharded.parts["reference_weights"] == pytest.approx(2 * shape.params / 4 / MIB)  # bf16, a quarter each
+    fsdp = plan_memory(job(**{**full, "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp"}},
+                           preference={"reference": "inline"}), shape)
+    assert fsdp.parts["reference_weights"] == sharded.parts["reference_weights"]  # fsdp shards it alike
     precomputed = plan_memory(job(**full), shape)  # the default: the log-probs come with the data
     adapter_off = plan_memory(job(objective="kto", preference={"reference": "inline"}), shape)  # LoRA: no copy
     assert "reference_weights" not in precomputed.parts and "reference_weights" not in adapter_off.parts

@@ -27,10 +27,11 @@ def process_group():
     dist.destroy_process_group()
 
 
-def job(strategy: str, method: str, precision: str, objective: str = "sft", **train):
+def job(strategy: str, method: str, precision: str, objective: str = "sft", reference: str = "precomputed", **train):
     return config_from_dict({"method": method, "objective": objective, "data": {"train": "t.jsonl"},
                              "distributed": {"strategy": strategy}, "lora": {"dropout": 0.0},
                              "quantization": {"quant_storage": "bfloat16"},  # qlora's, to be sharded
+                             "preference": {"reference": reference},
                              "train": {"precision": precision, "learning_rate": 1e-3, "warmup_steps": 0, **train}})
 
 
@@ -92,10 +93,12 @@ def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(proc
             torch.testing.assert_close(back.full_tensor(), went_on.full_tensor(), rtol=0, atol=0, msg=name)
 
 
-def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_group):
-    """The reward model's loss comes from its score head's output inside the forward (a hook),
-    not from what the model returns: FSDP must keep the outer weights gathered into backward,
-    where the head's gradient is taken (before, its storage was freed: an error)."""
+@pytest.mark.parametrize("method, objective", [("lora", "reward_model"), ("full", "dpo")])
+def test_pairs_train_as_under_ddp(process_group, method, objective):
+    """A reward model, whose loss comes from its score head's output inside the forward (a
+    hook), not from what the model returns: FSDP must keep the outer weights gathered into
+    backward, where the head's gradient is taken (before, its storage was freed: an error).
+    DPO of a full fine-tune with its inline reference, a frozen copy sharded as the policy is."""
     from ft_ray.data.formats import CHOSEN, REJECTED
 
     torch.manual_seed(0)
@@ -104,10 +107,13 @@ def test_a_reward_model_scored_inside_the_model_trains_as_under_ddp(process_grou
     labels[:, :8] = labels[:, 16:24] = -100  # each row: a chosen and a rejected answer after 8 prompt tokens
     batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(16).repeat(2, 2),
              "roles": torch.tensor([CHOSEN] * 16 + [REJECTED] * 16).repeat(2, 1)}
-    fsdp, ddp = (engine_of(job(strategy, "lora", "fp32", objective="reward_model")) for strategy in ("fsdp", "ddp"))
+    fsdp, ddp = (engine_of(job(strategy, method, "fp32", objective=objective, reference="inline"))
+                 for strategy in ("fsdp", "ddp"))
     went = steps(fsdp, batch, 3)
     torch.testing.assert_close(went, steps(ddp, batch, 3), rtol=1e-6, atol=0)
     assert went[4] < went[0]
+    if objective == "dpo":
+        assert all(hasattr(p, "full_tensor") for p in fsdp.objective.reference.model.parameters())  # sharded
 
 
 def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_under_ddp(process_group, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ft_ray.config import ModelConfig
+from ft_ray.config import ModelConfig, config_from_dict
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
@@ -250,3 +250,21 @@ def test_ipo_takes_mean_log_probs_per_token_and_the_job_names_its_loss():
     with pytest.raises(ConfigError, match="preference.loss_type / label_smoothing: variants of dpo's loss, not of "
                                           "objective orpo"):
         config_from_dict({"objective": "orpo", "preference": {"loss_type": "hinge"}, "data": {"train": "x.jsonl"}})
+
+
+def test_an_inline_reference_is_made_on_the_workers_device_not_where_the_policy_is_yet():
+    """DDP moves the policy to the worker's GPU in its engine, after the objective and its
+    reference are made: the frozen copy goes to the worker's device (`engine_api.worker_device`),
+    not to the policy's (before, a GPU run's reference stayed on the CPU). Here the policy sits
+    on the meta device; the reference answers on this worker's CPU."""
+    from ft_ray.train.modeling import build_model
+    from ft_ray.train.preference import inline_reference
+
+    config = config_from_dict({"method": "full", "objective": "dpo", "data": {"train": "t.jsonl"},
+                               "preference": {"reference": "inline"}})
+    policy = build_model(config, "builtin:tiny-llama").to("meta")
+    reference = inline_reference(config, policy)
+    assert {p.device.type for p in reference.model.parameters()} == {"cpu"}
+    ids = torch.randint(3, 700, (1, 16))
+    logps = reference(policy, {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16)[None]})
+    assert logps.shape == (1, 16) and bool((logps[:, 1:] < 0).all())
