@@ -402,8 +402,8 @@ def router_aux_loss(model: Any, router_logits: Any) -> torch.Tensor:
     """A mixture of experts' load-balancing loss at its weight, as its own forward computes it
     (the `load_balancing_loss_func` of its modeling module, that of the class FSDP's subclass
     of it was made from; no attention mask: packed rows)."""
-    balance = next(getattr(sys.modules[cls.__module__], "load_balancing_loss_func") for cls in type(model).__mro__
-                   if hasattr(sys.modules.get(cls.__module__), "load_balancing_loss_func"))
+    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
+    balance = next(m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func"))
     return model.router_aux_loss_coef * balance(router_logits, model.num_experts, model.num_experts_per_tok, None)
 
 

@@ -187,10 +187,10 @@ def test_zero_stages_shard_and_offload_what_they_say():
 def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gathers():
     """As ZeRO-3, plus the layers gathered in the compute dtype: the embeddings and output
     layer all along and two decoder layers (the one running, the next prefetched), or every
-    layer from forward to backward without reshard_after_forward, or while GRPO generates. Autocast makes no copies of
-    its own: the gathered weights are 16-bit already; QLoRA's are gathered as stored. An 8B full
-    fine-tune fits 4 x 80 GB (and is offered to a DDP job that does not fit); an elastic range is
-    planned at its fewest workers."""
+    layer from forward to backward without reshard_after_forward, or while GRPO generates.
+    Autocast makes no copies of its own: the gathered weights are 16-bit already; QLoRA's are
+    gathered as stored. An 8B full fine-tune fits 4 x 80 GB (and is offered to a DDP job that
+    does not fit); an elastic range is planned at its fewest workers."""
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
     n, outer = shape.params, 2 * 128256 * 4096 + 4096  # embeddings, output layer, final norm
     full = {"method": "full", "distributed": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp"},

@@ -1,9 +1,9 @@
-"""The FSDP2 engine in one process (a gloo group of one, no Ray): the same steps as the DDP
-engine, its checkpoint, and the settings it refuses. Two workers: `tests/integration/test_strategies.py`."""
+"""The FSDP2 engine without Ray, in one process (a gloo group of one) and for GRPO on two
+spawned ranks: the same steps as the DDP engine, its checkpoint, and the settings it refuses.
+Two Ray workers: `tests/integration/test_strategies.py`."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,14 +15,12 @@ from ft_ray.train.engines import DDPEngine, build_engine
 from ft_ray.train.fsdp_engine import FSDPEngine
 from ft_ray.train.modeling import build_model
 from ft_ray.train.objectives import build_objective
+from ft_ray.train.trainer import free_port
 
 
 @pytest.fixture(scope="module")
 def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -183,14 +181,11 @@ def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path
     rewards, losses and gradient norms are DDP's."""
     import json
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(grpo_steps, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
-    for rank in (0, 1):
-        seen = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert seen["fsdp"] == pytest.approx(seen["ddp"], rel=1e-5), rank
+    torch.multiprocessing.start_processes(grpo_steps, args=(free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, seen in enumerate(ranks):
+        assert seen["fsdp"] == pytest.approx(seen["ddp"], rel=1e-5), rank
     assert ranks[0]["fsdp"][2::2] == ranks[1]["fsdp"][2::2]  # the gradient norm of all ranks' gradients
     assert ranks[0]["after"][1] == ranks[1]["after"][1]
 
