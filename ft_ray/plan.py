@@ -21,7 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ft_ray.config import InputError, JobConfig, edge_values, with_overrides
+from ft_ray.config import DistributedConfig, InputError, JobConfig, edge_values, with_overrides
 from ft_ray.models import EXPERT_ALIASES
 
 MIB = 2 ** 20
@@ -245,13 +245,19 @@ def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
 ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256
 
 
+def sharding_stage(dist: DistributedConfig) -> int:
+    """The ZeRO stage a job's workers shard as: DeepSpeed's; 3 for fsdp (weights, gradients
+    and AdamW states); 0 for ddp."""
+    return {"deepspeed": dist.deepspeed.stage, "fsdp": 3}.get(dist.strategy, 0)
+
+
 def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     """One training worker's peak GPU memory for `config` on a model of `shape`."""
     shape = trained_shape(config, shape)
     train, dist, ds = config.train, config.distributed, config.distributed.deepspeed
     workers = dist.min_workers  # an elastic run's fewest workers shard the least: its peak
     deepspeed, fsdp = dist.strategy == "deepspeed", dist.strategy == "fsdp"
-    stage = ds.stage if deepspeed else 3 if fsdp else 0  # fsdp shards as ZeRO-3 does
+    stage = sharding_stage(dist)
     shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on
     compute = 4 if train.precision == "fp32" else 2
     layer_linear = shape.layers * shape.layer_linear_params
@@ -447,7 +453,7 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
                       f"train.gradient_accumulation={config.train.gradient_accumulation * config.train.micro_batch_size // batch}"])
     steps.append(["train.gradient_checkpointing=true"])
     dist = config.distributed
-    stage = {"deepspeed": dist.deepspeed.stage, "fsdp": 3}.get(dist.strategy, 0)  # fsdp shards as ZeRO-3
+    stage = sharding_stage(dist)
     if dist.strategy == "ddp":
         steps.append(["train.optimizer=adamw_8bit"])
     deepspeed = ["distributed.strategy=deepspeed", "train.optimizer=adamw"]  # DeepSpeed's own AdamW
