@@ -755,9 +755,6 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.data.pack:
             problems.append("data.pack: objective grpo reads one prompt per row: set data.pack: false (its default "
                             "for grpo)")
-        if job.zero3:
-            problems.append("distributed.deepspeed.stage: objective grpo samples answers from each worker's whole "
-                            "model, which ZeRO-3 shards: use stage 0-2 or ddp")
         if job.train.compile:
             problems.append("train.compile: objective grpo generates with the model; compile is for sft and "
                             "preference runs")

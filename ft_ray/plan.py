@@ -297,8 +297,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         if expert_ranks(config, shape):  # PEFT adds B @ A to each layer's expert weights: a copy held for backward
             held = 1 if train.gradient_checkpointing else shape.layers
             parts["expert_weight_copies"] = base_bytes * held * shape.layer_expert_params
-    if fsdp:
-        parts["gathered_weights"] = fsdp_gathered_bytes(config, shape, compute)
+    if fsdp or (stage == 3 and config.objective == "grpo"):
+        parts["gathered_weights"] = gathered_bytes(config, shape, compute)
     state_bytes = ADAMW_8BIT_BYTES if train.optimizer == "adamw_8bit" else 8
     parts["optimizer_states"] = 0 if ds.offload_optimizer == "cpu" else state_bytes * trained / shard(1)
     inline_reference = ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
@@ -330,13 +330,14 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     return Plan(parts, workers, tokens)
 
 
-def fsdp_gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
-    """The weights an FSDP worker holds gathered from the shards: the outer ones (embeddings,
+def gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
+    """The weights a worker holds gathered from the shards. FSDP: the outer ones (embeddings,
     output layer, final norm) all along; of the decoder layers the one running and the next
-    one prefetched, or all of them from forward to backward without reshard_after_forward,
-    or while GRPO samples its answers (`fsdp_engine.gathered`). In the compute dtype
-    (`fsdp_engine.shard_model`'s policy), but QLoRA's as stored: linear layers in 4 bits,
-    experts in the compute dtype, the rest in fp32."""
+    one prefetched, or all of them from forward to backward without reshard_after_forward.
+    FSDP and ZeRO-3 (not counted otherwise): every one while GRPO samples its answers
+    (`grpo.whole_weights`). In the compute dtype (`fsdp_engine.shard_model`'s policy,
+    DeepSpeed's 16-bit weights), but QLoRA's as stored: linear layers in 4 bits, experts in
+    the compute dtype, the rest in fp32."""
     every = not config.distributed.fsdp.reshard_after_forward or config.objective == "grpo"
     held = shape.layers if every else min(2, shape.layers)
     outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
@@ -515,7 +516,7 @@ def _dedupe(settings: list[str]) -> list[str]:
 
 PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (autocast)",
               "master_weights": "fp32 master weights", "base_weights": "frozen base weights",
-              "gathered_weights": "weights gathered from the shards (fsdp)",
+              "gathered_weights": "weights gathered from the shards",
               "lora_weights": "trained weights (adapters)", "gradients": "gradients",
               "expert_weight_copies": "expert weights + LoRA (PEFT), held for backward",
               "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",

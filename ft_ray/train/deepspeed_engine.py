@@ -12,9 +12,10 @@ folder. Weights for export are gathered parameter by parameter into the HF/PEFT 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -67,6 +68,25 @@ def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
+
+
+def shards_weights(engine: Any) -> bool:
+    """Whether `engine` is a DeepSpeed engine that partitions its model's weights (ZeRO-3)."""
+    return bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
+
+
+@contextlib.contextmanager
+def gathered(engine: Any) -> Iterator[None]:
+    """Every weight of a ZeRO-3 `engine`'s model gathered on each worker for the block, its
+    fetch-and-release hooks taken off meanwhile: generation runs a forward per token, and
+    workers whose answers end at other lengths run other numbers of them (a gather per
+    module and forward would wait for the others forever). DeepSpeed's own
+    `unwrap_model_for_generation`, which TRL's GRPO uses alike; holds the whole model in
+    its 16-bit dtype meanwhile. A collective."""
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield
 
 
 class DeepSpeedEngine:

@@ -33,7 +33,7 @@ import torch
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.evaluation.metrics import reward_function
 from ft_ray.models import stop_ids
-from ft_ray.train.fsdp_engine import gathered
+from ft_ray.train import deepspeed_engine, fsdp_engine
 from ft_ray.train.preference import inline_reference, token_logps_of, unwrapped
 
 ADVANTAGE_EPSILON = 1e-4  # TRL's: a group whose answers all scored the same has advantage 0
@@ -161,7 +161,7 @@ class GRPOObjective:
         """`group` answers to each row's prompt (sampled, or greedy), their rewards and the
         metric sums of the batch."""
         prompts, references = self.prompts_of(batch)
-        answers = self.sample(unwrapped(model), prompts, group, sampled, self.sampling_seed(batch))
+        answers = self.sample(model, prompts, group, sampled, self.sampling_seed(batch))
         texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         asked = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         rewards = torch.tensor(self.reward(texts, [references[i // group] for i in range(len(texts))],
@@ -209,8 +209,10 @@ class GRPOObjective:
     def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool,
                seed: int | None = None) -> list[list[int]]:
         """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos
-        (or the template's end of turn, `stop_ids`);
+        (or the template's end of turn, `stop_ids`), from `model` (or the model inside its
+        engine) with its whole weights on each worker (`whole_weights`);
         sampled from `seed` where given, leaving the global random state as it was."""
+        engine, model = model, unwrapped(model)
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
         device = next(model.parameters()).device
@@ -219,7 +221,7 @@ class GRPOObjective:
         was_training = model.training
         model.eval()
         try:
-            with gathered(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with whole_weights(engine), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
@@ -245,6 +247,15 @@ class GRPOObjective:
         labels = [[IGNORE_INDEX] * len(p) + a + [IGNORE_INDEX] * (width - len(p) - len(a)) for p, a in rows]
         return {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(labels, device=device),
                 "position_ids": torch.arange(width, device=device).expand(len(rows), width)}
+
+
+def whole_weights(model: Any) -> Any:
+    """A block with `model`'s whole weights on each worker, where a strategy shards them: ZeRO-3's
+    engine (`deepspeed_engine.gathered`) or FSDP's modules (`fsdp_engine.gathered`); each
+    worker may then run its own number of forwards. A collective."""
+    if deepspeed_engine.shards_weights(model):
+        return deepspeed_engine.gathered(model)
+    return fsdp_engine.gathered(unwrapped(model))
 
 
 def build_grpo_objective(config: Any, model: Any) -> GRPOObjective:

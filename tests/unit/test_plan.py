@@ -187,8 +187,8 @@ def test_zero_stages_shard_and_offload_what_they_say():
 def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gathers():
     """As ZeRO-3, plus the layers gathered in the compute dtype: the embeddings and output
     layer all along and two decoder layers (the one running, the next prefetched), or every
-    layer from forward to backward without reshard_after_forward, or while GRPO generates.
-    Autocast makes no copies of its own: the gathered weights are 16-bit already; QLoRA's are
+    layer from forward to backward without reshard_after_forward, or while GRPO generates (as
+    ZeRO-3 then). Autocast makes no copies of its own: the gathered weights are 16-bit already; QLoRA's are
     gathered as stored. An 8B full fine-tune fits 4 x 80 GB (and is offered to a DDP job that
     does not fit); an elastic range is planned at its fewest workers."""
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)  # Llama 3 8B
@@ -209,6 +209,11 @@ def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gather
     sampling = plan_memory(job(**{**full, "objective": "grpo", "data": {"train": "t.jsonl", "format": "completion"},
                                   "grpo": {"rewards": {"chrf": 1}}}), shape)
     assert sampling.parts["gathered_weights"] == kept.parts["gathered_weights"]  # GRPO generates from all of it
+    zero3 = {"distributed": {**full["distributed"], "strategy": "deepspeed", "deepspeed": {"stage": 3}}}
+    assert "gathered_weights" not in plan_memory(job(**{**full, **zero3}), shape).parts  # (ZeRO's buckets: not counted)
+    sampling = plan_memory(job(**{**full, **zero3, "objective": "grpo", "data": {"train": "t.jsonl", "format": "completion"},
+                                  "grpo": {"rewards": {"chrf": 1}}}), shape)
+    assert sampling.parts["gathered_weights"] == kept.parts["gathered_weights"]  # as under fsdp
     ddp = job(**{**full, "distributed": {**full["distributed"], "strategy": "ddp"}})
     assert not plan_memory(ddp, shape).fits(H100_80GB)
     offered = [settings for settings, _ in suggestions(ddp, shape, H100_80GB)]  # the DDP job is told what fits

@@ -135,26 +135,34 @@ def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_under_ddp(process_
     torch.testing.assert_close(taken[0], taken[1], rtol=1e-6, atol=0)
 
 
+# ZeRO-3 keeps weights under 1e5 elements (all of the built-in model's) whole on each worker, and up to 1e9
+# weights gathered between forwards: told not to, each forward gathers every weight, as an 8B model's do
+NO_CACHE = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+SHARDED = {"zero3": {"strategy": "deepspeed", "deepspeed": {"stage": 3, "config_override": {"zero_optimization": NO_CACHE}}},
+           "fsdp": {"strategy": "fsdp"}}
+
+
 def grpo_steps(rank: int, port: int, folder: str) -> None:
-    """One of two ranks (spawned): GRPO on two demo prompts of its own, under FSDP and under
-    DDP (torch's wrapper, as Ray Train's `prepare_model` gives it): the greedy eval reward
+    """One of two ranks (spawned): GRPO on two demo prompts of its own, under FSDP, ZeRO-3
+    and DDP (torch's wrapper, as Ray Train's `prepare_model` gives it): the greedy eval reward
     before training (a generation before any training forward), then 3 steps' losses and
     gradient norms, written to `folder`/<rank>.json."""
     import json
-
-    from ft_ray.models import load_tokenizer
-    from tests.unit.train.test_grpo import demo_batch
-
     from datetime import timedelta
 
-    from ft_ray.train.fsdp_engine import gathered
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.grpo import whole_weights
+    from tests.unit.train.test_grpo import demo_batch
 
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")  # as Ray Train sets them, for DeepSpeed
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
     seen = {}
-    for strategy in ("fsdp", "ddp"):
+    for strategy in (*SHARDED, "ddp"):
         config = config_from_dict({"objective": "grpo", "method": "lora", "data": {"train": "t.jsonl"},
-                                   "distributed": {"strategy": strategy}, "lora": {"dropout": 0.0},
+                                   "distributed": SHARDED.get(strategy, {"strategy": "ddp"}), "lora": {"dropout": 0.0},
                                    "train": {"learning_rate": 5e-3, "warmup_steps": 0},
                                    "grpo": {"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*",
                                             "max_new_tokens": 8}})
@@ -163,21 +171,21 @@ def grpo_steps(rank: int, port: int, folder: str) -> None:
             engine.model = torch.nn.parallel.DistributedDataParallel(engine.module)
         whole = demo_batch(load_tokenizer(config.model))
         batch = {k: v[2 * rank:2 * rank + 2] for k, v in whole.items()}
-        batch["seq_id"] = torch.tensor([2 * rank, 2 * rank + 1])  # seeds the sampling: both strategies sample alike
+        batch["seq_id"] = torch.tensor([2 * rank, 2 * rank + 1])  # seeds the sampling: all strategies sample alike
         seen[strategy] = [engine.eval_loss_sum(batch)[2]["reward"], *steps(engine, batch, 3)]
-        if strategy == "fsdp":  # inside `gathered`, the ranks run other numbers of forwards and stay in step
-            with gathered(engine.module), torch.no_grad():
+        if strategy in SHARDED:  # with the whole weights, the ranks run other numbers of forwards and stay in step
+            with whole_weights(getattr(engine, "engine", engine.module)), torch.no_grad():
                 for _ in range(1 + 2 * rank):
                     engine.module(input_ids=batch["input_ids"][:, :4])
-            seen["after"] = steps(engine, batch, 1)
+            seen[f"{strategy} after"] = steps(engine, batch, 1)
     (Path(folder) / f"{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
 
 def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path):
     """Two ranks with prompts of their own sample answers that end after other numbers of
-    forwards: under FSDP each generates from the whole model gathered once
-    (`fsdp_engine.gathered`, where the ranks may run other numbers of forwards), and the
+    forwards: under FSDP and ZeRO-3 each generates from the whole model gathered once
+    (`grpo.whole_weights`, where the ranks may run other numbers of forwards), and the
     rewards, losses and gradient norms are DDP's."""
     import json
 
@@ -185,9 +193,11 @@ def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     for rank, seen in enumerate(ranks):
-        assert seen["fsdp"] == pytest.approx(seen["ddp"], rel=1e-5), rank
-    assert ranks[0]["fsdp"][2::2] == ranks[1]["fsdp"][2::2]  # the gradient norm of all ranks' gradients
-    assert ranks[0]["after"][1] == ranks[1]["after"][1]
+        for strategy in SHARDED:
+            assert seen[strategy] == pytest.approx(seen["ddp"], rel=1e-5), (strategy, rank)
+    for strategy in SHARDED:
+        assert ranks[0][strategy][2::2] == ranks[1][strategy][2::2]  # the gradient norm of all ranks' gradients
+        assert ranks[0][f"{strategy} after"][1] == ranks[1][f"{strategy} after"][1]
 
 
 @pytest.mark.parametrize("settings, message", [
