@@ -755,6 +755,11 @@ def peft_parameter_targets(model: Any, lora: LoraConfig) -> list[str]:
     return [*(config.target_parameters or ()), *moved]  # `expert_targets`, and what PEFT moved
 
 
+def causal_lm(model: Any) -> Any:
+    """The transformers model inside PEFT's wrapper (the model itself where there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_lora(model: Any, lora: LoraConfig, base_model_path: str, also_in_full: list[str] = (),
                scores: bool = False, tokens: list[int] = ()) -> Any:
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen but for

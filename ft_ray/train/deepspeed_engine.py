@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import eval_loss_sum, lr_multiplier, micro_batch_weights, optimizer_groups
+from ft_ray.train.engine_api import (eval_loss_sum, lr_multiplier, micro_batch_weights, optimizer_groups,
+                                    rank0_state_dict)
 from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
@@ -142,18 +143,15 @@ class DeepSpeedEngine:
             self.module.save_pretrained(folder / "model", state_dict=state, safe_serialization=True)
 
     def gathered_state_dict(self, rank: int) -> dict[str, torch.Tensor]:
-        """Full weights (adapter weights only for LoRA) on rank 0, one parameter at a time,
-        so no rank ever holds a whole ZeRO-3 model twice. A collective: all ranks call it."""
+        """Full weights (adapter weights only for LoRA) on rank 0. A collective: all ranks call it."""
         import deepspeed
 
-        state = {}
-        for name, param in self.module.named_parameters():
-            if self.lora and not param.requires_grad:
-                continue
+        @contextlib.contextmanager
+        def whole(param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=self.zero_stage == 3):
-                if rank == 0:
-                    state[name] = param.detach().to("cpu", copy=True)
-        return state  # PEFT's save_pretrained picks the adapter keys out of it
+                yield param
+
+        return rank0_state_dict(self.module, rank, self.lora, whole)
 
     def load(self, folder: Path) -> None:
         """Restore weights, optimizer and scheduler from every rank's shard, unpickled with

@@ -18,7 +18,7 @@ import contextlib
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 
@@ -190,3 +190,19 @@ def eval_loss_sum(model: Any, forward_loss: Callable, objective: Objective,
     model.train()
     weight = objective.weight(batch)
     return loss.item() * weight, weight, metrics
+
+
+def rank0_state_dict(module: Any, rank: int, adapters_only: bool,
+                     whole: Callable[[torch.nn.Parameter], ContextManager[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`module`'s weights (only the trained ones for an adapter run: PEFT's save_pretrained
+    picks the adapter keys out of them) on rank 0's CPU, each gathered from the workers'
+    shards by `whole` one at a time, so no rank holds a sharded model twice. A collective
+    where `whole` gathers: every rank calls it."""
+    state = {}
+    for name, param in module.named_parameters():
+        if adapters_only and not param.requires_grad:
+            continue
+        with whole(param) as weight:
+            if rank == 0:
+                state[name] = weight.detach().to("cpu", copy=True)
+    return state

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ft_ray.data.tokenize import IGNORE_INDEX
+from ft_ray.models import causal_lm
 
 
 def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -431,5 +432,4 @@ def logits_are_the_heads(model: Any, head: torch.nn.Module) -> bool:
 
 def has_chunked_head(model: Any) -> bool:
     """Whether a causal LM (or the one inside a PEFT model) has `chunked_lm_head`'s forward."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(causal.forward, "chunked_head", False)
+    return getattr(causal_lm(model).forward, "chunked_head", False)

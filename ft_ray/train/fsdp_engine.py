@@ -28,7 +28,8 @@ from typing import Any, Iterator
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import COMPUTE_DTYPES, TorchEngine, worker_device
+from ft_ray.models import causal_lm
+from ft_ray.train.engine_api import COMPUTE_DTYPES, TorchEngine, rank0_state_dict, worker_device
 from ft_ray.train.objectives import Objective
 
 FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
@@ -50,7 +51,7 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     # the root: the causal LM (under PEFT's wrapper, which calls it), whose forward every forward and every
     # generation step runs through
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     kinds = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in kinds]
     if not layers:
@@ -128,16 +129,9 @@ class FSDPEngine(TorchEngine):
             torch.save({"scheduler": self.scheduler.state_dict()}, folder / SCHEDULE_FILE)
 
     def gathered_state_dict(self, rank: int) -> dict[str, torch.Tensor]:
-        """The trained weights (for LoRA, the adapters and what trains whole) on rank 0, one
-        parameter at a time, so no rank holds the whole model twice. A collective."""
-        state = {}
-        for name, param in self.module.named_parameters():
-            if self.frozen_base and not param.requires_grad:
-                continue
-            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
-            if rank == 0:
-                state[name] = whole.detach().to("cpu", copy=True)
-        return state  # PEFT's save_pretrained picks the adapter keys out of it
+        """The trained weights (for LoRA, the adapters and what trains whole) on rank 0. A collective."""
+        return rank0_state_dict(self.module, rank, self.frozen_base, lambda param: contextlib.nullcontext(
+            param.full_tensor() if hasattr(param, "full_tensor") else param))
 
     def load(self, folder: Path) -> None:
         """Restore the trained weights and optimizer states from the shards of any number of

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
+from ft_ray.models import causal_lm
 from ft_ray.train.preference import answer_sums, count_role, unwrapped
 
 METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
@@ -32,8 +33,7 @@ def score_head(model: Any) -> Any:
     Raises:
         ValueError: the model has no such head.
     """
-    inner = unwrapped(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = causal_lm(unwrapped(model))
     head = getattr(inner, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise ValueError(f"objective reward_model: {type(inner).__name__} has no `score` head (transformers' "
