@@ -79,11 +79,11 @@ def shards_weights(engine: Any) -> bool:
 @contextlib.contextmanager
 def gathered(engine: Any) -> Iterator[None]:
     """Every weight of a ZeRO-3 `engine`'s model gathered on each worker for the block, its
-    fetch-and-release hooks taken off meanwhile: generation runs a forward per token, and
-    workers whose answers end at other lengths run other numbers of them (a gather per
-    module and forward would wait for the others forever). DeepSpeed's own
-    `unwrap_model_for_generation`, which TRL's GRPO uses alike; holds the whole model in
-    its 16-bit dtype meanwhile. A collective."""
+    fetch-and-release hooks taken off meanwhile: generation runs a forward per token, each
+    one gather instead of one per module (DeepSpeed's own `unwrap_model_for_generation`, as
+    TRL's GRPO gathers). Holds the whole model in its 16-bit dtype meanwhile. The start of a
+    forward may still be a collective (ZeRO-3's check of its trace, after a re-trace): workers
+    run as many forwards as each other (`generate(synced_gpus=True)`). A collective."""
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
     with unwrap_model_for_generation(engine):

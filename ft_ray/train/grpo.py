@@ -227,7 +227,11 @@ class GRPOObjective:
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
                                      do_sample=sampled, temperature=self.settings.temperature if sampled else None,
                                      top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
-                                     use_cache=True, eos_token_id=self.stops)
+                                     use_cache=True, eos_token_id=self.stops,
+                                     # ZeRO-3's start of a forward may be a collective even with the weights gathered
+                                     # (its trace check after a re-trace): every worker runs as many forwards, one whose
+                                     # answers ended empty ones, as transformers does under ZeRO-3
+                                     synced_gpus=deepspeed_engine.shards_weights(engine))
         finally:
             model.train(was_training)
         answers = []
@@ -251,8 +255,9 @@ class GRPOObjective:
 
 def whole_weights(model: Any) -> Any:
     """A block with `model`'s whole weights on each worker, where a strategy shards them: ZeRO-3's
-    engine (`deepspeed_engine.gathered`) or FSDP's modules (`fsdp_engine.gathered`); each
-    worker may then run its own number of forwards. A collective."""
+    engine (`deepspeed_engine.gathered`; each worker must still run as many forwards as the
+    others) or FSDP's modules (`fsdp_engine.gathered`; each worker may run its own number of
+    forwards). A collective."""
     if deepspeed_engine.shards_weights(model):
         return deepspeed_engine.gathered(model)
     return fsdp_engine.gathered(unwrapped(model))

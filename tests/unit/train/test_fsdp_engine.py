@@ -161,11 +161,12 @@ def grpo_steps(rank: int, port: int, folder: str) -> None:
                             timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
     seen = {}
     for strategy in (*SHARDED, "ddp"):
-        config = config_from_dict({"objective": "grpo", "method": "lora", "data": {"train": "t.jsonl"},
+        config = config_from_dict({"objective": "grpo", "method": "qlora", "data": {"train": "t.jsonl"},
                                    "distributed": SHARDED.get(strategy, {"strategy": "ddp"}), "lora": {"dropout": 0.0},
+                                   "quantization": {"quant_storage": "float32", "compute_dtype": "float32"},
                                    "train": {"learning_rate": 5e-3, "warmup_steps": 0},
                                    "grpo": {"rewards": {"format": 1.0}, "format_regex": "(?s)Hi .*",
-                                            "max_new_tokens": 8}})
+                                            "max_new_tokens": 8, "beta": 0.1}})  # KL to the adapter off
         engine = engine_of(config)
         if strategy == "ddp":
             engine.model = torch.nn.parallel.DistributedDataParallel(engine.module)
@@ -173,31 +174,39 @@ def grpo_steps(rank: int, port: int, folder: str) -> None:
         batch = {k: v[2 * rank:2 * rank + 2] for k, v in whole.items()}
         batch["seq_id"] = torch.tensor([2 * rank, 2 * rank + 1])  # seeds the sampling: all strategies sample alike
         seen[strategy] = [engine.eval_loss_sum(batch)[2]["reward"], *steps(engine, batch, 3)]
-        if strategy in SHARDED:  # with the whole weights, the ranks run other numbers of forwards and stay in step
-            with whole_weights(getattr(engine, "engine", engine.module)), torch.no_grad():
-                for _ in range(1 + 2 * rank):
-                    engine.module(input_ids=batch["input_ids"][:, :4])
-            seen[f"{strategy} after"] = steps(engine, batch, 1)
+        objective = engine.objective
+        objective.settings.max_new_tokens = 1 + 7 * rank  # the ranks' answers end after other numbers of forwards
+        seen[f"{strategy} answers"] = objective.sample(engine.engine if strategy == "zero3" else engine.model,
+                                                       objective.prompts_of(batch)[0], 1, sampled=False)
+        seen[f"{strategy} after"] = steps(engine, batch, 1)  # sampled so too, in step
+        if strategy == "zero3":  # each worker holds every weight whole in the block, its own part after
+            with whole_weights(engine.engine):
+                seen["zero3 whole"] = [p.numel() == p.ds_numel for p in engine.module.parameters()]
+            seen["zero3 whole"] += [p.numel() == 0 for p in engine.module.parameters()]
     (Path(folder) / f"{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
 
 def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path):
-    """Two ranks with prompts of their own sample answers that end after other numbers of
-    forwards: under FSDP and ZeRO-3 each generates from the whole model gathered once
-    (`grpo.whole_weights`, where the ranks may run other numbers of forwards), and the
-    rewards, losses and gradient norms are DDP's."""
+    """Two ranks with prompts of their own, QLoRA with the KL to the adapter off: under FSDP
+    and ZeRO-3 each generates from the whole model gathered once (`grpo.whole_weights`), and
+    the rewards, losses and gradient norms are DDP's; ranks whose answers end after 1 and 8
+    tokens answer as under DDP and train on in step."""
     import json
 
     torch.multiprocessing.start_processes(grpo_steps, args=(free_port(), str(tmp_path)), nprocs=2,
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(answer) for answer in ranks[0]["ddp answers"]] == [1, 1]
+    assert [len(answer) for answer in ranks[1]["ddp answers"]] == [8, 8]
     for rank, seen in enumerate(ranks):
         for strategy in SHARDED:
-            assert seen[strategy] == pytest.approx(seen["ddp"], rel=1e-5), (strategy, rank)
+            assert seen[strategy] == pytest.approx(seen["ddp"], rel=1e-5, abs=1e-8), (strategy, rank)
+            assert seen[f"{strategy} answers"] == seen["ddp answers"], (strategy, rank)
+            assert seen[f"{strategy} after"] == pytest.approx(seen["ddp after"], rel=1e-5, abs=1e-8), (strategy, rank)
     for strategy in SHARDED:
         assert ranks[0][strategy][2::2] == ranks[1][strategy][2::2]  # the gradient norm of all ranks' gradients
-        assert ranks[0][f"{strategy} after"][1] == ranks[1][f"{strategy} after"][1]
+    assert all(ranks[0]["zero3 whole"]) and all(ranks[1]["zero3 whole"])
 
 
 @pytest.mark.parametrize("settings, message", [
