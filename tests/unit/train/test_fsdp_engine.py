@@ -1,6 +1,6 @@
 """The FSDP2 engine without Ray, in one process (a gloo group of one) and for GRPO on two
-spawned ranks: the same steps as the DDP engine, its checkpoint, and the settings it refuses.
-Two Ray workers: `tests/integration/test_strategies.py`."""
+spawned ranks (beside ZeRO-3, which shards as FSDP does): the same steps as the DDP engine,
+its checkpoint, and the settings it refuses. Two Ray workers: `tests/integration/test_strategies.py`."""
 
 from __future__ import annotations
 
