@@ -36,9 +36,9 @@ FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 
 
 def shard_model(model: Any, config: JobConfig, device: torch.device, trains: bool = True) -> None:
-    """`fully_shard` each decoder layer (the classes the model names in `_no_split_modules`),
-    then the causal LM around them (embeddings, final norm, output layer or score head; under
-    PEFT's wrapper, which calls it), over all workers on `device`: each module's weights move
+    """`fully_shard` each decoder layer (`decoder_layers`), then the causal LM around them
+    (embeddings, final norm, output layer or score head; under PEFT's wrapper, which calls
+    it), over all workers on `device`: each module's weights move
     there as it is sharded, so a worker never holds the whole model on its GPU. A frozen copy
     that only runs forward (`trains` false: an inline reference) gathers its outer weights
     for each forward too."""
@@ -52,11 +52,10 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     # the root: the causal LM (under PEFT's wrapper, which calls it), whose forward every forward and every
     # generation step runs through
     base = causal_lm(model)
-    kinds = set(getattr(base, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    layers = decoder_layers(model)
     if not layers:
-        raise RuntimeError(f"distributed.strategy fsdp: {type(base).__name__} names no decoder layer class "
-                           "(_no_split_modules) to shard by; use ddp or deepspeed")
+        raise RuntimeError(f"distributed.strategy fsdp: {type(base).__name__} has no decoder layers to shard by "
+                           "(no _no_split_modules, no list of modules); use ddp or deepspeed")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reshard = config.distributed.fsdp.reshard_after_forward
     for layer in layers:
@@ -66,6 +65,18 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
     fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=not trains)
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The modules FSDP shards one by one: those of the classes the causal LM names in
+    `_no_split_modules` (transformers' decoder layers) or, for a model that names none (remote
+    code), the items of its largest `ModuleList` by weights (its layers, not a layer's experts)."""
+    kinds = set(getattr(causal_lm(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=lambda items: sum(p.numel() for p in items.parameters()), default=[]))
 
 
 RESHARD_AFTER_FORWARD = "ft_ray_reshard_after_forward"  # a sharded module's setting, restored after `gathered`

@@ -91,6 +91,34 @@ def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(proc
             torch.testing.assert_close(back.full_tensor(), went_on.full_tensor(), rtol=0, atol=0, msg=name)
 
 
+def test_a_model_naming_no_layer_class_is_sharded_by_its_list_of_layers():
+    """transformers' models name their decoder layer class (`_no_split_modules`); one that does
+    not (remote code) is sharded by the items of its largest list of modules by weights: its
+    layers, not a layer's longer list of experts."""
+    from ft_ray.train.fsdp_engine import decoder_layers
+
+    config = job("fsdp", "lora", "fp32")
+    model = build_model(config, "builtin:tiny-llama")  # under PEFT's wrapper
+    named = decoder_layers(model)
+    assert [type(m).__name__ for m in named] == ["LlamaDecoderLayer"] * model.config.num_hidden_layers
+    model.get_base_model()._no_split_modules = None
+    assert decoder_layers(model) == named
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.Linear(64, 64)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(64, 4) for _ in range(8))
+
+    class Remote(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(3))
+
+    remote = Remote()
+    assert decoder_layers(remote) == list(remote.layers)
+
+
 @pytest.mark.parametrize("method, objective", [("lora", "reward_model"), ("full", "dpo")])
 def test_pairs_train_as_under_ddp(process_group, method, objective):
     """A reward model, whose loss comes from its score head's output inside the forward (a
