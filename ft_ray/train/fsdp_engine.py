@@ -38,10 +38,9 @@ FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 def shard_model(model: Any, config: JobConfig, device: torch.device, trains: bool = True) -> None:
     """`fully_shard` each decoder layer (`decoder_layers`), then the causal LM around them
     (embeddings, final norm, output layer or score head; under PEFT's wrapper, which calls
-    it), over all workers on `device`: each module's weights move
-    there as it is sharded, so a worker never holds the whole model on its GPU. A frozen copy
-    that only runs forward (`trains` false: an inline reference) gathers its outer weights
-    for each forward too."""
+    it), over all workers on `device`: each module's weights move there as it is sharded, so
+    a worker never holds the whole model on its GPU. A frozen copy that only runs forward
+    (`trains` false: an inline reference) gathers its outer weights for each forward too."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
