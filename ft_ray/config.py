@@ -388,7 +388,11 @@ class StorageConfig(Section):
     region: str | None = None
     model_cache: str = Field("~/.cache/ft-ray/models", description=(
         "where each node keeps the copies of the models it reads from object storage (an s3:// model.name_or_path "
-        "or reward model), for later runs too: a local folder of every node with room for them"))
+        "or reward model), for later runs too: a local folder of every node with room for them; when a copy does "
+        "not fit the disk (or storage.model_cache_max_gib), the models used longest ago make room"))
+    model_cache_max_gib: float | None = Field(None, gt=0, description=(
+        "most GiB of models storage.model_cache keeps on a node: after a copy that would pass it, the models used "
+        "longest ago are removed (never one used in the last hour); none: as many as the disk holds"))
     max_attempts: int = Field(10, gt=0, description=(
         "tries of each object-store request (exponential backoff: an unreachable store fails after about "
         "80 s at 10) before it fails; `validate` and `plan` try at most 3 times"))

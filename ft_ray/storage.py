@@ -100,11 +100,12 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     names = _files_read(listing, weights)
     copy = _ModelCopy(uri, fs, inside, cached_folder(uri, storage), listing)
     if all(copy.held().get(name) == listing[name] for name in names):
+        copy.record.touch()  # its last use: the models used longest ago make room first (`make_room`)
         return copy.folder
     copy.folder.parent.mkdir(parents=True, exist_ok=True)
     with open(copy.folder.parent / f"{copy.folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        copy.run([name for name in names if name not in copy.current()], board)
+        copy.run([name for name in names if name not in copy.current()], board, storage.model_cache_max_gib)
     return copy.folder
 
 
@@ -147,6 +148,45 @@ def size_text(count: int) -> str:
     return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
 
 
+CACHE_KEEP_S = 3600  # a cached model used this recently is never removed to make room: a run may be loading it
+
+
+def make_room(folder: Path, size: int, max_bytes: int | None) -> list[Path]:
+    """Remove the models of `folder`'s cache used longest ago (by their records' times,
+    `cached_model` touches them at each use) until `size` more bytes fit the disk and, with
+    `max_bytes`, the cache; never `folder`, a model used in the last CACHE_KEEP_S or one
+    another process is copying (its lock held). Returns the folders removed."""
+    import fcntl
+
+    cache = folder.parent
+    entries = []  # (last use, folder, bytes) of every other cached model
+    for record in cache.glob("*.json"):
+        model = cache / record.name[:-len(".json")]
+        if model != folder and model.is_dir():
+            entries.append((record.stat().st_mtime, model, sum(f.stat().st_size for f in model.rglob("*") if f.is_file())))
+    held = sum(used for _, _, used in entries) + sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    def fits() -> bool:
+        return (shutil.disk_usage(cache).free >= size) and (max_bytes is None or held + size <= max_bytes)
+
+    removed = []
+    for last_use, model, used in sorted(entries, key=lambda entry: entry[0]):
+        if fits() or time.time() - last_use < CACHE_KEEP_S:
+            break
+        with open(cache / f"{model.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being copied now
+            shutil.rmtree(model)
+            (cache / f"{model.name}.json").unlink()
+        held -= used
+        removed.append(model)
+        LOG.info(f"model cache: removed {model.name} ({size_text(used)}, last used "
+                 f"{(time.time() - last_use) / 3600:.1f} h ago) to make room on this node")
+    return removed
+
+
 class _ModelCopy:
     """The copy of a model folder in the store (`listing`: name -> [size, mtime_ns]) in
     `folder`, with a record of the files copied whole beside it (`<folder>.json`)."""
@@ -169,9 +209,9 @@ class _ModelCopy:
         self._write(held)
         return held
 
-    def run(self, missing: list[str], board: Any) -> None:
-        """Copy the `missing` files (4 at a time), each recorded once whole; the bytes go to
-        `board` as they come."""
+    def run(self, missing: list[str], board: Any, max_gib: float | None = None) -> None:
+        """Copy the `missing` files (4 at a time), each recorded once whole, after making room
+        for them (`make_room`); the bytes go to `board` as they come."""
         import threading
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -179,11 +219,13 @@ class _ModelCopy:
             return
         size = sum(self.listing[name][0] for name in missing)
         self.folder.mkdir(parents=True, exist_ok=True)
+        make_room(self.folder, size, None if max_gib is None else int(max_gib * 2**30))
         free = shutil.disk_usage(self.folder).free
         if free < size:
             raise StorageError(f"{self.uri} needs {size_text(size)} more in storage.model_cache "
-                               f"({self.folder.parent}), which has {size_text(free)} free on this node: set "
-                               "storage.model_cache to a folder on a larger disk")
+                               f"({self.folder.parent}), which has {size_text(free)} free on this node (less any "
+                               f"model used in the last {CACHE_KEEP_S // 60} minutes): set storage.model_cache to "
+                               "a folder on a larger disk")
         LOG.info(f"model: copying {len(missing)} file(s) ({size_text(size)}) of {self.uri} to {self.folder} "
                  "(this node's model cache, once)")
         start, done, reported, counting = time.monotonic(), [0], [0.0], threading.Lock()

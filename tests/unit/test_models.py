@@ -1,5 +1,6 @@
 """Base models: built-in, local folder (the same loader a hub id uses), object storage, LoRA wrapping."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -108,13 +109,33 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
 
     from types import SimpleNamespace
 
+    # a small disk: 1 MiB free beside two models cached before, one last used 2 hours ago, one now
+    small = tmp_path / "small-disk"
+    old, recent = cached_models(small, {"old-1a2b": (4, 2 * 3600), "recent-3c4d": (1, 0)})
+    capacity = 6 * 2**20
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: SimpleNamespace(
+        free=capacity - sum(f.stat().st_size for f in small.rglob("*") if f.is_file())))
     elsewhere = job("s3://models/tiny").model
-    elsewhere.use_storage(elsewhere.storage.model_copy(update={"model_cache": str(tmp_path / "small-disk")}))
-    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))  # 1 MiB free
-    load_tokenizer(elsewhere)  # 37 KiB
-    with pytest.raises(InputError, match=r"s3://models/tiny needs 3.6 MiB more in storage.model_cache "
-                                         r"\(.*small-disk\), which has 1.0 MiB free on this node"):
+    elsewhere.use_storage(elsewhere.storage.model_copy(update={"model_cache": str(small)}))
+    load_tokenizer(elsewhere)  # 37 KiB: fits
+    assert old.is_dir()
+    capfd.readouterr()
+    load_base_model(elsewhere)  # 3.6 MiB: the model used 2 hours ago makes room
+    assert not old.exists() and not (small / "old-1a2b.json").exists() and recent.is_dir()
+    assert "model cache: removed old-1a2b (4.0 MiB, last used 2.0 h ago) to make room on this node" in capfd.readouterr().out
+    capacity = 2**40  # room on the disk; storage.model_cache_max_gib removes the model used longest ago
+    cached_models(small, {"older-5e6f": (1, 3 * 3600)})
+    elsewhere.use_storage(elsewhere.storage.model_copy(update={"model_cache_max_gib": 5.5 / 1024}))
+    (Path(model_source(elsewhere)) / "model.safetensors").unlink()
+    load_base_model(elsewhere)  # 1 + 1 + 3.6 MiB, and the tokenizer's files
+    assert not (small / "older-5e6f").exists() and recent.is_dir()
+    capacity = 4 * 2**20  # the weights copied again, and only the model used now to make room with: refused
+    (Path(model_source(elsewhere)) / "model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"s3://models/tiny needs 3.6 MiB more in storage.model_cache \(.*small-disk\), "
+                                         r"which has 3.0 MiB free on this node \(less any model used in the last 60 "
+                                         r"minutes\)"):
         load_base_model(elsewhere)
+    assert recent.is_dir()
     monkeypatch.undo()
     with pytest.raises(InputError, match="model.name_or_path: no files in s3://models/none"):
         load_tokenizer(job("s3://models/none").model)
@@ -123,6 +144,44 @@ def test_a_model_in_object_storage_is_read_from_each_nodes_cache(ray_local, s3_s
         load_tokenizer(job("s3://models/lora").model)
     with pytest.raises(ConfigError, match="model.revision: a hub revision"):
         job("s3://models/tiny", revision="main")
+
+
+def cached_models(cache: Path, models: dict[str, tuple[int, int]]) -> list[Path]:
+    """Model folders in a node's model cache as `storage.cached_model` leaves them: name ->
+    (MiB of weights, seconds since last used)."""
+    import os
+    import time
+
+    folders = []
+    for name, (mib, idle) in models.items():
+        folder = cache / name
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w" * mib * 2**20)
+        record = cache / f"{name}.json"
+        record.write_text(json.dumps({"model.safetensors": [mib * 2**20, 0]}))
+        os.utime(record, (time.time() - idle, time.time() - idle))
+        folders.append(folder)
+    return folders
+
+
+def test_a_model_cache_over_its_size_removes_the_models_used_longest_ago(tmp_path):
+    """storage.model_cache_max_gib: a copy that would pass it removes the models used longest
+    ago first, until it fits; never one used in the last hour, nor one another process is
+    copying (its lock held)."""
+    import fcntl
+
+    from ft_ray.storage import make_room
+
+    cache = tmp_path / "cache"
+    oldest, copying, old, recent = cached_models(cache, {"oldest": (1, 3 * 3600), "copying": (2, int(2.5 * 3600)),
+                                                         "old": (3, 2 * 3600), "recent": (1, 60)})
+    with open(cache / "copying.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        removed = make_room(cache / "new", 2**20, max_bytes=4 * 2**20)  # 7 MiB held + 1 new, at most 4
+        assert removed == [oldest, old] and copying.is_dir() and recent.is_dir()
+        assert sorted(p.name for p in cache.glob("*.json")) == ["copying.json", "recent.json"]
+        assert make_room(cache / "new", 2**20, max_bytes=2 * 2**20) == []  # a recent use and a copy left: kept
+    assert make_room(cache / "new", 2**20, max_bytes=2 * 2**20) == [copying]  # its copy done
 
 
 def test_unknown_builtin_lists_the_available_ones():
