@@ -99,8 +99,9 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     listing = _stored_files(fs, inside, uri)
     names = _files_read(listing, weights)
     copy = _ModelCopy(uri, fs, inside, cached_folder(uri, storage), listing)
+    with contextlib.suppress(FileNotFoundError):  # its last use, noted before it is checked (`make_room`)
+        os.utime(copy.record)
     if all(copy.held().get(name) == listing[name] for name in names):
-        copy.record.touch()  # its last use: the models used longest ago make room first (`make_room`)
         return copy.folder
     copy.folder.parent.mkdir(parents=True, exist_ok=True)
     with open(copy.folder.parent / f"{copy.folder.name}.lock", "w") as lock:
@@ -153,18 +154,19 @@ CACHE_KEEP_S = 3600  # a cached model used this recently is never removed to mak
 
 def make_room(folder: Path, size: int, max_bytes: int | None) -> list[Path]:
     """Remove the models of `folder`'s cache used longest ago (by their records' times,
-    `cached_model` touches them at each use) until `size` more bytes fit the disk and, with
-    `max_bytes`, the cache; never `folder`, a model used in the last CACHE_KEEP_S or one
-    another process is copying (its lock held). Returns the folders removed."""
+    `cached_model` notes each use) until `size` more bytes fit the disk and, with `max_bytes`,
+    the cache; never `folder`, a model used in the last CACHE_KEEP_S (checked again under its
+    lock) or one another process is copying (its lock held). Returns the folders removed."""
     import fcntl
 
     cache = folder.parent
     entries = []  # (last use, folder, bytes) of every other cached model
     for record in cache.glob("*.json"):
         model = cache / record.name[:-len(".json")]
-        if model != folder and model.is_dir():
-            entries.append((record.stat().st_mtime, model, sum(f.stat().st_size for f in model.rglob("*") if f.is_file())))
-    held = sum(used for _, _, used in entries) + sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        with contextlib.suppress(FileNotFoundError):  # (removed by another process meanwhile)
+            if model != folder and model.is_dir():
+                entries.append((record.stat().st_mtime, model, _bytes_under(model)))
+    held = sum(used for _, _, used in entries) + _bytes_under(folder)
 
     def fits() -> bool:
         return (shutil.disk_usage(cache).free >= size) and (max_bytes is None or held + size <= max_bytes)
@@ -173,18 +175,28 @@ def make_room(folder: Path, size: int, max_bytes: int | None) -> list[Path]:
     for last_use, model, used in sorted(entries, key=lambda entry: entry[0]):
         if fits() or time.time() - last_use < CACHE_KEEP_S:
             break
+        record = cache / f"{model.name}.json"
         with open(cache / f"{model.name}.lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if time.time() - record.stat().st_mtime < CACHE_KEEP_S:
+                    continue  # used again since it was listed
             except BlockingIOError:
                 continue  # being copied now
-            shutil.rmtree(model)
-            (cache / f"{model.name}.json").unlink()
+            except FileNotFoundError:
+                held -= used  # removed by another process
+                continue
+            shutil.rmtree(model, ignore_errors=True)
+            record.unlink()
         held -= used
         removed.append(model)
         LOG.info(f"model cache: removed {model.name} ({size_text(used)}, last used "
                  f"{(time.time() - last_use) / 3600:.1f} h ago) to make room on this node")
     return removed
+
+
+def _bytes_under(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
 
 
 class _ModelCopy:

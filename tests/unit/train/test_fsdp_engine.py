@@ -176,13 +176,12 @@ def grpo_steps(rank: int, port: int, folder: str) -> None:
     before training (a generation before any training forward), then 3 steps' losses and
     gradient norms, written to `folder`/<rank>.json."""
     import json
+    import os
     from datetime import timedelta
 
     from ft_ray.models import load_tokenizer
     from ft_ray.train.grpo import whole_weights
     from tests.unit.train.test_grpo import demo_batch
-
-    import os
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")  # as Ray Train sets them, for DeepSpeed
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
