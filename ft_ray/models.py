@@ -588,11 +588,12 @@ def score_options(model: ModelConfig, scores: bool) -> dict[str, Any]:
 
 
 def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpointing: bool,
-                         scores: bool = False) -> Any:
+                         scores: bool = False, frozen: bool = False) -> Any:
     """The base model with its linear layers in bitsandbytes 4-bit (QLoRA), frozen and
     prepared for adapter training (norms and embeddings kept in fp32, a mixture of experts'
     fused expert weights in `quantization.compute_dtype`); with `scores`, a sequence
-    classifier whose score head stays unquantized."""
+    classifier whose score head stays unquantized; `frozen`: not prepared (what is not
+    quantized stays in `quantization.compute_dtype`), for a model that never trains."""
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -609,6 +610,8 @@ def load_quantized_model(model: ModelConfig, quantization: Any, gradient_checkpo
         device_map={"": device}, attn_implementation=model.attn_implementation, **score_options(model, scores))
     keep_4bit_weights_unpacked(quantized)
     fit_vocabulary(quantized, model)  # embeddings are not quantized
+    if frozen:  # never trained (a distillation teacher): the weights left unquantized stay in the compute dtype
+        return quantized.requires_grad_(False)
     # PEFT's preparation casts every 16-bit weight it finds to fp32: a mixture of experts' fused
     # expert weights (not quantized: no linear layers) stay out of its sight, 16-bit and frozen
     experts = [(quantized.get_submodule(module), name) for names in expert_weights(quantized).values()

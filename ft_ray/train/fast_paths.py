@@ -273,6 +273,50 @@ class _LinearTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_rows, None, None, None, None
 
 
+class _LinearRowLoss(torch.autograd.Function):
+    """A loss summed over rows from each row's fp32 logits `hidden @ weight.T`: `loss_of(start,
+    logits)` gives the loss of the chunk of rows from `start` (a tensor, differentiable in
+    `logits`). Taken chunk by chunk as `_LinearCrossEntropy`: each chunk's logits, its loss and
+    their slope (by autograd on the chunk alone) in forward, then dropped; backward scales the
+    gradients. For losses that need more than each row's target (a teacher's distribution:
+    `ft_ray.train.distillation`). `rows`, `index`, `grads` as in `_LinearCrossEntropy`."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                index: torch.Tensor | None, chunk: int, grads: tuple[bool, bool, bool], loss_of: Any) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if grads[2] else None
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(dtype)
+                logits = _chunk_logits(h, weight, rows, index, dtype)
+                with torch.enable_grad():
+                    logits.requires_grad_(any(grads))
+                    loss = loss_of(start, logits)
+                    slope = torch.autograd.grad(loss, logits)[0].to(dtype) if any(grads) else None
+                total += loss.detach().float()
+                del logits
+                if grads[0]:
+                    grad_hidden[start:start + chunk] = _input_slope(slope, weight, rows, index).to(hidden.dtype)
+                if grads[1]:
+                    grad_weight += (slope.t() @ h).float()
+                if grads[2]:
+                    grad_rows += (slope[:, index].t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        grad_hidden, grad_weight, grad_rows = ctx.saved_tensors
+        return (grad_hidden * grad.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad if grad_weight is not None else None,
+                grad_rows * grad if grad_rows is not None else None, None, None, None, None)
+
+
 def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Each row's d(-logp(target)) / d logits (fp32 `logits`), in `dtype`: the softmax minus
     the target's one-hot (rows of `IGNORE_INDEX`: any value, their callers scale them by 0)."""
@@ -357,8 +401,11 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     vocabulary] logits: given `token_logps_of=labels` it returns {"token_logps": [B, L]} (each
     token's log-prob, as `preference.token_logps`; `_LinearTokenLogps`), and with `sft_loss`,
     given labels, the next-token loss (`_LinearCrossEntropy`: what liger's fused linear +
-    cross-entropy is on CUDA, in plain torch, for a CPU or a GPU without liger). Otherwise
-    (generation, liger's loss) the model's own forward runs. Not for ZeRO-3 (the head's
+    cross-entropy is on CUDA, in plain torch, for a CPU or a GPU without liger); given
+    `row_loss_of=(labels, loss_of)`, {"loss": the sum of `loss_of(start, logits)` over the
+    chunks of the rows whose next token is a target (`_LinearRowLoss`; in row-major order, as
+    `labels[:, 1:] != IGNORE_INDEX` picks them). Otherwise (generation, liger's loss) the
+    model's own forward runs. Not for ZeRO-3 (the head's
     weight is gathered only inside its own forward), nor for a model whose forward changes the
     head's output (`logits_are_the_heads`). Returns whether it applied."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -372,8 +419,9 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     plain = model.forward
 
     def forward(self: Any, input_ids: Any = None, labels: Any = None, token_logps_of: Any = None,
-                **kwargs: Any) -> Any:
-        scored = token_logps_of if token_logps_of is not None else labels if sft_loss else None
+                row_loss_of: Any = None, **kwargs: Any) -> Any:
+        scored = next((t for t in (token_logps_of, row_loss_of and row_loss_of[0], labels if sft_loss else None)
+                       if t is not None), None)
         if scored is None or kwargs.get("inputs_embeds") is not None:
             return plain(input_ids=input_ids, labels=labels, **kwargs)
         for key in ("num_items_in_batch", "logits_to_keep", "return_dict"):
@@ -386,6 +434,9 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
         weight, rows, index = head_parts(self.get_output_embeddings())
         chunk = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
         grads = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, rows))
+        if row_loss_of is not None:
+            keep = targets != IGNORE_INDEX
+            return {"loss": _LinearRowLoss.apply(hidden[keep], weight, rows, index, chunk, grads, row_loss_of[1])}
         if token_logps_of is not None:  # row t scored token t + 1: token t's log-prob is row t - 1's
             logps = _LinearTokenLogps.apply(hidden, weight, rows, index, targets, chunk, grads).view(scored.shape)
             return {"token_logps": torch.nn.functional.pad(logps[:, :-1], (1, 0))}
