@@ -244,6 +244,10 @@ def _print_outcome(config: JobConfig, summary: dict) -> None:
     epochs = f" ({summary['epochs']:.2f} epochs)" if summary.get("epochs") is not None else ""
     LOG.info(f"{outcome}, {summary['steps']} steps{epochs}, {summary['tokens_per_second']:.0f} tokens/s, "
              f"{summary['wall_time_s']:.0f} s")
+    if config.objective == "distill":
+        LOG.info(f"held-out divergence from the teacher {summary['eval_divergence_initial']:.4f} before → "
+                 f"{summary['eval_divergence_final']:.4f} after; next-token loss of the answers "
+                 f"{summary['eval_next_token_loss_initial']:.4f} → {summary['eval_next_token_loss_final']:.4f}")
     for name, scored in (summary.get("eval_sets") or {}).items():
         change = scored["loss_change"]
         LOG.info(f"eval set {name}: loss {scored['loss_initial']:.4f} before → {scored['loss_final']:.4f} after"
@@ -363,6 +367,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"grpo: rewards {', '.join(f'{name} x {weight:g}' for name, weight in config.grpo.rewards.items())}")
         except InputError as e:
             print(f"problem: {e}")
+    if not args.offline and config.objective == "distill":
+        from ft_ray.models import load_tokenizer
+        from ft_ray.train.distillation import check_teacher
+
+        try:  # each worker loads the teacher whole
+            print(check_teacher(config, load_tokenizer(config.model)))
+        except InputError as e:
+            print(f"problem: {e}")
     if not args.offline:
         report = validate_data(for_preflight(config))
         print(json.dumps(report["counts"]))
@@ -433,10 +445,11 @@ def model_copy_line(config: Any) -> str:
 
 def plan_line(config: Any) -> str:
     """`ft-ray plan` in one line, from what is on this machine (no network)."""
-    from ft_ray.plan import model_shape, one_line, worst_case
+    from ft_ray.plan import model_shape, one_line, teacher_shape, worst_case
 
     try:
         shape, _ = model_shape(config, network=False)
+        teacher_shape(config, network=False)  # kept for the plan
     except InputError as e:
         return f"plan: not made ({e})"
     return one_line(worst_case(config, shape)[1]) + " (ft-ray plan for every part)"

@@ -592,8 +592,30 @@ class GrpoConfig(Section):
         return self
 
 
+class DistillConfig(Section):
+    """Settings of objective distill: the student learns a teacher model's next-token
+    distribution at each token it trains on (`ft_ray.train.distillation`)."""
+
+    teacher: str | None = Field(None, description=(
+        "the teacher: a causal LM's folder, hub id or s3:// folder (read with the storage section) with the "
+        "model's tokenizer, loaded whole by every worker, frozen, in the compute dtype (4-bit under qlora)"))
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description=(
+        "per token, between the teacher's distribution p and the student's q: forward_kl = KL(p || q), "
+        "classic distillation (q covers all of p); reverse_kl = KL(q || p) (q settles on p's likeliest "
+        "tokens, MiniLLM); jsd = distill.jsd_beta x KL(p || m) + (1 - jsd_beta) x KL(q || m), m their "
+        "mixture (GKD's generalized JSD, TRL's GKDTrainer)"))
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's share of the mixture m (TRL's beta)")
+    temperature: float = Field(1.0, gt=0, description=(
+        "both models' logits are divided by it before the divergence, which is then multiplied by its square "
+        "(Hinton et al.: the gradients keep their size); above 1 the teacher's less likely tokens count more"))
+    ratio: float = Field(0.5, ge=0, le=1, description=(
+        "the loss is ratio x the divergence + (1 - ratio) x the next-token loss on the records' tokens; "
+        "1: the teacher alone (GKD's), 0.5: half each (torchtune's kd_ratio)"))
+
+
 # the data formats each objective trains on
-OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion", "segments"), "dpo": ("preference",),
+OBJECTIVE_FORMATS = {"sft": ("text", "instruction", "chat", "completion", "segments"),
+                     "distill": ("text", "instruction", "chat", "completion", "segments"), "dpo": ("preference",),
                      "orpo": ("preference",), "simpo": ("preference",), "kto": ("kto",),
                      "grpo": ("instruction", "chat", "completion"), "reward_model": ("preference",)}
 PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs
@@ -603,14 +625,17 @@ SIMPO_BETA = 2.0  # preference.beta for simpo when the job sets none (SimPO's pa
 class JobConfig(Section):
     run_name: str = Field("ft-ray-run", pattern=FOLDER_NAME)
     method: Literal["full", "lora", "qlora"] = "lora"
-    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo", "reward_model"] = Field("sft", description=(
-        "sft: next-token loss on the answers; dpo/orpo/simpo: pairs of a chosen and a rejected answer "
+    objective: Literal["sft", "distill", "dpo", "orpo", "simpo", "kto", "grpo", "reward_model"] = Field(
+        "sft", description=(
+        "sft: next-token loss on the answers; distill: a teacher model's next-token distributions on the "
+        "answers (distill.teacher), beside their next-token loss; dpo/orpo/simpo: pairs of a chosen and a rejected answer "
         "(format preference; orpo and simpo need no reference model); kto: answers labelled good or bad "
         "(format kto); grpo: answers sampled from the model to the records' prompts, scored by grpo.rewards "
         "against the records' answers; reward_model: a sequence classifier with one score trained to score the "
         "chosen answer above the rejected one (format preference), a reward for grpo (model:<its folder>)"))
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -670,6 +695,17 @@ class JobConfig(Section):
     def precomputes_reference(self) -> bool:
         """DPO/KTO with `preference.reference: precomputed`: reference log-probs come with the data."""
         return self.objective in ("dpo", "kto") and self.preference.reference == "precomputed"
+
+    @property
+    def teacher(self) -> ModelConfig:
+        """objective distill: the teacher as a model section: `distill.teacher`, read with the
+        job's storage section, at the student's sequence length and attention, its code run
+        only where the student's is."""
+        teacher = ModelConfig(name_or_path=self.distill.teacher or "", max_seq_len=self.model.max_seq_len,
+                              trust_remote_code=self.model.trust_remote_code,
+                              attn_implementation=self.model.attn_implementation)
+        teacher.use_storage(self.storage)
+        return teacher
 
     @property
     def drop_over(self) -> int | None:
@@ -774,11 +810,20 @@ def impossible_combinations(job: JobConfig) -> list[str]:
             problems.append("train.compare_generations: a reward model generates no answers")
     elif job.preference.center_rewards_coefficient:
         problems.append(f"preference.center_rewards_coefficient: for objective reward_model, not {job.objective}")
+    if job.objective == "distill":
+        if not job.distill.teacher:
+            problems.append("distill.teacher: objective distill learns from a teacher model: set its folder, hub id "
+                            "or s3:// folder")
+        if job.model.add_tokens:
+            problems.append("model.add_tokens: the teacher has no such tokens to teach (distillation compares the "
+                            "two models token by token over the same vocabulary)")
+    elif job.distill.teacher:
+        problems.append(f"distill.teacher: read by objective distill, not {job.objective}")
     if job.train.neftune_alpha and job.objective != "sft":
         problems.append(f"train.neftune_alpha: noisy embeddings are for objective sft; objective {job.objective} "
                         "trains without them")
-    if job.data.loss_on != "answers" and job.objective != "sft":
-        problems.append(f"data.loss_on: {job.data.loss_on} is for objective sft; objective {job.objective} "
+    if job.data.loss_on != "answers" and job.objective not in ("sft", "distill"):
+        problems.append(f"data.loss_on: {job.data.loss_on} is for objective sft or distill; objective {job.objective} "
                         "trains on its answers")
     allowed = OBJECTIVE_FORMATS[job.objective]
     for source in job.data.all_sources() + ([job.data.eval_source()] if job.data.eval else []) + [

@@ -159,6 +159,33 @@ def untrained_llama(folder: Path) -> Path:
     return folder
 
 
+def teacher_llama(folder: Path, wider: bool = False) -> Path:
+    """A teacher for distillation, saved in `folder` with the built-in model's tokenizer and 64
+    output rows past it (a padded vocabulary, as shipped models have): the built-in Llama with
+    its output layer doubled (surer of the same tokens), or (`wider`) a Llama of another shape,
+    hidden size 192 in 2 layers, of seeded random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import load_base_model, load_tokenizer
+
+    model = load_base_model(ModelConfig())
+    rows = model.config.vocab_size + 64
+    if wider:
+        torch.manual_seed(0)
+        config = model.config.to_dict() | {"hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 2,
+                                           "head_dim": 48, "vocab_size": rows}
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    else:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(2)
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(ModelConfig()).save_pretrained(folder)
+    return folder
+
+
 def sentencepiece_tokenizer(folder: Path | None = None):
     """A tokenizer that opens a text with SentencePiece's word mark "▁" as Llama 2's, Mistral
     v0.1-0.3's and Phi-3's do (Metaspace, prepend_scheme "first"), BPE trained on the demo

@@ -1,7 +1,7 @@
 """What a run learns from a batch: the objective. Engines call it and never compute a loss
-themselves: next-token loss (SFT) here, the preference objectives (DPO, ORPO, SimPO, KTO) in
-`ft_ray.train.preference`, GRPO in `ft_ray.train.grpo`, a reward model's pairwise loss in
-`ft_ray.train.reward_modeling`.
+themselves: next-token loss (SFT) here, a teacher's distributions in `ft_ray.train.distillation`,
+the preference objectives (DPO, ORPO, SimPO, KTO) in `ft_ray.train.preference`, GRPO in
+`ft_ray.train.grpo`, a reward model's pairwise loss in `ft_ray.train.reward_modeling`.
 
 An objective says which batch columns it reads, turns the model's outputs into the loss to
 back-propagate (and the metrics to log beside it, as sums over what the loss is averaged
@@ -61,13 +61,18 @@ class NextTokenLoss:
 
 def build_objective(config: Any, model: Any = None) -> Objective:
     """The job's objective; a preference objective gets its reference model (the trained
-    `model` with its adapter switched off, or a frozen copy of the base for a full fine-tune)."""
+    `model` with its adapter switched off, or a frozen copy of the base for a full fine-tune),
+    distillation its teacher."""
     if config.objective == "sft":
         balanced = model is not None and trains_routers(model)
         if balanced:
             LOG.info(f"note: the routers of this mixture of experts train: the training loss adds its load-balancing "
                      f"loss (router_aux_loss_coef {model.config.router_aux_loss_coef})")
         return NextTokenLoss(router_aux_loss=balanced)
+    if config.objective == "distill":
+        from ft_ray.train.distillation import build_distill_objective
+
+        return build_distill_objective(config, model)
     if config.objective == "grpo":
         from ft_ray.train.grpo import build_grpo_objective
 

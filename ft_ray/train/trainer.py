@@ -138,6 +138,10 @@ def run_training(config: JobConfig, force_new: bool = False, callbacks: list | N
         from ft_ray.evaluation.metrics import check_rewards
 
         check_rewards(config.grpo.rewards, config.storage)  # a reward function or model that is not there
+    if config.objective == "distill":
+        from ft_ray.train.distillation import check_teacher
+
+        LOG.info(check_teacher(config, tokenizer))  # a teacher that is not there, or speaks other tokens
     if config.model.adapter:
         LOG.info(adapter_line(config))
     for warning in model_warnings(config):
@@ -471,12 +475,16 @@ def eval_set_outcome(config: JobConfig, evals: list[dict]) -> dict[str, dict[str
 
 def preference_outcome(config: JobConfig, evals: list[dict]) -> dict[str, Any]:
     """A preference run's objective and held-out reward accuracy (grpo: the held-out greedy
-    answers' mean reward) before and after training."""
+    answers' mean reward; distill: the held-out divergence from the teacher and next-token loss)
+    before and after training."""
     if config.objective == "sft":
         return {}
-    key = "eval_reward" if config.objective == "grpo" else "eval_reward_accuracy"
-    initial, final = first_and_last(evals, key)
-    return {"objective": config.objective, f"{key}_initial": initial, f"{key}_final": final}
+    keys = {"grpo": ["eval_reward"], "distill": ["eval_divergence", "eval_next_token_loss"]}.get(
+        config.objective, ["eval_reward_accuracy"])
+    outcome = {"objective": config.objective}
+    for key in keys:
+        outcome[f"{key}_initial"], outcome[f"{key}_final"] = first_and_last(evals, key)
+    return outcome
 
 
 def first_and_last(evals: list[dict], key: str) -> tuple[Any, Any]:

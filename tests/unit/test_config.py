@@ -145,7 +145,7 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
 
     with pytest.raises(ConfigError, match="objective dpo trains on format preference, not instruction"):
         config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl", "format": "instruction"}})
-    with pytest.raises(ConfigError, match="data.loss_on: all is for objective sft; objective orpo trains on its answers"):
+    with pytest.raises(ConfigError, match="data.loss_on: all is for objective sft or distill; objective orpo trains on its answers"):
         config_from_dict({"objective": "orpo", "data": {"train": "x.jsonl", "loss_on": "all"}})
     with pytest.raises(ConfigError, match="train.neftune_alpha: noisy embeddings are for objective sft; objective dpo"):
         config_from_dict({"objective": "dpo", "data": {"train": "x.jsonl"}, "train": {"neftune_alpha": 5}})
@@ -157,7 +157,7 @@ def test_an_objective_names_the_formats_it_trains_on(tmp_path):
     check_format(config, "kto", "data.train")
     with pytest.raises(DataError, match="records of format preference train with objective dpo, orpo, simpo or reward_model, not kto"):
         check_format(config, "preference", "data.train")
-    with pytest.raises(DataError, match="format instruction train with objective sft or grpo, not kto"):
+    with pytest.raises(DataError, match="format instruction train with objective sft, distill or grpo, not kto"):
         check_format(config, "instruction", "data.train")
 
 

@@ -1,0 +1,185 @@
+"""Knowledge distillation (objective distill): at each token it trains on, the student learns
+the teacher model's next-token distribution, beside (`distill.ratio`) the next-token loss on
+the records' own tokens.
+
+The teacher (`distill.teacher`: a causal LM with the student's tokenizer) is loaded whole by
+every training worker, frozen, in the compute dtype (4-bit under QLoRA), and reads the same
+packed batch without gradients (per-example attention, as the student). Where the student's
+head works in chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of
+either model exist: the teacher's last hidden states at the target tokens are kept, and each
+chunk of rows takes both heads' logits, its loss and its slope in turn (`_LinearRowLoss`).
+Otherwise (ZeRO-3, `train.fused_kernels: none`, a head whose forward changes its output) the
+student's own forward gives its logits and only the target tokens' rows are kept.
+
+The divergence of each target token, between the teacher's p = softmax(teacher logits / T)
+and the student's q = softmax(student logits / T), times T^2 (Hinton et al.): forward_kl
+KL(p || q), reverse_kl KL(q || p), jsd beta KL(p || m) + (1 - beta) KL(q || m) with
+m = beta p + (1 - beta) q (GKD's generalized JSD, as TRL's GKDTrainer computes it). Where the
+two output layers differ in size (rows padded past the tokenizer), both distributions are
+taken over the rows they share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ft_ray.config import InputError, JobConfig
+from ft_ray.data.tokenize import IGNORE_INDEX
+from ft_ray.models import causal_lm
+from ft_ray.train.fast_paths import has_chunked_head, logits_are_the_heads
+from ft_ray.train.preference import unwrapped
+
+METRICS = ("divergence", "next_token_loss")
+
+
+def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per row: the divergence `kind` between the distributions of the teacher's and the
+    student's fp32 logits ([rows, vocabulary], already divided by the temperature)."""
+    q, p = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+    if kind == "forward_kl":
+        return (p.exp() * (p - q)).sum(-1)
+    if kind == "reverse_kl":
+        return (q.exp() * (q - p)).sum(-1)
+    m = torch.logsumexp(torch.stack([p + math.log(beta), q + math.log(1 - beta)]), dim=0)
+    return beta * (p.exp() * (p - m)).sum(-1) + (1 - beta) * (q.exp() * (q - m)).sum(-1)
+
+
+class Teacher:
+    """The frozen teacher: its logits at a batch's target tokens, chunk by chunk (`at`)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        lm = causal_lm(model)
+        head = lm.get_output_embeddings()
+        self.decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+        plain = (type(head) is torch.nn.Linear and head.bias is None and isinstance(self.decoder, torch.nn.Module)
+                 and logits_are_the_heads(lm, head))
+        self.head = head if plain else None
+
+    def at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        """A function of (start, end): the teacher's fp32 logits of the target tokens start to
+        end (`keep`: `labels[:, 1:] != IGNORE_INDEX`, its rows in row-major order). With a plain
+        head only its last hidden states at those tokens are kept; the logits come a chunk at a time."""
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        with torch.no_grad():
+            if self.head is None:
+                logits = self.model(**inputs).logits[:, :-1][keep]
+                return lambda start, end: logits[start:end].float()
+            hidden = self.decoder(**inputs).last_hidden_state[:, :-1][keep]
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        weight, hidden = self.head.weight.to(dtype), hidden.to(dtype)
+        return lambda start, end: (hidden[start:end] @ weight.t()).float()
+
+
+class DistillLoss:
+    """ratio x the teacher-student divergence + (1 - ratio) x the next-token loss, each a mean
+    over the batch's target tokens."""
+
+    name = "distill"
+    columns = ("input_ids", "labels", "position_ids")
+    metrics = METRICS
+
+    def __init__(self, teacher: Teacher, kind: str = "forward_kl", temperature: float = 1.0, ratio: float = 0.5,
+                 beta: float = 0.5):
+        self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        labels = batch["labels"]
+        keep = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][keep]
+        count = max(1, len(targets))
+        teacher = self.teacher.at(batch, keep)
+        sums = torch.zeros(2, dtype=torch.float32, device=labels.device)
+        t = self.temperature
+
+        def loss_of(start: int, logits: torch.Tensor) -> torch.Tensor:
+            end = start + len(logits)
+            taught = teacher(start, end)
+            shared = min(taught.shape[-1], logits.shape[-1])
+            apart = divergence(logits[:, :shared] / t, taught[:, :shared] / t, self.kind, self.beta) * t * t
+            nll = F.cross_entropy(logits, targets[start:end], reduction="none")
+            sums.add_(torch.stack([apart.sum(), nll.sum()]).detach())
+            return (self.ratio * apart.sum() + (1 - self.ratio) * nll.sum()) / count
+
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if has_chunked_head(unwrapped(model)):
+            loss = model(**inputs, row_loss_of=(labels, loss_of))["loss"]
+        else:
+            loss = loss_of(0, model(**inputs).logits[:, :-1][keep].float())
+        divergence_sum, nll_sum = sums.tolist()
+        return loss, {"divergence": divergence_sum, "next_token_loss": nll_sum}
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def load_teacher(config: JobConfig, device: torch.device) -> Any:
+    """The job's teacher (`JobConfig.teacher`), frozen, on `device`: in 4-bit with the job's
+    quantization under QLoRA (the rest in its compute dtype), else in the compute dtype (fp32
+    for fp32 runs), with the student's per-example attention in packed batches."""
+    from ft_ray.models import load_base_model, load_quantized_model
+    from ft_ray.train.engine_api import COMPUTE_DTYPES
+
+    if config.method == "qlora":
+        model = load_quantized_model(config.teacher, config.quantization, False, frozen=True)
+    else:
+        model = load_base_model(config.teacher, dtype=COMPUTE_DTYPES.get(config.train.precision)).to(device)
+    if config.data.pack and config.model.attn_implementation == "sdpa":
+        from ft_ray.train.attention import register
+
+        model.set_attn_implementation(register())
+    return model.eval().requires_grad_(False)
+
+
+def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
+    from ft_ray.console import LOG
+    from ft_ray.train.engine_api import worker_device
+
+    teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
+    sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
+    if sizes[0] != sizes[1]:
+        LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
+                 f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")
+    distill = config.distill
+    return DistillLoss(Teacher(teacher), distill.divergence, distill.temperature, distill.ratio, distill.jsd_beta)
+
+
+def check_teacher(config: JobConfig, tokenizer: Any) -> str:
+    """What a driver checks of `distill.teacher` before a run (no weights loaded): its config
+    names a causal LM with an output row for each of the model's tokens, and its tokenizer is
+    the model's (`tokenizer`), token for token. Returns a line saying what it is.
+
+    Raises:
+        InputError: it is not there, not such a model, or its tokens differ from the model's."""
+    from ft_ray.models import load_tokenizer, model_config
+
+    teacher = config.teacher
+    name = teacher.name_or_path
+    try:
+        theirs = load_tokenizer(teacher)
+        shape = model_config(teacher)
+    except (InputError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0].removeprefix("model.name_or_path: ")
+        raise InputError(f"distill.teacher: {first}") from None
+    architectures = getattr(shape, "architectures", None) or []
+    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise InputError(f"distill.teacher: {name} is {', '.join(architectures)}; a teacher is a causal LM "
+                         "(AutoModelForCausalLM) whose next-token distributions the model learns")
+    ours, vocab = tokenizer.get_vocab(), theirs.get_vocab()
+    if ours != vocab:
+        differing = sorted(set(ours.items()) ^ set(vocab.items()), key=lambda item: item[1])[:3]
+        shown = ", ".join(f"{token!r}: {index}" for token, index in differing)
+        raise InputError(f"distill.teacher: {name}'s tokenizer is not the model's ({len(vocab)} tokens against "
+                         f"{len(ours)}; first differing: {shown}): distillation compares the two models' "
+                         "distributions token by token, so the teacher must share the model's tokenizer (a larger "
+                         "model of the same family)")
+    rows = getattr(shape, "vocab_size", None)
+    if rows is not None and rows < len(tokenizer):
+        raise InputError(f"distill.teacher: {name} has {rows} output rows for a tokenizer of {len(tokenizer)} tokens")
+    return (f"distill: teacher {name} ({config.distill.divergence}, temperature {config.distill.temperature:g}, "
+            f"ratio {config.distill.ratio:g})")

@@ -1,0 +1,141 @@
+"""Distillation (objective distill): the divergences against their textbook formulas, the loss
+from the head in chunks against the loss from both models' whole logits, and what the driver
+refuses before a run."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ft_ray.config import ConfigError, InputError, ModelConfig, config_from_dict
+from ft_ray.data.records import encode_records
+from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
+from ft_ray.models import load_tokenizer
+from ft_ray.train.distillation import DistillLoss, Teacher, check_teacher, divergence, load_teacher
+from tests.conftest import DEMO, teacher_llama
+
+
+def test_each_divergence_by_its_formula():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11) * 2, torch.randn(5, 11) * 2
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1)  # noqa: E731 - KL(a || b) of probabilities
+    assert torch.allclose(divergence(student, teacher, "forward_kl"), kl(p, q), atol=1e-6)
+    assert torch.allclose(divergence(student, teacher, "forward_kl"),
+                          F.kl_div(q.log(), p, reduction="none").sum(-1), atol=1e-6)
+    assert torch.allclose(divergence(student, teacher, "reverse_kl"), kl(q, p), atol=1e-6)
+    for beta in (0.1, 0.5, 0.9):
+        m = beta * p + (1 - beta) * q
+        assert torch.allclose(divergence(student, teacher, "jsd", beta), beta * kl(p, m) + (1 - beta) * kl(q, m),
+                              atol=1e-6)
+    # the symmetric JSD is at most log 2; every divergence is 0 where the two agree
+    assert (divergence(student, teacher, "jsd", 0.5) <= math.log(2)).all()
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        assert divergence(student, student + 3.0, kind).abs().max() < 1e-5  # (a shift changes no distribution)
+        assert (divergence(student, teacher, kind) > 0).all()
+
+
+def packed_demo_rows() -> dict[str, torch.Tensor]:
+    """The demo's first 6 records, encoded and packed in 2 rows of 256 tokens, as tensors."""
+    tokenizer = load_tokenizer(ModelConfig())
+    lines = (DEMO / "train.jsonl").read_text().splitlines()[:6]
+    batch = encode_records(lines, [""] * 6, "auto", {}, tokenizer, 256, None)
+    packed = pack_arrays(batch.ids, batch.labels, batch.offsets, np.arange(6), 256, tokenizer.pad_token_id)
+    assert len(packed["input_ids"]) >= 2
+    return {k: torch.as_tensor(v[:2], dtype=torch.long) for k, v in packed.items()}
+
+
+@pytest.mark.parametrize("method,precision,kind", [("lora", "fp32", "forward_kl"), ("qlora", "fp32", "jsd"),
+                                                   ("full", "bf16", "jsd"), ("full", "fp32", "reverse_kl")])
+def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(method, precision, kind, monkeypatch,
+                                                                              tmp_path):
+    """A teacher of another shape and a longer (padded) output layer (4-bit under QLoRA): the student's loss taken
+    50 rows at a time (fast_paths.chunked_lm_head, on by default) with the teacher's logits
+    from its last hidden states gives the loss, metrics and every gradient (the trained output
+    layer's too) that both models' whole logits give."""
+    import contextlib
+
+    from ft_ray.train import fast_paths
+    from ft_ray.train.modeling import build_model
+
+    monkeypatch.setattr(fast_paths, "LOGITS_CHUNK_BYTES", 4 * 768 * 50)  # the tiny Llama's vocabulary: 768
+    rows = packed_demo_rows()
+    job = config_from_dict({"objective": "distill", "method": method, "model": {"max_seq_len": 256},
+                            "distill": {"teacher": str(teacher_llama(tmp_path / "teacher", wider=True)),
+                                        "divergence": kind, "temperature": 2.0, "ratio": 0.7},
+                            "data": {"train": "x.jsonl"}, "train": {"precision": precision},
+                            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}})
+    model = build_model(job, "builtin:tiny-llama")
+    teacher = Teacher(load_teacher(job, torch.device("cpu")))
+    assert teacher.head is not None and teacher.head.weight.shape[0] == 832
+    if method == "qlora":  # in 4 bits, what is not quantized in the compute dtype (never trained: not fp32)
+        assert any(type(m).__name__ == "Linear4bit" for m in teacher.model.modules())
+        assert teacher.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad and method != "full":
+            p.data.normal_(std=0.05)
+    objective = DistillLoss(teacher, kind, temperature=2.0, ratio=0.7)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with context:
+            loss, metrics = objective.loss(model, rows)
+        loss.backward()
+        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert fast_paths.has_chunked_head(model)
+    chunked = run()
+    causal = model.get_base_model() if method != "full" else model
+    del causal.forward  # the model's own forward: the whole logits
+    teacher.head = None  # the teacher's own forward too
+    plain = run()
+    tokens = objective.weight(rows)
+    assert tokens == int((rows["labels"][:, 1:] != IGNORE_INDEX).sum()) > 150  # more than 3 chunks
+    rel = 1e-2 if precision == "bf16" else 1e-5
+    divergence_mean, nll_mean = plain[1]["divergence"] / tokens, plain[1]["next_token_loss"] / tokens
+    assert plain[0] == pytest.approx(0.7 * divergence_mean + 0.3 * nll_mean, rel=1e-5)
+    assert divergence_mean > 0.01
+    assert chunked[0] == pytest.approx(plain[0], rel=rel)
+    assert chunked[1] == pytest.approx(plain[1], rel=rel)
+    assert chunked[2].keys() == plain[2].keys() and len(plain[2]) > 0
+    if method == "full":
+        assert "lm_head.weight" in plain[2]
+    for name, grad in plain[2].items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name
+        assert torch.allclose(chunked[2][name], grad, atol=rel * 2 * scale), name
+
+
+def test_a_job_says_what_its_teacher_lacks(tmp_path):
+    """Before any weights load: no teacher, one that is not a causal LM or not there, one with
+    other tokens, a teacher for an objective that reads none, tokens added to the model."""
+    base = {"objective": "distill", "data": {"train": "x.jsonl"}}
+    with pytest.raises(ConfigError, match="distill.teacher: objective distill learns from a teacher"):
+        config_from_dict(base)
+    with pytest.raises(ConfigError, match="distill.teacher: read by objective distill, not sft"):
+        config_from_dict({"data": {"train": "x.jsonl"}, "distill": {"teacher": "builtin:tiny-llama"}})
+    with pytest.raises(ConfigError, match="model.add_tokens: the teacher has no such tokens"):
+        config_from_dict({**base, "distill": {"teacher": "builtin:tiny-llama"}, "model": {"add_tokens": ["<x>"]}})
+
+    tokenizer = load_tokenizer(ModelConfig())
+    job = lambda teacher: config_from_dict({**base, "distill": {"teacher": str(teacher)}})  # noqa: E731
+    assert check_teacher(job(teacher_llama(tmp_path / "ok")), tokenizer).startswith(
+        f"distill: teacher {tmp_path / 'ok'} (forward_kl, temperature 1, ratio 0.5)")
+    with pytest.raises(InputError, match=r"distill.teacher: no folder .*/missing"):
+        check_teacher(job(tmp_path / "missing"), tokenizer)
+    other = teacher_llama(tmp_path / "other")
+    extra = load_tokenizer(ModelConfig())
+    extra.add_tokens(["<|tool|>"], special_tokens=True)
+    extra.save_pretrained(other)
+    with pytest.raises(InputError, match=r"tokenizer is not the model's \(717 tokens against 716; first differing: "
+                                         r"'<\|tool\|>': 716\)"):
+        check_teacher(job(other), tokenizer)
+    classifier = teacher_llama(tmp_path / "classifier")
+    config = (classifier / "config.json")
+    config.write_text(config.read_text().replace("LlamaForCausalLM", "LlamaForSequenceClassification"))
+    with pytest.raises(InputError, match="is LlamaForSequenceClassification; a teacher is a causal LM"):
+        check_teacher(job(classifier), tokenizer)
