@@ -154,7 +154,9 @@ KNOWN_SHAPES = {
 KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
                      "meta-llama/Llama-3.1-8B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
                      "meta-llama/Llama-3.1-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
-                     "meta-llama/Meta-Llama-3-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"]})
+                     "meta-llama/Meta-Llama-3-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
+                     "meta-llama/Llama-3.1-70B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
+                     "meta-llama/Llama-3.1-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"]})
 
 
 def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
@@ -207,7 +209,7 @@ def trained_shape(config: JobConfig, shape: Shape) -> Shape:
     return dataclasses.replace(shape, tied=True) if config.scores else shape
 
 
-REWARD_MODEL_SHAPES: dict[str, Shape] = {}  # by grpo.rewards name: read once per process (plan_memory runs in loops)
+OTHER_SHAPES: dict[str, Shape] = {}  # reward models' and teachers', by name: read once per process (plan_memory loops)
 
 
 def reward_model_shapes(config: JobConfig) -> list[Shape]:
@@ -220,12 +222,55 @@ def reward_model_shapes(config: JobConfig) -> list[Shape]:
 
     names = [name for name in config.grpo.rewards if name.startswith(REWARD_MODEL)]
     for name in names:
-        if name not in REWARD_MODEL_SHAPES:
+        if name not in OTHER_SHAPES:
             adapter = adapter_config(name, config.storage)
             source = model_source_of(name, config.storage) if adapter is None else base_of(adapter, config.storage)
             shape, _ = model_shape(config.model_copy(update={"model": source}))
-            REWARD_MODEL_SHAPES[name] = dataclasses.replace(shape, tied=True)
-    return [REWARD_MODEL_SHAPES[name] for name in names]
+            OTHER_SHAPES[name] = dataclasses.replace(shape, tied=True)
+    return [OTHER_SHAPES[name] for name in names]
+
+
+def teacher_shape(config: JobConfig, network: bool = True) -> Shape | None:
+    """The shape of a distill job's teacher, as `model_shape` finds a model's; None for other
+    objectives.
+
+    Raises:
+        InputError: no config.json of it (here, or with `network` on the hub or in the store)."""
+    if config.objective != "distill":
+        return None
+    key = f"distill.teacher:{config.distill.teacher}"
+    if key not in OTHER_SHAPES:
+        try:
+            OTHER_SHAPES[key], _ = model_shape(config.model_copy(update={"model": config.teacher}), network)
+        except InputError as e:
+            raise InputError(f"distill.teacher: {str(e).removeprefix('model.name_or_path: ')}") from None
+    return OTHER_SHAPES[key]
+
+
+def quantized_bytes(config: JobConfig, shape: Shape, frozen: bool = False) -> float:
+    """A model's weights as QLoRA loads them: linear layers in 4 bits, a mixture of experts'
+    fused expert weights in `quantization.compute_dtype`, the rest in fp32 (prepared for
+    training; `frozen`: in the compute dtype too, a distillation teacher)."""
+    base_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
+    layer_linear, experts = shape.layers * shape.layer_linear_params, shape.layers * shape.layer_expert_params
+    return (layer_linear * QLORA_BYTES[config.quantization.double_quant] + base_bytes * experts
+            + (base_bytes if frozen else 4) * (shape.params - layer_linear - experts))
+
+
+def teacher_bytes(config: JobConfig, teacher: Shape, tokens: int, compute: int) -> float:
+    """What a teacher's forward holds beside its weights (no gradients, so one layer's tensors
+    at a time, as `scoring_bytes`): its last hidden states at the batch's tokens, kept for the
+    loss, and the loss's fp32 tensors: the two models' logits and a few of their softmaxes over
+    a chunk of rows (the student's head in chunks: `fast_paths.LOGITS_CHUNK_BYTES`), else over
+    every token."""
+    q, kv = teacher.heads * teacher.head_dim, teacher.kv_heads * teacher.head_dim
+    layer = 2 * teacher.hidden + 2 * q + 2 * kv + 3 * teacher.mlp_width
+    rows = tokens
+    if config.uses_fast_paths and not teacher.scaled_logits:
+        from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
+
+        rows = min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * teacher.vocab)))
+    return tokens * (layer + teacher.hidden) * compute + rows * teacher.vocab * 4 * 6
 
 
 def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
@@ -261,8 +306,6 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on
     compute = 4 if train.precision == "fp32" else 2
     layer_linear = shape.layers * shape.layer_linear_params
-    experts = shape.layers * shape.layer_expert_params  # a mixture of experts' fused expert weights and routers
-    rest = shape.params - layer_linear - experts  # embeddings, norms, an untied output layer
     parts: dict[str, float] = {}
 
     if config.method == "full":
@@ -286,9 +329,9 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
                             if m in ("lm_head", "embed_tokens"))  # in fp32, as every trained weight
         trained = adapter_params(config, shape) + saved_in_full
         base_bytes = compute
-        if config.method == "qlora":  # linear layers in 4 bits, experts in the compute dtype, the rest in fp32
+        if config.method == "qlora":
             base_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
-            base = layer_linear * QLORA_BYTES[config.quantization.double_quant] + base_bytes * experts + 4 * rest
+            base = quantized_bytes(config, shape)
         else:
             base = compute * shape.params
         parts["base_weights"] = base / shard(3)  # ZeRO-3 partitions the frozen base too
@@ -315,7 +358,14 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
 
+    teacher = teacher_shape(config)
+    if teacher:  # distill.teacher: whole on each worker, frozen, 4-bit under qlora, else in the compute dtype
+        parts["teacher_weights"] = quantized_bytes(config, teacher, frozen=True) if config.method == "qlora" else (
+            compute * teacher.params)
+
     tokens = train.micro_batch_size * config.model.max_seq_len
+    if teacher:
+        parts["teacher_forward"] = teacher_bytes(config, teacher, tokens, compute)
     if config.objective == "grpo":  # the loss forward: num_generations sampled answers per prompt, each after it
         tokens = train.micro_batch_size * config.grpo.num_generations * (config.model.max_seq_len
                                                                            + config.grpo.max_new_tokens)
@@ -522,6 +572,8 @@ PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (auto
               "optimizer_states": "AdamW states", "reference_weights": "reference model (inline, frozen)",
               "reward_models": "reward models (grpo.rewards)",
               "reward_scoring": "reward model scoring, beyond the activations",
+              "teacher_weights": "teacher (distill.teacher, frozen)",
+              "teacher_forward": "teacher's forward and the divergence",
               "activations": "activations",
               "logits_and_loss": "logits and loss", "allocator_slack": "allocator slack (5%)",
               "cuda_context": "CUDA context (allowance)"}

@@ -149,6 +149,30 @@ def test_grpo_plans_each_reward_model_every_worker_loads(tmp_path):
     assert scored.parts["reward_scoring"] > 0
 
 
+def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_student():
+    from ft_ray.plan import KNOWN_SHAPES
+
+    student, teacher = KNOWN_SHAPES["meta-llama/Llama-3.1-8B"], KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"]
+    gpu = {"distributed": {"num_workers": 4, "use_gpu": True}, "train": {"precision": "bf16", "micro_batch_size": 4}}
+    distill = {"objective": "distill", "distill": {"teacher": "meta-llama/Llama-3.1-70B-Instruct"}}
+    for method in ("lora", "qlora"):
+        alone = plan_memory(job(**gpu, method=method), student)
+        taught = plan_memory(job(**gpu, **distill, method=method), student)
+        linear = teacher.layers * teacher.layer_linear_params
+        weights = 2 * teacher.params if method == "lora" else (  # 4-bit linear layers, the rest in bf16 (not fp32)
+            linear * QLORA_BYTES[True] + 2 * (teacher.params - linear))
+        assert taught.parts["teacher_weights"] == pytest.approx(weights / MIB)
+        # its forward: no gradients, one layer's tensors at a time and its last hidden states at the 1,024 tokens;
+        # the divergence's fp32 logits and softmaxes over one chunk of rows of the head (523 of them)
+        layer = 2 * 8192 + 2 * 8192 + 2 * 1024 + 3 * 28672
+        rows = 256 * 2 ** 20 // (4 * 128256)
+        assert taught.parts["teacher_forward"] == pytest.approx((1024 * (layer + 8192) * 2 + rows * 128256 * 24) / MIB)
+        assert {part: mib for part, mib in taught.parts.items() if not part.startswith("teacher")} == pytest.approx(
+            alone.parts | {"allocator_slack": taught.parts["allocator_slack"]})
+    assert 35 * 1024 < taught.parts["teacher_weights"] < 38 * 1024  # 70B in 4 bits
+    assert taught.fits(H100_80GB) and not plan_memory(job(**gpu, **distill, method="lora"), student).fits(H100_80GB)
+
+
 def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
     full = {"method": "full", "distributed": {"num_workers": 1, "use_gpu": True}, "model": {"max_seq_len": 1024}}
