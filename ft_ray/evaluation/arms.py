@@ -1,8 +1,9 @@
 """The arms `ft-ray eval` compares: which model answers, and what goes before the prompt.
 
 An arm is a name (the prefix of its columns and its key in eval.json), the model it runs
-(the base model, with a LoRA adapter switched off, the fine-tuned variant, or for a run that
-trained on from an adapter, `model.adapter`, that adapter: `start`) and the examples put
+(the base model, with a LoRA adapter switched off, the fine-tuned variant, for a run that
+trained on from an adapter, `model.adapter`, that adapter: `start`, or for a distillation
+run its teacher, `distill.teacher`) and the examples put
 before each prompt: none, the first training examples (`fixed`), or the training examples
 most similar to the prompt (`retrieved`, BM25 over their prompts). A new arm is one more
 entry here (and, for a new kind of shots, one more branch in `scoring.ArmScorer.prefixes`).
@@ -17,7 +18,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Arm:
     name: str
-    model: str  # "base", "start" or "variant"
+    model: str  # "base", "start", "teacher" or "variant"
     shots: str  # "none", "fixed" or "retrieved"
 
     @property
@@ -28,6 +29,8 @@ class Arm:
     def label(self, k: int) -> str:
         if self.model == "start":
             return "adapter start"
+        if self.model == "teacher":
+            return "teacher"
         return {"none": self.name, "fixed": f"base {k}-shot", "retrieved": f"base {k} retrieved"}[self.shots]
 
     def prompting_name(self, k: int, fitted: float) -> str:
@@ -43,13 +46,16 @@ ARMS = (Arm("base", "base", "none"), Arm("few_shot", "base", "fixed"), Arm("retr
 ARM_NAMES = tuple(arm.name for arm in ARMS)
 PROMPTING = tuple(arm for arm in ARMS if arm.prompting)
 START = Arm("start", "start", "none")
-ALL_ARMS = (*ARMS[:-1], START, ARMS[-1])  # in the order tables show them
+TEACHER = Arm("teacher", "teacher", "none")
+ALL_ARMS = (*ARMS[:-1], START, TEACHER, ARMS[-1])  # in the order tables show them
 
 
 def arms_of(job: Any) -> tuple[Arm, ...]:
-    """The arms an evaluation of the job scores: `ARMS`, and `START` where its LoRA run trained
-    on from an adapter (`model.adapter`): did this run pay over where it started?"""
-    return ALL_ARMS if job.model.adapter and job.trains_adapter else ARMS
+    """The arms an evaluation of the job scores: `ARMS`, `START` where its LoRA run trained
+    on from an adapter (`model.adapter`): did this run pay over where it started?, and
+    `TEACHER` for a distillation run: how much of its teacher did the variant take in?"""
+    extra = {START: bool(job.model.adapter and job.trains_adapter), TEACHER: job.objective == "distill"}
+    return tuple(arm for arm in ALL_ARMS if extra.get(arm, True))
 
 
 class Retriever:

@@ -113,7 +113,8 @@ TRAINED_ON = (("method",), ("model", "name_or_path"), ("model", "revision"), ("m
 
 def check_trained_on(config: JobConfig, run: RunFolder) -> None:
     """Refuses a run trained on another base model than the evaluating job names (its
-    config.yaml): the base arms would not be the variant's base.
+    config.yaml): the base arms would not be the variant's base; and for a distillation job,
+    one taught by another teacher than the job names (its teacher arm).
 
     Raises:
         InputError: naming each key that differs, with both values.
@@ -130,7 +131,8 @@ def check_trained_on(config: JobConfig, run: RunFolder) -> None:
             tree = tree.get(part) if isinstance(tree, dict) else None
         return tree
 
-    differ = [f"{'.'.join(key)}: {value(trained, key)!r} there, {value(ours, key)!r} here" for key in TRAINED_ON
+    keys = TRAINED_ON + ((("distill", "teacher"),) if config.objective == "distill" else ())  # the teacher arm's
+    differ = [f"{'.'.join(key)}: {value(trained, key)!r} there, {value(ours, key)!r} here" for key in keys
               if value(trained, key) != value(ours, key) and not _same_folder(value(trained, key), value(ours, key))]
     if differ:
         raise InputError(f"{run.uri} was trained with another model than this job's ({'; '.join(differ)}): "
@@ -472,7 +474,7 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
         raise InputError(f"eval.metric {settings.metric}: no held-out example was "
                          + ("a chosen/rejected pair" if settings.metric == "preference" else
                             "generated (eval.num_generations)"))
-    others = {"base": "the base model", "start": "the adapter it trained on from"}
+    others = {"base": "the base model", "start": "the adapter it trained on from", "teacher": "the teacher"}
     comparisons = {arm.name: decide_against(cols, settings, choose, arm.name, arm.prompting_name(
         k, arms[arm.name]["shots_mean"]) if arm.prompting else others[arm.name]) for arm in every if arm.name != "variant"}
     strongest = strongest_prompting(comparisons, settings.metric)
@@ -480,11 +482,22 @@ def summarize(config: JobConfig, cols: dict[str, np.ndarray], shots_available: d
     verdict = {**comparisons[strongest], "strongest_prompting_arm": strongest,
                "tokens_per_request_ratio": round(ratio, 3),
                "sentence": f"{comparisons[strongest]['sentence']}; the variant sends {ratio:.2g}x the tokens per request"}
-    return {"metric": settings.metric, "examples": int(ok.sum()), "generated": int(generated.sum()),
-            "skipped": skipped, "train_examples": train_examples, "held_out_in_training": in_training, "arms": arms,
-            "verdict": verdict, "vs_base": comparisons["base"], "comparisons": comparisons, "warnings": warnings,
-            "samples": samples(cols, generated, every), "actors_used": sorted(set(cols["actor"].tolist())),
-            "settings": settings.model_dump(mode="json")}
+    result = {"metric": settings.metric, "examples": int(ok.sum()), "generated": int(generated.sum()),
+              "skipped": skipped, "train_examples": train_examples, "held_out_in_training": in_training, "arms": arms,
+              "verdict": verdict, "vs_base": comparisons["base"], "comparisons": comparisons, "warnings": warnings,
+              "samples": samples(cols, generated, every), "actors_used": sorted(set(cols["actor"].tolist())),
+              "settings": settings.model_dump(mode="json")}
+    if "teacher" in comparisons:
+        result["teacher_gap_closed"] = gap_closed(comparisons["base"], comparisons["teacher"])
+    return result
+
+
+def gap_closed(base: dict[str, Any], teacher: dict[str, Any]) -> float | None:
+    """How much of the way from the base model to the teacher the variant went on the metric
+    (the comparisons against each: 0 where the base is, 1 at the teacher, above 1 past it);
+    None where the teacher scores as the base does."""
+    span = teacher["other"] - base["other"]
+    return round((base["variant"] - base["other"]) / span, 3) if span else None
 
 
 def strongest_prompting(comparisons: dict[str, dict], metric: str) -> str:
@@ -555,9 +568,10 @@ def decide_against(cols: dict[str, np.ndarray], settings: Any, rows: np.ndarray,
     lower = settings.metric in metrics.LOWER_IS_BETTER
     difference, low, high = metrics.paired_bootstrap(ours, theirs, weights, settings.bootstrap_samples,
                                                      settings.seed, lower_is_better=lower)
-    paying = {"not_paying": "this run's training does not pay over it"} if other == "start" else {}
+    # against the start: did this run pay over it; against the teacher: no such question
+    paying = {"start": {"not_paying": "this run's training does not pay over it"}, "teacher": {"not_paying": ""}}
     return metrics.verdict(settings.metric, metrics.weighted_mean(ours, weights), metrics.weighted_mean(theirs, weights),
-                           difference, low, high, other_name, **paying)
+                           difference, low, high, other_name, **paying.get(other, {}))
 
 
 def samples(cols: dict[str, np.ndarray], generated: np.ndarray, arms: tuple) -> list[dict[str, str]]:
@@ -598,6 +612,10 @@ def print_result(result: dict[str, Any], where: str) -> None:
     LOG.info(f"vs base: {result['vs_base']['sentence']}")
     if "start" in result["comparisons"]:
         LOG.info(f"vs the adapter it trained on from: {result['comparisons']['start']['sentence']}")
+    if "teacher" in result["comparisons"]:
+        gap = result.get("teacher_gap_closed")
+        closed = f" (the variant went {gap:.0%} of the way from the base model to it)" if gap is not None else ""
+        LOG.info(f"vs the teacher: {result['comparisons']['teacher']['sentence']}{closed}")
     LOG.info(f"verdict: {result['verdict']['sentence']}")
     LOG.info(f"eval.json: {where}")
 

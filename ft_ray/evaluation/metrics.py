@@ -102,16 +102,17 @@ def paired_bootstrap(ours: Sequence[float], theirs: Sequence[float], weights: Se
 def verdict(metric: str, variant: float, other: float, difference: float, low: float, high: float,
             other_name: str, not_paying: str = "fine-tuning does not pay here") -> dict[str, Any]:
     """The decision in one sentence: does the variant beat `other_name` (e.g. "3-shot
-    prompting") beyond noise (else the sentence ends with `not_paying`)? `difference` and the
-    interval are the variant's advantage."""
+    prompting") beyond noise (else the sentence ends with `not_paying`, where there is one)?
+    `difference` and the interval are the variant's advantage."""
     word = METRIC_WORDS[metric]
     figures = (f"{word} {variant:.3g} vs {other:.3g}, 95% CI of the difference [{low:.3g}, {high:.3g}]")
+    short = f": {not_paying}" if not_paying else ""
     if low > 0:
         outcome, sentence = "variant_better", f"the variant beats {other_name}: {figures}"
     elif high < 0:
-        outcome, sentence = "other_better", f"{other_name} beats the variant: {figures}: {not_paying}"
+        outcome, sentence = "other_better", f"{other_name} beats the variant: {figures}{short}"
     else:
-        outcome, sentence = "within_noise", f"{other_name} is within noise of the variant: {figures}: {not_paying}"
+        outcome, sentence = "within_noise", f"{other_name} is within noise of the variant: {figures}{short}"
     return {"metric": metric, "against": other_name, "variant": variant, "other": other,
             "difference": difference, "ci95": [low, high], "outcome": outcome,
             "fine_tuning_pays": outcome == "variant_better", "sentence": sentence}

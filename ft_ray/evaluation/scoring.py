@@ -1,7 +1,8 @@
 """The arms (`arms.arms_of`) on a batch of held-out records: the base model with the plain
 prompt, the base model with the first training examples before the prompt (few-shot), the
 base model with the most similar training examples before it (retrieval), the adapter a
-run trained on from (`model.adapter`, the `start` arm) and the fine-tuned variant.
+run trained on from (`model.adapter`, the `start` arm), a distillation run's teacher and the
+fine-tuned variant.
 
 `ArmScorer` is what a Ray Data actor holds (one model copy per actor), but nothing here
 needs Ray: it takes a batch of raw records and returns one row of figures per record.
@@ -46,6 +47,31 @@ def record_key(path: str, line: int) -> str:
     return f"{path}:{int(line)}"
 
 
+def arm_dtype(job: JobConfig) -> Any:
+    """The arms' weights: bf16 on a GPU actor when the job trains in bf16, else fp32."""
+    import torch
+
+    gpu = job.distributed.use_gpu and torch.cuda.is_available()
+    return torch.bfloat16 if gpu and job.train.precision == "bf16" else torch.float32
+
+
+def arm_placed(job: JobConfig, model: Any) -> Any:
+    """A model on the GPU of a GPU actor, in eval mode."""
+    import torch
+
+    return (model.to("cuda") if job.distributed.use_gpu and torch.cuda.is_available() else model).eval()
+
+
+def load_teacher_arm(job: JobConfig) -> Any:
+    """A distillation run's teacher as the teacher arm runs it: as the arms' models are (4-bit
+    under QLoRA, as training held it), its own RoPE."""
+    from ft_ray.models import load_base_model, load_quantized_model
+
+    if job.method == "qlora":
+        return load_quantized_model(job.teacher, job.quantization, False, frozen=True).eval()
+    return arm_placed(job, load_base_model(job.teacher, arm_dtype(job)))
+
+
 def load_arms(job: JobConfig, variant: Path, base_arms: bool = True, start: bool = False) -> tuple[Any, Any, bool]:
     """(base model, variant model, shared): for an adapter the variant is the base model with
     the adapter attached (shared: the base arms run with the adapter disabled; with `start`,
@@ -55,15 +81,9 @@ def load_arms(job: JobConfig, variant: Path, base_arms: bool = True, start: bool
     trained with `model.rope_scaling` (the base arms run with the base's own RoPE). QLoRA
     adapters run on the 4-bit base they trained on. On a GPU actor the models go to the GPU,
     in bf16 when the job trains in bf16."""
-    import torch
-
     from ft_ray.models import load_base_model, load_quantized_model, own_rope
 
-    gpu = job.distributed.use_gpu and torch.cuda.is_available()
-    dtype = torch.bfloat16 if gpu and job.train.precision == "bf16" else torch.float32
-
-    def placed(model: Any) -> Any:
-        return (model.to("cuda") if gpu else model).eval()
+    dtype, placed = arm_dtype(job), lambda model: arm_placed(job, model)
 
     def base_model(model: ModelConfig) -> Any:
         return (load_quantized_model(model, job.quantization, False) if job.method == "qlora"
@@ -119,6 +139,7 @@ class ArmScorer:
             self.base, self.variant, self.shared = load_arms(self.job, weights,
                                                              base_arms=any(arm.model == "base" for arm in self.arms),
                                                              start=any(arm.model == "start" for arm in self.arms))
+        self.teacher = load_teacher_arm(self.job) if any(arm.model == "teacher" for arm in self.arms) else None
         self.device = next(self.variant.parameters()).device
         # a SentencePiece word mark ("▁") opens the prompt's first example only
         self.marked = (getattr(self.tokenizer, "backend_tokenizer", None) is not None
@@ -137,6 +158,8 @@ class ArmScorer:
         elif arm.model == "start":
             with start_adapter_on(self.variant):
                 yield self.variant
+        elif arm.model == "teacher":
+            yield self.teacher
         elif self.shared:
             with self.variant.disable_adapter():
                 yield self.variant

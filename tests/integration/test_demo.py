@@ -117,20 +117,20 @@ def test_the_demo_sweep_beats_the_untuned_demo(demo, demo_sweep, tmp_path):
     assert f"{demo_sweep['uri']}/winners" not in page
 
 
-def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation(demo, ray_local, tmp_path):
+def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation(demo, ray_local, tmp_path, capsys):
     """The demo's variant, merged (`ft-ray export --merge`), is the teacher of the base model
     (objective distill) with distill.ratio 1: the loss is the divergence alone, the records'
     answers only say where to compare. The base model learns the house style from the
     teacher's distributions: its held-out divergence from the teacher falls, and so does its
-    next-token loss on the answers, which it never trains on."""
+    next-token loss on the answers, which it never trains on. `ft-ray eval` sets the student
+    against its teacher too, and says how far from the base model toward it it went."""
     from ft_ray.cli import main
     from ft_ray.train.trainer import run_training
     from tests.conftest import write_job
 
     run, _ = demo
     teacher = tmp_path / "teacher"
-    assert main(["export", json.loads((run / "summary.json").read_text())["best_checkpoint"], "--merge",
-                 "--out", str(teacher)]) == 0
+    assert main(["export", str(run), "--merge", "--out", str(teacher)]) == 0
     job = write_job(tmp_path, run_name="distill", objective="distill", model={"max_seq_len": 256},
                     distill={"teacher": str(teacher), "ratio": 1.0, "temperature": 2.0},
                     train={"max_steps": 12, "eval_every": 6, "checkpoint_every": 12, "warmup_steps": 2})
@@ -142,3 +142,19 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
     # 12 steps: 4.77 -> 3.97 and 5.14 -> 4.28 here (the teacher, 100 steps of the demo, is at 0.51)
     assert summary["eval_divergence_final"] < 0.9 * summary["eval_divergence_initial"]
     assert evals[-1]["eval_next_token_loss"] < 0.9 * evals[0]["eval_next_token_loss"]
+
+    capsys.readouterr()
+    assert main(["eval", str(job), "--run", str(tmp_path / "runs" / "distill"), "--set", "eval.num_generations=2",
+                 "--set", "eval.max_new_tokens=16"]) == 0
+    out = capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "runs" / "distill" / "eval.json").read_text())
+    arms, teacher = evaluation["arms"], evaluation["comparisons"]["teacher"]
+    # the teacher arm runs the demo's variant, merged: its held-out loss is the demo's variant arm's
+    demo_variant = json.loads((run / "eval.json").read_text())["arms"]["variant"]
+    assert arms["teacher"]["loss"] == pytest.approx(demo_variant["loss"], abs=1e-3)
+    assert arms["teacher"]["loss"] < arms["variant"]["loss"] < arms["base"]["loss"]
+    assert teacher["outcome"] == "other_better" and 0.1 < evaluation["teacher_gap_closed"] < 0.9
+    assert re.search(r"^\[ft-ray\]   teacher +[\d.]+ ", out, re.M), out
+    assert (f"vs the teacher: the teacher beats the variant: loss {arms['variant']['loss']:.3g} vs "
+            f"{arms['teacher']['loss']:.3g}") in out
+    assert f"(the variant went {evaluation['teacher_gap_closed']:.0%} of the way from the base model to it)" in out

@@ -27,3 +27,19 @@ def test_a_run_trained_on_another_model_is_refused_naming_the_keys(tmp_path):
                              "train": {"learning_rate": 0.1}})  # what the run learnt with may differ
     with resolve_target(str(run), same) as target:
         assert target.weights == str(run / "adapter")
+
+
+def test_a_distillation_run_is_evaluated_against_the_teacher_it_learnt_from(tmp_path):
+    """Its teacher arm must be its teacher; a job without one (objective sft) evaluates it without that arm."""
+    job = {"data": {"train": "unused.jsonl"}, "storage": {"path": str(tmp_path)}}
+    taught = {**job, "objective": "distill", "distill": {"teacher": "org/big"}}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(config_from_dict(taught)))
+    (run / "summary.json").write_text(json.dumps({"adapter_path": str(run / "adapter")}))
+    with pytest.raises(InputError, match="distill.teacher: 'org/big' there, 'org/other' here"):
+        with resolve_target(str(run), config_from_dict({**taught, "distill": {"teacher": "org/other"}})):
+            pass
+    for same in (taught, job):
+        with resolve_target(str(run), config_from_dict(same)) as target:
+            assert target.weights == str(run / "adapter")

@@ -260,3 +260,24 @@ def test_answers_are_compared_after_a_reasoning_block_and_without_the_turn_end(t
     [again] = score(s, chat(said))
     assert again["variant_answer"] == again["base_answer"] == said
     assert again["variant_exact"] == again["base_exact"] == 1.0 and again["variant_chrf"] == 1.0
+
+
+def test_a_distillation_run_scores_its_teacher_as_an_arm(tmp_path):
+    """objective distill adds the teacher arm: the teacher's own weights, scored and answering as
+    the variant arm does when the teacher is the variant (the same loss and answer)."""
+    from tests.conftest import teacher_llama
+
+    teacher = str(teacher_llama(tmp_path / "teacher"))
+    job = config_from_dict({"objective": "distill", "distill": {"teacher": teacher}, "data": {"train": "unused.jsonl"},
+                            "eval": {"max_new_tokens": 12}})
+    keys = [record_key("eval.jsonl", 1)]
+    s = ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), [], "instruction", {}, generate_keys=keys,
+                  arms=("base", "teacher", "variant"))
+    as_variant = ArmScorer(job.model_dump_json(), teacher, [], "instruction", {}, generate_keys=keys, arms=("variant",))
+    assert [arm.name for arm in s.all_arms] == ["base", "few_shot", "retrieval", "teacher", "variant"]
+    [row], [taught] = score(s, json.dumps(RECORD)), score(as_variant, json.dumps(RECORD))
+    assert row["teacher_loss_sum"] == pytest.approx(taught["variant_loss_sum"], rel=1e-6)
+    assert row["teacher_answer"] == taught["variant_answer"] and row["teacher_tokens"] == row["variant_tokens"]
+    # the teacher is the built-in model with its output layer doubled: surer of its tokens, not the same loss
+    assert row["variant_loss_sum"] == pytest.approx(row["base_loss_sum"], rel=1e-6)
+    assert abs(row["teacher_loss_sum"] - row["base_loss_sum"]) > 0.1

@@ -107,3 +107,24 @@ def test_cost_per_request_adds_up():
     priced = summarize(config(price_per_million_tokens=2.0), cols, AVAILABLE, train_examples=500)
     assert priced["arms"]["variant"]["cost_per_1000_requests"] == pytest.approx(1000 * 15 * 2.0 / 1e6)
     assert priced["arms"]["few_shot"]["cost_per_1000_requests"] == pytest.approx(1000 * 35 * 2.0 / 1e6)
+
+
+def test_a_distillation_run_is_set_against_its_teacher_and_says_how_far_it_came():
+    """The teacher arm (objective distill) is compared with the variant like the base model is,
+    its sentence without "fine-tuning does not pay" (the teacher is expected to lead), and
+    eval.json says how much of the way from the base model to the teacher the variant went."""
+    cols = columns(40, {"base": 3.0, "few_shot": 2.5, "variant": 1.5})
+    rng = np.random.default_rng(1)
+    cols |= {key.replace("variant_", "teacher_"): value.copy() for key, value in cols.items()
+             if key.startswith("variant_")}
+    cols["teacher_loss_sum"] = (1.0 + rng.normal(0, 0.01, 40)) * cols["teacher_tokens"]
+    job = config_from_dict({"objective": "distill", "distill": {"teacher": "teacher"}, "data": {"train": "t.jsonl"}})
+    result = summarize(job, cols, AVAILABLE, train_examples=500)
+    teacher = result["comparisons"]["teacher"]
+    assert teacher["outcome"] == "other_better" and teacher["other"] == pytest.approx(1.0, abs=0.01)
+    assert teacher["sentence"].startswith("the teacher beats the variant: loss 1.5 vs 1, 95% CI")
+    assert "does not pay" not in teacher["sentence"] and result["verdict"]["outcome"] == "variant_better"
+    assert result["teacher_gap_closed"] == pytest.approx((1.5 - 3.0) / (1.0 - 3.0), abs=0.02)  # 3/4 of the way
+    assert result["arms"]["teacher"]["loss"] == pytest.approx(1.0, abs=0.01)
+    assert "teacher" not in summarize(config(), columns(40, {"base": 3.0, "few_shot": 2.5, "variant": 1.5}),
+                                      AVAILABLE, train_examples=500)["comparisons"]
