@@ -97,7 +97,85 @@ class Round:
     updates: int = 0
 
 
-class GRPOObjective:
+class Sampler:
+    """Answers from the model being trained to the prompts of a batch's rows (one record per
+    row: the prompt is the ids before its first label), up to `max_new_tokens` each, sampled at
+    `temperature` from a seed of the batch's sequence ids and `seed` (GRPO's answers, on-policy
+    distillation's)."""
+
+    def __init__(self, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int):
+        self.tokenizer, self.max_new_tokens, self.temperature, self.seed = tokenizer, max_new_tokens, temperature, seed
+        self.stops = stop_ids(tokenizer)  # an answer ends at the eos or the template's end of turn
+
+    def prompts_of(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[str]]:
+        """Each row's prompt (the ids before its first label) and its record's answer to it (the
+        first run of labelled ids, as text: a conversation's first assistant turn)."""
+        prompts, references = [], []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+            end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+            prompts.append(ids[:first] or [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id])
+            references.append(self.tokenizer.decode(labels[first:end], skip_special_tokens=True))
+        return prompts, references
+
+    def sampling_seed(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """The seed of a batch's sampling, from train.seed and its rows' sequence ids: the same
+        batch with the same weights is answered the same way, so a resumed run samples what the
+        uninterrupted one did (None without sequence ids: the global random state)."""
+        if "seq_id" not in batch:
+            return None
+        ids = [self.seed, *batch["seq_id"].tolist()]
+        return int.from_bytes(hashlib.sha256(repr(ids).encode()).digest()[:8], "little") % 2 ** 63
+
+    @torch.no_grad()
+    def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool,
+               seed: int | None = None) -> list[list[int]]:
+        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos
+        (or the template's end of turn, `stop_ids`), from `model` (or the model inside its
+        engine) with its whole weights on each worker (`whole_weights`);
+        sampled from `seed` where given, leaving the global random state as it was."""
+        engine, model = model, unwrapped(model)
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            with whole_weights(engine), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                     do_sample=sampled, temperature=self.temperature if sampled else None,
+                                     top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
+                                     use_cache=True, eos_token_id=self.stops,
+                                     # ZeRO-3's start of a forward may be a collective even with the weights gathered
+                                     # (its trace check after a re-trace): every worker runs as many forwards, one whose
+                                     # answers ended empty ones, as transformers does under ZeRO-3
+                                     synced_gpus=deepspeed_engine.shards_weights(engine))
+        finally:
+            model.train(was_training)
+        answers = []
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in self.stops), len(row))
+            answers.append(row[:end])
+        return answers
+
+    def answer_batch(self, prompts: list[list[int]], answers: list[list[int]], group: int,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompt + answer per row, right-padded (causal attention never looks at the padding
+        after a row's tokens), labels on the answer's tokens only."""
+        rows = [(prompts[i // group], answer) for i, answer in enumerate(answers)]
+        width = max(len(p) + len(a) for p, a in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = [p + a + [pad] * (width - len(p) - len(a)) for p, a in rows]
+        labels = [[IGNORE_INDEX] * len(p) + a + [IGNORE_INDEX] * (width - len(p) - len(a)) for p, a in rows]
+        return {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(labels, device=device),
+                "position_ids": torch.arange(width, device=device).expand(len(rows), width)}
+
+
+class GRPOObjective(Sampler):
     """Objective grpo (see the module's docstring)."""
 
     name = "grpo"
@@ -106,9 +184,8 @@ class GRPOObjective:
     training_only = ("reward_std", "kl", "clip_ratio")  # one greedy answer per prompt, no update: not in eval lines
 
     def __init__(self, config: Any, tokenizer: Any, reference: Callable[[Any, dict], torch.Tensor] | None):
-        self.settings, self.tokenizer, self.reference = config.grpo, tokenizer, reference
-        self.stops = stop_ids(tokenizer)  # an answer ends at the eos or the template's end of turn
-        self.seed = config.train.seed
+        super().__init__(tokenizer, config.grpo.max_new_tokens, config.grpo.temperature, config.train.seed)
+        self.settings, self.reference = config.grpo, reference
         self.reward = reward_function(config.grpo.rewards, config.grpo.format_regex, config.storage)
         self.rounds: dict[bytes, Round] = {}  # batches sampled and not yet updated on num_iterations times
 
@@ -184,74 +261,6 @@ class GRPOObjective:
             mask = mask * ended[:, None]
         advantages = group_advantages(rewards, group, self.settings.scale_rewards == "group").to(mask.device)
         return Round(scored, advantages, mask, metrics)
-
-    def prompts_of(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[str]]:
-        """Each row's prompt (the ids before its first label) and its record's answer to it (the
-        first run of labelled ids, as text: a conversation's first assistant turn)."""
-        prompts, references = [], []
-        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-            first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-            end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
-            prompts.append(ids[:first] or [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id])
-            references.append(self.tokenizer.decode(labels[first:end], skip_special_tokens=True))
-        return prompts, references
-
-    def sampling_seed(self, batch: dict[str, torch.Tensor]) -> int | None:
-        """The seed of a batch's sampling, from train.seed and its rows' sequence ids: the same
-        batch with the same weights is answered the same way, so a resumed run samples what the
-        uninterrupted one did (None without sequence ids: the global random state)."""
-        if "seq_id" not in batch:
-            return None
-        ids = [self.seed, *batch["seq_id"].tolist()]
-        return int.from_bytes(hashlib.sha256(repr(ids).encode()).digest()[:8], "little") % 2 ** 63
-
-    @torch.no_grad()
-    def sample(self, model: Any, prompts: list[list[int]], group: int, sampled: bool,
-               seed: int | None = None) -> list[list[int]]:
-        """`group` answers per prompt (greedy where not `sampled`), each up to and with its eos
-        (or the template's end of turn, `stop_ids`), from `model` (or the model inside its
-        engine) with its whole weights on each worker (`whole_weights`);
-        sampled from `seed` where given, leaving the global random state as it was."""
-        engine, model = model, unwrapped(model)
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        device = next(model.parameters()).device
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        was_training = model.training
-        model.eval()
-        try:
-            with whole_weights(engine), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
-                                     do_sample=sampled, temperature=self.settings.temperature if sampled else None,
-                                     top_p=None, top_k=None, num_return_sequences=group, pad_token_id=pad,
-                                     use_cache=True, eos_token_id=self.stops,
-                                     # ZeRO-3's start of a forward may be a collective even with the weights gathered
-                                     # (its trace check after a re-trace): every worker runs as many forwards, one whose
-                                     # answers ended empty ones, as transformers does under ZeRO-3
-                                     synced_gpus=deepspeed_engine.shards_weights(engine))
-        finally:
-            model.train(was_training)
-        answers = []
-        for row in out[:, width:].tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in self.stops), len(row))
-            answers.append(row[:end])
-        return answers
-
-    def answer_batch(self, prompts: list[list[int]], answers: list[list[int]], group: int,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-        """Prompt + answer per row, right-padded (causal attention never looks at the padding
-        after a row's tokens), labels on the answer's tokens only."""
-        rows = [(prompts[i // group], answer) for i, answer in enumerate(answers)]
-        width = max(len(p) + len(a) for p, a in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = [p + a + [pad] * (width - len(p) - len(a)) for p, a in rows]
-        labels = [[IGNORE_INDEX] * len(p) + a + [IGNORE_INDEX] * (width - len(p) - len(a)) for p, a in rows]
-        return {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(labels, device=device),
-                "position_ids": torch.arange(width, device=device).expand(len(rows), width)}
-
 
 def whole_weights(model: Any) -> Any:
     """A block with `model`'s whole weights on each worker, where a strategy shards them: ZeRO-3's

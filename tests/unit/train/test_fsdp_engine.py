@@ -202,7 +202,7 @@ def grpo_steps(rank: int, port: int, folder: str) -> None:
         batch["seq_id"] = torch.tensor([2 * rank, 2 * rank + 1])  # seeds the sampling: all strategies sample alike
         seen[strategy] = [engine.eval_loss_sum(batch)[2]["reward"], *steps(engine, batch, 3)]
         objective = engine.objective
-        objective.settings.max_new_tokens = 1 + 7 * rank  # the ranks' answers end after other numbers of forwards
+        objective.max_new_tokens = 1 + 7 * rank  # the ranks' answers end after other numbers of forwards
         seen[f"{strategy} answers"] = objective.sample(engine.engine if strategy == "zero3" else engine.model,
                                                        objective.prompts_of(batch)[0], 1, sampled=False)
         seen[f"{strategy} after"] = steps(engine, batch, 1)  # sampled so too, in step
