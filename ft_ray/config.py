@@ -611,6 +611,12 @@ class DistillConfig(Section):
     ratio: float = Field(0.5, ge=0, le=1, description=(
         "the loss is ratio x the divergence + (1 - ratio) x the next-token loss on the records' tokens; "
         "1: the teacher alone (GKD's), 0.5: half each (torchtune's kd_ratio)"))
+    on_policy: float = Field(0.0, ge=0, le=1, description=(
+        "the share of training batches whose answers the model samples itself to the records' prompts, the teacher "
+        "then grading each of their tokens (GKD's lmbda; on-policy distillation): those batches train on the "
+        "divergence alone; needs one record per row (data.pack: false, its default then)"))
+    max_new_tokens: int = Field(128, gt=0, description="on_policy: the longest sampled answer")
+    sampling_temperature: float = Field(1.0, gt=0, description="on_policy: the temperature answers are sampled at")
 
 
 # the data formats each objective trains on
@@ -716,7 +722,8 @@ class JobConfig(Section):
     def _objective_defaults(self) -> "JobConfig":
         if self.objective == "simpo" and "beta" not in self.preference.model_fields_set:
             self.preference.beta = SIMPO_BETA  # DPO's 0.1 would barely move SimPO's length-normalised margin
-        if self.objective == "grpo" and "pack" not in self.data.model_fields_set:
+        samples = self.objective == "grpo" or (self.objective == "distill" and self.distill.on_policy > 0)
+        if samples and "pack" not in self.data.model_fields_set:
             self.data.pack = False  # one prompt per row, as the model is asked it
         return self
 
@@ -817,6 +824,12 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.model.add_tokens:
             problems.append("model.add_tokens: the teacher has no such tokens to teach (distillation compares the "
                             "two models token by token over the same vocabulary)")
+        if job.distill.on_policy and job.data.pack:
+            problems.append("data.pack: on-policy distillation (distill.on_policy) samples answers to one prompt per "
+                            "row: set data.pack: false (its default then)")
+        if job.distill.on_policy and job.train.compile:
+            problems.append("train.compile: on-policy distillation generates with the model; compile is for sft and "
+                            "preference runs")
     elif job.distill.teacher:
         problems.append(f"distill.teacher: read by objective distill, not {job.objective}")
     if job.train.neftune_alpha and job.objective != "sft":

@@ -364,11 +364,13 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
             compute * teacher.params)
 
     tokens = train.micro_batch_size * config.model.max_seq_len
-    if teacher:
-        parts["teacher_forward"] = teacher_bytes(config, teacher, tokens, compute)
     if config.objective == "grpo":  # the loss forward: num_generations sampled answers per prompt, each after it
         tokens = train.micro_batch_size * config.grpo.num_generations * (config.model.max_seq_len
                                                                            + config.grpo.max_new_tokens)
+    elif teacher and config.distill.on_policy:  # on-policy batches: a sampled answer after each prompt
+        tokens = train.micro_batch_size * (config.model.max_seq_len + config.distill.max_new_tokens)
+    if teacher:
+        parts["teacher_forward"] = teacher_bytes(config, teacher, tokens, compute)
     parts["activations"] = activation_bytes(config, shape, compute) * tokens
     parts["logits_and_loss"] = logits_bytes(config, shape, tokens, compute)
     if scorers:  # scored before the loss forward, the answers sampled: where it holds more than training does

@@ -4,7 +4,7 @@ the records' own tokens.
 
 The teacher (`distill.teacher`: a causal LM with the student's tokenizer) is loaded whole by
 every training worker, frozen, in the compute dtype (4-bit under QLoRA), and reads the same
-packed batch without gradients (per-example attention, as the student). Where the student's
+batch without gradients (per-example attention, as the student). Where the student's
 head works in chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of
 either model exist: the teacher's last hidden states at the target tokens are kept, and each
 chunk of rows takes both heads' logits, its loss and its slope in turn (`_LinearRowLoss`).
@@ -17,6 +17,10 @@ KL(p || q), reverse_kl KL(q || p), jsd beta KL(p || m) + (1 - beta) KL(q || m) w
 m = beta p + (1 - beta) q (GKD's generalized JSD, as TRL's GKDTrainer computes it). Where the
 two output layers differ in size (rows padded past the tokenizer), both distributions are
 taken over the rows they share.
+
+With `distill.on_policy`, that share of the training batches is answered by the student
+itself (`grpo.Sampler`: the records' prompts, one per row) and the teacher grades every
+token of its answers, the divergence alone (GKD's on-policy batches, its `lmbda`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ft_ray.config import InputError, JobConfig
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.models import causal_lm
 from ft_ray.train.fast_paths import has_chunked_head, logits_are_the_heads
+from ft_ray.train.grpo import Sampler, round_key
 from ft_ray.train.preference import unwrapped
 
 METRICS = ("divergence", "next_token_loss")
@@ -76,19 +81,70 @@ class Teacher:
         return lambda start, end: (hidden[start:end] @ weight.t()).float()
 
 
+def batch_key(batch: dict[str, torch.Tensor]) -> bytes:
+    """A training batch's key among those the model answered in this step: its rows and their
+    sequence ids (two micro batches of the same records are two batches)."""
+    seq_ids = batch["seq_id"].cpu().numpy().tobytes() if "seq_id" in batch else b""
+    return round_key(batch) + seq_ids
+
+
 class DistillLoss:
     """ratio x the teacher-student divergence + (1 - ratio) x the next-token loss, each a mean
-    over the batch's target tokens."""
+    over the batch's target tokens. With a `sampler` and `on_policy` above 0, that share of
+    the training batches (chosen by their sequence ids, the same choice on every worker) is
+    answered by the model itself (`Sampler`: the records' prompts, its sampled answers) and
+    trains on the divergence alone over the sampled tokens, as GKD's on-policy batches; the
+    answers are sampled before the step's first update (`step_weights`), which then knows what
+    each micro batch averages over."""
 
     name = "distill"
     columns = ("input_ids", "labels", "position_ids")
     metrics = METRICS
 
     def __init__(self, teacher: Teacher, kind: str = "forward_kl", temperature: float = 1.0, ratio: float = 0.5,
-                 beta: float = 0.5):
+                 beta: float = 0.5, sampler: Sampler | None = None, on_policy: float = 0.0):
         self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
+        self.sampler, self.on_policy = sampler, on_policy if sampler is not None else 0.0
+        self.answered: dict[bytes, dict[str, torch.Tensor]] = {}  # a step's batches answered by the model
+        if self.on_policy:
+            self.metrics = METRICS + ("on_policy",)  # the share of the trained tokens the model sampled
+            self.training_only = ("on_policy",)
+
+    def step_weights(self, model: Any, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        """The target tokens of each micro batch of a training step: the answers the model
+        samples for those chosen to be on-policy (kept for `loss`), the records' otherwise."""
+        self.answered = {}  # the last step's, kept for the log window's weights (`weight`) until now
+        for batch, sampled in zip(micro_batches, self.chosen(micro_batches)):
+            if sampled:
+                prompts, _ = self.sampler.prompts_of(batch)
+                answers = self.sampler.sample(model, prompts, 1, True, self.sampler.sampling_seed(batch))
+                self.answered[batch_key(batch)] = self.sampler.answer_batch(prompts, answers, 1,
+                                                                            batch["input_ids"].device)
+        return [float(self.weight(batch)) for batch in micro_batches]
+
+    def chosen(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[bool]:
+        """Which micro batches the model answers itself: each a draw from its sequence ids
+        (`Sampler.sampling_seed`: a resumed run draws as the uninterrupted one did), summed over
+        the workers (a collective: every worker samples in the same micro batches, as ZeRO-3 and
+        FSDP gather the weights to generate), below `on_policy`."""
+        if not self.on_policy:
+            return [False] * len(micro_batches)
+        from ft_ray.train.collectives import all_reduce_sum
+
+        seeds = [self.sampler.sampling_seed(batch) for batch in micro_batches]
+        draws = all_reduce_sum([seed / 2 ** 63 if seed is not None else float(torch.rand(())) for seed in seeds])
+        return [draw % 1.0 < self.on_policy for draw in draws]
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        answered = self.answered.get(batch_key(batch)) if unwrapped(model).training else None
+        if answered is None:
+            loss, metrics = self.divergence_loss(model, batch, self.ratio)
+            return loss, {**metrics, "on_policy": 0.0} if self.on_policy else metrics
+        loss, metrics = self.divergence_loss(model, answered, 1.0)
+        return loss, {**metrics, "on_policy": float(self.weight(batch))}
+
+    def divergence_loss(self, model: Any, batch: dict[str, torch.Tensor],
+                        ratio: float) -> tuple[torch.Tensor, dict[str, float]]:
         labels = batch["labels"]
         keep = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep]
@@ -104,7 +160,7 @@ class DistillLoss:
             apart = divergence(logits[:, :shared] / t, taught[:, :shared] / t, self.kind, self.beta) * t * t
             nll = F.cross_entropy(logits, targets[start:end], reduction="none")
             sums.add_(torch.stack([apart.sum(), nll.sum()]).detach())
-            return (self.ratio * apart.sum() + (1 - self.ratio) * nll.sum()) / count
+            return (ratio * apart.sum() + (1 - ratio) * nll.sum()) / count
 
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         if has_chunked_head(unwrapped(model)):
@@ -115,7 +171,9 @@ class DistillLoss:
         return loss, {"divergence": divergence_sum, "next_token_loss": nll_sum}
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        """The batch's target tokens: of the model's answers where this step answered it itself."""
+        answered = self.answered.get(batch_key(batch)) if self.answered else None
+        return int(((answered or batch)["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def load_teacher(config: JobConfig, device: torch.device) -> Any:
@@ -145,8 +203,14 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
     if sizes[0] != sizes[1]:
         LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
                  f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")
-    distill = config.distill
-    return DistillLoss(Teacher(teacher), distill.divergence, distill.temperature, distill.ratio, distill.jsd_beta)
+    distill, sampler = config.distill, None
+    if distill.on_policy:
+        from ft_ray.models import load_tokenizer
+
+        sampler = Sampler(load_tokenizer(config.model), distill.max_new_tokens, distill.sampling_temperature,
+                          config.train.seed)
+    return DistillLoss(Teacher(teacher), distill.divergence, distill.temperature, distill.ratio, distill.jsd_beta,
+                       sampler, distill.on_policy)
 
 
 def check_teacher(config: JobConfig, tokenizer: Any) -> str:

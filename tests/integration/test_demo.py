@@ -120,10 +120,12 @@ def test_the_demo_sweep_beats_the_untuned_demo(demo, demo_sweep, tmp_path):
 def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation(demo, ray_local, tmp_path, capsys):
     """The demo's variant, merged (`ft-ray export --merge`), is the teacher of the base model
     (objective distill) with distill.ratio 1: the loss is the divergence alone, the records'
-    answers only say where to compare. The base model learns the house style from the
-    teacher's distributions: its held-out divergence from the teacher falls, and so does its
-    next-token loss on the answers, which it never trains on. `ft-ray eval` sets the student
-    against its teacher too, and says how far from the base model toward it it went."""
+    answers only say where to compare; and with distill.on_policy 0.5, about half the steps
+    the model answers the prompts itself (on both workers at once) and the teacher grades its
+    answers. The base model learns the house style from the teacher's distributions: its
+    held-out divergence from the teacher falls, and so does its next-token loss on the
+    answers, which it never trains on. `ft-ray eval` sets the student against its teacher
+    too, and says how far from the base model toward it it went."""
     from ft_ray.cli import main
     from ft_ray.train.trainer import run_training
     from tests.conftest import write_job
@@ -132,14 +134,19 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
     teacher = tmp_path / "teacher"
     assert main(["export", str(run), "--merge", "--out", str(teacher)]) == 0
     job = write_job(tmp_path, run_name="distill", objective="distill", model={"max_seq_len": 256},
-                    distill={"teacher": str(teacher), "ratio": 1.0, "temperature": 2.0},
+                    lora={"rank": 8, "alpha": 16},
+                    distill={"teacher": str(teacher), "ratio": 1.0, "temperature": 2.0, "on_policy": 0.5,
+                             "max_new_tokens": 48},
                     train={"max_steps": 12, "eval_every": 6, "checkpoint_every": 12, "warmup_steps": 2})
     summary = run_training(load_config(job))
-    evals = [json.loads(line) for line in (tmp_path / "runs" / "distill" / "metrics.jsonl").read_text().splitlines()
-             if "eval_loss" in json.loads(line)]
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval_loss" in line]
     assert summary["objective"] == "distill" and [e["step"] for e in evals] == [0, 6, 12]
+    # each step's answers are the model's on both workers, or the records' on both (7 of the 12 here)
+    shares = [line["on_policy"] for line in lines if "loss" in line]
+    assert set(shares) == {0.0, 1.0} and 3 <= sum(shares) <= 9
     assert summary["eval_divergence_initial"] == evals[0]["eval_divergence"] == pytest.approx(evals[0]["eval_loss"])
-    # 12 steps: 4.77 -> 3.97 and 5.14 -> 4.28 here (the teacher, 100 steps of the demo, is at 0.51)
+    # 12 steps: 4.77 -> 3.40 and 5.14 -> 3.87 here (the teacher, 100 steps of the demo, is at 0.51)
     assert summary["eval_divergence_final"] < 0.9 * summary["eval_divergence_initial"]
     assert evals[-1]["eval_next_token_loss"] < 0.9 * evals[0]["eval_next_token_loss"]
 

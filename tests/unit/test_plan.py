@@ -170,6 +170,10 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_stud
         assert {part: mib for part, mib in taught.parts.items() if not part.startswith("teacher")} == pytest.approx(
             alone.parts | {"allocator_slack": taught.parts["allocator_slack"]})
     assert 35 * 1024 < taught.parts["teacher_weights"] < 38 * 1024  # 70B in 4 bits
+    # on-policy batches: each prompt (up to max_seq_len) with its sampled answer after it
+    sampled = plan_memory(job(**gpu, objective="distill", method="qlora", distill={
+        **distill["distill"], "on_policy": 0.5, "max_new_tokens": 256}), student)
+    assert sampled.tokens_per_micro_batch == 4 * (256 + 256) and sampled.parts["activations"] == 2 * taught.parts["activations"]
     assert taught.fits(H100_80GB) and not plan_memory(job(**gpu, **distill, method="lora"), student).fits(H100_80GB)
 
 

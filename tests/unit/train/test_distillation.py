@@ -139,3 +139,43 @@ def test_a_job_says_what_its_teacher_lacks(tmp_path):
     config.write_text(config.read_text().replace("LlamaForCausalLM", "LlamaForSequenceClassification"))
     with pytest.raises(InputError, match="is LlamaForSequenceClassification; a teacher is a causal LM"):
         check_teacher(job(classifier), tokenizer)
+
+
+def test_on_policy_batches_train_on_the_models_own_answers_graded_by_the_teacher(tmp_path):
+    """distill.on_policy: a batch drawn to be on-policy is answered by the model itself before
+    the step (its sampled answers, the same for the same sequence ids: a resumed run samples as
+    the uninterrupted one did), its weight is their tokens, and its loss is the divergence alone
+    over them; the other batches train on the records' answers as without on_policy. The draw
+    follows the sequence ids and takes about the share asked."""
+    from ft_ray.models import load_base_model
+    from ft_ray.train.distillation import batch_key, build_distill_objective
+    from tests.unit.train.test_grpo import demo_batch
+
+    job = config_from_dict({"objective": "distill", "data": {"train": "x.jsonl"},
+                            "distill": {"teacher": str(teacher_llama(tmp_path / "teacher")), "on_policy": 0.5,
+                                        "ratio": 0.3, "max_new_tokens": 12}})
+    assert not job.data.pack  # one record per row: the model is asked each prompt
+    model = load_base_model(job.model).train()  # (evaluation never samples)
+    objective = build_distill_objective(job, model)
+    assert objective.metrics == ("divergence", "next_token_loss", "on_policy")
+    batch = demo_batch(load_tokenizer(job.model))
+    batches = [{**batch, "seq_id": torch.arange(4 * i, 4 * i + 4)} for i in range(200)]
+    draws = objective.chosen(batches)
+    assert 0.4 < sum(draws) / 200 < 0.6 and objective.chosen(batches) == draws
+    sampled, kept = batches[draws.index(True)], batches[draws.index(False)]
+
+    weights = objective.step_weights(model, [sampled, kept])
+    assert list(objective.answered) == [batch_key(sampled)]
+    answered = objective.answered[batch_key(sampled)]
+    prompts, _ = objective.sampler.prompts_of(batch)
+    again = objective.sampler.sample(model, prompts, 1, True, objective.sampler.sampling_seed(sampled))
+    assert answered["input_ids"].tolist() == objective.sampler.answer_batch(prompts, again, 1, "cpu")["input_ids"].tolist()
+    assert weights == [objective.weight(answered), objective.weight(kept)] and weights[0] != weights[1]
+    on, metrics = objective.loss(model, sampled)
+    alone, alone_metrics = objective.divergence_loss(model, answered, 1.0)
+    assert on.item() == pytest.approx(alone.item()) and on.item() == pytest.approx(
+        alone_metrics["divergence"] / weights[0])
+    assert metrics["on_policy"] == weights[0] == objective.weight(sampled)  # the log window weighs it so
+    off, metrics = objective.loss(model, kept)
+    assert off.item() == pytest.approx(objective.divergence_loss(model, kept, 0.3)[0].item())
+    assert metrics["on_policy"] == 0.0
