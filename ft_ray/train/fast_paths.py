@@ -309,12 +309,7 @@ class _LinearRowLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_rows)
         return total
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        grad_hidden, grad_weight, grad_rows = ctx.saved_tensors
-        return (grad_hidden * grad.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                grad_weight * grad if grad_weight is not None else None,
-                grad_rows * grad if grad_rows is not None else None, None, None, None, None)
+    backward = staticmethod(_LinearCrossEntropy.backward)  # the gradients taken in forward, scaled
 
 
 def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
