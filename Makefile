@@ -2,13 +2,14 @@
 # make demo-sweep   then: a 3-trial LoRA sweep of the same job (Ray Tune, ASHA, W&B offline, seeded)
 # make demo-dpo   preference tuning (DPO) of the same house style from chosen/rejected pairs
 # make demo-grpo   GRPO: answers the model samples, rewarded for the same house style
+# make demo-distill   distillation: the demo's variant teaches the base model its house style
 # make test   installs the same way, runs the whole test suite (CI runs it; about 24-26 min on 2 cores)
 # make test-fast   unit tests and the quick integration tests (no `slow` mark), a few minutes
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-sweep demo-dpo demo-grpo test test-fast clean
+.PHONY: install demo demo-sweep demo-dpo demo-grpo demo-distill test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,11 @@ demo-dpo: install
 
 demo-grpo: install
 	$(BIN)/ft-ray train configs/tiny-grpo.yaml
+
+demo-distill: install
+	test -f runs/tiny-cpu/summary.json || $(BIN)/ft-ray train configs/tiny-cpu.yaml
+	test -f runs/tiny-cpu-merged/config.json || $(BIN)/ft-ray export runs/tiny-cpu --merge --out runs/tiny-cpu-merged
+	$(BIN)/ft-ray train configs/tiny-distill.yaml
 
 test: install
 	$(BIN)/python -m pytest

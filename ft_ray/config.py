@@ -529,7 +529,8 @@ class PreferenceConfig(Section):
 
 BUILTIN_REWARDS = ("chrf", "exact", "format")
 REWARD_FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:function
-REWARD_MODEL = r"^model:\S+$"  # model:<folder, hub id or s3:// folder> (ft_ray.evaluation.reward_model)
+REWARD_MODEL_PREFIX = "model:"  # a grpo.rewards key naming a reward model (ft_ray.evaluation.reward_model)
+REWARD_MODEL = r"^model:\S+$"  # model:<folder, hub id or s3:// folder>
 
 
 class GrpoConfig(Section):
@@ -961,11 +962,27 @@ def resolve_paths(config: JobConfig) -> JobConfig:
     if isinstance(config.data.eval, str):
         config.data.eval = _absolute(config.data.eval)
     config.storage.path = _absolute(config.storage.path)
+    # model folders (a hub id, a built-in or an s3:// model is left as it is)
+    config.model.name_or_path = _absolute_folder(config.model.name_or_path)
+    if config.model.adapter:
+        config.model.adapter = _absolute_folder(config.model.adapter)
+    if config.distill.teacher:
+        config.distill.teacher = _absolute_folder(config.distill.teacher)
+    config.grpo.rewards = {REWARD_MODEL_PREFIX + _absolute_folder(name[len(REWARD_MODEL_PREFIX):])
+                           if name.startswith(REWARD_MODEL_PREFIX) else name: weight
+                           for name, weight in config.grpo.rewards.items()}
     return config
 
 
 def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def _absolute_folder(name: str) -> str:
+    """A model named by a local folder (a path, or a folder that is here) as an absolute path;
+    a hub id, a built-in or an s3:// model unchanged."""
+    local = name.startswith(("./", "../", "/", "~")) or Path(name).expanduser().is_dir()
+    return _absolute(name) if local and "://" not in name and not name.startswith("builtin:") else name
 
 
 def dump_yaml(config: JobConfig) -> str:

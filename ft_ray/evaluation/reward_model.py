@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ft_ray.config import InputError, ModelConfig, StorageConfig
+from ft_ray.config import REWARD_MODEL_PREFIX, InputError, ModelConfig, StorageConfig
 
-REWARD_MODEL = "model:"  # the grpo.rewards key prefix of a reward model
+REWARD_MODEL = REWARD_MODEL_PREFIX  # the grpo.rewards key prefix of a reward model
 SCORE_BATCH = 16  # texts per forward pass of the reward model
 
 

@@ -136,12 +136,12 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
     job = write_job(tmp_path, run_name="distill", objective="distill", model={"max_seq_len": 256},
                     lora={"rank": 8, "alpha": 16},
                     distill={"teacher": str(teacher), "ratio": 1.0, "temperature": 2.0, "on_policy": 0.5,
-                             "max_new_tokens": 48},
-                    train={"max_steps": 12, "eval_every": 6, "checkpoint_every": 12, "warmup_steps": 2})
+                             "max_new_tokens": 32},
+                    train={"max_steps": 12, "eval_every": 12, "checkpoint_every": 12, "warmup_steps": 2})
     summary = run_training(load_config(job))
     lines = [json.loads(line) for line in (tmp_path / "runs" / "distill" / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "eval_loss" in line]
-    assert summary["objective"] == "distill" and [e["step"] for e in evals] == [0, 6, 12]
+    assert summary["objective"] == "distill" and [e["step"] for e in evals] == [0, 12]
     # each step's answers are the model's on both workers, or the records' on both (7 of the 12 here)
     shares = [line["on_policy"] for line in lines if "loss" in line]
     assert set(shares) == {0.0, 1.0} and 3 <= sum(shares) <= 9

@@ -186,3 +186,22 @@ def test_resume_refuses_what_changes_the_result_but_not_where_it_runs():
     added = {**job, "model": {**job["model"], "add_tokens": ["<|x|>"]}}
     older = {**added, "model": {k: v for k, v in added["model"].items() if k != "new_tokens"}}
     assert resume_changes(older, added) == ["model.new_tokens: 'whole' -> 'rows'"]
+
+
+def test_local_model_folders_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray's workers do not run in the driver's directory: a model, adapter, teacher or reward
+    model named by a relative folder is read from where the job was started; hub ids, built-in
+    and s3:// models are left as they are."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("base", "teacher", "rm"):
+        (tmp_path / name).mkdir()
+    config = load_config(write_job(tmp_path, objective="distill", model={"name_or_path": "base"},
+                                   distill={"teacher": "./teacher"}))
+    assert (config.model.name_or_path, config.distill.teacher) == (str(tmp_path / "base"), str(tmp_path / "teacher"))
+    hub = load_config(write_job(tmp_path, name="hub.yaml", objective="distill", model={"name_or_path": "org/model"},
+                                distill={"teacher": "s3://models/teacher"}))
+    assert (hub.model.name_or_path, hub.distill.teacher) == ("org/model", "s3://models/teacher")
+    grpo = load_config(write_job(tmp_path, name="grpo.yaml", objective="grpo",
+                                 grpo={"rewards": {"model:rm": 1.0, "model:org/rm": 1.0, "chrf": 1.0}}))
+    assert grpo.grpo.rewards == {f"model:{tmp_path / 'rm'}": 1.0, "model:org/rm": 1.0, "chrf": 1.0}
+    assert load_config(write_job(tmp_path, name="builtin.yaml")).model.name_or_path == "builtin:tiny-llama"
