@@ -146,7 +146,7 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
     shares = [line["on_policy"] for line in lines if "loss" in line]
     assert set(shares) == {0.0, 1.0} and 3 <= sum(shares) <= 9
     assert summary["eval_divergence_initial"] == evals[0]["eval_divergence"] == pytest.approx(evals[0]["eval_loss"])
-    # 12 steps: 4.77 -> 3.40 and 5.14 -> 3.87 here (the teacher, 100 steps of the demo, is at 0.51)
+    # 12 steps: 4.77 -> 3.42 and 5.14 -> 3.89 here (the teacher, 100 steps of the demo, is at 0.51)
     assert summary["eval_divergence_final"] < 0.9 * summary["eval_divergence_initial"]
     assert evals[-1]["eval_next_token_loss"] < 0.9 * evals[0]["eval_next_token_loss"]
 
