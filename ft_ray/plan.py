@@ -122,6 +122,14 @@ class Shape:
         return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
 
     @property
+    def token_layer_width(self) -> int:
+        """The values one token's pass through a decoder layer holds at once with no gradients
+        kept: its hidden states in and out, q, k, v and the attention output, the MLP's gate, up
+        and their product."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * self.hidden + 2 * q + 2 * kv + 3 * self.mlp_width
+
+    @property
     def active_params(self) -> int:
         """The weights one token computes with: `params` less the experts it is not routed to."""
         return self.params - self.layers * (self.experts - self.experts_per_token) * self.expert_params
@@ -247,11 +255,16 @@ def teacher_shape(config: JobConfig, network: bool = True) -> Shape | None:
     return OTHER_SHAPES[key]
 
 
+def quantized_compute_bytes(config: JobConfig) -> int:
+    """Bytes per value of QLoRA's `quantization.compute_dtype`."""
+    return 4 if config.quantization.compute_dtype == "float32" else 2
+
+
 def quantized_bytes(config: JobConfig, shape: Shape, frozen: bool = False) -> float:
     """A model's weights as QLoRA loads them: linear layers in 4 bits, a mixture of experts'
     fused expert weights in `quantization.compute_dtype`, the rest in fp32 (prepared for
     training; `frozen`: in the compute dtype too, a distillation teacher)."""
-    base_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
+    base_bytes = quantized_compute_bytes(config)
     layer_linear, experts = shape.layers * shape.layer_linear_params, shape.layers * shape.layer_expert_params
     return (layer_linear * QLORA_BYTES[config.quantization.double_quant] + base_bytes * experts
             + (base_bytes if frozen else 4) * (shape.params - layer_linear - experts))
@@ -263,26 +276,21 @@ def teacher_bytes(config: JobConfig, teacher: Shape, tokens: int, compute: int) 
     loss, and the loss's fp32 tensors: the two models' logits and a few of their softmaxes over
     a chunk of rows (the student's head in chunks: `fast_paths.LOGITS_CHUNK_BYTES`), else over
     every token."""
-    q, kv = teacher.heads * teacher.head_dim, teacher.kv_heads * teacher.head_dim
-    layer = 2 * teacher.hidden + 2 * q + 2 * kv + 3 * teacher.mlp_width
     rows = tokens
     if config.uses_fast_paths and not teacher.scaled_logits:
         from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
 
         rows = min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * teacher.vocab)))
-    return tokens * (layer + teacher.hidden) * compute + rows * teacher.vocab * 4 * 6
+    return tokens * (teacher.token_layer_width + teacher.hidden) * compute + rows * teacher.vocab * 4 * 6
 
 
 def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """What a reward model's scoring forward holds at once (no gradients, so one layer's
-    tensors): a batch of `SCORE_BATCH` answers' hidden states in and out, q, k, v and the
-    attention output, and the MLP's gate, up and their product."""
+    tensors, `Shape.token_layer_width`) for a batch of `SCORE_BATCH` answers."""
     from ft_ray.evaluation.reward_model import SCORE_BATCH
 
     rows = min(SCORE_BATCH, config.train.micro_batch_size * config.grpo.num_generations)
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_token = 2 * shape.hidden + 2 * q + 2 * kv + 3 * shape.mlp_width
-    return rows * (config.model.max_seq_len + config.grpo.max_new_tokens) * per_token * compute
+    return rows * (config.model.max_seq_len + config.grpo.max_new_tokens) * shape.token_layer_width * compute
 
 
 # bitsandbytes' 8-bit AdamW: two uint8 states per weight and a float32 scale per block of 256 of
@@ -330,7 +338,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         trained = adapter_params(config, shape) + saved_in_full
         base_bytes = compute
         if config.method == "qlora":
-            base_bytes = 4 if config.quantization.compute_dtype == "float32" else 2
+            base_bytes = quantized_compute_bytes(config)
             base = quantized_bytes(config, shape)
         else:
             base = compute * shape.params
@@ -394,9 +402,8 @@ def gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     held = shape.layers if every else min(2, shape.layers)
     outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
     if config.method == "qlora":
-        experts = 4 if config.quantization.compute_dtype == "float32" else 2  # bytes per expert weight
         layer = (shape.layer_linear_params * QLORA_BYTES[config.quantization.double_quant]
-                 + experts * shape.layer_expert_params + 4 * 2 * shape.hidden)  # and its two norms
+                 + quantized_compute_bytes(config) * shape.layer_expert_params + 4 * 2 * shape.hidden)  # and its two norms
         return 4 * outer + held * layer
     return compute * (outer + held * (shape.params - outer) / shape.layers)
 
