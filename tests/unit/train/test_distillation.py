@@ -15,6 +15,7 @@ from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
 from ft_ray.models import load_tokenizer
 from ft_ray.train.distillation import DistillLoss, Teacher, check_teacher, divergence, load_teacher
 from tests.conftest import DEMO, teacher_llama
+from tests.unit.train.gradients import assert_same_gradients, objective_pass
 
 
 def test_each_divergence_by_its_formula():
@@ -55,8 +56,6 @@ def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(me
     50 rows at a time (fast_paths.chunked_lm_head, on by default) with the teacher's logits
     from its last hidden states gives the loss, metrics and every gradient (the trained output
     layer's too) that both models' whole logits give."""
-    import contextlib
-
     from ft_ray.train import fast_paths
     from ft_ray.train.modeling import build_model
 
@@ -78,21 +77,12 @@ def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(me
         if p.requires_grad and method != "full":
             p.data.normal_(std=0.05)
     objective = DistillLoss(teacher, kind, temperature=2.0, ratio=0.7)
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        with context:
-            loss, metrics = objective.loss(model, rows)
-        loss.backward()
-        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
     assert fast_paths.has_chunked_head(model)
-    chunked = run()
+    chunked = objective_pass(model, objective, rows, precision)
     causal = model.get_base_model() if method != "full" else model
     del causal.forward  # the model's own forward: the whole logits
     teacher.head = None  # the teacher's own forward too
-    plain = run()
+    plain = objective_pass(model, objective, rows, precision)
     tokens = objective.weight(rows)
     assert tokens == int((rows["labels"][:, 1:] != IGNORE_INDEX).sum()) > 150  # more than 3 chunks
     rel = 1e-2 if precision == "bf16" else 1e-5
@@ -101,13 +91,9 @@ def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(me
     assert divergence_mean > 0.01
     assert chunked[0] == pytest.approx(plain[0], rel=rel)
     assert chunked[1] == pytest.approx(plain[1], rel=rel)
-    assert chunked[2].keys() == plain[2].keys() and len(plain[2]) > 0
     if method == "full":
         assert "lm_head.weight" in plain[2]
-    for name, grad in plain[2].items():
-        scale = grad.abs().max().item()
-        assert scale > 0, name
-        assert torch.allclose(chunked[2][name], grad, atol=rel * 2 * scale), name
+    assert_same_gradients(chunked[2], plain[2], rel)
 
 
 def test_a_job_says_what_its_teacher_lacks(tmp_path):

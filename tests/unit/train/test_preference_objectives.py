@@ -15,6 +15,7 @@ from ft_ray.models import load_base_model, load_tokenizer
 from ft_ray.train.attention import register
 from ft_ray.train.preference import answer_sums, dpo_loss, kto_loss, orpo_odds_ratio, simpo_loss, token_logps_of
 from tests.conftest import DEMO
+from tests.unit.train.gradients import assert_same_gradients, objective_pass
 
 
 def test_dpo_loss_by_hand_and_by_trls_formula():
@@ -124,8 +125,6 @@ def test_dpo_from_the_head_in_chunks_equals_dpo_from_the_whole_logits(method, pr
     100 rows at a time (fast_paths.chunked_lm_head, on by default) give the loss, metrics and
     every gradient the model's own logits give; also with the trained rows of special tokens the
     base never trained (the eos ends every answer), which the reference does without."""
-    import contextlib
-
     from ft_ray.config import config_from_dict
     from ft_ray.train import fast_paths
     from ft_ray.train.modeling import build_model
@@ -154,28 +153,15 @@ def test_dpo_from_the_head_in_chunks_equals_dpo_from_the_whole_logits(method, pr
         objective = DPOLoss(0.5, None)
         with torch.no_grad():  # the reference log-probs precomputed: the base's, a little off
             tensors[REF_COLUMN] = token_logps_of(model, tensors) - 0.01 * tensors["roles"]
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        with context:
-            loss, metrics = objective.loss(model, tensors)
-        loss.backward()
-        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    chunked = run()
+    chunked = objective_pass(model, objective, tensors, precision)
     del causal.forward  # the model's own forward: the whole logits
     assert not fast_paths.has_chunked_head(model)
-    plain = run()
+    plain = objective_pass(model, objective, tensors, precision)
     rel = 1e-2 if precision == "bf16" else 1e-5
     assert chunked[0] == pytest.approx(plain[0], rel=rel) and chunked[0] != pytest.approx(math.log(2), rel=1e-3)
     assert chunked[1] == pytest.approx(plain[1], rel=rel, abs=1e-3)
-    assert chunked[2].keys() == plain[2].keys() and len(plain[2]) > 0
-    for name, grad in plain[2].items():
-        scale = grad.abs().max().item()
-        # (the eos ends each answer: its embedding's row is read by nothing after it)
-        assert scale > 0 or "embed_tokens.token_adapter" in name, name
-        assert torch.allclose(chunked[2][name], grad, atol=rel * 2 * scale), name
+    # (the eos ends each answer: its embedding's row is read by nothing after it)
+    assert_same_gradients(chunked[2], plain[2], rel, unread=("embed_tokens.token_adapter",))
 
 
 def test_simpo_loss_by_hand_and_by_trls_formula():
