@@ -1,7 +1,8 @@
 """A 3-node Ray cluster on this machine (cluster/local.sh: head + 2 worker nodes, token auth),
 the tiny DPO job submitted with `ft-ray submit` (its reference log-probs computed by actors on
-the cluster) and the tiny SFT job with `ray job submit`; the training workers must land on both
-worker nodes, and `down` must leave no process of the cluster behind.
+the cluster) and the fault tests' SFT job with `ray job submit` (a worker node lost under it);
+the training workers must land on both worker nodes, and `down` must leave no process of the
+cluster behind.
 
 The working dir is used in place (`local://`): raylets sharing one machine would each unpack
 an uploaded one into the same folder, deleting it under the running driver (Ray's
@@ -87,14 +88,6 @@ def test_submit_to_a_local_multi_node_cluster(local_cluster, tmp_path):
     nodes = ran_on_two_nodes(run)
     assert len(nodes) == 2 and len(set(nodes)) == 2, f"both training workers on one node: {nodes}"
 
-    theirs = subprocess.run(["ray", "job", "submit", "--address", address,
-                             "--runtime-env-json", json.dumps({"working_dir": f"local://{REPO}"}),
-                             "--", "ft-ray", "train", "configs/tiny-cpu.yaml", *job_args(tmp_path, "via-ray-job-submit")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert theirs.returncode == 0, theirs.stdout[-4000:] + theirs.stderr[-4000:]
-    assert "succeeded" in theirs.stdout.lower()
-    assert (tmp_path / "runs" / "via-ray-job-submit" / "summary.json").exists()
-
 
 def test_submit_refuses_a_job_that_cannot_fit_the_clusters_gpus(local_cluster, tmp_path):
     env, _ = local_cluster
@@ -140,11 +133,16 @@ def node_job(tmp_path: Path, name: str) -> Path:
                      distributed={"num_workers": 2, "placement_strategy": "SPREAD"})
 
 
-def submit(env: dict, job: Path, *extra: str) -> subprocess.CompletedProcess:
-    # The job's folder is its working dir, used in place.
-    return subprocess.run([sys.executable, "-m", "ft_ray", "submit", str(job), "--address",
-                           f"http://127.0.0.1:{DASHBOARD_PORT}", "--in-place", "--working-dir", str(job.parent), *extra],
-                          env=env, capture_output=True, text=True, timeout=900)
+def ray_job_submit(env: dict, job: Path) -> str:
+    """`ray job submit --no-wait` of `ft-ray train` the job (its folder the working dir, used in
+    place), as a user of Ray's own CLI does; returns the submission id."""
+    submission = f"{job.stem}-{uuid.uuid4().hex[:6]}"
+    submitted = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--no-wait",
+                                "--submission-id", submission,
+                                "--runtime-env-json", json.dumps({"working_dir": f"local://{job.parent}"}),
+                                "--", "ft-ray", "train", job.name], env=env, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    return submission
 
 
 def job_status(env: dict, submission: str) -> str:
@@ -176,9 +174,7 @@ def test_a_lost_worker_node_costs_a_restart_not_the_run(local_cluster, reference
     # Compared with the same job run without faults on the session's local Ray (`reference_run`):
     # where the workers ran does not change what they compute.
     env, _ = local_cluster
-    submitted = submit(env, node_job(tmp_path, "node-lost"))
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    submission = submitted.stdout.split("submitted ", 1)[1].split()[0].rstrip(":")  # "submitted ID: entrypoint"
+    submission = ray_job_submit(env, node_job(tmp_path, "node-lost"))
     run = tmp_path / "runs" / "node-lost"
     deadline = time.monotonic() + 300
     asked = 0.0  # `ray job status` is a process of its own on 2 busy cores: asked every 10 s, not every poll
