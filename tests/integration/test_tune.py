@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ft_ray.cli import main
@@ -162,11 +163,23 @@ def test_search_space_typos_fail_before_any_trial(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def trial_processes() -> list[psutil.Process]:
+    """The processes of sweep trials on this machine: trial functions, Train controllers, workers."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(f"ray::{name}" in cmdline for name in ("run_trial", "TrainController", "RayTrainWorker")):
+            found.append(process)
+    return found
+
+
 def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward_accuracy(ray_local, tmp_path):
     # A DPO sweep over a learning rate that learns and one that cannot (each with a beta drawn
-    # from two), one trial at a time, ranked by reward accuracy on 16 held-out pairs: kill the
-    # driver (and its local Ray) while the second trial is training past its first checkpoint,
-    # the first one finished; `--resume` finishes it and exports the winner.
+    # from two), one trial at a time, ranked by reward accuracy on 16 held-out pairs, on the
+    # session's Ray: kill the driver (as a lost driver pod would go; the cluster stays, and Ray
+    # ends the trials it owned) while the second trial is training past its first checkpoint,
+    # the first one finished; `--resume` finishes it and exports the winner. (A driver killed
+    # with its own local Ray, a lost head: test_recovery.py.)
     (tmp_path / "eval.jsonl").write_text("\n".join((DEMO / "preference-eval.jsonl").read_text().splitlines()[:16]) + "\n")
     space = {"train.learning_rate": {"grid": [1e-3, 1e-9]}, "preference.beta": {"choice": [0.1, 0.5]}}
     job = sweep_job(tmp_path, "resumed", {"path": str(tmp_path / "runs")}, space, max_concurrent_trials=1,
@@ -177,7 +190,7 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
                                        "eval": str(tmp_path / "eval.jsonl")},
                               "preference": {"reference": "inline"}})  # no reference pass per trial (12 s)
     trials = tmp_path / "runs" / "resumed" / "trials"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "ft_ray", "tune", str(job)], stdout=log,
                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -187,6 +200,7 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
                      "one trial finished and the other past its first checkpoint", first)
         finally:
             kill_session(first)
+    wait_for(lambda: not trial_processes(), 120, "Ray ending the killed driver's trials")
     [finished] = [p.parent for p in trials.glob("*/summary.json")]
     finished_metrics = (finished / "metrics.jsonl").read_text()
 
