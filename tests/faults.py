@@ -84,6 +84,17 @@ def in_background(action) -> tuple[threading.Thread, list]:
     return thread, done
 
 
+def ray_actor_processes(*classes: str) -> list[psutil.Process]:
+    """The processes of Ray actors of these classes on this machine (Ray titles an actor's
+    process `ray::<class>`): training workers, Train controllers, sweep trials."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(f"ray::{name}" in cmdline for name in classes):
+            found.append(process)
+    return found
+
+
 def kill_session(process: subprocess.Popen) -> None:
     """SIGKILL a process started with `start_new_session=True` and every process of its session
     (its local Ray: GCS, raylet, Train workers) at once, as a lost machine would; returns when

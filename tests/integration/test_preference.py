@@ -24,7 +24,7 @@ from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.train.checkpoints import MANIFEST
 from ft_ray.train.trainer import run_training
 from tests.conftest import DEMO, tiny_job, write_job
-from tests.faults import TRAIN, assert_same_training, in_background, outcome_in, wait_for
+from tests.faults import TRAIN, assert_same_training, in_background, outcome_in, ray_actor_processes, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -151,14 +151,12 @@ def test_the_merged_dpo_model_prefers_the_chosen_answers_without_ft_ray(dpo_run,
 
 
 def test_a_killed_dpo_worker_resumes_with_the_same_pairs_and_final_weights(dpo_run, tmp_path):
-    import psutil
-
     run = tmp_path / "runs" / "dpo-killed"
 
     def kill_a_worker() -> int:
         wait_for(lambda: (run / "checkpoint-000004" / MANIFEST).exists(), 300, "the first checkpoint")
         wait_for(lambda: '{"step": 6,' in (run / "metrics.jsonl").read_text(), 120, "step 6")
-        victim = next(p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+        [victim, *_] = ray_actor_processes("RayTrainWorker")
         victim.kill()
         return victim.pid
 

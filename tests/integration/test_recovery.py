@@ -24,7 +24,7 @@ from ft_ray.train.checkpoints import MANIFEST, complete_checkpoints
 from ft_ray.train.trainer import free_port, run_training
 from tests.conftest import REPO, make_bucket, write_job
 from tests.faults import (DATA, EPOCH_STEPS, STEPS, TRAIN, Outcome, assert_same_training, in_background, jsonl,
-                          kill_session, outcome_in, wait_for)
+                          kill_session, outcome_in, ray_actor_processes, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -90,33 +90,6 @@ def _local(run: Path):
     return pafs.LocalFileSystem(), str(run)
 
 
-def training_workers() -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-            found.append(process)
-    return found
-
-
-def test_training_worker_killed_restarts_the_group(reference_run, tmp_path):
-    run = tmp_path / "runs" / "worker-killed"
-
-    def kill_a_worker() -> int:
-        wait_for(lambda: (run / "checkpoint-000004" / MANIFEST).exists(), 300, "the first checkpoint")
-        wait_for(lambda: '{"step": 6,' in (run / "metrics.jsonl").read_text(), 120, "step 6")
-        [victim, *_] = training_workers()
-        victim.kill()  # abrupt, like os._exit or the OOM killer: no cleanup, no goodbye
-        return victim.pid
-
-    thread, done = in_background(kill_a_worker)
-    summary = run_training(load_config(write_job(tmp_path, run_name="worker-killed", data=DATA, train=TRAIN)))
-    thread.join(60)
-    assert done and isinstance(done[0], int), f"no worker was killed: {done}"
-    resume = assert_recovered(outcome_in(run), reference_run)
-    assert resume["resumed_from"] == str(run / "checkpoint-000004") and resume["step"] == 4
-    assert summary["steps"] == STEPS
-
-
 def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference_run, tmp_path):
     # SIGSTOP: the process is alive and holds its resources but never answers; the other
     # rank's collective gives up after distributed.timeout_s and Ray Train restarts the group.
@@ -126,7 +99,7 @@ def test_a_hung_worker_is_timed_out_and_the_group_restarted(reference_run, tmp_p
     def stop_a_worker() -> int:
         wait_for(lambda: (run / "checkpoint-000004" / MANIFEST).exists(), 300, "the first checkpoint")
         wait_for(lambda: '{"step": 6,' in (run / "metrics.jsonl").read_text(), 120, "step 6")
-        [victim, *_] = training_workers()
+        [victim, *_] = ray_actor_processes("RayTrainWorker")
         victim.suspend()
         stopped.append(victim)
         return victim.pid

@@ -122,12 +122,12 @@ def test_a_ddp_full_fine_tune_with_8bit_adamw_checkpoints_its_quantized_states(r
     assert {state["state1"].dtype for state in saved} == {torch.uint8, torch.float32}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
-def test_qlora_trains_adapters_over_a_4bit_base(ray_local, tmp_path, strategy):
+def test_qlora_trains_adapters_over_a_4bit_base_under_zero2(ray_local, tmp_path):
+    """(QLoRA on DDP workers: KTO's run in test_preference.py.)"""
     config = load_config(write_job(
-        tmp_path, run_name=f"qlora-{strategy}", method="qlora",
+        tmp_path, run_name="qlora-zero2", method="qlora",
         quantization={"compute_dtype": "float32"},
-        distributed={"strategy": strategy, "deepspeed": {"stage": 2}},
+        distributed={"strategy": "deepspeed", "deepspeed": {"stage": 2}},
         train={"max_steps": 4, "checkpoint_every": 4, "eval_every": 4}))
     summary = run_training(config)
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ft_ray.cli import main
@@ -22,7 +21,7 @@ from ft_ray.config import ConfigError, load_config
 from ft_ray.report import write_report
 from ft_ray.tune import check_search_space
 from tests.conftest import DEMO, REPO, SECRET_CANARY, write_job
-from tests.faults import kill_session, wait_for
+from tests.faults import kill_session, ray_actor_processes, wait_for
 from tests.wandb_offline import read_offline_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,7 +41,7 @@ def sweep_job(tmp_path: Path, name: str, storage: dict, space: dict, train: dict
 
 @pytest.fixture(scope="module")
 def sweep(demo_sweep):
-    """The demo sweep (conftest.demo_sweep): 3 trials of 100 steps under ASHA, in the local S3
+    """The demo sweep (conftest.demo_sweep): 3 trials of 60 steps under ASHA, in the local S3
     server, W&B offline, the 2 winners exported and evaluated."""
     return demo_sweep["summary"], demo_sweep["client"], demo_sweep
 
@@ -57,8 +56,9 @@ def test_sweep_runs_every_trial_and_stops_the_laggards_early(sweep):
     trials = summary["trials"]
     assert len(trials) == 3 and all(t["status"] in ("finished", "stopped") for t in trials), trials
     stopped = [t for t in trials if t["stopped_early"]]
-    assert stopped and all(t["status"] == "stopped" and t["step"] < 100 for t in stopped), trials
-    assert all(t["status"] == "finished" and t["step"] == 100 for t in trials if not t["stopped_early"]), trials
+    steps = load_config(REPO / "configs" / "sweep-tiny.yaml").train.max_steps
+    assert stopped and all(t["status"] == "stopped" and t["step"] < steps for t in stopped), trials
+    assert all(t["status"] == "finished" and t["step"] == steps for t in trials if not t["stopped_early"]), trials
     for trial in trials:  # sweep.json says what each trial's own metrics say
         lines = s3_bytes(client, f"{run['uri']}/trials/{trial['trial']}/metrics.jsonl").decode().splitlines()
         evals = [json.loads(line) for line in lines if '"eval_loss"' in line]
@@ -96,7 +96,7 @@ def test_every_winner_carries_its_verdict(sweep, tmp_path):
         assert winner["eval"]["verdict"] == evaluation["verdict"]
         assert set(winner["eval"]["arms"]) == {"base", "few_shot", "retrieval", "variant"}
         assert set(winner["eval"]["comparisons"]) == {"base", "few_shot", "retrieval"}
-        # 100 steps at the best settings: the variant is ahead of the base model
+        # 60 steps at the best settings: the variant is ahead of the base model
         assert winner["eval"]["arms"]["variant"]["loss"] < winner["eval"]["arms"]["base"]["loss"]
     # the base and prompting arms were scored with the first winner only; the second took them
     first, second = evaluations
@@ -163,23 +163,14 @@ def test_search_space_typos_fail_before_any_trial(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def trial_processes() -> list[psutil.Process]:
-    """The processes of sweep trials on this machine: trial functions, Train controllers, workers."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if any(f"ray::{name}" in cmdline for name in ("run_trial", "TrainController", "RayTrainWorker")):
-            found.append(process)
-    return found
-
-
 def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward_accuracy(ray_local, tmp_path):
     # A DPO sweep over a learning rate that learns and one that cannot (each with a beta drawn
     # from two), one trial at a time, ranked by reward accuracy on 16 held-out pairs, on the
-    # session's Ray: kill the driver (as a lost driver pod would go; the cluster stays, and Ray
-    # ends the trials it owned) while the second trial is training past its first checkpoint,
-    # the first one finished; `--resume` finishes it and exports the winner. (A driver killed
-    # with its own local Ray, a lost head: test_recovery.py.)
+    # session's Ray: kill the driver and its trials' processes at once (as a lost driver pod
+    # goes; the cluster stays: Ray would end the dead driver's trials itself, about 25 s later
+    # here) while the second trial is training past its first checkpoint, the first one
+    # finished; `--resume` finishes it and exports the winner. (A driver killed with its own
+    # local Ray, a lost head: test_recovery.py.)
     (tmp_path / "eval.jsonl").write_text("\n".join((DEMO / "preference-eval.jsonl").read_text().splitlines()[:16]) + "\n")
     space = {"train.learning_rate": {"grid": [1e-3, 1e-9]}, "preference.beta": {"choice": [0.1, 0.5]}}
     job = sweep_job(tmp_path, "resumed", {"path": str(tmp_path / "runs")}, space, max_concurrent_trials=1,
@@ -191,6 +182,8 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
                               "preference": {"reference": "inline"}})  # no reference pass per trial (12 s)
     trials = tmp_path / "runs" / "resumed" / "trials"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    actors = ("run_trial", "TrainController", "RayTrainWorker")
+    earlier = {p.pid for p in ray_actor_processes(*actors)}  # the last in-process run's controller stays
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "ft_ray", "tune", str(job)], stdout=log,
                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -200,7 +193,10 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
                      "one trial finished and the other past its first checkpoint", first)
         finally:
             kill_session(first)
-    wait_for(lambda: not trial_processes(), 120, "Ray ending the killed driver's trials")
+            for process in ray_actor_processes(*actors):
+                if process.pid not in earlier:
+                    process.kill()
+    wait_for(lambda: all(p.pid in earlier for p in ray_actor_processes(*actors)), 60, "the trials' processes gone")
     [finished] = [p.parent for p in trials.glob("*/summary.json")]
     finished_metrics = (finished / "metrics.jsonl").read_text()
 
