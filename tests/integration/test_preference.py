@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from ft_ray.cli import main
@@ -23,7 +22,7 @@ from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.train.checkpoints import MANIFEST
 from ft_ray.train.trainer import run_training
-from tests.conftest import DEMO, tiny_job, write_job
+from tests.conftest import DEMO, write_job
 from tests.faults import TRAIN, assert_same_training, in_background, outcome_in, ray_actor_processes, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -89,31 +88,6 @@ def test_dpo_lora_learns_the_house_style_preference(dpo_run):
     last_eval = [m for m in lines if "eval_loss" in m][-1]
     assert last_eval["eval_reward_margin"] > 0 and last_eval["eval_rewards_chosen"] > last_eval["eval_rewards_rejected"]
     assert Path(summary["adapter_path"], "adapter_model.safetensors").exists()
-
-
-def test_a_run_trains_on_from_the_dpo_runs_adapter_where_it_ended(dpo_run, tmp_path):
-    """`model.adapter` through the command line: the job takes the adapter's rank, the
-    precomputed reference is the base with the adapter (every reward 0 at step 0), and the
-    model starts where the DPO run's best checkpoint was (its eval log-probs there). (The eval's
-    `start` arm, the variant against that adapter: tests/unit/train/test_continue_adapter.py.)"""
-    config, summary = dpo_run
-    job = tiny_job(tmp_path, run_name="on", objective="dpo", data=PAIRS,
-                   model={"max_seq_len": 512, "adapter": summary["adapter_path"]},
-                   train={"learning_rate": 1e-3, "max_steps": 2, "eval_every": 2, "checkpoint_every": 2})
-    del job["lora"]  # the adapter's
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    assert main(["train", str(tmp_path / "job.yaml")]) == 0
-    run = tmp_path / "runs" / "on"
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    start, best = lines[0], next(m for m in metrics(config) if m["step"] == int(summary["best_checkpoint"][-6:])
-                                 and "eval_loss" in m)
-    assert start["step"] == 0 and start["eval_rewards_chosen"] == start["eval_rewards_rejected"] == 0
-    assert start["eval_logps_chosen"] == pytest.approx(best["eval_logps_chosen"], rel=1e-4)
-    assert start["eval_logps_rejected"] == pytest.approx(best["eval_logps_rejected"], rel=1e-4)
-    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert (adapter["r"], adapter["lora_alpha"]) == (16, 32)  # the DPO run's, not lora's defaults (8, 16)
-    assert adapter["base_model_name_or_path"] == str(run / "base_model")
-    assert lines[-1]["step"] == 2 and lines[-1]["eval_reward_margin"] > 0
 
 
 def pair_margins(model, tokenizer, lines: list[str]) -> np.ndarray:
