@@ -3,7 +3,7 @@
 # make demo-dpo   preference tuning (DPO) of the same house style from chosen/rejected pairs
 # make demo-grpo   GRPO: answers the model samples, rewarded for the same house style
 # make demo-distill   distillation: the demo's variant teaches the base model its house style
-# make test   installs the same way, runs the whole test suite (CI runs it; about 24-26 min on 2 cores)
+# make test   installs the same way, runs the whole test suite (CI runs it; about 31-35 min on 2 cores with the install)
 # make test-fast   unit tests and the quick integration tests (no `slow` mark), a few minutes
 VENV ?= .venv
 PYTHON ?= python3
