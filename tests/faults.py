@@ -103,13 +103,19 @@ def kill_session(process: subprocess.Popen) -> None:
         doomed = [p for p in psutil.process_iter() if _session_of(p.pid) == process.pid]
         if not doomed:
             break
-        for victim in doomed:
-            try:
-                victim.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(doomed, timeout=30)
+        kill_processes(doomed)
     process.wait()
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL these processes at once (one that ended since it was listed is passed over);
+    returns when they are gone or 30 s have passed."""
+    for victim in processes:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
 
 
 def _session_of(pid: int) -> int | None:

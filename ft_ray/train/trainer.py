@@ -11,8 +11,10 @@ import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -187,7 +189,7 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
              f"sequences of {config.model.max_seq_len} tokens per worker per step")
 
     set_aside_stale_snapshot(run)
-    with progress.watching("train", plan.total_steps, "steps", _train_figures) as board:
+    with progress.watching("train", plan.total_steps, "steps", _train_figures) as board, sigint_kept():
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"job": config.model_dump(mode="json"), "plan": asdict(plan),
@@ -214,6 +216,20 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
     summary = summarize(config, run, stats, plan, time.monotonic() - started)
     run.write_json("summary.json", summary)
     return summary
+
+
+@contextlib.contextmanager
+def sigint_kept() -> Iterator[None]:
+    """Put back the SIGINT handler Ray Train's `fit()` replaces: its handler aborts that run's
+    controller and holds the controller's handle, so in a process that goes on (a notebook, a
+    sweep's driver, the steps after training) Ctrl-C after the run would be swallowed by a run
+    that is over, and its controller actor would stay alive until the next run."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
 
 
 def _strategy(config: JobConfig) -> str:

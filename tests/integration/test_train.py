@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from ft_ray.cli import main
 from ft_ray.config import InputError, load_config
 from ft_ray.train.trainer import run_training
 from tests.conftest import DEMO, SECRET_CANARY, write_job
+from tests.faults import ray_actor_processes, wait_for
 from tests.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
@@ -56,6 +58,15 @@ def test_summary_has_the_outcome(trained):
     assert summary["train_tokens"] > 0 and summary["tokens_per_second"] > 0
     assert Path(summary["best_checkpoint"]).parent == run
     assert (summary["data"]["records_truncated"], summary["data"]["tokens_dropped"]) == (0, 0)  # the demo fits
+
+
+def test_a_finished_run_gives_back_ctrl_c_and_its_controller(trained):
+    # Ray Train's fit() sets its own SIGINT handler (abort that run) holding the run's
+    # controller: after run_training, Ctrl-C interrupts the process again and the controller's
+    # actor ends (a notebook, or a driver that goes on to other work).
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    wait_for(lambda: not ray_actor_processes("TrainController"), 30, "the finished run's controller gone")
 
 
 def test_metrics_hold_every_step_once(trained):

@@ -21,7 +21,7 @@ from ft_ray.config import ConfigError, load_config
 from ft_ray.report import write_report
 from ft_ray.tune import check_search_space
 from tests.conftest import DEMO, REPO, SECRET_CANARY, write_job
-from tests.faults import kill_session, ray_actor_processes, wait_for
+from tests.faults import kill_processes, kill_session, ray_actor_processes, wait_for
 from tests.wandb_offline import read_offline_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -183,7 +183,7 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
     trials = tmp_path / "runs" / "resumed" / "trials"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     actors = ("run_trial", "TrainController", "RayTrainWorker")
-    earlier = {p.pid for p in ray_actor_processes(*actors)}  # the last in-process run's controller stays
+    earlier = {p.pid for p in ray_actor_processes(*actors)}  # not this sweep's (none: a finished run's go)
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "ft_ray", "tune", str(job)], stdout=log,
                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -193,9 +193,7 @@ def test_a_killed_dpo_sweep_resumes_without_rerunning_trials_and_ranks_by_reward
                      "one trial finished and the other past its first checkpoint", first)
         finally:
             kill_session(first)
-            for process in ray_actor_processes(*actors):
-                if process.pid not in earlier:
-                    process.kill()
+            kill_processes([p for p in ray_actor_processes(*actors) if p.pid not in earlier])
     wait_for(lambda: all(p.pid in earlier for p in ray_actor_processes(*actors)), 60, "the trials' processes gone")
     [finished] = [p.parent for p in trials.glob("*/summary.json")]
     finished_metrics = (finished / "metrics.jsonl").read_text()
