@@ -85,7 +85,8 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     (`storage.model_cache`) and kept for later processes and runs: without `weights` what a
     tokenizer and a config read (no weight files), with them also the model's safetensors
     (else its .bin files). A file whose size or time changed in the store is copied again.
-    The processes of a node (workers, data tasks) wait for the one copying (a file lock);
+    The processes of a node (workers, data tasks) wait for the one copying (a file lock), and
+    for one removing the model to make room for another (`make_room`; then it is copied again);
     a copy cut short is never taken for a whole file (each is written aside, then renamed).
     `board` (the driver's progress board) gets the copy's bytes as it goes (`model_copy`).
 
@@ -99,12 +100,18 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     listing = _stored_files(fs, inside, uri)
     names = _files_read(listing, weights)
     copy = _ModelCopy(uri, fs, inside, cached_folder(uri, storage), listing)
-    with contextlib.suppress(FileNotFoundError):  # its last use, noted before it is checked (`make_room`)
-        os.utime(copy.record)
-    if all(copy.held().get(name) == listing[name] for name in names):
-        return copy.folder
     copy.folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(copy.folder.parent / f"{copy.folder.name}.lock", "w") as lock:
+    lock_path = copy.folder.parent / f"{copy.folder.name}.lock"
+    with open(lock_path, "a") as lock:
+        # shared with other readers, never held beside a copy or a removal (`make_room`): a model
+        # found whole here had its use noted before any removal could check it, and a removal
+        # under way is waited for (the model is then copied again)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(copy.record)
+        if all(copy.held().get(name) == listing[name] for name in names):
+            return copy.folder
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         copy.run([name for name in names if name not in copy.current()], board, storage.model_cache_max_gib)
     return copy.folder
@@ -156,7 +163,8 @@ def make_room(folder: Path, size: int, max_bytes: int | None) -> list[Path]:
     """Remove the models of `folder`'s cache used longest ago (by their records' times,
     `cached_model` notes each use) until `size` more bytes fit the disk and, with `max_bytes`,
     the cache; never `folder`, a model used in the last CACHE_KEEP_S (checked again under its
-    lock) or one another process is copying (its lock held). Returns the folders removed."""
+    lock) or one another process holds the lock of (copying it, or finding it whole in
+    `cached_model`). Returns the folders removed."""
     import fcntl
 
     cache = folder.parent
@@ -182,7 +190,7 @@ def make_room(folder: Path, size: int, max_bytes: int | None) -> list[Path]:
                 if time.time() - record.stat().st_mtime < CACHE_KEEP_S:
                     continue  # used again since it was listed
             except BlockingIOError:
-                continue  # being copied now
+                continue  # being copied, or found whole by a process about to load it
             except FileNotFoundError:
                 held -= used  # removed by another process
                 continue

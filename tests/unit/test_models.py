@@ -184,6 +184,42 @@ def test_a_model_cache_over_its_size_removes_the_models_used_longest_ago(tmp_pat
     assert make_room(cache / "new", 2**20, max_bytes=2 * 2**20) == [copying]  # its copy done
 
 
+def test_a_model_found_whole_is_never_removed_under_its_reader(tmp_path, monkeypatch):
+    """A process finding a cached model whole and one removing it to make room take turns on
+    its lock: the removal under way is waited for and the model copied again; a removal after
+    it was found passes it over (just used)."""
+    import os
+    import threading
+    import time
+
+    from ft_ray import storage
+    from ft_ray.config import StorageConfig
+    from ft_ray.models import BUILTIN
+
+    store = tmp_path / "store" / "tiny"  # a local folder stands for the store: the same code path
+    shutil.copytree(BUILTIN["builtin:tiny-llama"], store)
+    cache = StorageConfig(model_cache=str(tmp_path / "cache"))
+    folder = storage.cached_model(str(store), cache, weights=True)
+    record = folder.parent / f"{folder.name}.json"
+    os.utime(record, (time.time() - 2 * 3600,) * 2)  # last used 2 hours ago
+    removing, rmtree = threading.Event(), shutil.rmtree
+
+    def slow_rmtree(path, **kwargs):  # the removal has begun, its files not yet gone
+        removing.set()
+        time.sleep(0.5)
+        rmtree(path, **kwargs)
+
+    monkeypatch.setattr(storage.shutil, "rmtree", slow_rmtree)
+    other = folder.parent / "other-model"
+    remover = threading.Thread(target=storage.make_room, args=(other, 2**20, 2**20))
+    remover.start()
+    assert removing.wait(10)
+    assert storage.cached_model(str(store), cache, weights=True) == folder
+    remover.join()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in store.iterdir())
+    assert storage.make_room(other, 2**20, 2**20) == [] and folder.is_dir()  # its use noted: kept
+
+
 def test_unknown_builtin_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: builtin:tiny-llama"):
         load_base_model(ModelConfig(name_or_path="builtin:huge"))
