@@ -61,13 +61,25 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
 
 
 def lengths_line(lengths: list[int], trained: int, over: int, seen: int, fmt: str, config: JobConfig) -> str:
-    """The sorted whole lengths of the first records, the share of their tokens the loss is
-    on, and how many (`over`) `model.max_seq_len` cuts."""
+    """The sorted whole lengths of the first records that can train (of `seen` read), the
+    share of their tokens the loss is on, and how many (`over`) `model.max_seq_len` cuts."""
     limit = config.model.max_seq_len
     cut = "split into windows that all train" if fmt == "text" else f"cut at the end: data.overlong {config.data.overlong}"
-    return (f"tokens per example (first {seen}): mean {sum(lengths) / len(lengths):.0f}, p95 {p95(lengths)}, "
+    first = f"first {seen}" if len(lengths) == seen else f"the {len(lengths)} usable of the first {seen}"
+    return (f"tokens per example ({first}): mean {sum(lengths) / len(lengths):.0f}, p95 {p95(lengths)}, "
             f"max {lengths[-1]}, {100 * trained / max(1, sum(lengths)):.0f}% trained (data.loss_on "
             f"{config.data.loss_on}); {over} longer than max_seq_len {limit}" + (f" ({cut})" if over else ""))
+
+
+def rejected_line(sample: dict[str, Any], key: str, config: JobConfig) -> str | None:
+    """A warning when more of a source's first records have problems than
+    `data.max_rejected_fraction` lets a run set aside: it would stop once its data is read."""
+    bad, seen, most = len(sample["problems"]), sample["seen"], config.data.max_rejected_fraction
+    if not seen or bad / seen <= most:
+        return None
+    return (f"warning: {bad} of the first {seen} {key} records have problems ({bad / seen:.0%}), more than "
+            f"data.max_rejected_fraction {most:g} lets a run set aside: training would stop once its data is read; "
+            "mend them or raise data.max_rejected_fraction")
 
 
 def p95(ordered: list[int]) -> int:
@@ -115,15 +127,23 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         sample = peek(source, fmt, config, key, tokenizer)
         formats[fmt] += sample["seen"]
         problems += len(sample["problems"])
-        lengths = sorted(sample["lengths"] or [0])
-        # what training keeps of a record: all of a text (cut into windows), the rest up to max_seq_len
-        kept_lengths = lengths if fmt == "text" else [min(n, config.model.max_seq_len) for n in lengths]
-        tokens += kept * source.weight * sum(kept_lengths) / len(lengths)
-        over = sum(n > config.model.max_seq_len for n in lengths)
-        lines += [note, f"{key}: {lengths_line(lengths, sample['trained'], over, sample['seen'], fmt, config)}"]
-        if fmt != "text" and over > len(lengths) // 10:
-            lines.append(f"warning: {over} of the first {len(lengths)} {key} records are longer than model.max_seq_len "
-                         f"{config.model.max_seq_len} and lose their ends; raise it (p95 {p95(lengths)}) or shorten them")
+        lines.append(note)
+        if bad := rejected_line(sample, key, config):
+            lines.append(bad)
+        lengths = sorted(sample["lengths"])
+        if not lengths:
+            lines.append(f"{key}: none of the first {sample['seen']} records can train" if sample["seen"]
+                         else f"{key}: no records")
+        else:
+            # what training keeps of a record: all of a text (cut into windows), the rest up to max_seq_len
+            kept_lengths = lengths if fmt == "text" else [min(n, config.model.max_seq_len) for n in lengths]
+            tokens += kept * source.weight * sum(kept_lengths) / len(lengths)
+            over = sum(n > config.model.max_seq_len for n in lengths)
+            lines.append(f"{key}: {lengths_line(lengths, sample['trained'], over, sample['seen'], fmt, config)}")
+            if fmt != "text" and over > len(lengths) // 10:
+                lines.append(f"warning: {over} of the first {len(lengths)} {key} records are longer than "
+                             f"model.max_seq_len {config.model.max_seq_len} and lose their ends; raise it (p95 "
+                             f"{p95(lengths)}) or shorten them")
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
     if data.eval:
         held_out = sum(held_out_examples.values())

@@ -44,6 +44,18 @@ def test_warns_below_100_training_examples_and_lists_bad_lines(tmp_path, capsys)
     assert ("warning: model.max_seq_len 2048 is longer than builtin:tiny-llama's context window (1024 positions, "
             "max_position_embeddings): the positions past it were never trained") in out
     assert f"problem: {data}:3: not_json: not JSON" in out
+    assert "data.train: tokens per example (the 2 usable of the first 3): mean " in out
+    assert ("warning: 1 of the first 3 data.train records have problems (33%), more than data.max_rejected_fraction "
+            "0.01 lets a run set aside: training would stop once its data is read; mend them or raise "
+            "data.max_rejected_fraction") in out
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "no output"}\n{"instruction": "a", "output": 5}\n')
+    job = write_job(tmp_path, data={"train": str(broken), "format": "instruction", "eval": None,
+                                    "eval_fraction": 0.0, "max_rejected_fraction": 0.5})
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "data.train: none of the first 2 records can train" in out and "warning: 2 of the first 2" in out
+    assert f"problem: {broken}:2: wrong_type: field 'output' must be a string, got int" in out
     job = write_job(tmp_path, data={"train": str(data), "eval": None, "eval_fraction": 0.0},
                     model={"max_seq_len": 2048, "rope_scaling": "yarn"})
     assert main(["validate", str(job)]) == 0
