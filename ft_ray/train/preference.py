@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.train.fast_paths import chunked_lm_head, has_chunked_head
+from ft_ray.train.precomputed import BlockScorer, with_columns
 
 REF_COLUMN = "ref_logps"  # per token of a packed row: its log-prob under the reference model (0 where no target)
 PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
@@ -390,86 +391,22 @@ def build_preference_objective(config: Any, model: Any) -> PreferenceObjective:
 # ---------------------------------------------------------------- the precomputed reference
 
 
-class ReferenceScorer:
+class ReferenceScorer(BlockScorer):
     """A model actor (`with_reference`): the reference model, adding `REF_COLUMN` to packed rows."""
 
-    def __init__(self, job_json: str, board: Any = None):
-        from ft_ray.config import JobConfig
-        from ft_ray.train.engine_api import COMPUTE_DTYPES
+    def load(self) -> Any:
+        return reference_model(self.job, self.device)
 
-        self.job = JobConfig.model_validate_json(job_json)
-        gpu = self.job.distributed.use_gpu and torch.cuda.is_available()
-        self.device = torch.device("cuda" if gpu else "cpu")
-        if not gpu:
-            torch.set_num_threads(max(1, int(self.job.distributed.cpus_per_worker)))
-        self.model = reference_model(self.job, self.device)
-        self.autocast = COMPUTE_DTYPES.get(self.job.train.precision)
-        self.board = board
+    def columns_of(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {REF_COLUMN: token_logps_of(self.model, batch).float().cpu().numpy()}
 
-    def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
-        """`rows` (numpy columns) with their reference log-probs, scored in one forward."""
-        import contextlib
-
-        batch = {k: torch.as_tensor(rows[k], dtype=torch.long, device=self.device)
-                 for k in ("input_ids", "labels", "position_ids")}
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            values = token_logps_of(self.model, batch)
-        return {**rows, REF_COLUMN: values.float().cpu().numpy()}
-
-    def score(self, block: Any) -> tuple[Any, int]:
-        """A block of packed rows with `REF_COLUMN` added (a micro batch per forward, as the
-        training workers batch), and its row count."""
+    def empty(self, width: int) -> dict[str, Any]:
         import numpy as np
-        from ray.data.block import BlockAccessor
 
-        rows = BlockAccessor.for_block(block).to_batch_format("numpy")
-        count, size = len(rows["input_ids"]), self.job.train.micro_batch_size
-        values = [self({k: v[at:at + size] for k, v in rows.items()})[REF_COLUMN] for at in range(0, count, size)]
-        width = rows["input_ids"].shape[1] if count else self.job.model.max_seq_len
-        rows[REF_COLUMN] = np.concatenate(values) if values else np.zeros((0, width), dtype=np.float32)
-        if self.board is not None:
-            self.board.add.remote("sequences", count)
-        return BlockAccessor.batch_to_block(rows), count
+        return {REF_COLUMN: np.zeros((0, width), dtype=np.float32)}
 
 
 def with_reference(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
-    """The packed datasets with each token's reference log-prob, computed by model actors
-    (as many as training workers, a GPU each on GPU jobs).
-
-    Each block goes to an actor by its place and comes back to the same place, so the rows
-    keep their order by construction: a Ray Data actor pool keeps it only when the context it
-    runs under says `preserve_order`, and a training run's samples per step follow from it.
-    The driver holds block refs and row counts, never rows.
-    """
-    import ray
-    import ray.data
-
-    from ft_ray import progress
-    from ft_ray.console import LOG
-
-    gpu = config.distributed.use_gpu
-    room = ray.cluster_resources().get("GPU" if gpu else "CPU", 1)
-    blocks = [(split, block) for split, dataset in datasets.items() for block in dataset.to_arrow_refs()]
-    total = sum(dataset.count() for dataset in datasets.values())
-    count = max(1, min(config.distributed.max_workers, int(room), len(blocks)))
+    """The packed datasets with each token's reference log-prob (`with_columns`)."""
     model = "the base model" + (f" with the adapter {config.model.adapter}" if config.model.adapter else "")
-    LOG.info(f"reference: log-probs of {model} for every answer of {total} sequences, "
-             f"on {count} model actor(s)")
-    actor = ray.remote(ReferenceScorer).options(
-        num_cpus=0 if gpu else config.distributed.cpus_per_worker, num_gpus=1 if gpu else 0,
-        max_restarts=2, max_task_retries=2)  # scoring a block again gives the same block
-    actors: list = []
-    try:
-        with progress.watching("reference", total, "sequences",
-                               lambda counts, _: (counts.get("sequences", 0), "")) as board:
-            actors = [actor.remote(config.model_dump_json(), board) for _ in range(count)]
-            calls = [actors[i % count].score.options(num_returns=2).remote(block)
-                     for i, (_, block) in enumerate(blocks)]
-            ray.get([rows for _, rows in calls])  # raises a failed actor's error here
-    finally:  # their CPUs or GPUs are the training workers'
-        for handle in actors:
-            ray.kill(handle)
-    return {split: ray.data.from_arrow_refs([scored for (of, _), (scored, _) in zip(blocks, calls) if of == split])
-            for split in datasets}
+    return with_columns(config, datasets, ReferenceScorer, "reference", f"log-probs of {model} for every answer")
