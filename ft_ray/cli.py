@@ -338,7 +338,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     config = load_job(args)
     _quiet(args, RunFolder.for_job(config))
     tokenizer, where = load_tokenizer(config.model), location(config)  # what is not there is said before Ray starts
-    connect_ray(config, gpus=config.precomputes_reference)  # packing needs no GPU; a DPO reference pass does
+    connect_ray(config, gpus=config.precomputes)  # packing needs no GPU; a reference or teacher pass does
     _, stats, where = prepare(config, tokenizer, where)
     LOG.info(f"prepared data at {where}:\n{stats_table(stats)}")
     return 0

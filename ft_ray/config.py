@@ -618,6 +618,15 @@ class DistillConfig(Section):
         "divergence alone; needs one record per row (data.pack: false, its default then)"))
     max_new_tokens: int = Field(128, gt=0, description="on_policy: the longest sampled answer")
     sampling_temperature: float = Field(1.0, gt=0, description="on_policy: the temperature answers are sampled at")
+    teacher_logits: Literal["inline", "precomputed"] = Field("inline", description=(
+        "inline: every worker loads the teacher and runs it on each batch; precomputed: model actors run it once "
+        "over the packed data before training (`ft-ray prepare` stores the result with the prepared data) and keep "
+        "its distill.top_k likeliest tokens' logits at each trained token, so the workers hold no teacher and a "
+        "sweep's trials or a later epoch never run it again (forward_kl, the teacher's distribution taken over "
+        "those tokens; no on_policy)"))
+    top_k: int = Field(32, ge=1, description=(
+        "teacher_logits precomputed: the teacher's likeliest tokens kept at each trained token (6 bytes each per "
+        "token in storage)"))
 
 
 # the data formats each objective trains on
@@ -702,6 +711,16 @@ class JobConfig(Section):
     def precomputes_reference(self) -> bool:
         """DPO/KTO with `preference.reference: precomputed`: reference log-probs come with the data."""
         return self.objective in ("dpo", "kto") and self.preference.reference == "precomputed"
+
+    @property
+    def precomputes_teacher(self) -> bool:
+        """distill with `distill.teacher_logits: precomputed`: the teacher's top-k logits come with the data."""
+        return self.objective == "distill" and self.distill.teacher_logits == "precomputed"
+
+    @property
+    def precomputes(self) -> bool:
+        """A frozen model's columns are computed over the packed data before training."""
+        return self.precomputes_reference or self.precomputes_teacher
 
     @property
     def teacher(self) -> ModelConfig:
@@ -831,6 +850,12 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.distill.on_policy and job.train.compile:
             problems.append("train.compile: on-policy distillation generates with the model; compile is for sft and "
                             "preference runs")
+        if job.precomputes_teacher and job.distill.on_policy:
+            problems.append("distill.on_policy: the teacher grades the model's own answers as it samples them, so "
+                            "on-policy distillation needs distill.teacher_logits: inline")
+        if job.precomputes_teacher and job.distill.divergence != "forward_kl":
+            problems.append(f"distill.divergence: {job.distill.divergence} needs the teacher's whole distribution; "
+                            "its precomputed top-k logits (distill.teacher_logits: precomputed) serve forward_kl")
     elif job.distill.teacher:
         problems.append(f"distill.teacher: read by objective distill, not {job.objective}")
     if job.train.neftune_alpha and job.objective != "sft":

@@ -366,8 +366,10 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
 
-    teacher = teacher_shape(config)
-    if teacher:  # distill.teacher: whole on each worker, frozen, 4-bit under qlora, else in the compute dtype
+    # distill.teacher: whole on each worker, frozen, 4-bit under qlora, else in the compute dtype (none when its
+    # logits are precomputed: model actors run it before training, the batches carry its top k)
+    teacher = None if config.precomputes_teacher else teacher_shape(config)
+    if teacher:
         parts["teacher_weights"] = quantized_bytes(config, teacher, frozen=True) if config.method == "qlora" else (
             compute * teacher.params)
 

@@ -55,6 +55,7 @@ def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) ->
             "seed": config.shuffle_seed,
             "roles": config.carries_roles,  # preference data carries each token's role
             "reference": reference_settings(config),
+            **({"teacher": teacher_settings(config)} if config.precomputes_teacher else {}),
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",
                                                       "chat_template"}),
             # the sets' names name their splits (their files are in `files`)
@@ -66,15 +67,32 @@ def reference_settings(config: JobConfig) -> dict[str, Any] | None:
     """What precomputed reference log-probs depend on beyond the base model: how it is loaded."""
     if not config.precomputes_reference:
         return None
-    adapter = None
-    if config.model.adapter:  # the reference is the base with it: its files as they are now
-        fs, folder = filesystem_for(config.model.adapter, config.storage)
-        files = sorted((f for f in fs.get_file_info(pafs.FileSelector(folder)) if f.type == pafs.FileType.File),
-                       key=lambda f: f.base_name)
-        adapter = [(f.base_name, f.size, f.mtime_ns) for f in files]
+    adapter = folder_files(config.model.adapter, config) if config.model.adapter else None  # the base with it
+    return {**loading_settings(config), "untrained_tokens": config.model.untrained_tokens,
+            **({"adapter": adapter} if adapter else {})}
+
+
+def teacher_settings(config: JobConfig) -> dict[str, Any]:
+    """What precomputed teacher logits depend on beyond the packed rows: the teacher (its
+    files as they are now, where it is a folder), how it is loaded, how many are kept."""
+    teacher = config.distill.teacher or ""
+    local = "://" not in teacher and pafs.LocalFileSystem().get_file_info(teacher).type == pafs.FileType.Directory
+    files = folder_files(teacher, config) if local or teacher.startswith("s3://") else None
+    return {**loading_settings(config), "teacher": teacher, "files": files, "top_k": config.distill.top_k}
+
+
+def loading_settings(config: JobConfig) -> dict[str, Any]:
+    """How a frozen model is loaded for a precomputed column: the method's precision."""
     return {"method": config.method, "precision": config.train.precision,
-            "quantization": config.quantization.model_dump() if config.method == "qlora" else None,
-            "untrained_tokens": config.model.untrained_tokens, **({"adapter": adapter} if adapter else {})}
+            "quantization": config.quantization.model_dump() if config.method == "qlora" else None}
+
+
+def folder_files(path: str, config: JobConfig) -> list[tuple[str, int, int]]:
+    """The files at the top of a local or s3:// folder: (name, size, mtime_ns)."""
+    fs, folder = filesystem_for(path, config.storage)
+    files = sorted((f for f in fs.get_file_info(pafs.FileSelector(folder)) if f.type == pafs.FileType.File),
+                   key=lambda f: f.base_name)
+    return [(f.base_name, f.size, f.mtime_ns) for f in files]
 
 
 def location(config: JobConfig, files: list[dict[str, Any]] | None = None) -> str:
@@ -140,10 +158,10 @@ def prepare(config: JobConfig, tokenizer: Any, where: str | None = None) -> tupl
     where = where or location(config)
     fs, root = filesystem_for(where, config.storage)
     datasets, stats = build_datasets(config, tokenizer, f"{root}/rejected", fs)
-    if config.precomputes_reference:
-        from ft_ray.train.preference import with_reference
+    if config.precomputes:
+        from ft_ray.train.precomputed import with_precomputed
 
-        datasets = with_reference(config, datasets)
+        datasets = with_precomputed(config, datasets)
     for split, dataset in datasets.items():
         # overwrite: an earlier prepare killed before stats.json may have left files here
         dataset.write_parquet(f"{root}/{split}", filesystem=fs, mode=SaveMode.OVERWRITE)

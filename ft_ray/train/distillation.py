@@ -36,6 +36,7 @@ from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.models import causal_lm
 from ft_ray.train.fast_paths import has_chunked_head, logits_are_the_heads
 from ft_ray.train.grpo import Sampler, round_key
+from ft_ray.train.precomputed import BlockScorer, with_columns
 from ft_ray.train.preference import unwrapped
 
 METRICS = ("divergence", "next_token_loss")
@@ -65,6 +66,20 @@ class Teacher:
                  and logits_are_the_heads(lm, head))
         self.head = head if plain else None
 
+    def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
+                      temperature: float) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+        """A function of (start, end, the student's fp32 logits of those target tokens over the
+        temperature): each token's divergence `kind` from the teacher, over the output rows
+        the two models share."""
+        logits = self.at(batch, keep)
+
+        def apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
+            taught = logits(start, end)
+            shared = min(taught.shape[-1], student.shape[-1])
+            return divergence(student[:, :shared], taught[:, :shared] / temperature, kind, beta)
+
+        return apart
+
     def at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
         """A function of (start, end): the teacher's fp32 logits of the target tokens start to
         end (`keep`: `labels[:, 1:] != IGNORE_INDEX`, its rows in row-major order). With a plain
@@ -79,6 +94,25 @@ class Teacher:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         weight, hidden = self.head.weight.to(dtype), hidden.to(dtype)
         return lambda start, end: (hidden[start:end] @ weight.t()).float()
+
+
+class PrecomputedTeacher:
+    """The teacher's top-k logits at each target token, carried by the batch (`TEACHER_IDS`,
+    `TEACHER_LOGITS`: `with_teacher`). Its distribution p is taken over those k tokens; the
+    divergence is forward_kl against the student's whole distribution q, sum of p (log p - log q)
+    over the k tokens (the student's mass elsewhere lowers log q there, so it is still pulled
+    onto the teacher's likeliest tokens)."""
+
+    def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
+                      temperature: float) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+        ids, values = batch[TEACHER_IDS][:, :-1][keep], batch[TEACHER_LOGITS][:, :-1][keep]
+
+        def apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
+            p = F.log_softmax(values[start:end].float() / temperature, dim=-1)
+            q = F.log_softmax(student, dim=-1).gather(-1, ids[start:end])
+            return (p.exp() * (p - q)).sum(-1)
+
+        return apart
 
 
 def batch_key(batch: dict[str, torch.Tensor]) -> bytes:
@@ -101,9 +135,11 @@ class DistillLoss:
     columns = ("input_ids", "labels", "position_ids")
     metrics = METRICS
 
-    def __init__(self, teacher: Teacher, kind: str = "forward_kl", temperature: float = 1.0, ratio: float = 0.5,
-                 beta: float = 0.5, sampler: Sampler | None = None, on_policy: float = 0.0):
+    def __init__(self, teacher: Teacher | PrecomputedTeacher, kind: str = "forward_kl", temperature: float = 1.0,
+                 ratio: float = 0.5, beta: float = 0.5, sampler: Sampler | None = None, on_policy: float = 0.0):
         self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
+        if isinstance(teacher, PrecomputedTeacher):
+            self.columns = DistillLoss.columns + (TEACHER_IDS, TEACHER_LOGITS)
         self.sampler, self.on_policy = sampler, on_policy if sampler is not None else 0.0
         self.answered: dict[bytes, dict[str, torch.Tensor]] = {}  # a step's batches answered by the model
         if self.on_policy:
@@ -149,15 +185,13 @@ class DistillLoss:
         keep = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep]
         count = max(1, len(targets))
-        teacher = self.teacher.at(batch, keep)
-        sums = torch.zeros(2, dtype=torch.float32, device=labels.device)
         t = self.temperature
+        teacher = self.teacher.divergence_of(batch, keep, self.kind, self.beta, t)
+        sums = torch.zeros(2, dtype=torch.float32, device=labels.device)
 
         def loss_of(start: int, logits: torch.Tensor) -> torch.Tensor:
             end = start + len(logits)
-            taught = teacher(start, end)
-            shared = min(taught.shape[-1], logits.shape[-1])
-            apart = divergence(logits[:, :shared] / t, taught[:, :shared] / t, self.kind, self.beta) * t * t
+            apart = teacher(start, end, logits / t) * t * t
             nll = F.cross_entropy(logits, targets[start:end], reduction="none")
             sums.add_(torch.stack([apart.sum(), nll.sum()]).detach())
             return (ratio * apart.sum() + (1 - ratio) * nll.sum()) / count
@@ -198,12 +232,15 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
     from ft_ray.console import LOG
     from ft_ray.train.engine_api import worker_device
 
+    distill = config.distill
+    if config.precomputes_teacher:
+        return DistillLoss(PrecomputedTeacher(), distill.divergence, distill.temperature, distill.ratio)
     teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
     sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
     if sizes[0] != sizes[1]:
         LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
                  f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")
-    distill, sampler = config.distill, None
+    sampler = None
     if distill.on_policy:
         from ft_ray.models import load_tokenizer
 
@@ -211,6 +248,54 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
                           config.train.seed)
     return DistillLoss(Teacher(teacher), distill.divergence, distill.temperature, distill.ratio, distill.jsd_beta,
                        sampler, distill.on_policy)
+
+
+# ---------------------------------------------------------------- the precomputed teacher
+
+TEACHER_IDS = "teacher_ids"  # per token of a packed row: the teacher's top-k next tokens (0 where no target)
+TEACHER_LOGITS = "teacher_logits"  # and their logits at temperature 1, float16
+TOP_K_CHUNK = 1024  # target tokens whose whole teacher logits exist at once while the top k are taken
+
+
+class TeacherScorer(BlockScorer):
+    """A model actor (`with_teacher`): the teacher, adding its top `distill.top_k` tokens and
+    their logits at each target token to packed rows (over the output rows it shares with the
+    model)."""
+
+    def load(self) -> Any:
+        from ft_ray.models import model_config
+
+        model = load_teacher(self.job, self.device)
+        rows = causal_lm(model).get_output_embeddings().weight.shape[0]
+        self.rows = min(rows, getattr(model_config(self.job.model), "vocab_size", None) or rows)
+        self.k = min(self.job.distill.top_k, self.rows)
+        self.teacher = Teacher(model)
+        return model
+
+    def columns_of(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        labels = batch["labels"]
+        keep = labels[:, 1:] != IGNORE_INDEX
+        logits, count = self.teacher.at(batch, keep), int(keep.sum())
+        tops = [logits(start, min(count, start + TOP_K_CHUNK))[:, :self.rows].topk(self.k, dim=-1)
+                for start in range(0, count, TOP_K_CHUNK)]
+        ids = torch.zeros(*labels.shape, self.k, dtype=torch.int32)
+        values = torch.zeros(*labels.shape, self.k, dtype=torch.float16)
+        if tops:
+            ids[:, :-1][keep.cpu()] = torch.cat([top.indices for top in tops]).int().cpu()
+            values[:, :-1][keep.cpu()] = torch.cat([top.values for top in tops]).half().cpu()
+        return {TEACHER_IDS: ids.numpy(), TEACHER_LOGITS: values.numpy()}
+
+    def empty(self, width: int) -> dict[str, Any]:
+        import numpy as np
+
+        return {TEACHER_IDS: np.zeros((0, width, self.k), dtype=np.int32),
+                TEACHER_LOGITS: np.zeros((0, width, self.k), dtype=np.float16)}
+
+
+def with_teacher(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The packed datasets with the teacher's top-k logits at every target token (`with_columns`)."""
+    return with_columns(config, datasets, TeacherScorer, "teacher",
+                        f"top-{config.distill.top_k} logits of {config.distill.teacher} at every trained token")
 
 
 def check_teacher(config: JobConfig, tokenizer: Any) -> str:
@@ -245,5 +330,7 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
     rows = getattr(shape, "vocab_size", None)
     if rows is not None and rows < len(tokenizer):
         raise InputError(f"distill.teacher: {name} has {rows} output rows for a tokenizer of {len(tokenizer)} tokens")
+    precomputed = (f", its top-{config.distill.top_k} logits computed before training" if config.precomputes_teacher
+                   else "")
     return (f"distill: teacher {name} ({config.distill.divergence}, temperature {config.distill.temperature:g}, "
-            f"ratio {config.distill.ratio:g})")
+            f"ratio {config.distill.ratio:g}{precomputed})")

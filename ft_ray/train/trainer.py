@@ -35,7 +35,7 @@ from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, l
                                       no_complete_checkpoint, set_aside_stale_snapshot)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
 from ft_ray.train.placement import check_placement
-from ft_ray.train.preference import REF_COLUMN, with_reference
+from ft_ray.train.precomputed import with_precomputed
 
 
 def connect_ray(config: JobConfig, parallel_runs: int = 1, gpus: bool = True) -> bool:
@@ -177,8 +177,8 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
     run.write_text("config.yaml", dump_yaml(config))
     base_path = base_model_path(config, run)
     datasets, stats = datasets_for(config, tokenizer, run.path("rejected"), run.fs, prepared)
-    if config.precomputes_reference and REF_COLUMN not in datasets["train"].columns():
-        datasets = with_reference(config, datasets)
+    if config.precomputes:
+        datasets = with_precomputed(config, datasets)
     plan = plan_steps(config, stats.train_sequences)
     # Preparation showed its progress; bars for every eval pass during training are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -117,7 +117,18 @@ def test_the_demo_sweep_beats_the_untuned_demo(demo, demo_sweep, tmp_path):
     assert f"{demo_sweep['uri']}/winners" not in page
 
 
-def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation(demo, ray_local, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def demo_teacher(demo, tmp_path_factory) -> Path:
+    """The demo's variant merged into its base (`ft-ray export --merge`): a teacher."""
+    from ft_ray.cli import main
+
+    folder = tmp_path_factory.mktemp("teacher") / "merged"
+    assert main(["export", str(demo[0]), "--merge", "--out", str(folder)]) == 0
+    return folder
+
+
+def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation(demo, demo_teacher, ray_local,
+                                                                                     tmp_path, capsys):
     """The demo's variant, merged (`ft-ray export --merge`), is the teacher of the base model
     (objective distill) with distill.ratio 1: the loss is the divergence alone, the records'
     answers only say where to compare; and with distill.on_policy 0.5, about half the steps
@@ -131,11 +142,9 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
     from tests.conftest import write_job
 
     run, _ = demo
-    teacher = tmp_path / "teacher"
-    assert main(["export", str(run), "--merge", "--out", str(teacher)]) == 0
     job = write_job(tmp_path, run_name="distill", objective="distill", model={"max_seq_len": 256},
                     lora={"rank": 8, "alpha": 16},
-                    distill={"teacher": str(teacher), "ratio": 1.0, "temperature": 2.0, "on_policy": 0.5,
+                    distill={"teacher": str(demo_teacher), "ratio": 1.0, "temperature": 2.0, "on_policy": 0.5,
                              "max_new_tokens": 32},
                     train={"max_steps": 12, "eval_every": 12, "checkpoint_every": 12, "warmup_steps": 2})
     summary = run_training(load_config(job))
@@ -165,3 +174,30 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
     assert (f"vs the teacher: the teacher beats the variant: loss {arms['variant']['loss']:.3g} vs "
             f"{arms['teacher']['loss']:.3g}") in out
     assert f"(the variant went {evaluation['teacher_gap_closed']:.0%} of the way from the base model to it)" in out
+
+
+def test_a_teacher_run_once_before_training_teaches_from_its_top_logits(demo_teacher, ray_local, tmp_path, capfd):
+    """distill.teacher_logits: precomputed: `ft-ray prepare` runs the teacher once over the
+    packed data (model actors) and stores its 16 likeliest tokens and their logits at each
+    trained token with it; the run reads them from the prepared data, its workers holding no
+    teacher, and the base model learns the house style from them: its held-out divergence
+    from the teacher and its next-token loss on the answers fall."""
+    from ft_ray.cli import main
+    from ft_ray.train.trainer import run_training
+    from tests.conftest import write_job
+
+    job = write_job(tmp_path, run_name="distill", objective="distill", model={"max_seq_len": 256},
+                    lora={"rank": 8, "alpha": 16},
+                    distill={"teacher": str(demo_teacher), "ratio": 1.0, "temperature": 2.0,
+                             "teacher_logits": "precomputed", "top_k": 16},
+                    train={"max_steps": 8, "eval_every": 8, "checkpoint_every": 8, "warmup_steps": 2})
+    assert main(["prepare", str(job)]) == 0
+    assert re.search(rf"teacher: top-16 logits of {demo_teacher} at every trained token of \d+ sequences, on 2 model "
+                     r"actor\(s\)", capfd.readouterr().out)
+    summary = run_training(load_config(job))
+    out = capfd.readouterr().out
+    assert "data: using prepared data at" in out and "teacher: top-16" not in out
+    # 8 steps: 10.43 -> 9.03 and 5.14 -> 4.20 here (over the teacher's 16 likeliest tokens, renormalized, at
+    # temperature 2 the divergence is larger than over the whole distribution)
+    assert summary["eval_divergence_final"] < 0.95 * summary["eval_divergence_initial"]
+    assert summary["eval_next_token_loss_final"] < 0.9 * summary["eval_next_token_loss_initial"]

@@ -175,6 +175,10 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_stud
         **distill["distill"], "on_policy": 0.5, "max_new_tokens": 256}), student)
     assert sampled.tokens_per_micro_batch == 4 * (256 + 256) and sampled.parts["activations"] == 2 * taught.parts["activations"]
     assert taught.fits(H100_80GB) and not plan_memory(job(**gpu, **distill, method="lora"), student).fits(H100_80GB)
+    # its logits precomputed: no teacher on the workers, the student's parts as without one
+    ahead = plan_memory(job(**gpu, objective="distill", method="lora", distill={
+        **distill["distill"], "teacher_logits": "precomputed"}), student)
+    assert ahead.parts == plan_memory(job(**gpu, method="lora"), student).parts and ahead.fits(H100_80GB)
 
 
 def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():

@@ -165,3 +165,60 @@ def test_on_policy_batches_train_on_the_models_own_answers_graded_by_the_teacher
     off, metrics = objective.loss(model, kept)
     assert off.item() == pytest.approx(objective.divergence_loss(model, kept, 0.3)[0].item())
     assert metrics["on_policy"] == 0.0
+
+
+def test_precomputed_teacher_logits_give_the_inline_loss_over_the_whole_vocabulary(tmp_path):
+    """distill.teacher_logits: precomputed: a model actor's pass (`TeacherScorer`) keeps the
+    teacher's top_k tokens and logits at each target token, nothing elsewhere; with k the
+    whole vocabulary the two models share, the loss, metrics and gradients are those of the
+    teacher run inline (fp16 logits in storage), and a smaller k keeps the teacher's likeliest
+    tokens. The job refuses what needs the teacher's whole distribution or the teacher itself."""
+    from ft_ray.train.distillation import TEACHER_IDS, TEACHER_LOGITS, TeacherScorer, build_distill_objective
+    from ft_ray.train.loop import model_inputs
+    from ft_ray.train.modeling import build_model
+
+    rows = packed_demo_rows()
+    teacher = str(teacher_llama(tmp_path / "teacher"))  # 832 output rows, the model 768
+    settings = {"objective": "distill", "model": {"max_seq_len": 256}, "data": {"train": "x.jsonl"},
+                "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}
+    distill = {"teacher": teacher, "temperature": 2.0, "ratio": 0.7}
+    job = lambda **more: config_from_dict({**settings, "distill": {**distill, **more}})  # noqa: E731
+    keep = rows["labels"][:, 1:] != IGNORE_INDEX
+    inline_teacher = Teacher(load_teacher(job(), torch.device("cpu")))
+    full = inline_teacher.at(rows, keep)(0, int(keep.sum()))[:, :768]
+
+    precomputed = job(teacher_logits="precomputed", top_k=768)
+    scored = TeacherScorer(precomputed.model_dump_json())({k: v.numpy() for k, v in rows.items()})
+    assert scored[TEACHER_IDS].shape == scored[TEACHER_LOGITS].shape == (2, 256, 768)
+    assert not scored[TEACHER_LOGITS][:, :-1][~keep.numpy()].any() and not scored[TEACHER_LOGITS][:, -1].any()
+    batch = model_inputs({k: torch.as_tensor(v) for k, v in scored.items()})
+    model = build_model(precomputed, "builtin:tiny-llama")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(std=0.05)
+    objective = build_distill_objective(precomputed, model)
+    assert objective.columns[-2:] == (TEACHER_IDS, TEACHER_LOGITS)
+    got = objective_pass(model, objective, batch, "fp32")
+    expected = objective_pass(model, DistillLoss(inline_teacher, "forward_kl", 2.0, 0.7), rows, "fp32")
+    assert got[0] == pytest.approx(expected[0], rel=1e-3) and got[1] == pytest.approx(expected[1], rel=1e-3)
+    assert_same_gradients(got[2], expected[2], 1e-3)
+
+    few = TeacherScorer(job(teacher_logits="precomputed", top_k=4).model_dump_json())(
+        {k: v.numpy() for k, v in rows.items()})
+    top = full.topk(4, dim=-1)
+    assert (torch.as_tensor(few[TEACHER_IDS][:, :-1][keep.numpy()]) == top.indices).float().mean() > 0.99
+    torch.testing.assert_close(torch.as_tensor(few[TEACHER_LOGITS][:, :-1][keep.numpy()]).float(), top.values,
+                               atol=0.02, rtol=1e-3)
+    # kept with the prepared data: the teacher's files and top_k are part of its key (an inline teacher is not)
+    from ft_ray.data.prepared import fingerprint
+
+    keys = [fingerprint(config, []) for config in (job(), precomputed, job(teacher_logits="precomputed", top_k=4))]
+    assert len(set(keys)) == 3 and keys[0] == fingerprint(config_from_dict({**settings, "distill": {
+        **distill, "teacher": str(teacher_llama(tmp_path / "another"))}}), [])
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"changed")
+    assert fingerprint(precomputed, []) != keys[1]
+    with pytest.raises(ConfigError, match="distill.on_policy: the teacher grades the model's own answers"):
+        job(teacher_logits="precomputed", on_policy=0.5)
+    with pytest.raises(ConfigError, match="distill.divergence: jsd needs the teacher's whole distribution"):
+        job(teacher_logits="precomputed", divergence="jsd")
