@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, write_job
-from tests.faults import DATA, TRAIN, assert_same_training, outcome_in
+from tests.faults import DATA, TRAIN, assert_same_training, kill_processes, outcome_in
 
 pytestmark = [pytest.mark.slow]
 
@@ -161,12 +161,7 @@ def job_status(env: dict, submission: str) -> str:
 def lose_node(node_id: str) -> int:
     """SIGKILL every process of one Ray node (raylet, agents, and the workers under them) at once."""
     daemons = [p for p in psutil.process_iter(["cmdline"]) if node_id in " ".join(p.info["cmdline"] or [])]
-    processes = daemons + [c for d in daemons for c in d.children(recursive=True)]
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_processes(daemons + [c for d in daemons for c in d.children(recursive=True)])
     return len(daemons)
 
 
