@@ -387,11 +387,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """The job's per-worker memory plan; exit 2 when it does not fit `--gpu-memory`."""
     from ft_ray.plan import (ACTIVATION_MARGIN, as_json, describe, describe_time, model_shape, plan_time, suggestions,
-                             train_tokens, worst_case)
+                             teacher_pass, train_tokens, worst_case)
 
     config = load_job(args)
     shape, origin = model_shape(config)
     job, plan = worst_case(config, shape)
+    ahead = teacher_pass(job)  # a distill job's teacher run before training, on model actors
     gpu_mib = args.gpu_memory * 1e9 / 2 ** 20 if args.gpu_memory else None
     gpu_name = f"a {args.gpu_memory:g} GB GPU" if args.gpu_memory else ""
     if gpu_mib is None and job.distributed.use_gpu and os.environ.get("RAY_ADDRESS"):
@@ -412,7 +413,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     stored = config.model.name_or_path.startswith("s3://")
     if args.json:
         copied = {"model_copy_bytes": model_copy_bytes(config.model.name_or_path, config.storage)} if stored else {}
-        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time, **copied}))
+        teacher = {"teacher_pass_peak_mib": round(ahead.peak_mib),
+                   "teacher_pass_fits": None if gpu_mib is None else ahead.fits(gpu_mib)} if ahead else {}
+        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time, **copied, **teacher}))
     else:
         if job is not config:
             print("sweep: the trial with the most memory over the search space's edges")
@@ -428,10 +431,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 print(f"  would fit with --set {' --set '.join(settings.split(', '))}: peak {fixed.peak_mib / 1024:.1f} GiB")
             if not plan.fits(gpu_mib) and not fixes:
                 print("  no change tried (micro batch, gradient checkpointing, ZeRO, CPU offload, QLoRA) makes it fit")
+        if ahead:
+            fit = "" if gpu_mib is None else (" (fits" if ahead.fits(gpu_mib) else " (does NOT fit") + f" {gpu_name})"
+            print(f"teacher pass before training (distill.teacher_logits: precomputed), per model actor: teacher "
+                  f"{ahead.parts['teacher_weights']:,.0f} MiB, its forward {ahead.parts['teacher_forward']:,.0f} MiB, "
+                  f"peak {ahead.peak_mib:,.0f} MiB{fit}")
         print(time_line)
         if stored:
             print(model_copy_line(config))
-    return 0 if gpu_mib is None or plan.fits(gpu_mib) else EXIT_BAD_INPUT
+    fits = gpu_mib is None or (plan.fits(gpu_mib) and (ahead is None or ahead.fits(gpu_mib)))
+    return 0 if fits else EXIT_BAD_INPUT
 
 
 def model_copy_line(config: Any) -> str:

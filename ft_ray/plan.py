@@ -284,6 +284,26 @@ def teacher_bytes(config: JobConfig, teacher: Shape, tokens: int, compute: int) 
     return tokens * (teacher.token_layer_width + teacher.hidden) * compute + rows * teacher.vocab * 4 * 6
 
 
+def teacher_parts(config: JobConfig, teacher: Shape, tokens: int, compute: int) -> dict[str, float]:
+    """A distillation teacher's weights, frozen (4-bit under qlora, else in the compute dtype),
+    and its forward over `tokens` (bytes)."""
+    weights = quantized_bytes(config, teacher, frozen=True) if config.method == "qlora" else compute * teacher.params
+    return {"teacher_weights": weights, "teacher_forward": teacher_bytes(config, teacher, tokens, compute)}
+
+
+def teacher_pass(config: JobConfig) -> Plan | None:
+    """distill.teacher_logits: precomputed: a model actor's peak memory (a GPU each on GPU
+    jobs) while it runs the teacher over a micro batch, before training; None for other jobs."""
+    if not config.precomputes_teacher:
+        return None
+    compute = 4 if config.train.precision == "fp32" else 2
+    tokens = config.train.micro_batch_size * config.model.max_seq_len
+    parts = {k: v / MIB for k, v in teacher_parts(config, teacher_shape(config), tokens, compute).items()}
+    parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
+    parts["cuda_context"] = CUDA_CONTEXT_MIB if config.distributed.use_gpu else 0
+    return Plan(parts, 1, tokens)
+
+
 def scoring_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """What a reward model's scoring forward holds at once (no gradients, so one layer's
     tensors, `Shape.token_layer_width`) for a batch of `SCORE_BATCH` answers."""
@@ -366,12 +386,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
 
-    # distill.teacher: whole on each worker, frozen, 4-bit under qlora, else in the compute dtype (none when its
-    # logits are precomputed: model actors run it before training, the batches carry its top k)
+    # distill.teacher: whole on each worker (none when its logits are precomputed: `teacher_pass`)
     teacher = None if config.precomputes_teacher else teacher_shape(config)
-    if teacher:
-        parts["teacher_weights"] = quantized_bytes(config, teacher, frozen=True) if config.method == "qlora" else (
-            compute * teacher.params)
 
     tokens = train.micro_batch_size * config.model.max_seq_len
     if config.objective == "grpo":  # the loss forward: num_generations sampled answers per prompt, each after it
@@ -380,7 +396,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     elif teacher and config.distill.on_policy:  # on-policy batches: a sampled answer after each prompt
         tokens = train.micro_batch_size * (config.model.max_seq_len + config.distill.max_new_tokens)
     if teacher:
-        parts["teacher_forward"] = teacher_bytes(config, teacher, tokens, compute)
+        parts.update(teacher_parts(config, teacher, tokens, compute))
     parts["activations"] = activation_bytes(config, shape, compute) * tokens
     parts["logits_and_loss"] = logits_bytes(config, shape, tokens, compute)
     if scorers:  # scored before the loss forward, the answers sampled: where it holds more than training does

@@ -21,6 +21,11 @@ taken over the rows they share.
 With `distill.on_policy`, that share of the training batches is answered by the student
 itself (`grpo.Sampler`: the records' prompts, one per row) and the teacher grades every
 token of its answers, the divergence alone (GKD's on-policy batches, its `lmbda`).
+
+With `distill.teacher_logits: precomputed`, model actors run the teacher once over the packed
+data before training (`with_teacher`, stored by `ft-ray prepare`) and keep its `top_k`
+likeliest tokens and their logits at each target token; the workers hold no teacher
+(`PrecomputedTeacher`: forward_kl over those tokens).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from ft_ray.config import InputError, JobConfig
 from ft_ray.data.tokenize import IGNORE_INDEX
 from ft_ray.models import causal_lm
-from ft_ray.train.fast_paths import has_chunked_head, logits_are_the_heads
+from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES, has_chunked_head, logits_are_the_heads
 from ft_ray.train.grpo import Sampler, round_key
 from ft_ray.train.precomputed import BlockScorer, with_columns
 from ft_ray.train.preference import unwrapped
@@ -254,7 +259,6 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
 
 TEACHER_IDS = "teacher_ids"  # per token of a packed row: the teacher's top-k next tokens (0 where no target)
 TEACHER_LOGITS = "teacher_logits"  # and their logits at temperature 1, float16
-TOP_K_CHUNK = 1024  # target tokens whose whole teacher logits exist at once while the top k are taken
 
 
 class TeacherScorer(BlockScorer):
@@ -276,8 +280,9 @@ class TeacherScorer(BlockScorer):
         labels = batch["labels"]
         keep = labels[:, 1:] != IGNORE_INDEX
         logits, count = self.teacher.at(batch, keep), int(keep.sum())
-        tops = [logits(start, min(count, start + TOP_K_CHUNK))[:, :self.rows].topk(self.k, dim=-1)
-                for start in range(0, count, TOP_K_CHUNK)]
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * self.rows))  # target tokens whose fp32 logits exist at once
+        tops = [logits(start, min(count, start + chunk))[:, :self.rows].topk(self.k, dim=-1)
+                for start in range(0, count, chunk)]
         ids = torch.zeros(*labels.shape, self.k, dtype=torch.int32)
         values = torch.zeros(*labels.shape, self.k, dtype=torch.float16)
         if tops:

@@ -2,12 +2,14 @@
 offload, the suggestions, a sweep's worst case, and the peaks measured on an H100."""
 
 import json
+import re
 
 import pytest
 
 from ft_ray.cli import main
 from ft_ray.config import config_from_dict
-from ft_ray.plan import ACTIVATION_MARGIN, MIB, QLORA_BYTES, Shape, model_shape, plan_memory, suggestions, worst_case
+from ft_ray.plan import (ACTIVATION_MARGIN, MIB, QLORA_BYTES, Shape, model_shape, plan_memory, suggestions, teacher_pass,
+                         worst_case)
 
 H100_80GB = 80e9 / MIB
 
@@ -175,10 +177,32 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_stud
         **distill["distill"], "on_policy": 0.5, "max_new_tokens": 256}), student)
     assert sampled.tokens_per_micro_batch == 4 * (256 + 256) and sampled.parts["activations"] == 2 * taught.parts["activations"]
     assert taught.fits(H100_80GB) and not plan_memory(job(**gpu, **distill, method="lora"), student).fits(H100_80GB)
-    # its logits precomputed: no teacher on the workers, the student's parts as without one
-    ahead = plan_memory(job(**gpu, objective="distill", method="lora", distill={
-        **distill["distill"], "teacher_logits": "precomputed"}), student)
+    # its logits precomputed: no teacher on the workers, the student's parts as without one; the teacher pass
+    # before training holds it whole on each model actor (in bf16 under LoRA: 70B does not fit 80 GB)
+    precomputed = job(**gpu, objective="distill", method="lora", distill={**distill["distill"],
+                                                                          "teacher_logits": "precomputed"})
+    ahead = plan_memory(precomputed, student)
     assert ahead.parts == plan_memory(job(**gpu, method="lora"), student).parts and ahead.fits(H100_80GB)
+    teacher_run = teacher_pass(precomputed)
+    assert teacher_run.parts["teacher_weights"] == pytest.approx(2 * teacher.params / MIB)
+    assert teacher_run.parts["teacher_forward"] == taught.parts["teacher_forward"]
+    assert not teacher_run.fits(H100_80GB) and teacher_pass(job(**gpu, **distill, method="lora")) is None
+
+
+def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_does_not_fit(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job(objective="distill", distributed={"use_gpu": True}, train={"precision": "bf16"},
+                                       distill={"teacher": "meta-llama/Meta-Llama-3-70B",
+                                                "teacher_logits": "precomputed"}).model_dump(mode="json")))
+    assert main(["plan", str(path), "--gpu-memory", "80"]) == 2  # the workers' part fits
+    out = capsys.readouterr().out
+    assert "fits a 80 GB GPU (74.5 GiB)" in out
+    assert re.search(r"teacher pass before training \(distill.teacher_logits: precomputed\), per model actor: "
+                     r"teacher 134,\d{3} MiB, its forward [\d,]+ MiB, peak [\d,]+ MiB \(does NOT fit a 80 GB GPU\)", out)
+    assert main(["plan", str(path), "--gpu-memory", "80", "--json", "--set", "method=qlora"]) == 0
+    assert json.loads(capsys.readouterr().out)["teacher_pass_fits"] is True  # 4 bits: about 37 GiB
 
 
 def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():
