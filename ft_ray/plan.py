@@ -291,14 +291,17 @@ def teacher_parts(config: JobConfig, teacher: Shape, tokens: int, compute: int) 
     return {"teacher_weights": weights, "teacher_forward": teacher_bytes(config, teacher, tokens, compute)}
 
 
-def teacher_pass(config: JobConfig) -> Plan | None:
+def teacher_pass(config: JobConfig, network: bool = True) -> Plan | None:
     """distill.teacher_logits: precomputed: a model actor's peak memory (a GPU each on GPU
-    jobs) while it runs the teacher over a micro batch, before training; None for other jobs."""
+    jobs) while it runs the teacher over a micro batch, before training; None for other jobs.
+
+    Raises:
+        InputError: no config.json of the teacher (`teacher_shape`)."""
     if not config.precomputes_teacher:
         return None
     compute = 4 if config.train.precision == "fp32" else 2
     tokens = config.train.micro_batch_size * config.model.max_seq_len
-    parts = {k: v / MIB for k, v in teacher_parts(config, teacher_shape(config), tokens, compute).items()}
+    parts = {k: v / MIB for k, v in teacher_parts(config, teacher_shape(config, network), tokens, compute).items()}
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_MIB if config.distributed.use_gpu else 0
     return Plan(parts, 1, tokens)
@@ -731,19 +734,26 @@ def cluster_nodes(address: str) -> list[dict]:
 
 
 def cluster_fit(config: JobConfig, address: str) -> tuple[bool, str]:
-    """Whether the job (a sweep: its largest trial) fits the GPUs of the cluster at `address`,
-    and a line saying so (`fit_line`)."""
+    """Whether the job (a sweep: its largest trial; a precomputed teacher's pass where it
+    holds more than a worker) fits the GPUs of the cluster at `address`, and a line saying so
+    (`fit_line`)."""
     if not config.distributed.use_gpu:
         return True, "plan: a CPU job"
     shape, _ = model_shape(config, network=False)
-    return fit_line(worst_case(config, shape)[1], cluster_gpus(cluster_nodes(address)))
+    job, plan = worst_case(config, shape)
+    gpus = cluster_gpus(cluster_nodes(address))
+    ahead = teacher_pass(job, network=False)
+    if ahead and ahead.peak_mib > plan.peak_mib:
+        return fit_line(ahead, gpus, "per model actor of the teacher pass")
+    return fit_line(plan, gpus)
 
 
-def fit_line(plan: Plan, gpus: list[tuple[str, float]]) -> tuple[bool, str]:
-    """Whether a worker's plan fits the smallest of these GPUs ((type, MiB) as `cluster_gpus`
-    gives them), and a line saying so. With no GPU up (an autoscaling cluster starts its GPU
-    nodes for the job) or none of a type ft-ray knows, nothing is checked: it fits."""
-    peak = f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker"
+def fit_line(plan: Plan, gpus: list[tuple[str, float]], per: str = "per worker") -> tuple[bool, str]:
+    """Whether a worker's plan (or another GPU process's: `per` says whose) fits the smallest
+    of these GPUs ((type, MiB) as `cluster_gpus` gives them), and a line saying so. With no
+    GPU up (an autoscaling cluster starts its GPU nodes for the job) or none of a type ft-ray
+    knows, nothing is checked: it fits."""
+    peak = f"plan: peak {plan.peak_mib / 1024:.1f} GiB {per}"
     if not gpus:
         return True, f"{peak}; no GPU node is up on the cluster now (autoscaling?): not checked"
     known = [memory for _, memory in gpus if memory]

@@ -189,7 +189,8 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_stud
     assert not teacher_run.fits(H100_80GB) and teacher_pass(job(**gpu, **distill, method="lora")) is None
 
 
-def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_does_not_fit(tmp_path, capsys):
+def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_does_not_fit(tmp_path, capsys,
+                                                                                          monkeypatch):
     import yaml
 
     path = tmp_path / "job.yaml"
@@ -203,6 +204,14 @@ def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_doe
                      r"teacher 134,\d{3} MiB, its forward [\d,]+ MiB, peak [\d,]+ MiB \(does NOT fit a 80 GB GPU\)", out)
     assert main(["plan", str(path), "--gpu-memory", "80", "--json", "--set", "method=qlora"]) == 0
     assert json.loads(capsys.readouterr().out)["teacher_pass_fits"] is True  # 4 bits: about 37 GiB
+    # `ft-ray submit` refuses it on a cluster of H100s (its fit check)
+    from ft_ray import plan
+    from ft_ray.config import load_config
+
+    monkeypatch.setattr(plan, "cluster_nodes", lambda address: [{"GPU": 8, "accelerator_type:H100": 1}])
+    fits, line = plan.cluster_fit(load_config(path), "http://head:8265")
+    assert not fits and re.fullmatch(r"plan: peak 14\d\.\d GiB per model actor of the teacher pass; the cluster's "
+                                     r"smallest GPU \(H100\) has 74\.5 GiB", line), line
 
 
 def test_a_reward_model_plans_its_score_head_instead_of_the_output_layer_and_its_logits():
