@@ -54,12 +54,29 @@ def check_search_space(config: JobConfig) -> None:
             problems.append(f"{where}: {problem}")
             continue
         for value in edge_values(spec):
-            problem = _value_problem(base, key, value)
+            problem = _value_problem(base, key, value) or _prepared_problem(config, key, value)
             if problem:
                 problems.append(f"{where}: {problem}")
                 break
     if problems:
         raise ConfigError(problems)
+
+
+def _prepared_problem(config: JobConfig, key: str, value: Any) -> str | None:
+    """A problem when the value changes the data a sweep prepares once for all its trials
+    (the tokenized, packed sequences and any precomputed reference or teacher logits, as
+    their fingerprint says); the shuffle seed aside: every trial reads the sweep's order."""
+    from ft_ray.data.prepared import fingerprint
+
+    def key_of(job: JobConfig) -> str:
+        pinned = job.data.model_copy(update={"shuffle_seed": config.shuffle_seed})
+        return fingerprint(job.model_copy(update={"data": pinned}), [], listed=False)
+
+    trial = JobConfig.model_validate(with_overrides(config.model_dump(mode="json"), {key: value}))
+    if key_of(trial) == key_of(config):
+        return None
+    return (f"value {value!r} changes the data the sweep prepares once for all its trials (tokenized and packed, "
+            "with any precomputed reference or teacher logits): set it in the job, a sweep per value")
 
 
 def _spec_problem(spec: dict, search_alg: str) -> str | None:

@@ -46,16 +46,17 @@ def data_files(config: JobConfig) -> list[dict[str, Any]]:
     return files
 
 
-def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) -> str:
-    """A short hash of what the packed sequences depend on (`files`: `data_files(config)`)."""
+def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None, listed: bool = True) -> str:
+    """A short hash of what the packed sequences depend on (`files`: `data_files(config)`;
+    without `listed`, the files of an adapter or teacher folder are left out: no request)."""
     data = config.data
     what = {"version": PREPARED_VERSION, "files": data_files(config) if files is None else files,
             "data": data.model_dump(exclude={"prepared", "max_rejected_fraction", "train", "sources", "eval",
                                              "eval_sets"}),
             "seed": config.shuffle_seed,
             "roles": config.carries_roles,  # preference data carries each token's role
-            "reference": reference_settings(config),
-            **({"teacher": teacher_settings(config)} if config.precomputes_teacher else {}),
+            "reference": reference_settings(config, listed),
+            **({"teacher": teacher_settings(config, listed)} if config.precomputes_teacher else {}),
             "model": config.model.model_dump(include={"name_or_path", "revision", "max_seq_len", "add_tokens",
                                                       "chat_template"}),
             # the sets' names name their splits (their files are in `files`)
@@ -63,21 +64,21 @@ def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None) ->
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reference_settings(config: JobConfig) -> dict[str, Any] | None:
+def reference_settings(config: JobConfig, listed: bool = True) -> dict[str, Any] | None:
     """What precomputed reference log-probs depend on beyond the base model: how it is loaded."""
     if not config.precomputes_reference:
         return None
-    adapter = folder_files(config.model.adapter, config) if config.model.adapter else None  # the base with it
+    adapter = folder_files(config.model.adapter, config) if config.model.adapter and listed else None  # base with it
     return {**loading_settings(config), "untrained_tokens": config.model.untrained_tokens,
             **({"adapter": adapter} if adapter else {})}
 
 
-def teacher_settings(config: JobConfig) -> dict[str, Any]:
+def teacher_settings(config: JobConfig, listed: bool = True) -> dict[str, Any]:
     """What precomputed teacher logits depend on beyond the packed rows: the teacher (its
     files as they are now, where it is a folder), how it is loaded, how many are kept."""
     teacher = config.distill.teacher or ""
     local = "://" not in teacher and pafs.LocalFileSystem().get_file_info(teacher).type == pafs.FileType.Directory
-    files = folder_files(teacher, config) if local or teacher.startswith("s3://") else None
+    files = folder_files(teacher, config) if listed and (local or teacher.startswith("s3://")) else None
     return {**loading_settings(config), "teacher": teacher, "files": files, "top_k": config.distill.top_k}
 
 

@@ -131,6 +131,34 @@ def test_lora_variants_are_settings_a_sweep_can_search(tmp_path):
         load_config(write_job(tmp_path, "bad.yaml", lora={"init": "svd"}))
 
 
+def test_a_sweep_searches_no_setting_of_the_data_it_prepares_once(tmp_path):
+    """A sweep tokenizes and packs its data once, with any precomputed reference or teacher
+    logits, for all its trials: a searched value that changes it is refused (the seed is not:
+    every trial reads the sweep's order)."""
+    from ft_ray.config import load_config
+    from ft_ray.tune import check_search_space
+    from tests.conftest import write_job
+
+    def sweep(space: dict, **sections) -> None:
+        check_search_space(load_config(write_job(tmp_path, tune={"search_space": space}, **sections)))
+
+    sweep({"train.seed": {"choice": [1, 2]}, "preference.beta": {"choice": [0.1, 0.5]}}, objective="dpo",
+          data={"train": "x.jsonl", "format": "preference"})
+    with pytest.raises(ConfigError) as e:
+        sweep({"model.max_seq_len": {"choice": [128, 256]}, "method": {"choice": ["lora", "qlora"]}},
+              objective="dpo", data={"train": "x.jsonl", "format": "preference"})
+    assert e.value.problems == [
+        "tune.search_space.model.max_seq_len: value 256 changes the data the sweep prepares once for all its trials "
+        "(tokenized and packed, with any precomputed reference or teacher logits): set it in the job, a sweep per value",
+        "tune.search_space.method: value 'qlora' changes the data the sweep prepares once for all its trials "
+        "(tokenized and packed, with any precomputed reference or teacher logits): set it in the job, a sweep per value"]
+    sweep({"method": {"choice": ["lora", "qlora"]}}, objective="dpo", preference={"reference": "inline"},
+          data={"train": "x.jsonl", "format": "preference"})  # no reference in the data
+    with pytest.raises(ConfigError, match="tune.search_space.distill.top_k: value 64 changes the data"):
+        sweep({"distill.top_k": {"choice": [32, 64]}}, objective="distill",
+              distill={"teacher": "meta-llama/Llama-3.1-70B-Instruct", "teacher_logits": "precomputed"})
+
+
 def test_an_eval_set_s_name_makes_metric_names_that_cannot_clash(tmp_path):
     config = config_from_dict({"data": {"train": "x.jsonl", "eval_sets": {"general": "g.jsonl", "code_v2": "c.jsonl"}}})
     assert [(name, key, source.path) for name, key, source in config.data.eval_set_sources()] == [
