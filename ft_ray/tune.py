@@ -66,11 +66,11 @@ def _prepared_problem(config: JobConfig, key: str, value: Any) -> str | None:
     """A problem when the value changes the data a sweep prepares once for all its trials
     (the tokenized, packed sequences and any precomputed reference or teacher logits, as
     their fingerprint says); the shuffle seed aside: every trial reads the sweep's order."""
-    from ft_ray.data.prepared import fingerprint
+    from ft_ray.data.prepared import data_sources, fingerprint
 
-    def key_of(job: JobConfig) -> str:
-        pinned = job.data.model_copy(update={"shuffle_seed": config.shuffle_seed})
-        return fingerprint(job.model_copy(update={"data": pinned}), [], listed=False)
+    def key_of(job: JobConfig) -> str:  # its sources as set, not their files (no request)
+        pinned = job.model_copy(update={"data": job.data.model_copy(update={"shuffle_seed": config.shuffle_seed})})
+        return fingerprint(pinned, [{"source": source.model_dump()} for _, source in data_sources(job)], listed=False)
 
     trial = JobConfig.model_validate(with_overrides(config.model_dump(mode="json"), {key: value}))
     if key_of(trial) == key_of(config):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ft_ray.config import JobConfig
+from ft_ray.config import JobConfig, SourceConfig
 from ft_ray.console import LOG
 from ft_ray.data.pipeline import EVAL_SET, DataStats, build_datasets
 from ft_ray.data.readers import fs_path
@@ -34,16 +34,20 @@ PREPARED_VERSION = 4  # 2: sample ids name files relative to their source's fold
 def data_files(config: JobConfig) -> list[dict[str, Any]]:
     """Each source of the job (train, eval, then the eval sets) with its files' (path, size,
     modification time): what the fingerprint covers of the data, and what a resumed run compares."""
-    data = config.data
     files = []
-    for key, source in ([("data.train", s) for s in data.all_sources()] + [("data.eval", data.eval_source())]
-                        + [(key, source) for _, key, source in data.eval_set_sources()]):
-        if source is None:
-            continue
+    for key, source in data_sources(config):
         fs, paths = list_files(source, config.storage, key)
         infos = fs.get_file_info([fs_path(p) for p in paths])  # a hub dataset's paths carry its commit
         files.append({"source": source.model_dump(), "files": [(i.path, i.size, str(i.mtime)) for i in infos]})
     return files
+
+
+def data_sources(config: JobConfig) -> list[tuple[str, SourceConfig]]:
+    """(key, source) of each source of the job: train, eval, then the eval sets."""
+    data = config.data
+    sources = ([("data.train", s) for s in data.all_sources()] + [("data.eval", data.eval_source())]
+               + [(key, source) for _, key, source in data.eval_set_sources()])
+    return [(key, source) for key, source in sources if source is not None]
 
 
 def fingerprint(config: JobConfig, files: list[dict[str, Any]] | None = None, listed: bool = True) -> str:

@@ -154,6 +154,8 @@ def test_a_sweep_searches_no_setting_of_the_data_it_prepares_once(tmp_path):
         "(tokenized and packed, with any precomputed reference or teacher logits): set it in the job, a sweep per value"]
     sweep({"method": {"choice": ["lora", "qlora"]}}, objective="dpo", preference={"reference": "inline"},
           data={"train": "x.jsonl", "format": "preference"})  # no reference in the data
+    with pytest.raises(ConfigError, match="tune.search_space.data.train: value 'y.jsonl' changes the data"):
+        sweep({"data.train": {"choice": ["y.jsonl", "z.jsonl"]}}, data={"train": "x.jsonl"})
     with pytest.raises(ConfigError, match="tune.search_space.distill.top_k: value 64 changes the data"):
         sweep({"distill.top_k": {"choice": [32, 64]}}, objective="distill",
               distill={"teacher": "meta-llama/Llama-3.1-70B-Instruct", "teacher_logits": "precomputed"})
