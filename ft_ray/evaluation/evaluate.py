@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
@@ -86,6 +87,9 @@ def resolve_target(path: str, config: JobConfig) -> Iterator[Target]:
             yield target
     elif folder.read_text("adapter_config.json") is not None or folder.read_text("config.json") is not None:
         yield Target(folder.uri, folder, None)
+    elif folder.fs.get_file_info(folder.root).type == pafs.FileType.NotFound:
+        raise InputError(f"{folder.uri}: nothing there (a run folder, sweep winner, checkpoint or adapter / model "
+                         "folder)")
     else:
         raise InputError(f"{folder.uri}: not a run folder (summary.json), a sweep winner (winner.json), a checkpoint "
                          "or an adapter / model folder")

@@ -52,3 +52,5 @@ def test_eval_without_weights_says_what_it_expected(ray_local, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert main(["eval", str(job), "--run", str(tmp_path / "empty")]) == 2
     assert "not a run folder (summary.json), a sweep winner (winner.json)" in capsys.readouterr().err
+    assert main(["eval", str(job), "--run", str(tmp_path / "misspelt")]) == 2
+    assert f"{tmp_path / 'misspelt'}: nothing there (a run folder, sweep winner" in capsys.readouterr().err
