@@ -20,8 +20,6 @@ class BlockScorer:
     loads its frozen model (`load`) and gives a micro batch's new columns (`columns_of`, under
     no_grad and the job's autocast) and those of no rows (`empty`)."""
 
-    what = "sequences"  # the progress board's count
-
     def __init__(self, job_json: str, board: Any = None):
         from ft_ray.config import JobConfig
         from ft_ray.train.engine_api import COMPUTE_DTYPES
@@ -64,7 +62,7 @@ class BlockScorer:
         added = self.empty(width) if not parts else {
             name: np.concatenate([part[name] for part in parts]) for name in parts[0] if name not in rows}
         if self.board is not None:
-            self.board.add.remote(self.what, count)
+            self.board.add.remote("sequences", count)
         return BlockAccessor.batch_to_block({**rows, **added}), count
 
 
@@ -72,7 +70,7 @@ def with_columns(config: Any, datasets: dict[str, Any], scorer: type[BlockScorer
                  what: str) -> dict[str, Any]:
     """The packed datasets with `scorer`'s columns, computed by model actors (as many as
     training workers, a GPU each on GPU jobs); `name` names the pass on the progress board
-    and in the log, `what` says there what it computes.
+    and in the log, where `what` says what it computes.
 
     Each block goes to an actor by its place and comes back to the same place, so the rows
     keep their order by construction: a Ray Data actor pool keeps it only when the context it
@@ -96,8 +94,8 @@ def with_columns(config: Any, datasets: dict[str, Any], scorer: type[BlockScorer
         max_restarts=2, max_task_retries=2)  # scoring a block again gives the same block
     actors: list = []
     try:
-        with progress.watching(name, total, scorer.what,
-                               lambda counts, _: (counts.get(scorer.what, 0), "")) as board:
+        with progress.watching(name, total, "sequences",
+                               lambda counts, _: (counts.get("sequences", 0), "")) as board:
             actors = [actor.remote(config.model_dump_json(), board) for _ in range(count)]
             calls = [actors[i % count].score.options(num_returns=2).remote(block)
                      for i, (_, block) in enumerate(blocks)]
