@@ -179,9 +179,9 @@ def test_the_demo_variant_teaches_the_base_model_its_house_style_by_distillation
 def test_a_teacher_run_once_before_training_teaches_from_its_top_logits(demo_teacher, ray_local, tmp_path, capfd):
     """distill.teacher_logits: precomputed: `ft-ray prepare` runs the teacher once over the
     packed data (model actors) and stores its 16 likeliest tokens and their logits at each
-    trained token with it; the run reads them from the prepared data, its workers holding no
-    teacher, and the base model learns the house style from them: its held-out divergence
-    from the teacher and its next-token loss on the answers fall."""
+    trained token with it; the run reads them from the prepared data (no teacher pass again)
+    and the base model learns the house style from them: its held-out divergence from the
+    teacher and its next-token loss on the answers fall."""
     from ft_ray.cli import main
     from ft_ray.train.trainer import run_training
     from tests.conftest import write_job

@@ -173,6 +173,7 @@ def test_precomputed_teacher_logits_give_the_inline_loss_over_the_whole_vocabula
     whole vocabulary the two models share, the loss, metrics and gradients are those of the
     teacher run inline (fp16 logits in storage), and a smaller k keeps the teacher's likeliest
     tokens. The job refuses what needs the teacher's whole distribution or the teacher itself."""
+    from ft_ray.data.prepared import fingerprint
     from ft_ray.train.distillation import TEACHER_IDS, TEACHER_LOGITS, TeacherScorer, build_distill_objective
     from ft_ray.train.loop import model_inputs
     from ft_ray.train.modeling import build_model
@@ -211,8 +212,6 @@ def test_precomputed_teacher_logits_give_the_inline_loss_over_the_whole_vocabula
     torch.testing.assert_close(torch.as_tensor(few[TEACHER_LOGITS][:, :-1][keep.numpy()]).float(), top.values,
                                atol=0.02, rtol=1e-3)
     # kept with the prepared data: the teacher's files and top_k are part of its key (an inline teacher is not)
-    from ft_ray.data.prepared import fingerprint
-
     keys = [fingerprint(config, []) for config in (job(), precomputed, job(teacher_logits="precomputed", top_k=4))]
     assert len(set(keys)) == 3 and keys[0] == fingerprint(config_from_dict({**settings, "distill": {
         **distill, "teacher": str(teacher_llama(tmp_path / "another"))}}), [])
