@@ -164,7 +164,7 @@ def prepare(config: JobConfig, tokenizer: Any, where: str | None = None) -> tupl
     fs, root = filesystem_for(where, config.storage)
     datasets, stats = build_datasets(config, tokenizer, f"{root}/rejected", fs)
     if config.precomputes:
-        from ft_ray.train.precomputed import with_precomputed
+        from ft_ray.train.objectives import with_precomputed
 
         datasets = with_precomputed(config, datasets)
     for split, dataset in datasets.items():

@@ -1,7 +1,8 @@
 """Columns a frozen model computes once for every packed row, before a run, so that its
 training workers hold no copy of that model: the reference log-probs of DPO and KTO
 (`preference.reference: precomputed`) and a distillation teacher's top-k logits
-(`distill.teacher_logits: precomputed`). `prepare` stores them with the prepared data.
+(`distill.teacher_logits: precomputed`). `prepare` stores them with the prepared data;
+`objectives.with_precomputed` picks the pass a job needs.
 """
 
 from __future__ import annotations
@@ -105,18 +106,3 @@ def with_columns(config: Any, datasets: dict[str, Any], scorer: type[BlockScorer
             ray.kill(handle)
     return {split: ray.data.from_arrow_refs([scored for (of, _), (scored, _) in zip(blocks, calls) if of == split])
             for split in datasets}
-
-
-def with_precomputed(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
-    """The packed datasets with the columns a frozen model computes before training
-    (`JobConfig.precomputes`: the reference's log-probs, the teacher's top-k logits), where
-    they lack them (prepared data holds them)."""
-    from ft_ray.train.distillation import TEACHER_IDS, with_teacher
-    from ft_ray.train.preference import REF_COLUMN, with_reference
-
-    columns = datasets["train"].columns()
-    if config.precomputes_reference and REF_COLUMN not in columns:
-        return with_reference(config, datasets)
-    if config.precomputes_teacher and TEACHER_IDS not in columns:
-        return with_teacher(config, datasets)
-    return datasets

@@ -34,8 +34,8 @@ from ft_ray.train.checkpoint_io import zero_shards_problem
 from ft_ray.train.checkpoints import (MANIFEST, best_of, complete_checkpoints, list_checkpoints,
                                       no_complete_checkpoint, set_aside_stale_snapshot)
 from ft_ray.train.loop import TRAIN_PIECE, StepPlan, train_loop_per_worker
+from ft_ray.train.objectives import with_precomputed
 from ft_ray.train.placement import check_placement
-from ft_ray.train.precomputed import with_precomputed
 
 
 def connect_ray(config: JobConfig, parallel_runs: int = 1, gpus: bool = True) -> bool:
