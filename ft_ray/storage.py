@@ -101,8 +101,7 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
     names = _files_read(listing, weights)
     copy = _ModelCopy(uri, fs, inside, cached_folder(uri, storage), listing)
     copy.folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = copy.folder.parent / f"{copy.folder.name}.lock"
-    with open(lock_path, "a") as lock:
+    with open(copy.folder.parent / f"{copy.folder.name}.lock", "a") as lock:  # released on close or death
         # shared with other readers, never held beside a copy or a removal (`make_room`): a model
         # found whole here had its use noted before any removal could check it, and a removal
         # under way is waited for (the model is then copied again)
@@ -111,8 +110,7 @@ def cached_model(uri: str, storage: StorageConfig, weights: bool, board: Any = N
             os.utime(copy.record)
         if all(copy.held().get(name) == listing[name] for name in names):
             return copy.folder
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        fcntl.flock(lock, fcntl.LOCK_EX)  # to copy: the shared lock let go first, so another may copy before
         copy.run([name for name in names if name not in copy.current()], board, storage.model_cache_max_gib)
     return copy.folder
 
