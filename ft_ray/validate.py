@@ -11,7 +11,7 @@ from typing import Any
 
 from ft_ray.config import JobConfig, SourceConfig, eval_set_metric
 from ft_ray.data.formats import RecordError
-from ft_ray.data.records import eval_bucket, example_key, parse_record
+from ft_ray.data.records import eval_bucket, example_key, parse_record, readable
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import DataError, check_format, choose_format, eval_examples, read_records
 from ft_ray.data.tokenize import IGNORE_INDEX
@@ -22,12 +22,15 @@ UNCUT = 1 << 30  # a length no record reaches: peeked records are measured whole
 
 
 def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fraction: float = 0.0,
-                  eval_keys: Counter | None = None, in_train: set | None = None) -> tuple[int, int]:
-    """(records kept for training, records split off for eval) of a source, streaming. The
-    keys of `eval_keys` (`example_key`s of the data.eval records) that a training record has
-    too are added to `in_train`."""
-    train = held_out = 0
-    for _, _, text, _ in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
+                  eval_keys: Counter | None = None, in_train: set | None = None) -> tuple[int, int, int]:
+    """(records kept for training, records split off for eval, records that cannot be read:
+    not JSON, a broken CSV row, `readable`) of a source, streaming. The keys of `eval_keys` (`example_key`s
+    of the data.eval records) that a training record has too are added to `in_train`."""
+    train = held_out = unreadable = 0
+    for _, _, text, error in read_records(source, config.storage, key, ReadLimits.of(config.data, source)):
+        if not readable(text, error):
+            unreadable += 1
+            continue
         if eval_fraction and eval_bucket(text) < eval_fraction:
             held_out += 1
             continue
@@ -36,7 +39,7 @@ def count_records(source: SourceConfig, config: JobConfig, key: str, eval_fracti
             example = example_key(text, source.fields)
             if example in eval_keys:
                 in_train.add(example)
-    return train, held_out
+    return train, held_out, unreadable
 
 
 def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> dict[str, Any]:
@@ -104,7 +107,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     data = config.data
     split_off = 0.0 if data.eval else data.eval_fraction
-    train = held_out = 0
+    train = held_out = unreadable = 0
     tokens = 0.0  # the training tokens, from each source's records and its first records' mean length
     lines = [w if w.startswith("note: ") else f"warning: {w}" for w in model_warnings(config)]
     if config.model.adapter:
@@ -118,8 +121,8 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
     held_out_examples = eval_examples(config) if data.eval else Counter()
     in_train: set[bytes] = set()
     for key, source in data.keyed_sources():
-        kept, split = count_records(source, config, key, split_off, held_out_examples, in_train)
-        train, held_out = train + kept, held_out + split
+        kept, split, broken = count_records(source, config, key, split_off, held_out_examples, in_train)
+        train, held_out, unreadable = train + kept, held_out + split, unreadable + broken
         fmt, note, problem = checked_format(source, config, key)
         if problem:
             lines.append(problem)
@@ -161,9 +164,10 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
             problems += 1
         lines += [note, f"{key}: {set_records[name]} records, scored as {eval_set_metric(name)} at every evaluation"]
     if train < MIN_TRAIN_EXAMPLES:
-        lines.append(f"warning: only {train} training examples; with fewer than {MIN_TRAIN_EXAMPLES} "
+        beside = f" (and {unreadable} unreadable record{'s' * (unreadable > 1)})" if unreadable else ""
+        lines.append(f"warning: only {train} training examples{beside}; with fewer than {MIN_TRAIN_EXAMPLES} "
                      "fine-tuning rarely beats few-shot prompting: collect more before spending GPUs")
-    counts = {"train_records": train, "eval_records": held_out, "formats": dict(formats),
+    counts = {"train_records": train, "eval_records": held_out, "unreadable_records": unreadable, "formats": dict(formats),
               "problems_in_first_records": problems, "train_tokens_estimate": round(tokens),
               **({"eval_sets": set_records} if set_records else {})}
     return {"counts": counts, "lines": lines}

@@ -40,6 +40,18 @@ def example_key(text: str, fields: dict[str, str]) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
+def readable(text: str, error: str) -> bool:
+    """Whether a record read from a file is JSON (it may still lack the fields a format needs):
+    what counts of examples count."""
+    if error:
+        return False
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def sample_id(path: str, line: int, copy: int, window: int = 0) -> int:
     """A stable 64-bit id of one example: its file (`source_name`), its line or row, which
     copy it is and, for a long text cut into windows, which window (the first keeps the

@@ -26,7 +26,7 @@ from ft_ray import progress
 from ft_ray.config import InputError, JobConfig, SourceConfig, check_folder_name
 from ft_ray.console import LOG, quiet
 from ft_ray.data.formats import RecordError
-from ft_ray.data.records import eval_bucket, example_key, record_to_segments
+from ft_ray.data.records import eval_bucket, example_key, readable, record_to_segments
 from ft_ray.data.readers import ReadLimits
 from ft_ray.data.sources import choose_format, eval_examples, list_files, read_corpus, read_records
 from ft_ray.evaluation import metrics
@@ -243,19 +243,19 @@ def _pool_rows(batch: dict[str, np.ndarray], model_json: str, fmt: str, fields: 
 
 
 def count_train_records(config: JobConfig) -> int:
-    """Training records (without the held-out split), counted by Ray Data."""
-    split = None if config.data.eval else config.data.eval_fraction
+    """Training records that can be read (without the held-out split), counted by Ray Data."""
+    split = 0.0 if config.data.eval else config.data.eval_fraction
     total = 0
     for key, source in config.data.keyed_sources():
         fs, files = list_files(source, config.storage, key)
         dataset = read_corpus(fs, files, limits=ReadLimits.of(config.data, source))
-        total += dataset.count() if split is None else int(
-            dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)
+        total += int(dataset.map_batches(_count_trained, fn_kwargs={"split": split}, batch_format="numpy").sum("n") or 0)
     return total
 
 
 def _count_trained(batch: dict[str, np.ndarray], split: float) -> dict[str, np.ndarray]:
-    return {"n": np.array([sum(eval_bucket(str(t)) >= split for t in batch["text"])])}
+    return {"n": np.array([sum(readable(text, error) and (not split or eval_bucket(str(text)) >= split)
+                               for text, error in zip(batch["text"], batch["error"]))])}
 
 
 def held_out_in_training(config: JobConfig) -> int | None:

@@ -13,6 +13,7 @@ def test_reports_detected_format_and_counts(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     counts = json.loads(out[1])
     assert counts["train_records"] == 400 and counts["eval_records"] == 48 and counts["eval_sets"] == {"general": 2}
+    assert counts["unreadable_records"] == 0
     assert "data.eval_sets.general: 2 records, scored as eval_general_loss at every evaluation" in out
     assert counts["formats"] == {"instruction": 100}
     assert any(line.startswith("data.train: format auto -> instruction (20 of the first 20 records") for line in out)
@@ -40,7 +41,7 @@ def test_warns_below_100_training_examples_and_lists_bad_lines(tmp_path, capsys)
                     model={"max_seq_len": 2048})
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
-    assert "warning: only 3 training examples" in out
+    assert "warning: only 2 training examples (and 1 unreadable record);" in out  # the broken line is no example
     assert ("warning: model.max_seq_len 2048 is longer than builtin:tiny-llama's context window (1024 positions, "
             "max_position_embeddings): the positions past it were never trained") in out
     assert f"problem: {data}:3: not_json: not JSON" in out
