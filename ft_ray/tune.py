@@ -43,6 +43,7 @@ def check_search_space(config: JobConfig) -> None:
         problems.append("tune.search_space: empty; name at least one key to search, e.g. "
                         "train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}")
     base = config.model_dump(mode="json")
+    prepared = _prepared_key(config, config)
     for key, spec in tune.search_space.items():
         where = f"tune.search_space.{key}"
         problem = _spec_problem(spec, tune.search_alg)
@@ -54,7 +55,11 @@ def check_search_space(config: JobConfig) -> None:
             problems.append(f"{where}: {problem}")
             continue
         for value in edge_values(spec):
-            problem = _value_problem(base, key, value) or _prepared_problem(config, key, value)
+            trial, problem = _trial(base, key, value)
+            if trial is not None and _prepared_key(config, trial) != prepared:
+                problem = (f"value {value!r} changes the data the sweep prepares once for all its trials (tokenized "
+                           "and packed, with any precomputed reference or teacher logits): set it in the job, a sweep "
+                           "per value")
             if problem:
                 problems.append(f"{where}: {problem}")
                 break
@@ -62,21 +67,16 @@ def check_search_space(config: JobConfig) -> None:
         raise ConfigError(problems)
 
 
-def _prepared_problem(config: JobConfig, key: str, value: Any) -> str | None:
-    """A problem when the value changes the data a sweep prepares once for all its trials
-    (the tokenized, packed sequences and any precomputed reference or teacher logits, as
-    their fingerprint says); the shuffle seed aside: every trial reads the sweep's order."""
+def _prepared_key(config: JobConfig, job: JobConfig) -> str:
+    """The fingerprint of the data `job` (the sweep's job or one trial's) would prepare, from its
+    sources as set, not their files (no request), with the sweep's shuffle seed: every trial
+    reads the sweep's order, so a searched seed changes nothing prepared. A trial whose key is not
+    the sweep's would train on data prepared for other settings (the tokenized, packed sequences
+    and any precomputed reference or teacher logits)."""
     from ft_ray.data.prepared import data_sources, fingerprint
 
-    def key_of(job: JobConfig) -> str:  # its sources as set, not their files (no request)
-        pinned = job.model_copy(update={"data": job.data.model_copy(update={"shuffle_seed": config.shuffle_seed})})
-        return fingerprint(pinned, [{"source": source.model_dump()} for _, source in data_sources(job)], listed=False)
-
-    trial = JobConfig.model_validate(with_overrides(config.model_dump(mode="json"), {key: value}))
-    if key_of(trial) == key_of(config):
-        return None
-    return (f"value {value!r} changes the data the sweep prepares once for all its trials (tokenized and packed, "
-            "with any precomputed reference or teacher logits): set it in the job, a sweep per value")
+    pinned = job.model_copy(update={"data": job.data.model_copy(update={"shuffle_seed": config.shuffle_seed})})
+    return fingerprint(pinned, [{"source": source.model_dump()} for _, source in data_sources(job)], listed=False)
 
 
 def _spec_problem(spec: dict, search_alg: str) -> str | None:
@@ -98,18 +98,18 @@ def _spec_problem(spec: dict, search_alg: str) -> str | None:
     return None
 
 
-def _value_problem(base: dict, key: str, value: Any) -> str | None:
+def _trial(base: dict, key: str, value: Any) -> tuple[JobConfig | None, str | None]:
+    """The job of a trial with `key` set to `value`, or the problem that value has."""
     try:
-        JobConfig.model_validate(with_overrides(base, {key: value}))
+        return JobConfig.model_validate(with_overrides(base, {key: value})), None
     except KeyError:
-        return "not a key of the job schema (see ft_ray/config.py)"
+        return None, "not a key of the job schema (see ft_ray/config.py)"
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden" and loc == key:
-            return "not a key of the job schema (see ft_ray/config.py)"
-        return f"value {value!r}: {loc}: {first['msg']}"
-    return None
+            return None, "not a key of the job schema (see ft_ray/config.py)"
+        return None, f"value {value!r}: {loc}: {first['msg']}"
 
 
 def param_space(tune: TuneConfig) -> dict[str, Any]:
