@@ -55,6 +55,21 @@ def write_job(tmp_path: Path, name: str = "job.yaml", **sections) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """Puts back torch's thread count after a test that built a model actor's class in the
+    pytest process (a scorer sets it to distributed.cpus_per_worker, as in its actor), so the
+    tests after it do not run on one thread."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    yield
+    torch = sys.modules.get("torch")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session: 2 training workers plus room for the data pipeline.
