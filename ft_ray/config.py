@@ -374,7 +374,8 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description=(
         "adamw: torch's AdamW, fp32 states (8 bytes per trained weight); adamw_8bit: bitsandbytes' 8-bit AdamW, "
         "blockwise-quantized states (about 2 bytes per trained weight; tensors under 4096 values keep fp32 ones): "
-        "for a full fine-tune whose states do not fit; with DDP (ZeRO shards the states instead)"))
+        "for a full fine-tune whose states do not fit; with DDP or DeepSpeed (ZeRO shards the 8-bit states too), "
+        "not with fsdp or offload_optimizer"))
     fused_optimizer: bool = Field(True, description="fused AdamW: one kernel for every parameter's update (adamw)")
     prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of each worker")
     compare_generations: int = Field(0, ge=0, description=(
@@ -772,12 +773,13 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     if dist.elastic and dist.strategy == "deepspeed" and ds.stage > 0:
         problems.append(f"distributed.num_workers: an elastic range needs strategy ddp, fsdp or ZeRO stage 0; ZeRO-{ds.stage} "
                         "shards are tied to the worker count (set a fixed num_workers)")
-    if job.train.optimizer == "adamw_8bit" and dist.strategy == "deepspeed":
-        problems.append("train.optimizer: adamw_8bit runs with distributed.strategy ddp; DeepSpeed brings its own "
-                        "AdamW (ZeRO shards its states across the workers, offload_optimizer moves them to the CPU)")
+    if job.train.optimizer == "adamw_8bit" and ds.offload_optimizer != "none" and dist.strategy == "deepspeed":
+        problems.append("train.optimizer: adamw_8bit keeps its states on the GPU in 8 bits; "
+                        "distributed.deepspeed.offload_optimizer moves fp32 states to the CPU, where DeepSpeed's CPU "
+                        "AdamW steps them: use one or the other")
     if job.train.optimizer == "adamw_8bit" and dist.strategy == "fsdp":
-        problems.append("train.optimizer: adamw_8bit runs with distributed.strategy ddp; fsdp shards AdamW's states "
-                        "across the workers (bitsandbytes' 8-bit states do not shard)")
+        problems.append("train.optimizer: adamw_8bit runs with distributed.strategy ddp or deepspeed; fsdp shards "
+                        "AdamW's states across the workers (bitsandbytes' 8-bit states do not shard)")
     if job.train.compile and dist.strategy == "fsdp":
         problems.append("train.compile: compiles the whole model's forward, around fsdp's per-layer gathers; "
                         "not with distributed.strategy fsdp")

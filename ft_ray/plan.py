@@ -537,13 +537,14 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
     stage = sharding_stage(dist)
     if dist.strategy == "ddp":
         steps.append(["train.optimizer=adamw_8bit"])
-    deepspeed = ["distributed.strategy=deepspeed", "train.optimizer=adamw"]  # DeepSpeed's own AdamW
+    deepspeed = ["distributed.strategy=deepspeed", "train.optimizer=adamw"]  # shards of exact AdamW states first
     if dist.min_workers > 1:  # shard across the workers, never less than now
         if stage < 2:
             steps.append([*deepspeed, "distributed.deepspeed.stage=2"])
         if stage < 3:  # PyTorch's FSDP2 (no extra package; its gathered layers counted), then ZeRO-3
             steps += [["distributed.strategy=fsdp", "train.optimizer=adamw"], [*deepspeed, "distributed.deepspeed.stage=3"]]
-    steps.append([*deepspeed, "distributed.deepspeed.offload_optimizer=cpu"])
+        steps.append(["distributed.strategy=deepspeed", "train.optimizer=adamw_8bit"])  # ZeRO's shards in 8 bits
+    steps.append([*deepspeed, "distributed.deepspeed.offload_optimizer=cpu"])  # DeepSpeed's CPU AdamW
     if config.method != "qlora":
         steps.append(["method=qlora"])
     found, current, tried = [], config, []

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import (eval_loss_sum, lr_multiplier, micro_batch_weights, optimizer_groups,
-                                    rank0_state_dict)
+from ft_ray.train.engine_api import (build_optimizer, eval_loss_sum, lr_multiplier, micro_batch_weights,
+                                    optimizer_groups, rank0_state_dict)
 from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
@@ -43,21 +43,24 @@ def deepspeed_config(config: JobConfig, total_steps: int) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         if ds.offload_params != "none":
             zero["offload_param"] = {"device": ds.offload_params, "pin_memory": dist.use_gpu}
-    optimizer_params: dict[str, Any] = {"lr": train.learning_rate, "weight_decay": train.weight_decay,
-                                        "betas": [0.9, 0.999], "eps": 1e-8}
-    if not dist.use_gpu and ds.offload_optimizer == "none":
-        optimizer_params["torch_adam"] = True  # FusedAdam is CUDA-only
-    generated = {
+    generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation,
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
-        "optimizer": {"type": "AdamW", "params": optimizer_params},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if train.optimizer == "adamw_8bit":  # bitsandbytes' AdamW8bit as a client optimizer over ZeRO's fp32 partitions
+        generated["zero_allow_untested_optimizer"] = True
+    else:
+        params: dict[str, Any] = {"lr": train.learning_rate, "weight_decay": train.weight_decay,
+                                  "betas": [0.9, 0.999], "eps": 1e-8}
+        if not dist.use_gpu and ds.offload_optimizer == "none":
+            params["torch_adam"] = True  # FusedAdam is CUDA-only
+        generated["optimizer"] = {"type": "AdamW", "params": params}
     if not dist.elastic:  # with a worker range DeepSpeed derives it from the actual world size
         generated["train_batch_size"] = train.micro_batch_size * train.gradient_accumulation * dist.max_workers
     return merge(generated, ds.config_override)
@@ -101,8 +104,10 @@ class DeepSpeedEngine:
         self.module, self.objective = model, objective
         self.zero_stage = config.distributed.deepspeed.stage
         self.lora = config.trains_adapter
+        client = build_optimizer(model, config) if config.train.optimizer == "adamw_8bit" else None
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=optimizer_groups(model, config), config=deepspeed_config(config, total_steps),
+            model=model, optimizer=client, model_parameters=None if client else optimizer_groups(model, config),
+            config=deepspeed_config(config, total_steps),
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lr_multiplier(config.train, total_steps)),
             dist_init_required=False)

@@ -323,9 +323,10 @@ def test_what_would_fit_comes_cheapest_first():
     assert all("train.optimizer" not in settings for settings, _ in fixes)  # the job's AdamW, not set again
 
 
-def test_8bit_adamw_is_offered_where_its_states_make_a_ddp_job_fit():
+def test_8bit_adamw_is_offered_where_its_states_make_a_job_fit():
     """A full fine-tune of a 3B model on one 48 GB GPU: its fp32 AdamW states (8 bytes per
-    weight) do not fit, bitsandbytes' 8-bit ones (about 2) do, before any DeepSpeed offload."""
+    weight) do not fit, bitsandbytes' 8-bit ones (about 2) do, before any DeepSpeed offload;
+    the same for ZeRO-3's shards of an 8B model's states."""
     shape = Shape(3072, 8192, 28, 24, 8, 128, 128256, True)
     config = job(method="full", model={"max_seq_len": 4096}, distributed={"num_workers": 1, "use_gpu": True},
                  train={"micro_batch_size": 1, "precision": "bf16", "gradient_checkpointing": True})
@@ -335,6 +336,14 @@ def test_8bit_adamw_is_offered_where_its_states_make_a_ddp_job_fit():
     assert first == "train.optimizer=adamw_8bit" and plan.fits(gpu)
     assert plan.parts["optimizer_states"] == pytest.approx(plan_memory(config, shape).parts["optimizer_states"] / 3.94,
                                                            rel=1e-3)  # 8 bytes -> 2 + 2 x 4 / 256
+    # an 8B full fine-tune under ZeRO-3 on two 48 GB GPUs: the 8-bit states of its shards, before the CPU offload
+    zero3 = job(method="full", model={"max_seq_len": 2048}, distributed={
+        "num_workers": 2, "use_gpu": True, "strategy": "deepspeed", "deepspeed": {"stage": 3}},
+                train={"micro_batch_size": 1, "precision": "bf16", "gradient_checkpointing": True})
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    assert not plan_memory(zero3, shape).fits(gpu)
+    assert [settings for settings, _ in suggestions(zero3, shape, gpu)] == [
+        "train.optimizer=adamw_8bit", "distributed.deepspeed.offload_optimizer=cpu"]
 
 
 def test_a_sweep_is_planned_at_its_largest_trial():

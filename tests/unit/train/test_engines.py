@@ -102,7 +102,8 @@ def test_8bit_adamw_trains_in_a_quarter_of_the_states_plan_counts_and_resumes_ex
     """train.optimizer adamw_8bit (bitsandbytes' 8-bit AdamW, on CPU here): a full fine-tune's
     states are uint8 for every matrix, a quarter of fp32 AdamW's bytes, as `ft-ray plan` counts
     them; its steps lower the loss as AdamW's do; saved and loaded into a new engine, the next
-    step is the one the engine that went on took. Refused with DeepSpeed (its own AdamW)."""
+    step is the one the engine that went on took. Refused with DeepSpeed's optimizer offload
+    (under ZeRO: `test_fsdp_engine.py`)."""
     from ft_ray.plan import Shape, plan_memory
 
     torch.manual_seed(0)
@@ -143,6 +144,7 @@ def test_8bit_adamw_trains_in_a_quarter_of_the_states_plan_counts_and_resumes_ex
     steps(eight, 1), steps(resumed, 1)
     for (name, went_on), back in zip(eight.module.named_parameters(), resumed.module.parameters()):
         torch.testing.assert_close(back, went_on, rtol=0, atol=0, msg=name)
-    with pytest.raises(ConfigError, match="train.optimizer: adamw_8bit runs with distributed.strategy ddp"):
-        config_from_dict({"data": {"train": "t.jsonl"}, "train": {"optimizer": "adamw_8bit"},
-                          "distributed": {"strategy": "deepspeed"}})
+    with pytest.raises(ConfigError, match="train.optimizer: adamw_8bit keeps its states on the GPU in 8 bits; "
+                                          "distributed.deepspeed.offload_optimizer moves fp32 states to the CPU"):
+        config_from_dict({"data": {"train": "t.jsonl"}, "train": {"optimizer": "adamw_8bit"}, "distributed": {
+            "strategy": "deepspeed", "deepspeed": {"stage": 2, "offload_optimizer": "cpu"}}})

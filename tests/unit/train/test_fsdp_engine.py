@@ -1,6 +1,6 @@
 """The FSDP2 engine without Ray, in one process (a gloo group of one) and for GRPO on two
 spawned ranks (beside ZeRO-3, which shards as FSDP does): the same steps as the DDP engine,
-its checkpoint, and the settings it refuses. Two Ray workers: `tests/integration/test_strategies.py`."""
+its checkpoint, and the settings it refuses; 8-bit AdamW under ZeRO. Two Ray workers: `tests/integration/test_strategies.py`."""
 
 from __future__ import annotations
 
@@ -163,6 +163,53 @@ def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_under_ddp(process_
     torch.testing.assert_close(taken[0], taken[1], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "bf16")])
+def test_8bit_adamw_under_zero_takes_ddp_s_steps_and_resumes_exactly_from_its_shards(process_group, monkeypatch,
+                                                                                     tmp_path, stage, precision):
+    """train.optimizer adamw_8bit with DeepSpeed: bitsandbytes' AdamW8bit as DeepSpeed's client
+    optimizer, over ZeRO's flat fp32 partitions (one rank here): the losses and gradient norms
+    of three steps of a full fine-tune are DDP's with the same optimizer (DeepSpeed's 16-bit
+    weights move them a little in bf16); its ZeRO shard holds uint8 states; loaded into a new
+    engine, the next step is the one the engine that went on took."""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as Ray Train sets them, for DeepSpeed
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def zero_job(strategy: str):
+        return config_from_dict({"method": "full", "data": {"train": "t.jsonl"}, "distributed": {
+            "strategy": strategy, "num_workers": 1, "deepspeed": {"stage": stage}}, "train": {
+            "precision": precision, "learning_rate": 1e-3, "warmup_steps": 0, "optimizer": "adamw_8bit"}})
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (4, 64))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(64).repeat(4, 1)}
+    zero = engine_of(zero_job("deepspeed"))
+    assert type(zero.engine.optimizer.optimizer).__name__ == "AdamW8bit"
+    went = steps(zero, batch, 3)
+    assert went == pytest.approx(steps(engine_of(zero_job("ddp")), batch, 3), rel=1e-5 if precision == "fp32" else 0.03)
+    assert went[4] < 0.8 * went[0]
+
+    zero.save(tmp_path, rank=0)
+    from ft_ray.train.deepspeed_engine import weights_only_checkpoint_engine
+
+    shard = weights_only_checkpoint_engine().load(str(next((tmp_path / "deepspeed" / "state").glob("*optim_states.pt"))))
+    assert torch.uint8 in {t.dtype for t in gathered_tensors(shard)}
+    resumed = engine_of(zero_job("deepspeed"))
+    resumed.load(tmp_path)
+    assert steps(resumed, batch, 1) == steps(zero, batch, 1)
+    for (name, went_on), back in zip(zero.module.named_parameters(), resumed.module.parameters()):
+        torch.testing.assert_close(back, went_on, rtol=0, atol=0, msg=name)
+
+
+def gathered_tensors(state) -> list[torch.Tensor]:
+    """Every tensor in a nested checkpoint state."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, dict):
+        state = list(state.values())
+    return [t for item in state for t in gathered_tensors(item)] if isinstance(state, (list, tuple)) else []
+
+
 # ZeRO-3 keeps weights under 1e5 elements (all of the built-in model's) whole on each worker, and up to 1e9
 # weights gathered between forwards: told not to, each forward gathers every weight, as an 8B model's do
 NO_CACHE = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
@@ -238,7 +285,7 @@ def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path
 
 @pytest.mark.parametrize("settings, message", [
     ({"method": "qlora"}, "quantization.quant_storage: qlora with fsdp needs a float storage dtype"),
-    ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp; fsdp shards"),
+    ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp or deepspeed; fsdp shards"),
     ({"train": {"compile": True}}, "train.compile: compiles the whole model's forward"),
     ({"fsdp": "full_shard auto_wrap"}, r"unknown key 'fsdp' \(ft-ray's key: 'distributed.strategy: fsdp'\)"),  # HF's
 ])
