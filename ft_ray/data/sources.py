@@ -158,25 +158,36 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
         return source.format, f"{key}: format {source.format} (from the config)"
     fs, files = list_files(source, storage, key)
     seen: Counter = Counter()
-    tools = 0  # chat records with function calls
-    with open_file(fs, files[0]) as stream:
-        for checked, (_, text, error) in enumerate(file_records(stream, files[0])):
-            if checked >= PEEK_RECORDS:
-                break
-            try:
-                if not error:
+    tools = read = 0  # chat records with function calls; records read
+    first_problem, looked_at = "", []
+    for path in files:  # the first records, from as many files as hold them (an empty file votes for none)
+        looked_at.append(path)
+        with open_file(fs, path) as stream:
+            for line, text, error in file_records(stream, path):
+                if read >= PEEK_RECORDS:
+                    break
+                read += 1
+                try:
+                    if error:
+                        raise RecordError(error.partition(": ")[2] or error, error.partition(": ")[0])
                     record = map_fields(json.loads(text), source.fields)
                     seen[detect_format(record)] += 1
                     tools += uses_tools(record)
-            except (json.JSONDecodeError, RecordError, RecursionError):  # a bad record is not a format vote
-                continue
+                except (json.JSONDecodeError, RecordError, RecursionError) as e:  # a bad record is not a format vote
+                    first_problem = first_problem or f"{path}:{line}: {e}"
+        if read >= PEEK_RECORDS:
+            break
+    where = looked_at[0] if len(looked_at) == 1 else f"{len(looked_at)} files from {looked_at[0]}"
+    if not read:
+        raise DataError(f"{key}: no records in {where}")
     if not seen:
-        raise DataError(f"{key}: format auto: none of the first records of {files[0]} looks like text, "
-                        "instruction, chat, completion, preference or kto; set data.format and data.fields")
+        raise DataError(f"{key}: format auto: none of the first {read} records of {where} looks like text, "
+                        "instruction, chat, completion, preference or kto (first: "
+                        f"{first_problem}); set data.format and data.fields")
     chosen, count = seen.most_common(1)[0]
     with_tools = f", {tools} with tool calls or schemas" if chosen == "chat" and tools else ""
     return chosen, (f"{key}: format auto -> {chosen} ({count} of the first {sum(seen.values())} "
-                    f"records of {files[0]}{with_tools})")
+                    f"records of {where}{with_tools})")
 
 
 def check_format(config: JobConfig, fmt: str, key: str) -> None:

@@ -130,6 +130,19 @@ def test_auto_format_is_chosen_from_the_first_records_and_said(tmp_path):
     mapped = SourceConfig(path=str(path), format="auto", fields={"text": "missing"})
     assert choose_format(mapped, STORAGE, "data.train")[0] == "chat"
     assert choose_format(SourceConfig(path=str(path), format="text"), STORAGE, "k") == ("text", "k: format text (from the config)")
+    folder = tmp_path / "parts"  # an empty first file (a failed export) leaves the vote to the next one
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("")
+    (folder / "b.jsonl").write_text(path.read_text())
+    assert choose_format(SourceConfig(path=str(folder), format="auto"), STORAGE, "data.train")[1] == (
+        f"data.train: format auto -> chat (3 of the first 4 records of 2 files from {folder / 'a.jsonl'})")
+    (folder / "b.jsonl").write_text("")
+    with pytest.raises(DataError, match=f"^data.train: no records in 2 files from {folder / 'a.jsonl'}$"):
+        choose_format(SourceConfig(path=str(folder), format="auto"), STORAGE, "data.train")
+    (folder / "b.jsonl").write_text('{"txt": "a"}\n{broken\n')
+    with pytest.raises(DataError, match=r"none of the first 2 records of 2 files from .* \(first: .*b.jsonl:1: cannot "
+                                        r"tell the format from keys \['txt'\]"):
+        choose_format(SourceConfig(path=str(folder), format="auto"), STORAGE, "data.train")
 
 
 def test_a_line_over_max_record_bytes_is_too_large_and_never_held_in_memory(tmp_path):
