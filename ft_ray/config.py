@@ -1076,9 +1076,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _describe(err: dict, source: str, where_set: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
     kind, ctx = err["type"], err.get("ctx") or {}
-    # the key's own place, else that of the nearest section holding it that a --set replaced
-    where = where_set.get(loc) or next((where_set[loc[:n]] for n in range(len(loc) - 1, 0, -1)
-                                        if where_set.get(loc[:n], "").startswith("--set ")), source)
+    # the key's own place, else that of the nearest section holding it that a --set replaced, else the
+    # --set that made it (an unknown section: `--set trian.max_steps=3`)
+    overrides = [(key, at) for key, at in where_set.items() if at.startswith("--set ")]
+    where = where_set.get(loc) or next((at for n in range(len(loc) - 1, 0, -1) for key, at in overrides
+                                        if key == loc[:n]), None) or next(
+        (at for key, at in overrides if key[:len(loc)] == loc), source)
     dotted = ".".join(loc)
     if kind == "extra_forbidden":
         hint = _did_you_mean(loc)

@@ -95,11 +95,12 @@ def test_a_problem_in_a_set_value_is_said_as_the_set_not_as_the_file_s_line(tmp_
     path = write_job(tmp_path, train={"learning_rate": 0})
     line = path.read_text().splitlines().index("  learning_rate: 0") + 1
     assert main(["validate", str(path), "--offline", "--set", "train.micro_batch_size=0", "--set", "lora.rnak=3",
-                 "--set", "eval={max_examples: 0}"]) == 2
+                 "--set", "eval={max_examples: 0}", "--set", "trian.max_steps=3"]) == 2
     assert sorted(capsys.readouterr().err.splitlines()) == sorted([
         f"[ft-ray] error: {path}:{line}: train.learning_rate: must be > 0",  # still the file's
         "[ft-ray] error: --set train.micro_batch_size=0: train.micro_batch_size: must be > 0",
         "[ft-ray] error: --set lora.rnak=3: unknown key 'lora.rnak' (did you mean 'rank'?)",
+        "[ft-ray] error: --set trian.max_steps=3: unknown key 'trian' (did you mean 'train'?)",  # a section it made
         "[ft-ray] error: --set eval={max_examples: 0}: eval.max_examples: must be > 0"])
 
 
