@@ -600,12 +600,15 @@ class DistillConfig(Section):
 
     teacher: str | None = Field(None, description=(
         "the teacher: a causal LM's folder, hub id or s3:// folder (read with the storage section) with the "
-        "model's tokenizer, loaded whole by every worker, frozen, in the compute dtype (4-bit under qlora)"))
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description=(
+        "model's tokenizer (another tokenizer: divergence uld), loaded whole by every worker, frozen, in the "
+        "compute dtype (4-bit under qlora)"))
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "uld"] = Field("forward_kl", description=(
         "per token, between the teacher's distribution p and the student's q: forward_kl = KL(p || q), "
         "classic distillation (q covers all of p); reverse_kl = KL(q || p) (q settles on p's likeliest "
         "tokens, MiniLLM); jsd = distill.jsd_beta x KL(p || m) + (1 - jsd_beta) x KL(q || m), m their "
-        "mixture (GKD's generalized JSD, TRL's GKDTrainer)"))
+        "mixture (GKD's generalized JSD, TRL's GKDTrainer); uld = the L1 distance of p and q each sorted from "
+        "the likeliest token down (universal logit distillation), for a teacher with another tokenizer: it reads "
+        "the same text in its own tokens, its answer tokens matched with the model's in order"))
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's share of the mixture m (TRL's beta)")
     temperature: float = Field(1.0, gt=0, description=(
         "both models' logits are divided by it before the divergence, which is then multiplied by its square "
@@ -852,6 +855,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.distill.on_policy and job.train.compile:
             problems.append("train.compile: on-policy distillation generates with the model; compile is for sft and "
                             "preference runs")
+        if job.distill.divergence == "uld" and job.distill.on_policy:
+            problems.append("distill.on_policy: the model's sampled answers are not read into another tokenizer yet; "
+                            "divergence uld trains on the records' answers (on_policy: 0)")
         if job.precomputes_teacher and job.distill.on_policy:
             problems.append("distill.on_policy: the teacher grades the model's own answers as it samples them, so "
                             "on-policy distillation needs distill.teacher_logits: inline")

@@ -174,6 +174,53 @@ def untrained_llama(folder: Path) -> Path:
     return folder
 
 
+def cross_tokenizer_llama(folder: Path, permuted: bool = True, of: str = "builtin:tiny-llama") -> Path:
+    """A teacher with another tokenizer than the built-in model's, saved in `folder`.
+    `permuted`: the built-in Llama (or the model `of`, with its tokenizer) with its tokenizer's
+    ordinary tokens numbered in reverse and
+    its embedding and output rows moved with them (the same model in other ids: its
+    distributions are the built-in model's, relabelled); else a byte-level BPE of 520 tokens
+    trained on the demo's answers alone, its merges across words (fewer tokens there, other special tokens) under a small Llama of
+    seeded random weights."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=of))
+    if permuted:
+        model = load_base_model(ModelConfig(name_or_path=of))
+        tokenizer.save_pretrained(folder)
+        raw = json.loads((folder / "tokenizer.json").read_text())
+        vocab, special = raw["model"]["vocab"], set(tokenizer.all_special_ids)
+        ordinary = sorted(i for i in vocab.values() if i not in special)
+        renumbered = dict(zip(ordinary, reversed(ordinary)))
+        raw["model"]["vocab"] = {token: renumbered.get(i, i) for token, i in vocab.items()}
+        (folder / "tokenizer.json").write_text(json.dumps(raw))
+        moved = torch.arange(model.config.vocab_size)
+        moved[list(renumbered.values())] = torch.tensor(list(renumbered))  # new row <- old row
+        with torch.no_grad():
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                layer.weight.copy_(layer.weight[moved])
+        model.save_pretrained(folder, safe_serialization=True)
+        return folder
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # merges across words
+    bpe.decoder = decoders.ByteLevel()
+    answers = [json.loads(line)["output"] for line in (DEMO / "train.jsonl").read_text().splitlines()]
+    bpe.train_from_iterator(answers, trainers.BpeTrainer(vocab_size=520, special_tokens=["<pad>", "<s>", "</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = load_base_model(ModelConfig()).config.to_dict() | {
+        "vocab_size": 520, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "num_hidden_layers": 2}
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def teacher_llama(folder: Path, wider: bool = False) -> Path:
     """A teacher for distillation, saved in `folder` with the built-in model's tokenizer and 64
     output rows past it (a padded vocabulary, as shipped models have): the built-in Llama with

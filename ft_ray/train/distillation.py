@@ -2,9 +2,10 @@
 the teacher model's next-token distribution, beside (`distill.ratio`) the next-token loss on
 the records' own tokens.
 
-The teacher (`distill.teacher`: a causal LM with the student's tokenizer) is loaded whole by
-every training worker, frozen, in the compute dtype (4-bit under QLoRA), and reads the same
-batch without gradients (per-example attention, as the student). Where the student's
+The teacher (`distill.teacher`: a causal LM with the student's tokenizer; another tokenizer
+with divergence uld, `CrossTokenizerTeacher`) is loaded whole by every training worker,
+frozen, in the compute dtype (4-bit under QLoRA), and reads the same batch (its own tokens of
+the same text for uld) without gradients (per-example attention, as the student). Where the student's
 head works in chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of
 either model exist: the teacher's last hidden states at the target tokens are kept, and each
 chunk of rows takes both heads' logits, its loss and its slope in turn (`_LinearRowLoss`).
@@ -33,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -120,6 +122,137 @@ class PrecomputedTeacher:
         return apart
 
 
+def uld(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per row: the universal logit distillation distance (Boizard et al., 2024) between the
+    distributions of the student's and the teacher's fp32 logits (already over the temperature),
+    over vocabularies of any two tokenizers: the L1 distance of their probabilities sorted from
+    the likeliest down, the shorter padded with zeros (the 1-Wasserstein distance of the two
+    distributions when the cost of moving mass between any two tokens is the same)."""
+    q = F.softmax(student, dim=-1).sort(dim=-1, descending=True).values
+    p = F.softmax(teacher, dim=-1).sort(dim=-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q, p = F.pad(q, (0, width - q.shape[-1])), F.pad(p, (0, width - p.shape[-1]))
+    return (q - p).abs().sum(-1)
+
+
+class CrossTokenizerTeacher:
+    """A teacher with its own tokenizer (divergence uld). Each example of a batch (a packed row
+    holds several, told apart by positions restarting at 0) is read back to text piece by
+    piece, a piece being a run of prompt or of trained tokens between special tokens, and each
+    piece is tokenized with the teacher's tokenizer; the model's bos, eos and pad tokens become
+    the teacher's. The teacher reads those rows (its examples apart, as the model's). The i-th
+    trained token of a piece is matched with the teacher's i-th trained token of the same piece,
+    up to the shorter of the two: the divergence at a matched token is `uld` of the two models'
+    distributions; a trained token without a match (its piece is longer in the model's tokens)
+    adds none (its next-token loss still counts)."""
+
+    def __init__(self, teacher: Teacher, tokenizer: Any, teacher_tokenizer: Any):
+        self.teacher, self.tokenizer, self.theirs = teacher, tokenizer, teacher_tokenizer
+        specials = {tokenizer.pad_token_id: None, tokenizer.bos_token_id: teacher_tokenizer.bos_token_id,
+                    tokenizer.eos_token_id: teacher_tokenizer.eos_token_id}  # (a pad that is the eos: the eos)
+        self.special = {ours: theirs for ours, theirs in specials.items() if ours is not None}  # None: dropped
+        self.specials = set(self.special) | set(tokenizer.all_special_ids)
+        self.pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else (
+            teacher_tokenizer.eos_token_id or 0)
+
+    def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
+                      temperature: float) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+        read, teacher_keep, partner = self.teacher_batch(batch, keep)
+        logits = self.teacher.at(read, teacher_keep)
+        partner = partner.to(keep.device)
+
+        def apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
+            matched = partner[start:end]
+            rows = torch.nonzero(matched >= 0).squeeze(-1)
+            if not len(rows):
+                return student.new_zeros(end - start)
+            first, last = int(matched[rows[0]]), int(matched[rows[-1]]) + 1  # matches are in the model's order
+            distances = uld(student[rows], logits(first, last) / temperature)
+            return student.new_zeros(end - start).index_put((rows,), distances)
+
+        return apart
+
+    def pieces(self, ids: list[int], trained: list[bool]) -> list[tuple[list[int], bool, bool]]:
+        """An example's tokens as (token ids, trained, special) runs: a special token alone."""
+        runs: list[tuple[list[int], bool, bool]] = []
+        for token, train in zip(ids, trained):
+            special = token in self.specials
+            if runs and not special and not runs[-1][2] and runs[-1][1] == train:
+                runs[-1][0].append(token)
+            else:
+                runs.append(([token], train, special))
+        return runs
+
+    def teacher_example(self, ids: list[int], trained: list[bool]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+        """The teacher's tokens of one example, and for each trained piece the positions of the
+        model's tokens and of the teacher's (in the example)."""
+        from ft_ray.data.tokenize import encode_segments
+
+        pieces = self.pieces(ids, trained)
+        texts, before, plain = [], "", []
+        for run, train, special in pieces:  # each piece's text: the text of the example's ordinary tokens up to its
+            if not special:                 # end less that before it (a SentencePiece word mark opens the first only)
+                plain += run
+                upto = self.tokenizer.decode(plain, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                texts.append((upto[len(before):], train))
+                before = upto
+        encoded = iter(encode_segments(self.theirs, texts) if texts else [])
+        out: list[int] = []
+        matches: list[tuple[list[int], list[int]]] = []
+        at = 0
+        for run, train, special in pieces:
+            if special and run[0] in self.special:
+                theirs = [] if self.special[run[0]] is None else [self.special[run[0]]]
+            elif special:  # another special token (a role marker): its text, in the teacher's tokens
+                theirs = self.theirs(self.tokenizer.decode(run), add_special_tokens=False)["input_ids"]
+            else:
+                theirs = next(encoded)
+            if train:
+                matches.append((list(range(at, at + len(run))), list(range(len(out), len(out) + len(theirs)))))
+            out += theirs
+            at += len(run)
+        return out, matches
+
+    def teacher_batch(self, batch: dict[str, torch.Tensor],
+                      keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The teacher's rows (input and position ids), which of their next-token positions are
+        matched, and for each of the model's target tokens (`keep`'s order) the index of its
+        match among the teacher's matched positions in row-major order (-1: none)."""
+        ids, labels, positions = (batch[k].cpu().numpy() for k in ("input_ids", "labels", "position_ids"))
+        target_index = (keep.cpu().reshape(-1).long().cumsum(0) - 1).reshape(keep.shape)
+        rows, pairs = [], []  # the teacher's tokens and positions per row; (model target index, row, teacher position)
+        for r in range(len(ids)):
+            starts = [*np.flatnonzero(positions[r] == 0).tolist(), len(ids[r])]
+            row: list[int] = []
+            row_positions: list[int] = []
+            for s, e in zip(starts, starts[1:]):
+                theirs, matches = self.teacher_example(ids[r, s:e].tolist(), (labels[r, s:e] != IGNORE_INDEX).tolist())
+                for ours, teacher_at in matches:
+                    for a, b in zip(ours, teacher_at):
+                        if a > 0 and b > 0:  # a target: predicted from the token before it in its example
+                            pairs.append((int(target_index[r, s + a - 1]), r, len(row) + b))
+                row += theirs
+                row_positions += range(len(theirs))
+            rows.append((row, row_positions))
+        width = max(2, max(len(row) for row, _ in rows))
+        read_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        read_positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (row, row_positions) in enumerate(rows):
+            read_ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+            read_positions[r, :len(row)] = torch.tensor(row_positions, dtype=torch.long)
+            read_positions[r, len(row):] = torch.arange(width - len(row))  # padding: an example of its own
+        teacher_keep = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+        partner = torch.full((int(keep.sum()),), -1, dtype=torch.long)
+        for _, r, b in pairs:
+            teacher_keep[r, b - 1] = True
+        order = (teacher_keep.reshape(-1).long().cumsum(0) - 1).reshape(teacher_keep.shape)
+        for index, r, b in pairs:
+            partner[index] = order[r, b - 1]
+        device = batch["input_ids"].device
+        read = {"input_ids": read_ids.to(device), "position_ids": read_positions.to(device)}
+        return read, teacher_keep.to(device), partner
+
+
 def batch_key(batch: dict[str, torch.Tensor]) -> bytes:
     """A training batch's key among those the model answered in this step: its rows and their
     sequence ids (two micro batches of the same records are two batches)."""
@@ -140,7 +273,7 @@ class DistillLoss:
     columns = ("input_ids", "labels", "position_ids")
     metrics = METRICS
 
-    def __init__(self, teacher: Teacher | PrecomputedTeacher, kind: str = "forward_kl", temperature: float = 1.0,
+    def __init__(self, teacher: Teacher | PrecomputedTeacher | CrossTokenizerTeacher, kind: str = "forward_kl", temperature: float = 1.0,
                  ratio: float = 0.5, beta: float = 0.5, sampler: Sampler | None = None, on_policy: float = 0.0):
         self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
         if isinstance(teacher, PrecomputedTeacher):
@@ -242,6 +375,12 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
         return DistillLoss(PrecomputedTeacher(), distill.divergence, distill.temperature, distill.ratio)
     teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
     sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
+    if distill.divergence == "uld":
+        from ft_ray.models import load_tokenizer
+
+        return DistillLoss(CrossTokenizerTeacher(Teacher(teacher), load_tokenizer(config.model),
+                                                 load_tokenizer(config.teacher)), "uld", distill.temperature,
+                           distill.ratio)
     if sizes[0] != sizes[1]:
         LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
                  f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")
@@ -306,7 +445,8 @@ def with_teacher(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
 def check_teacher(config: JobConfig, tokenizer: Any) -> str:
     """What a driver checks of `distill.teacher` before a run (no weights loaded): its config
     names a causal LM with an output row for each of the model's tokens, and its tokenizer is
-    the model's (`tokenizer`), token for token. Returns a line saying what it is.
+    the model's (`tokenizer`), token for token (divergence uld: any tokenizer, an output row for
+    each of its tokens). Returns a line saying what it is.
 
     Raises:
         InputError: it is not there, not such a model, or its tokens differ from the model's."""
@@ -325,14 +465,20 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
         raise InputError(f"distill.teacher: {name} is {', '.join(architectures)}; a teacher is a causal LM "
                          "(AutoModelForCausalLM) whose next-token distributions the model learns")
     ours, vocab = tokenizer.get_vocab(), theirs.get_vocab()
+    rows = getattr(shape, "vocab_size", None)
+    if config.distill.divergence == "uld":
+        if rows is not None and rows < len(theirs):
+            raise InputError(f"distill.teacher: {name} has {rows} output rows for its tokenizer of {len(theirs)} tokens")
+        own = "the model's tokenizer" if ours == vocab else f"its own tokenizer ({len(theirs)} tokens)"
+        return (f"distill: teacher {name} (uld, {own}, temperature {config.distill.temperature:g}, "
+                f"ratio {config.distill.ratio:g})")
     if ours != vocab:
         differing = sorted(set(ours.items()) ^ set(vocab.items()), key=lambda item: item[1])[:3]
         shown = ", ".join(f"{token!r}: {index}" for token, index in differing)
         raise InputError(f"distill.teacher: {name}'s tokenizer is not the model's ({len(vocab)} tokens against "
                          f"{len(ours)}; first differing: {shown}): distillation compares the two models' "
                          "distributions token by token, so the teacher must share the model's tokenizer (a larger "
-                         "model of the same family)")
-    rows = getattr(shape, "vocab_size", None)
+                         "model of the same family), or set distill.divergence: uld")
     if rows is not None and rows < len(tokenizer):
         raise InputError(f"distill.teacher: {name} has {rows} output rows for a tokenizer of {len(tokenizer)} tokens")
     precomputed = (f", its top-{config.distill.top_k} logits computed before training" if config.precomputes_teacher

@@ -13,8 +13,9 @@ from ft_ray.config import ConfigError, InputError, ModelConfig, config_from_dict
 from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
 from ft_ray.models import load_tokenizer
-from ft_ray.train.distillation import DistillLoss, Teacher, check_teacher, divergence, load_teacher
-from tests.conftest import DEMO, teacher_llama
+from ft_ray.train.distillation import (CrossTokenizerTeacher, DistillLoss, Teacher, check_teacher, divergence,
+                                       load_teacher, uld)
+from tests.conftest import DEMO, cross_tokenizer_llama, teacher_llama
 from tests.unit.train.gradients import assert_same_gradients, objective_pass
 
 
@@ -36,6 +37,14 @@ def test_each_divergence_by_its_formula():
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         assert divergence(student, student + 3.0, kind).abs().max() < 1e-5  # (a shift changes no distribution)
         assert (divergence(student, teacher, kind) > 0).all()
+    # uld: the L1 distance of the probabilities sorted, the shorter vocabulary padded with zeros; blind to
+    # which token is which (a teacher of another tokenizer), 0 for the same distribution relabelled, at most 2
+    wider = torch.randn(5, 17) * 2
+    by_hand = (F.pad(q.sort(-1, descending=True).values, (0, 6)) - wider.softmax(-1).sort(-1, descending=True).values)
+    assert torch.allclose(uld(student, wider), by_hand.abs().sum(-1), atol=1e-6)
+    assert torch.allclose(uld(student, wider), uld(wider, student))
+    assert uld(student, student[:, torch.randperm(11)] + 3.0).abs().max() < 1e-6
+    assert ((uld(student, teacher) > 0) & (uld(student, teacher) <= 2)).all()
 
 
 def packed_demo_rows() -> dict[str, torch.Tensor]:
@@ -49,26 +58,34 @@ def packed_demo_rows() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method,precision,kind", [("lora", "fp32", "forward_kl"), ("qlora", "fp32", "jsd"),
-                                                   ("full", "bf16", "jsd"), ("full", "fp32", "reverse_kl")])
+                                                   ("full", "bf16", "jsd"), ("full", "fp32", "reverse_kl"),
+                                                   ("full", "fp32", "uld")])
 def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(method, precision, kind, monkeypatch,
                                                                               tmp_path):
-    """A teacher of another shape and a longer (padded) output layer (4-bit under QLoRA): the student's loss taken
-    50 rows at a time (fast_paths.chunked_lm_head, on by default) with the teacher's logits
-    from its last hidden states gives the loss, metrics and every gradient (the trained output
-    layer's too) that both models' whole logits give."""
+    """A teacher of another shape and a longer (padded) output layer (4-bit under QLoRA; for uld,
+    one with its own tokenizer): the student's loss taken 50 rows at a time
+    (fast_paths.chunked_lm_head, on by default) with the teacher's logits from its last hidden
+    states gives the loss, metrics and every gradient (the trained output layer's too) that both
+    models' whole logits give."""
     from ft_ray.train import fast_paths
     from ft_ray.train.modeling import build_model
 
     monkeypatch.setattr(fast_paths, "LOGITS_CHUNK_BYTES", 4 * 768 * 50)  # the tiny Llama's vocabulary: 768
     rows = packed_demo_rows()
     job = config_from_dict({"objective": "distill", "method": method, "model": {"max_seq_len": 256},
-                            "distill": {"teacher": str(teacher_llama(tmp_path / "teacher", wider=True)),
+                            "distill": {"teacher": str(cross_tokenizer_llama(tmp_path / "teacher", permuted=False)
+                                                       if kind == "uld" else teacher_llama(tmp_path / "teacher", wider=True)),
                                         "divergence": kind, "temperature": 2.0, "ratio": 0.7},
                             "data": {"train": "x.jsonl"}, "train": {"precision": precision},
                             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}})
     model = build_model(job, "builtin:tiny-llama")
     teacher = Teacher(load_teacher(job, torch.device("cpu")))
-    assert teacher.head is not None and teacher.head.weight.shape[0] == 832
+    assert teacher.head is not None and teacher.head.weight.shape[0] == (520 if kind == "uld" else 832)
+    reader = teacher
+    if kind == "uld":  # the student's target tokens without a teacher's match fall inside chunks
+        reader = CrossTokenizerTeacher(teacher, load_tokenizer(job.model), load_tokenizer(job.teacher))
+        partner = reader.teacher_batch(rows, rows["labels"][:, 1:] != IGNORE_INDEX)[2]
+        assert 0 < int((partner < 0).sum()) < len(partner) // 2
     if method == "qlora":  # in 4 bits, what is not quantized in the compute dtype (never trained: not fp32)
         assert any(type(m).__name__ == "Linear4bit" for m in teacher.model.modules())
         assert teacher.model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -76,7 +93,7 @@ def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(me
     for p in model.parameters():
         if p.requires_grad and method != "full":
             p.data.normal_(std=0.05)
-    objective = DistillLoss(teacher, kind, temperature=2.0, ratio=0.7)
+    objective = DistillLoss(reader, kind, temperature=2.0, ratio=0.7)
     assert fast_paths.has_chunked_head(model)
     chunked = objective_pass(model, objective, rows, precision)
     causal = model.get_base_model() if method != "full" else model
@@ -125,6 +142,75 @@ def test_a_job_says_what_its_teacher_lacks(tmp_path):
     config.write_text(config.read_text().replace("LlamaForCausalLM", "LlamaForSequenceClassification"))
     with pytest.raises(InputError, match="is LlamaForSequenceClassification; a teacher is a causal LM"):
         check_teacher(job(classifier), tokenizer)
+
+
+def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld(tmp_path):
+    """divergence uld: the driver takes a teacher of another tokenizer (and says so); the
+    teacher reads each packed example's text in its own tokens. The built-in model under
+    renumbered token ids (`cross_tokenizer_llama`) reads the same tokens relabelled: every
+    trained token is matched and the divergence is 0 (its distributions are the model's). A
+    teacher of another BPE reads the same text too, in other tokens, and a few steps of the
+    model towards it lower the divergence."""
+    from ft_ray.train.distillation import build_distill_objective
+    from ft_ray.train.modeling import build_model
+
+    rows = packed_demo_rows()
+    keep = rows["labels"][:, 1:] != IGNORE_INDEX
+    tokenizer = load_tokenizer(ModelConfig())
+    job = lambda teacher, **distill: config_from_dict({  # noqa: E731
+        "objective": "distill", "method": "full", "model": {"max_seq_len": 256}, "data": {"train": "x.jsonl"},
+        "train": {"precision": "fp32"}, "distill": {"teacher": str(teacher), "ratio": 1.0, **distill}})
+    relabelled = cross_tokenizer_llama(tmp_path / "relabelled")
+    with pytest.raises(InputError, match=r"tokenizer is not the model's .*, or set distill.divergence: uld"):
+        check_teacher(job(relabelled), tokenizer)
+    assert check_teacher(job(relabelled, divergence="uld"), tokenizer) == (
+        f"distill: teacher {relabelled} (uld, its own tokenizer (716 tokens), temperature 1, ratio 1)")
+    with pytest.raises(ConfigError, match="distill.on_policy: the model's sampled answers are not read into"):
+        job(relabelled, divergence="uld", on_policy=0.5)
+    from ft_ray.evaluation.arms import arms_of  # eval scores its arms in the model's tokens: no teacher arm
+
+    assert "teacher" in [a.name for a in arms_of(job(relabelled))]
+    assert "teacher" not in [a.name for a in arms_of(job(relabelled, divergence="uld"))]
+
+    model = build_model(job(relabelled, divergence="uld"), "builtin:tiny-llama")
+    objective = build_distill_objective(job(relabelled, divergence="uld"), model)
+    read, teacher_keep, partner = objective.teacher.teacher_batch(rows, keep)
+    theirs = load_tokenizer(job(relabelled).teacher)
+    assert (partner == torch.arange(int(keep.sum()))).all()  # each target token, in order
+    for ours, read_ids in zip(rows["input_ids"], read["input_ids"]):
+        text = tokenizer.decode([t for t in ours.tolist() if t != tokenizer.pad_token_id])
+        assert theirs.decode([t for t in read_ids.tolist() if t != theirs.pad_token_id]) == text
+    loss, metrics = objective.loss(model, rows)
+    assert metrics["divergence"] / objective.weight(rows) < 1e-5 and metrics["next_token_loss"] > 100
+
+    other = job(cross_tokenizer_llama(tmp_path / "other", permuted=False), divergence="uld")
+    objective = build_distill_objective(other, model)
+    read, teacher_keep, partner = objective.teacher.teacher_batch(rows, keep)
+    theirs = load_tokenizer(other.teacher)
+    assert read["input_ids"].shape[1] != rows["input_ids"].shape[1] and 0 < int((partner < 0).sum()) < len(partner) // 2
+    assert int(teacher_keep.sum()) == int((partner >= 0).sum())
+    for ours, read_ids in zip(rows["input_ids"], read["input_ids"]):  # the same text, bos and eos the teacher's
+        text = tokenizer.decode(ours.tolist(), skip_special_tokens=True)
+        assert theirs.decode(read_ids.tolist(), skip_special_tokens=True) == text
+        assert (read_ids == theirs.eos_token_id).sum() == (ours == tokenizer.eos_token_id).sum()
+    # a SentencePiece model (its word mark opens a text, not each piece read back) taught by the built-in tokens
+    from tests.conftest import sentencepiece_tokenizer
+
+    spm = sentencepiece_tokenizer()
+    record = encode_records((DEMO / "train.jsonl").read_text().splitlines()[:1], [""], "auto", {}, spm, 256, None)
+    read_back, _ = CrossTokenizerTeacher(None, spm, tokenizer).teacher_example(
+        record.ids.tolist(), (record.labels != IGNORE_INDEX).tolist())
+    assert tokenizer.decode(read_back) == "<|begin|>" + spm.decode(record.ids, skip_special_tokens=True) + "<|end|>"
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen = []
+    for _ in range(6):
+        loss, metrics = objective.loss(model, rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seen.append(metrics["divergence"] / int((partner >= 0).sum()))
+    assert seen[-1] < 0.7 * seen[0], seen
 
 
 def test_on_policy_batches_train_on_the_models_own_answers_graded_by_the_teacher(tmp_path):
