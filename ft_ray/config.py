@@ -855,9 +855,6 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.distill.on_policy and job.train.compile:
             problems.append("train.compile: on-policy distillation generates with the model; compile is for sft and "
                             "preference runs")
-        if job.distill.divergence == "uld" and job.distill.on_policy:
-            problems.append("distill.on_policy: the model's sampled answers are not read into another tokenizer yet; "
-                            "divergence uld trains on the records' answers (on_policy: 0)")
         if job.precomputes_teacher and job.distill.on_policy:
             problems.append("distill.on_policy: the teacher grades the model's own answers as it samples them, so "
                             "on-policy distillation needs distill.teacher_logits: inline")

@@ -373,25 +373,24 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
     distill = config.distill
     if config.precomputes_teacher:
         return DistillLoss(PrecomputedTeacher(), distill.divergence, distill.temperature, distill.ratio)
-    teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
-    sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
-    if distill.divergence == "uld":
-        from ft_ray.models import load_tokenizer
+    from ft_ray.models import load_tokenizer
 
-        return DistillLoss(CrossTokenizerTeacher(Teacher(teacher), load_tokenizer(config.model),
-                                                 load_tokenizer(config.teacher)), "uld", distill.temperature,
-                           distill.ratio)
-    if sizes[0] != sizes[1]:
-        LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
-                 f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")
+    teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
+    tokenizer = load_tokenizer(config.model)
+    if distill.divergence == "uld":  # the teacher reads the text in its own tokens
+        reader: Teacher | CrossTokenizerTeacher = CrossTokenizerTeacher(Teacher(teacher), tokenizer,
+                                                                         load_tokenizer(config.teacher))
+    else:
+        reader = Teacher(teacher)
+        sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
+        if sizes[0] != sizes[1]:
+            LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
+                     f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")
     sampler = None
     if distill.on_policy:
-        from ft_ray.models import load_tokenizer
-
-        sampler = Sampler(load_tokenizer(config.model), distill.max_new_tokens, distill.sampling_temperature,
-                          config.train.seed)
-    return DistillLoss(Teacher(teacher), distill.divergence, distill.temperature, distill.ratio, distill.jsd_beta,
-                       sampler, distill.on_policy)
+        sampler = Sampler(tokenizer, distill.max_new_tokens, distill.sampling_temperature, config.train.seed)
+    return DistillLoss(reader, distill.divergence, distill.temperature, distill.ratio, distill.jsd_beta, sampler,
+                       distill.on_policy)
 
 
 # ---------------------------------------------------------------- the precomputed teacher

@@ -148,7 +148,8 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
     """divergence uld: the driver takes a teacher of another tokenizer (and says so); the
     teacher reads each packed example's text in its own tokens. The built-in model under
     renumbered token ids (`cross_tokenizer_llama`) reads the same tokens relabelled: every
-    trained token is matched and the divergence is 0 (its distributions are the model's). A
+    trained token is matched and the divergence is 0 (its distributions are the model's), on
+    the records' answers and on the model's own sampled ones (on_policy). A
     teacher of another BPE reads the same text too, in other tokens, and a few steps of the
     model towards it lower the divergence."""
     from ft_ray.train.distillation import build_distill_objective
@@ -165,8 +166,6 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
         check_teacher(job(relabelled), tokenizer)
     assert check_teacher(job(relabelled, divergence="uld"), tokenizer) == (
         f"distill: teacher {relabelled} (uld, its own tokenizer (716 tokens), temperature 1, ratio 1)")
-    with pytest.raises(ConfigError, match="distill.on_policy: the model's sampled answers are not read into"):
-        job(relabelled, divergence="uld", on_policy=0.5)
     from ft_ray.evaluation.arms import arms_of  # eval scores its arms in the model's tokens: no teacher arm
 
     assert "teacher" in [a.name for a in arms_of(job(relabelled))]
@@ -182,6 +181,16 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
         assert theirs.decode([t for t in read_ids.tolist() if t != theirs.pad_token_id]) == text
     loss, metrics = objective.loss(model, rows)
     assert metrics["divergence"] / objective.weight(rows) < 1e-5 and metrics["next_token_loss"] > 100
+    # on-policy (GKD's, GOLD's): the model's own sampled answers, read back and graded in the teacher's tokens
+    from tests.unit.train.test_grpo import demo_batch
+
+    on_policy = job(relabelled, divergence="uld", on_policy=1.0, max_new_tokens=16)  # one record per row
+    answering = build_model(on_policy, "builtin:tiny-llama").train()
+    sampling = build_distill_objective(on_policy, answering)
+    prompts = {**demo_batch(tokenizer), "seq_id": torch.arange(4)}
+    sampled = sampling.step_weights(answering, [prompts])[0]
+    _, metrics = sampling.loss(answering, prompts)
+    assert metrics["on_policy"] == sampled > 8 and metrics["divergence"] / sampled < 1e-4
 
     other = job(cross_tokenizer_llama(tmp_path / "other", permuted=False), divergence="uld")
     objective = build_distill_objective(other, model)
