@@ -627,7 +627,7 @@ class DistillConfig(Section):
         "over the packed data before training (`ft-ray prepare` stores the result with the prepared data) and keep "
         "its distill.top_k likeliest tokens' logits at each trained token, so the workers hold no teacher and a "
         "sweep's trials or a later epoch never run it again (forward_kl, the teacher's distribution taken over "
-        "those tokens; no on_policy)"))
+        "those tokens, or uld; no on_policy)"))
     top_k: int = Field(32, ge=1, description=(
         "teacher_logits precomputed: the teacher's likeliest tokens kept at each trained token (6 bytes each per "
         "token in storage)"))
@@ -858,9 +858,9 @@ def impossible_combinations(job: JobConfig) -> list[str]:
         if job.precomputes_teacher and job.distill.on_policy:
             problems.append("distill.on_policy: the teacher grades the model's own answers as it samples them, so "
                             "on-policy distillation needs distill.teacher_logits: inline")
-        if job.precomputes_teacher and job.distill.divergence != "forward_kl":
+        if job.precomputes_teacher and job.distill.divergence not in ("forward_kl", "uld"):
             problems.append(f"distill.divergence: {job.distill.divergence} needs the teacher's whole distribution; "
-                            "its precomputed top-k logits (distill.teacher_logits: precomputed) serve forward_kl")
+                            "its precomputed top-k logits (distill.teacher_logits: precomputed) serve forward_kl and uld")
     elif job.distill.teacher:
         problems.append(f"distill.teacher: read by objective distill, not {job.objective}")
     if job.train.neftune_alpha and job.objective != "sft":

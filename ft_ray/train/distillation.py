@@ -108,11 +108,21 @@ class PrecomputedTeacher:
     `TEACHER_LOGITS`: `with_teacher`). Its distribution p is taken over those k tokens; the
     divergence is forward_kl against the student's whole distribution q, sum of p (log p - log q)
     over the k tokens (the student's mass elsewhere lowers log q there, so it is still pulled
-    onto the teacher's likeliest tokens)."""
+    onto the teacher's likeliest tokens). For uld the logits alone (in the teacher's tokens, no
+    ids; -inf where a target token has no match): `uld` against q whole, p zero past its k
+    (the student's mass past the k likeliest counts in full)."""
 
     def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
                       temperature: float) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
-        ids, values = batch[TEACHER_IDS][:, :-1][keep], batch[TEACHER_LOGITS][:, :-1][keep]
+        values = batch[TEACHER_LOGITS][:, :-1][keep]
+        if kind == "uld":
+            def sorted_apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
+                taught = values[start:end].float() / temperature
+                rows = torch.nonzero(taught[:, 0].isfinite()).squeeze(-1)
+                return student.new_zeros(end - start).index_put((rows,), uld(student[rows], taught[rows]))
+
+            return sorted_apart
+        ids = batch[TEACHER_IDS][:, :-1][keep]
 
         def apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
             p = F.log_softmax(values[start:end].float() / temperature, dim=-1)
@@ -277,7 +287,7 @@ class DistillLoss:
                  ratio: float = 0.5, beta: float = 0.5, sampler: Sampler | None = None, on_policy: float = 0.0):
         self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
         if isinstance(teacher, PrecomputedTeacher):
-            self.columns = DistillLoss.columns + (TEACHER_IDS, TEACHER_LOGITS)
+            self.columns = DistillLoss.columns + ((TEACHER_LOGITS,) if kind == "uld" else (TEACHER_IDS, TEACHER_LOGITS))
         self.sampler, self.on_policy = sampler, on_policy if sampler is not None else 0.0
         self.answered: dict[bytes, dict[str, torch.Tensor]] = {}  # a step's batches answered by the model
         if self.on_policy:
@@ -402,43 +412,58 @@ TEACHER_LOGITS = "teacher_logits"  # and their logits at temperature 1, float16
 class TeacherScorer(BlockScorer):
     """A model actor (`with_teacher`): the teacher, adding its top `distill.top_k` tokens and
     their logits at each target token to packed rows (over the output rows it shares with the
-    model)."""
+    model). For uld the teacher reads the rows in its own tokens (`CrossTokenizerTeacher`) and
+    only its top logits are kept, over all its rows, at the target tokens it matches (-inf at
+    the others)."""
 
     def load(self) -> Any:
-        from ft_ray.models import model_config
+        from ft_ray.models import load_tokenizer, model_config
 
         model = load_teacher(self.job, self.device)
         rows = causal_lm(model).get_output_embeddings().weight.shape[0]
-        self.rows = min(rows, getattr(model_config(self.job.model), "vocab_size", None) or rows)
+        self.uld = self.job.distill.divergence == "uld"
+        self.rows = rows if self.uld else min(rows, getattr(model_config(self.job.model), "vocab_size", None) or rows)
         self.k = min(self.job.distill.top_k, self.rows)
         self.teacher = Teacher(model)
+        if self.uld:
+            self.reader = CrossTokenizerTeacher(self.teacher, load_tokenizer(self.job.model),
+                                                load_tokenizer(self.job.teacher))
         return model
 
     def columns_of(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         labels = batch["labels"]
         keep = labels[:, 1:] != IGNORE_INDEX
-        logits, count = self.teacher.at(batch, keep), int(keep.sum())
+        if self.uld:
+            read, read_keep, partner = self.reader.teacher_batch(batch, keep)
+            logits, count = self.teacher.at(read, read_keep), int(read_keep.sum())
+        else:
+            logits, count = self.teacher.at(batch, keep), int(keep.sum())
         chunk = max(1, LOGITS_CHUNK_BYTES // (4 * self.rows))  # target tokens whose fp32 logits exist at once
         tops = [logits(start, min(count, start + chunk))[:, :self.rows].topk(self.k, dim=-1)
                 for start in range(0, count, chunk)]
-        ids = torch.zeros(*labels.shape, self.k, dtype=torch.int32)
         values = torch.zeros(*labels.shape, self.k, dtype=torch.float16)
+        found = torch.cat([top.values for top in tops]).half().cpu() if tops else torch.zeros(0, self.k).half()
+        if self.uld:  # the model's target tokens, those with the teacher's match first
+            taught = torch.full((len(partner), self.k), -math.inf, dtype=torch.float16)
+            taught[partner >= 0] = found[partner[partner >= 0]]
+            values[:, :-1][keep.cpu()] = taught
+            return {TEACHER_LOGITS: values.numpy()}
+        ids = torch.zeros(*labels.shape, self.k, dtype=torch.int32)
         if tops:
             ids[:, :-1][keep.cpu()] = torch.cat([top.indices for top in tops]).int().cpu()
-            values[:, :-1][keep.cpu()] = torch.cat([top.values for top in tops]).half().cpu()
+            values[:, :-1][keep.cpu()] = found
         return {TEACHER_IDS: ids.numpy(), TEACHER_LOGITS: values.numpy()}
 
     def empty(self, width: int) -> dict[str, Any]:
-        import numpy as np
-
-        return {TEACHER_IDS: np.zeros((0, width, self.k), dtype=np.int32),
-                TEACHER_LOGITS: np.zeros((0, width, self.k), dtype=np.float16)}
+        values = {TEACHER_LOGITS: np.zeros((0, width, self.k), dtype=np.float16)}
+        return values if self.uld else {TEACHER_IDS: np.zeros((0, width, self.k), dtype=np.int32), **values}
 
 
 def with_teacher(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
     """The packed datasets with the teacher's top-k logits at every target token (`with_columns`)."""
+    own = " in its own tokens" if config.distill.divergence == "uld" else ""
     return with_columns(config, datasets, TeacherScorer, "teacher",
-                        f"top-{config.distill.top_k} logits of {config.distill.teacher} at every trained token")
+                        f"top-{config.distill.top_k} logits of {config.distill.teacher}{own} at every trained token")
 
 
 def check_teacher(config: JobConfig, tokenizer: Any) -> str:

@@ -90,13 +90,13 @@ def with_precomputed(config: Any, datasets: dict[str, Any]) -> dict[str, Any]:
     """The packed datasets with the columns a frozen model computes before training
     (`JobConfig.precomputes`: the reference's log-probs, the teacher's top-k logits), where
     they lack them (prepared data holds them)."""
-    from ft_ray.train.distillation import TEACHER_IDS, with_teacher
+    from ft_ray.train.distillation import TEACHER_LOGITS, with_teacher
     from ft_ray.train.preference import REF_COLUMN, with_reference
 
     columns = datasets["train"].columns()
     if config.precomputes_reference and REF_COLUMN not in columns:
         return with_reference(config, datasets)
-    if config.precomputes_teacher and TEACHER_IDS not in columns:
+    if config.precomputes_teacher and TEACHER_LOGITS not in columns:
         return with_teacher(config, datasets)
     return datasets
 

@@ -267,7 +267,8 @@ def test_precomputed_teacher_logits_give_the_inline_loss_over_the_whole_vocabula
     teacher's top_k tokens and logits at each target token, nothing elsewhere; with k the
     whole vocabulary the two models share, the loss, metrics and gradients are those of the
     teacher run inline (fp16 logits in storage), and a smaller k keeps the teacher's likeliest
-    tokens. The job refuses what needs the teacher's whole distribution or the teacher itself."""
+    tokens; for uld (a teacher of another tokenizer) the same. The job refuses what needs the
+    teacher's whole distribution or the teacher itself."""
     from ft_ray.data.prepared import fingerprint
     from ft_ray.train.distillation import TEACHER_IDS, TEACHER_LOGITS, TeacherScorer, build_distill_objective
     from ft_ray.train.loop import model_inputs
@@ -312,6 +313,25 @@ def test_precomputed_teacher_logits_give_the_inline_loss_over_the_whole_vocabula
         **distill, "teacher": str(teacher_llama(tmp_path / "another"))}}), [])
     (tmp_path / "teacher" / "model.safetensors").write_bytes(b"changed")
     assert fingerprint(precomputed, []) != keys[1]
+    # uld (a teacher of another tokenizer): its logits alone, in its own tokens, -inf where nothing matched;
+    # with k its whole vocabulary the inline teacher's loss, metrics and gradients
+    other = str(cross_tokenizer_llama(tmp_path / "other", permuted=False))  # 520 tokens
+    sorted_job = lambda **more: job(teacher=other, divergence="uld", **more)  # noqa: E731
+    scored = TeacherScorer(sorted_job(teacher_logits="precomputed", top_k=520).model_dump_json())(
+        {k: v.numpy() for k, v in rows.items()})
+    assert TEACHER_IDS not in scored and scored[TEACHER_LOGITS].shape == (2, 256, 520)
+    taught = torch.as_tensor(scored[TEACHER_LOGITS][:, :-1][keep.numpy()])
+    unmatched = ~taught[:, 0].isfinite()
+    assert 0 < int(unmatched.sum()) < len(taught) // 2 and taught[unmatched].isneginf().all()
+    inline = build_distill_objective(sorted_job(), model)
+    objective = build_distill_objective(sorted_job(teacher_logits="precomputed", top_k=520), model)
+    assert objective.columns[-1] == TEACHER_LOGITS and TEACHER_IDS not in objective.columns
+    got = objective_pass(model, objective, model_inputs({k: torch.as_tensor(v) for k, v in scored.items()}), "fp32")
+    expected = objective_pass(model, inline, rows, "fp32")
+    assert got[0] == pytest.approx(expected[0], rel=1e-3) and got[1] == pytest.approx(expected[1], rel=1e-3)
+    assert_same_gradients(got[2], expected[2], 1e-3)
+    assert fingerprint(sorted_job(teacher_logits="precomputed", top_k=4), []) != fingerprint(
+        job(teacher=other, teacher_logits="precomputed", top_k=4), [])  # the same teacher, its logits kept otherwise
     with pytest.raises(ConfigError, match="distill.on_policy: the teacher grades the model's own answers"):
         job(teacher_logits="precomputed", on_policy=0.5)
     with pytest.raises(ConfigError, match="distill.divergence: jsd needs the teacher's whole distribution"):
