@@ -164,7 +164,8 @@ KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-l
                      "meta-llama/Llama-3.1-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
                      "meta-llama/Meta-Llama-3-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
                      "meta-llama/Llama-3.1-70B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
-                     "meta-llama/Llama-3.1-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"]})
+                     "meta-llama/Llama-3.1-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
+                     "Qwen/Qwen2.5-7B-Instruct": KNOWN_SHAPES["Qwen/Qwen2.5-7B"]})
 
 
 def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
