@@ -56,7 +56,8 @@ def arms_of(job: Any) -> tuple[Arm, ...]:
     `TEACHER` for a distillation run: how much of its teacher did the variant take in? (not for
     divergence uld: the arms are scored in the model's tokens, which such a teacher may not read)"""
     cross_tokenizer = job.distill.divergence == "uld"
-    extra = {START: bool(job.model.adapter and job.trains_adapter), TEACHER: job.objective == "distill" and not cross_tokenizer}
+    extra = {START: bool(job.model.adapter and job.trains_adapter),
+             TEACHER: job.objective == "distill" and not cross_tokenizer}
     return tuple(arm for arm in ALL_ARMS if extra.get(arm, True))
 
 

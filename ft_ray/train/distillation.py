@@ -119,7 +119,7 @@ class PrecomputedTeacher:
             def sorted_apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
                 taught = values[start:end].float() / temperature
                 rows = torch.nonzero(taught[:, 0].isfinite()).squeeze(-1)
-                return student.new_zeros(end - start).index_put((rows,), uld(student[rows], taught[rows]))
+                return uld_at(student, rows, taught[rows])
 
             return sorted_apart
         ids = batch[TEACHER_IDS][:, :-1][keep]
@@ -145,6 +145,14 @@ def uld(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (q - p).abs().sum(-1)
 
 
+def uld_at(student: torch.Tensor, rows: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per row of `student`: `uld` against the teacher's logits of `rows` (in order), 0 at the
+    rows without the teacher's (target tokens it has no match for)."""
+    if not len(rows):
+        return student.new_zeros(len(student))
+    return student.new_zeros(len(student)).index_put((rows,), uld(student[rows], teacher))
+
+
 class CrossTokenizerTeacher:
     """A teacher with its own tokenizer (divergence uld). Each example of a batch (a packed row
     holds several, told apart by positions restarting at 0) is read back to text piece by
@@ -158,8 +166,9 @@ class CrossTokenizerTeacher:
 
     def __init__(self, teacher: Teacher, tokenizer: Any, teacher_tokenizer: Any):
         self.teacher, self.tokenizer, self.theirs = teacher, tokenizer, teacher_tokenizer
-        specials = {tokenizer.pad_token_id: None, tokenizer.bos_token_id: teacher_tokenizer.bos_token_id,
-                    tokenizer.eos_token_id: teacher_tokenizer.eos_token_id}  # (a pad that is the eos: the eos)
+        specials = {tokenizer.pad_token_id: None,  # first: a pad that is also the bos or eos maps as that
+                    tokenizer.bos_token_id: teacher_tokenizer.bos_token_id,
+                    tokenizer.eos_token_id: teacher_tokenizer.eos_token_id}
         self.special = {ours: theirs for ours, theirs in specials.items() if ours is not None}  # None: dropped
         self.specials = set(self.special) | set(tokenizer.all_special_ids)
         self.pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else (
@@ -177,8 +186,7 @@ class CrossTokenizerTeacher:
             if not len(rows):
                 return student.new_zeros(end - start)
             first, last = int(matched[rows[0]]), int(matched[rows[-1]]) + 1  # matches are in the model's order
-            distances = uld(student[rows], logits(first, last) / temperature)
-            return student.new_zeros(end - start).index_put((rows,), distances)
+            return uld_at(student, rows, logits(first, last) / temperature)
 
         return apart
 
@@ -193,7 +201,8 @@ class CrossTokenizerTeacher:
                 runs.append(([token], train, special))
         return runs
 
-    def teacher_example(self, ids: list[int], trained: list[bool]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    def teacher_example(self, ids: list[int],
+                        trained: list[bool]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
         """The teacher's tokens of one example, and for each trained piece the positions of the
         model's tokens and of the teacher's (in the example)."""
         from ft_ray.data.tokenize import encode_segments
@@ -283,11 +292,13 @@ class DistillLoss:
     columns = ("input_ids", "labels", "position_ids")
     metrics = METRICS
 
-    def __init__(self, teacher: Teacher | PrecomputedTeacher | CrossTokenizerTeacher, kind: str = "forward_kl", temperature: float = 1.0,
-                 ratio: float = 0.5, beta: float = 0.5, sampler: Sampler | None = None, on_policy: float = 0.0):
+    def __init__(self, teacher: Teacher | PrecomputedTeacher | CrossTokenizerTeacher, kind: str = "forward_kl",
+                 temperature: float = 1.0, ratio: float = 0.5, beta: float = 0.5, sampler: Sampler | None = None,
+                 on_policy: float = 0.0):
         self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
         if isinstance(teacher, PrecomputedTeacher):
-            self.columns = DistillLoss.columns + ((TEACHER_LOGITS,) if kind == "uld" else (TEACHER_IDS, TEACHER_LOGITS))
+            self.columns = DistillLoss.columns + ((TEACHER_LOGITS,) if kind == "uld"
+                                                  else (TEACHER_IDS, TEACHER_LOGITS))
         self.sampler, self.on_policy = sampler, on_policy if sampler is not None else 0.0
         self.answered: dict[bytes, dict[str, torch.Tensor]] = {}  # a step's batches answered by the model
         if self.on_policy:
