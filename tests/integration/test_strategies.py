@@ -40,18 +40,29 @@ def zero2_first_steps(ray_local, tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_full_fine_tune_checkpoints_every_rank_resumes_and_keeps_its_worker_count(request, tmp_path, stage):
+    """ZeRO-2 with DeepSpeed's AdamW, ZeRO-3 with bitsandbytes' 8-bit AdamW (train.optimizer
+    adamw_8bit, DeepSpeed's client optimizer: each rank's shard holds its uint8 states): the loss
+    falls, every rank checkpoints its shard, a relaunch resumes, the export is whole."""
     if stage == 2:
         config, first, _ = request.getfixturevalue("zero2_first_steps")
     else:
         request.getfixturevalue("ray_local")
-        config = zero_job(tmp_path, stage, f"zero{stage}", max_steps=2)
+        config = zero_job(tmp_path, stage, f"zero{stage}", max_steps=2, optimizer="adamw_8bit")
         first = run_training(config)
     run = Path(config.storage.path) / config.run_name
     assert first["eval_loss_final"] < first["eval_loss_initial"]
 
-    shards = sorted(p.name for p in (run / "checkpoint-000002" / "deepspeed" / "state").glob("*optim_states.pt"))
+    folder = run / "checkpoint-000002" / "deepspeed" / "state"
+    shards = sorted(p.name for p in folder.glob("*optim_states.pt"))
     assert len(shards) == 2, f"expected one optimizer shard per rank, found {shards}"
     assert {"0", "1"} == {name.split("_")[3] for name in shards}  # zero_pp_rank_<r>_...
+    if stage == 3:
+        from ft_ray.train.deepspeed_engine import weights_only_checkpoint_engine
+        from tests.unit.train.test_fsdp_engine import gathered_tensors
+
+        for name in shards:
+            state = weights_only_checkpoint_engine().load(str(folder / name))
+            assert torch.uint8 in {t.dtype for t in gathered_tensors(state)}, name
 
     # Continue the same run to 4 steps: it resumes from step 2 with optimizer and scheduler state.
     config.train.max_steps = 4
@@ -108,18 +119,6 @@ def test_fsdp_trains_as_zero2_does_and_resumes_on_another_worker_count(zero2_fir
     exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
     saved = load_file(str(run / "checkpoint-000004" / "model" / "model.safetensors"))
     assert saved and all(torch.equal(exported[name], weight) for name, weight in saved.items())
-
-
-def test_a_ddp_full_fine_tune_with_8bit_adamw_checkpoints_its_quantized_states(ray_local, tmp_path):
-    """train.optimizer adamw_8bit on 2 DDP workers: the loss falls, and the checkpoint's
-    optimizer state holds bitsandbytes' uint8 states for the matrices (fp32 for the norms)."""
-    config = load_config(write_job(tmp_path, run_name="adamw-8bit", method="full", train={
-        "learning_rate": 5e-4, "max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "optimizer": "adamw_8bit"}))
-    summary = run_training(config)
-    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
-    states = torch.load(Path(summary["best_checkpoint"]) / "optimizer.pt", weights_only=True)["optimizer"]["state"]
-    saved = [state.get("__bnb_optimizer_quant_state__", state) for state in states.values()]  # bitsandbytes' layout
-    assert {state["state1"].dtype for state in saved} == {torch.uint8, torch.float32}
 
 
 def test_qlora_trains_adapters_over_a_4bit_base_under_zero2(ray_local, tmp_path):
