@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ft_ray.config import JobConfig, SourceConfig, eval_set_metric
+from ft_ray.config import InputError, JobConfig, SourceConfig, eval_set_metric
 from ft_ray.data.formats import RecordError
 from ft_ray.data.records import eval_bucket, example_key, parse_record, readable
 from ft_ray.data.readers import ReadLimits
@@ -85,6 +85,30 @@ def rejected_line(sample: dict[str, Any], key: str, config: JobConfig) -> str | 
             "mend them or raise data.max_rejected_fraction")
 
 
+def uld_line(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> str:
+    """How many trained tokens of a source's first records a teacher of another tokenizer
+    (`distill.divergence: uld`) matches: the others train on their next-token loss only."""
+    from ft_ray.models import load_tokenizer
+    from ft_ray.train.distillation import CrossTokenizerTeacher, matched_pairs
+
+    reader = CrossTokenizerTeacher(None, tokenizer, load_tokenizer(config.teacher))
+    matched = trained = 0
+    for seen, (_, _, text, error) in enumerate(read_records(source, config.storage, key,
+                                                            ReadLimits.of(config.data, source))):
+        if seen >= PEEK_RECORDS:
+            break
+        try:
+            example = parse_record(text, error, fmt, source.fields, tokenizer, config.model.max_seq_len,
+                                   config.drop_over, config.data.loss_on)
+        except RecordError:
+            continue
+        _, matches = reader.teacher_example(example["input_ids"], [y != IGNORE_INDEX for y in example["labels"]])
+        matched += sum(1 for _ in matched_pairs(matches))
+        trained += sum(len(ours) for ours, _ in matches)
+    return (f"{key}: the teacher (uld, its own tokens) matches {matched:,} of the {trained:,} trained tokens of the "
+            f"first records ({matched / max(1, trained):.0%}); the others add their next-token loss only")
+
+
 def p95(ordered: list[int]) -> int:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
@@ -148,6 +172,11 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
                              f"model.max_seq_len {config.model.max_seq_len} and lose their ends; raise it (p95 "
                              f"{p95(lengths)}) or shorten them")
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
+        if config.objective == "distill" and config.distill.divergence == "uld" and not problem:
+            try:
+                lines.append(uld_line(source, fmt, config, key, tokenizer))
+            except (InputError, OSError, ValueError):
+                pass  # no teacher tokenizer here: check_teacher says so
     if data.eval:
         held_out = sum(held_out_examples.values())
         seen = sum(held_out_examples[example] for example in in_train)

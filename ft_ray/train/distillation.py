@@ -32,7 +32,7 @@ likeliest tokens and their logits at each target token; the workers hold no teac
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -246,10 +246,8 @@ class CrossTokenizerTeacher:
             row_positions: list[int] = []
             for s, e in zip(starts, starts[1:]):
                 theirs, matches = self.teacher_example(ids[r, s:e].tolist(), (labels[r, s:e] != IGNORE_INDEX).tolist())
-                for ours, teacher_at in matches:
-                    for a, b in zip(ours, teacher_at):
-                        if a > 0 and b > 0:  # a target: predicted from the token before it in its example
-                            pairs.append((int(target_index[r, s + a - 1]), r, len(row) + b))
+                for a, b in matched_pairs(matches):
+                    pairs.append((int(target_index[r, s + a - 1]), r, len(row) + b))
                 row += theirs
                 row_positions += range(len(theirs))
             rows.append((row, row_positions))
@@ -270,6 +268,14 @@ class CrossTokenizerTeacher:
         device = batch["input_ids"].device
         read = {"input_ids": read_ids.to(device), "position_ids": read_positions.to(device)}
         return read, teacher_keep.to(device), partner
+
+
+def matched_pairs(matches: list[tuple[list[int], list[int]]]) -> Iterator[tuple[int, int]]:
+    """(the model's position, the teacher's) of each matched trained token of an example
+    (`CrossTokenizerTeacher.teacher_example`): in order within a piece, up to the shorter, each
+    a target (predicted from the token before it in the example)."""
+    for ours, theirs in matches:
+        yield from ((a, b) for a, b in zip(ours, theirs) if a > 0 and b > 0)
 
 
 def batch_key(batch: dict[str, torch.Tensor]) -> bytes:
