@@ -1082,9 +1082,9 @@ def _describe(err: dict, source: str, where_set: dict) -> str:
     # the key's own place, else that of the nearest section holding it that a --set replaced, else the
     # --set that made it (an unknown section: `--set trian.max_steps=3`)
     overrides = [(key, at) for key, at in where_set.items() if at.startswith("--set ")]
-    where = where_set.get(loc) or next((at for n in range(len(loc) - 1, 0, -1) for key, at in overrides
-                                        if key == loc[:n]), None) or next(
-        (at for key, at in overrides if key[:len(loc)] == loc), source)
+    made = [at for n in range(len(loc) - 1, 0, -1) for key, at in overrides if key == loc[:n]]
+    made += [at for key, at in overrides if key[:len(loc)] == loc]
+    where = where_set.get(loc) or (made[0] if made else source)
     dotted = ".".join(loc)
     if kind == "extra_forbidden":
         hint = _did_you_mean(loc)

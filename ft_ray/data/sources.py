@@ -167,9 +167,10 @@ def choose_format(source: SourceConfig, storage: StorageConfig, key: str) -> tup
                 if read >= PEEK_RECORDS:
                     break
                 read += 1
+                if error:
+                    first_problem = first_problem or f"{path}:{line}: {error}"
+                    continue
                 try:
-                    if error:
-                        raise RecordError(error.partition(": ")[2] or error, error.partition(": ")[0])
                     record = map_fields(json.loads(text), source.fields)
                     seen[detect_format(record)] += 1
                     tools += uses_tools(record)
