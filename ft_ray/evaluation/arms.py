@@ -53,11 +53,8 @@ ALL_ARMS = (*ARMS[:-1], START, TEACHER, ARMS[-1])  # in the order tables show th
 def arms_of(job: Any) -> tuple[Arm, ...]:
     """The arms an evaluation of the job scores: `ARMS`, `START` where its LoRA run trained
     on from an adapter (`model.adapter`): did this run pay over where it started?, and
-    `TEACHER` for a distillation run: how much of its teacher did the variant take in? (not for
-    divergence uld: the arms are scored in the model's tokens, which such a teacher may not read)"""
-    cross_tokenizer = job.distill.divergence == "uld"
-    extra = {START: bool(job.model.adapter and job.trains_adapter),
-             TEACHER: job.objective == "distill" and not cross_tokenizer}
+    `TEACHER` for a distillation run: how much of its teacher did the variant take in?"""
+    extra = {START: bool(job.model.adapter and job.trains_adapter), TEACHER: job.objective == "distill"}
     return tuple(arm for arm in ALL_ARMS if extra.get(arm, True))
 
 

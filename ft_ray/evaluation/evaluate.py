@@ -315,9 +315,6 @@ def evaluate_scored(config: JobConfig, target: Target, earlier: Scored | None = 
     started = time.monotonic()
     every = arms_of(config)
     arms = every if earlier is None else tuple(arm for arm in every if arm.model == "variant")
-    if config.objective == "distill" and not any(arm.model == "teacher" for arm in every):
-        LOG.info(f"note: no teacher arm: {config.distill.teacher} reads the text in its own tokens "
-                 "(distill.divergence uld), the arms are scored in the model's")
     connect_ray(config)
     settings = config.eval
     ray.data.DataContext.get_current().execution_options.preserve_order = True

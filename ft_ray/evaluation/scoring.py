@@ -140,6 +140,13 @@ class ArmScorer:
                                                              base_arms=any(arm.model == "base" for arm in self.arms),
                                                              start=any(arm.model == "start" for arm in self.arms))
         self.teacher = load_teacher_arm(self.job) if any(arm.model == "teacher" for arm in self.arms) else None
+        self.teacher_reader = None  # a teacher of another tokenizer (distill.divergence uld) reads its own tokens
+        if self.teacher is not None and self.job.distill.divergence == "uld":
+            from ft_ray.train.distillation import CrossTokenizerTeacher
+
+            theirs = load_tokenizer(self.job.teacher)
+            self.teacher_reader = CrossTokenizerTeacher(None, self.tokenizer, theirs)
+            self.teacher_speaks = theirs, bos_id(theirs), stop_ids(theirs)
         self.device = next(self.variant.parameters()).device
         # a SentencePiece word mark ("▁") opens the prompt's first example only
         self.marked = (getattr(self.tokenizer, "backend_tokenizer", None) is not None
@@ -217,6 +224,8 @@ class ArmScorer:
             prefixes = self.prefixes(prompt, len(plain["input_ids"]), sum(map(len, seg_ids)) + 1,
                                      sum(map(len, after_shots)) + 1)
             example = self.arm_inputs(seg_ids, after_shots, trainable, prefixes, plain)
+            if self.teacher_reader is not None:
+                example.update(self.teacher_inputs(plain))
             if len(units) == 2:
                 rejected = units[1][0]
                 example["rejected"] = self.arm_inputs(*self.segment_forms(rejected), [t for _, t in rejected], prefixes)
@@ -226,6 +235,23 @@ class ArmScorer:
                 "prompt_ids": [i for ids in seg_ids[:first] for i in ids],
                 "prompt_ids_after_shots": [i for ids in after_shots[:first] for i in ids],
                 "reference": answer_text(self.tokenizer, segments[first][0])}
+
+    def teacher_inputs(self, plain: dict[str, list[int]]) -> dict[str, Any]:
+        """The teacher arm's ids and labels of an example in its own tokens (`teacher_example`:
+        the same text), its target tokens counted as the model's (so its loss per token is its
+        loss of the answer's text over the model's tokens of it, as the other arms' are), and
+        its prompt's ids."""
+        trained = [label != IGNORE_INDEX for label in plain["labels"]]
+        ids, matches = self.teacher_reader.teacher_example(plain["input_ids"], trained)
+        labels = [IGNORE_INDEX] * len(ids)
+        for _, theirs in matches:
+            for at in theirs:
+                labels[at] = ids[at]
+        first = min((theirs[0] for _, theirs in matches if theirs), default=len(ids))
+        bos = self.teacher_speaks[1]
+        prompt = ids[1:first] if bos is not None and ids[:1] == [bos] else ids[:first]
+        return {"teacher": {"input_ids": ids, "labels": labels, "model_tokens": sum(trained[1:])},
+                "teacher_prompt_ids": prompt}
 
     def shot_forms(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """Each shot text's ids (as a prompt's first example, as a later one: the same but
@@ -295,11 +321,11 @@ class ArmScorer:
 
         out = []
         size = self.settings.batch_size
+        pad = self.speaker(arm)[0].pad_token_id
         with self.model(arm) as model, torch.no_grad():
             for start in range(0, len(examples), size):
                 chunk = examples[start:start + size]
                 width = max(len(e["input_ids"]) for e in chunk)
-                pad = self.tokenizer.pad_token_id
                 ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in chunk])
                 labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
                 mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
@@ -308,15 +334,23 @@ class ArmScorer:
                 targets = labels[:, 1:].to(self.device)
                 losses = torch.nn.functional.cross_entropy(
                     logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-                counts = (targets != IGNORE_INDEX).sum(dim=1)
-                out.extend(zip(losses.sum(dim=1).tolist(), counts.tolist()))
+                counts = [e.get("model_tokens", n) for e, n in zip(chunk, (targets != IGNORE_INDEX).sum(dim=1).tolist())]
+                out.extend(zip(losses.sum(dim=1).tolist(), counts))
         return out
+
+    def speaker(self, arm: Arm) -> tuple[Any, int | None, list[int]]:
+        """The tokenizer, bos id and stop ids an arm's model reads and writes with."""
+        if arm.model == "teacher" and self.teacher_reader is not None:
+            return self.teacher_speaks
+        return self.tokenizer, self.bos, self.stops
 
     def generate_all(self, example: dict) -> None:
         """Greedy answers of every scored arm to the example's prompt, scored."""
         for arm in self.arms:
             shots = example["prefixes"].get(arm.name, [])
             ids = [i for shot in shots for i in shot] + self.prompt_ids(example, shots)
+            if arm.model == "teacher" and self.teacher_reader is not None:
+                ids = example["teacher_prompt_ids"]  # (the teacher arm has no shots)
             answer, new_tokens, seconds = self.generate(arm, ids)
             answer = metrics.cut_at_next_example(answer, example["prompt"])
             name = arm.name
@@ -337,16 +371,16 @@ class ArmScorer:
         """(answer, new tokens, seconds) of a greedy continuation."""
         import torch
 
-        bos = [self.bos] if self.bos is not None else []
-        ids = torch.tensor([bos + prompt_ids], device=self.device)
+        tokenizer, bos, stops = self.speaker(arm)
+        ids = torch.tensor([([bos] if bos is not None else []) + prompt_ids], device=self.device)
         started = time.perf_counter()
         with self.model(arm) as model, torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=self.settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stops)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         seconds = time.perf_counter() - started
         new = out[0, ids.shape[1]:]
-        return self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds
+        return tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds
 
     def row(self, example: dict) -> dict[str, Any]:
         """The figures of one record (fixed columns, so every batch has the same schema)."""

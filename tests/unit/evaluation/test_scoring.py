@@ -281,3 +281,29 @@ def test_a_distillation_run_scores_its_teacher_as_an_arm(tmp_path):
     # the teacher is the built-in model with its output layer doubled: surer of its tokens, not the same loss
     assert row["variant_loss_sum"] == pytest.approx(row["base_loss_sum"], rel=1e-6)
     assert abs(row["teacher_loss_sum"] - row["base_loss_sum"]) > 0.1
+
+
+def test_a_teacher_of_another_tokenizer_is_scored_and_answers_in_its_own_tokens(tmp_path):
+    """distill.divergence uld: the teacher arm reads each example in its own tokens (the same
+    text), its loss counted per token of the model's (its loss of the answer's text over the
+    model's tokens of it), and answers in its own tokens. The built-in model under renumbered
+    ids as the teacher scores and answers exactly as the base arm does."""
+    from tests.conftest import cross_tokenizer_llama
+
+    keys = [record_key("eval.jsonl", 1)]
+    for teacher, same in ((cross_tokenizer_llama(tmp_path / "relabelled"), True),
+                          (cross_tokenizer_llama(tmp_path / "bpe", permuted=False), False)):
+        job = config_from_dict({"objective": "distill", "distill": {"teacher": str(teacher), "divergence": "uld"},
+                                "data": {"train": "unused.jsonl"}, "eval": {"max_new_tokens": 12}})
+        s = ArmScorer(job.model_dump_json(), str(ASSETS / "tiny-llama"), [], "instruction", {}, generate_keys=keys,
+                      arms=("base", "teacher"))
+        [row] = score(s, json.dumps(RECORD))
+        assert row["teacher_tokens"] == row["base_tokens"] > 10
+        if same:
+            assert row["teacher_loss_sum"] == pytest.approx(row["base_loss_sum"], rel=1e-5)
+            assert row["teacher_answer"] == row["base_answer"] and row["teacher_gen_tokens"] == 12
+        else:  # random weights, whose merges cross words: another loss, its answer read back from its own tokens
+            assert math.isfinite(row["teacher_loss_sum"]) and abs(row["teacher_loss_sum"] - row["base_loss_sum"]) > 1
+            assert row["teacher_gen_tokens"] > 0
+            assert row["teacher_answer"] == load_tokenizer(job.teacher).decode(
+                load_tokenizer(job.teacher)(row["teacher_answer"], add_special_tokens=False)["input_ids"])
