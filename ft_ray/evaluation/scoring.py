@@ -334,13 +334,14 @@ class ArmScorer:
                 targets = labels[:, 1:].to(self.device)
                 losses = torch.nn.functional.cross_entropy(
                     logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-                counts = [e.get("model_tokens", n) for e, n in zip(chunk, (targets != IGNORE_INDEX).sum(dim=1).tolist())]
+                counted = (targets != IGNORE_INDEX).sum(dim=1).tolist()
+                counts = [e.get("model_tokens", n) for e, n in zip(chunk, counted)]  # the teacher's: the model's
                 out.extend(zip(losses.sum(dim=1).tolist(), counts))
         return out
 
     def speaker(self, arm: Arm) -> tuple[Any, int | None, list[int]]:
         """The tokenizer, bos id and stop ids an arm's model reads and writes with."""
-        if arm.model == "teacher" and self.teacher_reader is not None:
+        if self.teacher_reader is not None and arm.model == "teacher":
             return self.teacher_speaks
         return self.tokenizer, self.bos, self.stops
 
@@ -349,7 +350,7 @@ class ArmScorer:
         for arm in self.arms:
             shots = example["prefixes"].get(arm.name, [])
             ids = [i for shot in shots for i in shot] + self.prompt_ids(example, shots)
-            if arm.model == "teacher" and self.teacher_reader is not None:
+            if self.teacher_reader is not None and arm.model == "teacher":
                 ids = example["teacher_prompt_ids"]  # (the teacher arm has no shots)
             answer, new_tokens, seconds = self.generate(arm, ids)
             answer = metrics.cut_at_next_example(answer, example["prompt"])

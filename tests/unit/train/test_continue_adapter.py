@@ -3,6 +3,7 @@ DPO, or more data later), in one process: the job takes the adapter's LoRA setti
 starts where the adapter was, and a preference reference is that start, not the adapter off."""
 
 import contextlib
+import copy
 import json
 import math
 
@@ -217,8 +218,7 @@ def test_eval_compares_the_variant_with_the_adapter_it_trained_on_from(started, 
         model = load_base_model(job.model).eval()
         if adapter:
             model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        one = ArmScorer.__new__(ArmScorer)  # its loss_sums on this model alone
-        one.settings, one.tokenizer, one.device = job.eval, scorer.tokenizer, torch.device("cpu")
+        one = copy.copy(scorer)  # its loss_sums on this model alone
         one.model = lambda arm: contextlib.nullcontext(model)
         examples = [scorer.prepare(json.dumps(RECORD), "")["base"]]
         return one.loss_sums(None, examples)[0][0]
