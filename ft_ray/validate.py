@@ -47,6 +47,7 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
     carry the loss (`data.loss_on`) and problems of the first records of a source."""
     problems: list[str] = []
     lengths: list[int] = []
+    examples: list[dict[str, list[int]]] = []
     trained = 0
     seen = 0
     drop_over = config.drop_over
@@ -58,9 +59,10 @@ def peek(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer:
             example = parse_record(text, error, fmt, source.fields, tokenizer, UNCUT, drop_over, config.data.loss_on)
             lengths.append(len(example["input_ids"]))
             trained += sum(label != IGNORE_INDEX for label in example["labels"])
+            examples.append(example)
         except RecordError as e:
             problems.append(f"{path}:{line}: {e.kind}: {e}")
-    return {"seen": seen, "problems": problems, "lengths": lengths, "trained": trained}
+    return {"seen": seen, "problems": problems, "lengths": lengths, "trained": trained, "examples": examples}
 
 
 def lengths_line(lengths: list[int], trained: int, over: int, seen: int, fmt: str, config: JobConfig) -> str:
@@ -85,24 +87,19 @@ def rejected_line(sample: dict[str, Any], key: str, config: JobConfig) -> str | 
             "mend them or raise data.max_rejected_fraction")
 
 
-def uld_line(source: SourceConfig, fmt: str, config: JobConfig, key: str, tokenizer: Any) -> str:
-    """How many trained tokens of a source's first records a teacher of another tokenizer
-    (`distill.divergence: uld`) matches: the others train on their next-token loss only."""
+def uld_line(examples: list[dict[str, list[int]]], config: JobConfig, key: str, tokenizer: Any) -> str:
+    """How many trained tokens of a source's first records (`peek`'s, cut at model.max_seq_len
+    as training cuts them) a teacher of another tokenizer (`distill.divergence: uld`) matches:
+    the others train on their next-token loss only."""
     from ft_ray.models import load_tokenizer
     from ft_ray.train.distillation import CrossTokenizerTeacher, matched_pairs
 
     reader = CrossTokenizerTeacher(None, tokenizer, load_tokenizer(config.teacher))
     matched = trained = 0
-    for seen, (_, _, text, error) in enumerate(read_records(source, config.storage, key,
-                                                            ReadLimits.of(config.data, source))):
-        if seen >= PEEK_RECORDS:
-            break
-        try:
-            example = parse_record(text, error, fmt, source.fields, tokenizer, config.model.max_seq_len,
-                                   config.drop_over, config.data.loss_on)
-        except RecordError:
-            continue
-        _, matches = reader.teacher_example(example["input_ids"], [y != IGNORE_INDEX for y in example["labels"]])
+    for example in examples:
+        cut = slice(0, config.model.max_seq_len)
+        labels = example["labels"][cut]
+        _, matches = reader.teacher_example(example["input_ids"][cut], [y != IGNORE_INDEX for y in labels])
         matched += sum(1 for _ in matched_pairs(matches))
         trained += sum(len(ours) for ours, _ in matches)
     return (f"{key}: the teacher (uld, its own tokens) matches {matched:,} of the {trained:,} trained tokens of the "
@@ -174,7 +171,7 @@ def validate_data(config: JobConfig) -> dict[str, Any]:
         lines += [f"problem: {p}" for p in sample["problems"][:10]]
         if config.objective == "distill" and config.distill.divergence == "uld" and not problem:
             try:
-                lines.append(uld_line(source, fmt, config, key, tokenizer))
+                lines.append(uld_line(sample["examples"], config, key, tokenizer))
             except (InputError, OSError, ValueError):
                 pass  # no teacher tokenizer here: check_teacher says so
     if data.eval:

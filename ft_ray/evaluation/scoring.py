@@ -339,18 +339,20 @@ class ArmScorer:
                 out.extend(zip(losses.sum(dim=1).tolist(), counts))
         return out
 
+    def in_own_tokens(self, arm: Arm) -> bool:
+        """Whether the arm is a teacher of another tokenizer, reading and answering in its own."""
+        return self.teacher_reader is not None and arm.model == "teacher"
+
     def speaker(self, arm: Arm) -> tuple[Any, int | None, list[int]]:
         """The tokenizer, bos id and stop ids an arm's model reads and writes with."""
-        if self.teacher_reader is not None and arm.model == "teacher":
-            return self.teacher_speaks
-        return self.tokenizer, self.bos, self.stops
+        return self.teacher_speaks if self.in_own_tokens(arm) else (self.tokenizer, self.bos, self.stops)
 
     def generate_all(self, example: dict) -> None:
         """Greedy answers of every scored arm to the example's prompt, scored."""
         for arm in self.arms:
             shots = example["prefixes"].get(arm.name, [])
             ids = [i for shot in shots for i in shot] + self.prompt_ids(example, shots)
-            if self.teacher_reader is not None and arm.model == "teacher":
+            if self.in_own_tokens(arm):
                 ids = example["teacher_prompt_ids"]  # (the teacher arm has no shots)
             answer, new_tokens, seconds = self.generate(arm, ids)
             answer = metrics.cut_at_next_example(answer, example["prompt"])
