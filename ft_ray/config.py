@@ -608,7 +608,13 @@ class DistillConfig(Section):
         "tokens, MiniLLM); jsd = distill.jsd_beta x KL(p || m) + (1 - jsd_beta) x KL(q || m), m their "
         "mixture (GKD's generalized JSD, TRL's GKDTrainer); uld = the L1 distance of p and q each sorted from "
         "the likeliest token down (universal logit distillation), for a teacher with another tokenizer: it reads "
-        "the same text in its own tokens, its answer tokens matched with the model's in order"))
+        "the same text in its own tokens, a trained token matched with the teacher's that starts at the same place "
+        "of the text (both predicted after the same text)"))
+    uld_shared_tokens: bool = Field(True, description=(
+        "uld: the tokens of the same text in both vocabularies (and the two bos and eos) are compared with each "
+        "other, |q - p| token by token, and only the others sorted (GOLD's hybrid: where the vocabularies overlap "
+        "the model learns which token the teacher prefers, not only how sure it is); false: all sorted (plain "
+        "ULD)"))
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's share of the mixture m (TRL's beta)")
     temperature: float = Field(1.0, gt=0, description=(
         "both models' logits are divided by it before the divergence, which is then multiplied by its square "

@@ -101,9 +101,10 @@ def uld_line(examples: list[dict[str, list[int]]], config: JobConfig, key: str, 
         labels = example["labels"][cut]
         _, matches = reader.teacher_example(example["input_ids"][cut], [y != IGNORE_INDEX for y in labels])
         matched += sum(1 for _ in matched_pairs(matches))
-        trained += sum(len(ours) for ours, _ in matches)
+        trained += sum(len(piece.ours) for piece in matches)
     return (f"{key}: the teacher (uld, its own tokens) matches {matched:,} of the {trained:,} trained tokens of the "
-            f"first records ({matched / max(1, trained):.0%}); the others add their next-token loss only")
+            f"first records ({matched / max(1, trained):.0%}: read after the same text); the others add their "
+            "next-token loss only")
 
 
 def p95(ordered: list[int]) -> int:

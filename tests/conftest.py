@@ -174,12 +174,14 @@ def untrained_llama(folder: Path) -> Path:
     return folder
 
 
-def cross_tokenizer_llama(folder: Path, permuted: bool = True, of: str = "builtin:tiny-llama") -> Path:
+def cross_tokenizer_llama(folder: Path, permuted: bool = True, of: str = "builtin:tiny-llama",
+                          shuffled: bool = False) -> Path:
     """A teacher with another tokenizer than the built-in model's, saved in `folder`.
     `permuted`: the built-in Llama (or the model `of`, with its tokenizer) with its tokenizer's
     ordinary tokens numbered in reverse and
     its embedding and output rows moved with them (the same model in other ids: its
-    distributions are the built-in model's, relabelled); else a byte-level BPE of 520 tokens
+    distributions are the built-in model's, relabelled; `shuffled`: its output rows of ordinary
+    tokens shuffled first, so it is as sure as the model, of other tokens); else a byte-level BPE of 520 tokens
     trained on the demo's answers alone, its merges across words (fewer tokens there, other special tokens) under a small Llama of
     seeded random weights."""
     import torch
@@ -202,6 +204,9 @@ def cross_tokenizer_llama(folder: Path, permuted: bool = True, of: str = "builti
         moved = torch.arange(model.config.vocab_size)
         moved[list(renumbered.values())] = torch.tensor(list(renumbered))  # new row <- old row
         with torch.no_grad():
+            if shuffled:
+                head, rows = model.get_output_embeddings().weight, torch.tensor(ordinary)
+                head[rows] = head[rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]].clone()
             for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
                 layer.weight.copy_(layer.weight[moved])
         model.save_pretrained(folder, safe_serialization=True)

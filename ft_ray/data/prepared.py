@@ -83,7 +83,7 @@ def teacher_settings(config: JobConfig, listed: bool = True) -> dict[str, Any]:
     teacher = config.distill.teacher or ""
     local = "://" not in teacher and pafs.LocalFileSystem().get_file_info(teacher).type == pafs.FileType.Directory
     files = folder_files(teacher, config) if listed and (local or teacher.startswith("s3://")) else None
-    uld = {"divergence": "uld"} if config.distill.divergence == "uld" else {}  # (its own tokens, its logits alone)
+    uld = {"divergence": "uld", "aligned": "by text"} if config.distill.divergence == "uld" else {}  # its own tokens
     return {**loading_settings(config), "teacher": teacher, "files": files, "top_k": config.distill.top_k, **uld}
 
 

@@ -244,10 +244,10 @@ class ArmScorer:
         trained = [label != IGNORE_INDEX for label in plain["labels"]]
         ids, matches = self.teacher_reader.teacher_example(plain["input_ids"], trained)
         labels = [IGNORE_INDEX] * len(ids)
-        for _, theirs in matches:
-            for at in theirs:
+        for piece in matches:
+            for at in piece.theirs:
                 labels[at] = ids[at]
-        first = min((theirs[0] for _, theirs in matches if theirs), default=len(ids))
+        first = min((piece.theirs[0] for piece in matches if piece.theirs), default=len(ids))
         bos = self.teacher_speaks[1]
         prompt = ids[1:first] if bos is not None and ids[:1] == [bos] else ids[:first]
         return {"teacher": {"input_ids": ids, "labels": labels, "model_tokens": sum(trained[1:])},

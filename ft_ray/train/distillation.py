@@ -31,8 +31,9 @@ likeliest tokens and their logits at each target token; the workers hold no teac
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -108,21 +109,25 @@ class PrecomputedTeacher:
     `TEACHER_LOGITS`: `with_teacher`). Its distribution p is taken over those k tokens; the
     divergence is forward_kl against the student's whole distribution q, sum of p (log p - log q)
     over the k tokens (the student's mass elsewhere lowers log q there, so it is still pulled
-    onto the teacher's likeliest tokens). For uld the logits alone (in the teacher's tokens, no
-    ids; -inf where a target token has no match): `uld` against q whole, p zero past its k
-    (the student's mass past the k likeliest counts in full)."""
+    onto the teacher's likeliest tokens). For uld (in the teacher's tokens, -inf where a target
+    token has no match; `reader` the two tokenizers, `teacher_rows` the teacher's output rows):
+    `uld` against q whole, p zero past its k (the student's mass past the k likeliest counts
+    in full)."""
+
+    def __init__(self, reader: CrossTokenizerTeacher | None = None, teacher_rows: int = 0):
+        self.reader, self.teacher_rows = reader, teacher_rows
 
     def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
                       temperature: float) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
-        values = batch[TEACHER_LOGITS][:, :-1][keep]
+        values, ids = batch[TEACHER_LOGITS][:, :-1][keep], batch[TEACHER_IDS][:, :-1][keep]
         if kind == "uld":
-            def sorted_apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
+            def uld_apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
                 taught = values[start:end].float() / temperature
                 rows = torch.nonzero(taught[:, 0].isfinite()).squeeze(-1)
-                return uld_at(student, rows, taught[rows])
+                shared = self.reader.shared_for(student.shape[-1], self.teacher_rows) if self.reader else None
+                return uld_at(student, rows, taught[rows], shared, ids[start:end][rows])
 
-            return sorted_apart
-        ids = batch[TEACHER_IDS][:, :-1][keep]
+            return uld_apart
 
         def apart(start: int, end: int, student: torch.Tensor) -> torch.Tensor:
             p = F.log_softmax(values[start:end].float() / temperature, dim=-1)
@@ -132,25 +137,82 @@ class PrecomputedTeacher:
         return apart
 
 
-def uld(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+class SharedTokens(NamedTuple):
+    """The tokens of the same text in the model's vocabulary and the teacher's (`shared_tokens`)."""
+
+    ours: torch.Tensor  # [the model's output rows] bool: the model's tokens with a teacher token of their text
+    partner: torch.Tensor  # [the teacher's output rows] long: the model's token of each teacher token's text, -1: none
+
+
+def shared_tokens(tokenizer: Any, teacher_tokenizer: Any, rows: int, teacher_rows: int,
+                  specials: dict[int, int | None]) -> SharedTokens:
+    """Which of the model's `rows` output rows and the teacher's `teacher_rows` are tokens of
+    the same text (the same string in both vocabularies); the model's bos and eos are the
+    teacher's (`specials`, as `CrossTokenizerTeacher` reads them), whatever their strings."""
+    ours = tokenizer.get_vocab()
+    pairs = {theirs: ours[token] for token, theirs in teacher_tokenizer.get_vocab().items()
+             if token in ours and ours[token] < rows and theirs < teacher_rows}
+    forced = {ours_id: theirs for ours_id, theirs in specials.items() if theirs is not None and ours_id < rows
+              and theirs < teacher_rows}
+    pairs = {theirs: ours_id for theirs, ours_id in pairs.items()
+             if ours_id not in forced and theirs not in forced.values()}
+    pairs.update({theirs: ours_id for ours_id, theirs in forced.items()})
+    partner = torch.full((teacher_rows,), -1, dtype=torch.long)
+    partner[list(pairs)] = torch.tensor(list(pairs.values()), dtype=torch.long)
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[list(pairs.values())] = True
+    return SharedTokens(mask, partner)
+
+
+def uld(student: torch.Tensor, teacher: torch.Tensor, shared: SharedTokens | None = None,
+        ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per row: the universal logit distillation distance (Boizard et al., 2024) between the
     distributions of the student's and the teacher's fp32 logits (already over the temperature),
     over vocabularies of any two tokenizers: the L1 distance of their probabilities sorted from
     the likeliest down, the shorter padded with zeros (the 1-Wasserstein distance of the two
-    distributions when the cost of moving mass between any two tokens is the same)."""
-    q = F.softmax(student, dim=-1).sort(dim=-1, descending=True).values
-    p = F.softmax(teacher, dim=-1).sort(dim=-1, descending=True).values
+    distributions when the cost of moving mass between any two tokens is the same).
+
+    With `shared` (GOLD's hybrid), the tokens of the same text in both vocabularies are
+    compared token by token, by the generalized KL of the two models' probabilities of them,
+    sum of p log(p / q) - p + q (0 only where they agree; with every token shared, forward_kl),
+    and only the others sorted: where the vocabularies overlap it says which token the teacher
+    prefers, not only how sure it is. `teacher` holds logits of the teacher's tokens `ids`
+    ([rows, k]: its top k, p zero past them), or of its whole vocabulary in order (`ids` None)."""
+    q, p = F.softmax(student, dim=-1), F.softmax(teacher, dim=-1)
+    if shared is None:
+        return sorted_l1(q, p)
+    partner = shared.partner.to(p.device)
+    partner = partner[ids] if ids is not None else partner[:p.shape[-1]].expand_as(p)
+    paired = partner >= 0
+    mine = shared.ours.to(q.device)[:q.shape[-1]]
+    log_q = F.log_softmax(student, dim=-1).gather(-1, partner.clamp(min=0))  # of each teacher token's text
+    apart = torch.where(paired, torch.xlogy(p, p) - p * log_q - p, 0.0).sum(-1) + q[:, mine].sum(-1)
+    return apart + sorted_l1(q.masked_fill(mine, 0.0), p.masked_fill(paired, 0.0))
+
+
+def sorted_l1(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per row: the L1 distance of two rows of probabilities sorted from the largest down, the
+    shorter padded with zeros."""
+    q, p = q.sort(dim=-1, descending=True).values, p.sort(dim=-1, descending=True).values
     width = max(q.shape[-1], p.shape[-1])
-    q, p = F.pad(q, (0, width - q.shape[-1])), F.pad(p, (0, width - p.shape[-1]))
-    return (q - p).abs().sum(-1)
+    return (F.pad(q, (0, width - q.shape[-1])) - F.pad(p, (0, width - p.shape[-1]))).abs().sum(-1)
 
 
-def uld_at(student: torch.Tensor, rows: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def uld_at(student: torch.Tensor, rows: torch.Tensor, teacher: torch.Tensor, shared: SharedTokens | None = None,
+           ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of `student`: `uld` against the teacher's logits of `rows` (in order), 0 at the
     rows without the teacher's (target tokens it has no match for)."""
     if not len(rows):
         return student.new_zeros(len(student))
-    return student.new_zeros(len(student)).index_put((rows,), uld(student[rows], teacher))
+    return student.new_zeros(len(student)).index_put((rows,), uld(student[rows], teacher, shared, ids))
+
+
+class TrainedPiece(NamedTuple):
+    """A trained piece of an example read by a teacher of another tokenizer (`teacher_example`)."""
+
+    ours: list[int]  # the positions of the model's tokens in the example
+    theirs: list[int]  # of the teacher's, in its own tokens of the example
+    aligned: list[tuple[int, int]]  # (ours, theirs) positions of tokens read after the same text
 
 
 class CrossTokenizerTeacher:
@@ -158,13 +220,18 @@ class CrossTokenizerTeacher:
     holds several, told apart by positions restarting at 0) is read back to text piece by
     piece, a piece being a run of prompt or of trained tokens between special tokens, and each
     piece is tokenized with the teacher's tokenizer; the model's bos, eos and pad tokens become
-    the teacher's. The teacher reads those rows (its examples apart, as the model's). The i-th
-    trained token of a piece is matched with the teacher's i-th trained token of the same piece,
-    up to the shorter of the two: the divergence at a matched token is `uld` of the two models'
-    distributions; a trained token without a match (its piece is longer in the model's tokens)
-    adds none (its next-token loss still counts)."""
+    the teacher's. The teacher reads those rows (its examples apart, as the model's).
 
-    def __init__(self, teacher: Teacher, tokenizer: Any, teacher_tokenizer: Any):
+    A trained token of the model is matched with the teacher's token that starts at the same
+    place of the text (`text_starts`), so the two predict the next token after the same text
+    (GOLD's alignment: where the two tokenizations split the text alike); a special token with
+    the teacher's first token of its piece. The divergence at a matched token is `uld` of the
+    two models' distributions (with `distill.uld_shared_tokens`, the tokens of the same text
+    compared with each other); a trained token without a match (one that starts inside a
+    teacher token, as "ing" of the model's "go" "ing" inside the teacher's "going") adds none
+    (its next-token loss still counts)."""
+
+    def __init__(self, teacher: Teacher | None, tokenizer: Any, teacher_tokenizer: Any, shares_tokens: bool = False):
         self.teacher, self.tokenizer, self.theirs = teacher, tokenizer, teacher_tokenizer
         specials = {tokenizer.pad_token_id: None,  # first: a pad that is also the bos or eos maps as that
                     tokenizer.bos_token_id: teacher_tokenizer.bos_token_id,
@@ -173,6 +240,17 @@ class CrossTokenizerTeacher:
         self.specials = set(self.special) | set(tokenizer.all_special_ids)
         self.pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else (
             teacher_tokenizer.eos_token_id or 0)
+        self.shares_tokens = shares_tokens
+        self.shared: SharedTokens | None = None  # made for the two models' output rows at the first batch
+
+    def shared_for(self, rows: int, teacher_rows: int) -> SharedTokens | None:
+        """The tokens of the same text (`shared_tokens`) for output layers of these sizes, with
+        `distill.uld_shared_tokens`; None without."""
+        if not self.shares_tokens:
+            return None
+        if self.shared is None or (len(self.shared.ours), len(self.shared.partner)) != (rows, teacher_rows):
+            self.shared = shared_tokens(self.tokenizer, self.theirs, rows, teacher_rows, self.special)
+        return self.shared
 
     def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
                       temperature: float) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
@@ -186,7 +264,8 @@ class CrossTokenizerTeacher:
             if not len(rows):
                 return student.new_zeros(end - start)
             first, last = int(matched[rows[0]]), int(matched[rows[-1]]) + 1  # matches are in the model's order
-            return uld_at(student, rows, logits(first, last) / temperature)
+            taught = logits(first, last)
+            return uld_at(student, rows, taught / temperature, self.shared_for(student.shape[-1], taught.shape[-1]))
 
         return apart
 
@@ -201,10 +280,9 @@ class CrossTokenizerTeacher:
                 runs.append(([token], train, special))
         return runs
 
-    def teacher_example(self, ids: list[int],
-                        trained: list[bool]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
-        """The teacher's tokens of one example, and for each trained piece the positions of the
-        model's tokens and of the teacher's (in the example)."""
+    def teacher_example(self, ids: list[int], trained: list[bool]) -> tuple[list[int], list[TrainedPiece]]:
+        """The teacher's tokens of one example, and its trained pieces (`TrainedPiece`: the
+        positions of the model's tokens and of the teacher's in the example, and which match)."""
         from ft_ray.data.tokenize import encode_segments
 
         pieces = self.pieces(ids, trained)
@@ -215,9 +293,12 @@ class CrossTokenizerTeacher:
                 upto = self.tokenizer.decode(plain, skip_special_tokens=False, clean_up_tokenization_spaces=False)
                 texts.append((upto[len(before):], train))
                 before = upto
-        encoded = iter(encode_segments(self.theirs, texts) if texts else [])
+        encoded = encode_segments(self.theirs, texts) if texts else []
+        our_starts = iter(text_starts(self.tokenizer, plain))
+        their_starts = iter(text_starts(self.theirs, [token for piece in encoded for token in piece]))
+        encoded_pieces = iter(encoded)
         out: list[int] = []
-        matches: list[tuple[list[int], list[int]]] = []
+        matches: list[TrainedPiece] = []
         at = 0
         for run, train, special in pieces:
             if special and run[0] in self.special:
@@ -225,9 +306,17 @@ class CrossTokenizerTeacher:
             elif special:  # another special token (a role marker): its text, in the teacher's tokens
                 theirs = self.theirs(self.tokenizer.decode(run), add_special_tokens=False)["input_ids"]
             else:
-                theirs = next(encoded)
+                theirs = next(encoded_pieces)
+            ours, positions = range(at, at + len(run)), range(len(out), len(out) + len(theirs))
+            if special:  # after the same text: the piece's first tokens
+                aligned = [(ours[0], positions[0])] if theirs else []
+            else:
+                starts = {start: b for b, start in zip(positions, itertools.islice(their_starts, len(theirs)))
+                          if start is not None}
+                aligned = [(a, starts[start]) for a, start in zip(ours, itertools.islice(our_starts, len(run)))
+                           if start in starts]
             if train:
-                matches.append((list(range(at, at + len(run))), list(range(len(out), len(out) + len(theirs)))))
+                matches.append(TrainedPiece(list(ours), list(positions), aligned))
             out += theirs
             at += len(run)
         return out, matches
@@ -270,12 +359,42 @@ class CrossTokenizerTeacher:
         return read, teacher_keep.to(device), partner
 
 
-def matched_pairs(matches: list[tuple[list[int], list[int]]]) -> Iterator[tuple[int, int]]:
+def matched_pairs(matches: list[TrainedPiece]) -> Iterator[tuple[int, int]]:
     """(the model's position, the teacher's) of each matched trained token of an example
-    (`CrossTokenizerTeacher.teacher_example`): in order within a piece, up to the shorter, each
-    a target (predicted from the token before it in the example)."""
-    for ours, theirs in matches:
-        yield from ((a, b) for a, b in zip(ours, theirs) if a > 0 and b > 0)
+    (`CrossTokenizerTeacher.teacher_example`), each a target (predicted from the token before
+    it in the example)."""
+    for piece in matches:
+        yield from ((a, b) for a, b in piece.aligned if a > 0 and b > 0)
+
+
+def text_starts(tokenizer: Any, ids: list[int]) -> list[int | None]:
+    """Where the text of each token starts in the text of `ids` (the tokenizer's decode,
+    special tokens kept), None where it starts inside a character (byte-level tokens split
+    characters of several bytes). Each token's text is the decode of it and the token before
+    less that of the token before (a text's first token may decode otherwise: SentencePiece's
+    word mark), a few calls in all."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        decode = lambda part: backend.decode(part, skip_special_tokens=False)  # noqa: E731
+        decode_all = lambda parts: backend.decode_batch(parts, skip_special_tokens=False)  # noqa: E731
+    else:
+        decode = lambda part: tokenizer.decode(part, skip_special_tokens=False,  # noqa: E731
+                                               clean_up_tokenization_spaces=False)
+        decode_all = lambda parts: [decode(part) for part in parts]  # noqa: E731
+    lefts = [max(0, k - 1) for k in range(len(ids))]
+    befores = decode_all([ids[left:k] for k, left in enumerate(lefts)]) if ids else []
+    afters = decode_all([ids[left:k + 1] for k, left in enumerate(lefts)]) if ids else []
+    starts: list[int | None] = []
+    at, since = 0, 0  # the first token after the last boundary between whole characters, and its start
+    for k in range(len(ids)):
+        starts.append(at if since == k else None)
+        left = max(0, since - 1)
+        text = afters[k] if since == k else decode(ids[left:k + 1])
+        if text.endswith("\ufffd"):  # this token ends inside a character
+            continue
+        at += len(text) - len(befores[k] if since == k else decode(ids[left:since]))
+        since = k + 1
+    return starts
 
 
 def batch_key(batch: dict[str, torch.Tensor]) -> bytes:
@@ -303,8 +422,7 @@ class DistillLoss:
                  on_policy: float = 0.0):
         self.teacher, self.kind, self.temperature, self.ratio, self.beta = teacher, kind, temperature, ratio, beta
         if isinstance(teacher, PrecomputedTeacher):
-            self.columns = DistillLoss.columns + ((TEACHER_LOGITS,) if kind == "uld"
-                                                  else (TEACHER_IDS, TEACHER_LOGITS))
+            self.columns = DistillLoss.columns + (TEACHER_IDS, TEACHER_LOGITS)
         self.sampler, self.on_policy = sampler, on_policy if sampler is not None else 0.0
         self.answered: dict[bytes, dict[str, torch.Tensor]] = {}  # a step's batches answered by the model
         if self.on_policy:
@@ -395,18 +513,22 @@ def load_teacher(config: JobConfig, device: torch.device) -> Any:
 
 def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
     from ft_ray.console import LOG
+    from ft_ray.models import load_tokenizer, model_config
     from ft_ray.train.engine_api import worker_device
 
     distill = config.distill
-    if config.precomputes_teacher:
-        return DistillLoss(PrecomputedTeacher(), distill.divergence, distill.temperature, distill.ratio)
-    from ft_ray.models import load_tokenizer
-
-    teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
     tokenizer = load_tokenizer(config.model)
-    if distill.divergence == "uld":  # the teacher reads the text in its own tokens
+    uld = distill.divergence == "uld"
+    if config.precomputes_teacher:  # for uld the two tokenizers, for the tokens they share
+        precomputed = PrecomputedTeacher(CrossTokenizerTeacher(
+            None, tokenizer, load_tokenizer(config.teacher), distill.uld_shared_tokens),
+            model_config(config.teacher).vocab_size) if uld else PrecomputedTeacher()
+        return DistillLoss(precomputed, distill.divergence, distill.temperature, distill.ratio)
+    teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
+    if uld:  # the teacher reads the text in its own tokens
         reader: Teacher | CrossTokenizerTeacher = CrossTokenizerTeacher(Teacher(teacher), tokenizer,
-                                                                         load_tokenizer(config.teacher))
+                                                                         load_tokenizer(config.teacher),
+                                                                         distill.uld_shared_tokens)
     else:
         reader = Teacher(teacher)
         sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
@@ -430,8 +552,8 @@ class TeacherScorer(BlockScorer):
     """A model actor (`with_teacher`): the teacher, adding its top `distill.top_k` tokens and
     their logits at each target token to packed rows (over the output rows it shares with the
     model). For uld the teacher reads the rows in its own tokens (`CrossTokenizerTeacher`) and
-    only its top logits are kept, over all its rows, at the target tokens it matches (-inf at
-    the others)."""
+    its top tokens (its own ids, over all its rows) and logits are kept at the model's target
+    tokens it matches (logits -inf at the others)."""
 
     def load(self) -> Any:
         from ft_ray.models import load_tokenizer, model_config
@@ -459,21 +581,22 @@ class TeacherScorer(BlockScorer):
         tops = [logits(start, min(count, start + chunk))[:, :self.rows].topk(self.k, dim=-1)
                 for start in range(0, count, chunk)]
         values = torch.zeros(*labels.shape, self.k, dtype=torch.float16)
-        found = torch.cat([top.values for top in tops]).half().cpu() if tops else torch.zeros(0, self.k).half()
-        if self.uld:  # the model's target tokens, those with the teacher's match first
-            taught = torch.full((len(partner), self.k), -math.inf, dtype=torch.float16)
-            taught[partner >= 0] = found[partner[partner >= 0]]
-            values[:, :-1][keep.cpu()] = taught
-            return {TEACHER_LOGITS: values.numpy()}
         ids = torch.zeros(*labels.shape, self.k, dtype=torch.int32)
-        if tops:
-            ids[:, :-1][keep.cpu()] = torch.cat([top.indices for top in tops]).int().cpu()
-            values[:, :-1][keep.cpu()] = found
+        found = torch.cat([top.values for top in tops]).half().cpu() if tops else torch.zeros(0, self.k).half()
+        found_ids = torch.cat([top.indices for top in tops]).int().cpu() if tops else torch.zeros(0, self.k).int()
+        if self.uld:  # the model's target tokens, those with the teacher's match first
+            matched = partner >= 0
+            taught = torch.full((len(partner), self.k), -math.inf, dtype=torch.float16)
+            taught[matched] = found[partner[matched]]
+            found, found_ids = taught, torch.zeros((len(partner), self.k), dtype=torch.int32).index_put(
+                (matched,), found_ids[partner[matched]])
+        values[:, :-1][keep.cpu()] = found
+        ids[:, :-1][keep.cpu()] = found_ids
         return {TEACHER_IDS: ids.numpy(), TEACHER_LOGITS: values.numpy()}
 
     def empty(self, width: int) -> dict[str, Any]:
-        values = {TEACHER_LOGITS: np.zeros((0, width, self.k), dtype=np.float16)}
-        return values if self.uld else {TEACHER_IDS: np.zeros((0, width, self.k), dtype=np.int32), **values}
+        return {TEACHER_IDS: np.zeros((0, width, self.k), dtype=np.int32),
+                TEACHER_LOGITS: np.zeros((0, width, self.k), dtype=np.float16)}
 
 
 def with_teacher(config: JobConfig, datasets: dict[str, Any]) -> dict[str, Any]:
@@ -511,6 +634,9 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
         if rows is not None and rows < len(theirs):
             raise InputError(f"distill.teacher: {name} has {rows} output rows for its tokenizer of {len(theirs)} tokens")
         own = "the model's tokenizer" if ours == vocab else f"its own tokenizer ({len(theirs)} tokens)"
+        if config.distill.uld_shared_tokens:
+            shared = len(vocab.keys() & ours.keys())
+            own += f", {shared} of its tokens also the model's, compared token by token, the others sorted"
         return (f"distill: teacher {name} (uld, {own}, temperature {config.distill.temperature:g}, "
                 f"ratio {config.distill.ratio:g})")
     if ours != vocab:

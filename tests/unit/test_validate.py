@@ -93,17 +93,21 @@ def test_a_grpo_job_s_rewards_are_imported_as_its_workers_will(tmp_path, capsys)
 
 
 def test_a_teacher_of_another_tokenizer_says_how_many_trained_tokens_it_matches(tmp_path, capsys):
-    """distill.divergence uld: validate reads the first records in the teacher's tokens and says
-    how many of their trained tokens it matches (the others train on their next-token loss only)."""
+    """distill.divergence uld: validate says how many of the teacher's tokens are also the
+    model's, reads the first records in the teacher's tokens and says how many of their trained
+    tokens it matches (the others train on their next-token loss only): this teacher's tokens
+    end in spaces and cross words ("Hi ", ", thanks for writing to Northwind."), so few of the
+    model's start where one of its tokens does."""
     from tests.conftest import cross_tokenizer_llama
 
     teacher = cross_tokenizer_llama(tmp_path / "teacher", permuted=False)  # merges across words: fewer tokens
     job = write_job(tmp_path, objective="distill", distill={"teacher": str(teacher), "divergence": "uld"})
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
-    assert f"distill: teacher {teacher} (uld, its own tokenizer (520 tokens), temperature 1, ratio 0.5)" in out
-    assert ("data.train: the teacher (uld, its own tokens) matches 2,530 of the 4,548 trained tokens of the first "
-            "records (56%); the others add their next-token loss only") in out
+    assert (f"distill: teacher {teacher} (uld, its own tokenizer (520 tokens), 315 of its tokens also the model's, "
+            "compared token by token, the others sorted, temperature 1, ratio 0.5)") in out
+    assert ("data.train: the teacher (uld, its own tokens) matches 703 of the 4,548 trained tokens of the first "
+            "records (15%: read after the same text); the others add their next-token loss only") in out
 
 
 def test_missing_data_file_exits_2(tmp_path, capsys):

@@ -13,8 +13,8 @@ from ft_ray.config import ConfigError, InputError, ModelConfig, config_from_dict
 from ft_ray.data.records import encode_records
 from ft_ray.data.tokenize import IGNORE_INDEX, pack_arrays
 from ft_ray.models import load_tokenizer
-from ft_ray.train.distillation import (CrossTokenizerTeacher, DistillLoss, Teacher, check_teacher, divergence,
-                                       load_teacher, uld)
+from ft_ray.train.distillation import (CrossTokenizerTeacher, DistillLoss, SharedTokens, Teacher, check_teacher,
+                                       divergence, load_teacher, matched_pairs, text_starts, uld)
 from tests.conftest import DEMO, cross_tokenizer_llama, teacher_llama
 from tests.unit.train.gradients import assert_same_gradients, objective_pass
 
@@ -45,6 +45,31 @@ def test_each_divergence_by_its_formula():
     assert torch.allclose(uld(student, wider), uld(wider, student))
     assert uld(student, student[:, torch.randperm(11)] + 3.0).abs().max() < 1e-6
     assert ((uld(student, teacher) > 0) & (uld(student, teacher) <= 2)).all()
+    # with tokens of the same text in both vocabularies (GOLD's hybrid): those compared token by token by the
+    # generalized KL, sum of p log(p / q) - p + q, the rest sorted. The teacher's tokens 0-5 are the model's
+    # 10, 2, 4, 6, 8, 0; its 6-16 and the model's others are not shared
+    partner = torch.tensor([10, 2, 4, 6, 8, 0] + [-1] * 11)
+    ours = torch.zeros(11, dtype=torch.bool)
+    ours[[10, 2, 4, 6, 8, 0]] = True
+    shared = SharedTokens(ours, partner)
+
+    def hybrid(p: torch.Tensor) -> torch.Tensor:  # the teacher's probabilities over its 17 tokens
+        kl = (torch.xlogy(p[:, :6], p[:, :6]) - p[:, :6] * q[:, partner[:6]].log() - p[:, :6] + q[:, partner[:6]])
+        rest = F.pad(q[:, ~ours].sort(-1, descending=True).values, (0, 6)) - p[:, 6:].sort(-1, descending=True).values
+        return kl.sum(-1) + rest.abs().sum(-1)
+
+    assert torch.allclose(uld(student, wider, shared), hybrid(wider.softmax(-1)), atol=1e-5)
+    # the teacher's top k in any order (its ids beside its logits: a precomputed teacher's), p zero past them
+    order = torch.stack([torch.randperm(17) for _ in range(5)])
+    assert torch.allclose(uld(student, wider.gather(-1, order), shared, order), hybrid(wider.softmax(-1)), atol=1e-5)
+    top = wider.topk(4, dim=-1)
+    p_top = torch.zeros(5, 17).scatter(-1, top.indices, top.values.softmax(-1))
+    assert torch.allclose(uld(student, top.values, shared, top.indices), hybrid(p_top), atol=1e-5)
+    # every token shared: forward_kl, which sees what sorting cannot: the same distribution, two tokens swapped
+    everything = SharedTokens(torch.ones(11, dtype=torch.bool), torch.arange(11))
+    assert torch.allclose(uld(student, teacher, everything), divergence(student, teacher, "forward_kl"), atol=1e-5)
+    swapped = student[:, [1, 0, *range(2, 11)]]
+    assert uld(student, swapped).abs().max() < 1e-6 and (uld(student, swapped, everything) > 0).all()
 
 
 def packed_demo_rows() -> dict[str, torch.Tensor]:
@@ -85,7 +110,7 @@ def test_distill_from_the_head_in_chunks_equals_distill_from_the_whole_logits(me
     if kind == "uld":  # the student's target tokens without a teacher's match fall inside chunks
         reader = CrossTokenizerTeacher(teacher, load_tokenizer(job.model), load_tokenizer(job.teacher))
         partner = reader.teacher_batch(rows, rows["labels"][:, 1:] != IGNORE_INDEX)[2]
-        assert 0 < int((partner < 0).sum()) < len(partner) // 2
+        assert 20 < int((partner >= 0).sum()) < len(partner) // 2
     if method == "qlora":  # in 4 bits, what is not quantized in the compute dtype (never trained: not fp32)
         assert any(type(m).__name__ == "Linear4bit" for m in teacher.model.modules())
         assert teacher.model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -149,9 +174,11 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
     teacher reads each packed example's text in its own tokens. The built-in model under
     renumbered token ids (`cross_tokenizer_llama`) reads the same tokens relabelled: every
     trained token is matched and the divergence is 0 (its distributions are the model's), on
-    the records' answers and on the model's own sampled ones (on_policy). A
-    teacher of another BPE reads the same text too, in other tokens, and a few steps of the
-    model towards it lower the divergence."""
+    the records' answers and on the model's own sampled ones (on_policy). One as sure as the
+    model but of other tokens is invisible to plain ULD (sorted, the same) and taught by the
+    tokens the vocabularies share (`uld_shared_tokens`). A teacher of another BPE reads the
+    same text too, in other tokens, each matched token of the model's read after the same text
+    as the teacher's, and a few steps of the model towards it lower the divergence."""
     from ft_ray.train.distillation import build_distill_objective
     from ft_ray.train.modeling import build_model
 
@@ -165,7 +192,8 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
     with pytest.raises(InputError, match=r"tokenizer is not the model's .*, or set distill.divergence: uld"):
         check_teacher(job(relabelled), tokenizer)
     assert check_teacher(job(relabelled, divergence="uld"), tokenizer) == (
-        f"distill: teacher {relabelled} (uld, its own tokenizer (716 tokens), temperature 1, ratio 1)")
+        f"distill: teacher {relabelled} (uld, its own tokenizer (716 tokens), 716 of its tokens also the model's, "
+        "compared token by token, the others sorted, temperature 1, ratio 1)")
 
     model = build_model(job(relabelled, divergence="uld"), "builtin:tiny-llama")
     objective = build_distill_objective(job(relabelled, divergence="uld"), model)
@@ -187,13 +215,36 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
     sampled = sampling.step_weights(answering, [prompts])[0]
     _, metrics = sampling.loss(answering, prompts)
     assert metrics["on_policy"] == sampled > 8 and metrics["divergence"] / sampled < 1e-4
+    # as sure as the model, of other tokens: plain ULD (sorted) sees nothing; the shared tokens teach it
+    shuffled = cross_tokenizer_llama(tmp_path / "shuffled", shuffled=True)
+    plain = build_distill_objective(job(shuffled, divergence="uld", uld_shared_tokens=False), model)
+    assert plain.loss(model, rows)[1]["divergence"] < 1e-3
+    hybrid = build_distill_objective(job(shuffled, divergence="uld"), model)
+    student = build_model(job(shuffled, divergence="uld"), "builtin:tiny-llama")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    seen = []
+    for _ in range(4):
+        loss, metrics = hybrid.loss(student, rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seen.append(metrics["divergence"] / hybrid.weight(rows))
+    assert seen[0] > 5 and seen[-1] < 0.7 * seen[0], seen
 
     other = job(cross_tokenizer_llama(tmp_path / "other", permuted=False), divergence="uld")
     objective = build_distill_objective(other, model)
     read, teacher_keep, partner = objective.teacher.teacher_batch(rows, keep)
     theirs = load_tokenizer(other.teacher)
-    assert read["input_ids"].shape[1] != rows["input_ids"].shape[1] and 0 < int((partner < 0).sum()) < len(partner) // 2
+    assert read["input_ids"].shape[1] != rows["input_ids"].shape[1] and 20 < int((partner >= 0).sum()) < len(partner)
     assert int(teacher_keep.sum()) == int((partner >= 0).sum())
+    positions = rows["position_ids"][0].tolist()
+    starts = [i for i, at in enumerate(positions) if at == 0] + [len(positions)]
+    for s, e in zip(starts, starts[1:]):  # each matched pair: both predicted after the same text
+        ids = rows["input_ids"][0, s:e].tolist()
+        read_back, pieces = objective.teacher.teacher_example(ids, (rows["labels"][0, s:e] != IGNORE_INDEX).tolist())
+        for a, b in matched_pairs(pieces):
+            assert tokenizer.decode(ids[:a], skip_special_tokens=True) == theirs.decode(read_back[:b],
+                                                                                         skip_special_tokens=True)
     for ours, read_ids in zip(rows["input_ids"], read["input_ids"]):  # the same text, bos and eos the teacher's
         text = tokenizer.decode(ours.tolist(), skip_special_tokens=True)
         assert theirs.decode(read_ids.tolist(), skip_special_tokens=True) == text
@@ -206,6 +257,11 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_text_and_teaches_by_uld
     read_back, _ = CrossTokenizerTeacher(None, spm, tokenizer).teacher_example(
         record.ids.tolist(), (record.labels != IGNORE_INDEX).tolist())
     assert tokenizer.decode(read_back) == "<|begin|>" + spm.decode(record.ids, skip_special_tokens=True) + "<|end|>"
+    # where each token's text starts (None inside a character of several bytes), as the text of the tokens before it
+    for reader in (tokenizer, theirs, spm):
+        ids = reader("Héllo wörld — “quoted” 日本語, ünïcödé!", add_special_tokens=False)["input_ids"] * 2
+        before = [reader.decode(ids[:k], clean_up_tokenization_spaces=False) for k in range(len(ids))]
+        assert text_starts(reader, ids) == [None if text.endswith("\ufffd") else len(text) for text in before]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seen = []
@@ -309,23 +365,26 @@ def test_precomputed_teacher_logits_give_the_inline_loss_over_the_whole_vocabula
         **distill, "teacher": str(teacher_llama(tmp_path / "another"))}}), [])
     (tmp_path / "teacher" / "model.safetensors").write_bytes(b"changed")
     assert fingerprint(precomputed, []) != keys[1]
-    # uld (a teacher of another tokenizer): its logits alone, in its own tokens, -inf where nothing matched;
-    # with k its whole vocabulary the inline teacher's loss, metrics and gradients
+    # uld (a teacher of another tokenizer): its top tokens in its own ids, -inf where nothing matched; with k its
+    # whole vocabulary the inline teacher's loss, metrics and gradients, its shared tokens compared or not
     other = str(cross_tokenizer_llama(tmp_path / "other", permuted=False))  # 520 tokens
     sorted_job = lambda **more: job(teacher=other, divergence="uld", **more)  # noqa: E731
     scored = TeacherScorer(sorted_job(teacher_logits="precomputed", top_k=520).model_dump_json())(
         {k: v.numpy() for k, v in rows.items()})
-    assert TEACHER_IDS not in scored and scored[TEACHER_LOGITS].shape == (2, 256, 520)
+    assert scored[TEACHER_IDS].shape == scored[TEACHER_LOGITS].shape == (2, 256, 520)
     taught = torch.as_tensor(scored[TEACHER_LOGITS][:, :-1][keep.numpy()])
     unmatched = ~taught[:, 0].isfinite()
-    assert 0 < int(unmatched.sum()) < len(taught) // 2 and taught[unmatched].isneginf().all()
-    inline = build_distill_objective(sorted_job(), model)
-    objective = build_distill_objective(sorted_job(teacher_logits="precomputed", top_k=520), model)
-    assert objective.columns[-1] == TEACHER_LOGITS and TEACHER_IDS not in objective.columns
-    got = objective_pass(model, objective, model_inputs({k: torch.as_tensor(v) for k, v in scored.items()}), "fp32")
-    expected = objective_pass(model, inline, rows, "fp32")
-    assert got[0] == pytest.approx(expected[0], rel=1e-3) and got[1] == pytest.approx(expected[1], rel=1e-3)
-    assert_same_gradients(got[2], expected[2], 1e-3)
+    assert 0 < int((~unmatched).sum()) < len(taught) and taught[unmatched].isneginf().all()
+    scored_batch = model_inputs({k: torch.as_tensor(v) for k, v in scored.items()})
+    for shares in (True, False):
+        inline = build_distill_objective(sorted_job(uld_shared_tokens=shares), model)
+        objective = build_distill_objective(sorted_job(teacher_logits="precomputed", top_k=520,
+                                                       uld_shared_tokens=shares), model)
+        assert objective.columns[-2:] == (TEACHER_IDS, TEACHER_LOGITS)
+        got = objective_pass(model, objective, scored_batch, "fp32")
+        expected = objective_pass(model, inline, rows, "fp32")
+        assert got[0] == pytest.approx(expected[0], rel=1e-3) and got[1] == pytest.approx(expected[1], rel=1e-3)
+        assert_same_gradients(got[2], expected[2], 1e-3)
     assert fingerprint(sorted_job(teacher_logits="precomputed", top_k=4), []) != fingerprint(
         job(teacher=other, teacher_logits="precomputed", top_k=4), [])  # the same teacher, its logits kept otherwise
     with pytest.raises(ConfigError, match="distill.on_policy: the teacher grades the model's own answers"):
