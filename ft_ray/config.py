@@ -256,6 +256,11 @@ class FSDPConfig(Section):
     reshard_after_forward: bool = Field(True, description=(
         "free each layer's gathered weights after its forward and gather them again for its backward "
         "(as ZeRO-3); false keeps them to backward: less traffic, a whole model's 16-bit weights per worker"))
+    offload: Literal["none", "cpu"] = Field("none", description=(
+        "cpu: each worker's shard of the weights, their gradients and AdamW's states in CPU memory (torch's "
+        "CPUOffloadPolicy), each layer copied to the GPU for its forward and backward and the optimizer stepping "
+        "on the CPU: the GPU holds a few gathered layers and the activations, at the cost of the copies and a CPU "
+        "step (as ZeRO-3 with both DeepSpeed offloads; not with qlora's 4-bit weights)"))
 
 
 class QuantizationConfig(Section):
@@ -779,6 +784,12 @@ def impossible_combinations(job: JobConfig) -> list[str]:
     offloading = ds.offload_optimizer != "none" or ds.offload_params != "none"
     if offloading and dist.strategy != "deepspeed":
         problems.append("distributed.deepspeed.offload_*: CPU offload needs distributed.strategy: deepspeed")
+    if dist.fsdp.offload != "none" and dist.strategy != "fsdp":
+        problems.append("distributed.fsdp.offload: needs distributed.strategy: fsdp (DeepSpeed's: "
+                        "distributed.deepspeed.offload_optimizer, offload_params)")
+    if dist.fsdp.offload != "none" and dist.strategy == "fsdp" and job.method == "qlora":
+        problems.append("distributed.fsdp.offload: 4-bit weights cannot be offloaded (bitsandbytes keeps their "
+                        "quantization state on the GPU); use lora, or qlora without offload")
     if dist.elastic and dist.strategy == "deepspeed" and ds.stage > 0:
         problems.append(f"distributed.num_workers: an elastic range needs strategy ddp, fsdp or ZeRO stage 0; ZeRO-{ds.stage} "
                         "shards are tied to the worker count (set a fixed num_workers)")
@@ -1141,6 +1152,8 @@ PEER_NAMES = {
     "num_iterations": "grpo.num_iterations", "epsilon": "grpo.epsilon", "epsilon_high": "grpo.epsilon_high",
     "optim": "train.optimizer", "optimizer": "train.optimizer", "fsdp": "distributed.strategy: fsdp",
     "fsdp_config": "distributed.fsdp", "fsdp_reshard_after_forward": "distributed.fsdp.reshard_after_forward",
+    "fsdp_offload_params": "distributed.fsdp.offload", "fsdp_cpu_offload": "distributed.fsdp.offload",
+    "cpu_offload": "distributed.fsdp.offload",
 }
 
 

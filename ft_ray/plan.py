@@ -386,6 +386,9 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         # the adapter it started from is not the adapter off: a frozen copy of the base with it, as it is held
         # (sharded by ZeRO-3 and fsdp)
         parts["reference_weights"] = (base + 4 * adapter_params(config, shape)) / shard(3)
+    if fsdp and dist.fsdp.offload == "cpu":  # the shards, their gradients and AdamW's states in CPU memory
+        parts.update({part: 0 for part in ("weights", "base_weights", "lora_weights", "gradients", "optimizer_states",
+                                           "reference_weights") if part in parts})
     scorers = reward_model_shapes(config)
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
@@ -546,6 +549,9 @@ def suggestions(config: JobConfig, shape: Shape, gpu_mib: float) -> list[tuple[s
             steps += [["distributed.strategy=fsdp", "train.optimizer=adamw"], [*deepspeed, "distributed.deepspeed.stage=3"]]
         steps.append(["distributed.strategy=deepspeed", "train.optimizer=adamw_8bit"])  # ZeRO's shards in 8 bits
     steps.append([*deepspeed, "distributed.deepspeed.offload_optimizer=cpu"])  # DeepSpeed's CPU AdamW
+    # FSDP2 with the weights too in CPU memory: each layer copied in for its forward and backward
+    steps.append(["distributed.strategy=fsdp", "train.optimizer=adamw", "distributed.deepspeed.offload_optimizer=none",
+                  "distributed.fsdp.offload=cpu"])
     if config.method != "qlora":
         steps.append(["method=qlora"])
     found, current, tried = [], config, []
@@ -585,8 +591,12 @@ def _changes(config: JobConfig, setting: str) -> bool:
 
 
 def _applies(config: JobConfig, setting: str) -> bool:
-    """Whether a setting does anything in the job: DeepSpeed's only under strategy deepspeed."""
-    return config.distributed.strategy == "deepspeed" or not setting.startswith("distributed.deepspeed.")
+    """Whether a setting does anything in the job: DeepSpeed's only under strategy deepspeed,
+    FSDP's under fsdp."""
+    for strategy in ("deepspeed", "fsdp"):
+        if setting.startswith(f"distributed.{strategy}."):
+            return config.distributed.strategy == strategy
+    return True
 
 
 def _dedupe(settings: list[str]) -> list[str]:

@@ -9,6 +9,12 @@ fp32, under the same autocast as the DDP engine. QLoRA's layers are gathered as 
 4-bit weights packed in `quantization.quant_storage`, a float dtype so they can be sharded;
 bitsandbytes keeps their quantization state on the module).
 
+`distributed.fsdp.offload: cpu` keeps each worker's shards, their gradients and so AdamW's
+states in CPU memory (torch's `CPUOffloadPolicy`): each layer is copied to the GPU for its
+forward and backward, the optimizer steps on the CPU. The collectives over those CPU tensors
+(the gradient norm, the weights gathered for a checkpoint) run over gloo beside NCCL
+(`trainer.process_group_backend`).
+
 Checkpoints: every rank writes its shard with `torch.distributed.checkpoint` (DCP) into
 `fsdp/` of the same Ray checkpoint (the trained weights only: a LoRA run's frozen base is
 the model it started from), rank 0 the gathered weights in the HF/PEFT layout (`model/`) and
@@ -43,7 +49,7 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     (`trains` false: an inline reference) gathers its outer weights for each forward too."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     # QLoRA's 4-bit weights are packed in their storage dtype: gathered as stored, never cast
     compute = COMPUTE_DTYPES.get(config.train.precision) if config.method != "qlora" else None
@@ -57,13 +63,17 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
                            "(no _no_split_modules, no list of modules); use ddp or deepspeed")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reshard = config.distributed.fsdp.reshard_after_forward
+    # distributed.fsdp.offload: the shards (and so their gradients and AdamW's states) in CPU memory, pinned for
+    # the copies to a GPU
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if config.distributed.fsdp.offload == "cpu" else (
+        OffloadPolicy())
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, offload_policy=offload)
         setattr(layer, RESHARD_AFTER_FORWARD, reshard)
     # the outer weights stay gathered from forward to backward: they are needed first in backward, and a
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
-    fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=not trains)
+    fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=not trains, offload_policy=offload)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

@@ -84,6 +84,15 @@ def dashboard_options(port: int) -> dict[str, Any]:
             "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
+def process_group_backend(config: JobConfig) -> str | None:
+    """The workers' torch.distributed backend: Ray's (nccl on GPUs, gloo on CPUs), and for
+    FSDP's CPU offload on GPUs gloo beside nccl, for the collectives over its shards in CPU
+    memory (the gradient norm, the gathered weights saved): NCCL has no CPU tensors."""
+    if config.distributed.use_gpu and config.distributed.strategy == "fsdp" and config.distributed.fsdp.offload == "cpu":
+        return "cpu:gloo,cuda:nccl"
+    return None
+
+
 def free_port() -> int:
     import socket
 
@@ -208,7 +217,7 @@ def _train(config: JobConfig, run: RunFolder, tokenizer: Any, prepared: str, cal
                     checkpoint_score_order="min"),
                 failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures),
                 callbacks=callbacks),
-            torch_config=TorchConfig(timeout_s=config.distributed.timeout_s),
+            torch_config=TorchConfig(backend=process_group_backend(config), timeout_s=config.distributed.timeout_s),
             datasets=worker_datasets(config, datasets),
             dataset_config=ingest_config(),
         )

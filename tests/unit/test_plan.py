@@ -326,7 +326,8 @@ def test_what_would_fit_comes_cheapest_first():
 def test_8bit_adamw_is_offered_where_its_states_make_a_job_fit():
     """A full fine-tune of a 3B model on one 48 GB GPU: its fp32 AdamW states (8 bytes per
     weight) do not fit, bitsandbytes' 8-bit ones (about 2) do, before any DeepSpeed offload;
-    the same for ZeRO-3's shards of an 8B model's states."""
+    the same for ZeRO-3's shards of an 8B model's states, and after DeepSpeed's offload of
+    the optimizer FSDP2's of everything (`distributed.fsdp.offload`)."""
     shape = Shape(3072, 8192, 28, 24, 8, 128, 128256, True)
     config = job(method="full", model={"max_seq_len": 4096}, distributed={"num_workers": 1, "use_gpu": True},
                  train={"micro_batch_size": 1, "precision": "bf16", "gradient_checkpointing": True})
@@ -342,8 +343,14 @@ def test_8bit_adamw_is_offered_where_its_states_make_a_job_fit():
                 train={"micro_batch_size": 1, "precision": "bf16", "gradient_checkpointing": True})
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
     assert not plan_memory(zero3, shape).fits(gpu)
-    assert [settings for settings, _ in suggestions(zero3, shape, gpu)] == [
-        "train.optimizer=adamw_8bit", "distributed.deepspeed.offload_optimizer=cpu"]
+    found = suggestions(zero3, shape, gpu)
+    assert [settings for settings, _ in found] == [
+        "train.optimizer=adamw_8bit", "distributed.deepspeed.offload_optimizer=cpu",
+        "distributed.strategy=fsdp, distributed.fsdp.offload=cpu"]
+    # FSDP2 offloading its shards: the GPU holds the layers gathered for the forward and backward, the activations
+    offloaded = found[2][1].parts
+    assert offloaded["weights"] == offloaded["gradients"] == offloaded["optimizer_states"] == 0
+    assert offloaded["gathered_weights"] > 0 and found[2][1].peak_mib < found[1][1].peak_mib
 
 
 def test_a_sweep_is_planned_at_its_largest_trial():

@@ -25,9 +25,11 @@ def process_group():
     dist.destroy_process_group()
 
 
-def job(strategy: str, method: str, precision: str, objective: str = "sft", reference: str = "precomputed", **train):
+def job(strategy: str, method: str, precision: str, objective: str = "sft", reference: str = "precomputed",
+        offload: str = "none", **train):
+    fsdp = {"fsdp": {"offload": offload}} if strategy == "fsdp" else {}
     return config_from_dict({"method": method, "objective": objective, "data": {"train": "t.jsonl"},
-                             "distributed": {"strategy": strategy}, "lora": {"dropout": 0.0},
+                             "distributed": {"strategy": strategy, **fsdp}, "lora": {"dropout": 0.0},
                              "quantization": {"quant_storage": "bfloat16"},  # qlora's, to be sharded
                              "preference": {"reference": reference},
                              "train": {"precision": precision, "learning_rate": 1e-3, "warmup_steps": 0, **train}})
@@ -49,23 +51,27 @@ def steps(engine, batch, count: int) -> list[float]:
     return seen
 
 
-@pytest.mark.parametrize("method, precision, checkpointing", [("full", "fp32", False), ("lora", "bf16", True),
-                                                              ("qlora", "bf16", False)])
+@pytest.mark.parametrize("method, precision, checkpointing, offload", [
+    ("full", "fp32", False, "none"), ("lora", "bf16", True, "cpu"), ("qlora", "bf16", False, "none")])
 def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(process_group, tmp_path, method,
-                                                                             precision, checkpointing):
-    """A full fine-tune in fp32, LoRA over a bf16 base with gradient checkpointing and QLoRA
-    (its 4-bit weights stored in bf16) in bf16, all with the fused paths: the losses and
-    gradient norms of three steps are DDP's; the checkpoint holds DCP shards (for LoRA and
-    QLoRA the adapters only: the base is where the run started) beside
-    the HF/PEFT weights; loaded into a new engine, the next step is the one the engine that
-    went on took."""
+                                                                             precision, checkpointing, offload):
+    """A full fine-tune in fp32, LoRA over a bf16 base with gradient checkpointing, its shards
+    offloaded (distributed.fsdp.offload: cpu), and QLoRA (its 4-bit weights stored in bf16) in
+    bf16, all with the fused paths: the losses and gradient norms of three steps are DDP's; the
+    checkpoint holds DCP shards (for LoRA and QLoRA the adapters only: the base is where the
+    run started) beside the HF/PEFT weights; loaded into a new engine, the next step is the one
+    the engine that went on took."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
     torch.manual_seed(0)
     ids = torch.randint(3, 700, (4, 64))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(64).repeat(4, 1)}
-    fsdp = engine_of(job("fsdp", method, precision, gradient_checkpointing=checkpointing))
+    fsdp = engine_of(job("fsdp", method, precision, offload=offload, gradient_checkpointing=checkpointing))
     assert isinstance(fsdp, FSDPEngine)
+    sharded = [m for m in fsdp.module.modules() if isinstance(m, FSDPModule)]
+    assert sharded and all(isinstance(m._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
+                           == (offload == "cpu") for m in sharded if m._get_fsdp_state()._fsdp_param_group)
     ddp = engine_of(job("ddp", method, precision, gradient_checkpointing=checkpointing))
     assert isinstance(ddp, DDPEngine)
     went = steps(fsdp, batch, 3)
@@ -82,7 +88,7 @@ def test_fsdp_takes_the_steps_ddp_takes_and_resumes_exactly_from_its_shards(proc
     else:
         assert len(weights) == sum(1 for _ in fsdp.module.parameters())
         assert (tmp_path / "model" / "model.safetensors").is_file()
-    resumed = engine_of(job("fsdp", method, precision, gradient_checkpointing=checkpointing))
+    resumed = engine_of(job("fsdp", method, precision, offload=offload, gradient_checkpointing=checkpointing))
     resumed.load(tmp_path)
     assert resumed.lr == fsdp.lr
     assert steps(resumed, batch, 1) == steps(fsdp, batch, 1)
@@ -288,9 +294,27 @@ def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path
     ({"train": {"optimizer": "adamw_8bit"}}, "adamw_8bit runs with distributed.strategy ddp or deepspeed; fsdp shards"),
     ({"train": {"compile": True}}, "train.compile: compiles the whole model's forward"),
     ({"fsdp": "full_shard auto_wrap"}, r"unknown key 'fsdp' \(ft-ray's key: 'distributed.strategy: fsdp'\)"),  # HF's
+    ({"method": "qlora", "quantization": {"quant_storage": "bfloat16"}, "distributed": {"fsdp": {"offload": "cpu"}}},
+     "distributed.fsdp.offload: 4-bit weights cannot be offloaded"),
+    ({"distributed": {"strategy": "ddp", "fsdp": {"offload": "cpu"}}},
+     "distributed.fsdp.offload: needs distributed.strategy: fsdp"),
+    ({"distributed": {"fsdp": {"cpu_offload": True}}}, r"ft-ray's key: 'distributed.fsdp.offload'"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(settings, message):
-    raw = {"data": {"train": "t.jsonl"}, **settings, "distributed": {"strategy": "fsdp"}}
+    raw = {"data": {"train": "t.jsonl"}, **settings,
+           "distributed": {"strategy": "fsdp", **settings.get("distributed", {})}}
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
 
+
+
+def test_offloaded_shards_on_gpus_take_their_collectives_over_gloo_beside_nccl():
+    """distributed.fsdp.offload on GPUs: the shards and their gradients are CPU tensors, which
+    NCCL cannot reduce (the gradient norm, the weights gathered for a checkpoint): the workers'
+    process group has gloo for CPU tensors beside NCCL (Ray's TorchConfig backend)."""
+    from ft_ray.train.trainer import process_group_backend
+
+    settings = lambda **dist: config_from_dict({"data": {"train": "t.jsonl"}, "distributed": {  # noqa: E731
+        "strategy": "fsdp", "use_gpu": True, **dist}})
+    assert process_group_backend(settings(fsdp={"offload": "cpu"})) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(settings()) is None  # Ray's own choice: nccl on GPUs, gloo on CPUs
