@@ -90,21 +90,25 @@ def rejected_line(sample: dict[str, Any], key: str, config: JobConfig) -> str | 
 def uld_line(examples: list[dict[str, list[int]]], config: JobConfig, key: str, tokenizer: Any) -> str:
     """How many trained tokens of a source's first records (`peek`'s, cut at model.max_seq_len
     as training cuts them) a teacher of another tokenizer (`distill.divergence: uld`) matches:
-    the others train on their next-token loss only."""
+    the others train on their next-token loss only; and how many tokens of its own it reads
+    them in (`plan` counts its forward in the model's)."""
     from ft_ray.models import load_tokenizer
     from ft_ray.train.distillation import CrossTokenizerTeacher, matched_pairs
 
     reader = CrossTokenizerTeacher(None, tokenizer, load_tokenizer(config.teacher))
-    matched = trained = 0
+    matched = trained = ours = theirs = 0
     for example in examples:
         cut = slice(0, config.model.max_seq_len)
         labels = example["labels"][cut]
-        _, matches = reader.teacher_example(example["input_ids"][cut], [y != IGNORE_INDEX for y in labels])
+        read, matches = reader.teacher_example(example["input_ids"][cut], [y != IGNORE_INDEX for y in labels])
         matched += sum(1 for _ in matched_pairs(matches))
         trained += sum(len(piece.ours) for piece in matches)
+        ours, theirs = ours + len(labels), theirs + len(read)
+    more = f" ({theirs / ours - 1:.0%} more: ft-ray plan counts the teacher's forward in the model's tokens)" if (
+        theirs > ours) else ""
     return (f"{key}: the teacher (uld, its own tokens) matches {matched:,} of the {trained:,} trained tokens of the "
             f"first records ({matched / max(1, trained):.0%}: read after the same text); the others add their "
-            "next-token loss only")
+            f"next-token loss only. It reads those records in {theirs:,} tokens of its own, the model in {ours:,}{more}")
 
 
 def p95(ordered: list[int]) -> int:
