@@ -66,12 +66,15 @@ class Teacher:
     """The frozen teacher: its logits at a batch's target tokens, chunk by chunk (`at`)."""
 
     def __init__(self, model: Any):
+        from torch.distributed.fsdp import FSDPModule
+
         self.model = model
         lm = causal_lm(model)
         head = lm.get_output_embeddings()
         self.decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+        # sharded by FSDP: its own forward, which gathers the outer weights (the decoder alone would not)
         plain = (type(head) is torch.nn.Linear and head.bias is None and isinstance(self.decoder, torch.nn.Module)
-                 and logits_are_the_heads(lm, head))
+                 and logits_are_the_heads(lm, head) and not isinstance(lm, FSDPModule))
         self.head = head if plain else None
 
     def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
@@ -493,22 +496,32 @@ class DistillLoss:
         return int(((answered or batch)["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def load_teacher(config: JobConfig, device: torch.device) -> Any:
+def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False) -> Any:
     """The job's teacher (`JobConfig.teacher`), frozen, on `device`: in 4-bit with the job's
     quantization under QLoRA (the rest in its compute dtype), else in the compute dtype (fp32
-    for fp32 runs), with the student's per-example attention in packed batches."""
+    for fp32 runs), with the student's per-example attention in packed batches. `sharded`
+    (training workers under distributed.strategy fsdp): sharded across the workers as the
+    student is (`fsdp_engine.shard_model`, each layer gathered for its forward), loaded on the
+    CPU first, so no worker holds the whole teacher on its GPU (a QLoRA teacher's 4-bit
+    weights are quantized there first, as the student's)."""
     from ft_ray.models import load_base_model, load_quantized_model
     from ft_ray.train.engine_api import COMPUTE_DTYPES
 
     if config.method == "qlora":
         model = load_quantized_model(config.teacher, config.quantization, False, frozen=True)
     else:
-        model = load_base_model(config.teacher, dtype=COMPUTE_DTYPES.get(config.train.precision)).to(device)
+        model = load_base_model(config.teacher, dtype=COMPUTE_DTYPES.get(config.train.precision))
+        model = model if sharded else model.to(device)
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 
         model.set_attn_implementation(register())
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if sharded:
+        from ft_ray.train.fsdp_engine import shard_model
+
+        shard_model(model, config, device, trains=False)
+    return model
 
 
 def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
@@ -524,7 +537,8 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
             None, tokenizer, load_tokenizer(config.teacher), distill.uld_shared_tokens),
             model_config(config.teacher).vocab_size) if uld else PrecomputedTeacher()
         return DistillLoss(precomputed, distill.divergence, distill.temperature, distill.ratio)
-    teacher = load_teacher(config, worker_device(config.distributed.use_gpu))
+    teacher = load_teacher(config, worker_device(config.distributed.use_gpu),
+                           sharded=config.distributed.strategy == "fsdp")
     if uld:  # the teacher reads the text in its own tokens
         reader: Teacher | CrossTokenizerTeacher = CrossTokenizerTeacher(Teacher(teacher), tokenizer,
                                                                          load_tokenizer(config.teacher),

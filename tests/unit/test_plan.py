@@ -151,7 +151,7 @@ def test_grpo_plans_each_reward_model_every_worker_loads(tmp_path):
     assert scored.parts["reward_scoring"] > 0
 
 
-def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_student():
+def test_distillation_plans_the_teacher_every_worker_holds_whole_or_sharded_beside_the_student():
     from ft_ray.plan import KNOWN_SHAPES
 
     student, teacher = KNOWN_SHAPES["meta-llama/Llama-3.1-8B"], KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"]
@@ -187,6 +187,15 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_beside_the_stud
     assert teacher_run.parts["teacher_weights"] == pytest.approx(2 * teacher.params / MIB)
     assert teacher_run.parts["teacher_forward"] == taught.parts["teacher_forward"]
     assert not teacher_run.fits(H100_80GB) and teacher_pass(job(**gpu, **distill, method="lora")) is None
+    # under fsdp the teacher is sharded as the student is: a 70B teacher in bf16 over 8 workers, which no worker
+    # could hold whole, a share of its weights, its own forward's logits over every token, its gathered layers
+    fsdp = {"distributed": {"num_workers": 8, "use_gpu": True, "strategy": "fsdp"}, "train": gpu["train"]}
+    sharded = plan_memory(job(**fsdp, **distill, method="lora"), student)
+    assert sharded.parts["teacher_weights"] == pytest.approx(2 * teacher.params / 8 / MIB)
+    gathered = 2 * (2 * 128256 * 8192 + 8192 + 2 * (teacher.params - 2 * 128256 * 8192 - 8192) / 80)
+    assert sharded.parts["teacher_forward"] == pytest.approx(taught.parts["teacher_forward"] + (
+        1024 * 128256 * 2 + (1024 - rows) * 128256 * 24 + gathered) / MIB)
+    assert sharded.fits(H100_80GB)
 
 
 def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_does_not_fit(tmp_path, capsys,

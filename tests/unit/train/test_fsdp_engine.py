@@ -26,9 +26,10 @@ def process_group():
 
 
 def job(strategy: str, method: str, precision: str, objective: str = "sft", reference: str = "precomputed",
-        offload: str = "none", **train):
+        offload: str = "none", distill: dict | None = None, **train):
     fsdp = {"fsdp": {"offload": offload}} if strategy == "fsdp" else {}
     return config_from_dict({"method": method, "objective": objective, "data": {"train": "t.jsonl"},
+                             **({"distill": distill} if distill else {}),
                              "distributed": {"strategy": strategy, **fsdp}, "lora": {"dropout": 0.0},
                              "quantization": {"quant_storage": "bfloat16"},  # qlora's, to be sharded
                              "preference": {"reference": reference},
@@ -146,6 +147,33 @@ def test_pairs_train_as_under_ddp(process_group, method, objective):
     assert went[4] < went[0]
     if objective == "dpo":
         assert all(hasattr(p, "full_tensor") for p in fsdp.objective.reference.model.parameters())  # sharded
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "uld"])
+def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(process_group, tmp_path, divergence):
+    """distill under fsdp: the teacher is sharded across the workers as the student is (each
+    layer gathered for its forward, its outer weights too: its own forward, whole logits at the
+    target tokens), not loaded whole on each; the steps are those of DDP, whose workers hold the
+    whole teacher (one of the same tokenizer, and for uld one of another)."""
+    from tests.conftest import cross_tokenizer_llama, teacher_llama
+
+    teacher = (teacher_llama(tmp_path / "teacher", wider=True) if divergence == "forward_kl"
+               else cross_tokenizer_llama(tmp_path / "teacher", permuted=False))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (2, 48))
+    labels = ids.clone()
+    labels[:, :16] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(48).repeat(2, 1)}
+    engines = {}
+    for strategy in ("fsdp", "ddp"):
+        engines[strategy] = engine_of(job(strategy, "lora", "fp32", objective="distill",
+                                          distill={"teacher": str(teacher), "divergence": divergence}))
+    taught = engines["fsdp"].objective.teacher
+    taught = getattr(taught, "teacher", taught)  # uld: the reader around it
+    assert taught.head is None and all(hasattr(p, "full_tensor") for p in taught.model.parameters())
+    went = steps(engines["fsdp"], batch, 3)
+    torch.testing.assert_close(went, steps(engines["ddp"], batch, 3), rtol=1e-5, atol=0)
+    assert went[4] < went[0]
 
 
 def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_under_ddp(process_group, tmp_path):
