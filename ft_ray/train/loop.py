@@ -279,26 +279,40 @@ def evaluate_all(engine: Any, eval_sets: dict[str, Any], config: JobConfig, obje
     return scores
 
 
+def sharded_forward(config: JobConfig) -> bool:
+    """Whether each forward of the job's model is a collective: its weights sharded across the
+    workers and gathered layer by layer (fsdp, ZeRO-3), so every worker runs as many."""
+    return config.distributed.strategy == "fsdp" or config.zero3
+
+
 def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective) -> dict[str, float]:
     """The mean loss over the whole eval set (per target token, or per pair for preference
     objectives) as `eval_loss`, and the objective's metrics as `eval_<name>`.
 
     Every worker reads the whole (small) eval set and scores every world_size-th batch: Ray's
     split of a dataset among workers drops rows to make the shares equal (7 packed eval rows
-    on 2 workers: 6 were scored)."""
+    on 2 workers: 6 were scored). Where the model's forward is a collective (each layer's
+    weights gathered from the workers' shards: fsdp, ZeRO-3, a teacher sharded with it), a
+    worker whose share is a batch short runs the last one again, unscored, beside the others'
+    last forward (before, 5 eval batches on 2 fsdp workers waited for each other forever)."""
     import ray.train
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     loss_sum, weight, sums = 0.0, 0, [0.0] * len(objective.metrics)
+    on_device = lambda rows: model_inputs({k: torch.as_tensor(v, device=engine.device)  # noqa: E731
+                                           for k, v in rows.items()})
+    count, rows = 0, None
     for index, rows in enumerate(eval_set.iter_batches(batch_size=config.train.micro_batch_size,
                                                        batch_format="numpy")):
+        count = index + 1
         if index % world_size != rank:
             continue
-        batch = model_inputs({k: torch.as_tensor(v, device=engine.device) for k, v in rows.items()})
-        batch_loss, batch_weight, metrics = engine.eval_loss_sum(batch)
+        batch_loss, batch_weight, metrics = engine.eval_loss_sum(on_device(rows))
         loss_sum, weight = loss_sum + batch_loss, weight + batch_weight
         sums = [total + metrics[name] for total, name in zip(sums, objective.metrics)]
+    if sharded_forward(config) and rank >= count % world_size > 0:
+        engine.eval_loss_sum(on_device(rows))  # the last round's forward, left out
     loss_sum, weight, *sums = all_reduce_sum([loss_sum, weight, *sums])
     training_only = getattr(objective, "training_only", ())  # what an evaluation does not measure
     return {"eval_loss": loss_sum / max(1, weight),

@@ -13,15 +13,19 @@ from safetensors.torch import load_file
 from ft_ray.cli import main
 from ft_ray.config import InputError, load_config
 from ft_ray.train.trainer import run_training
-from tests.conftest import write_job
+from tests.conftest import DEMO, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def zero_job(tmp_path, stage: int, run_name: str, **train):
+    """A full fine-tune under ZeRO `stage`, evaluated on the demo's first 19 eval records: 5 eval
+    batches, so one worker of two runs one more (a sharded model's forward is a collective:
+    `loop.evaluate` has the other run it too, and collectives time out in 2 minutes, not 30)."""
+    (tmp_path / "eval.jsonl").write_text("".join((DEMO / "eval.jsonl").read_text().splitlines(keepends=True)[:19]))
     return load_config(write_job(
-        tmp_path, run_name=run_name, method="full",
-        distributed={"strategy": "deepspeed", "deepspeed": {"stage": stage}},
+        tmp_path, run_name=run_name, method="full", data={"eval": str(tmp_path / "eval.jsonl")},
+        distributed={"strategy": "deepspeed", "deepspeed": {"stage": stage}, "timeout_s": 120},
         train={"learning_rate": 5e-4, "max_steps": 4, "checkpoint_every": 2, "eval_every": 2, **train}))
 
 
@@ -94,11 +98,13 @@ def test_fsdp_trains_as_zero2_does_and_resumes_on_another_worker_count(zero2_fir
     partitioned) and with FSDP2 (each worker holding half of every weight, gradient and AdamW
     state): the same loss and gradient norm at each step. FSDP's checkpoint holds every rank's
     DCP shard; a relaunch on one worker re-shards it and trains on (ZeRO-3 refuses that,
-    above); the export holds the last checkpoint's weights."""
+    above); the export holds the last checkpoint's weights. Its 5 eval batches are scored
+    on 2 workers (before, the one with 2 waited for the other's third forward forever)."""
     _, zero2, reference = zero2_first_steps
     config = zero_job(tmp_path, 2, "fsdp", max_steps=2)
     config.distributed.strategy = "fsdp"
     first = run_training(config)
+    assert first["data"]["eval_sequences"] == 19  # 5 batches of 4: an odd share, each forward a collective
     run = Path(config.storage.path) / config.run_name
     logged = [m[key] for m in metrics(run) if "loss" in m for key in ("loss", "grad_norm")]
     expected = [m[key] for m in reference if "loss" in m for key in ("loss", "grad_norm")]
