@@ -3,12 +3,14 @@ the teacher model's next-token distribution, beside (`distill.ratio`) the next-t
 the records' own tokens.
 
 The teacher (`distill.teacher`: a causal LM with the student's tokenizer; another tokenizer
-with divergence uld, `CrossTokenizerTeacher`) is loaded whole by every training worker,
-frozen, in the compute dtype (4-bit under QLoRA), and reads the same batch (its own tokens of
-the same text for uld) without gradients (per-example attention, as the student). Where the student's
-head works in chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of
-either model exist: the teacher's last hidden states at the target tokens are kept, and each
-chunk of rows takes both heads' logits, its loss and its slope in turn (`_LinearRowLoss`).
+with divergence uld, `CrossTokenizerTeacher`) is loaded whole by every training worker (under
+fsdp sharded across them as the student is: `load_teacher`), frozen, in the compute dtype
+(4-bit under QLoRA), and reads the same batch (its own tokens of the same text for uld)
+without gradients (per-example attention, as the student). Where the student's head works in
+chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of either model exist:
+the teacher's last hidden states at the target tokens are kept (a sharded teacher's own
+forward gives its logits, those of the target tokens kept), and each chunk of rows takes both
+heads' logits, its loss and its slope in turn (`_LinearRowLoss`).
 Otherwise (ZeRO-3, `train.fused_kernels: none`, a head whose forward changes its output) the
 student's own forward gives its logits and only the target tokens' rows are kept.
 
