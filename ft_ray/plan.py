@@ -198,6 +198,7 @@ class Plan:
     parts: dict[str, float]
     workers: int
     tokens_per_micro_batch: int
+    offloaded_mib: float = 0.0  # what the worker keeps in CPU memory instead (DeepSpeed's and FSDP's offload)
 
     @property
     def allocated_mib(self) -> float:
@@ -391,9 +392,16 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         # the adapter it started from is not the adapter off: a frozen copy of the base with it, as it is held
         # (sharded by ZeRO-3 and fsdp)
         parts["reference_weights"] = (base + 4 * adapter_params(config, shape)) / shard(3)
+    offloaded = 0.0
+    if ds.offload_optimizer == "cpu":  # DeepSpeed's CPU AdamW: fp32 weights, gradients and states of its partition
+        offloaded += (4 + 4 + state_bytes) * trained / shard(1)
+    if ds.offload_params == "cpu":
+        offloaded += compute * shape.params / shard(3)
     if fsdp and dist.fsdp.offload == "cpu":  # the shards, their gradients and AdamW's states in CPU memory
-        parts.update({part: 0 for part in ("weights", "base_weights", "lora_weights", "gradients", "optimizer_states",
-                                           "reference_weights") if part in parts})
+        moved = [part for part in ("weights", "base_weights", "lora_weights", "gradients", "optimizer_states",
+                                   "reference_weights") if part in parts]
+        offloaded += sum(parts[part] for part in moved)
+        parts.update({part: 0 for part in moved})
     scorers = reward_model_shapes(config)
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
@@ -417,7 +425,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     parts = {k: v / MIB for k, v in parts.items()}
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_MIB if dist.use_gpu else 0
-    return Plan(parts, workers, tokens)
+    return Plan(parts, workers, tokens, offloaded / MIB)
 
 
 def gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
@@ -637,13 +645,18 @@ def describe(config: JobConfig, plan: Plan) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"plan for {config.run_name} ({how}), per worker:"]
     lines += [f"  {name:<{width}}  {value:>10,.0f} MiB" for name, value in rows]
+    if plan.offloaded_mib:
+        lines.append(f"  and in CPU memory (offload): {plan.offloaded_mib:,.0f} MiB per worker, "
+                     f"{plan.offloaded_mib * plan.workers / 1024:,.1f} GiB for the {plan.workers} worker(s)")
     return "\n".join(lines)
 
 
 def one_line(plan: Plan, gpu_mib: float | None = None) -> str:
     fit = "" if gpu_mib is None else (" (fits" if plan.fits(gpu_mib) else " (does not fit") + f" {gpu_mib / 1024:.0f} GiB)"
+    offloaded = f"; {plan.offloaded_mib / 1024:.1f} GiB per worker in CPU memory" if plan.offloaded_mib else ""
     return (f"plan: peak {plan.peak_mib / 1024:.1f} GiB per worker{fit}; activations "
-            f"{plan.parts['activations'] / 1024:.1f} GiB for {plan.tokens_per_micro_batch} tokens per micro batch")
+            f"{plan.parts['activations'] / 1024:.1f} GiB for {plan.tokens_per_micro_batch} tokens per micro batch"
+            + offloaded)
 
 
 def worst_case(config: JobConfig, shape: Shape) -> tuple[JobConfig, Plan]:
@@ -668,7 +681,8 @@ def worst_case(config: JobConfig, shape: Shape) -> tuple[JobConfig, Plan]:
 def as_json(config: JobConfig, plan: Plan, gpu_mib: float | None, fixes: list[tuple[str, Plan]]) -> dict[str, Any]:
     return {"run_name": config.run_name, "peak_mib": round(plan.peak_mib), "allocated_mib": round(plan.allocated_mib),
             "parts_mib": {k: round(v, 1) for k, v in plan.parts.items()}, "workers": plan.workers,
-            "tokens_per_micro_batch": plan.tokens_per_micro_batch, "gpu_mib": gpu_mib,
+            "tokens_per_micro_batch": plan.tokens_per_micro_batch, "offloaded_mib": round(plan.offloaded_mib),
+            "gpu_mib": gpu_mib,
             "fits": None if gpu_mib is None else plan.fits(gpu_mib),
             "suggestions": [{"settings": s, "peak_mib": round(p.peak_mib)} for s, p in fixes]}
 

@@ -8,8 +8,8 @@ import pytest
 
 from ft_ray.cli import main
 from ft_ray.config import config_from_dict
-from ft_ray.plan import (ACTIVATION_MARGIN, MIB, QLORA_BYTES, Shape, model_shape, plan_memory, suggestions, teacher_pass,
-                         worst_case)
+from ft_ray.plan import (ACTIVATION_MARGIN, MIB, QLORA_BYTES, Shape, describe, model_shape, plan_memory, suggestions,
+                         teacher_pass, with_settings, worst_case)
 
 H100_80GB = 80e9 / MIB
 
@@ -356,10 +356,17 @@ def test_8bit_adamw_is_offered_where_its_states_make_a_job_fit():
     assert [settings for settings, _ in found] == [
         "train.optimizer=adamw_8bit", "distributed.deepspeed.offload_optimizer=cpu",
         "distributed.strategy=fsdp, distributed.fsdp.offload=cpu"]
-    # FSDP2 offloading its shards: the GPU holds the layers gathered for the forward and backward, the activations
-    offloaded = found[2][1].parts
-    assert offloaded["weights"] == offloaded["gradients"] == offloaded["optimizer_states"] == 0
-    assert offloaded["gathered_weights"] > 0 and found[2][1].peak_mib < found[1][1].peak_mib
+    # DeepSpeed's CPU AdamW: fp32 weights, gradients and AdamW states of each worker's partition in CPU memory
+    assert found[1][1].offloaded_mib == pytest.approx(16 * shape.params / 2 / MIB)
+    # FSDP2 offloading its shards: the GPU holds the layers gathered for the forward and backward, the activations;
+    # the CPU its shards of the fp32 weights, their gradients and AdamW's states
+    offloaded = found[2][1]
+    assert offloaded.parts["weights"] == offloaded.parts["gradients"] == offloaded.parts["optimizer_states"] == 0
+    assert offloaded.parts["gathered_weights"] > 0 and offloaded.peak_mib < found[1][1].peak_mib
+    assert offloaded.offloaded_mib == pytest.approx((4 + 4 + 8) * shape.params / 2 / MIB)
+    fsdp_job = with_settings(zero3, ["distributed.strategy=fsdp", "distributed.fsdp.offload=cpu"])
+    assert "and in CPU memory (offload): 61,266 MiB per worker, 119.7 GiB for the 2 worker(s)" in describe(
+        fsdp_job, plan_memory(fsdp_job, shape))
 
 
 def test_a_sweep_is_planned_at_its_largest_trial():
