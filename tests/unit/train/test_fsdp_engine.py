@@ -149,12 +149,14 @@ def test_pairs_train_as_under_ddp(process_group, method, objective):
         assert all(hasattr(p, "full_tensor") for p in fsdp.objective.reference.model.parameters())  # sharded
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "uld"])
-def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(process_group, tmp_path, divergence):
+@pytest.mark.parametrize("method, divergence", [("lora", "forward_kl"), ("qlora", "forward_kl"), ("lora", "uld")])
+def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(process_group, tmp_path, method,
+                                                                             divergence):
     """distill under fsdp: the teacher is sharded across the workers as the student is (each
     layer gathered for its forward, its outer weights too: its own forward, whole logits at the
     target tokens), not loaded whole on each; the steps are those of DDP, whose workers hold the
-    whole teacher (one of the same tokenizer, and for uld one of another)."""
+    whole teacher (one of the same tokenizer, in 4 bits under QLoRA, and for uld one of
+    another)."""
     from tests.conftest import cross_tokenizer_llama, teacher_llama
 
     teacher = (teacher_llama(tmp_path / "teacher", wider=True) if divergence == "forward_kl"
@@ -166,7 +168,7 @@ def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(proc
     batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(48).repeat(2, 1)}
     engines = {}
     for strategy in ("fsdp", "ddp"):
-        engines[strategy] = engine_of(job(strategy, "lora", "fp32", objective="distill",
+        engines[strategy] = engine_of(job(strategy, method, "fp32", objective="distill",
                                           distill={"teacher": str(teacher), "divergence": divergence}))
     taught = engines["fsdp"].objective.teacher
     taught = getattr(taught, "teacher", taught)  # uld: the reader around it
