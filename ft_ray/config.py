@@ -605,9 +605,8 @@ class DistillConfig(Section):
 
     teacher: str | None = Field(None, description=(
         "the teacher: a causal LM's folder, hub id or s3:// folder (read with the storage section) with the "
-        "model's tokenizer (another tokenizer: divergence uld), loaded whole by every worker (under "
-        "distributed.strategy fsdp sharded across them as the model is), frozen, in the compute dtype (4-bit "
-        "under qlora)"))
+        "model's tokenizer (another tokenizer: divergence uld), loaded whole by every worker (under fsdp and "
+        "ZeRO-3 sharded across them as the model is), frozen, in the compute dtype (4-bit under qlora)"))
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "uld"] = Field("forward_kl", description=(
         "per token, between the teacher's distribution p and the student's q: forward_kl = KL(p || q), "
         "classic distillation (q covers all of p); reverse_kl = KL(q || p) (q settles on p's likeliest "

@@ -277,8 +277,8 @@ def teacher_bytes(config: JobConfig, teacher: Shape, tokens: int, compute: int, 
     at a time, as `scoring_bytes`): its last hidden states at the batch's tokens, kept for the
     loss, and the loss's fp32 tensors: the two models' logits and a few of their softmaxes over
     a chunk of rows (the student's head in chunks: `fast_paths.LOGITS_CHUNK_BYTES`), else over
-    every token. `sharded` (by FSDP): its own forward's logits over every token (in the
-    compute dtype, then those of the target tokens kept) and the layers gathered for it."""
+    every token. `sharded` (by FSDP or ZeRO-3): its own forward's logits over every token (in
+    the compute dtype, then those of the target tokens kept) and the layers gathered for it."""
     rows = tokens
     if config.uses_fast_paths and not teacher.scaled_logits and not sharded:
         from ft_ray.train.fast_paths import LOGITS_CHUNK_BYTES
@@ -292,7 +292,8 @@ def teacher_bytes(config: JobConfig, teacher: Shape, tokens: int, compute: int, 
 
 def teacher_parts(config: JobConfig, teacher: Shape, tokens: int, compute: int, workers: int = 1) -> dict[str, float]:
     """A distillation teacher's weights, frozen (4-bit under qlora, else in the compute dtype),
-    a worker's share of them sharded over `workers` (fsdp), and its forward over `tokens` (bytes)."""
+    a worker's share of them sharded over `workers` (fsdp, ZeRO-3), and its forward over
+    `tokens` (bytes)."""
     weights = quantized_bytes(config, teacher, frozen=True) if config.method == "qlora" else compute * teacher.params
     return {"teacher_weights": weights / workers,
             "teacher_forward": teacher_bytes(config, teacher, tokens, compute, sharded=workers > 1)}
@@ -406,7 +407,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     if scorers:  # grpo.rewards "model:...": each worker loads each reward model whole (bf16 on a GPU, else fp32)
         parts["reward_models"] = (2 if dist.use_gpu else 4) * sum(scorer.params for scorer in scorers)
 
-    # distill.teacher: whole on each worker, sharded under fsdp (none when its logits are precomputed: `teacher_pass`)
+    # distill.teacher: whole on each worker, sharded under fsdp and ZeRO-3 (none when its logits are precomputed:
+    # `teacher_pass`)
     teacher = None if config.precomputes_teacher else teacher_shape(config)
 
     tokens = train.micro_batch_size * config.model.max_seq_len
@@ -415,8 +417,8 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
                                                                            + config.grpo.max_new_tokens)
     elif teacher and config.distill.on_policy:  # on-policy batches: a sampled answer after each prompt
         tokens = train.micro_batch_size * (config.model.max_seq_len + config.distill.max_new_tokens)
-    if teacher:  # sharded as the student under fsdp (`distillation.load_teacher`)
-        parts.update(teacher_parts(config, teacher, tokens, compute, workers if fsdp else 1))
+    if teacher:  # sharded as the student under fsdp and ZeRO-3 (`distillation.load_teacher`)
+        parts.update(teacher_parts(config, teacher, tokens, compute, workers if stage == 3 else 1))
     parts["activations"] = activation_bytes(config, shape, compute) * tokens
     parts["logits_and_loss"] = logits_bytes(config, shape, tokens, compute)
     if scorers:  # scored before the loss forward, the answers sampled: where it holds more than training does

@@ -4,7 +4,7 @@ the records' own tokens.
 
 The teacher (`distill.teacher`: a causal LM with the student's tokenizer; another tokenizer
 with divergence uld, `CrossTokenizerTeacher`) is loaded whole by every training worker (under
-fsdp sharded across them as the student is: `load_teacher`), frozen, in the compute dtype
+fsdp and ZeRO-3 sharded across them as the student is: `load_teacher`), frozen, in the compute dtype
 (4-bit under QLoRA), and reads the same batch (its own tokens of the same text for uld)
 without gradients (per-example attention, as the student). Where the student's head works in
 chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of either model exist:
@@ -65,18 +65,17 @@ def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: fl
 
 
 class Teacher:
-    """The frozen teacher: its logits at a batch's target tokens, chunk by chunk (`at`)."""
+    """The frozen teacher: its logits at a batch's target tokens, chunk by chunk (`at`). A
+    `sharded` one (FSDP, ZeRO-3) runs its own forward, which gathers its outer weights (the
+    decoder alone would not, nor could its head's shard give logits)."""
 
-    def __init__(self, model: Any):
-        from torch.distributed.fsdp import FSDPModule
-
+    def __init__(self, model: Any, sharded: bool = False):
         self.model = model
-        lm = causal_lm(model)
+        lm = causal_lm(unwrapped(model))
         head = lm.get_output_embeddings()
         self.decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-        # sharded by FSDP: its own forward, which gathers the outer weights (the decoder alone would not)
         plain = (type(head) is torch.nn.Linear and head.bias is None and isinstance(self.decoder, torch.nn.Module)
-                 and logits_are_the_heads(lm, head) and not isinstance(lm, FSDPModule))
+                 and logits_are_the_heads(lm, head) and not sharded)
         self.head = head if plain else None
 
     def divergence_of(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, kind: str, beta: float,
@@ -502,10 +501,12 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
     """The job's teacher (`JobConfig.teacher`), frozen, on `device`: in 4-bit with the job's
     quantization under QLoRA (the rest in its compute dtype), else in the compute dtype (fp32
     for fp32 runs), with the student's per-example attention in packed batches. `sharded`
-    (training workers under distributed.strategy fsdp): sharded across the workers as the
-    student is (`fsdp_engine.shard_model`, each layer gathered for its forward), loaded on the
-    CPU first, so no worker holds the whole teacher on its GPU (a QLoRA teacher's 4-bit
-    weights are quantized there first, as the student's)."""
+    (training workers under fsdp or ZeRO-3, `shards_teacher`): sharded across the workers as
+    the student is, each layer gathered for its forward. Under fsdp (`fsdp_engine.shard_model`)
+    it is loaded on the CPU first, so no worker holds it whole on its GPU (a QLoRA teacher's
+    4-bit weights are quantized there first, as the student's); under ZeRO-3 DeepSpeed's
+    engine (`preference.sharded_for_inference`, as the inline reference) moves it whole to the
+    GPU before it partitions it."""
     from ft_ray.models import load_base_model, load_quantized_model
     from ft_ray.train.engine_api import COMPUTE_DTYPES
 
@@ -519,11 +520,20 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
 
         model.set_attn_implementation(register())
     model.eval().requires_grad_(False)
+    if sharded and config.zero3:
+        from ft_ray.train.preference import sharded_for_inference
+
+        return sharded_for_inference(model, config, f"distill.teacher {config.distill.teacher}")
     if sharded:
         from ft_ray.train.fsdp_engine import shard_model
 
         shard_model(model, config, device, trains=False)
     return model
+
+
+def shards_teacher(config: JobConfig) -> bool:
+    """Whether the training workers shard the teacher across them (as the student: fsdp, ZeRO-3)."""
+    return config.distributed.strategy == "fsdp" or config.zero3
 
 
 def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
@@ -539,15 +549,16 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
             None, tokenizer, load_tokenizer(config.teacher), distill.uld_shared_tokens),
             model_config(config.teacher).vocab_size) if uld else PrecomputedTeacher()
         return DistillLoss(precomputed, distill.divergence, distill.temperature, distill.ratio)
-    teacher = load_teacher(config, worker_device(config.distributed.use_gpu),
-                           sharded=config.distributed.strategy == "fsdp")
+    sharded = shards_teacher(config)
+    teacher = load_teacher(config, worker_device(config.distributed.use_gpu), sharded)
     if uld:  # the teacher reads the text in its own tokens
-        reader: Teacher | CrossTokenizerTeacher = CrossTokenizerTeacher(Teacher(teacher), tokenizer,
+        reader: Teacher | CrossTokenizerTeacher = CrossTokenizerTeacher(Teacher(teacher, sharded), tokenizer,
                                                                          load_tokenizer(config.teacher),
                                                                          distill.uld_shared_tokens)
     else:
-        reader = Teacher(teacher)
-        sizes = [causal_lm(m).get_output_embeddings().weight.shape[0] for m in (model, teacher)]
+        reader = Teacher(teacher, sharded)
+        heads = [causal_lm(unwrapped(m)).get_output_embeddings().weight for m in (model, teacher)]
+        sizes = [getattr(w, "ds_shape", w.shape)[0] for w in heads]  # (ZeRO-3's partitioned weight: ds_shape)
         if sizes[0] != sizes[1]:
             LOG.info(f"note: the output layers of the model ({sizes[0]} rows) and the teacher ({sizes[1]}) differ in "
                      f"size: the divergence is taken over the {min(sizes)} rows they share (the tokenizer's)")

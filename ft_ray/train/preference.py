@@ -342,9 +342,10 @@ def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
     return forward
 
 
-def sharded_for_inference(model: Any, config: Any) -> Any:
+def sharded_for_inference(model: Any, config: Any, what: str = "reference: a frozen copy of the base model") -> Any:
     """`model` under a DeepSpeed ZeRO-3 engine without an optimizer: each worker keeps its shard
-    of the weights, gathered layer by layer in the forward (what TRL does for its reference)."""
+    of the weights, gathered layer by layer in the forward (what TRL does for its reference
+    and its teacher); `what` it is, said once."""
     import deepspeed
 
     from ft_ray.train.deepspeed_engine import deepspeed_config
@@ -358,8 +359,7 @@ def sharded_for_inference(model: Any, config: Any) -> Any:
     if engine.global_rank == 0:
         from ft_ray.console import LOG
 
-        LOG.info(f"reference: a frozen copy of the base model sharded by ZeRO-3, {held / 1e6:.3g}M of its "
-                 f"{total / 1e6:.3g}M parameters on each worker")
+        LOG.info(f"{what} sharded by ZeRO-3, {held / 1e6:.3g}M of its {total / 1e6:.3g}M parameters on each worker")
     return engine
 
 

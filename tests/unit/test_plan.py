@@ -187,8 +187,8 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_or_sharded_besi
     assert teacher_run.parts["teacher_weights"] == pytest.approx(2 * teacher.params / MIB)
     assert teacher_run.parts["teacher_forward"] == taught.parts["teacher_forward"]
     assert not teacher_run.fits(H100_80GB) and teacher_pass(job(**gpu, **distill, method="lora")) is None
-    # under fsdp the teacher is sharded as the student is: a 70B teacher in bf16 over 8 workers, which no worker
-    # could hold whole, a share of its weights, its own forward's logits over every token, its gathered layers
+    # under fsdp (and ZeRO-3) the teacher is sharded as the student is: a 70B teacher in bf16 over 8 workers, which
+    # no worker could hold whole, a share of its weights, its own forward's logits over every token, its gathered layers
     fsdp = {"distributed": {"num_workers": 8, "use_gpu": True, "strategy": "fsdp"}, "train": gpu["train"]}
     sharded = plan_memory(job(**fsdp, **distill, method="lora"), student)
     assert sharded.parts["teacher_weights"] == pytest.approx(2 * teacher.params / 8 / MIB)
@@ -196,6 +196,9 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_or_sharded_besi
     assert sharded.parts["teacher_forward"] == pytest.approx(taught.parts["teacher_forward"] + (
         1024 * 128256 * 2 + (1024 - rows) * 128256 * 24 + gathered) / MIB)
     assert sharded.fits(H100_80GB)
+    zero3 = {**fsdp, "distributed": {**fsdp["distributed"], "strategy": "deepspeed", "deepspeed": {"stage": 3}}}
+    assert plan_memory(job(**zero3, **distill, method="lora"), student).parts["teacher_weights"] == pytest.approx(
+        sharded.parts["teacher_weights"])
 
 
 def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_does_not_fit(tmp_path, capsys,

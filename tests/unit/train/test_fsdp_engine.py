@@ -149,15 +149,21 @@ def test_pairs_train_as_under_ddp(process_group, method, objective):
         assert all(hasattr(p, "full_tensor") for p in fsdp.objective.reference.model.parameters())  # sharded
 
 
-@pytest.mark.parametrize("method, divergence", [("lora", "forward_kl"), ("qlora", "forward_kl"), ("lora", "uld")])
-def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(process_group, tmp_path, method,
-                                                                             divergence):
-    """distill under fsdp: the teacher is sharded across the workers as the student is (each
-    layer gathered for its forward, its outer weights too: its own forward, whole logits at the
-    target tokens), not loaded whole on each; the steps are those of DDP, whose workers hold the
-    whole teacher (one of the same tokenizer, in 4 bits under QLoRA, and for uld one of
-    another)."""
+@pytest.mark.parametrize("strategy, method, divergence", [
+    ("fsdp", "lora", "forward_kl"), ("fsdp", "qlora", "forward_kl"), ("fsdp", "lora", "uld"),
+    ("zero3", "full", "forward_kl")])
+def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(process_group, monkeypatch, tmp_path,
+                                                                             strategy, method, divergence):
+    """distill under fsdp and ZeRO-3: the teacher is sharded across the workers as the student
+    is (each layer gathered for its forward, its outer weights too: its own forward, whole
+    logits at the target tokens), not held whole by each; the steps are those of DDP, whose
+    workers hold the whole teacher (one of the same tokenizer, in 4 bits under QLoRA, and for
+    uld one of another)."""
     from tests.conftest import cross_tokenizer_llama, teacher_llama
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as Ray Train sets them, for DeepSpeed
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
 
     teacher = (teacher_llama(tmp_path / "teacher", wider=True) if divergence == "forward_kl"
                else cross_tokenizer_llama(tmp_path / "teacher", permuted=False))
@@ -166,15 +172,18 @@ def test_distillation_from_a_sharded_teacher_takes_the_steps_of_a_whole_one(proc
     labels = ids.clone()
     labels[:, :16] = -100
     batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(48).repeat(2, 1)}
-    engines = {}
-    for strategy in ("fsdp", "ddp"):
-        engines[strategy] = engine_of(job(strategy, method, "fp32", objective="distill",
-                                          distill={"teacher": str(teacher), "divergence": divergence}))
-    taught = engines["fsdp"].objective.teacher
+    distill = {"objective": "distill", "distill": {"teacher": str(teacher), "divergence": divergence}}
+    sharded = engine_of(job("fsdp", method, "fp32", **distill) if strategy == "fsdp" else config_from_dict({
+        "method": method, "data": {"train": "t.jsonl"}, **distill, "distributed": {
+            "strategy": "deepspeed", "num_workers": 1, "deepspeed": {"stage": 3}},
+        "train": {"precision": "fp32", "learning_rate": 1e-3, "warmup_steps": 0}}))
+    whole = engine_of(job("ddp", method, "fp32", **distill))
+    taught = sharded.objective.teacher
     taught = getattr(taught, "teacher", taught)  # uld: the reader around it
-    assert taught.head is None and all(hasattr(p, "full_tensor") for p in taught.model.parameters())
-    went = steps(engines["fsdp"], batch, 3)
-    torch.testing.assert_close(went, steps(engines["ddp"], batch, 3), rtol=1e-5, atol=0)
+    held = [p for p in taught.model.parameters()]
+    assert taught.head is None and all(hasattr(p, "full_tensor") or hasattr(p, "ds_tensor") for p in held)
+    went = steps(sharded, batch, 3)
+    torch.testing.assert_close(went, steps(whole, batch, 3), rtol=1e-5, atol=0)
     assert went[4] < went[0]
 
 
