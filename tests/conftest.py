@@ -70,6 +70,21 @@ def torch_threads_kept():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def linear_kept():
+    """Puts back torch.nn.functional.linear after a test that ran a ZeRO-3 engine in the pytest
+    process: DeepSpeed replaces it with its own ("This will persist unless manually reset"),
+    which saves other tensors for backward (a Ray worker runs one engine; the tests after it
+    here measured what the plan counts against it)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    linear = torch.nn.functional.linear if torch else None
+    yield
+    if linear is not None and torch.nn.functional.linear is not linear:
+        torch.nn.functional.linear = linear
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session: 2 training workers plus room for the data pipeline.
