@@ -685,6 +685,12 @@ class JobConfig(Section):
         return self.distributed.strategy == "deepspeed" and self.distributed.deepspeed.stage == 3
 
     @property
+    def sharded_weights(self) -> bool:
+        """Each worker holds a shard of the weights, gathered layer by layer (fsdp, ZeRO-3): every
+        forward is a collective, which every worker runs as many times."""
+        return self.distributed.strategy == "fsdp" or self.zero3
+
+    @property
     def uses_fast_paths(self) -> bool:
         """ft-ray's own forwards (`train.fast_paths`: the LM head in chunks, the fused LoRA
         layers) replace the modules': `train.fused_kernels` is not none, and each worker holds
@@ -805,7 +811,7 @@ def impossible_combinations(job: JobConfig) -> list[str]:
                         "not with distributed.strategy fsdp")
     if ds.offload_params != "none" and ds.stage != 3:
         problems.append(f"distributed.deepspeed.offload_params: needs stage 3 (stage is {ds.stage})")
-    if job.method == "qlora" and (job.zero3 or dist.strategy == "fsdp") and job.quantization.quant_storage == "uint8":
+    if job.method == "qlora" and job.sharded_weights and job.quantization.quant_storage == "uint8":
         problems.append(f"quantization.quant_storage: qlora with {'ZeRO-3' if job.zero3 else 'fsdp'} needs a float storage "
                         "dtype (bnb_4bit_quant_storage), e.g. bfloat16, so the 4-bit weights can be sharded"
                         + ("; or use stage 2" if job.zero3 else ""))

@@ -4,9 +4,9 @@ the records' own tokens.
 
 The teacher (`distill.teacher`: a causal LM with the student's tokenizer; another tokenizer
 with divergence uld, `CrossTokenizerTeacher`) is loaded whole by every training worker (under
-fsdp and ZeRO-3 sharded across them as the student is: `load_teacher`), frozen, in the compute dtype
-(4-bit under QLoRA), and reads the same batch (its own tokens of the same text for uld)
-without gradients (per-example attention, as the student). Where the student's head works in
+fsdp and ZeRO-3 sharded across them as the student is: `load_teacher`), frozen, in the
+compute dtype (4-bit under QLoRA), and reads the same batch (its own tokens of the same text
+for uld) without gradients (per-example attention, as the student). Where the student's head works in
 chunks (`fast_paths.chunked_lm_head`), no [tokens, vocabulary] logits of either model exist:
 the teacher's last hidden states at the target tokens are kept (a sharded teacher's own
 forward gives its logits, those of the target tokens kept), and each chunk of rows takes both
@@ -501,8 +501,8 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
     """The job's teacher (`JobConfig.teacher`), frozen, on `device`: in 4-bit with the job's
     quantization under QLoRA (the rest in its compute dtype), else in the compute dtype (fp32
     for fp32 runs), with the student's per-example attention in packed batches. `sharded`
-    (training workers under fsdp or ZeRO-3, `shards_teacher`): sharded across the workers as
-    the student is, each layer gathered for its forward. Under fsdp (`fsdp_engine.shard_model`)
+    (training workers under fsdp or ZeRO-3: `JobConfig.sharded_weights`): sharded across the
+    workers as the student is, each layer gathered for its forward. Under fsdp (`shard_model`)
     it is loaded on the CPU first, so no worker holds it whole on its GPU (a QLoRA teacher's
     4-bit weights are quantized there first, as the student's); under ZeRO-3 DeepSpeed's
     engine (`preference.sharded_for_inference`, as the inline reference) moves it whole to the
@@ -531,11 +531,6 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
     return model
 
 
-def shards_teacher(config: JobConfig) -> bool:
-    """Whether the training workers shard the teacher across them (as the student: fsdp, ZeRO-3)."""
-    return config.distributed.strategy == "fsdp" or config.zero3
-
-
 def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
     from ft_ray.console import LOG
     from ft_ray.models import load_tokenizer, model_config
@@ -549,7 +544,7 @@ def build_distill_objective(config: JobConfig, model: Any) -> DistillLoss:
             None, tokenizer, load_tokenizer(config.teacher), distill.uld_shared_tokens),
             model_config(config.teacher).vocab_size) if uld else PrecomputedTeacher()
         return DistillLoss(precomputed, distill.divergence, distill.temperature, distill.ratio)
-    sharded = shards_teacher(config)
+    sharded = config.sharded_weights  # the teacher sharded as the student is
     teacher = load_teacher(config, worker_device(config.distributed.use_gpu), sharded)
     if uld:  # the teacher reads the text in its own tokens
         reader: Teacher | CrossTokenizerTeacher = CrossTokenizerTeacher(Teacher(teacher, sharded), tokenizer,

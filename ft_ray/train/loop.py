@@ -279,12 +279,6 @@ def evaluate_all(engine: Any, eval_sets: dict[str, Any], config: JobConfig, obje
     return scores
 
 
-def sharded_forward(config: JobConfig) -> bool:
-    """Whether each forward of the job's model is a collective: its weights sharded across the
-    workers and gathered layer by layer (fsdp, ZeRO-3), so every worker runs as many."""
-    return config.distributed.strategy == "fsdp" or config.zero3
-
-
 def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective) -> dict[str, float]:
     """The mean loss over the whole eval set (per target token, or per pair for preference
     objectives) as `eval_loss`, and the objective's metrics as `eval_<name>`.
@@ -311,7 +305,7 @@ def evaluate(engine: Any, eval_set: Any, config: JobConfig, objective: Objective
         batch_loss, batch_weight, metrics = engine.eval_loss_sum(on_device(rows))
         loss_sum, weight = loss_sum + batch_loss, weight + batch_weight
         sums = [total + metrics[name] for total, name in zip(sums, objective.metrics)]
-    if sharded_forward(config) and rank >= count % world_size > 0:
+    if config.sharded_weights and rank >= count % world_size > 0:
         engine.eval_loss_sum(on_device(rows))  # the last round's forward, left out
     loss_sum, weight, *sums = all_reduce_sum([loss_sum, weight, *sums])
     training_only = getattr(objective, "training_only", ())  # what an evaluation does not measure
