@@ -2,7 +2,7 @@
 # The GPU rows of bench/RESULTS.md in one call on a CUDA machine without network.
 #   bench/offline-bundle.sh .gpu-bundle     # here: ray, deepspeed, bitsandbytes, liger, pydantic, trl
 #   OUT=/some/folder bash bench/gpu.sh [REPEAT] [RECORDS]   # there: logs and JSON lines under $OUT
-# ROWS says which rows run (default "1b"; "1b 8b" both):
+# ROWS says which rows run (default "1b"; "1b 8b" both; "none" neither):
 #   1b  the flash-varlen check, then bench.train for MODES (default "lora qlora full") at the 1B Llama
 #       shape, 2048 tokens x 8 sequences per step, against BASELINES (default "trl,unsloth"; hf is
 #       the padded floor, measured in sessions 5-9), RECORDS records (default 3000)
@@ -13,7 +13,10 @@
 # Env: PASSES (timed epochs per arm process, median taken), PEER_ATTENTION (the trl arm's attention:
 # auto = flash_attention_2 where installed, else sdpa; or flex_attention), MODE_TIMEOUT (s per 1b mode, 170),
 # TIMEOUT_8B (s per 8b mode, 150), LONGEST_TIMEOUT (s, 170), SKIP_TESTS, OVERHEAD=1 (then
-# bench.overhead --device cuda: Ray Train vs a plain process, about 280 s).
+# bench.overhead --device cuda: Ray Train vs a plain process, about 280 s), OFFLOAD=1 (then the demo's
+# LoRA run under fsdp with distributed.fsdp.offload: cpu on one GPU worker, 20 steps, about 60 s: its
+# process group gloo beside NCCL, the CPU shards' gradient norm and checkpoint; compare its losses with
+# the same run without offload, printed after it).
 # One 540-s call each: ROWS=8b bash bench/gpu.sh 1; PASSES=3 ROWS=1b bash bench/gpu.sh 1 800.
 # Tried on a CPU first (tiny and scaled-down 8B shapes, every step the same):
 #   CPU=1 ROWS="1b 8b" OUT=/tmp/gpu-dry bash bench/gpu.sh 1 40
@@ -95,9 +98,21 @@ for row in ${ROWS:-1b}; do
     timeout "${LONGEST_TIMEOUT:-170}" python3 -m bench.longest --shape 8b "${small8b[@]}" --model-dir "$model_dir/llama-8b" \
       --mode qlora --arms ft-ray,trl "${longest[@]}" 2>&1 | tail -20 | tee "$out/8b-longest.txt"
     ;;
-  *) echo "gpu.sh: unknown row $row (1b, 8b)" >&2; exit 2 ;;
+  none) ;;  # only what OFFLOAD / OVERHEAD ask for
+  *) echo "gpu.sh: unknown row $row (1b, 8b, none)" >&2; exit 2 ;;
   esac
 done
+if [[ -n ${OFFLOAD:-} ]]; then
+  on_gpu=(--set distributed.use_gpu=true --set distributed.num_workers=1)
+  [[ -n ${CPU:-} ]] && on_gpu=()
+  for offload in cpu none; do
+    WANDB_MODE=offline timeout "${OFFLOAD_TIMEOUT:-150}" python3 -m ft_ray train configs/tiny-cpu.yaml --force-new \
+      --set run_name="fsdp-offload-$offload" --set storage.path=/tmp/ftray-runs --set distributed.strategy=fsdp \
+      --set distributed.fsdp.offload=$offload "${on_gpu[@]}" --set train.max_steps=20 --set train.eval_every=20 \
+      --set train.checkpoint_every=20 --set eval.after_training=false 2>&1 | tail -8 | tee "$out/fsdp-offload-$offload.txt"
+    grep -h '"loss"' "/tmp/ftray-runs/fsdp-offload-$offload/metrics.jsonl" | cut -c1-120 >> "$out/fsdp-offload-$offload.txt"
+  done
+fi
 if [[ -n ${OVERHEAD:-} ]]; then
   timeout "${OVERHEAD_TIMEOUT:-300}" python3 -m bench.overhead --device cuda --steps 30 --repeat 3 \
     --model-dir /tmp/llama-1b > "$out/overhead.log" 2>&1
