@@ -652,6 +652,9 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
                          "(AutoModelForCausalLM) whose next-token distributions the model learns")
     ours, vocab = tokenizer.get_vocab(), theirs.get_vocab()
     rows = getattr(shape, "vocab_size", None)
+    # where the workers hold it: precomputed, none of them; under fsdp and ZeRO-3 a shard each
+    held = (f", its top-{config.distill.top_k} logits computed before training" if config.precomputes_teacher
+            else ", sharded across the workers as the model is" if config.sharded_weights else "")
     if config.distill.divergence == "uld":
         if rows is not None and rows < len(theirs):
             raise InputError(f"distill.teacher: {name} has {rows} output rows for its tokenizer of {len(theirs)} tokens")
@@ -660,7 +663,7 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
             shared = len(vocab.keys() & ours.keys())
             own += f", {shared} of its tokens also the model's, compared token by token, the others sorted"
         return (f"distill: teacher {name} (uld, {own}, temperature {config.distill.temperature:g}, "
-                f"ratio {config.distill.ratio:g})")
+                f"ratio {config.distill.ratio:g}{held})")
     if ours != vocab:
         differing = sorted(set(ours.items()) ^ set(vocab.items()), key=lambda item: item[1])[:3]
         shown = ", ".join(f"{token!r}: {index}" for token, index in differing)
@@ -670,7 +673,5 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
                          "model of the same family), or set distill.divergence: uld")
     if rows is not None and rows < len(tokenizer):
         raise InputError(f"distill.teacher: {name} has {rows} output rows for a tokenizer of {len(tokenizer)} tokens")
-    precomputed = (f", its top-{config.distill.top_k} logits computed before training" if config.precomputes_teacher
-                   else "")
     return (f"distill: teacher {name} ({config.distill.divergence}, temperature {config.distill.temperature:g}, "
-            f"ratio {config.distill.ratio:g}{precomputed})")
+            f"ratio {config.distill.ratio:g}{held})")

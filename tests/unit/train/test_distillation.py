@@ -153,6 +153,10 @@ def test_a_job_says_what_its_teacher_lacks(tmp_path):
     job = lambda teacher: config_from_dict({**base, "distill": {"teacher": str(teacher)}})  # noqa: E731
     assert check_teacher(job(teacher_llama(tmp_path / "ok")), tokenizer).startswith(
         f"distill: teacher {tmp_path / 'ok'} (forward_kl, temperature 1, ratio 0.5)")
+    sharded = config_from_dict({**base, "distill": {"teacher": str(tmp_path / "ok")},
+                                "distributed": {"strategy": "fsdp"}})
+    assert check_teacher(sharded, tokenizer) == (f"distill: teacher {tmp_path / 'ok'} (forward_kl, temperature 1, "
+                                                 "ratio 0.5, sharded across the workers as the model is)")
     with pytest.raises(InputError, match=r"distill.teacher: no folder .*/missing"):
         check_teacher(job(tmp_path / "missing"), tokenizer)
     other = teacher_llama(tmp_path / "other")
