@@ -290,13 +290,14 @@ def teacher_bytes(config: JobConfig, teacher: Shape, tokens: int, compute: int, 
     return held
 
 
-def teacher_parts(config: JobConfig, teacher: Shape, tokens: int, compute: int, workers: int = 1) -> dict[str, float]:
+def teacher_parts(config: JobConfig, teacher: Shape, tokens: int, compute: int, sharded_over: int = 0
+                  ) -> dict[str, float]:
     """A distillation teacher's weights, frozen (4-bit under qlora, else in the compute dtype),
-    a worker's share of them sharded over `workers` (fsdp, ZeRO-3), and its forward over
-    `tokens` (bytes)."""
+    whole or a worker's share of them sharded over `sharded_over` workers (fsdp, ZeRO-3: even
+    one, whose teacher runs its own forward), and its forward over `tokens` (bytes)."""
     weights = quantized_bytes(config, teacher, frozen=True) if config.method == "qlora" else compute * teacher.params
-    return {"teacher_weights": weights / workers,
-            "teacher_forward": teacher_bytes(config, teacher, tokens, compute, sharded=workers > 1)}
+    return {"teacher_weights": weights / max(sharded_over, 1),
+            "teacher_forward": teacher_bytes(config, teacher, tokens, compute, sharded=sharded_over > 0)}
 
 
 def teacher_pass(config: JobConfig, network: bool = True) -> Plan | None:
@@ -418,7 +419,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     elif teacher and config.distill.on_policy:  # on-policy batches: a sampled answer after each prompt
         tokens = train.micro_batch_size * (config.model.max_seq_len + config.distill.max_new_tokens)
     if teacher:  # sharded as the student under fsdp and ZeRO-3 (`distillation.load_teacher`)
-        parts.update(teacher_parts(config, teacher, tokens, compute, workers if stage == 3 else 1))
+        parts.update(teacher_parts(config, teacher, tokens, compute, workers if config.sharded_weights else 0))
     parts["activations"] = activation_bytes(config, shape, compute) * tokens
     parts["logits_and_loss"] = logits_bytes(config, shape, tokens, compute)
     if scorers:  # scored before the loss forward, the answers sampled: where it holds more than training does

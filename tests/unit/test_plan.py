@@ -199,6 +199,11 @@ def test_distillation_plans_the_teacher_every_worker_holds_whole_or_sharded_besi
     zero3 = {**fsdp, "distributed": {**fsdp["distributed"], "strategy": "deepspeed", "deepspeed": {"stage": 3}}}
     assert plan_memory(job(**zero3, **distill, method="lora"), student).parts["teacher_weights"] == pytest.approx(
         sharded.parts["teacher_weights"])
+    # one fsdp worker holds the teacher whole, yet runs it as a sharded one: its own forward's logits and layers
+    alone = plan_memory(job(**{**fsdp, "distributed": {**fsdp["distributed"], "num_workers": 1}}, **distill,
+                            method="lora"), student)
+    assert alone.parts["teacher_weights"] == pytest.approx(2 * teacher.params / MIB)
+    assert alone.parts["teacher_forward"] == pytest.approx(sharded.parts["teacher_forward"])
 
 
 def test_the_command_plans_a_teacher_run_before_training_and_exits_2_when_it_does_not_fit(tmp_path, capsys,
