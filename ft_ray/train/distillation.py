@@ -660,8 +660,10 @@ def check_teacher(config: JobConfig, tokenizer: Any) -> str:
             raise InputError(f"distill.teacher: {name} has {rows} output rows for its tokenizer of {len(theirs)} tokens")
         own = "the model's tokenizer" if ours == vocab else f"its own tokenizer ({len(theirs)} tokens)"
         if config.distill.uld_shared_tokens:
-            shared = len(vocab.keys() & ours.keys())
-            own += f", {shared} of its tokens also the model's, compared token by token, the others sorted"
+            shared = CrossTokenizerTeacher(None, tokenizer, theirs, shares_tokens=True).shared_for(
+                len(tokenizer), rows or len(theirs))  # as the workers pair them, the model's rows as its tokens
+            own += (f", {int(shared.ours.sum())} of its tokens also the model's, compared token by token, "
+                    "the others sorted")
         return (f"distill: teacher {name} (uld, {own}, temperature {config.distill.temperature:g}, "
                 f"ratio {config.distill.ratio:g}{held})")
     if ours != vocab:

@@ -105,7 +105,8 @@ def test_a_teacher_of_another_tokenizer_says_how_many_trained_tokens_it_matches(
     job = write_job(tmp_path, objective="distill", distill={"teacher": str(teacher), "divergence": "uld"})
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
-    assert (f"distill: teacher {teacher} (uld, its own tokenizer (520 tokens), 315 of its tokens also the model's, "
+    # 315 tokens of the same string, and the two bos and eos, paired whatever their strings, as the workers pair them
+    assert (f"distill: teacher {teacher} (uld, its own tokenizer (520 tokens), 317 of its tokens also the model's, "
             "compared token by token, the others sorted, temperature 1, ratio 0.5)") in out
     assert ("data.train: the teacher (uld, its own tokens) matches 703 of the 4,548 trained tokens of the first "
             "records (15%: read after the same text); the others add their next-token loss only. It reads those "
