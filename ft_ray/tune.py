@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any, Callable
 
 from pydantic import ValidationError
+from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
 from ft_ray.config import (ConfigError, InputError, JobConfig, TuneConfig, dump_yaml, edge_values, sweep_name,
@@ -260,7 +262,6 @@ def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) 
     Restored trials find their run folder and resume from its newest complete checkpoint."""
     import ray.data
     from ray import tune as ray_tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ft_ray.train.trainer import run_training
 
@@ -268,7 +269,53 @@ def run_trial(overrides: dict[str, Any], base: dict, sweep: str, prepared: str) 
     # add bars of its own between the trials' lines
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = trial_job(base, overrides, sweep, ray_tune.get_context().get_trial_id(), prepared)
-    run_training(config, callbacks=[TuneReportCallback()])
+    reports = TrainReports()
+    report_to_tune(lambda: run_training(config, callbacks=[reports]), reports, ray_tune.report)
+
+
+class TrainReports(UserCallback):
+    """A trial's Ray Train reports (rank 0's metrics) on their way to Tune: the Train controller
+    puts them in a queue, `report_to_tune` reports them from the trial's own thread.
+
+    Not Ray's TuneReportCallback: it hands each report to the trial actor's main thread, and
+    when the trial's function returns while the last report still waits in its one-slot queue,
+    the function's own end result fills Tune's one-slot result queue first, so the main thread
+    blocks putting that last report forever (Ray 2.60; a resumed trial hung so in CI)."""
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put(metrics[0])
+
+
+def report_to_tune(train: Callable[[], Any], reports: TrainReports, report: Callable[[dict], None]) -> None:
+    """Run `train` in a thread of its own and `report` what it reports, in order, from this one;
+    returns once it has returned and every report is through, or raises what it raised."""
+    from ray.util.queue import Empty
+
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            train()
+            ended.append(None)
+        except BaseException as e:  # noqa: BLE001 - raised again in the trial's thread
+            ended.append(e)
+
+    # a daemon: a trial the scheduler stops ends with its actor, its Train run with it
+    threading.Thread(target=run, name="ft-ray trial", daemon=True).start()
+    while True:
+        over = bool(ended)  # read before the queue: a run over has put all it reports
+        try:
+            report(reports.queue.get(timeout=0.5))
+        except Empty:
+            if over:
+                break
+    if ended[0] is not None:
+        raise ended[0]
 
 
 # ---------------------------------------------------------------- the sweep

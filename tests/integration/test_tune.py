@@ -3,7 +3,8 @@ conftest.demo_sweep) in the local S3 server; a trial that lags at ASHA's first r
 early; the two best trials are exported with a winner.json whose sha256 sums match the files
 and evaluated; every trial has its W&B offline run (grouped by sweep, with its config and
 metrics, no secret); the report is drawn. A DPO sweep whose driver is killed finishes with
---resume without re-running finished trials and exports the trial with the best reward accuracy."""
+--resume without re-running finished trials and exports the trial with the best reward accuracy.
+Every Train report reaches Tune, the last one too, however soon the run ends after it."""
 
 from __future__ import annotations
 
@@ -285,3 +286,32 @@ def test_a_changed_winner_is_neither_evaluated_nor_trained_on(sweep):
     with pytest.raises(InputError, match=rf"model.adapter: s3://demo-sweeps/{copy}: weights/adapter_model.safetensors "
                                          "has sha256 .*incomplete or changed"):
         adapter_folder(f"s3://demo-sweeps/{copy}", config.storage)
+
+
+def test_every_train_report_reaches_tune_even_one_just_before_the_run_ends(ray_local, tmp_path):
+    """Each trial's Train run reports 4 times, the last just before it returns (Ray's own
+    TuneReportCallback hangs there, or drops it, when the trial's end result comes first);
+    a run that fails fails its trial with its error after its reports."""
+    from ray import tune as ray_tune
+
+    from ft_ray.tune import TrainReports, report_to_tune
+
+    def trainable(config):
+        reports = TrainReports()
+
+        def train():  # the Train controller's side: after_report for each of rank 0's reports
+            for step in range(4):
+                reports.after_report(None, [{"step": step, "x": config["x"]}], None)
+            if config["x"] == 1:
+                raise RuntimeError("the run failed at step 3")
+
+        report_to_tune(train, reports, ray_tune.report)
+
+    tuner = ray_tune.Tuner(trainable, param_space={"x": ray_tune.grid_search([0, 1])},
+                           tune_config=ray_tune.TuneConfig(max_concurrent_trials=2),
+                           run_config=ray_tune.RunConfig(storage_path=str(tmp_path), name="reports"))
+    results = sorted(tuner.fit(), key=lambda result: result.metrics["x"])
+    assert [(r.metrics["x"], r.metrics["step"], r.metrics["training_iteration"]) for r in results] == \
+        [(0, 3, 4), (1, 3, 4)]
+    assert [r.error is not None for r in results] == [False, True]
+    assert "the run failed at step 3" in str(results[-1].error)
