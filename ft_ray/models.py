@@ -737,6 +737,22 @@ def lost_to_peft(model: Any, lora: LoraConfig) -> list[str]:
             and (leaf := name.rsplit(".", 1)[-1]) not in kept and (named is None or leaf in named)]
 
 
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def peft_takes_mlp_names(config: Any) -> bool:
+    """Whether PEFT takes the MLP names (`MLP_NAMES`, transformers 4's) for the fused experts
+    of a model of this config's type (`converted_by_peft`: it reads only the model type for
+    named targets), so that linear layers of those names (dense layers' MLPs, shared experts)
+    get no adapter, with all-linear too (`lost_to_peft` lists them on a model)."""
+    import types
+
+    from peft import LoraConfig as PeftLoraConfig
+
+    converted = converted_by_peft(types.SimpleNamespace(config=config), PeftLoraConfig(target_modules=list(MLP_NAMES)))
+    return not set(MLP_NAMES) <= set(converted.target_modules or ())
+
+
 def peft_moves(model: Any, targets: list[str]) -> bool:
     """Whether PEFT maps any of `targets` onto `model`'s experts itself (`converted_by_peft`)."""
     from peft import LoraConfig as PeftLoraConfig

@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from ft_ray.config import DistributedConfig, InputError, JobConfig, edge_values, with_overrides
-from ft_ray.models import EXPERT_ALIASES
+from ft_ray.models import EXPERT_ALIASES, MLP_NAMES
 
 MIB = 2 ** 20
 # Saved tensors the per-layer list leaves out (views autograd makes contiguous, kernels' own
@@ -36,10 +36,15 @@ QLORA_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # NF4 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """What memory depends on in a decoder's config. A mixture of experts (`experts` > 0) has
-    no dense MLP (`intermediate` 0): each layer routes a token to `experts_per_token` of its
-    experts (fused 3-D weights, `expert_intermediate` wide) beside an optional shared expert
-    (`shared_intermediate`, Qwen2-MoE's)."""
+    """What memory depends on in a decoder's config. A mixture of experts (`experts` > 0)
+    routes a token to `experts_per_token` of a layer's experts (fused 3-D weights,
+    `expert_intermediate` wide) beside an optional shared expert (`shared_intermediate`:
+    Qwen2-MoE's, with a gate, or GLM-4.5's `n_shared_experts`); its first or some
+    `dense_layers` have a dense MLP `intermediate` wide instead (GLM-4.5's
+    first_k_dense_replace, Qwen-MoE's mlp_only_layers), else `intermediate` is 0. `kinds`
+    splits such a model into its two uniform parts. `mlp_names_to_experts`: PEFT takes the
+    MLP layers' names for the fused experts (`models.peft_takes_mlp_names`), so linear
+    layers of those names get no adapter."""
 
     hidden: int
     intermediate: int
@@ -54,6 +59,9 @@ class Shape:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0
+    dense_layers: int = 0
+    shared_expert_gate: bool = False
+    mlp_names_to_experts: bool = False
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
@@ -62,35 +70,50 @@ class Shape:
         experts = (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
                    or getattr(config, "n_routed_experts", None) or 0)
         unknown = ("lacks " + ", ".join(missing) if missing else
-                   "has latent attention (kv_lora_rank)" if getattr(config, "kv_lora_rank", None) else
-                   "mixes dense and expert layers" if experts and (
-                       getattr(config, "mlp_only_layers", None) or getattr(config, "first_k_dense_replace", None)
-                       or getattr(config, "decoder_sparse_step", 1) != 1) else None)
+                   "has latent attention (kv_lora_rank)" if getattr(config, "kv_lora_rank", None) else None)
         if unknown:
-            raise InputError(f"ft-ray plan knows decoder-only models, dense (Llama, Mistral, Qwen...) or with every "
-                             f"layer a mixture of experts (Mixtral, Qwen-MoE...); this config ({type(config).__name__}) "
-                             f"{unknown}")
+            raise InputError(f"ft-ray plan knows decoder-only models, dense (Llama, Mistral, Qwen...) or mixtures of "
+                             f"experts (Mixtral, Qwen-MoE, GLM-4.5...); this config ({type(config).__name__}) {unknown}")
         heads = config.num_attention_heads
-        moe = {}
+        moe: dict[str, Any] = {}
         if experts:
+            from ft_ray.models import peft_takes_mlp_names
+
+            dense = dense_layer_count(config)
+            expert_width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+            gated = getattr(config, "shared_expert_intermediate_size", None) or 0  # Qwen2-MoE's, gated
             moe = {"experts": experts, "experts_per_token": config.num_experts_per_tok,
-                   "expert_intermediate": getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
-                   "shared_intermediate": getattr(config, "shared_expert_intermediate_size", None) or 0}
-        return cls(config.hidden_size, 0 if experts else config.intermediate_size, config.num_hidden_layers, heads,
+                   "expert_intermediate": expert_width, "dense_layers": dense, "shared_expert_gate": bool(gated),
+                   "mlp_names_to_experts": peft_takes_mlp_names(config),
+                   "shared_intermediate": gated or (getattr(config, "n_shared_experts", None) or 0) * expert_width}
+        return cls(config.hidden_size, config.intermediate_size if not experts or moe["dense_layers"] else 0,
+                   config.num_hidden_layers, heads,
                    getattr(config, "num_key_value_heads", None) or heads,
                    getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
                    bool(getattr(config, "tie_word_embeddings", False)),
                    getattr(config, "final_logit_softcapping", None) is not None
                    or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1, **moe)
 
+    def kinds(self) -> list["Shape"]:
+        """The decoder layers by kind, each kind a Shape whose `layers` counts them: a mixture
+        of experts with `dense_layers` has two (the dense layers, the expert layers); any
+        other model one, itself."""
+        if not (self.experts and self.dense_layers):
+            return [self]
+        dense = dataclasses.replace(self, layers=self.dense_layers, experts=0, experts_per_token=0,
+                                    expert_intermediate=0, shared_intermediate=0, dense_layers=0,
+                                    shared_expert_gate=False)
+        return [dense, dataclasses.replace(self, layers=self.layers - self.dense_layers, intermediate=0,
+                                           dense_layers=0)]
+
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear layer of one decoder layer (a mixture of experts':
-        attention and the shared expert, if any)."""
+        """(in, out) features of each linear layer of one decoder layer (a mixture of experts'
+        expert layer: attention and the shared expert, if any; `kinds` for its dense layers)."""
         q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
         attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
         i = self.shared_intermediate if self.experts else self.intermediate
         mlp = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)} if i else {}
-        return {**attention, **mlp, **({"shared_expert_gate": (h, 1)} if self.shared_intermediate else {})}
+        return {**attention, **mlp, **({"shared_expert_gate": (h, 1)} if self.shared_expert_gate else {})}
 
     def expert_weights(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each fused expert weight of one layer, per expert: gate and up
@@ -105,6 +128,20 @@ class Shape:
         return sum(a * b for a, b in self.linears().values())
 
     @property
+    def linear_params(self) -> int:
+        """The linear layers' weights of all decoder layers."""
+        return sum(kind.layers * kind.layer_linear_params for kind in self.kinds())
+
+    @property
+    def expert_layers(self) -> int:
+        return self.layers - self.dense_layers if self.experts else 0
+
+    @property
+    def all_expert_params(self) -> int:
+        """The fused expert weights and routers of all expert layers."""
+        return self.expert_layers * self.layer_expert_params
+
+    @property
     def expert_params(self) -> int:
         """The weights of one expert of one layer."""
         return sum(a * b for a, b in self.expert_weights().values())
@@ -116,10 +153,10 @@ class Shape:
 
     @property
     def mlp_width(self) -> int:
-        """The MLP's intermediate features one token computes (its experts' and a shared expert's)."""
-        if not self.experts:
-            return self.intermediate
-        return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
+        """The MLP's intermediate features one token computes (its experts' and a shared
+        expert's), the widest layer's of a model with dense and expert layers."""
+        routed = self.experts_per_token * self.expert_intermediate + self.shared_intermediate if self.experts else 0
+        return max(self.intermediate, routed)
 
     @property
     def token_layer_width(self) -> int:
@@ -132,7 +169,7 @@ class Shape:
     @property
     def active_params(self) -> int:
         """The weights one token computes with: `params` less the experts it is not routed to."""
-        return self.params - self.layers * (self.experts - self.experts_per_token) * self.expert_params
+        return self.params - self.expert_layers * (self.experts - self.experts_per_token) * self.expert_params
 
     @property
     def embedding_params(self) -> int:
@@ -141,8 +178,18 @@ class Shape:
     @property
     def params(self) -> int:
         norms = (2 * self.layers + 1) * self.hidden
-        return (self.layers * (self.layer_linear_params + self.layer_expert_params) + norms + self.embedding_params
+        return (self.linear_params + self.all_expert_params + norms + self.embedding_params
                 + (0 if self.tied else self.embedding_params))
+
+
+def dense_layer_count(config: Any) -> int:
+    """How many decoder layers of a mixture of experts' config have a dense MLP instead:
+    GLM-4.5's and DeepSeek's first `first_k_dense_replace`, Qwen-MoE's `mlp_only_layers` and
+    those off its `decoder_sparse_step`."""
+    layers = config.num_hidden_layers
+    first = getattr(config, "first_k_dense_replace", None) or 0
+    only, step = set(getattr(config, "mlp_only_layers", None) or ()), getattr(config, "decoder_sparse_step", None) or 1
+    return sum(1 for i in range(layers) if i < first or i in only or (i + 1) % step)
 
 
 # config.json shapes of well-known hub models, for when neither a folder nor the local cache
@@ -267,7 +314,7 @@ def quantized_bytes(config: JobConfig, shape: Shape, frozen: bool = False) -> fl
     fused expert weights in `quantization.compute_dtype`, the rest in fp32 (prepared for
     training; `frozen`: in the compute dtype too, a distillation teacher)."""
     base_bytes = quantized_compute_bytes(config)
-    layer_linear, experts = shape.layers * shape.layer_linear_params, shape.layers * shape.layer_expert_params
+    layer_linear, experts = shape.linear_params, shape.all_expert_params
     return (layer_linear * QLORA_BYTES[config.quantization.double_quant] + base_bytes * experts
             + (base_bytes if frozen else 4) * (shape.params - layer_linear - experts))
 
@@ -345,7 +392,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     stage = sharding_stage(dist)
     shard = lambda stages: workers if stage >= stages else 1  # noqa: E731 - ZeRO partitions from this stage on
     compute = 4 if train.precision == "fp32" else 2
-    layer_linear = shape.layers * shape.layer_linear_params
+    layer_linear = shape.linear_params
     parts: dict[str, float] = {}
 
     if config.method == "full":
@@ -378,7 +425,7 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
         parts["lora_weights"] = 4 * trained / (workers if fsdp else 1)
         parts["gradients"] = 4 * trained / shard(2)
         if expert_ranks(config, shape):  # PEFT adds B @ A to each layer's expert weights: a copy held for backward
-            held = 1 if train.gradient_checkpointing else shape.layers
+            held = 1 if train.gradient_checkpointing else shape.expert_layers
             parts["expert_weight_copies"] = base_bytes * held * shape.layer_expert_params
     if fsdp or (stage == 3 and config.objective == "grpo"):
         parts["gathered_weights"] = gathered_bytes(config, shape, compute)
@@ -440,13 +487,18 @@ def gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     DeepSpeed's 16-bit weights), but QLoRA's as stored: linear layers in 4 bits, experts in
     the compute dtype, the rest in fp32."""
     every = not config.distributed.fsdp.reshard_after_forward or config.objective == "grpo"
-    held = shape.layers if every else min(2, shape.layers)
     outer = shape.embedding_params * (1 if shape.tied else 2) + shape.hidden
-    if config.method == "qlora":
-        layer = (shape.layer_linear_params * QLORA_BYTES[config.quantization.double_quant]
-                 + quantized_compute_bytes(config) * shape.layer_expert_params + 4 * 2 * shape.hidden)  # and its two norms
-        return 4 * outer + held * layer
-    return compute * (outer + held * (shape.params - outer) / shape.layers)
+    qlora = config.method == "qlora"
+
+    def layer(kind: Shape) -> float:  # one decoder layer and its two norms
+        if qlora:
+            return (kind.layer_linear_params * QLORA_BYTES[config.quantization.double_quant]
+                    + quantized_compute_bytes(config) * kind.layer_expert_params + 4 * 2 * kind.hidden)
+        return compute * (kind.layer_linear_params + kind.layer_expert_params + 2 * kind.hidden)
+
+    layers = (sum(kind.layers * layer(kind) for kind in shape.kinds()) if every
+              else min(2, shape.layers) * max(layer(kind) for kind in shape.kinds()))  # the largest two
+    return (4 if qlora else compute) * outer + layers
 
 
 def adapter_params(config: JobConfig, shape: Shape) -> int:
@@ -454,11 +506,14 @@ def adapter_params(config: JobConfig, shape: Shape) -> int:
     `expert_ranks` per expert), and with all-linear the router (0 for a full fine-tune)."""
     if config.method == "full":
         return 0
-    linear = sum(config.lora.rank * (a + b) for name, (a, b) in shape.linears().items()
-                 if _targeted(name, config.lora.target_modules))
-    experts = sum(rank * shape.experts * sum(shape.expert_weights()[name]) for name, rank in expert_ranks(config, shape).items())
-    router = config.lora.rank * (shape.hidden + shape.experts) if experts and config.lora.target_modules == "all-linear" else 0
-    return (linear + experts + router) * shape.layers
+    total = 0
+    for kind in shape.kinds():
+        linear = sum(config.lora.rank * (a + b) for a, b in adapted_linears(config, kind).values())
+        experts = sum(rank * kind.experts * sum(kind.expert_weights()[name])
+                      for name, rank in expert_ranks(config, kind).items())
+        router = config.lora.rank * (kind.hidden + kind.experts) if experts and config.lora.target_modules == "all-linear" else 0
+        total += (linear + experts + router) * kind.layers
+    return total
 
 
 # transformers 4's names of the fused expert weights, which PEFT maps onto them (Mixtral's, Qwen-MoE's)
@@ -482,6 +537,14 @@ def _targeted(module: str, targets: Any) -> bool:
     return targets == "all-linear" or module in targets
 
 
+def adapted_linears(config: JobConfig, shape: Shape) -> dict[str, tuple[int, int]]:
+    """The linear layers of one decoder layer (`Shape.linears`) LoRA adapts: those targeted,
+    but not by names PEFT takes for the experts (`Shape.mlp_names_to_experts`)."""
+    taken = MLP_NAMES if shape.mlp_names_to_experts else ()
+    return {name: features for name, features in shape.linears().items()
+            if _targeted(name, config.lora.target_modules) and name not in taken}
+
+
 def expert_bytes(config: JobConfig, compute: int) -> int:
     """The bytes of a fused expert weight's matmul values: autocast leaves a grouped matmul
     alone, so it runs in the weights' dtype (fp32 in a full fine-tune but DeepSpeed's 16-bit one)."""
@@ -497,6 +560,16 @@ def fused(config: JobConfig) -> bool:
 
 def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """Bytes one token's activations hold through backward, over all layers."""
+    residual = 4 if config.train.fp32_residual else compute
+    layers = [(kind.layers, layer_activation_bytes(config, kind, compute)) for kind in shape.kinds()]
+    if config.train.gradient_checkpointing:  # each layer's input kept; one layer (the largest) recomputed at a time
+        return shape.layers * shape.hidden * residual + max(layer for _, layer in layers)
+    return sum(count * layer for count, layer in layers)
+
+
+def layer_activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
+    """Bytes one token's activations hold through backward in one decoder layer (of a shape
+    whose layers are all alike: `Shape.kinds`)."""
     h, q = shape.hidden, shape.heads * shape.head_dim
     i = shape.shared_intermediate if shape.experts else shape.intermediate
     kv = shape.kv_heads * shape.head_dim
@@ -514,11 +587,8 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
         mlp += shape.experts * (compute + 4) + shape.experts_per_token * routed * expert_bytes(config, compute)
     lora = 0
     if config.method != "full":
-        lora = sum(config.lora.rank for name in shape.linears() if _targeted(name, config.lora.target_modules)) * compute
-    layer = (attention + mlp + lora) * ACTIVATION_MARGIN
-    if config.train.gradient_checkpointing:  # each layer's input kept; one layer recomputed at a time
-        return shape.layers * h * residual + layer
-    return shape.layers * layer
+        lora = config.lora.rank * len(adapted_linears(config, shape)) * compute
+    return (attention + mlp + lora) * ACTIVATION_MARGIN
 
 
 def logits_bytes(config: JobConfig, shape: Shape, tokens: int, compute: int) -> float:

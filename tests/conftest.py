@@ -297,8 +297,9 @@ def sentencepiece_tokenizer(folder: Path | None = None):
     return spm
 
 
-def tiny_moe(folder: Path, kind: str = "qwen3_moe"):
-    """A random tiny mixture of experts (4 experts, 2 per token) with the built-in tokenizer."""
+def tiny_moe(folder: Path, kind: str = "qwen3_moe", **settings):
+    """A random tiny mixture of experts (4 experts, 2 per token, 2 layers unless `settings`
+    say otherwise) with the built-in tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -307,10 +308,12 @@ def tiny_moe(folder: Path, kind: str = "qwen3_moe"):
 
     tokenizer = load_tokenizer(ModelConfig())
     experts = ({"num_local_experts": 4} if kind == "mixtral"  # its experts are intermediate_size wide
+               else {"n_routed_experts": 4, "moe_intermediate_size": 32} if kind == "glm4_moe"
                else {"num_experts": 4, "moe_intermediate_size": 32})
-    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=128, head_dim=16, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **experts,
-                                  vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(kind, **{
+        "hidden_size": 64, "intermediate_size": 128, "head_dim": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_experts_per_tok": 2, **experts, "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id, **settings})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

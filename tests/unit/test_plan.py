@@ -475,6 +475,7 @@ def saved_for_backward(config, tokens: int) -> float:
     CPU): the storages autograd saves inside them that are not weights."""
     import torch
 
+    from ft_ray.models import causal_lm
     from ft_ray.train.engines import DDPEngine
     from ft_ray.train.modeling import build_model
     from ft_ray.train.objectives import build_objective
@@ -490,7 +491,7 @@ def saved_for_backward(config, tokens: int) -> float:
             seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    layers = model.get_base_model().model.layers
+    layers = causal_lm(model).model.layers
     hooks = []
     for layer in layers:
         context = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
@@ -547,8 +548,44 @@ def test_a_mixture_of_experts_counts_its_experts_weights_adapters_and_what_they_
         planned += plan_memory(trained, shape).parts.get("expert_weight_copies", 0) * MIB / 256 / shape.layers
         assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2)
 
-    for kind, odd, said in (("deepseek_v3", {"n_routed_experts": 4, "kv_lora_rank": 16}, "has latent attention"),
-                            ("qwen3_moe", {"num_experts": 4, "mlp_only_layers": [0]}, "mixes dense and expert layers")):
-        AutoConfig.for_model(kind, **odd).save_pretrained(tmp_path / kind)
-        with pytest.raises(InputError, match=said):
-            model_shape(job(model={"name_or_path": str(tmp_path / kind)}))
+    AutoConfig.for_model("deepseek_v3", n_routed_experts=4, kv_lora_rank=16).save_pretrained(tmp_path / "latent")
+    with pytest.raises(InputError, match="has latent attention"):
+        model_shape(job(model={"name_or_path": str(tmp_path / "latent")}))
+
+
+@pytest.mark.parametrize("kind, settings", [
+    ("glm4_moe", {"first_k_dense_replace": 1, "n_shared_experts": 1}),  # GLM-4.5: a shared expert, no gate
+    ("qwen3_moe", {"mlp_only_layers": [1]}),
+])
+def test_a_mixture_of_experts_with_dense_layers_is_planned_layer_by_layer(tmp_path, kind, settings):
+    """GLM-4.5's first dense layers (first_k_dense_replace) beside its expert layers with a
+    shared expert, and Qwen3-MoE's mlp_only_layers: the weights as the model has them, the
+    adapters as PEFT makes them (which takes the MLP names of the dense layers and the shared
+    experts for the experts), and the activations within 20% of what ft-ray's forward keeps
+    (measured on CPU, LoRA on every linear layer and on the experts)."""
+    from transformers import AutoModelForCausalLM
+
+    from ft_ray.models import apply_lora, load_base_model
+    from ft_ray.plan import activation_bytes, adapter_params
+    from tests.conftest import tiny_moe
+
+    folder = tiny_moe(tmp_path / kind, kind, num_hidden_layers=3, **settings).name_or_path
+    config = job(model={"name_or_path": folder}, lora={"dropout": 0.0, "target_modules": "all-linear"},
+                 distributed={"num_workers": 1}, train={"precision": "bf16", "micro_batch_size": 1})
+    shape, _ = model_shape(config)
+    assert (shape.layers, shape.dense_layers, shape.expert_layers, shape.intermediate) == (3, 1, 2, 128)
+    assert shape.shared_intermediate == (32 if kind == "glm4_moe" else 0)
+    real = AutoModelForCausalLM.from_pretrained(folder)
+    assert shape.params == sum(p.numel() for n, p in real.named_parameters() if "q_norm" not in n and "k_norm" not in n)
+    assert shape.all_expert_params == sum(p.numel() for n, p in real.named_parameters() if ".experts." in n or
+                                          n.endswith("mlp.gate.weight"))
+    for targets in ("all-linear", ["q_proj", "gate_up_proj", "down_proj"], ["gate_proj", "up_proj", "down_proj"]):
+        lora = config.lora.model_copy(update={"target_modules": targets})
+        adapted = apply_lora(load_base_model(config.model), lora, folder)
+        trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        assert adapter_params(config.model_copy(update={"lora": lora}), shape) == trained, targets
+    for targets in ("all-linear", ["q_proj", "gate_up_proj", "down_proj"]):
+        trained = job(**{**config.model_dump(mode="json"), "lora": {"dropout": 0.0, "target_modules": targets}})
+        planned = activation_bytes(trained, shape, 2) / shape.layers
+        planned += plan_memory(trained, shape).parts["expert_weight_copies"] * MIB / 256 / shape.layers
+        assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2), targets
