@@ -261,6 +261,11 @@ class FSDPConfig(Section):
         "CPUOffloadPolicy), each layer copied to the GPU for its forward and backward and the optimizer stepping "
         "on the CPU: the GPU holds a few gathered layers and the activations, at the cost of the copies and a CPU "
         "step (as ZeRO-3 with both DeepSpeed offloads; not with qlora's 4-bit weights)"))
+    cpu_ram_efficient_loading: bool = Field(True, description=(
+        "rank 0 alone reads the model's weights into CPU memory; the other workers build its layers empty (on "
+        "the meta device) and take their shards from rank 0 once sharded, so a node holds the model once while "
+        "it loads, not once per worker (Accelerate's fsdp_cpu_ram_efficient_loading). Not for qlora, "
+        "model.adapter or a lora.init from the weights (pissa, olora, orthogonal): those load on every worker"))
 
 
 class QuantizationConfig(Section):
@@ -683,6 +688,16 @@ class JobConfig(Section):
     def zero3(self) -> bool:
         """DeepSpeed ZeRO-3: each worker holds a shard of the weights, gathered layer by layer."""
         return self.distributed.strategy == "deepspeed" and self.distributed.deepspeed.stage == 3
+
+    @property
+    def loads_on_rank0(self) -> bool:
+        """`distributed.fsdp.cpu_ram_efficient_loading` applies: an fsdp job whose model the
+        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`); not
+        QLoRA's 4-bit layers, an adapter loaded onto the base, nor LoRA initialised from the
+        weights (each would need the weights on every worker)."""
+        return (self.distributed.strategy == "fsdp" and self.distributed.fsdp.cpu_ram_efficient_loading
+                and self.method != "qlora" and not self.model.adapter
+                and (self.method == "full" or self.lora.init in ("default", "gaussian")))
 
     @property
     def sharded_weights(self) -> bool:
@@ -1160,6 +1175,7 @@ PEER_NAMES = {
     "fsdp_config": "distributed.fsdp", "fsdp_reshard_after_forward": "distributed.fsdp.reshard_after_forward",
     "fsdp_offload_params": "distributed.fsdp.offload", "fsdp_cpu_offload": "distributed.fsdp.offload",
     "cpu_offload": "distributed.fsdp.offload",
+    "fsdp_cpu_ram_efficient_loading": "distributed.fsdp.cpu_ram_efficient_loading",
 }
 
 

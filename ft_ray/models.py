@@ -564,13 +564,23 @@ def added_token_ids(config: ModelConfig) -> list[int]:
     return load_tokenizer(config).convert_tokens_to_ids(config.add_tokens)
 
 
-def load_base_model(model: ModelConfig, dtype: Any = None, scores: bool = False) -> Any:
+def load_base_model(model: ModelConfig, dtype: Any = None, scores: bool = False, empty: bool = False) -> Any:
     """The pre-trained model from a hub id, a local folder, or the package's built-in files;
-    with `scores`, as a sequence classifier with one score (a reward model to train)."""
+    with `scores`, as a sequence classifier with one score (a reward model to train); `empty`:
+    its layers built from its config on the meta device, no weight read (a worker that takes
+    them from rank 0; transformers' `device_map="meta"` still reads and converts each one)."""
     import torch
 
-    return fit_vocabulary(from_model_source(model_class(scores).from_pretrained, model, weights=True,
-                                            dtype=dtype or torch.float32, attn_implementation=model.attn_implementation,
+    options = {"dtype": dtype or torch.float32, "attn_implementation": model.attn_implementation}
+    if empty:
+        from transformers import AutoConfig
+
+        config = from_model_source(AutoConfig.from_pretrained, model, **rope_overrides(model),
+                                   **score_options(model, scores))
+        with torch.device("meta"):
+            return fit_vocabulary(model_class(scores).from_config(config, trust_remote_code=model.trust_remote_code,
+                                                                  **options), model)
+    return fit_vocabulary(from_model_source(model_class(scores).from_pretrained, model, weights=True, **options,
                                             **score_options(model, scores)), model)
 
 

@@ -390,7 +390,7 @@ def _rows_beside_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
     return torch.where((slot >= 0).unsqueeze(-1), picked.to(out.dtype), out)
 
 
-def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
+def chunked_lm_head(model: Any, sft_loss: bool = True, plain_logits: bool | None = None) -> bool:
     """Give a causal LM (`*ForCausalLM`: a decoder under `base_model_prefix` and a bias-free
     linear head) a forward whose head works in chunks of rows, never holding the [tokens,
     vocabulary] logits: given `token_logps_of=labels` it returns {"token_logps": [B, L]} (each
@@ -402,12 +402,13 @@ def chunked_lm_head(model: Any, sft_loss: bool = True) -> bool:
     `labels[:, 1:] != IGNORE_INDEX` picks them). Otherwise (generation, liger's loss) the
     model's own forward runs. Not for ZeRO-3 (the head's
     weight is gathered only inside its own forward), nor for a model whose forward changes the
-    head's output (`logits_are_the_heads`). Returns whether it applied."""
+    head's output (`logits_are_the_heads`; `plain_logits` when already known: a model built
+    empty cannot run to tell). Returns whether it applied."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(decoder, torch.nn.Module):
         return False
-    if not logits_are_the_heads(model, head):
+    if not (plain_logits if plain_logits is not None else logits_are_the_heads(model, head)):
         return False
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -452,6 +453,12 @@ def router_aux_loss(model: Any, router_logits: Any) -> torch.Tensor:
     modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
     balance = next(m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func"))
     return model.router_aux_loss_coef * balance(router_logits, model.num_experts, model.num_experts_per_tok, None)
+
+
+def head_gives_logits(model: Any) -> bool:
+    """`logits_are_the_heads` of the model's output layer; False without a linear one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return type(head) is torch.nn.Linear and logits_are_the_heads(model, head)
 
 
 def logits_are_the_heads(model: Any, head: torch.nn.Module) -> bool:

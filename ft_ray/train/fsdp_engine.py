@@ -41,12 +41,15 @@ from ft_ray.train.objectives import Objective
 FSDP_FOLDER, SCHEDULE_FILE = "fsdp", "schedule.pt"
 
 
-def shard_model(model: Any, config: JobConfig, device: torch.device, trains: bool = True) -> None:
+def shard_model(model: Any, config: JobConfig, device: torch.device, trains: bool = True,
+                from_rank0: bool = False) -> None:
     """`fully_shard` each decoder layer (`decoder_layers`), then the causal LM around them
     (embeddings, final norm, output layer or score head; under PEFT's wrapper, which calls
     it), over all workers on `device`: each module's weights move there as it is sharded, so
     a worker never holds the whole model on its GPU. A frozen copy that only runs forward
-    (`trains` false: an inline reference) gathers its outer weights for each forward too."""
+    (`trains` false: an inline reference) gathers its outer weights for each forward too.
+    `from_rank0` (`JobConfig.loads_on_rank0`): only rank 0 holds the weights, the others an
+    empty model of the same layers (`load_from_rank0`). A collective then."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -67,6 +70,7 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     # the copies to a GPU
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if config.distributed.fsdp.offload == "cpu" else (
         OffloadPolicy())
+    whole = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # kept whole until sent
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, offload_policy=offload)
         setattr(layer, RESHARD_AFTER_FORWARD, reshard)
@@ -74,6 +78,27 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     # loss taken from inside the model (the reward model's score head, through a hook) never runs the
     # root's pre-backward hook that would gather them again (its backward then met freed storage)
     fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=not trains, offload_policy=offload)
+    if from_rank0:
+        load_from_rank0(model, whole, device, offloaded=config.distributed.fsdp.offload == "cpu")
+
+
+def load_from_rank0(model: Any, whole: dict[str, torch.Tensor], device: torch.device, offloaded: bool) -> None:
+    """Every worker's shards from rank 0's weights (`whole`, its state dict taken before
+    sharding; {} on the others, whose model was built on the meta device and is given its
+    memory here, in CPU memory where `offloaded`), sent one tensor at a time; and rank 0's
+    buffers (RoPE's frequencies are in no state dict) to all, on `device`. A collective."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        model.to_empty(device="cpu" if offloaded else device)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.device != device:
+                setattr(module, name, buffer.to(device))
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -120,7 +145,7 @@ class FSDPEngine(TorchEngine):
 
     def __init__(self, model: Any, config: JobConfig, total_steps: int, objective: Objective):
         self.device = worker_device(config.distributed.use_gpu)
-        shard_model(model, config, self.device)
+        shard_model(model, config, self.device, from_rank0=config.loads_on_rank0)
         self.module = self.model = model  # sharded in place
         self.frozen_base = config.trains_adapter
         self.setup(config, total_steps, objective)

@@ -12,7 +12,8 @@ from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.train.engine_api import COMPUTE_DTYPES
 from ft_ray.train.fast_paths import (
-    chunked_lm_head, embedding_rows_beside, fuse_lora_layers, recompute_swiglu_product, residual_in_compute_dtype,
+    chunked_lm_head, embedding_rows_beside, fuse_lora_layers, head_gives_logits, recompute_swiglu_product,
+    residual_in_compute_dtype,
 )
 
 
@@ -22,6 +23,9 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
                                mend_untrained_tokens, trained_in_full)
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
+    # distributed.fsdp.cpu_ram_efficient_loading: the other workers build the model empty; their shards come from
+    # rank 0's weights once sharded (`fsdp_engine.shard_model`)
+    empty = config.loads_on_rank0 and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing,
                                      scores=config.scores)
@@ -29,17 +33,23 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         # a frozen base (LoRA) is kept in the 16-bit compute dtype: fp32 would cost twice the
         # memory and a cast of every weight in every autocast forward; trained weights stay fp32
         model = load_base_model(config.model, dtype=compute_dtype if config.trains_adapter else None,
-                                scores=config.scores)
+                                scores=config.scores, empty=empty)
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would cut the graph for LoRA
     # token rows an adapter run trains: those the base never trained, and those of added tokens
-    tokens = sorted({*mend_untrained_tokens(model, config.model), *added_token_ids(config.model)})
+    tokens = [] if empty else sorted({*mend_untrained_tokens(model, config.model), *added_token_ids(config.model)})
+    plain_logits = None  # found out by chunked_lm_head
+    if config.loads_on_rank0 and torch.distributed.is_initialized():
+        # what rank 0 finds in the weights and by running the model, which an empty one cannot: the same on all
+        found = [tokens, not empty and config.uses_fast_paths and head_gives_logits(model)]
+        torch.distributed.broadcast_object_list(found, src=0)
+        tokens, plain_logits = found
     liger = use_fused_kernels(model, config)
     if config.uses_fast_paths:
         # the head's loss or log-probs without the whole logits; liger's loss where it runs, but
         # for an adapter's trained token rows (liger would train them through a copy of the head)
-        chunked_lm_head(model, sft_loss=not liger or bool(tokens and config.trains_adapter))
+        chunked_lm_head(model, sft_loss=not liger or bool(tokens and config.trains_adapter), plain_logits=plain_logits)
     if compute_dtype and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute_dtype)
     if config.recomputes_swiglu:

@@ -245,7 +245,9 @@ def _strategy(config: JobConfig) -> str:
     dist = config.distributed
     if dist.strategy == "deepspeed":
         return f"DeepSpeed ZeRO-{dist.deepspeed.stage}"
-    return "FSDP2" if dist.strategy == "fsdp" else "DDP"
+    if dist.strategy == "fsdp":
+        return "FSDP2 (rank 0 reads the weights)" if config.loads_on_rank0 else "FSDP2"
+    return "DDP"
 
 
 def _train_figures(counts: dict[str, int], latest: dict[str, dict]) -> tuple[int, str]:

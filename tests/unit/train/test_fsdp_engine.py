@@ -338,6 +338,8 @@ def test_grpo_generates_from_gathered_weights_on_every_rank_as_ddp_does(tmp_path
     ({"distributed": {"strategy": "ddp", "fsdp": {"offload": "cpu"}}},
      "distributed.fsdp.offload: needs distributed.strategy: fsdp"),
     ({"distributed": {"fsdp": {"cpu_offload": True}}}, r"ft-ray's key: 'distributed.fsdp.offload'"),
+    ({"distributed": {"fsdp": {"fsdp_cpu_ram_efficient_loading": True}}},
+     r"ft-ray's key: 'distributed.fsdp.cpu_ram_efficient_loading'"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(settings, message):
     raw = {"data": {"train": "t.jsonl"}, **settings,
@@ -357,3 +359,53 @@ def test_offloaded_shards_on_gpus_take_their_collectives_over_gloo_beside_nccl()
         "strategy": "fsdp", "use_gpu": True, **dist}})
     assert process_group_backend(settings(fsdp={"offload": "cpu"})) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(settings()) is None  # Ray's own choice: nccl on GPUs, gloo on CPUs
+
+
+def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
+    """One of two ranks (spawned): a full fine-tune in fp32, and LoRA over a bf16 base with
+    gradient checkpointing and its shards offloaded, each built with and without
+    `cpu_ram_efficient_loading`: whether this rank's model was empty before sharding, its
+    buffers, and three steps' losses and gradient norms, written to `folder`/<rank>.json."""
+    import json
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (2, 64))
+    batch = {"input_ids": ids[rank:rank + 1], "labels": ids[rank:rank + 1], "position_ids": torch.arange(64)[None]}
+    seen = {}
+    for method, precision, checkpointing, offload in (("full", "fp32", False, "none"), ("lora", "bf16", True, "cpu")):
+        for once in (True, False):
+            config = job("fsdp", method, precision, offload=offload, gradient_checkpointing=checkpointing)
+            config = config.model_copy(update={"distributed": config.distributed.model_copy(update={
+                "fsdp": config.distributed.fsdp.model_copy(update={"cpu_ram_efficient_loading": once})})})
+            # loaded once, rank 1 draws another LoRA A than rank 0, whose must reach it; else both draw the same
+            torch.manual_seed(1 + rank if once else 1)
+            model = build_model(config, "builtin:tiny-llama")
+            key = f"{method} {'once' if once else 'every worker'}"
+            seen[f"{key} empty"] = all(p.is_meta for p in model.parameters())
+            engine = build_engine(model, config, total_steps=10, objective=build_objective(config, model))
+            seen[f"{key} buffers"] = [b.tolist() for b in engine.module.buffers()]
+            seen[key] = steps(engine, batch, 3)
+    (Path(folder) / f"{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_path):
+    """distributed.fsdp.cpu_ram_efficient_loading (the default): rank 1 builds the model empty
+    (meta device) and takes its shards and buffers from rank 0, LoRA's random A included (rank
+    1 draws another); the three steps of a full fine-tune, and of offloaded LoRA with gradient
+    checkpointing, are those of a run whose ranks all load the weights and draw the same A."""
+    import json
+
+    torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for method in ("full", "lora"):
+        assert [seen[f"{method} once empty"] for seen in ranks] == [False, True]
+        assert [seen[f"{method} every worker empty"] for seen in ranks] == [False, False]
+        assert ranks[1][f"{method} once buffers"] == ranks[0][f"{method} once buffers"]
+        for seen in ranks:
+            torch.testing.assert_close(seen[f"{method} once"], seen[f"{method} every worker"], rtol=1e-6, atol=0)
+        assert ranks[0][f"{method} once"][2] < ranks[0][f"{method} once"][0]  # it trains
