@@ -1,6 +1,7 @@
 """The FSDP2 engine without Ray, in one process (a gloo group of one) and for GRPO on two
 spawned ranks (beside ZeRO-3, which shards as FSDP does): the same steps as the DDP engine,
-its checkpoint, and the settings it refuses; 8-bit AdamW under ZeRO. Two Ray workers: `tests/integration/test_strategies.py`."""
+its checkpoint, and the settings it refuses; 8-bit AdamW under ZeRO; on two spawned ranks, the
+weights read by rank 0 alone (`distributed.fsdp.cpu_ram_efficient_loading`). Two Ray workers: `tests/integration/test_strategies.py`."""
 
 from __future__ import annotations
 
