@@ -32,6 +32,9 @@ ACTIVATION_MARGIN = 1.2
 CUDA_CONTEXT_MIB = 600  # the CUDA context, cuBLAS workspaces and NCCL buffers: outside torch's allocator
 ALLOCATOR_SLACK = 0.05  # cached blocks the allocator holds beyond what tensors use
 QLORA_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # NF4 + absmax (double quant or not)
+# model types whose attention normalizes q and k (an RMSNorm per head, or over the projection), beside
+# configs that say `use_qk_norm`
+QK_NORM_TYPES = ("qwen3", "qwen3_moe", "qwen3_next", "olmo2", "olmo3", "gemma3", "gemma3_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +47,8 @@ class Shape:
     first_k_dense_replace, Qwen-MoE's mlp_only_layers), else `intermediate` is 0. `kinds`
     splits such a model into its two uniform parts. `mlp_names_to_experts`: PEFT takes the
     MLP layers' names for the fused experts (`models.peft_takes_mlp_names`), so linear
-    layers of those names get no adapter."""
+    layers of those names get no adapter. `qk_norm`: the attention normalizes q and k
+    (Qwen3's, OLMo 2's, Gemma 3's: `QK_NORM_TYPES`)."""
 
     hidden: int
     intermediate: int
@@ -62,6 +66,7 @@ class Shape:
     dense_layers: int = 0
     shared_expert_gate: bool = False
     mlp_names_to_experts: bool = False
+    qk_norm: bool = False
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
@@ -92,7 +97,9 @@ class Shape:
                    getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
                    bool(getattr(config, "tie_word_embeddings", False)),
                    getattr(config, "final_logit_softcapping", None) is not None
-                   or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1, **moe)
+                   or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1,
+                   qk_norm=getattr(config, "model_type", None) in QK_NORM_TYPES or bool(getattr(config, "use_qk_norm", False)),
+                   **moe)
 
     def kinds(self) -> list["Shape"]:
         """The decoder layers by kind, each kind a Shape whose `layers` counts them: a mixture
@@ -204,7 +211,7 @@ KNOWN_SHAPES = {
     "mistralai/Mixtral-8x7B-v0.1": Shape(4096, 0, 32, 32, 8, 128, 32000, False, experts=8, experts_per_token=2,
                                          expert_intermediate=14336),
     "Qwen/Qwen3-30B-A3B": Shape(2048, 0, 48, 32, 4, 128, 151936, False, experts=128, experts_per_token=8,
-                                expert_intermediate=768),
+                                expert_intermediate=768, qk_norm=True),
 }
 KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
                      "meta-llama/Llama-3.1-8B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
@@ -575,6 +582,8 @@ def layer_activation_bytes(config: JobConfig, shape: Shape, compute: int) -> flo
     kv = shape.kv_heads * shape.head_dim
     residual = 4 if config.train.fp32_residual else compute
     attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
+    if shape.qk_norm:  # q's and k's norms keep their fp32 input, and their output where their weights train
+        attention += (q + kv) * (4 + (compute if config.method == "full" else 0))
     # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
     mlp = 2 * h * residual + (2 * i + (0 if config.recomputes_swiglu else i if fused(config) else 2 * i)) * compute

@@ -589,3 +589,38 @@ def test_a_mixture_of_experts_with_dense_layers_is_planned_layer_by_layer(tmp_pa
         planned = activation_bytes(trained, shape, 2) / shape.layers
         planned += plan_memory(trained, shape).parts["expert_weight_copies"] * MIB / 256 / shape.layers
         assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2), targets
+
+
+def test_a_model_that_normalizes_q_and_k_keeps_what_its_norms_keep(tmp_path):
+    """Qwen3's attention normalizes q and k (RMSNorm per head): against a Llama of the same
+    shape, its layers keep the norms' fp32 inputs (and, in a full fine-tune, where the norms'
+    weights train, their outputs): what ft-ray's forward keeps on CPU grows as planned, within
+    25%, under LoRA and a full fine-tune."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_ray.config import ModelConfig
+    from ft_ray.models import load_tokenizer
+    from ft_ray.plan import activation_bytes
+
+    tokenizer = load_tokenizer(ModelConfig())
+    kept, planned = {}, {}
+    for kind in ("llama", "qwen3"):
+        folder = tmp_path / kind
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            kind, hidden_size=256, intermediate_size=768, head_dim=32, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for method in ("lora", "full"):
+            config = job(model={"name_or_path": str(folder)}, method=method, distributed={"num_workers": 1},
+                         lora={"dropout": 0.0, "target_modules": "all-linear"},
+                         train={"precision": "fp32" if method == "full" else "bf16", "micro_batch_size": 1})
+            shape, _ = model_shape(config)
+            assert shape.qk_norm == (kind == "qwen3")
+            torch.manual_seed(0)
+            kept[kind, method] = saved_for_backward(config, 256)
+            planned[kind, method] = activation_bytes(config, shape, 4 if method == "full" else 2) / shape.layers
+    for method in ("lora", "full"):
+        grown = kept["qwen3", method] - kept["llama", method]
+        assert grown > 1000  # (256 + 128) x 4 bytes and more per token and layer
+        assert planned["qwen3", method] - planned["llama", method] == pytest.approx(grown, rel=0.25), method
