@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -80,6 +80,24 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
     fully_shard(base, mesh=mesh, mp_policy=policy, reshard_after_forward=not trains, offload_policy=offload)
     if from_rank0:
         load_from_rank0(model, whole, device, offloaded=config.distributed.fsdp.offload == "cpu")
+
+
+def builds_empty(config: JobConfig) -> bool:
+    """Whether this worker builds the job's models empty (`JobConfig.loads_on_rank0`, a rank
+    other than 0), their weights to come from rank 0 (`load_from_rank0`)."""
+    import torch.distributed as dist
+
+    return config.loads_on_rank0 and dist.is_initialized() and dist.get_rank() != 0
+
+
+def rank0_answer(find: Callable[[], Any]) -> Any:
+    """What `find` gives on rank 0, on every worker: what only a model with weights can tell
+    (rows it mends, what a forward returns), where the others hold theirs empty. A collective."""
+    import torch.distributed as dist
+
+    found = [find() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def load_from_rank0(model: Any, whole: dict[str, torch.Tensor], device: torch.device, offloaded: bool) -> None:

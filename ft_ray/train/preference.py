@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
-from ft_ray.train.fast_paths import chunked_lm_head, has_chunked_head
+from ft_ray.train.fast_paths import chunked_lm_head, has_chunked_head, head_gives_logits
 from ft_ray.train.precomputed import BlockScorer, with_columns
 
 REF_COLUMN = "ref_logps"  # per token of a packed row: its log-prob under the reference model (0 where no target)
@@ -294,25 +294,35 @@ def inline_reference(config: Any, model: Any) -> Callable[[Any, dict[str, torch.
     return frozen_copy_reference(config, worker_device(config.distributed.use_gpu))
 
 
-def reference_model(config: Any, device: torch.device, chunked_head: bool = True) -> Any:
+def reference_model(config: Any, device: torch.device, chunked_head: bool = True, sharded: bool = False) -> Any:
     """A frozen copy of the model as the run starts training it (4-bit for QLoRA, the frozen
     base's dtype for LoRA, with the adapter of `model.adapter`, per-example attention; its
-    log-probs from the head in chunks unless `train.fused_kernels: none` or not `chunked_head`), on `device`."""
+    log-probs from the head in chunks unless `train.fused_kernels: none` or not `chunked_head`), on `device`.
+    `sharded` (fsdp): left on the CPU for `shard_model`, and built empty on the workers that
+    take its weights from rank 0 (`fsdp_engine.builds_empty`)."""
     from ft_ray.models import continue_adapter, load_base_model, load_quantized_model, mend_untrained_tokens
     from ft_ray.train.engine_api import COMPUTE_DTYPES
+    from ft_ray.train.fsdp_engine import builds_empty, rank0_answer
 
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, False)
     else:
         dtype = COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
-        model = load_base_model(config.model, dtype=dtype).to(device)
-    mend_untrained_tokens(model, config.model)  # the policy's start: the reference
+        model = load_base_model(config.model, dtype=dtype, empty=sharded and builds_empty(config))
+        model = model if sharded else model.to(device)
+    chunked = chunked_head and config.train.fused_kernels != "none"
+    if sharded and config.loads_on_rank0:  # what rank 0 finds in the weights and by a forward, on all
+        plain_logits = rank0_answer(lambda: (mend_untrained_tokens(model, config.model),
+                                             chunked and head_gives_logits(model))[1])
+    else:
+        mend_untrained_tokens(model, config.model)  # the policy's start: the reference
+        plain_logits = None  # found out by chunked_lm_head
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register
 
         model.set_attn_implementation(register())
-    if chunked_head and config.train.fused_kernels != "none":
-        chunked_lm_head(model, sft_loss=False)
+    if chunked:
+        chunked_lm_head(model, sft_loss=False, plain_logits=plain_logits)
     if config.model.adapter:
         model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
     return model.eval().requires_grad_(False)
@@ -323,17 +333,18 @@ def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
     copy of the base on the worker's `device`, sharded across the workers like the trained
     model under ZeRO-3 and FSDP (there in the compute dtype, as ZeRO-3 keeps it; QLoRA's as
     loaded). The copy is the function's `model`."""
-    copy = reference_model(config, device, chunked_head=not config.zero3)  # ZeRO-3 gathers the head's weight in its forward only
+    fsdp = config.distributed.strategy == "fsdp"
+    copy = reference_model(config, device, chunked_head=not config.zero3, sharded=fsdp)  # ZeRO-3 gathers the head's weight in its forward only
     if config.zero3:
         copy = sharded_for_inference(copy, config)
-    elif config.distributed.strategy == "fsdp":
+    elif fsdp:
         from ft_ray.train.engine_api import COMPUTE_DTYPES
         from ft_ray.train.fsdp_engine import shard_model
 
         compute = COMPUTE_DTYPES.get(config.train.precision)
         if compute and config.method != "qlora":
             copy.to(compute)
-        shard_model(copy, config, device, trains=False)
+        shard_model(copy, config, device, trains=False, from_rank0=config.loads_on_rank0)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return token_logps_of(copy, batch)

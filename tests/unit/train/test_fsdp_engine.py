@@ -363,31 +363,55 @@ def test_offloaded_shards_on_gpus_take_their_collectives_over_gloo_beside_nccl()
 
 
 def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
-    """One of two ranks (spawned): a full fine-tune in fp32, and LoRA over a bf16 base with
-    gradient checkpointing and its shards offloaded, each built with and without
-    `cpu_ram_efficient_loading`: whether this rank's model was empty before sharding, its
-    buffers, and three steps' losses and gradient norms, written to `folder`/<rank>.json."""
+    """One of two ranks (spawned): a full fine-tune in fp32, LoRA over a bf16 base with gradient
+    checkpointing and its shards offloaded, DPO of a full fine-tune with its inline reference,
+    and LoRA distilled from a teacher (both frozen copies sharded alike), each built with and
+    without `cpu_ram_efficient_loading`: whether this rank's models were empty before sharding,
+    its buffers, and three steps' losses and gradient norms, written to `folder`/<rank>.json."""
     import json
     from datetime import timedelta
 
+    import ft_ray.models
+    from ft_ray.data.formats import CHOSEN, REJECTED
+
+    loaded, load = [], ft_ray.models.load_base_model
+
+    def load_and_say(*args, empty: bool = False, **kwargs):  # each model's load: whether it was built empty
+        built = load(*args, empty=empty, **kwargs)
+        loaded.append(all(p.is_meta for p in built.parameters()))
+        return built
+
+    ft_ray.models.load_base_model = load_and_say
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
     torch.manual_seed(0)
-    ids = torch.randint(3, 700, (2, 64))
-    batch = {"input_ids": ids[rank:rank + 1], "labels": ids[rank:rank + 1], "position_ids": torch.arange(64)[None]}
+    ids = torch.randint(3, 700, (2, 64))[rank:rank + 1]
+    plain = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(64)[None]}
+    labels = ids.clone()
+    labels[:, :16] = labels[:, 32:48] = -100  # a chosen and a rejected answer, each after 16 prompt tokens
+    pairs = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(32).repeat(1, 2),
+             "roles": torch.tensor([CHOSEN] * 32 + [REJECTED] * 32)[None]}
+    teacher = {"objective": "distill", "distill": {"teacher": "builtin:tiny-llama"}}
+    cases = {"full": ("full", "fp32", {}, plain), "lora": ("lora", "bf16", {"offload": "cpu"}, plain),
+             "dpo": ("full", "fp32", {"objective": "dpo", "reference": "inline"}, pairs),
+             "distill": ("lora", "fp32", teacher, plain)}
     seen = {}
-    for method, precision, checkpointing, offload in (("full", "fp32", False, "none"), ("lora", "bf16", True, "cpu")):
+    for name, (method, precision, settings, batch) in cases.items():
         for once in (True, False):
-            config = job("fsdp", method, precision, offload=offload, gradient_checkpointing=checkpointing)
+            config = job("fsdp", method, precision, gradient_checkpointing=name == "lora", **settings)
             config = config.model_copy(update={"distributed": config.distributed.model_copy(update={
                 "fsdp": config.distributed.fsdp.model_copy(update={"cpu_ram_efficient_loading": once})})})
             # loaded once, rank 1 draws another LoRA A than rank 0, whose must reach it; else both draw the same
             torch.manual_seed(1 + rank if once else 1)
+            loaded.clear()
             model = build_model(config, "builtin:tiny-llama")
-            key = f"{method} {'once' if once else 'every worker'}"
-            seen[f"{key} empty"] = all(p.is_meta for p in model.parameters())
-            engine = build_engine(model, config, total_steps=10, objective=build_objective(config, model))
-            seen[f"{key} buffers"] = [b.tolist() for b in engine.module.buffers()]
+            key = f"{name} {'once' if once else 'every worker'}"
+            objective = build_objective(config, model)  # a frozen copy is loaded and sharded here
+            frozen = getattr(objective, "reference", None) or getattr(objective, "teacher", None)
+            copies = [model, *([frozen.model] if frozen is not None else [])]
+            seen[f"{key} empty"] = list(loaded)
+            engine = build_engine(model, config, total_steps=10, objective=objective)
+            seen[f"{key} buffers"] = [b.tolist() for copy in copies for b in copy.buffers()]
             seen[key] = steps(engine, batch, 3)
     (Path(folder) / f"{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
@@ -396,17 +420,20 @@ def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
 def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_path):
     """distributed.fsdp.cpu_ram_efficient_loading (the default): rank 1 builds the model empty
     (meta device) and takes its shards and buffers from rank 0, LoRA's random A included (rank
-    1 draws another); the three steps of a full fine-tune, and of offloaded LoRA with gradient
-    checkpointing, are those of a run whose ranks all load the weights and draw the same A."""
+    1 draws another), and so the frozen copies it shards (DPO's inline reference, a distillation
+    teacher); the three steps of a full fine-tune, offloaded LoRA with gradient checkpointing,
+    DPO and distillation are those of a run whose ranks all load the weights and draw the same A."""
     import json
 
     torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path)), nprocs=2,
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
-    for method in ("full", "lora"):
-        assert [seen[f"{method} once empty"] for seen in ranks] == [False, True]
-        assert [seen[f"{method} every worker empty"] for seen in ranks] == [False, False]
-        assert ranks[1][f"{method} once buffers"] == ranks[0][f"{method} once buffers"]
+    for case in ("full", "lora", "dpo", "distill"):
+        copies = 2 if case in ("dpo", "distill") else 1
+        assert [seen[f"{case} once empty"] for seen in ranks] == [[False] * copies, [True] * copies], case
+        assert [seen[f"{case} every worker empty"] for seen in ranks] == [[False] * copies] * 2, case
+        assert ranks[1][f"{case} once buffers"] == ranks[0][f"{case} once buffers"], case
         for seen in ranks:
-            torch.testing.assert_close(seen[f"{method} once"], seen[f"{method} every worker"], rtol=1e-6, atol=0)
-        assert ranks[0][f"{method} once"][2] < ranks[0][f"{method} once"][0]  # it trains
+            torch.testing.assert_close(seen[f"{case} once"], seen[f"{case} every worker"], rtol=1e-6, atol=0,
+                                       msg=case)
+        assert ranks[0][f"{case} once"][2] != ranks[0][f"{case} once"][0], case  # the weights move
