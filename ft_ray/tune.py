@@ -310,10 +310,12 @@ def report_to_tune(train: Callable[[], Any], reports: TrainReports, report: Call
     while True:
         over = bool(ended)  # read before the queue: a run over has put all it reports
         try:
-            report(reports.queue.get(timeout=0.5))
+            metrics = reports.queue.get(timeout=0.5)
         except Empty:
             if over:
                 break
+            continue
+        report(metrics)
     if ended[0] is not None:
         raise ended[0]
 

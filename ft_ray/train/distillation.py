@@ -504,7 +504,9 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
     (training workers under fsdp or ZeRO-3: `JobConfig.sharded_weights`): sharded across the
     workers as the student is, each layer gathered for its forward. Under fsdp (`shard_model`)
     it is loaded on the CPU first, so no worker holds it whole on its GPU (a QLoRA teacher's
-    4-bit weights are quantized there first, as the student's); under ZeRO-3 DeepSpeed's
+    4-bit weights are quantized there first, as the student's), and where the job loads on
+    rank 0 (`JobConfig.loads_on_rank0`) rank 0 alone reads its weights, the others building it
+    empty (`fsdp_engine.builds_empty`) for their shards of rank 0's; under ZeRO-3 DeepSpeed's
     engine (`preference.sharded_for_inference`, as the inline reference) moves it whole to the
     GPU before it partitions it."""
     from ft_ray.models import load_base_model, load_quantized_model

@@ -82,12 +82,20 @@ def shard_model(model: Any, config: JobConfig, device: torch.device, trains: boo
         load_from_rank0(model, whole, device, offloaded=config.distributed.fsdp.offload == "cpu")
 
 
-def builds_empty(config: JobConfig) -> bool:
-    """Whether this worker builds the job's models empty (`JobConfig.loads_on_rank0`, a rank
-    other than 0), their weights to come from rank 0 (`load_from_rank0`)."""
+def weights_from_rank0(config: JobConfig) -> bool:
+    """Whether this process's models take their weights from rank 0 (`JobConfig.loads_on_rank0`
+    in a process group: a training worker, not a job's driver or `ft-ray eval` reading the run)."""
     import torch.distributed as dist
 
-    return config.loads_on_rank0 and dist.is_initialized() and dist.get_rank() != 0
+    return config.loads_on_rank0 and dist.is_initialized()
+
+
+def builds_empty(config: JobConfig) -> bool:
+    """Whether this worker builds the job's models empty (`weights_from_rank0`, a rank other than 0),
+    their weights to come from rank 0 (`load_from_rank0`)."""
+    import torch.distributed as dist
+
+    return weights_from_rank0(config) and dist.get_rank() != 0
 
 
 def rank0_answer(find: Callable[[], Any]) -> Any:

@@ -11,7 +11,7 @@ import torch
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
 from ft_ray.train.engine_api import COMPUTE_DTYPES
-from ft_ray.train.fsdp_engine import builds_empty, rank0_answer
+from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
 from ft_ray.train.fast_paths import (
     chunked_lm_head, embedding_rows_beside, fuse_lora_layers, head_gives_logits, recompute_swiglu_product,
     residual_in_compute_dtype,
@@ -26,7 +26,6 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     # distributed.fsdp.cpu_ram_efficient_loading: the other workers build the model empty; their shards come from
     # rank 0's weights once sharded (`fsdp_engine.shard_model`)
-    from_rank0 = config.loads_on_rank0 and torch.distributed.is_initialized()
     empty = builds_empty(config)
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, config.train.gradient_checkpointing,
@@ -43,7 +42,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     def rows_to_train() -> list[int]:  # token rows an adapter run trains: those the base never trained, added ones
         return sorted({*mend_untrained_tokens(model, config.model), *added_token_ids(config.model)})
 
-    if from_rank0:  # what rank 0 finds in the weights and by running the model, which an empty one cannot
+    if weights_from_rank0(config):  # what rank 0 finds in the weights and by running the model, which an empty one cannot
         tokens, plain_logits = rank0_answer(lambda: (rows_to_train(), config.uses_fast_paths and head_gives_logits(model)))
     else:
         tokens, plain_logits = rows_to_train(), None  # plain_logits: found out by chunked_lm_head
