@@ -9,7 +9,10 @@ with kernels every device has. Same result, fewer FLOPs; used for training batch
 have no padding mask. On CUDA in bf16/fp16 the whole batch goes to flash attention's varlen
 kernel in one call (`torch.nn.attention.varlen`, where this torch has it) instead of one
 SDPA call per example. A layer with a sliding window keeps it (a banded mask per example
-longer than the window; the varlen kernel's `window_size`).
+longer than the window; the varlen kernel's `window_size`). Latent attention's values,
+narrower than its queries and keys (DeepSeek's), are padded to their width for the flash
+kernels, which take one head size (else SDPA falls back to a kernel that keeps every
+example's length-squared attention weights for backward), and the output cut back.
 """
 
 from __future__ import annotations
@@ -41,21 +44,32 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention within each example of a packed batch. query [B, H, L, D], key and
-    value [B, H_kv, L, D]; returns [B, L, H, D] like transformers' attention functions. A
-    layer with a `sliding_window` (Mistral, Gemma 3's local layers, Phi-3) attends to the
-    last `sliding_window` positions of its example only, as transformers' masks say."""
+    value [B, H_kv, L, D] (value's D may be smaller); returns [B, L, H, D] (value's D) like
+    transformers' attention functions. A layer with a `sliding_window` (Mistral, Gemma 3's
+    local layers, Phi-3) attends to the last `sliding_window` positions of its example only,
+    as transformers' masks say."""
     if attention_mask is not None:
         raise ValueError(f"{NAME} is for packed training batches, which carry no attention mask")
     if position_ids is None:
         position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
     spans = _cached_spans(position_ids)
     query, key, value = in_compute_dtype(query, key, value)
-    window = kwargs.get("sliding_window")
+    width = value.shape[-1]
+    if width < query.shape[-1]:
+        value = torch.nn.functional.pad(value, (0, query.shape[-1] - width))
+    out = _attend(query, key, value, spans, scaling, dropout, kwargs.get("sliding_window"))
+    return (out if out.shape[-1] == width else out[..., :width]), None
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list, scaling: float | None,
+            dropout: float, window: int | None) -> torch.Tensor:
+    """`packed_sdpa`'s attention of q, k and v of one head size: flash varlen in one call
+    where it runs, else SDPA per example."""
     varlen = _varlen_attn()
     if varlen and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
         out = varlen(query, key, value, spans, scaling, window)
         if out is not None:
-            return out, None
+            return out
     # split (not slices) into rows and examples: the backward of a split is one cat, while each
     # slice's backward writes a zero tensor the size of the whole batch (O(examples x batch) memory traffic)
     rows = []
@@ -69,7 +83,7 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
                   for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
                                      v_row.split(lengths, dim=2))]
         rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
 def band(length: int, window: int, device: torch.device) -> torch.Tensor:

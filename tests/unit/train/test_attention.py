@@ -33,15 +33,18 @@ def test_fp32_queries_under_autocast_go_to_the_kernel_in_the_autocast_dtype():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _varlen_attn() is None, reason="flash varlen needs CUDA")
-@pytest.mark.parametrize("window", [None, 128])
-def test_flash_varlen_matches_per_example_sdpa_on_cuda(window):
+@pytest.mark.parametrize("window, value_width", [(None, 64), (128, 64), (None, 48)])
+def test_flash_varlen_matches_per_example_sdpa_on_cuda(window, value_width):
+    """Flash varlen over the packed batch, with a sliding window, and with values narrower than
+    queries and keys (latent attention's, padded for the kernel)."""
     from ft_ray.train.attention import band
 
     torch.manual_seed(0)
     positions = torch.stack([torch.cat([torch.arange(n) for n in lengths])
                              for lengths in ([400, 300, 324], [1024])]).cuda()
     query = torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    key, value = (torch.randn(2, 2, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    key, value = (torch.randn(2, 2, 1024, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for width in (64, value_width))
     flash, _ = packed_sdpa(None, query, key, value, None, scaling=64 ** -0.5, position_ids=positions,
                            sliding_window=window)
     flash.float().square().sum().backward()
@@ -69,22 +72,37 @@ def windowed_mistral(window: int):
         num_key_value_heads=2, vocab_size=800, sliding_window=window))
 
 
-@pytest.mark.parametrize("window", [None, 8])
+def latent_attention_model():
+    """A random tiny DeepSeek-V3 (seeded): latent attention, whose values (16 features a head)
+    are narrower than its queries and keys (24)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        head_dim=8, first_k_dense_replace=1, vocab_size=800))
+
+
+@pytest.mark.parametrize("window", [None, 8, "latent"])
 def test_packed_attention_matches_masked_sdpa_in_outputs_and_gradients(window):
-    """The built-in Llama; and a sliding window (Mistral, Gemma 3's local layers, Phi-3; 8 here,
+    """The built-in Llama; a sliding window (Mistral, Gemma 3's local layers, Phi-3; 8 here,
     the examples longer and shorter): each layer sees only the last `sliding_window`
     positions of its example, as transformers' masks say (before 2026-12-06 the window was
-    dropped: every earlier position of the example seen)."""
+    dropped: every earlier position of the example seen); latent attention (DeepSeek's), its
+    values padded to the queries' width for the kernel and cut back after."""
     torch.manual_seed(0)
     ids = torch.randint(3, 700, (2, 96))
     positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in ([40, 30, 26], [96])])
     results = []
     for implementation in ("sdpa", register()):
-        model = load_base_model(ModelConfig()) if window is None else windowed_mistral(window)
+        model = (load_base_model(ModelConfig()) if window is None else latent_attention_model() if window == "latent"
+                 else windowed_mistral(window))
         model.set_attn_implementation(implementation)
         loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
         loss.backward()
-        results.append((loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+        attention = model.model.layers[0].self_attn
+        results.append((loss.item(), (attention.q_proj or attention.kv_b_proj).weight.grad.clone()))
     (reference, reference_grad), (packed, packed_grad) = results
     assert packed == pytest.approx(reference, rel=1e-5)
     torch.testing.assert_close(packed_grad, reference_grad, rtol=1e-4, atol=1e-6)
