@@ -420,10 +420,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if job is not config:
             print("sweep: the trial with the most memory over the search space's edges")
         print(describe(job, plan))
-        experts = (f"; a mixture of experts' layers checked on CPU only ({shape.experts} experts, "
-                   f"{shape.experts_per_token} per token)" if shape.experts else "")
+        on_cpu = [*([f"a mixture of experts' layers ({shape.experts} experts, {shape.experts_per_token} per token)"]
+                    if shape.experts else []), *(["latent attention"] if shape.kv_rank else [])]
+        checked = f"; {' and '.join(on_cpu)} checked on CPU only" if on_cpu else ""
         print(f"(model shape from {origin}; activations: what each layer keeps for backward x {ACTIVATION_MARGIN}, "
-              f"measured on an H100{experts})")
+              f"measured on an H100{checked})")
         if gpu_mib:
             verdict = "fits" if plan.fits(gpu_mib) else "does NOT fit"
             print(f"{verdict} {gpu_name} ({gpu_mib / 1024:.1f} GiB)")

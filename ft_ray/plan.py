@@ -11,8 +11,9 @@ The activation count lists what a decoder layer saves for backward (per token: t
 inputs and outputs, q/k/v and the attention output, the MLP's gate and up and their
 product; in a mixture of experts those of each expert a token goes to, and the router's
 output) and multiplies it by `ACTIVATION_MARGIN` for what the list leaves out. The model is
-the one of decoder-only transformers (Llama, Mistral, Qwen and their like), dense or with
-every layer a mixture of experts (Mixtral, Qwen-MoE, OLMoE).
+the one of decoder-only transformers (Llama, Mistral, Qwen and their like), dense or a
+mixture of experts (Mixtral, Qwen-MoE, OLMoE, GLM-4.5), with grouped-query attention or
+DeepSeek's latent attention (DeepSeek-V2 and V3, GLM-4.7-Flash).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ QLORA_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # NF4 
 # model types whose attention normalizes q and k (an RMSNorm per head, or over the projection), beside
 # configs that say `use_qk_norm`
 QK_NORM_TYPES = ("qwen3", "qwen3_moe", "qwen3_next", "olmo2", "olmo3", "gemma3", "gemma3_text")
+QK_NORM_OVER_PROJECTIONS = ("olmo2", "olmo3")  # q's and k's norms span all heads (the others': one head's features)
+# model types with DeepSeek's latent attention as `Shape.linears` has it (others with a `kv_lora_rank` add an
+# indexer of sparse attention, or lay it out otherwise: refused)
+LATENT_ATTENTION_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,12 @@ class Shape:
     splits such a model into its two uniform parts. `mlp_names_to_experts`: PEFT takes the
     MLP layers' names for the fused experts (`models.peft_takes_mlp_names`), so linear
     layers of those names get no adapter. `qk_norm`: the attention normalizes q and k
-    (Qwen3's, OLMo 2's, Gemma 3's: `QK_NORM_TYPES`)."""
+    (Qwen3's, OLMo 2's, Gemma 3's: `QK_NORM_TYPES`). `kv_rank` > 0: DeepSeek's latent
+    attention, k and v for all heads from a latent of `kv_rank` features (and one key head of
+    `rope_dim` positional features), q from one of `q_rank` (0: straight from the hidden
+    states); `head_dim` is q's and k's (positional features included), `v_head_dim` v's.
+    `attention_norms`: the weights of the attention's own norms in a layer (q's and k's, the
+    latents')."""
 
     hidden: int
     intermediate: int
@@ -67,6 +77,11 @@ class Shape:
     shared_expert_gate: bool = False
     mlp_names_to_experts: bool = False
     qk_norm: bool = False
+    q_rank: int = 0
+    kv_rank: int = 0
+    rope_dim: int = 0
+    v_head_dim: int = 0
+    attention_norms: int = 0
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
@@ -74,12 +89,27 @@ class Shape:
                                "vocab_size") if not isinstance(getattr(config, k, None), int)]
         experts = (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
                    or getattr(config, "n_routed_experts", None) or 0)
+        kind = getattr(config, "model_type", None)
+        latent = getattr(config, "kv_lora_rank", None) or 0
         unknown = ("lacks " + ", ".join(missing) if missing else
-                   "has latent attention (kv_lora_rank)" if getattr(config, "kv_lora_rank", None) else None)
+                   f"has latent attention (kv_lora_rank) of a kind it does not know ({kind})"
+                   if latent and kind not in LATENT_ATTENTION_TYPES else None)
         if unknown:
             raise InputError(f"ft-ray plan knows decoder-only models, dense (Llama, Mistral, Qwen...) or mixtures of "
-                             f"experts (Mixtral, Qwen-MoE, GLM-4.5...); this config ({type(config).__name__}) {unknown}")
+                             f"experts (Mixtral, Qwen-MoE, GLM-4.5, DeepSeek-V3...); this config "
+                             f"({type(config).__name__}) {unknown}")
         heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        qk_norm = kind in QK_NORM_TYPES or bool(getattr(config, "use_qk_norm", False))
+        attention: dict[str, Any] = {
+            "qk_norm": qk_norm, "attention_norms": 0 if not qk_norm else
+            (heads + kv_heads) * head_dim if kind in QK_NORM_OVER_PROJECTIONS else 2 * head_dim}
+        if latent:  # every head's k and v from the latent; config.head_dim is the positional features' alone
+            q_rank, rope = getattr(config, "q_lora_rank", None) or 0, config.qk_rope_head_dim
+            kv_heads, head_dim = heads, config.qk_nope_head_dim + rope
+            attention = {"q_rank": q_rank, "kv_rank": latent, "rope_dim": rope, "v_head_dim": config.v_head_dim,
+                         "attention_norms": q_rank + latent}
         moe: dict[str, Any] = {}
         if experts:
             from ft_ray.models import peft_takes_mlp_names
@@ -92,14 +122,34 @@ class Shape:
                    "mlp_names_to_experts": peft_takes_mlp_names(config),
                    "shared_intermediate": gated or (getattr(config, "n_shared_experts", None) or 0) * expert_width}
         return cls(config.hidden_size, config.intermediate_size if not experts or moe["dense_layers"] else 0,
-                   config.num_hidden_layers, heads,
-                   getattr(config, "num_key_value_heads", None) or heads,
-                   getattr(config, "head_dim", None) or config.hidden_size // heads, config.vocab_size,
+                   config.num_hidden_layers, heads, kv_heads, head_dim, config.vocab_size,
                    bool(getattr(config, "tie_word_embeddings", False)),
                    getattr(config, "final_logit_softcapping", None) is not None
                    or getattr(config, "logits_scaling", 1) != 1 or getattr(config, "logit_scale", 1) != 1,
-                   qk_norm=getattr(config, "model_type", None) in QK_NORM_TYPES or bool(getattr(config, "use_qk_norm", False)),
-                   **moe)
+                   **attention, **moe)
+
+    @property
+    def q_width(self) -> int:
+        """q's features per token (all heads'), as k's under latent attention."""
+        return self.heads * self.head_dim
+
+    @property
+    def k_width(self) -> int:
+        return self.q_width if self.kv_rank else self.kv_heads * self.head_dim
+
+    @property
+    def v_width(self) -> int:
+        return self.heads * self.v_head_dim if self.kv_rank else self.k_width
+
+    @property
+    def out_width(self) -> int:
+        """The attention output's features per token (o_proj's input)."""
+        return self.heads * self.v_head_dim if self.kv_rank else self.q_width
+
+    @property
+    def layer_norm_params(self) -> int:
+        """The norms' weights of one decoder layer: the two around attention and the MLP, and the attention's own."""
+        return 2 * self.hidden + self.attention_norms
 
     def kinds(self) -> list["Shape"]:
         """The decoder layers by kind, each kind a Shape whose `layers` counts them: a mixture
@@ -116,8 +166,16 @@ class Shape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder layer (a mixture of experts'
         expert layer: attention and the shared expert, if any; `kinds` for its dense layers)."""
-        q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
-        attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        q, h = self.q_width, self.hidden
+        if self.kv_rank:  # q straight or through its latent; k's positional head and the latent of k and v
+            attention = ({"q_a_proj": (h, self.q_rank), "q_b_proj": (self.q_rank, q)} if self.q_rank
+                         else {"q_proj": (h, q)})
+            attention.update({"kv_a_proj_with_mqa": (h, self.kv_rank + self.rope_dim),
+                              "kv_b_proj": (self.kv_rank, q - self.heads * self.rope_dim + self.v_width),
+                              "o_proj": (self.out_width, h)})
+        else:
+            attention = {"q_proj": (h, q), "k_proj": (h, self.k_width), "v_proj": (h, self.v_width),
+                         "o_proj": (q, h)}
         i = self.shared_intermediate if self.experts else self.intermediate
         mlp = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)} if i else {}
         return {**attention, **mlp, **({"shared_expert_gate": (h, 1)} if self.shared_expert_gate else {})}
@@ -168,10 +226,10 @@ class Shape:
     @property
     def token_layer_width(self) -> int:
         """The values one token's pass through a decoder layer holds at once with no gradients
-        kept: its hidden states in and out, q, k, v and the attention output, the MLP's gate, up
-        and their product."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 2 * self.hidden + 2 * q + 2 * kv + 3 * self.mlp_width
+        kept: its hidden states in and out, q, k, v (and latent attention's latents) and the
+        attention output, the MLP's gate, up and their product."""
+        attention = self.q_width + self.k_width + self.v_width + self.out_width + self.q_rank + self.kv_rank
+        return 2 * self.hidden + attention + 3 * self.mlp_width
 
     @property
     def active_params(self) -> int:
@@ -184,7 +242,7 @@ class Shape:
 
     @property
     def params(self) -> int:
-        norms = (2 * self.layers + 1) * self.hidden
+        norms = self.layers * self.layer_norm_params + self.hidden
         return (self.linear_params + self.all_expert_params + norms + self.embedding_params
                 + (0 if self.tied else self.embedding_params))
 
@@ -192,8 +250,11 @@ class Shape:
 def dense_layer_count(config: Any) -> int:
     """How many decoder layers of a mixture of experts' config have a dense MLP instead:
     GLM-4.5's and DeepSeek's first `first_k_dense_replace`, Qwen-MoE's `mlp_only_layers` and
-    those off its `decoder_sparse_step`."""
+    those off its `decoder_sparse_step`, those `mlp_layer_types` calls dense (GLM-4.7-Flash)."""
     layers = config.num_hidden_layers
+    kinds = getattr(config, "mlp_layer_types", None)
+    if kinds:
+        return sum(1 for kind in kinds[:layers] if kind == "dense")
     first = getattr(config, "first_k_dense_replace", None) or 0
     only, step = set(getattr(config, "mlp_only_layers", None) or ()), getattr(config, "decoder_sparse_step", None) or 1
     return sum(1 for i in range(layers) if i < first or i in only or (i + 1) % step)
@@ -211,7 +272,11 @@ KNOWN_SHAPES = {
     "mistralai/Mixtral-8x7B-v0.1": Shape(4096, 0, 32, 32, 8, 128, 32000, False, experts=8, experts_per_token=2,
                                          expert_intermediate=14336),
     "Qwen/Qwen3-30B-A3B": Shape(2048, 0, 48, 32, 4, 128, 151936, False, experts=128, experts_per_token=8,
-                                expert_intermediate=768, qk_norm=True),
+                                expert_intermediate=768, qk_norm=True, attention_norms=256),
+    "deepseek-ai/DeepSeek-V3": Shape(7168, 18432, 61, 128, 128, 192, 129280, False, experts=256, experts_per_token=8,
+                                     expert_intermediate=2048, shared_intermediate=2048, dense_layers=3,
+                                     mlp_names_to_experts=True, q_rank=1536, kv_rank=512, rope_dim=64, v_head_dim=128,
+                                     attention_norms=2048),
 }
 KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
                      "meta-llama/Llama-3.1-8B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"],
@@ -219,7 +284,8 @@ KNOWN_SHAPES.update({"meta-llama/Meta-Llama-3-8B-Instruct": KNOWN_SHAPES["meta-l
                      "meta-llama/Meta-Llama-3-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
                      "meta-llama/Llama-3.1-70B": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
                      "meta-llama/Llama-3.1-70B-Instruct": KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B"],
-                     "Qwen/Qwen2.5-7B-Instruct": KNOWN_SHAPES["Qwen/Qwen2.5-7B"]})
+                     "Qwen/Qwen2.5-7B-Instruct": KNOWN_SHAPES["Qwen/Qwen2.5-7B"],
+                     "deepseek-ai/DeepSeek-V3-0324": KNOWN_SHAPES["deepseek-ai/DeepSeek-V3"]})
 
 
 def model_shape(config: JobConfig, network: bool = True) -> tuple[Shape, str]:
@@ -500,8 +566,8 @@ def gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     def layer(kind: Shape) -> float:  # one decoder layer and its two norms
         if qlora:
             return (kind.layer_linear_params * QLORA_BYTES[config.quantization.double_quant]
-                    + quantized_compute_bytes(config) * kind.layer_expert_params + 4 * 2 * kind.hidden)
-        return compute * (kind.layer_linear_params + kind.layer_expert_params + 2 * kind.hidden)
+                    + quantized_compute_bytes(config) * kind.layer_expert_params + 4 * kind.layer_norm_params)
+        return compute * (kind.layer_linear_params + kind.layer_expert_params + kind.layer_norm_params)
 
     layers = (sum(kind.layers * layer(kind) for kind in shape.kinds()) if every
               else min(2, shape.layers) * max(layer(kind) for kind in shape.kinds()))  # the largest two
@@ -577,13 +643,20 @@ def activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
 def layer_activation_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
     """Bytes one token's activations hold through backward in one decoder layer (of a shape
     whose layers are all alike: `Shape.kinds`)."""
-    h, q = shape.hidden, shape.heads * shape.head_dim
+    h = shape.hidden
     i = shape.shared_intermediate if shape.experts else shape.intermediate
-    kv = shape.kv_heads * shape.head_dim
     residual = 4 if config.train.fp32_residual else compute
-    attention = 2 * h * residual + (q + 2 * kv + q) * compute + 4 * shape.heads  # norm in/out, q k v, out, lse
+    attention = (2 * h * residual + (shape.q_width + shape.k_width + shape.v_width + shape.out_width) * compute
+                 + 4 * shape.heads)  # norm in/out, q k v, out, lse
+    if shape.kv_rank:  # the kernel's v and output padded to q's width (`attention.packed_sdpa`); o_proj's input cut back
+        attention += (2 * shape.q_width - shape.v_width) * compute
+    full = config.method == "full"
     if shape.qk_norm:  # q's and k's norms keep their fp32 input, and their output where their weights train
-        attention += (q + kv) * (4 + (compute if config.method == "full" else 0))
+        attention += (shape.q_width + shape.k_width) * (4 + (compute if full else 0))
+    if shape.kv_rank:  # the latents' norms keep their fp32 input, and their output where the next layer trains
+        adapted = adapted_linears(config, shape)
+        attention += sum(width * (4 + (compute if full or following in adapted else 0))
+                         for width, following in ((shape.q_rank, "q_b_proj"), (shape.kv_rank, "kv_b_proj")))
     # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
     mlp = 2 * h * residual + (2 * i + (0 if config.recomputes_swiglu else i if fused(config) else 2 * i)) * compute

@@ -299,16 +299,21 @@ def sentencepiece_tokenizer(folder: Path | None = None):
 
 def tiny_moe(folder: Path, kind: str = "qwen3_moe", **settings):
     """A random tiny mixture of experts (4 experts, 2 per token, 2 layers unless `settings`
-    say otherwise) with the built-in tokenizer."""
+    say otherwise) with the built-in tokenizer; DeepSeek's and GLM-4.7-Flash's with latent
+    attention (ranks 48 for q, 32 for k and v)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ft_ray.config import ModelConfig
     from ft_ray.models import load_tokenizer
+    from ft_ray.plan import LATENT_ATTENTION_TYPES
 
     tokenizer = load_tokenizer(ModelConfig())
     experts = ({"num_local_experts": 4} if kind == "mixtral"  # its experts are intermediate_size wide
                else {"n_routed_experts": 4, "moe_intermediate_size": 32} if kind == "glm4_moe"
+               else {"n_routed_experts": 4, "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1,
+                     "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
+                     "qk_nope_head_dim": 16, "v_head_dim": 16, "head_dim": 8} if kind in LATENT_ATTENTION_TYPES
                else {"num_experts": 4, "moe_intermediate_size": 32})
     config = AutoConfig.for_model(kind, **{
         "hidden_size": 64, "intermediate_size": 128, "head_dim": 16, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -8,8 +8,8 @@ import pytest
 
 from ft_ray.cli import main
 from ft_ray.config import config_from_dict
-from ft_ray.plan import (ACTIVATION_MARGIN, MIB, QLORA_BYTES, Shape, describe, model_shape, plan_memory, suggestions,
-                         teacher_pass, with_settings, worst_case)
+from ft_ray.plan import (ACTIVATION_MARGIN, KNOWN_SHAPES, MIB, QLORA_BYTES, Shape, describe, model_shape, plan_memory,
+                         suggestions, teacher_pass, with_settings, worst_case)
 
 H100_80GB = 80e9 / MIB
 
@@ -508,7 +508,7 @@ def test_a_mixture_of_experts_counts_its_experts_weights_adapters_and_what_they_
     expert, doubled on gate and up by transformers 4's names), QLoRA's experts 16-bit, PEFT's
     copy of each layer's experts with B @ A added, and the activations within 20% of what
     ft-ray's forward keeps (measured on CPU; no GPU measurement yet). Models it does not know
-    (latent attention, dense layers among the expert ones) are said."""
+    (latent attention with a sparse attention indexer) are said."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ft_ray.config import InputError
@@ -522,7 +522,7 @@ def test_a_mixture_of_experts_counts_its_experts_weights_adapters_and_what_they_
     shape, _ = model_shape(config)
     assert (shape.experts, shape.experts_per_token, shape.expert_intermediate, shape.intermediate) == (4, 2, 32, 0)
     real = AutoModelForCausalLM.from_pretrained(folder)
-    assert shape.params == sum(p.numel() for n, p in real.named_parameters() if "q_norm" not in n and "k_norm" not in n)
+    assert shape.params == sum(p.numel() for p in real.parameters())  # q's and k's norms included
     for targets in ("all-linear", ["q_proj", "gate_up_proj", "down_proj"], ["q_proj", "gate_proj", "up_proj", "down_proj"]):
         lora = config.lora.model_copy(update={"target_modules": targets})
         adapted = apply_lora(load_base_model(config.model), lora, folder)
@@ -548,9 +548,9 @@ def test_a_mixture_of_experts_counts_its_experts_weights_adapters_and_what_they_
         planned += plan_memory(trained, shape).parts.get("expert_weight_copies", 0) * MIB / 256 / shape.layers
         assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2)
 
-    AutoConfig.for_model("deepseek_v3", n_routed_experts=4, kv_lora_rank=16).save_pretrained(tmp_path / "latent")
-    with pytest.raises(InputError, match="has latent attention"):
-        model_shape(job(model={"name_or_path": str(tmp_path / "latent")}))
+    AutoConfig.for_model("deepseek_v32", n_routed_experts=4, kv_lora_rank=16).save_pretrained(tmp_path / "sparse")
+    with pytest.raises(InputError, match=r"has latent attention \(kv_lora_rank\) of a kind it does not know \(deepseek_v32"):
+        model_shape(job(model={"name_or_path": str(tmp_path / "sparse")}))
 
 
 @pytest.mark.parametrize("kind, settings", [
@@ -576,7 +576,7 @@ def test_a_mixture_of_experts_with_dense_layers_is_planned_layer_by_layer(tmp_pa
     assert (shape.layers, shape.dense_layers, shape.expert_layers, shape.intermediate) == (3, 1, 2, 128)
     assert shape.shared_intermediate == (32 if kind == "glm4_moe" else 0)
     real = AutoModelForCausalLM.from_pretrained(folder)
-    assert shape.params == sum(p.numel() for n, p in real.named_parameters() if "q_norm" not in n and "k_norm" not in n)
+    assert shape.params == sum(p.numel() for p in real.parameters())  # q's and k's norms included
     assert shape.all_expert_params == sum(p.numel() for n, p in real.named_parameters() if ".experts." in n or
                                           n.endswith("mlp.gate.weight"))
     for targets in ("all-linear", ["q_proj", "gate_up_proj", "down_proj"], ["gate_proj", "up_proj", "down_proj"]):
@@ -624,3 +624,51 @@ def test_a_model_that_normalizes_q_and_k_keeps_what_its_norms_keep(tmp_path):
         grown = kept["qwen3", method] - kept["llama", method]
         assert grown > 1000  # (256 + 128) x 4 bytes and more per token and layer
         assert planned["qwen3", method] - planned["llama", method] == pytest.approx(grown, rel=0.25), method
+
+
+def test_latent_attention_is_planned_from_its_latents(tmp_path):
+    """DeepSeek's latent attention (k and v of every head from one latent, q from another):
+    DeepSeek-V3's config has the 671B weights and 37B active ones it is known for; a tiny
+    DeepSeek-V3 (a dense layer, then expert layers with a shared expert), a DeepSeek-V2-Lite
+    (q without its latent) and a GLM-4.7-Flash have the weights the models have, the adapters
+    PEFT makes (on the latents' projections by their names), and activations within 20% of
+    what ft-ray's forward keeps (measured on CPU, LoRA on every linear layer and on the
+    attention alone)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_ray.models import apply_lora, load_base_model
+    from ft_ray.plan import activation_bytes, adapter_params
+    from tests.conftest import tiny_moe
+
+    v3 = Shape.of(AutoConfig.for_model("deepseek_v3"))  # transformers' defaults: DeepSeek-V3's config
+    assert KNOWN_SHAPES["deepseek-ai/DeepSeek-V3"] == v3
+    assert (round(v3.params / 1e9), round(v3.active_params / 1e9)) == (671, 38)
+    assert (v3.q_rank, v3.kv_rank, v3.head_dim, v3.v_head_dim, v3.dense_layers) == (1536, 512, 192, 128, 3)
+
+    for kind, settings in (("deepseek_v2", {"q_lora_rank": None}), ("glm4_moe_lite", {})):
+        folder = tiny_moe(tmp_path / kind, kind, num_hidden_layers=3, n_shared_experts=1, **settings)
+        shape, _ = model_shape(job(model={"name_or_path": folder.name_or_path}))
+        real = AutoModelForCausalLM.from_pretrained(folder.name_or_path)
+        assert type(real).__name__.lower().startswith(kind.replace("_", ""))
+        assert (shape.params, shape.q_rank > 0) == (sum(p.numel() for p in real.parameters()), not settings), kind
+
+    folder = tiny_moe(tmp_path / "v3", "deepseek_v3", num_hidden_layers=3, first_k_dense_replace=1,
+                      n_shared_experts=1).name_or_path
+    config = job(model={"name_or_path": folder}, lora={"dropout": 0.0, "target_modules": "all-linear"},
+                 distributed={"num_workers": 1}, train={"precision": "bf16", "micro_batch_size": 1})
+    shape, _ = model_shape(config)
+    assert (shape.layers, shape.dense_layers, shape.q_rank, shape.kv_rank, shape.head_dim, shape.v_head_dim) == (
+        3, 1, 48, 32, 24, 16)
+    real = AutoModelForCausalLM.from_pretrained(folder)
+    assert shape.params == sum(p.numel() for p in real.parameters())
+    attention = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    for targets in ("all-linear", attention, ["q_proj", "k_proj", "v_proj", "o_proj"]):
+        lora = config.lora.model_copy(update={"target_modules": targets})
+        adapted = apply_lora(load_base_model(config.model), lora, folder)
+        trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        assert adapter_params(config.model_copy(update={"lora": lora}), shape) == trained, targets
+    for targets in ("all-linear", attention):
+        trained = job(**{**config.model_dump(mode="json"), "lora": {"dropout": 0.0, "target_modules": targets}})
+        planned = activation_bytes(trained, shape, 2) / shape.layers
+        planned += plan_memory(trained, shape).parts.get("expert_weight_copies", 0) * MIB / 256 / shape.layers
+        assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2), targets
