@@ -246,6 +246,12 @@ class DeepSpeedConfig(Section):
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="optimizer state in CPU memory")
     offload_params: Literal["none", "cpu"] = Field("none", description="parameters in CPU memory (stage 3)")
     overlap_comm: bool = True
+    zero3_init: bool = Field(True, description=(
+        "stage 3: each model is built partitioned across the workers (deepspeed.zero.Init, as transformers loads "
+        "under DeepSpeed) and rank 0 alone reads its weights, so a worker holds its shard while it loads, not the "
+        "whole model (Accelerate's zero3_init_flag). Not for qlora, model.adapter, a lora.init from the weights "
+        "(pissa, olora, orthogonal), lora.modules_to_save, a reward model or model.add_tokens: those load whole on "
+        "every worker"))
     config_override: dict[str, Any] = Field(default_factory=dict, description=(
         "raw DeepSpeed keys merged over the generated config, for experts"))
 
@@ -692,11 +698,27 @@ class JobConfig(Section):
     @property
     def loads_on_rank0(self) -> bool:
         """`distributed.fsdp.cpu_ram_efficient_loading` applies: an fsdp job whose model the
-        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`); not
-        QLoRA's 4-bit layers, an adapter loaded onto the base, nor LoRA initialised from the
-        weights (each would need the weights on every worker)."""
-        return (self.distributed.strategy == "fsdp" and self.distributed.fsdp.cpu_ram_efficient_loading
-                and self.method != "qlora" and not self.model.adapter
+        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`)."""
+        dist = self.distributed
+        return dist.strategy == "fsdp" and dist.fsdp.cpu_ram_efficient_loading and self._rank0_can_read
+
+    @property
+    def partitions_at_load(self) -> bool:
+        """`distributed.deepspeed.zero3_init` applies: a ZeRO-3 job whose models are built
+        partitioned, rank 0 alone reading their weights (`deepspeed_engine.partitioned_at_load`);
+        not where a module trains whole beside LoRA (`lora.modules_to_save`), which PEFT copies
+        from the weights, for a reward model (its new score head) nor where `model.add_tokens`
+        grows the vocabulary (neither tried partitioned)."""
+        whole = (self.trains_adapter and bool(self.lora.modules_to_save)) or self.scores
+        return (self.zero3 and self.distributed.deepspeed.zero3_init and self._rank0_can_read and not whole
+                and not self.model.add_tokens)
+
+    @property
+    def _rank0_can_read(self) -> bool:
+        """Whether workers other than rank 0 can do without the weights while they build the
+        model: not under QLoRA's 4-bit layers, an adapter loaded onto the base, nor LoRA
+        initialised from the weights (each needs the weights on every worker)."""
+        return (self.method != "qlora" and not self.model.adapter
                 and (self.method == "full" or self.lora.init in ("default", "gaussian")))
 
     @property
@@ -1176,6 +1198,7 @@ PEER_NAMES = {
     "fsdp_offload_params": "distributed.fsdp.offload", "fsdp_cpu_offload": "distributed.fsdp.offload",
     "cpu_offload": "distributed.fsdp.offload",
     "fsdp_cpu_ram_efficient_loading": "distributed.fsdp.cpu_ram_efficient_loading",
+    "zero3_init_flag": "distributed.deepspeed.zero3_init",
 }
 
 

@@ -376,15 +376,44 @@ def mend_untrained_tokens(model: Any, config: ModelConfig) -> list[int]:
     A row is untrained when all but zero (Llama 3 base's header and eot tokens), or when it is
     an output row that several such tokens share (Llama 3.1 base's). The pad token is left as
     it is unless it is the eos token: it is never trained on. A reward model (no output layer)
-    is checked by its embeddings."""
-    import torch
-
+    is checked by its embeddings. A model ZeRO-3 partitioned as it was built has the two
+    gathered whole on every worker, rank 0's mended rows partitioned again (`gathered_if_partitioned`)."""
     if config.untrained_tokens == "keep":
         return []
-    tokenizer = load_tokenizer(config)
+    matrices = token_matrices(model)
+    with gathered_if_partitioned(matrices, modifier_rank=0):
+        return _mend_rows(matrices, config)
+
+
+def token_matrices(model: Any) -> list[Any]:
+    """The weights with a row per token: the input embeddings, and the output layer's unless tied
+    (none for a reward model)."""
     embeddings = model.get_input_embeddings().weight
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    matrices = [embeddings] + ([output.weight] if output is not None and output.weight is not embeddings else [])
+    return [embeddings] + ([output.weight] if output is not None and output.weight is not embeddings else [])
+
+
+@contextlib.contextmanager
+def gathered_if_partitioned(weights: list[Any], modifier_rank: int | None = None) -> Iterator[None]:
+    """Those of `weights` that ZeRO-3 partitioned as the model was built (`deepspeed_engine.
+    partitioned_at_load`) gathered whole on every worker for the block, then partitioned
+    again from `modifier_rank`'s values (None: unchanged); the others as they are. A
+    collective where any is partitioned."""
+    partitioned = [w for w in weights if hasattr(w, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def _mend_rows(matrices: list[Any], config: ModelConfig) -> list[int]:
+    """`mend_untrained_tokens` on whole `matrices` (the input embeddings, an untied output layer)."""
+    import torch
+
+    tokenizer = load_tokenizer(config)
     candidates = sorted(i for i in mendable_tokens(tokenizer) if i < min(m.shape[0] for m in matrices))
     if not candidates:
         return []

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from ft_ray.config import JobConfig
-from ft_ray.train.engine_api import (build_optimizer, eval_loss_sum, lr_multiplier, micro_batch_weights,
-                                    optimizer_groups, rank0_state_dict)
+from ft_ray.train.engine_api import (COMPUTE_DTYPES, build_optimizer, eval_loss_sum, lr_multiplier,
+                                    micro_batch_weights, optimizer_groups, rank0_state_dict)
 from ft_ray.train.objectives import Objective
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
@@ -80,6 +80,31 @@ def shards_weights(engine: Any) -> bool:
 
 
 @contextlib.contextmanager
+def partitioned_at_load(config: JobConfig) -> Iterator[None]:
+    """Models loaded in the block are built partitioned across the workers, and rank 0 alone
+    reads their weights (transformers' from_pretrained under a live `HfDeepSpeedConfig`:
+    `deepspeed.zero.Init`, then each weight gathered, written by rank 0 and partitioned
+    again), where `JobConfig.partitions_at_load` in a process group; else nothing changes.
+    DeepSpeed's engine takes such a model as it is, and broadcasts rank 0's values of the
+    weights added after (LoRA's) when it partitions them."""
+    import torch.distributed as dist
+
+    if not (config.partitions_at_load and dist.is_initialized()):
+        yield
+        return
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed(dist_init_required=False)  # zero.Init's collectives over the job's process group
+    live = HfDeepSpeedConfig(deepspeed_config(config, total_steps=1))  # transformers holds a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del live
+
+
+@contextlib.contextmanager
 def gathered(engine: Any) -> Iterator[None]:
     """Every weight of a ZeRO-3 `engine`'s model gathered on each worker for the block, its
     fetch-and-release hooks taken off meanwhile: generation runs a forward per token, each
@@ -93,6 +118,18 @@ def gathered(engine: Any) -> Iterator[None]:
         yield
 
 
+def cast_added_weights(model: Any, dtype: torch.dtype | None) -> None:
+    """A model built partitioned (`partitioned_at_load`) is in DeepSpeed's 16-bit `dtype`
+    already, and DeepSpeed casts none of it, as it casts every weight of a model it partitions
+    itself: the weights added after (LoRA's, in fp32) are cast here alike. fp32 runs (`dtype`
+    None) and whole models are left as they are."""
+    if dtype is None or not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return
+    for parameter in model.parameters():
+        if not hasattr(parameter, "ds_id") and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+
+
 class DeepSpeedEngine:
     """One worker's DeepSpeed engine; gradient accumulation and clipping happen inside it."""
 
@@ -104,6 +141,7 @@ class DeepSpeedEngine:
         self.module, self.objective = model, objective
         self.zero_stage = config.distributed.deepspeed.stage
         self.lora = config.trains_adapter
+        cast_added_weights(model, COMPUTE_DTYPES.get(config.train.precision))
         client = build_optimizer(model, config) if config.train.optimizer == "adamw_8bit" else None
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=client, model_parameters=None if client else optimizer_groups(model, config),

@@ -511,13 +511,15 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
     GPU before it partitions it."""
     from ft_ray.models import load_base_model, load_quantized_model
     from ft_ray.train.engine_api import COMPUTE_DTYPES
+    from ft_ray.train.deepspeed_engine import partitioned_at_load
     from ft_ray.train.fsdp_engine import builds_empty
 
     if config.method == "qlora":
         model = load_quantized_model(config.teacher, config.quantization, False, frozen=True)
     else:  # under fsdp, empty on the workers that take its weights from rank 0 (`fsdp_engine.builds_empty`)
-        model = load_base_model(config.teacher, dtype=COMPUTE_DTYPES.get(config.train.precision),
-                                empty=sharded and builds_empty(config))
+        with partitioned_at_load(config):  # ZeRO-3: built partitioned
+            model = load_base_model(config.teacher, dtype=COMPUTE_DTYPES.get(config.train.precision),
+                                    empty=sharded and builds_empty(config))
         model = model if sharded else model.to(device)
     if config.data.pack and config.model.attn_implementation == "sdpa":
         from ft_ray.train.attention import register

@@ -17,8 +17,11 @@ KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
 def flops_per_token(model: Any, method: str, seq_len: int) -> float:
     """Training FLOPs per token of `model` (a PEFT model for LoRA/QLoRA)."""
     config = model.config
-    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    embedding = model.get_input_embeddings().weight.numel()
+    adapter = sum(_numel(p) for n, p in model.named_parameters() if "lora_" in n)
+    embeddings = model.get_input_embeddings()
+    for wrapped in ("original_module", "base_layer"):  # the embedding beneath PEFT's trainable tokens, LoRA
+        embeddings = getattr(embeddings, wrapped, None) or embeddings
+    embedding = _numel(embeddings.weight)
     base = sum(_numel(p) for n, p in model.named_parameters() if "lora_" not in n) - embedding
     return training_flops(base, adapter, config.num_hidden_layers, config.hidden_size, method, seq_len)
 
@@ -33,7 +36,10 @@ def training_flops(base: int, adapter: int, layers: int, hidden: int, method: st
 
 
 def _numel(param: Any) -> int:
-    """Logical element count; bitsandbytes packs two 4-bit weights per stored byte."""
+    """Logical element count; bitsandbytes packs two 4-bit weights per stored byte, and ZeRO-3
+    holds a part of a weight built partitioned (its whole count: `ds_numel`)."""
+    if hasattr(param, "ds_numel"):
+        return param.ds_numel
     shape = getattr(getattr(param, "quant_state", None), "shape", None)
     if shape is not None:
         count = 1

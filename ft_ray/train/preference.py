@@ -302,13 +302,15 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     take its weights from rank 0 (`fsdp_engine.builds_empty`)."""
     from ft_ray.models import continue_adapter, load_base_model, load_quantized_model, mend_untrained_tokens
     from ft_ray.train.engine_api import COMPUTE_DTYPES
+    from ft_ray.train.deepspeed_engine import partitioned_at_load
     from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
 
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, False)
     else:
         dtype = COMPUTE_DTYPES.get(config.train.precision) if config.trains_adapter else None
-        model = load_base_model(config.model, dtype=dtype, empty=sharded and builds_empty(config))
+        with partitioned_at_load(config):  # ZeRO-3's inline reference: built partitioned
+            model = load_base_model(config.model, dtype=dtype, empty=sharded and builds_empty(config))
         model = model if sharded else model.to(device)
     chunked = chunked_head and config.train.fused_kernels != "none"
     if sharded and weights_from_rank0(config):  # what rank 0 finds in the weights and by a forward, on all

@@ -236,3 +236,32 @@ def test_local_model_folders_are_made_absolute_for_the_workers(tmp_path, monkeyp
                                  grpo={"rewards": {"model:rm": 1.0, "model:org/rm": 1.0, "chrf": 1.0}}))
     assert grpo.grpo.rewards == {f"model:{tmp_path / 'rm'}": 1.0, "model:org/rm": 1.0, "chrf": 1.0}
     assert load_config(write_job(tmp_path, name="builtin.yaml")).model.name_or_path == "builtin:tiny-llama"
+
+
+@pytest.mark.parametrize("settings, zero3, fsdp", [
+    ({}, True, True),
+    ({"method": "lora"}, True, True),
+    ({"distributed": {"deepspeed": {"stage": 3, "zero3_init": False}}}, False, True),
+    ({"distributed": {"deepspeed": {"stage": 2}}}, False, True),
+    ({"method": "qlora", "quantization": {"quant_storage": "bfloat16"}}, False, False),  # 4-bit layers load whole
+    ({"method": "lora", "lora": {"init": "pissa"}}, False, False),  # from the weights
+    ({"method": "lora", "lora": {"modules_to_save": ["lm_head"]}}, False, True),  # PEFT copies a module trained whole
+    ({"method": "lora", "objective": "reward_model"}, False, True),  # its new score head
+    ({"objective": "reward_model"}, False, True),
+    ({"method": "lora", "model": {"add_tokens": ["<x>"], "new_tokens": "whole"}}, False, True),
+    ({"method": "lora", "model": {"add_tokens": ["<x>"], "new_tokens": "rows"}}, False, True),
+])
+def test_sharded_jobs_read_the_weights_on_rank0_where_no_worker_needs_them_whole(settings, zero3, fsdp):
+    """distributed.deepspeed.zero3_init (Accelerate's zero3_init_flag): the models of a ZeRO-3
+    job are built partitioned, rank 0 alone reading their weights; fsdp's
+    cpu_ram_efficient_loading: rank 0 alone reads them, the others build empty. Unless
+    something needs the weights on every worker as it builds the model."""
+    raw = {"method": "full", "data": {"train": "t.jsonl"}, **settings,
+           "distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 3}, **settings.get("distributed", {})}}
+    assert config_from_dict(raw).partitions_at_load is zero3
+    assert config_from_dict({**raw, "distributed": {**raw["distributed"], "strategy": "fsdp"}}).loads_on_rank0 is fsdp
+
+
+def test_zero3_init_flag_is_ft_rays_zero3_init(tmp_path):
+    with pytest.raises(ConfigError, match=r"ft-ray's key: 'distributed.deepspeed.zero3_init'"):
+        load_config(write_job(tmp_path, distributed={"zero3_init_flag": False}))

@@ -1,7 +1,8 @@
 """The FSDP2 engine without Ray, in one process (a gloo group of one) and for GRPO on two
 spawned ranks (beside ZeRO-3, which shards as FSDP does): the same steps as the DDP engine,
 its checkpoint, and the settings it refuses; 8-bit AdamW under ZeRO; on two spawned ranks, the
-weights read by rank 0 alone (`distributed.fsdp.cpu_ram_efficient_loading`). Two Ray workers: `tests/integration/test_strategies.py`."""
+weights read by rank 0 alone (`distributed.fsdp.cpu_ram_efficient_loading`, ZeRO-3's `zero3_init`). Two Ray
+workers: `tests/integration/test_strategies.py`."""
 
 from __future__ import annotations
 
@@ -362,26 +363,31 @@ def test_offloaded_shards_on_gpus_take_their_collectives_over_gloo_beside_nccl()
     assert process_group_backend(settings()) is None  # Ray's own choice: nccl on GPUs, gloo on CPUs
 
 
-def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
-    """One of two ranks (spawned): a full fine-tune in fp32, LoRA over a bf16 base with gradient
-    checkpointing and its shards offloaded, DPO of a full fine-tune with its inline reference,
-    and LoRA distilled from a teacher (both frozen copies sharded alike), each built with and
-    without `cpu_ram_efficient_loading`: whether this rank's models were empty before sharding,
-    its buffers, and three steps' losses and gradient norms, written to `folder`/<rank>.json."""
+def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> None:
+    """One of two ranks (spawned), under `strategy` (fsdp, zero3): a full fine-tune in fp32, LoRA
+    over a bf16 base with gradient checkpointing (fsdp: its shards offloaded), DPO of a full
+    fine-tune with its inline reference, and LoRA distilled from a teacher (both frozen copies
+    sharded alike), each built with and without fsdp's `cpu_ram_efficient_loading` or ZeRO-3's
+    `zero3_init`: whether each model this rank loaded held no weight whole (empty, or
+    partitioned as it was built), its buffers, and three steps' losses and gradient norms,
+    written to `folder`/<rank>.json."""
     import json
+    import os
     from datetime import timedelta
 
     import ft_ray.models
     from ft_ray.data.formats import CHOSEN, REJECTED
+    from ft_ray.train.flops import flops_per_token
 
     loaded, load = [], ft_ray.models.load_base_model
 
-    def load_and_say(*args, empty: bool = False, **kwargs):  # each model's load: whether it was built empty
+    def load_and_say(*args, empty: bool = False, **kwargs):  # each model's load: whether it holds no weight whole
         built = load(*args, empty=empty, **kwargs)
-        loaded.append(all(p.is_meta for p in built.parameters()))
+        loaded.append(all(p.is_meta or p.numel() < getattr(p, "ds_numel", 0) for p in built.parameters()))
         return built
 
     ft_ray.models.load_base_model = load_and_say
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")  # as Ray Train sets them, for DeepSpeed
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
     torch.manual_seed(0)
@@ -392,15 +398,19 @@ def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
     pairs = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(32).repeat(1, 2),
              "roles": torch.tensor([CHOSEN] * 32 + [REJECTED] * 32)[None]}
     teacher = {"objective": "distill", "distill": {"teacher": "builtin:tiny-llama"}}
-    cases = {"full": ("full", "fp32", {}, plain), "lora": ("lora", "bf16", {"offload": "cpu"}, plain),
+    offload = {"offload": "cpu"} if strategy == "fsdp" else {}
+    cases = {"full": ("full", "fp32", {}, plain), "lora": ("lora", "bf16", offload, plain),
              "dpo": ("full", "fp32", {"objective": "dpo", "reference": "inline"}, pairs),
              "distill": ("lora", "fp32", teacher, plain)}
     seen = {}
     for name, (method, precision, settings, batch) in cases.items():
         for once in (True, False):
-            config = job("fsdp", method, precision, gradient_checkpointing=name == "lora", **settings)
-            config = config.model_copy(update={"distributed": config.distributed.model_copy(update={
-                "fsdp": config.distributed.fsdp.model_copy(update={"cpu_ram_efficient_loading": once})})})
+            config = job("fsdp" if strategy == "fsdp" else "deepspeed", method, precision,
+                         gradient_checkpointing=name == "lora", **settings)
+            flag = ({"fsdp": {"cpu_ram_efficient_loading": once}} if strategy == "fsdp" else
+                    {"deepspeed": {**SHARDED["zero3"]["deepspeed"], "zero3_init": once}})
+            config = config_from_dict({**config.model_dump(mode="json"), "distributed": {
+                **config.distributed.model_dump(mode="json"), **flag}})
             # loaded once, rank 1 draws another LoRA A than rank 0, whose must reach it; else both draw the same
             torch.manual_seed(1 + rank if once else 1)
             loaded.clear()
@@ -410,6 +420,7 @@ def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
             frozen = getattr(objective, "reference", None) or getattr(objective, "teacher", None)
             copies = [model, *([frozen.model] if frozen is not None else [])]
             seen[f"{key} empty"] = list(loaded)
+            seen[f"{key} flops"] = flops_per_token(model, method, 64)  # counted before the engine, as the loop does
             engine = build_engine(model, config, total_steps=10, objective=objective)
             seen[f"{key} buffers"] = [b.tolist() for copy in copies for b in copy.buffers()]
             seen[key] = steps(engine, batch, 3)
@@ -417,22 +428,26 @@ def rank0_loading_steps(rank: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_path, strategy):
     """distributed.fsdp.cpu_ram_efficient_loading (the default): rank 1 builds the model empty
     (meta device) and takes its shards and buffers from rank 0, LoRA's random A included (rank
     1 draws another), and so the frozen copies it shards (DPO's inline reference, a distillation
-    teacher); the three steps of a full fine-tune, offloaded LoRA with gradient checkpointing,
-    DPO and distillation are those of a run whose ranks all load the weights and draw the same A."""
+    teacher); distributed.deepspeed.zero3_init (the default): every rank builds each model
+    partitioned, rank 0 alone reading the weights, and DeepSpeed takes rank 0's A. The three
+    steps of a full fine-tune, LoRA with gradient checkpointing (offloaded under fsdp), DPO and
+    distillation are those of a run whose ranks all load the weights and draw the same A."""
     import json
 
-    torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path)), nprocs=2,
+    torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path), strategy), nprocs=2,
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     for case in ("full", "lora", "dpo", "distill"):
         copies = 2 if case in ("dpo", "distill") else 1
-        assert [seen[f"{case} once empty"] for seen in ranks] == [[False] * copies, [True] * copies], case
+        assert [seen[f"{case} once empty"] for seen in ranks] == [[strategy == "zero3"] * copies, [True] * copies], case
         assert [seen[f"{case} every worker empty"] for seen in ranks] == [[False] * copies] * 2, case
         assert ranks[1][f"{case} once buffers"] == ranks[0][f"{case} once buffers"], case
+        assert ranks[1][f"{case} once flops"] == ranks[0][f"{case} every worker flops"], case
         for seen in ranks:
             torch.testing.assert_close(seen[f"{case} once"], seen[f"{case} every worker"], rtol=1e-6, atol=0,
                                        msg=case)
