@@ -73,7 +73,10 @@ def residual_in_compute_dtype(model: Any, dtype: torch.dtype) -> bool:
     fp32 norm inputs and casts the same normed input once per projection (q, k, v; gate, up),
     keeping each copy for backward. Casting the embedding output makes the stream 16-bit, as
     in a 16-bit model (Megatron-LM's default, `fp32_residual_connection: false`); the final
-    norm gets it back in its weight's dtype, so the loss head sees what it saw before.
+    norm gets it back in its weight's dtype, so the loss head sees what it saw before. Each
+    decoder layer's output is cast too: a mixture of experts' fused expert weights run in
+    fp32 (autocast leaves grouped matmuls alone), and their fp32 output added to the stream
+    made it fp32 again from the first expert layer on.
     Returns whether the model has the (embeddings, decoder with a final `norm`) it needs.
     """
     embeddings = model.get_input_embeddings()
@@ -82,7 +85,9 @@ def residual_in_compute_dtype(model: Any, dtype: torch.dtype) -> bool:
     if embeddings is None or not isinstance(norm, torch.nn.Module):
         return False
 
-    def to_compute(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+    def to_compute(module: Any, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):  # a decoder layer's (hidden states, ...) in some models
+            return (to_compute(module, args, output[0]), *output[1:])
         if not output.is_floating_point() or not torch.is_autocast_enabled(output.device.type):
             return output  # outside autocast the fp32 layers need fp32 inputs
         return output.to(dtype)
@@ -94,6 +99,8 @@ def residual_in_compute_dtype(model: Any, dtype: torch.dtype) -> bool:
         return (args[0].to(weight.dtype), *args[1:])
 
     embeddings.register_forward_hook(to_compute)
+    for layer in getattr(decoder, "layers", None) or ():
+        layer.register_forward_hook(to_compute)
     norm.register_forward_pre_hook(to_norm_dtype)
     return True
 

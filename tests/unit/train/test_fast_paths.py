@@ -115,13 +115,24 @@ def hidden_dtypes_and_saved_bytes(model) -> tuple[set, int, float]:
     return dtypes, sum(saved), loss.item()
 
 
-def test_residual_stream_in_the_compute_dtype_saves_activation_memory():
+@pytest.mark.parametrize("experts", [False, True])
+def test_residual_stream_in_the_compute_dtype_saves_activation_memory(tmp_path, experts):
+    """The built-in Llama, and a tiny Qwen3-MoE (3 layers), whose fp32 expert weights' output
+    made the stream fp32 again from its second layer on before every layer's output was cast
+    (2026-12-07)."""
+    from tests.conftest import tiny_moe
+
+    model = tiny_moe(tmp_path / "moe", num_hidden_layers=3).name_or_path if experts else "builtin:tiny-llama"
+
+    def built(config):
+        return build_model(config.model_copy(update={"model": config.model.model_copy(update={
+            "name_or_path": model})}), model)
+
     torch.manual_seed(0)
     fp32_dtypes, fp32_bytes, fp32_loss = hidden_dtypes_and_saved_bytes(
-        build_model(job("full", precision="bf16", fp32_residual=True), "builtin:tiny-llama"))
+        built(job("full", precision="bf16", fp32_residual=True)))
     torch.manual_seed(0)
-    dtypes, saved_bytes, loss = hidden_dtypes_and_saved_bytes(
-        build_model(job("full", precision="bf16"), "builtin:tiny-llama"))
+    dtypes, saved_bytes, loss = hidden_dtypes_and_saved_bytes(built(job("full", precision="bf16")))
     assert fp32_dtypes == {torch.float32} and dtypes == {torch.bfloat16}
     print(f"saved activations: {saved_bytes / fp32_bytes:.2f} of the fp32 residual's")
     assert saved_bytes < 0.93 * fp32_bytes  # 0.89 with the tiny model's plain RMSNorm; liger's saves more
