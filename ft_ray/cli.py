@@ -386,13 +386,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The job's per-worker memory plan; exit 2 when it does not fit `--gpu-memory`."""
-    from ft_ray.plan import (ACTIVATION_MARGIN, as_json, describe, describe_time, model_shape, plan_time, suggestions,
-                             teacher_pass, train_tokens, worst_case)
+    from ft_ray.plan import (ACTIVATION_MARGIN, as_json, describe, describe_loading, describe_time, loading_memory,
+                             model_shape, plan_time, suggestions, teacher_pass, train_tokens, worst_case)
 
     config = load_job(args)
     shape, origin = model_shape(config)
     job, plan = worst_case(config, shape)
     ahead = teacher_pass(job)  # a distill job's teacher run before training, on model actors
+    loading = loading_memory(job, shape)
     gpu_mib = args.gpu_memory * 1e9 / 2 ** 20 if args.gpu_memory else None
     gpu_name = f"a {args.gpu_memory:g} GB GPU" if args.gpu_memory else ""
     if gpu_mib is None and job.distributed.use_gpu and os.environ.get("RAY_ADDRESS"):
@@ -415,11 +416,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         copied = {"model_copy_bytes": model_copy_bytes(config.model.name_or_path, config.storage)} if stored else {}
         teacher = {"teacher_pass_peak_mib": round(ahead.peak_mib),
                    "teacher_pass_fits": None if gpu_mib is None else ahead.fits(gpu_mib)} if ahead else {}
-        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time, **copied, **teacher}))
+        loads = None if loading is None else {"rank0": round(loading.rank0_mib),
+                                              "other_workers": round(loading.others_mib), "how": loading.how}
+        print(json.dumps({**as_json(job, plan, gpu_mib, fixes), "time": time, **copied, **teacher,
+                          "loading_mib": loads}))
     else:
         if job is not config:
             print("sweep: the trial with the most memory over the search space's edges")
         print(describe(job, plan))
+        if loading:
+            print(describe_loading(loading))
         on_cpu = [*([f"a mixture of experts' layers ({shape.experts} experts, {shape.experts_per_token} per token)"]
                     if shape.experts else []), *(["latent attention"] if shape.kv_rank else [])]
         checked = f"; {' and '.join(on_cpu)} checked on CPU only" if on_cpu else ""

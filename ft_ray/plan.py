@@ -789,6 +789,58 @@ PART_NAMES = {"weights": "weights", "weight_copies": "16-bit weight copies (auto
               "cuda_context": "CUDA context (allowance)"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """The CPU memory a worker's models take while it loads them (MiB): rank 0's, each other
+    worker's, and why. The checkpoint's pages, mapped from disk, come beside (shared by a
+    node's workers)."""
+
+    rank0_mib: float
+    others_mib: float
+    how: str
+
+
+def loading_memory(config: JobConfig, shape: Shape) -> Loading | None:
+    """What a worker holds in CPU memory at most while it loads the trained model, an inline
+    reference that is a copy of it and a distillation teacher (loaded one after the other and
+    held until the engine moves them): whole on every worker, whole on rank 0 alone (fsdp's
+    `cpu_ram_efficient_loading`), or a partition each (ZeRO-3's `zero3_init`), the partitions and
+    shards on the GPU but on CPU jobs and with offload. None for QLoRA, whose weights are
+    quantized on the GPU as they load."""
+    if config.method == "qlora":
+        return None
+    dist, train = config.distributed, config.train
+    compute = 4 if train.precision == "fp32" else 2
+    load = 4 if config.method == "full" else compute  # a full fine-tune's weights load in fp32
+    inline_copy = config.method == "full" and ((config.objective in ("dpo", "kto") and not config.precomputes_reference)
+                                               or (config.objective == "grpo" and config.grpo.beta > 0))
+    params = shape.params * (2 if inline_copy else 1)  # the trained model and an inline reference, a copy of it
+    teacher = None if config.precomputes_teacher else teacher_shape(config)
+    teacher_params = teacher.params if teacher else 0  # in the compute dtype
+    copies = params * load + teacher_params * compute
+    workers = dist.min_workers
+    on_cpu = not dist.use_gpu
+    if config.partitions_at_load:  # built partitioned in DeepSpeed's dtype: the compute dtype
+        held = (params + teacher_params) * compute / workers
+        held = held if on_cpu or dist.deepspeed.offload_params == "cpu" else 0
+        return Loading(held / MIB, held / MIB, "each model built partitioned" + ("" if held else " on the GPUs")
+                       + ", rank 0 alone reading the weights (distributed.deepspeed.zero3_init)")
+    if config.loads_on_rank0:
+        shard = copies / workers if on_cpu or dist.fsdp.offload == "cpu" else 0
+        return Loading(copies / MIB, shard / MIB, "rank 0 alone reads the weights, the others build the model empty "
+                       "and take their shards" + ("" if shard else " on the GPU")
+                       + " (distributed.fsdp.cpu_ram_efficient_loading)")
+    return Loading(copies / MIB, copies / MIB,
+                   f"every worker reads the weights whole, in {'fp32' if load == 4 else train.precision}")
+
+
+def describe_loading(loading: Loading) -> str:
+    others = (f"each worker {loading.rank0_mib / 1024:,.1f} GiB" if loading.rank0_mib == loading.others_mib else
+              f"rank 0 {loading.rank0_mib / 1024:,.1f} GiB, each other worker {loading.others_mib / 1024:,.1f} GiB")
+    return (f"CPU memory while loading: {others}: {loading.how}; plus the checkpoint's pages, mapped from disk "
+            "(shared by a node's workers)")
+
+
 def describe(config: JobConfig, plan: Plan) -> str:
     """The plan as a table, one part per line."""
     dist = config.distributed

@@ -672,3 +672,43 @@ def test_latent_attention_is_planned_from_its_latents(tmp_path):
         planned = activation_bytes(trained, shape, 2) / shape.layers
         planned += plan_memory(trained, shape).parts.get("expert_weight_copies", 0) * MIB / 256 / shape.layers
         assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2), targets
+
+
+def test_cpu_memory_while_loading_is_the_whole_model_rank_0_s_or_a_partition(tmp_path, capsys):
+    """What each worker holds in CPU memory while it loads (Llama 3 8B, 4 workers): the whole
+    model in its load dtype on every worker (fp32 for a full fine-tune, DPO's inline copy
+    beside it), on rank 0 alone under fsdp's cpu_ram_efficient_loading (the others' shards on
+    the GPU, or in CPU memory with offload), a partition in the compute dtype each under ZeRO-3's
+    zero3_init (on the GPU unless the parameters are offloaded); nothing said for QLoRA."""
+    from ft_ray.plan import loading_memory
+
+    shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
+    gib = shape.params / 2 ** 30
+
+    def loading(**sections):
+        plan = loading_memory(job(distributed={"num_workers": 4, "use_gpu": True, **sections.pop("distributed", {})},
+                                  train={"precision": "bf16"}, **sections), shape)
+        return None if plan is None else (round(plan.rank0_mib / 1024, 2), round(plan.others_mib / 1024, 2))
+
+    assert loading(method="full") == (round(4 * gib, 2),) * 2
+    assert loading(method="lora") == (round(2 * gib, 2),) * 2
+    assert loading(method="full", objective="dpo", preference={"reference": "inline"}) == (round(8 * gib, 2),) * 2
+    assert loading(method="full", distributed={"strategy": "fsdp"}) == (round(4 * gib, 2), 0)
+    assert loading(method="full", distributed={"strategy": "fsdp", "fsdp": {"offload": "cpu"}}) == (
+        round(4 * gib, 2), round(gib, 2))
+    zero3 = {"strategy": "deepspeed", "deepspeed": {"stage": 3}}
+    assert loading(method="full", distributed=zero3) == (0, 0)
+    assert loading(method="full", distributed={**zero3, "deepspeed": {"stage": 3, "offload_params": "cpu"}}) == (
+        round(gib / 2, 2),) * 2  # bf16 partitions of a quarter each
+    assert loading(method="full", distributed={**zero3, "deepspeed": {"stage": 3, "zero3_init": False}}) == (
+        round(4 * gib, 2),) * 2
+    assert loading(method="qlora") is None
+
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps({"data": {"train": "unused.jsonl"}, "method": "full",
+                                "distributed": {"num_workers": 2, "strategy": "fsdp"}}))
+    main(["plan", str(path)])
+    assert re.search(r"CPU memory while loading: rank 0 [\d.]+ GiB, each other worker [\d.]+ GiB: rank 0 alone reads",
+                     capsys.readouterr().out)
+    main(["plan", str(path), "--json"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["loading_mib"]["how"].startswith("rank 0 alone")
