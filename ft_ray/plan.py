@@ -648,15 +648,16 @@ def layer_activation_bytes(config: JobConfig, shape: Shape, compute: int) -> flo
     residual = 4 if config.train.fp32_residual else compute
     attention = (2 * h * residual + (shape.q_width + shape.k_width + shape.v_width + shape.out_width) * compute
                  + 4 * shape.heads)  # norm in/out, q k v, out, lse
-    if shape.kv_rank:  # the kernel's v and output padded to q's width (`attention.packed_sdpa`); o_proj's input cut back
-        attention += (2 * shape.q_width - shape.v_width) * compute
     full = config.method == "full"
     if shape.qk_norm:  # q's and k's norms keep their fp32 input, and their output where their weights train
         attention += (shape.q_width + shape.k_width) * (4 + (compute if full else 0))
-    if shape.kv_rank:  # the latents' norms keep their fp32 input, and their output where the next layer trains
+    if shape.kv_rank:
+        # the kernel's v and output padded to q's width (`attention.packed_sdpa`), o_proj's input cut back; the
+        # latents' norms keep their fp32 input, and their output where the layer after them trains
         adapted = adapted_linears(config, shape)
-        attention += sum(width * (4 + (compute if full or following in adapted else 0))
-                         for width, following in ((shape.q_rank, "q_b_proj"), (shape.kv_rank, "kv_b_proj")))
+        attention += (2 * shape.q_width - shape.v_width) * compute + sum(
+            width * (4 + (compute if full or following in adapted else 0))
+            for width, following in ((shape.q_rank, "q_b_proj"), (shape.kv_rank, "kv_b_proj")))
     # gate and up; the product act(gate) * up unless recomputed (full fine-tunes, fast_paths), and
     # act(gate) too unless liger's SwiGLU (or the recomputing forward) takes the product at once
     mlp = 2 * h * residual + (2 * i + (0 if config.recomputes_swiglu else i if fused(config) else 2 * i)) * compute

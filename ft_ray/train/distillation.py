@@ -506,12 +506,13 @@ def load_teacher(config: JobConfig, device: torch.device, sharded: bool = False)
     it is loaded on the CPU first, so no worker holds it whole on its GPU (a QLoRA teacher's
     4-bit weights are quantized there first, as the student's), and where the job loads on
     rank 0 (`JobConfig.loads_on_rank0`) rank 0 alone reads its weights, the others building it
-    empty (`fsdp_engine.builds_empty`) for their shards of rank 0's; under ZeRO-3 DeepSpeed's
-    engine (`preference.sharded_for_inference`, as the inline reference) moves it whole to the
-    GPU before it partitions it."""
+    empty (`fsdp_engine.builds_empty`) for their shards of rank 0's; under ZeRO-3 it is built
+    partitioned, rank 0 alone reading its weights (`JobConfig.partitions_at_load`), else
+    DeepSpeed's engine (`preference.sharded_for_inference`, as the inline reference's) moves it
+    whole to the GPU before it partitions it."""
     from ft_ray.models import load_base_model, load_quantized_model
-    from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.deepspeed_engine import partitioned_at_load
+    from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.fsdp_engine import builds_empty
 
     if config.method == "qlora":

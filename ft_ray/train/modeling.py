@@ -44,7 +44,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     def rows_to_train() -> list[int]:  # token rows an adapter run trains: those the base never trained, added ones
         return sorted({*mend_untrained_tokens(model, config.model), *added_token_ids(config.model)})
 
-    if weights_from_rank0(config):  # what rank 0 finds in the weights and by running the model, which an empty one cannot
+    if weights_from_rank0(config):  # what rank 0 finds in the weights and by a forward, which an empty model cannot
         tokens, plain_logits = rank0_answer(lambda: (rows_to_train(), config.uses_fast_paths and head_gives_logits(model)))
     else:
         tokens, plain_logits = rows_to_train(), None  # plain_logits: found out by chunked_lm_head

@@ -299,10 +299,11 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     base's dtype for LoRA, with the adapter of `model.adapter`, per-example attention; its
     log-probs from the head in chunks unless `train.fused_kernels: none` or not `chunked_head`), on `device`.
     `sharded` (fsdp): left on the CPU for `shard_model`, and built empty on the workers that
-    take its weights from rank 0 (`fsdp_engine.builds_empty`)."""
+    take its weights from rank 0 (`fsdp_engine.builds_empty`). Under ZeRO-3 built partitioned
+    where the job does so (`JobConfig.partitions_at_load`)."""
     from ft_ray.models import continue_adapter, load_base_model, load_quantized_model, mend_untrained_tokens
-    from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.deepspeed_engine import partitioned_at_load
+    from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
 
     if config.method == "qlora":

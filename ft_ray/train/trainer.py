@@ -244,8 +244,8 @@ def sigint_kept() -> Iterator[None]:
 def _strategy(config: JobConfig) -> str:
     dist = config.distributed
     if dist.strategy == "deepspeed":
-        return f"DeepSpeed ZeRO-{dist.deepspeed.stage}" + (" (rank 0 reads the weights)" if config.partitions_at_load
-                                                          else "")
+        loads = " (rank 0 reads the weights)" if config.partitions_at_load else ""
+        return f"DeepSpeed ZeRO-{dist.deepspeed.stage}{loads}"
     if dist.strategy == "fsdp":
         return "FSDP2 (rank 0 reads the weights)" if config.loads_on_rank0 else "FSDP2"
     return "DDP"

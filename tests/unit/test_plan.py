@@ -549,7 +549,7 @@ def test_a_mixture_of_experts_counts_its_experts_weights_adapters_and_what_they_
         assert saved_for_backward(trained, 256) == pytest.approx(planned, rel=0.2)
 
     AutoConfig.for_model("deepseek_v32", n_routed_experts=4, kv_lora_rank=16).save_pretrained(tmp_path / "sparse")
-    with pytest.raises(InputError, match=r"has latent attention \(kv_lora_rank\) of a kind it does not know \(deepseek_v32"):
+    with pytest.raises(InputError, match=r"latent attention \(kv_lora_rank\) of a kind it does not know \(deepseek_v32"):
         model_shape(job(model={"name_or_path": str(tmp_path / "sparse")}))
 
 
