@@ -319,6 +319,7 @@ class Plan:
     workers: int
     tokens_per_micro_batch: int
     offloaded_mib: float = 0.0  # what the worker keeps in CPU memory instead (DeepSpeed's and FSDP's offload)
+    startup_mib: float = 0.0  # ZeRO-3 on a model not built partitioned: the whole model on the GPU as it starts
 
     @property
     def allocated_mib(self) -> float:
@@ -327,7 +328,7 @@ class Plan:
 
     @property
     def peak_mib(self) -> float:
-        return sum(self.parts.values())
+        return max(sum(self.parts.values()), self.startup_mib)
 
     def fits(self, gpu_mib: float) -> bool:
         return self.peak_mib <= gpu_mib
@@ -548,7 +549,18 @@ def plan_memory(config: JobConfig, shape: Shape) -> Plan:
     parts = {k: v / MIB for k, v in parts.items()}
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_context"] = CUDA_CONTEXT_MIB if dist.use_gpu else 0
-    return Plan(parts, workers, tokens, offloaded / MIB)
+    return Plan(parts, workers, tokens, offloaded / MIB, startup_mib(config, shape))
+
+
+def startup_mib(config: JobConfig, shape: Shape) -> float:
+    """A ZeRO-3 job on GPUs whose model is not built partitioned (`JobConfig.partitions_at_load`):
+    DeepSpeed's engine moves the whole model to each GPU (in its 16-bit dtype but for fp32
+    runs; QLoRA's 4-bit layers are there whole from their load) before it partitions it; 0 else."""
+    if not (config.zero3 and config.distributed.use_gpu) or config.partitions_at_load:
+        return 0.0
+    compute = 4 if config.train.precision == "fp32" else 2
+    whole = quantized_bytes(config, shape) if config.method == "qlora" else compute * shape.params
+    return whole / MIB + CUDA_CONTEXT_MIB
 
 
 def gathered_bytes(config: JobConfig, shape: Shape, compute: int) -> float:
@@ -853,6 +865,14 @@ def describe(config: JobConfig, plan: Plan) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"plan for {config.run_name} ({how}), per worker:"]
     lines += [f"  {name:<{width}}  {value:>10,.0f} MiB" for name, value in rows]
+    if plan.startup_mib:
+        why = ("QLoRA's 4-bit layers load whole" if config.method == "qlora" else
+               "distributed.deepspeed.zero3_init: false" if not dist.deepspeed.zero3_init else
+               "not built partitioned with model.adapter, a lora.init from the weights, lora.modules_to_save, a "
+               "reward model or model.add_tokens")
+        lines.append(f"  at the start, before ZeRO-3 partitions it, the whole model on each GPU: "
+                     f"{plan.startup_mib:,.0f} MiB" + (" (the peak)" if plan.startup_mib > sum(plan.parts.values()) else "")
+                     + f" ({why})")
     if plan.offloaded_mib:
         lines.append(f"  and in CPU memory (offload): {plan.offloaded_mib:,.0f} MiB per worker, "
                      f"{plan.offloaded_mib * plan.workers / 1024:,.1f} GiB for the {plan.workers} worker(s)")
@@ -890,6 +910,7 @@ def as_json(config: JobConfig, plan: Plan, gpu_mib: float | None, fixes: list[tu
     return {"run_name": config.run_name, "peak_mib": round(plan.peak_mib), "allocated_mib": round(plan.allocated_mib),
             "parts_mib": {k: round(v, 1) for k, v in plan.parts.items()}, "workers": plan.workers,
             "tokens_per_micro_batch": plan.tokens_per_micro_batch, "offloaded_mib": round(plan.offloaded_mib),
+            "startup_mib": round(plan.startup_mib),
             "gpu_mib": gpu_mib,
             "fits": None if gpu_mib is None else plan.fits(gpu_mib),
             "suggestions": [{"settings": s, "peak_mib": round(p.peak_mib)} for s, p in fixes]}

@@ -264,6 +264,21 @@ def test_zero_stages_shard_and_offload_what_they_say():
     offloaded = plan_memory(job(**{**full, "distributed": {**full["distributed"], "deepspeed": {
         "stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}}}), shape)
     assert offloaded.parts["optimizer_states"] == offloaded.parts["master_weights"] == offloaded.parts["weights"] == 0
+    # built partitioned (distributed.deepspeed.zero3_init); else DeepSpeed moves the whole model, in bf16, to each
+    # GPU before it partitions it: the peak as the job starts (QLoRA's 4-bit model is whole there from its load)
+    assert stage[3].startup_mib == 0 and stage[3].peak_mib == sum(stage[3].parts.values())
+    whole = plan_memory(job(**{**full, "distributed": {**full["distributed"], "deepspeed": {
+        "stage": 3, "zero3_init": False}}}), shape)
+    assert whole.startup_mib == pytest.approx(2 * n / MIB + 600)
+    assert "ZeRO-3 partitions it, the whole model on each GPU: 15,917 MiB (distributed.deepspeed.zero3_init: false)" in (
+        describe(job(**{**full, "distributed": {**full["distributed"], "deepspeed": {"stage": 3, "zero3_init": False}}}),
+                 whole))
+    qlora = plan_memory(job(**{**full, "method": "qlora", "quantization": {"quant_storage": "bfloat16"},
+                               "distributed": {**full["distributed"], "deepspeed": {"stage": 3}}}), shape)
+    assert qlora.startup_mib == pytest.approx(qlora.parts["base_weights"] * 4 + 600)
+    small = plan_memory(job(**{**full, "distributed": {**full["distributed"], "num_workers": 16, "deepspeed": {
+        "stage": 3, "zero3_init": False}}, "train": {"precision": "bf16", "micro_batch_size": 1}}), shape)
+    assert small.peak_mib == small.startup_mib > sum(small.parts.values())  # 16 workers' shards: the start is the peak
 
 
 def test_fsdp_shards_weights_gradients_and_states_and_holds_the_layers_it_gathers():
