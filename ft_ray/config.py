@@ -250,8 +250,8 @@ class DeepSpeedConfig(Section):
         "stage 3: each model is built partitioned across the workers (deepspeed.zero.Init, as transformers loads "
         "under DeepSpeed) and rank 0 alone reads its weights, so a worker holds its shard while it loads, not the "
         "whole model (Accelerate's zero3_init_flag). Not for qlora, model.adapter, a lora.init from the weights "
-        "(pissa, olora, orthogonal), lora.modules_to_save, a reward model or model.add_tokens: those load whole on "
-        "every worker"))
+        "(pissa, olora, orthogonal), lora.modules_to_save, LoRA with new_tokens: whole, or a reward model: those "
+        "load whole on every worker"))
     config_override: dict[str, Any] = Field(default_factory=dict, description=(
         "raw DeepSpeed keys merged over the generated config, for experts"))
 
@@ -706,12 +706,13 @@ class JobConfig(Section):
     def partitions_at_load(self) -> bool:
         """`distributed.deepspeed.zero3_init` applies: a ZeRO-3 job whose models are built
         partitioned, rank 0 alone reading their weights (`deepspeed_engine.partitioned_at_load`);
-        not where a module trains whole beside LoRA (`lora.modules_to_save`), which PEFT copies
-        from the weights, for a reward model (its new score head) nor where `model.add_tokens`
-        grows the vocabulary (neither tried partitioned)."""
-        whole = (self.trains_adapter and bool(self.lora.modules_to_save)) or self.scores
+        not where a module trains whole beside LoRA (`lora.modules_to_save`, added tokens'
+        `new_tokens: whole`), which PEFT copies from the weights, nor for a reward model (its new
+        score head: not tried partitioned)."""
+        whole = self.trains_adapter and bool(self.lora.modules_to_save or (
+            self.model.add_tokens and self.model.new_tokens == "whole"))
         return (self.zero3 and self.distributed.deepspeed.zero3_init and self._rank0_can_read and not whole
-                and not self.model.add_tokens)
+                and not self.scores)
 
     @property
     def _rank0_can_read(self) -> bool:

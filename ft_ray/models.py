@@ -354,11 +354,19 @@ def chat_template_text(template: str) -> str:
 
 def fit_vocabulary(model: Any, config: ModelConfig) -> Any:
     """Grow the model's embeddings (and output layer) to a tokenizer with `model.add_tokens`;
-    the new rows start at the mean of the old ones (transformers' mean resizing)."""
+    the new rows start at the mean of the old ones (transformers' mean resizing, which draws
+    them about it). A model ZeRO-3 built partitioned gets them whole, drawn on each worker:
+    rank 0's on all, as its engine partitions them."""
     if config.add_tokens:
         size = len(load_tokenizer(config))
         if model.get_input_embeddings().num_embeddings < size:
             model.resize_token_embeddings(size)
+            if any(hasattr(p, "ds_id") for p in model.parameters()):
+                from ft_ray.train.collectives import broadcast_tensor_
+
+                for weight in token_matrices(model):
+                    if not hasattr(weight, "ds_id"):  # grown whole (a partition is each worker's own)
+                        broadcast_tensor_(weight)
     return model
 
 

@@ -868,8 +868,8 @@ def describe(config: JobConfig, plan: Plan) -> str:
     if plan.startup_mib:
         why = ("QLoRA's 4-bit layers load whole" if config.method == "qlora" else
                "distributed.deepspeed.zero3_init: false" if not dist.deepspeed.zero3_init else
-               "not built partitioned with model.adapter, a lora.init from the weights, lora.modules_to_save, a "
-               "reward model or model.add_tokens")
+               "not built partitioned with model.adapter, a lora.init from the weights, lora.modules_to_save, "
+               "new_tokens: whole or a reward model")
         lines.append(f"  at the start, before ZeRO-3 partitions it, the whole model on each GPU: "
                      f"{plan.startup_mib:,.0f} MiB" + (" (the peak)" if plan.startup_mib > sum(plan.parts.values()) else "")
                      + f" ({why})")

@@ -34,6 +34,20 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def broadcast_tensor_(tensor: torch.Tensor) -> None:
+    """Rank 0's values written into `tensor` on every rank (a collective; over NCCL through
+    the GPU)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    sent = tensor.detach().to(device)
+    dist.broadcast(sent, src=0)
+    if sent is not tensor:
+        tensor.data.copy_(sent)
+
+
 def broadcast(value: Any) -> Any:
     """Rank 0's value on every rank (a collective)."""
     import torch.distributed as dist

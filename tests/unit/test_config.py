@@ -249,7 +249,8 @@ def test_local_model_folders_are_made_absolute_for_the_workers(tmp_path, monkeyp
     ({"method": "lora", "objective": "reward_model"}, False, True),  # its new score head
     ({"objective": "reward_model"}, False, True),
     ({"method": "lora", "model": {"add_tokens": ["<x>"], "new_tokens": "whole"}}, False, True),
-    ({"method": "lora", "model": {"add_tokens": ["<x>"], "new_tokens": "rows"}}, False, True),
+    ({"method": "lora", "model": {"add_tokens": ["<x>"], "new_tokens": "rows"}}, True, True),
+    ({"model": {"add_tokens": ["<x>"], "new_tokens": "whole"}}, True, True),  # a full fine-tune trains them anyway
 ])
 def test_sharded_jobs_read_the_weights_on_rank0_where_no_worker_needs_them_whole(settings, zero3, fsdp):
     """distributed.deepspeed.zero3_init (Accelerate's zero3_init_flag): the models of a ZeRO-3

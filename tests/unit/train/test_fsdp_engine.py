@@ -368,7 +368,7 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
     over a bf16 base with gradient checkpointing (fsdp: its shards offloaded), DPO of a full
     fine-tune with its inline reference, and LoRA distilled from a teacher (both frozen copies
     sharded alike), each built with and without fsdp's `cpu_ram_efficient_loading` or ZeRO-3's
-    `zero3_init`: whether each model this rank loaded held no weight whole (empty, or
+    `zero3_init`: the weights each model this rank loaded held whole (not empty, nor
     partitioned as it was built), its buffers, and three steps' losses and gradient norms,
     written to `folder`/<rank>.json."""
     import json
@@ -381,9 +381,9 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
 
     loaded, load = [], ft_ray.models.load_base_model
 
-    def load_and_say(*args, empty: bool = False, **kwargs):  # each model's load: whether it holds no weight whole
+    def load_and_say(*args, empty: bool = False, **kwargs):  # each model's load: the weights it holds whole
         built = load(*args, empty=empty, **kwargs)
-        loaded.append(all(p.is_meta or p.numel() < getattr(p, "ds_numel", 0) for p in built.parameters()))
+        loaded.append([n for n, p in built.named_parameters() if not (p.is_meta or p.numel() < getattr(p, "ds_numel", 0))])
         return built
 
     ft_ray.models.load_base_model = load_and_say
@@ -402,6 +402,10 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
     cases = {"full": ("full", "fp32", {}, plain), "lora": ("lora", "bf16", offload, plain),
              "dpo": ("full", "fp32", {"objective": "dpo", "reference": "inline"}, pairs),
              "distill": ("lora", "fp32", teacher, plain)}
+    if strategy == "zero3":  # 60 tokens added: the vocabulary grows past the 768 rows; one of them in the batch
+        added = ids.clone()
+        added[0, 5] = 770
+        cases["tokens"] = ("lora", "bf16", {}, {**plain, "input_ids": added, "labels": added})
     seen = {}
     for name, (method, precision, settings, batch) in cases.items():
         for once in (True, False):
@@ -409,8 +413,10 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
                          gradient_checkpointing=name == "lora", **settings)
             flag = ({"fsdp": {"cpu_ram_efficient_loading": once}} if strategy == "fsdp" else
                     {"deepspeed": {**SHARDED["zero3"]["deepspeed"], "zero3_init": once}})
+            tokens = {"add_tokens": [f"<|added_{i}|>" for i in range(60)]} if name == "tokens" else {}
             config = config_from_dict({**config.model_dump(mode="json"), "distributed": {
-                **config.distributed.model_dump(mode="json"), **flag}})
+                **config.distributed.model_dump(mode="json"), **flag}, "model": {
+                **config.model.model_dump(mode="json"), **tokens}})
             # loaded once, rank 1 draws another LoRA A than rank 0, whose must reach it; else both draw the same
             torch.manual_seed(1 + rank if once else 1)
             loaded.clear()
@@ -419,7 +425,7 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
             objective = build_objective(config, model)  # a frozen copy is loaded and sharded here
             frozen = getattr(objective, "reference", None) or getattr(objective, "teacher", None)
             copies = [model, *([frozen.model] if frozen is not None else [])]
-            seen[f"{key} empty"] = list(loaded)
+            seen[f"{key} whole"] = list(loaded)
             seen[f"{key} flops"] = flops_per_token(model, method, 64)  # counted before the engine, as the loop does
             engine = build_engine(model, config, total_steps=10, objective=objective)
             seen[f"{key} buffers"] = [b.tolist() for copy in copies for b in copy.buffers()]
@@ -435,17 +441,21 @@ def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_pa
     1 draws another), and so the frozen copies it shards (DPO's inline reference, a distillation
     teacher); distributed.deepspeed.zero3_init (the default): every rank builds each model
     partitioned, rank 0 alone reading the weights, and DeepSpeed takes rank 0's A. The three
-    steps of a full fine-tune, LoRA with gradient checkpointing (offloaded under fsdp), DPO and
-    distillation are those of a run whose ranks all load the weights and draw the same A."""
+    steps of a full fine-tune, LoRA with gradient checkpointing (offloaded under fsdp), DPO,
+    distillation and (ZeRO-3) LoRA with 60 added tokens (the partitioned embeddings grown, their
+    rows trained) are those of a run whose ranks all load the weights and draw the same A."""
     import json
 
     torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path), strategy), nprocs=2,
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
-    for case in ("full", "lora", "dpo", "distill"):
+    for case in ("full", "lora", "dpo", "distill", *(["tokens"] if strategy == "zero3" else [])):
         copies = 2 if case in ("dpo", "distill") else 1
-        assert [seen[f"{case} once empty"] for seen in ranks] == [[strategy == "zero3"] * copies, [True] * copies], case
-        assert [seen[f"{case} every worker empty"] for seen in ranks] == [[False] * copies] * 2, case
+        # the vocabulary grown, the new embeddings and output layer are whole until DeepSpeed partitions them
+        grown = ["model.embed_tokens.weight", "lm_head.weight"] if case == "tokens" else []
+        once, every = ([seen[f"{case} {how} whole"] for seen in ranks] for how in ("once", "every worker"))
+        assert once[1] == [grown] * copies and all(every[0]) and all(every[1]) and every[0] == every[1], case
+        assert once[0] == (once[1] if strategy == "zero3" else every[0]), case
         assert ranks[1][f"{case} once buffers"] == ranks[0][f"{case} once buffers"], case
         assert ranks[1][f"{case} once flops"] == ranks[0][f"{case} every worker flops"], case
         for seen in ranks:
