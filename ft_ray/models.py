@@ -361,11 +361,11 @@ def fit_vocabulary(model: Any, config: ModelConfig) -> Any:
         size = len(load_tokenizer(config))
         if model.get_input_embeddings().num_embeddings < size:
             model.resize_token_embeddings(size)
-            if any(hasattr(p, "ds_id") for p in model.parameters()):
+            if built_partitioned(model):
                 from ft_ray.train.collectives import broadcast_tensor_
 
                 for weight in token_matrices(model):
-                    if not hasattr(weight, "ds_id"):  # grown whole (a partition is each worker's own)
+                    if not partitioned(weight):  # grown whole (a partition is each worker's own)
                         broadcast_tensor_(weight)
     return model
 
@@ -401,19 +401,29 @@ def token_matrices(model: Any) -> list[Any]:
     return [embeddings] + ([output.weight] if output is not None and output.weight is not embeddings else [])
 
 
+def partitioned(weight: Any) -> bool:
+    """Whether ZeRO-3 holds `weight` partitioned (built under `deepspeed.zero.Init`, or by its engine)."""
+    return hasattr(weight, "ds_id")
+
+
+def built_partitioned(model: Any) -> bool:
+    """Whether ZeRO-3 partitioned `model` as it was built (`deepspeed_engine.partitioned_at_load`)."""
+    return any(partitioned(p) for p in model.parameters())
+
+
 @contextlib.contextmanager
 def gathered_if_partitioned(weights: list[Any], modifier_rank: int | None = None) -> Iterator[None]:
     """Those of `weights` that ZeRO-3 partitioned as the model was built (`deepspeed_engine.
     partitioned_at_load`) gathered whole on every worker for the block, then partitioned
     again from `modifier_rank`'s values (None: unchanged); the others as they are. A
     collective where any is partitioned."""
-    partitioned = [w for w in weights if hasattr(w, "ds_id")]
-    if not partitioned:
+    parts = [w for w in weights if partitioned(w)]
+    if not parts:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=modifier_rank):
         yield
 
 

@@ -42,9 +42,9 @@ def broadcast_tensor_(tensor: torch.Tensor) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
-    sent = tensor.detach().to(device)
+    sent = tensor.data.to(device)  # the tensor itself where it is on that device
     dist.broadcast(sent, src=0)
-    if sent is not tensor:
+    if sent.data_ptr() != tensor.data_ptr():
         tensor.data.copy_(sent)
 
 

@@ -123,10 +123,12 @@ def cast_added_weights(model: Any, dtype: torch.dtype | None) -> None:
     already, and DeepSpeed casts none of it, as it casts every weight of a model it partitions
     itself: the weights added after (LoRA's, in fp32) are cast here alike. fp32 runs (`dtype`
     None) and whole models are left as they are."""
-    if dtype is None or not any(hasattr(p, "ds_id") for p in model.parameters()):
+    from ft_ray.models import built_partitioned, partitioned
+
+    if dtype is None or not built_partitioned(model):
         return
     for parameter in model.parameters():
-        if not hasattr(parameter, "ds_id") and parameter.is_floating_point():
+        if not partitioned(parameter) and parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
 
 
