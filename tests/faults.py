@@ -85,11 +85,16 @@ def in_background(action) -> tuple[threading.Thread, list]:
 
 
 def ray_actor_processes(*classes: str) -> list[psutil.Process]:
-    """The processes of Ray actors of these classes on this machine (Ray titles an actor's
-    process `ray::<class>`): training workers, Train controllers, sweep trials."""
+    """The processes of Ray actors of these classes started beneath this test process: the
+    session's local Ray, or a Ray a subprocess started (Ray titles an actor's process
+    `ray::<class>`): training workers, Train controllers, sweep trials. Another test run or
+    bench on the same machine is none of its business."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
+    for process in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(process.cmdline())
+        except psutil.Error:  # ended since it was listed
+            continue
         if any(f"ray::{name}" in cmdline for name in classes):
             found.append(process)
     return found
