@@ -249,9 +249,7 @@ class DeepSpeedConfig(Section):
     zero3_init: bool = Field(True, description=(
         "stage 3: each model is built partitioned across the workers (deepspeed.zero.Init, as transformers loads "
         "under DeepSpeed) and rank 0 alone reads its weights, so a worker holds its shard while it loads, not the "
-        "whole model (Accelerate's zero3_init_flag). Not for qlora, model.adapter, a lora.init from the weights "
-        "(pissa, olora, orthogonal), lora.modules_to_save, LoRA with new_tokens: whole, or a reward model: those "
-        "load whole on every worker"))
+        "whole model (Accelerate's zero3_init_flag). Not for qlora (its 4-bit layers load whole on every worker)"))
     config_override: dict[str, Any] = Field(default_factory=dict, description=(
         "raw DeepSpeed keys merged over the generated config, for experts"))
 
@@ -698,29 +696,22 @@ class JobConfig(Section):
     @property
     def loads_on_rank0(self) -> bool:
         """`distributed.fsdp.cpu_ram_efficient_loading` applies: an fsdp job whose model the
-        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`)."""
+        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`): not
+        under QLoRA's 4-bit layers, an adapter loaded onto the base, nor LoRA initialised from
+        the weights (each needs the weights on every worker)."""
         dist = self.distributed
-        return dist.strategy == "fsdp" and dist.fsdp.cpu_ram_efficient_loading and self._rank0_can_read
+        return (dist.strategy == "fsdp" and dist.fsdp.cpu_ram_efficient_loading and self.method != "qlora"
+                and not self.model.adapter and (self.method == "full" or self.lora.init in ("default", "gaussian")))
 
     @property
     def partitions_at_load(self) -> bool:
         """`distributed.deepspeed.zero3_init` applies: a ZeRO-3 job whose models are built
-        partitioned, rank 0 alone reading their weights (`deepspeed_engine.partitioned_at_load`);
-        not where a module trains whole beside LoRA (`lora.modules_to_save`, added tokens'
-        `new_tokens: whole`), which PEFT copies from the weights, nor for a reward model (its new
-        score head: not tried partitioned)."""
-        whole = self.trains_adapter and bool(self.lora.modules_to_save or (
-            self.model.add_tokens and self.model.new_tokens == "whole"))
-        return (self.zero3 and self.distributed.deepspeed.zero3_init and self._rank0_can_read and not whole
-                and not self.scores)
-
-    @property
-    def _rank0_can_read(self) -> bool:
-        """Whether workers other than rank 0 can do without the weights while they build the
-        model: not under QLoRA's 4-bit layers, an adapter loaded onto the base, nor LoRA
-        initialised from the weights (each needs the weights on every worker)."""
-        return (self.method != "qlora" and not self.model.adapter
-                and (self.method == "full" or self.lora.init in ("default", "gaussian")))
+        partitioned, rank 0 alone reading their weights (`deepspeed_engine.partitioned_at_load`),
+        but QLoRA's (bitsandbytes' 4-bit layers). What reads whole weights once the model is
+        built gathers them: ft-ray's mended token rows, and PEFT while the config lives on (a
+        continued adapter, DoRA's norms, LoRA initialised from the weights, the modules and
+        token rows it copies to train)."""
+        return self.zero3 and self.distributed.deepspeed.zero3_init and self.method != "qlora"
 
     @property
     def sharded_weights(self) -> bool:

@@ -866,10 +866,7 @@ def describe(config: JobConfig, plan: Plan) -> str:
     lines = [f"plan for {config.run_name} ({how}), per worker:"]
     lines += [f"  {name:<{width}}  {value:>10,.0f} MiB" for name, value in rows]
     if plan.startup_mib:
-        why = ("QLoRA's 4-bit layers load whole" if config.method == "qlora" else
-               "distributed.deepspeed.zero3_init: false" if not dist.deepspeed.zero3_init else
-               "not built partitioned with model.adapter, a lora.init from the weights, lora.modules_to_save, "
-               "new_tokens: whole or a reward model")
+        why = "QLoRA's 4-bit layers load whole" if config.method == "qlora" else "distributed.deepspeed.zero3_init: false"
         lines.append(f"  at the start, before ZeRO-3 partitions it, the whole model on each GPU: "
                      f"{plan.startup_mib:,.0f} MiB" + (" (the peak)" if plan.startup_mib > sum(plan.parts.values()) else "")
                      + f" ({why})")

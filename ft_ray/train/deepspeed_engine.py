@@ -105,6 +105,27 @@ def partitioned_at_load(config: JobConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def peft_reads_partitioned(model: Any, config: JobConfig, token_rows: bool) -> Iterator[None]:
+    """PEFT wrapping a `model` built partitioned (`partitioned_at_load`) in the block finds the
+    weights it reads whole: it gathers them itself while the config lives (a continued adapter's
+    or DoRA's norms, LoRA initialised from the weights, the modules it copies to train whole, a
+    reward model's score head), but its ZeRO-3 path for trainable token rows broadcasts them as
+    a CUDA tensor: on CPUs, where PEFT may train token rows (`token_rows`), every weight is
+    gathered for the block instead and partitioned again from rank 0's values. A model not
+    built partitioned is left as it is."""
+    from ft_ray.models import built_partitioned, gathered_if_partitioned
+
+    if not built_partitioned(model):
+        yield
+    elif token_rows and next(model.parameters()).device.type != "cuda":
+        with gathered_if_partitioned(list(model.parameters()), modifier_rank=0):
+            yield
+    else:
+        with partitioned_at_load(config):
+            yield
+
+
+@contextlib.contextmanager
 def gathered(engine: Any) -> Iterator[None]:
     """Every weight of a ZeRO-3 `engine`'s model gathered on each worker for the block, its
     fetch-and-release hooks taken off meanwhile: generation runs a forward per token, each

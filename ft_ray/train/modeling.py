@@ -10,7 +10,7 @@ import torch
 
 from ft_ray.config import JobConfig
 from ft_ray.console import LOG
-from ft_ray.train.deepspeed_engine import partitioned_at_load
+from ft_ray.train.deepspeed_engine import partitioned_at_load, peft_reads_partitioned
 from ft_ray.train.engine_api import COMPUTE_DTYPES
 from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
 from ft_ray.train.fast_paths import (
@@ -21,8 +21,8 @@ from ft_ray.train.fast_paths import (
 
 def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
-    from ft_ray.models import (added_token_ids, apply_lora, continue_adapter, gathered_if_partitioned, load_base_model,
-                               load_quantized_model, mend_untrained_tokens, token_matrices, trained_in_full)
+    from ft_ray.models import (added_token_ids, apply_lora, continue_adapter, load_base_model, load_quantized_model,
+                               mend_untrained_tokens, trained_in_full)
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     # distributed.fsdp.cpu_ram_efficient_loading: the other workers build the model empty; their shards come from
@@ -67,10 +67,10 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
             size = sum(p.numel() * 4 for n, p in model.named_parameters() if any(n.split(".")[-2] == m for m in in_full))
             LOG.info(f"note: model.add_tokens with new_tokens: whole: {' and '.join(in_full)} train in full and are "
                      f"saved with the adapter (+{size / 2**20:.1f} MiB in fp32)")
-        if config.model.adapter:  # an adapter trained before: on from where it is
-            model = continue_adapter(model, config, base_model_path, tokens)
-        else:  # PEFT copies the token rows it trains from the weights: whole, where built partitioned
-            with gathered_if_partitioned(token_matrices(model) if tokens else []):
+        with peft_reads_partitioned(model, config, token_rows=bool(tokens or config.model.adapter)):
+            if config.model.adapter:  # an adapter trained before: on from where it is
+                model = continue_adapter(model, config, base_model_path, tokens)
+            else:
                 model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=tokens)
         # what trains whole (a reward model's new score head, lora.modules_to_save, the embeddings
         # and output layer of added tokens) is copied from the 16-bit base: in fp32 as every trained weight

@@ -302,7 +302,7 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     take its weights from rank 0 (`fsdp_engine.builds_empty`). Under ZeRO-3 built partitioned
     where the job does so (`JobConfig.partitions_at_load`)."""
     from ft_ray.models import continue_adapter, load_base_model, load_quantized_model, mend_untrained_tokens
-    from ft_ray.train.deepspeed_engine import partitioned_at_load
+    from ft_ray.train.deepspeed_engine import partitioned_at_load, peft_reads_partitioned
     from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
 
@@ -327,7 +327,8 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     if chunked:
         chunked_lm_head(model, sft_loss=False, plain_logits=plain_logits)
     if config.model.adapter:
-        model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
+        with peft_reads_partitioned(model, config, token_rows=True):  # a DoRA adapter's norms, its token rows
+            model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
     return model.eval().requires_grad_(False)
 
 
@@ -362,10 +363,12 @@ def sharded_for_inference(model: Any, config: Any, what: str = "reference: a fro
     and its teacher); `what` it is, said once."""
     import deepspeed
 
-    from ft_ray.train.deepspeed_engine import deepspeed_config
+    from ft_ray.train.deepspeed_engine import cast_added_weights, deepspeed_config
+    from ft_ray.train.engine_api import COMPUTE_DTYPES
 
     settings = deepspeed_config(config, total_steps=1)
     settings.pop("optimizer", None)
+    cast_added_weights(model, COMPUTE_DTYPES.get(config.train.precision))  # a continued adapter's, as the trained model's
     engine, *_ = deepspeed.initialize(model=model, config=settings, dist_init_required=False)
     engine.eval()
     held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
