@@ -268,8 +268,8 @@ class FSDPConfig(Section):
     cpu_ram_efficient_loading: bool = Field(True, description=(
         "rank 0 alone reads the model's weights into CPU memory; the other workers build its layers empty (on "
         "the meta device) and take their shards from rank 0 once sharded, so a node holds the model once while "
-        "it loads, not once per worker (Accelerate's fsdp_cpu_ram_efficient_loading). Not for qlora, "
-        "model.adapter or a lora.init from the weights (pissa, olora, orthogonal): those load on every worker"))
+        "it loads, not once per worker (Accelerate's fsdp_cpu_ram_efficient_loading). Not for qlora or a "
+        "lora.init from the weights (pissa, olora, orthogonal): those load on every worker"))
 
 
 class QuantizationConfig(Section):
@@ -696,12 +696,12 @@ class JobConfig(Section):
     @property
     def loads_on_rank0(self) -> bool:
         """`distributed.fsdp.cpu_ram_efficient_loading` applies: an fsdp job whose model the
-        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`): not
-        under QLoRA's 4-bit layers, an adapter loaded onto the base, nor LoRA initialised from
-        the weights (each needs the weights on every worker)."""
+        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`), a
+        continued adapter's weights too: not under QLoRA's 4-bit layers, nor LoRA initialised
+        from the weights (each needs the weights on every worker)."""
         dist = self.distributed
         return (dist.strategy == "fsdp" and dist.fsdp.cpu_ram_efficient_loading and self.method != "qlora"
-                and not self.model.adapter and (self.method == "full" or self.lora.init in ("default", "gaussian")))
+                and (self.method == "full" or self.lora.init in ("default", "gaussian")))
 
     @property
     def partitions_at_load(self) -> bool:

@@ -245,7 +245,7 @@ def test_local_model_folders_are_made_absolute_for_the_workers(tmp_path, monkeyp
     ({"distributed": {"deepspeed": {"stage": 2}}}, False, True),
     ({"method": "qlora", "quantization": {"quant_storage": "bfloat16"}}, False, False),  # 4-bit layers load whole
     ({"method": "lora", "lora": {"init": "pissa"}}, True, False),  # from the weights: PEFT gathers them under ZeRO-3
-    ({"method": "lora", "model": {"adapter": "/runs/a/adapter"}}, True, False),
+    ({"method": "lora", "model": {"adapter": "/runs/a/adapter"}}, True, True),
     ({"method": "lora", "lora": {"modules_to_save": ["lm_head"]}}, True, True),  # PEFT copies a module trained whole
     ({"method": "lora", "objective": "reward_model"}, True, True),  # its new score head
     ({"objective": "reward_model"}, True, True),

@@ -367,13 +367,12 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
     """One of two ranks (spawned), under `strategy` (fsdp, zero3): a full fine-tune in fp32, LoRA
     over a bf16 base with gradient checkpointing (fsdp: its shards offloaded), DPO of a full
     fine-tune with its inline reference, LoRA distilled from a teacher (both frozen copies
-    sharded alike) and under ZeRO-3 LoRA with added tokens, what PEFT reads of the weights
-    (pissa's init, DoRA, lm_head trained whole, DPO continuing a DoRA adapter, `folder`/dora, with its
-    inline reference) and a LoRA
-    reward model, each built with and without fsdp's `cpu_ram_efficient_loading` or ZeRO-3's
-    `zero3_init`: the weights each model this rank loaded held whole (not empty, nor
-    partitioned as it was built), its buffers, and three steps' losses and gradient norms,
-    written to `folder`/<rank>.json."""
+    sharded alike), DPO continuing a DoRA adapter (`folder`/dora) with its inline reference,
+    and under ZeRO-3 LoRA with added tokens, what else PEFT reads of the weights (pissa's init,
+    DoRA, lm_head trained whole) and a LoRA reward model, each built with and without fsdp's
+    `cpu_ram_efficient_loading` or ZeRO-3's `zero3_init`: the weights each model this rank
+    loaded held whole (not empty, nor partitioned as it was built), its buffers, and three
+    steps' losses and gradient norms, written to `folder`/<rank>.json."""
     import json
     import os
     from datetime import timedelta
@@ -406,19 +405,18 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
     cases = {"full": ("full", "fp32", {}, plain), "lora": ("lora", "bf16", offload, plain),
              "dpo": ("full", "fp32", {"objective": "dpo", "reference": "inline"}, pairs),
              "distill": ("lora", "fp32", teacher, plain)}
-    changes = {}  # keys beyond job()'s
+    # DPO continuing a DoRA adapter trained before (its inline reference too); keys beyond job()'s in changes
+    cases["adapter"] = ("lora", "bf16", {"objective": "dpo", "reference": "inline"}, pairs)
+    changes = {"adapter": {"model": {"adapter": f"{folder}/dora"}, "lora": {"use_dora": True}}}
     if strategy == "zero3":  # 60 tokens added: the vocabulary grows past the 768 rows; one of them in the batch
         added = ids.clone()
         added[0, 5] = 770
         cases["tokens"] = ("lora", "bf16", {}, {**plain, "input_ids": added, "labels": added})
         changes["tokens"] = {"model": {"add_tokens": [f"<|added_{i}|>" for i in range(60)]}}
         # what PEFT reads of the weights: A and B from them (pissa), DoRA's norms, a module it copies to train
-        # whole, a continued DoRA adapter (DPO's, its inline reference's too); a reward model's new score head
-        cases |= {"peft": ("lora", "bf16", {}, plain),
-                  "adapter": ("lora", "bf16", {"objective": "dpo", "reference": "inline"}, pairs),
-                  "reward": ("lora", "bf16", {"objective": "reward_model"}, pairs)}
+        # whole; a reward model's new score head
+        cases |= {"peft": ("lora", "bf16", {}, plain), "reward": ("lora", "bf16", {"objective": "reward_model"}, pairs)}
         changes["peft"] = {"lora": {"init": "pissa", "use_dora": True, "modules_to_save": ["lm_head"]}}
-        changes["adapter"] = {"model": {"adapter": f"{folder}/dora"}, "lora": {"use_dora": True}}
     seen = {}
     for name, (method, precision, settings, batch) in cases.items():
         for once in (True, False):
@@ -455,24 +453,23 @@ def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_pa
     teacher); distributed.deepspeed.zero3_init (the default): every rank builds each model
     partitioned, rank 0 alone reading the weights, and DeepSpeed takes rank 0's A. The three
     steps of a full fine-tune, LoRA with gradient checkpointing (offloaded under fsdp), DPO,
-    distillation and (ZeRO-3) LoRA with 60 added tokens (the partitioned embeddings grown, their
-    rows trained), LoRA initialised from the weights with a module trained whole, DPO continuing a
-    DoRA adapter (its inline reference too) and a LoRA reward model (PEFT gathering the partitioned weights it reads) are those of
-    a run whose ranks all load the weights and draw the same A."""
+    distillation, DPO continuing a DoRA adapter and (ZeRO-3) LoRA with 60 added tokens (the
+    partitioned embeddings grown, their rows trained), LoRA initialised from the weights with
+    DoRA and a module trained whole, and a LoRA reward model (PEFT gathering the partitioned
+    weights it reads) are those of a run whose ranks all load the weights and draw the same A."""
     import json
 
-    if strategy == "zero3":  # a DoRA adapter trained before (B moved off zero), for model.adapter
-        torch.manual_seed(2)
-        dora = build_model(config_from_dict({"method": "lora", "data": {"train": "t.jsonl"},
-                                             "lora": {"use_dora": True}}), "builtin:tiny-llama")
-        for name, weight in dora.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(weight, std=0.02)
-        dora.save_pretrained(tmp_path / "dora")
+    torch.manual_seed(2)  # a DoRA adapter trained before (B moved off zero), for model.adapter
+    dora = build_model(config_from_dict({"method": "lora", "data": {"train": "t.jsonl"}, "lora": {"use_dora": True}}),
+                       "builtin:tiny-llama")
+    for name, weight in dora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.02)
+    dora.save_pretrained(tmp_path / "dora")
     torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path), strategy), nprocs=2,
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
-    for case in ("full", "lora", "dpo", "distill", *(["tokens", "peft", "adapter", "reward"] if strategy == "zero3" else [])):
+    for case in ("full", "lora", "dpo", "distill", "adapter", *(["tokens", "peft", "reward"] if strategy == "zero3" else [])):
         copies = 2 if case in ("dpo", "distill", "adapter") else 1
         # the vocabulary grown, the new embeddings and output layer are whole until DeepSpeed partitions them
         grown = ["model.embed_tokens.weight", "lm_head.weight"] if case == "tokens" else []
