@@ -406,6 +406,11 @@ def partitioned(weight: Any) -> bool:
     return hasattr(weight, "ds_id")
 
 
+def whole_shape(weight: Any) -> tuple[int, ...]:
+    """`weight`'s shape, whole where ZeRO-3 holds it partitioned (`partitioned`: its own is (0,))."""
+    return tuple(weight.ds_shape if partitioned(weight) else weight.shape)
+
+
 def built_partitioned(model: Any) -> bool:
     """Whether ZeRO-3 partitioned `model` as it was built (`deepspeed_engine.partitioned_at_load`)."""
     return any(partitioned(p) for p in model.parameters())
@@ -713,7 +718,8 @@ def expert_weights(model: Any) -> dict[str, list[str]]:
         if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
             continue
         for name, weight in module.named_parameters(recurse=False):
-            if weight.dim() == 3 and weight.shape[0] in counts:
+            shape = whole_shape(weight)  # built partitioned (ZeRO-3), its own is (0,)
+            if len(shape) == 3 and shape[0] in counts:
                 found.setdefault(name, []).append(f"{module_name}.{name}")
     return found
 

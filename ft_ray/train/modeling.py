@@ -3,6 +3,7 @@ and per-example attention, wrapped with LoRA unless the method is a full fine-tu
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -22,7 +23,7 @@ from ft_ray.train.fast_paths import (
 def build_model(config: JobConfig, base_model_path: str) -> Any:
     """The base model (4-bit for QLoRA), wrapped with LoRA unless the method is a full fine-tune."""
     from ft_ray.models import (added_token_ids, apply_lora, continue_adapter, load_base_model, load_quantized_model,
-                               mend_untrained_tokens, trained_in_full)
+                               mend_untrained_tokens, trained_in_full, whole_shape)
 
     compute_dtype = COMPUTE_DTYPES.get(config.train.precision)  # None: fp32, no autocast
     # distributed.fsdp.cpu_ram_efficient_loading: the other workers build the model empty; their shards come from
@@ -64,7 +65,8 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
     if config.trains_adapter:
         in_full = trained_in_full(config.model)
         if in_full:
-            size = sum(p.numel() * 4 for n, p in model.named_parameters() if any(n.split(".")[-2] == m for m in in_full))
+            size = sum(math.prod(whole_shape(p)) * 4 for n, p in model.named_parameters()
+                       if any(n.split(".")[-2] == m for m in in_full))
             LOG.info(f"note: model.add_tokens with new_tokens: whole: {' and '.join(in_full)} train in full and are "
                      f"saved with the adapter (+{size / 2**20:.1f} MiB in fp32)")
         with peft_reads_partitioned(model, config, token_rows=bool(tokens or config.model.adapter)):
