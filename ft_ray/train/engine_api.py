@@ -144,13 +144,16 @@ def optimizer_groups(model: Any, config: JobConfig) -> list[dict[str, Any]]:
     dimension) take none, as in Hugging Face's trainer (decay pulls a norm's weight, which
     starts near 1, towards 0). The schedule scales every group alike; the first group's rate is
     the one logged as `lr`."""
+    from ft_ray.models import whole_shape
+
     ratio, lr, decay = config.lora.loraplus_lr_ratio, config.train.learning_rate, config.train.weight_decay
     loraplus = ratio != 1 and config.trains_adapter
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             rate = lr * ratio if loraplus and any(part in name for part in LORA_B) else lr
-            groups.setdefault((rate, decay if p.dim() >= 2 else 0.0), []).append(p)
+            # a matrix ZeRO-3 built partitioned holds a flat part of itself: its whole shape says what it is
+            groups.setdefault((rate, decay if len(whole_shape(p)) >= 2 else 0.0), []).append(p)
     order = sorted(groups, key=lambda key: (key[0] != lr, key[1] == 0))  # the rate itself first
     return [{"params": groups[key], "lr": key[0], "weight_decay": key[1]} for key in order]
 

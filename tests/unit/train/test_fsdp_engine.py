@@ -403,7 +403,8 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
              "roles": torch.tensor([CHOSEN] * 32 + [REJECTED] * 32)[None]}
     teacher = {"objective": "distill", "distill": {"teacher": "builtin:tiny-llama"}}
     offload = {"offload": "cpu"} if strategy == "fsdp" else {}
-    cases = {"full": ("full", "fp32", {}, plain), "lora": ("lora", "bf16", offload, plain),
+    # weight decay on matrices only (norms take none)
+    cases = {"full": ("full", "fp32", {"weight_decay": 0.1}, plain), "lora": ("lora", "bf16", offload, plain),
              "dpo": ("full", "fp32", {"objective": "dpo", "reference": "inline"}, pairs),
              "distill": ("lora", "fp32", teacher, plain)}
     # DPO continuing a DoRA adapter trained before (its inline reference too); keys beyond job()'s in changes
