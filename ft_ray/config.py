@@ -268,8 +268,8 @@ class FSDPConfig(Section):
     cpu_ram_efficient_loading: bool = Field(True, description=(
         "rank 0 alone reads the model's weights into CPU memory; the other workers build its layers empty (on "
         "the meta device) and take their shards from rank 0 once sharded, so a node holds the model once while "
-        "it loads, not once per worker (Accelerate's fsdp_cpu_ram_efficient_loading). Not for qlora or a "
-        "lora.init from the weights (pissa, olora, orthogonal): those load on every worker"))
+        "it loads, not once per worker (Accelerate's fsdp_cpu_ram_efficient_loading). LoRA's weights come "
+        "from rank 0 too (a continued adapter's, pissa's or olora's). Not for qlora: it loads on every worker"))
 
 
 class QuantizationConfig(Section):
@@ -696,12 +696,11 @@ class JobConfig(Section):
     @property
     def loads_on_rank0(self) -> bool:
         """`distributed.fsdp.cpu_ram_efficient_loading` applies: an fsdp job whose model the
-        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`), a
-        continued adapter's weights too: not under QLoRA's 4-bit layers, nor LoRA initialised
-        from the weights (each needs the weights on every worker)."""
+        other workers can build empty and take from rank 0 (`fsdp_engine.shard_model`), LoRA's
+        weights too (a continued adapter's, those drawn or decomposed from the weights by rank 0):
+        not under QLoRA's 4-bit layers, which cannot be built empty."""
         dist = self.distributed
-        return (dist.strategy == "fsdp" and dist.fsdp.cpu_ram_efficient_loading and self.method != "qlora"
-                and (self.method == "full" or self.lora.init in ("default", "gaussian")))
+        return dist.strategy == "fsdp" and dist.fsdp.cpu_ram_efficient_loading and self.method != "qlora"
 
     @property
     def partitions_at_load(self) -> bool:

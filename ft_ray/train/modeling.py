@@ -72,8 +72,9 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         with peft_reads_partitioned(model, config, token_rows=bool(tokens or config.model.adapter)):
             if config.model.adapter:  # an adapter trained before: on from where it is
                 model = continue_adapter(model, config, base_model_path, tokens)
-            else:
-                model = apply_lora(model, config.lora, base_model_path, in_full, scores=config.scores, tokens=tokens)
+            else:  # built empty (fsdp), rank 0's A and B (and base weights, pissa's residual) come with the rest
+                lora = config.lora.model_copy(update={"init": "default"}) if empty else config.lora
+                model = apply_lora(model, lora, base_model_path, in_full, scores=config.scores, tokens=tokens)
         # what trains whole (a reward model's new score head, lora.modules_to_save, the embeddings
         # and output layer of added tokens) is copied from the 16-bit base: in fp32 as every trained weight
         for parameter in model.parameters():

@@ -244,7 +244,7 @@ def test_local_model_folders_are_made_absolute_for_the_workers(tmp_path, monkeyp
     ({"distributed": {"deepspeed": {"stage": 3, "zero3_init": False}}}, False, True),
     ({"distributed": {"deepspeed": {"stage": 2}}}, False, True),
     ({"method": "qlora", "quantization": {"quant_storage": "bfloat16"}}, False, False),  # 4-bit layers load whole
-    ({"method": "lora", "lora": {"init": "pissa"}}, True, False),  # from the weights: PEFT gathers them under ZeRO-3
+    ({"method": "lora", "lora": {"init": "pissa"}}, True, True),  # from the weights: gathered (ZeRO-3), rank 0's (fsdp)
     ({"method": "lora", "model": {"adapter": "/runs/a/adapter"}}, True, True),
     ({"method": "lora", "lora": {"modules_to_save": ["lm_head"]}}, True, True),  # PEFT copies a module trained whole
     ({"method": "lora", "objective": "reward_model"}, True, True),  # its new score head
@@ -256,9 +256,8 @@ def test_local_model_folders_are_made_absolute_for_the_workers(tmp_path, monkeyp
 def test_sharded_jobs_read_the_weights_on_rank0_where_no_worker_needs_them_whole(settings, zero3, fsdp):
     """distributed.deepspeed.zero3_init (Accelerate's zero3_init_flag): the models of a ZeRO-3
     job are built partitioned, rank 0 alone reading their weights; fsdp's
-    cpu_ram_efficient_loading: rank 0 alone reads them, the others build empty, unless
-    something needs the weights on every worker as it builds the model. Under ZeRO-3 but for
-    QLoRA: what reads whole weights once the model is built gathers them."""
+    cpu_ram_efficient_loading: rank 0 alone reads them, the others build empty. Not for QLoRA
+    (4-bit layers load whole on every worker)."""
     raw = {"method": "full", "data": {"train": "t.jsonl"}, **settings,
            "distributed": {"strategy": "deepspeed", "deepspeed": {"stage": 3}, **settings.get("distributed", {})}}
     assert config_from_dict(raw).partitions_at_load is zero3

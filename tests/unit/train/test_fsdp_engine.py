@@ -368,9 +368,9 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
     over a bf16 base with gradient checkpointing (fsdp: its shards offloaded), DPO of a full
     fine-tune with its inline reference, LoRA distilled from a teacher (both frozen copies
     sharded alike), DPO continuing a DoRA adapter (`folder`/dora) with its inline reference,
-    and under ZeRO-3 LoRA with added tokens, what else PEFT reads of the weights (pissa's init,
-    DoRA, lm_head trained whole), a LoRA reward model and LoRA on a mixture of experts' expert
-    weights (`folder`/moe), each built with and without fsdp's
+    LoRA on what else PEFT reads of the weights (pissa's init, DoRA, lm_head trained whole), and
+    under ZeRO-3 LoRA with added tokens, a LoRA reward model and LoRA on a mixture of experts'
+    expert weights (`folder`/moe), each built with and without fsdp's
     `cpu_ram_efficient_loading` or ZeRO-3's `zero3_init`: the weights each model this rank
     loaded held whole (not empty, nor partitioned as it was built), its buffers, and three
     steps' losses and gradient norms, written to `folder`/<rank>.json."""
@@ -410,16 +410,17 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
     # DPO continuing a DoRA adapter trained before (its inline reference too); keys beyond job()'s in changes
     cases["adapter"] = ("lora", "bf16", {"objective": "dpo", "reference": "inline"}, pairs)
     changes = {"adapter": {"model": {"adapter": f"{folder}/dora"}, "lora": {"use_dora": True}}}
+    # what PEFT reads of the weights: A and B from them (pissa), DoRA's norms, a module it copies to train whole
+    cases["peft"] = ("lora", "bf16", {}, plain)
+    changes["peft"] = {"lora": {"init": "pissa", "use_dora": True, "modules_to_save": ["lm_head"]}}
     if strategy == "zero3":  # 60 tokens added: the vocabulary grows past the 768 rows; one of them in the batch
         added = ids.clone()
         added[0, 5] = 770
         cases["tokens"] = ("lora", "bf16", {}, {**plain, "input_ids": added, "labels": added})
         changes["tokens"] = {"model": {"add_tokens": [f"<|added_{i}|>" for i in range(60)]}}
-        # what PEFT reads of the weights: A and B from them (pissa), DoRA's norms, a module it copies to train
-        # whole; a reward model's new score head; a mixture of experts' fused expert weights, found by their shape
-        cases |= {"peft": ("lora", "bf16", {}, plain), "reward": ("lora", "bf16", {"objective": "reward_model"}, pairs),
-                  "experts": ("lora", "bf16", {}, plain)}
-        changes["peft"] = {"lora": {"init": "pissa", "use_dora": True, "modules_to_save": ["lm_head"]}}
+        # a reward model's new score head (PEFT copies it to train whole); a mixture of experts' fused expert
+        # weights, found by their shape
+        cases |= {"reward": ("lora", "bf16", {"objective": "reward_model"}, pairs), "experts": ("lora", "bf16", {}, plain)}
         changes["experts"] = {"model": {"name_or_path": f"{folder}/moe"},
                               "lora": {"target_modules": ["q_proj", "gate_up_proj", "down_proj"]}}
     seen = {}
@@ -458,10 +459,10 @@ def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_pa
     teacher); distributed.deepspeed.zero3_init (the default): every rank builds each model
     partitioned, rank 0 alone reading the weights, and DeepSpeed takes rank 0's A. The three
     steps of a full fine-tune, LoRA with gradient checkpointing (offloaded under fsdp), DPO,
-    distillation, DPO continuing a DoRA adapter and (ZeRO-3) LoRA with 60 added tokens (the
-    partitioned embeddings grown, their rows trained), LoRA initialised from the weights with
-    DoRA and a module trained whole, a LoRA reward model (PEFT gathering the partitioned weights
-    it reads) and LoRA on named expert weights of a mixture of experts are those of a run whose ranks all load the weights and draw the same A."""
+    distillation, DPO continuing a DoRA adapter, LoRA initialised from the weights with DoRA and
+    a module trained whole (fsdp: rank 0's; ZeRO-3: PEFT gathering the partitioned weights it
+    reads) and (ZeRO-3) LoRA with 60 added tokens (the partitioned embeddings grown, their rows
+    trained), a LoRA reward model and LoRA on named expert weights of a mixture of experts are those of a run whose ranks all load the weights and draw the same A."""
     import json
 
     torch.manual_seed(2)  # a DoRA adapter trained before (B moved off zero), for model.adapter
@@ -478,7 +479,7 @@ def test_only_rank0_reads_the_weights_and_every_rank_trains_as_if_all_had(tmp_pa
     torch.multiprocessing.start_processes(rank0_loading_steps, args=(free_port(), str(tmp_path), strategy), nprocs=2,
                                           start_method="spawn")
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
-    for case in ("full", "lora", "dpo", "distill", "adapter", *(["tokens", "peft", "reward", "experts"] if strategy == "zero3" else [])):
+    for case in ("full", "lora", "dpo", "distill", "adapter", "peft", *(["tokens", "reward", "experts"] if strategy == "zero3" else [])):
         copies = 2 if case in ("dpo", "distill", "adapter") else 1
         # the vocabulary grown, the new embeddings and output layer are whole until DeepSpeed partitions them
         grown = ["model.embed_tokens.weight", "lm_head.weight"] if case == "tokens" else []
