@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
-from ft_ray.train.fast_paths import chunked_lm_head, has_chunked_head, head_gives_logits
+from ft_ray.train.fast_paths import (chunked_lm_head, fuse_lora_layers, has_chunked_head, head_gives_logits,
+                                     residual_in_compute_dtype)
 from ft_ray.train.precomputed import BlockScorer, with_columns
 
 REF_COLUMN = "ref_logps"  # per token of a packed row: its log-prob under the reference model (0 where no target)
@@ -326,9 +327,16 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
         model.set_attn_implementation(register())
     if chunked:
         chunked_lm_head(model, sft_loss=False, plain_logits=plain_logits)
+    # the trained model's forward as it starts (`modeling.build_model`), to the last bit: its 16-bit residual
+    # stream, its adapter's fused LoRA layers (PEFT's bf16 forward differs by up to 0.1 in a token's log-prob)
+    compute = COMPUTE_DTYPES.get(config.train.precision)
+    if compute and not config.train.fp32_residual:
+        residual_in_compute_dtype(model, compute)
     if config.model.adapter:
         with peft_reads_partitioned(model, config, token_rows=True):  # a DoRA adapter's norms, its token rows
             model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
+        if config.uses_fast_paths and not config.lora.use_dora:
+            fuse_lora_layers(model)
     return model.eval().requires_grad_(False)
 
 
@@ -346,8 +354,9 @@ def frozen_copy_reference(config: Any, device: torch.device) -> Callable:
         from ft_ray.train.fsdp_engine import shard_model
 
         compute = COMPUTE_DTYPES.get(config.train.precision)
-        if compute and config.method != "qlora":
-            copy.to(compute)
+        if compute and config.method != "qlora":  # its weights, as fsdp gathers the trained model's; not its
+            for weight in copy.parameters():      # buffers (RoPE's frequencies in bf16 moved every log-prob)
+                weight.data = weight.data.to(compute)
         shard_model(copy, config, device, trains=False, from_rank0=config.loads_on_rank0)
 
     def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -78,7 +78,11 @@ def test_a_run_trains_on_from_the_adapter_as_peft_loads_it(started):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_a_preference_reference_is_the_adapter_it_started_from(started):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_preference_reference_is_the_adapter_it_started_from(started, precision):
+    """Precomputed or inline, the reference is the model as the run starts: in bf16 to the last
+    bit too (the adapter's fused LoRA layers and the 16-bit residual stream the trained model
+    runs; PEFT's own bf16 forward moved each log-prob by up to 0.1)."""
     from ft_ray.train.modeling import build_model
     from ft_ray.train.preference import (REF_COLUMN, ReferenceScorer, adapter_off_reference, build_preference_objective,
                                          token_logps_of)
@@ -86,10 +90,11 @@ def test_a_preference_reference_is_the_adapter_it_started_from(started):
 
     base, run = started
     job = with_adapter(config_from_dict(job_dict(base, objective="dpo", model={"adapter": str(run)},
-                                                 lora={"dropout": 0.0})))
+                                                 lora={"dropout": 0.0}, train={"precision": precision})))
     model = build_model(job, base).eval()
     _, _, tensors = packed_demo_pairs(3)
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # as the engines run
+    with torch.no_grad(), autocast:
         start = token_logps_of(model, tensors)
         off = adapter_off_reference(model, tensors)
     precomputed = ReferenceScorer(job.model_dump_json())({k: v.numpy() for k, v in tensors.items()})[REF_COLUMN]
@@ -98,7 +103,7 @@ def test_a_preference_reference_is_the_adapter_it_started_from(started):
 
     inline = job.model_copy(update={"preference": job.preference.model_copy(update={"reference": "inline"})})
     objective = build_preference_objective(inline, model)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         loss, metrics = objective.loss(model, tensors)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # every reward 0 where training starts
     assert metrics["rewards_chosen"] == pytest.approx(0, abs=1e-4)

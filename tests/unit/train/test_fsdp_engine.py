@@ -6,6 +6,7 @@ workers: `tests/integration/test_strategies.py`."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -128,20 +129,35 @@ def test_a_model_naming_no_layer_class_is_sharded_by_its_list_of_layers():
     assert decoder_layers(remote) == list(remote.layers)
 
 
+def two_pairs() -> dict[str, torch.Tensor]:
+    """Two packed rows, each a chosen and a rejected answer after 8 prompt tokens."""
+    from ft_ray.data.formats import CHOSEN, REJECTED
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (2, 32))
+    labels = ids.clone()
+    labels[:, :8] = labels[:, 16:24] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(16).repeat(2, 2),
+            "roles": torch.tensor([CHOSEN] * 16 + [REJECTED] * 16).repeat(2, 1)}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_an_inline_reference_in_bf16_starts_where_the_trained_model_does(process_group, strategy):
+    """DPO of a full fine-tune in bf16: its inline reference (a frozen copy) runs the trained
+    model's forward to the last bit, so every reward starts at 0 (the loss log 2): with the
+    16-bit residual stream the trained model keeps, and under fsdp with its weights in bf16 but
+    its buffers as they are (RoPE's frequencies in bf16 moved each log-prob: 0.678)."""
+    engine = engine_of(job(strategy, "full", "bf16", objective="dpo", reference="inline"))
+    assert steps(engine, two_pairs(), 1)[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
 @pytest.mark.parametrize("method, objective", [("lora", "reward_model"), ("full", "dpo")])
 def test_pairs_train_as_under_ddp(process_group, method, objective):
     """A reward model, whose loss comes from its score head's output inside the forward (a
     hook), not from what the model returns: FSDP must keep the outer weights gathered into
     backward, where the head's gradient is taken (before, its storage was freed: an error).
     DPO of a full fine-tune with its inline reference, a frozen copy sharded as the policy is."""
-    from ft_ray.data.formats import CHOSEN, REJECTED
-
-    torch.manual_seed(0)
-    ids = torch.randint(3, 700, (2, 32))
-    labels = ids.clone()
-    labels[:, :8] = labels[:, 16:24] = -100  # each row: a chosen and a rejected answer after 8 prompt tokens
-    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(16).repeat(2, 2),
-             "roles": torch.tensor([CHOSEN] * 16 + [REJECTED] * 16).repeat(2, 1)}
+    batch = two_pairs()
     fsdp, ddp = (engine_of(job(strategy, method, "fp32", objective=objective, reference="inline"))
                  for strategy in ("fsdp", "ddp"))
     went = steps(fsdp, batch, 3)
