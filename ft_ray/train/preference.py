@@ -306,6 +306,7 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     from ft_ray.train.deepspeed_engine import partitioned_at_load, peft_reads_partitioned
     from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
+    from ft_ray.train.modeling import use_fused_kernels
 
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, False)
@@ -325,10 +326,12 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
         from ft_ray.train.attention import register
 
         model.set_attn_implementation(register())
+    # the trained model's forward as it starts (`modeling.build_model`), to the last bit: liger's layers on CUDA,
+    # its 16-bit residual stream, its adapter's fused LoRA layers (PEFT's bf16 forward differs by up to 0.1 in a
+    # token's log-prob)
+    use_fused_kernels(model, config)
     if chunked:
         chunked_lm_head(model, sft_loss=False, plain_logits=plain_logits)
-    # the trained model's forward as it starts (`modeling.build_model`), to the last bit: its 16-bit residual
-    # stream, its adapter's fused LoRA layers (PEFT's bf16 forward differs by up to 0.1 in a token's log-prob)
     compute = COMPUTE_DTYPES.get(config.train.precision)
     if compute and not config.train.fp32_residual:
         residual_in_compute_dtype(model, compute)
