@@ -419,26 +419,27 @@ def rank0_loading_steps(rank: int, port: int, folder: str, strategy: str) -> Non
              "roles": torch.tensor([CHOSEN] * 32 + [REJECTED] * 32)[None]}
     teacher = {"objective": "distill", "distill": {"teacher": "builtin:tiny-llama"}}
     offload = {"offload": "cpu"} if strategy == "fsdp" else {}
-    # weight decay on matrices only (norms take none)
-    cases = {"full": ("full", "fp32", {"weight_decay": 0.1}, plain), "lora": ("lora", "bf16", offload, plain),
-             "dpo": ("full", "fp32", {"objective": "dpo", "reference": "inline"}, pairs),
-             "distill": ("lora", "fp32", teacher, plain)}
-    # DPO continuing a DoRA adapter trained before (its inline reference too); keys beyond job()'s in changes
-    cases["adapter"] = ("lora", "bf16", {"objective": "dpo", "reference": "inline"}, pairs)
-    changes = {"adapter": {"model": {"adapter": f"{folder}/dora"}, "lora": {"use_dora": True}}}
-    # what PEFT reads of the weights: A and B from them (pissa), DoRA's norms, a module it copies to train whole
-    cases["peft"] = ("lora", "bf16", {}, plain)
-    changes["peft"] = {"lora": {"init": "pissa", "use_dora": True, "modules_to_save": ["lm_head"]}}
-    if strategy == "zero3":  # 60 tokens added: the vocabulary grows past the 768 rows; one of them in the batch
-        added = ids.clone()
+    inline = {"objective": "dpo", "reference": "inline"}
+    cases = {"full": ("full", "fp32", {"weight_decay": 0.1}, plain),  # decay on matrices only (norms take none)
+             "lora": ("lora", "bf16", offload, plain), "dpo": ("full", "fp32", inline, pairs),
+             "distill": ("lora", "fp32", teacher, plain),
+             "adapter": ("lora", "bf16", inline, pairs),  # continuing a DoRA adapter, its inline reference too
+             "peft": ("lora", "bf16", {}, plain)}
+    changes = {  # keys beyond job()'s
+        "adapter": {"model": {"adapter": f"{folder}/dora"}, "lora": {"use_dora": True}},
+        # what PEFT reads of the weights: pissa's A and B, DoRA's norms, a module it copies to train whole
+        "peft": {"lora": {"init": "pissa", "use_dora": True, "modules_to_save": ["lm_head"]}}}
+    if strategy == "zero3":
+        added = ids.clone()  # 60 tokens added: the vocabulary grows past the 768 rows; one of them in the batch
         added[0, 5] = 770
-        cases["tokens"] = ("lora", "bf16", {}, {**plain, "input_ids": added, "labels": added})
-        changes["tokens"] = {"model": {"add_tokens": [f"<|added_{i}|>" for i in range(60)]}}
         # a reward model's new score head (PEFT copies it to train whole); a mixture of experts' fused expert
         # weights, found by their shape
-        cases |= {"reward": ("lora", "bf16", {"objective": "reward_model"}, pairs), "experts": ("lora", "bf16", {}, plain)}
-        changes["experts"] = {"model": {"name_or_path": f"{folder}/moe"},
-                              "lora": {"target_modules": ["q_proj", "gate_up_proj", "down_proj"]}}
+        cases |= {"tokens": ("lora", "bf16", {}, {**plain, "input_ids": added, "labels": added}),
+                  "reward": ("lora", "bf16", {"objective": "reward_model"}, pairs),
+                  "experts": ("lora", "bf16", {}, plain)}
+        changes |= {"tokens": {"model": {"add_tokens": [f"<|added_{i}|>" for i in range(60)]}},
+                    "experts": {"model": {"name_or_path": f"{folder}/moe"},
+                                "lora": {"target_modules": ["q_proj", "gate_up_proj", "down_proj"]}}}
     seen = {}
     for name, (method, precision, settings, batch) in cases.items():
         for once in (True, False):
