@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -49,19 +49,14 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         tokens, plain_logits = rank0_answer(lambda: (rows_to_train(), config.uses_fast_paths and head_gives_logits(model)))
     else:
         tokens, plain_logits = rows_to_train(), None  # plain_logits: found out by chunked_lm_head
-    liger = use_fused_kernels(model, config)
-    if config.uses_fast_paths:
+    def head(liger: bool) -> None:
         # the head's loss or log-probs without the whole logits; liger's loss where it runs, but
         # for an adapter's trained token rows (liger would train them through a copy of the head)
         chunked_lm_head(model, sft_loss=not liger or bool(tokens and config.trains_adapter), plain_logits=plain_logits)
-    if compute_dtype and not config.train.fp32_residual:
-        residual_in_compute_dtype(model, compute_dtype)
+
+    forward_as_trained(model, config, head if config.uses_fast_paths else None)
     if config.recomputes_swiglu:
         recompute_swiglu_product(model)
-    if config.data.pack and config.model.attn_implementation == "sdpa":
-        from ft_ray.train.attention import register
-
-        model.set_attn_implementation(register())  # per-example attention spans in packed batches
     if config.trains_adapter:
         in_full = trained_in_full(config.model)
         if in_full:
@@ -127,6 +122,25 @@ def example_lengths(positions: torch.Tensor) -> torch.Tensor:
     starts[:, 0] = True
     example = torch.cumsum(starts.long(), dim=1) + torch.arange(rows, device=positions.device).unsqueeze(1) * width
     return torch.bincount(example.flatten(), minlength=rows * width + 1)[example]
+
+
+def forward_as_trained(model: Any, config: JobConfig, head: Callable[[bool], None] | None) -> None:
+    """The forward paths of the job's model, the trained one (`build_model`) and its reference
+    (`preference.reference_model`) alike, so that the two give the same log-probs to the last
+    bit where training starts: liger's layers on CUDA (`use_fused_kernels`), then `head` (the
+    chunked head, told whether liger's layers are on), the residual stream in the compute dtype
+    (`residual_in_compute_dtype`, unless `train.fp32_residual`), and per-example attention
+    spans in packed batches."""
+    liger = use_fused_kernels(model, config)
+    if head:
+        head(liger)
+    compute = COMPUTE_DTYPES.get(config.train.precision)
+    if compute and not config.train.fp32_residual:
+        residual_in_compute_dtype(model, compute)
+    if config.data.pack and config.model.attn_implementation == "sdpa":
+        from ft_ray.train.attention import register
+
+        model.set_attn_implementation(register())
 
 
 def use_fused_kernels(model: Any, config: JobConfig) -> bool:

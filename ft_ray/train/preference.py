@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from ft_ray.data.formats import CHOSEN, REJECTED
 from ft_ray.data.tokenize import IGNORE_INDEX
-from ft_ray.train.fast_paths import (chunked_lm_head, fuse_lora_layers, has_chunked_head, head_gives_logits,
-                                     residual_in_compute_dtype)
+from ft_ray.train.fast_paths import chunked_lm_head, fuse_lora_layers, has_chunked_head, head_gives_logits
 from ft_ray.train.precomputed import BlockScorer, with_columns
 
 REF_COLUMN = "ref_logps"  # per token of a packed row: its log-prob under the reference model (0 where no target)
@@ -306,7 +305,7 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     from ft_ray.train.deepspeed_engine import partitioned_at_load, peft_reads_partitioned
     from ft_ray.train.engine_api import COMPUTE_DTYPES
     from ft_ray.train.fsdp_engine import builds_empty, rank0_answer, weights_from_rank0
-    from ft_ray.train.modeling import use_fused_kernels
+    from ft_ray.train.modeling import forward_as_trained
 
     if config.method == "qlora":
         model = load_quantized_model(config.model, config.quantization, False)
@@ -322,19 +321,10 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     else:
         mend_untrained_tokens(model, config.model)  # the policy's start: the reference
         plain_logits = None  # found out by chunked_lm_head
-    if config.data.pack and config.model.attn_implementation == "sdpa":
-        from ft_ray.train.attention import register
-
-        model.set_attn_implementation(register())
-    # the trained model's forward as it starts (`modeling.build_model`), to the last bit: liger's layers on CUDA,
-    # its 16-bit residual stream, its adapter's fused LoRA layers (PEFT's bf16 forward differs by up to 0.1 in a
-    # token's log-prob)
-    use_fused_kernels(model, config)
-    if chunked:
-        chunked_lm_head(model, sft_loss=False, plain_logits=plain_logits)
-    compute = COMPUTE_DTYPES.get(config.train.precision)
-    if compute and not config.train.fp32_residual:
-        residual_in_compute_dtype(model, compute)
+    # the trained model's forward as it starts, to the last bit (and a continued adapter's fused LoRA layers
+    # below: PEFT's bf16 forward differs by up to 0.1 in a token's log-prob)
+    forward_as_trained(model, config, (lambda _: chunked_lm_head(model, sft_loss=False, plain_logits=plain_logits))
+                       if chunked else None)
     if config.model.adapter:
         with peft_reads_partitioned(model, config, token_rows=True):  # a DoRA adapter's norms, its token rows
             model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
