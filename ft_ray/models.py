@@ -356,17 +356,21 @@ def fit_vocabulary(model: Any, config: ModelConfig) -> Any:
     """Grow the model's embeddings (and output layer) to a tokenizer with `model.add_tokens`;
     the new rows start at the mean of the old ones (transformers' mean resizing, which draws
     them about it). A model ZeRO-3 built partitioned gets them whole, drawn on each worker:
-    rank 0's on all, as its engine partitions them."""
+    rank 0's on all, then partitioned as the rest (each worker held both whole till its engine)."""
     if config.add_tokens:
         size = len(load_tokenizer(config))
         if model.get_input_embeddings().num_embeddings < size:
             model.resize_token_embeddings(size)
-            if built_partitioned(model):
+            grown = [weight for weight in token_matrices(model) if not partitioned(weight)]
+            if grown and built_partitioned(model):
+                import deepspeed
+                from transformers.integrations import deepspeed_config
+
                 from ft_ray.train.collectives import broadcast_tensor_
 
-                for weight in token_matrices(model):
-                    if not partitioned(weight):  # grown whole (a partition is each worker's own)
-                        broadcast_tensor_(weight)
+                for weight in grown:
+                    broadcast_tensor_(weight)
+                deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())  # partitions what is whole
     return model
 
 
