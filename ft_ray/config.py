@@ -726,6 +726,13 @@ class JobConfig(Section):
         return self.train.fused_kernels != "none" and not self.zero3
 
     @property
+    def fuses_lora(self) -> bool:
+        """An adapter's LoRA layers run ft-ray's fused forward (`fast_paths.fuse_lora_layers`), the
+        trained model's and its reference's alike: on the fast paths, but not DoRA's (it rescales
+        the whole output: PEFT's forward)."""
+        return self.uses_fast_paths and not self.lora.use_dora
+
+    @property
     def recomputes_swiglu(self) -> bool:
         """`train.recompute_swiglu` applies: a full fine-tune whose workers hold whole weights
         (ZeRO-3 gathers down_proj's weight only inside down_proj's own forward)."""

@@ -356,7 +356,7 @@ def fit_vocabulary(model: Any, config: ModelConfig) -> Any:
     """Grow the model's embeddings (and output layer) to a tokenizer with `model.add_tokens`;
     the new rows start at the mean of the old ones (transformers' mean resizing, which draws
     them about it). A model ZeRO-3 built partitioned gets them whole, drawn on each worker:
-    rank 0's on all, then partitioned as the rest (each worker held both whole till its engine)."""
+    rank 0's are broadcast and both partitioned at once, as the rest of the model is."""
     if config.add_tokens:
         size = len(load_tokenizer(config))
         if model.get_input_embeddings().num_embeddings < size:

@@ -78,7 +78,7 @@ def build_model(config: JobConfig, base_model_path: str) -> Any:
         if config.lora.use_dora and config.train.fused_kernels != "none":
             LOG.info("note: lora.use_dora: the fused LoRA forward is off (DoRA rescales the whole "
                      "output; PEFT's forward is used)")
-        elif config.uses_fast_paths:
+        elif config.fuses_lora:
             fuse_lora_layers(model)  # exact for plain LoRA, rsLoRA (its scaling) and any init
         if tokens:
             embedding_rows_beside(model)

@@ -328,7 +328,7 @@ def reference_model(config: Any, device: torch.device, chunked_head: bool = True
     if config.model.adapter:
         with peft_reads_partitioned(model, config, token_rows=True):  # a DoRA adapter's norms, its token rows
             model = continue_adapter(model, config, config.model.name_or_path, trainable=False)
-        if config.uses_fast_paths and not config.lora.use_dora:
+        if config.fuses_lora:
             fuse_lora_layers(model)
     return model.eval().requires_grad_(False)
 
